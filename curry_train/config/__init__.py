@@ -1,0 +1,41 @@
+"""Configuration: the typed schema, the ``+`` combinations of ``parallel`` options, the checks.
+
+Importing this module registers with Hydra what ``conf/config.yaml`` refers to (the schema and the
+``parallel-combos://`` config source), so ``hydra.main`` and the compose API both see them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+from hydra.core.config_store import ConfigStore
+from hydra.core.plugins import Plugins
+from omegaconf import DictConfig
+
+from curry_train.config.combos import ParallelCombosSource
+from curry_train.config.schema import Config
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+SCHEMA_NAME = "curry_train_schema"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the keys, the sizes and the fix."""
+
+
+def register() -> None:
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=Config)
+    Plugins.instance().register(ParallelCombosSource)
+
+
+def compose(overrides: Sequence[str] = (), config_dir: Optional[Path] = None) -> DictConfig:
+    """The config ``python train.py <overrides>`` would run with, through Hydra's compose API."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(config_dir or CONF_DIR), version_base=None):
+        return hydra_compose(config_name="config", overrides=list(overrides))
+
+
+register()

@@ -1,0 +1,199 @@
+"""Checks a composed config can run, before any worker starts; every failure is one actionable line.
+
+``check`` also works out what the launcher needs: the accelerator, the world size and the
+parallel degrees (``layout_degrees``), and the checkpoint to resume from.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from curry_train.config import ConfigError
+from curry_train.primitives.parallel_state import Degrees, resolve_degrees
+
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
+PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed")
+LOGGERS = ("wandb", "csv", "tensorboard", "none")
+SCHEDULES = ("cosine", "linear", "constant")
+SOURCES = ("stdlib", "files", "tokens")
+IMPLEMENTED_OPTIONS = ("dp",)
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    accelerator: str  # "cpu" or "cuda"
+    devices: int
+    num_nodes: int
+    degrees: Degrees
+    external_launcher: Optional[str]  # "torchrun", "slurm" or None (curry-train starts the workers)
+    ckpt_path: Optional[str]  # absolute path of the checkpoint to resume from
+
+    @property
+    def world_size(self) -> int:
+        return self.devices * self.num_nodes
+
+
+def external_launcher(env: Mapping[str, str] = os.environ) -> Optional[str]:
+    """Who started this process, if not curry-train: torchrun (or any launcher with its variables) or srun."""
+    if "TORCHELASTIC_RUN_ID" in env or {"RANK", "WORLD_SIZE", "LOCAL_RANK"} <= env.keys():
+        return "torchrun"
+    if "SLURM_NTASKS" in env and "SLURM_STEP_ID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        return "slurm"
+    return None
+
+
+def enabled_options(cfg: DictConfig) -> list[str]:
+    """The ``parallel`` options this run composed (``parallel=fsdp+tp`` -> ``["fsdp", "tp"]``)."""
+    return [name for name, subtree in cfg.parallel.items() if OmegaConf.is_config(subtree)]
+
+
+def layout_degrees(cfg: DictConfig, world_size: int) -> Degrees:
+    """The degrees of the mesh for this config. Data parallelism takes the ranks no other axis uses."""
+    return resolve_degrees(world_size, dp_replicate=-1, dp_shard=1, cp=1, tp=1, pp=1)
+
+
+def _accelerator(requested: str) -> str:
+    if requested not in ACCELERATORS:
+        raise ConfigError(f"trainer.accelerator={requested!r}: expected one of {', '.join(ACCELERATORS)}")
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested in ("gpu", "cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"trainer.accelerator={requested} but no CUDA device is visible; use trainer.accelerator=cpu")
+        return "cuda"
+    return "cpu"
+
+
+def _check_model(cfg: DictConfig) -> None:
+    m = cfg.model
+    for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "max_seq_len"):
+        if m[key] < 1:
+            raise ConfigError(f"model.{key}={m[key]} must be positive")
+    if m.dim % m.n_heads:
+        raise ConfigError(f"model.dim={m.dim} is not divisible by model.n_heads={m.n_heads}")
+    if (m.dim // m.n_heads) % 2:
+        raise ConfigError(f"head dim model.dim/model.n_heads={m.dim // m.n_heads} must be even for rotary embeddings")
+    if m.n_heads % m.n_kv_heads:
+        raise ConfigError(f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={m.n_kv_heads}")
+    if not 0.0 <= m.dropout < 1.0:
+        raise ConfigError(f"model.dropout={m.dropout} must be in [0, 1)")
+
+
+def _data_vocab(cfg: DictConfig) -> int:
+    from curry_train.data import TokenFileMeta, make_tokenizer
+
+    d = cfg.data
+    if d.source not in SOURCES:
+        raise ConfigError(f"data.source={d.source!r}: expected one of {', '.join(SOURCES)}")
+    if d.source == "stdlib":
+        return 256
+    if not d.paths:
+        raise ConfigError(f"data.source={d.source} needs data.paths, e.g. 'data.paths=[/data/corpus.txt]'")
+    for path in d.paths:
+        if not Path(path).is_file():
+            raise ConfigError(f"data.paths: {path} does not exist (or is not a file)")
+    if d.source == "tokens":
+        try:
+            return max(TokenFileMeta.read(p).vocab_size for p in d.paths)
+        except FileNotFoundError as error:
+            raise ConfigError(str(error)) from None
+    if d.tokenizer != "byte" and not Path(d.tokenizer).is_file():
+        raise ConfigError(f"data.tokenizer={d.tokenizer}: no such file (use 'byte' or a path to tokenizer.json)")
+    try:
+        return make_tokenizer(d.tokenizer).vocab_size
+    except ImportError as error:
+        raise ConfigError(str(error)) from None
+
+
+def _check_batch(cfg: DictConfig, degrees: Degrees) -> None:
+    d, m = cfg.data, cfg.model
+    if d.seq_len < 1 or d.seq_len > m.max_seq_len:
+        raise ConfigError(f"data.seq_len={d.seq_len} must be between 1 and model.max_seq_len={m.max_seq_len}")
+    if d.micro_batch_size < 1 or d.global_batch_size < 1:
+        raise ConfigError("data.micro_batch_size and data.global_batch_size must be positive")
+    per_step = d.micro_batch_size * degrees.dp
+    if d.global_batch_size % per_step:
+        raise ConfigError(
+            f"data.global_batch_size={d.global_batch_size} is not divisible by data.micro_batch_size={d.micro_batch_size}"
+            f" x data-parallel ranks {degrees.dp} = {per_step}; choose a multiple of {per_step}"
+        )
+    if not 0.0 <= d.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction={d.val_fraction} must be in [0, 1)")
+
+
+def _check_training(cfg: DictConfig) -> None:
+    t, o, c = cfg.trainer, cfg.optim, cfg.checkpoint
+    if t.max_steps < 1:
+        raise ConfigError(f"trainer.max_steps={t.max_steps} must be positive")
+    if t.val_check_interval < 1 or t.log_every_n_steps < 1:
+        raise ConfigError("trainer.val_check_interval and trainer.log_every_n_steps must be positive")
+    if str(t.precision) not in PRECISIONS:
+        raise ConfigError(f"trainer.precision={t.precision!r}: expected one of {', '.join(PRECISIONS)}")
+    if o.schedule not in SCHEDULES:
+        raise ConfigError(f"optim.schedule={o.schedule!r}: expected one of {', '.join(SCHEDULES)}")
+    if o.lr <= 0 or o.min_lr < 0 or o.warmup_steps < 0 or o.grad_clip < 0:
+        raise ConfigError("optim.lr must be positive; optim.min_lr, optim.warmup_steps and optim.grad_clip non-negative")
+    if len(o.betas) != 2:
+        raise ConfigError(f"optim.betas={list(o.betas)} must hold two numbers")
+    if cfg.logger.kind not in LOGGERS:
+        raise ConfigError(f"logger.kind={cfg.logger.kind!r}: expected one of {', '.join(LOGGERS)}")
+    if c.every_n_steps < 0 or c.keep_last < 1:
+        raise ConfigError("checkpoint.every_n_steps must be >= 0 and checkpoint.keep_last >= 1")
+
+
+def _resolve_ckpt_path(cfg: DictConfig) -> Optional[str]:
+    from curry_train.primitives import dcp
+
+    if cfg.ckpt_path is None:
+        return None
+    if cfg.ckpt_path == "last":
+        found = dcp.latest_checkpoint(cfg.checkpoint.search_dir)
+        if found is None:
+            raise ConfigError(f"ckpt_path=last: no complete checkpoint under {Path(cfg.checkpoint.search_dir).resolve()}")
+        return str(found)
+    path = Path(cfg.ckpt_path).expanduser().resolve()
+    if not dcp.is_checkpoint(path):
+        raise ConfigError(f"ckpt_path={cfg.ckpt_path}: not a curry-train checkpoint directory")
+    return str(path)
+
+
+def check(cfg: DictConfig, env: Mapping[str, str] = os.environ) -> LaunchPlan:
+    """Everything that can be checked without starting a worker. Raises ConfigError."""
+    unknown = [name for name in enabled_options(cfg) if name not in IMPLEMENTED_OPTIONS]
+    if unknown:
+        raise ConfigError(f"parallel option(s) {unknown} are not implemented yet; available: {', '.join(IMPLEMENTED_OPTIONS)}")
+    accelerator = _accelerator(cfg.trainer.accelerator)
+    devices, num_nodes = cfg.trainer.devices, cfg.trainer.num_nodes
+    if devices < 1 or num_nodes < 1:
+        raise ConfigError(f"trainer.devices={devices} and trainer.num_nodes={num_nodes} must be positive")
+    if accelerator == "cuda" and devices > torch.cuda.device_count():
+        raise ConfigError(f"trainer.devices={devices} but only {torch.cuda.device_count()} CUDA device(s) are visible")
+    launcher = external_launcher(env)
+    if launcher is None and num_nodes > 1:
+        raise ConfigError(f"trainer.num_nodes={num_nodes}: start one process per device with torchrun or srun (see README)")
+    if launcher is not None:
+        world = int(env.get("WORLD_SIZE") or env.get("SLURM_NTASKS"))
+        if world != devices * num_nodes:
+            raise ConfigError(
+                f"{launcher} started {world} processes but trainer.devices={devices} x trainer.num_nodes={num_nodes}"
+                f" = {devices * num_nodes}; make them agree"
+            )
+    if cfg.trainer.precision == "16-mixed" and accelerator != "cuda":
+        raise ConfigError("trainer.precision=16-mixed needs a CUDA device; use bf16-mixed on CPU")
+    try:
+        degrees = layout_degrees(cfg, devices * num_nodes)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    _check_model(cfg)
+    vocab = _data_vocab(cfg)
+    if vocab > cfg.model.vocab_size:
+        raise ConfigError(f"the data's vocabulary ({vocab} tokens) exceeds model.vocab_size={cfg.model.vocab_size}")
+    _check_batch(cfg, degrees)
+    _check_training(cfg)
+    return LaunchPlan(accelerator, devices, num_nodes, degrees, launcher, _resolve_ckpt_path(cfg))

@@ -1,0 +1,125 @@
+"""The typed schema of a run's configuration.
+
+Hydra merges every YAML file of ``conf/`` (and every recipe and command-line override) into
+these dataclasses, so a misspelt key or a value of the wrong type is rejected while the config
+is composed, with the full key in the message. Each field's comment is its documentation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from omegaconf import MISSING
+
+
+@dataclass
+class ModelConfig:
+    """A Llama-style decoder (see ``curry_train.model``)."""
+
+    name: str = MISSING  # label of the size, used in run names and logs
+    dim: int = MISSING  # residual stream width
+    n_layers: int = MISSING  # number of transformer blocks
+    n_heads: int = MISSING  # query heads; head_dim = dim / n_heads
+    n_kv_heads: int = MISSING  # key/value heads (grouped-query attention); divides n_heads
+    ffn_dim: int = MISSING  # hidden width of the SwiGLU MLP
+    vocab_size: int = MISSING  # rows of the embedding; at least the tokenizer's vocabulary
+    max_seq_len: int = 2048  # longest sequence the model accepts (RoPE table length)
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    rope_theta: float = 10000.0  # RoPE base frequency
+    tie_embeddings: bool = False  # share the input embedding with the output head
+    dropout: float = 0.0  # dropout on attention probabilities and residual branches
+    init_std: float = 0.02  # std of the normal init; output projections get std/sqrt(2*n_layers)
+
+
+@dataclass
+class DataConfig:
+    """Where tokens come from and how they are batched."""
+
+    source: str = "stdlib"  # stdlib (bundled corpus) | files (text/JSONL paths) | tokens (memmap files)
+    paths: List[str] = field(default_factory=list)  # input files for source=files or source=tokens
+    text_key: str = "text"  # field holding the text in JSONL records
+    tokenizer: str = "byte"  # "byte", or a path to a Hugging Face tokenizer.json (source=files)
+    seq_len: int = 256  # tokens per training sequence
+    global_batch_size: int = 32  # sequences per optimizer step, over all data-parallel ranks
+    micro_batch_size: int = 8  # sequences per forward/backward on one rank
+    val_fraction: float = 0.02  # tail of the token stream held out for validation
+    num_workers: int = 0  # DataLoader worker processes per rank
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup and a decay schedule."""
+
+    lr: float = 3e-3  # peak learning rate, reached after warmup
+    min_lr: float = 3e-4  # learning rate at the end of the decay
+    weight_decay: float = 0.1  # decoupled weight decay on matrices (not on norms)
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])  # Adam betas
+    eps: float = 1e-8  # Adam epsilon
+    warmup_steps: int = 10  # linear warmup from 0 to lr
+    schedule: str = "cosine"  # decay after warmup: cosine | linear | constant
+    grad_clip: float = 1.0  # clip the global gradient norm to this value; 0 disables
+
+
+@dataclass
+class TrainerConfig:
+    """Arguments of the Lightning Trainer that curry-train drives."""
+
+    accelerator: str = "auto"  # auto | cpu | gpu | cuda
+    devices: int = 1  # processes (one per device) per node
+    num_nodes: int = 1  # nodes; more than one needs torchrun or SLURM to start the processes
+    max_steps: int = 120  # optimizer steps to train
+    precision: str = "32-true"  # Lightning precision: 32-true | bf16-mixed | 16-mixed | bf16-true
+    log_every_n_steps: int = 1  # metrics logging cadence in optimizer steps
+    val_check_interval: int = 40  # run validation every this many optimizer steps
+    limit_val_batches: int = 8  # validation batches per check (0 disables validation)
+    enable_progress_bar: bool = True  # Lightning's progress bar on rank 0
+
+
+@dataclass
+class LoggerConfig:
+    """Experiment tracker. A per-step metrics.csv is written in the run directory whatever this is."""
+
+    kind: str = "wandb"  # wandb | csv | tensorboard | none
+    project: str = "curry-train"  # wandb project
+    entity: Optional[str] = None  # wandb entity (team or user)
+    offline: Optional[bool] = None  # wandb offline mode; null: offline unless an account is configured
+    tags: List[str] = field(default_factory=list)  # wandb tags
+
+
+@dataclass
+class CheckpointConfig:
+    """Checkpoints under ``<run_dir>/checkpoints``."""
+
+    every_n_steps: int = 40  # save every this many optimizer steps (0: only at the end)
+    keep_last: int = 2  # keep this many most recent checkpoints
+    save_on_end: bool = True  # save when training ends
+    search_dir: str = "outputs"  # where ckpt_path=last looks for the newest checkpoint
+
+
+@dataclass
+class DPConfig:
+    """parallel=dp: replicated data parallelism (DistributedDataParallel)."""
+
+    bucket_cap_mb: int = 25  # gradient all-reduce bucket size
+    static_graph: bool = False  # tell DDP the graph never changes (enables extra overlap)
+
+
+@dataclass
+class ParallelConfig:
+    """The layout. Each option of the ``parallel`` group fills its own subtree; ``+`` joins options."""
+
+    dp: Optional[DPConfig] = None
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    seed: int = 1234  # seeds init, data order and dropout; the layout never changes what it seeds
+    ckpt_path: Optional[str] = None  # resume from a checkpoint directory, or "last"

@@ -1,0 +1,320 @@
+"""Tokens in, packed fixed-length sequences out, in an order that no layout can change.
+
+Sources (``data.source``):
+
+* ``stdlib``: the bundled corpus, this Python's own standard-library source files, present on every
+  machine (no download). Byte-level.
+* ``files``: ``.txt`` files (one document each) and ``.jsonl`` files (one document per record, the
+  ``data.text_key`` field), tokenized at start-up: bytes, or a Hugging Face ``tokenizer.json``.
+* ``tokens``: pre-tokenized token files, a flat numpy memmap (``.bin``) with a ``.json`` sidecar
+  naming its dtype and vocabulary, as written by ``scripts/tokenize_data.py``.
+
+Documents are joined with a separator token and cut into windows of ``seq_len + 1`` tokens (input
+and shifted target) with stride ``seq_len``. The tail ``val_fraction`` of every token stream is
+held out for validation.
+
+Order: global batch ``s`` is the ``s``-th slice of ``global_batch_size`` indices of a permutation
+seeded by ``(seed, epoch)``; data-parallel rank ``r`` of ``d`` takes the ``r``-th ``1/d`` of it.
+The sequence of global batches therefore depends on the seed and the global batch size only, and
+a run on any number of ranks trains on exactly the sequences of the single-process run.
+"""
+
+from __future__ import annotations
+
+import json
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, List, Optional, Sequence
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from curry_train.config.schema import DataConfig
+
+BYTE_SEPARATOR = 0  # NUL never occurs in text files, so it marks document boundaries in byte streams
+TOKEN_SUFFIX = ".bin"
+META_SUFFIX = ".json"
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizers
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens: vocabulary 256, token 0 (NUL) separates documents."""
+
+    vocab_size = 256
+    separator: Optional[int] = BYTE_SEPARATOR
+    name = "byte"
+
+    def encode(self, text: str | bytes) -> np.ndarray:
+        data = text.encode("utf-8") if isinstance(text, str) else text
+        return np.frombuffer(data, dtype=np.uint8)
+
+
+class HFTokenizer:
+    """A Hugging Face ``tokenizers`` tokenizer loaded from a local ``tokenizer.json``."""
+
+    SEPARATOR_CANDIDATES = ("<|end_of_text|>", "<|endoftext|>", "</s>", "<eos>")
+
+    def __init__(self, path: str) -> None:
+        try:
+            from tokenizers import Tokenizer
+        except ImportError as error:  # optional dependency
+            raise ImportError("data.tokenizer is a tokenizer file: `pip install tokenizers` to use it") from error
+        self.name = str(path)
+        self._tokenizer = Tokenizer.from_file(str(path))
+        self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
+        ids = (self._tokenizer.token_to_id(token) for token in self.SEPARATOR_CANDIDATES)
+        self.separator = next((i for i in ids if i is not None), None)
+
+    def encode(self, text: str | bytes) -> np.ndarray:
+        if isinstance(text, bytes):
+            text = text.decode("utf-8", errors="replace")
+        return np.asarray(self._tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.int64)
+
+
+def make_tokenizer(spec: str) -> ByteTokenizer | HFTokenizer:
+    return ByteTokenizer() if spec == "byte" else HFTokenizer(spec)
+
+
+# ----------------------------------------------------------------------------------------------
+# Documents and token streams
+
+
+def stdlib_files() -> List[Path]:
+    """The bundled corpus: the standard library's ``.py`` files, less tests and bundled packages."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skipped = {"site-packages", "dist-packages", "test", "tests", "idlelib", "__pycache__"}
+    return sorted(p for p in root.rglob("*.py") if not skipped.intersection(p.relative_to(root).parts))
+
+
+def iter_documents(paths: Sequence[str | Path], text_key: str = "text") -> Iterator[str | bytes]:
+    """Documents of text files: a ``.jsonl`` file gives one per record, any other file one in all."""
+    for path in map(Path, paths):
+        if path.suffix == ".jsonl":
+            with path.open("r", encoding="utf-8") as lines:
+                for number, line in enumerate(lines, 1):
+                    if not line.strip():
+                        continue
+                    record = json.loads(line)
+                    if text_key not in record:
+                        raise KeyError(f"{path}:{number}: no field {text_key!r} (set data.text_key)")
+                    yield record[text_key]
+        else:
+            yield path.read_bytes()
+
+
+def tokenize_documents(documents: Iterable[str | bytes], tokenizer) -> np.ndarray:
+    """One stream of tokens: each document's tokens, then the separator (where the tokenizer has one)."""
+    dtype = np.uint8 if tokenizer.vocab_size <= 256 else np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32
+    pieces: List[np.ndarray] = []
+    separator = np.asarray([tokenizer.separator], dtype=dtype) if tokenizer.separator is not None else None
+    for document in documents:
+        pieces.append(tokenizer.encode(document).astype(dtype, copy=False))
+        if separator is not None:
+            pieces.append(separator)
+    return np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype)
+
+
+@dataclass(frozen=True)
+class TokenFileMeta:
+    """The sidecar of a token file: how to read it and what produced it."""
+
+    dtype: str
+    num_tokens: int
+    vocab_size: int
+    tokenizer: str
+    separator: Optional[int]
+
+    @staticmethod
+    def path_for(token_path: str | Path) -> Path:
+        return Path(token_path).with_suffix(META_SUFFIX)
+
+    def write(self, token_path: str | Path) -> None:
+        self.path_for(token_path).write_text(json.dumps(self.__dict__, indent=2) + "\n")
+
+    @classmethod
+    def read(cls, token_path: str | Path) -> "TokenFileMeta":
+        meta = cls.path_for(token_path)
+        if not meta.exists():
+            raise FileNotFoundError(f"{token_path}: no sidecar {meta.name} (write token files with scripts/tokenize_data.py)")
+        return cls(**json.loads(meta.read_text()))
+
+
+def open_token_file(path: str | Path) -> np.ndarray:
+    meta = TokenFileMeta.read(path)
+    return np.memmap(path, dtype=np.dtype(meta.dtype), mode="r", shape=(meta.num_tokens,))
+
+
+def load_streams(cfg: DataConfig) -> tuple[List[np.ndarray], int]:
+    """The token streams of ``cfg`` and the vocabulary size they need."""
+    if cfg.source == "stdlib":
+        tokenizer = ByteTokenizer()
+        return [tokenize_documents((p.read_bytes() for p in stdlib_files()), tokenizer)], tokenizer.vocab_size
+    if cfg.source == "files":
+        tokenizer = make_tokenizer(cfg.tokenizer)
+        return [tokenize_documents(iter_documents(cfg.paths, cfg.text_key), tokenizer)], tokenizer.vocab_size
+    if cfg.source == "tokens":
+        streams = [open_token_file(p) for p in cfg.paths]
+        return streams, max(TokenFileMeta.read(p).vocab_size for p in cfg.paths)
+    raise ValueError(f"data.source={cfg.source!r}: expected stdlib, files or tokens")
+
+
+# ----------------------------------------------------------------------------------------------
+# Packed sequences
+
+
+class PackedSequences(Dataset):
+    """Windows of ``seq_len + 1`` tokens, stride ``seq_len``, over one or more token streams."""
+
+    def __init__(self, streams: Sequence[np.ndarray], seq_len: int) -> None:
+        self.streams = list(streams)
+        self.seq_len = seq_len
+        counts = [max(0, (len(s) - 1) // seq_len) for s in self.streams]
+        self.offsets = np.cumsum([0, *counts])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        stream = int(np.searchsorted(self.offsets, index, side="right")) - 1
+        start = (index - int(self.offsets[stream])) * self.seq_len
+        window = self.streams[stream][start : start + self.seq_len + 1]
+        return torch.from_numpy(window.astype(np.int64))
+
+
+def split_streams(streams: Sequence[np.ndarray], val_fraction: float) -> tuple[List[np.ndarray], List[np.ndarray]]:
+    """Hold out the tail ``val_fraction`` of each stream."""
+    train, val = [], []
+    for stream in streams:
+        cut = len(stream) - int(len(stream) * val_fraction)
+        train.append(stream[:cut])
+        val.append(stream[cut:])
+    return train, val
+
+
+class GlobalBatchSampler(Sampler[List[int]]):
+    """This data-parallel rank's slice of each global batch, from ``start_step()`` on, without end.
+
+    Global batch ``s`` holds the indices ``perm_e[k*G:(k+1)*G]`` where ``e, k = divmod(s, n // G)`` and
+    ``perm_e`` is a permutation of the ``n`` sequences seeded by ``(seed, e)`` (``shuffle=False``:
+    sequential order). The data position of a resumed run is therefore a function of its step alone.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        global_batch_size: int,
+        dp_rank: int,
+        dp_size: int,
+        seed: int,
+        shuffle: bool = True,
+        start_step: Callable[[], int] = lambda: 0,
+        num_steps: Optional[int] = None,
+    ) -> None:
+        if global_batch_size % dp_size:
+            raise ValueError(f"global batch {global_batch_size} is not divisible by {dp_size} data-parallel ranks")
+        if num_samples < global_batch_size:
+            raise ValueError(f"{num_samples} sequences cannot fill one global batch of {global_batch_size}")
+        self.num_samples, self.global_batch_size = num_samples, global_batch_size
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.seed, self.shuffle = seed, shuffle
+        self.start_step, self.num_steps = start_step, num_steps
+        self.steps_per_epoch = num_samples // global_batch_size
+
+    def _order(self, epoch: int) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(self.num_samples)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.num_samples, generator=generator)
+
+    def global_batch(self, step: int) -> torch.Tensor:
+        """The indices of global batch ``step`` (all ranks' slices together)."""
+        epoch, position = divmod(step, self.steps_per_epoch)
+        return self._order(epoch)[position * self.global_batch_size : (position + 1) * self.global_batch_size]
+
+    def __iter__(self) -> Iterator[List[int]]:
+        per_rank = self.global_batch_size // self.dp_size
+        step = self.start_step()
+        end = None if self.num_steps is None else step + self.num_steps
+        cached_epoch, order = -1, torch.empty(0)
+        while end is None or step < end:
+            epoch, position = divmod(step, self.steps_per_epoch)
+            if epoch != cached_epoch:  # one permutation per epoch, not per step
+                cached_epoch, order = epoch, self._order(epoch)
+            start = position * self.global_batch_size + self.dp_rank * per_rank
+            yield order[start : start + per_rank].tolist()
+            step += 1
+
+    def __len__(self) -> int:
+        if self.num_steps is None:
+            raise TypeError("an endless sampler has no length")
+        return self.num_steps
+
+
+class LMDataModule(pl.LightningDataModule):
+    """Train and validation loaders whose batches are this rank's slice of a global batch.
+
+    Each batch is a ``(global_batch_size / dp, seq_len + 1)`` tensor of token ids; the training step
+    cuts it into micro-batches. Data-parallel rank and size come from the strategy
+    (``trainer.distributed_sampler_kwargs``), which takes them from the data-parallel sub-mesh, so
+    ranks that hold the same batch (tensor, pipeline or context parallel peers) read the same data.
+    """
+
+    def __init__(self, cfg: DataConfig, seed: int) -> None:
+        super().__init__()
+        self.cfg, self.seed = cfg, seed
+        self.train_set: Optional[PackedSequences] = None
+        self.val_set: Optional[PackedSequences] = None
+        self.vocab_size: Optional[int] = None
+
+    def setup(self, stage: str) -> None:
+        if self.train_set is not None:
+            return
+        streams, self.vocab_size = load_streams(self.cfg)
+        train, val = split_streams(streams, self.cfg.val_fraction)
+        self.train_set = PackedSequences(train, self.cfg.seq_len)
+        self.val_set = PackedSequences(val, self.cfg.seq_len)
+
+    def _dp(self) -> tuple[int, int]:
+        kwargs = self.trainer.distributed_sampler_kwargs if self.trainer is not None else None
+        if not kwargs:
+            return 0, 1
+        return kwargs["rank"], kwargs["num_replicas"]
+
+    def _loader(self, dataset: Dataset, sampler: GlobalBatchSampler) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            collate_fn=torch.stack,
+            num_workers=self.cfg.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.cfg.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        rank, size = self._dp()
+        trainer = self.trainer
+        sampler = GlobalBatchSampler(
+            len(self.train_set),
+            self.cfg.global_batch_size,
+            rank,
+            size,
+            self.seed,
+            start_step=(lambda: trainer.global_step) if trainer is not None else (lambda: 0),
+        )
+        return self._loader(self.train_set, sampler)
+
+    def val_dataloader(self) -> DataLoader:
+        rank, size = self._dp()
+        batches = len(self.val_set) // self.cfg.global_batch_size
+        if self.trainer is not None and isinstance(self.trainer.limit_val_batches, int):
+            batches = min(batches, self.trainer.limit_val_batches)
+        sampler = GlobalBatchSampler(
+            len(self.val_set), self.cfg.global_batch_size, rank, size, self.seed, shuffle=False, num_steps=batches
+        )
+        return self._loader(self.val_set, sampler)

@@ -1,0 +1,123 @@
+"""Starting the processes of a run.
+
+* ``python train.py trainer.devices=N``: the Hydra job process checks the config, then starts N
+  workers with ``torch.multiprocessing`` (``spawn``), each given the resolved config and the run
+  directory, and waits. Workers never run Hydra again, so under ``-m`` each job of a sweep runs
+  once and writes one run directory. When a worker fails, the others are terminated and the job
+  fails instead of hanging; workers also die with their parent.
+* Under torchrun or srun every process is already a worker: it joins the others instead.
+* With one process, the job process trains itself.
+
+Workers get torchrun's environment contract (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``,
+``MASTER_ADDR``, ...), so every path below is the same code from there on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+
+from curry_train.config import ConfigError
+from curry_train.config.checks import LaunchPlan, check, external_launcher
+
+log = logging.getLogger(__name__)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """Linux: have the kernel send SIGTERM to this worker when the launching process dies."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _worker(rank: int, world_size: int, port: int, target: Callable[..., Any], args: Sequence[Any]) -> None:
+    _die_with_parent()
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+        GROUP_RANK="0",
+        NODE_RANK="0",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    target(*args)
+
+
+def spawn(world_size: int, target: Callable[..., Any], *args: Any) -> None:
+    """Run ``target(*args)`` in ``world_size`` local worker processes; raise if any fails."""
+    import torch.multiprocessing as mp
+
+    port = free_port()
+    mp.start_processes(_worker, args=(world_size, port, target, args), nprocs=world_size, start_method="spawn", join=True)
+
+
+def run_worker(container: dict, run_dir: str, accelerator: str, ckpt_path: Optional[str]) -> None:
+    """The body of every worker process (also of the job process when it trains itself)."""
+    from curry_train.run import configure_worker_logging, train
+
+    cfg = OmegaConf.create(container)
+    configure_worker_logging(Path(run_dir), int(os.environ.get("RANK", "0")))
+    train(cfg, Path(run_dir), accelerator, ckpt_path)
+
+
+def launch(cfg: DictConfig, run_dir: Path) -> None:
+    """Check ``cfg``, then train: in this process, or in ``trainer.devices`` local workers."""
+    plan: LaunchPlan = check(cfg)
+    container = OmegaConf.to_container(cfg, resolve=True)
+    if plan.ckpt_path:
+        log.info("resuming from %s", plan.ckpt_path)
+    if plan.external_launcher is not None or plan.world_size == 1:
+        run_worker(container, str(run_dir), plan.accelerator, plan.ckpt_path)
+        return
+    log.info("starting %d workers (%s) in %s", plan.world_size, plan.degrees, run_dir)
+    spawn(plan.world_size, run_worker, container, str(run_dir), plan.accelerator, plan.ckpt_path)
+
+
+def hydra_overrides_for_external_launcher(argv: Sequence[str], env=os.environ) -> list[str]:
+    """Extra Hydra arguments when torchrun/srun starts every rank with the same command line.
+
+    All ranks must agree on one run directory, and only rank 0 writes Hydra's files and log, so a
+    run directory named after the launcher's job id replaces Hydra's timestamped default (unless
+    the user set ``hydra.run.dir``), and other ranks skip ``.hydra/`` and the log file.
+    """
+    launcher = external_launcher(env)
+    if launcher is None:
+        return []
+    if any(arg in ("-m", "--multirun") or arg.startswith("hydra.mode=MULTIRUN") for arg in argv):
+        raise ConfigError(f"-m (multirun) under {launcher}: start one {launcher} job per configuration instead")
+    job_id = env.get("TORCHELASTIC_RUN_ID") if launcher == "torchrun" else env.get("SLURM_JOB_ID")
+    extra = []
+    if not any(arg.startswith("hydra.run.dir=") for arg in argv):
+        extra.append(f"hydra.run.dir=outputs/{launcher}-{job_id or 'run'}")
+    if int(env.get("RANK", env.get("SLURM_PROCID", "0"))) != 0:
+        extra += ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
+    return extra
+
+
+def main(cfg: DictConfig) -> None:
+    """The body of ``python train.py``: one Hydra job."""
+    from hydra.core.hydra_config import HydraConfig
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        launch(cfg, run_dir)
+    except ConfigError as error:
+        print(f"curry-train: error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,204 @@
+"""A Llama-style decoder in one file: RMSNorm, RoPE, grouped-query attention, SwiGLU MLP.
+
+The model holds no distributed code. It declares, in ``Llama.plan``, *what* can be split (which
+linears are column- or row-parallel, which module is the attention op, which modules repeat);
+the strategy decides *how* from the config. Two choices keep every layout able to reuse it
+unchanged:
+
+* Blocks live in an ``nn.ModuleDict`` keyed ``"0".."L-1"`` and the embedding, final norm and head
+  may be ``None``: a pipeline stage deletes what it does not own and every parameter keeps its
+  fully-qualified name, so checkpoints load across layouts.
+* Head counts are read from tensor shapes (``view(b, s, -1, head_dim)``), so a block whose
+  projections were split over tensor-parallel ranks runs with its local heads.
+
+Initialization is a pure function of a parameter's name and a generator (``init_parameter``), so
+the strategy can produce bit-identical weights for any layout.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from curry_train.config.schema import ModelConfig
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    """What can be split, by module path. Paths in ``column``/``row``/``norms`` are relative to a block."""
+
+    blocks: str = "layers"
+    column: tuple[str, ...] = ("attention.wq", "attention.wk", "attention.wv", "feed_forward.w1", "feed_forward.w3")
+    row: tuple[str, ...] = ("attention.wo", "feed_forward.w2")
+    attention: str = "attention"
+    attention_op: str = "attention.sdpa"
+    norms: tuple[str, ...] = ("attention_norm", "ffn_norm")
+    embedding: str = "tok_embeddings"
+    final_norm: str = "norm"
+    head: str = "output"
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm (Zhang & Sennrich, 2019), computed in fp32."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (normed * self.weight.float()).type_as(x)
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> tuple[Tensor, Tensor]:
+    """cos/sin of the rotary angles (Su et al., 2021), shape (max_seq_len, head_dim // 2), fp32."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(max_seq_len, device=device, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate pairs (x[2i], x[2i+1]) of x: (batch, seq, heads, head_dim) by the angles of each position."""
+    x32 = x.float().unflatten(-1, (-1, 2))
+    real, imag = x32[..., 0], x32[..., 1]
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    rotated = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+class SDPA(nn.Module):
+    """The attention op: causal scaled dot-product attention over (batch, heads, seq, head_dim).
+
+    Key/value heads are shared by groups of query heads (grouped-query attention, Ainslie et al.,
+    2023); they are repeated to the query heads before the fused kernel.
+    """
+
+    def __init__(self, dropout: float) -> None:
+        super().__init__()
+        self.dropout = dropout
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        groups = q.shape[1] // k.shape[1]
+        if groups > 1:
+            k = k.repeat_interleave(groups, dim=1)
+            v = v.repeat_interleave(groups, dim=1)
+        dropout = self.dropout if self.training else 0.0
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+
+
+class GQAttention(nn.Module):
+    """Grouped-query self-attention with rotary positions."""
+
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.head_dim = dim // n_heads
+        self.wq = nn.Linear(dim, n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=False)
+        self.sdpa = SDPA(dropout)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        batch, seq, _ = x.shape
+        q = self.wq(x).view(batch, seq, -1, self.head_dim)
+        k = self.wk(x).view(batch, seq, -1, self.head_dim)
+        v = self.wv(x).view(batch, seq, -1, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = self.sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
+
+
+class SwiGLU(nn.Module):
+    """w2(silu(w1 x) * w3 x) (Shazeer, 2020)."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = GQAttention(cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.dropout)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = SwiGLU(cfg.dim, cfg.ffn_dim)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        x = x + self.dropout(self.attention(self.attention_norm(x), cos, sin))
+        return x + self.dropout(self.feed_forward(self.ffn_norm(x)))
+
+
+class Llama(nn.Module):
+    plan = SplitPlan()
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings: Optional[nn.Embedding] = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layers)})
+        self.norm: Optional[RMSNorm] = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output: Optional[nn.Linear] = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        cos, sin = rope_tables(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def forward(self, tokens: Tensor, positions: Optional[Tensor] = None) -> Tensor:
+        """tokens: (batch, seq) ids, or hidden states (batch, seq, dim) on a stage without the embedding.
+
+        positions: (seq,) indices into the RoPE tables; default 0..seq-1. Returns logits (batch, seq, vocab),
+        or hidden states on a stage without the head.
+        """
+        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
+        if positions is None:
+            cos, sin = self.rope_cos[: h.shape[1]], self.rope_sin[: h.shape[1]]
+        else:
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        for block in self.layers.values():
+            h = block(h, cos, sin)
+        if self.norm is not None:
+            h = self.norm(h)
+        return self.output(h) if self.output is not None else h
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """Recompute the RoPE tables (after materializing from the meta device)."""
+        cos, sin = rope_tables(
+            self.cfg.dim // self.cfg.n_heads, self.cfg.max_seq_len, self.cfg.rope_theta, device=self.rope_cos.device
+        )
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+
+    def init_parameter(self, name: str, full: Tensor, generator: torch.Generator) -> None:
+        """Fill ``full``, the whole (unsharded) value of parameter ``name``, drawing from ``generator``.
+
+        GPT-2's scheme: N(0, init_std) everywhere, output projections of each residual branch scaled by
+        1/sqrt(2 * n_layers) so the residual stream's variance does not grow with depth; norms at one.
+        """
+        if name.endswith("norm.weight"):
+            full.fill_(1.0)
+            return
+        std = self.cfg.init_std
+        if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+            std /= math.sqrt(2 * self.cfg.n_layers)
+        full.normal_(0.0, std, generator=generator)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

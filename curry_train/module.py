@@ -1,0 +1,148 @@
+"""The LightningModule: next-token loss, the optimizer and its schedule, metrics. No parallelism here.
+
+Loss normalization: every micro-batch's loss is its token losses *summed* and divided by the
+number of tokens in the whole global batch (``global_batch_size * seq_len``). Summed over the
+micro-batches of a rank and over data-parallel ranks (the strategy sums, never averages), that is
+exactly the mean token loss of the global batch, so gradient accumulation and data parallelism
+compute the same gradient as one big batch.
+
+Metrics (torchmetrics ``SumMetric``) are summed over the strategy's ``metrics_group``: the ranks
+that hold distinct tokens. Ranks that hold the same tokens (tensor-parallel peers) are not in it,
+so nothing is counted twice.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch import Tensor, nn
+from torchmetrics.aggregation import SumMetric
+
+from curry_train.model import Llama
+
+
+def lr_lambda(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
+    """Multiplier of the peak learning rate at ``step``: linear warmup, then the decay ``schedule``."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if schedule == "constant" or total <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "linear":
+        return 1.0 - (1.0 - min_ratio) * progress
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class CausalLM(pl.LightningModule):
+    def __init__(self, cfg: DictConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.automatic_optimization = False  # the strategy drives micro-batches (and, with pipelines, the schedule)
+        self.model: Optional[nn.Module] = None
+        self.tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_len
+        self._last_log_time: Optional[float] = None
+        self._steps_since_log = 0
+
+    # ------------------------------------------------------------------------------------------
+    # Model and loss
+
+    def configure_model(self) -> None:
+        if self.model is None:  # built under the strategy's meta-device context
+            self.model = Llama(self.cfg.model)
+
+    def micro_batches(self, batch: Tensor) -> list[Tensor]:
+        return list(batch.split(self.cfg.data.micro_batch_size))
+
+    def loss_fn(self, model: nn.Module, tokens: Tensor) -> Tensor:
+        """This micro-batch's contribution to the global batch's mean next-token loss."""
+        inputs, labels = tokens[:, :-1], tokens[:, 1:]
+        logits = model(inputs)
+        loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum")
+        return loss_sum / self.tokens_per_step
+
+    # ------------------------------------------------------------------------------------------
+    # Optimizer
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        o = self.cfg.optim
+        decay, no_decay = [], []
+        for param in self.model.parameters():
+            (decay if param.ndim >= 2 else no_decay).append(param)
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=o.lr,
+            betas=tuple(o.betas),
+            eps=o.eps,
+        )
+        total = self.cfg.trainer.max_steps
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_lambda(step, o.warmup_steps, total, o.schedule, o.min_lr / o.lr)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------------------------------
+    # Metrics
+
+    def setup(self, stage: str) -> None:
+        group = self.trainer.strategy.metrics_group
+        self.train_loss = SumMetric(process_group=group, sync_on_compute=True)
+        self.train_tokens = SumMetric(process_group=group, sync_on_compute=True)
+        self.val_loss = SumMetric(process_group=group, sync_on_compute=True)
+        self.val_tokens = SumMetric(process_group=group, sync_on_compute=True)
+
+    # ------------------------------------------------------------------------------------------
+    # Steps
+
+    def training_step(self, batch: Tensor, batch_idx: int) -> None:
+        strategy = self.trainer.strategy
+        optimizer = self.optimizers()
+        scheduler = self.lr_schedulers()
+        loss = strategy.forward_backward(self, self.micro_batches(batch), self.loss_fn)
+        grad_norm = strategy.clip_grad_norm_(self.cfg.optim.grad_clip)
+        self.last_step_loss, self.last_grad_norm = loss, grad_norm  # read by validation.whitebox
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+
+        self.train_loss.update(loss)
+        self.train_tokens.update(torch.tensor(batch[:, 1:].numel(), dtype=torch.float64, device=loss.device))
+        self._steps_since_log += 1
+        if self.trainer.global_step % self.cfg.trainer.log_every_n_steps == 0:
+            self._log_train(grad_norm, lr)
+
+    def _log_train(self, grad_norm: Tensor, lr: float) -> None:
+        now = time.perf_counter()
+        loss = self.train_loss.compute() / self._steps_since_log
+        tokens = self.train_tokens.compute()
+        self.train_loss.reset()
+        self.train_tokens.reset()
+        metrics = {"train/loss": loss, "train/ppl": loss.exp(), "train/grad_norm": grad_norm, "train/lr": lr}
+        if self._last_log_time is not None:
+            metrics["train/tokens_per_s"] = tokens / (now - self._last_log_time)
+        self._last_log_time, self._steps_since_log = now, 0
+        self.log_dict({k: torch.as_tensor(v, dtype=torch.float32) for k, v in metrics.items()}, prog_bar=False)
+        self.log("loss", loss.float(), prog_bar=True, logger=False)
+
+    def on_train_epoch_start(self) -> None:
+        self._last_log_time, self._steps_since_log = time.perf_counter(), 0
+
+    def validation_step(self, batch: Tensor, batch_idx: int) -> None:
+        loss = self.trainer.strategy.forward_eval(self, self.micro_batches(batch), self.loss_fn)
+        self.val_loss.update(loss * self.tokens_per_step)  # back to a plain sum of token losses
+        self.val_tokens.update(torch.tensor(batch[:, 1:].numel(), dtype=torch.float64, device=loss.device))
+
+    def on_validation_epoch_end(self) -> None:
+        tokens = self.val_tokens.compute()
+        if tokens > 0:
+            loss = (self.val_loss.compute() / tokens).float()
+            self.log_dict({"val/loss": loss, "val/ppl": loss.exp()}, prog_bar=True)
+        self.val_loss.reset()
+        self.val_tokens.reset()
+        self._last_log_time = time.perf_counter()  # validation time is not training throughput

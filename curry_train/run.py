@@ -1,0 +1,148 @@
+"""One worker's run: loggers, callbacks, the Trainer, and ``fit``. Called once per process."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import CSVLogger, Logger
+from omegaconf import DictConfig, OmegaConf
+
+from curry_train.data import LMDataModule
+from curry_train.module import CausalLM
+from curry_train.primitives import dcp
+from curry_train.strategy import CurryStrategy
+
+log = logging.getLogger(__name__)
+
+
+class PeriodicCheckpoint(Callback):
+    """Save every ``every_n_steps`` optimizer steps (and at the end); keep the last ``keep_last``."""
+
+    def __init__(self, directory: Path, every_n_steps: int, keep_last: int, save_on_end: bool) -> None:
+        self.directory, self.every_n_steps = Path(directory), every_n_steps
+        self.keep_last, self.save_on_end = keep_last, save_on_end
+        self._last_saved_step: Optional[int] = None
+
+    def _save(self, trainer: pl.Trainer) -> None:
+        step = trainer.global_step
+        if step == self._last_saved_step:
+            return
+        path = trainer.strategy.broadcast(self.directory / dcp.checkpoint_name(step))
+        trainer.save_checkpoint(path)
+        self._last_saved_step = step
+        if trainer.is_global_zero:
+            dcp.prune(self.directory, self.keep_last)
+            log.info("checkpoint saved: %s", path)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+            self._save(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.save_on_end:
+            self._save(trainer)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_saved_step": self._last_saved_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._last_saved_step = state_dict.get("last_saved_step")
+
+
+def wandb_account_configured() -> bool:
+    """An API key in the environment, or a ``wandb login`` entry in ~/.netrc."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path.home() / ".netrc"
+    return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+
+
+def make_loggers(cfg: DictConfig, run_dir: Path, run_name: str) -> list[Logger]:
+    """The per-step metrics.csv in the run directory (always: later tools read it), plus the tracker."""
+    loggers: list[Logger] = [CSVLogger(save_dir=str(run_dir), name="", version="", flush_logs_every_n_steps=1)]
+    kind = cfg.logger.kind
+    if kind == "wandb":
+        from lightning.pytorch.loggers import WandbLogger
+
+        offline = cfg.logger.offline if cfg.logger.offline is not None else not wandb_account_configured()
+        loggers.append(
+            WandbLogger(
+                name=run_name,
+                save_dir=str(run_dir),
+                project=cfg.logger.project,
+                entity=cfg.logger.entity,
+                offline=offline,
+                tags=list(cfg.logger.tags),
+                config=OmegaConf.to_container(cfg, resolve=True),
+            )
+        )
+    elif kind == "tensorboard":
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version=""))
+    return loggers
+
+
+def configure_worker_logging(run_dir: Path, rank: int) -> None:
+    """Rank 0 logs to the console and <run_dir>/train.log; other ranks print warnings only."""
+    root = logging.getLogger()
+    if root.handlers:  # the process Hydra itself configured
+        return
+    fmt = logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if rank == 0:
+        handlers.append(logging.FileHandler(run_dir / "train.log"))
+    for handler in handlers:
+        handler.setFormatter(fmt)
+        root.addHandler(handler)
+    root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+
+
+def build_trainer(
+    cfg: DictConfig,
+    run_dir: Path,
+    accelerator: str,
+    callbacks: Sequence[Callback] = (),
+    checkpoints: bool = True,
+    loggers: Optional[Iterable[Logger]] = None,
+) -> pl.Trainer:
+    t = cfg.trainer
+    all_callbacks = list(callbacks)
+    if checkpoints:
+        c = cfg.checkpoint
+        all_callbacks.append(PeriodicCheckpoint(run_dir / "checkpoints", c.every_n_steps, c.keep_last, c.save_on_end))
+    run_name = f"{cfg.model.name}-{'+'.join(k for k, v in cfg.parallel.items() if OmegaConf.is_config(v))}"
+    return pl.Trainer(
+        accelerator="gpu" if accelerator == "cuda" else "cpu",
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=CurryStrategy(cfg),
+        precision=t.precision,
+        max_steps=t.max_steps,
+        logger=list(loggers) if loggers is not None else make_loggers(cfg, run_dir, run_name),
+        callbacks=all_callbacks,
+        log_every_n_steps=1,  # the module decides when to log (trainer.log_every_n_steps)
+        val_check_interval=t.val_check_interval,
+        check_val_every_n_epoch=None,
+        limit_val_batches=t.limit_val_batches,
+        num_sanity_val_steps=0,
+        enable_progress_bar=t.enable_progress_bar,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        default_root_dir=str(run_dir),
+    )
+
+
+def train(cfg: DictConfig, run_dir: Path, accelerator: str, ckpt_path: Optional[str]) -> pl.Trainer:
+    """Train with ``cfg`` in this process (one rank of the run). Returns the finished Trainer."""
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    trainer = build_trainer(cfg, run_dir, accelerator)
+    trainer.fit(CausalLM(cfg), datamodule=LMDataModule(cfg.data, cfg.seed), ckpt_path=ckpt_path)
+    return trainer

@@ -1,0 +1,312 @@
+"""CurryStrategy: the Lightning Strategy that turns the ``parallel`` config into a parallel model.
+
+It owns, in one place and one order, everything that depends on the layout:
+
+1. the process group and the ``ParallelState`` mesh (``setup_environment``);
+2. the model, built by the LightningModule on the meta device (``tensor_init_context``), and the
+   ordered list of steps that parallelizes it (``parallelize``);
+3. how a step's micro-batches run forward and backward (``forward_backward``), the global gradient
+   norm, and the group over which losses are summed (``metrics_group``);
+4. which slice of each global batch this rank reads (``distributed_sampler_kwargs``);
+5. distributed checkpoints (``save_checkpoint`` / ``load_checkpoint``).
+
+The LightningModule and the model stay parallelism-agnostic: the model declares what can be split
+(``Llama.plan``), the module declares the loss; the strategy decides how.
+
+Gradient reduction convention: the module's loss on a micro-batch is its *contribution* to the
+mean over the global batch (token losses summed, divided by the global token count), so the
+data-parallel reduction must *sum* gradients, not average them. Gradient accumulation and data
+parallelism then compute exactly the gradient of one big batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from contextlib import contextmanager, nullcontext
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable, Generator, Mapping, Optional
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from lightning.fabric.utilities.distributed import _init_dist_connection
+from lightning.pytorch.strategies.parallel import ParallelStrategy
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
+from omegaconf import DictConfig
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from typing_extensions import override
+
+from curry_train.config.checks import layout_degrees
+from curry_train.primitives import dcp
+from curry_train.primitives.parallel_state import ParallelState, init_process_group_from_env
+
+log = logging.getLogger(__name__)
+
+
+def parameter_seed(seed: int, name: str) -> int:
+    """A generator seed for one parameter: a function of the run seed and the parameter's name only."""
+    digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+@torch.no_grad()
+def materialize_and_init(model: nn.Module, device: torch.device, seed: int) -> None:
+    """Allocate a meta-device model on ``device`` and initialize every parameter as a single-process
+    run would: the full value of each parameter is drawn from a generator seeded by its name, then
+    this rank keeps its own shard. The weights are therefore identical for every layout."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    model.to_empty(device=device)
+    for name, param in model.named_parameters():
+        generator = torch.Generator(device=device).manual_seed(parameter_seed(seed, name))
+        full = torch.empty(param.shape, dtype=param.dtype, device=device)
+        model.init_parameter(name, full, generator)
+        if isinstance(param, DTensor):
+            shard = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+            param.to_local().copy_(shard.to_local())
+        else:
+            param.copy_(full)
+    model.reset_buffers()
+
+
+def _allreduce_sum_hook(group, bucket):  # no annotations: DDP inspects them and wants real classes
+    """DDP communication hook: sum gradients over the data-parallel group (see the module docstring)."""
+    work = dist.all_reduce(bucket.buffer(), group=group, async_op=True)
+    return work.get_future().then(lambda fut: fut.value()[0])
+
+
+class CurryStrategy(ParallelStrategy):
+    """Builds the mesh from the ``parallel`` config and applies the project's primitives in order."""
+
+    strategy_name = "curry"
+
+    def __init__(self, cfg: DictConfig, timeout: timedelta = timedelta(minutes=10)) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self._timeout = timeout
+        self.parallel_state: Optional[ParallelState] = None
+        self.num_nodes = 1
+
+    # ------------------------------------------------------------------------------------------
+    # Devices, processes, mesh
+
+    @property
+    @override
+    def root_device(self) -> torch.device:
+        assert self.parallel_devices is not None
+        return self.parallel_devices[self.local_rank]
+
+    @property
+    def num_processes(self) -> int:
+        return len(self.parallel_devices) if self.parallel_devices is not None else 0
+
+    @override
+    def _configure_launcher(self) -> None:
+        # Processes are started by curry_train.launch (or torchrun / srun) before the Trainer exists.
+        self._launcher = None
+
+    @override
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        self._set_world_ranks()
+        device_type = self.root_device.type
+        if self.world_size > 1:
+            backend = "nccl" if device_type == "cuda" else "gloo"
+            _init_dist_connection(self.cluster_environment, backend, timeout=self._timeout)
+        else:
+            init_process_group_from_env(device_type, self._timeout)
+        degrees = layout_degrees(self.cfg, self.world_size)
+        self.parallel_state = ParallelState(
+            dp_replicate=degrees.dp_replicate,
+            dp_shard=degrees.dp_shard,
+            cp=degrees.cp,
+            tp=degrees.tp,
+            pp=degrees.pp,
+            device_type=device_type,
+        )
+        rank_zero_only.rank = utils_rank_zero_only.rank = self.global_rank
+        log.info("layout: %s", self.parallel_state)
+
+    def _set_world_ranks(self) -> None:
+        assert self.cluster_environment is not None
+        self.cluster_environment.set_global_rank(self.node_rank * self.num_processes + self.local_rank)
+        self.cluster_environment.set_world_size(self.num_nodes * self.num_processes)
+
+    @property
+    @override
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        ps = self.parallel_state
+        return {"num_replicas": ps.dp_size, "rank": ps.dp_rank}
+
+    @property
+    def metrics_group(self) -> dist.ProcessGroup:
+        """Ranks that hold distinct tokens of a global batch: losses and token counts are summed over it."""
+        return self.parallel_state.submesh("dp_cp").get_group()
+
+    # ------------------------------------------------------------------------------------------
+    # The model
+
+    @contextmanager
+    @override
+    def tensor_init_context(self, empty_init: Optional[bool] = None) -> Generator[None, None, None]:
+        # The LightningModule builds the model here; nothing is allocated until `parallelize`.
+        with torch.device("meta"):
+            yield
+
+    @override
+    def setup(self, trainer: pl.Trainer) -> None:
+        assert self.lightning_module is not None
+        self.accelerator.setup(trainer)
+        self.parallelize(self.lightning_module)
+        self.model = self.lightning_module
+        self.lightning_module.to(self.root_device)  # metric states and any other non-model buffers
+        self.barrier()
+        if trainer.state.fn == TrainerFn.FITTING:
+            self.setup_optimizers(trainer)
+        self.setup_precision_plugin()
+
+    def parallelize(self, module: pl.LightningModule) -> None:
+        """Apply the layout to ``module.model``, in the one order that works:
+
+        1. materialize and initialize: from full per-parameter values, so weights are the same
+           for every layout;
+        2. data parallelism: DDP replicates real tensors, so it comes after materialization, and
+           last, so it sees the final set of parameters.
+        """
+        model = module.model
+        materialize_and_init(model, self.root_device, self.cfg.seed)
+        if self.parallel_state.dp_size > 1:
+            dp_cfg = self.cfg.parallel.dp
+            model = DistributedDataParallel(
+                model,
+                device_ids=[self.root_device.index] if self.root_device.type == "cuda" else None,
+                process_group=self.parallel_state.get_dp_group(),
+                bucket_cap_mb=dp_cfg.bucket_cap_mb if dp_cfg is not None else 25,
+                static_graph=dp_cfg.static_graph if dp_cfg is not None else False,
+                gradient_as_bucket_view=True,
+            )
+            model.register_comm_hook(self.parallel_state.get_dp_group(), _allreduce_sum_hook)
+        module.model = model
+
+    @override
+    def model_to_device(self) -> None:
+        assert self.model is not None
+        self.model.to(self.root_device)
+
+    # ------------------------------------------------------------------------------------------
+    # A training step
+
+    def forward_backward(self, module: pl.LightningModule, micro_batches: list[Tensor], loss_fn: Callable) -> Tensor:
+        """Forward and backward over this rank's micro-batches; returns the summed (detached) loss.
+
+        The gradient all-reduce runs once, in the last micro-batch's backward.
+        """
+        model = module.model
+        total = torch.zeros((), device=self.root_device)
+        for index, batch in enumerate(micro_batches):
+            last = index == len(micro_batches) - 1
+            sync = nullcontext() if last or not isinstance(model, DistributedDataParallel) else model.no_sync()
+            with sync:
+                loss = loss_fn(model, batch)
+                module.manual_backward(loss)
+            total += loss.detach()
+        return total
+
+    @torch.no_grad()
+    def forward_eval(self, module: pl.LightningModule, micro_batches: list[Tensor], loss_fn: Callable) -> Tensor:
+        total = torch.zeros((), device=self.root_device)
+        for batch in micro_batches:
+            total += loss_fn(module.model, batch)
+        return total
+
+    def clip_grad_norm_(self, max_norm: float) -> Tensor:
+        """Clip to ``max_norm`` (0: measure only); returns the global gradient norm before clipping."""
+        params = [p for p in self.lightning_module.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"), foreach=True)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+    # ------------------------------------------------------------------------------------------
+    # Collectives used by Lightning
+
+    @override
+    def barrier(self, name: Optional[str] = None) -> None:
+        if dist.is_initialized():
+            dist.barrier()
+
+    @override
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return obj
+        holder = [obj]
+        dist.broadcast_object_list(holder, src)
+        return holder[0]
+
+    @override
+    def reduce(self, tensor: Any, group: Optional[Any] = None, reduce_op: Optional[str] = "mean") -> Any:
+        if not isinstance(tensor, Tensor) or not dist.is_initialized():
+            return tensor
+        op = dist.ReduceOp.SUM if reduce_op in ("sum", None) else dist.ReduceOp.MAX if reduce_op == "max" else None
+        result = tensor.clone()
+        dist.all_reduce(result, op=op or dist.ReduceOp.SUM, group=group)
+        if op is None:
+            result /= dist.get_world_size(group)
+        return result
+
+    @override
+    def teardown(self) -> None:
+        super().teardown()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    # ------------------------------------------------------------------------------------------
+    # Checkpoints: model and optimizer go through DCP in `save_checkpoint`, not through Lightning.
+
+    @property
+    @override
+    def restore_checkpoint_after_setup(self) -> bool:
+        return True
+
+    @property
+    @override
+    def lightning_restore_optimizer(self) -> bool:
+        return False
+
+    @override
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        return {}
+
+    @override
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        return {}
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: str | Path, storage_options: Optional[Any] = None) -> None:
+        meta = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
+        dcp.save(filepath, self.lightning_module, self._raw_optimizers(), meta)
+
+    @override
+    def load_checkpoint(self, checkpoint_path: str | Path, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        return dcp.load(checkpoint_path, self.lightning_module, self._raw_optimizers())
+
+    @override
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        pass  # loaded in place by load_checkpoint
+
+    @override
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        pass  # loaded in place by load_checkpoint
+
+    @override
+    def remove_checkpoint(self, filepath: str | Path) -> None:
+        if self.is_global_zero:
+            import shutil
+
+            shutil.rmtree(filepath, ignore_errors=True)
+
+    def _raw_optimizers(self) -> list[torch.optim.Optimizer]:
+        return [getattr(opt, "_optimizer", opt) for opt in self.optimizers]

@@ -1,0 +1,1 @@
+"""Numerical validation of parallel layouts against a single-process reference."""
