@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
@@ -20,6 +21,11 @@ from curry_train.strategy import CurryStrategy
 
 log = logging.getLogger(__name__)
 
+# Metrics are reduced by torchmetrics over the right group before they are logged (module.py), so
+# Lightning's advice to add sync_dist does not apply; the pytree notice is Lightning's, about torch.
+warnings.filterwarnings("ignore", message=r".*sync_dist=True.*")
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+
 
 class PeriodicCheckpoint(Callback):
     """Save every ``every_n_steps`` optimizer steps (and at the end); keep the last ``keep_last``."""
@@ -34,7 +40,7 @@ class PeriodicCheckpoint(Callback):
         if step == self._last_saved_step:
             return
         path = trainer.strategy.broadcast(self.directory / dcp.checkpoint_name(step))
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)
         self._last_saved_step = step
         if trainer.is_global_zero:
             dcp.prune(self.directory, self.keep_last)
@@ -65,7 +71,8 @@ def wandb_account_configured() -> bool:
 
 def make_loggers(cfg: DictConfig, run_dir: Path, run_name: str) -> list[Logger]:
     """The per-step metrics.csv in the run directory (always: later tools read it), plus the tracker."""
-    loggers: list[Logger] = [CSVLogger(save_dir=str(run_dir), name="", version="", flush_logs_every_n_steps=1)]
+    csv = CSVLogger(save_dir=str(run_dir), name="csv", version="", flush_logs_every_n_steps=1)  # <run_dir>/csv/metrics.csv
+    loggers: list[Logger] = [csv]
     kind = cfg.logger.kind
     if kind == "wandb":
         from lightning.pytorch.loggers import WandbLogger

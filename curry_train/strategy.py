@@ -62,6 +62,7 @@ def materialize_and_init(model: nn.Module, device: torch.device, seed: int) -> N
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     model.to_empty(device=device)
+    model.tie_weights()
     for name, param in model.named_parameters():
         generator = torch.Generator(device=device).manual_seed(parameter_seed(seed, name))
         full = torch.empty(param.shape, dtype=param.dtype, device=device)

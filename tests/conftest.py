@@ -1,0 +1,49 @@
+"""Shared helpers: run train.py as a user would, read the metrics it leaves."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = REPO / "train.py"
+
+# A small, fast configuration of the default model: 4 data-parallel ranks still get one micro-batch.
+FAST = (
+    "logger=csv",
+    "trainer.enable_progress_bar=false",
+    "data.seq_len=64",
+    "data.global_batch_size=16",
+    "data.micro_batch_size=4",
+    "trainer.limit_val_batches=0",
+)
+
+
+def clean_env(extra: Optional[dict] = None) -> dict:
+    """The environment of a user's shell: no launcher variables inherited from the test runner."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR", "TORCHELASTIC_RUN_ID")}
+    env["WANDB_SILENT"] = "true"
+    env.update(extra or {})
+    return env
+
+
+def run_train(args: Sequence[str], cwd: Path, timeout: float = 600, env: Optional[dict] = None, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, str(TRAIN), *args], cwd=cwd, env=clean_env(env), capture_output=True, text=True, timeout=timeout
+    )
+    if check and result.returncode != 0:
+        pytest.fail(f"train.py {' '.join(args)} exited {result.returncode}\n{result.stderr[-4000:]}")
+    return result
+
+
+def read_metric(run_dir: Path, key: str = "train/loss") -> dict[int, float]:
+    """step -> value of ``key`` from the run's metrics.csv."""
+    (path,) = list(run_dir.rglob("metrics.csv"))
+    with path.open() as rows:
+        return {int(r["step"]): float(r[key]) for r in csv.DictReader(rows) if r.get(key)}

@@ -1,0 +1,116 @@
+"""The Llama model: real shapes on the meta device, causality, GQA, tying, the split plan, init."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from curry_train.config import compose
+from curry_train.model import Llama, apply_rope, rope_tables
+from curry_train.strategy import materialize_and_init
+
+
+def model_cfg(name: str = "debug", **overrides):
+    cfg = compose([f"model={name}", *(f"model.{k}={v}" for k, v in overrides.items())]).model
+    return cfg
+
+
+@pytest.mark.parametrize(
+    "name, billions", [("llama3_8b", 8.03), ("llama3_70b", 70.55), ("llama3_405b", 405.85)]
+)
+def test_llama3_shapes_on_meta_device(name, billions):
+    with torch.device("meta"):
+        model = Llama(model_cfg(name))
+    assert model.num_parameters() / 1e9 == pytest.approx(billions, abs=0.01)
+    assert all(p.is_meta for p in model.parameters())
+
+
+def small_model(seed: int = 0, **overrides) -> Llama:
+    with torch.device("meta"):
+        model = Llama(model_cfg(**overrides))
+    materialize_and_init(model, torch.device("cpu"), seed)
+    return model
+
+
+def test_forward_shape_and_causality():
+    model = small_model().eval()
+    tokens = torch.randint(0, 256, (2, 32))
+    logits = model(tokens)
+    assert logits.shape == (2, 32, 256)
+    changed = tokens.clone()
+    changed[:, 20:] = (changed[:, 20:] + 1) % 256
+    assert torch.equal(model(changed)[:, :20], logits[:, :20])  # the past never sees the future
+    assert not torch.allclose(model(changed)[:, 20:], logits[:, 20:])
+
+
+def test_grouped_query_attention_matches_repeated_heads():
+    """GQA with n_kv_heads=2 equals multi-head attention whose K/V heads are the repeated KV heads."""
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 16, 8)
+    k, v = torch.randn(2, 2, 16, 8), torch.randn(2, 2, 16, 8)
+    model = small_model()
+    sdpa = model.layers["0"].attention.sdpa
+    expected = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=True)
+    torch.testing.assert_close(sdpa(q, k, v), expected)
+
+
+def test_rope_rotates_by_position_and_preserves_norm():
+    cos, sin = rope_tables(8, 16, 10000.0)
+    x = torch.randn(1, 16, 2, 8)
+    rotated = apply_rope(x, cos, sin)
+    torch.testing.assert_close(rotated.norm(dim=-1), x.norm(dim=-1))
+    torch.testing.assert_close(rotated[:, 0], x[:, 0])  # position 0: angle 0
+    # Relative position property: <R_m q, R_n k> depends on m - n only.
+    q, k = torch.randn(8), torch.randn(8)
+    def dot(m, n):
+        qs = apply_rope(q.expand(1, 16, 1, 8), cos, sin)[0, m, 0]
+        ks = apply_rope(k.expand(1, 16, 1, 8), cos, sin)[0, n, 0]
+        return float(qs @ ks)
+    assert dot(5, 3) == pytest.approx(dot(9, 7), rel=1e-5)
+
+
+def test_tied_embeddings_share_one_parameter():
+    model = small_model(tie_embeddings=True)
+    assert model.output.weight is model.tok_embeddings.weight
+    names = [name for name, _ in model.named_parameters()]
+    assert "output.weight" not in names and "tok_embeddings.weight" in names
+
+
+def test_split_plan_names_real_modules():
+    model = small_model()
+    plan = model.plan
+    block = model.get_submodule(f"{plan.blocks}.0")
+    for path in plan.column + plan.row:
+        assert isinstance(block.get_submodule(path), nn.Linear), path
+    for path in plan.norms:
+        assert block.get_submodule(path).weight.shape == (model.cfg.dim,)
+    assert block.get_submodule(plan.attention_op) is not None
+    assert isinstance(model.get_submodule(plan.embedding), nn.Embedding)
+    assert isinstance(model.get_submodule(plan.head), nn.Linear)
+    assert len(model.get_submodule(plan.blocks)) == model.cfg.n_layers
+
+
+def test_init_is_a_function_of_seed_and_name():
+    a, b, c = small_model(seed=1), small_model(seed=1), small_model(seed=2)
+    for (name, pa), pb, pc in zip(a.named_parameters(), b.parameters(), c.parameters()):
+        assert torch.equal(pa, pb), name
+        if not name.endswith("norm.weight"):
+            assert not torch.equal(pa, pc), name
+    # Output projections of residual branches are scaled by 1/sqrt(2 * n_layers).
+    std_q = a.layers["0"].attention.wq.weight.std().item()
+    std_o = a.layers["0"].attention.wo.weight.std().item()
+    assert std_o == pytest.approx(std_q / (2 * a.cfg.n_layers) ** 0.5, rel=0.1)
+
+
+def test_dropping_blocks_keeps_parameter_names():
+    """A pipeline stage deletes what it does not own; the rest keep their fully-qualified names."""
+    model = small_model()
+    full = dict(model.named_parameters())
+    del model.layers["0"]
+    model.tok_embeddings = None
+    kept = dict(model.named_parameters())
+    assert kept and all(torch.equal(full[name], p) for name, p in kept.items())
+    hidden = torch.randn(1, 8, model.cfg.dim)
+    assert model(hidden).shape == (1, 8, 256)

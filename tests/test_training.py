@@ -1,0 +1,168 @@
+"""End to end, as a user runs it: layouts reproduce the single-process loss curve, sweeps leave one
+directory per job, a killed run resumes with the same losses, bad input fails in one line."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import FAST, TRAIN, clean_env, read_metric, run_train
+
+STEPS = 10
+
+
+@pytest.fixture(scope="module")
+def single_process_run(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("single")
+    run_train([*FAST, f"trainer.max_steps={STEPS}", f"hydra.run.dir={run_dir}"], cwd=run_dir)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def single_process_curve(single_process_run) -> dict[int, float]:
+    return read_metric(single_process_run)
+
+
+def test_default_run_directory(single_process_run, single_process_curve):
+    """The single-process run leaves config, log, metrics and a checkpoint, and its loss falls."""
+    run_dir = single_process_run
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+    assert (run_dir / "train.log").is_file()
+    assert (run_dir / "checkpoints" / f"step-{STEPS:08d}" / ".metadata").is_file()
+    losses = single_process_curve
+    assert sorted(losses) == list(range(STEPS))
+    assert losses[0] == pytest.approx(5.55, abs=0.2)  # ln(256): uniform over bytes at init
+    assert losses[STEPS - 1] < losses[0] - 1.0
+
+
+@pytest.mark.parametrize("devices", [2, 4])
+def test_data_parallel_reproduces_single_process_curve(devices, single_process_curve, tmp_path):
+    run_train([*FAST, f"trainer.max_steps={STEPS}", f"trainer.devices={devices}", f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
+    losses = read_metric(tmp_path)
+    assert sorted(losses) == sorted(single_process_curve)
+    for step, reference in single_process_curve.items():
+        assert abs(losses[step] - reference) / reference <= 1e-5, (step, losses[step], reference)
+
+
+def test_sweep_writes_one_directory_per_job(tmp_path):
+    """-m with 2 workers per job: each job runs once; nothing but the two job directories is written."""
+    sweep_dir = tmp_path / "sweep"
+    run_train(["-m", *FAST, "trainer.max_steps=2", "trainer.devices=2", "seed=1,2", f"hydra.sweep.dir={sweep_dir}"], cwd=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep"]
+    assert sorted(p.name for p in sweep_dir.iterdir()) == ["0", "1", "multirun.yaml"]
+    curves = [read_metric(sweep_dir / job) for job in ("0", "1")]
+    assert all(sorted(curve) == [0, 1] for curve in curves)
+    assert curves[0][1] != curves[1][1]  # different seeds, different runs
+    for job, seed in (("0", 1), ("1", 2)):
+        assert f"seed: {seed}" in (sweep_dir / job / ".hydra" / "config.yaml").read_text()
+
+
+def _spawned_workers(parent_pid: int) -> list[int]:
+    """Worker processes started by ``parent_pid`` (multiprocessing's spawn children)."""
+    workers = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            stat = (proc / "stat").read_text()
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == parent_pid and "spawn_main" in cmdline:
+            workers.append(int(proc.name))
+    return workers
+
+
+def test_failing_sweep_job_ends_its_workers(tmp_path):
+    """A worker killed mid-run fails its job promptly, ends its peer, and stops the sweep."""
+    sweep_dir = tmp_path / "sweep"
+    process = subprocess.Popen(
+        [sys.executable, str(TRAIN), "-m", *FAST, "trainer.max_steps=500", "trainer.devices=2", "seed=1,2",
+         f"hydra.sweep.dir={sweep_dir}"],
+        cwd=tmp_path, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.time() + 300
+    while not list((sweep_dir / "0").rglob("metrics.csv")):  # training has started
+        assert process.poll() is None and time.time() < deadline, "job 0 never started training"
+        time.sleep(0.2)
+    workers = _spawned_workers(process.pid)
+    assert len(workers) == 2
+    os.kill(workers[1], signal.SIGKILL)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode != 0
+    assert "SIGKILL" in stderr
+    assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
+    assert not (sweep_dir / "1").exists()  # the sweep stopped at the failing job
+
+
+def test_killed_run_resumes_with_the_same_losses(tmp_path):
+    steps = 8
+    common = [*FAST, f"trainer.max_steps={steps}", "checkpoint.every_n_steps=2", "checkpoint.keep_last=5"]
+    full_dir, killed_dir, resumed_dir = tmp_path / "full", tmp_path / "killed", tmp_path / "resumed"
+    run_train([*common, f"hydra.run.dir={full_dir}"], cwd=tmp_path)
+    reference = read_metric(full_dir)
+
+    process = subprocess.Popen(
+        [sys.executable, str(TRAIN), *common, "trainer.devices=2", f"hydra.run.dir={killed_dir}"],
+        cwd=tmp_path, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    deadline = time.time() + 300
+    while not (killed_dir / "checkpoints" / "step-00000004" / "meta.pt").exists():
+        assert process.poll() is None and time.time() < deadline, "the run ended before its step-4 checkpoint"
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+    run_train(
+        [*common, "trainer.devices=2", "ckpt_path=last", f"checkpoint.search_dir={killed_dir}", f"hydra.run.dir={resumed_dir}"],
+        cwd=tmp_path,
+    )
+    resumed = read_metric(resumed_dir)
+    assert resumed and min(resumed) >= 4 and max(resumed) == steps - 1
+    for step, loss in resumed.items():
+        assert abs(loss - reference[step]) / reference[step] <= 1e-5, (step, loss, reference[step])
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["trainer.devices=3"], "data.global_batch_size=16 is not divisible"),
+        (["data.seq_len=4096"], "data.seq_len=4096 must be between 1 and model.max_seq_len=1024"),
+        (["data=files", "data.paths=[/nonexistent/corpus.txt]"], "/nonexistent/corpus.txt does not exist"),
+        (["trainer.accelerator=gpu"], "no CUDA device is visible"),
+        (["trainer.num_nodes=2"], "torchrun or srun"),
+        (["model.n_heads=3"], "model.dim=128 is not divisible by model.n_heads=3"),
+        (["ckpt_path=last", "checkpoint.search_dir=/nonexistent"], "no complete checkpoint"),
+    ],
+)
+def test_bad_input_fails_in_one_line(overrides, message, tmp_path):
+    result = run_train([*FAST, *overrides, f"hydra.run.dir={tmp_path}"], cwd=tmp_path, check=False, timeout=120)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("curry-train: error:")]
+    assert len(error_lines) == 1 and message in error_lines[0], result.stderr
+
+
+def test_world_size_mismatch_under_torchrun(tmp_path):
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "4", "TORCHELASTIC_RUN_ID": "t"}
+    result = run_train([*FAST, "trainer.devices=2", f"hydra.run.dir={tmp_path}"], cwd=tmp_path, env=env, check=False, timeout=120)
+    assert result.returncode == 2
+    assert "torchrun started 4 processes but trainer.devices=2 x trainer.num_nodes=1 = 2" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [(["parallel=nope"], "Could not find 'parallel/nope'"), (["model.dimm=3"], "model.dimm"), (["model.dim=abc"], "model.dim")],
+)
+def test_config_errors_name_the_key(overrides, message, tmp_path):
+    result = run_train([*overrides, f"hydra.run.dir={tmp_path}"], cwd=tmp_path, check=False, timeout=120)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
