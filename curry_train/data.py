@@ -309,11 +309,13 @@ class LMDataModule(pl.LightningDataModule):
         )
         return self._loader(self.train_set, sampler)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | list:
         rank, size = self._dp()
         batches = len(self.val_set) // self.cfg.global_batch_size
         if self.trainer is not None and isinstance(self.trainer.limit_val_batches, int):
             batches = min(batches, self.trainer.limit_val_batches)
+        if batches == 0:  # validation off, or a held-out tail shorter than one global batch
+            return []
         sampler = GlobalBatchSampler(
             len(self.val_set), self.cfg.global_batch_size, rank, size, self.seed, shuffle=False, num_steps=batches
         )

@@ -29,6 +29,8 @@ from curry_train.config.checks import LaunchPlan, check, external_launcher
 
 log = logging.getLogger(__name__)
 
+SHUTDOWN_GRACE_S = 5.0
+
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -65,7 +67,11 @@ def spawn(world_size: int, target: Callable[..., Any], *args: Any) -> None:
     import torch.multiprocessing as mp
 
     port = free_port()
-    mp.start_processes(_worker, args=(world_size, port, target, args), nprocs=world_size, start_method="spawn", join=True)
+    context = mp.start_processes(_worker, args=(world_size, port, target, args), nprocs=world_size, start_method="spawn", join=False)
+    # When one worker fails, its peers are usually blocked in a collective that will never complete:
+    # give them a few seconds to exit, then SIGTERM, then SIGKILL.
+    while not context.join(grace_period=SHUTDOWN_GRACE_S):
+        pass
 
 
 def run_worker(container: dict, run_dir: str, accelerator: str, ckpt_path: Optional[str]) -> None:

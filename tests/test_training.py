@@ -81,25 +81,27 @@ def _spawned_workers(parent_pid: int) -> list[int]:
 
 
 def test_failing_sweep_job_ends_its_workers(tmp_path):
-    """A worker killed mid-run fails its job promptly, ends its peer, and stops the sweep."""
+    """A worker killed mid-run fails its job promptly and ends its peer; the sweep goes on to the
+    next job (Hydra's behaviour) and reports the failure at the end."""
     sweep_dir = tmp_path / "sweep"
     process = subprocess.Popen(
-        [sys.executable, str(TRAIN), "-m", *FAST, "trainer.max_steps=500", "trainer.devices=2", "seed=1,2",
+        [sys.executable, str(TRAIN), "-m", *FAST, "trainer.max_steps=400,3", "trainer.devices=2",
          f"hydra.sweep.dir={sweep_dir}"],
         cwd=tmp_path, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     deadline = time.time() + 300
-    while not list((sweep_dir / "0").rglob("metrics.csv")):  # training has started
+    while not list((sweep_dir / "0").rglob("metrics.csv")):  # job 0 has started training
         assert process.poll() is None and time.time() < deadline, "job 0 never started training"
         time.sleep(0.2)
     workers = _spawned_workers(process.pid)
     assert len(workers) == 2
     os.kill(workers[1], signal.SIGKILL)
-    _, stderr = process.communicate(timeout=120)
+    _, stderr = process.communicate(timeout=240)
     assert process.returncode != 0
-    assert "SIGKILL" in stderr
+    assert "process 1 terminated with signal SIGKILL" in stderr
     assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
-    assert not (sweep_dir / "1").exists()  # the sweep stopped at the failing job
+    assert max(read_metric(sweep_dir / "0")) < 399  # job 0 did not finish
+    assert sorted(read_metric(sweep_dir / "1")) == [0, 1, 2]  # job 1 ran whole
 
 
 def test_killed_run_resumes_with_the_same_losses(tmp_path):
