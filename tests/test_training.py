@@ -168,3 +168,27 @@ def test_config_errors_name_the_key(overrides, message, tmp_path):
     assert result.returncode != 0
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_torchrun_processes_join_one_run(single_process_curve, tmp_path):
+    """Under torchrun every rank runs train.py: they agree on one run directory and reproduce the curve."""
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(TRAIN),
+         *FAST, f"trainer.max_steps={STEPS}", "trainer.devices=2"],
+        cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = list((tmp_path / "outputs").iterdir())
+    assert run_dir.name.startswith("torchrun-")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["outputs"]
+    losses = read_metric(run_dir)
+    for step, reference in single_process_curve.items():
+        assert abs(losses[step] - reference) / reference <= 1e-5, (step, losses[step], reference)
+
+
+def test_default_logger_is_wandb_offline(tmp_path):
+    run_train(["logger=wandb", *FAST[1:], "trainer.max_steps=2", f"hydra.run.dir={tmp_path}"], cwd=tmp_path,
+              env={"WANDB_API_KEY": "", "HOME": str(tmp_path)})
+    (offline_run,) = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert list(offline_run.glob("*.wandb"))
+    assert sorted(read_metric(tmp_path)) == [0, 1]  # metrics.csv is written whatever the logger
