@@ -39,12 +39,13 @@ def free_port() -> int:
 
 
 def _die_with_parent() -> None:
-    """Linux: have the kernel send SIGTERM to this worker when the launching process dies."""
+    """Linux: have the kernel kill this worker when the launching process dies (SIGKILL: Lightning
+    catches SIGTERM and would carry on training with nobody waiting for it)."""
     if sys.platform.startswith("linux"):
         import ctypes
 
         PR_SET_PDEATHSIG = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _worker(rank: int, world_size: int, port: int, target: Callable[..., Any], args: Sequence[Any]) -> None:

@@ -88,15 +88,20 @@ def test_failing_sweep_job_ends_its_workers(tmp_path):
         [sys.executable, str(TRAIN), "-m", *FAST, "trainer.max_steps=400,3", "trainer.devices=2",
          f"hydra.sweep.dir={sweep_dir}"],
         cwd=tmp_path, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
     )
-    deadline = time.time() + 300
-    while not list((sweep_dir / "0").rglob("metrics.csv")):  # job 0 has started training
-        assert process.poll() is None and time.time() < deadline, "job 0 never started training"
-        time.sleep(0.2)
-    workers = _spawned_workers(process.pid)
-    assert len(workers) == 2
-    os.kill(workers[1], signal.SIGKILL)
-    _, stderr = process.communicate(timeout=240)
+    try:
+        deadline = time.time() + 300
+        while not list((sweep_dir / "0").rglob("metrics.csv")):  # job 0 has started training
+            assert process.poll() is None and time.time() < deadline, "job 0 never started training"
+            time.sleep(0.2)
+        workers = _spawned_workers(process.pid)
+        assert len(workers) == 2
+        os.kill(workers[1], signal.SIGKILL)
+        _, stderr = process.communicate(timeout=240)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
     assert process.returncode != 0
     assert "process 1 terminated with signal SIGKILL" in stderr
     assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
@@ -115,12 +120,14 @@ def test_killed_run_resumes_with_the_same_losses(tmp_path):
         [sys.executable, str(TRAIN), *common, "trainer.devices=2", f"hydra.run.dir={killed_dir}"],
         cwd=tmp_path, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
-    deadline = time.time() + 300
-    while not (killed_dir / "checkpoints" / "step-00000004" / "meta.pt").exists():
-        assert process.poll() is None and time.time() < deadline, "the run ended before its step-4 checkpoint"
-        time.sleep(0.2)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    try:
+        deadline = time.time() + 300
+        while not (killed_dir / "checkpoints" / "step-00000004" / "meta.pt").exists():
+            assert process.poll() is None and time.time() < deadline, "the run ended before its step-4 checkpoint"
+            time.sleep(0.2)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
 
     run_train(
         [*common, "trainer.devices=2", "ckpt_path=last", f"checkpoint.search_dir={killed_dir}", f"hydra.run.dir={resumed_dir}"],
@@ -192,3 +199,27 @@ def test_default_logger_is_wandb_offline(tmp_path):
     (offline_run,) = list((tmp_path / "wandb").glob("offline-run-*"))
     assert list(offline_run.glob("*.wandb"))
     assert sorted(read_metric(tmp_path)) == [0, 1]  # metrics.csv is written whatever the logger
+
+
+def test_workers_die_with_their_launcher(tmp_path):
+    """Killing the job process (an OOM kill, a scheduler's kill) takes its workers with it."""
+    process = subprocess.Popen(
+        [sys.executable, str(TRAIN), *FAST, "trainer.max_steps=400", "trainer.devices=2", f"hydra.run.dir={tmp_path}"],
+        cwd=tmp_path, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 300
+        while not list(tmp_path.rglob("metrics.csv")):
+            assert process.poll() is None and time.time() < deadline, "training never started"
+            time.sleep(0.2)
+        workers = _spawned_workers(process.pid)
+        assert len(workers) == 2
+        process.kill()
+        process.wait()
+        deadline = time.time() + 30
+        while any(Path(f"/proc/{pid}").exists() for pid in workers) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
