@@ -38,12 +38,15 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 from omegaconf import DictConfig
 from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
 from curry_train.config.checks import layout_degrees
 from curry_train.primitives import dcp
+from curry_train.primitives.distributed_optimizer import DistributedOptimizer
 from curry_train.primitives.parallel_state import ParallelState, init_process_group_from_env
+from curry_train.primitives.recompute import apply_recompute
 
 log = logging.getLogger(__name__)
 
@@ -172,26 +175,45 @@ class CurryStrategy(ParallelStrategy):
         self.setup_precision_plugin()
 
     def parallelize(self, module: pl.LightningModule) -> None:
-        """Apply the layout to ``module.model``, in the one order that works:
+        """Apply the layout to ``module.model`` (built on the meta device), in the one order that works:
 
-        1. materialize and initialize: from full per-parameter values, so weights are the same
-           for every layout;
-        2. data parallelism: DDP replicates real tensors, so it comes after materialization, and
-           last, so it sees the final set of parameters.
+        1. activation recompute: wraps each block's forward; before FSDP, so that a block's
+           recomputation happens inside its unit, while its parameters are gathered;
+        2. FSDP: shards the parameters while they are still on the meta device, so no rank ever
+           allocates the whole model;
+        3. materialize and initialize: each parameter's full value is drawn from its own
+           seeded generator and each rank keeps its shard, so weights are the same for every layout;
+        4. DDP (data parallelism without FSDP): replicates real tensors, so it comes after
+           materialization, and last, so it sees the final set of parameters.
         """
+        p, ps = self.cfg.parallel, self.parallel_state
         model = module.model
+        blocks = list(model.get_submodule(model.plan.blocks).values())
+        apply_recompute(blocks, p.recompute, p.recompute_every_n_blocks)
+        fsdp = p.get("fsdp")
+        if fsdp is not None:
+            DistributedOptimizer.wrap(
+                model,
+                sharding=fsdp.sharding,
+                mixed_precision=fsdp.mixed_precision,
+                cpu_offload=fsdp.cpu_offload,
+                backward_prefetch=fsdp.backward_prefetch,
+                parallel_state=ps,
+                reshard_after_forward=fsdp.reshard_after_forward,
+                blocks_per_unit=fsdp.blocks_per_unit,
+            )
         materialize_and_init(model, self.root_device, self.cfg.seed)
-        if self.parallel_state.dp_size > 1:
-            dp_cfg = self.cfg.parallel.dp
+        if fsdp is None and ps.dp_size > 1:
+            dp_cfg = p.get("dp")
             model = DistributedDataParallel(
                 model,
                 device_ids=[self.root_device.index] if self.root_device.type == "cuda" else None,
-                process_group=self.parallel_state.get_dp_group(),
+                process_group=ps.get_dp_group(),
                 bucket_cap_mb=dp_cfg.bucket_cap_mb if dp_cfg is not None else 25,
                 static_graph=dp_cfg.static_graph if dp_cfg is not None else False,
                 gradient_as_bucket_view=True,
             )
-            model.register_comm_hook(self.parallel_state.get_dp_group(), _allreduce_sum_hook)
+            model.register_comm_hook(ps.get_dp_group(), _allreduce_sum_hook)
         module.model = model
 
     @override
@@ -210,13 +232,21 @@ class CurryStrategy(ParallelStrategy):
         model = module.model
         total = torch.zeros((), device=self.root_device)
         for index, batch in enumerate(micro_batches):
-            last = index == len(micro_batches) - 1
-            sync = nullcontext() if last or not isinstance(model, DistributedDataParallel) else model.no_sync()
-            with sync:
+            with self._gradient_sync(model, last=index == len(micro_batches) - 1):
                 loss = loss_fn(model, batch)
                 module.manual_backward(loss)
             total += loss.detach()
         return total
+
+    def _gradient_sync(self, model: nn.Module, last: bool):
+        """Gradient accumulation: reduce gradients over data-parallel ranks only in the last
+        micro-batch's backward (DDP: ``no_sync``; FSDP: ``set_requires_gradient_sync``), unless
+        ``parallel.fsdp.sync_each_microbatch`` trades traffic for the memory of unsharded gradients."""
+        if isinstance(model, DistributedDataParallel):
+            return nullcontext() if last else model.no_sync()
+        if isinstance(model, FSDPModule):
+            model.set_requires_gradient_sync(last or self.cfg.parallel.fsdp.sync_each_microbatch)
+        return nullcontext()
 
     @torch.no_grad()
     def forward_eval(self, module: pl.LightningModule, micro_batches: list[Tensor], loss_fn: Callable) -> Tensor:

@@ -22,7 +22,7 @@ PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed")
 LOGGERS = ("wandb", "csv", "tensorboard", "none")
 SCHEDULES = ("cosine", "linear", "constant")
 SOURCES = ("stdlib", "files", "tokens")
-IMPLEMENTED_OPTIONS = ("dp",)
+IMPLEMENTED_OPTIONS = ("dp", "fsdp")
 
 
 @dataclass(frozen=True)
@@ -54,8 +54,53 @@ def enabled_options(cfg: DictConfig) -> list[str]:
 
 
 def layout_degrees(cfg: DictConfig, world_size: int) -> Degrees:
-    """The degrees of the mesh for this config. Data parallelism takes the ranks no other axis uses."""
-    return resolve_degrees(world_size, dp_replicate=-1, dp_shard=1, cp=1, tp=1, pp=1)
+    """The degrees of the mesh for this config. Data parallelism takes the ranks no other axis uses:
+    replicated (DDP, or FSDP's no_shard), sharded (FSDP), or both (FSDP's hybrid)."""
+    fsdp = cfg.parallel.get("fsdp")
+    if fsdp is None or fsdp.sharding == "no_shard":
+        dp_replicate, dp_shard = -1, 1
+    elif fsdp.sharding == "hybrid":
+        dp_replicate, dp_shard = fsdp.replicas, -1
+    else:
+        dp_replicate, dp_shard = 1, -1
+    return resolve_degrees(world_size, dp_replicate=dp_replicate, dp_shard=dp_shard, cp=1, tp=1, pp=1)
+
+
+def _check_parallel(cfg: DictConfig, accelerator: str) -> None:
+    from curry_train.primitives.distributed_optimizer import BACKWARD_PREFETCH, PARAM_DTYPES, SHARDING_MODES
+    from curry_train.primitives.recompute import MODES
+
+    options = enabled_options(cfg)
+    unknown = [name for name in options if name not in IMPLEMENTED_OPTIONS]
+    if unknown:
+        raise ConfigError(f"parallel option(s) {unknown} are not implemented yet; available: {', '.join(IMPLEMENTED_OPTIONS)}")
+    if "dp" in options and "fsdp" in options:
+        raise ConfigError("parallel=dp+fsdp: fsdp already does data parallelism; for replicas of shards use parallel=fsdp parallel.fsdp.sharding=hybrid")
+    p = cfg.parallel
+    if p.recompute not in MODES:
+        raise ConfigError(f"parallel.recompute={p.recompute!r}: expected one of {', '.join(MODES)}")
+    if p.recompute_every_n_blocks < 0:
+        raise ConfigError(f"parallel.recompute_every_n_blocks={p.recompute_every_n_blocks} must be >= 0")
+    fsdp = p.get("fsdp")
+    if fsdp is None:
+        return
+    if fsdp.sharding not in SHARDING_MODES:
+        raise ConfigError(f"parallel.fsdp.sharding={fsdp.sharding!r}: expected one of {', '.join(SHARDING_MODES)}")
+    if fsdp.mixed_precision not in PARAM_DTYPES:
+        raise ConfigError(f"parallel.fsdp.mixed_precision={fsdp.mixed_precision!r}: expected one of {', '.join(PARAM_DTYPES)}")
+    if fsdp.backward_prefetch not in BACKWARD_PREFETCH:
+        raise ConfigError(f"parallel.fsdp.backward_prefetch={fsdp.backward_prefetch!r}: FSDP2 offers {', '.join(BACKWARD_PREFETCH)}")
+    if fsdp.cpu_offload and accelerator != "cuda":
+        raise ConfigError("parallel.fsdp.cpu_offload=true needs a GPU: on a CPU run the state is in CPU memory already")
+    if fsdp.sharding == "hybrid" and fsdp.replicas < 1:
+        raise ConfigError(f"parallel.fsdp.replicas={fsdp.replicas} must be positive")
+    if fsdp.blocks_per_unit < 1:
+        raise ConfigError(f"parallel.fsdp.blocks_per_unit={fsdp.blocks_per_unit} must be positive")
+    if cfg.trainer.precision != "32-true" and fsdp.mixed_precision != "fp32":
+        raise ConfigError(
+            f"trainer.precision={cfg.trainer.precision} and parallel.fsdp.mixed_precision={fsdp.mixed_precision}:"
+            " choose one; with fsdp, mixed precision is parallel.fsdp.mixed_precision"
+        )
 
 
 def _accelerator(requested: str) -> str:
@@ -165,10 +210,8 @@ def _resolve_ckpt_path(cfg: DictConfig) -> Optional[str]:
 
 def check(cfg: DictConfig, env: Mapping[str, str] = os.environ) -> LaunchPlan:
     """Everything that can be checked without starting a worker. Raises ConfigError."""
-    unknown = [name for name in enabled_options(cfg) if name not in IMPLEMENTED_OPTIONS]
-    if unknown:
-        raise ConfigError(f"parallel option(s) {unknown} are not implemented yet; available: {', '.join(IMPLEMENTED_OPTIONS)}")
     accelerator = _accelerator(cfg.trainer.accelerator)
+    _check_parallel(cfg, accelerator)
     devices, num_nodes = cfg.trainer.devices, cfg.trainer.num_nodes
     if devices < 1 or num_nodes < 1:
         raise ConfigError(f"trainer.devices={devices} and trainer.num_nodes={num_nodes} must be positive")

@@ -1,5 +1,7 @@
 """The parallelism primitives, one file each, composable through a shared ``ParallelState``."""
 
+from curry_train.primitives.distributed_optimizer import DistributedOptimizer
 from curry_train.primitives.parallel_state import ParallelState
+from curry_train.primitives.recompute import apply_recompute
 
-__all__ = ["ParallelState"]
+__all__ = ["DistributedOptimizer", "ParallelState", "apply_recompute"]
