@@ -144,3 +144,29 @@ def test_recompute_keeps_fewer_activations():
     assert full < every_other < none
     assert full < selective < 0.8 * none  # per-op: matmul/attention outputs kept, the rest recomputed
     assert full < 0.3 * none  # a full-recompute block keeps little more than its input
+
+
+def test_export_consolidates_a_sharded_checkpoint(tmp_path):
+    """The safetensors export of an fsdp checkpoint equals that of the single-process run."""
+    from safetensors.torch import load_file
+
+    exported = {}
+    for name, layout in (("fsdp", ["parallel=fsdp", "trainer.devices=2"]), ("single", [])):
+        run_dir = tmp_path / name
+        run_train([*FAST, *layout, "trainer.max_steps=2", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+        output = tmp_path / f"{name}.safetensors"
+        result = subprocess.run(
+            [sys.executable, str(REPO / "scripts" / "export_checkpoint.py"), str(run_dir / "checkpoints" / "step-00000002"),
+             "--output", str(output)],
+            capture_output=True, text=True, env=clean_env(), timeout=120,
+        )
+        assert result.returncode == 0, result.stderr
+        exported[name] = load_file(str(output))
+    with torch.device("meta"):
+        model = Llama(compose().model)
+    assert set(exported["fsdp"]) == {name for name, _ in model.named_parameters()}
+    for name, tensor in exported["single"].items():
+        torch.testing.assert_close(exported["fsdp"][name], tensor, rtol=1e-5, atol=1e-6)
+    bad = subprocess.run([sys.executable, str(REPO / "scripts" / "export_checkpoint.py"), str(tmp_path), "--output", "x"],
+                         capture_output=True, text=True, env=clean_env(), timeout=120)
+    assert bad.returncode == 2 and "not a complete curry-train checkpoint" in bad.stderr

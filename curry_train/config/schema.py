@@ -69,7 +69,7 @@ class TrainerConfig:
     devices: int = 1  # processes (one per device) per node
     num_nodes: int = 1  # nodes; more than one needs torchrun or SLURM to start the processes
     max_steps: int = 120  # optimizer steps to train
-    precision: str = "32-true"  # Lightning precision: 32-true | bf16-mixed | 16-mixed | bf16-true
+    precision: str = "32-true"  # Lightning precision: 32-true | bf16-mixed
     log_every_n_steps: int = 1  # metrics logging cadence in optimizer steps
     val_check_interval: int = 40  # run validation every this many optimizer steps
     limit_val_batches: int = 8  # validation batches per check (0 disables validation)
