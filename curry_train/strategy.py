@@ -84,6 +84,17 @@ def _allreduce_sum_hook(group, bucket):  # no annotations: DDP inspects them and
     return work.get_future().then(lambda fut: fut.value()[0])
 
 
+def gradient_sync(model: nn.Module, last: bool, sync_each_microbatch: bool = False):
+    """Gradient accumulation: reduce gradients over the data-parallel ranks only in the last
+    micro-batch's backward (DDP: ``no_sync``; FSDP: ``set_requires_gradient_sync``), unless
+    ``sync_each_microbatch`` trades traffic for the memory of unsharded gradients (FSDP)."""
+    if isinstance(model, DistributedDataParallel):
+        return nullcontext() if last else model.no_sync()
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(last or sync_each_microbatch)
+    return nullcontext()
+
+
 class CurryStrategy(ParallelStrategy):
     """Builds the mesh from the ``parallel`` config and applies the project's primitives in order."""
 
@@ -230,23 +241,15 @@ class CurryStrategy(ParallelStrategy):
         The gradient all-reduce runs once, in the last micro-batch's backward.
         """
         model = module.model
+        fsdp = self.cfg.parallel.get("fsdp")
+        sync_each = fsdp is not None and fsdp.sync_each_microbatch
         total = torch.zeros((), device=self.root_device)
         for index, batch in enumerate(micro_batches):
-            with self._gradient_sync(model, last=index == len(micro_batches) - 1):
+            with gradient_sync(model, last=index == len(micro_batches) - 1, sync_each_microbatch=sync_each):
                 loss = loss_fn(model, batch)
                 module.manual_backward(loss)
             total += loss.detach()
         return total
-
-    def _gradient_sync(self, model: nn.Module, last: bool):
-        """Gradient accumulation: reduce gradients over data-parallel ranks only in the last
-        micro-batch's backward (DDP: ``no_sync``; FSDP: ``set_requires_gradient_sync``), unless
-        ``parallel.fsdp.sync_each_microbatch`` trades traffic for the memory of unsharded gradients."""
-        if isinstance(model, DistributedDataParallel):
-            return nullcontext() if last else model.no_sync()
-        if isinstance(model, FSDPModule):
-            model.set_requires_gradient_sync(last or self.cfg.parallel.fsdp.sync_each_microbatch)
-        return nullcontext()
 
     @torch.no_grad()
     def forward_eval(self, module: pl.LightningModule, micro_batches: list[Tensor], loss_fn: Callable) -> Tensor:

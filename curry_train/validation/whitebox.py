@@ -91,7 +91,7 @@ def _merge(out_dir: Path) -> list[dict[str, Any]]:
     merged = []
     for step, first in enumerate(per_rank[0]):
         grads: dict[str, torch.Tensor] = {}
-        for rank, records in enumerate(per_rank):
+        for records in per_rank:
             for name, grad in records[step]["grads"].items():
                 if name in grads and not torch.equal(grads[name], grad):
                     diff = (grads[name] - grad).abs().max().item()
