@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import shutil
 from contextlib import contextmanager, nullcontext
 from datetime import timedelta
 from pathlib import Path
@@ -338,8 +339,6 @@ class CurryStrategy(ParallelStrategy):
     @override
     def remove_checkpoint(self, filepath: str | Path) -> None:
         if self.is_global_zero:
-            import shutil
-
             shutil.rmtree(filepath, ignore_errors=True)
 
     def _raw_optimizers(self) -> list[torch.optim.Optimizer]:
