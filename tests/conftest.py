@@ -47,3 +47,25 @@ def read_metric(run_dir: Path, key: str = "train/loss") -> dict[int, float]:
     (path,) = list(run_dir.rglob("metrics.csv"))
     with path.open() as rows:
         return {int(r["step"]): float(r[key]) for r in csv.DictReader(rows) if r.get(key)}
+
+
+STEPS = 10  # length of the loss curves that layouts must reproduce
+
+
+@pytest.fixture(scope="session")
+def single_process_run(tmp_path_factory) -> Path:
+    """The reference: FAST on one process for STEPS steps."""
+    run_dir = tmp_path_factory.mktemp("single")
+    run_train([*FAST, f"trainer.max_steps={STEPS}", f"hydra.run.dir={run_dir}"], cwd=run_dir)
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def single_process_curve(single_process_run) -> dict[int, float]:
+    return read_metric(single_process_run)
+
+
+def assert_same_curve(losses: dict[int, float], reference: dict[int, float], rtol: float = 1e-5) -> None:
+    assert sorted(losses) == sorted(reference)
+    for step, expected in reference.items():
+        assert abs(losses[step] - expected) / expected <= rtol, (step, losses[step], expected)

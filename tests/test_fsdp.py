@@ -16,7 +16,7 @@ from curry_train.primitives.recompute import apply_recompute
 from curry_train.strategy import materialize_and_init
 from curry_train.validation.whitebox import validate
 
-from conftest import FAST, REPO, clean_env, read_metric, run_train
+from conftest import FAST, REPO, STEPS, assert_same_curve, clean_env, read_metric, run_train
 
 ACCUMULATE = ("data.global_batch_size=32",)  # 2 micro-batches per rank on 4 ranks, 4 on 2
 
@@ -36,6 +36,15 @@ def test_whitebox_fsdp_matches_single_process(layout):
     report = validate([*FAST, *ACCUMULATE, "parallel=fsdp", *layout], steps=2)
     assert report.ok, report.table(only_failures=True)
     assert len(report.rows) == 2 * (2 + 39)  # loss, grad norm and 39 parameters, at 2 steps
+
+
+@pytest.mark.parametrize(
+    "sharding", ["full", "shard_grad_op", "no_shard", "hybrid"],
+)
+def test_fsdp_on_four_ranks_reproduces_single_process_curve(sharding, single_process_curve, tmp_path):
+    run_train([*FAST, f"trainer.max_steps={STEPS}", "parallel=fsdp", f"parallel.fsdp.sharding={sharding}",
+               "trainer.devices=4", f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
+    assert_same_curve(read_metric(tmp_path), single_process_curve)
 
 
 def test_fsdp_checkpoint_resumes_on_fewer_ranks_and_on_one_process(tmp_path):

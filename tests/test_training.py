@@ -12,21 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FAST, TRAIN, clean_env, read_metric, run_train
-
-STEPS = 10
-
-
-@pytest.fixture(scope="module")
-def single_process_run(tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("single")
-    run_train([*FAST, f"trainer.max_steps={STEPS}", f"hydra.run.dir={run_dir}"], cwd=run_dir)
-    return run_dir
-
-
-@pytest.fixture(scope="module")
-def single_process_curve(single_process_run) -> dict[int, float]:
-    return read_metric(single_process_run)
+from conftest import FAST, STEPS, TRAIN, assert_same_curve, clean_env, read_metric, run_train
 
 
 def test_default_run_directory(single_process_run, single_process_curve):
@@ -44,10 +30,7 @@ def test_default_run_directory(single_process_run, single_process_curve):
 @pytest.mark.parametrize("devices", [2, 4])
 def test_data_parallel_reproduces_single_process_curve(devices, single_process_curve, tmp_path):
     run_train([*FAST, f"trainer.max_steps={STEPS}", f"trainer.devices={devices}", f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
-    losses = read_metric(tmp_path)
-    assert sorted(losses) == sorted(single_process_curve)
-    for step, reference in single_process_curve.items():
-        assert abs(losses[step] - reference) / reference <= 1e-5, (step, losses[step], reference)
+    assert_same_curve(read_metric(tmp_path), single_process_curve)
 
 
 def test_sweep_writes_one_directory_per_job(tmp_path):
@@ -188,9 +171,7 @@ def test_torchrun_processes_join_one_run(single_process_curve, tmp_path):
     (run_dir,) = list((tmp_path / "outputs").iterdir())
     assert run_dir.name.startswith("torchrun-")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["outputs"]
-    losses = read_metric(run_dir)
-    for step, reference in single_process_curve.items():
-        assert abs(losses[step] - reference) / reference <= 1e-5, (step, losses[step], reference)
+    assert_same_curve(read_metric(run_dir), single_process_curve)
 
 
 def test_default_logger_is_wandb_offline(tmp_path):
