@@ -1,7 +1,9 @@
 #!/usr/bin/env python
-"""Training throughput of curry-train's loop against a minimal hand-written PyTorch loop.
+"""Training throughput of curry-train's loop against a minimal hand-written PyTorch loop; with
+``--memory``, the memory each rank of a layout holds.
 
     python scripts/bench.py [--steps N] [--warmup W] [--repeats R] [--loggers csv|none] [--json PATH] [overrides...]
+    python scripts/bench.py --memory [--json PATH] [overrides...]
 
 Arguments without a leading ``--`` are Hydra overrides, exactly as for ``train.py``; the default is
 the default config (the debug model on the bundled corpus). Both loops run in this one process, on
@@ -32,6 +34,14 @@ each repeat's own ratio.
 
 Both loops record their per-step loss; they must agree (the same weights, data and arithmetic), which
 the table reports as the largest relative difference: the comparison is apples to apples.
+
+``--memory`` runs the layout of the overrides (any ``trainer.devices``) through the real training path
+and prints, per rank, the bytes held by parameters, gradients and optimizer state at the optimizer
+step, the ZeRO formula of the layout's mode (Rajbhandari et al., 2020) and measured / formula, the
+parameters held at the end of a forward, and the peak activation memory of one micro-batch's
+forward+backward; then, on one process in fp32, the peak activation memory of the same model and
+micro-batch for each ``parallel.recompute`` setting, and its saving against none. See
+``curry_train/validation/memory.py`` for what is measured when, and how.
 """
 
 from __future__ import annotations
@@ -64,6 +74,8 @@ from curry_train.data import GlobalBatchSampler, LMDataModule  # noqa: E402
 from curry_train.model import Llama  # noqa: E402
 from curry_train.module import CausalLM, lr_lambda  # noqa: E402
 from curry_train.strategy import materialize_and_init  # noqa: E402
+from curry_train.validation.memory import MEASURED_STEP, LayoutMemory, measure_layouts  # noqa: E402
+from curry_train.validation.whitebox import reference_overrides  # noqa: E402
 
 LOOPS = ("hand", "curry")
 PRECISIONS = ("32-true", "32", "bf16-mixed")  # what the hand loop reproduces
@@ -395,6 +407,101 @@ def bench(
     return result
 
 
+# ----------------------------------------------------------------------------------------------
+# --memory
+
+# (parallel.recompute, parallel.recompute_every_n_blocks), compared on one process.
+RECOMPUTE_SETTINGS = (("none", 0), ("selective", 0), ("selective", 2), ("full", 0))
+# Where FSDP2 departs from the paper's accounting (measured; see tests/test_memory.py).
+MEMORY_NOTES = {
+    "shard_grad_op": (
+        "shard_grad_op: FSDP2 reshards after backward, so at the optimizer step a rank holds ZeRO-3's 16P/d;",
+        "ZeRO-2's 4P + 12P/d (fp32) is what it holds at the end of forward, every unit gathered (params@fwd).",
+    ),
+    "no_shard": ("no_shard: FSDP2 gathers a second copy of the parameters from forward to backward (params@fwd).",),
+    "mixed": (
+        "mixed precision: FSDP2 keeps fp32 shards of parameters and gradients (4 + 4 + 8 bytes per parameter,",
+        "not ZeRO's 2 + 2 + 12: the same 16 in total); half-precision copies exist only while gathered.",
+    ),
+}
+
+
+def recompute_name(mode: str, every_n_blocks: int) -> str:
+    return f"{mode}, every_n_blocks={every_n_blocks}" if every_n_blocks else mode
+
+
+@dataclass
+class MemoryResult:
+    layout: LayoutMemory
+    recompute: list[LayoutMemory]  # one process, one per RECOMPUTE_SETTINGS
+
+    def recompute_rows(self) -> list[dict[str, Any]]:
+        none = self.recompute[0].ranks[0]["activations"]
+        return [
+            {
+                "recompute": run.recompute,
+                "every_n_blocks": run.recompute_every_n_blocks,
+                "activations": run.ranks[0]["activations"],
+                "saving": 1.0 - run.ranks[0]["activations"] / none,
+            }
+            for run in self.recompute
+        ]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"layout": self.layout.to_dict(), "recompute": self.recompute_rows()}
+
+    def table(self) -> str:
+        m = self.layout
+        shards = m.dp // m.replicas
+        lines = [
+            f"layout: {' '.join(m.overrides) or '(defaults)'}",
+            f"model={m.model}: P = {m.parameters:,} parameters; d = {m.dp} data-parallel ranks"
+            f" ({m.mode}, {m.mixed_precision}, state sharded over {shards})",
+            f"model state per rank at the optimizer step (step {MEASURED_STEP}), bytes; formula {m.formula_text}",
+            "",
+            f"{'rank':>4} {'params':>12} {'grads':>12} {'optimizer':>12} {'total':>12} {'formula':>12} {'ratio':>7}"
+            f" {'params@fwd':>12} {'activations':>12}",
+        ]
+        for r in m.ranks:
+            state = r["state"]
+            lines.append(
+                f"{r['rank']:>4} {state['params']:>12,} {state['grads']:>12,} {state['optimizer']:>12,}"
+                f" {state['total']:>12,} {m.formula:>12,} {state['total'] / m.formula:>7.4f}"
+                f" {r['after_forward']['params']:>12,} {r['activations']:>12,}"
+            )
+        mb, seq = m.micro_batch
+        lines += [
+            "",
+            "optimizer: AdamW's moments and its 4-byte step counter per parameter tensor. FSDP2 pads each parameter's",
+            "first dimension to a multiple of the shards. params@fwd: parameters held at the end of the step's first",
+            f"forward (gathered units and their shards). activations: peak of one forward+backward of {mb} x {seq} tokens.",
+            *MEMORY_NOTES.get(m.mode, ()),
+            *(MEMORY_NOTES["mixed"] if m.mixed_precision != "fp32" else ()),
+            "",
+            f"peak activations of one forward+backward of {self.recompute[0].micro_batch[0]} x "
+            f"{self.recompute[0].micro_batch[1]} tokens, model={self.recompute[0].model}, one process, fp32:",
+            f"{'parallel.recompute':<28} {'activations':>14} {'saving vs none':>15}",
+        ]
+        for row in self.recompute_rows():
+            saving = f"{100 * row['saving']:.1f}%" if row["recompute"] != "none" else "-"
+            lines.append(
+                f"{recompute_name(row['recompute'], row['every_n_blocks']):<28} {row['activations']:>14,} {saving:>15}"
+            )
+        return "\n".join(lines)
+
+
+def memory_bench(overrides: Sequence[str] = ()) -> MemoryResult:
+    """The layout of ``overrides`` on its processes, and each recompute setting of the same run on
+    one process (``whitebox.reference_overrides``: the layout's keys replaced by one fp32 process)."""
+    one_process = reference_overrides(overrides)
+    recompute = [
+        [*one_process, f"parallel.recompute={mode}", f"parallel.recompute_every_n_blocks={every}"]
+        for mode, every in RECOMPUTE_SETTINGS
+    ]
+    layout, *runs = measure_layouts([list(overrides), *recompute])
+    return MemoryResult(layout, runs)
+
+
 def quiet_lightning() -> None:
     """Lightning's per-fit banners and tips would drown the table."""
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
@@ -410,12 +517,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="[hand, curry] rounds; medians reported (default 3)")
     parser.add_argument("--loggers", choices=("csv", "none"), default="csv", help="curry loop's loggers (default csv)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
+    parser.add_argument("--memory", action="store_true",
+                        help="per-rank memory of the layout instead of throughput (--steps, --warmup, --repeats, --loggers unused)")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 1 or args.repeats < 1:
         parser.error("--steps, --warmup and --repeats must be at least 1")
     quiet_lightning()
     try:
-        result = bench(args.overrides, args.steps, args.warmup, args.repeats, args.loggers, progress=True)
+        if args.memory:
+            result = memory_bench(args.overrides)
+        else:
+            result = bench(args.overrides, args.steps, args.warmup, args.repeats, args.loggers, progress=True)
     except ConfigError as error:
         print(f"curry-train: error: {error}", file=sys.stderr)
         return 2

@@ -12,8 +12,8 @@ import torch
 from curry_train.config import ConfigError, compose
 from curry_train.config.checks import check
 from curry_train.model import Llama
-from curry_train.primitives.recompute import apply_recompute
 from curry_train.strategy import materialize_and_init
+from curry_train.validation.memory import bare_model_activation_bytes
 from curry_train.validation.whitebox import validate
 
 from conftest import FAST, REPO, STEPS, assert_same_curve, clean_env, read_metric, run_train
@@ -131,18 +131,7 @@ def test_fsdp_options_that_cannot_apply_are_rejected(overrides, message):
 
 def _peak_activation_bytes(mode: str, every_n_blocks: int = 0) -> int:
     """Peak activation memory of one forward+backward of the debug model, by PyTorch's memory tracker."""
-    from torch.distributed._tools.mem_tracker import MemTracker
-
-    with torch.device("meta"):
-        model = Llama(compose().model)
-    materialize_and_init(model, torch.device("cpu"), 0)
-    apply_recompute(list(model.layers.values()), mode, every_n_blocks)
-    tracker = MemTracker()
-    tracker.track_external(model)
-    with tracker:
-        model(torch.randint(0, 256, (4, 256))).sum().backward()
-    (peak,) = tracker.get_tracker_snapshot("peak").values()
-    return next(v for k, v in peak.items() if str(k).endswith("ACT"))
+    return bare_model_activation_bytes(compose().model, mode, every_n_blocks, torch.randint(0, 256, (4, 256)))
 
 
 def test_recompute_keeps_fewer_activations():

@@ -1,0 +1,396 @@
+"""Memory accounting: the bytes each rank holds for the model's state, and its peak activation memory.
+
+Why: the point of sharded data parallelism is memory, so a layout's memory is a result to check,
+like its gradients (``whitebox``). Model state is compared with ZeRO's formulas
+(``zero_formula_bytes``); activation memory shows what ``parallel.recompute`` saves.
+
+What is measured, per rank, by ``measure_layouts`` (each layout run through the real training path
+in as many local processes as it asks for, ``MEASURED_STEP`` optimizer steps):
+
+* model state at the optimizer step (``model_state_bytes``, read in ``on_before_optimizer_step``
+  of step ``MEASURED_STEP``): the moment parameters, final gradients and AdamW's state all exist
+  (AdamW creates its state in the first step; gradients are set to None after each step);
+* model state at the end of the first forward of that step (all of a ``reshard_after_forward=False``
+  layout's units are then still gathered);
+* peak activation memory of one forward+backward of one micro-batch through the parallelized model,
+  with the module's own loss (``peak_memory``), run just before that step.
+
+Step 3, not 2: DistributedDataParallel rebuilds its gradient buckets in the forward of the second
+iteration, and those allocations would be counted as activations.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+from torch.distributed._tools.mem_tracker import MemTracker
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
+
+from curry_train.config import compose
+from curry_train.config.checks import check
+from curry_train.primitives.parallel_state import Degrees
+
+MEASURED_STEP = 3
+STATE_KEYS = ("params", "grads", "optimizer")
+
+# ----------------------------------------------------------------------------------------------
+# Model state
+
+
+def _add_storages(tensors: Iterable[Optional[torch.Tensor]], seen: set[int]) -> int:
+    """Bytes of the storages behind ``tensors`` not already in ``seen`` (local shards of DTensors).
+
+    Storages, not tensors: DDP's gradients are views into its buckets, FSDP2's sharded gradients
+    views into one reduce-scatter output per unit and its parameters views into padded shards, tied
+    weights are one tensor; a freed storage (a resharded unit's gathered parameters) has no bytes.
+    """
+    total = 0
+    for tensor in tensors:
+        if tensor is None:
+            continue
+        storage = (tensor.to_local() if isinstance(tensor, DTensor) else tensor).untyped_storage()
+        if storage.nbytes() == 0 or storage.data_ptr() in seen:
+            continue
+        seen.add(storage.data_ptr())
+        total += storage.nbytes()
+    return total
+
+
+def model_state_bytes(model: nn.Module, optimizers: Sequence[torch.optim.Optimizer]) -> dict[str, int]:
+    """Bytes this rank holds for parameters, gradients and optimizer state (keys params, grads,
+    optimizer, total), each storage counted once.
+
+    Parameters are those the module exposes and those the optimizers update: the same tensors at
+    rest, but while an FSDP2 unit is gathered the module exposes the gathered parameters and the
+    optimizer still holds the sharded ones, and the rank holds both. Optimizer state is every tensor
+    in ``optimizer.state`` (AdamW: ``exp_avg``, ``exp_avg_sq`` and a 4-byte ``step`` per parameter).
+    What no tensor references is not counted: DDP's gradient buckets while gradients are None.
+    """
+    params = list(model.parameters()) + [p for opt in optimizers for group in opt.param_groups for p in group["params"]]
+    seen: set[int] = set()
+    state = {
+        "params": _add_storages(params, seen),
+        "grads": _add_storages((p.grad for p in params), seen),
+        "optimizer": _add_storages(
+            (v for opt in optimizers for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)), seen
+        ),
+    }
+    state["total"] = sum(state.values())
+    return state
+
+
+# ----------------------------------------------------------------------------------------------
+# ZeRO's formulas
+
+# Bytes per parameter of (parameters, gradients, optimizer state) for Adam.
+BYTES_PER_PARAMETER = {"fp32": (4, 4, 8), "bf16": (2, 2, 12), "fp16": (2, 2, 12)}
+# The ZeRO stage of each mode: which of (parameters, gradients, optimizer state) are sharded.
+ZERO_STAGE = {"dp": 0, "no_shard": 0, "optimizer": 1, "shard_grad_op": 2, "full": 3, "hybrid": 3}
+_SHARDED = {0: (False, False, False), 1: (False, False, True), 2: (False, True, True), 3: (True, True, True)}
+
+
+def zero_formula_terms(mode: str, P: int, d: int, mixed_precision: str = "fp32", replicas: int = 1) -> dict[str, int]:
+    """Per-rank bytes of parameters, gradients and Adam's state by ZeRO's formulas (Rajbhandari et
+    al., 2020, "ZeRO: Memory Optimizations Toward Training Trillion Parameter Models", section 5),
+    for ``P`` parameters over ``d`` data-parallel ranks.
+
+    Mixed precision (``bf16``/``fp16``), the paper's case: 2 bytes per parameter for the half-precision
+    parameters, 2 for their gradients, K = 12 for Adam's state (fp32 master weights, momentum and
+    variance, 4 each). ``fp32``: 4 for the parameters (which are the master weights), 4 for the
+    gradients, 8 for momentum and variance. A term sharded over d ranks is divided by d (rounded up):
+
+    ==================  ================  =============================  ===========================
+    mode                ZeRO stage        mixed precision                fp32
+    ==================  ================  =============================  ===========================
+    dp, no_shard        none (DDP)        16P                            16P
+    optimizer           ZeRO-1 (P_os)     4P + 12P/d                     8P + 8P/d
+    shard_grad_op       ZeRO-2 (P_os+g)   2P + 14P/d                     4P + 12P/d
+    full                ZeRO-3 (P_os+g+p) 16P/d                          16P/d
+    hybrid              ZeRO-3 in groups  16P/(d/replicas)               16P/(d/replicas)
+    ==================  ================  =============================  ===========================
+
+    ``optimizer`` (ZeRO-1) is not a sharding mode of ``parallel.fsdp`` (FSDP2 has none); its formula
+    is here to compare against.
+    """
+    if mode not in ZERO_STAGE:
+        raise ValueError(f"mode={mode!r}: expected one of {', '.join(ZERO_STAGE)}")
+    if mixed_precision not in BYTES_PER_PARAMETER:
+        raise ValueError(f"mixed_precision={mixed_precision!r}: expected one of {', '.join(BYTES_PER_PARAMETER)}")
+    if d < 1 or replicas < 1 or d % replicas:
+        raise ValueError(f"d={d}, replicas={replicas}: expected positive sizes, d a multiple of replicas")
+    shards = d // replicas if mode == "hybrid" else d
+    sharded = _SHARDED[ZERO_STAGE[mode]]
+    return {
+        key: -(-nbytes * P // shards) if is_sharded else nbytes * P
+        for key, nbytes, is_sharded in zip(STATE_KEYS, BYTES_PER_PARAMETER[mixed_precision], sharded)
+    }
+
+
+def zero_formula_bytes(mode: str, P: int, d: int, mixed_precision: str = "fp32", replicas: int = 1) -> int:
+    """Per-rank model-state bytes by ZeRO's formula: the sum of ``zero_formula_terms`` (see there)."""
+    return sum(zero_formula_terms(mode, P, d, mixed_precision, replicas).values())
+
+
+def zero_formula_text(mode: str, mixed_precision: str = "fp32") -> str:
+    """The formula as the paper writes it, e.g. ``ZeRO-2: 2P + 14P/d``."""
+    stage = ZERO_STAGE[mode]
+    sharded = _SHARDED[stage]
+    per_param = BYTES_PER_PARAMETER[mixed_precision]
+    replicated = sum(n for n, s in zip(per_param, sharded) if not s)
+    split = sum(n for n, s in zip(per_param, sharded) if s)
+    d = "(d/replicas)" if mode == "hybrid" else "d"
+    terms = [f"{replicated}P"] * bool(replicated) + [f"{split}P/{d}"] * bool(split)
+    return f"{'DDP' if stage == 0 else f'ZeRO-{stage}'}: {' + '.join(terms)}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Activations
+
+
+class _ActivationPeak:
+    """Mixed into PyTorch's memory trackers: the most bytes the activation category held at any
+    moment. The trackers keep only the breakdown at the moment the *total* peaked, whose activation
+    part depends on what else (gathered parameters, gradients) happened to be alive then."""
+
+    activation_peak = 0
+
+    def _update_peak_stats(self, peak_state: Any) -> None:  # called by the tracker after every op
+        super()._update_peak_stats(peak_state)
+        for snapshot in self._curr_mem_snap.values():
+            self.activation_peak = max(self.activation_peak, snapshot[self._ref_class.ACT])
+
+
+class _Tracker(_ActivationPeak, MemTracker):
+    pass
+
+
+class _FSDPTracker(_ActivationPeak, FSDPMemTracker):
+    pass
+
+
+def peak_memory(
+    model: nn.Module,
+    forward_backward: Callable[[], None],
+    optimizers: Sequence[torch.optim.Optimizer] = (),
+    inputs: Sequence[torch.Tensor] = (),
+) -> tuple[int, dict[str, int]]:
+    """Run ``forward_backward`` under PyTorch's memory tracker (``torch.distributed._tools``; it
+    follows tensor storages through the dispatcher, so it works on CPU as on GPU). Returns the peak
+    activation bytes and, by category, the bytes held when the tracked total peaked.
+
+    Activations are the tensors made in forward (and again by recompute in backward), so what
+    ``parallel.recompute`` trades away; gradients of activations in backward are ``TEMP``. An FSDP2
+    model gets FSDP's tracker, which books gathered parameters and collective buffers under their own
+    categories instead of as activations. ``inputs`` (the data) are booked as such: a micro-batch is
+    a view of the rank's whole batch, whose storage would otherwise count as an activation.
+    """
+    if isinstance(model, FSDPModule):
+        tracker: MemTracker = _FSDPTracker(model, optimizers[0] if optimizers else None)
+        tracker.track_inputs(tuple(inputs))
+    else:
+        tracker = _Tracker()
+        tracker.track_external(model, *optimizers, *inputs)
+    with tracker:
+        forward_backward()
+    (peak,) = tracker.get_tracker_snapshot("peak").values()  # one device per rank
+    return tracker.activation_peak, {str(getattr(key, "name", key)): value for key, value in peak.items()}
+
+
+def bare_model_activation_bytes(model_cfg: DictConfig, recompute: str, every_n_blocks: int, tokens: torch.Tensor) -> int:
+    """Peak activation bytes of one forward+backward (of ``logits.sum()``) of a bare ``Llama`` on the
+    CPU with ``recompute`` applied to its blocks: recompute's effect without trainer or layout."""
+    from curry_train.model import Llama
+    from curry_train.primitives.recompute import apply_recompute
+    from curry_train.strategy import materialize_and_init
+
+    with torch.device("meta"):
+        model = Llama(model_cfg)
+    materialize_and_init(model, torch.device("cpu"), 0)
+    apply_recompute(list(model.get_submodule(model.plan.blocks).values()), recompute, every_n_blocks)
+    activations, _ = peak_memory(model, lambda: model(tokens).sum().backward(), inputs=[tokens])
+    return activations
+
+
+# ----------------------------------------------------------------------------------------------
+# A layout's memory, per rank
+
+
+class MemoryProbe(Callback):
+    """Takes this rank's measurements in step ``step`` of a real run (see the module docstring)."""
+
+    def __init__(self, step: int = MEASURED_STEP) -> None:
+        self.step = step
+        self.record: dict[str, Any] = {}
+        self._hook: Optional[torch.utils.hooks.RemovableHandle] = None
+
+    def _measuring(self, trainer: pl.Trainer) -> bool:
+        return trainer.global_step == self.step - 1  # global_step counts the steps already taken
+
+    @staticmethod
+    def _optimizers(trainer: pl.Trainer) -> list[torch.optim.Optimizer]:
+        return [getattr(opt, "_optimizer", opt) for opt in trainer.optimizers]
+
+    def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        ps = trainer.strategy.parallel_state
+        shard_mesh = ps.submesh("dp_shard_cp")
+        self.record.update(rank=trainer.global_rank, shard_rank=shard_mesh.get_local_rank(), shards=shard_mesh.size())
+
+        def after_forward(*_: Any) -> None:
+            # The step's own first forward: the activation measurement's forward comes before it.
+            if self._measuring(trainer) and "activations" in self.record and "after_forward" not in self.record:
+                self.record["after_forward"] = model_state_bytes(module.model, self._optimizers(trainer))
+
+        self._hook = module.model.register_forward_hook(after_forward)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if not self._measuring(trainer):
+            return
+        optimizers = self._optimizers(trainer)
+        micro_batch = module.micro_batches(batch)[0]
+
+        def forward_backward() -> None:
+            with trainer.strategy.precision_plugin.train_step_context():
+                loss = module.loss_fn(module.model, micro_batch)
+            module.manual_backward(loss)
+
+        self.record["activations"], self.record["peak"] = peak_memory(module.model, forward_backward, optimizers, [batch])
+        for optimizer in optimizers:  # the step itself starts from no gradients, as every step does
+            optimizer.zero_grad(set_to_none=True)
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, module: pl.LightningModule, optimizer: Any) -> None:
+        if self._measuring(trainer):
+            self.record["state"] = model_state_bytes(module.model, self._optimizers(trainer))
+
+    def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+
+
+def _rendezvous_port(out_dir: Path, index: int) -> int:
+    """The port of layout ``index``: rank 0 picks a free one just before it is needed and the others
+    read it from ``out_dir``. Picked any earlier, it may since have gone to one of the connections
+    the previous layouts' process groups opened."""
+    from curry_train.launch import free_port
+
+    path = out_dir / f"port-{index:03d}"
+    if os.environ["RANK"] == "0":
+        pending = path.with_suffix(".pending")
+        pending.write_text(str(free_port()))
+        pending.rename(path)  # atomic: readers never see a partial file
+    while not path.exists():  # if rank 0 fails, spawn ends this worker
+        time.sleep(0.05)
+    return int(path.read_text())
+
+
+def _probe(containers: list[dict], out_dir: str, accelerator: str) -> None:
+    """Worker body: run each layout in turn in this same process, each on a fresh rendezvous port."""
+    from curry_train.data import LMDataModule
+    from curry_train.module import CausalLM
+    from curry_train.run import build_trainer
+
+    for name in ("lightning.pytorch", "lightning.fabric"):  # per-fit banners, from every rank
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for index, container in enumerate(containers):
+        os.environ["MASTER_PORT"] = str(_rendezvous_port(Path(out_dir), index))
+        cfg = OmegaConf.create(container)
+        pl.seed_everything(cfg.seed, verbose=False)
+        probe = MemoryProbe()
+        trainer = build_trainer(cfg, Path(out_dir), accelerator, callbacks=[probe], checkpoints=False, loggers=[])
+        trainer.fit(CausalLM(cfg), datamodule=LMDataModule(cfg.data, cfg.seed))
+        path = Path(out_dir) / f"memory-{index:03d}-rank{probe.record['rank']:05d}.json"
+        path.write_text(json.dumps(probe.record))
+
+
+@dataclass
+class LayoutMemory:
+    """A layout's measurements: one record per rank (rank, shard_rank, shards, state, after_forward,
+    activations, peak), with what the formula needs: the mode, P and d."""
+
+    overrides: list[str]
+    model: str
+    mode: str  # a key of ZERO_STAGE
+    mixed_precision: str
+    parameters: int  # P
+    dp: int  # d: data-parallel ranks
+    replicas: int  # data-parallel replicas (hybrid: groups, each sharded over dp / replicas ranks)
+    micro_batch: tuple[int, int]  # sequences x tokens of the forward+backward whose activations are measured
+    recompute: str
+    recompute_every_n_blocks: int
+    ranks: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def formula_terms(self) -> dict[str, int]:
+        return zero_formula_terms(self.mode, self.parameters, self.dp, self.mixed_precision, self.replicas)
+
+    @property
+    def formula(self) -> int:
+        return sum(self.formula_terms.values())
+
+    @property
+    def formula_text(self) -> str:
+        return zero_formula_text(self.mode, self.mixed_precision)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "formula": self.formula, "formula_text": self.formula_text}
+
+
+def _describe(overrides: Sequence[str], cfg: DictConfig, degrees: Degrees) -> LayoutMemory:
+    from curry_train.model import Llama
+
+    fsdp = cfg.parallel.get("fsdp")
+    with torch.device("meta"):
+        parameters = Llama(cfg.model).num_parameters()
+    return LayoutMemory(
+        overrides=list(overrides),
+        model=cfg.model.name,
+        mode=fsdp.sharding if fsdp is not None else "dp",
+        # Autocast (trainer.precision=bf16-mixed) keeps no half-precision copy of the model state.
+        mixed_precision=fsdp.mixed_precision if fsdp is not None else "fp32",
+        parameters=parameters,
+        dp=degrees.dp,
+        replicas=degrees.dp_replicate,
+        micro_batch=(cfg.data.micro_batch_size, cfg.data.seq_len),
+        recompute=cfg.parallel.recompute,
+        recompute_every_n_blocks=cfg.parallel.recompute_every_n_blocks,
+    )
+
+
+def measure_layouts(layouts: Sequence[Sequence[str]], config_dir: Optional[Path] = None) -> list[LayoutMemory]:
+    """Run each layout (Hydra overrides, composed and checked as for ``train.py``) for
+    ``MEASURED_STEP`` steps and return its per-rank measurements, in order. Layouts that need the
+    same number of processes run in turn in one set of local workers: starting processes (and
+    importing torch in them) costs more than a few steps of a small model."""
+    from curry_train.launch import spawn
+
+    cfgs, plans = [], []
+    for overrides in layouts:
+        cfg = compose(overrides, config_dir)
+        OmegaConf.update(cfg, "trainer.max_steps", MEASURED_STEP)
+        OmegaConf.update(cfg, "trainer.limit_val_batches", 0)
+        OmegaConf.update(cfg, "trainer.enable_progress_bar", False)
+        cfgs.append(cfg)
+        plans.append(check(cfg))
+    results = [_describe(overrides, cfg, plan.degrees) for overrides, cfg, plan in zip(layouts, cfgs, plans)]
+    for world_size in sorted({plan.world_size for plan in plans}):
+        indices = [i for i, plan in enumerate(plans) if plan.world_size == world_size]
+        containers = [OmegaConf.to_container(cfgs[i], resolve=True) for i in indices]
+        with tempfile.TemporaryDirectory(prefix="curry-memory-") as out_dir:
+            spawn(world_size, _probe, containers, out_dir, plans[indices[0]].accelerator)
+            for position, index in enumerate(indices):
+                files = sorted(Path(out_dir).glob(f"memory-{position:03d}-rank*.json"))
+                results[index].ranks = [json.loads(f.read_text()) for f in files]
+    return results

@@ -1,0 +1,215 @@
+"""Memory accounting: each sharding mode's model state per rank against ZeRO's formulas, on 4 ranks.
+
+One set of 4 worker processes runs every layout in turn (``measure_layouts``), 3 steps each.
+The oracle is ZeRO's formula plus what FSDP2 adds on a rank, computed from the parameters' shapes:
+
+* padding: FSDP2 splits each parameter's first dimension into ``shards`` chunks of
+  ``ceil(rows / shards)`` rows and stores every shard, and its gradient, padded to that size, while
+  Adam's state (``zeros_like`` of the shard) covers the rank's own rows only. ``model.ffn_dim=390``
+  makes this real: 390 rows over 4 ranks are 98 + 98 + 98 + 96, so the last rank holds less
+  optimizer state than the others;
+* AdamW's ``step``: a 4-byte tensor per parameter tensor, on every rank.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from curry_train.config import compose
+from curry_train.model import Llama
+from curry_train.validation.memory import (
+    LayoutMemory,
+    measure_layouts,
+    model_state_bytes,
+    zero_formula_bytes,
+    zero_formula_terms,
+    zero_formula_text,
+)
+
+from conftest import FAST
+from test_bench import load_bench
+
+COMMON = (*FAST, "trainer.devices=4", "model.ffn_dim=390")
+LAYOUTS = {
+    "dp": ("parallel=dp",),
+    "full": ("parallel=fsdp", "parallel.fsdp.sharding=full"),
+    "hybrid": ("parallel=fsdp", "parallel.fsdp.sharding=hybrid", "parallel.fsdp.replicas=2"),
+    "no_shard": ("parallel=fsdp", "parallel.fsdp.sharding=no_shard"),
+    "shard_grad_op": ("parallel=fsdp", "parallel.fsdp.sharding=shard_grad_op"),
+    "full-bf16": ("parallel=fsdp", "parallel.fsdp.sharding=full", "parallel.fsdp.mixed_precision=bf16"),
+}
+
+
+def test_zero_formulas():
+    P, d = 1000, 4
+    mixed = {"dp": 16 * P, "no_shard": 16 * P, "optimizer": 4 * P + 12 * P // d, "shard_grad_op": 2 * P + 14 * P // d,
+             "full": 16 * P // d}
+    fp32 = {"dp": 16 * P, "no_shard": 16 * P, "optimizer": 8 * P + 8 * P // d, "shard_grad_op": 4 * P + 12 * P // d,
+            "full": 16 * P // d}
+    for mode, nbytes in mixed.items():
+        assert zero_formula_bytes(mode, P, d, "bf16") == zero_formula_bytes(mode, P, d, "fp16") == nbytes, mode
+        assert zero_formula_bytes(mode, P, d, "fp32") == fp32[mode], mode
+    assert zero_formula_terms("shard_grad_op", P, d, "bf16") == {"params": 2 * P, "grads": 2 * P // d, "optimizer": 12 * P // d}
+    assert zero_formula_terms("optimizer", P, d, "fp32") == {"params": 4 * P, "grads": 4 * P, "optimizer": 8 * P // d}
+    assert zero_formula_bytes("hybrid", P, d, "fp32", replicas=2) == 16 * P // 2
+    assert zero_formula_bytes("full", 1001, 8) == 501 + 501 + 1001  # each sharded term rounded up
+    assert zero_formula_text("shard_grad_op", "bf16") == "ZeRO-2: 2P + 14P/d"
+    assert zero_formula_text("dp") == "DDP: 16P"
+    with pytest.raises(ValueError, match="mode='zero4'"):
+        zero_formula_bytes("zero4", P, d)
+    with pytest.raises(ValueError, match="replicas=3"):
+        zero_formula_bytes("hybrid", P, d, replicas=3)
+
+
+def test_model_state_bytes_counts_each_storage_once():
+    """Tied weights are one parameter; gradients that are views into one bucket (DDP) are one storage."""
+    first, second = nn.Linear(4, 3), nn.Linear(4, 3)
+    second.weight = first.weight
+    model = nn.ModuleList([first, second])  # distinct parameters: 12 + 3 + 3 floats
+    params = list(model.parameters())
+    bucket = torch.randn(18)
+    offset = 0
+    for param in params:
+        param.grad = bucket[offset : offset + param.numel()].view_as(param)
+        offset += param.numel()
+    optimizer = torch.optim.AdamW(params)
+    optimizer.step()
+    state = model_state_bytes(model, [optimizer])
+    # Adam: two moments of 18 floats, and a 4-byte step per parameter tensor.
+    assert state == {"params": 72, "grads": 72, "optimizer": 2 * 72 + 3 * 4, "total": 72 + 72 + 156}
+
+
+@pytest.fixture(scope="module")
+def measured() -> dict[str, LayoutMemory]:
+    results = measure_layouts([(*COMMON, *layout) for layout in LAYOUTS.values()])
+    return dict(zip(LAYOUTS, results))
+
+
+@functools.cache
+def parameter_shapes() -> tuple[torch.Size, ...]:
+    """The parameters of the model in COMMON."""
+    with torch.device("meta"):
+        return tuple(p.shape for p in Llama(compose(list(COMMON)).model).parameters())
+
+
+def shards_of(P: int, shards: int, shard_rank: int) -> tuple[int, int, int, int]:
+    """Elements of this rank's padded shards, of its own rows, of the padded full parameters; and
+    the number of parameter tensors."""
+    padded = own = padded_full = 0
+    for shape in parameter_shapes():
+        rows, row = shape[0], shape.numel() // shape[0]
+        chunk = math.ceil(rows / shards)
+        padded += chunk * row
+        own += max(0, min(chunk, rows - shard_rank * chunk)) * row
+        padded_full += chunk * shards * row
+    assert sum(shape.numel() for shape in parameter_shapes()) == P
+    return padded, own, padded_full, len(parameter_shapes())
+
+
+def expected_state(layout: LayoutMemory, record: dict, mode: str) -> dict[str, int]:
+    """ZeRO's fp32 formula for ``mode``, plus this rank's padding and AdamW's step counters."""
+    P, shards = layout.parameters, record["shards"]
+    assert P % shards == 0  # so that the formula's P/d is exact and the difference is padding only
+    padded, own, _, tensors = shards_of(P, shards, record["shard_rank"])
+    terms = zero_formula_terms(mode, P, layout.dp, "fp32", layout.replicas)
+    expected = {
+        "params": terms["params"] + 4 * (padded - P // shards),
+        "grads": terms["grads"] + 4 * (padded - P // shards),
+        "optimizer": terms["optimizer"] + 8 * (own - P // shards) + 4 * tensors,
+    }
+    return {**expected, "total": sum(expected.values())}
+
+
+@pytest.mark.parametrize("name", ["dp", "full", "hybrid", "no_shard"])
+def test_model_state_per_rank_matches_zeros_formula(measured, name):
+    """At the optimizer step: DDP and no_shard 16P, ZeRO-3 16P/d, hybrid 16P/(d/replicas)."""
+    layout = measured[name]
+    assert layout.dp == 4 and len(layout.ranks) == 4
+    assert layout.mode == name
+    for record in layout.ranks:
+        assert record["shards"] == {"dp": 1, "no_shard": 1, "hybrid": 2, "full": 4}[name]
+        assert record["state"] == expected_state(layout, record, layout.mode), record["rank"]
+    if name == "full":  # padding is real: the rank holding 96 of 390 rows has less optimizer state
+        assert layout.ranks[3]["state"]["optimizer"] < layout.ranks[0]["state"]["optimizer"]
+
+
+def test_full_keeps_only_the_root_gathered_after_forward(measured):
+    """reshard_after_forward=True frees each block's gathered parameters after its forward; the root
+    (embedding, final norm, head) is kept gathered for backward (DistributedOptimizer.wrap)."""
+    layout = measured["full"]
+    cfg = compose(list(COMMON)).model
+    root = 2 * cfg.vocab_size * cfg.dim + cfg.dim
+    for record in layout.ranks:
+        assert record["after_forward"]["params"] == record["state"]["params"] + 4 * root
+
+
+def test_bf16_fsdp_holds_fp32_state_at_rest(measured):
+    """FSDP2 with MixedPrecisionPolicy(param_dtype=bf16) keeps no bf16 copy at rest: the sharded fp32
+    parameters are the master weights and the gradients are reduced into fp32 shards. So 4 + 4 + 8
+    bytes per parameter over d, not ZeRO's 2 + 2 + 12: the same 16P/d in total, split differently;
+    bf16 copies exist only while a unit is gathered."""
+    layout, fp32 = measured["full-bf16"], measured["full"]
+    P = layout.parameters
+    for record in layout.ranks:
+        expected = expected_state(layout, record, "full")  # fp32's split: 4P/d + 4P/d + 8P/d
+        assert record["state"] == expected
+        extra = expected["total"] - zero_formula_bytes("full", P, 4, "fp32")  # padding and step counters
+        assert record["state"]["total"] == zero_formula_bytes("full", P, 4, "bf16") + extra
+    # Gathered in bf16: the root's parameters take 2 bytes each at the end of forward, not 4.
+    gathered = [r["after_forward"]["params"] - r["state"]["params"] for r in layout.ranks]
+    assert gathered == [(r["after_forward"]["params"] - r["state"]["params"]) // 2 for r in fp32.ranks]
+
+
+def test_shard_grad_op_reshards_after_backward(measured):
+    """shard_grad_op (reshard_after_forward=False) keeps every unit gathered from forward to its
+    backward, then reshards: at the end of forward a rank holds ZeRO-2's total, 4P + 12P/d (the
+    gathered parameters in place of ZeRO-2's full parameters, no gradients yet), and at the optimizer
+    step ZeRO-3's 16P/d, not ZeRO-2's 4P + 12P/d."""
+    layout = measured["shard_grad_op"]
+    P = layout.parameters
+    for record in layout.ranks:
+        at_rest = expected_state(layout, record, "full")
+        assert record["state"] == at_rest
+        assert record["state"]["total"] < zero_formula_bytes("shard_grad_op", P, 4)
+        padded, own, padded_full, tensors = shards_of(P, 4, record["shard_rank"])
+        after = record["after_forward"]
+        assert after["params"] == 4 * padded_full + 4 * padded
+        assert after["grads"] == 0 and after["optimizer"] == at_rest["optimizer"]
+        padding = 4 * (padded_full - P) + 4 * (padded - P // 4) + 8 * (own - P // 4)
+        assert after["total"] == zero_formula_bytes("shard_grad_op", P, 4) + padding + 4 * tensors
+
+
+def test_activations_do_not_depend_on_the_sharding(measured):
+    """The same micro-batch through the same model: the same activations, whether parameters were
+    gathered (FSDP2, booked apart by its tracker) or replicated (DDP); bf16 units keep bf16 ones."""
+    fp32 = {name: {r["activations"] for r in layout.ranks} for name, layout in measured.items() if name != "full-bf16"}
+    (value,) = set.union(*fp32.values())
+    assert value > 0
+    assert all(0 < r["activations"] < 0.8 * value for r in measured["full-bf16"].ranks)
+
+
+@pytest.mark.timeout(300)
+def test_bench_memory_mode_shows_formula_and_recompute_saving(tmp_path, capsys):
+    bench = load_bench()
+    path = tmp_path / "memory.json"
+    assert bench.main(["--memory", "--json", str(path), *FAST, "parallel=fsdp", "trainer.devices=2"]) == 0
+    table = capsys.readouterr().out
+    assert "ZeRO-3: 16P/d" in table and "parallel.recompute" in table and "selective, every_n_blocks=2" in table
+    figures = json.loads(path.read_text())
+    layout = figures["layout"]
+    assert layout["dp"] == 2 and len(layout["ranks"]) == 2 and layout["formula_text"] == "ZeRO-3: 16P/d"
+    with torch.device("meta"):
+        n_tensors = len(list(Llama(compose().model).parameters()))
+    for record in layout["ranks"]:  # the debug model's dimensions split evenly over 2: no padding
+        assert record["state"]["total"] == layout["formula"] + 4 * n_tensors
+    rows = {(row["recompute"], row["every_n_blocks"]): row for row in figures["recompute"]}
+    none, full = rows[("none", 0)]["activations"], rows[("full", 0)]["activations"]
+    assert full < rows[("selective", 2)]["activations"] < none
+    assert full < rows[("selective", 0)]["activations"] < none
+    assert rows[("full", 0)]["saving"] == pytest.approx(1 - full / none) and rows[("full", 0)]["saving"] > 0.5
