@@ -42,6 +42,7 @@ from torch.distributed.tensor import DTensor
 
 from curry_train.config import compose
 from curry_train.config.checks import check
+from curry_train.validation.whitebox import measurement_config
 from curry_train.primitives.parallel_state import Degrees
 
 MEASURED_STEP = 3
@@ -378,10 +379,7 @@ def measure_layouts(layouts: Sequence[Sequence[str]], config_dir: Optional[Path]
 
     cfgs, plans = [], []
     for overrides in layouts:
-        cfg = compose(overrides, config_dir)
-        OmegaConf.update(cfg, "trainer.max_steps", MEASURED_STEP)
-        OmegaConf.update(cfg, "trainer.limit_val_batches", 0)
-        OmegaConf.update(cfg, "trainer.enable_progress_bar", False)
+        cfg = measurement_config(compose(overrides, config_dir), MEASURED_STEP)
         cfgs.append(cfg)
         plans.append(check(cfg))
     results = [_describe(overrides, cfg, plan.degrees) for overrides, cfg, plan in zip(layouts, cfgs, plans)]

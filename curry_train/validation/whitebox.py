@@ -101,14 +101,20 @@ def _merge(out_dir: Path) -> list[dict[str, Any]]:
     return merged
 
 
-def run_layout(cfg: DictConfig, steps: int) -> list[dict[str, Any]]:
-    """Run ``cfg`` for ``steps`` steps in as many local processes as it asks for; return merged records."""
-    from curry_train.launch import spawn
-
+def measurement_config(cfg: DictConfig, steps: int) -> DictConfig:
+    """``cfg`` for a measured run of ``steps`` steps: no validation, no progress bar."""
     cfg = cfg.copy()
     OmegaConf.update(cfg, "trainer.max_steps", steps)
     OmegaConf.update(cfg, "trainer.limit_val_batches", 0)
     OmegaConf.update(cfg, "trainer.enable_progress_bar", False)
+    return cfg
+
+
+def run_layout(cfg: DictConfig, steps: int) -> list[dict[str, Any]]:
+    """Run ``cfg`` for ``steps`` steps in as many local processes as it asks for; return merged records."""
+    from curry_train.launch import spawn
+
+    cfg = measurement_config(cfg, steps)
     OmegaConf.update(cfg, "optim.grad_clip", 0.0)  # clipping would hide a wrongly scaled gradient
     plan = check(cfg)
     container = OmegaConf.to_container(cfg, resolve=True)
