@@ -112,6 +112,12 @@ def test_project_recipe_runs_from_recipes_folder():
     assert cfg.checkpoint.every_n_steps == 50  # a recipe overrides conf/config.yaml's own keys too
 
 
+def test_shipped_recipes_compose_under_the_schema():
+    cfg = compose(["recipe=llama3-8b-fsdp", "data.paths=[/data/corpus.bin]"])
+    assert cfg.model.name == "llama3_8b" and cfg.parallel.fsdp.mixed_precision == "bf16"
+    assert cfg.data.source == "tokens" and cfg.trainer.devices == 8 and cfg.parallel.recompute == "selective"
+
+
 @pytest.mark.parametrize("override, key", [("model.dimm=3", "model.dimm"), ("trainer.devices=two", "trainer.devices")])
 def test_schema_rejects_misspelt_keys_and_wrong_types(override, key):
     with pytest.raises(ConfigCompositionException) as error:
