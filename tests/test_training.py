@@ -204,3 +204,16 @@ def test_workers_die_with_their_launcher(tmp_path):
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
+
+
+def test_tensorboard_logger_runs_or_names_its_package(tmp_path):
+    import importlib.util
+
+    installed = any(importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX"))
+    result = run_train(["logger=tensorboard", *FAST[1:], "trainer.max_steps=2", f"hydra.run.dir={tmp_path}"],
+                       cwd=tmp_path, check=False, timeout=300)
+    if installed:
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert list((tmp_path / "tensorboard").rglob("events.out.tfevents.*"))
+    else:
+        assert result.returncode == 2 and "pip install tensorboard" in result.stderr

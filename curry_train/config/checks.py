@@ -6,6 +6,7 @@ parallel degrees (``layout_degrees``), and the checkpoint to resume from.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -191,6 +192,8 @@ def _check_training(cfg: DictConfig) -> None:
         raise ConfigError(f"optim.betas={list(o.betas)} must hold two numbers")
     if cfg.logger.kind not in LOGGERS:
         raise ConfigError(f"logger.kind={cfg.logger.kind!r}: expected one of {', '.join(LOGGERS)}")
+    if cfg.logger.kind == "tensorboard" and not any(importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX")):
+        raise ConfigError("logger=tensorboard needs the tensorboard package: pip install tensorboard")
     if c.every_n_steps < 0 or c.keep_last < 1:
         raise ConfigError("checkpoint.every_n_steps must be >= 0 and checkpoint.keep_last >= 1")
 
