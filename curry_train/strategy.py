@@ -45,7 +45,7 @@ from typing_extensions import override
 
 from curry_train.config.checks import layout_degrees
 from curry_train.primitives import dcp
-from curry_train.primitives.distributed_optimizer import DistributedOptimizer
+from curry_train.primitives.distributed_optimizer import DistributedOptimizer, ZeroOneModule
 from curry_train.primitives.parallel_state import ParallelState, init_process_group_from_env
 from curry_train.primitives.recompute import apply_recompute
 
@@ -87,11 +87,11 @@ def _allreduce_sum_hook(group, bucket):  # no annotations: DDP inspects them and
 
 def gradient_sync(model: nn.Module, last: bool, sync_each_microbatch: bool = False):
     """Gradient accumulation: reduce gradients over the data-parallel ranks only in the last
-    micro-batch's backward (DDP: ``no_sync``; FSDP: ``set_requires_gradient_sync``), unless
+    micro-batch's backward (DDP: ``no_sync``; FSDP and ZeRO-1: ``set_requires_gradient_sync``), unless
     ``sync_each_microbatch`` trades traffic for the memory of unsharded gradients (FSDP)."""
     if isinstance(model, DistributedDataParallel):
         return nullcontext() if last else model.no_sync()
-    if isinstance(model, FSDPModule):
+    if isinstance(model, (FSDPModule, ZeroOneModule)):
         model.set_requires_gradient_sync(last or sync_each_microbatch)
     return nullcontext()
 

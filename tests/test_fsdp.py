@@ -27,10 +27,12 @@ ACCUMULATE = ("data.global_batch_size=32",)  # 2 micro-batches per rank on 4 ran
         ("parallel.fsdp.sharding=full", "trainer.devices=2"),
         ("parallel.fsdp.sharding=full", "trainer.devices=4"),
         ("parallel.fsdp.sharding=shard_grad_op", "trainer.devices=2"),
+        ("parallel.fsdp.sharding=optimizer", "trainer.devices=2"),
+        ("parallel.fsdp.sharding=optimizer", "trainer.devices=4"),
         ("parallel.fsdp.sharding=no_shard", "trainer.devices=2"),
         ("parallel.fsdp.sharding=hybrid", "parallel.fsdp.replicas=2", "trainer.devices=4"),
     ],
-    ids=["full-2", "full-4", "shard_grad_op-2", "no_shard-2", "hybrid-2x2"],
+    ids=["full-2", "full-4", "shard_grad_op-2", "optimizer-2", "optimizer-4", "no_shard-2", "hybrid-2x2"],
 )
 def test_whitebox_fsdp_matches_single_process(layout):
     report = validate([*FAST, *ACCUMULATE, "parallel=fsdp", *layout], steps=2)
@@ -45,6 +47,20 @@ def test_fsdp_on_four_ranks_reproduces_single_process_curve(sharding, single_pro
     run_train([*FAST, f"trainer.max_steps={STEPS}", "parallel=fsdp", f"parallel.fsdp.sharding={sharding}",
                "trainer.devices=4", f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
     assert_same_curve(read_metric(tmp_path), single_process_curve)
+
+
+def test_zero1_reproduces_the_curve_and_resumes_on_one_process(single_process_curve, tmp_path):
+    """sharding=optimizer (ZeRO-1) on 4 ranks: the single-process curve; its step-6 checkpoint
+    (DTensor shards of parameters and optimizer state) resumes in one process on the same curve."""
+    saved_dir, resumed_dir = tmp_path / "zero1", tmp_path / "resumed"
+    run_train([*FAST, f"trainer.max_steps={STEPS}", "parallel=fsdp", "parallel.fsdp.sharding=optimizer", "trainer.devices=4",
+               "checkpoint.every_n_steps=3", "checkpoint.keep_last=4", f"hydra.run.dir={saved_dir}"], cwd=tmp_path)
+    assert_same_curve(read_metric(saved_dir), single_process_curve)
+    checkpoint = saved_dir / "checkpoints" / "step-00000006"
+    run_train([*FAST, f"trainer.max_steps={STEPS}", f"ckpt_path={checkpoint}", f"hydra.run.dir={resumed_dir}"], cwd=tmp_path)
+    resumed = read_metric(resumed_dir)
+    assert sorted(resumed) == list(range(6, STEPS))
+    assert_same_curve(resumed, {step: single_process_curve[step] for step in resumed})
 
 
 def test_fsdp_checkpoint_resumes_on_fewer_ranks_and_on_one_process(tmp_path):
@@ -122,6 +138,8 @@ def test_seed_example_runs_unchanged_under_torchrun(tmp_path):
         (["parallel=fsdp", "parallel.fsdp.sharding=hybrid", "parallel.fsdp.replicas=3", "trainer.devices=4"],
          "world size 4 is not divisible by"),
         (["parallel.recompute=some"], "parallel.recompute='some'"),
+        (["parallel=fsdp", "parallel.fsdp.sharding=optimizer", "parallel.fsdp.reshard_after_forward=true"], "ZeRO-1 keeps full parameters"),
+        (["parallel=fsdp", "parallel.fsdp.sharding=optimizer", "parallel.fsdp.blocks_per_unit=2"], "ZeRO-1 has no wrapping units"),
     ],
 )
 def test_fsdp_options_that_cannot_apply_are_rejected(overrides, message):
@@ -220,16 +238,89 @@ def _count_reductions(out_dir: str, sharding: str, sync_each: bool) -> None:
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("sharding", ["full", "shard_grad_op"])
+@pytest.mark.parametrize("sharding", ["full", "shard_grad_op", "optimizer"])
 def test_gradient_accumulation_reduces_once_per_step(sharding, tmp_path):
-    """3 micro-batches: one reduce-scatter per FSDP unit per step, not per micro-batch."""
+    """3 micro-batches: one reduction per step, not per micro-batch: a reduce-scatter per FSDP unit,
+    or (ZeRO-1) an all-reduce per parameter tensor."""
     from curry_train.launch import spawn
 
+    with torch.device("meta"):
+        tensors = len(list(Llama(compose().model).parameters()))
     units = compose().model.n_layers + 1  # one per block, and the root (embedding, norm, head)
+    collective, per_step = ("allreduce", tensors) if sharding == "optimizer" else ("reduce_scatter", units)
     results = {}
     for sync_each in (False, True):
         spawn(2, _count_reductions, str(tmp_path), sharding, sync_each)
         counts = torch.load(tmp_path / "counts.pt")
-        results[sync_each] = sum(n for op, n in counts.items() if "reduce_scatter" in op)
-    assert results[False] == units
-    assert results[True] == 3 * units
+        results[sync_each] = sum(n for op, n in counts.items() if collective in op)
+    assert results[False] == per_step
+    assert results[True] == 3 * per_step
+
+
+class _Tied(torch.nn.Module):
+    """Tied embedding and head, a layer whose rows do not split evenly over 3 ranks (34 = 12 + 12 + 10)
+    and one with fewer rows than ranks (2 = 1 + 1 + 0)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(10, 8)
+        self.up = torch.nn.Linear(8, 34)
+        self.down = torch.nn.Linear(34, 8)
+        self.gate = torch.nn.Linear(8, 2)
+        self.head = torch.nn.Linear(8, 10, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, tokens):
+        x = self.embed(tokens)
+        x = x + self.down(torch.relu(self.up(x))) * self.gate(x).sigmoid().mean(-1, keepdim=True)
+        return self.head(x)
+
+
+def _zero1_against_reference(out_dir: str, mixed_precision: str) -> None:
+    import torch.distributed as dist
+
+    from curry_train.primitives import DistributedOptimizer
+
+    dist.init_process_group("gloo")  # the launcher sets the environment, as torchrun does
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    reference = _Tied()
+    model = _Tied()
+    model.load_state_dict(reference.state_dict())
+    model = DistributedOptimizer.wrap(model, sharding="optimizer", mixed_precision=mixed_precision)
+    assert model.head.weight is model.embed.weight  # still tied: one shard
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    reference_optimizer = torch.optim.AdamW(reference.parameters(), lr=1e-2)
+    tokens = torch.randint(0, 10, (4 * world, 6))
+    loss_fn = lambda out, t: torch.nn.functional.cross_entropy(out.flatten(0, 1).float(), t.flatten(), reduction="sum")
+    for _ in range(3):
+        mine = tokens[4 * rank : 4 * rank + 4]
+        for index, micro in enumerate(mine.split(2)):  # 2 micro-batches, reduced once
+            model.set_requires_gradient_sync(index == 1)
+            (loss_fn(model(micro), micro) / tokens.numel()).backward()
+        (loss_fn(reference(tokens), tokens) / tokens.numel()).backward()
+        optimizer.step(), reference_optimizer.step()
+        optimizer.zero_grad(), reference_optimizer.zero_grad()
+    errors = {name: ((p.full_tensor() - q).norm() / q.norm()).item()
+              for (name, p), q in zip(model.named_parameters(), reference.parameters())}
+    shard_rows = [p.to_local().shape[0] for p in model.parameters()]
+    if rank == 0:
+        torch.save({"errors": errors}, f"{out_dir}/errors.pt")
+    torch.save(shard_rows, f"{out_dir}/rows{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("mixed_precision, tolerance", [("fp32", 1e-6), ("bf16", BF16_GRAD_RTOL)])
+def test_zero1_seed_api_matches_one_process(mixed_precision, tolerance, tmp_path):
+    """DistributedOptimizer.wrap(sharding="optimizer") then AdamW(model.parameters()), on 3 ranks:
+    after 3 steps of 2 accumulated micro-batches, the parameters of one process on the whole batch."""
+    from curry_train.launch import spawn
+
+    spawn(3, _zero1_against_reference, str(tmp_path), mixed_precision)
+    errors = torch.load(tmp_path / "errors.pt")["errors"]
+    assert set(errors) == {"embed.weight", "up.weight", "up.bias", "down.weight", "down.bias", "gate.weight", "gate.bias"}
+    assert max(errors.values()) <= tolerance, errors
+    if mixed_precision == "bf16":
+        assert max(errors.values()) > 1e-5  # bf16 really computed
+    rows = [torch.load(tmp_path / f"rows{rank}.pt") for rank in range(3)]
+    assert [r[1] for r in rows] == [12, 12, 10] and [r[5] for r in rows] == [1, 1, 0]  # up.weight, gate.weight

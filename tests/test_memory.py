@@ -43,6 +43,8 @@ LAYOUTS = {
     "no_shard": ("parallel=fsdp", "parallel.fsdp.sharding=no_shard"),
     "shard_grad_op": ("parallel=fsdp", "parallel.fsdp.sharding=shard_grad_op"),
     "full-bf16": ("parallel=fsdp", "parallel.fsdp.sharding=full", "parallel.fsdp.mixed_precision=bf16"),
+    "optimizer": ("parallel=fsdp", "parallel.fsdp.sharding=optimizer"),
+    "optimizer-bf16": ("parallel=fsdp", "parallel.fsdp.sharding=optimizer", "parallel.fsdp.mixed_precision=bf16"),
 }
 
 
@@ -185,13 +187,46 @@ def test_shard_grad_op_reshards_after_backward(measured):
         assert after["total"] == zero_formula_bytes("shard_grad_op", P, 4) + padding + 4 * tensors
 
 
+def test_zero1_matches_the_formula_in_fp32(measured):
+    """ZeRO-1 in fp32: 8P + 8P/d. The full parameters (padded to whole shards: the shard is a view
+    into them) and full gradients are replicated; only AdamW's moments are sharded."""
+    layout = measured["optimizer"]
+    P = layout.parameters
+    for record in layout.ranks:
+        assert record["shards"] == 4
+        padded, own, padded_full, tensors = shards_of(P, 4, record["shard_rank"])
+        expected = {
+            "params": 4 * padded_full,
+            "grads": 4 * P,
+            "optimizer": 8 * own + 4 * tensors,
+        }
+        assert record["state"] == {**expected, "total": sum(expected.values())}, record["rank"]
+        padding = 4 * (padded_full - P) + 8 * (own - P // 4) + 4 * tensors
+        assert record["state"]["total"] == zero_formula_bytes("optimizer", P, 4) + padding
+        assert zero_formula_terms("optimizer", P, 4)["grads"] == record["state"]["grads"]
+
+
+def test_zero1_bf16_keeps_fp32_master_shards_and_fp32_gradient_shards(measured):
+    """ZeRO-1 in bf16: bf16 full parameters (2P) for compute, fp32 master shards, fp32 gradient
+    shards (reduced in fp32; the bf16 full gradients are freed once reduced) and fp32 moments:
+    2P + 16P/d at the optimizer step, below ZeRO-1's 4P + 12P/d on 4 ranks."""
+    layout = measured["optimizer-bf16"]
+    P = layout.parameters
+    for record in layout.ranks:
+        padded, own, padded_full, tensors = shards_of(P, 4, record["shard_rank"])
+        expected = {"params": 2 * padded_full + 4 * own, "grads": 4 * own, "optimizer": 8 * own + 4 * tensors}
+        assert record["state"] == {**expected, "total": sum(expected.values())}, record["rank"]
+        assert record["state"]["total"] - 4 * tensors < zero_formula_bytes("optimizer", P, 4, "bf16")
+
+
 def test_activations_do_not_depend_on_the_sharding(measured):
     """The same micro-batch through the same model: the same activations, whether parameters were
     gathered (FSDP2, booked apart by its tracker) or replicated (DDP); bf16 units keep bf16 ones."""
-    fp32 = {name: {r["activations"] for r in layout.ranks} for name, layout in measured.items() if name != "full-bf16"}
+    fp32 = {name: {r["activations"] for r in layout.ranks} for name, layout in measured.items() if not name.endswith("bf16")}
     (value,) = set.union(*fp32.values())
     assert value > 0
-    assert all(0 < r["activations"] < 0.8 * value for r in measured["full-bf16"].ranks)
+    for name in ("full-bf16", "optimizer-bf16"):
+        assert all(0 < r["activations"] < 0.8 * value for r in measured[name].ranks), name
 
 
 @pytest.mark.timeout(300)

@@ -97,6 +97,11 @@ def _check_parallel(cfg: DictConfig, accelerator: str) -> None:
         raise ConfigError(f"parallel.fsdp.replicas={fsdp.replicas} must be positive")
     if fsdp.blocks_per_unit < 1:
         raise ConfigError(f"parallel.fsdp.blocks_per_unit={fsdp.blocks_per_unit} must be positive")
+    if fsdp.sharding == "optimizer":
+        if fsdp.reshard_after_forward:
+            raise ConfigError("parallel.fsdp.reshard_after_forward=true with sharding=optimizer: ZeRO-1 keeps full parameters; use sharding=full to reshard")
+        if fsdp.blocks_per_unit != 1:
+            raise ConfigError(f"parallel.fsdp.blocks_per_unit={fsdp.blocks_per_unit} with sharding=optimizer: ZeRO-1 has no wrapping units")
     if cfg.trainer.precision != "32-true" and fsdp.mixed_precision != "fp32":
         raise ConfigError(
             f"trainer.precision={cfg.trainer.precision} and parallel.fsdp.mixed_precision={fsdp.mixed_precision}:"

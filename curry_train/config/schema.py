@@ -109,11 +109,11 @@ class DPConfig:
 class FSDPConfig:
     """parallel=fsdp: sharded data parallelism (ZeRO) with FSDP2, see primitives/distributed_optimizer.py."""
 
-    sharding: str = "full"  # full (ZeRO-3) | shard_grad_op (ZeRO-2) | no_shard | hybrid (HSDP)
+    sharding: str = "full"  # full (ZeRO-3) | shard_grad_op (ZeRO-2) | optimizer (ZeRO-1) | no_shard | hybrid (HSDP)
     replicas: int = 2  # hybrid only: replica groups (dp_replicate); each shards over the rest
     mixed_precision: str = "fp32"  # fp32 | bf16 | fp16: compute dtype of the units; gradients reduce in fp32
     cpu_offload: bool = False  # keep sharded parameters, gradients and optimizer state in CPU memory (GPU runs)
-    reshard_after_forward: Optional[bool] = None  # null: true for full/hybrid, false for shard_grad_op/no_shard
+    reshard_after_forward: Optional[bool] = None  # null: true for full/hybrid, false otherwise (optimizer: never)
     backward_prefetch: str = "backward_pre"  # backward_pre (gather the next unit early) | none
     blocks_per_unit: int = 1  # transformer blocks per FSDP unit (one all-gather / reduce-scatter each)
     sync_each_microbatch: bool = False  # reduce-scatter after every micro-batch (less memory, more traffic)

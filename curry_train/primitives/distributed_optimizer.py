@@ -10,6 +10,11 @@ data-parallel mesh of a ``ParallelState``. The optimizer built afterwards on
                    are all-gathered for its forward and again for its backward.
 ``shard_grad_op``  ZeRO-2 as FSDP2 expresses it: as ``full``, but a unit keeps its gathered
                    parameters from forward to backward (one all-gather per step instead of two).
+``optimizer``      ZeRO-1: only the optimizer state is sharded. Parameters and gradients stay
+                   replicated; gradients are all-reduced, each rank updates its shard, and the
+                   updated parameters are all-gathered before the next forward. FSDP2 has no such
+                   mode: it is this module's own (``ZeroOneModule``), with the same interface
+                   (DTensor shards as parameters, ``set_requires_gradient_sync``).
 ``no_shard``       plain data parallelism: a replicated mesh, gradients all-reduced.
 ``hybrid``         HSDP: sharded within ``dp_shard`` groups, replicated across ``dp_replicate``.
 =================  ================================================================================
@@ -23,16 +28,18 @@ reduce gradients in fp32; the sharded parameters the optimizer updates stay fp32
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
 from curry_train.primitives.parallel_state import ParallelState
 
-SHARDING_MODES = ("full", "shard_grad_op", "no_shard", "hybrid")
+SHARDING_MODES = ("full", "shard_grad_op", "optimizer", "no_shard", "hybrid")
 PARAM_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 BACKWARD_PREFETCH = ("backward_pre", "none")
 
@@ -93,6 +100,14 @@ class DistributedOptimizer:
                 raise ValueError("sharding='hybrid' needs parallel_state=ParallelState(dp_replicate=R, dp_shard=-1)")
             parallel_state = ParallelState(dp_replicate=-1, dp_shard=1) if sharding == "no_shard" else ParallelState()
         mesh = fsdp_mesh(parallel_state, sharding)
+        if sharding == "optimizer":
+            if cpu_offload:
+                raise ValueError("sharding='optimizer' keeps parameters and gradients on the device; cpu_offload applies to full/shard_grad_op/hybrid")
+            if reshard_after_forward:
+                raise ValueError("reshard_after_forward=True: sharding='optimizer' (ZeRO-1) keeps the full parameters; use sharding='full' to reshard")
+            if units is not None or blocks_per_unit != 1:
+                raise ValueError("sharding='optimizer' has no wrapping units (its parameters are gathered once per step): leave units/blocks_per_unit unset")
+            return _zero_one(model, mesh, PARAM_DTYPES[mixed_precision])
         if reshard_after_forward is None:
             reshard_after_forward = sharding in ("full", "hybrid")
         mp_policy = MixedPrecisionPolicy(param_dtype=PARAM_DTYPES[mixed_precision], reduce_dtype=torch.float32)
@@ -134,3 +149,209 @@ def _sum_gradients(module: FSDPModule) -> None:
         module.set_reduce_scatter_divide_factor(1.0)
     if hasattr(module, "set_force_sum_reduction_for_comms"):
         module.set_force_sum_reduction_for_comms(True)
+
+
+# ----------------------------------------------------------------------------------------------
+# ZeRO-1: optimizer state sharded, parameters and gradients replicated
+
+
+class ZeroOneModule:
+    """Mixin added to the class of a model wrapped with ``sharding="optimizer"`` (ZeRO-1), the way
+    FSDP2 adds ``FSDPModule``.
+
+    What each rank holds, for P parameters over d data-parallel ranks:
+
+    * the registered parameters are ``DTensor`` shards (``Shard(0)``, ``torch.chunk`` rows) over the
+      data-parallel mesh: ``model.parameters()``, the optimizer built on them, its state, the
+      gradient norm and DCP checkpoints all see shards, exactly as with FSDP2;
+    * each parameter's full value, replicated, is what forward and backward use: swapped in by a
+      pre-forward hook on the module that owns it and swapped out after its forward (so
+      recomputation in backward, which calls the module again, sees it too). In fp32 the shard is a
+      view into the full value (4P in all); with bf16/fp16 the full value is a half-precision copy
+      (2P) and the fp32 shard is the master weight (4P/d);
+    * gradients accumulate into the full values (4P, or 2P in half precision); after the backward
+      of the last micro-batch they are all-reduced (summed) over the data-parallel ranks, and each
+      shard's gradient becomes its rows of the reduced gradient (a view in fp32; an fp32 copy of
+      the rows in half precision, reduced in fp32);
+    * after the optimizer updates the shards, the next forward all-gathers the full values; a shard
+      is detected as updated by its version counters, so a checkpoint load refreshes them too.
+    """
+
+    _zero1: "_ZeroOneState"
+
+    def set_requires_gradient_sync(self, requires_gradient_sync: bool) -> None:
+        """False: the next backward only accumulates local gradients (gradient accumulation)."""
+        self._zero1.requires_gradient_sync = requires_gradient_sync
+
+    def compute_parameters(self) -> list[torch.Tensor]:
+        """The full (replicated) values forward and backward use, once built."""
+        return [slot.full for slot in self._zero1.slots.values() if slot.full is not None]
+
+
+class _Slot:
+    """One parameter under ZeRO-1: its shard (the registered DTensor parameter) and its full value."""
+
+    def __init__(self, shard: nn.Parameter, rows: int, shards: int, rank: int, compute_dtype: Optional[torch.dtype]) -> None:
+        self.shard = shard
+        self.rows = rows
+        self.chunk = -(-rows // shards)  # torch.chunk's rows per shard; the last shards may hold fewer or none
+        self.start = min(rank * self.chunk, rows)
+        self.end = min(self.start + self.chunk, rows)
+        self.shards = shards
+        self.compute_dtype = compute_dtype  # None: compute in the shard's dtype, the shard a view of the full value
+        self.buffer: Optional[torch.Tensor] = None  # shards * chunk rows: the all-gather's output
+        self.full: Optional[nn.Parameter] = None
+        self.version: Any = None  # the shard's version when the full value was last gathered
+
+    def current_version(self) -> tuple[int, int]:
+        """Changes whenever the shard is written in place: DTensor ops (the optimizer, a checkpoint
+        load) bump the DTensor's counter, direct writes to the local tensor bump the local one's."""
+        return self.shard._version, self.local()._version
+
+    def local(self) -> torch.Tensor:
+        return self.shard.to_local()
+
+    def built(self) -> bool:
+        return self.buffer is not None and (
+            self.compute_dtype is not None or self.local().untyped_storage().data_ptr() == self.buffer.untyped_storage().data_ptr()
+        ) and self.buffer.device == self.local().device
+
+
+class _ZeroOneState:
+    def __init__(self, mesh: DeviceMesh, compute_dtype: Optional[torch.dtype]) -> None:
+        self.mesh = mesh
+        self.group = mesh.get_group()
+        self.rank = mesh.get_local_rank()
+        self.shards = mesh.size()
+        self.compute_dtype = compute_dtype
+        self.slots: dict[int, _Slot] = {}  # id(shard parameter) -> slot, in registration order
+        self.shard_of: dict[int, nn.Parameter] = {}  # id(full value) -> shard parameter
+        self.requires_gradient_sync = True
+        self._callback_queued = False
+
+    # -- building and gathering the full values ----------------------------------------------
+
+    @torch.no_grad()
+    def _build(self, slot: _Slot) -> None:
+        """Allocate the full value's buffer and, in fp32, make the shard a view into it."""
+        local = slot.local()
+        shape = (slot.shards * slot.chunk, *slot.shard.shape[1:])
+        dtype = slot.compute_dtype or local.dtype
+        slot.buffer = torch.empty(shape, dtype=dtype, device=local.device)
+        full = slot.buffer[: slot.rows]
+        if slot.compute_dtype is None:
+            view = full[slot.start : slot.end]
+            view.copy_(local)
+            # Same Parameter object (the optimizer may already hold it), new storage: a view of the buffer.
+            replacement = nn.Parameter(
+                DTensor.from_local(view, self.mesh, [Shard(0)], run_check=False, shape=slot.shard.shape, stride=slot.shard.stride()),
+                requires_grad=slot.shard.requires_grad,
+            )
+            torch.utils.swap_tensors(slot.shard, replacement)
+        if slot.full is not None:
+            self.shard_of.pop(id(slot.full), None)
+        slot.full = nn.Parameter(full, requires_grad=slot.shard.requires_grad)
+        self.shard_of[id(slot.full)] = slot.shard
+        slot.full.register_post_accumulate_grad_hook(self._on_gradient)
+        slot.version = None
+
+    @torch.no_grad()
+    def _gather(self, slot: _Slot) -> None:
+        local = slot.local()
+        chunks = list(slot.buffer.chunk(slot.shards)) if slot.chunk else [slot.buffer[:0]] * slot.shards
+        mine = torch.zeros_like(chunks[self.rank])
+        mine[: slot.end - slot.start].copy_(local)
+        if dist.get_backend(self.group) == "gloo":
+            dist.all_gather(chunks, mine, group=self.group)
+        else:
+            dist.all_gather_into_tensor(slot.buffer, mine, group=self.group)
+        slot.version = slot.current_version()
+
+    def ensure_full(self, slot: _Slot) -> nn.Parameter:
+        if not slot.built():
+            self._build(slot)
+        if slot.version != slot.current_version():
+            self._gather(slot)
+        return slot.full
+
+    # -- gradients -----------------------------------------------------------------------------
+
+    def _on_gradient(self, _: torch.Tensor) -> None:
+        if self.requires_gradient_sync and not self._callback_queued:
+            self._callback_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._reduce_gradients)
+
+    @torch.no_grad()
+    def _reduce_gradients(self) -> None:
+        """End of a synchronizing backward: sum the full gradients over the data-parallel ranks (in
+        a fixed order on every rank), then give each shard its rows."""
+        self._callback_queued = False
+        pending = []
+        for slot in self.slots.values():
+            if slot.full is None or slot.full.grad is None:
+                continue
+            grad = slot.full.grad if slot.compute_dtype is None else slot.full.grad.float()
+            pending.append((slot, grad, dist.all_reduce(grad, group=self.group, async_op=True)))
+        for slot, grad, work in pending:
+            work.wait()
+            rows = grad[slot.start : slot.end]
+            if slot.compute_dtype is not None:
+                rows = rows.clone()  # the reduced fp32 copy of the full gradient is freed
+            shard_grad = DTensor.from_local(rows, self.mesh, [Shard(0)], run_check=False, shape=slot.shard.shape, stride=slot.shard.stride())
+            if slot.shard.grad is None:
+                slot.shard.grad = shard_grad
+            else:  # gradients already on the shard (an earlier synchronizing backward): accumulate
+                slot.shard.grad += shard_grad
+            slot.full.grad = None
+
+
+def _zero_one(model: nn.Module, mesh: DeviceMesh, compute_dtype: Optional[torch.dtype]) -> nn.Module:
+    """Shard every parameter of ``model`` in place (ZeRO-1); see ``ZeroOneModule``."""
+    if mesh.ndim != 1:
+        raise ValueError(f"sharding='optimizer' runs over a 1-D data-parallel mesh, got {mesh}")
+    state = _ZeroOneState(mesh, compute_dtype)
+    shards: dict[int, nn.Parameter] = {}  # id(original parameter) -> its shard: tied weights stay tied
+    for module in model.modules():
+        owned = [(name, p) for name, p in module._parameters.items() if p is not None]
+        if not owned:
+            continue
+        for name, param in owned:
+            if isinstance(param, DTensor):
+                raise ValueError(f"sharding='optimizer': parameter {name!r} of {type(module).__name__} is already a DTensor")
+            if param.ndim == 0:
+                raise ValueError(f"sharding='optimizer': parameter {name!r} of {type(module).__name__} is a scalar; shard needs a dimension")
+            if id(param) not in shards:
+                chunk = -(-param.shape[0] // state.shards)
+                start = min(state.rank * chunk, param.shape[0])
+                local = param.detach()[start : min(start + chunk, param.shape[0])].clone()
+                shard = nn.Parameter(
+                    DTensor.from_local(local, mesh, [Shard(0)], run_check=False, shape=param.shape, stride=param.stride()),
+                    requires_grad=param.requires_grad,
+                )
+                shards[id(param)] = shard
+                state.slots[id(shard)] = _Slot(shard, param.shape[0], state.shards, state.rank, compute_dtype)
+            module._parameters[name] = shards[id(param)]
+        names = [name for name, _ in owned]
+
+        def swap_in(mod: nn.Module, args: Any, names: list[str] = names) -> Any:
+            for name in names:
+                shard = mod._parameters[name]
+                if isinstance(shard, DTensor):
+                    mod._parameters[name] = state.ensure_full(state.slots[id(shard)])
+            if compute_dtype is None:
+                return None
+            # Mixed precision, as FSDP2 does it: floating-point inputs cast to the compute dtype.
+            return tuple(a.to(compute_dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+
+        def swap_out(mod: nn.Module, args: Any, output: Any, names: list[str] = names) -> None:
+            for name in names:
+                shard = state.shard_of.get(id(mod._parameters[name]))
+                if shard is not None:
+                    mod._parameters[name] = shard
+
+        module.register_forward_pre_hook(swap_in)
+        module.register_forward_hook(swap_out, always_call=True)
+    cls = model.__class__
+    model.__class__ = type(f"ZeroOne{cls.__name__}", (ZeroOneModule, cls), {})
+    model._zero1 = state
+    return model

@@ -71,6 +71,12 @@ def _add_storages(tensors: Iterable[Optional[torch.Tensor]], seen: set[int]) -> 
     return total
 
 
+def _compute_parameters(model: nn.Module) -> list[torch.Tensor]:
+    """Parameters held besides the registered ones: ZeRO-1's full values (``ZeroOneModule``)."""
+    compute_parameters = getattr(model, "compute_parameters", None)
+    return list(compute_parameters()) if compute_parameters is not None else []
+
+
 def model_state_bytes(model: nn.Module, optimizers: Sequence[torch.optim.Optimizer]) -> dict[str, int]:
     """Bytes this rank holds for parameters, gradients and optimizer state (keys params, grads,
     optimizer, total), each storage counted once.
@@ -79,9 +85,12 @@ def model_state_bytes(model: nn.Module, optimizers: Sequence[torch.optim.Optimiz
     rest, but while an FSDP2 unit is gathered the module exposes the gathered parameters and the
     optimizer still holds the sharded ones, and the rank holds both. Optimizer state is every tensor
     in ``optimizer.state`` (AdamW: ``exp_avg``, ``exp_avg_sq`` and a 4-byte ``step`` per parameter).
-    What no tensor references is not counted: DDP's gradient buckets while gradients are None.
+    ZeRO-1 (``sharding="optimizer"``) also holds each parameter's full value, counted here (in fp32
+    the shards are views into it). What no tensor references is not counted: DDP's gradient buckets
+    while gradients are None.
     """
     params = list(model.parameters()) + [p for opt in optimizers for group in opt.param_groups for p in group["params"]]
+    params += _compute_parameters(model)
     seen: set[int] = set()
     state = {
         "params": _add_storages(params, seen),
@@ -124,8 +133,9 @@ def zero_formula_terms(mode: str, P: int, d: int, mixed_precision: str = "fp32",
     hybrid              ZeRO-3 in groups  16P/(d/replicas)               16P/(d/replicas)
     ==================  ================  =============================  ===========================
 
-    ``optimizer`` (ZeRO-1) is not a sharding mode of ``parallel.fsdp`` (FSDP2 has none); its formula
-    is here to compare against.
+    ``optimizer`` (ZeRO-1) is curry-train's own (``distributed_optimizer.ZeroOneModule``): in fp32 it
+    holds exactly the formula; in half precision its gradients are reduced in fp32 into the shards
+    and the half-precision full gradients freed, so it holds 2P + 16P/d at the step, not 4P + 12P/d.
     """
     if mode not in ZERO_STAGE:
         raise ValueError(f"mode={mode!r}: expected one of {', '.join(ZERO_STAGE)}")
@@ -204,7 +214,7 @@ def peak_memory(
         tracker.track_inputs(tuple(inputs))
     else:
         tracker = _Tracker()
-        tracker.track_external(model, *optimizers, *inputs)
+        tracker.track_external(model, *optimizers, *inputs, *_compute_parameters(model))
     with tracker:
         forward_backward()
     (peak,) = tracker.get_tracker_snapshot("peak").values()  # one device per rank
