@@ -27,12 +27,15 @@ ACCUMULATE = ("data.global_batch_size=32",)  # 2 micro-batches per rank on 4 ran
         ("parallel.fsdp.sharding=full", "trainer.devices=2"),
         ("parallel.fsdp.sharding=full", "trainer.devices=4"),
         ("parallel.fsdp.sharding=shard_grad_op", "trainer.devices=2"),
+        ("parallel.fsdp.sharding=shard_grad_op", "trainer.devices=4"),
         ("parallel.fsdp.sharding=optimizer", "trainer.devices=2"),
         ("parallel.fsdp.sharding=optimizer", "trainer.devices=4"),
         ("parallel.fsdp.sharding=no_shard", "trainer.devices=2"),
+        ("parallel.fsdp.sharding=no_shard", "trainer.devices=4"),
         ("parallel.fsdp.sharding=hybrid", "parallel.fsdp.replicas=2", "trainer.devices=4"),
     ],
-    ids=["full-2", "full-4", "shard_grad_op-2", "optimizer-2", "optimizer-4", "no_shard-2", "hybrid-2x2"],
+    ids=["full-2", "full-4", "shard_grad_op-2", "shard_grad_op-4", "optimizer-2", "optimizer-4", "no_shard-2", "no_shard-4",
+         "hybrid-2x2"],
 )
 def test_whitebox_fsdp_matches_single_process(layout):
     report = validate([*FAST, *ACCUMULATE, "parallel=fsdp", *layout], steps=2)
