@@ -2,6 +2,7 @@
 
 from curry_train.primitives.distributed_optimizer import DistributedOptimizer
 from curry_train.primitives.parallel_state import ParallelState
+from curry_train.primitives.pipeline_schedule import PipelineSchedule
 from curry_train.primitives.recompute import apply_recompute
 
-__all__ = ["DistributedOptimizer", "ParallelState", "apply_recompute"]
+__all__ = ["DistributedOptimizer", "ParallelState", "PipelineSchedule", "apply_recompute"]

@@ -1,0 +1,347 @@
+"""PipelineSchedule: pipeline parallelism on ``torch.distributed.pipelining``.
+
+The model is cut into stages, each held by one rank of the pipeline group, and a step's
+micro-batches stream through them. Kinds (``kind=``):
+
+================  =====================================  ==========  ====================================
+kind              schedule (torch.distributed.pipelining)  stages/rank  bubble, P stages-ranks, M micro-batches
+================  =====================================  ==========  ====================================
+``gpipe``         ScheduleGPipe: all forwards, then all    1           (P-1)/(M+P-1); keeps M micro-batches'
+                  backwards                                            activations
+``1F1B``          Schedule1F1B: one forward, one backward  1           (P-1)/(M+P-1); at most P in flight
+``interleaved``   ScheduleInterleaved1F1B                  v (looped)  (P-1)/(v*M+P-1)
+``interleaved_zb``  ScheduleInterleavedZeroBubble          v (looped)  near zero: weight gradients fill it
+``zbv``           ScheduleZBVZeroBubble                    2 (V)       near zero
+``dualpipev``     ScheduleDualPipeV (DeepSeek's DualPipe)  2 (V)       near zero
+================  =====================================  ==========  ====================================
+
+Stage-to-rank maps: *looped* puts stage s on rank s mod P; *V-shaped* puts stages r and 2P-1-r on
+rank r, so the first and the last stage share rank 0.
+
+Gradient scaling, the known trap: the schedule calls the loss function once per micro-batch and
+backpropagates each result. Here each micro-batch's loss is its *contribution* to the step's loss
+(the default: summed token cross-entropy over the step's total token count), so the step's loss is
+the sum of the micro-batch losses and its gradient needs no further factor: the schedules run with
+``scale_grads=False`` and gradients equal those of one big batch.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.distributed.pipelining import PipelineStage
+from torch.distributed.pipelining.schedules import (
+    Schedule1F1B,
+    ScheduleDualPipeV,
+    ScheduleGPipe,
+    ScheduleInterleaved1F1B,
+    ScheduleInterleavedZeroBubble,
+    ScheduleZBVZeroBubble,
+)
+
+SCHEDULES = {
+    "gpipe": ScheduleGPipe,
+    "1f1b": Schedule1F1B,
+    "interleaved": ScheduleInterleaved1F1B,
+    "interleaved_zb": ScheduleInterleavedZeroBubble,
+    "zbv": ScheduleZBVZeroBubble,
+    "dualpipev": ScheduleDualPipeV,
+}
+KINDS = ("gpipe", "1F1B", "interleaved", "interleaved_zb", "zbv", "dualpipev")
+_ALIASES = {"1f1b": "1f1b", "interleaved_1f1b": "interleaved", "interleaved1f1b": "interleaved",
+            "interleaved_zero_bubble": "interleaved_zb", "zb": "interleaved_zb", "zero_bubble": "interleaved_zb",
+            "zbvzerobubble": "zbv", "dualpipe_v": "dualpipev"}
+LOOPED = ("interleaved", "interleaved_zb")
+V_SHAPED = ("zbv", "dualpipev")
+
+
+def canonical_kind(kind: str) -> str:
+    """The schedule's key in ``SCHEDULES`` (case-insensitive; a few common spellings accepted)."""
+    key = str(kind).lower().replace("-", "_")
+    key = _ALIASES.get(key, key)
+    if key not in SCHEDULES:
+        raise ValueError(f"pipeline schedule {kind!r}: expected one of {', '.join(KINDS)}")
+    return key
+
+
+def stages_per_rank(kind: str, virtual_stages: Optional[int] = None) -> int:
+    """How many stages each rank holds: 1 (gpipe, 1F1B), ``virtual_stages`` (looped kinds, default
+    2), 2 (V-shaped kinds)."""
+    key = canonical_kind(kind)
+    if key in V_SHAPED:
+        if virtual_stages not in (None, 2):
+            raise ValueError(f"schedule {kind}: V-shaped, exactly 2 stages per rank (got virtual_stages={virtual_stages})")
+        return 2
+    if key in LOOPED:
+        v = 2 if virtual_stages is None else virtual_stages
+        if v < 1:
+            raise ValueError(f"virtual_stages={v} must be positive")
+        return v
+    if virtual_stages not in (None, 1):
+        raise ValueError(f"schedule {kind}: one stage per rank (got virtual_stages={virtual_stages}); "
+                         "use interleaved or interleaved_zb for virtual stages")
+    return 1
+
+
+def stage_to_rank(kind: str, pp_size: int, n_stages: int) -> list[int]:
+    """The rank of the pipeline group that holds each stage."""
+    if canonical_kind(kind) in V_SHAPED:
+        return [s if s < pp_size else 2 * pp_size - 1 - s for s in range(n_stages)]
+    return [s % pp_size for s in range(n_stages)]
+
+
+def check_microbatches(kind: str, n_microbatches: int, pp_size: int, n_stages: int) -> None:
+    """The micro-batch counts each schedule accepts, checked up front with a message that says why."""
+    key = canonical_kind(kind)
+    if n_microbatches < 1:
+        raise ValueError(f"n_microbatches={n_microbatches} must be positive")
+    if key == "1f1b" and n_microbatches < pp_size:
+        raise ValueError(f"schedule 1F1B needs at least as many micro-batches as stages: {n_microbatches} < {pp_size}")
+    if key in LOOPED:
+        rounds = max(1, n_microbatches // pp_size)
+        if n_microbatches % rounds:
+            raise ValueError(f"schedule {kind} runs micro-batches in rounds of {pp_size} (the pipeline size): "
+                             f"{n_microbatches} micro-batches are not a whole number of rounds; use a multiple of {pp_size}")
+    if key in V_SHAPED and n_microbatches < n_stages:
+        raise ValueError(f"schedule {kind} needs at least as many micro-batches as stages: {n_microbatches} < {n_stages}")
+
+
+def split_layers(n_layers: int, n_stages: int, layers_per_stage: Optional[Sequence[int]] = None) -> list[range]:
+    """Contiguous layer ranges, one per stage.
+
+    ``layers_per_stage``: explicit counts. Otherwise balanced: the embedding (on the first stage) and
+    the output head (on the last) weigh one layer each, and the split minimizes the heaviest stage,
+    every stage holding at least one layer.
+    """
+    if n_stages < 1:
+        raise ValueError(f"n_stages={n_stages} must be positive")
+    if layers_per_stage is not None:
+        counts = list(layers_per_stage)
+        if len(counts) != n_stages or sum(counts) != n_layers or min(counts) < 0:
+            raise ValueError(f"layers_per_stage={counts}: expected {n_stages} non-negative counts summing to {n_layers} layers")
+    else:
+        if n_stages > n_layers:
+            raise ValueError(f"{n_stages} pipeline stages but the model has {n_layers} layers: at most one stage per layer")
+        counts = _balanced_counts(n_layers, n_stages)
+    starts = [sum(counts[:s]) for s in range(n_stages)]
+    return [range(start, start + count) for start, count in zip(starts, counts)]
+
+
+def _balanced_counts(n_layers: int, n_stages: int) -> list[int]:
+    def load(stage: int, count: int) -> int:
+        return count + (stage == 0) + (stage == n_stages - 1)
+
+    # best[s][i]: (heaviest load, counts) for the first i layers over stages 0..s-1
+    best: dict[tuple[int, int], tuple[int, list[int]]] = {(0, 0): (0, [])}
+    for s in range(n_stages):
+        for i in range(s, n_layers + 1):
+            if (s, i) not in best:
+                continue
+            worst, counts = best[(s, i)]
+            remaining_stages = n_stages - s - 1
+            for count in range(1, n_layers - i - remaining_stages + 1):
+                candidate = (max(worst, load(s, count)), counts + [count])
+                key = (s + 1, i + count)
+                if key not in best or candidate[0] < best[key][0]:
+                    best[key] = candidate
+    return best[(n_stages, n_layers)][1]
+
+
+def pipeline_stages(
+    model: nn.Module,
+    kind: str,
+    pp_size: int,
+    pp_rank: int,
+    virtual_stages: Optional[int] = None,
+    layers_per_stage: Optional[Sequence[int]] = None,
+) -> tuple[nn.Module, list[Optional[nn.Module]]]:
+    """Cut ``model`` (one with a ``plan``, such as ``Llama``; on the meta device or not) into the
+    stages of ``kind`` on ``pp_size`` ranks and keep this rank's.
+
+    Returns ``(local, stages)``: ``local`` is ``model`` itself, pruned in place to the blocks,
+    embedding, final norm and head this rank's stages hold, so parameter names are unchanged (a
+    checkpoint of any layout loads into any other); ``stages`` lists every stage, None where another
+    rank holds it, and for this rank's stages a module that runs its part: ``local`` itself when the
+    rank holds one stage, else views sharing ``local``'s submodules.
+    """
+    plan = model.plan
+    per_rank = stages_per_rank(kind, virtual_stages)
+    n_stages = pp_size * per_rank
+    blocks = model.get_submodule(plan.blocks)
+    names = list(blocks.keys())
+    ranges = split_layers(len(names), n_stages, layers_per_stage)
+    owner = stage_to_rank(kind, pp_size, n_stages)
+    local_stages = [s for s in range(n_stages) if owner[s] == pp_rank]
+    keep = {names[i] for s in local_stages for i in ranges[s]}
+    for name in names:
+        if name not in keep:
+            del blocks[name]
+    if getattr(getattr(model, "cfg", None), "tie_embeddings", False) and owner[0] != owner[-1]:
+        raise ValueError("tie_embeddings with pipeline parallelism: the embedding and the head are on different ranks")
+    if 0 not in local_stages:
+        setattr(model, plan.embedding, None)
+    if n_stages - 1 not in local_stages:
+        setattr(model, plan.final_norm, None)
+        setattr(model, plan.head, None)
+    stages: list[Optional[nn.Module]] = [None] * n_stages
+    if len(local_stages) == 1:
+        stages[local_stages[0]] = model
+        return model, stages
+    for s in local_stages:
+        view = copy.copy(model)
+        for key, value in list(vars(view).items()):  # own module/parameter/buffer/hook tables
+            if isinstance(value, (dict, set)):
+                vars(view)[key] = copy.copy(value)
+        setattr(view, plan.blocks, type(blocks)({names[i]: blocks[names[i]] for i in ranges[s]}))
+        if s != 0:
+            setattr(view, plan.embedding, None)
+        if s != n_stages - 1:
+            setattr(view, plan.final_norm, None)
+            setattr(view, plan.head, None)
+        stages[s] = view
+    return model, stages
+
+
+def next_token_loss(total_tokens: int) -> Callable[[Tensor, Tensor], Tensor]:
+    """A micro-batch's contribution to the step's mean next-token cross-entropy."""
+
+    def loss_fn(logits: Tensor, targets: Tensor) -> Tensor:
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum") / total_tokens
+
+    return loss_fn
+
+
+@dataclass
+class PipelineResult:
+    """What a step returns on every rank of the pipeline: the step's loss (the sum of the micro-batch
+    contributions) and each micro-batch's contribution, sent from the rank holding the last stage."""
+
+    loss: Tensor
+    losses: Tensor
+    stepped: bool
+
+
+class PipelineSchedule:
+    """Runs a step's micro-batches through the pipeline (see the module docstring).
+
+    ``stages``: every stage of the model in order, ``len(stages) == P * stages_per_rank(kind)``;
+    each rank uses those ``stage_to_rank`` assigns it and ignores the others, which may be None.
+    ``loss_fn(output, target)``: a micro-batch's contribution to the step's loss (default: next-token
+    cross-entropy over the step's tokens, inputs ``mb[:, :-1]``, targets ``mb[:, 1:]``).
+    ``optimizer``: stepped (and its gradients zeroed) at the end of ``train_step`` if given.
+    """
+
+    def __init__(
+        self,
+        kind: str = "1F1B",
+        n_microbatches: int = 8,
+        stages: Sequence[Optional[nn.Module]] = (),
+        pp_group: Optional[dist.ProcessGroup] = None,
+        *,
+        loss_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
+        optimizer: Optional[torch.optim.Optimizer] = None,
+        virtual_stages: Optional[int] = None,
+        device: Optional[Union[torch.device, str]] = None,
+    ) -> None:
+        self.kind = canonical_kind(kind)
+        self.group = pp_group if pp_group is not None else dist.group.WORLD
+        self.pp_size = dist.get_world_size(self.group)
+        self.pp_rank = dist.get_rank(self.group)
+        self.n_stages = len(stages)
+        per_rank = self.n_stages // self.pp_size if self.n_stages % self.pp_size == 0 else None
+        expected = stages_per_rank(kind, virtual_stages if virtual_stages is not None else per_rank if self.kind in LOOPED else None)
+        if self.n_stages != expected * self.pp_size:
+            raise ValueError(f"schedule {kind} on {self.pp_size} pipeline ranks needs {expected * self.pp_size} stages "
+                             f"({expected} per rank), got {self.n_stages}")
+        check_microbatches(kind, n_microbatches, self.pp_size, self.n_stages)
+        self.n_microbatches = n_microbatches
+        self.stage_ranks = stage_to_rank(kind, self.pp_size, self.n_stages)
+        self.local_indices = [s for s, r in enumerate(self.stage_ranks) if r == self.pp_rank]
+        missing = [s for s in self.local_indices if stages[s] is None]
+        if missing:
+            raise ValueError(f"pipeline rank {self.pp_rank} holds stages {self.local_indices} but stages {missing} are None")
+        self.modules = [stages[s] for s in self.local_indices]
+        if device is None:
+            device = next((p.device for m in self.modules for p in m.parameters()), torch.device("cpu"))
+        self.device = torch.device(device)
+        self.pipeline_stages = [
+            PipelineStage(stages[s], s, self.n_stages, self.device, group=self.group) for s in self.local_indices
+        ]
+        self.has_first = 0 in self.local_indices
+        self.has_last = self.n_stages - 1 in self.local_indices
+        self._user_loss = loss_fn
+        self._loss: Callable[[Tensor, Tensor], Tensor] = loss_fn or next_token_loss(1)
+        self.optimizer = optimizer
+        schedule_cls = SCHEDULES[self.kind]
+        multi = self.kind in LOOPED or self.kind in V_SHAPED
+        self._schedule = schedule_cls(
+            self.pipeline_stages if multi else self.pipeline_stages[0],
+            n_microbatches=n_microbatches,
+            loss_fn=lambda output, target: self._loss(output, target),
+            scale_grads=False,
+        )
+
+    def parameters(self):
+        """This rank's parameters (of its stages), for an optimizer."""
+        seen = set()
+        for module in self.modules:
+            for param in module.parameters():
+                if id(param) not in seen:
+                    seen.add(id(param))
+                    yield param
+
+    def _split(self, microbatches: Union[Tensor, Sequence[Tensor]], targets: Optional[Sequence[Tensor]]) -> tuple[Tensor, Tensor]:
+        if isinstance(microbatches, Tensor):
+            microbatches = list(microbatches.tensor_split(self.n_microbatches))
+        if len(microbatches) != self.n_microbatches:
+            raise ValueError(f"{len(microbatches)} micro-batches given to a schedule built for {self.n_microbatches}")
+        if len({tuple(mb.shape) for mb in microbatches}) != 1:
+            raise ValueError(f"micro-batches of different shapes {[tuple(mb.shape) for mb in microbatches]}: the pipeline needs equal ones")
+        if targets is None:
+            inputs = torch.cat([mb[:, :-1] for mb in microbatches])
+            labels = torch.cat([mb[:, 1:] for mb in microbatches])
+        else:
+            inputs, labels = torch.cat(list(microbatches)), torch.cat(list(targets))
+        return inputs.to(self.device), labels.to(self.device)
+
+    def _run(self, run: Callable, microbatches, targets, loss_fn) -> Tensor:
+        inputs, labels = self._split(microbatches, targets)
+        if self._user_loss is None:
+            self._loss = next_token_loss(labels.numel())
+        elif loss_fn is not None:
+            self._loss = loss_fn
+        losses: list[Tensor] = []
+        args = (inputs,) if self.has_first else ()
+        kwargs = {"target": labels, "losses": losses} if self.has_last else {}
+        run(*args, **kwargs)
+        per_microbatch = torch.zeros(self.n_microbatches, device=self.device)
+        if self.has_last:
+            per_microbatch = torch.stack([loss.detach().float().reshape(()) for loss in losses]).to(self.device)
+        # The loss is visible on every pipeline rank: sent from the one holding the last stage.
+        dist.all_reduce(per_microbatch, group=self.group)
+        return per_microbatch
+
+    def train_step(self, microbatches: Union[Tensor, Sequence[Tensor]], targets: Optional[Sequence[Tensor]] = None,
+                   loss_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None) -> PipelineResult:
+        """Forward and backward of every micro-batch through the pipeline, then the optimizer's step
+        (if the schedule has one). ``microbatches``: a list of ``n_microbatches`` equal tensors, or one
+        batch tensor split into that many."""
+        losses = self._run(self._schedule.step, microbatches, targets, loss_fn)
+        stepped = self.optimizer is not None
+        if stepped:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return PipelineResult(loss=losses.sum(), losses=losses, stepped=stepped)
+
+    @torch.no_grad()
+    def eval_step(self, microbatches: Union[Tensor, Sequence[Tensor]], targets: Optional[Sequence[Tensor]] = None,
+                  loss_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None) -> PipelineResult:
+        """Forward only: the loss of every micro-batch, no gradients."""
+        losses = self._run(self._schedule.eval, microbatches, targets, loss_fn)
+        return PipelineResult(loss=losses.sum(), losses=losses, stepped=False)
