@@ -166,8 +166,8 @@ class Llama(nn.Module):
         or hidden states on a stage without the head.
         """
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
-        if positions is None:
-            cos, sin = self.rope_cos[: h.shape[1]], self.rope_sin[: h.shape[1]]
+        if positions is None:  # the length of the input, not of h (a sequence-parallel shard)
+            cos, sin = self.rope_cos[: tokens.shape[1]], self.rope_sin[: tokens.shape[1]]
         else:
             cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         for block in self.layers.values():

@@ -48,6 +48,7 @@ from curry_train.primitives import dcp
 from curry_train.primitives.distributed_optimizer import DistributedOptimizer, ZeroOneModule
 from curry_train.primitives.parallel_state import ParallelState, init_process_group_from_env
 from curry_train.primitives.recompute import apply_recompute
+from curry_train.primitives.tp_linear import apply_tensor_parallel, reduce_partial_gradients
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,11 @@ def _allreduce_sum_hook(group, bucket):  # no annotations: DDP inspects them and
     """DDP communication hook: sum gradients over the data-parallel group (see the module docstring)."""
     work = dist.all_reduce(bucket.buffer(), group=group, async_op=True)
     return work.get_future().then(lambda fut: fut.value()[0])
+
+
+def _plain(tensor: Tensor) -> Tensor:
+    """A loss as a plain tensor (under loss parallelism it is a replicated DTensor)."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
 def gradient_sync(model: nn.Module, last: bool, sync_each_microbatch: bool = False):
@@ -189,6 +195,9 @@ class CurryStrategy(ParallelStrategy):
     def parallelize(self, module: pl.LightningModule) -> None:
         """Apply the layout to ``module.model`` (built on the meta device), in the one order that works:
 
+        0. tensor (and sequence) parallelism: swaps modules for their parallel versions, so it comes
+           before anything that wraps them; its DTensor parameters are what FSDP then shards on
+           the data-parallel axis of the same mesh (2-D);
         1. activation recompute: wraps each block's forward; before FSDP, so that a block's
            recomputation happens inside its unit, while its parameters are gathered;
         2. FSDP: shards the parameters while they are still on the meta device, so no rank ever
@@ -196,14 +205,21 @@ class CurryStrategy(ParallelStrategy):
         3. materialize and initialize: each parameter's full value is drawn from its own
            seeded generator and each rank keeps its shard, so weights are the same for every layout;
         4. DDP (data parallelism without FSDP): replicates real tensors, so it comes after
-           materialization, and last, so it sees the final set of parameters.
+           materialization, and last, so it sees the final set of parameters. DDP does not handle
+           DTensor parameters, so with tensor parallelism the replicas are FSDP2's ``no_shard``
+           (step 2) instead.
         """
         p, ps = self.cfg.parallel, self.parallel_state
         model = module.model
+        tp = p.get("tp")
+        if tp is not None:
+            apply_tensor_parallel(model, ps.mesh["tp"], tp.sequence_parallel, tp.loss_parallel)
         blocks = list(model.get_submodule(model.plan.blocks).values())
         apply_recompute(blocks, p.recompute, p.recompute_every_n_blocks)
         fsdp = p.get("fsdp")
-        if fsdp is not None:
+        if fsdp is None and tp is not None and ps.dp_size > 1:
+            DistributedOptimizer.wrap(model, sharding="no_shard", parallel_state=ps)
+        elif fsdp is not None:
             DistributedOptimizer.wrap(
                 model,
                 sharding=fsdp.sharding,
@@ -215,7 +231,7 @@ class CurryStrategy(ParallelStrategy):
                 blocks_per_unit=fsdp.blocks_per_unit,
             )
         materialize_and_init(model, self.root_device, self.cfg.seed)
-        if fsdp is None and ps.dp_size > 1:
+        if fsdp is None and tp is None and ps.dp_size > 1:
             dp_cfg = p.get("dp")
             model = DistributedDataParallel(
                 model,
@@ -239,7 +255,9 @@ class CurryStrategy(ParallelStrategy):
     def forward_backward(self, module: pl.LightningModule, micro_batches: list[Tensor], loss_fn: Callable) -> Tensor:
         """Forward and backward over this rank's micro-batches; returns the summed (detached) loss.
 
-        The gradient all-reduce runs once, in the last micro-batch's backward.
+        The gradient all-reduce runs once, in the last micro-batch's backward. Under loss
+        parallelism the loss and its backward run inside ``loss_parallel()`` (the logits are
+        sharded over the vocabulary); gradients tensor parallelism left pending are summed last.
         """
         model = module.model
         fsdp = self.cfg.parallel.get("fsdp")
@@ -247,23 +265,48 @@ class CurryStrategy(ParallelStrategy):
         total = torch.zeros((), device=self.root_device)
         for index, batch in enumerate(micro_batches):
             with gradient_sync(model, last=index == len(micro_batches) - 1, sync_each_microbatch=sync_each):
-                loss = loss_fn(model, batch)
-                module.manual_backward(loss)
-            total += loss.detach()
+                with self._loss_context():
+                    loss = loss_fn(model, batch)
+                    module.manual_backward(loss)
+            total += _plain(loss.detach())
+        if self.cfg.parallel.get("tp") is not None:
+            reduce_partial_gradients(model.parameters())
         return total
 
     @torch.no_grad()
     def forward_eval(self, module: pl.LightningModule, micro_batches: list[Tensor], loss_fn: Callable) -> Tensor:
         total = torch.zeros((), device=self.root_device)
         for batch in micro_batches:
-            total += loss_fn(module.model, batch)
+            with self._loss_context():
+                total += _plain(loss_fn(module.model, batch))
         return total
+
+    def _loss_context(self):
+        tp = self.cfg.parallel.get("tp")
+        if tp is not None and tp.loss_parallel:
+            from torch.distributed.tensor.parallel import loss_parallel
+
+            return loss_parallel()
+        return nullcontext()
 
     def clip_grad_norm_(self, max_norm: float) -> Tensor:
         """Clip to ``max_norm`` (0: measure only); returns the global gradient norm before clipping."""
         params = [p for p in self.lightning_module.parameters() if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"), foreach=True)
-        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        max_norm = max_norm if max_norm > 0 else float("inf")
+        groups: dict[Any, list[Tensor]] = {}  # torch's foreach kernels take one kind of tensor at a time
+        for param in params:
+            groups.setdefault(getattr(param.grad, "device_mesh", None), []).append(param.grad)
+        if len(groups) == 1:
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+            return _plain(norm)
+        # Tensor parallelism without FSDP: DTensor gradients beside plain (replicated) ones.
+        norms = [_plain(torch.nn.utils.get_total_norm(grads, foreach=True)) for grads in groups.values()]
+        norm = torch.linalg.vector_norm(torch.stack(norms))
+        scale = min(1.0, max_norm / (float(norm) + 1e-6))  # torch's clip coefficient
+        if scale < 1.0:
+            for grads in groups.values():
+                torch._foreach_mul_(grads, scale)
+        return norm
 
     # ------------------------------------------------------------------------------------------
     # Collectives used by Lightning

@@ -23,7 +23,7 @@ PRECISIONS = ("32-true", "32", "bf16-mixed")
 LOGGERS = ("wandb", "csv", "tensorboard", "none")
 SCHEDULES = ("cosine", "linear", "constant")
 SOURCES = ("stdlib", "files", "tokens")
-IMPLEMENTED_OPTIONS = ("dp", "fsdp")
+IMPLEMENTED_OPTIONS = ("dp", "fsdp", "tp")
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,8 @@ def layout_degrees(cfg: DictConfig, world_size: int) -> Degrees:
         dp_replicate, dp_shard = fsdp.replicas, -1
     else:
         dp_replicate, dp_shard = 1, -1
-    return resolve_degrees(world_size, dp_replicate=dp_replicate, dp_shard=dp_shard, cp=1, tp=1, pp=1)
+    tp = cfg.parallel.tp.size if cfg.parallel.get("tp") is not None else 1
+    return resolve_degrees(world_size, dp_replicate=dp_replicate, dp_shard=dp_shard, cp=1, tp=tp, pp=1)
 
 
 def _check_parallel(cfg: DictConfig, accelerator: str) -> None:
@@ -107,6 +108,29 @@ def _check_parallel(cfg: DictConfig, accelerator: str) -> None:
             f"trainer.precision={cfg.trainer.precision} and parallel.fsdp.mixed_precision={fsdp.mixed_precision}:"
             " choose one; with fsdp, mixed precision is parallel.fsdp.mixed_precision"
         )
+
+
+def _check_tensor_parallel(cfg: DictConfig, world_size: int) -> None:
+    """Every split dimension must divide evenly over the tensor-parallel ranks (no uneven shards)."""
+    tp_cfg = cfg.parallel.get("tp")
+    if tp_cfg is None:
+        return
+    tp, m = tp_cfg.size, cfg.model
+    if tp < 1:
+        raise ConfigError(f"parallel.tp.size={tp} must be positive")
+    if "dp" in enabled_options(cfg):
+        raise ConfigError("parallel=dp+tp: parallel=tp already replicates the model over the ranks tp leaves;"
+                          " use parallel=tp, or parallel=fsdp+tp to shard them")
+    split = {"model.n_heads": (m.n_heads, "query heads"), "model.n_kv_heads": (m.n_kv_heads, "key/value heads"),
+             "model.dim": (m.dim, "embedding columns"), "model.ffn_dim": (m.ffn_dim, "MLP hidden units"),
+             "model.vocab_size": (m.vocab_size, "vocabulary rows of the embedding and the head")}
+    for key, (size, what) in split.items():
+        if size % tp:
+            raise ConfigError(f"parallel.tp.size={tp} does not divide {key}={size} ({what} split over the ranks);"
+                              f" choose a tp size that divides it")
+    if world_size % tp:
+        raise ConfigError(f"parallel.tp.size={tp} does not divide the world size {world_size}"
+                          " (trainer.devices x trainer.num_nodes)")
 
 
 def _accelerator(requested: str) -> str:
@@ -238,6 +262,7 @@ def check(cfg: DictConfig, env: Mapping[str, str] = os.environ) -> LaunchPlan:
                 f"{launcher} started {world} processes but trainer.devices={devices} x trainer.num_nodes={num_nodes}"
                 f" = {devices * num_nodes}; make them agree"
             )
+    _check_tensor_parallel(cfg, devices * num_nodes)
     try:
         degrees = layout_degrees(cfg, devices * num_nodes)
     except ValueError as error:

@@ -120,11 +120,21 @@ class FSDPConfig:
 
 
 @dataclass
+class TPConfig:
+    """parallel=tp: tensor parallelism (Megatron-LM), see primitives/tp_linear.py."""
+
+    size: int = 2  # ranks that split each matmul (heads, KV heads, dim, ffn_dim and vocab divisible by it)
+    sequence_parallel: bool = False  # norms and dropout on sequence shards: all-gather / reduce-scatter instead of all-reduce
+    loss_parallel: bool = True  # cross-entropy on vocabulary-sharded logits: no rank holds the full logits
+
+
+@dataclass
 class ParallelConfig:
     """The layout. Each option of the ``parallel`` group fills its own subtree; ``+`` joins options."""
 
     dp: Optional[DPConfig] = None
     fsdp: Optional[FSDPConfig] = None
+    tp: Optional[TPConfig] = None
     recompute: str = "none"  # activation recompute, any layout: none | full | selective
     recompute_every_n_blocks: int = 0  # selective: 0 = per op in every block; n = full recompute of every n-th block
 

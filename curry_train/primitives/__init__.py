@@ -4,5 +4,6 @@ from curry_train.primitives.distributed_optimizer import DistributedOptimizer
 from curry_train.primitives.parallel_state import ParallelState
 from curry_train.primitives.pipeline_schedule import PipelineSchedule
 from curry_train.primitives.recompute import apply_recompute
+from curry_train.primitives.tp_linear import ColumnParallelLinear, RowParallelLinear
 
-__all__ = ["DistributedOptimizer", "ParallelState", "PipelineSchedule", "apply_recompute"]
+__all__ = ["ColumnParallelLinear", "DistributedOptimizer", "ParallelState", "PipelineSchedule", "RowParallelLinear", "apply_recompute"]

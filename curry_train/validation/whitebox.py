@@ -65,7 +65,15 @@ class StepRecorder(Callback):
             for name, param in module.model.named_parameters()
             if param.grad is not None
         }
-        self.records.append({"loss": float(loss), "grad_norm": float(module.last_grad_norm), "grads": grads})
+        # A gradient still pending a reduction (Partial) gathers to the right value here, but the
+        # optimizer would see each rank's part: the layout must hand over gradients laid out like
+        # their parameters.
+        pending = [
+            f"the gradient of {clean_name(name)} is {list(param.grad.placements)}, its parameter {list(param.placements)}"
+            for name, param in module.model.named_parameters()
+            if hasattr(param.grad, "placements") and param.grad.placements != param.placements
+        ]
+        self.records.append({"loss": float(loss), "grad_norm": float(module.last_grad_norm), "grads": grads, "pending": pending})
 
 
 def _capture(container: dict, out_dir: str, accelerator: str) -> None:
@@ -97,7 +105,8 @@ def _merge(out_dir: Path) -> list[dict[str, Any]]:
                     diff = (grads[name] - grad).abs().max().item()
                     raise AssertionError(f"step {step + 1}: ranks disagree on the gradient of {name} (max diff {diff:.3e})")
                 grads[name] = grad
-        merged.append({"loss": first["loss"], "grad_norm": first["grad_norm"], "grads": grads})
+        pending = sorted({text for records in per_rank for text in records[step].get("pending", [])})
+        merged.append({"loss": first["loss"], "grad_norm": first["grad_norm"], "grads": grads, "pending": pending})
     return merged
 
 
@@ -171,6 +180,7 @@ def compare(records: Sequence[dict], reference: Sequence[dict], rtol: float = 1e
     if len(records) != len(reference):
         report.problems.append(f"{len(records)} steps recorded, reference has {len(reference)}")
     for step, (got, ref) in enumerate(zip(records, reference), 1):
+        report.problems += [f"step {step}: {text}" for text in got.get("pending", [])]
         for key in ("loss", "grad_norm"):
             report.rows.append(Row(step, key, got[key], ref[key], relative_error(got[key], ref[key]), rtol))
         missing = sorted(set(ref["grads"]) - set(got["grads"]))
