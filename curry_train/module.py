@@ -62,7 +62,11 @@ class CausalLM(pl.LightningModule):
     def loss_fn(self, model: nn.Module, tokens: Tensor) -> Tensor:
         """This micro-batch's contribution to the global batch's mean next-token loss."""
         inputs, labels = tokens[:, :-1], tokens[:, 1:]
-        logits = model(inputs)
+        return self.token_loss(model(inputs), labels)
+
+    def token_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """Summed next-token cross-entropy of ``logits`` over the global batch's token count (a
+        pipeline's last stage calls this on each micro-batch's output)."""
         loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum")
         return loss_sum / self.tokens_per_step
 

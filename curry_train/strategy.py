@@ -43,10 +43,11 @@ from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
-from curry_train.config.checks import layout_degrees
+from curry_train.config.checks import layout_degrees, pipeline_microbatches
 from curry_train.primitives import dcp
 from curry_train.primitives.distributed_optimizer import DistributedOptimizer, ZeroOneModule
 from curry_train.primitives.parallel_state import ParallelState, init_process_group_from_env
+from curry_train.primitives.pipeline_schedule import PipelineSchedule, pipeline_stages
 from curry_train.primitives.recompute import apply_recompute
 from curry_train.primitives.tp_linear import apply_tensor_parallel, reduce_partial_gradients
 
@@ -112,6 +113,8 @@ class CurryStrategy(ParallelStrategy):
         self.cfg = cfg
         self._timeout = timeout
         self.parallel_state: Optional[ParallelState] = None
+        self.pipeline_modules: Optional[list[Optional[nn.Module]]] = None  # every stage; None: not on this rank
+        self._schedule: Optional[PipelineSchedule] = None
         self.num_nodes = 1
 
     # ------------------------------------------------------------------------------------------
@@ -211,14 +214,21 @@ class CurryStrategy(ParallelStrategy):
         """
         p, ps = self.cfg.parallel, self.parallel_state
         model = module.model
-        tp = p.get("tp")
+        tp, pp = p.get("tp"), p.get("pp")
         if tp is not None:
             apply_tensor_parallel(model, ps.mesh["tp"], tp.sequence_parallel, tp.loss_parallel)
+        roots = None
+        if pp is not None:
+            model, self.pipeline_modules = pipeline_stages(
+                model, pp.schedule, ps.mesh["pp"].size(), ps.pp_rank, pp.virtual_stages, pp.layers_per_stage
+            )
+            local = [stage for stage in self.pipeline_modules if stage is not None]
+            roots = local if len(local) > 1 else None  # views run, not the rank's container
         blocks = list(model.get_submodule(model.plan.blocks).values())
         apply_recompute(blocks, p.recompute, p.recompute_every_n_blocks)
         fsdp = p.get("fsdp")
-        if fsdp is None and tp is not None and ps.dp_size > 1:
-            DistributedOptimizer.wrap(model, sharding="no_shard", parallel_state=ps)
+        if fsdp is None and (tp is not None or pp is not None) and ps.dp_size > 1:
+            DistributedOptimizer.wrap(model, sharding="no_shard", parallel_state=ps, roots=roots)
         elif fsdp is not None:
             DistributedOptimizer.wrap(
                 model,
@@ -229,9 +239,10 @@ class CurryStrategy(ParallelStrategy):
                 parallel_state=ps,
                 reshard_after_forward=fsdp.reshard_after_forward,
                 blocks_per_unit=fsdp.blocks_per_unit,
+                roots=roots,
             )
         materialize_and_init(model, self.root_device, self.cfg.seed)
-        if fsdp is None and tp is None and ps.dp_size > 1:
+        if fsdp is None and tp is None and pp is None and ps.dp_size > 1:
             dp_cfg = p.get("dp")
             model = DistributedDataParallel(
                 model,
@@ -260,6 +271,12 @@ class CurryStrategy(ParallelStrategy):
         sharded over the vocabulary); gradients tensor parallelism left pending are summed last.
         """
         model = module.model
+        if self.pipeline_modules is not None:
+            with self._loss_context():
+                loss = self._pipeline(module).train_step(torch.cat(micro_batches)).loss
+            if self.cfg.parallel.get("tp") is not None:
+                reduce_partial_gradients(model.parameters())
+            return loss
         fsdp = self.cfg.parallel.get("fsdp")
         sync_each = fsdp is not None and fsdp.sync_each_microbatch
         total = torch.zeros((), device=self.root_device)
@@ -273,8 +290,27 @@ class CurryStrategy(ParallelStrategy):
             reduce_partial_gradients(model.parameters())
         return total
 
+    def _pipeline(self, module: pl.LightningModule) -> PipelineSchedule:
+        """The schedule of this rank's stages (built at the first step: it needs the module's loss)."""
+        if self._schedule is None:
+            pp = self.cfg.parallel.pp
+            degrees = layout_degrees(self.cfg, self.world_size)
+            self._schedule = PipelineSchedule(
+                pp.schedule,
+                pipeline_microbatches(self.cfg, degrees),
+                self.pipeline_modules,
+                self.parallel_state.get_pp_group(),
+                loss_fn=module.token_loss,
+                virtual_stages=pp.virtual_stages,
+                device=self.root_device,
+            )
+        return self._schedule
+
     @torch.no_grad()
     def forward_eval(self, module: pl.LightningModule, micro_batches: list[Tensor], loss_fn: Callable) -> Tensor:
+        if self.pipeline_modules is not None:
+            with self._loss_context():
+                return self._pipeline(module).eval_step(torch.cat(micro_batches)).loss
         total = torch.zeros((), device=self.root_device)
         for batch in micro_batches:
             with self._loss_context():
@@ -296,12 +332,18 @@ class CurryStrategy(ParallelStrategy):
         groups: dict[Any, list[Tensor]] = {}  # torch's foreach kernels take one kind of tensor at a time
         for param in params:
             groups.setdefault(getattr(param.grad, "device_mesh", None), []).append(param.grad)
-        if len(groups) == 1:
+        pipelined = self.pipeline_modules is not None and self.parallel_state.mesh["pp"].size() > 1
+        if len(groups) == 1 and not pipelined:
             norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
             return _plain(norm)
-        # Tensor parallelism without FSDP: DTensor gradients beside plain (replicated) ones.
+        # Tensor parallelism without FSDP: DTensor gradients beside plain (replicated) ones; and
+        # pipeline stages: each rank holds some parameters, the norm is over all of them.
         norms = [_plain(torch.nn.utils.get_total_norm(grads, foreach=True)) for grads in groups.values()]
-        norm = torch.linalg.vector_norm(torch.stack(norms))
+        norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros((), device=self.root_device)
+        if pipelined:
+            squared = norm.double().square()
+            dist.all_reduce(squared, group=self.parallel_state.get_pp_group())
+            norm = squared.sqrt().float()
         scale = min(1.0, max_norm / (float(norm) + 1e-6))  # torch's clip coefficient
         if scale < 1.0:
             for grads in groups.values():

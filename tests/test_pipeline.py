@@ -193,3 +193,106 @@ def test_seed_example_runs_unchanged_under_torchrun(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [line for line in result.stdout.splitlines() if line.startswith("SEED OK")]
     assert len(lines) == 2 and len({line.split()[-1] for line in lines}) == 1  # the same loss on both stages
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["parallel.pp.size=8", "trainer.devices=8", "data.global_batch_size=64"], "8 pipeline stages but the model has 4 layers"),
+    (["parallel.pp.schedule=interleaved", "parallel.pp.virtual_stages=4", "trainer.devices=2"], "8 pipeline stages but the model has 4 layers"),
+    (["parallel.pp.microbatches=3", "trainer.devices=2"], "parallel.pp.microbatches=3 does not divide the 16 samples"),
+    (["parallel.pp.size=4", "trainer.devices=4", "data.micro_batch_size=8"], "at least as many micro-batches as stages: 2 < 4"),
+    (["parallel.pp.schedule=zbv", "parallel.pp.microbatches=2", "trainer.devices=2"], "zbv needs at least as many micro-batches as stages: 2 < 4"),
+    (["parallel.pp.schedule=2F2B", "trainer.devices=2"], "pipeline schedule '2F2B'"),
+    (["parallel.pp.layers_per_stage=[1,2]", "trainer.devices=2"], "summing to 4 layers"),
+    (["parallel.pp.schedule=1F1B", "parallel.pp.virtual_stages=2", "trainer.devices=2"], "one stage per rank"),
+    (["model.tie_embeddings=true", "trainer.devices=2"], "tie_embeddings=true with parallel=pp"),
+    (["parallel.pp.size=3", "trainer.devices=4"], "not divisible"),
+])
+def test_pipeline_config_errors_are_one_line_and_name_the_sizes(overrides, message):
+    from curry_train.config import ConfigError
+    from curry_train.config.checks import check
+
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        check(compose(["data.global_batch_size=16", "data.micro_batch_size=4", "parallel=pp", *overrides]))
+
+
+def test_pipeline_layout_degrees_and_microbatches():
+    from curry_train.config.checks import check, pipeline_microbatches
+
+    plan = check(compose(["parallel=pp", "trainer.devices=4", "data.global_batch_size=32", "data.micro_batch_size=4"]))
+    assert plan.degrees.pp == 2 and plan.degrees.dp == 2
+    cfg = compose(["parallel=pp", "trainer.devices=4", "data.global_batch_size=32", "data.micro_batch_size=4"])
+    assert pipeline_microbatches(cfg, plan.degrees) == 4  # 16 samples per data-parallel rank, 4 each
+
+
+# -- parallel=pp through the strategy and Lightning's loop ---------------------------------------
+
+from curry_train.validation.whitebox import validate  # noqa: E402
+
+from conftest import FAST, STEPS, assert_same_curve, read_metric, run_train  # noqa: E402
+
+
+@pytest.mark.parametrize("layout", [
+    ("parallel.pp.schedule=gpipe", "trainer.devices=2"),
+    ("parallel.pp.schedule=1F1B", "trainer.devices=2"),
+    ("parallel.pp.schedule=interleaved", "trainer.devices=2"),
+    ("parallel.pp.schedule=interleaved_zb", "trainer.devices=2"),
+    ("parallel.pp.schedule=zbv", "trainer.devices=2"),
+    ("parallel.pp.schedule=dualpipev", "trainer.devices=2"),
+    ("parallel.pp.schedule=1F1B", "parallel.pp.size=4", "trainer.devices=4", "data.micro_batch_size=2"),
+], ids=["gpipe", "1F1B", "interleaved", "interleaved_zb", "zbv", "dualpipev", "1F1B-4"])
+def test_whitebox_pipeline_matches_single_process(layout):
+    """Loss, gradient norm (over all stages) and every gradient of 2 steps, and the loss logged by
+    every rank (whitebox checks it), against one process."""
+    report = validate([*FAST, "parallel=pp", *layout], steps=2)
+    assert report.ok, report.table(only_failures=True)
+    assert len(report.rows) == 2 * (2 + 39)
+
+
+@pytest.mark.parametrize("layout", [
+    ("parallel=pp", "trainer.devices=4", "data.micro_batch_size=2"),  # 2 stages x 2 replicas (FSDP2 no_shard)
+    ("parallel=fsdp+pp", "parallel.pp.schedule=interleaved", "trainer.devices=4", "data.micro_batch_size=2"),
+    ("parallel=fsdp+tp+pp", "trainer.devices=8", "data.micro_batch_size=2"),
+], ids=["pp-dp-2x2", "fsdp+pp-interleaved-2x2", "fsdp+tp+pp-2x2x2"])
+def test_whitebox_pipeline_composes_with_data_and_tensor_parallelism(layout):
+    report = validate([*FAST, *layout], steps=2)
+    assert report.ok, report.table(only_failures=True)
+    assert len(report.rows) == 2 * (2 + 39)
+
+
+@pytest.mark.parametrize("schedule", KINDS)
+def test_pipeline_reproduces_single_process_curve(schedule, single_process_curve, tmp_path):
+    run_train([*FAST, f"trainer.max_steps={STEPS}", "parallel=pp", f"parallel.pp.schedule={schedule}", "trainer.devices=2",
+               f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
+    assert_same_curve(read_metric(tmp_path), single_process_curve)
+
+
+def test_3d_layout_reproduces_curve_and_resumes_on_one_process(single_process_curve, tmp_path):
+    """fsdp+tp+pp on 8 ranks: the single-process curve, with validation on; its step-6 checkpoint
+    (per-stage DCP shards, 2-D DTensors) resumes on one process on the same curve."""
+    saved, resumed, reference = tmp_path / "3d", tmp_path / "resumed", tmp_path / "reference"
+    common = [*FAST, f"trainer.max_steps={STEPS}", "data.micro_batch_size=2", "trainer.limit_val_batches=2",
+              "trainer.val_check_interval=5"]
+    run_train([*common, "parallel=fsdp+tp+pp", "trainer.devices=8", "checkpoint.every_n_steps=6", f"hydra.run.dir={saved}"],
+              cwd=tmp_path, timeout=900)
+    assert_same_curve(read_metric(saved), single_process_curve)
+    run_train([*common, f"hydra.run.dir={reference}"], cwd=tmp_path)
+    val = read_metric(saved, "val/loss")
+    assert sorted(val) == [4, 9]
+    assert_same_curve(val, read_metric(reference, "val/loss"))  # validation through the pipeline's eval
+    run_train([*FAST, f"trainer.max_steps={STEPS}", f"ckpt_path={saved / 'checkpoints' / 'step-00000006'}",
+               f"hydra.run.dir={resumed}"], cwd=tmp_path)
+    curve = read_metric(resumed)
+    assert sorted(curve) == list(range(6, STEPS))
+    assert_same_curve(curve, {step: single_process_curve[step] for step in curve})
+
+
+def test_whitebox_flags_a_rank_that_logs_a_placeholder_loss():
+    from curry_train.validation.whitebox import compare
+
+    grads = {"w": torch.ones(2, dtype=torch.float64)}
+    reference = [{"loss": 5.0, "grad_norm": 1.0, "grads": grads}]
+    good = [{**reference[0], "logged_losses": [5.0, 5.0]}]
+    placeholder = [{**reference[0], "logged_losses": [5.0, -1.0]}]
+    assert compare(good, reference).ok
+    report = compare(placeholder, reference)
+    assert not report.ok and "rank 1 logged train/loss=-1.0" in report.problems[0]

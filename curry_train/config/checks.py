@@ -23,7 +23,7 @@ PRECISIONS = ("32-true", "32", "bf16-mixed")
 LOGGERS = ("wandb", "csv", "tensorboard", "none")
 SCHEDULES = ("cosine", "linear", "constant")
 SOURCES = ("stdlib", "files", "tokens")
-IMPLEMENTED_OPTIONS = ("dp", "fsdp", "tp")
+IMPLEMENTED_OPTIONS = ("dp", "fsdp", "tp", "pp")
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,8 @@ def layout_degrees(cfg: DictConfig, world_size: int) -> Degrees:
     else:
         dp_replicate, dp_shard = 1, -1
     tp = cfg.parallel.tp.size if cfg.parallel.get("tp") is not None else 1
-    return resolve_degrees(world_size, dp_replicate=dp_replicate, dp_shard=dp_shard, cp=1, tp=tp, pp=1)
+    pp = cfg.parallel.pp.size if cfg.parallel.get("pp") is not None else 1
+    return resolve_degrees(world_size, dp_replicate=dp_replicate, dp_shard=dp_shard, cp=1, tp=tp, pp=pp)
 
 
 def _check_parallel(cfg: DictConfig, accelerator: str) -> None:
@@ -202,6 +203,48 @@ def _check_batch(cfg: DictConfig, degrees: Degrees) -> None:
         raise ConfigError(f"data.val_fraction={d.val_fraction} must be in [0, 1)")
 
 
+def pipeline_microbatches(cfg: DictConfig, degrees: Degrees) -> int:
+    """Micro-batches per step on each data-parallel rank of a pipelined run."""
+    local = cfg.data.global_batch_size // degrees.dp
+    pp = cfg.parallel.pp
+    return pp.microbatches if pp.microbatches is not None else local // cfg.data.micro_batch_size
+
+
+def _check_pipeline(cfg: DictConfig, degrees: Degrees) -> None:
+    from curry_train.primitives.pipeline_schedule import check_microbatches, split_layers, stages_per_rank
+
+    pp = cfg.parallel.get("pp")
+    if pp is None:
+        return
+    if pp.size < 1:
+        raise ConfigError(f"parallel.pp.size={pp.size} must be positive")
+    if "dp" in enabled_options(cfg):
+        raise ConfigError("parallel=dp+pp: parallel=pp already replicates the stages over the ranks pp leaves;"
+                          " use parallel=pp, or parallel=fsdp+pp to shard them")
+    try:
+        per_rank = stages_per_rank(pp.schedule, pp.virtual_stages)
+        n_stages = pp.size * per_rank
+        split_layers(cfg.model.n_layers, n_stages, pp.layers_per_stage)
+    except ValueError as error:
+        raise ConfigError(f"parallel.pp (size={pp.size}, schedule={pp.schedule}): {error}") from None
+    if cfg.model.tie_embeddings and pp.size > 1:
+        raise ConfigError("model.tie_embeddings=true with parallel=pp: the embedding and the head live on different stages")
+    local = cfg.data.global_batch_size // degrees.dp
+    if pp.microbatches is not None and (pp.microbatches < 1 or local % pp.microbatches):
+        raise ConfigError(
+            f"parallel.pp.microbatches={pp.microbatches} does not divide the {local} samples each data-parallel rank"
+            f" gets per step (data.global_batch_size={cfg.data.global_batch_size} over {degrees.dp} ranks)"
+        )
+    microbatches = pipeline_microbatches(cfg, degrees)
+    try:
+        check_microbatches(pp.schedule, microbatches, pp.size, n_stages)
+    except ValueError as error:
+        raise ConfigError(
+            f"parallel.pp: {error} (micro-batches per step: {microbatches}; set parallel.pp.microbatches or"
+            " data.global_batch_size / data.micro_batch_size)"
+        ) from None
+
+
 def _check_training(cfg: DictConfig) -> None:
     t, o, c = cfg.trainer, cfg.optim, cfg.checkpoint
     if t.max_steps < 1:
@@ -272,5 +315,6 @@ def check(cfg: DictConfig, env: Mapping[str, str] = os.environ) -> LaunchPlan:
     if vocab > cfg.model.vocab_size:
         raise ConfigError(f"the data's vocabulary ({vocab} tokens) exceeds model.vocab_size={cfg.model.vocab_size}")
     _check_batch(cfg, degrees)
+    _check_pipeline(cfg, degrees)
     _check_training(cfg)
     return LaunchPlan(accelerator, devices, num_nodes, degrees, launcher, _resolve_ckpt_path(cfg))

@@ -129,12 +129,24 @@ class TPConfig:
 
 
 @dataclass
+class PPConfig:
+    """parallel=pp: pipeline parallelism, see primitives/pipeline_schedule.py."""
+
+    size: int = 2  # pipeline ranks (stages x virtual_stages in all)
+    schedule: str = "1F1B"  # gpipe | 1F1B | interleaved | interleaved_zb | zbv | dualpipev
+    microbatches: Optional[int] = None  # per step and data-parallel rank; null: local batch / data.micro_batch_size
+    virtual_stages: Optional[int] = None  # stages per rank: null = 1 (gpipe, 1F1B), 2 (interleaved*, zbv, dualpipev)
+    layers_per_stage: Optional[list[int]] = None  # explicit split (one count per stage); null: balanced
+
+
+@dataclass
 class ParallelConfig:
     """The layout. Each option of the ``parallel`` group fills its own subtree; ``+`` joins options."""
 
     dp: Optional[DPConfig] = None
     fsdp: Optional[FSDPConfig] = None
     tp: Optional[TPConfig] = None
+    pp: Optional[PPConfig] = None
     recompute: str = "none"  # activation recompute, any layout: none | full | selective
     recompute_every_n_blocks: int = 0  # selective: 0 = per op in every block; n = full recompute of every n-th block
 

@@ -85,12 +85,15 @@ class DistributedOptimizer:
         reshard_after_forward: Optional[bool] = None,
         units: Optional[Sequence[nn.Module]] = None,
         blocks_per_unit: int = 1,
+        roots: Optional[Sequence[nn.Module]] = None,
     ) -> nn.Module:
         """Shard ``model`` in place over the data-parallel ranks and return it.
 
         ``units``: the modules each sharded on its own (default: the model's repeated blocks, taken
         ``blocks_per_unit`` at a time, from ``model.plan`` when the model declares one, else every
-        child of the model's ModuleLists/ModuleDicts). ``parallel_state``: default, a
+        child of the model's ModuleLists/ModuleDicts). ``roots``: the modules sharded last, each
+        holding the parameters no unit holds (default: ``model``; pipeline stages that share
+        ``model``'s modules pass themselves, since their forward, not ``model``'s, runs). ``parallel_state``: default, a
         ``ParallelState`` over all ranks with the shape this ``sharding`` needs. May be called on a
         meta-device model; materialize afterwards.
         """
@@ -118,8 +121,10 @@ class DistributedOptimizer:
                         mp_policy=mp_policy, offload_policy=offload)
         # The root's own parameters (embedding, final norm, head) are used last in forward and first
         # in backward: keeping them gathered saves an all-gather and costs little.
-        fully_shard(model, mesh=mesh, reshard_after_forward=False, mp_policy=mp_policy, offload_policy=offload)
-        for module in model.modules():
+        roots = [model] if roots is None else list(roots)
+        for root in roots:
+            fully_shard(root, mesh=mesh, reshard_after_forward=False, mp_policy=mp_policy, offload_policy=offload)
+        for module in {id(m): m for root in [model, *roots] for m in root.modules()}.values():
             if isinstance(module, FSDPModule):
                 _sum_gradients(module)
                 if backward_prefetch == "none":

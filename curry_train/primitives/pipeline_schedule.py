@@ -168,7 +168,8 @@ def pipeline_stages(
     embedding, final norm and head this rank's stages hold, so parameter names are unchanged (a
     checkpoint of any layout loads into any other); ``stages`` lists every stage, None where another
     rank holds it, and for this rank's stages a module that runs its part: ``local`` itself when the
-    rank holds one stage, else views sharing ``local``'s submodules.
+    rank holds one stage, else views sharing ``local``'s submodules (and buffers): apply tensor
+    parallelism before (it may replace modules), FSDP and materialization after.
     """
     plan = model.plan
     per_rank = stages_per_rank(kind, virtual_stages)
@@ -195,9 +196,10 @@ def pipeline_stages(
         return model, stages
     for s in local_stages:
         view = copy.copy(model)
-        for key, value in list(vars(view).items()):  # own module/parameter/buffer/hook tables
-            if isinstance(value, (dict, set)):
+        for key, value in list(vars(view).items()):  # own module, parameter and hook tables ...
+            if isinstance(value, (dict, set)) and key not in ("_buffers", "_non_persistent_buffers_set"):
                 vars(view)[key] = copy.copy(value)
+        # ... but the buffers' table shared, so the views see the buffers materialization allocates.
         setattr(view, plan.blocks, type(blocks)({names[i]: blocks[names[i]] for i in ranges[s]}))
         if s != 0:
             setattr(view, plan.embedding, None)
@@ -215,6 +217,11 @@ def next_token_loss(total_tokens: int) -> Callable[[Tensor, Tensor], Tensor]:
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum") / total_tokens
 
     return loss_fn
+
+
+def _plain(loss: Tensor) -> Tensor:
+    """A loss as a plain tensor (under tensor parallelism's loss parallel it is a replicated DTensor)."""
+    return loss.full_tensor() if hasattr(loss, "full_tensor") else loss
 
 
 @dataclass
@@ -322,7 +329,7 @@ class PipelineSchedule:
         run(*args, **kwargs)
         per_microbatch = torch.zeros(self.n_microbatches, device=self.device)
         if self.has_last:
-            per_microbatch = torch.stack([loss.detach().float().reshape(()) for loss in losses]).to(self.device)
+            per_microbatch = torch.stack([_plain(loss.detach()).float().reshape(()) for loss in losses]).to(self.device)
         # The loss is visible on every pipeline rank: sent from the one holding the last stage.
         dist.all_reduce(per_microbatch, group=self.group)
         return per_microbatch
