@@ -158,6 +158,9 @@ class Llama(nn.Module):
         cos, sin = rope_tables(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        # The positions of the tokens this rank holds when they are not 0..seq-1 (context
+        # parallelism shards the sequence); forward uses them when called without positions.
+        self.register_buffer("positions", None, persistent=False)
 
     def forward(self, tokens: Tensor, positions: Optional[Tensor] = None) -> Tensor:
         """tokens: (batch, seq) ids, or hidden states (batch, seq, dim) on a stage without the embedding.
@@ -166,6 +169,8 @@ class Llama(nn.Module):
         or hidden states on a stage without the head.
         """
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
+        if positions is None:
+            positions = self.positions
         if positions is None:  # the length of the input, not of h (a sequence-parallel shard)
             cos, sin = self.rope_cos[: tokens.shape[1]], self.rope_sin[: tokens.shape[1]]
         else:

@@ -116,7 +116,8 @@ class CausalLM(pl.LightningModule):
         scheduler.step()
 
         self.train_loss.update(loss)
-        self.train_tokens.update(torch.tensor(batch[:, 1:].numel(), dtype=torch.float64, device=loss.device))
+        tokens = batch[:, 1:].numel() * getattr(strategy, "token_fraction", 1.0)  # context parallel: this rank's share
+        self.train_tokens.update(torch.tensor(tokens, dtype=torch.float64, device=loss.device))
         self._steps_since_log += 1
         if self.trainer.global_step % self.cfg.trainer.log_every_n_steps == 0:
             self._log_train(grad_norm, lr)
@@ -140,7 +141,8 @@ class CausalLM(pl.LightningModule):
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
         loss = self.trainer.strategy.forward_eval(self, self.micro_batches(batch), self.loss_fn)
         self.val_loss.update(loss * self.tokens_per_step)  # back to a plain sum of token losses
-        self.val_tokens.update(torch.tensor(batch[:, 1:].numel(), dtype=torch.float64, device=loss.device))
+        tokens = batch[:, 1:].numel() * getattr(self.trainer.strategy, "token_fraction", 1.0)
+        self.val_tokens.update(torch.tensor(tokens, dtype=torch.float64, device=loss.device))
 
     def on_validation_epoch_end(self) -> None:
         tokens = self.val_tokens.compute()

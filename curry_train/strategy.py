@@ -47,6 +47,7 @@ from curry_train.config.checks import layout_degrees, pipeline_microbatches
 from curry_train.primitives import dcp
 from curry_train.primitives.distributed_optimizer import DistributedOptimizer, ZeroOneModule
 from curry_train.primitives.parallel_state import ParallelState, init_process_group_from_env
+from curry_train.primitives.context_parallel import ContextParallel, sequence_positions, shard_sequence
 from curry_train.primitives.pipeline_schedule import PipelineSchedule, pipeline_stages
 from curry_train.primitives.recompute import apply_recompute
 from curry_train.primitives.tp_linear import apply_tensor_parallel, reduce_partial_gradients
@@ -225,9 +226,15 @@ class CurryStrategy(ParallelStrategy):
             local = [stage for stage in self.pipeline_modules if stage is not None]
             roots = local if len(local) > 1 else None  # views run, not the rank's container
         blocks = list(model.get_submodule(model.plan.blocks).values())
+        cp = p.get("cp")
+        if cp is not None:
+            attention, op = model.plan.attention_op.rsplit(".", 1)
+            for block in blocks:
+                ContextParallel.wrap(block.get_submodule(attention), ps.get_cp_group(), cp.pattern, causal=True,
+                                     load_balance=cp.load_balance, inner_ring=cp.inner_ring, op_name=op)
         apply_recompute(blocks, p.recompute, p.recompute_every_n_blocks)
         fsdp = p.get("fsdp")
-        if fsdp is None and (tp is not None or pp is not None) and ps.dp_size > 1:
+        if fsdp is None and (tp is not None or pp is not None) and ps.submesh("dp_cp").size() > 1:
             DistributedOptimizer.wrap(model, sharding="no_shard", parallel_state=ps, roots=roots)
         elif fsdp is not None:
             DistributedOptimizer.wrap(
@@ -242,17 +249,21 @@ class CurryStrategy(ParallelStrategy):
                 roots=roots,
             )
         materialize_and_init(model, self.root_device, self.cfg.seed)
-        if fsdp is None and tp is None and pp is None and ps.dp_size > 1:
+        if cp is not None:
+            model.positions = sequence_positions(self.cfg.data.seq_len, cp.size, ps.cp_rank, cp.load_balance, self.root_device)
+        replicas = ps.submesh("dp_cp").get_group() if cp is not None else ps.get_dp_group()
+        if fsdp is None and tp is None and pp is None and ps.submesh("dp_cp").size() > 1:
             dp_cfg = p.get("dp")
             model = DistributedDataParallel(
                 model,
                 device_ids=[self.root_device.index] if self.root_device.type == "cuda" else None,
-                process_group=ps.get_dp_group(),
+                process_group=replicas,
                 bucket_cap_mb=dp_cfg.bucket_cap_mb if dp_cfg is not None else 25,
                 static_graph=dp_cfg.static_graph if dp_cfg is not None else False,
                 gradient_as_bucket_view=True,
+                broadcast_buffers=False,  # RoPE tables and this rank's positions: computed, and rank-specific under cp
             )
-            model.register_comm_hook(ps.get_dp_group(), _allreduce_sum_hook)
+            model.register_comm_hook(replicas, _allreduce_sum_hook)
         module.model = model
 
     @override
@@ -273,10 +284,11 @@ class CurryStrategy(ParallelStrategy):
         model = module.model
         if self.pipeline_modules is not None:
             with self._loss_context():
-                loss = self._pipeline(module).train_step(torch.cat(micro_batches)).loss
+                loss = self._pipeline(module).train_step(*self._pipeline_inputs(micro_batches)).loss
             if self.cfg.parallel.get("tp") is not None:
                 reduce_partial_gradients(model.parameters())
             return loss
+        loss_fn = self._sequence_sharded(module, loss_fn)
         fsdp = self.cfg.parallel.get("fsdp")
         sync_each = fsdp is not None and fsdp.sync_each_microbatch
         total = torch.zeros((), device=self.root_device)
@@ -310,12 +322,37 @@ class CurryStrategy(ParallelStrategy):
     def forward_eval(self, module: pl.LightningModule, micro_batches: list[Tensor], loss_fn: Callable) -> Tensor:
         if self.pipeline_modules is not None:
             with self._loss_context():
-                return self._pipeline(module).eval_step(torch.cat(micro_batches)).loss
+                return self._pipeline(module).eval_step(*self._pipeline_inputs(micro_batches)).loss
+        loss_fn = self._sequence_sharded(module, loss_fn)
         total = torch.zeros((), device=self.root_device)
         for batch in micro_batches:
             with self._loss_context():
                 total += _plain(loss_fn(module.model, batch))
         return total
+
+    def _cp_shard(self, x: Tensor) -> Tensor:
+        cp = self.cfg.parallel.cp
+        return shard_sequence(x, cp.size, self.parallel_state.cp_rank, cp.load_balance)
+
+    def _sequence_sharded(self, module: pl.LightningModule, loss_fn: Callable) -> Callable:
+        """Context parallelism: this rank's share of each sequence's inputs and labels (the model
+        knows their positions: ``Llama.positions``); the loss is still over the global token count."""
+        if self.cfg.parallel.get("cp") is None:
+            return loss_fn
+        return lambda model, tokens: module.token_loss(model(self._cp_shard(tokens[:, :-1])), self._cp_shard(tokens[:, 1:]))
+
+    def _pipeline_inputs(self, micro_batches: list[Tensor]) -> tuple:
+        """What the schedule's step takes: whole micro-batches, or with context parallelism this
+        rank's shards of their inputs and labels."""
+        if self.cfg.parallel.get("cp") is None:
+            return (micro_batches,)
+        return [self._cp_shard(mb[:, :-1]) for mb in micro_batches], [self._cp_shard(mb[:, 1:]) for mb in micro_batches]
+
+    @property
+    def token_fraction(self) -> float:
+        """The share of each sample's tokens this rank computes (1 / cp)."""
+        cp = self.cfg.parallel.get("cp")
+        return 1.0 / cp.size if cp is not None else 1.0
 
     def _loss_context(self):
         tp = self.cfg.parallel.get("tp")

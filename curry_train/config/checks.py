@@ -23,7 +23,7 @@ PRECISIONS = ("32-true", "32", "bf16-mixed")
 LOGGERS = ("wandb", "csv", "tensorboard", "none")
 SCHEDULES = ("cosine", "linear", "constant")
 SOURCES = ("stdlib", "files", "tokens")
-IMPLEMENTED_OPTIONS = ("dp", "fsdp", "tp", "pp")
+IMPLEMENTED_OPTIONS = ("dp", "fsdp", "tp", "pp", "cp")
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,8 @@ def layout_degrees(cfg: DictConfig, world_size: int) -> Degrees:
         dp_replicate, dp_shard = 1, -1
     tp = cfg.parallel.tp.size if cfg.parallel.get("tp") is not None else 1
     pp = cfg.parallel.pp.size if cfg.parallel.get("pp") is not None else 1
-    return resolve_degrees(world_size, dp_replicate=dp_replicate, dp_shard=dp_shard, cp=1, tp=tp, pp=pp)
+    cp = cfg.parallel.cp.size if cfg.parallel.get("cp") is not None else 1
+    return resolve_degrees(world_size, dp_replicate=dp_replicate, dp_shard=dp_shard, cp=cp, tp=tp, pp=pp)
 
 
 def _check_parallel(cfg: DictConfig, accelerator: str) -> None:
@@ -245,6 +246,35 @@ def _check_pipeline(cfg: DictConfig, degrees: Degrees) -> None:
         ) from None
 
 
+def _check_context_parallel(cfg: DictConfig) -> None:
+    from curry_train.primitives.context_parallel import PATTERNS
+
+    cp = cfg.parallel.get("cp")
+    if cp is None:
+        return
+    if cp.size < 1:
+        raise ConfigError(f"parallel.cp.size={cp.size} must be positive")
+    if cp.pattern not in PATTERNS:
+        raise ConfigError(f"parallel.cp.pattern={cp.pattern!r}: expected one of {', '.join(PATTERNS)}")
+    parts = 2 * cp.size if cp.load_balance else cp.size
+    if cfg.data.seq_len % parts:
+        raise ConfigError(
+            f"data.seq_len={cfg.data.seq_len} is not divisible by {parts}"
+            f" ({'2 x ' if cp.load_balance else ''}parallel.cp.size={cp.size}: each rank holds equal chunks)"
+        )
+    tp = cfg.parallel.tp.size if cfg.parallel.get("tp") is not None else 1
+    heads = cfg.model.n_heads // tp
+    if cp.pattern == "alltoall" and heads % cp.size:
+        raise ConfigError(f"parallel.cp.pattern=alltoall scatters heads: {heads} heads per rank (model.n_heads / tp)"
+                          f" do not divide by parallel.cp.size={cp.size}")
+    if cp.pattern == "double_ring" and cp.inner_ring is not None and (cp.inner_ring < 1 or cp.size % cp.inner_ring):
+        raise ConfigError(f"parallel.cp.inner_ring={cp.inner_ring} does not divide parallel.cp.size={cp.size}")
+    if cfg.model.dropout:
+        raise ConfigError(f"model.dropout={cfg.model.dropout} with parallel=cp: context-parallel attention has no dropout; set 0")
+    if "dp" in enabled_options(cfg) and ("tp" in enabled_options(cfg) or "pp" in enabled_options(cfg)):
+        raise ConfigError("parallel=dp with tp or pp: those replicate over the ranks they leave already; drop dp")
+
+
 def _check_training(cfg: DictConfig) -> None:
     t, o, c = cfg.trainer, cfg.optim, cfg.checkpoint
     if t.max_steps < 1:
@@ -316,5 +346,6 @@ def check(cfg: DictConfig, env: Mapping[str, str] = os.environ) -> LaunchPlan:
         raise ConfigError(f"the data's vocabulary ({vocab} tokens) exceeds model.vocab_size={cfg.model.vocab_size}")
     _check_batch(cfg, degrees)
     _check_pipeline(cfg, degrees)
+    _check_context_parallel(cfg)
     _check_training(cfg)
     return LaunchPlan(accelerator, devices, num_nodes, degrees, launcher, _resolve_ckpt_path(cfg))

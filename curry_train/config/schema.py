@@ -140,6 +140,16 @@ class PPConfig:
 
 
 @dataclass
+class CPConfig:
+    """parallel=cp: context parallelism, see primitives/context_parallel.py."""
+
+    size: int = 2  # ranks that share each sequence
+    pattern: str = "ring"  # ring | double_ring | alltoall
+    load_balance: bool = True  # zigzag layout: rank r holds chunks r and 2cp-1-r (equal causal work)
+    inner_ring: Optional[int] = None  # double_ring: ranks per inner ring (null: largest divisor <= sqrt(size))
+
+
+@dataclass
 class ParallelConfig:
     """The layout. Each option of the ``parallel`` group fills its own subtree; ``+`` joins options."""
 
@@ -147,6 +157,7 @@ class ParallelConfig:
     fsdp: Optional[FSDPConfig] = None
     tp: Optional[TPConfig] = None
     pp: Optional[PPConfig] = None
+    cp: Optional[CPConfig] = None
     recompute: str = "none"  # activation recompute, any layout: none | full | selective
     recompute_every_n_blocks: int = 0  # selective: 0 = per op in every block; n = full recompute of every n-th block
 

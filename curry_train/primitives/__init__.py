@@ -1,9 +1,20 @@
 """The parallelism primitives, one file each, composable through a shared ``ParallelState``."""
 
+from curry_train.model import GQAttention
+from curry_train.primitives.context_parallel import ContextParallel
 from curry_train.primitives.distributed_optimizer import DistributedOptimizer
 from curry_train.primitives.parallel_state import ParallelState
 from curry_train.primitives.pipeline_schedule import PipelineSchedule
 from curry_train.primitives.recompute import apply_recompute
 from curry_train.primitives.tp_linear import ColumnParallelLinear, RowParallelLinear
 
-__all__ = ["ColumnParallelLinear", "DistributedOptimizer", "ParallelState", "PipelineSchedule", "RowParallelLinear", "apply_recompute"]
+__all__ = [
+    "ColumnParallelLinear",
+    "ContextParallel",
+    "DistributedOptimizer",
+    "GQAttention",
+    "ParallelState",
+    "PipelineSchedule",
+    "RowParallelLinear",
+    "apply_recompute",
+]

@@ -48,6 +48,11 @@ def fsdp_mesh(parallel_state: ParallelState, sharding: str) -> DeviceMesh:
     """The mesh FSDP2 runs over: 2-D (replicate, shard) for hybrid and no_shard, else the 1-D shard
     mesh. Context-parallel ranks hold different tokens of the same samples, so parameters are
     sharded (and gradients summed) over them as well."""
+    if parallel_state.degrees.cp > 1:
+        if sharding == "hybrid":
+            return parallel_state.mesh["dp_replicate", "dp_shard_cp"]
+        if sharding == "no_shard":
+            return parallel_state.mesh["dp_replicate_cp", "dp_shard"]
     if sharding in ("hybrid", "no_shard"):
         return parallel_state.mesh["dp_replicate", "dp_shard"]
     return parallel_state.submesh("dp_shard_cp")

@@ -114,6 +114,8 @@ class ParallelState:
             "dp": self.mesh["dp_replicate", "dp_shard"]._flatten("dp"),
             "dp_shard_cp": self.mesh["dp_shard", "cp"]._flatten("dp_shard_cp"),
             "dp_cp": self.mesh["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp"),
+            # replicas that also sum over context-parallel ranks (FSDP2's no_shard with cp)
+            "dp_replicate_cp": self.mesh["dp_replicate", "cp"]._flatten("dp_replicate_cp"),
         }
 
     # Degrees ------------------------------------------------------------------------------------

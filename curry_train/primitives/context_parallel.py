@@ -1,0 +1,381 @@
+"""ContextParallel: attention over a sequence sharded across the ``cp`` ranks of a group.
+
+Each rank holds a slice of every sequence (its queries, keys and values); the attention of its
+queries needs every rank's keys and values. Patterns (``pattern=``):
+
+``ring``         Ring attention (Liu et al., 2023): key/value blocks travel a ring of the cp ranks;
+                 at each of the cp steps a rank computes its queries against the block it holds
+                 while sending it on and receiving the next (communication overlaps compute). Block
+                 results are merged exactly with their log-sum-exp, in fp32. Backward runs the ring
+                 again; the key/value gradients travel with their blocks and end at their owners.
+``double_ring``  The same with two levels (as in LoongTrain's double ring): cp = outer x inner;
+                 blocks go round the inner ring (ranks of one group, e.g. a node), then hop once to
+                 the next group (the outer ring), so only one step in ``inner`` crosses groups.
+``alltoall``     Ulysses-style (Jacobs et al., 2023): an all-to-all trades the sequence shard for a
+                 head shard (every rank gets the whole sequence for heads/cp heads), attention runs
+                 locally, a second all-to-all trades back. Needs heads divisible by cp (key/value
+                 heads fewer than cp are sent repeated).
+
+Causal attention and load balance: with the sequence cut into cp chunks in order, rank r's queries
+see r+1 chunks of keys, so the last rank works cp times more than the first. The *zigzag* layout
+(``load_balance=True``) cuts it into 2*cp chunks and gives rank r chunks r and 2cp-1-r, so every
+rank does the same work. ``sequence_layout`` gives the positions a rank holds; the caller shards
+tokens, RoPE positions and labels alike (``shard_sequence``).
+
+The block kernel is the fused attention that returns the log-sum-exp: PyTorch's CPU flash kernel on
+CPU; on other devices an exact fp32 math kernel (O(block^2) memory per block, not per sequence).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+PATTERNS = ("ring", "double_ring", "alltoall")
+# Seconds spent waiting for communication (a block not yet arrived, an all-to-all), accumulated for
+# the bench (curry_train.validation.context): what compute did not hide.
+WAIT_SECONDS = [0.0]
+
+
+def _wait(works: list) -> None:
+    start = time.perf_counter()
+    for work in works:
+        work.wait()
+    WAIT_SECONDS[0] += time.perf_counter() - start
+
+
+# ----------------------------------------------------------------------------------------------
+# Sequence layout
+
+
+def sequence_layout(seq_len: int, cp: int, rank: int, load_balance: bool = True) -> list[range]:
+    """The position ranges rank ``rank`` of ``cp`` holds (in the order it holds them)."""
+    parts = 2 * cp if load_balance else cp
+    if seq_len % parts:
+        raise ValueError(f"sequence length {seq_len} is not divisible by {parts} ({'2 x ' if load_balance else ''}cp={cp})")
+    chunk = seq_len // parts
+    indices = (rank, parts - 1 - rank) if load_balance else (rank,)
+    return [range(i * chunk, (i + 1) * chunk) for i in indices]
+
+
+def sequence_positions(seq_len: int, cp: int, rank: int, load_balance: bool = True, device=None) -> Tensor:
+    return torch.tensor([p for r in sequence_layout(seq_len, cp, rank, load_balance) for p in r], device=device)
+
+
+def shard_sequence(x: Tensor, cp: int, rank: int, load_balance: bool = True, dim: int = 1) -> Tensor:
+    """This rank's part of ``x`` along ``dim`` (tokens, labels, positions: all sharded alike)."""
+    ranges = sequence_layout(x.shape[dim], cp, rank, load_balance)
+    return torch.cat([x.narrow(dim, r.start, len(r)) for r in ranges], dim=dim)
+
+
+# ----------------------------------------------------------------------------------------------
+# Block kernels: (q, k, v, causal) -> (out, lse) and its backward given the final out and lse
+
+
+def _expand_kv(k: Tensor, groups: int) -> Tensor:
+    return k.repeat_interleave(groups, dim=1) if groups > 1 else k
+
+
+def _fold_kv_grad(grad: Tensor, groups: int) -> Tensor:
+    if groups == 1:
+        return grad
+    b, h, s, d = grad.shape
+    return grad.view(b, h // groups, groups, s, d).sum(2)
+
+
+def _math_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    scores = (q.float() @ k.float().transpose(-2, -1)) * scale
+    if causal:
+        scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1), float("-inf"))
+    lse = scores.logsumexp(-1)
+    return (torch.exp(scores - lse[..., None]) @ v.float()).to(q.dtype), lse
+
+
+def _math_backward(dout, q, k, v, out, lse, causal: bool, scale: float):
+    scores = (q.float() @ k.float().transpose(-2, -1)) * scale
+    if causal:
+        scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1), float("-inf"))
+    p = torch.exp(scores - lse[..., None])
+    dout32 = dout.float()
+    dv = p.transpose(-2, -1) @ dout32
+    dp = dout32 @ v.float().transpose(-2, -1)
+    delta = (dout32 * out.float()).sum(-1, keepdim=True)
+    ds = p * (dp - delta) * scale
+    return (ds @ k.float()).to(q.dtype), (ds.transpose(-2, -1) @ q.float()).to(k.dtype), dv.to(v.dtype)
+
+
+def block_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    """Attention of one query block over one key/value block (heads equal): output and fp32 lse."""
+    if q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+        return out, lse.float()
+    return _math_forward(q, k, v, causal, scale)
+
+
+def block_backward(dout, q, k, v, out, lse, causal: bool, scale: float):
+    if q.device.type == "cpu":
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout, q, k, v, out, lse, 0.0, causal, scale=scale
+        )
+    return _math_backward(dout, q, k, v, out, lse, causal, scale)
+
+
+# ----------------------------------------------------------------------------------------------
+# Rings
+
+
+@dataclass(frozen=True)
+class RingPlan:
+    """Who sends to whom after each step, and whose block each rank holds at each step."""
+
+    group: dist.ProcessGroup
+    rank: int  # in the cp group
+    size: int
+    send_to: tuple[int, ...]  # per step, this rank's destination (cp-group rank); the last move returns blocks home
+    recv_from: tuple[int, ...]
+    holds: tuple[int, ...]  # per step, the cp-group rank whose key/value block this rank holds
+
+    @property
+    def steps(self) -> int:
+        return len(self.holds)
+
+    def global_rank(self, group_rank: int) -> int:
+        return dist.get_global_rank(self.group, group_rank)
+
+
+def ring_plan(group: dist.ProcessGroup, pattern: str = "ring", inner: Optional[int] = None) -> RingPlan:
+    """The moves of ``ring`` (rank r sends to r+1 after each step) or ``double_ring`` (cp = outer x
+    inner, rank (g, l) = g*inner + l: inner moves (g, l) -> (g, l+1); the last of each inner cycle
+    goes to the next group instead, (g, l) -> (g+1, l+1), so blocks of the next group arrive)."""
+    size, rank = dist.get_world_size(group), dist.get_rank(group)
+    if pattern == "ring" or size == 1:
+        moves = [[(r + 1) % size for r in range(size)] for _ in range(size)]
+    elif pattern == "double_ring":
+        inner = inner or default_inner_ring(size)
+        if size % inner:
+            raise ValueError(f"double_ring: inner ring size {inner} does not divide cp={size}")
+        outer = size // inner
+        moves = []
+        for step in range(size):
+            end_of_cycle = (step + 1) % inner == 0
+            moves.append([
+                (((r // inner) + (1 if end_of_cycle else 0)) % outer) * inner + (r % inner + 1) % inner for r in range(size)
+            ])
+    else:
+        raise ValueError(f"pattern={pattern!r}: expected ring or double_ring here")
+    holds_all = list(range(size))  # holds_all[r]: owner of the block rank r holds
+    holds, send_to, recv_from = [], [], []
+    for move in moves:
+        holds.append(holds_all[rank])
+        send_to.append(move[rank])
+        recv_from.append(move.index(rank))
+        nxt = [0] * size
+        for r in range(size):
+            nxt[move[r]] = holds_all[r]
+        holds_all = nxt
+    assert holds_all == list(range(size)), "ring moves must return every block to its owner"
+    assert sorted(holds) == list(range(size)), "every rank must see every block once"
+    return RingPlan(group, rank, size, tuple(send_to), tuple(recv_from), tuple(holds))
+
+
+def default_inner_ring(size: int) -> int:
+    """Inner ring size when none is given: the largest divisor of ``size`` not above its square root
+    (cp=4: 2 groups of 2; cp=8: 4 groups of 2; a prime cp: one ring)."""
+    inner = max(d for d in range(1, int(math.isqrt(size)) + 1) if size % d == 0)
+    return inner if inner > 1 else size
+
+
+KV_TAG, GRAD_TAG = 1, 2  # blocks and their gradients are in flight at once: never confuse them
+
+
+def _exchange(plan: RingPlan, step: int, tensor: Tensor, tag: int = KV_TAG) -> tuple[Tensor, list]:
+    """Start sending ``tensor`` to this step's destination and receiving its replacement."""
+    received = torch.empty_like(tensor)
+    ops = [
+        dist.P2POp(dist.isend, tensor, plan.global_rank(plan.send_to[step]), plan.group, tag),
+        dist.P2POp(dist.irecv, received, plan.global_rank(plan.recv_from[step]), plan.group, tag),
+    ]
+    return received, dist.batch_isend_irecv(ops)
+
+
+def _pairs(q_ranges: Sequence[range], kv_ranges: Sequence[range], causal: bool):
+    """(query chunk, key/value chunk, causal?) pairs that attend: earlier chunks fully, the same chunk
+    causally, later chunks not at all. Chunks are equal, aligned ranges of positions."""
+    for i, qr in enumerate(q_ranges):
+        for j, kr in enumerate(kv_ranges):
+            if not causal or kr.stop <= qr.start:
+                yield i, j, False
+            elif kr.start == qr.start:
+                yield i, j, True
+
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, plan: RingPlan, layouts: tuple, causal: bool, scale: float):
+        q_ranges = layouts[plan.rank]
+        chunk = len(q_ranges[0])
+        groups = q.shape[1] // k.shape[1]
+        q_chunks = q.split(chunk, dim=2)
+        out = [torch.zeros_like(qc, dtype=torch.float32) for qc in q_chunks]
+        lse = [torch.full(qc.shape[:-1], float("-inf"), device=q.device) for qc in q_chunks]
+        kv = torch.stack([k, v])
+        for step in range(plan.steps):
+            pending = _exchange(plan, step, kv) if step < plan.steps - 1 else None
+            ks, vs = kv[0].split(chunk, dim=2), kv[1].split(chunk, dim=2)
+            for i, j, diagonal in _pairs(q_ranges, layouts[plan.holds[step]], causal):
+                o, l = block_forward(q_chunks[i], _expand_kv(ks[j], groups), _expand_kv(vs[j], groups), diagonal, scale)
+                merged = torch.logaddexp(lse[i], l)
+                out[i] = out[i] * torch.exp(lse[i] - merged)[..., None] + o.float() * torch.exp(l - merged)[..., None]
+                lse[i] = merged
+            if pending is not None:
+                kv, works = pending
+                _wait(works)
+        out_t = torch.cat(out, dim=2).to(q.dtype)
+        lse_t = torch.cat(lse, dim=2)
+        ctx.save_for_backward(q, k, v, out_t, lse_t)
+        ctx.plan, ctx.layouts, ctx.causal, ctx.scale = plan, layouts, causal, scale
+        return out_t
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        plan, layouts, causal, scale = ctx.plan, ctx.layouts, ctx.causal, ctx.scale
+        q_ranges = layouts[plan.rank]
+        chunk = len(q_ranges[0])
+        groups = q.shape[1] // k.shape[1]
+        q_chunks, o_chunks = q.split(chunk, dim=2), out.split(chunk, dim=2)
+        do_chunks, l_chunks = dout.contiguous().split(chunk, dim=2), lse.split(chunk, dim=2)
+        dq = [torch.zeros_like(qc, dtype=torch.float32) for qc in q_chunks]
+        kv = torch.stack([k, v])
+        grads_in_flight = None
+        for step in range(plan.steps):
+            pending = _exchange(plan, step, kv) if step < plan.steps - 1 else None
+            ks, vs = kv[0].split(chunk, dim=2), kv[1].split(chunk, dim=2)
+            dkv = torch.zeros_like(kv, dtype=torch.float32)  # this rank's share of the block's gradient
+            for i, j, diagonal in _pairs(q_ranges, layouts[plan.holds[step]], causal):
+                dq_i, dk_j, dv_j = block_backward(
+                    do_chunks[i], q_chunks[i], _expand_kv(ks[j], groups), _expand_kv(vs[j], groups),
+                    o_chunks[i], l_chunks[i], diagonal, scale,
+                )
+                dq[i] += dq_i.float()
+                dkv[0].narrow(2, j * chunk, chunk).add_(_fold_kv_grad(dk_j.float(), groups))
+                dkv[1].narrow(2, j * chunk, chunk).add_(_fold_kv_grad(dv_j.float(), groups))
+            # The block's gradient travels with it, gathering each rank's share; it arrived (from the
+            # ranks before) while this rank computed, and the last move brings it home.
+            if grads_in_flight is not None:
+                arrived, works = grads_in_flight
+                _wait(works)
+                dkv += arrived
+            grads_in_flight = _exchange(plan, step, dkv, GRAD_TAG) if plan.size > 1 else (dkv, [])
+            if pending is not None:
+                kv, works = pending
+                _wait(works)
+        dkv, works = grads_in_flight
+        _wait(works)
+        return torch.cat(dq, dim=2).to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------
+# All-to-all (Ulysses)
+
+
+class _AllToAll(torch.autograd.Function):
+    """Split dim ``scatter`` over the group, gather dim ``gather``; backward is the reverse."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group, scatter: int, gather: int) -> Tensor:
+        ctx.group, ctx.scatter, ctx.gather = group, scatter, gather
+        return _all_to_all(x, group, scatter, gather)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return _all_to_all(grad.contiguous(), ctx.group, ctx.gather, ctx.scatter), None, None, None
+
+
+def _all_to_all(x: Tensor, group, scatter: int, gather: int) -> Tensor:
+    size = dist.get_world_size(group)
+    inputs = [t.contiguous() for t in x.chunk(size, dim=scatter)]
+    outputs = [torch.empty_like(inputs[0]) for _ in range(size)]
+    start = time.perf_counter()
+    dist.all_to_all(outputs, inputs, group=group)
+    WAIT_SECONDS[0] += time.perf_counter() - start
+    return torch.cat(outputs, dim=gather)
+
+
+def _natural_order(layouts: Sequence[Sequence[range]]) -> Tensor:
+    """Index that puts the gathered sequence (rank 0's positions, rank 1's, ...) in position order."""
+    gathered = [p for ranges in layouts for r in ranges for p in r]
+    return torch.tensor(gathered).argsort()
+
+
+# ----------------------------------------------------------------------------------------------
+# The module
+
+
+class ContextParallelAttention(nn.Module):
+    """Attention over (batch, heads, local_seq, head_dim) shards of q, k, v (``k``/``v`` may have
+    fewer, grouped heads), returning this rank's shard of the output. Drop-in for the model's
+    attention op (``Llama.plan.attention_op``)."""
+
+    def __init__(self, cp_group: dist.ProcessGroup, pattern: str = "ring", causal: bool = True,
+                 load_balance: bool = True, inner_ring: Optional[int] = None) -> None:
+        super().__init__()
+        if pattern not in PATTERNS:
+            raise ValueError(f"pattern={pattern!r}: expected one of {', '.join(PATTERNS)}")
+        self.group, self.pattern, self.causal, self.load_balance = cp_group, pattern, causal, load_balance
+        self.cp, self.rank = dist.get_world_size(cp_group), dist.get_rank(cp_group)
+        self.plan = ring_plan(cp_group, pattern, inner_ring) if pattern != "alltoall" else None
+
+    def extra_repr(self) -> str:
+        return f"pattern={self.pattern}, cp={self.cp}, causal={self.causal}, load_balance={self.load_balance}"
+
+    def layouts(self, local_seq: int) -> tuple:
+        seq = local_seq * self.cp
+        return tuple(tuple(sequence_layout(seq, self.cp, r, self.load_balance)) for r in range(self.cp))
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        layouts = self.layouts(q.shape[2])
+        if self.pattern == "alltoall":
+            return self._alltoall(q, k, v, layouts, scale)
+        return _RingAttention.apply(q, k, v, self.plan, layouts, self.causal, scale)
+
+    def _alltoall(self, q: Tensor, k: Tensor, v: Tensor, layouts: tuple, scale: float) -> Tensor:
+        if q.shape[1] % self.cp:
+            raise ValueError(f"alltoall: {q.shape[1]} heads do not divide by cp={self.cp}")
+        if k.shape[1] % self.cp:  # fewer key/value heads than ranks: send them repeated to the query heads
+            groups = q.shape[1] // k.shape[1]
+            k, v = _expand_kv(k, groups), _expand_kv(v, groups)
+        order = _natural_order(layouts).to(q.device)
+        # (b, h, s_local, d) -> (b, h/cp, s, d), the gathered sequence put in position order
+        q, k, v = (_AllToAll.apply(t, self.group, 1, 2).index_select(2, order) for t in (q, k, v))
+        groups = q.shape[1] // k.shape[1]
+        out = F.scaled_dot_product_attention(q, _expand_kv(k, groups), _expand_kv(v, groups), is_causal=self.causal, scale=scale)
+        out = out.index_select(2, order.argsort())  # back to rank-major order, then to the rank's heads
+        return _AllToAll.apply(out, self.group, 2, 1)
+
+
+class ContextParallel:
+    """Namespace of the seed API: ``ContextParallel.wrap(inner_attention=..., cp_group=...)``."""
+
+    @staticmethod
+    def wrap(inner_attention: nn.Module, cp_group: dist.ProcessGroup, pattern: str = "ring", causal: bool = True,
+             load_balance: bool = True, inner_ring: Optional[int] = None, op_name: str = "sdpa") -> nn.Module:
+        """Make ``inner_attention`` (a ``GQAttention``: projections, RoPE, then its attention op
+        ``op_name``) attend over a sequence sharded across ``cp_group``: its op is replaced by a
+        ``ContextParallelAttention``. The module then takes this rank's shard of the sequence and
+        the cos/sin of the positions it holds (``sequence_positions``). Returns the module."""
+        op = getattr(inner_attention, op_name, None)
+        if op is None:
+            raise ValueError(f"{type(inner_attention).__name__} has no attention op {op_name!r} to replace")
+        if getattr(op, "dropout", 0.0):
+            raise ValueError("context parallelism does not apply attention dropout: set model.dropout=0")
+        setattr(inner_attention, op_name, ContextParallelAttention(cp_group, pattern, causal, load_balance, inner_ring))
+        return inner_attention

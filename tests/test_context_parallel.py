@@ -1,0 +1,188 @@
+"""Context parallelism: our ring / double-ring / all-to-all attention, and parallel=cp."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from curry_train.primitives.context_parallel import sequence_layout, sequence_positions, shard_sequence
+
+
+def test_zigzag_layout_balances_causal_work():
+    assert [list(r) for r in sequence_layout(8, 2, 0)] == [[0, 1], [6, 7]]
+    assert [list(r) for r in sequence_layout(8, 2, 1)] == [[2, 3], [4, 5]]
+    assert [list(r) for r in sequence_layout(8, 2, 1, load_balance=False)] == [[4, 5, 6, 7]]
+    # causal work of rank r: for each query position, the keys it sees; zigzag makes it equal
+    for cp in (2, 4):
+        work = [sum(p + 1 for p in sequence_positions(64, cp, r).tolist()) for r in range(cp)]
+        assert len(set(work)) == 1, work
+        contiguous = [sum(p + 1 for p in sequence_positions(64, cp, r, load_balance=False).tolist()) for r in range(cp)]
+        assert contiguous[-1] > 2 * contiguous[0]
+    x = torch.arange(16).view(2, 8)
+    assert shard_sequence(x, 2, 0).tolist() == [[0, 1, 6, 7], [8, 9, 14, 15]]
+    with pytest.raises(ValueError, match="sequence length 10 is not divisible by 8"):
+        sequence_layout(10, 4, 0)
+
+
+def _attention_against_full(out_dir: str, cases: list) -> None:
+    import torch.distributed as dist
+
+    from curry_train.primitives.context_parallel import ContextParallelAttention
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    results = {}
+    for name, pattern, causal, load_balance in cases:
+        generator = torch.Generator().manual_seed(0)
+        q = torch.randn(2, 4, 32, 8, generator=generator, requires_grad=True)
+        k = torch.randn(2, 2, 32, 8, generator=generator, requires_grad=True)  # grouped: 2 query heads per kv head
+        v = torch.randn(2, 2, 32, 8, generator=generator, requires_grad=True)
+        dout = torch.randn(2, 4, 32, 8, generator=generator)
+        reference = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=causal)
+        reference.backward(dout)
+        attention = ContextParallelAttention(dist.group.WORLD, pattern, causal=causal, load_balance=load_balance)
+        local = [shard_sequence(t.detach(), world, rank, load_balance, dim=2).requires_grad_() for t in (q, k, v)]
+        out = attention(*local)
+        out.backward(shard_sequence(dout, world, rank, load_balance, dim=2))
+        expected = [shard_sequence(t, world, rank, load_balance, dim=2) for t in (reference, q.grad, k.grad, v.grad)]
+        got = [out, *(t.grad for t in local)]
+        results[name] = [((g - e).norm() / e.norm()).item() for g, e in zip(got, expected)]
+    torch.save(results, f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world, cases", [
+    (2, [("ring", "ring", True, True), ("ring-contiguous", "ring", True, False), ("ring-full", "ring", False, True),
+         ("alltoall", "alltoall", True, True)]),
+    (4, [("ring", "ring", True, True), ("double_ring", "double_ring", True, True), ("alltoall-4", "alltoall", True, True)]),
+], ids=["cp2", "cp4"])
+def test_attention_op_matches_unsharded_attention(world, cases, tmp_path):
+    """Outputs and the gradients of q, k and v (grouped key/value heads) of every pattern equal
+    PyTorch's attention over the whole sequence, shard by shard."""
+    from curry_train.launch import spawn
+
+    spawn(world, _attention_against_full, str(tmp_path), cases)
+    for rank in range(world):
+        results = torch.load(tmp_path / f"rank{rank}.pt")
+        for name, errors in results.items():
+            assert max(errors) < 1e-5, (rank, name, errors)  # out, dq, dk, dv
+
+
+def test_default_inner_ring_is_the_largest_divisor_up_to_the_square_root():
+    from curry_train.primitives.context_parallel import default_inner_ring
+
+    assert default_inner_ring(4) == 2 and default_inner_ring(8) == 2 and default_inner_ring(9) == 3
+    assert default_inner_ring(2) == 2 and default_inner_ring(7) == 7
+
+
+# -- parallel=cp through the strategy -------------------------------------------------------------
+
+from curry_train.validation.whitebox import validate  # noqa: E402
+
+from conftest import FAST, REPO, STEPS, assert_same_curve, clean_env, read_metric, run_train  # noqa: E402
+
+
+@pytest.mark.parametrize("layout", [
+    ("parallel=cp", "trainer.devices=2"),
+    ("parallel=cp", "parallel.cp.size=4", "trainer.devices=4"),
+    ("parallel=cp", "parallel.cp.size=4", "parallel.cp.pattern=double_ring", "trainer.devices=4"),
+    ("parallel=cp", "parallel.cp.pattern=alltoall", "trainer.devices=2"),
+    ("parallel=cp", "parallel.cp.load_balance=false", "trainer.devices=4"),  # cp 2 x 2 replicas (DDP over dp x cp)
+    ("parallel=fsdp+cp", "trainer.devices=4"),
+    ("parallel=tp+cp", "trainer.devices=4"),
+    ("parallel=fsdp+tp+pp+cp", "trainer.devices=8"),
+], ids=["ring-2", "ring-4", "double_ring-2x2", "alltoall-2", "contiguous-dp", "fsdp+cp", "tp+cp", "fsdp+tp+pp+cp-8"])
+def test_whitebox_context_parallel_matches_single_process(layout):
+    report = validate([*FAST, *layout], steps=2)
+    assert report.ok, report.table(only_failures=True)
+    assert len(report.rows) == 2 * (2 + 39)
+
+
+@pytest.mark.parametrize("layout", [
+    ("parallel=cp", "trainer.devices=2"),
+    ("parallel=cp", "parallel.cp.pattern=alltoall", "trainer.devices=2"),
+    ("parallel=cp", "parallel.cp.size=4", "trainer.devices=4"),
+    ("parallel=cp", "parallel.cp.size=4", "parallel.cp.pattern=double_ring", "trainer.devices=4"),
+    ("parallel=cp", "parallel.cp.size=4", "parallel.cp.pattern=alltoall", "trainer.devices=4"),
+    ("parallel=fsdp+cp", "trainer.devices=4"),
+    ("parallel=tp+cp", "trainer.devices=4"),
+], ids=["ring-2", "alltoall-2", "ring-4", "double_ring-4", "alltoall-4", "fsdp+cp", "tp+cp"])
+def test_context_parallel_reproduces_single_process_curve(layout, single_process_curve, tmp_path):
+    run_train([*FAST, f"trainer.max_steps={STEPS}", *layout, f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
+    assert_same_curve(read_metric(tmp_path), single_process_curve)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["parallel.cp.size=3", "trainer.devices=3", "data.global_batch_size=15", "data.micro_batch_size=5"],
+     "data.seq_len=64 is not divisible by 6 (2 x parallel.cp.size=3"),
+    (["parallel.cp.size=4", "parallel.cp.pattern=alltoall", "model.n_heads=2", "model.n_kv_heads=2", "model.dim=64",
+      "trainer.devices=4"], "2 heads per rank (model.n_heads / tp) do not divide by parallel.cp.size=4"),
+    (["parallel.cp.pattern=zigzag", "trainer.devices=2"], "parallel.cp.pattern='zigzag'"),
+    (["model.dropout=0.1", "trainer.devices=2"], "context-parallel attention has no dropout"),
+    (["parallel.cp.size=4", "parallel.cp.pattern=double_ring", "parallel.cp.inner_ring=3", "trainer.devices=4"],
+     "parallel.cp.inner_ring=3 does not divide parallel.cp.size=4"),
+])
+def test_context_parallel_config_errors(overrides, message):
+    from curry_train.config import ConfigError, compose
+    from curry_train.config.checks import check
+
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        check(compose([*FAST, "parallel=cp", *overrides]))
+
+
+SEED_EXAMPLE = """
+import torch
+import torch.distributed as dist
+from curry_train.model import rope_tables
+from curry_train.primitives import GQAttention, ParallelState
+from curry_train.primitives.context_parallel import sequence_positions, shard_sequence
+
+dist.init_process_group("gloo")
+ps = ParallelState(cp=2)
+torch.manual_seed(0)
+reference = GQAttention(dim=64, n_heads=4, n_kv_heads=2, dropout=0.0)
+x_full = torch.randn(2, 32, 64, generator=torch.Generator().manual_seed(1))
+cos, sin = rope_tables(16, 32, 10000.0)
+positions = sequence_positions(32, 2, ps.cp_rank)   # this rank's (zigzag) positions
+x = shard_sequence(x_full, 2, ps.cp_rank)
+torch.manual_seed(0)  # the same weights as the reference
+
+# -- the seed example, as written --
+from curry_train.primitives import ContextParallel
+cp_attn = ContextParallel.wrap(
+    inner_attention=GQAttention(dim=64, n_heads=4, n_kv_heads=2, dropout=0.0),
+    cp_group=ps.get_cp_group(),
+    pattern="ring",             # one of: ring, double_ring
+    causal=True,
+)
+y = cp_attn(x, cos[positions], sin[positions])
+# -- end of the seed example --
+
+attention = cp_attn
+
+expected = shard_sequence(reference(x_full, cos, sin), 2, ps.cp_rank)
+assert torch.allclose(y, expected, rtol=1e-5, atol=1e-6), (y - expected).abs().max()
+y.square().sum().backward()
+reference(x_full, cos, sin).square().sum().backward()
+for (name, p), q in zip(attention.named_parameters(), reference.parameters()):
+    grad = p.grad.clone()
+    dist.all_reduce(grad, group=ps.get_cp_group())  # each rank's tokens contribute their part
+    assert torch.allclose(grad, q.grad, rtol=1e-4, atol=1e-6), (name, (grad - q.grad).abs().max())
+print("SEED OK", dist.get_rank())
+"""
+
+
+def test_seed_example_runs_unchanged_under_torchrun(tmp_path):
+    import subprocess
+    import sys
+    import textwrap
+
+    script = tmp_path / "seed_example.py"
+    script.write_text(textwrap.dedent(SEED_EXAMPLE))
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)],
+        cwd=tmp_path, env=clean_env({"PYTHONPATH": str(REPO)}), capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("SEED OK") == 2
