@@ -90,9 +90,12 @@ from conftest import FAST, REPO, STEPS, assert_same_curve, clean_env, read_metri
     ("parallel=cp", "parallel.cp.pattern=alltoall", "trainer.devices=2"),
     ("parallel=cp", "parallel.cp.load_balance=false", "trainer.devices=4"),  # cp 2 x 2 replicas (DDP over dp x cp)
     ("parallel=fsdp+cp", "trainer.devices=4"),
+    ("parallel=fsdp+cp", "parallel.fsdp.sharding=no_shard", "trainer.devices=4"),  # replicas over dp x cp
+    ("parallel=fsdp+cp", "parallel.fsdp.sharding=hybrid", "trainer.devices=8", "data.micro_batch_size=2"),
     ("parallel=tp+cp", "trainer.devices=4"),
     ("parallel=fsdp+tp+pp+cp", "trainer.devices=8"),
-], ids=["ring-2", "ring-4", "double_ring-2x2", "alltoall-2", "contiguous-dp", "fsdp+cp", "tp+cp", "fsdp+tp+pp+cp-8"])
+], ids=["ring-2", "ring-4", "double_ring-2x2", "alltoall-2", "contiguous-dp", "fsdp+cp", "no_shard+cp", "hybrid+cp-2x2x2",
+        "tp+cp", "fsdp+tp+pp+cp-8"])
 def test_whitebox_context_parallel_matches_single_process(layout):
     report = validate([*FAST, *layout], steps=2)
     assert report.ok, report.table(only_failures=True)
