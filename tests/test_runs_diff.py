@@ -1,0 +1,163 @@
+"""scripts/runs_diff.py on run directories written by hand: composed configs, known loss curves."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from curry_train.config import compose
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "runs_diff.py"
+LOSSES = [5.5, 4.0, 3.2, 2.9, 2.5, 2.7]  # best (2.5 at step 4) differs from final (2.7 at step 5)
+HEADER = "epoch,step,train/grad_norm,train/loss,train/lr,train/ppl,train/tokens_per_s,val/loss,val/ppl"
+
+
+def load_runs_diff():
+    if "curry_runs_diff" in sys.modules:
+        return sys.modules["curry_runs_diff"]
+    spec = importlib.util.spec_from_file_location("curry_runs_diff", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["curry_runs_diff"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+runs_diff = load_runs_diff()
+
+
+@pytest.fixture(scope="module")
+def configs():
+    return {name: compose([f"parallel={name}"]) for name in ("dp", "fsdp")}
+
+
+def make_run(directory: Path, config, losses, tokens_per_s: float = 1000.0, val_loss: float = 3.0, overrides=()) -> Path:
+    """What train.py leaves that runs_diff reads: the resolved config and a CSVLogger metrics file."""
+    (directory / ".hydra").mkdir(parents=True)
+    OmegaConf.save(config, directory / ".hydra" / "config.yaml")
+    OmegaConf.save(OmegaConf.create(list(overrides)), directory / ".hydra" / "overrides.yaml")
+    rows = [f"0,{step},1.0,{loss!r},0.001,2.0,{tokens_per_s + step}" + ",," for step, loss in enumerate(losses)]
+    rows.append(f"0,{len(losses) - 1},,,,,,{val_loss!r},20.0")  # validation is logged on a row of its own
+    (directory / "csv").mkdir()
+    (directory / "csv" / "metrics.csv").write_text("\n".join([HEADER, *rows]) + "\n")
+    return directory
+
+
+def run_script(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], check=False, cwd=cwd, capture_output=True, text=True, timeout=60)
+
+
+def main_json(capsys, *args) -> dict:
+    assert runs_diff.main([*map(str, args), "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def assert_png(path: Path) -> None:
+    data = path.read_bytes()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n")
+    width, height = struct.unpack(">II", data[16:24])
+    idat_length = struct.unpack(">I", data[33:37])[0]
+    assert data[37:41] == b"IDAT"
+    pixels = zlib.decompress(data[41 : 41 + idat_length])
+    assert len(pixels) == height * (1 + 3 * width)
+    assert bytes(runs_diff.COLORS[0]) in pixels and bytes(runs_diff.COLORS[1]) in pixels  # both curves drawn
+
+
+def test_dp_vs_fsdp_names_parallelism_first_and_agrees(tmp_path, configs, capsys):
+    a = make_run(tmp_path / "a", configs["dp"], LOSSES, overrides=["parallel=dp"])
+    fsdp = copy.deepcopy(configs["fsdp"])
+    fsdp.trainer.devices = 2
+    b = make_run(tmp_path / "b", fsdp, [x * (1 + 3e-7) for x in LOSSES], tokens_per_s=2000.0, overrides=["parallel=fsdp"])
+    plot = tmp_path / "out" / "curves.png"
+
+    assert runs_diff.main([str(a), str(b), "--plot", str(plot)]) == 0
+    text = capsys.readouterr().out
+    assert "parallelism (differs): dp -> fsdp" in text
+    assert text.index("parallel.dp:") < text.index("parallel.fsdp:") < text.index("other config differences") < text.index("trainer.devices: 1 -> 2")
+    assert "loss curves: AGREE" in text
+    assert_png(plot)
+
+    report = main_json(capsys, a, b, "--plot", plot)
+    assert set(report) == {"baseline", "rtol", "runs", "comparisons", "plot"}
+    (comparison,) = report["comparisons"]
+    assert set(comparison) == {"baseline", "other", "parallel", "parallel_differences", "other_differences", "loss_curves"}
+    assert comparison["parallel"] == {"baseline": "dp", "other": "fsdp"}
+    assert [d["key"] for d in comparison["parallel_differences"]] == ["parallel.dp", "parallel.fsdp"]
+    assert comparison["parallel_differences"][0]["other"] is None
+    assert comparison["parallel_differences"][1]["other"]["sharding"] == "full"
+    assert comparison["other_differences"] == [{"key": "trainer.devices", "baseline": 1, "other": 2}]
+    curves = comparison["loss_curves"]
+    assert curves["agree"] and curves["common_steps"] == len(LOSSES) and curves["max_rel_diff"] == pytest.approx(3e-7, rel=1e-3)
+    metrics = report["runs"][0]["metrics"]
+    assert metrics["final_train_loss"] == 2.7 and metrics["final_step"] == 5
+    assert metrics["best_train_loss"] == 2.5 and metrics["best_step"] == 4
+    assert metrics["final_val_loss"] == 3.0
+    assert metrics["mean_tokens_per_s"] == pytest.approx(1002.5)
+    assert metrics["peak_memory"] is None
+    assert report["runs"][1]["parallel"] == "fsdp" and report["runs"][1]["overrides"] == ["parallel=fsdp"]
+
+
+def test_disagreeing_curves_and_tolerance(tmp_path, configs, capsys):
+    a = make_run(tmp_path / "a", configs["dp"], LOSSES)
+    b = make_run(tmp_path / "b", configs["dp"], [*LOSSES[:3], LOSSES[3] * 1.01, *LOSSES[4:]])
+    plot = tmp_path / "p.png"
+    report = main_json(capsys, a, b, "--plot", plot)
+    (comparison,) = report["comparisons"]
+    assert comparison["parallel_differences"] == [] and comparison["other_differences"] == []
+    curves = comparison["loss_curves"]
+    assert not curves["agree"] and curves["max_rel_diff_step"] == 3 and curves["max_rel_diff"] == pytest.approx(0.01)
+    assert main_json(capsys, a, b, "--plot", plot, "--rtol", "0.02")["comparisons"][0]["loss_curves"]["agree"]
+    assert runs_diff.main([str(a), str(b), "--plot", str(plot)]) == 0
+    assert "loss curves: DISAGREE" in capsys.readouterr().out
+
+    diverged = make_run(tmp_path / "nan", configs["dp"], [*LOSSES[:2], float("nan"), *LOSSES[3:]])
+    curves = main_json(capsys, a, diverged, "--plot", plot)["comparisons"][0]["loss_curves"]
+    assert not curves["agree"] and curves["max_rel_diff"] == "inf" and curves["max_rel_diff_step"] == 2
+
+
+def test_peak_memory_reported_when_logged(tmp_path, configs):
+    run = make_run(tmp_path / "a", configs["dp"], LOSSES[:2])
+    metrics = run / "csv" / "metrics.csv"
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("\n".join([lines[0] + ",train/peak_memory_bytes", lines[1] + ",100", lines[2] + ",300", lines[3] + ","]) + "\n")
+    summary = runs_diff.summarize(runs_diff.read_metrics(run))
+    assert summary["peak_memory"] == 300 and summary["peak_memory_columns"] == ["train/peak_memory_bytes"]
+
+
+def test_sweep_directory_against_first_and_chosen_baseline(tmp_path, configs, capsys):
+    sweep = tmp_path / "multirun" / "2026-01-01" / "12-00-00"
+    for job, (name, scale) in enumerate([("dp", 1.0), ("fsdp", 1.0), ("fsdp", 1.1)]):
+        make_run(sweep / str(job), configs[name], [x * scale for x in LOSSES])
+    (sweep / "multirun.yaml").write_text("hydra: {}\n")
+    plot = tmp_path / "sweep.png"
+
+    report = main_json(capsys, sweep, "--plot", plot)
+    assert [Path(r["label"]).name for r in report["runs"]] == ["0", "1", "2"]
+    assert [c["loss_curves"]["agree"] for c in report["comparisons"]] == [True, False]
+    assert [c["parallel"]["other"] for c in report["comparisons"]] == ["fsdp", "fsdp"]
+
+    report = main_json(capsys, sweep, "--baseline", "1", "--plot", plot)
+    assert Path(report["baseline"]).name == "1"
+    assert [Path(c["other"]).name for c in report["comparisons"]] == ["0", "2"]
+    assert report["comparisons"][0]["parallel"] == {"baseline": "fsdp", "other": "dp"}
+    assert_png(plot)
+
+
+def test_bad_paths_exit_2_with_one_line(tmp_path, configs):
+    good = make_run(tmp_path / "good", configs["dp"], LOSSES)
+    (tmp_path / "empty").mkdir()
+    for bad in (tmp_path / "missing", tmp_path / "empty"):
+        result = run_script(str(good), str(bad), cwd=tmp_path)
+        assert result.returncode == 2
+        assert result.stderr.strip().count("\n") == 0 and "is not a run directory" in result.stderr and str(bad) in result.stderr
+        assert not (tmp_path / "runs_diff.png").exists()
+    result = run_script(str(good), cwd=tmp_path)
+    assert result.returncode == 2 and "at least two runs" in result.stderr
