@@ -4,6 +4,8 @@
 
     python scripts/bench.py [--steps N] [--warmup W] [--repeats R] [--loggers csv|none] [--json PATH] [overrides...]
     python scripts/bench.py --memory [--json PATH] [overrides...]
+    python scripts/bench.py --layouts [--layout 'NAME: OVERRIDES']... [--steps N] [--json PATH] [overrides...]
+    python scripts/bench.py --pipeline [--pp P] [--microbatches 4,8] [--kinds K,...] [--steps N] [--json PATH] [overrides...]
 
 Arguments without a leading ``--`` are Hydra overrides, exactly as for ``train.py``; the default is
 the default config (the debug model on the bundled corpus). Both loops run in this one process, on
@@ -42,6 +44,24 @@ parameters held at the end of a forward, and the peak activation memory of one m
 forward+backward; then, on one process in fp32, the peak activation memory of the same model and
 micro-batch for each ``parallel.recompute`` setting, and its saving against none. See
 ``curry_train/validation/memory.py`` for what is measured when, and how.
+
+``--layouts`` runs several layouts of the same run (the overrides, common to all; by default ``dp``
+and ``tp`` on 2 ranks, ``tp`` with sequence parallelism on 2, ``fsdp+tp`` on 4: FSDP 2 x TP 2; or
+each ``--layout``) through the same measured path as ``--memory``, then ``N`` more steps (default
+10), and prints one table: tokens/s over those ``N`` steps (``global_batch_size * seq_len`` tokens
+per step, the slowest rank's clock, read at the end of each step from the end of the measured step
+on), the bytes of parameters, gradients and optimizer state per rank (DTensors counted by their
+local shards) against ZeRO's formula on the parameters one tensor-parallel rank holds, the peak
+activation memory of one micro-batch per rank, and, for a sequence-parallel layout, its activations
+over those of the same layout without it. The ranks are local processes sharing this machine's
+cores: tokens/s compares layouts on this machine, not what they would do on one device per rank.
+
+``--pipeline`` runs every schedule kind (``gpipe``, ``1F1B``, ``interleaved``, ``interleaved_zb``,
+``zbv``, ``dualpipev``) on ``P`` processes (default 2, one thread each) at each micro-batch count
+``M`` (default 4 and 8), on the model of the overrides with ``model.n_layers=8`` by default (equal
+stages for 1 and 2 stages per rank), and prints per kind the bubble formula next to the measured
+bubble (each rank's idle share of a step: 1 - time computing / step time), ms/step and tokens/s,
+over ``N`` timed steps (default 5) after 2 warm-up steps. See ``curry_train/validation/bubble.py``.
 """
 
 from __future__ import annotations
@@ -49,6 +69,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import statistics
 import sys
 import tempfile
@@ -73,7 +94,9 @@ from curry_train.config.checks import LaunchPlan, check  # noqa: E402
 from curry_train.data import GlobalBatchSampler, LMDataModule  # noqa: E402
 from curry_train.model import Llama  # noqa: E402
 from curry_train.module import CausalLM, lr_lambda  # noqa: E402
+from curry_train.primitives.pipeline_schedule import KINDS  # noqa: E402
 from curry_train.strategy import materialize_and_init  # noqa: E402
+from curry_train.validation.bubble import BubbleRow, bubble_table, check_bubble_runs, measure_bubbles  # noqa: E402
 from curry_train.validation.memory import MEASURED_STEP, LayoutMemory, measure_layouts  # noqa: E402
 from curry_train.validation.whitebox import reference_overrides  # noqa: E402
 
@@ -455,8 +478,9 @@ class MemoryResult:
         shards = m.dp // m.replicas
         lines = [
             f"layout: {' '.join(m.overrides) or '(defaults)'}",
-            f"model={m.model}: P = {m.parameters:,} parameters; d = {m.dp} data-parallel ranks"
-            f" ({m.mode}, {m.mixed_precision}, state sharded over {shards})",
+            f"model={m.model}: P = {m.parameters:,} parameters"
+            + (f", {m.tp_parameters:,} on each of tp = {m.tp} tensor-parallel ranks (P in the formula)" if m.tp > 1 else "")
+            + f"; d = {m.dp} data-parallel ranks ({m.mode}, {m.mixed_precision}, state sharded over {shards})",
             f"model state per rank at the optimizer step (step {MEASURED_STEP}), bytes; formula {m.formula_text}",
             "",
             f"{'rank':>4} {'params':>12} {'grads':>12} {'optimizer':>12} {'total':>12} {'formula':>12} {'ratio':>7}"
@@ -502,6 +526,252 @@ def memory_bench(overrides: Sequence[str] = ()) -> MemoryResult:
     return MemoryResult(layout, runs)
 
 
+# ----------------------------------------------------------------------------------------------
+# --layouts
+
+# The layouts compared by default: name -> the overrides that make it. Everything else (model,
+# data, precision) comes from the command line, the same for every layout.
+LAYOUTS = {
+    "dp": ("parallel=dp", "trainer.devices=2"),
+    "tp": ("parallel=tp", "trainer.devices=2"),
+    "tp+sp": ("parallel=tp", "parallel.tp.sequence_parallel=true", "trainer.devices=2"),
+    "fsdp+tp": ("parallel=fsdp+tp", "trainer.devices=4"),
+}
+LAYOUT_KEYS = ("parallel", "+parallel", "trainer.devices", "trainer.num_nodes")  # each layout sets these itself
+
+
+def parse_layout(spec: str) -> tuple[str, tuple[str, ...]]:
+    """``"NAME: override override ..."`` (or just the overrides, which then name the layout)."""
+    name, colon, rest = spec.partition(":")
+    if colon and "=" not in name:
+        name, overrides = name.strip(), tuple(rest.split())
+    else:
+        name, overrides = spec.strip(), tuple(spec.split())
+    if not name or not overrides:
+        raise ConfigError(f"--layout {spec!r}: expected 'NAME: overrides...' or 'overrides...', e.g. "
+                          "'tp4: parallel=tp parallel.tp.size=4 trainer.devices=4'")
+    return name, overrides
+
+
+@dataclass
+class LayoutRow:
+    """One layout's measurements (``memory``: per rank) and its throughput."""
+
+    name: str
+    memory: LayoutMemory
+    sequence_parallel: bool
+    tokens_per_step: int
+
+    @property
+    def ranks(self) -> int:
+        return len(self.memory.ranks)
+
+    @property
+    def timed_steps(self) -> int:
+        return len(self.memory.ranks[0]["step_ends"]) - 1
+
+    @property
+    def seconds(self) -> float:
+        """The timed steps' duration on the slowest rank (the ranks wait for each other in collectives)."""
+        return max(r["step_ends"][-1] - r["step_ends"][0] for r in self.memory.ranks)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.timed_steps * self.tokens_per_step / self.seconds
+
+    def state(self, key: str) -> int:
+        """The most bytes of ``key`` (params, grads, optimizer, total) any rank holds at the optimizer step."""
+        return max(r["state"][key] for r in self.memory.ranks)
+
+    @property
+    def activations(self) -> int:
+        """The most any rank's one micro-batch forward+backward peaked at, bytes."""
+        return max(r["activations"] for r in self.memory.ranks)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "ranks": self.ranks,
+            "dp": self.memory.dp,
+            "tp": self.memory.tp,
+            "sequence_parallel": self.sequence_parallel,
+            "tokens_per_step": self.tokens_per_step,
+            "timed_steps": self.timed_steps,
+            "seconds": self.seconds,
+            "tokens_per_s": self.tokens_per_s,
+            **{key: self.state(key) for key in ("params", "grads", "optimizer", "total")},
+            "activations": self.activations,
+            "memory": self.memory.to_dict(),
+        }
+
+
+@dataclass
+class LayoutsResult:
+    config: dict[str, Any]
+    rows: list[LayoutRow] = field(default_factory=list)
+
+    def baseline(self, row: LayoutRow) -> Optional[LayoutRow]:
+        """For a sequence-parallel row, the same layout without sequence parallelism, if it ran."""
+        if not row.sequence_parallel:
+            return None
+        return next((other for other in self.rows if not other.sequence_parallel and other.memory.tp == row.memory.tp
+                     and other.memory.dp == row.memory.dp and other.memory.mode == row.memory.mode), None)
+
+    def sp_ratio(self, row: LayoutRow) -> Optional[float]:
+        """Activations of a sequence-parallel row over those of the same layout without it."""
+        baseline = self.baseline(row)
+        return row.activations / baseline.activations if baseline is not None else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "config": self.config,
+            "rows": [{**row.to_dict(), "sp_activation_ratio": self.sp_ratio(row)} for row in self.rows],
+        }
+
+    def table(self) -> str:
+        c = self.config
+        lines = [
+            f"model={c['model']} ({c['parameters']:,} params)  device={c['device']}  cores={c['cores']} (threads per rank:"
+            f" cores // ranks, at least 1)  "
+            f"global_batch_size={c['global_batch_size']} x seq_len={c['seq_len']} = {c['tokens_per_step']} tokens/step; "
+            f"activations of one micro-batch of {c['micro_batch_size']} x {c['seq_len']} tokens",
+            f"tokens/s: the {c['steps']} steps after the measured step {MEASURED_STEP}, in the same run (slowest rank's clock);"
+            " bytes: the most any rank holds, at the optimizer step",
+            "",
+            f"{'layout':<10}{'ranks':>6}{'dp x tp':>9}{'tokens/s':>10}{'params':>12}{'grads':>12}{'optimizer':>12}"
+            f"{'total':>12}{'formula':>12}{'ratio':>8}{'activations':>13}{'vs no SP':>10}",
+        ]
+        for row in self.rows:
+            m, ratio = row.memory, self.sp_ratio(row)
+            lines.append(
+                f"{row.name:<10}{row.ranks:>6}{f'{m.dp} x {m.tp}':>9}{row.tokens_per_s:>10,.0f}{row.state('params'):>12,}"
+                f"{row.state('grads'):>12,}{row.state('optimizer'):>12,}{row.state('total'):>12,}{m.formula:>12,}"
+                f"{row.state('total') / m.formula:>8.4f}{row.activations:>13,}{f'{ratio:.3f}' if ratio is not None else '-':>10}"
+            )
+        tp_rows = {row.memory.tp: row.memory.tp_parameters for row in self.rows if row.memory.tp > 1}
+        lines += [
+            "",
+            "formula: ZeRO's for the layout's data-parallel mode (DDP 16P, ZeRO-3 16P/d; see --memory) with P the parameters"
+            " one tensor-parallel rank holds"
+            + "".join(f"; tp={tp}: {n:,} of {c['parameters']:,}" for tp, n in sorted(tp_rows.items()))
+            + " (block matmuls, embedding and head split, norms replicated).",
+            "ratio above 1: AdamW's 4-byte step counter per parameter tensor, and FSDP2's padding of uneven shards.",
+            "vs no SP: activations of a sequence-parallel layout over those of the same layout without it (norms, residuals",
+            "and dropout between the blocks hold 1/tp of the sequence).",
+        ]
+        if c["cores"] < max(row.ranks for row in self.rows):
+            lines.append(f"tokens/s: {max(row.ranks for row in self.rows)} processes on {c['cores']} cores: "
+                         "the layouts with more ranks than cores share them.")
+        return "\n".join(lines)
+
+
+def layouts_bench(
+    overrides: Sequence[str] = (), layouts: Optional[dict[str, Sequence[str]]] = None, steps: int = 10
+) -> LayoutsResult:
+    """Each layout (default ``LAYOUTS``) with the common ``overrides``, through the real training path
+    (``memory.measure_layouts``): model state and activations per rank, then ``steps`` timed steps."""
+    layouts = dict(LAYOUTS if layouts is None else layouts)
+    if not layouts:
+        raise ConfigError("no layouts to compare")
+    if steps < 1:
+        raise ValueError(f"--steps={steps} must be at least 1")
+    for override in overrides:
+        if override.partition("=")[0] in LAYOUT_KEYS:
+            raise ConfigError(f"{override}: each layout sets {', '.join(LAYOUT_KEYS[::2])} itself; pass the layouts"
+                              " with --layout 'NAME: overrides...' and leave these out of the common overrides")
+    runs = {name: [*overrides, *layout] for name, layout in layouts.items()}
+    cfgs = {name: compose(run) for name, run in runs.items()}
+    plans = [check(cfg) for cfg in cfgs.values()]  # every layout fails fast, before any process starts
+    shapes = {(cfg.model.name, cfg.data.global_batch_size, cfg.data.seq_len, cfg.data.micro_batch_size)
+              for cfg in cfgs.values()}
+    if len(shapes) != 1:
+        raise ConfigError(f"the layouts differ in model or batch ({sorted(shapes)}): they must compare the same run")
+    memories = measure_layouts(list(runs.values()), timed_steps=steps)
+    first = next(iter(cfgs.values()))
+    tokens_per_step = first.data.global_batch_size * first.data.seq_len
+    result = LayoutsResult(
+        config={
+            "overrides": list(overrides),
+            "layouts": {name: list(layout) for name, layout in layouts.items()},
+            "model": first.model.name,
+            "parameters": memories[0].parameters,
+            "device": plans[0].accelerator,
+            "cores": os.cpu_count() or 1,
+            "global_batch_size": first.data.global_batch_size,
+            "micro_batch_size": first.data.micro_batch_size,
+            "seq_len": first.data.seq_len,
+            "tokens_per_step": tokens_per_step,
+            "steps": steps,
+        }
+    )
+    for (name, cfg), memory in zip(cfgs.items(), memories, strict=True):
+        tp = cfg.parallel.get("tp")
+        sequence_parallel = bool(tp is not None and tp.sequence_parallel)
+        result.rows.append(LayoutRow(name, memory, sequence_parallel, tokens_per_step))
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# --pipeline
+
+# Equal stages for P=2 with 2 stages per rank: 4 stages of 2 blocks (the debug model has 4 blocks).
+PIPELINE_DEFAULTS = ("model.n_layers=8",)
+
+
+@dataclass
+class BubbleResult:
+    config: dict[str, Any]
+    rows: list[BubbleRow]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"config": self.config, "rows": [row.to_dict() for row in self.rows]}
+
+    def table(self) -> str:
+        c = self.config
+        lines = [
+            f"model={c['model']} ({c['n_layers']} blocks)  P={c['pp']} processes, one thread each, on {c['cores']} cores;"
+            f" micro-batch {c['micro_batch_size']} x {c['seq_len']} tokens; {c['steps']} timed steps per row",
+            "bubble: each rank's idle share of a step, 1 - (time in forward, backward, weight-gradient chunks and the loss)"
+            " / step time",
+            "",
+            bubble_table(self.rows),
+            "",
+            "formula: (P-1)/(M+P-1) for gpipe and 1F1B, (P-1)/(v*M+P-1) for interleaved; ~0 for the zero-bubble kinds.",
+            "The measured bubble counts sending activations and gradients between processes and each chunk's schedule",
+            "overhead as idle, and the embedding and head make the first and last stages heavier than the others.",
+        ]
+        return "\n".join(lines)
+
+
+def pipeline_bench(
+    overrides: Sequence[str] = (), pp: int = 2, microbatches: Sequence[int] = (4, 8), steps: int = 5,
+    kinds: Sequence[str] = KINDS,
+) -> BubbleResult:
+    """Every schedule kind at the same P and each M (``validation.bubble.measure_bubbles``), on the
+    model of ``PIPELINE_DEFAULTS`` + ``overrides``."""
+    overrides = [*PIPELINE_DEFAULTS, *overrides]
+    cfg = compose(overrides)
+    try:
+        check_bubble_runs(cfg.model.n_layers, kinds, pp, list(microbatches), steps)
+    except ValueError as error:  # a (kind, M, P) the schedules do not accept: said like a config error
+        raise ConfigError(str(error)) from error
+    rows = measure_bubbles(overrides, kinds, pp, list(microbatches), steps)
+    return BubbleResult(
+        config={
+            "overrides": list(overrides),
+            "model": cfg.model.name,
+            "n_layers": cfg.model.n_layers,
+            "pp": pp,
+            "microbatches": list(microbatches),
+            "micro_batch_size": cfg.data.micro_batch_size,
+            "seq_len": cfg.data.seq_len,
+            "steps": steps,
+            "cores": os.cpu_count() or 1,
+        },
+        rows=rows,
+    )
+
+
 def quiet_lightning() -> None:
     """Lightning's per-fit banners and tips would drown the table."""
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
@@ -509,25 +779,74 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
 
 
+def _counts(text: str) -> list[int]:
+    try:
+        counts = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers, e.g. 4,8") from None
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: micro-batch counts must be positive")
+    return counts
+
+
+def _kinds(text: str) -> list[str]:
+    from curry_train.primitives.pipeline_schedule import canonical_kind
+
+    kinds = [part.strip() for part in text.split(",")]
+    for kind in kinds:
+        try:
+            canonical_kind(kind)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+    return kinds
+
+
+DEFAULT_STEPS = {"throughput": 20, "layouts": 10, "pipeline": 5}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for train.py")
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per run (default 20)")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for train.py (with --layouts: common to every layout)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="timed steps per run (default 20; --layouts: 10, after the measured step; --pipeline: 5 per row)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before them, at least 1 (default 2)")
     parser.add_argument("--repeats", type=int, default=3, help="[hand, curry] rounds; medians reported (default 3)")
     parser.add_argument("--loggers", choices=("csv", "none"), default="csv", help="curry loop's loggers (default csv)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
-    parser.add_argument("--memory", action="store_true",
-                        help="per-rank memory of the layout instead of throughput (--steps, --warmup, --repeats, --loggers unused)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--memory", action="store_true",
+                      help="per-rank memory of the layout instead of throughput (--steps, --warmup, --repeats, --loggers unused)")
+    mode.add_argument("--layouts", action="store_true",
+                      help=f"tokens/s and per-rank memory of several layouts of the same run, side by side (default: "
+                           f"{', '.join(LAYOUTS)}; see --layout)")
+    mode.add_argument("--pipeline", action="store_true",
+                      help="the measured pipeline bubble next to its formula, and tokens/s, for every schedule kind")
+    parser.add_argument("--layout", action="append", default=None, metavar="'NAME: OVERRIDES'",
+                        help="with --layouts, a layout to compare instead of the defaults (repeatable), e.g. "
+                             "--layout 'tp4: parallel=tp parallel.tp.size=4 trainer.devices=4'")
+    parser.add_argument("--pp", type=int, default=2, help="with --pipeline: pipeline ranks P (default 2)")
+    parser.add_argument("--microbatches", type=_counts, default=[4, 8], metavar="M[,M...]",
+                        help="with --pipeline: micro-batch counts M, each a row per kind (default 4,8)")
+    parser.add_argument("--kinds", type=_kinds, default=list(KINDS), metavar="KIND[,KIND...]",
+                        help=f"with --pipeline: schedule kinds (default all: {','.join(KINDS)})")
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.warmup < 1 or args.repeats < 1:
+    mode_name = "layouts" if args.layouts or args.layout else "pipeline" if args.pipeline else "throughput"
+    steps = DEFAULT_STEPS[mode_name] if args.steps is None else args.steps
+    if steps < 1 or args.warmup < 1 or args.repeats < 1:
         parser.error("--steps, --warmup and --repeats must be at least 1")
+    if args.layout and (args.memory or args.pipeline):
+        parser.error("--layout goes with --layouts")
     quiet_lightning()
     try:
         if args.memory:
             result = memory_bench(args.overrides)
+        elif mode_name == "layouts":
+            layouts = dict(parse_layout(spec) for spec in args.layout) if args.layout else None
+            result = layouts_bench(args.overrides, layouts, steps)
+        elif mode_name == "pipeline":
+            result = pipeline_bench(args.overrides, args.pp, args.microbatches, steps, args.kinds)
         else:
-            result = bench(args.overrides, args.steps, args.warmup, args.repeats, args.loggers, progress=True)
+            result = bench(args.overrides, steps, args.warmup, args.repeats, args.loggers, progress=True)
     except ConfigError as error:
         print(f"curry-train: error: {error}", file=sys.stderr)
         return 2

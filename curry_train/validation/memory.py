@@ -13,7 +13,9 @@ in as many local processes as it asks for, ``MEASURED_STEP`` optimizer steps):
 * model state at the end of the first forward of that step (all of a ``reshard_after_forward=False``
   layout's units are then still gathered);
 * peak activation memory of one forward+backward of one micro-batch through the parallelized model,
-  with the module's own loss (``peak_memory``), run just before that step.
+  with the module's own loss (``peak_memory``), run just before that step;
+* with ``timed_steps``, the clock at the end of that step and of the ``timed_steps`` steps after it
+  (``step_ends``): the steady-state throughput of the layout, undisturbed by the measurements.
 
 Step 3, not 2: DistributedDataParallel rebuilds its gradient buckets in the forward of the second
 iteration, and those allocations would be counted as activations.
@@ -26,6 +28,7 @@ import logging
 import os
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
@@ -236,6 +239,28 @@ def bare_model_activation_bytes(model_cfg: DictConfig, recompute: str, every_n_b
     return activations
 
 
+def tensor_parallel_shapes(model: nn.Module, tp: int) -> dict[str, torch.Size]:
+    """Each parameter's shape on one of ``tp`` tensor-parallel ranks, from the model's ``plan`` as
+    ``tp_linear.apply_tensor_parallel`` splits it: column layers, the embedding and the head by
+    their first dimension, row layers' weights by their second; norms (and row biases) replicated."""
+    plan = model.plan
+    split: dict[str, int] = {plan.embedding: 0, plan.head: 0}
+    for name in model.get_submodule(plan.blocks):
+        split.update({f"{plan.blocks}.{name}.{path}": 0 for path in plan.column})
+        split.update({f"{plan.blocks}.{name}.{path}": 1 for path in plan.row})
+    shapes = {}
+    for name, param in model.named_parameters():
+        module, _, kind = name.rpartition(".")
+        dim = split.get(module) if tp > 1 else None
+        if dim is None or (dim == 1 and kind != "weight"):
+            shapes[name] = param.shape
+        else:
+            shape = list(param.shape)
+            shape[dim] //= tp
+            shapes[name] = torch.Size(shape)
+    return shapes
+
+
 # ----------------------------------------------------------------------------------------------
 # A layout's memory, per rank
 
@@ -273,10 +298,15 @@ class MemoryProbe(Callback):
         optimizers = self._optimizers(trainer)
         micro_batch = module.micro_batches(batch)[0]
 
+        # Tensor parallelism's loss runs under loss_parallel() (vocabulary-sharded logits), as in
+        # the strategy's own forward_backward.
+        loss_context = getattr(trainer.strategy, "_loss_context", nullcontext)
+
         def forward_backward() -> None:
-            with trainer.strategy.precision_plugin.train_step_context():
-                loss = module.loss_fn(module.model, micro_batch)
-            module.manual_backward(loss)
+            with loss_context():
+                with trainer.strategy.precision_plugin.train_step_context():
+                    loss = module.loss_fn(module.model, micro_batch)
+                module.manual_backward(loss)
 
         self.record["activations"], self.record["peak"] = peak_memory(module.model, forward_backward, optimizers, [batch])
         for optimizer in optimizers:  # the step itself starts from no gradients, as every step does
@@ -285,6 +315,12 @@ class MemoryProbe(Callback):
     def on_before_optimizer_step(self, trainer: pl.Trainer, module: pl.LightningModule, optimizer: Any) -> None:
         if self._measuring(trainer):
             self.record["state"] = model_state_bytes(module.model, self._optimizers(trainer))
+
+    def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, *args: Any) -> None:
+        if trainer.global_step >= self.step:  # the measured step (its end starts the clock) and those after it
+            if trainer.strategy.root_device.type == "cuda":
+                torch.cuda.synchronize(trainer.strategy.root_device)
+            self.record.setdefault("step_ends", []).append(time.perf_counter())
 
     def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         if self._hook is not None:
@@ -315,6 +351,9 @@ def _probe(containers: list[dict], out_dir: str, accelerator: str) -> None:
 
     for name in ("lightning.pytorch", "lightning.fabric"):  # per-fit banners, from every rank
         logging.getLogger(name).setLevel(logging.WARNING)
+    # The ranks share this machine's cores (as Lightning's CPU DDP does): each rank's default of one
+    # thread per core oversubscribes them, and the step time (timed_steps) then measures contention.
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["WORLD_SIZE"])))
     for index, container in enumerate(containers):
         os.environ["MASTER_PORT"] = str(_rendezvous_port(Path(out_dir), index))
         cfg = OmegaConf.create(container)
@@ -336,6 +375,8 @@ class LayoutMemory:
     mode: str  # a key of ZERO_STAGE
     mixed_precision: str
     parameters: int  # P
+    tp: int  # tensor-parallel ranks
+    tp_parameters: int  # parameters one tensor-parallel rank holds (its matmul shards, replicated norms); P if tp == 1
     dp: int  # d: data-parallel ranks
     replicas: int  # data-parallel replicas (hybrid: groups, each sharded over dp / replicas ranks)
     micro_batch: tuple[int, int]  # sequences x tokens of the forward+backward whose activations are measured
@@ -345,7 +386,8 @@ class LayoutMemory:
 
     @property
     def formula_terms(self) -> dict[str, int]:
-        return zero_formula_terms(self.mode, self.parameters, self.dp, self.mixed_precision, self.replicas)
+        # Data parallelism replicates or shards what tensor parallelism left on a rank.
+        return zero_formula_terms(self.mode, self.tp_parameters, self.dp, self.mixed_precision, self.replicas)
 
     @property
     def formula(self) -> int:
@@ -364,7 +406,8 @@ def _describe(overrides: Sequence[str], cfg: DictConfig, degrees: Degrees) -> La
 
     fsdp = cfg.parallel.get("fsdp")
     with torch.device("meta"):
-        parameters = Llama(cfg.model).num_parameters()
+        model = Llama(cfg.model)
+    parameters = model.num_parameters()
     return LayoutMemory(
         overrides=list(overrides),
         model=cfg.model.name,
@@ -372,6 +415,8 @@ def _describe(overrides: Sequence[str], cfg: DictConfig, degrees: Degrees) -> La
         # Autocast (trainer.precision=bf16-mixed) keeps no half-precision copy of the model state.
         mixed_precision=fsdp.mixed_precision if fsdp is not None else "fp32",
         parameters=parameters,
+        tp=degrees.tp,
+        tp_parameters=sum(shape.numel() for shape in tensor_parallel_shapes(model, degrees.tp).values()),
         dp=degrees.dp,
         replicas=degrees.dp_replicate,
         micro_batch=(cfg.data.micro_batch_size, cfg.data.seq_len),
@@ -380,16 +425,20 @@ def _describe(overrides: Sequence[str], cfg: DictConfig, degrees: Degrees) -> La
     )
 
 
-def measure_layouts(layouts: Sequence[Sequence[str]], config_dir: Optional[Path] = None) -> list[LayoutMemory]:
+def measure_layouts(
+    layouts: Sequence[Sequence[str]], config_dir: Optional[Path] = None, timed_steps: int = 0
+) -> list[LayoutMemory]:
     """Run each layout (Hydra overrides, composed and checked as for ``train.py``) for
-    ``MEASURED_STEP`` steps and return its per-rank measurements, in order. Layouts that need the
-    same number of processes run in turn in one set of local workers: starting processes (and
-    importing torch in them) costs more than a few steps of a small model."""
+    ``MEASURED_STEP`` steps, and ``timed_steps`` more, and return its per-rank measurements, in
+    order. Layouts that need the same number of processes run in turn in one set of local workers:
+    starting processes (and importing torch in them) costs more than a few steps of a small model."""
     from curry_train.launch import spawn
 
+    if timed_steps < 0:
+        raise ValueError(f"timed_steps={timed_steps} must not be negative")
     cfgs, plans = [], []
     for overrides in layouts:
-        cfg = measurement_config(compose(overrides, config_dir), MEASURED_STEP)
+        cfg = measurement_config(compose(overrides, config_dir), MEASURED_STEP + timed_steps)
         cfgs.append(cfg)
         plans.append(check(cfg))
     results = [_describe(overrides, cfg, plan.degrees) for overrides, cfg, plan in zip(layouts, cfgs, plans)]

@@ -1,0 +1,213 @@
+"""The pipeline bubble, measured: each stage's idle share of a step, next to the schedule's formula.
+
+A rank of a pipeline is *busy* while it computes one of its stages' forward or backward chunks or a
+micro-batch's loss, and idle otherwise (waiting for activations or gradients from a neighbour, or in
+the schedule's own bookkeeping). ``measure_bubbles`` runs each schedule kind on the same model, P
+ranks and M micro-batches, times every compute chunk of every stage
+(``PipelineStage.forward_one_chunk``, ``backward_one_chunk``, ``backward_weight_one_chunk``, and the
+loss) and the whole step, and reports ``1 - busy / step`` per rank next to the formula:
+
+* ``gpipe``, ``1F1B``: (P-1) / (M+P-1): the pipeline fills for P-1 slots and drains for P-1;
+* ``interleaved``: (P-1) / (v*M+P-1): v virtual stages per rank make each slot v times shorter
+  (Narayanan et al., 2021, "Efficient Large-Scale Language Model Training on GPU Clusters");
+* zero-bubble kinds (``interleaved_zb``, ``zbv``, ``dualpipev``): the weight-gradient chunks fill the
+  drain (Qi et al., 2023, "Zero Bubble Pipeline Parallelism"); no closed formula, printed ``~0``
+  (what remains depends on the forward / input-gradient / weight-gradient cost ratio).
+
+The formulas assume every stage costs the same, so stages get equal layer counts when the layers
+divide evenly (choose ``model.n_layers`` so that they do: the embedding and the head are then the
+only imbalance); otherwise the default balanced split. The measured figure also counts, as idle,
+the time to send activations and gradients between processes and the schedule's per-chunk
+overhead, so it sits above the formula, the more so the more (and smaller) chunks a schedule runs.
+
+Each rank runs on one thread (``torch.set_num_threads(1)``): the stages of a real pipeline do not
+share a device. Kinds and micro-batch counts run one after the other in one set of P processes.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+
+ZERO_BUBBLE = ("interleaved_zb", "zbv", "dualpipev")
+WARMUP_STEPS = 2  # untimed steps per kind: shape inference, the allocator, gloo's first connections
+
+
+def bubble_formula(kind: str, pp: int, microbatches: int, virtual_stages: int = 1) -> Optional[float]:
+    """The idle share of a step for ``kind`` (None for the zero-bubble kinds, see the module docstring)."""
+    from curry_train.primitives.pipeline_schedule import canonical_kind
+
+    key = canonical_kind(kind)
+    if key in ZERO_BUBBLE:
+        return None
+    v = virtual_stages if key == "interleaved" else 1
+    return (pp - 1) / (v * microbatches + pp - 1)
+
+
+@dataclass
+class BubbleRow:
+    """One kind at one (P, M): the formula, the measured idle share per rank, step time and tokens/s."""
+
+    kind: str
+    pp: int
+    microbatches: int
+    virtual_stages: int
+    layers_per_stage: list[int]
+    formula: Optional[float]  # None: zero-bubble kind
+    measured: list[float]  # per rank: 1 - busy / step
+    step_ms: float  # mean over the timed steps, of the slowest rank
+    tokens_per_s: float
+
+    @property
+    def mean(self) -> float:
+        return sum(self.measured) / len(self.measured)
+
+    @property
+    def formula_text(self) -> str:
+        return f"{self.formula:.1%}" if self.formula is not None else "~0"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "mean": self.mean, "formula_text": self.formula_text}
+
+
+class _BusyClock:
+    """Wall time spent inside the wrapped calls; nested calls (a loss computed inside a chunk) count once."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._depth = 0
+        self._start = 0.0
+
+    def wrap(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            if self._depth == 0:
+                self._start = time.perf_counter()
+            self._depth += 1
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._depth -= 1
+                if self._depth == 0:
+                    self.seconds += time.perf_counter() - self._start
+
+        return timed
+
+
+def stage_layers(n_layers: int, n_stages: int) -> Optional[list[int]]:
+    """Equal layer counts per stage if the layers divide evenly, else None (the balanced default split)."""
+    return [n_layers // n_stages] * n_stages if n_layers % n_stages == 0 else None
+
+
+def _bubble_worker(out_dir: str, container: dict, runs: Sequence[tuple[int, str]], steps: int) -> None:
+    from curry_train.model import Llama
+    from curry_train.primitives.pipeline_schedule import (
+        PipelineSchedule,
+        next_token_loss,
+        pipeline_stages,
+        split_layers,
+        stages_per_rank,
+    )
+    from curry_train.strategy import materialize_and_init
+
+    torch.set_num_threads(1)  # one core per stage: the stages of a real pipeline do not share a device
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    cfg = OmegaConf.create(container)
+    results = []
+    for microbatches, kind in runs:
+        with torch.device("meta"):
+            model = Llama(cfg.model)
+        n_stages = world * stages_per_rank(kind)
+        layers = stage_layers(cfg.model.n_layers, n_stages)
+        local, stages = pipeline_stages(model, kind, world, rank, layers_per_stage=layers)
+        materialize_and_init(local, torch.device("cpu"), cfg.seed)
+        generator = torch.Generator().manual_seed(cfg.seed)
+        batch = torch.randint(0, cfg.model.vocab_size, (microbatches * cfg.data.micro_batch_size, cfg.data.seq_len + 1),
+                              generator=generator)
+        busy = _BusyClock()
+        loss_fn = busy.wrap(next_token_loss(batch[:, 1:].numel()))
+        schedule = PipelineSchedule(kind, microbatches, stages, pp_group=dist.group.WORLD, loss_fn=loss_fn)
+        for stage in schedule.pipeline_stages:
+            for name in ("forward_one_chunk", "backward_one_chunk", "backward_weight_one_chunk"):
+                setattr(stage, name, busy.wrap(getattr(stage, name)))
+        for _ in range(WARMUP_STEPS):
+            schedule.train_step(batch)
+            local.zero_grad(set_to_none=True)
+        busy.seconds, total = 0.0, 0.0
+        for _ in range(steps):
+            dist.barrier()  # every rank starts the step together: its wait for the first activation is bubble
+            start = time.perf_counter()
+            schedule.train_step(batch)
+            total += time.perf_counter() - start
+            local.zero_grad(set_to_none=True)
+        shares: list[Any] = [None] * world
+        dist.all_gather_object(shares, (1.0 - busy.seconds / total, total / steps))
+        step_s = max(s[1] for s in shares)
+        results.append(BubbleRow(
+            kind=kind, pp=world, microbatches=microbatches, virtual_stages=stages_per_rank(kind),
+            layers_per_stage=[len(r) for r in split_layers(cfg.model.n_layers, n_stages, layers)],
+            formula=bubble_formula(kind, world, microbatches, stages_per_rank(kind)),
+            measured=[s[0] for s in shares], step_ms=1e3 * step_s, tokens_per_s=batch[:, 1:].numel() / step_s,
+        ).to_dict())
+    if rank == 0:
+        torch.save(results, f"{out_dir}/bubbles.pt")
+    dist.destroy_process_group()
+
+
+def check_bubble_runs(n_layers: int, kinds: Sequence[str], pp: int, microbatches: Sequence[int], steps: int) -> None:
+    """Every (kind, M) the schedules accept on ``pp`` ranks of a model of ``n_layers`` layers; else
+    a ValueError that says which and why, before any process starts."""
+    from curry_train.primitives.pipeline_schedule import check_microbatches, stages_per_rank
+
+    if pp < 2:
+        raise ValueError(f"pp={pp}: a pipeline needs at least 2 ranks")
+    if steps < 1:
+        raise ValueError(f"steps={steps} must be at least 1")
+    if not kinds or not microbatches:
+        raise ValueError("no schedule kinds or no micro-batch counts to measure")
+    for kind in kinds:
+        n_stages = pp * stages_per_rank(kind)  # raises on an unknown kind
+        if n_stages > n_layers:
+            raise ValueError(f"schedule {kind} on pp={pp} has {n_stages} stages but the model has {n_layers} layers; "
+                             f"raise model.n_layers (a multiple of {n_stages} makes the stages equal)")
+        for m in microbatches:
+            check_microbatches(kind, m, pp, n_stages)
+
+
+def measure_bubbles(
+    overrides: Sequence[str], kinds: Sequence[str], pp: int, microbatches: int | Sequence[int], steps: int = 5
+) -> list[BubbleRow]:
+    """Run each kind at each micro-batch count on ``pp`` local processes (one thread each), ``steps``
+    timed steps after ``WARMUP_STEPS``, and measure its bubble; rows ordered by M, then kind.
+    ``overrides`` (Hydra, as for ``train.py``) give the model and ``data.micro_batch_size`` x
+    ``data.seq_len`` tokens per micro-batch; the layout keys are not read."""
+    from curry_train.config import compose
+    from curry_train.launch import spawn
+
+    counts = [microbatches] if isinstance(microbatches, int) else list(microbatches)
+    cfg = compose(list(overrides))
+    check_bubble_runs(cfg.model.n_layers, kinds, pp, counts, steps)
+    container = OmegaConf.to_container(cfg, resolve=True)
+    runs = [(m, kind) for m in counts for kind in kinds]
+    with tempfile.TemporaryDirectory(prefix="curry-bubble-") as out_dir:
+        spawn(pp, _bubble_worker, out_dir, container, runs, steps)
+        raw = torch.load(f"{out_dir}/bubbles.pt")
+    return [BubbleRow(**{k: v for k, v in r.items() if k not in ("mean", "formula_text")}) for r in raw]
+
+
+def bubble_table(rows: Sequence[BubbleRow]) -> str:
+    """One line per row: the formula, the measured mean and per-rank bubble, ms/step and tokens/s."""
+    lines = [f"{'schedule':<16}{'P':>3}{'M':>4}{'v':>3}  {'layers/stage':<14}{'formula':>9}{'measured':>10}  "
+             f"{'per rank':<16}{'ms/step':>9}{'tokens/s':>11}"]
+    for row in rows:
+        per_rank = " ".join(f"{m:.1%}" for m in row.measured)
+        layers = ",".join(map(str, row.layers_per_stage))
+        lines.append(f"{row.kind:<16}{row.pp:>3}{row.microbatches:>4}{row.virtual_stages:>3}  {layers:<14}"
+                     f"{row.formula_text:>9}{row.mean:>10.1%}  {per_rank:<16}{row.step_ms:>9.1f}{row.tokens_per_s:>11,.0f}")
+    return "\n".join(lines)
