@@ -60,6 +60,12 @@ def _worker(rank: int, world_size: int, port: int, target: Callable[..., Any], a
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
     )
+    if world_size > 1 and "OMP_NUM_THREADS" not in os.environ:
+        # The local ranks share this machine's cores (as torchrun and Lightning's CPU DDP arrange):
+        # each one's default of a thread per core would oversubscribe them world_size times over.
+        import torch
+
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // world_size))
     target(*args)
 
 

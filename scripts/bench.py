@@ -5,6 +5,7 @@
     python scripts/bench.py [--steps N] [--warmup W] [--repeats R] [--loggers csv|none] [--json PATH] [overrides...]
     python scripts/bench.py --memory [--json PATH] [overrides...]
     python scripts/bench.py --layouts [--layout 'NAME: OVERRIDES']... [--steps N] [--json PATH] [overrides...]
+    python scripts/bench.py --context [--seq-len S] [--cp 1,2,4] [--pattern ring] [--json PATH]
     python scripts/bench.py --pipeline [--pp P] [--microbatches 4,8] [--kinds K,...] [--steps N] [--json PATH] [overrides...]
 
 Arguments without a leading ``--`` are Hydra overrides, exactly as for ``train.py``; the default is
@@ -801,7 +802,39 @@ def _kinds(text: str) -> list[str]:
     return kinds
 
 
-DEFAULT_STEPS = {"throughput": 20, "layouts": 10, "pipeline": 5}
+@dataclass
+class ContextResult:
+    rows: list
+    seq_len: int
+
+    def table(self) -> str:
+        from curry_train.validation.context import context_table
+
+        return (f"context parallel attention (ContextParallelAttention), one sequence of {self.seq_len} tokens, "
+                "8 heads x 64, 2 key/value heads, fwd+bwd, one thread per rank:\n" + context_table(self.rows)
+                + "\nactivations: peak of one forward+backward by PyTorch's memory tracker (the op's saved shards and"
+                " its key/value blocks in flight); exposed comm: time waiting for a block after its compute, share of"
+                " the op's time (the rest of each transfer overlaps compute).")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"seq_len": self.seq_len, "rows": [row.to_dict() for row in self.rows]}
+
+
+def context_bench(seq_len: int, cps: Sequence[int], pattern: str, steps: int) -> ContextResult:
+    """Attention memory per rank and tokens/s for each cp at one sequence length."""
+    from curry_train.primitives.context_parallel import PATTERNS
+
+    if pattern not in PATTERNS:
+        raise ConfigError(f"--pattern {pattern}: expected one of {', '.join(PATTERNS)}")
+    for cp in cps:
+        if cp < 1 or seq_len % (2 * cp):
+            raise ConfigError(f"--cp {cp}: the sequence ({seq_len}) must divide into 2 x cp chunks")
+    from curry_train.validation.context import measure_context
+
+    return ContextResult(rows=measure_context(seq_len, cps, pattern, steps=steps), seq_len=seq_len)
+
+
+DEFAULT_STEPS = {"throughput": 20, "layouts": 10, "pipeline": 5, "context": 3}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -821,6 +854,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                            f"{', '.join(LAYOUTS)}; see --layout)")
     mode.add_argument("--pipeline", action="store_true",
                       help="the measured pipeline bubble next to its formula, and tokens/s, for every schedule kind")
+    mode.add_argument("--context", action="store_true",
+                      help="context-parallel attention: per-rank activation memory, exposed communication and tokens/s for each cp")
+    parser.add_argument("--seq-len", type=int, default=8192, help="with --context: the sequence length (default 8192)")
+    parser.add_argument("--cp", type=_counts, default=[1, 2, 4], metavar="CP[,CP...]", help="with --context: cp sizes (default 1,2,4)")
+    parser.add_argument("--pattern", default="ring", help="with --context: ring, double_ring or alltoall (default ring)")
     parser.add_argument("--layout", action="append", default=None, metavar="'NAME: OVERRIDES'",
                         help="with --layouts, a layout to compare instead of the defaults (repeatable), e.g. "
                              "--layout 'tp4: parallel=tp parallel.tp.size=4 trainer.devices=4'")
@@ -830,7 +868,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--kinds", type=_kinds, default=list(KINDS), metavar="KIND[,KIND...]",
                         help=f"with --pipeline: schedule kinds (default all: {','.join(KINDS)})")
     args = parser.parse_args(argv)
-    mode_name = "layouts" if args.layouts or args.layout else "pipeline" if args.pipeline else "throughput"
+    mode_name = ("layouts" if args.layouts or args.layout else "pipeline" if args.pipeline
+                 else "context" if args.context else "throughput")
     steps = DEFAULT_STEPS[mode_name] if args.steps is None else args.steps
     if steps < 1 or args.warmup < 1 or args.repeats < 1:
         parser.error("--steps, --warmup and --repeats must be at least 1")
@@ -843,6 +882,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         elif mode_name == "layouts":
             layouts = dict(parse_layout(spec) for spec in args.layout) if args.layout else None
             result = layouts_bench(args.overrides, layouts, steps)
+        elif mode_name == "context":
+            result = context_bench(args.seq_len, args.cp, args.pattern, steps)
         elif mode_name == "pipeline":
             result = pipeline_bench(args.overrides, args.pp, args.microbatches, steps, args.kinds)
         else:

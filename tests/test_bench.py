@@ -216,3 +216,19 @@ def test_bench_pipeline_rejects_bad_input(capsys):
     for bad in (["--kinds", "gpipe,pipedream"], ["--microbatches", "4,x"], ["--microbatches", "0"]):
         with pytest.raises(SystemExit):
             bench.main(["--pipeline", *bad])
+
+
+@pytest.mark.timeout(300)
+def test_bench_context_mode_memory_falls_with_cp(tmp_path, capsys):
+    """Per-rank activation memory of context-parallel attention (measured by PyTorch's memory
+    tracker, not by time) falls about linearly with cp: at cp=4 at most about a third of cp=1."""
+    bench = load_bench()
+    path = tmp_path / "context.json"
+    assert bench.main(["--context", "--seq-len", "2048", "--cp", "1,2,4", "--steps", "1", "--json", str(path)]) == 0
+    assert "exposed comm" in capsys.readouterr().out
+    rows = {row["cp"]: row for row in json.loads(path.read_text())["rows"]}
+    assert sorted(rows) == [1, 2, 4] and len(rows[4]["activations"]) == 4
+    assert rows[2]["max_activations"] < 0.6 * rows[1]["max_activations"]
+    assert rows[4]["max_activations"] <= 0.34 * rows[1]["max_activations"]
+    assert all(0.0 <= share < 1.0 for row in rows.values() for share in row["exposed_comm"])
+    assert bench.main(["--context", "--seq-len", "1020", "--cp", "4"]) == 2  # 1020 tokens do not split into 8 chunks
