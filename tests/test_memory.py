@@ -248,3 +248,17 @@ def test_bench_memory_mode_shows_formula_and_recompute_saving(tmp_path, capsys):
     assert full < rows[("selective", 2)]["activations"] < none
     assert full < rows[("selective", 0)]["activations"] < none
     assert rows[("full", 0)]["saving"] == pytest.approx(1 - full / none) and rows[("full", 0)]["saving"] > 0.5
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_advise_estimator_model_state_equals_measured(measured, name):
+    """curry_train.advise's per-rank model state (ZeRO's formula over the rank's own parameters, with
+    FSDP2's padding and AdamW's step counters) is exactly what each rank held at the optimizer step."""
+    from curry_train.advise import model_state, rank_shapes
+
+    layout = measured[name]
+    shapes = rank_shapes(compose(list(COMMON)).model, layout.tp)
+    for record in layout.ranks:
+        estimated = model_state(shapes, layout.mode, record["shards"], layout.mixed_precision,
+                                record["shard_rank"], layout.replicas)
+        assert {**estimated, "total": sum(estimated.values())} == record["state"], (name, record["rank"])

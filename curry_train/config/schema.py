@@ -163,6 +163,25 @@ class ParallelConfig:
 
 
 @dataclass
+class HardwareConfig:
+    """The machines a run is planned for (``conf/hardware``): read by ``scripts/advise.py``, which
+    sizes layouts against them; training itself takes its devices from ``trainer``."""
+
+    name: str = "h100_80gb"  # label of the accelerator type
+    accelerator: str = "gpu"  # gpu | cpu
+    memory_bytes: int = 85899345920  # memory of one device
+    peak_bf16_flops: float = 9.89e14  # dense bf16 FLOP/s of one device
+    intra_node_bandwidth: float = 4.5e11  # bytes/s per device and direction between devices of a node
+    inter_node_bandwidth: float = 5.0e10  # bytes/s per device and direction between nodes
+    nodes: int = 1  # nodes in the allocation
+    gpus_per_node: int = 8  # devices per node
+    mfu: float = 0.4  # assumed model FLOPs utilization of a step's compute
+    reserved_bytes: int = 2147483648  # per device, outside the model (runtime, communication buffers)
+    flash_attention: bool = True  # the attention kernel keeps no s x s scores
+    mixed_precision: str = "bf16"  # compute dtype advise recommends here: bf16 | fp32
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -171,5 +190,6 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
     seed: int = 1234  # seeds init, data order and dropout; the layout never changes what it seeds
     ckpt_path: Optional[str] = None  # resume from a checkpoint directory, or "last"

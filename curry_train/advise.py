@@ -1,0 +1,567 @@
+"""Which layout to run: per-rank memory and step time of candidate layouts, by arithmetic.
+
+The decision guide, as numbers: add data parallelism, then ZeRO-1, ZeRO-2, ZeRO-3 (FSDP), then
+activation recompute, then tensor parallelism (only when a step's memory exceeds a device), pipeline
+parallelism (across nodes), context parallelism (when the sequence breaks memory), one primitive at a
+time, and stop at the first layout that fits ``hardware`` with ``HEADROOM`` to spare.
+
+What a rank holds (``estimate``), in bytes:
+
+* model state, exactly as curry-train holds it at the optimizer step (``model_state``): ZeRO's
+  formulas (``validation.memory.zero_formula_terms``) over the rank's own parameters (its tensor-
+  parallel shards, its pipeline stage's blocks; the model built on the meta device, so P is exact),
+  plus FSDP2's padding (each first dimension split in ``ceil(rows / shards)`` row chunks; gradients
+  and parameters padded, Adam's state the rank's own rows only) and AdamW's 4-byte ``step`` per
+  tensor. Sharded FSDP2 keeps fp32 master parameters and fp32 gradient shards whatever the compute
+  dtype; ZeRO-1 in bf16 keeps bf16 full parameters and fp32 shards (see tests/test_memory.py);
+* transient model state during forward/backward: ZeRO-3 keeps the root (embedding, head) gathered
+  and gathers one unit ahead (two blocks in compute dtype, one block's fp32 gradient before its
+  reduce-scatter); ZeRO-2 (``shard_grad_op``) keeps every unit gathered; ZeRO-1 in bf16 holds the
+  bf16 full gradients until they are reduced;
+* activations per block, Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
+  Transformer Models", section 4), in 2-byte units: ``s*b*h*(34 + 5*a*s/h)`` for GPT, whose MLP
+  term ``19sbh`` (input, GELU's input and output at 4h, dropout mask) is written here for SwiGLU of
+  width f (input 2h, w1 and w3 outputs, SiLU output and product 8f, dropout mask h), giving
+  ``s*b*(18h + 8f) + 5*a*s^2*b``. A fused (flash) attention kernel drops the
+  ``5as^2b`` scores; tensor parallelism divides all but the ``10sbh`` of norms and dropout masks by
+  tp, and sequence parallelism those too; selective recompute drops the scores; full recompute keeps
+  only each block's 2-byte input ``2sbh`` plus one block's full set while it is recomputed; fp32
+  doubles everything. Times blocks per stage and micro-batches in flight (gpipe: all M; 1F1B and the
+  others: pp on the first stage). Context parallelism divides s;
+* the loss: the fp32 log-probabilities that cross-entropy saves and their gradient, 8 bytes per
+  logit (``module.token_loss`` upcasts the logits), over the vocabulary shard (tp, loss_parallel)
+  and the sequence shard (cp);
+* ``hardware.reserved_bytes`` (runtime, communication buffers).
+
+Step time (``estimate``): ``(6N + 12*L*h*s)`` FLOPs per token (N parameters, forward 1/3 of it;
+full recompute adds a forward, selective the attention's ``4Lhs``) over ``world * peak * mfu``
+(``hardware.mfu``, assumed 0.4), plus the pipeline bubble ``(pp - 1) / M`` of the compute, plus the
+communication volume of each group over its link (a group spanning nodes uses the inter-node
+bandwidth), with no overlap assumed -- an upper bound, good for ranking layouts:
+
+* data parallel: DDP all-reduces fp32 gradients (``2(d-1)/d * 4P``); ZeRO-1/2 reduce-scatter them
+  and all-gather the updated parameters; ZeRO-3 all-gathers parameters in forward and backward of
+  every micro-batch and reduce-scatters gradients once a step; ring collectives' ``(d-1)/d``;
+* tensor parallel: 4 all-reduces (or all-gather + reduce-scatter with sequence parallelism, the
+  same traffic) of ``s*b*h`` activations per block and micro-batch, forward and backward;
+* pipeline: the stage boundary's ``s*b*h`` activations forward, their gradient backward, per
+  micro-batch;
+* context parallel: the ring passes K and V (``2*s/cp*b*kv_dim``) ``cp - 1`` times per block and
+  micro-batch forward, and K, V and their gradients backward.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Optional, Sequence
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from curry_train.validation.memory import tensor_parallel_shapes, zero_formula_terms
+
+HEADROOM = 0.10  # of device memory, left free by a recommendation (allocator, spikes, estimate error)
+ZERO_MODES = ("none", "optimizer", "shard_grad_op", "full")  # DDP, ZeRO-1, ZeRO-2, ZeRO-3
+ZERO_NAMES = {"none": "DDP", "optimizer": "ZeRO-1", "shard_grad_op": "ZeRO-2", "full": "ZeRO-3", "hybrid": "HSDP"}
+LOSS_BYTES_PER_LOGIT = 8  # fp32 log-probabilities saved by cross-entropy, and their gradient
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A candidate: the parallel degrees and the knobs that change a rank's memory."""
+
+    dp_replicate: int = 1
+    dp_shard: int = 1
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    zero: str = "none"  # none (DDP) | optimizer | shard_grad_op | full | hybrid
+    mixed_precision: str = "fp32"  # fp32 | bf16: compute dtype
+    recompute: str = "none"  # none | selective | full
+    sequence_parallel: bool = False
+    micro_batch_size: int = 1
+    pp_schedule: str = "1F1B"
+
+    @property
+    def world(self) -> int:
+        return self.dp_replicate * self.dp_shard * self.tp * self.pp * self.cp
+
+    @property
+    def dp(self) -> int:
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def shards(self) -> int:
+        """Ranks that share one copy of the model state: FSDP shards over dp_shard x cp."""
+        return 1 if self.zero == "none" else self.dp_shard * self.cp
+
+    def sizes(self) -> dict[str, int]:
+        return {"dp_replicate": self.dp_replicate, "dp_shard": self.dp_shard, "tp": self.tp, "pp": self.pp, "cp": self.cp}
+
+    def options(self) -> list[str]:
+        """The ``parallel`` options this layout composes, in ``+`` order."""
+        names = ["fsdp" if self.zero != "none" else "dp"]
+        names += [name for name in ("tp", "pp", "cp") if getattr(self, name) > 1]
+        return names
+
+    def describe(self) -> str:
+        parts = [ZERO_NAMES[self.zero] + (f" over {self.shards}" if self.zero != "none" else f" x{self.dp}")]
+        parts += [f"{name}={getattr(self, name)}" for name in ("tp", "pp", "cp") if getattr(self, name) > 1]
+        if self.sequence_parallel:
+            parts.append("sequence parallel")
+        if self.recompute != "none":
+            parts.append(f"recompute={self.recompute}")
+        parts.append(f"{self.mixed_precision}, micro-batch {self.micro_batch_size}")
+        return ", ".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------
+# The model's shapes
+
+
+@functools.lru_cache(maxsize=16)
+def _shapes(model_yaml: str, tp: int) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    from curry_train.model import Llama
+
+    with torch.device("meta"):
+        model = Llama(OmegaConf.create(model_yaml))
+    return tuple((name, tuple(shape)) for name, shape in tensor_parallel_shapes(model, tp).items())
+
+
+def rank_shapes(model_cfg: DictConfig, tp: int = 1, pp: int = 1, stage: int = 0) -> list[tuple[int, ...]]:
+    """Shapes of the parameters one rank holds: its tensor-parallel shards of its pipeline stage
+    (``pipeline_schedule.split_layers``: the embedding on the first stage, norm and head on the last)."""
+    from curry_train.primitives.pipeline_schedule import split_layers
+
+    blocks = split_layers(model_cfg.n_layers, pp)[stage]
+    shapes = []
+    for name, shape in _shapes(OmegaConf.to_yaml(model_cfg), tp):
+        head, _, rest = name.partition(".")
+        if head == "layers":
+            keep = int(rest.split(".")[0]) in blocks
+        elif head == "tok_embeddings":
+            keep = stage == 0
+        else:
+            keep = stage == pp - 1
+        if keep:
+            shapes.append(shape)
+    return shapes
+
+
+def parameter_count(model_cfg: DictConfig) -> int:
+    return sum(math.prod(shape) for shape in rank_shapes(model_cfg))
+
+
+# ----------------------------------------------------------------------------------------------
+# Model state
+
+
+def model_state(shapes: Sequence[tuple[int, ...]], zero: str, shards: int, mixed_precision: str = "fp32",
+                shard_rank: int = 0, replicas: int = 1) -> dict[str, int]:
+    """Bytes of parameters, gradients and AdamW state one rank holds at the optimizer step, as
+    curry-train holds them (module docstring); ``shard_rank`` 0 holds the most (whole chunks).
+
+    ``shards``: the ranks the state is split over (FSDP2's shard mesh: dp_shard x cp; for hybrid the
+    ranks of one replica group); ``replicas`` is only for ZeRO's formula of hybrid."""
+    P = sum(math.prod(s) for s in shapes)
+    padded = own = padded_full = 0
+    for shape in shapes:
+        rows, row = shape[0], math.prod(shape[1:])
+        chunk = math.ceil(rows / shards)
+        padded += chunk * row
+        own += max(0, min(chunk, rows - shard_rank * chunk)) * row
+        padded_full += chunk * shards * row
+    step = 4 * len(shapes)  # AdamW's step counter, a 4-byte tensor per parameter
+    if zero in ("none", "dp", "no_shard"):
+        terms = zero_formula_terms("dp", P, 1)  # autocast keeps fp32 state; DDP replicates it
+        return {"params": terms["params"], "grads": terms["grads"], "optimizer": terms["optimizer"] + step}
+    if zero == "optimizer":
+        if mixed_precision == "fp32":  # the shard is a view into the full (padded) parameters
+            return {"params": 4 * padded_full, "grads": 4 * P, "optimizer": 8 * own + step}
+        return {"params": 2 * padded_full + 4 * own, "grads": 4 * own, "optimizer": 8 * own + step}
+    # ZeRO-3, HSDP, and ZeRO-2 (which reshards after backward: at the step it holds ZeRO-3's state).
+    d = shards * replicas if zero == "hybrid" else shards
+    terms = zero_formula_terms("hybrid" if zero == "hybrid" else "full", P, d, "fp32", replicas)
+    return {
+        "params": terms["params"] + 4 * (padded - terms["params"] // 4),
+        "grads": terms["grads"] + 4 * (padded - terms["grads"] // 4),
+        "optimizer": 8 * own + step,
+    }
+
+
+def _transient_state(cfg_model: DictConfig, shapes: Sequence[tuple[int, ...]], layout: Layout) -> int:
+    """Model-state bytes that exist only during forward/backward (module docstring)."""
+    pbytes = 2 if layout.mixed_precision == "bf16" else 4
+    P = sum(math.prod(s) for s in shapes)
+    if layout.zero == "shard_grad_op":
+        return pbytes * P + 4 * P // max(1, cfg_model.n_layers)  # all units gathered, one block's fp32 gradient
+    if layout.zero in ("full", "hybrid"):
+        whole = rank_shapes(cfg_model, layout.tp)
+        root = math.prod(whole[0]) + math.prod(whole[-1])  # embedding and head, kept gathered
+        block = (sum(math.prod(s) for s in whole) - root) / max(1, cfg_model.n_layers)
+        return int(pbytes * (root + 2 * block) + 4 * block)
+    if layout.zero == "optimizer" and layout.mixed_precision == "bf16":
+        return 2 * P  # bf16 full gradients until reduced into the fp32 shards
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Activations and the step
+
+
+def activation_bytes(cfg: DictConfig, layout: Layout, flash_attention: bool) -> dict[str, int]:
+    """Activation and loss bytes of the first pipeline stage's rank (module docstring)."""
+    m = cfg.model
+    s, b, h, f, a = cfg.data.seq_len // layout.cp, layout.micro_batch_size, m.dim, m.ffn_dim, m.n_heads
+    t = layout.tp
+    scores = 0 if flash_attention or layout.recompute != "none" else 5 * a * s * s * b
+    replicated = 10 * s * b * h  # norms' inputs and dropout masks: split by sequence parallelism only
+    split = s * b * (18 * h + 8 * f) - replicated
+    per_block = (replicated / (t if layout.sequence_parallel else 1)) + (split + scores) / t
+    scale = 2 if layout.mixed_precision == "fp32" else 1
+    blocks = max(len(r) for r in _stage_blocks(m.n_layers, layout.pp))
+    microbatches = _microbatches(cfg, layout)
+    in_flight = microbatches if layout.pp_schedule.lower() == "gpipe" else min(layout.pp, microbatches)
+    if layout.recompute == "full":
+        stored = 2 * s * b * h / (t if layout.sequence_parallel else 1)
+        activations = (stored * blocks * in_flight + per_block) * scale
+    else:
+        activations = per_block * blocks * in_flight * scale
+    loss = LOSS_BYTES_PER_LOGIT * s * b * m.vocab_size / t
+    return {"activations": int(activations), "loss": int(loss)}
+
+
+def _stage_blocks(n_layers: int, pp: int) -> list[range]:
+    from curry_train.primitives.pipeline_schedule import split_layers
+
+    return split_layers(n_layers, pp)
+
+
+def _microbatches(cfg: DictConfig, layout: Layout) -> int:
+    return max(1, cfg.data.global_batch_size // (layout.dp * layout.micro_batch_size))
+
+
+def _link(layout: Layout, axis: str, gpus_per_node: int, hw: DictConfig) -> float:
+    """Bandwidth of ``axis``'s groups: the mesh is (pp, dp_replicate, dp_shard, cp, tp), tp innermost,
+    so a group spans ``stride * size`` consecutive ranks."""
+    order = ("tp", "cp", "dp_shard", "dp_replicate", "pp")
+    stride = 1
+    for name in order:
+        size = layout.sizes()[name]
+        if name == axis or (axis == "dp" and name == "dp_shard"):
+            span = stride * size * (layout.dp_replicate if axis == "dp" else 1)
+            return hw.intra_node_bandwidth if span <= gpus_per_node else hw.inter_node_bandwidth
+        stride *= size
+    raise ValueError(axis)
+
+
+def step_time(cfg: DictConfig, layout: Layout, hw: DictConfig) -> dict[str, float]:
+    """Seconds of one optimizer step by parts: compute, bubble, and each axis's communication."""
+    m = cfg.model
+    N = parameter_count(m)
+    s, L, h = cfg.data.seq_len, m.n_layers, m.dim
+    per_token = 6 * N + 12 * L * h * s
+    if layout.recompute == "full":
+        per_token += 2 * N + 4 * L * h * s
+    elif layout.recompute == "selective":
+        per_token += 4 * L * h * s
+    tokens = cfg.data.global_batch_size * s
+    compute = tokens * per_token / (layout.world * hw.peak_bf16_flops * hw.mfu)
+    M = _microbatches(cfg, layout)
+    times = {"compute": compute, "bubble": compute * (layout.pp - 1) / M if layout.pp > 1 else 0.0}
+    gpn = hw.gpus_per_node
+    pbytes = 2 if layout.mixed_precision == "bf16" else 4
+    P_rank = N / (layout.tp * layout.pp)  # parameters one rank's data-parallel group handles
+    d = layout.dp if layout.zero == "none" else layout.shards
+    ring = (d - 1) / d if d > 1 else 0.0
+    if layout.zero == "none":
+        volume = 2 * ring * 4 * P_rank
+    elif layout.zero in ("optimizer", "shard_grad_op"):
+        volume = ring * (4 * P_rank + pbytes * P_rank)
+    else:
+        volume = ring * (4 * P_rank + 2 * M * pbytes * P_rank)
+        if layout.zero == "hybrid" and layout.dp_replicate > 1:
+            volume += 2 * (layout.dp_replicate - 1) / layout.dp_replicate * 4 * P_rank / d
+    times["dp"] = volume / _link(layout, "dp", gpn, hw) if volume else 0.0
+    act = s // layout.cp * layout.micro_batch_size * h * pbytes
+    blocks = max(len(r) for r in _stage_blocks(L, layout.pp))
+    if layout.tp > 1:
+        volume = 4 * blocks * M * 2 * (layout.tp - 1) / layout.tp * act
+        times["tp"] = volume / _link(layout, "tp", gpn, hw)
+    if layout.pp > 1:
+        times["pp"] = 2 * M * act / _link(layout, "pp", gpn, hw)
+    if layout.cp > 1:
+        kv = 2 * (s // layout.cp) * layout.micro_batch_size * h * m.n_kv_heads // m.n_heads * pbytes
+        volume = blocks * M * (layout.cp - 1) * 3 * kv  # K, V forward; K, V and their gradients backward
+        times["cp"] = volume / _link(layout, "cp", gpn, hw)
+    times["total"] = sum(times.values())
+    return times
+
+
+@dataclass
+class Estimate:
+    layout: Layout
+    memory: dict[str, int]  # per rank, by part, and "total"
+    capacity: int  # the device's memory less HEADROOM
+    time: dict[str, float]
+
+    @property
+    def fits(self) -> bool:
+        return self.memory["total"] <= self.capacity
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"layout": asdict(self.layout), "memory": self.memory, "fits": self.fits, "capacity": self.capacity,
+                "step_time": self.time}
+
+
+def estimate(cfg: DictConfig, layout: Layout) -> Estimate:
+    """Per-rank memory (the fullest rank: shard 0, the first pipeline stage's activations with the
+    largest stage's parameters) and step time of ``layout`` for ``cfg``'s model, data and hardware."""
+    hw = cfg.hardware
+    states = []
+    for stage in range(layout.pp):
+        shapes = rank_shapes(cfg.model, layout.tp, layout.pp, stage)
+        shards = layout.shards
+        state = model_state(shapes, layout.zero, shards, layout.mixed_precision, 0, layout.dp_replicate)
+        state["transient"] = _transient_state(cfg.model, shapes, layout)
+        states.append(state)
+    memory = dict(max(states, key=lambda st: sum(st.values())))
+    memory.update(activation_bytes(cfg, layout, hw.flash_attention))
+    memory["reserved"] = int(hw.reserved_bytes)
+    memory["total"] = sum(memory.values())
+    capacity = int(hw.memory_bytes * (1 - HEADROOM))
+    return Estimate(layout, memory, capacity, step_time(cfg, layout, hw))
+
+
+# ----------------------------------------------------------------------------------------------
+# The walk
+
+
+@dataclass
+class Advice:
+    recommended: Optional[Estimate]  # None: nothing fits
+    tried: list[tuple[str, Estimate]]  # (step of the walk, its best candidate), in order
+    reasons: list[str]  # why each heavier primitive is or is not needed
+    command: Optional[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        rec = self.recommended
+        return {
+            "fits": rec is not None,
+            "parallel": "+".join(rec.layout.options()) if rec else None,
+            "sizes": rec.layout.sizes() if rec else None,
+            "memory_per_rank_bytes": rec.memory["total"] if rec else None,
+            "memory_breakdown": rec.memory if rec else None,
+            "capacity_bytes": rec.capacity if rec else None,
+            "step_time_s": rec.time if rec else None,
+            "layout": asdict(rec.layout) if rec else None,
+            "command": self.command,
+            "reasons": self.reasons,
+            "tried": [{"step": step, **est.to_dict()} for step, est in self.tried],
+        }
+
+
+def _powers_of_two(limit: int) -> list[int]:
+    return [2**i for i in range(1, int(math.log2(max(1, limit))) + 1)]
+
+
+def _divides(cfg: DictConfig, tp: int) -> bool:
+    m = cfg.model
+    return all(x % tp == 0 for x in (m.n_heads, m.n_kv_heads, m.dim, m.ffn_dim, m.vocab_size))
+
+
+def _micro_batches(cfg: DictConfig, dp: int) -> list[int]:
+    """Micro-batch sizes to try, largest first: the configured one, halved down to 1."""
+    size, sizes = cfg.data.micro_batch_size, []
+    while size > 1:
+        sizes.append(size)
+        size //= 2
+    local = cfg.data.global_batch_size // dp
+    return [m for m in sizes if local % m == 0] + [1]
+
+
+def _fit(cfg: DictConfig, layouts: Sequence[Layout]) -> tuple[Estimate, bool]:
+    """The first layout that fits (in the given order), or the smallest in memory."""
+    estimates = [estimate(cfg, layout) for layout in layouts]
+    for est in estimates:
+        if est.fits:
+            return est, True
+    return min(estimates, key=lambda e: e.memory["total"]), False
+
+
+def advise(cfg: DictConfig, overrides: Sequence[str] = ()) -> Advice:
+    """Walk the order (module docstring) over ``hardware.nodes x hardware.gpus_per_node`` devices."""
+    hw = cfg.hardware
+    world, gpn = hw.nodes * hw.gpus_per_node, hw.gpus_per_node
+    mp = hw.mixed_precision
+    mb = cfg.data.micro_batch_size
+    tried: list[tuple[str, Estimate]] = []
+    reasons: list[str] = []
+    gib = lambda n: f"{n / 2**30:.1f} GiB"  # noqa: E731
+
+    def done(est: Estimate) -> Advice:
+        return Advice(est, tried, reasons, train_command(cfg, est.layout, overrides))
+
+    def attempt(step: str, layouts: Sequence[Layout]) -> Optional[Estimate]:
+        est, ok = _fit(cfg, layouts)
+        tried.append((step, est))
+        return est if ok else None
+
+    mb = _micro_batches(cfg, world)[0]
+    ddp = Layout(dp_replicate=world, mixed_precision=mp, micro_batch_size=mb)
+    if est := attempt("data parallel (DDP)", [ddp]):
+        reasons.append(f"DDP fits: {gib(est.memory['total'])} of {gib(est.capacity)} per rank; no sharding needed.")
+        return done(est)
+    reasons.append(f"DDP needs {gib(tried[-1][1].memory['total'])} per rank, more than {gib(tried[-1][1].capacity)}.")
+    if world > 1:
+        for zero in ("optimizer", "shard_grad_op", "full"):
+            layout = Layout(dp_shard=world, zero=zero, mixed_precision=mp, micro_batch_size=mb)
+            if est := attempt(ZERO_NAMES[zero], [layout]):
+                reasons.append(f"{ZERO_NAMES[zero]} fits ({gib(est.memory['total'])} per rank); lighter sharding does not.")
+                return done(est)
+            reasons.append(f"{ZERO_NAMES[zero]} needs {gib(tried[-1][1].memory['total'])} per rank.")
+    else:
+        reasons.append("one device: there is nothing to shard over.")
+    base = Layout(dp_shard=world, zero="full" if world > 1 else "none", dp_replicate=1, mixed_precision=mp)
+    smaller = [replace(base, micro_batch_size=m) for m in _micro_batches(cfg, world)[1:]]
+    if smaller and (est := attempt("smaller micro-batch (more accumulation)", smaller)):
+        reasons.append(f"micro-batch {est.layout.micro_batch_size} (gradient accumulation keeps the global batch) fits.")
+        return done(est)
+    base = replace(base, micro_batch_size=1)
+    for recompute in ("selective", "full"):
+        if recompute == "selective" and hw.flash_attention:
+            reasons.append("selective recompute saves nothing here: the fused attention keeps no scores.")
+            continue
+        if est := attempt(f"recompute={recompute}", [replace(base, recompute=recompute, micro_batch_size=m)
+                                                      for m in _micro_batches(cfg, world)]):
+            reasons.append(f"recompute={recompute} fits ({gib(est.memory['total'])} per rank); tp, pp, cp not needed.")
+            return done(est)
+    base = replace(base, recompute="full")
+    last = tried[-1][1]
+    state = sum(last.memory[k] for k in ("params", "grads", "optimizer", "transient", "reserved"))
+    if state > last.capacity:
+        reasons.append(
+            f"the model state alone ({gib(state)} per rank with ZeRO-3 over {world}) exceeds {gib(last.capacity)}:"
+            " tp, pp and cp only re-divide it over the same devices."
+        )
+        return Advice(None, tried, reasons + _what_would_fit(cfg, last, world), None)
+    sequence_bound = last.memory["activations"] + last.memory["loss"] > state
+    cps = [c for c in _powers_of_two(world) if world % c == 0 and cfg.data.seq_len % (2 * c) == 0]
+    tps = [t for t in _powers_of_two(min(gpn, world)) if world % t == 0 and _divides(cfg, t)]
+    cp_layouts = [replace(base, cp=c, dp_shard=world // c) for c in cps]
+    tp_layouts = [replace(base, tp=t, dp_shard=world // t, sequence_parallel=True) for t in tps]
+    steps = [("cp", cp_layouts), ("tp", tp_layouts)] if sequence_bound else [("tp", tp_layouts), ("cp", cp_layouts)]
+    if sequence_bound:
+        reasons.append(f"activations of one sequence ({gib(last.memory['activations'] + last.memory['loss'])}) outweigh"
+                       " the model state: the sequence breaks memory, so context parallelism comes first.")
+    else:
+        reasons.append("one step's memory exceeds a device even with ZeRO-3 and full recompute: tensor parallelism next.")
+    for name, layouts in steps:
+        if layouts and (est := attempt(name, layouts)):
+            reasons.append(f"{name}={getattr(est.layout, name)} fits ({gib(est.memory['total'])} per rank).")
+            if hw.nodes == 1:
+                reasons.append("pp not needed: one node, and it would not reduce a rank's memory under ZeRO-3.")
+            return done(est)
+    both = [replace(base, tp=t, cp=c, dp_shard=world // (t * c), sequence_parallel=True)
+            for t in tps for c in cps if world % (t * c) == 0]
+    if both and (est := attempt("tp+cp", both)):
+        return done(est)
+    reasons.append("no combination of tp and cp fits.")
+    return Advice(None, tried, reasons + _what_would_fit(cfg, tried[-1][1], world), None)
+
+
+def _what_would_fit(cfg: DictConfig, best: Estimate, world: int) -> list[str]:
+    m = best.memory
+    state = m["params"] + m["grads"] + m["optimizer"]
+    rest = m["total"] - state
+    free = best.capacity - rest
+    hints = [f"nothing fits on {world} x {gib_text(cfg.hardware.memory_bytes)} ({cfg.hardware.name}); closest:"
+             f" {best.layout.describe()} at {gib_text(m['total'])} per rank."]
+    if free > 0:
+        needed = math.ceil(world * state / free)
+        hints.append(f"more devices: the sharded model state needs about {needed} devices of this kind.")
+    hints.append("CPU offload (parallel.fsdp.cpu_offload=true) moves the sharded parameters, gradients and"
+                 f" optimizer state ({gib_text(state)} per rank) to host memory.")
+    if m["activations"] + m["loss"] > state:
+        hints.append("a shorter sequence (data.seq_len) or more context-parallel ranks shrinks the activations.")
+    return hints
+
+
+def gib_text(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def train_command(cfg: DictConfig, layout: Layout, user_overrides: Sequence[str] = ()) -> str:
+    """``python train.py ...`` for ``layout``: the user's overrides, less those the layout sets."""
+    hw = cfg.hardware
+    mine = ("parallel", "trainer.devices", "trainer.num_nodes", "trainer.precision", "data.micro_batch_size")
+    args = [o for o in user_overrides if not o.lstrip("+~").startswith(mine)]
+    args.append(f"parallel={'+'.join(layout.options())}")
+    if layout.zero != "none":
+        args.append(f"parallel.fsdp.sharding={layout.zero}")
+        args.append(f"parallel.fsdp.mixed_precision={layout.mixed_precision}")
+    elif layout.mixed_precision == "bf16":
+        args.append("trainer.precision=bf16-mixed")
+    for name in ("tp", "pp", "cp"):
+        if getattr(layout, name) > 1:
+            args.append(f"parallel.{name}.size={getattr(layout, name)}")
+    if layout.sequence_parallel:
+        args.append("parallel.tp.sequence_parallel=true")
+    if layout.recompute != "none":
+        args.append(f"parallel.recompute={layout.recompute}")
+    if layout.micro_batch_size != cfg.data.micro_batch_size:
+        args.append(f"data.micro_batch_size={layout.micro_batch_size}")
+    args += [f"trainer.devices={hw.gpus_per_node}", f"trainer.num_nodes={hw.nodes}"]
+    return "python train.py " + " ".join(args)
+
+
+def current_layout(cfg: DictConfig) -> Layout:
+    """The layout ``cfg`` would run (``trainer.devices x trainer.num_nodes`` ranks)."""
+    from curry_train.config.checks import layout_degrees
+
+    deg = layout_degrees(cfg, cfg.trainer.devices * cfg.trainer.num_nodes)
+    fsdp, tp, pp = cfg.parallel.get("fsdp"), cfg.parallel.get("tp"), cfg.parallel.get("pp")
+    zero = "none" if fsdp is None or fsdp.sharding == "no_shard" else fsdp.sharding
+    bf16 = (fsdp is not None and fsdp.mixed_precision != "fp32") or cfg.trainer.precision.startswith("bf16")
+    return Layout(deg.dp_replicate, deg.dp_shard, deg.tp, deg.pp, deg.cp, zero, "bf16" if bf16 else "fp32",
+                  cfg.parallel.recompute, bool(tp is not None and tp.sequence_parallel), cfg.data.micro_batch_size,
+                  pp.schedule if pp is not None else "1F1B")
+
+
+NEXT_FOR_OOM = {"none": "optimizer", "optimizer": "shard_grad_op", "shard_grad_op": "full"}
+
+
+def diagnose(cfg: DictConfig, symptom: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Which primitive to add next for ``symptom`` (oom | slow), given the layout ``cfg`` runs."""
+    layout = current_layout(cfg)
+    now = estimate(cfg, layout)
+    if symptom == "oom":
+        if layout.zero in NEXT_FOR_OOM and layout.shards * (layout.dp if layout.zero == "none" else 1) > 1:
+            nxt = replace(layout, zero=NEXT_FOR_OOM[layout.zero], dp_shard=layout.dp, dp_replicate=1)
+            why = f"add the next ZeRO stage: {ZERO_NAMES[nxt.zero]} shards more of the model state"
+        elif layout.recompute != "full":
+            nxt = replace(layout, recompute="full")
+            why = "add activation recompute: model state is sharded as far as it goes"
+        else:
+            nxt, why = None, "add tp (memory-bound step) or cp (long sequences): see the full advice"
+    elif symptom == "slow":
+        parts = {k: v for k, v in now.time.items() if k not in ("total", "compute")}
+        worst = max(parts, key=parts.get) if parts else None
+        nxt = None
+        if worst and parts[worst] > 0.2 * now.time["compute"]:
+            why = f"communication on {worst} takes {parts[worst]:.2f} s of a {now.time['total']:.2f} s step"
+            if worst == "dp" and layout.zero == "full" and estimate(cfg, replace(layout, zero="shard_grad_op")).fits:
+                nxt = replace(layout, zero="shard_grad_op")
+                why += ": ZeRO-2 gathers parameters once per step instead of per micro-batch, and fits"
+        elif layout.recompute != "none" and estimate(cfg, replace(layout, recompute="none")).fits:
+            nxt, why = replace(layout, recompute="none"), "recompute costs a forward and is not needed to fit"
+        else:
+            why = "the step is compute-bound by the estimate: measure with scripts/bench.py before adding primitives"
+    else:
+        raise ValueError(f"symptom={symptom!r}: expected oom or slow")
+    result = {"symptom": symptom, "current": now.to_dict(), "advice": why, "next": None, "command": None}
+    if nxt is not None:
+        result.update(next=estimate(cfg, nxt).to_dict(), command=train_command(cfg, nxt, overrides))
+    return result
