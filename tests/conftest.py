@@ -69,3 +69,20 @@ def assert_same_curve(losses: dict[int, float], reference: dict[int, float], rto
     assert sorted(losses) == sorted(reference)
     for step, expected in reference.items():
         assert abs(losses[step] - expected) / expected <= rtol, (step, losses[step], expected)
+
+
+def run_seed_example(source: str, tmp_path: Path, nproc: int = 2) -> str:
+    """Run an issue's seed example (a script printing "SEED OK ..." per rank) as a user would: under
+    torchrun with ``nproc`` CPU processes. Returns its stdout, where the ranks' lines may interleave
+    (count "SEED OK", do not split lines); fails on a non-zero exit."""
+    import textwrap
+
+    script = tmp_path / "seed_example.py"
+    script.write_text(textwrap.dedent(source))
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), str(script)],
+        cwd=tmp_path, env=clean_env({"PYTHONPATH": str(REPO)}), capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from curry_train.advise import Layout, advise, diagnose, estimate
+from curry_train.advise import Layout, diagnose, estimate
 from curry_train.config import compose
 
 ROOT = Path(__file__).resolve().parents[1]

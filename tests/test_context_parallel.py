@@ -80,7 +80,7 @@ def test_default_inner_ring_is_the_largest_divisor_up_to_the_square_root():
 
 from curry_train.validation.whitebox import validate  # noqa: E402
 
-from conftest import FAST, REPO, STEPS, assert_same_curve, clean_env, read_metric, run_train  # noqa: E402
+from conftest import FAST, STEPS, assert_same_curve, read_metric, run_seed_example, run_train  # noqa: E402
 
 
 @pytest.mark.parametrize("layout", [
@@ -177,15 +177,4 @@ print("SEED OK", dist.get_rank())
 
 
 def test_seed_example_runs_unchanged_under_torchrun(tmp_path):
-    import subprocess
-    import sys
-    import textwrap
-
-    script = tmp_path / "seed_example.py"
-    script.write_text(textwrap.dedent(SEED_EXAMPLE))
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)],
-        cwd=tmp_path, env=clean_env({"PYTHONPATH": str(REPO)}), capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("SEED OK") == 2
+    assert run_seed_example(SEED_EXAMPLE, tmp_path).count("SEED OK") == 2

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from curry_train.strategy import materialize_and_init
 from curry_train.validation.memory import bare_model_activation_bytes
 from curry_train.validation.whitebox import validate
 
-from conftest import FAST, REPO, STEPS, assert_same_curve, clean_env, read_metric, run_train
+from conftest import FAST, REPO, STEPS, assert_same_curve, clean_env, read_metric, run_seed_example, run_train
 
 ACCUMULATE = ("data.global_batch_size=32",)  # 2 micro-batches per rank on 4 ranks, 4 on 2
 
@@ -121,14 +120,7 @@ print("SEED OK", torch.distributed.get_rank(), sum(shards), sum(full))
 
 
 def test_seed_example_runs_unchanged_under_torchrun(tmp_path):
-    script = tmp_path / "seed_example.py"
-    script.write_text(textwrap.dedent(SEED_EXAMPLE))
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)],
-        cwd=tmp_path, env=clean_env({"PYTHONPATH": str(REPO)}), capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("SEED OK") == 2
+    assert run_seed_example(SEED_EXAMPLE, tmp_path).count("SEED OK") == 2
 
 
 @pytest.mark.parametrize(

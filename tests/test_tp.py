@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -13,7 +10,7 @@ from curry_train.config import ConfigError, compose
 from curry_train.config.checks import check
 from curry_train.validation.whitebox import validate
 
-from conftest import FAST, REPO, STEPS, assert_same_curve, clean_env, read_metric, run_train
+from conftest import FAST, STEPS, assert_same_curve, read_metric, run_seed_example, run_train
 
 
 @pytest.mark.parametrize(
@@ -131,14 +128,7 @@ print("SEED OK", rank)
 
 def test_seed_example_runs_unchanged_under_torchrun(tmp_path):
     """The issue's seed example in a 2-process CPU job; outputs and gradients equal plain nn.Linear's."""
-    script = tmp_path / "seed_example.py"
-    script.write_text(textwrap.dedent(SEED_EXAMPLE))
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)],
-        cwd=tmp_path, env=clean_env({"PYTHONPATH": str(REPO)}), capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("SEED OK") == 2
+    assert run_seed_example(SEED_EXAMPLE, tmp_path).count("SEED OK") == 2
 
 
 def _block_collectives(out_dir: str) -> None:
