@@ -8,7 +8,7 @@
 A run directory holds `.hydra/config.yaml` (the resolved config) and `csv/metrics.csv`. The config
 differences come first for `parallel.*` (layout changes are the usual reason to compare runs: the
 same seed and batch should give the same curve whatever the layout), then the rest. The plot is
-written with a small PNG writer of our own, so the script needs nothing beyond the project's
+written with the project's small PNG writer (`curry_train/plot.py`), so the script needs nothing beyond the project's
 dependencies.
 """
 
@@ -19,13 +19,15 @@ import csv
 import itertools
 import json
 import math
-import struct
 import sys
-import zlib
 from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import OmegaConf
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from curry_train.plot import COLORS, Canvas  # noqa: E402
 
 ABSENT = "<absent>"
 PARALLEL_OPTIONS = ("dp", "fsdp", "tp", "pp", "cp")
@@ -163,54 +165,6 @@ def compare(baseline: dict, other: dict, rtol: float) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------ plot
 
-# A 3x5 bitmap font, enough for tick labels, the axis names and the legend numbers.
-GLYPHS = {
-    "0": "111101101101111", "1": "010110010010111", "2": "111001111100111", "3": "111001111001111",
-    "4": "101101111001001", "5": "111100111001111", "6": "111100111101111", "7": "111001001001001",
-    "8": "111101111101111", "9": "111101111001111", ".": "000000000000010", "-": "000000111000000",
-    "+": "000010111010000", "e": "000111111100111", "s": "000111100001111", "t": "010111010010011",
-    "p": "000111101111100", "l": "110010010010111", "o": "000111101101111", " ": "000000000000000",
-}
-COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-          (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
-
-
-class Canvas:
-    """An RGB pixel canvas that draws lines and tiny text and encodes itself as PNG."""
-
-    def __init__(self, width: int, height: int) -> None:
-        self.width, self.height = width, height
-        self.rows = [bytearray(b"\xff" * (3 * width)) for _ in range(height)]
-
-    def dot(self, x: int, y: int, color: tuple[int, int, int], size: int = 1) -> None:
-        for yy in range(y - size // 2, y - size // 2 + size):
-            for xx in range(x - size // 2, x - size // 2 + size):
-                if 0 <= xx < self.width and 0 <= yy < self.height:
-                    self.rows[yy][3 * xx : 3 * xx + 3] = bytes(color)
-
-    def line(self, x0: int, y0: int, x1: int, y1: int, color: tuple[int, int, int], size: int = 1) -> None:
-        steps = max(abs(x1 - x0), abs(y1 - y0), 1)
-        for i in range(steps + 1):
-            self.dot(round(x0 + (x1 - x0) * i / steps), round(y0 + (y1 - y0) * i / steps), color, size)
-
-    def text(self, x: int, y: int, text: str, color: tuple[int, int, int] = (0, 0, 0), scale: int = 2) -> None:
-        for index, char in enumerate(text):
-            glyph = GLYPHS.get(char, GLYPHS[" "])
-            for bit, on in enumerate(glyph):
-                if on == "1":
-                    for dy in range(scale):
-                        for dx in range(scale):
-                            self.dot(x + (4 * index + bit % 3) * scale + dx, y + (bit // 3) * scale + dy, color)
-
-    def png(self) -> bytes:
-        def chunk(tag: bytes, data: bytes) -> bytes:
-            return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-
-        raw = b"".join(b"\x00" + bytes(row) for row in self.rows)  # filter type 0 on every scanline
-        header = struct.pack(">IIBBBBB", self.width, self.height, 8, 2, 0, 0, 0)  # 8-bit RGB
-        return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
-
-
 def plot_curves(curves: list[dict[int, float]], path: Path, width: int = 640, height: int = 400) -> None:
     """train/loss of each run against step; run i (1-based) is colour i of the legend.
 
@@ -249,8 +203,7 @@ def plot_curves(curves: list[dict[int, float]], path: Path, width: int = 640, he
         legend_x = right - 60 * (len(curves) - index)
         canvas.line(legend_x, 14, legend_x + 20, 14, color, 3)
         canvas.text(legend_x + 26, 9, str(index + 1))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(canvas.png())
+    canvas.save(path)
 
 
 # ---------------------------------------------------------------------------------------- report
