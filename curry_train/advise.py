@@ -37,7 +37,10 @@ Step time (``estimate``): ``(6N + 12*L*h*s)`` FLOPs per token (N parameters, for
 full recompute adds a forward, selective the attention's ``4Lhs``) over ``world * peak * mfu``
 (``hardware.mfu``, assumed 0.4), plus the pipeline bubble ``(pp - 1) / M`` of the compute, plus the
 communication volume of each group over its link (a group spanning nodes uses the inter-node
-bandwidth), with no overlap assumed -- an upper bound, good for ranking layouts:
+bandwidth). Data-parallel traffic overlaps compute (DDP's buckets, FSDP's prefetched gathers and
+reduce-scatters run while other blocks compute), so only what exceeds the compute counts
+(``dp_exposed``); the tensor-parallel all-reduces, the pipeline's sends and the context-parallel ring
+are counted whole, with no overlap -- an upper bound on those:
 
 * data parallel: DDP all-reduces fp32 gradients (``2(d-1)/d * 4P``); ZeRO-1/2 reduce-scatter them
   and all-gather the updated parameters; ZeRO-3 all-gathers parameters in forward and backward of
@@ -102,9 +105,11 @@ class Layout:
 
     def options(self) -> list[str]:
         """The ``parallel`` options this layout composes, in ``+`` order."""
-        names = ["fsdp" if self.zero != "none" else "dp"]
-        names += [name for name in ("tp", "pp", "cp") if getattr(self, name) > 1]
-        return names
+        others = [name for name in ("tp", "pp", "cp") if getattr(self, name) > 1]
+        if self.zero != "none":
+            return ["fsdp", *others]
+        # tp and pp replicate over the ranks they leave themselves (parallel=dp+tp is refused).
+        return others if {"tp", "pp"} & set(others) else ["dp", *others]
 
     def describe(self) -> str:
         parts = [ZERO_NAMES[self.zero] + (f" over {self.shards}" if self.zero != "none" else f" x{self.dp}")]
@@ -282,9 +287,12 @@ def step_time(cfg: DictConfig, layout: Layout, hw: DictConfig) -> dict[str, floa
         volume = ring * (4 * P_rank + pbytes * P_rank)
     else:
         volume = ring * (4 * P_rank + 2 * M * pbytes * P_rank)
-        if layout.zero == "hybrid" and layout.dp_replicate > 1:
-            volume += 2 * (layout.dp_replicate - 1) / layout.dp_replicate * 4 * P_rank / d
-    times["dp"] = volume / _link(layout, "dp", gpn, hw) if volume else 0.0
+    times["dp"] = volume / _link(layout, "dp_shard" if layout.zero == "hybrid" else "dp", gpn, hw) if volume else 0.0
+    if layout.zero == "hybrid" and layout.dp_replicate > 1:
+        # HSDP: gathers and reduce-scatters stay in the shard group; the replicas all-reduce the
+        # gradient shards (fp32) once a step, over the links that join them.
+        volume = 2 * (layout.dp_replicate - 1) / layout.dp_replicate * 4 * P_rank / d
+        times["dp"] += volume / _link(layout, "dp", gpn, hw)
     act = s // layout.cp * layout.micro_batch_size * h * pbytes
     blocks = max(len(r) for r in _stage_blocks(L, layout.pp))
     if layout.tp > 1:
@@ -296,7 +304,8 @@ def step_time(cfg: DictConfig, layout: Layout, hw: DictConfig) -> dict[str, floa
         kv = 2 * (s // layout.cp) * layout.micro_batch_size * h * m.n_kv_heads // m.n_heads * pbytes
         volume = blocks * M * (layout.cp - 1) * 3 * kv  # K, V forward; K, V and their gradients backward
         times["cp"] = volume / _link(layout, "cp", gpn, hw)
-    times["total"] = sum(times.values())
+    times["dp_exposed"] = max(0.0, times["dp"] - compute)
+    times["total"] = sum(v for k, v in times.items() if k != "dp")
     return times
 
 
@@ -402,6 +411,7 @@ def advise(cfg: DictConfig, overrides: Sequence[str] = ()) -> Advice:
     gib = lambda n: f"{n / 2**30:.1f} GiB"  # noqa: E731
 
     def done(est: Estimate) -> Advice:
+        est = _across_nodes(cfg, est, tried, reasons)
         return Advice(est, tried, reasons, train_command(cfg, est.layout, overrides))
 
     def attempt(step: str, layouts: Sequence[Layout]) -> Optional[Estimate]:
@@ -436,17 +446,20 @@ def advise(cfg: DictConfig, overrides: Sequence[str] = ()) -> Advice:
             continue
         if est := attempt(f"recompute={recompute}", [replace(base, recompute=recompute, micro_batch_size=m)
                                                       for m in _micro_batches(cfg, world)]):
-            reasons.append(f"recompute={recompute} fits ({gib(est.memory['total'])} per rank); tp, pp, cp not needed.")
+            reasons.append(f"recompute={recompute} fits ({gib(est.memory['total'])} per rank); tp and cp not needed.")
             return done(est)
     base = replace(base, recompute="full")
     last = tried[-1][1]
-    state = sum(last.memory[k] for k in ("params", "grads", "optimizer", "transient", "reserved"))
+    # What no layout of these devices divides further: ZeRO-3 already splits the model state over
+    # all of them (tp, pp and cp only re-divide it); the gathered units (transient) tp does divide.
+    state = sum(last.memory[k] for k in ("params", "grads", "optimizer", "reserved"))
     if state > last.capacity:
         reasons.append(
             f"the model state alone ({gib(state)} per rank with ZeRO-3 over {world}) exceeds {gib(last.capacity)}:"
             " tp, pp and cp only re-divide it over the same devices."
         )
         return Advice(None, tried, reasons + _what_would_fit(cfg, last, world), None)
+    state += last.memory["transient"]
     sequence_bound = last.memory["activations"] + last.memory["loss"] > state
     cps = [c for c in _powers_of_two(world) if world % c == 0 and cfg.data.seq_len % (2 * c) == 0]
     tps = [t for t in _powers_of_two(min(gpn, world)) if world % t == 0 and _divides(cfg, t)]
@@ -461,8 +474,6 @@ def advise(cfg: DictConfig, overrides: Sequence[str] = ()) -> Advice:
     for name, layouts in steps:
         if layouts and (est := attempt(name, layouts)):
             reasons.append(f"{name}={getattr(est.layout, name)} fits ({gib(est.memory['total'])} per rank).")
-            if hw.nodes == 1:
-                reasons.append("pp not needed: one node, and it would not reduce a rank's memory under ZeRO-3.")
             return done(est)
     both = [replace(base, tp=t, cp=c, dp_shard=world // (t * c), sequence_parallel=True)
             for t in tps for c in cps if world % (t * c) == 0]
@@ -470,6 +481,75 @@ def advise(cfg: DictConfig, overrides: Sequence[str] = ()) -> Advice:
         return done(est)
     reasons.append("no combination of tp and cp fits.")
     return Advice(None, tried, reasons + _what_would_fit(cfg, tried[-1][1], world), None)
+
+
+SPEEDUP = 0.10  # a heavier layout replaces a lighter one that fits only if its step is this much shorter
+
+
+def _divisors(n: int) -> list[int]:
+    return [k for k in range(2, n + 1) if n % k == 0]
+
+
+def _across_nodes(cfg: DictConfig, est: Estimate, tried: list[tuple[str, Estimate]], reasons: list[str]) -> Estimate:
+    """Pipeline parallelism, or HSDP, when the devices span nodes and the fitting layout's data-parallel
+    traffic over the inter-node links makes the step needlessly slow.
+
+    ZeRO over every rank moves the model state through the slowest links every step (ZeRO-3: every
+    micro-batch). HSDP keeps the gathers inside a node and all-reduces gradient shards across nodes;
+    pp with one stage group per node keeps data parallelism inside a node and sends only the stage
+    boundary's activations between nodes, at the price of the bubble ``(pp - 1) / M``. Each is taken
+    only if it fits and its estimated step is ``SPEEDUP`` shorter. One node: pp is not needed."""
+    hw, layout = cfg.hardware, est.layout
+    if hw.nodes == 1:
+        if layout.world > 1:
+            reasons.append("pp not needed: one node (pipeline parallelism trades a bubble for less inter-node traffic,"
+                           " and ZeRO already divides the model state).")
+        return est
+    inner = hw.gpus_per_node // (layout.tp * layout.cp)  # data-parallel ranks of one node
+    candidates: list[tuple[str, Layout]] = []
+    if layout.zero in ("optimizer", "shard_grad_op", "full") and inner >= 1 and layout.dp > inner and layout.dp % inner == 0:
+        candidates.append(("HSDP", replace(layout, zero="hybrid", dp_shard=inner, dp_replicate=layout.dp // inner)))
+    for pp in _divisors(hw.nodes):
+        if layout.dp % pp or cfg.model.n_layers < pp or layout.pp > 1:
+            continue
+        dp = layout.dp // pp
+        for zero in (("none",) if dp == 1 else ("none", "optimizer", "shard_grad_op", "full")):
+            candidates.append((f"pp={pp}", replace(layout, pp=pp, zero=zero, dp_shard=1 if zero == "none" else dp,
+                                                   dp_replicate=dp if zero == "none" else 1)))
+    # Keeping a node's traffic inside it may hold more per rank; full recompute may pay for that.
+    candidates += [(name, replace(c, recompute="full")) for name, c in candidates if c.recompute != "full"]
+    gib = gib_text
+    now = est.time["total"]
+    options = [(name, estimate(cfg, c)) for name, c in candidates]
+    fitting = [(name, e) for name, e in options if e.fits]
+    if not fitting:
+        if options:
+            reasons.append(f"pp across the {hw.nodes} nodes does not fit ({', '.join(sorted({n for n, _ in options}))}).")
+        return est
+    name, best = min(fitting, key=lambda item: item[1].time["total"])
+    dp_time = est.time.get("dp", 0.0)
+    if best.time["total"] < (1 - SPEEDUP) * now:
+        tried.append((f"across nodes: {name}", best))
+        reasons.append(
+            f"across {hw.nodes} nodes, {est.layout.describe()} spends {dp_time:.2f} s per step in data-parallel"
+            f" communication, {est.time['dp_exposed']:.2f} s of it not hidden by compute (step {now:.2f} s);"
+            f" {best.layout.describe()} keeps that inside a node and fits"
+            f" ({gib(best.memory['total'])} per rank): {best.time['total']:.2f} s per step"
+            + (f", bubble {best.time['bubble']:.2f} s" if best.layout.pp > 1 else "") + "."
+        )
+        return best
+    pp_options = [e for n, e in fitting if n.startswith("pp=")]
+    if pp_options:
+        fastest = min(pp_options, key=lambda e: e.time["total"])
+        reasons.append(
+            f"pp not needed: across {hw.nodes} nodes the fastest pipeline that fits ({fastest.layout.describe()}) takes {fastest.time['total']:.2f} s per step (bubble"
+            f" {fastest.time['bubble']:.2f} s) against {now:.2f} s"
+            + (f"; HSDP would take {best.time['total']:.2f} s" if name == "HSDP" else "") + "."
+        )
+    else:
+        reasons.append(f"pp not needed: no pipeline over the {hw.nodes} nodes fits; HSDP takes {best.time['total']:.2f} s"
+                       f" per step against {now:.2f} s.")
+    return est
 
 
 def _what_would_fit(cfg: DictConfig, best: Estimate, world: int) -> list[str]:
@@ -489,6 +569,24 @@ def _what_would_fit(cfg: DictConfig, best: Estimate, world: int) -> list[str]:
     return hints
 
 
+MEMORY_PARTS = ("params", "grads", "optimizer", "transient", "activations", "loss", "reserved")
+
+
+def plot_memory(cfg: DictConfig, candidates: Sequence[tuple[str, Estimate]], path: Any) -> None:
+    """A PNG of each candidate's per-rank memory, by part (``MEMORY_PARTS``), against the capacity
+    (the device's memory less ``HEADROOM``)."""
+    from curry_train.plot import stacked_bars
+
+    if not candidates:
+        raise ValueError("no candidates to plot")
+    hw = cfg.hardware
+    bars = [(f"{step}: {'+'.join(est.layout.options())}", {k: float(est.memory[k]) for k in MEMORY_PARTS})
+            for step, est in candidates]
+    capacity = candidates[0][1].capacity
+    stacked_bars(bars, MEMORY_PARTS, path, limit=capacity, limit_label=f"capacity {gib_text(capacity)}",
+                 title=f"{cfg.model.name}, seq {cfg.data.seq_len}: memory per rank on {hw.nodes} x {hw.gpus_per_node} {hw.name}")
+
+
 def gib_text(n: float) -> str:
     return f"{n / 2**30:.1f} GiB"
 
@@ -501,6 +599,8 @@ def train_command(cfg: DictConfig, layout: Layout, user_overrides: Sequence[str]
     args.append(f"parallel={'+'.join(layout.options())}")
     if layout.zero != "none":
         args.append(f"parallel.fsdp.sharding={layout.zero}")
+        if layout.zero == "hybrid":
+            args.append(f"parallel.fsdp.replicas={layout.dp_replicate}")
         args.append(f"parallel.fsdp.mixed_precision={layout.mixed_precision}")
     elif layout.mixed_precision == "bf16":
         args.append("trainer.precision=bf16-mixed")
@@ -511,7 +611,8 @@ def train_command(cfg: DictConfig, layout: Layout, user_overrides: Sequence[str]
         args.append("parallel.tp.sequence_parallel=true")
     if layout.recompute != "none":
         args.append(f"parallel.recompute={layout.recompute}")
-    if layout.micro_batch_size != cfg.data.micro_batch_size:
+    user_micro_batch = any(o.lstrip("+~").startswith("data.micro_batch_size") for o in user_overrides)
+    if layout.micro_batch_size != cfg.data.micro_batch_size or user_micro_batch:  # the user's was dropped above
         args.append(f"data.micro_batch_size={layout.micro_batch_size}")
     args += [f"trainer.devices={hw.gpus_per_node}", f"trainer.num_nodes={hw.nodes}"]
     return "python train.py " + " ".join(args)
@@ -536,6 +637,9 @@ NEXT_FOR_OOM = {"none": "optimizer", "optimizer": "shard_grad_op", "shard_grad_o
 def diagnose(cfg: DictConfig, symptom: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Which primitive to add next for ``symptom`` (oom | slow), given the layout ``cfg`` runs."""
     layout = current_layout(cfg)
+    if layout.world > cfg.hardware.gpus_per_node * cfg.hardware.nodes:  # the run's own nodes, not the default 1
+        cfg = cfg.copy()
+        cfg.hardware.nodes = math.ceil(layout.world / cfg.hardware.gpus_per_node)
     now = estimate(cfg, layout)
     if symptom == "oom":
         if layout.zero in NEXT_FOR_OOM and layout.shards * (layout.dp if layout.zero == "none" else 1) > 1:
@@ -547,14 +651,22 @@ def diagnose(cfg: DictConfig, symptom: str, overrides: Sequence[str] = ()) -> di
         else:
             nxt, why = None, "add tp (memory-bound step) or cp (long sequences): see the full advice"
     elif symptom == "slow":
-        parts = {k: v for k, v in now.time.items() if k not in ("total", "compute")}
+        parts = {k: v for k, v in now.time.items() if k not in ("total", "compute", "dp")}
         worst = max(parts, key=parts.get) if parts else None
         nxt = None
         if worst and parts[worst] > 0.2 * now.time["compute"]:
-            why = f"communication on {worst} takes {parts[worst]:.2f} s of a {now.time['total']:.2f} s step"
-            if worst == "dp" and layout.zero == "full" and estimate(cfg, replace(layout, zero="shard_grad_op")).fits:
+            what = {"dp_exposed": "data-parallel communication not hidden by compute", "bubble": "the pipeline bubble"}
+            why = f"{what.get(worst, f'communication on {worst}')} takes {parts[worst]:.2f} s of a {now.time['total']:.2f} s step"
+            notes: list[str] = []
+            if worst == "dp_exposed" and layout.zero == "full" and estimate(cfg, replace(layout, zero="shard_grad_op")).fits:
                 nxt = replace(layout, zero="shard_grad_op")
                 why += ": ZeRO-2 gathers parameters once per step instead of per micro-batch, and fits"
+            elif worst == "dp_exposed" and (alt := _across_nodes(cfg, now, [], notes)) is not now:
+                nxt = alt.layout
+                why += ": " + notes[-1]
+            elif worst == "bubble":
+                why += ": more micro-batches per step (a smaller data.micro_batch_size) or a zero-bubble schedule" \
+                       " (parallel.pp.schedule=interleaved_zb)"
         elif layout.recompute != "none" and estimate(cfg, replace(layout, recompute="none")).fits:
             nxt, why = replace(layout, recompute="none"), "recompute costs a forward and is not needed to fit"
         else:

@@ -4,6 +4,8 @@ Composes the config as ``train.py`` would (``hardware=...`` picks the machines, 
 ``hardware.gpus_per_node`` their count), walks the decision guide (curry_train/advise.py) and prints
 the lightest layout that fits with headroom, why each heavier primitive is or is not needed, and the
 ``python train.py ...`` command. ``symptom=oom|slow``: the primitive to add next to the current config.
+``plot=PATH``: a PNG of the per-rank memory of each candidate tried (or of the current and next
+layout, with a symptom), by part, against the device's capacity.
 """
 
 from __future__ import annotations
@@ -14,12 +16,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from curry_train.advise import advise, diagnose, gib_text  # noqa: E402
+from curry_train.advise import Estimate, advise, diagnose, estimate, gib_text, plot_memory  # noqa: E402
 from curry_train.config import compose  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
-    options = {"symptom": None, "format": "text"}
+    options = {"symptom": None, "format": "text", "plot": None}
     overrides = []
     for arg in argv:
         key, _, value = arg.partition("=")
@@ -28,8 +30,16 @@ def main(argv: list[str]) -> int:
         else:
             overrides.append(arg)
     cfg = compose(overrides)
+    if options["format"] not in ("text", "json"):
+        print(f"format={options['format']}: expected text or json", file=sys.stderr)
+        return 2
     if options["symptom"]:
         result = diagnose(cfg, options["symptom"], overrides)
+        if options["plot"]:
+            plotted = [("current", _estimate_of(cfg, result["current"]))]
+            if result["next"]:
+                plotted.append(("next", _estimate_of(cfg, result["next"])))
+            plot_memory(cfg, plotted, Path(options["plot"]))
         if options["format"] == "json":
             print(json.dumps(result))
         else:
@@ -38,6 +48,8 @@ def main(argv: list[str]) -> int:
                 print(result["command"])
         return 0
     advice = advise(cfg, overrides)
+    if options["plot"]:
+        plot_memory(cfg, advice.tried, Path(options["plot"]))
     if options["format"] == "json":
         print(json.dumps(advice.to_dict()))
         return 0 if advice.recommended else 1
@@ -52,6 +64,12 @@ def main(argv: list[str]) -> int:
         print(advice.command)
         return 0
     return 1
+
+
+def _estimate_of(cfg, record: dict) -> Estimate:
+    from curry_train.advise import Layout
+
+    return estimate(cfg, Layout(**record["layout"]))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,7 @@ def test_8b_at_8k_on_one_h100_node_needs_sharded_data_parallel_only(capsys):
     assert result["sizes"] == {"dp_replicate": 1, "dp_shard": 8, "tp": 1, "pp": 1, "cp": 1}
     assert result["command"].startswith("python train.py model=llama3_8b")
     assert "parallel=fsdp " in result["command"] and "trainer.devices=8" in result["command"]
+    assert_command_runs_the_layout(result)
 
 
 def test_8b_at_256k_needs_context_parallelism(capsys):
@@ -50,6 +52,7 @@ def test_8b_at_256k_needs_context_parallelism(capsys):
     assert "cp" in result["parallel"].split("+") and result["sizes"]["cp"] > 1
     assert result["sizes"]["tp"] == result["sizes"]["pp"] == 1
     assert f"parallel.cp.size={result['sizes']['cp']}" in result["command"]
+    assert_command_runs_the_layout(result)
 
 
 def test_70b_full_finetune_on_8x80gb_does_not_fit_and_says_what_would(capsys):
@@ -65,12 +68,13 @@ def test_1b_on_one_gpu_needs_no_parallelism(capsys):
     assert_own_estimate_fits(result)
     assert result["parallel"] == "dp" and set(result["sizes"].values()) == {1}
     assert "trainer.devices=1" in result["command"]
+    assert_command_runs_the_layout(result)
 
 
 def test_text_output_explains_and_prints_the_command(capsys):
     assert load_advise().main(["model=llama3_8b", "data.seq_len=8192"]) == 0
     out = capsys.readouterr().out
-    assert "ZeRO-1" in out and "tp, pp, cp not needed" in out and "python train.py model=llama3_8b" in out
+    assert "ZeRO-1" in out and "tp and cp not needed" in out and "pp not needed: one node" in out and "python train.py model=llama3_8b" in out
 
 
 def test_symptoms_name_the_next_primitive():
@@ -96,3 +100,124 @@ def test_estimate_divides_by_tp_and_cp_and_recompute_shrinks_activations():
     tp2 = estimate(cfg, Layout(dp_shard=4, tp=2, zero="full", mixed_precision="bf16", sequence_parallel=True))
     assert tp2.memory["activations"] == pytest.approx(none.memory["activations"] / 2, rel=0.01)
     assert tp2.memory["params"] == pytest.approx(none.memory["params"], rel=0.01)  # 16P/(tp x dp) either way
+
+
+SLOW_LINKS = ["hardware.inter_node_bandwidth=1.25e10"]  # 100 Gb/s Ethernet per GPU instead of InfiniBand
+SEVENTY_B_4_NODES = ["model=llama3_70b", "hardware.nodes=4", "data.seq_len=8192", "data=tokens"]
+
+
+def test_pipeline_across_nodes_when_data_parallel_traffic_saturates_slow_links(capsys):
+    code, result = run_json(capsys, [*SEVENTY_B_4_NODES, *SLOW_LINKS])
+    assert code == 0
+    assert_own_estimate_fits(result)
+    sizes = result["sizes"]
+    assert sizes["pp"] > 1 and 4 % sizes["pp"] == 0  # stages across nodes
+    assert (sizes["dp_shard"] * sizes["dp_replicate"] * sizes["tp"] * sizes["cp"]) * sizes["pp"] == 32
+    assert 8 % (sizes["tp"] * sizes["cp"]) == 0  # tp and cp stay inside a node
+    assert "pp" in result["parallel"].split("+") and f"parallel.pp.size={sizes['pp']}" in result["command"]
+    assert "trainer.num_nodes=4" in result["command"]
+    # The ZeRO-3 layout over all 32 ranks also fits, but its gathers cross the slow links every micro-batch.
+    cfg = compose([*SEVENTY_B_4_NODES, *SLOW_LINKS])
+    flat = estimate(cfg, Layout(dp_shard=32, zero="full", mixed_precision="bf16", recompute="full"))
+    assert flat.fits and flat.time["dp_exposed"] > 0
+    assert result["step_time_s"]["total"] < 0.9 * flat.time["total"]
+    assert any("not hidden by compute" in reason for reason in result["reasons"])
+    assert_command_runs_the_layout(result)
+
+
+def assert_command_runs_the_layout(result):
+    """The printed command composes to exactly the recommended layout."""
+    from curry_train.advise import current_layout
+
+    cfg = compose(result["command"].split()[2:])
+    assert asdict(current_layout(cfg)) == result["layout"]
+
+
+def test_no_pipeline_when_data_parallel_traffic_hides_behind_compute(capsys):
+    code, result = run_json(capsys, SEVENTY_B_4_NODES)
+    assert code == 0 and result["sizes"]["pp"] == 1
+    assert result["step_time_s"]["dp_exposed"] == 0.0
+    assert any(reason.startswith("pp not needed: across 4 nodes") for reason in result["reasons"])
+
+
+def test_405b_on_16_nodes_splits_blocks_with_tp_inside_a_node(capsys):
+    code, result = run_json(capsys, ["model=llama3_405b", "hardware.nodes=16", "data.seq_len=8192", "data=tokens"])
+    assert code == 0
+    assert_own_estimate_fits(result)
+    assert 1 < result["sizes"]["tp"] <= 8 and "parallel.tp.sequence_parallel=true" in result["command"]
+    assert_command_runs_the_layout(result)
+
+
+def test_hybrid_sharding_keeps_gathers_inside_a_node():
+    cfg = compose([*SEVENTY_B_4_NODES, *SLOW_LINKS])
+    flat = estimate(cfg, Layout(dp_shard=32, zero="full", mixed_precision="bf16", recompute="full"))
+    hsdp = estimate(cfg, Layout(dp_shard=8, dp_replicate=4, zero="hybrid", mixed_precision="bf16", recompute="full"))
+    # Gathers and reduce-scatters over NVLink (36x the slow link) plus one all-reduce of 1/8 of the gradients.
+    assert hsdp.time["dp"] < flat.time["dp"] / 10
+    assert hsdp.memory["params"] > flat.memory["params"]  # sharded 8 ways, not 32
+    assert "parallel.fsdp.replicas=4" in train_command_for(cfg, hsdp.layout)
+
+
+def train_command_for(cfg, layout):
+    from curry_train.advise import train_command
+
+    return train_command(cfg, layout)
+
+
+def test_slow_symptom_on_slow_links_moves_traffic_inside_nodes():
+    overrides = [*SEVENTY_B_4_NODES, *SLOW_LINKS, "parallel=fsdp", "parallel.recompute=full",
+                 "parallel.fsdp.mixed_precision=bf16", "data.micro_batch_size=1", "trainer.devices=8", "trainer.num_nodes=4"]
+    result = diagnose(compose(overrides), "slow", overrides)
+    assert "not hidden by compute" in result["advice"]
+    nxt = result["next"]["layout"]
+    assert nxt["pp"] > 1 or nxt["zero"] == "hybrid"
+    assert result["next"]["step_time"]["total"] < result["current"]["step_time"]["total"]
+
+
+def _png_pixels(path):
+    """Width, height and the RGB bytes of a PNG written by curry_train.plot (8-bit RGB, filter 0)."""
+    import struct
+    import zlib
+
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", data[16:24])
+    start = data.index(b"IDAT") + 4
+    length = struct.unpack(">I", data[start - 8 : start - 4])[0]
+    raw = zlib.decompress(data[start : start + length])
+    assert len(raw) == height * (1 + 3 * width)
+    return width, height, b"".join(raw[r * (1 + 3 * width) + 1 : (r + 1) * (1 + 3 * width)] for r in range(height))
+
+
+def _colored_pixels(pixels, color):
+    rgb = bytes(color)
+    return sum(1 for i in range(0, len(pixels), 3) if pixels[i : i + 3] == rgb)
+
+
+def test_memory_breakdown_plot_draws_each_part_in_proportion(tmp_path, capsys):
+    from curry_train.advise import MEMORY_PARTS
+    from curry_train.plot import COLORS
+
+    path = tmp_path / "memory.png"
+    code, result = run_json(capsys, ["model=llama3_8b", "data.seq_len=8192", f"plot={path}"])
+    assert code == 0 and path.exists()
+    width, height, pixels = _png_pixels(path)
+    assert width >= 760 and height > 60 + 22 * len(result["tried"])
+    # Each part's area, summed over the bars, follows its share of the bytes (bars share one scale;
+    # the legend adds a 12x12 swatch per part and rounding a pixel per bar edge).
+    bytes_by_part = {part: sum(t["memory"][part] for t in result["tried"]) for part in MEMORY_PARTS}
+    area = {part: _colored_pixels(pixels, COLORS[i]) - 144 for i, part in enumerate(MEMORY_PARTS)}
+    total_bytes, total_area = sum(bytes_by_part.values()), sum(area.values())
+    for part in ("params", "optimizer", "activations", "loss"):
+        assert area[part] / total_area == pytest.approx(bytes_by_part[part] / total_bytes, abs=0.01), part
+
+
+def test_symptom_plot_shows_current_and_next(tmp_path):
+    path = tmp_path / "oom.png"
+    overrides = ["model=llama3_8b", "data.seq_len=8192", "parallel=dp", "trainer.devices=8"]
+    assert load_advise().main([*overrides, "symptom=oom", f"plot={path}"]) == 0
+    width, height, pixels = _png_pixels(path)
+    from curry_train.plot import COLORS
+
+    assert _colored_pixels(pixels, COLORS[2]) > 144  # the optimizer state of both bars, beyond the legend swatch
+    assert load_advise().main([*overrides, "format=yaml"]) == 2
