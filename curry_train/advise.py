@@ -18,23 +18,31 @@ What a rank holds (``estimate``), in bytes:
   and gathers one unit ahead (two blocks in compute dtype, one block's fp32 gradient before its
   reduce-scatter); ZeRO-2 (``shard_grad_op``) keeps every unit gathered; ZeRO-1 in bf16 holds the
   bf16 full gradients until they are reduced;
-* activations per block, Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
-  Transformer Models", section 4), in 2-byte units: ``s*b*h*(34 + 5*a*s/h)`` for GPT, whose MLP
-  term ``19sbh`` (input, GELU's input and output at 4h, dropout mask) is written here for SwiGLU of
-  width f (input 2h, w1 and w3 outputs, SiLU output and product 8f, dropout mask h), giving
-  ``s*b*(18h + 8f) + 5*a*s^2*b``. A fused (flash) attention kernel drops the
-  ``5as^2b`` scores; tensor parallelism divides all but the ``10sbh`` of norms and dropout masks by
-  tp, and sequence parallelism those too; selective recompute drops the scores; full recompute keeps
-  only each block's 2-byte input ``2sbh`` plus one block's full set while it is recomputed; fp32
-  doubles everything. Times blocks per stage and micro-batches in flight (gpipe: all M; 1F1B and the
-  others: pp on the first stage). Context parallelism divides s;
-* the loss: the fp32 log-probabilities that cross-entropy saves and their gradient, 8 bytes per
-  logit (``module.token_loss`` upcasts the logits), over the vocabulary shard (tp, loss_parallel)
-  and the sequence shard (cp);
+* activations, counted per block as Korthikanti et al. 2022 ("Reducing Activation Recomputation in
+  Large Transformer Models", section 4) count a GPT layer (``sbh(34 + 5as/h)`` bytes in 16-bit:
+  each tensor autograd keeps for backward), applied to this model's ops (``block_activation_bytes``;
+  s sequence, b micro-batch, h width, f MLP width, a heads, e bytes of the compute dtype):
+  two RMSNorms, each keeping its input and normalized input in fp32 and its output (the matmuls'
+  input) in e: ``2(8 + e)sbh``; attention keeping q, k and v repeated to the query heads, the
+  output and its fp32 log-sum-exp: ``4e*sbh + 4sba`` (a kernel without fusion adds Korthikanti's
+  ``5as^2b`` scores); SwiGLU keeping w1's and w3's outputs, SiLU's and the product: ``4e*sbf``;
+  the residual dropouts' 1-byte masks ``2sbh`` when ``model.dropout > 0``. Tensor parallelism
+  divides attention and MLP by tp; sequence parallelism also the norms, whose outputs the
+  column-parallel matmuls keep gathered over the sequence. Recompute changes what a block keeps:
+  ``selective`` (per-op, ``primitives/recompute.py``) its input and the outputs of its matmuls
+  and attention; ``full`` its input only; the peak is then the larger of the end of forward and the
+  last block's backward, which recomputes its whole set. Times the blocks per stage and the
+  micro-batches in flight (gpipe: all M; 1F1B and the others: pp on the first stage), plus the
+  final norm. Context parallelism divides s. Checked against PyTorch's memory tracker on the debug
+  model (tests/test_memory.py: within 1% without recompute and with selective, 2% with tp and
+  sequence parallelism, 5% above with full recompute);
+* the loss: the logits in e and cross-entropy's fp32 log-probabilities (plus an fp32 copy of
+  half-precision logits: ``module.token_loss`` upcasts them), over the vocabulary shard (tp,
+  loss_parallel) and the sequence shard (cp);
 * ``hardware.reserved_bytes`` (runtime, communication buffers).
 
 Step time (``estimate``): ``(6N + 12*L*h*s)`` FLOPs per token (N parameters, forward 1/3 of it;
-full recompute adds a forward, selective the attention's ``4Lhs``) over ``world * peak * mfu``
+full recompute adds a forward; selective recomputes elementwise ops only, no FLOPs counted) over ``world * peak * mfu``
 (``hardware.mfu``, assumed 0.4), plus the pipeline bubble ``(pp - 1) / M`` of the compute, plus the
 communication volume of each group over its link (a group spanning nodes uses the inter-node
 bandwidth). Data-parallel traffic overlaps compute (DDP's buckets, FSDP's prefetched gathers and
@@ -68,7 +76,12 @@ from curry_train.validation.memory import tensor_parallel_shapes, zero_formula_t
 HEADROOM = 0.10  # of device memory, left free by a recommendation (allocator, spikes, estimate error)
 ZERO_MODES = ("none", "optimizer", "shard_grad_op", "full")  # DDP, ZeRO-1, ZeRO-2, ZeRO-3
 ZERO_NAMES = {"none": "DDP", "optimizer": "ZeRO-1", "shard_grad_op": "ZeRO-2", "full": "ZeRO-3", "hybrid": "HSDP"}
-LOSS_BYTES_PER_LOGIT = 8  # fp32 log-probabilities saved by cross-entropy, and their gradient
+
+
+def loss_bytes_per_logit(mixed_precision: str) -> int:
+    """The logits in the compute dtype, cross-entropy's fp32 log-probabilities and, for half-precision
+    logits, their fp32 copy (``module.token_loss`` upcasts them)."""
+    return 8 if mixed_precision == "fp32" else 2 + 4 + 4
 
 
 @dataclass(frozen=True)
@@ -216,25 +229,51 @@ def _transient_state(cfg_model: DictConfig, shapes: Sequence[tuple[int, ...]], l
 # Activations and the step
 
 
-def activation_bytes(cfg: DictConfig, layout: Layout, flash_attention: bool) -> dict[str, int]:
-    """Activation and loss bytes of the first pipeline stage's rank (module docstring)."""
+def block_activation_bytes(cfg: DictConfig, layout: Layout, flash_attention: bool) -> dict[str, float]:
+    """Bytes one block keeps for backward on one rank, by what recompute does with them (module
+    docstring): ``all`` (no recompute), ``selective`` (what per-op selective recompute keeps: the
+    block's input and the matmul and attention outputs) and ``input`` (what full recompute keeps)."""
     m = cfg.model
     s, b, h, f, a = cfg.data.seq_len // layout.cp, layout.micro_batch_size, m.dim, m.ffn_dim, m.n_heads
-    t = layout.tp
-    scores = 0 if flash_attention or layout.recompute != "none" else 5 * a * s * s * b
-    replicated = 10 * s * b * h  # norms' inputs and dropout masks: split by sequence parallelism only
-    split = s * b * (18 * h + 8 * f) - replicated
-    per_block = (replicated / (t if layout.sequence_parallel else 1)) + (split + scores) / t
-    scale = 2 if layout.mixed_precision == "fp32" else 1
+    kv = h // a * m.n_kv_heads
+    t, sp = layout.tp, layout.sequence_parallel
+    e = 2 if layout.mixed_precision == "bf16" else 4
+    seq = t if sp else 1  # sequence parallelism splits what lies between the tensor-parallel regions
+    # RMSNorm: its input in fp32 (an fp32 input itself, else an fp32 copy), the fp32 normalized input,
+    # its rstd, and the output in the compute dtype (the matmuls' input; gathered under SP).
+    norm = (4 + 4) * s * b * h / seq + 4 * s * b / seq + e * s * b * h
+    # Attention: q, k and v repeated to the query heads, the output and its log-sum-exp; a kernel
+    # without fusion also keeps Korthikanti's 5as^2b (softmax, dropout mask and output).
+    attention = (4 * e * s * b * h + 4 * s * b * a) / t
+    if not flash_attention:
+        attention += 5 * a * s * s * b * e / 2 / t
+    mlp = 4 * e * s * b * f / t  # w1 and w3 outputs, SiLU's output, the product
+    dropout = 2 * s * b * h / seq if m.dropout > 0 else 0  # 1-byte masks of the two residual dropouts
+    whole = 2 * norm + attention + mlp + dropout
+    block_input = e * s * b * h / seq
+    matmul_outputs = e * s * b * (h + 2 * kv + f * 2) / t + 2 * e * s * b * h  # wq, wk, wv, w1, w3; wo, w2 (before reduction)
+    sdpa_outputs = (e * s * b * h + 4 * s * b * a) / t
+    return {"all": whole, "selective": block_input + matmul_outputs + sdpa_outputs, "input": block_input}
+
+
+def activation_bytes(cfg: DictConfig, layout: Layout, flash_attention: bool) -> dict[str, int]:
+    """Peak activation and loss bytes of one rank: the first pipeline stage's (module docstring)."""
+    m = cfg.model
+    s, b = cfg.data.seq_len // layout.cp, layout.micro_batch_size
+    block = block_activation_bytes(cfg, layout, flash_attention)
     blocks = max(len(r) for r in _stage_blocks(m.n_layers, layout.pp))
     microbatches = _microbatches(cfg, layout)
     in_flight = microbatches if layout.pp_schedule.lower() == "gpipe" else min(layout.pp, microbatches)
-    if layout.recompute == "full":
-        stored = 2 * s * b * h / (t if layout.sequence_parallel else 1)
-        activations = (stored * blocks * in_flight + per_block) * scale
-    else:
-        activations = per_block * blocks * in_flight * scale
-    loss = LOSS_BYTES_PER_LOGIT * s * b * m.vocab_size / t
+    kept = {"none": "all", "selective": "selective", "full": "input"}[layout.recompute]
+    stored = block[kept] * blocks * in_flight
+    e = 2 if layout.mixed_precision == "bf16" else 4
+    seq = layout.tp if layout.sequence_parallel else 1
+    final_norm = (4 + 4) * s * b * m.dim / seq + 4 * s * b / seq + e * s * b * m.dim
+    loss = loss_bytes_per_logit(layout.mixed_precision) * s * b * m.vocab_size / layout.tp
+    # The peak: the end of forward (every block's kept tensors, the final norm and the loss), or the
+    # backward of the last block, which recomputes its whole set next to the others' kept tensors.
+    recomputing = stored - block[kept] + block["all"]
+    activations = max(stored + final_norm, recomputing - loss)
     return {"activations": int(activations), "loss": int(loss)}
 
 
@@ -270,8 +309,6 @@ def step_time(cfg: DictConfig, layout: Layout, hw: DictConfig) -> dict[str, floa
     per_token = 6 * N + 12 * L * h * s
     if layout.recompute == "full":
         per_token += 2 * N + 4 * L * h * s
-    elif layout.recompute == "selective":
-        per_token += 4 * L * h * s
     tokens = cfg.data.global_batch_size * s
     compute = tokens * per_token / (layout.world * hw.peak_bf16_flops * hw.mfu)
     M = _microbatches(cfg, layout)
@@ -441,9 +478,6 @@ def advise(cfg: DictConfig, overrides: Sequence[str] = ()) -> Advice:
         return done(est)
     base = replace(base, micro_batch_size=1)
     for recompute in ("selective", "full"):
-        if recompute == "selective" and hw.flash_attention:
-            reasons.append("selective recompute saves nothing here: the fused attention keeps no scores.")
-            continue
         if est := attempt(f"recompute={recompute}", [replace(base, recompute=recompute, micro_batch_size=m)
                                                       for m in _micro_batches(cfg, world)]):
             reasons.append(f"recompute={recompute} fits ({gib(est.memory['total'])} per rank); tp and cp not needed.")

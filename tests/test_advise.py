@@ -98,7 +98,8 @@ def test_estimate_divides_by_tp_and_cp_and_recompute_shrinks_activations():
     cp2 = estimate(cfg, Layout(dp_shard=4, cp=2, zero="full", mixed_precision="bf16"))
     assert cp2.memory["activations"] == pytest.approx(none.memory["activations"] / 2, rel=0.01)
     tp2 = estimate(cfg, Layout(dp_shard=4, tp=2, zero="full", mixed_precision="bf16", sequence_parallel=True))
-    assert tp2.memory["activations"] == pytest.approx(none.memory["activations"] / 2, rel=0.01)
+    # All but the norms' outputs, which the column-parallel matmuls keep gathered over the sequence.
+    assert 0.5 < tp2.memory["activations"] / none.memory["activations"] < 0.55
     assert tp2.memory["params"] == pytest.approx(none.memory["params"], rel=0.01)  # 16P/(tp x dp) either way
 
 
