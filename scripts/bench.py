@@ -5,6 +5,7 @@
     python scripts/bench.py [--steps N] [--warmup W] [--repeats R] [--loggers csv|none] [--json PATH] [overrides...]
     python scripts/bench.py --memory [--json PATH] [overrides...]
     python scripts/bench.py --layouts [--layout 'NAME: OVERRIDES']... [--steps N] [--json PATH] [overrides...]
+    python scripts/bench.py --compare [--layout 'NAME: OVERRIDES']... [--steps N] [--json PATH] [overrides...]
     python scripts/bench.py --context [--seq-len S] [--cp 1,2,4] [--pattern ring] [--json PATH]
     python scripts/bench.py --pipeline [--pp P] [--microbatches 4,8] [--kinds K,...] [--steps N] [--json PATH] [overrides...]
 
@@ -57,6 +58,36 @@ activation memory of one micro-batch per rank, and, for a sequence-parallel layo
 over those of the same layout without it. The ranks are local processes sharing this machine's
 cores: tokens/s compares layouts on this machine, not what they would do on one device per rank.
 
+``--compare`` is ``--layouts`` (the same measured path, by default ``dp`` and ``fsdp`` (ZeRO-3) on 2
+ranks and ``--layouts``' other three; or each ``--layout``; ``N`` timed steps, default 2) plus one more
+step per layout, untimed, whose collectives each rank counts, and prints one table, per layout:
+
+* tokens/s and ms/step over the ``N`` timed steps (the slowest rank's clock, as ``--layouts``);
+* MFU: model FLOPs per step, ``tokens_per_step * (6N + 12*L*h*s)`` (``flops_per_token``: N the
+  parameters less the input embedding, L layers, h = model.dim, s = seq_len), over ``step time x
+  ranks x hardware.peak_bf16_flops`` (the ``hardware`` config group: pass the one the run is on).
+  Only on a GPU (accelerator cuda): on CPU it prints ``-`` (JSON null);
+* memory per rank, the most any rank holds: the peak of PyTorch's memory tracker's total (every
+  category it books, summed) over the measured forward+backward of one micro-batch; the model
+  state (parameters, gradients, optimizer state at the optimizer step); the activations' peak;
+* communication per optimizer step, bytes per rank by collective (all-reduce, all-gather,
+  reduce-scatter, all-to-all, send+recv, broadcast), counted over one whole training step
+  (``on_train_batch_start`` to ``on_train_batch_end``: forward and backward of every micro-batch,
+  gradient clipping, the optimizer, the loss metrics' sync) by a dispatch mode
+  (``curry_train/validation/comm.py``): all-gather by its output, all-reduce, reduce-scatter and
+  all-to-all by their input, operand bytes rather than wire bytes. DDP's gradient all-reduce runs
+  in curry-train's Python communication hook, so the mode sees it; the table also prints the bytes
+  of DDP's buckets, which it equals (4P: one fp32 per parameter). Measured here (tests/test_bench.py):
+  DDP all-reduces 4P; FSDP full all-gathers ``4M(2P - P_root)`` (every unit for each micro-batch's
+  forward, all but the root unit again for its backward) and reduce-scatters 4P once a step;
+  tensor parallelism all-reduces ``4L + 2`` activations (``b*s*h``) per micro-batch: two per block
+  forward and two backward, the vocabulary-split embedding's output and the head's input gradient
+  (plus loss parallelism's and the gradient norm's few bytes); sequence parallelism all-gathers and
+  reduce-scatters as many full activations instead of those all-reduces;
+* the pipeline bubble's formula where pp > 1 (``validation/bubble.py``; ``-`` elsewhere). A
+  pipeline stage cannot run a micro-batch alone, so a pipelined layout's activations and peak are
+  ``-``; ``--pipeline`` measures its bubble.
+
 ``--pipeline`` runs every schedule kind (``gpipe``, ``1F1B``, ``interleaved``, ``interleaved_zb``,
 ``zbv``, ``dualpipev``) on ``P`` processes (default 2, one thread each) at each micro-batch count
 ``M`` (default 4 and 8), on the model of the overrides with ``model.n_layers=8`` by default (equal
@@ -98,6 +129,7 @@ from curry_train.module import CausalLM, lr_lambda  # noqa: E402
 from curry_train.primitives.pipeline_schedule import KINDS  # noqa: E402
 from curry_train.strategy import materialize_and_init  # noqa: E402
 from curry_train.validation.bubble import BubbleRow, bubble_table, check_bubble_runs, measure_bubbles  # noqa: E402
+from curry_train.validation.comm import COLLECTIVES  # noqa: E402
 from curry_train.validation.memory import MEASURED_STEP, LayoutMemory, measure_layouts  # noqa: E402
 from curry_train.validation.whitebox import reference_overrides  # noqa: E402
 
@@ -539,6 +571,32 @@ LAYOUTS = {
     "fsdp+tp": ("parallel=fsdp+tp", "trainer.devices=4"),
 }
 LAYOUT_KEYS = ("parallel", "+parallel", "trainer.devices", "trainer.num_nodes")  # each layout sets these itself
+# --compare's defaults: --layouts' and FSDP (ZeRO-3) on 2 ranks.
+COMPARE_LAYOUTS = {"dp": LAYOUTS["dp"], "fsdp": ("parallel=fsdp", "trainer.devices=2"),
+                   **{name: layout for name, layout in LAYOUTS.items() if name != "dp"}}
+
+
+def flops_per_token(parameters: int, n_layers: int, dim: int, seq_len: int) -> int:
+    """Model FLOPs of training on one token, forward and backward (Kaplan et al., 2020; PaLM's MFU,
+    Chowdhery et al., 2022): ``6N + 12*L*h*s``. A matmul with N weights costs 2N FLOPs per token
+    forward and 4N backward (the gradients of its input and of its weights); attention's two
+    sequence-long products (``QK^T`` and the weighted sum of V) cost ``2*s*h`` each per token and
+    layer forward, ``12*L*h*s`` with backward (causal masking not discounted, as in PaLM). Recompute
+    is not model FLOPs: it adds hardware FLOPs only."""
+    return 6 * parameters + 12 * n_layers * dim * seq_len
+
+
+def flops_parameters(model_cfg: DictConfig) -> int:
+    """N of ``flops_per_token``: the model's parameters less the input embedding's (a lookup, no
+    matmul; tied to the head, it is the head's matmul and counts), as torchtitan counts them."""
+    with torch.device("meta"):
+        model = Llama(model_cfg)
+    embedding = 0 if model_cfg.tie_embeddings else model.get_submodule(model.plan.embedding).weight.numel()
+    return model.num_parameters() - embedding
+
+
+def _count(value: Optional[int]) -> str:
+    return f"{value:,}" if value is not None else "-"
 
 
 def parse_layout(spec: str) -> tuple[str, tuple[str, ...]]:
@@ -554,14 +612,31 @@ def parse_layout(spec: str) -> tuple[str, tuple[str, ...]]:
     return name, overrides
 
 
+def parse_layouts(specs: Sequence[str]) -> dict[str, tuple[str, ...]]:
+    """Each ``--layout``, by name; a name given twice is an error (the second would replace the first)."""
+    layouts: dict[str, tuple[str, ...]] = {}
+    for spec in specs:
+        name, overrides = parse_layout(spec)
+        if name in layouts:
+            raise ConfigError(f"--layout {spec!r}: a layout named {name!r} is already given")
+        layouts[name] = overrides
+    return layouts
+
+
 @dataclass
 class LayoutRow:
-    """One layout's measurements (``memory``: per rank) and its throughput."""
+    """One layout's measurements (``memory``: per rank) and its throughput; with ``--compare`` also
+    its model FLOPs per step, the peak FLOP/s of one device (None: not a GPU, no MFU) and the
+    pipeline bubble's formula (None: no pipeline, or a zero-bubble schedule; see ``bubble_text``)."""
 
     name: str
     memory: LayoutMemory
     sequence_parallel: bool
     tokens_per_step: int
+    flops_per_step: Optional[int] = None
+    peak_flops: Optional[float] = None  # of one device
+    bubble: Optional[float] = None
+    bubble_text: str = "-"
 
     @property
     def ranks(self) -> int:
@@ -580,14 +655,61 @@ class LayoutRow:
     def tokens_per_s(self) -> float:
         return self.timed_steps * self.tokens_per_step / self.seconds
 
+    @property
+    def ms_per_step(self) -> float:
+        return 1e3 * self.seconds / self.timed_steps
+
+    @property
+    def mfu(self) -> Optional[float]:
+        """Model FLOPs per step over what the ranks' devices could do in the step time at peak."""
+        if self.flops_per_step is None or self.peak_flops is None:
+            return None
+        return self.flops_per_step / (self.seconds / self.timed_steps * self.ranks * self.peak_flops)
+
     def state(self, key: str) -> int:
         """The most bytes of ``key`` (params, grads, optimizer, total) any rank holds at the optimizer step."""
         return max(r["state"][key] for r in self.memory.ranks)
 
     @property
-    def activations(self) -> int:
-        """The most any rank's one micro-batch forward+backward peaked at, bytes."""
+    def activations(self) -> Optional[int]:
+        """The most any rank's one micro-batch forward+backward peaked at, bytes (None: not measured)."""
+        if any(r["activations"] is None for r in self.memory.ranks):
+            return None
         return max(r["activations"] for r in self.memory.ranks)
+
+    @property
+    def peak_memory(self) -> Optional[int]:
+        """The most any rank's tracked total peaked at in that forward+backward (model state, gathered
+        parameters, activations, temporaries: the tracker's categories summed at its peak), bytes."""
+        if any(r.get("peak") is None for r in self.memory.ranks):
+            return None
+        return max(sum(v for k, v in r["peak"].items() if k != "Total") for r in self.memory.ranks)
+
+    def comm(self, collective: str, key: str = "bytes") -> int:
+        """The most ``key`` (bytes, elements, ops) of ``collective`` any rank issued in the counted step."""
+        return max((r.get("comm") or {}).get(collective, {}).get(key, 0) for r in self.memory.ranks)
+
+    @property
+    def ddp_bucket_bytes(self) -> Optional[int]:
+        """DDP's gradient buckets, bytes (what its reducer all-reduces per step); None: not DDP."""
+        buckets = [r.get("ddp_bucket_bytes") for r in self.memory.ranks]
+        return max(sum(b) for b in buckets) if all(b is not None for b in buckets) else None
+
+    def compare_dict(self) -> dict[str, Any]:
+        """The --compare figures (bytes per rank: the most any rank holds or moves)."""
+        return {
+            "ms_per_step": self.ms_per_step,
+            "flops_per_step": self.flops_per_step,
+            "peak_flops": self.peak_flops,
+            "mfu": self.mfu,
+            "peak_memory": self.peak_memory,
+            "model_state": self.state("total"),
+            "comm": {name: {key: self.comm(name, key) for key in ("ops", "elements", "bytes")} for name in COLLECTIVES},
+            "ddp_bucket_bytes": self.ddp_bucket_bytes,
+            "pp": self.memory.pp,
+            "bubble": self.bubble,
+            "bubble_text": self.bubble_text,
+        }
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -610,6 +732,7 @@ class LayoutRow:
 class LayoutsResult:
     config: dict[str, Any]
     rows: list[LayoutRow] = field(default_factory=list)
+    compare: bool = False  # --compare: table() is compare_table()
 
     def baseline(self, row: LayoutRow) -> Optional[LayoutRow]:
         """For a sequence-parallel row, the same layout without sequence parallelism, if it ran."""
@@ -621,15 +744,22 @@ class LayoutsResult:
     def sp_ratio(self, row: LayoutRow) -> Optional[float]:
         """Activations of a sequence-parallel row over those of the same layout without it."""
         baseline = self.baseline(row)
-        return row.activations / baseline.activations if baseline is not None else None
+        if baseline is None or row.activations is None or baseline.activations is None:
+            return None
+        return row.activations / baseline.activations
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "config": self.config,
-            "rows": [{**row.to_dict(), "sp_activation_ratio": self.sp_ratio(row)} for row in self.rows],
+            "rows": [
+                {**row.to_dict(), "sp_activation_ratio": self.sp_ratio(row), **(row.compare_dict() if self.compare else {})}
+                for row in self.rows
+            ],
         }
 
     def table(self) -> str:
+        if self.compare:
+            return self.compare_table()
         c = self.config
         lines = [
             f"model={c['model']} ({c['parameters']:,} params)  device={c['device']}  cores={c['cores']} (threads per rank:"
@@ -644,10 +774,12 @@ class LayoutsResult:
         ]
         for row in self.rows:
             m, ratio = row.memory, self.sp_ratio(row)
+            # A pipeline rank holds its stages only: the formula (the whole model) does not apply.
+            formula, fraction = (f"{m.formula:,}", f"{row.state('total') / m.formula:.4f}") if m.pp == 1 else ("-", "-")
             lines.append(
                 f"{row.name:<10}{row.ranks:>6}{f'{m.dp} x {m.tp}':>9}{row.tokens_per_s:>10,.0f}{row.state('params'):>12,}"
-                f"{row.state('grads'):>12,}{row.state('optimizer'):>12,}{row.state('total'):>12,}{m.formula:>12,}"
-                f"{row.state('total') / m.formula:>8.4f}{row.activations:>13,}{f'{ratio:.3f}' if ratio is not None else '-':>10}"
+                f"{row.state('grads'):>12,}{row.state('optimizer'):>12,}{row.state('total'):>12,}{formula:>12}"
+                f"{fraction:>8}{_count(row.activations):>13}{f'{ratio:.3f}' if ratio is not None else '-':>10}"
             )
         tp_rows = {row.memory.tp: row.memory.tp_parameters for row in self.rows if row.memory.tp > 1}
         lines += [
@@ -665,13 +797,95 @@ class LayoutsResult:
                          "the layouts with more ranks than cores share them.")
         return "\n".join(lines)
 
+    def compare_table(self) -> str:
+        c = self.config
+        mb = lambda n: f"{n / 1e6:.2f}" if n is not None else "-"  # noqa: E731
+        lines = [
+            f"model={c['model']} ({c['parameters']:,} params, {c['n_layers']} layers, dim {c['dim']})  device={c['device']}"
+            f"  cores={c['cores']}  global_batch_size={c['global_batch_size']} x seq_len={c['seq_len']} ="
+            f" {c['tokens_per_step']} tokens/step, micro-batches of {c['micro_batch_size']}",
+            f"tokens/s, ms/step: the {c['steps']} step{'s' * (c['steps'] > 1)} after the measured step {MEASURED_STEP}"
+            " (slowest rank's clock); memory: the most any rank holds;",
+            f"comm: the most bytes any rank issued per collective in one whole optimizer step (step"
+            f" {MEASURED_STEP + c['steps'] + 1}, counted, not timed); MB = 1e6 bytes",
+            "",
+            f"{'layout':<10}{'ranks':>6}{'dp x tp x pp':>13}{'tokens/s':>10}{'ms/step':>9}{'MFU':>7}{'peak MB':>9}"
+            f"{'state MB':>9}{'acts MB':>9}{'all_reduce':>11}{'all_gather':>11}{'reduce_sc.':>11}{'all_to_all':>11}"
+            f"{'send+recv':>10}{'broadcast':>10}{'bubble':>8}",
+        ]
+        for row in self.rows:
+            m = row.memory
+            mfu = f"{100 * row.mfu:.1f}%" if row.mfu is not None else "-"
+            p2p = row.comm("send") + row.comm("recv")
+            lines.append(
+                f"{row.name:<10}{row.ranks:>6}{f'{m.dp} x {m.tp} x {m.pp}':>13}{row.tokens_per_s:>10,.0f}"
+                f"{row.ms_per_step:>9.1f}{mfu:>7}{mb(row.peak_memory):>9}{mb(row.state('total')):>9}"
+                f"{mb(row.activations):>9}{mb(row.comm('all_reduce')):>11}{mb(row.comm('all_gather')):>11}"
+                f"{mb(row.comm('reduce_scatter')):>11}{mb(row.comm('all_to_all')):>11}{mb(p2p):>10}"
+                f"{mb(row.comm('broadcast')):>10}{row.bubble_text:>8}"
+            )
+        gpu = c["device"] == "cuda"
+        lines += [
+            "",
+            f"MFU: tokens/step x (6N + 12*L*h*s) model FLOPs / (step time x ranks x peak FLOP/s of one device); N ="
+            f" {c['flops_parameters']:,}, the parameters",
+            f"less the input embedding (a lookup, no matmul): {c['flops_per_token']:,} FLOPs per token.",
+            f"Peak: {c['peak_flops']:.3g} FLOP/s (hardware={c['hardware']}: dense bf16, whatever the run's precision)."
+            if gpu else
+            f"MFU '-': the run is on {c['device']}, not a GPU; hardware.peak_bf16_flops is a GPU's (hardware={c['hardware']})"
+            " or, for hardware=cpu, a rough planning figure.",
+            "peak: the memory tracker's total (parameters, gradients, optimizer state, gathered parameters, activations,"
+            " temporaries) at its peak",
+            "in the measured forward+backward of one micro-batch; state: parameters, gradients and optimizer state at the"
+            " optimizer step; acts: activations' peak.",
+            "comm (curry_train/validation/comm.py): the collectives dispatched in the step, bytes of their operands, not"
+            " of the wire: all-gather",
+            "its output, all-reduce, reduce-scatter and all-to-all their input, send/recv what they carry (a ring"
+            " all-reduce of B bytes over d ranks",
+            "sends 2(d-1)/d x B from each). Includes the gradient norm's all-reduce and the loss metrics' sync (a few"
+            " bytes each).",
+        ]
+        for row in self.rows:
+            buckets = row.ddp_bucket_bytes
+            if buckets is not None:
+                lines.append(f"{row.name}: DDP's bucketed all-reduce: {buckets:,} bytes (from its buckets), counted"
+                             f" {row.comm('all_reduce'):,} = {row.comm('all_reduce') / (4 * row.memory.parameters):.4f} x 4P.")
+        if any(row.memory.pp > 1 for row in self.rows):
+            lines += ["bubble: (P-1)/(M+P-1) for gpipe and 1F1B, (P-1)/(v*M+P-1) for interleaved, ~0 for the zero-bubble"
+                      " kinds (the formula: --pipeline",
+                      "measures it). Pipelined layouts: activations and peak not measured (a stage cannot run a"
+                      " micro-batch alone)."]
+        else:
+            lines.append("bubble: '-' without pipeline parallelism.")
+        if c["cores"] < max(row.ranks for row in self.rows):
+            lines.append(f"tokens/s: {max(row.ranks for row in self.rows)} processes on {c['cores']} cores: "
+                         "the layouts with more ranks than cores share them.")
+        return "\n".join(lines)
+
+
+def _bubble(cfg: DictConfig, degrees: Any) -> tuple[Optional[float], str]:
+    """The bubble formula of a pipelined layout (validation/bubble.py) and its text; ``-`` without pp."""
+    from curry_train.config.checks import pipeline_microbatches
+    from curry_train.primitives.pipeline_schedule import stages_per_rank
+    from curry_train.validation.bubble import bubble_formula
+
+    pp = cfg.parallel.get("pp")
+    if pp is None or degrees.pp == 1:
+        return None, "-"
+    formula = bubble_formula(pp.schedule, degrees.pp, pipeline_microbatches(cfg, degrees),
+                             stages_per_rank(pp.schedule, pp.virtual_stages))
+    return formula, f"{formula:.1%}" if formula is not None else "~0"
+
 
 def layouts_bench(
-    overrides: Sequence[str] = (), layouts: Optional[dict[str, Sequence[str]]] = None, steps: int = 10
+    overrides: Sequence[str] = (), layouts: Optional[dict[str, Sequence[str]]] = None, steps: int = 10,
+    compare: bool = False,
 ) -> LayoutsResult:
     """Each layout (default ``LAYOUTS``) with the common ``overrides``, through the real training path
-    (``memory.measure_layouts``): model state and activations per rank, then ``steps`` timed steps."""
-    layouts = dict(LAYOUTS if layouts is None else layouts)
+    (``memory.measure_layouts``): model state and activations per rank, then ``steps`` timed steps.
+    ``compare`` (default layouts ``COMPARE_LAYOUTS``): one more step whose collectives each rank counts,
+    and each row's MFU (on a GPU), peak memory and pipeline bubble: see the module docstring."""
+    layouts = dict((COMPARE_LAYOUTS if compare else LAYOUTS) if layouts is None else layouts)
     if not layouts:
         raise ConfigError("no layouts to compare")
     if steps < 1:
@@ -683,13 +897,28 @@ def layouts_bench(
     runs = {name: [*overrides, *layout] for name, layout in layouts.items()}
     cfgs = {name: compose(run) for name, run in runs.items()}
     plans = [check(cfg) for cfg in cfgs.values()]  # every layout fails fast, before any process starts
-    shapes = {(cfg.model.name, cfg.data.global_batch_size, cfg.data.seq_len, cfg.data.micro_batch_size)
-              for cfg in cfgs.values()}
+    shapes = {(cfg.model.name, cfg.data.global_batch_size, cfg.data.seq_len, cfg.data.micro_batch_size,
+               OmegaConf.to_yaml(cfg.model)) for cfg in cfgs.values()}
     if len(shapes) != 1:
-        raise ConfigError(f"the layouts differ in model or batch ({sorted(shapes)}): they must compare the same run")
-    memories = measure_layouts(list(runs.values()), timed_steps=steps)
+        raise ConfigError(f"the layouts differ in model or batch ({sorted(shape[:4] for shape in shapes)}): they must"
+                          " compare the same run")
+    memories = measure_layouts(list(runs.values()), timed_steps=steps, count_comm=compare)
     first = next(iter(cfgs.values()))
     tokens_per_step = first.data.global_batch_size * first.data.seq_len
+    compare_config: dict[str, Any] = {}
+    if compare:
+        n_flops = flops_parameters(first.model)
+        per_token = flops_per_token(n_flops, first.model.n_layers, first.model.dim, first.data.seq_len)
+        gpu = plans[0].accelerator == "cuda"
+        compare_config = {
+            "n_layers": first.model.n_layers,
+            "dim": first.model.dim,
+            "flops_parameters": n_flops,
+            "flops_per_token": per_token,
+            "flops_per_step": tokens_per_step * per_token,
+            "hardware": first.hardware.name,
+            "peak_flops": float(first.hardware.peak_bf16_flops) if gpu else None,
+        }
     result = LayoutsResult(
         config={
             "overrides": list(overrides),
@@ -703,12 +932,19 @@ def layouts_bench(
             "seq_len": first.data.seq_len,
             "tokens_per_step": tokens_per_step,
             "steps": steps,
-        }
+            **compare_config,
+        },
+        compare=compare,
     )
-    for (name, cfg), memory in zip(cfgs.items(), memories, strict=True):
+    for (name, cfg), memory, plan in zip(cfgs.items(), memories, plans, strict=True):
         tp = cfg.parallel.get("tp")
         sequence_parallel = bool(tp is not None and tp.sequence_parallel)
-        result.rows.append(LayoutRow(name, memory, sequence_parallel, tokens_per_step))
+        row = LayoutRow(name, memory, sequence_parallel, tokens_per_step)
+        if compare:
+            row.flops_per_step = compare_config["flops_per_step"]
+            row.peak_flops = compare_config["peak_flops"]
+            row.bubble, row.bubble_text = _bubble(cfg, plan.degrees)
+        result.rows.append(row)
     return result
 
 
@@ -834,14 +1070,15 @@ def context_bench(seq_len: int, cps: Sequence[int], pattern: str, steps: int) ->
     return ContextResult(rows=measure_context(seq_len, cps, pattern, steps=steps), seq_len=seq_len)
 
 
-DEFAULT_STEPS = {"throughput": 20, "layouts": 10, "pipeline": 5, "context": 3}
+DEFAULT_STEPS = {"throughput": 20, "layouts": 10, "compare": 2, "pipeline": 5, "context": 3}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for train.py (with --layouts: common to every layout)")
     parser.add_argument("--steps", type=int, default=None,
-                        help="timed steps per run (default 20; --layouts: 10, after the measured step; --pipeline: 5 per row)")
+                        help="timed steps per run (default 20; --layouts: 10, after the measured step; --compare: 2;"
+                             " --pipeline: 5 per row)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before them, at least 1 (default 2)")
     parser.add_argument("--repeats", type=int, default=3, help="[hand, curry] rounds; medians reported (default 3)")
     parser.add_argument("--loggers", choices=("csv", "none"), default="csv", help="curry loop's loggers (default csv)")
@@ -852,6 +1089,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     mode.add_argument("--layouts", action="store_true",
                       help=f"tokens/s and per-rank memory of several layouts of the same run, side by side (default: "
                            f"{', '.join(LAYOUTS)}; see --layout)")
+    mode.add_argument("--compare", action="store_true",
+                      help=f"--layouts with MFU, ms/step, peak memory per rank, communication volume per collective and the "
+                           f"pipeline bubble (default: {', '.join(COMPARE_LAYOUTS)}; see --layout)")
     mode.add_argument("--pipeline", action="store_true",
                       help="the measured pipeline bubble next to its formula, and tokens/s, for every schedule kind")
     mode.add_argument("--context", action="store_true",
@@ -860,7 +1100,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--cp", type=_counts, default=[1, 2, 4], metavar="CP[,CP...]", help="with --context: cp sizes (default 1,2,4)")
     parser.add_argument("--pattern", default="ring", help="with --context: ring, double_ring or alltoall (default ring)")
     parser.add_argument("--layout", action="append", default=None, metavar="'NAME: OVERRIDES'",
-                        help="with --layouts, a layout to compare instead of the defaults (repeatable), e.g. "
+                        help="with --layouts or --compare, a layout to compare instead of the defaults (repeatable), e.g. "
                              "--layout 'tp4: parallel=tp parallel.tp.size=4 trainer.devices=4'")
     parser.add_argument("--pp", type=int, default=2, help="with --pipeline: pipeline ranks P (default 2)")
     parser.add_argument("--microbatches", type=_counts, default=[4, 8], metavar="M[,M...]",
@@ -868,20 +1108,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--kinds", type=_kinds, default=list(KINDS), metavar="KIND[,KIND...]",
                         help=f"with --pipeline: schedule kinds (default all: {','.join(KINDS)})")
     args = parser.parse_args(argv)
-    mode_name = ("layouts" if args.layouts or args.layout else "pipeline" if args.pipeline
+    mode_name = ("compare" if args.compare else "layouts" if args.layouts or args.layout else "pipeline" if args.pipeline
                  else "context" if args.context else "throughput")
     steps = DEFAULT_STEPS[mode_name] if args.steps is None else args.steps
     if steps < 1 or args.warmup < 1 or args.repeats < 1:
         parser.error("--steps, --warmup and --repeats must be at least 1")
-    if args.layout and (args.memory or args.pipeline):
-        parser.error("--layout goes with --layouts")
+    if args.layout and (args.memory or args.pipeline or args.context):
+        parser.error("--layout goes with --layouts or --compare")
     quiet_lightning()
     try:
         if args.memory:
             result = memory_bench(args.overrides)
-        elif mode_name == "layouts":
-            layouts = dict(parse_layout(spec) for spec in args.layout) if args.layout else None
-            result = layouts_bench(args.overrides, layouts, steps)
+        elif mode_name in ("layouts", "compare"):
+            layouts = parse_layouts(args.layout) if args.layout else None
+            result = layouts_bench(args.overrides, layouts, steps, compare=mode_name == "compare")
         elif mode_name == "context":
             result = context_bench(args.seq_len, args.cp, args.pattern, steps)
         elif mode_name == "pipeline":

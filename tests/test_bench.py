@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from conftest import FAST
+from curry_train.config import compose
 
 BENCH_PATH = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
 # The debug model, narrower and shallower, on short sequences: seconds per run even on a busy machine.
@@ -154,6 +155,17 @@ def test_bench_layouts_side_by_side(tmp_path, capsys):
     assert all(rows[name]["sp_activation_ratio"] is None for name in ("dp", "tp", "fsdp+tp"))
     assert not dist.is_initialized()
 
+    # advise's activation estimate against the memory tracker: within 1% for dp, 2% with tensor
+    # parallelism (the vocabulary-parallel embedding's masks and all-reduced output are not counted),
+    # 2.5% with sequence parallelism.
+    from curry_train.advise import activation_bytes, current_layout
+
+    for name, rtol in (("dp", 0.01), ("tp", 0.02), ("tp+sp", 0.025), ("fsdp+tp", 0.02)):
+        cfg = compose([*FAST, *figures["config"]["layouts"][name]])
+        estimate = activation_bytes(cfg, current_layout(cfg), flash_attention=True)
+        for record in rows[name]["memory"]["ranks"]:
+            assert estimate["activations"] + estimate["loss"] == pytest.approx(record["activations"], rel=rtol), name
+
 
 def test_bench_layouts_reject_bad_input(capsys):
     bench = load_bench()
@@ -232,3 +244,196 @@ def test_bench_context_mode_memory_falls_with_cp(tmp_path, capsys):
     assert rows[4]["max_activations"] <= 0.34 * rows[1]["max_activations"]
     assert all(0.0 <= share < 1.0 for row in rows.values() for share in row["exposed_comm"])
     assert bench.main(["--context", "--seq-len", "1020", "--cp", "4"]) == 2  # 1020 tokens do not split into 8 chunks
+
+
+# ----------------------------------------------------------------------------------------------
+# --compare: layouts side by side with MFU, peak memory, communication volume and bubble
+
+
+def test_compare_flops_per_token_hand_count():
+    """6N + 12*L*h*s against a hand count of the debug model, and against PyTorch's FLOP counter."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from curry_train.config import compose
+    from curry_train.model import Llama
+    from curry_train.strategy import materialize_and_init
+
+    bench = load_bench()
+    # Debug model: dim 128, 4 heads of 32, 2 key/value heads (kv dim 64), ffn 384, vocabulary 256, 4 blocks.
+    per_block = 128 * 128 + 128 * 64 + 128 * 64 + 128 * 128 + 3 * 128 * 384  # wq, wk, wv, wo, w1, w3, w2
+    assert per_block == 196_608
+    matmuls = 4 * per_block + 256 * 128  # and the head
+    norms = (2 * 4 + 1) * 128
+    embedding = 256 * 128
+    assert matmuls + norms + embedding == 853_120  # P of the debug model (README)
+    s = 256
+    attention = 4 * (2 * s * 128 + 2 * s * 128)  # per token and layer, forward: QK^T and the weighted sum of V
+    assert bench.flops_per_token(matmuls, 4, 128, s) == 3 * (2 * matmuls + attention) == 6_488_064
+    # What the bench uses for N: every parameter but the input embedding (the norms are in, 0.1% here).
+    cfg = compose([]).model
+    assert bench.flops_parameters(cfg) == matmuls + norms == 820_352
+    assert bench.flops_parameters(compose(["model.tie_embeddings=true"]).model) == matmuls + norms  # the head is the table
+
+    # PyTorch's FLOP counter over a real forward+backward (math attention: matmuls it can count).
+    with torch.device("meta"):
+        model = Llama(cfg)
+    materialize_and_init(model, torch.device("cpu"), 0)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(torch.randint(0, 256, (1, s))).sum().backward()
+    assert counter.get_total_flops() == s * bench.flops_per_token(matmuls, 4, 128, s)
+
+
+def _count_collectives(out_dir: str) -> None:
+    """Each kind of collective once, through torch.distributed and the functional collectives."""
+    import torch.distributed as dist
+    import torch.distributed._functional_collectives as funcol
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    from curry_train.validation.comm import CommCounter
+
+    dist.init_process_group("gloo")  # from the environment spawn sets
+    rank, group = dist.get_rank(), dist.group.WORLD
+    mesh = init_device_mesh("cpu", (2,))
+    x = torch.ones(3, 5)  # 15 fp32 elements, 60 bytes
+    sharded = distribute_tensor(torch.ones(4, 5, dtype=torch.float64), mesh, [Shard(0)])  # 10 elements per rank
+    with CommCounter() as comm:
+        dist.all_reduce(x.clone())  # c10d: input, 15
+        dist.all_gather_into_tensor(torch.empty(6, 5), x)  # c10d: output, 30
+        dist.reduce_scatter_tensor(torch.empty(3, 5), torch.ones(6, 5))  # c10d: input, 30
+        dist.broadcast(x.clone(), src=0)  # 15
+        funcol.all_reduce(x, "sum", group).wait()  # functional: input, 15
+        funcol.all_gather_tensor(x, 0, group).wait()  # functional: output, 30
+        sharded.redistribute(mesh, [Replicate()]).to_local()  # DTensor: all-gather of 2 x 10 fp64
+        dist.all_to_all_single(torch.empty(6, 5), torch.ones(6, 5))  # input, 30
+        if rank == 0:
+            dist.send(x, dst=1)  # 15
+        else:
+            dist.recv(torch.empty(3, 5), src=0)
+    if rank == 1:
+        torch.save({"counts": comm.to_dict()}, f"{out_dir}/comm.pt")
+    dist.destroy_process_group()
+
+
+def test_compare_comm_counter_books_each_collective(tmp_path):
+    """All-gather by its output, all-reduce, reduce-scatter and all-to-all by their input; c10d,
+    functional and DTensor-issued collectives alike, each once."""
+    from curry_train.launch import spawn
+
+    spawn(2, _count_collectives, str(tmp_path))
+    counts = torch.load(tmp_path / "comm.pt")["counts"]
+    assert counts == {
+        "all_reduce": {"ops": 2, "elements": 30, "bytes": 120},
+        "all_gather": {"ops": 3, "elements": 80, "bytes": 30 * 4 + 30 * 4 + 20 * 8},
+        "reduce_scatter": {"ops": 1, "elements": 30, "bytes": 120},
+        "all_to_all": {"ops": 1, "elements": 30, "bytes": 120},
+        "broadcast": {"ops": 1, "elements": 15, "bytes": 60},
+        "recv": {"ops": 1, "elements": 15, "bytes": 60},  # rank 1's side of the send
+    }
+
+
+def fsdp_units_oracle(overrides) -> tuple[int, int, int, int]:
+    """From the parameters' shapes: P, the parameters of the transformer blocks (one FSDP unit each),
+    those of the root unit (embedding, final norm, head), and the number of parameter tensors."""
+    from curry_train.config import compose
+    from curry_train.model import Llama
+
+    with torch.device("meta"):
+        model = Llama(compose(list(overrides)).model)
+    named = list(model.named_parameters())
+    blocks = sum(p.numel() for name, p in named if name.startswith(f"{model.plan.blocks}."))
+    P = sum(p.numel() for _, p in named)
+    return P, blocks, P - blocks, len(named)
+
+
+COMPARE = [*FAST, "model.dim=64", "model.n_layers=2", "model.ffn_dim=192"]  # 16 x 64 tokens, micro-batches of 4
+
+
+@pytest.mark.timeout(300)
+def test_compare_dp_and_fsdp(tmp_path, capsys):
+    """dp and fsdp on 2 ranks: DDP all-reduces 4P bytes a step; FSDP (ZeRO-3) all-gathers every unit
+    in each micro-batch's forward and again, but the root unit, in its backward, and reduce-scatters
+    4P once a step (gradients synchronized in the last micro-batch only)."""
+    bench = load_bench()
+    path = tmp_path / "compare.json"
+    assert bench.main(["--compare", "--steps", "2", "--json", str(path), *COMPARE,
+                       "--layout", "dp: parallel=dp trainer.devices=2",
+                       "--layout", "fsdp: parallel=fsdp trainer.devices=2"]) == 0
+    table = capsys.readouterr().out
+    for header in ("tokens/s", "ms/step", "MFU", "peak MB", "state MB", "acts MB", "all_reduce", "all_gather",
+                   "reduce_sc.", "all_to_all", "send+recv", "broadcast", "bubble", "DDP's bucketed all-reduce"):
+        assert header in table, header
+    figures = json.loads(path.read_text())
+    config, rows = figures["config"], {row["name"]: row for row in figures["rows"]}
+    assert list(rows) == ["dp", "fsdp"]
+
+    P, P_blocks, P_root, tensors = fsdp_units_oracle(COMPARE)
+    assert config["parameters"] == P
+    seq_len, dim, n_layers, vocab = 64, 64, 2, 256
+    tokens = 16 * seq_len
+    assert config["tokens_per_step"] == tokens
+    n_flops = P - vocab * dim  # less the input embedding
+    assert config["flops_per_token"] == 6 * n_flops + 12 * n_layers * dim * seq_len
+    assert config["peak_flops"] is None and config["device"] == "cpu"
+    M = 16 // 2 // 4  # micro-batches per rank and step
+
+    for name, row in rows.items():
+        for key in ("tokens_per_s", "ms_per_step", "mfu", "peak_memory", "model_state", "activations", "comm",
+                    "ddp_bucket_bytes", "bubble", "bubble_text", "flops_per_step", "pp"):
+            assert key in row, (name, key)
+        assert (row["ranks"], row["dp"], row["tp"], row["pp"], row["timed_steps"]) == (2, 2, 1, 1, 2)
+        assert math.isfinite(row["tokens_per_s"]) and row["tokens_per_s"] > 0
+        assert row["ms_per_step"] == pytest.approx(1e3 * tokens / row["tokens_per_s"])
+        assert row["mfu"] is None  # not a GPU
+        assert row["flops_per_step"] == tokens * config["flops_per_token"]
+        assert row["bubble"] is None and row["bubble_text"] == "-"
+        assert row["model_state"] == row["total"]
+        # The tracked total at its peak held at least the parameters, AdamW's state and the activations' peak.
+        assert row["peak_memory"] >= row["params"] + row["optimizer"] + row["activations"]
+        comm = row["comm"]
+        assert all(comm[c]["bytes"] == 0 for c in ("all_to_all", "broadcast", "send", "recv")), name
+        for record in row["memory"]["ranks"]:  # every rank moves the same
+            assert {c: v["bytes"] for c, v in record["comm"].items()} == {
+                c: v["bytes"] for c, v in comm.items() if v["ops"]}
+
+    # DDP: one all-reduce of every fp32 gradient (one bucket: 4P bytes is under bucket_cap_mb), as its
+    # reducer's buckets say; besides it only the loss metrics' scalar all-gathers.
+    dp = rows["dp"]["comm"]
+    assert dp["all_reduce"] == {"ops": 1, "elements": P, "bytes": 4 * P}
+    assert rows["dp"]["ddp_bucket_bytes"] == 4 * P
+    assert dp["reduce_scatter"]["bytes"] == 0 and dp["all_gather"]["bytes"] <= 64
+    assert f"DDP's bucketed all-reduce: {4 * P:,} bytes" in table
+
+    # FSDP full (ZeRO-3), one unit per block and the root: per micro-batch, every unit gathered for
+    # forward and the blocks again for backward (FSDP2 keeps the root unit gathered between them);
+    # one reduce-scatter per unit of the whole fp32 gradients (no padding: every dim0 is even).
+    fsdp = rows["fsdp"]["comm"]
+    gathered = 4 * M * (2 * P_blocks + P_root)
+    assert 0 <= fsdp["all_gather"]["bytes"] - gathered <= 64  # + the metrics' scalars
+    assert fsdp["all_gather"]["ops"] >= M * (2 * n_layers + 1)
+    assert fsdp["reduce_scatter"] == {"ops": n_layers + 1, "elements": P, "bytes": 4 * P}
+    assert fsdp["all_reduce"]["bytes"] <= 4 * tensors  # only the gradient norm: one fp32 per parameter tensor
+    assert rows["fsdp"]["ddp_bucket_bytes"] is None
+    # Model state: ZeRO-3 halves DDP's (no padding here), but for AdamW's step counters on each rank.
+    assert rows["fsdp"]["total"] - 4 * tensors == (rows["dp"]["total"] - 4 * tensors) // 2
+    lines = {line.split()[0]: line.split() for line in table.splitlines() if line.split()[:1] in (["dp"], ["fsdp"])}
+    assert lines["dp"][9] == "-" and lines["fsdp"][9] == "-"  # the MFU column on CPU (after "2 x 1 x 1", tokens/s, ms/step)
+    assert not dist.is_initialized()
+
+
+def test_compare_rejects_bad_input(capsys):
+    bench = load_bench()
+    assert bench.main(["--compare", "parallel=fsdp"]) == 2
+    assert "each layout sets parallel, trainer.devices" in capsys.readouterr().err
+    assert bench.main(["--compare", "--layout", "a: parallel=dp trainer.devices=2",
+                       "--layout", "a: parallel=fsdp trainer.devices=2"]) == 2
+    assert "a layout named 'a' is already given" in capsys.readouterr().err
+    assert bench.main(["--compare", "--layout", "a: parallel=dp trainer.devices=2",
+                       "--layout", "b: parallel=fsdp trainer.devices=2 model.dim=64"]) == 2
+    assert "differ in model or batch" in capsys.readouterr().err
+    for bad in (["--compare", "--layouts"], ["--compare", "--memory"], ["--compare", "--steps", "0"],
+                ["--context", "--layout", "a: parallel=dp trainer.devices=2"]):
+        with pytest.raises(SystemExit) as exit_info:
+            bench.main(bad)
+        assert exit_info.value.code == 2

@@ -13,9 +13,14 @@ in as many local processes as it asks for, ``MEASURED_STEP`` optimizer steps):
 * model state at the end of the first forward of that step (all of a ``reshard_after_forward=False``
   layout's units are then still gathered);
 * peak activation memory of one forward+backward of one micro-batch through the parallelized model,
-  with the module's own loss (``peak_memory``), run just before that step;
+  with the module's own loss (``peak_memory``), run just before that step (not for a pipelined
+  layout: a stage cannot run a micro-batch alone; ``activations`` and ``peak`` are then None);
 * with ``timed_steps``, the clock at the end of that step and of the ``timed_steps`` steps after it
-  (``step_ends``): the steady-state throughput of the layout, undisturbed by the measurements.
+  (``step_ends``): the steady-state throughput of the layout, undisturbed by the measurements;
+* with ``count_comm``, the collectives of one whole training step (``comm``: calls, elements and
+  bytes per collective, ``validation.comm.CommCounter``), in one more step after the timed ones (a
+  dispatch mode runs Python for every op, so the counted step is not timed), and for DDP the bytes
+  of its gradient buckets (``ddp_bucket_bytes``).
 
 Step 3, not 2: DistributedDataParallel rebuilds its gradient buckets in the forward of the second
 iteration, and those allocations would be counted as activations.
@@ -45,6 +50,7 @@ from torch.distributed.tensor import DTensor
 
 from curry_train.config import compose
 from curry_train.config.checks import check
+from curry_train.validation.comm import CommCounter, ddp_bucket_bytes
 from curry_train.validation.whitebox import measurement_config
 from curry_train.primitives.parallel_state import Degrees
 
@@ -266,12 +272,20 @@ def tensor_parallel_shapes(model: nn.Module, tp: int) -> dict[str, torch.Size]:
 
 
 class MemoryProbe(Callback):
-    """Takes this rank's measurements in step ``step`` of a real run (see the module docstring)."""
+    """Takes this rank's measurements in step ``step`` of a real run (see the module docstring).
 
-    def __init__(self, step: int = MEASURED_STEP) -> None:
+    ``comm_step`` (1-based, like ``step``; after ``step``): the step whose collectives are counted
+    from ``on_train_batch_start`` to ``on_train_batch_end`` (``record["comm"]``). That step and any
+    after it are not timed (no ``step_ends``)."""
+
+    def __init__(self, step: int = MEASURED_STEP, comm_step: Optional[int] = None) -> None:
+        if comm_step is not None and comm_step <= step:
+            raise ValueError(f"comm_step={comm_step} must come after the measured step {step}")
         self.step = step
+        self.comm_step = comm_step
         self.record: dict[str, Any] = {}
         self._hook: Optional[torch.utils.hooks.RemovableHandle] = None
+        self._counter: Optional[CommCounter] = None
 
     def _measuring(self, trainer: pl.Trainer) -> bool:
         return trainer.global_step == self.step - 1  # global_step counts the steps already taken
@@ -293,7 +307,16 @@ class MemoryProbe(Callback):
         self._hook = module.model.register_forward_hook(after_forward)
 
     def on_train_batch_start(self, trainer: pl.Trainer, module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self.comm_step is not None and trainer.global_step == self.comm_step - 1:
+            self._counter = CommCounter()
+            self._counter.__enter__()  # left in on_train_batch_end: the whole step, its optimizer and logging included
+            return
         if not self._measuring(trainer):
+            return
+        if getattr(trainer.strategy, "pipeline_modules", None) is not None:
+            # A pipeline stage cannot run a micro-batch alone, and the schedule's step calls each stage
+            # once per micro-batch, which PyTorch's memory tracker refuses: not measured.
+            self.record["activations"], self.record["peak"] = None, None
             return
         optimizers = self._optimizers(trainer)
         micro_batch = module.micro_batches(batch)[0]
@@ -316,15 +339,32 @@ class MemoryProbe(Callback):
         if self._measuring(trainer):
             self.record["state"] = model_state_bytes(module.model, self._optimizers(trainer))
 
+    def _stop_counting(self) -> Optional[CommCounter]:
+        counter, self._counter = self._counter, None
+        if counter is not None:
+            counter.__exit__(None, None, None)
+        return counter
+
     def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, *args: Any) -> None:
+        counter = self._stop_counting()
+        if counter is not None:
+            self.record.update(comm=counter.to_dict(), comm_step=trainer.global_step,
+                               ddp_bucket_bytes=ddp_bucket_bytes(module.model))
+            return
+        if self.comm_step is not None and trainer.global_step >= self.comm_step:
+            return
         if trainer.global_step >= self.step:  # the measured step (its end starts the clock) and those after it
             if trainer.strategy.root_device.type == "cuda":
                 torch.cuda.synchronize(trainer.strategy.root_device)
             self.record.setdefault("step_ends", []).append(time.perf_counter())
 
     def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self._stop_counting()
         if self._hook is not None:
             self._hook.remove()
+
+    def on_exception(self, trainer: pl.Trainer, module: pl.LightningModule, exception: BaseException) -> None:
+        self._stop_counting()
 
 
 def _rendezvous_port(out_dir: Path, index: int) -> int:
@@ -343,7 +383,7 @@ def _rendezvous_port(out_dir: Path, index: int) -> int:
     return int(path.read_text())
 
 
-def _probe(containers: list[dict], out_dir: str, accelerator: str) -> None:
+def _probe(containers: list[dict], out_dir: str, accelerator: str, comm_steps: Optional[list[Optional[int]]] = None) -> None:
     """Worker body: run each layout in turn in this same process, each on a fresh rendezvous port."""
     from curry_train.data import LMDataModule
     from curry_train.module import CausalLM
@@ -358,7 +398,7 @@ def _probe(containers: list[dict], out_dir: str, accelerator: str) -> None:
         os.environ["MASTER_PORT"] = str(_rendezvous_port(Path(out_dir), index))
         cfg = OmegaConf.create(container)
         pl.seed_everything(cfg.seed, verbose=False)
-        probe = MemoryProbe()
+        probe = MemoryProbe(comm_step=comm_steps[index] if comm_steps else None)
         trainer = build_trainer(cfg, Path(out_dir), accelerator, callbacks=[probe], checkpoints=False, loggers=[])
         trainer.fit(CausalLM(cfg), datamodule=LMDataModule(cfg.data, cfg.seed))
         path = Path(out_dir) / f"memory-{index:03d}-rank{probe.record['rank']:05d}.json"
@@ -383,6 +423,7 @@ class LayoutMemory:
     recompute: str
     recompute_every_n_blocks: int
     ranks: list[dict[str, Any]] = field(default_factory=list)
+    pp: int = 1  # pipeline ranks (> 1: a rank holds its stages only, and activations are not measured)
 
     @property
     def formula_terms(self) -> dict[str, int]:
@@ -422,23 +463,27 @@ def _describe(overrides: Sequence[str], cfg: DictConfig, degrees: Degrees) -> La
         micro_batch=(cfg.data.micro_batch_size, cfg.data.seq_len),
         recompute=cfg.parallel.recompute,
         recompute_every_n_blocks=cfg.parallel.recompute_every_n_blocks,
+        pp=degrees.pp,
     )
 
 
 def measure_layouts(
-    layouts: Sequence[Sequence[str]], config_dir: Optional[Path] = None, timed_steps: int = 0
+    layouts: Sequence[Sequence[str]], config_dir: Optional[Path] = None, timed_steps: int = 0, count_comm: bool = False
 ) -> list[LayoutMemory]:
     """Run each layout (Hydra overrides, composed and checked as for ``train.py``) for
     ``MEASURED_STEP`` steps, and ``timed_steps`` more, and return its per-rank measurements, in
     order. Layouts that need the same number of processes run in turn in one set of local workers:
-    starting processes (and importing torch in them) costs more than a few steps of a small model."""
+    starting processes (and importing torch in them) costs more than a few steps of a small model.
+
+    ``count_comm``: one more step, whose collectives each rank counts (``comm`` in its record)."""
     from curry_train.launch import spawn
 
     if timed_steps < 0:
         raise ValueError(f"timed_steps={timed_steps} must not be negative")
+    comm_step = MEASURED_STEP + timed_steps + 1 if count_comm else None
     cfgs, plans = [], []
     for overrides in layouts:
-        cfg = measurement_config(compose(overrides, config_dir), MEASURED_STEP + timed_steps)
+        cfg = measurement_config(compose(overrides, config_dir), MEASURED_STEP + timed_steps + bool(count_comm))
         cfgs.append(cfg)
         plans.append(check(cfg))
     results = [_describe(overrides, cfg, plan.degrees) for overrides, cfg, plan in zip(layouts, cfgs, plans)]
@@ -446,7 +491,7 @@ def measure_layouts(
         indices = [i for i, plan in enumerate(plans) if plan.world_size == world_size]
         containers = [OmegaConf.to_container(cfgs[i], resolve=True) for i in indices]
         with tempfile.TemporaryDirectory(prefix="curry-memory-") as out_dir:
-            spawn(world_size, _probe, containers, out_dir, plans[indices[0]].accelerator)
+            spawn(world_size, _probe, containers, out_dir, plans[indices[0]].accelerator, [comm_step] * len(indices))
             for position, index in enumerate(indices):
                 files = sorted(Path(out_dir).glob(f"memory-{position:03d}-rank*.json"))
                 results[index].ranks = [json.loads(f.read_text()) for f in files]
