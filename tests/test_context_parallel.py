@@ -178,3 +178,78 @@ print("SEED OK", dist.get_rank())
 
 def test_seed_example_runs_unchanged_under_torchrun(tmp_path):
     assert run_seed_example(SEED_EXAMPLE, tmp_path).count("SEED OK") == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# Block kernels: the fused kernel of each device, used only once checked against the math kernel
+
+
+@pytest.mark.parametrize("name, dtype", [("cuda_flash", torch.bfloat16), ("cuda_flash", torch.float16),
+                                         ("cuda_efficient", torch.float32), ("cuda_efficient", torch.bfloat16)])
+def test_cuda_kernels_call_the_ops_as_their_schemas_declare(name, dtype):
+    """No GPU here: the CUDA kernels' calls run on meta tensors, whose kernels check every argument
+    against the op's schema and give the outputs' shapes and dtypes."""
+    from curry_train.primitives.context_parallel import KERNELS
+
+    forward, backward = KERNELS[name]
+    q, dout = (torch.empty(2, 4, 40, 64, device="meta", dtype=dtype) for _ in range(2))
+    k, v = (torch.empty(2, 4, 24, 64, device="meta", dtype=dtype) for _ in range(2))
+    for causal in (False,):  # causal blocks have as many keys as queries; these do not
+        out, lse = forward(q, k, v, causal, 0.125)
+        assert (out.shape, out.dtype, lse.shape, lse.dtype) == (q.shape, dtype, q.shape[:-1], torch.float32)
+        grads = backward(dout, q, k, v, out, lse, causal, 0.125)
+        assert [(g.shape, g.dtype) for g in grads] == [(t.shape, dtype) for t in (q, k, v)]
+
+
+def test_efficient_kernel_log_sum_exp_is_trimmed_and_padded_back(monkeypatch):
+    """The memory-efficient kernel's contract, emulated on the CPU with the math kernel: its lse has
+    rows padded to a multiple of 32, and its backward wants them so. The block kernel trims them for
+    the merge and pads them back for backward, and the result passes the check against math."""
+    from curry_train.primitives import context_parallel as cp
+
+    def forward(q, k, v, bias, compute_lse, dropout, causal, *, scale):
+        out, lse = cp._math_forward(q, k, v, causal, scale)
+        rows = q.shape[2]
+        padded = torch.cat([lse, torch.full((*lse.shape[:-1], -rows % 32), float("nan"))], dim=-1)
+        return out, padded, torch.zeros((), dtype=torch.int64), torch.zeros((), dtype=torch.int64)
+
+    def backward(dout, q, k, v, bias, out, lse, seed, offset, dropout, mask, causal, *, scale):
+        assert lse.shape[-1] % 32 == 0 and lse.is_contiguous() and mask == [True, True, True, False]
+        return (*cp._math_backward(dout, q, k, v, out, lse[..., : q.shape[2]], causal, scale), None)
+
+    monkeypatch.setattr(torch.ops.aten, "_scaled_dot_product_efficient_attention", forward)
+    monkeypatch.setattr(torch.ops.aten, "_scaled_dot_product_efficient_attention_backward", backward)
+    assert cp._check_kernel("cuda_efficient", torch.device("cpu"), torch.float32, 32) is None
+    out, lse = cp.KERNELS["cuda_efficient"][0](*(torch.randn(1, 2, 40, 32) for _ in range(3)), True, 0.2)
+    assert lse.shape == (1, 2, 40) and torch.isfinite(lse).all()
+
+
+def test_a_kernel_that_disagrees_with_math_is_not_used(monkeypatch):
+    from curry_train.primitives import context_parallel as cp
+
+    def wrong_forward(q, k, v, causal, scale):
+        out, lse = cp._math_forward(q, k, v, causal, scale)
+        return out, lse + 1e-2  # a log-sum-exp off by 1%: merged outputs would be silently wrong
+
+    monkeypatch.setitem(cp.KERNELS, "cpu_flash", (wrong_forward, cp._cpu_flash_backward))
+    monkeypatch.setattr(cp, "_CHOSEN", {})
+    with pytest.warns(UserWarning, match="cpu_flash attention kernel is not used.*differs from the math kernel"):
+        assert cp.block_kernel(torch.device("cpu"), torch.float32, 16) == "math"
+    q, k, v = (torch.randn(1, 2, 8, 16) for _ in range(3))
+    out, _ = cp.block_forward(q, k, v, True, 0.25)
+    assert torch.allclose(out, F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.25), atol=1e-6)
+
+    def failing_forward(q, k, v, causal, scale):
+        raise RuntimeError("No available kernel. Aborting execution.")
+
+    monkeypatch.setitem(cp.KERNELS, "cpu_flash", (failing_forward, cp._cpu_flash_backward))
+    monkeypatch.setattr(cp, "_CHOSEN", {})
+    with pytest.warns(UserWarning, match="RuntimeError: No available kernel"):
+        assert cp.block_kernel(torch.device("cpu"), torch.float32, 16) == "math"
+
+
+def test_cpu_flash_kernel_passes_its_check():
+    from curry_train.primitives import context_parallel as cp
+
+    for dtype in (torch.float32, torch.bfloat16):
+        assert cp._check_kernel("cpu_flash", torch.device("cpu"), dtype, 64) is None
