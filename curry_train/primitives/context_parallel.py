@@ -444,13 +444,17 @@ class ContextParallelAttention(nn.Module):
         self.group, self.pattern, self.causal, self.load_balance = cp_group, pattern, causal, load_balance
         self.cp, self.rank = dist.get_world_size(cp_group), dist.get_rank(cp_group)
         self.plan = ring_plan(cp_group, pattern, inner_ring) if pattern != "alltoall" else None
+        self._layouts: dict[int, tuple] = {}
 
     def extra_repr(self) -> str:
         return f"pattern={self.pattern}, cp={self.cp}, causal={self.causal}, load_balance={self.load_balance}"
 
     def layouts(self, local_seq: int) -> tuple:
-        seq = local_seq * self.cp
-        return tuple(tuple(sequence_layout(seq, self.cp, r, self.load_balance)) for r in range(self.cp))
+        """The positions every rank holds, for a local sequence of ``local_seq`` tokens (cached)."""
+        if local_seq not in self._layouts:
+            seq = local_seq * self.cp
+            self._layouts[local_seq] = tuple(tuple(sequence_layout(seq, self.cp, r, self.load_balance)) for r in range(self.cp))
+        return self._layouts[local_seq]
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         scale = 1.0 / math.sqrt(q.shape[-1])

@@ -125,12 +125,9 @@ class ColumnParallelLinear(nn.Module):
         self.bias = _parameter((local_out,), (out_features,), self.mesh, Shard(0), bound, device, dtype) if bias else None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, tp_group: TPGroup, **kwargs) -> "ColumnParallelLinear":
+    def from_linear(cls, linear: nn.Linear, tp_group: TPGroup, **kwargs):
         """The parallel version of ``linear`` (on its device; its values sliced unless on the meta device)."""
-        layer = cls(linear.in_features, linear.out_features, tp_group, bias=linear.bias is not None,
-                    device=linear.weight.device, dtype=linear.weight.dtype, **kwargs)
-        _copy_shards(layer, linear)
-        return layer
+        return _from_linear(cls, linear, tp_group, **kwargs)
 
     def forward(self, x: Tensor) -> Tensor:
         y = F.linear(enter_parallel_region(x, self.mesh, self.sequence_parallel), self.weight, self.bias)
@@ -166,12 +163,9 @@ class RowParallelLinear(nn.Module):
         self.bias = _parameter((out_features,), (out_features,), self.mesh, Replicate(), bound, device, dtype) if bias else None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, tp_group: TPGroup, **kwargs) -> "RowParallelLinear":
+    def from_linear(cls, linear: nn.Linear, tp_group: TPGroup, **kwargs):
         """The parallel version of ``linear`` (on its device; its values sliced unless on the meta device)."""
-        layer = cls(linear.in_features, linear.out_features, tp_group, bias=linear.bias is not None,
-                    device=linear.weight.device, dtype=linear.weight.dtype, **kwargs)
-        _copy_shards(layer, linear)
-        return layer
+        return _from_linear(cls, linear, tp_group, **kwargs)
 
     def forward(self, x: Tensor) -> Tensor:
         if not isinstance(x, DTensor):
@@ -188,6 +182,13 @@ class RowParallelLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features} (/{self.mesh.size()}), out_features={self.out_features}, "
                 f"bias={self.bias is not None}, input_is_parallel={self.input_is_parallel}, sequence_parallel={self.sequence_parallel}")
+
+
+def _from_linear(cls: type, linear: nn.Linear, tp_group: TPGroup, **kwargs) -> nn.Module:
+    layer = cls(linear.in_features, linear.out_features, tp_group, bias=linear.bias is not None,
+                device=linear.weight.device, dtype=linear.weight.dtype, **kwargs)
+    _copy_shards(layer, linear)
+    return layer
 
 
 @torch.no_grad()
