@@ -139,7 +139,7 @@ class Layout:
 # The model's shapes
 
 
-@functools.lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=128)  # capacity sweeps estimate a family of models at several tp
 def _shapes(model_yaml: str, tp: int) -> tuple[tuple[str, tuple[int, ...]], ...]:
     from curry_train.model import Llama
 
