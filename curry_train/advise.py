@@ -626,10 +626,23 @@ def gib_text(n: float) -> str:
 
 
 def train_command(cfg: DictConfig, layout: Layout, user_overrides: Sequence[str] = ()) -> str:
-    """``python train.py ...`` for ``layout``: the user's overrides, less those the layout sets."""
+    """``python train.py ...`` for ``layout``: the user's overrides, less those the layout sets and
+    the ``parallel.<option>.*`` keys of options the layout does not compose (the user's
+    ``parallel.pp.schedule`` stays with a pipeline; ``parallel.cp.pattern`` goes without cp)."""
     hw = cfg.hardware
-    mine = ("parallel", "trainer.devices", "trainer.num_nodes", "trainer.precision", "data.micro_batch_size")
-    args = [o for o in user_overrides if not o.lstrip("+~").startswith(mine)]
+    mine = {"parallel", "parallel.fsdp.sharding", "parallel.fsdp.replicas", "parallel.fsdp.mixed_precision",
+            "parallel.tp.size", "parallel.tp.sequence_parallel", "parallel.pp.size", "parallel.cp.size",
+            "parallel.recompute", "trainer.devices", "trainer.num_nodes", "trainer.precision", "data.micro_batch_size"}
+    options = set(layout.options())
+
+    def kept(override: str) -> bool:
+        key = override.lstrip("+~").partition("=")[0]
+        parts = key.split(".")
+        if key in mine:
+            return False
+        return not (parts[0] == "parallel" and len(parts) > 2 and parts[1] not in options)
+
+    args = [o for o in user_overrides if kept(o)]
     args.append(f"parallel={'+'.join(layout.options())}")
     if layout.zero != "none":
         args.append(f"parallel.fsdp.sharding={layout.zero}")

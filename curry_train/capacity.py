@@ -875,7 +875,7 @@ def recommended_command(cfg: DictConfig, row: Row, user_overrides: Sequence[str]
     except ValueError:  # an unbalanced quote in a value: train_command does not quote
         args = command.split()[2:]
     given = {a.split("=", 1)[0] for a in args}
-    for extra in (*user_overrides, *row.spec.overrides):
+    for extra in row.spec.overrides:  # the user's own parallel.* keys: train_command keeps those that apply
         key = extra.split("=", 1)[0]
         if key.startswith("parallel.") and key not in given:
             args.append(extra)

@@ -222,3 +222,14 @@ def test_symptom_plot_shows_current_and_next(tmp_path):
 
     assert _colored_pixels(pixels, COLORS[2]) > 144  # the optimizer state of both bars, beyond the legend swatch
     assert load_advise().main([*overrides, "format=yaml"]) == 2
+
+
+def test_command_keeps_the_users_settings_of_the_options_it_composes(capsys):
+    overrides = [*SEVENTY_B_4_NODES, *SLOW_LINKS, "parallel=pp+cp", "parallel.cp.pattern=alltoall",
+                 "parallel.pp.schedule=interleaved", "parallel.recompute_every_n_blocks=0", "parallel.pp.size=4"]
+    code, result = run_json(capsys, overrides)
+    assert code == 0 and result["sizes"]["pp"] > 1 and result["sizes"]["cp"] == 1
+    command = result["command"]
+    assert "parallel.pp.schedule=interleaved" in command and "parallel.recompute_every_n_blocks=0" in command
+    assert "parallel.cp.pattern" not in command and "parallel=pp+cp" not in command and command.count("pp.size=") == 1
+    assert_command_runs_the_layout({**result, "layout": {**result["layout"], "pp_schedule": "interleaved"}})
