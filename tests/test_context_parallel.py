@@ -253,3 +253,15 @@ def test_cpu_flash_kernel_passes_its_check():
 
     for dtype in (torch.float32, torch.bfloat16):
         assert cp._check_kernel("cpu_flash", torch.device("cpu"), dtype, 64) is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_cuda_fused_kernels_pass_their_check(dtype):
+    """On a GPU: the fused kernel of each dtype agrees with the math kernel and is the one chosen."""
+    from curry_train.primitives import context_parallel as cp
+
+    device = torch.device("cuda")
+    expected = "cuda_flash" if dtype != torch.float32 else "cuda_efficient"
+    assert cp._check_kernel(expected, device, dtype, 64) is None
+    assert cp.block_kernel(device, dtype, 64) == expected
