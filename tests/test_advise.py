@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -12,16 +11,14 @@ import pytest
 from curry_train.advise import Layout, diagnose, estimate
 from curry_train.config import compose
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import load_script
+
 ONE_B = ["model.dim=2048", "model.n_layers=16", "model.n_heads=32", "model.n_kv_heads=8", "model.ffn_dim=8192",
          "model.vocab_size=128256", "model.name=llama_1b"]
 
 
 def load_advise():
-    spec = importlib.util.spec_from_file_location("advise_script", ROOT / "scripts" / "advise.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("advise")
 
 
 def run_json(capsys, args):

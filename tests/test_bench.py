@@ -5,7 +5,6 @@ No assertion on speed: the figures depend on the machine and whatever else runs 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import sys
@@ -15,10 +14,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import FAST
+from conftest import FAST, load_script
 from curry_train.config import compose
 
-BENCH_PATH = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
 # The debug model, narrower and shallower, on short sequences: seconds per run even on a busy machine.
 SMALL = [
     "model.dim=64",
@@ -31,13 +29,7 @@ SMALL = [
 
 
 def load_bench():
-    if "curry_bench" in sys.modules:
-        return sys.modules["curry_bench"]
-    spec = importlib.util.spec_from_file_location("curry_bench", BENCH_PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["curry_bench"] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench")
 
 
 @pytest.mark.timeout(300)

@@ -8,7 +8,6 @@ out of memory for real (an address-space limit), and the sweep goes on below it.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shlex
 from dataclasses import replace
@@ -21,6 +20,8 @@ from curry_train import capacity
 from curry_train.advise import Layout, current_layout, estimate
 from curry_train.config import compose
 
+from conftest import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 2**30
 H100 = 80 * GIB  # conf/hardware/h100_80gb.yaml
@@ -28,15 +29,12 @@ CAPACITY = int(H100 * 0.9)  # less advise's 10% headroom
 STATE_BYTES_PER_PARAM = 16  # fp32 parameters and gradients, AdamW's two moments (autocast keeps fp32 state)
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("capacity_sweep_script", ROOT / "scripts" / "capacity_sweep.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def load_sweep():
+    return load_script("capacity_sweep")
 
 
 def run_json(capsys, args):
-    code = load_script().main([*args, "format=json"])
+    code = load_sweep().main([*args, "format=json"])
     captured = capsys.readouterr()
     return code, json.loads(captured.out), captured.err
 
@@ -209,7 +207,7 @@ def test_the_target_goes_to_the_lightest_layout_that_fits_it(capsys):
 
 
 def test_text_table_names_each_layout_and_the_target(capsys):
-    assert load_script().main([*BASE_1NODE, "layouts=dp;fsdp", "mode=estimate", "max=30B"]) == 0
+    assert load_sweep().main([*BASE_1NODE, "layouts=dp;fsdp", "mode=estimate", "max=30B"]) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
     assert lines[0].startswith("capacity sweep (family llama3, by estimate) on 1 x 8 h100_80gb")
@@ -244,7 +242,7 @@ def test_bad_options_are_one_line_errors(capsys, args, message):
 
     if args == ["mode=measure"] and torch.cuda.is_available():
         pytest.skip("a CUDA device is visible")
-    code = load_script().main([*args, "mode=estimate"] if not any(a.startswith("mode=") for a in args) else args)
+    code = load_sweep().main([*args, "mode=estimate"] if not any(a.startswith("mode=") for a in args) else args)
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert len(err.splitlines()) == 1 and err.startswith("capacity_sweep: error:") and message in err

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import struct
 import subprocess
@@ -16,19 +15,15 @@ from omegaconf import OmegaConf
 
 from curry_train.config import compose
 
+from conftest import load_script
+
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "runs_diff.py"
 LOSSES = [5.5, 4.0, 3.2, 2.9, 2.5, 2.7]  # best (2.5 at step 4) differs from final (2.7 at step 5)
 HEADER = "epoch,step,train/grad_norm,train/loss,train/lr,train/ppl,train/tokens_per_s,val/loss,val/ppl"
 
 
 def load_runs_diff():
-    if "curry_runs_diff" in sys.modules:
-        return sys.modules["curry_runs_diff"]
-    spec = importlib.util.spec_from_file_location("curry_runs_diff", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["curry_runs_diff"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("runs_diff")
 
 
 runs_diff = load_runs_diff()
