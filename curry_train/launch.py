@@ -69,6 +69,17 @@ def _worker(rank: int, world_size: int, port: int, target: Callable[..., Any], a
     target(*args)
 
 
+def end_process_group() -> None:
+    """Leave the default process group together: a barrier, then ``destroy_process_group``. A rank
+    that tears gloo down while a peer still talks to it (the peer's last sends of a pipeline step, a
+    result being written) can make the peer abort in std::terminate."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def spawn(world_size: int, target: Callable[..., Any], *args: Any) -> None:
     """Run ``target(*args)`` in ``world_size`` local worker processes; raise if any fails."""
     import torch.multiprocessing as mp

@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from conftest import FAST, load_script
 from curry_train.config import compose
+from curry_train.launch import end_process_group
 
 # The debug model, narrower and shallower, on short sequences: seconds per run even on a busy machine.
 SMALL = [
@@ -305,7 +306,7 @@ def _count_collectives(out_dir: str) -> None:
             dist.recv(torch.empty(3, 5), src=0)
     if rank == 1:
         torch.save({"counts": comm.to_dict()}, f"{out_dir}/comm.pt")
-    dist.destroy_process_group()
+    end_process_group()
 
 
 def test_compare_comm_counter_books_each_collective(tmp_path):

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from curry_train.launch import end_process_group
 from curry_train.primitives.context_parallel import sequence_layout, sequence_positions, shard_sequence
 
 
@@ -49,7 +50,7 @@ def _attention_against_full(out_dir: str, cases: list) -> None:
         got = [out, *(t.grad for t in local)]
         results[name] = [((g - e).norm() / e.norm()).item() for g, e in zip(got, expected)]
     torch.save(results, f"{out_dir}/rank{rank}.pt")
-    dist.destroy_process_group()
+    end_process_group()
 
 
 @pytest.mark.parametrize("world, cases", [

@@ -10,6 +10,7 @@ import torch
 
 from curry_train.config import ConfigError, compose
 from curry_train.config.checks import check
+from curry_train.launch import end_process_group
 from curry_train.model import Llama
 from curry_train.strategy import materialize_and_init
 from curry_train.validation.memory import bare_model_activation_bytes
@@ -230,7 +231,7 @@ def _count_reductions(out_dir: str, sharding: str, sync_each: bool) -> None:
     counts = dict(comm.counts)
     if dist.get_rank() == 0:
         torch.save(counts, f"{out_dir}/counts.pt")
-    dist.destroy_process_group()
+    end_process_group()
 
 
 @pytest.mark.parametrize("sharding", ["full", "shard_grad_op", "optimizer"])
@@ -302,7 +303,7 @@ def _zero1_against_reference(out_dir: str, mixed_precision: str) -> None:
     if rank == 0:
         torch.save({"errors": errors}, f"{out_dir}/errors.pt")
     torch.save(shard_rows, f"{out_dir}/rows{rank}.pt")
-    dist.destroy_process_group()
+    end_process_group()
 
 
 @pytest.mark.parametrize("mixed_precision, tolerance", [("fp32", 1e-6), ("bf16", BF16_GRAD_RTOL)])

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from curry_train.config import compose
+from curry_train.launch import end_process_group
 from curry_train.model import Llama
 from curry_train.primitives.pipeline_schedule import (
     KINDS,
@@ -118,7 +119,7 @@ def _pipeline_against_reference(out_dir: str, kinds: list[str], n_microbatches: 
         results[kind]["zeroed"] = all(p.grad is None for p in local.parameters())
         del results[kind]["optimizer"]
     torch.save(results, f"{out_dir}/rank{rank}.pt")
-    dist.destroy_process_group()
+    end_process_group()
 
 
 @pytest.mark.parametrize("world, kinds, n_microbatches, n_layers", [

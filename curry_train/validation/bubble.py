@@ -35,6 +35,8 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
+from curry_train.launch import end_process_group
+
 ZERO_BUBBLE = ("interleaved_zb", "zbv", "dualpipev")
 WARMUP_STEPS = 2  # untimed steps per kind: shape inference, the allocator, gloo's first connections
 
@@ -157,7 +159,7 @@ def _bubble_worker(out_dir: str, container: dict, runs: Sequence[tuple[int, str]
         ).to_dict())
     if rank == 0:
         torch.save(results, f"{out_dir}/bubbles.pt")
-    dist.destroy_process_group()
+    end_process_group()
 
 
 def check_bubble_runs(n_layers: int, kinds: Sequence[str], pp: int, microbatches: Sequence[int], steps: int) -> None:

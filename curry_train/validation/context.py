@@ -22,6 +22,8 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
+from curry_train.launch import end_process_group
+
 
 @dataclass
 class ContextRow:
@@ -71,7 +73,7 @@ def _context_worker(out_dir: str, seq_len: int, heads: int, kv_heads: int, head_
     dist.all_gather_object(rows, (activations, waits[0] / steps / seconds, seconds))
     if rank == 0:
         torch.save(rows, f"{out_dir}/context.pt")
-    dist.destroy_process_group()
+    end_process_group()
 
 
 def measure_context(seq_len: int = 8192, cps: Sequence[int] = (1, 2, 4), pattern: str = "ring", heads: int = 8,
