@@ -343,7 +343,12 @@ class CurryStrategy(ParallelStrategy):
 
     def _pipeline_inputs(self, micro_batches: list[Tensor]) -> tuple:
         """What the schedule's step takes: whole micro-batches, or with context parallelism this
-        rank's shards of their inputs and labels."""
+        rank's shards of their inputs and labels. ``parallel.pp.microbatches`` cuts the rank's batch
+        its own way (the module cuts it by ``data.micro_batch_size``); the loss is over the global
+        token count either way."""
+        n = pipeline_microbatches(self.cfg, layout_degrees(self.cfg, self.world_size))
+        if len(micro_batches) != n:
+            micro_batches = list(torch.cat(micro_batches).tensor_split(n))
         if self.cfg.parallel.get("cp") is None:
             return (micro_batches,)
         return [self._cp_shard(mb[:, :-1]) for mb in micro_batches], [self._cp_shard(mb[:, 1:]) for mb in micro_batches]

@@ -226,7 +226,8 @@ from conftest import FAST, STEPS, assert_same_curve, read_metric, run_train  # n
 
 
 @pytest.mark.parametrize("layout", [
-    ("parallel.pp.schedule=gpipe", "trainer.devices=2"),
+    # 8 micro-batches of 2, not the module's 4 of data.micro_batch_size=4
+    ("parallel.pp.schedule=gpipe", "parallel.pp.microbatches=8", "trainer.devices=2"),
     ("parallel.pp.schedule=1F1B", "trainer.devices=2"),
     ("parallel.pp.schedule=interleaved", "trainer.devices=2"),
     ("parallel.pp.schedule=interleaved_zb", "trainer.devices=2"),
