@@ -301,12 +301,22 @@ def _link(layout: Layout, axis: str, gpus_per_node: int, hw: DictConfig) -> floa
     raise ValueError(axis)
 
 
+def flops_per_token(parameters: int, n_layers: int, dim: int, seq_len: int) -> int:
+    """Model FLOPs of training on one token, forward and backward (Kaplan et al., 2020; PaLM's MFU,
+    Chowdhery et al., 2022): ``6N + 12*L*h*s``. A matmul with N weights costs 2N FLOPs per token
+    forward and 4N backward (the gradients of its input and of its weights); attention's two
+    sequence-long products (``QK^T`` and the weighted sum of V) cost ``2*s*h`` each per token and
+    layer forward, ``12*L*h*s`` with backward (causal masking not discounted, as in PaLM). Recompute
+    is not model FLOPs: it adds hardware FLOPs only."""
+    return 6 * parameters + 12 * n_layers * dim * seq_len
+
+
 def step_time(cfg: DictConfig, layout: Layout, hw: DictConfig) -> dict[str, float]:
     """Seconds of one optimizer step by parts: compute, bubble, and each axis's communication."""
     m = cfg.model
     N = parameter_count(m)
     s, L, h = cfg.data.seq_len, m.n_layers, m.dim
-    per_token = 6 * N + 12 * L * h * s
+    per_token = flops_per_token(N, L, h, s)
     if layout.recompute == "full":
         per_token += 2 * N + 4 * L * h * s
     tokens = cfg.data.global_batch_size * s

@@ -346,7 +346,7 @@ class CurryStrategy(ParallelStrategy):
         rank's shards of their inputs and labels. ``parallel.pp.microbatches`` cuts the rank's batch
         its own way (the module cuts it by ``data.micro_batch_size``); the loss is over the global
         token count either way."""
-        n = pipeline_microbatches(self.cfg, layout_degrees(self.cfg, self.world_size))
+        n = self._schedule.n_microbatches  # built by _pipeline() before its step's inputs are made
         if len(micro_batches) != n:
             micro_batches = list(torch.cat(micro_batches).tensor_split(n))
         if self.cfg.parallel.get("cp") is None:

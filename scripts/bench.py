@@ -123,6 +123,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 from curry_train.config import ConfigError, compose  # noqa: E402
 from curry_train.config.checks import LaunchPlan, check  # noqa: E402
+from curry_train.advise import flops_per_token  # noqa: E402
 from curry_train.data import GlobalBatchSampler, LMDataModule  # noqa: E402
 from curry_train.model import Llama  # noqa: E402
 from curry_train.module import CausalLM, lr_lambda  # noqa: E402
@@ -574,16 +575,6 @@ LAYOUT_KEYS = ("parallel", "+parallel", "trainer.devices", "trainer.num_nodes") 
 # --compare's defaults: --layouts' and FSDP (ZeRO-3) on 2 ranks.
 COMPARE_LAYOUTS = {"dp": LAYOUTS["dp"], "fsdp": ("parallel=fsdp", "trainer.devices=2"),
                    **{name: layout for name, layout in LAYOUTS.items() if name != "dp"}}
-
-
-def flops_per_token(parameters: int, n_layers: int, dim: int, seq_len: int) -> int:
-    """Model FLOPs of training on one token, forward and backward (Kaplan et al., 2020; PaLM's MFU,
-    Chowdhery et al., 2022): ``6N + 12*L*h*s``. A matmul with N weights costs 2N FLOPs per token
-    forward and 4N backward (the gradients of its input and of its weights); attention's two
-    sequence-long products (``QK^T`` and the weighted sum of V) cost ``2*s*h`` each per token and
-    layer forward, ``12*L*h*s`` with backward (causal masking not discounted, as in PaLM). Recompute
-    is not model FLOPs: it adds hardware FLOPs only."""
-    return 6 * parameters + 12 * n_layers * dim * seq_len
 
 
 def flops_parameters(model_cfg: DictConfig) -> int:
