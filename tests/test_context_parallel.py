@@ -186,6 +186,7 @@ def test_seed_example_runs_unchanged_under_torchrun(tmp_path):
 
 
 @pytest.mark.parametrize("name, dtype", [("cuda_flash", torch.bfloat16), ("cuda_flash", torch.float16),
+                                         ("cuda_cudnn", torch.bfloat16), ("cuda_cudnn", torch.float16),
                                          ("cuda_efficient", torch.float32), ("cuda_efficient", torch.bfloat16)])
 def test_cuda_kernels_call_the_ops_as_their_schemas_declare(name, dtype):
     """No GPU here: the CUDA kernels' calls run on meta tensors, whose kernels check every argument
@@ -266,3 +267,28 @@ def test_cuda_fused_kernels_pass_their_check(dtype):
     expected = "cuda_flash" if dtype != torch.float32 else "cuda_efficient"
     assert cp._check_kernel(expected, device, dtype, 64) is None
     assert cp.block_kernel(device, dtype, 64) == expected
+
+
+def test_kernel_candidates_by_device_dtype_and_head_dim():
+    from curry_train.primitives.context_parallel import _candidates
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert _candidates(cuda, torch.bfloat16, 64) == ["cuda_flash", "cuda_cudnn", "cuda_efficient", "math"]
+    assert _candidates(cuda, torch.float16, 192) == ["cuda_flash", "cuda_efficient", "math"]  # cuDNN: <= 128
+    assert _candidates(cuda, torch.float32, 64) == ["cuda_efficient", "math"]
+    assert _candidates(cuda, torch.bfloat16, 60) == ["cuda_efficient", "math"]  # not a multiple of 8
+    assert _candidates(cpu, torch.float32, 64) == ["cpu_flash", "math"]
+
+
+def test_the_check_probes_strided_blocks_as_the_ring_passes_them(monkeypatch):
+    """The ring hands kernels views (heads and sequence transposed, one chunk of two): a kernel that
+    only handles contiguous blocks must fail its check, not the training step."""
+    from curry_train.primitives import context_parallel as cp
+
+    def contiguous_only(q, k, v, causal, scale):
+        if not (q.is_contiguous() and k.is_contiguous()):
+            raise RuntimeError("expected contiguous inputs")
+        return cp._math_forward(q, k, v, causal, scale)
+
+    monkeypatch.setitem(cp.KERNELS, "cpu_flash", (contiguous_only, cp._cpu_flash_backward))
+    assert "expected contiguous inputs" in cp._check_kernel("cpu_flash", torch.device("cpu"), torch.float32, 16)

@@ -23,12 +23,13 @@ rank does the same work. ``sequence_layout`` gives the positions a rank holds; t
 tokens, RoPE positions and labels alike (``shard_sequence``).
 
 The block kernel is the device's fused attention that returns the log-sum-exp: PyTorch's flash
-kernel on CUDA for fp16/bf16 (head dim a multiple of 8, at most 256), its memory-efficient kernel on
-CUDA otherwise (fp32 too; its log-sum-exp is padded to 32 rows, and trimmed here), PyTorch's CPU flash
-kernel on CPU, and an exact fp32 math kernel (O(block^2) memory per block) where none applies. A
-kernel is used only after it has been checked, once per process and (device, dtype, head dim),
-against the math kernel on a probe block, forward and backward, causal and not: one that fails or
-disagrees is skipped with a warning (``block_kernel`` names the one in use).
+kernel on CUDA for fp16/bf16 (head dim a multiple of 8, at most 256), else cuDNN's (fp16/bf16, head
+dim at most 128), else its memory-efficient kernel (fp32 too; its log-sum-exp is padded to 32 rows,
+and trimmed here); PyTorch's CPU flash kernel on CPU; and an exact fp32 math kernel (O(block^2)
+memory per block) where none applies. A kernel is used only after it has been checked, once per
+process and (device, dtype, head dim), against the math kernel on a probe block laid out as the ring
+passes blocks (strided views), forward and backward, causal and not: one that fails or disagrees is
+skipped with a warning, and the next is tried (``block_kernel`` names the one in use).
 """
 
 from __future__ import annotations
@@ -148,6 +149,20 @@ def _cuda_flash_backward(dout, q, k, v, out, lse, causal: bool, scale: float):
     return dq, dk, dv
 
 
+def _cuda_cudnn_forward(q, k, v, causal: bool, scale: float):
+    out, lse, *_ = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False, scale=scale)
+    return out, lse.reshape(q.shape[:-1]).float()  # cuDNN's lse has a trailing dim of 1
+
+
+def _cuda_cudnn_backward(dout, q, k, v, out, lse, causal: bool, scale: float):
+    seed, offset = _no_dropout_rng(q.device, torch.int64, ())
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+        dout.contiguous(), q, k, v, out.contiguous(), lse.unsqueeze(-1).contiguous(), seed, offset, None, None, None,
+        q.shape[2], k.shape[2], 0.0, causal, scale=scale,
+    )
+    return dq, dk, dv
+
+
 def _lse_rows(rows: int) -> int:
     """Rows of the memory-efficient kernel's log-sum-exp: padded to a multiple of 32 (not on ROCm)."""
     return rows if torch.version.hip else -(-rows // 32) * 32
@@ -173,6 +188,7 @@ def _cuda_efficient_backward(dout, q, k, v, out, lse, causal: bool, scale: float
 # gradients of q, k, v given the final (merged) out and lse.
 KERNELS = {
     "cuda_flash": (_cuda_flash_forward, _cuda_flash_backward),
+    "cuda_cudnn": (_cuda_cudnn_forward, _cuda_cudnn_backward),
     "cuda_efficient": (_cuda_efficient_forward, _cuda_efficient_backward),
     "cpu_flash": (_cpu_flash_forward, _cpu_flash_backward),
     "math": (_math_forward, _math_backward),
@@ -186,6 +202,8 @@ def _candidates(device: torch.device, dtype: torch.dtype, head_dim: int) -> list
     if device.type == "cuda":
         if dtype in (torch.float16, torch.bfloat16) and head_dim % 8 == 0 and head_dim <= 256:
             names.append("cuda_flash")
+        if dtype in (torch.float16, torch.bfloat16) and head_dim % 8 == 0 and head_dim <= 128:
+            names.append("cuda_cudnn")
         names.append("cuda_efficient")
     elif device.type == "cpu":
         names.append("cpu_flash")
@@ -198,7 +216,12 @@ def _check_kernel(name: str, device: torch.device, dtype: torch.dtype, head_dim:
     forward, backward = KERNELS[name]
     tol = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}.get(dtype, 5e-2)
     generator = torch.Generator(device="cpu").manual_seed(0)
-    q, k, v, dout = (torch.randn(1, 2, 72, head_dim, generator=generator).to(device, dtype) for _ in range(4))
+    # Laid out as the ring hands them over: (batch, seq, heads, dim) seen as (batch, heads, seq, dim),
+    # then the second of two sequence chunks, so a kernel that mishandles strides fails here too.
+    q, k, v, dout = (
+        torch.randn(1, 144, 2, head_dim, generator=generator).to(device, dtype).transpose(1, 2).split(72, dim=2)[1]
+        for _ in range(4)
+    )
     scale = head_dim**-0.5
     try:
         for causal in (True, False):
