@@ -521,11 +521,11 @@ class MemoryResult:
             f" {'params@fwd':>12} {'activations':>12}",
         ]
         for r in m.ranks:
-            state = r["state"]
+            state, formula = r["state"], m.formula_of(r)
             lines.append(
                 f"{r['rank']:>4} {state['params']:>12,} {state['grads']:>12,} {state['optimizer']:>12,}"
-                f" {state['total']:>12,} {m.formula:>12,} {state['total'] / m.formula:>7.4f}"
-                f" {r['after_forward']['params']:>12,} {r['activations']:>12,}"
+                f" {state['total']:>12,} {formula:>12,} {state['total'] / formula:>7.4f}"
+                f" {_count((r.get('after_forward') or {}).get('params')):>12} {_count(r['activations']):>12}"
             )
         mb, seq = m.micro_batch
         lines += [
@@ -533,6 +533,10 @@ class MemoryResult:
             "optimizer: AdamW's moments and its 4-byte step counter per parameter tensor. FSDP2 pads each parameter's",
             "first dimension to a multiple of the shards. params@fwd: parameters held at the end of the step's first",
             f"forward (gathered units and their shards). activations: peak of one forward+backward of {mb} x {seq} tokens.",
+            *(("pipeline: a rank holds its stages only, so P is per rank: " + ", ".join(
+                f"pp rank {i}: {n:,}" for i, n in enumerate(m.stage_parameters))
+               + "; activations are not measured (a stage cannot run a micro-batch alone).",)
+              if m.pp > 1 else ()),
             *MEMORY_NOTES.get(m.mode, ()),
             *(MEMORY_NOTES["mixed"] if m.mixed_precision != "fp32" else ()),
             "",
@@ -765,8 +769,8 @@ class LayoutsResult:
         ]
         for row in self.rows:
             m, ratio = row.memory, self.sp_ratio(row)
-            # A pipeline rank holds its stages only: the formula (the whole model) does not apply.
-            formula, fraction = (f"{m.formula:,}", f"{row.state('total') / m.formula:.4f}") if m.pp == 1 else ("-", "-")
+            # A pipeline rank holds its stages only: the formula is that of the rank with the most parameters.
+            formula, fraction = f"{m.formula:,}", f"{row.state('total') / m.formula:.4f}"
             lines.append(
                 f"{row.name:<10}{row.ranks:>6}{f'{m.dp} x {m.tp}':>9}{row.tokens_per_s:>10,.0f}{row.state('params'):>12,}"
                 f"{row.state('grads'):>12,}{row.state('optimizer'):>12,}{row.state('total'):>12,}{formula:>12}"
@@ -778,7 +782,7 @@ class LayoutsResult:
             "formula: ZeRO's for the layout's data-parallel mode (DDP 16P, ZeRO-3 16P/d; see --memory) with P the parameters"
             " one tensor-parallel rank holds"
             + "".join(f"; tp={tp}: {n:,} of {c['parameters']:,}" for tp, n in sorted(tp_rows.items()))
-            + " (block matmuls, embedding and head split, norms replicated).",
+            + " (block matmuls, embedding and head split, norms replicated); with pp, of the pipeline rank holding the most.",
             "ratio above 1: AdamW's 4-byte step counter per parameter tensor, and FSDP2's padding of uneven shards.",
             "vs no SP: activations of a sequence-parallel layout over those of the same layout without it (norms, residuals",
             "and dropout between the blocks hold 1/tp of the sequence).",

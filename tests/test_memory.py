@@ -45,6 +45,9 @@ LAYOUTS = {
     "full-bf16": ("parallel=fsdp", "parallel.fsdp.sharding=full", "parallel.fsdp.mixed_precision=bf16"),
     "optimizer": ("parallel=fsdp", "parallel.fsdp.sharding=optimizer"),
     "optimizer-bf16": ("parallel=fsdp", "parallel.fsdp.sharding=optimizer", "parallel.fsdp.mixed_precision=bf16"),
+    # 2 pipeline ranks x 2 data-parallel: a rank holds its stage's model state only.
+    "pp": ("parallel=pp",),
+    "fsdp+pp": ("parallel=fsdp+pp",),
 }
 
 
@@ -219,10 +222,32 @@ def test_zero1_bf16_keeps_fp32_master_shards_and_fp32_gradient_shards(measured):
         assert record["state"]["total"] - 4 * tensors < zero_formula_bytes("optimizer", P, 4, "bf16")
 
 
+def test_pipeline_ranks_hold_their_stage_by_the_formula(measured):
+    """With pp, ZeRO's formula applies to the parameters of the rank's own stage: 2 stages that split
+    the model between them (the embedding on the first, norm and head on the last), each replicated
+    (pp) or sharded (fsdp+pp) over its 2 data-parallel ranks."""
+    cfg = compose(list(COMMON)).model
+    for name, shards in (("pp", 1), ("fsdp+pp", 2)):
+        layout = measured[name]
+        assert (layout.pp, layout.dp, len(layout.ranks)) == (2, 2, 4)
+        first, last = layout.stage_parameters
+        assert first + last == layout.parameters and first > 0 and last > 0
+        assert last - first == cfg.dim  # balanced: each side one of embedding / head, plus the final norm
+        assert sorted(r["pp_rank"] for r in layout.ranks) == [0, 0, 1, 1]
+        for record in layout.ranks:
+            assert record["shards"] == shards
+            P = layout.stage_parameters[record["pp_rank"]]
+            assert layout.formula_of(record) == zero_formula_bytes(layout.mode, P, 2)
+            # Above the formula by AdamW's step counters (and FSDP2's padding): a few hundred bytes.
+            assert 0 < record["state"]["total"] - layout.formula_of(record) < 0.001 * layout.formula_of(record)
+        assert layout.formula == max(layout.formula_of(r) for r in layout.ranks)
+
+
 def test_activations_do_not_depend_on_the_sharding(measured):
     """The same micro-batch through the same model: the same activations, whether parameters were
     gathered (FSDP2, booked apart by its tracker) or replicated (DDP); bf16 units keep bf16 ones."""
-    fp32 = {name: {r["activations"] for r in layout.ranks} for name, layout in measured.items() if not name.endswith("bf16")}
+    fp32 = {name: {r["activations"] for r in layout.ranks} for name, layout in measured.items()
+            if not name.endswith("bf16") and layout.pp == 1}  # a pipeline stage's are not measured
     (value,) = set.union(*fp32.values())
     assert value > 0
     for name in ("full-bf16", "optimizer-bf16"):
@@ -257,8 +282,8 @@ def test_advise_estimator_model_state_equals_measured(measured, name):
     from curry_train.advise import model_state, rank_shapes
 
     layout = measured[name]
-    shapes = rank_shapes(compose(list(COMMON)).model, layout.tp)
     for record in layout.ranks:
+        shapes = rank_shapes(compose(list(COMMON)).model, layout.tp, layout.pp, record["pp_rank"])
         estimated = model_state(shapes, layout.mode, record["shards"], layout.mixed_precision,
                                 record["shard_rank"], layout.replicas)
         assert {**estimated, "total": sum(estimated.values())} == record["state"], (name, record["rank"])
@@ -299,3 +324,18 @@ def test_advise_activation_estimate_with_recompute():
             assert estimated == pytest.approx(record["activations"], rel=rtol), (name, record["rank"])
     none = _estimated_activations((*FAST, "model.ffn_dim=390", "trainer.devices=1"))
     assert _estimated_activations(runs[1]) < _estimated_activations(runs[0]) < none
+
+
+def test_bench_memory_table_of_a_pipelined_layout(measured):
+    """--memory's table for a pipelined layout: each rank's formula is its stage's, and what a stage
+    cannot measure (one micro-batch's activations) prints as '-'."""
+    bench = load_bench()
+    layout = measured["fsdp+pp"]
+    table = bench.MemoryResult(layout, [measured["dp"]]).table()
+    rows = {int(line.split()[0]): line.split() for line in table.splitlines() if line[:4].strip().isdigit()}
+    assert sorted(rows) == [0, 1, 2, 3]
+    for record in layout.ranks:
+        row = rows[record["rank"]]
+        assert int(row[5].replace(",", "")) == layout.formula_of(record)
+        assert row[-1] == "-" and int(row[-2].replace(",", "")) == record["after_forward"]["params"]
+    assert "pp rank 0: " in table and "activations are not measured" in table

@@ -297,7 +297,8 @@ class MemoryProbe(Callback):
     def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         ps = trainer.strategy.parallel_state
         shard_mesh = ps.submesh("dp_shard_cp")
-        self.record.update(rank=trainer.global_rank, shard_rank=shard_mesh.get_local_rank(), shards=shard_mesh.size())
+        self.record.update(rank=trainer.global_rank, shard_rank=shard_mesh.get_local_rank(), shards=shard_mesh.size(),
+                           pp_rank=ps.pp_rank)
 
         def after_forward(*_: Any) -> None:
             # The step's own first forward: the activation measurement's forward comes before it.
@@ -424,11 +425,24 @@ class LayoutMemory:
     recompute_every_n_blocks: int
     ranks: list[dict[str, Any]] = field(default_factory=list)
     pp: int = 1  # pipeline ranks (> 1: a rank holds its stages only, and activations are not measured)
+    # Per pipeline rank, the parameters one of its tensor-parallel ranks holds: [tp_parameters] without pp.
+    stage_parameters: list[int] = field(default_factory=list)
+
+    def formula_terms_of(self, pp_rank: int = 0) -> dict[str, int]:
+        """ZeRO's formula for one rank: data parallelism replicates or shards what tensor and pipeline
+        parallelism left on it."""
+        P = self.stage_parameters[pp_rank] if self.stage_parameters else self.tp_parameters
+        return zero_formula_terms(self.mode, P, self.dp, self.mixed_precision, self.replicas)
+
+    def formula_of(self, record: dict[str, Any]) -> int:
+        """The formula for the rank of ``record`` (its pipeline stage's parameters)."""
+        return sum(self.formula_terms_of(record.get("pp_rank", 0)).values())
 
     @property
     def formula_terms(self) -> dict[str, int]:
-        # Data parallelism replicates or shards what tensor parallelism left on a rank.
-        return zero_formula_terms(self.mode, self.tp_parameters, self.dp, self.mixed_precision, self.replicas)
+        """The formula for the rank that holds the most (the pipeline rank with the most parameters)."""
+        stage = max(range(len(self.stage_parameters)), key=self.stage_parameters.__getitem__) if self.stage_parameters else 0
+        return self.formula_terms_of(stage)
 
     @property
     def formula(self) -> int:
@@ -449,6 +463,18 @@ def _describe(overrides: Sequence[str], cfg: DictConfig, degrees: Degrees) -> La
     with torch.device("meta"):
         model = Llama(cfg.model)
     parameters = model.num_parameters()
+    tp_shapes = tensor_parallel_shapes(model, degrees.tp)
+    stage_parameters = [sum(shape.numel() for shape in tp_shapes.values())]
+    pp = cfg.parallel.get("pp")
+    if pp is not None and degrees.pp > 1:
+        from curry_train.primitives.pipeline_schedule import pipeline_stages
+
+        stage_parameters = []
+        for pp_rank in range(degrees.pp):
+            with torch.device("meta"):
+                stage, _ = pipeline_stages(Llama(cfg.model), pp.schedule, degrees.pp, pp_rank, pp.virtual_stages,
+                                           pp.layers_per_stage)
+            stage_parameters.append(sum(tp_shapes[name].numel() for name, _ in stage.named_parameters()))
     return LayoutMemory(
         overrides=list(overrides),
         model=cfg.model.name,
@@ -457,13 +483,14 @@ def _describe(overrides: Sequence[str], cfg: DictConfig, degrees: Degrees) -> La
         mixed_precision=fsdp.mixed_precision if fsdp is not None else "fp32",
         parameters=parameters,
         tp=degrees.tp,
-        tp_parameters=sum(shape.numel() for shape in tensor_parallel_shapes(model, degrees.tp).values()),
+        tp_parameters=sum(shape.numel() for shape in tp_shapes.values()),
         dp=degrees.dp,
         replicas=degrees.dp_replicate,
         micro_batch=(cfg.data.micro_batch_size, cfg.data.seq_len),
         recompute=cfg.parallel.recompute,
         recompute_every_n_blocks=cfg.parallel.recompute_every_n_blocks,
         pp=degrees.pp,
+        stage_parameters=stage_parameters,
     )
 
 
