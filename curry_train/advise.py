@@ -32,8 +32,8 @@ What a rank holds (``estimate``), in bytes:
   ``selective`` (per-op, ``primitives/recompute.py``) its input and the outputs of its matmuls
   and attention; ``full`` its input only; the peak is then the larger of the end of forward and the
   last block's backward, which recomputes its whole set. Times the blocks per stage and the
-  micro-batches in flight (gpipe: all M; 1F1B and the others: pp on the first stage), plus the
-  final norm. Context parallelism divides s. Checked against PyTorch's memory tracker on the debug
+  stage forwards in flight on the fullest pipeline rank (``stored_block_forwards``: gpipe all M,
+  1F1B pp on rank 0, the looped and V-shaped schedules as PyTorch orders them), plus the final norm. Context parallelism divides s. Checked against PyTorch's memory tracker on the debug
   model (tests/test_memory.py: within 1% without recompute and with selective, 2% with tp and
   sequence parallelism, 5% above with full recompute);
 * the loss: the logits in e and cross-entropy's fp32 log-probabilities (plus an fp32 copy of
@@ -43,7 +43,8 @@ What a rank holds (``estimate``), in bytes:
 
 Step time (``estimate``): ``(6N + 12*L*h*s)`` FLOPs per token (N parameters, forward 1/3 of it;
 full recompute adds a forward; selective recomputes elementwise ops only, no FLOPs counted) over ``world * peak * mfu``
-(``hardware.mfu``, assumed 0.4), plus the pipeline bubble ``(pp - 1) / M`` of the compute, plus the
+(``hardware.mfu``, assumed 0.4), plus the pipeline bubble ``(pp - 1) / (v * M)`` of the compute (v
+stages per rank for the looped schedules; none for the zero-bubble kinds), plus the
 communication volume of each group over its link (a group spanning nodes uses the inter-node
 bandwidth). Data-parallel traffic overlaps compute (DDP's buckets, FSDP's prefetched gathers and
 reduce-scatters run while other blocks compute), so only what exceeds the compute counts
@@ -56,7 +57,7 @@ are counted whole, with no overlap -- an upper bound on those:
 * tensor parallel: 4 all-reduces (or all-gather + reduce-scatter with sequence parallelism, the
   same traffic) of ``s*b*h`` activations per block and micro-batch, forward and backward;
 * pipeline: the stage boundary's ``s*b*h`` activations forward, their gradient backward, per
-  micro-batch;
+  micro-batch and stage of the rank;
 * context parallel: the ring passes K and V (``2*s/cp*b*kv_dim``) ``cp - 1`` times per block and
   micro-batch forward, and K, V and their gradients backward.
 """
@@ -99,6 +100,14 @@ class Layout:
     sequence_parallel: bool = False
     micro_batch_size: int = 1
     pp_schedule: str = "1F1B"
+    virtual_stages: Optional[int] = None  # parallel.pp.virtual_stages: None = the schedule's default
+
+    @property
+    def stages_per_rank(self) -> int:
+        """Pipeline stages one rank holds (``pipeline_schedule.stages_per_rank``); 1 without pp."""
+        from curry_train.primitives.pipeline_schedule import stages_per_rank
+
+        return stages_per_rank(self.pp_schedule, self.virtual_stages) if self.pp > 1 else 1
 
     @property
     def world(self) -> int:
@@ -127,6 +136,8 @@ class Layout:
     def describe(self) -> str:
         parts = [ZERO_NAMES[self.zero] + (f" over {self.shards}" if self.zero != "none" else f" x{self.dp}")]
         parts += [f"{name}={getattr(self, name)}" for name in ("tp", "pp", "cp") if getattr(self, name) > 1]
+        if self.pp > 1 and (self.pp_schedule != "1F1B" or self.stages_per_rank > 1):
+            parts.append(f"{self.pp_schedule}" + (f" v={self.stages_per_rank}" if self.stages_per_rank > 1 else ""))
         if self.sequence_parallel:
             parts.append("sequence parallel")
         if self.recompute != "none":
@@ -148,21 +159,28 @@ def _shapes(model_yaml: str, tp: int) -> tuple[tuple[str, tuple[int, ...]], ...]
     return tuple((name, tuple(shape)) for name, shape in tensor_parallel_shapes(model, tp).items())
 
 
-def rank_shapes(model_cfg: DictConfig, tp: int = 1, pp: int = 1, stage: int = 0) -> list[tuple[int, ...]]:
-    """Shapes of the parameters one rank holds: its tensor-parallel shards of its pipeline stage
-    (``pipeline_schedule.split_layers``: the embedding on the first stage, norm and head on the last)."""
-    from curry_train.primitives.pipeline_schedule import split_layers
+def rank_shapes(model_cfg: DictConfig, tp: int = 1, pp: int = 1, stage: int = 0, schedule: str = "1F1B",
+                virtual_stages: Optional[int] = None) -> list[tuple[int, ...]]:
+    """Shapes of the parameters one rank holds: its tensor-parallel shards of the blocks of the
+    stages pipeline rank ``stage`` holds under ``schedule`` (``pipeline_schedule.pipeline_stages``:
+    ``pp x stages_per_rank`` stages, looped or V-shaped over the ranks; the embedding with the first
+    stage, norm and head with the last, so a V-shaped schedule's rank 0 holds both)."""
+    from curry_train.primitives.pipeline_schedule import split_layers, stage_to_rank, stages_per_rank
 
-    blocks = split_layers(model_cfg.n_layers, pp)[stage]
+    n_stages = pp * (stages_per_rank(schedule, virtual_stages) if pp > 1 else 1)
+    owner = stage_to_rank(schedule, pp, n_stages)
+    local = [s for s in range(n_stages) if owner[s] == stage]
+    ranges = split_layers(model_cfg.n_layers, n_stages)
+    blocks = {i for s in local for i in ranges[s]}
     shapes = []
     for name, shape in _shapes(OmegaConf.to_yaml(model_cfg), tp):
         head, _, rest = name.partition(".")
         if head == "layers":
             keep = int(rest.split(".")[0]) in blocks
         elif head == "tok_embeddings":
-            keep = stage == 0
+            keep = 0 in local
         else:
-            keep = stage == pp - 1
+            keep = n_stages - 1 in local
         if keep:
             shapes.append(shape)
     return shapes
@@ -257,15 +275,13 @@ def block_activation_bytes(cfg: DictConfig, layout: Layout, flash_attention: boo
 
 
 def activation_bytes(cfg: DictConfig, layout: Layout, flash_attention: bool) -> dict[str, int]:
-    """Peak activation and loss bytes of one rank: the first pipeline stage's (module docstring)."""
+    """Peak activation and loss bytes of one rank: the fullest pipeline rank's (module docstring)."""
     m = cfg.model
     s, b = cfg.data.seq_len // layout.cp, layout.micro_batch_size
     block = block_activation_bytes(cfg, layout, flash_attention)
-    blocks = max(len(r) for r in _stage_blocks(m.n_layers, layout.pp))
-    microbatches = _microbatches(cfg, layout)
-    in_flight = microbatches if layout.pp_schedule.lower() == "gpipe" else min(layout.pp, microbatches)
+    # A stage's forward of one micro-batch keeps its blocks' tensors until its backward.
     kept = {"none": "all", "selective": "selective", "full": "input"}[layout.recompute]
-    stored = block[kept] * blocks * in_flight
+    stored = block[kept] * stored_block_forwards(layout, m.n_layers, _microbatches(cfg, layout))
     e = 2 if layout.mixed_precision == "bf16" else 4
     seq = layout.tp if layout.sequence_parallel else 1
     final_norm = (4 + 4) * s * b * m.dim / seq + 4 * s * b / seq + e * s * b * m.dim
@@ -275,6 +291,57 @@ def activation_bytes(cfg: DictConfig, layout: Layout, flash_attention: bool) -> 
     recomputing = stored - block[kept] + block["all"]
     activations = max(stored + final_norm, recomputing - loss)
     return {"activations": int(activations), "loss": int(loss)}
+
+
+def chunks_in_flight(schedule: str, pp: int, v: int, microbatches: int, rank: int = 0) -> int:
+    """Stage forwards (of one micro-batch through one of the rank's ``v`` stages) whose activations
+    pipeline rank ``rank`` holds at its peak, waiting for their backward (the last part of it, for
+    the zero-bubble kinds, whose weight-gradient step still reads the stored inputs). As PyTorch's
+    schedules order them (tests/test_advise.py replays their ``pipeline_order``):
+
+    * gpipe: every micro-batch's, ``M`` (all forwards run before any backward);
+    * 1F1B: ``min(pp - rank, M)`` (``pp - 1 - rank`` warm-up forwards, then one backward per forward);
+    * interleaved: the warm-up ``(v - 1) * pp + 2 * (pp - 1 - rank)`` plus the steady state's one, at
+      most ``v * M``; each ``1/v`` of a rank's blocks, so rank 0 keeps ``1 + (pp - 1) / (pp * v)``
+      times 1F1B's (Narayanan et al., 2021, "Efficient Large-Scale Language Model Training on GPU
+      Clusters", section 2.2);
+    * interleaved_zb: ``v * pp`` on every rank, at most ``v * M``: rank 0's 1F1B memory;
+    * zbv: ``2 * pp`` (two half-rank stages, M >= 2pp): rank 0's 1F1B memory, on every rank;
+    * dualpipev: ``2 * pp + 1`` half-rank forwards on every rank.
+    """
+    from curry_train.primitives.pipeline_schedule import canonical_kind
+
+    if pp == 1:
+        return 1
+    key = canonical_kind(schedule)
+    if key == "gpipe":
+        return microbatches
+    if key == "1f1b":
+        return min(pp - rank, microbatches)
+    if key == "interleaved":
+        return min((v - 1) * pp + 2 * (pp - 1 - rank) + 1, v * microbatches)
+    if key == "interleaved_zb":
+        return min(v * pp, v * microbatches)
+    if key == "zbv":
+        return min(2 * pp, 2 * microbatches)
+    return min(2 * pp + 1, 2 * microbatches)  # dualpipev
+
+
+def stored_block_forwards(layout: Layout, n_layers: int, microbatches: int) -> float:
+    """Blocks times micro-batches whose activations the fullest pipeline rank keeps at its peak: per
+    rank, its forwards in flight (``chunks_in_flight``) times the mean blocks of its stages (the
+    strategy's split: ``pipeline_schedule.split_layers`` and ``stage_to_rank``)."""
+    from curry_train.primitives.pipeline_schedule import split_layers, stage_to_rank
+
+    v = layout.stages_per_rank
+    n_stages = layout.pp * v
+    ranges = split_layers(n_layers, n_stages)
+    owner = stage_to_rank(layout.pp_schedule, layout.pp, n_stages)
+    return max(
+        chunks_in_flight(layout.pp_schedule, layout.pp, v, microbatches, rank)
+        * sum(len(ranges[s]) for s in range(n_stages) if owner[s] == rank) / v
+        for rank in range(layout.pp)
+    )
 
 
 def _stage_blocks(n_layers: int, pp: int) -> list[range]:
@@ -311,6 +378,18 @@ def flops_per_token(parameters: int, n_layers: int, dim: int, seq_len: int) -> i
     return 6 * parameters + 12 * n_layers * dim * seq_len
 
 
+def bubble_ratio(layout: Layout, microbatches: int) -> float:
+    """The pipeline bubble over the compute: ``(pp - 1) / (v * M)``, from the bubble's share of a step
+    (``validation.bubble.bubble_formula``: ``(pp - 1) / (v * M + pp - 1)``; v > 1 for the looped
+    schedules); 0 without pp and for the zero-bubble kinds."""
+    from curry_train.validation.bubble import bubble_formula
+
+    if layout.pp == 1:
+        return 0.0
+    share = bubble_formula(layout.pp_schedule, layout.pp, microbatches, layout.stages_per_rank)
+    return 0.0 if share is None else share / (1 - share)
+
+
 def step_time(cfg: DictConfig, layout: Layout, hw: DictConfig) -> dict[str, float]:
     """Seconds of one optimizer step by parts: compute, bubble, and each axis's communication."""
     m = cfg.model
@@ -322,7 +401,7 @@ def step_time(cfg: DictConfig, layout: Layout, hw: DictConfig) -> dict[str, floa
     tokens = cfg.data.global_batch_size * s
     compute = tokens * per_token / (layout.world * hw.peak_bf16_flops * hw.mfu)
     M = _microbatches(cfg, layout)
-    times = {"compute": compute, "bubble": compute * (layout.pp - 1) / M if layout.pp > 1 else 0.0}
+    times = {"compute": compute, "bubble": compute * bubble_ratio(layout, M)}
     gpn = hw.gpus_per_node
     pbytes = 2 if layout.mixed_precision == "bf16" else 4
     P_rank = N / (layout.tp * layout.pp)  # parameters one rank's data-parallel group handles
@@ -345,8 +424,8 @@ def step_time(cfg: DictConfig, layout: Layout, hw: DictConfig) -> dict[str, floa
     if layout.tp > 1:
         volume = 4 * blocks * M * 2 * (layout.tp - 1) / layout.tp * act
         times["tp"] = volume / _link(layout, "tp", gpn, hw)
-    if layout.pp > 1:
-        times["pp"] = 2 * M * act / _link(layout, "pp", gpn, hw)
+    if layout.pp > 1:  # each of the rank's stages sends its boundary forward and its gradient back
+        times["pp"] = 2 * M * layout.stages_per_rank * act / _link(layout, "pp", gpn, hw)
     if layout.cp > 1:
         kv = 2 * (s // layout.cp) * layout.micro_batch_size * h * m.n_kv_heads // m.n_heads * pbytes
         volume = blocks * M * (layout.cp - 1) * 3 * kv  # K, V forward; K, V and their gradients backward
@@ -373,12 +452,12 @@ class Estimate:
 
 
 def estimate(cfg: DictConfig, layout: Layout) -> Estimate:
-    """Per-rank memory (the fullest rank: shard 0, the first pipeline stage's activations with the
+    """Per-rank memory (the fullest rank: shard 0, the fullest pipeline rank's activations with the
     largest stage's parameters) and step time of ``layout`` for ``cfg``'s model, data and hardware."""
     hw = cfg.hardware
     states = []
     for stage in range(layout.pp):
-        shapes = rank_shapes(cfg.model, layout.tp, layout.pp, stage)
+        shapes = rank_shapes(cfg.model, layout.tp, layout.pp, stage, layout.pp_schedule, layout.virtual_stages)
         shards = layout.shards
         state = model_state(shapes, layout.zero, shards, layout.mixed_precision, 0, layout.dp_replicate)
         state["transient"] = _transient_state(cfg.model, shapes, layout)
@@ -541,8 +620,10 @@ def _across_nodes(cfg: DictConfig, est: Estimate, tried: list[tuple[str, Estimat
     ZeRO over every rank moves the model state through the slowest links every step (ZeRO-3: every
     micro-batch). HSDP keeps the gathers inside a node and all-reduces gradient shards across nodes;
     pp with one stage group per node keeps data parallelism inside a node and sends only the stage
-    boundary's activations between nodes, at the price of the bubble ``(pp - 1) / M``. Each is taken
-    only if it fits and its estimated step is ``SPEEDUP`` shorter. One node: pp is not needed."""
+    boundary's activations between nodes, at the price of the bubble ``(pp - 1) / (v * M)``: the run's
+    own ``parallel.pp.schedule`` if it sets one, else 1F1B and interleaved with 2 stages per rank
+    (half the bubble, for more activations in flight and twice the sends). Each is taken only if it
+    fits and its estimated step is ``SPEEDUP`` shorter. One node: pp is not needed."""
     hw, layout = cfg.hardware, est.layout
     if hw.nodes == 1:
         if layout.world > 1:
@@ -553,13 +634,18 @@ def _across_nodes(cfg: DictConfig, est: Estimate, tried: list[tuple[str, Estimat
     candidates: list[tuple[str, Layout]] = []
     if layout.zero in ("optimizer", "shard_grad_op", "full") and inner >= 1 and layout.dp > inner and layout.dp % inner == 0:
         candidates.append(("HSDP", replace(layout, zero="hybrid", dp_shard=inner, dp_replicate=layout.dp // inner)))
+    schedules = [pipeline_knobs(cfg)] if cfg.parallel.get("pp") is not None else \
+        [{"pp_schedule": "1F1B", "virtual_stages": None}, {"pp_schedule": "interleaved", "virtual_stages": 2}]
     for pp in _divisors(hw.nodes):
-        if layout.dp % pp or cfg.model.n_layers < pp or layout.pp > 1:
+        if layout.dp % pp or layout.pp > 1:
             continue
         dp = layout.dp // pp
         for zero in (("none",) if dp == 1 else ("none", "optimizer", "shard_grad_op", "full")):
-            candidates.append((f"pp={pp}", replace(layout, pp=pp, zero=zero, dp_shard=1 if zero == "none" else dp,
-                                                   dp_replicate=dp if zero == "none" else 1)))
+            for knobs in schedules:
+                candidate = replace(layout, pp=pp, zero=zero, dp_shard=1 if zero == "none" else dp,
+                                    dp_replicate=dp if zero == "none" else 1, **knobs)
+                if _pipeline_runs(cfg, candidate):
+                    candidates.append((f"pp={pp}", candidate))
     # Keeping a node's traffic inside it may hold more per rank; full recompute may pay for that.
     candidates += [(name, replace(c, recompute="full")) for name, c in candidates if c.recompute != "full"]
     gib = gib_text
@@ -594,6 +680,18 @@ def _across_nodes(cfg: DictConfig, est: Estimate, tried: list[tuple[str, Estimat
         reasons.append(f"pp not needed: no pipeline over the {hw.nodes} nodes fits; HSDP takes {best.time['total']:.2f} s"
                        f" per step against {now:.2f} s.")
     return est
+
+
+def _pipeline_runs(cfg: DictConfig, layout: Layout) -> bool:
+    """Whether the schedule accepts the layout: a stage per rank's blocks, the micro-batch count."""
+    from curry_train.primitives.pipeline_schedule import check_microbatches
+
+    n_stages = layout.pp * layout.stages_per_rank
+    try:
+        check_microbatches(layout.pp_schedule, _microbatches(cfg, layout), layout.pp, n_stages)
+    except ValueError:
+        return False
+    return cfg.model.n_layers >= n_stages
 
 
 def _what_would_fit(cfg: DictConfig, best: Estimate, world: int) -> list[str]:
@@ -641,7 +739,8 @@ def train_command(cfg: DictConfig, layout: Layout, user_overrides: Sequence[str]
     ``parallel.pp.schedule`` stays with a pipeline; ``parallel.cp.pattern`` goes without cp)."""
     hw = cfg.hardware
     mine = {"parallel", "parallel.fsdp.sharding", "parallel.fsdp.replicas", "parallel.fsdp.mixed_precision",
-            "parallel.tp.size", "parallel.tp.sequence_parallel", "parallel.pp.size", "parallel.cp.size",
+            "parallel.tp.size", "parallel.tp.sequence_parallel", "parallel.pp.size", "parallel.pp.schedule",
+            "parallel.pp.virtual_stages", "parallel.cp.size",
             "parallel.recompute", "trainer.devices", "trainer.num_nodes", "trainer.precision", "data.micro_batch_size"}
     options = set(layout.options())
 
@@ -664,6 +763,10 @@ def train_command(cfg: DictConfig, layout: Layout, user_overrides: Sequence[str]
     for name in ("tp", "pp", "cp"):
         if getattr(layout, name) > 1:
             args.append(f"parallel.{name}.size={getattr(layout, name)}")
+    if layout.pp > 1 and layout.pp_schedule != "1F1B":  # conf/parallel/pp.yaml's defaults: 1F1B, virtual_stages null
+        args.append(f"parallel.pp.schedule={layout.pp_schedule}")
+    if layout.pp > 1 and layout.virtual_stages is not None:
+        args.append(f"parallel.pp.virtual_stages={layout.virtual_stages}")
     if layout.sequence_parallel:
         args.append("parallel.tp.sequence_parallel=true")
     if layout.recompute != "none":
@@ -685,7 +788,14 @@ def current_layout(cfg: DictConfig) -> Layout:
     bf16 = (fsdp is not None and fsdp.mixed_precision != "fp32") or cfg.trainer.precision.startswith("bf16")
     return Layout(deg.dp_replicate, deg.dp_shard, deg.tp, deg.pp, deg.cp, zero, "bf16" if bf16 else "fp32",
                   cfg.parallel.recompute, bool(tp is not None and tp.sequence_parallel), cfg.data.micro_batch_size,
-                  pp.schedule if pp is not None else "1F1B")
+                  **pipeline_knobs(cfg))
+
+
+def pipeline_knobs(cfg: DictConfig) -> dict[str, Any]:
+    """The run's pipeline schedule and virtual stages (``parallel.pp``), for the layouts advise tries;
+    the defaults of ``conf/parallel/pp.yaml`` without pp."""
+    pp = cfg.parallel.get("pp")
+    return {"pp_schedule": pp.schedule, "virtual_stages": pp.virtual_stages} if pp is not None else {}
 
 
 NEXT_FOR_OOM = {"none": "optimizer", "optimizer": "shard_grad_op", "shard_grad_op": "full"}

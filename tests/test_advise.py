@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
+import torch
 
 from curry_train.advise import Layout, diagnose, estimate
 from curry_train.config import compose
@@ -121,6 +122,13 @@ def test_pipeline_across_nodes_when_data_parallel_traffic_saturates_slow_links(c
     assert result["step_time_s"]["total"] < 0.9 * flat.time["total"]
     assert any("not hidden by compute" in reason for reason in result["reasons"])
     assert_command_runs_the_layout(result)
+    # Interleaving (2 stages per rank) halves the bubble; it fits, so it beats 1F1B's longer step.
+    layout = Layout(**result["layout"])
+    assert (layout.pp_schedule, layout.virtual_stages) == ("interleaved", 2)
+    assert "parallel.pp.schedule=interleaved parallel.pp.virtual_stages=2" in result["command"]
+    one_f_one_b = estimate(cfg, replace(layout, pp_schedule="1F1B", virtual_stages=None))
+    assert result["step_time_s"]["bubble"] == pytest.approx(one_f_one_b.time["bubble"] / 2)
+    assert result["step_time_s"]["total"] < one_f_one_b.time["total"]
 
 
 def assert_command_runs_the_layout(result):
@@ -229,4 +237,113 @@ def test_command_keeps_the_users_settings_of_the_options_it_composes(capsys):
     command = result["command"]
     assert "parallel.pp.schedule=interleaved" in command and "parallel.recompute_every_n_blocks=0" in command
     assert "parallel.cp.pattern" not in command and "parallel=pp+cp" not in command and command.count("pp.size=") == 1
-    assert_command_runs_the_layout({**result, "layout": {**result["layout"], "pp_schedule": "interleaved"}})
+    assert result["layout"]["pp_schedule"] == "interleaved"  # the run's schedule, estimated as such
+    assert_command_runs_the_layout(result)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pipeline schedules: what a rank holds and waits for, per kind
+
+
+def _schedule_order(kind: str, pp: int, v: int, microbatches: int, rank: int):
+    """Rank ``rank``'s actions as PyTorch's multi-stage schedule orders them (its ``pipeline_order``,
+    which the schedule computes from the stages' indices alone, so stand-in stages suffice)."""
+    from types import SimpleNamespace
+
+    from curry_train.primitives.pipeline_schedule import SCHEDULES, stage_to_rank
+
+    n = pp * v
+    owner = stage_to_rank(kind, pp, n)
+    stages = [SimpleNamespace(group_size=pp, group_rank=rank, num_stages=n, stage_index=s, is_first=s == 0,
+                              is_last=s == n - 1, submod=torch.nn.Linear(1, 1)) for s in range(n) if owner[s] == rank]
+    actions = []
+    for action in SCHEDULES[kind](stages, microbatches).pipeline_order[rank]:
+        if action is not None:
+            actions += list(getattr(action, "sub_actions", None) or [action])  # dualpipev overlaps F and B
+    return actions
+
+
+def _peak_in_flight(actions) -> int:
+    """Most stage forwards alive at once: from F to the backward that frees them (B, or W where the
+    backward is split into input and weight gradients: W still reads the stored inputs)."""
+    split = any(a.computation_type.value == "W" for a in actions)
+    alive, peak = set(), 0
+    for action in actions:
+        kind, key = action.computation_type.value, (action.stage_index, action.microbatch_index)
+        if kind == "F":
+            alive.add(key)
+        elif kind == "B" or kind == ("W" if split else "I"):
+            alive.discard(key)
+        peak = max(peak, len(alive))
+    return peak
+
+
+@pytest.mark.parametrize("kind, vs", [("interleaved", (1, 2, 3)), ("interleaved_zb", (2, 3)), ("zbv", (2,)),
+                                      ("dualpipev", (2,))])
+def test_activations_in_flight_follow_pytorchs_schedule_order(kind, vs):
+    from curry_train.advise import chunks_in_flight
+    from curry_train.primitives.pipeline_schedule import check_microbatches
+
+    checked = 0
+    for pp in (2, 3, 4):
+        for v in vs:
+            for M in (pp, 2 * pp, 3 * pp, 4 * pp, 8 * pp):
+                try:
+                    check_microbatches(kind, M, pp, pp * v)
+                except ValueError:
+                    continue
+                for rank in range(pp):
+                    replayed = _peak_in_flight(_schedule_order(kind, pp, v, M, rank))
+                    assert chunks_in_flight(kind, pp, v, M, rank) == replayed, (kind, pp, v, M, rank)
+                checked += 1
+    assert checked >= 10
+
+
+def test_single_stage_schedules_in_flight():
+    from curry_train.advise import chunks_in_flight
+
+    assert [chunks_in_flight("gpipe", 4, 1, m) for m in (2, 8)] == [2, 8]  # every forward before any backward
+    assert [chunks_in_flight("1F1B", 4, 1, m) for m in (4, 8)] == [4, 4]
+    assert [chunks_in_flight("1F1B", 4, 1, 8, rank) for rank in range(4)] == [4, 3, 2, 1]
+    assert chunks_in_flight("1F1B", 1, 1, 8) == 1  # no pipeline: one micro-batch at a time
+
+
+@pytest.mark.parametrize("kind, v", [("1F1B", None), ("gpipe", None), ("interleaved", 2), ("interleaved", 3),
+                                     ("interleaved_zb", 2), ("zbv", None), ("dualpipev", None)])
+def test_rank_shapes_are_the_stages_the_strategy_keeps(kind, v):
+    """advise's per-rank parameters are those ``pipeline_stages`` keeps on each rank (a V-shaped
+    schedule's rank 0 holds the embedding and the head)."""
+    from curry_train.advise import rank_shapes
+    from curry_train.model import Llama
+    from curry_train.primitives.pipeline_schedule import pipeline_stages
+
+    cfg = compose(["model.n_layers=12"]).model
+    for pp in (2, 3):
+        for rank in range(pp):
+            with torch.device("meta"):
+                local, _ = pipeline_stages(Llama(cfg), kind, pp, rank, v)
+            expected = [tuple(p.shape) for p in local.parameters()]
+            assert rank_shapes(cfg, 1, pp, rank, kind, v) == expected, (kind, v, pp, rank)
+    if kind in ("zbv", "dualpipev"):
+        first = rank_shapes(cfg, 1, 2, 0, kind, v)
+        assert (cfg.vocab_size, cfg.dim) in first and first.count((cfg.vocab_size, cfg.dim)) == 2
+
+
+def test_interleaving_halves_the_bubble_for_more_activations_and_sends():
+    """At the same M, v = 2 stages per rank: bubble (pp - 1) / (2M) of the compute, not (pp - 1) / M;
+    twice the stage-boundary sends; more forwards in flight on rank 0; zero-bubble kinds none."""
+    cfg = compose([*SEVENTY_B_4_NODES])
+    base = Layout(dp_replicate=8, pp=4, mixed_precision="bf16", recompute="full")
+    one = estimate(cfg, base)
+    two = estimate(cfg, replace(base, pp_schedule="interleaved", virtual_stages=2))
+    zb = estimate(cfg, replace(base, pp_schedule="interleaved_zb", virtual_stages=2))
+    M = cfg.data.global_batch_size // (8 * base.micro_batch_size)
+    assert one.time["bubble"] == pytest.approx(one.time["compute"] * 3 / M)
+    assert two.time["bubble"] == pytest.approx(one.time["bubble"] / 2)
+    assert two.time["pp"] == pytest.approx(2 * one.time["pp"])
+    assert zb.time["bubble"] == 0.0
+    # Rank 0 of 4 with v = 2 keeps 1 + (pp - 1) / (pp * v) = 11/8 of 1F1B's block activations (the
+    # final norm, the same for both, makes the whole a little less than 11/8).
+    kept = [estimate(cfg, replace(layout, recompute="none")).memory["activations"] for layout in (base, two.layout)]
+    assert 1.3 < kept[1] / kept[0] <= 11 / 8
+    assert Layout(pp=4, pp_schedule="interleaved", virtual_stages=2).stages_per_rank == 2
