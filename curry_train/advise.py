@@ -41,7 +41,8 @@ What a rank holds (``estimate``), in bytes:
   loss_parallel) and the sequence shard (cp);
 * ``hardware.reserved_bytes`` (runtime, communication buffers).
 
-Step time (``estimate``): ``(6N + 12*L*h*s)`` FLOPs per token (N parameters, forward 1/3 of it;
+Step time (``estimate``): ``(6N + 12*L*h*s)`` FLOPs per token (N parameters less the input
+embedding, a lookup, as bench's MFU counts them; forward 1/3 of it;
 full recompute adds a forward; selective recomputes elementwise ops only, no FLOPs counted) over ``world * peak * mfu``
 (``hardware.mfu``, assumed 0.4), plus the pipeline bubble ``(pp - 1) / (v * M)`` of the compute (v
 stages per rank for the looped schedules; none for the zero-bubble kinds), plus the
@@ -188,6 +189,14 @@ def rank_shapes(model_cfg: DictConfig, tp: int = 1, pp: int = 1, stage: int = 0,
 
 def parameter_count(model_cfg: DictConfig) -> int:
     return sum(math.prod(shape) for shape in rank_shapes(model_cfg))
+
+
+def flops_parameters(model_cfg: DictConfig) -> int:
+    """N of ``flops_per_token``: the model's parameters less the input embedding's (a lookup, no
+    matmul; tied to the head, it is the head's matmul and counts), as torchtitan counts them."""
+    shapes = dict(_shapes(OmegaConf.to_yaml(model_cfg), 1))
+    embedding = 0 if model_cfg.tie_embeddings else math.prod(shapes["tok_embeddings.weight"])
+    return sum(math.prod(shape) for shape in shapes.values()) - embedding
 
 
 # ----------------------------------------------------------------------------------------------
@@ -395,9 +404,10 @@ def step_time(cfg: DictConfig, layout: Layout, hw: DictConfig) -> dict[str, floa
     m = cfg.model
     N = parameter_count(m)
     s, L, h = cfg.data.seq_len, m.n_layers, m.dim
-    per_token = flops_per_token(N, L, h, s)
+    N_matmul = flops_parameters(m)
+    per_token = flops_per_token(N_matmul, L, h, s)
     if layout.recompute == "full":
-        per_token += 2 * N + 4 * L * h * s
+        per_token += 2 * N_matmul + 4 * L * h * s
     tokens = cfg.data.global_batch_size * s
     compute = tokens * per_token / (layout.world * hw.peak_bf16_flops * hw.mfu)
     M = _microbatches(cfg, layout)
@@ -783,7 +793,7 @@ def current_layout(cfg: DictConfig) -> Layout:
     from curry_train.config.checks import layout_degrees
 
     deg = layout_degrees(cfg, cfg.trainer.devices * cfg.trainer.num_nodes)
-    fsdp, tp, pp = cfg.parallel.get("fsdp"), cfg.parallel.get("tp"), cfg.parallel.get("pp")
+    fsdp, tp = cfg.parallel.get("fsdp"), cfg.parallel.get("tp")
     zero = "none" if fsdp is None or fsdp.sharding == "no_shard" else fsdp.sharding
     bf16 = (fsdp is not None and fsdp.mixed_precision != "fp32") or cfg.trainer.precision.startswith("bf16")
     return Layout(deg.dp_replicate, deg.dp_shard, deg.tp, deg.pp, deg.cp, zero, "bf16" if bf16 else "fp32",

@@ -123,7 +123,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 from curry_train.config import ConfigError, compose  # noqa: E402
 from curry_train.config.checks import LaunchPlan, check  # noqa: E402
-from curry_train.advise import flops_per_token  # noqa: E402
+from curry_train.advise import flops_parameters, flops_per_token  # noqa: E402
 from curry_train.data import GlobalBatchSampler, LMDataModule  # noqa: E402
 from curry_train.model import Llama  # noqa: E402
 from curry_train.module import CausalLM, lr_lambda  # noqa: E402
@@ -579,15 +579,6 @@ LAYOUT_KEYS = ("parallel", "+parallel", "trainer.devices", "trainer.num_nodes") 
 # --compare's defaults: --layouts' and FSDP (ZeRO-3) on 2 ranks.
 COMPARE_LAYOUTS = {"dp": LAYOUTS["dp"], "fsdp": ("parallel=fsdp", "trainer.devices=2"),
                    **{name: layout for name, layout in LAYOUTS.items() if name != "dp"}}
-
-
-def flops_parameters(model_cfg: DictConfig) -> int:
-    """N of ``flops_per_token``: the model's parameters less the input embedding's (a lookup, no
-    matmul; tied to the head, it is the head's matmul and counts), as torchtitan counts them."""
-    with torch.device("meta"):
-        model = Llama(model_cfg)
-    embedding = 0 if model_cfg.tie_embeddings else model.get_submodule(model.plan.embedding).weight.numel()
-    return model.num_parameters() - embedding
 
 
 def _count(value: Optional[int]) -> str:
