@@ -52,6 +52,16 @@ def _mesh_worker(out_dir: str) -> None:
         "cp": dist.get_process_group_ranks(ps.get_cp_group()),
         "ranks": (ps.dp_rank, ps.tp_rank),
     }
+    # A gradient as FSDP2 + TP leave it: sharded over data-parallel and tensor-parallel ranks. Its
+    # norm must take one all-reduce over both (ParallelState's flattened view), not one per dimension.
+    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    full = torch.arange(48, dtype=torch.float32).reshape(6, 8) / 10
+    grad = distribute_tensor(full, ps.mesh["dp_shard", "tp"], [Shard(0), Shard(1)])
+    with CommDebugMode() as comm:
+        norm = torch.nn.utils.get_total_norm([grad], foreach=True).full_tensor()
+    groups["norm"], groups["all_reduces"] = norm.item(), comm.get_total_counts()
     torch.save(groups, Path(out_dir) / f"{dist.get_rank()}.pt")
     dist.destroy_process_group()
 
@@ -64,6 +74,10 @@ def test_parallel_state_groups_on_four_ranks(tmp_path):
     assert groups[0]["dp"] == [0, 2] and groups[3]["dp"] == [1, 3]
     assert all(groups[r]["pp"] == [r] and groups[r]["cp"] == [r] for r in range(4))
     assert [groups[r]["ranks"] for r in range(4)] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    full = torch.arange(48, dtype=torch.float32).reshape(6, 8) / 10
+    for r in range(4):  # the same norm on every rank, from one all-reduce over dp x tp
+        assert groups[r]["norm"] == pytest.approx(torch.linalg.vector_norm(full).item(), rel=1e-6)
+        assert groups[r]["all_reduces"] == 1  # collectives of any kind: the one all-reduce
 
 
 # ----------------------------------------------------------------------------------------------

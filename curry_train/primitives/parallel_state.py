@@ -117,6 +117,10 @@ class ParallelState:
             # replicas that also sum over context-parallel ranks (FSDP2's no_shard with cp)
             "dp_replicate_cp": self.mesh["dp_replicate", "cp"]._flatten("dp_replicate_cp"),
         }
+        # FSDP2 + TP gradients are sharded over ("dp_shard_cp", "tp"): with this view DTensor reduces
+        # their norm in one all-reduce, not one per dimension (whose different summation orders
+        # could leave ranks with different norms, hence different clipping).
+        self._flattened["dp_shard_cp_tp"] = self.mesh["dp_shard", "cp", "tp"]._flatten("dp_shard_cp_tp")
 
     # Degrees ------------------------------------------------------------------------------------
     @property
