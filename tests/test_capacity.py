@@ -340,6 +340,10 @@ def test_measure_on_cpu_records_oom_and_goes_on(capsys):
     peak = row["largest"]["measured_peak_bytes"]
     # measured: at least the model state (16 bytes per parameter), within the device less headroom
     assert STATE_BYTES_PER_PARAM * below.parameters <= peak <= result["capacity_bytes"] == int(90e6 * 0.9)
+    # ... and the estimate's, less the gradients: one micro-batch per step, so the tracker's peak is at
+    # the end of its forward, before any gradient exists (the estimate budgets accumulation's).
+    estimate_less_grads = row["largest"]["estimate_bytes"] - 4 * below.parameters
+    assert peak == pytest.approx(estimate_less_grads, rel=0.05)
     assert row["error"] is None
     progress = [line for line in err.splitlines() if line.startswith("trial ")]
     assert len(progress) == 2 and "OOM" in progress[0] and "fits" in progress[1]
