@@ -47,7 +47,8 @@ from torch import Tensor, nn
 
 PATTERNS = ("ring", "double_ring", "alltoall")
 # Seconds spent waiting for communication (a block not yet arrived, an all-to-all), accumulated for
-# the bench (curry_train.validation.context): what compute did not hide.
+# the bench (curry_train.validation.context, on gloo): what compute did not hide. Host time: NCCL's
+# wait() only orders streams, so on CUDA this does not measure the exposed transfer.
 WAIT_SECONDS = [0.0]
 
 
