@@ -191,7 +191,7 @@ def test_seed_example_runs_unchanged_under_torchrun(tmp_path):
 def test_cuda_kernels_call_the_ops_as_their_schemas_declare(name, dtype):
     """No GPU here: the CUDA kernels' calls run on meta tensors, whose kernels check every argument
     against the op's schema and give the outputs' shapes and dtypes."""
-    from curry_train.primitives.context_parallel import KERNELS
+    from curry_train.primitives.attention_kernels import KERNELS
 
     forward, backward = KERNELS[name]
     q, dout = (torch.empty(2, 4, 40, 64, device="meta", dtype=dtype) for _ in range(2))
@@ -207,7 +207,7 @@ def test_efficient_kernel_log_sum_exp_is_trimmed_and_padded_back(monkeypatch):
     """The memory-efficient kernel's contract, emulated on the CPU with the math kernel: its lse has
     rows padded to a multiple of 32, and its backward wants them so. The block kernel trims them for
     the merge and pads them back for backward, and the result passes the check against math."""
-    from curry_train.primitives import context_parallel as cp
+    from curry_train.primitives import attention_kernels as cp
 
     def forward(q, k, v, bias, compute_lse, dropout, causal, *, scale):
         out, lse = cp._math_forward(q, k, v, causal, scale)
@@ -227,7 +227,7 @@ def test_efficient_kernel_log_sum_exp_is_trimmed_and_padded_back(monkeypatch):
 
 
 def test_a_kernel_that_disagrees_with_math_is_not_used(monkeypatch):
-    from curry_train.primitives import context_parallel as cp
+    from curry_train.primitives import attention_kernels as cp
 
     def wrong_forward(q, k, v, causal, scale):
         out, lse = cp._math_forward(q, k, v, causal, scale)
@@ -251,7 +251,7 @@ def test_a_kernel_that_disagrees_with_math_is_not_used(monkeypatch):
 
 
 def test_cpu_flash_kernel_passes_its_check():
-    from curry_train.primitives import context_parallel as cp
+    from curry_train.primitives import attention_kernels as cp
 
     for dtype in (torch.float32, torch.bfloat16):
         assert cp._check_kernel("cpu_flash", torch.device("cpu"), dtype, 64) is None
@@ -261,7 +261,7 @@ def test_cpu_flash_kernel_passes_its_check():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_cuda_fused_kernels_pass_their_check(dtype):
     """On a GPU: the fused kernel of each dtype agrees with the math kernel and is the one chosen."""
-    from curry_train.primitives import context_parallel as cp
+    from curry_train.primitives import attention_kernels as cp
 
     device = torch.device("cuda")
     expected = "cuda_flash" if dtype != torch.float32 else "cuda_efficient"
@@ -270,7 +270,7 @@ def test_cuda_fused_kernels_pass_their_check(dtype):
 
 
 def test_kernel_candidates_by_device_dtype_and_head_dim():
-    from curry_train.primitives.context_parallel import _candidates
+    from curry_train.primitives.attention_kernels import _candidates
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert _candidates(cuda, torch.bfloat16, 64) == ["cuda_flash", "cuda_cudnn", "cuda_efficient", "math"]
@@ -283,7 +283,7 @@ def test_kernel_candidates_by_device_dtype_and_head_dim():
 def test_the_check_probes_strided_blocks_as_the_ring_passes_them(monkeypatch):
     """The ring hands kernels views (heads and sequence transposed, one chunk of two): a kernel that
     only handles contiguous blocks must fail its check, not the training step."""
-    from curry_train.primitives import context_parallel as cp
+    from curry_train.primitives import attention_kernels as cp
 
     def contiguous_only(q, k, v, causal, scale):
         if not (q.is_contiguous() and k.is_contiguous()):
