@@ -179,6 +179,30 @@ def test_slow_symptom_on_slow_links_moves_traffic_inside_nodes():
     assert result["next"]["step_time"]["total"] < result["current"]["step_time"]["total"]
 
 
+def test_slow_symptom_with_a_large_bubble_names_a_schedule_with_less():
+    """1F1B over 4 stages with 4 micro-batches idles (pp - 1) / M = 75% of the compute: slow names the
+    schedule (of those that run M = 4 and fit) with the shortest step, and its command."""
+    overrides = [*SEVENTY_B_4_NODES, "parallel=fsdp+pp", "parallel.pp.size=4", "parallel.recompute=full",
+                 "parallel.fsdp.mixed_precision=bf16", "data.global_batch_size=32", "data.micro_batch_size=1",
+                 "trainer.devices=8", "trainer.num_nodes=4"]
+    result = diagnose(compose(overrides), "slow", overrides)
+    now = result["current"]["step_time"]
+    assert now["bubble"] == pytest.approx(0.75 * now["compute"])
+    assert result["advice"].startswith("the pipeline bubble takes")
+    nxt = Layout(**result["next"]["layout"])
+    assert nxt.pp_schedule in ("interleaved", "interleaved_zb", "zbv") and result["next"]["fits"]
+    assert result["next"]["step_time"]["bubble"] < now["bubble"] / 2
+    assert result["next"]["step_time"]["total"] < 0.9 * now["total"]
+    assert f"parallel.pp.schedule={nxt.pp_schedule}" in result["command"]
+    assert asdict(current_layout_of(result["command"])) == result["next"]["layout"]
+
+
+def current_layout_of(command: str):
+    from curry_train.advise import current_layout
+
+    return current_layout(compose(command.split()[2:]))
+
+
 def _png_pixels(path):
     """Width, height and the RGB bytes of a PNG written by curry_train.plot (8-bit RGB, filter 0)."""
     import struct
