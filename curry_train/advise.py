@@ -32,8 +32,9 @@ What a rank holds (``estimate``), in bytes:
   ``selective`` (per-op, ``primitives/recompute.py``) its input and the outputs of its matmuls
   and attention; ``full`` its input only; the peak is then the larger of the end of forward and the
   last block's backward, which recomputes its whole set. Times the blocks per stage and the
-  stage forwards in flight on the fullest pipeline rank (``stored_block_forwards``: gpipe all M,
-  1F1B pp on rank 0, the looped and V-shaped schedules as PyTorch orders them), plus the final norm. Context parallelism divides s. Checked against PyTorch's memory tracker on the debug
+  stage forwards in flight on each pipeline rank (``block_forwards_per_rank``: gpipe all M, 1F1B
+  pp - rank, the looped and V-shaped schedules as PyTorch orders them), plus the final norm and the
+  loss on the rank of the last stage; the fullest rank counts. Context parallelism divides s. Checked against PyTorch's memory tracker on the debug
   model (tests/test_memory.py: within 1% without recompute and with selective, 2% with tp and
   sequence parallelism, 5% above with full recompute);
 * the loss: the logits in e and cross-entropy's fp32 log-probabilities (plus an fp32 copy of
@@ -284,22 +285,29 @@ def block_activation_bytes(cfg: DictConfig, layout: Layout, flash_attention: boo
 
 
 def activation_bytes(cfg: DictConfig, layout: Layout, flash_attention: bool) -> dict[str, int]:
-    """Peak activation and loss bytes of one rank: the fullest pipeline rank's (module docstring)."""
+    """Peak activation and loss bytes of the fullest pipeline rank (module docstring): every rank
+    keeps its blocks' forwards in flight; only the one holding the last stage keeps the final norm
+    and the loss (one micro-batch's: its backward follows its forward at once)."""
     m = cfg.model
     s, b = cfg.data.seq_len // layout.cp, layout.micro_batch_size
     block = block_activation_bytes(cfg, layout, flash_attention)
-    # A stage's forward of one micro-batch keeps its blocks' tensors until its backward.
     kept = {"none": "all", "selective": "selective", "full": "input"}[layout.recompute]
-    stored = block[kept] * stored_block_forwards(layout, m.n_layers, _microbatches(cfg, layout))
     e = 2 if layout.mixed_precision == "bf16" else 4
     seq = layout.tp if layout.sequence_parallel else 1
     final_norm = (4 + 4) * s * b * m.dim / seq + 4 * s * b / seq + e * s * b * m.dim
     loss = loss_bytes_per_logit(layout.mixed_precision) * s * b * m.vocab_size / layout.tp
-    # The peak: the end of forward (every block's kept tensors, the final norm and the loss), or the
-    # backward of the last block, which recomputes its whole set next to the others' kept tensors.
-    recomputing = stored - block[kept] + block["all"]
-    activations = max(stored + final_norm, recomputing - loss)
-    return {"activations": int(activations), "loss": int(loss)}
+    peaks = []
+    for forwards, holds_last in block_forwards_per_rank(layout, m.n_layers, _microbatches(cfg, layout)):
+        # A stage's forward of one micro-batch keeps its blocks' tensors until its backward. The
+        # peak: the end of a forward (the kept tensors, and on the last stage the final norm and the
+        # loss), or the backward of a block, which recomputes its whole set next to the others'.
+        stored = block[kept] * forwards
+        recomputing = stored - block[kept] + block["all"]
+        rank_loss = loss if holds_last else 0.0
+        total = max(stored + (final_norm + loss if holds_last else 0.0), recomputing)
+        peaks.append((total, total - rank_loss, rank_loss))
+    _, activations, rank_loss = max(peaks)
+    return {"activations": int(activations), "loss": int(rank_loss)}
 
 
 def chunks_in_flight(schedule: str, pp: int, v: int, microbatches: int, rank: int = 0) -> int:
@@ -336,21 +344,22 @@ def chunks_in_flight(schedule: str, pp: int, v: int, microbatches: int, rank: in
     return min(2 * pp + 1, 2 * microbatches)  # dualpipev
 
 
-def stored_block_forwards(layout: Layout, n_layers: int, microbatches: int) -> float:
-    """Blocks times micro-batches whose activations the fullest pipeline rank keeps at its peak: per
-    rank, its forwards in flight (``chunks_in_flight``) times the mean blocks of its stages (the
-    strategy's split: ``pipeline_schedule.split_layers`` and ``stage_to_rank``)."""
+def block_forwards_per_rank(layout: Layout, n_layers: int, microbatches: int) -> list[tuple[float, bool]]:
+    """Per pipeline rank: blocks times micro-batches whose activations it keeps at its peak (its
+    forwards in flight, ``chunks_in_flight``, times the mean blocks of its stages, as the strategy
+    splits them: ``pipeline_schedule.split_layers`` and ``stage_to_rank``), and whether it holds the
+    last stage (the final norm, the head and the loss). Without pp: one rank, all blocks, once."""
     from curry_train.primitives.pipeline_schedule import split_layers, stage_to_rank
 
     v = layout.stages_per_rank
     n_stages = layout.pp * v
     ranges = split_layers(n_layers, n_stages)
     owner = stage_to_rank(layout.pp_schedule, layout.pp, n_stages)
-    return max(
-        chunks_in_flight(layout.pp_schedule, layout.pp, v, microbatches, rank)
-        * sum(len(ranges[s]) for s in range(n_stages) if owner[s] == rank) / v
+    return [
+        (chunks_in_flight(layout.pp_schedule, layout.pp, v, microbatches, rank)
+         * sum(len(ranges[s]) for s in range(n_stages) if owner[s] == rank) / v, owner[-1] == rank)
         for rank in range(layout.pp)
-    )
+    ]
 
 
 def _stage_blocks(n_layers: int, pp: int) -> list[range]:

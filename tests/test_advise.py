@@ -370,3 +370,26 @@ def test_interleaving_halves_the_bubble_for_more_activations_and_sends():
     kept = [estimate(cfg, replace(layout, recompute="none")).memory["activations"] for layout in (base, two.layout)]
     assert 1.3 < kept[1] / kept[0] <= 11 / 8
     assert Layout(pp=4, pp_schedule="interleaved", virtual_stages=2).stages_per_rank == 2
+
+
+def test_only_the_last_stage_holds_the_loss():
+    """1F1B: rank 0 keeps pp micro-batches of its blocks, the last rank one micro-batch and the
+    loss; the fullest rank is counted, with its own loss (none on rank 0). A V-shaped schedule puts
+    the last stage on rank 0, which then holds both."""
+    from curry_train.advise import activation_bytes, block_forwards_per_rank
+
+    cfg = compose([*SEVENTY_B_4_NODES])
+    layout = Layout(dp_replicate=8, pp=4, mixed_precision="bf16")
+    per_rank = block_forwards_per_rank(layout, cfg.model.n_layers, 16)
+    assert [holds_last for _, holds_last in per_rank] == [False, False, False, True]
+    assert per_rank[0][0] > 3 * per_rank[-1][0]  # 4 forwards in flight against 1
+    one_f_one_b = activation_bytes(cfg, layout, flash_attention=True)
+    assert one_f_one_b["loss"] == 0 and one_f_one_b["activations"] > 0
+    # With full recompute a block keeps its input only, and the loss (logits over 128k words) decides.
+    full = replace(layout, recompute="full")
+    assert activation_bytes(cfg, full, flash_attention=True)["loss"] > 0  # the last rank is the fullest
+    zbv = replace(full, pp_schedule="zbv")
+    assert [last for _, last in block_forwards_per_rank(zbv, cfg.model.n_layers, 16)] == [True, False, False, False]
+    assert activation_bytes(cfg, zbv, flash_attention=True)["loss"] > 0
+    # Without a pipeline the one rank holds everything, the loss included.
+    assert activation_bytes(cfg, Layout(dp_replicate=32, mixed_precision="bf16"), flash_attention=True)["loss"] > 0
