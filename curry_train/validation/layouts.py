@@ -58,7 +58,7 @@ from typing import Any, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from curry_train.advise import flops_parameters, flops_per_token
+from curry_train.advise import current_layout, estimate, flops_parameters, flops_per_token
 from curry_train.config import ConfigError, compose
 from curry_train.config.checks import check
 from curry_train.validation.comm import COLLECTIVES
@@ -224,6 +224,7 @@ class LayoutRow:
     peak_flops: Optional[float] = None  # of one device
     bubble: Optional[float] = None
     bubble_text: str = "-"
+    estimated_peak: Optional[int] = None  # curry_train.advise's per-rank bytes, less its reserved runtime
 
     @property
     def ranks(self) -> int:
@@ -272,6 +273,12 @@ class LayoutRow:
             return None
         return max(sum(v for k, v in r["peak"].items() if k != "Total") for r in self.memory.ranks)
 
+    @property
+    def cuda_peak(self) -> Optional[int]:
+        """The most any rank's CUDA allocator held in that forward+backward (None: not on a GPU)."""
+        peaks = [r.get("cuda_peak") for r in self.memory.ranks]
+        return max(peaks) if peaks and all(p is not None for p in peaks) else None
+
     def comm(self, collective: str, key: str = "bytes") -> int:
         """The most ``key`` (bytes, elements, ops) of ``collective`` any rank issued in the counted step."""
         return max((r.get("comm") or {}).get(collective, {}).get(key, 0) for r in self.memory.ranks)
@@ -290,6 +297,8 @@ class LayoutRow:
             "peak_flops": self.peak_flops,
             "mfu": self.mfu,
             "peak_memory": self.peak_memory,
+            "cuda_peak": self.cuda_peak,
+            "estimated_peak": self.estimated_peak,
             "model_state": self.state("total"),
             "comm": {name: {key: self.comm(name, key) for key in ("ops", "elements", "bytes")} for name in COLLECTIVES},
             "ddp_bucket_bytes": self.ddp_bucket_bytes,
@@ -397,7 +406,7 @@ class LayoutsResult:
             f" {MEASURED_STEP + c['steps'] + 1}, counted, not timed); MB = 1e6 bytes",
             "",
             f"{'layout':<10}{'ranks':>6}{'dp x tp x pp':>13}{'tokens/s':>10}{'ms/step':>9}{'MFU':>7}{'peak MB':>9}"
-            f"{'state MB':>9}{'acts MB':>9}{'all_reduce':>11}{'all_gather':>11}{'reduce_sc.':>11}{'all_to_all':>11}"
+            f"{'est MB':>9}{'state MB':>9}{'acts MB':>9}{'all_reduce':>11}{'all_gather':>11}{'reduce_sc.':>11}{'all_to_all':>11}"
             f"{'send+recv':>10}{'broadcast':>10}{'bubble':>8}",
         ]
         for row in self.rows:
@@ -406,7 +415,8 @@ class LayoutsResult:
             p2p = row.comm("send") + row.comm("recv")
             lines.append(
                 f"{row.name:<10}{row.ranks:>6}{f'{m.dp} x {m.tp} x {m.pp}':>13}{row.tokens_per_s:>10,.0f}"
-                f"{row.ms_per_step:>9.1f}{mfu:>7}{mb(row.peak_memory):>9}{mb(row.state('total')):>9}"
+                f"{row.ms_per_step:>9.1f}{mfu:>7}{mb(row.cuda_peak or row.peak_memory):>9}{mb(row.estimated_peak):>9}"
+                f"{mb(row.state('total')):>9}"
                 f"{mb(row.activations):>9}{mb(row.comm('all_reduce')):>11}{mb(row.comm('all_gather')):>11}"
                 f"{mb(row.comm('reduce_scatter')):>11}{mb(row.comm('all_to_all')):>11}{mb(p2p):>10}"
                 f"{mb(row.comm('broadcast')):>10}{row.bubble_text:>8}"
@@ -421,10 +431,13 @@ class LayoutsResult:
             if gpu else
             f"MFU '-': the run is on {c['device']}, not a GPU; hardware.peak_bf16_flops is a GPU's (hardware={c['hardware']})"
             " or, for hardware=cpu, a rough planning figure.",
-            "peak: the memory tracker's total (parameters, gradients, optimizer state, gathered parameters, activations,"
-            " temporaries) at its peak",
-            "in the measured forward+backward of one micro-batch; state: parameters, gradients and optimizer state at the"
-            " optimizer step; acts: activations' peak.",
+            ("peak: the CUDA allocator's peak (torch.cuda.max_memory_allocated)" if gpu else
+             "peak: the memory tracker's total (parameters, gradients, optimizer state, gathered parameters, activations,"
+             " temporaries) at its peak")
+            + " in the measured forward+backward of one micro-batch;",
+            "est: curry_train.advise's estimate for the layout (scripts/advise.py), less hardware.reserved_bytes: it"
+            " budgets gradient accumulation's gradients too;",
+            "state: parameters, gradients and optimizer state at the optimizer step; acts: activations' peak.",
             "comm (curry_train/validation/comm.py): the collectives dispatched in the step, bytes of their operands, not"
             " of the wire: all-gather",
             "its output, all-reduce, reduce-scatter and all-to-all their input, send/recv what they carry (a ring"
@@ -528,6 +541,8 @@ def layouts_bench(
         sequence_parallel = bool(tp is not None and tp.sequence_parallel)
         row = LayoutRow(name, memory, sequence_parallel, tokens_per_step)
         if compare:
+            estimated = estimate(cfg, current_layout(cfg)).memory
+            row.estimated_peak = estimated["total"] - estimated["reserved"]
             row.flops_per_step = compare_config["flops_per_step"]
             row.peak_flops = compare_config["peak_flops"]
             row.bubble, row.bubble_text = _bubble(cfg, plan.degrees)

@@ -332,7 +332,14 @@ class MemoryProbe(Callback):
                     loss = module.loss_fn(module.model, micro_batch)
                 module.manual_backward(loss)
 
+        device = trainer.strategy.root_device
+        if device.type == "cuda":  # the allocator's own peak over the same forward+backward
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
         self.record["activations"], self.record["peak"] = peak_memory(module.model, forward_backward, optimizers, [batch])
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            self.record["cuda_peak"] = torch.cuda.max_memory_allocated(device)
         for optimizer in optimizers:  # the step itself starts from no gradients, as every step does
             optimizer.zero_grad(set_to_none=True)
 
