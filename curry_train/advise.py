@@ -237,17 +237,22 @@ def model_state(shapes: Sequence[tuple[int, ...]], zero: str, shards: int, mixed
     }
 
 
-def _transient_state(cfg_model: DictConfig, shapes: Sequence[tuple[int, ...]], layout: Layout) -> int:
-    """Model-state bytes that exist only during forward/backward (module docstring)."""
+def _transient_state(cfg_model: DictConfig, shapes: Sequence[tuple[int, ...]], layout: Layout, stage: int = 0) -> int:
+    """Model-state bytes that exist only during forward/backward (module docstring), on pipeline rank
+    ``stage``: ZeRO-3 keeps gathered only the embedding and head this rank holds."""
     pbytes = 2 if layout.mixed_precision == "bf16" else 4
     P = sum(math.prod(s) for s in shapes)
     if layout.zero == "shard_grad_op":
         return pbytes * P + 4 * P // max(1, cfg_model.n_layers)  # all units gathered, one block's fp32 gradient
     if layout.zero in ("full", "hybrid"):
+        from curry_train.primitives.pipeline_schedule import stage_to_rank
+
         whole = rank_shapes(cfg_model, layout.tp)
-        root = math.prod(whole[0]) + math.prod(whole[-1])  # embedding and head, kept gathered
-        block = (sum(math.prod(s) for s in whole) - root) / max(1, cfg_model.n_layers)
-        return int(pbytes * (root + 2 * block) + 4 * block)
+        owner = stage_to_rank(layout.pp_schedule, layout.pp, layout.pp * layout.stages_per_rank)
+        embedding, head = math.prod(whole[0]), math.prod(whole[-1])
+        block = (sum(math.prod(s) for s in whole) - embedding - head) / max(1, cfg_model.n_layers)
+        kept = embedding * (owner[0] == stage) + head * (owner[-1] == stage)  # where this rank holds them
+        return int(pbytes * (kept + 2 * block) + 4 * block)
     if layout.zero == "optimizer" and layout.mixed_precision == "bf16":
         return 2 * P  # bf16 full gradients until reduced into the fp32 shards
     return 0
@@ -479,7 +484,7 @@ def estimate(cfg: DictConfig, layout: Layout) -> Estimate:
         shapes = rank_shapes(cfg.model, layout.tp, layout.pp, stage, layout.pp_schedule, layout.virtual_stages)
         shards = layout.shards
         state = model_state(shapes, layout.zero, shards, layout.mixed_precision, 0, layout.dp_replicate)
-        state["transient"] = _transient_state(cfg.model, shapes, layout)
+        state["transient"] = _transient_state(cfg.model, shapes, layout, stage)
         states.append(state)
     memory = dict(max(states, key=lambda st: sum(st.values())))
     memory.update(activation_bytes(cfg, layout, hw.flash_attention))

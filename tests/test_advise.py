@@ -393,3 +393,19 @@ def test_only_the_last_stage_holds_the_loss():
     assert activation_bytes(cfg, zbv, flash_attention=True)["loss"] > 0
     # Without a pipeline the one rank holds everything, the loss included.
     assert activation_bytes(cfg, Layout(dp_replicate=32, mixed_precision="bf16"), flash_attention=True)["loss"] > 0
+
+
+def test_zero3_keeps_gathered_only_the_root_a_stage_holds():
+    """ZeRO-3 keeps the embedding and head gathered through forward and backward: on a pipeline, only
+    the rank that holds each (1F1B: the embedding on the first, the head on the last)."""
+    from curry_train.advise import _transient_state, rank_shapes
+
+    cfg = compose(["model=llama3_8b"]).model
+    flat = Layout(dp_shard=8, zero="full", mixed_precision="bf16")
+    piped = Layout(dp_shard=2, pp=4, zero="full", mixed_precision="bf16")
+    table = 2 * cfg.vocab_size * cfg.dim  # one of the two in bf16
+    shapes = rank_shapes(cfg, 1, 4, 1)
+    middle = _transient_state(cfg, shapes, piped, stage=1)
+    assert _transient_state(cfg, shapes, piped, stage=0) == middle + table
+    assert _transient_state(cfg, shapes, piped, stage=3) == middle + table
+    assert _transient_state(cfg, shapes, flat) == middle + 2 * table
