@@ -48,6 +48,8 @@ LAYOUTS = {
     # 2 pipeline ranks x 2 data-parallel: a rank holds its stage's model state only.
     "pp": ("parallel=pp",),
     "fsdp+pp": ("parallel=fsdp+pp",),
+    # 2 context-parallel ranks x 2 replicas: each rank holds half of every sequence.
+    "cp": ("parallel=cp",),
 }
 
 
@@ -247,7 +249,7 @@ def test_activations_do_not_depend_on_the_sharding(measured):
     """The same micro-batch through the same model: the same activations, whether parameters were
     gathered (FSDP2, booked apart by its tracker) or replicated (DDP); bf16 units keep bf16 ones."""
     fp32 = {name: {r["activations"] for r in layout.ranks} for name, layout in measured.items()
-            if not name.endswith("bf16") and layout.pp == 1}  # a pipeline stage's are not measured
+            if not name.endswith("bf16") and layout.pp == 1 and name != "cp"}  # a pipeline stage's are not measured
     (value,) = set.union(*fp32.values())
     assert value > 0
     for name in ("full-bf16", "optimizer-bf16"):
@@ -339,3 +341,12 @@ def test_bench_memory_table_of_a_pipelined_layout(measured):
         assert int(row[5].replace(",", "")) == layout.formula_of(record)
         assert row[-1] == "-" and int(row[-2].replace(",", "")) == record["after_forward"]["params"]
     assert "pp rank 0: " in table and "activations are not measured" in table
+
+
+def test_context_parallel_ranks_keep_half_the_activations(measured):
+    """cp=2: each rank runs its half of every sequence through the model (the strategy's sequence
+    sharding, which the probe uses too), so it keeps half of dp's activations: measured 0.5004, the
+    rest the key/value block in flight and the merged log-sum-exp."""
+    whole = measured["dp"].ranks[0]["activations"]
+    for record in measured["cp"].ranks:
+        assert 0.5 * whole < record["activations"] < 0.51 * whole, record["activations"] / whole

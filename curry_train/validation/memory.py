@@ -322,14 +322,17 @@ class MemoryProbe(Callback):
         optimizers = self._optimizers(trainer)
         micro_batch = module.micro_batches(batch)[0]
 
-        # Tensor parallelism's loss runs under loss_parallel() (vocabulary-sharded logits), as in
-        # the strategy's own forward_backward.
+        # As in the strategy's own forward_backward: tensor parallelism's loss runs under
+        # loss_parallel() (vocabulary-sharded logits); context parallelism gives the model this
+        # rank's share of the sequence.
         loss_context = getattr(trainer.strategy, "_loss_context", nullcontext)
+        sequence_sharded = getattr(trainer.strategy, "_sequence_sharded", None)
+        loss_fn = sequence_sharded(module, module.loss_fn) if sequence_sharded is not None else module.loss_fn
 
         def forward_backward() -> None:
             with loss_context():
                 with trainer.strategy.precision_plugin.train_step_context():
-                    loss = module.loss_fn(module.model, micro_batch)
+                    loss = loss_fn(module.model, micro_batch)
                 module.manual_backward(loss)
 
         device = trainer.strategy.root_device
