@@ -299,7 +299,7 @@ def _estimated_activations(overrides) -> int:
     return estimate["activations"] + estimate["loss"]
 
 
-@pytest.mark.parametrize("name", ["dp", "full", "full-bf16"])
+@pytest.mark.parametrize("name", ["dp", "full", "full-bf16", "cp"])
 def test_advise_activation_estimate_matches_the_memory_tracker(measured, name):
     """advise's activations (Korthikanti's per-block accounting applied to this model's ops) against
     the peak PyTorch's memory tracker measured for one micro-batch: within 1% (the rest: the token
