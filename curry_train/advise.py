@@ -34,9 +34,10 @@ What a rank holds (``estimate``), in bytes:
   last block's backward, which recomputes its whole set. Times the blocks per stage and the
   stage forwards in flight on each pipeline rank (``block_forwards_per_rank``: gpipe all M, 1F1B
   pp - rank, the looped and V-shaped schedules as PyTorch orders them), plus the final norm and the
-  loss on the rank of the last stage; the fullest rank counts. Context parallelism divides s. Checked against PyTorch's memory tracker on the debug
-  model (tests/test_memory.py: within 1% without recompute, with selective and with cp, 2% with tp and
-  sequence parallelism, 5% above with full recompute);
+  loss on the rank of the last stage; the fullest rank counts. Context parallelism divides s.
+  Checked against PyTorch's memory tracker on the debug model (tests/test_memory.py: within 1%
+  without recompute, with selective and with cp, 2% with tp and sequence parallelism, 5% above with
+  full recompute);
 * the loss: the logits in e and cross-entropy's fp32 log-probabilities (plus an fp32 copy of
   half-precision logits: ``module.token_loss`` upcasts them), over the vocabulary shard (tp,
   loss_parallel) and the sequence shard (cp);
