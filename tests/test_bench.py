@@ -350,14 +350,15 @@ def test_compare_dp_and_fsdp(tmp_path, capsys):
     path = tmp_path / "compare.json"
     assert bench.main(["--compare", "--steps", "2", "--json", str(path), *COMPARE,
                        "--layout", "dp: parallel=dp trainer.devices=2",
-                       "--layout", "fsdp: parallel=fsdp trainer.devices=2"]) == 0
+                       "--layout", "fsdp: parallel=fsdp trainer.devices=2",
+                       "--layout", "cp: parallel=cp trainer.devices=2"]) == 0
     table = capsys.readouterr().out
     for header in ("tokens/s", "ms/step", "MFU", "peak MB", "est MB", "state MB", "acts MB", "all_reduce", "all_gather",
                    "reduce_sc.", "all_to_all", "send+recv", "broadcast", "bubble", "DDP's bucketed all-reduce"):
         assert header in table, header
     figures = json.loads(path.read_text())
     config, rows = figures["config"], {row["name"]: row for row in figures["rows"]}
-    assert list(rows) == ["dp", "fsdp"]
+    assert list(rows) == ["dp", "fsdp", "cp"]
 
     P, P_blocks, P_root, tensors = fsdp_units_oracle(COMPARE)
     assert config["parameters"] == P
@@ -371,9 +372,10 @@ def test_compare_dp_and_fsdp(tmp_path, capsys):
 
     for name, row in rows.items():
         for key in ("tokens_per_s", "ms_per_step", "mfu", "peak_memory", "model_state", "activations", "comm",
-                    "ddp_bucket_bytes", "bubble", "bubble_text", "flops_per_step", "pp"):
+                    "ddp_bucket_bytes", "bubble", "bubble_text", "flops_per_step", "pp", "cp", "estimated_peak"):
             assert key in row, (name, key)
-        assert (row["ranks"], row["dp"], row["tp"], row["pp"], row["timed_steps"]) == (2, 2, 1, 1, 2)
+    for name, row in ((name, rows[name]) for name in ("dp", "fsdp")):
+        assert (row["ranks"], row["dp"], row["tp"], row["pp"], row["cp"], row["timed_steps"]) == (2, 2, 1, 1, 1, 2)
         assert math.isfinite(row["tokens_per_s"]) and row["tokens_per_s"] > 0
         assert row["ms_per_step"] == pytest.approx(1e3 * tokens / row["tokens_per_s"])
         assert row["mfu"] is None  # not a GPU
@@ -413,7 +415,22 @@ def test_compare_dp_and_fsdp(tmp_path, capsys):
     # Model state: ZeRO-3 halves DDP's (no padding here), but for AdamW's step counters on each rank.
     assert rows["fsdp"]["total"] - 4 * tensors == (rows["dp"]["total"] - 4 * tensors) // 2
     lines = {line.split()[0]: line.split() for line in table.splitlines() if line.split()[:1] in (["dp"], ["fsdp"])}
-    assert lines["dp"][9] == "-" and lines["fsdp"][9] == "-"  # the MFU column on CPU (after "2 x 1 x 1", tokens/s, ms/step)
+    assert lines["dp"][11] == "-" and lines["fsdp"][11] == "-"  # MFU on CPU (after "2 x 1 x 1 x 1", tokens/s, ms/step)
+
+    # Ring attention, cp = 2 (one data-parallel rank: each of the 16 samples' 4 micro-batches on both
+    # ranks). Per block and micro-batch a rank sends its key/value block (K and V stacked: 2 x b x
+    # kv_heads x s/cp x head_dim fp32) cp - 1 times forward and again backward, and the blocks'
+    # gradients (the same size, fp32) travel cp moves home; it receives as much. DDP all-reduces the
+    # gradients over the cp ranks, as over data-parallel ones.
+    cp = rows["cp"]
+    assert (cp["ranks"], cp["dp"], cp["cp"]) == (2, 1, 2)
+    kv_block = 2 * 4 * 2 * (seq_len // 2) * (dim // 4) * 4
+    per_block = ((2 - 1) + (2 - 1) + 2) * kv_block
+    micro_batches = 16 // 4
+    assert cp["comm"]["send"]["bytes"] == cp["comm"]["recv"]["bytes"] == n_layers * micro_batches * per_block
+    assert cp["comm"]["all_reduce"]["bytes"] - 4 * P <= 4 * tensors  # + the gradient norm's
+    assert 0.5 * rows["dp"]["activations"] < cp["activations"] < 0.6 * rows["dp"]["activations"]
+    assert cp["peak_memory"] <= cp["estimated_peak"] <= 1.15 * cp["peak_memory"]
     assert not dist.is_initialized()
 
 

@@ -303,6 +303,7 @@ class LayoutRow:
             "comm": {name: {key: self.comm(name, key) for key in ("ops", "elements", "bytes")} for name in COLLECTIVES},
             "ddp_bucket_bytes": self.ddp_bucket_bytes,
             "pp": self.memory.pp,
+            "cp": self.memory.cp,
             "bubble": self.bubble,
             "bubble_text": self.bubble_text,
         }
@@ -405,7 +406,7 @@ class LayoutsResult:
             f"comm: the most bytes any rank issued per collective in one whole optimizer step (step"
             f" {MEASURED_STEP + c['steps'] + 1}, counted, not timed); MB = 1e6 bytes",
             "",
-            f"{'layout':<10}{'ranks':>6}{'dp x tp x pp':>13}{'tokens/s':>10}{'ms/step':>9}{'MFU':>7}{'peak MB':>9}"
+            f"{'layout':<10}{'ranks':>6}{'dp x tp x pp x cp':>18}{'tokens/s':>10}{'ms/step':>9}{'MFU':>7}{'peak MB':>9}"
             f"{'est MB':>9}{'state MB':>9}{'acts MB':>9}{'all_reduce':>11}{'all_gather':>11}{'reduce_sc.':>11}{'all_to_all':>11}"
             f"{'send+recv':>10}{'broadcast':>10}{'bubble':>8}",
         ]
@@ -414,7 +415,7 @@ class LayoutsResult:
             mfu = f"{100 * row.mfu:.1f}%" if row.mfu is not None else "-"
             p2p = row.comm("send") + row.comm("recv")
             lines.append(
-                f"{row.name:<10}{row.ranks:>6}{f'{m.dp} x {m.tp} x {m.pp}':>13}{row.tokens_per_s:>10,.0f}"
+                f"{row.name:<10}{row.ranks:>6}{f'{m.dp} x {m.tp} x {m.pp} x {m.cp}':>18}{row.tokens_per_s:>10,.0f}"
                 f"{row.ms_per_step:>9.1f}{mfu:>7}{mb(row.cuda_peak or row.peak_memory):>9}{mb(row.estimated_peak):>9}"
                 f"{mb(row.state('total')):>9}"
                 f"{mb(row.activations):>9}{mb(row.comm('all_reduce')):>11}{mb(row.comm('all_gather')):>11}"

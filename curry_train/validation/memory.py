@@ -435,6 +435,7 @@ class LayoutMemory:
     recompute_every_n_blocks: int
     ranks: list[dict[str, Any]] = field(default_factory=list)
     pp: int = 1  # pipeline ranks (> 1: a rank holds its stages only, and activations are not measured)
+    cp: int = 1  # context-parallel ranks (a rank runs 1/cp of each sequence)
     # Per pipeline rank, the parameters one of its tensor-parallel ranks holds: [tp_parameters] without pp.
     stage_parameters: list[int] = field(default_factory=list)
 
@@ -500,6 +501,7 @@ def _describe(overrides: Sequence[str], cfg: DictConfig, degrees: Degrees) -> La
         recompute=cfg.parallel.recompute,
         recompute_every_n_blocks=cfg.parallel.recompute_every_n_blocks,
         pp=degrees.pp,
+        cp=degrees.cp,
         stage_parameters=stage_parameters,
     )
 
