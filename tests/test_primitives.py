@@ -43,6 +43,25 @@ def test_resolve_degrees_errors_name_the_sizes(kwargs, message):
         resolve_degrees(**kwargs)
 
 
+def test_cuda_processes_take_their_local_gpu_before_nccl_starts(monkeypatch):
+    """Under torchrun each process must be on GPU LOCAL_RANK before the NCCL group exists (else
+    every communicator sits on GPU 0); checked with the CUDA and c10d calls recorded, not run."""
+    from curry_train.primitives import parallel_state
+
+    calls = []
+    monkeypatch.setattr(parallel_state.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(parallel_state.torch.cuda, "set_device", lambda index: calls.append(("set_device", index)))
+    monkeypatch.setattr(parallel_state.dist, "init_process_group",
+                        lambda backend, **kwargs: calls.append(("init_process_group", backend)))
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    parallel_state.init_process_group_from_env("cuda")
+    assert calls == [("set_device", 3), ("init_process_group", "nccl")]
+    calls.clear()
+    parallel_state.init_process_group_from_env("cpu")
+    assert calls == [("init_process_group", "gloo")]
+
+
 def _mesh_worker(out_dir: str) -> None:
     ps = ParallelState(dp_replicate=1, dp_shard=-1, cp=1, tp=2, pp=1)
     groups = {

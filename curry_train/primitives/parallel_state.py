@@ -83,6 +83,10 @@ def init_process_group_from_env(device_type: str, timeout: timedelta = timedelta
     """Join the default process group: NCCL on CUDA, gloo on CPU; a one-process group when alone."""
     if dist.is_initialized():
         return
+    if device_type == "cuda":
+        # Each process on its own GPU before NCCL starts: without it every rank's communicator (and
+        # the ring's batched sends) would sit on GPU 0, which hangs (torch.distributed.batch_isend_irecv).
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     backend = "nccl" if device_type == "cuda" else "gloo"
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
