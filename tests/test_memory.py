@@ -50,6 +50,8 @@ LAYOUTS = {
     "fsdp+pp": ("parallel=fsdp+pp",),
     # 2 context-parallel ranks x 2 replicas: each rank holds half of every sequence.
     "cp": ("parallel=cp",),
+    # FSDP shards over 2 data-parallel x 2 context-parallel ranks.
+    "fsdp+cp": ("parallel=fsdp+cp",),
 }
 
 
@@ -124,7 +126,7 @@ def expected_state(layout: LayoutMemory, record: dict, mode: str) -> dict[str, i
     P, shards = layout.parameters, record["shards"]
     assert P % shards == 0  # so that the formula's P/d is exact and the difference is padding only
     padded, own, _, tensors = shards_of(P, shards, record["shard_rank"])
-    terms = zero_formula_terms(mode, P, layout.dp, "fp32", layout.replicas)
+    terms = zero_formula_terms(mode, P, layout.dp * layout.cp, "fp32", layout.replicas)
     expected = {
         "params": terms["params"] + 4 * (padded - P // shards),
         "grads": terms["grads"] + 4 * (padded - P // shards),
@@ -249,7 +251,7 @@ def test_activations_do_not_depend_on_the_sharding(measured):
     """The same micro-batch through the same model: the same activations, whether parameters were
     gathered (FSDP2, booked apart by its tracker) or replicated (DDP); bf16 units keep bf16 ones."""
     fp32 = {name: {r["activations"] for r in layout.ranks} for name, layout in measured.items()
-            if not name.endswith("bf16") and layout.pp == 1 and name != "cp"}  # a pipeline stage's are not measured
+            if not name.endswith("bf16") and layout.pp == 1 and layout.cp == 1}  # a pipeline stage's are not measured
     (value,) = set.union(*fp32.values())
     assert value > 0
     for name in ("full-bf16", "optimizer-bf16"):
@@ -341,6 +343,17 @@ def test_bench_memory_table_of_a_pipelined_layout(measured):
         assert int(row[5].replace(",", "")) == layout.formula_of(record)
         assert row[-1] == "-" and int(row[-2].replace(",", "")) == record["after_forward"]["params"]
     assert "pp rank 0: " in table and "activations are not measured" in table
+
+
+def test_fsdp_shards_over_context_parallel_ranks_too(measured):
+    """fsdp+cp on 4 ranks: 2 data-parallel x 2 context-parallel ranks share one copy of the model
+    state, so ZeRO-3's d is 4: 16P/4 per rank (plus AdamW's step counters; no padding here)."""
+    layout = measured["fsdp+cp"]
+    assert (layout.dp, layout.cp) == (2, 2)
+    for record in layout.ranks:
+        assert record["shards"] == 4
+        assert layout.formula_of(record) == zero_formula_bytes("full", layout.parameters, 4)
+        assert record["state"] == expected_state(layout, record, "full")
 
 
 def test_context_parallel_ranks_keep_half_the_activations(measured):

@@ -110,12 +110,13 @@ class MemoryResult:
 
     def table(self) -> str:
         m = self.layout
-        shards = m.dp // m.replicas
+        shards = m.dp * m.cp // m.replicas
         lines = [
             f"layout: {' '.join(m.overrides) or '(defaults)'}",
             f"model={m.model}: P = {m.parameters:,} parameters"
             + (f", {m.tp_parameters:,} on each of tp = {m.tp} tensor-parallel ranks (P in the formula)" if m.tp > 1 else "")
-            + f"; d = {m.dp} data-parallel ranks ({m.mode}, {m.mixed_precision}, state sharded over {shards})",
+            + (f"; d = {m.dp} data-parallel x {m.cp} context-parallel ranks" if m.cp > 1 else f"; d = {m.dp} data-parallel ranks")
+            + f" ({m.mode}, {m.mixed_precision}, state sharded over {shards})",
             f"model state per rank at the optimizer step (step {MEASURED_STEP}), bytes; formula {m.formula_text}",
             "",
             f"{'rank':>4} {'params':>12} {'grads':>12} {'optimizer':>12} {'total':>12} {'formula':>12} {'ratio':>7}"

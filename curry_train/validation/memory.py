@@ -443,7 +443,8 @@ class LayoutMemory:
         """ZeRO's formula for one rank: data parallelism replicates or shards what tensor and pipeline
         parallelism left on it."""
         P = self.stage_parameters[pp_rank] if self.stage_parameters else self.tp_parameters
-        return zero_formula_terms(self.mode, P, self.dp, self.mixed_precision, self.replicas)
+        # FSDP shards over the context-parallel ranks too (they hold different tokens of the same samples).
+        return zero_formula_terms(self.mode, P, self.dp * self.cp, self.mixed_precision, self.replicas)
 
     def formula_of(self, record: dict[str, Any]) -> int:
         """The formula for the rank of ``record`` (its pipeline stage's parameters)."""
