@@ -85,6 +85,31 @@ def _mesh_worker(out_dir: str) -> None:
     dist.destroy_process_group()
 
 
+def _norm_worker(out_dir: str) -> None:
+    """2 x 2 x 2 (dp_shard, cp, tp): gradients sharded over ("dp_shard", "tp"), which are not
+    neighbours in the mesh (FSDP2's no_shard over (dp_replicate_cp, dp_shard) beside TP); their norm
+    is still one all-reduce."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    ps = ParallelState(dp_replicate=1, dp_shard=2, cp=2, tp=2, pp=1)
+    full = torch.arange(48, dtype=torch.float32).reshape(6, 8) / 10
+    grad = distribute_tensor(full, ps.mesh["dp_shard", "tp"], [Shard(0), Shard(1)])
+    with CommDebugMode() as comm:
+        norm = torch.nn.utils.get_total_norm([grad], foreach=True).full_tensor()
+    torch.save({"norm": norm.item(), "collectives": comm.get_total_counts()}, Path(out_dir) / f"norm{dist.get_rank()}.pt")
+    dist.destroy_process_group()
+
+
+def test_gradient_norm_over_dims_apart_is_one_all_reduce(tmp_path):
+    spawn(8, _norm_worker, str(tmp_path))
+    full = torch.arange(48, dtype=torch.float32).reshape(6, 8) / 10
+    for r in range(8):
+        got = torch.load(tmp_path / f"norm{r}.pt")
+        assert got["norm"] == pytest.approx(torch.linalg.vector_norm(full).item(), rel=1e-6)
+        assert got["collectives"] == 1
+
+
 def test_parallel_state_groups_on_four_ranks(tmp_path):
     """tp is the innermost dimension: tp groups are neighbouring ranks, dp groups stride by tp."""
     spawn(4, _mesh_worker, str(tmp_path))

@@ -125,6 +125,8 @@ class ParallelState:
         # their norm in one all-reduce, not one per dimension (whose different summation orders
         # could leave ranks with different norms, hence different clipping).
         self._flattened["dp_shard_cp_tp"] = self.mesh["dp_shard", "cp", "tp"]._flatten("dp_shard_cp_tp")
+        # ... and those of TP with replicas over cp ranks (FSDP2's no_shard over (dp_replicate_cp, dp_shard)).
+        self._flattened["dp_shard_tp"] = self.mesh["dp_shard", "tp"]._flatten("dp_shard_tp")
 
     # Degrees ------------------------------------------------------------------------------------
     @property

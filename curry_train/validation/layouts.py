@@ -110,7 +110,7 @@ class MemoryResult:
 
     def table(self) -> str:
         m = self.layout
-        shards = m.dp * m.cp // m.replicas
+        shards = 1 if m.mode in ("dp", "no_shard") else m.dp * m.cp // m.replicas
         lines = [
             f"layout: {' '.join(m.overrides) or '(defaults)'}",
             f"model={m.model}: P = {m.parameters:,} parameters"
