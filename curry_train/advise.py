@@ -62,7 +62,7 @@ are counted whole, with no overlap -- an upper bound on those:
 * pipeline: the stage boundary's ``s*b*h`` activations forward, their gradient backward, per
   micro-batch and stage of the rank;
 * context parallel: the ring passes K and V (``2*s/cp*b*kv_dim``) ``cp - 1`` times per block and
-  micro-batch forward, and K, V and their gradients backward.
+  micro-batch forward and again backward, and their fp32 gradients ``cp`` moves home.
 """
 
 from __future__ import annotations
@@ -453,7 +453,9 @@ def step_time(cfg: DictConfig, layout: Layout, hw: DictConfig) -> dict[str, floa
         times["pp"] = 2 * M * layout.stages_per_rank * act / _link(layout, "pp", gpn, hw)
     if layout.cp > 1:
         kv = 2 * (s // layout.cp) * layout.micro_batch_size * h * m.n_kv_heads // m.n_heads * pbytes
-        volume = blocks * M * (layout.cp - 1) * 3 * kv  # K, V forward; K, V and their gradients backward
+        # K, V out cp - 1 times forward and again backward; their fp32 gradients cp moves home (the
+        # ring's count: tests/test_bench.py measures it).
+        volume = blocks * M * (2 * (layout.cp - 1) * kv + layout.cp * kv * 4 / pbytes)
         times["cp"] = volume / _link(layout, "cp", gpn, hw)
     times["dp_exposed"] = max(0.0, times["dp"] - compute)
     times["total"] = sum(v for k, v in times.items() if k != "dp")
