@@ -168,12 +168,9 @@ def rank_shapes(model_cfg: DictConfig, tp: int = 1, pp: int = 1, stage: int = 0,
     stages pipeline rank ``stage`` holds under ``schedule`` (``pipeline_schedule.pipeline_stages``:
     ``pp x stages_per_rank`` stages, looped or V-shaped over the ranks; the embedding with the first
     stage, norm and head with the last, so a V-shaped schedule's rank 0 holds both)."""
-    from curry_train.primitives.pipeline_schedule import split_layers, stage_to_rank, stages_per_rank
-
-    n_stages = pp * (stages_per_rank(schedule, virtual_stages) if pp > 1 else 1)
-    owner = stage_to_rank(schedule, pp, n_stages)
+    ranges, owner = stage_map(model_cfg.n_layers, Layout(pp=pp, pp_schedule=schedule, virtual_stages=virtual_stages))
+    n_stages = len(owner)
     local = [s for s in range(n_stages) if owner[s] == stage]
-    ranges = split_layers(model_cfg.n_layers, n_stages)
     blocks = {i for s in local for i in ranges[s]}
     shapes = []
     for name, shape in _shapes(OmegaConf.to_yaml(model_cfg), tp):
@@ -187,6 +184,15 @@ def rank_shapes(model_cfg: DictConfig, tp: int = 1, pp: int = 1, stage: int = 0,
         if keep:
             shapes.append(shape)
     return shapes
+
+
+def stage_map(n_layers: int, layout: Layout) -> tuple[list[range], list[int]]:
+    """The strategy's pipeline cut for ``layout``: each stage's blocks (``split_layers``) and the
+    pipeline rank holding it (``stage_to_rank``); one stage on rank 0 without pp."""
+    from curry_train.primitives.pipeline_schedule import split_layers, stage_to_rank
+
+    n_stages = layout.pp * layout.stages_per_rank
+    return split_layers(n_layers, n_stages), stage_to_rank(layout.pp_schedule, layout.pp, n_stages)
 
 
 def parameter_count(model_cfg: DictConfig) -> int:
@@ -246,10 +252,8 @@ def _transient_state(cfg_model: DictConfig, shapes: Sequence[tuple[int, ...]], l
     if layout.zero == "shard_grad_op":
         return pbytes * P + 4 * P // max(1, cfg_model.n_layers)  # all units gathered, one block's fp32 gradient
     if layout.zero in ("full", "hybrid"):
-        from curry_train.primitives.pipeline_schedule import stage_to_rank
-
         whole = rank_shapes(cfg_model, layout.tp)
-        owner = stage_to_rank(layout.pp_schedule, layout.pp, layout.pp * layout.stages_per_rank)
+        _, owner = stage_map(cfg_model.n_layers, layout)
         embedding, head = math.prod(whole[0]), math.prod(whole[-1])
         block = (sum(math.prod(s) for s in whole) - embedding - head) / max(1, cfg_model.n_layers)
         kept = embedding * (owner[0] == stage) + head * (owner[-1] == stage)  # where this rank holds them
@@ -353,17 +357,13 @@ def chunks_in_flight(schedule: str, pp: int, v: int, microbatches: int, rank: in
 def block_forwards_per_rank(layout: Layout, n_layers: int, microbatches: int) -> list[tuple[float, bool]]:
     """Per pipeline rank: blocks times micro-batches whose activations it keeps at its peak (its
     forwards in flight, ``chunks_in_flight``, times the mean blocks of its stages, as the strategy
-    splits them: ``pipeline_schedule.split_layers`` and ``stage_to_rank``), and whether it holds the
-    last stage (the final norm, the head and the loss). Without pp: one rank, all blocks, once."""
-    from curry_train.primitives.pipeline_schedule import split_layers, stage_to_rank
-
+    splits them: ``stage_map``), and whether it holds the last stage (the final norm, the head and
+    the loss). Without pp: one rank, all blocks, once."""
     v = layout.stages_per_rank
-    n_stages = layout.pp * v
-    ranges = split_layers(n_layers, n_stages)
-    owner = stage_to_rank(layout.pp_schedule, layout.pp, n_stages)
+    ranges, owner = stage_map(n_layers, layout)
     return [
         (chunks_in_flight(layout.pp_schedule, layout.pp, v, microbatches, rank)
-         * sum(len(ranges[s]) for s in range(n_stages) if owner[s] == rank) / v, owner[-1] == rank)
+         * sum(len(r) for r, o in zip(ranges, owner) if o == rank) / v, owner[-1] == rank)
         for rank in range(layout.pp)
     ]
 

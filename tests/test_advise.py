@@ -194,13 +194,7 @@ def test_slow_symptom_with_a_large_bubble_names_a_schedule_with_less():
     assert result["next"]["step_time"]["bubble"] < now["bubble"] / 2
     assert result["next"]["step_time"]["total"] < 0.9 * now["total"]
     assert f"parallel.pp.schedule={nxt.pp_schedule}" in result["command"]
-    assert asdict(current_layout_of(result["command"])) == result["next"]["layout"]
-
-
-def current_layout_of(command: str):
-    from curry_train.advise import current_layout
-
-    return current_layout(compose(command.split()[2:]))
+    assert_command_runs_the_layout({"command": result["command"], "layout": result["next"]["layout"]})
 
 
 def _png_pixels(path):

@@ -123,10 +123,13 @@ class ParallelState:
         }
         # FSDP2 + TP gradients are sharded over ("dp_shard_cp", "tp"): with this view DTensor reduces
         # their norm in one all-reduce, not one per dimension (whose different summation orders
-        # could leave ranks with different norms, hence different clipping).
-        self._flattened["dp_shard_cp_tp"] = self.mesh["dp_shard", "cp", "tp"]._flatten("dp_shard_cp_tp")
-        # ... and those of TP with replicas over cp ranks (FSDP2's no_shard over (dp_replicate_cp, dp_shard)).
-        self._flattened["dp_shard_tp"] = self.mesh["dp_shard", "tp"]._flatten("dp_shard_tp")
+        # could leave ranks with different norms, hence different clipping). Each view is a group
+        # of its own, so only where it is not one of the others: with tp, and with cp for the second.
+        if self.degrees.tp > 1:
+            self._flattened["dp_shard_cp_tp"] = self.mesh["dp_shard", "cp", "tp"]._flatten("dp_shard_cp_tp")
+        if self.degrees.tp > 1 and self.degrees.cp > 1:
+            # TP beside replicas over cp ranks (FSDP2's no_shard over (dp_replicate_cp, dp_shard)).
+            self._flattened["dp_shard_tp"] = self.mesh["dp_shard", "tp"]._flatten("dp_shard_tp")
 
     # Degrees ------------------------------------------------------------------------------------
     @property

@@ -63,6 +63,7 @@ from curry_train.config import ConfigError, compose
 from curry_train.config.checks import check
 from curry_train.validation.comm import COLLECTIVES
 from curry_train.validation.memory import MEASURED_STEP, LayoutMemory, measure_layouts
+from curry_train.validation.throughput import StepRate
 from curry_train.validation.whitebox import reference_overrides
 
 # ----------------------------------------------------------------------------------------------
@@ -212,7 +213,7 @@ def parse_layouts(specs: Sequence[str]) -> dict[str, tuple[str, ...]]:
 
 
 @dataclass
-class LayoutRow:
+class LayoutRow(StepRate):
     """One layout's measurements (``memory``: per rank) and its throughput; with ``--compare`` also
     its model FLOPs per step, the peak FLOP/s of one device (None: not a GPU, no MFU) and the
     pipeline bubble's formula (None: no pipeline, or a zero-bubble schedule; see ``bubble_text``)."""
@@ -240,13 +241,6 @@ class LayoutRow:
         """The timed steps' duration on the slowest rank (the ranks wait for each other in collectives)."""
         return max(r["step_ends"][-1] - r["step_ends"][0] for r in self.memory.ranks)
 
-    @property
-    def tokens_per_s(self) -> float:
-        return self.timed_steps * self.tokens_per_step / self.seconds
-
-    @property
-    def ms_per_step(self) -> float:
-        return 1e3 * self.seconds / self.timed_steps
 
     @property
     def mfu(self) -> Optional[float]:

@@ -65,8 +65,24 @@ PRECISIONS = ("32-true", "32", "bf16-mixed")  # what the hand loop reproduces
 # Results
 
 
+class StepRate:
+    """tokens/s and ms/step of a run with ``timed_steps``, their ``seconds`` and ``tokens_per_step``."""
+
+    timed_steps: int
+    seconds: float
+    tokens_per_step: int
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.timed_steps * self.tokens_per_step / self.seconds
+
+    @property
+    def ms_per_step(self) -> float:
+        return 1e3 * self.seconds / self.timed_steps
+
+
 @dataclass
-class LoopRun:
+class LoopRun(StepRate):
     """One run of one loop: the clock at the end of each step, and each step's loss."""
 
     loop: str
@@ -83,14 +99,6 @@ class LoopRun:
     @property
     def seconds(self) -> float:
         return self.step_ends[-1] - self.step_ends[self.warmup - 1]
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.timed_steps * self.tokens_per_step / self.seconds
-
-    @property
-    def ms_per_step(self) -> float:
-        return 1e3 * self.seconds / self.timed_steps
 
     def to_dict(self) -> dict[str, Any]:
         return {
