@@ -544,11 +544,10 @@ def _last_error_line(stderr: str) -> str:
 
 
 def _trial_env(cpu: bool) -> dict[str, str]:
-    """A user's shell: no launcher variables from a surrounding run; the repository importable."""
+    """A user's shell: no launcher variables from a surrounding run."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT", "MASTER_ADDR",
                         "TORCHELASTIC_RUN_ID", "GROUP_RANK", "NODE_RANK")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env.setdefault("WANDB_SILENT", "true")
     if cpu:
         # The address-space limit stands for the device's memory, so make the address space follow the

@@ -81,22 +81,7 @@ def run_seed_example(source: str, tmp_path: Path, nproc: int = 2) -> str:
     script.write_text(textwrap.dedent(source))
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), str(script)],
-        cwd=tmp_path, env=clean_env({"PYTHONPATH": str(REPO)}), capture_output=True, text=True, timeout=300,
+        cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
-
-
-def load_script(name: str):
-    """``scripts/<name>.py`` as a module (imported once per session), so tests call its ``main``
-    in-process instead of paying for a new interpreter."""
-    import importlib.util
-
-    module_name = f"curry_script_{name}"
-    if module_name not in sys.modules:
-        path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
-        spec = importlib.util.spec_from_file_location(module_name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[module_name] = module  # dataclasses look their module up while the file executes
-        spec.loader.exec_module(module)
-    return sys.modules[module_name]

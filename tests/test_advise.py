@@ -9,16 +9,15 @@ import pytest
 import torch
 
 from curry_train.advise import Layout, diagnose, estimate
+from curry_train.cli import advise as advise_cli
 from curry_train.config import compose
-
-from conftest import load_script
 
 ONE_B = ["model.dim=2048", "model.n_layers=16", "model.n_heads=32", "model.n_kv_heads=8", "model.ffn_dim=8192",
          "model.vocab_size=128256", "model.name=llama_1b"]
 
 
 def load_advise():
-    return load_script("advise")
+    return advise_cli
 
 
 def run_json(capsys, args):

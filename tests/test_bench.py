@@ -12,7 +12,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import FAST, load_script
+from conftest import FAST
+from curry_train.cli import bench as bench_cli
 from curry_train.config import compose
 from curry_train.launch import end_process_group
 
@@ -28,7 +29,7 @@ SMALL = [
 
 
 def load_bench():
-    return load_script("bench")
+    return bench_cli
 
 
 @pytest.mark.timeout(300)

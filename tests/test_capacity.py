@@ -18,9 +18,8 @@ from omegaconf import OmegaConf
 
 from curry_train import capacity
 from curry_train.advise import Layout, current_layout, estimate
+from curry_train.cli import capacity as capacity_cli
 from curry_train.config import compose
-
-from conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 2**30
@@ -30,7 +29,7 @@ STATE_BYTES_PER_PARAM = 16  # fp32 parameters and gradients, AdamW's two moments
 
 
 def load_sweep():
-    return load_script("capacity_sweep")
+    return capacity_cli
 
 
 def run_json(capsys, args):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import subprocess
@@ -16,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from curry_train.cli import tokenize_data as tokenize_cli
 from curry_train.config.schema import DataConfig
 from curry_train.data import (
     ByteTokenizer,
@@ -261,11 +261,8 @@ def test_stdlib_corpus_is_sorted_python_without_tests() -> None:
 
 @pytest.fixture(scope="module")
 def script() -> ModuleType:
-    """The script as a module, so most cases run ``main`` in-process instead of paying a new interpreter."""
-    spec = importlib.util.spec_from_file_location("tokenize_data", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The command's module, so most cases run ``main`` in-process instead of paying a new interpreter."""
+    return tokenize_cli
 
 
 @pytest.fixture
@@ -282,7 +279,7 @@ def test_script_subprocess_writes_the_tokens_of_tokenize_documents(tmp_path: Pat
     out = tmp_path / "nested" / "corpus.bin"
     result = subprocess.run(
         [sys.executable, str(SCRIPT), *map(str, corpus), "--output", str(out), "--quiet"],
-        cwd=tmp_path,  # runnable from anywhere: the script puts the repository on sys.path itself
+        cwd=tmp_path,  # runnable from anywhere: the package is installed
         capture_output=True,
         text=True,
         timeout=120,

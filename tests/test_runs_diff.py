@@ -13,9 +13,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from curry_train.cli import runs_diff as runs_diff_cli
 from curry_train.config import compose
-
-from conftest import load_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "runs_diff.py"
 LOSSES = [5.5, 4.0, 3.2, 2.9, 2.5, 2.7]  # best (2.5 at step 4) differs from final (2.7 at step 5)
@@ -23,7 +22,7 @@ HEADER = "epoch,step,train/grad_norm,train/loss,train/lr,train/ppl,train/tokens_
 
 
 def load_runs_diff():
-    return load_script("runs_diff")
+    return runs_diff_cli
 
 
 runs_diff = load_runs_diff()

@@ -35,7 +35,20 @@ def compose(overrides: Sequence[str] = (), config_dir: Optional[Path] = None) ->
     from hydra import initialize_config_dir
 
     with initialize_config_dir(config_dir=str(config_dir or CONF_DIR), version_base=None):
-        return hydra_compose(config_name="config", overrides=list(overrides))
+        try:
+            return hydra_compose(config_name="config", overrides=list(overrides))
+        except AssertionError as error:  # OmegaConf's answer to a key under a null subtree
+            raise ConfigError(_unset_option(overrides) or str(error)) from None
+
+
+def _unset_option(overrides: Sequence[str]) -> Optional[str]:
+    """The message for ``parallel.tp.size=2`` when the run's layout has no ``tp``."""
+    for override in overrides:
+        parts = override.split("=", 1)[0].lstrip("+~").split(".")
+        if len(parts) > 2 and parts[0] == "parallel":
+            return (f"{override}: parallel.{parts[1]} is not part of this run's layout;"
+                    f" compose it: parallel={parts[1]}, or parallel=<options>+{parts[1]}")
+    return None
 
 
 register()

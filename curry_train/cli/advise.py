@@ -1,0 +1,103 @@
+"""Which layout to run, by arithmetic: the lightest that fits the hardware, and why.
+
+Usage::
+
+    curry-advise <train.py overrides> [symptom=oom|slow] [format=text|json] [plot=PATH]
+    python scripts/advise.py model=llama3_8b data.seq_len=8192
+    python scripts/advise.py model=llama3_70b hardware=h100_80gb hardware.nodes=4 plot=memory.png
+
+Composes the config as ``train.py`` would (``hardware=...`` picks the machines, ``hardware.nodes``,
+``hardware.gpus_per_node`` their count), walks the decision guide (curry_train/advise.py) and prints
+the lightest layout that fits with headroom, why each heavier primitive is or is not needed, and the
+``python train.py ...`` command. ``symptom=oom|slow``: the primitive to add next to the current config.
+``plot=PATH``: a PNG of the per-rank memory of each candidate tried (or of the current and next
+layout, with a symptom), by part, against the device's capacity.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from curry_train.advise import Estimate, advise, diagnose, estimate, gib_text, plot_memory
+from curry_train.cli.common import error_line, fail, is_config_error
+from curry_train.config import compose
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(arg in ("-h", "--help") for arg in argv):
+        print(__doc__)
+        return 0
+    try:
+        return _advise(argv)
+    except Exception as error:
+        if not is_config_error(error):
+            raise
+        return fail("advise", error_line(error))
+
+
+def _advise(argv: list[str]) -> int:
+    options = {"symptom": None, "format": "text", "plot": None}
+    overrides = []
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        if key in options:
+            options[key] = value
+        else:
+            overrides.append(arg)
+    if options["format"] not in ("text", "json"):
+        return fail("advise", f"format={options['format']}: expected text or json")
+    if options["symptom"] not in (None, "oom", "slow"):
+        return fail("advise", f"symptom={options['symptom']}: expected oom or slow")
+    cfg = compose(overrides)
+    if options["symptom"]:
+        result = diagnose(cfg, options["symptom"], overrides)
+        if options["plot"]:
+            plotted = [("current", _estimate_of(cfg, result["current"]))]
+            if result["next"]:
+                plotted.append(("next", _estimate_of(cfg, result["next"])))
+            plot_memory(cfg, plotted, Path(options["plot"]))
+            _wrote(options["plot"], options["format"])
+        if options["format"] == "json":
+            print(json.dumps(result))
+        else:
+            print(f"{options['symptom']}: {result['advice']}")
+            if result["command"]:
+                print(result["command"])
+        return 0
+    advice = advise(cfg, overrides)
+    if options["plot"]:
+        plot_memory(cfg, advice.tried, Path(options["plot"]))
+        _wrote(options["plot"], options["format"])
+    if options["format"] == "json":
+        print(json.dumps(advice.to_dict()))
+        return 0 if advice.recommended else 1
+    hw = cfg.hardware
+    print(f"{cfg.model.name} on {hw.nodes} x {hw.gpus_per_node} {hw.name}, seq {cfg.data.seq_len}")
+    for step, est in advice.tried:
+        print(f"  {step:<40} {gib_text(est.memory['total']):>12}  {'fits' if est.fits else 'too big'}")
+    for reason in advice.reasons:
+        print(f"- {reason}")
+    if advice.recommended:
+        print(f"recommended: {advice.recommended.layout.describe()}")
+        print(advice.command)
+        return 0
+    return 1
+
+
+def _wrote(path: str, fmt: str) -> None:
+    """Name the file written: on stdout beside the text report, on stderr beside JSON (which stays parseable)."""
+    print(f"plot: {Path(path).resolve()}", file=sys.stderr if fmt == "json" else sys.stdout)
+
+
+def _estimate_of(cfg, record: dict) -> Estimate:
+    from curry_train.advise import Layout
+
+    return estimate(cfg, Layout(**record["layout"]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,319 @@
+"""Compare finished runs: what differs in their configs, what they measured, whether the curves agree.
+
+    python scripts/runs_diff.py RUN_A RUN_B              # two run directories of train.py
+    python scripts/runs_diff.py multirun/DATE/TIME       # every job of a sweep against the first
+    python scripts/runs_diff.py SWEEP --baseline 2       # ... against job 2
+    python scripts/runs_diff.py RUN_A RUN_B --rtol 1e-4 --plot curves.png --json
+
+A run directory holds `.hydra/config.yaml` (the resolved config) and `csv/metrics.csv`. The config
+differences come first for `parallel.*` (layout changes are the usual reason to compare runs: the
+same seed and batch should give the same curve whatever the layout), then the rest. The plot is
+written with the project's small PNG writer (`curry_train/plot.py`), so the script needs nothing beyond the project's
+dependencies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import OmegaConf
+
+
+from curry_train.plot import COLORS, Canvas
+
+ABSENT = "<absent>"
+PARALLEL_OPTIONS = ("dp", "fsdp", "tp", "pp", "cp")
+
+
+class RunsDiffError(Exception):
+    """A path that cannot be compared; reported as one line, exit status 2."""
+
+
+# ----------------------------------------------------------------------------------- reading runs
+
+
+def is_run_dir(path: Path) -> bool:
+    return (path / ".hydra" / "config.yaml").is_file()
+
+
+def _job_order(path: Path) -> tuple:
+    return (0, int(path.name), "") if path.name.isdigit() else (1, 0, path.name)
+
+
+def expand(path: Path) -> list[Path]:
+    """A run directory as itself; a multirun sweep directory as its job directories, in job order."""
+    if is_run_dir(path):
+        return [path]
+    jobs = sorted((p for p in path.iterdir() if p.is_dir() and is_run_dir(p)), key=_job_order) if path.is_dir() else []
+    if not jobs:
+        raise RunsDiffError(
+            f"{path} is not a run directory (no .hydra/config.yaml) nor a multirun sweep directory "
+            "(no job directory holding one)"
+        )
+    return jobs
+
+
+def read_metrics(run: Path) -> list[dict[str, float]]:
+    """The rows of the run's metrics.csv, empty cells dropped; no file reads as no rows."""
+    path = run / "csv" / "metrics.csv"
+    if not path.is_file():
+        found = sorted(p for p in run.rglob("metrics.csv") if "checkpoints" not in p.parts)
+        if not found:
+            return []
+        path = found[0]
+    with path.open(newline="") as handle:
+        return [{k: float(v) for k, v in row.items() if k and v not in (None, "")} for row in csv.DictReader(handle)]
+
+
+def series(rows: list[dict[str, float]], key: str) -> dict[int, float]:
+    """step -> last value of ``key`` logged at that step."""
+    return {int(row["step"]): row[key] for row in rows if key in row and "step" in row}
+
+
+def load_run(path: Path, label: str) -> dict[str, Any]:
+    config = OmegaConf.to_container(OmegaConf.load(path / ".hydra" / "config.yaml"), resolve=True)
+    config.pop("hydra", None)  # the run directory and launcher settings differ between any two runs
+    overrides_file = path / ".hydra" / "overrides.yaml"
+    overrides = OmegaConf.to_container(OmegaConf.load(overrides_file)) if overrides_file.is_file() else []
+    rows = read_metrics(path)
+    return {"label": label, "path": str(path), "config": config, "overrides": overrides or [], "rows": rows}
+
+
+def parallel_set(config: dict) -> str:
+    """The `+` string of the parallel options in force: those whose subtree is set, not null."""
+    parallel = config.get("parallel") or {}
+    names = [name for name in PARALLEL_OPTIONS if isinstance(parallel.get(name), dict)]
+    names += [name for name, value in parallel.items() if isinstance(value, dict) and name not in PARALLEL_OPTIONS]
+    return "+".join(names) or "none"
+
+
+# ------------------------------------------------------------------------------------- comparing
+
+
+def config_diff(a: Any, b: Any, prefix: str = "") -> list[dict[str, Any]]:
+    """Dotted keys whose values differ; a subtree set on one side and null on the other is one entry."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        found = []
+        for key in list(a) + [k for k in b if k not in a]:
+            name = f"{prefix}.{key}" if prefix else str(key)
+            found += config_diff(a.get(key, ABSENT), b.get(key, ABSENT), name)
+        return found
+    return [] if a == b else [{"key": prefix, "baseline": a, "other": b}]
+
+
+def summarize(rows: list[dict[str, float]]) -> dict[str, Any]:
+    loss, val = series(rows, "train/loss"), series(rows, "val/loss")
+    speeds = [row["train/tokens_per_s"] for row in rows if "train/tokens_per_s" in row]
+    memory_keys = sorted({k for row in rows for k in row if "mem" in k.lower()})
+    peak = max((row[k] for row in rows for k in memory_keys if k in row), default=None)
+    last = max(loss) if loss else None
+    finite = {step: value for step, value in loss.items() if math.isfinite(value)}
+    best = min(finite, key=finite.get) if finite else None
+    return {
+        "steps": len(loss),
+        "final_train_loss": loss[last] if loss else None,
+        "final_step": last,
+        "best_train_loss": finite[best] if finite else None,
+        "best_step": best,
+        "final_val_loss": val[max(val)] if val else None,
+        "mean_tokens_per_s": sum(speeds) / len(speeds) if speeds else None,
+        "peak_memory": peak,
+        "peak_memory_columns": memory_keys,
+    }
+
+
+def compare_curves(baseline: dict[int, float], other: dict[int, float], rtol: float) -> dict[str, Any]:
+    """Max relative difference of ``other`` from ``baseline`` over the steps both logged."""
+    common = sorted(set(baseline) & set(other))
+    worst, worst_step = 0.0, None
+    for step in common:
+        scale = abs(baseline[step]) or 1.0
+        diff = abs(other[step] - baseline[step]) / scale if math.isfinite(other[step]) else math.inf
+        if diff > worst or worst_step is None:
+            worst, worst_step = diff, step
+    return {
+        "common_steps": len(common),
+        "only_baseline_steps": len(set(baseline) - set(other)),
+        "only_other_steps": len(set(other) - set(baseline)),
+        "max_rel_diff": worst if common else None,
+        "max_rel_diff_step": worst_step,
+        "rtol": rtol,
+        "agree": bool(common) and worst <= rtol,
+    }
+
+
+def compare(baseline: dict, other: dict, rtol: float) -> dict[str, Any]:
+    diffs = config_diff(baseline["config"], other["config"])
+    is_parallel = lambda d: d["key"] == "parallel" or d["key"].startswith("parallel.")
+    return {
+        "baseline": baseline["label"],
+        "other": other["label"],
+        "parallel": {"baseline": parallel_set(baseline["config"]), "other": parallel_set(other["config"])},
+        "parallel_differences": [d for d in diffs if is_parallel(d)],
+        "other_differences": [d for d in diffs if not is_parallel(d)],
+        "loss_curves": compare_curves(series(baseline["rows"], "train/loss"), series(other["rows"], "train/loss"), rtol),
+    }
+
+
+# ------------------------------------------------------------------------------------------ plot
+
+def plot_curves(curves: list[dict[int, float]], path: Path, width: int = 640, height: int = 400) -> None:
+    """train/loss of each run against step; run i (1-based) is colour i of the legend.
+
+    The baseline is drawn thick and the others thin on top, so curves that agree stay visible.
+    """
+    canvas = Canvas(width, height)
+    left, right, top, bottom = 70, width - 20, 30, height - 40
+    points = [(s, v) for curve in curves for s, v in curve.items() if math.isfinite(v)]
+    if points:
+        x_lo, x_hi = min(p[0] for p in points), max(p[0] for p in points)
+        y_lo, y_hi = min(p[1] for p in points), max(p[1] for p in points)
+    else:
+        x_lo, x_hi, y_lo, y_hi = 0, 1, 0.0, 1.0
+    x_hi, pad = max(x_hi, x_lo + 1), (y_hi - y_lo) * 0.05 or 0.5
+    y_lo, y_hi = y_lo - pad, y_hi + pad
+    to_x = lambda s: round(left + (s - x_lo) / (x_hi - x_lo) * (right - left))
+    to_y = lambda v: round(bottom - (v - y_lo) / (y_hi - y_lo) * (bottom - top))
+    for tick in range(5):
+        value, y = y_lo + (y_hi - y_lo) * tick / 4, round(bottom - (bottom - top) * tick / 4)
+        canvas.line(left, y, right, y, (230, 230, 230))
+        canvas.text(4, y - 5, f"{value:.4g}"[:8])
+    for step in sorted({round(x_lo + (x_hi - x_lo) * tick / 4) for tick in range(5)}):
+        canvas.line(to_x(step), top, to_x(step), bottom, (230, 230, 230))
+        canvas.text(to_x(step) - 4, bottom + 8, str(step))
+    canvas.line(left, top, left, bottom, (0, 0, 0))
+    canvas.line(left, bottom, right, bottom, (0, 0, 0))
+    canvas.text(4, 8, "loss")
+    canvas.text(right - 32, bottom + 24, "step")
+    for index, curve in enumerate(curves):
+        color, size = COLORS[index % len(COLORS)], 4 if index == 0 else 1
+        steps = [s for s in sorted(curve) if math.isfinite(curve[s])]
+        for a, b in itertools.pairwise(steps):
+            canvas.line(to_x(a), to_y(curve[a]), to_x(b), to_y(curve[b]), color, size)
+        if len(steps) == 1:
+            canvas.dot(to_x(steps[0]), to_y(curve[steps[0]]), color, 5)
+        legend_x = right - 60 * (len(curves) - index)
+        canvas.line(legend_x, 14, legend_x + 20, 14, color, 3)
+        canvas.text(legend_x + 26, 9, str(index + 1))
+    canvas.save(path)
+
+
+# ---------------------------------------------------------------------------------------- report
+
+
+def collect(paths: list[Path], baseline: Optional[str] = None) -> list[dict]:
+    """The runs to compare, baseline first."""
+    runs = []
+    for path in paths:
+        runs += [load_run(job, str(job)) for job in expand(path)]
+    if baseline is not None:
+        chosen = [i for i, r in enumerate(runs) if baseline in (r["label"], Path(r["path"]).name) or Path(baseline).resolve() == Path(r["path"]).resolve()]
+        if chosen:
+            runs.insert(0, runs.pop(chosen[0]))
+        elif Path(baseline).exists():
+            job = expand(Path(baseline))[0]
+            runs.insert(0, load_run(job, str(job)))
+        else:
+            raise RunsDiffError(f"--baseline {baseline}: neither one of the runs (by path or job name) nor a run directory")
+    if len(runs) < 2:
+        raise RunsDiffError(f"need at least two runs to compare, got {len(runs)}: {', '.join(r['label'] for r in runs)}")
+    return runs
+
+
+def build_report(runs: list[dict], rtol: float, plot: Path) -> dict[str, Any]:
+    plot_curves([series(run["rows"], "train/loss") for run in runs], plot)
+    return {
+        "baseline": runs[0]["label"],
+        "rtol": rtol,
+        "runs": [
+            {"label": r["label"], "parallel": parallel_set(r["config"]), "overrides": r["overrides"], "metrics": summarize(r["rows"])}
+            for r in runs
+        ],
+        "comparisons": [compare(runs[0], other, rtol) for other in runs[1:]],
+        "plot": str(plot),
+    }
+
+
+def _value(value: Any) -> str:
+    return value if value == ABSENT else json.dumps(value, separators=(", ", ": "))
+
+
+def _number(value: Optional[float], digits: int = 4) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def render(report: dict[str, Any]) -> str:
+    lines = ["runs (the first is the baseline):"]
+    for index, run in enumerate(report["runs"], 1):
+        overrides = " ".join(run["overrides"]) or "none"
+        lines.append(f"  [{index}] {run['label']}  parallel={run['parallel']}  (overrides: {overrides})")
+    labels = {run["label"]: index for index, run in enumerate(report["runs"], 1)}
+    for comparison in report["comparisons"]:
+        base, other = labels[comparison["baseline"]], labels[comparison["other"]]
+        lines += ["", f"== [{other}] vs [{base}] =="]
+        sets = comparison["parallel"]
+        same = "same" if sets["baseline"] == sets["other"] else "differs"
+        lines.append(f"parallelism ({same}): {sets['baseline']} -> {sets['other']}")
+        lines += [f"  {d['key']}: {_value(d['baseline'])} -> {_value(d['other'])}" for d in comparison["parallel_differences"]]
+        lines.append("other config differences:" + ("" if comparison["other_differences"] else " none"))
+        lines += [f"  {d['key']}: {_value(d['baseline'])} -> {_value(d['other'])}" for d in comparison["other_differences"]]
+        curves = comparison["loss_curves"]
+        if not curves["common_steps"]:
+            lines.append("loss curves: no common steps with train/loss; cannot tell whether they agree")
+        else:
+            verdict = "AGREE" if curves["agree"] else "DISAGREE"
+            sign = "<=" if curves["agree"] else ">"
+            extra = f" (steps in one run only: {curves['only_baseline_steps']} + {curves['only_other_steps']})" if curves["only_baseline_steps"] or curves["only_other_steps"] else ""
+            lines.append(
+                f"loss curves: {verdict}: max relative difference of train/loss {curves['max_rel_diff']:.3g} "
+                f"(step {curves['max_rel_diff_step']}) {sign} rtol {curves['rtol']:g} over {curves['common_steps']} common steps{extra}"
+            )
+    lines += ["", "metrics:", f"  {'run':<5} {'final train loss':>18} {'best train loss':>18} {'final val loss':>15} {'mean tokens/s':>14} {'peak memory':>12}"]
+    for index, run in enumerate(report["runs"], 1):
+        m = run["metrics"]
+        final = f"{_number(m['final_train_loss'])} @{m['final_step']}" if m["final_train_loss"] is not None else "n/a"
+        best = f"{_number(m['best_train_loss'])} @{m['best_step']}" if m["best_train_loss"] is not None else "n/a"
+        peak = "n/a" if m["peak_memory"] is None else f"{m['peak_memory']:.4g}"
+        lines.append(f"  [{index}]{'':<2} {final:>18} {best:>18} {_number(m['final_val_loss']):>15} {_number(m['mean_tokens_per_s'], 1):>14} {peak:>12}")
+    lines += ["", f"plot: {report['plot']} (train/loss; colour i = run [i], the baseline thick)"]
+    return "\n".join(lines)
+
+
+def _strict_json(value: Any) -> Any:
+    """NaN and infinity (a diverged run) as strings, so the output parses as standard JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _strict_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_strict_json(v) for v in value]
+    return value
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", type=Path, help="run directories, or a multirun sweep directory")
+    parser.add_argument("--baseline", help="the run the others are compared with: a path or a job name (default: the first)")
+    parser.add_argument("--rtol", type=float, default=1e-5, help="relative tolerance for the loss curves to agree (default 1e-5)")
+    parser.add_argument("--plot", type=Path, default=Path("runs_diff.png"), help="where to write the PNG of the curves")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the text report")
+    args = parser.parse_args(argv)
+    try:
+        runs = collect(args.runs, args.baseline)
+        report = build_report(runs, args.rtol, args.plot)
+    except RunsDiffError as error:
+        print(f"runs_diff.py: error: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(_strict_json(report), indent=2, allow_nan=False) if args.json else render(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
