@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import sysconfig
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, List, Optional, Sequence
 
@@ -32,11 +32,25 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from curry_train.config.schema import DataConfig
-
+SOURCES = ("stdlib", "files", "tokens")  # data.source
 BYTE_SEPARATOR = 0  # NUL never occurs in text files, so it marks document boundaries in byte streams
 TOKEN_SUFFIX = ".bin"
 META_SUFFIX = ".json"
+
+
+@dataclass
+class DataConfig:
+    """Where tokens come from and how they are batched."""
+
+    source: str = "stdlib"  # stdlib (bundled corpus) | files (text/JSONL paths) | tokens (memmap files)
+    paths: List[str] = field(default_factory=list)  # input files for source=files or source=tokens
+    text_key: str = "text"  # field holding the text in JSONL records
+    tokenizer: str = "byte"  # "byte", or a path to a Hugging Face tokenizer.json (source=files)
+    seq_len: int = 256  # tokens per training sequence
+    global_batch_size: int = 32  # sequences per optimizer step, over all data-parallel ranks
+    micro_batch_size: int = 8  # sequences per forward/backward on one rank
+    val_fraction: float = 0.02  # tail of the token stream held out for validation
+    num_workers: int = 0  # DataLoader worker processes per rank
 
 
 # ----------------------------------------------------------------------------------------------

@@ -23,9 +23,27 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from omegaconf import MISSING
 from torch import Tensor, nn
 
-from curry_train.config.schema import ModelConfig
+
+@dataclass
+class ModelConfig:
+    """A Llama-style decoder (see ``curry_train.model``)."""
+
+    name: str = MISSING  # label of the size, used in run names and logs
+    dim: int = MISSING  # residual stream width
+    n_layers: int = MISSING  # number of transformer blocks
+    n_heads: int = MISSING  # query heads; head_dim = dim / n_heads
+    n_kv_heads: int = MISSING  # key/value heads (grouped-query attention); divides n_heads
+    ffn_dim: int = MISSING  # hidden width of the SwiGLU MLP
+    vocab_size: int = MISSING  # rows of the embedding; at least the tokenizer's vocabulary
+    max_seq_len: int = 2048  # longest sequence the model accepts (RoPE table length)
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    rope_theta: float = 10000.0  # RoPE base frequency
+    tie_embeddings: bool = False  # share the input embedding with the output head
+    dropout: float = 0.0  # dropout on attention probabilities and residual branches
+    init_std: float = 0.02  # std of the normal init; output projections get std/sqrt(2*n_layers)
 
 
 @dataclass(frozen=True)

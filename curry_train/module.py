@@ -1,12 +1,12 @@
 """The LightningModule: next-token loss, the optimizer and its schedule, metrics. No parallelism here.
 
 Loss normalization: every micro-batch's loss is its token losses *summed* and divided by the
-number of tokens in the whole global batch (``global_batch_size * seq_len``). Summed over the
-micro-batches of a rank and over data-parallel ranks (the strategy sums, never averages), that is
-exactly the mean token loss of the global batch, so gradient accumulation and data parallelism
-compute the same gradient as one big batch.
+number of tokens in the whole global batch (``global_batch_size * seq_len``); see
+``curry_train.train_step`` for why every layout then computes one big batch's gradient.
 
-Metrics (torchmetrics ``SumMetric``) are summed over the strategy's ``metrics_group``: the ranks
+The model is built on the meta device (``configure_model``); the strategy parallelizes it and hands
+back this rank's part with the step mechanics of the layout (``attach``), which ``training_step``
+drives. Metrics (torchmetrics ``SumMetric``) are summed over the step's ``metrics_group``: the ranks
 that hold distinct tokens. Ranks that hold the same tokens (tensor-parallel peers) are not in it,
 so nothing is counted twice.
 """
@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torchmetrics.aggregation import SumMetric
 
 from curry_train.model import Llama
+from curry_train.train_step import TrainStep
 
 
 def lr_lambda(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
@@ -45,6 +46,7 @@ class CausalLM(pl.LightningModule):
         self.cfg = cfg
         self.automatic_optimization = False  # the strategy drives micro-batches (and, with pipelines, the schedule)
         self.model: Optional[nn.Module] = None
+        self.step: Optional[TrainStep] = None  # the layout's step mechanics, from the strategy (attach)
         self.tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_len
         self._last_log_time: Optional[float] = None
         self._steps_since_log = 0
@@ -56,13 +58,18 @@ class CausalLM(pl.LightningModule):
         if self.model is None:  # built under the strategy's meta-device context
             self.model = Llama(self.cfg.model)
 
+    def attach(self, model: nn.Module, step: TrainStep) -> None:
+        """Take this rank's part of the parallelized model and the step that runs it (the strategy's
+        setup calls this; metrics are summed over the ranks that hold distinct tokens)."""
+        self.model, self.step = model, step
+        group = step.metrics_group
+        self.train_loss = SumMetric(process_group=group, sync_on_compute=True)
+        self.train_tokens = SumMetric(process_group=group, sync_on_compute=True)
+        self.val_loss = SumMetric(process_group=group, sync_on_compute=True)
+        self.val_tokens = SumMetric(process_group=group, sync_on_compute=True)
+
     def micro_batches(self, batch: Tensor) -> list[Tensor]:
         return list(batch.split(self.cfg.data.micro_batch_size))
-
-    def loss_fn(self, model: nn.Module, tokens: Tensor) -> Tensor:
-        """This micro-batch's contribution to the global batch's mean next-token loss."""
-        inputs, labels = tokens[:, :-1], tokens[:, 1:]
-        return self.token_loss(model(inputs), labels)
 
     def token_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         """Summed next-token cross-entropy of ``logits`` over the global batch's token count (a
@@ -91,24 +98,13 @@ class CausalLM(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ------------------------------------------------------------------------------------------
-    # Metrics
-
-    def setup(self, stage: str) -> None:
-        group = self.trainer.strategy.metrics_group
-        self.train_loss = SumMetric(process_group=group, sync_on_compute=True)
-        self.train_tokens = SumMetric(process_group=group, sync_on_compute=True)
-        self.val_loss = SumMetric(process_group=group, sync_on_compute=True)
-        self.val_tokens = SumMetric(process_group=group, sync_on_compute=True)
-
-    # ------------------------------------------------------------------------------------------
     # Steps
 
     def training_step(self, batch: Tensor, batch_idx: int) -> None:
-        strategy = self.trainer.strategy
         optimizer = self.optimizers()
         scheduler = self.lr_schedulers()
-        loss = strategy.forward_backward(self, self.micro_batches(batch), self.loss_fn)
-        grad_norm = strategy.clip_grad_norm_(self.cfg.optim.grad_clip)
+        loss = self.step.forward_backward(self.micro_batches(batch))
+        grad_norm = self.step.clip_grad_norm_(self.cfg.optim.grad_clip)
         self.last_step_loss, self.last_grad_norm = loss, grad_norm  # read by validation.whitebox
         lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
@@ -116,7 +112,7 @@ class CausalLM(pl.LightningModule):
         scheduler.step()
 
         self.train_loss.update(loss)
-        tokens = batch[:, 1:].numel() * getattr(strategy, "token_fraction", 1.0)  # context parallel: this rank's share
+        tokens = batch[:, 1:].numel() * self.step.token_fraction  # context parallel: this rank's share
         self.train_tokens.update(torch.tensor(tokens, dtype=torch.float64, device=loss.device))
         self._steps_since_log += 1
         if self.trainer.global_step % self.cfg.trainer.log_every_n_steps == 0:
@@ -139,9 +135,9 @@ class CausalLM(pl.LightningModule):
         self._last_log_time, self._steps_since_log = time.perf_counter(), 0
 
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
-        loss = self.trainer.strategy.forward_eval(self, self.micro_batches(batch), self.loss_fn)
+        loss = self.step.forward_eval(self.micro_batches(batch))
         self.val_loss.update(loss * self.tokens_per_step)  # back to a plain sum of token losses
-        tokens = batch[:, 1:].numel() * getattr(self.trainer.strategy, "token_fraction", 1.0)
+        tokens = batch[:, 1:].numel() * self.step.token_fraction
         self.val_tokens.update(torch.tensor(tokens, dtype=torch.float64, device=loss.device))
 
     def on_validation_epoch_end(self) -> None:

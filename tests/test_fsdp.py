@@ -12,7 +12,7 @@ from curry_train.config import ConfigError, compose
 from curry_train.config.checks import check
 from curry_train.launch import end_process_group
 from curry_train.model import Llama
-from curry_train.strategy import materialize_and_init
+from curry_train.primitives.materialize import materialize_and_init
 from curry_train.validation.memory import bare_model_activation_bytes
 from curry_train.validation.whitebox import validate
 
@@ -217,7 +217,7 @@ def _count_reductions(out_dir: str, sharding: str, sync_each: bool) -> None:
             return func(*args, **(kwargs or {}))
 
     from curry_train.primitives import DistributedOptimizer
-    from curry_train.strategy import gradient_sync
+    from curry_train.primitives.data_parallel import gradient_sync
 
     with torch.device("meta"):
         model = Llama(compose().model)

@@ -9,7 +9,7 @@ from torch import nn
 
 from curry_train.config import compose
 from curry_train.model import Llama, apply_rope, rope_tables
-from curry_train.strategy import materialize_and_init
+from curry_train.primitives.materialize import materialize_and_init
 
 
 def model_cfg(name: str = "debug", **overrides):

@@ -20,7 +20,7 @@ from curry_train.primitives.pipeline_schedule import (
     stage_to_rank,
     stages_per_rank,
 )
-from curry_train.strategy import materialize_and_init
+from curry_train.primitives.materialize import materialize_and_init
 
 from conftest import run_seed_example
 
@@ -155,7 +155,7 @@ from curry_train.config import compose
 from curry_train.model import Llama
 from curry_train.primitives import ParallelState
 from curry_train.primitives.pipeline_schedule import pipeline_stages
-from curry_train.strategy import materialize_and_init
+from curry_train.primitives.materialize import materialize_and_init
 
 dist.init_process_group("gloo")
 ps = ParallelState(pp=2)

@@ -142,7 +142,7 @@ def _block_collectives(out_dir: str) -> None:
     from curry_train.model import Llama
     from curry_train.primitives import ParallelState
     from curry_train.primitives.tp_linear import apply_tensor_parallel, distinct_rng_per_rank
-    from curry_train.strategy import materialize_and_init
+    from curry_train.primitives.materialize import materialize_and_init
 
     class CommCounter(TorchDispatchMode):
         """The functional collectives DTensor issues (the ``_c10d_functional`` ops), and the elements

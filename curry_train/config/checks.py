@@ -1,7 +1,7 @@
 """Checks a composed config can run, before any worker starts; every failure is one actionable line.
 
 ``check`` also works out what the launcher needs: the accelerator, the world size and the
-parallel degrees (``layout_degrees``), and the checkpoint to resume from.
+parallel degrees (``ParallelConfig.degrees``), and the checkpoint to resume from.
 """
 
 from __future__ import annotations
@@ -13,17 +13,17 @@ from pathlib import Path
 from typing import Mapping, Optional
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from curry_train.config import ConfigError
-from curry_train.primitives.parallel_state import Degrees, resolve_degrees
-
-ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
-PRECISIONS = ("32-true", "32", "bf16-mixed")
-LOGGERS = ("wandb", "csv", "tensorboard", "none")
-SCHEDULES = ("cosine", "linear", "constant")
-SOURCES = ("stdlib", "files", "tokens")
-IMPLEMENTED_OPTIONS = ("dp", "fsdp", "tp", "pp", "cp")
+from curry_train.config.schema import ACCELERATORS, LOGGERS, LR_SCHEDULES, PRECISIONS, ParallelConfig
+from curry_train.data import SOURCES, TokenFileMeta, make_tokenizer
+from curry_train.primitives import dcp
+from curry_train.primitives.context_parallel import PATTERNS
+from curry_train.primitives.distributed_optimizer import BACKWARD_PREFETCH, PARAM_DTYPES, SHARDING_MODES
+from curry_train.primitives.parallel_state import Degrees
+from curry_train.primitives.pipeline_schedule import check_microbatches, split_layers, stages_per_rank
+from curry_train.primitives.recompute import MODES as RECOMPUTE_MODES
 
 
 @dataclass(frozen=True)
@@ -51,41 +51,28 @@ def external_launcher(env: Mapping[str, str] = os.environ) -> Optional[str]:
 
 def enabled_options(cfg: DictConfig) -> list[str]:
     """The ``parallel`` options this run composed (``parallel=fsdp+tp`` -> ``["fsdp", "tp"]``)."""
-    return [name for name, subtree in cfg.parallel.items() if OmegaConf.is_config(subtree)]
+    return ParallelConfig.of(cfg).options
 
 
 def layout_degrees(cfg: DictConfig, world_size: int) -> Degrees:
-    """The degrees of the mesh for this config. Data parallelism takes the ranks no other axis uses:
-    replicated (DDP, or FSDP's no_shard), sharded (FSDP), or both (FSDP's hybrid)."""
-    fsdp = cfg.parallel.get("fsdp")
-    if fsdp is None or fsdp.sharding == "no_shard":
-        dp_replicate, dp_shard = -1, 1
-    elif fsdp.sharding == "hybrid":
-        dp_replicate, dp_shard = fsdp.replicas, -1
-    else:
-        dp_replicate, dp_shard = 1, -1
-    tp = cfg.parallel.tp.size if cfg.parallel.get("tp") is not None else 1
-    pp = cfg.parallel.pp.size if cfg.parallel.get("pp") is not None else 1
-    cp = cfg.parallel.cp.size if cfg.parallel.get("cp") is not None else 1
-    return resolve_degrees(world_size, dp_replicate=dp_replicate, dp_shard=dp_shard, cp=cp, tp=tp, pp=pp)
+    """The degrees of the mesh for this config (``ParallelConfig.degrees``)."""
+    return ParallelConfig.of(cfg).degrees(world_size)
 
 
-def _check_parallel(cfg: DictConfig, accelerator: str) -> None:
-    from curry_train.primitives.distributed_optimizer import BACKWARD_PREFETCH, PARAM_DTYPES, SHARDING_MODES
-    from curry_train.primitives.recompute import MODES
+def pipeline_microbatches(cfg: DictConfig, degrees: Degrees) -> int:
+    """Micro-batches per step on each data-parallel rank of a pipelined run."""
+    return ParallelConfig.of(cfg).pipeline_microbatches(cfg.data.global_batch_size, cfg.data.micro_batch_size, degrees.dp)
 
-    options = enabled_options(cfg)
-    unknown = [name for name in options if name not in IMPLEMENTED_OPTIONS]
-    if unknown:
-        raise ConfigError(f"parallel option(s) {unknown} are not implemented yet; available: {', '.join(IMPLEMENTED_OPTIONS)}")
+
+def _check_parallel(layout: ParallelConfig, accelerator: str, precision: str) -> None:
+    options = layout.options
     if "dp" in options and "fsdp" in options:
         raise ConfigError("parallel=dp+fsdp: fsdp already does data parallelism; for replicas of shards use parallel=fsdp parallel.fsdp.sharding=hybrid")
-    p = cfg.parallel
-    if p.recompute not in MODES:
-        raise ConfigError(f"parallel.recompute={p.recompute!r}: expected one of {', '.join(MODES)}")
-    if p.recompute_every_n_blocks < 0:
-        raise ConfigError(f"parallel.recompute_every_n_blocks={p.recompute_every_n_blocks} must be >= 0")
-    fsdp = p.get("fsdp")
+    if layout.recompute not in RECOMPUTE_MODES:
+        raise ConfigError(f"parallel.recompute={layout.recompute!r}: expected one of {', '.join(RECOMPUTE_MODES)}")
+    if layout.recompute_every_n_blocks < 0:
+        raise ConfigError(f"parallel.recompute_every_n_blocks={layout.recompute_every_n_blocks} must be >= 0")
+    fsdp = layout.fsdp
     if fsdp is None:
         return
     if fsdp.sharding not in SHARDING_MODES:
@@ -105,22 +92,21 @@ def _check_parallel(cfg: DictConfig, accelerator: str) -> None:
             raise ConfigError("parallel.fsdp.reshard_after_forward=true with sharding=optimizer: ZeRO-1 keeps full parameters; use sharding=full to reshard")
         if fsdp.blocks_per_unit != 1:
             raise ConfigError(f"parallel.fsdp.blocks_per_unit={fsdp.blocks_per_unit} with sharding=optimizer: ZeRO-1 has no wrapping units")
-    if cfg.trainer.precision != "32-true" and fsdp.mixed_precision != "fp32":
+    if precision != "32-true" and fsdp.mixed_precision != "fp32":
         raise ConfigError(
-            f"trainer.precision={cfg.trainer.precision} and parallel.fsdp.mixed_precision={fsdp.mixed_precision}:"
+            f"trainer.precision={precision} and parallel.fsdp.mixed_precision={fsdp.mixed_precision}:"
             " choose one; with fsdp, mixed precision is parallel.fsdp.mixed_precision"
         )
 
 
-def _check_tensor_parallel(cfg: DictConfig, world_size: int) -> None:
+def _check_tensor_parallel(cfg: DictConfig, layout: ParallelConfig, world_size: int) -> None:
     """Every split dimension must divide evenly over the tensor-parallel ranks (no uneven shards)."""
-    tp_cfg = cfg.parallel.get("tp")
-    if tp_cfg is None:
+    if layout.tp is None:
         return
-    tp, m = tp_cfg.size, cfg.model
+    tp, m = layout.tp.size, cfg.model
     if tp < 1:
         raise ConfigError(f"parallel.tp.size={tp} must be positive")
-    if "dp" in enabled_options(cfg):
+    if "dp" in layout.options:
         raise ConfigError("parallel=dp+tp: parallel=tp already replicates the model over the ranks tp leaves;"
                           " use parallel=tp, or parallel=fsdp+tp to shard them")
     split = {"model.n_heads": (m.n_heads, "query heads"), "model.n_kv_heads": (m.n_kv_heads, "key/value heads"),
@@ -163,8 +149,6 @@ def _check_model(cfg: DictConfig) -> None:
 
 
 def _data_vocab(cfg: DictConfig) -> int:
-    from curry_train.data import TokenFileMeta, make_tokenizer
-
     d = cfg.data
     if d.source not in SOURCES:
         raise ConfigError(f"data.source={d.source!r}: expected one of {', '.join(SOURCES)}")
@@ -204,22 +188,13 @@ def _check_batch(cfg: DictConfig, degrees: Degrees) -> None:
         raise ConfigError(f"data.val_fraction={d.val_fraction} must be in [0, 1)")
 
 
-def pipeline_microbatches(cfg: DictConfig, degrees: Degrees) -> int:
-    """Micro-batches per step on each data-parallel rank of a pipelined run."""
-    local = cfg.data.global_batch_size // degrees.dp
-    pp = cfg.parallel.pp
-    return pp.microbatches if pp.microbatches is not None else local // cfg.data.micro_batch_size
-
-
-def _check_pipeline(cfg: DictConfig, degrees: Degrees) -> None:
-    from curry_train.primitives.pipeline_schedule import check_microbatches, split_layers, stages_per_rank
-
-    pp = cfg.parallel.get("pp")
+def _check_pipeline(cfg: DictConfig, layout: ParallelConfig, degrees: Degrees) -> None:
+    pp = layout.pp
     if pp is None:
         return
     if pp.size < 1:
         raise ConfigError(f"parallel.pp.size={pp.size} must be positive")
-    if "dp" in enabled_options(cfg):
+    if "dp" in layout.options:
         raise ConfigError("parallel=dp+pp: parallel=pp already replicates the stages over the ranks pp leaves;"
                           " use parallel=pp, or parallel=fsdp+pp to shard them")
     try:
@@ -236,7 +211,7 @@ def _check_pipeline(cfg: DictConfig, degrees: Degrees) -> None:
             f"parallel.pp.microbatches={pp.microbatches} does not divide the {local} samples each data-parallel rank"
             f" gets per step (data.global_batch_size={cfg.data.global_batch_size} over {degrees.dp} ranks)"
         )
-    microbatches = pipeline_microbatches(cfg, degrees)
+    microbatches = layout.pipeline_microbatches(cfg.data.global_batch_size, cfg.data.micro_batch_size, degrees.dp)
     try:
         check_microbatches(pp.schedule, microbatches, pp.size, n_stages)
     except ValueError as error:
@@ -246,10 +221,8 @@ def _check_pipeline(cfg: DictConfig, degrees: Degrees) -> None:
         ) from None
 
 
-def _check_context_parallel(cfg: DictConfig) -> None:
-    from curry_train.primitives.context_parallel import PATTERNS
-
-    cp = cfg.parallel.get("cp")
+def _check_context_parallel(cfg: DictConfig, layout: ParallelConfig) -> None:
+    cp = layout.cp
     if cp is None:
         return
     if cp.size < 1:
@@ -262,8 +235,7 @@ def _check_context_parallel(cfg: DictConfig) -> None:
             f"data.seq_len={cfg.data.seq_len} is not divisible by {parts}"
             f" ({'2 x ' if cp.load_balance else ''}parallel.cp.size={cp.size}: each rank holds equal chunks)"
         )
-    tp = cfg.parallel.tp.size if cfg.parallel.get("tp") is not None else 1
-    heads = cfg.model.n_heads // tp
+    heads = cfg.model.n_heads // layout.size("tp")
     if cp.pattern == "alltoall" and heads % cp.size:
         raise ConfigError(f"parallel.cp.pattern=alltoall scatters heads: {heads} heads per rank (model.n_heads / tp)"
                           f" do not divide by parallel.cp.size={cp.size}")
@@ -271,7 +243,7 @@ def _check_context_parallel(cfg: DictConfig) -> None:
         raise ConfigError(f"parallel.cp.inner_ring={cp.inner_ring} does not divide parallel.cp.size={cp.size}")
     if cfg.model.dropout:
         raise ConfigError(f"model.dropout={cfg.model.dropout} with parallel=cp: context-parallel attention has no dropout; set 0")
-    if "dp" in enabled_options(cfg) and ("tp" in enabled_options(cfg) or "pp" in enabled_options(cfg)):
+    if "dp" in layout.options and ("tp" in layout.options or "pp" in layout.options):
         raise ConfigError("parallel=dp with tp or pp: those replicate over the ranks they leave already; drop dp")
 
 
@@ -286,8 +258,8 @@ def _check_training(cfg: DictConfig) -> None:
             f"trainer.precision={t.precision!r}: expected one of {', '.join(PRECISIONS)}"
             " (fp16 needs loss scaling, which the manual optimization loop does not do yet: use bf16-mixed)"
         )
-    if o.schedule not in SCHEDULES:
-        raise ConfigError(f"optim.schedule={o.schedule!r}: expected one of {', '.join(SCHEDULES)}")
+    if o.schedule not in LR_SCHEDULES:
+        raise ConfigError(f"optim.schedule={o.schedule!r}: expected one of {', '.join(LR_SCHEDULES)}")
     if o.lr <= 0 or o.min_lr < 0 or o.warmup_steps < 0 or o.grad_clip < 0:
         raise ConfigError("optim.lr must be positive; optim.min_lr, optim.warmup_steps and optim.grad_clip non-negative")
     if len(o.betas) != 2:
@@ -301,8 +273,6 @@ def _check_training(cfg: DictConfig) -> None:
 
 
 def _resolve_ckpt_path(cfg: DictConfig) -> Optional[str]:
-    from curry_train.primitives import dcp
-
     if cfg.ckpt_path is None:
         return None
     if cfg.ckpt_path == "last":
@@ -319,7 +289,8 @@ def _resolve_ckpt_path(cfg: DictConfig) -> Optional[str]:
 def check(cfg: DictConfig, env: Mapping[str, str] = os.environ) -> LaunchPlan:
     """Everything that can be checked without starting a worker. Raises ConfigError."""
     accelerator = _accelerator(cfg.trainer.accelerator)
-    _check_parallel(cfg, accelerator)
+    layout = ParallelConfig.of(cfg)
+    _check_parallel(layout, accelerator, cfg.trainer.precision)
     devices, num_nodes = cfg.trainer.devices, cfg.trainer.num_nodes
     if devices < 1 or num_nodes < 1:
         raise ConfigError(f"trainer.devices={devices} and trainer.num_nodes={num_nodes} must be positive")
@@ -335,9 +306,9 @@ def check(cfg: DictConfig, env: Mapping[str, str] = os.environ) -> LaunchPlan:
                 f"{launcher} started {world} processes but trainer.devices={devices} x trainer.num_nodes={num_nodes}"
                 f" = {devices * num_nodes}; make them agree"
             )
-    _check_tensor_parallel(cfg, devices * num_nodes)
+    _check_tensor_parallel(cfg, layout, devices * num_nodes)
     try:
-        degrees = layout_degrees(cfg, devices * num_nodes)
+        degrees = layout.degrees(devices * num_nodes)
     except ValueError as error:
         raise ConfigError(str(error)) from None
     _check_model(cfg)
@@ -345,7 +316,7 @@ def check(cfg: DictConfig, env: Mapping[str, str] = os.environ) -> LaunchPlan:
     if vocab > cfg.model.vocab_size:
         raise ConfigError(f"the data's vocabulary ({vocab} tokens) exceeds model.vocab_size={cfg.model.vocab_size}")
     _check_batch(cfg, degrees)
-    _check_pipeline(cfg, degrees)
-    _check_context_parallel(cfg)
+    _check_pipeline(cfg, layout, degrees)
+    _check_context_parallel(cfg, layout)
     _check_training(cfg)
     return LaunchPlan(accelerator, devices, num_nodes, degrees, launcher, _resolve_ckpt_path(cfg))

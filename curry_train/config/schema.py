@@ -10,41 +10,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, OmegaConf
 
+from curry_train.data import DataConfig
+from curry_train.model import ModelConfig
+from curry_train.primitives.parallel_state import Degrees, resolve_degrees
 
-@dataclass
-class ModelConfig:
-    """A Llama-style decoder (see ``curry_train.model``)."""
-
-    name: str = MISSING  # label of the size, used in run names and logs
-    dim: int = MISSING  # residual stream width
-    n_layers: int = MISSING  # number of transformer blocks
-    n_heads: int = MISSING  # query heads; head_dim = dim / n_heads
-    n_kv_heads: int = MISSING  # key/value heads (grouped-query attention); divides n_heads
-    ffn_dim: int = MISSING  # hidden width of the SwiGLU MLP
-    vocab_size: int = MISSING  # rows of the embedding; at least the tokenizer's vocabulary
-    max_seq_len: int = 2048  # longest sequence the model accepts (RoPE table length)
-    norm_eps: float = 1e-5  # RMSNorm epsilon
-    rope_theta: float = 10000.0  # RoPE base frequency
-    tie_embeddings: bool = False  # share the input embedding with the output head
-    dropout: float = 0.0  # dropout on attention probabilities and residual branches
-    init_std: float = 0.02  # std of the normal init; output projections get std/sqrt(2*n_layers)
-
-
-@dataclass
-class DataConfig:
-    """Where tokens come from and how they are batched."""
-
-    source: str = "stdlib"  # stdlib (bundled corpus) | files (text/JSONL paths) | tokens (memmap files)
-    paths: List[str] = field(default_factory=list)  # input files for source=files or source=tokens
-    text_key: str = "text"  # field holding the text in JSONL records
-    tokenizer: str = "byte"  # "byte", or a path to a Hugging Face tokenizer.json (source=files)
-    seq_len: int = 256  # tokens per training sequence
-    global_batch_size: int = 32  # sequences per optimizer step, over all data-parallel ranks
-    micro_batch_size: int = 8  # sequences per forward/backward on one rank
-    val_fraction: float = 0.02  # tail of the token stream held out for validation
-    num_workers: int = 0  # DataLoader worker processes per rank
+# The allowed values of the choices below that no primitive owns (those that one does -- sharding modes,
+# pipeline schedules, CP patterns, recompute kinds -- are defined by the primitive, and config.checks
+# holds a run's config to both before any process starts).
+PARALLEL_OPTIONS = ("dp", "fsdp", "tp", "pp", "cp")  # the parallel group's options
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda")  # trainer.accelerator
+PRECISIONS = ("32-true", "32", "bf16-mixed")  # trainer.precision
+LOGGERS = ("wandb", "csv", "tensorboard", "none")  # logger.kind
+LR_SCHEDULES = ("cosine", "linear", "constant")  # optim.schedule
 
 
 @dataclass
@@ -151,7 +130,12 @@ class CPConfig:
 
 @dataclass
 class ParallelConfig:
-    """The layout. Each option of the ``parallel`` group fills its own subtree; ``+`` joins options."""
+    """The layout. Each option of the ``parallel`` group fills its own subtree; ``+`` joins options.
+
+    Built once from a run's config (``ParallelConfig.of(cfg)``), it answers the questions about the
+    layout that the rest of the code asks: which options are on (``layout.tp is not None``), their
+    sizes (``size``), the mesh's degrees for a world size (``degrees``).
+    """
 
     dp: Optional[DPConfig] = None
     fsdp: Optional[FSDPConfig] = None
@@ -160,6 +144,39 @@ class ParallelConfig:
     cp: Optional[CPConfig] = None
     recompute: str = "none"  # activation recompute, any layout: none | full | selective
     recompute_every_n_blocks: int = 0  # selective: 0 = per op in every block; n = full recompute of every n-th block
+
+    @classmethod
+    def of(cls, cfg: DictConfig) -> ParallelConfig:
+        """The typed layout of a run's config (composed, or the plain container a worker gets)."""
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), cfg.parallel))
+
+    @property
+    def options(self) -> list[str]:
+        """The options this run composed (``parallel=fsdp+tp`` -> ``["fsdp", "tp"]``)."""
+        return [name for name in PARALLEL_OPTIONS if getattr(self, name) is not None]
+
+    def size(self, option: str) -> int:
+        """Ranks of a model-parallel option (``tp``, ``pp``, ``cp``); 1 when it is off."""
+        sub = getattr(self, option)
+        return sub.size if sub is not None else 1
+
+    def degrees(self, world_size: int) -> Degrees:
+        """The mesh's degrees on ``world_size`` ranks. Data parallelism takes the ranks no other axis
+        uses: replicated (DDP, or FSDP's no_shard), sharded (FSDP), or both (FSDP's hybrid)."""
+        if self.fsdp is None or self.fsdp.sharding == "no_shard":
+            dp_replicate, dp_shard = -1, 1
+        elif self.fsdp.sharding == "hybrid":
+            dp_replicate, dp_shard = self.fsdp.replicas, -1
+        else:
+            dp_replicate, dp_shard = 1, -1
+        return resolve_degrees(world_size, dp_replicate=dp_replicate, dp_shard=dp_shard, cp=self.size("cp"),
+                               tp=self.size("tp"), pp=self.size("pp"))
+
+    def pipeline_microbatches(self, global_batch_size: int, micro_batch_size: int, dp: int) -> int:
+        """Micro-batches per step on each data-parallel rank of a pipelined run."""
+        if self.pp.microbatches is not None:
+            return self.pp.microbatches
+        return global_batch_size // dp // micro_batch_size
 
 
 @dataclass

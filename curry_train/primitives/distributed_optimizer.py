@@ -20,7 +20,7 @@ data-parallel mesh of a ``ParallelState``. The optimizer built afterwards on
 =================  ================================================================================
 
 Gradients are *summed* over the data-parallel ranks, not averaged: the loss of each rank is
-already its share of the global-batch mean (see ``curry_train.strategy``).
+already its share of the global-batch mean (see ``curry_train.train_step``).
 
 Mixed precision (``bf16`` / ``fp16``): units compute with parameters cast to that dtype and
 reduce gradients in fp32; the sharded parameters the optimizer updates stay fp32.

@@ -36,20 +36,9 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from curry_train.launch import end_process_group
+from curry_train.planning.step_time import bubble_formula
 
-ZERO_BUBBLE = ("interleaved_zb", "zbv", "dualpipev")
 WARMUP_STEPS = 2  # untimed steps per kind: shape inference, the allocator, gloo's first connections
-
-
-def bubble_formula(kind: str, pp: int, microbatches: int, virtual_stages: int = 1) -> Optional[float]:
-    """The idle share of a step for ``kind`` (None for the zero-bubble kinds, see the module docstring)."""
-    from curry_train.primitives.pipeline_schedule import canonical_kind
-
-    key = canonical_kind(kind)
-    if key in ZERO_BUBBLE:
-        return None
-    v = virtual_stages if key == "interleaved" else 1
-    return (pp - 1) / (v * microbatches + pp - 1)
 
 
 @dataclass
@@ -115,7 +104,7 @@ def _bubble_worker(out_dir: str, container: dict, runs: Sequence[tuple[int, str]
         split_layers,
         stages_per_rank,
     )
-    from curry_train.strategy import materialize_and_init
+    from curry_train.primitives.materialize import materialize_and_init
 
     torch.set_num_threads(1)  # one core per stage: the stages of a real pipeline do not share a device
     dist.init_process_group("gloo")

@@ -21,7 +21,7 @@ each repeat's own ratio.
   every real run writes, or ``--loggers none``) fits ``CausalLM(cfg)`` on ``LMDataModule``, with the
   progress bar and validation off; a Callback reads the clock in ``on_train_batch_end``.
 * hand: ``curry_train.model.Llama`` built on the meta device and initialized by
-  ``curry_train.strategy.materialize_and_init`` (the same weights), AdamW with the same param groups
+  ``curry_train.primitives.materialize.materialize_and_init`` (the same weights), AdamW with the same param groups
   and hyperparameters, ``LambdaLR`` with ``curry_train.module.lr_lambda``, the same micro-batching
   and loss normalization (cross-entropy summed / ``global_batch_size * seq_len``, one backward per
   micro-batch), ``clip_grad_norm_``, ``optimizer.step()``, ``zero_grad(set_to_none=True)``; batches
@@ -55,7 +55,7 @@ from curry_train.config.checks import LaunchPlan, check
 from curry_train.data import GlobalBatchSampler, LMDataModule
 from curry_train.model import Llama
 from curry_train.module import CausalLM, lr_lambda
-from curry_train.strategy import materialize_and_init
+from curry_train.primitives.materialize import materialize_and_init
 
 LOOPS = ("hand", "curry")
 PRECISIONS = ("32-true", "32", "bf16-mixed")  # what the hand loop reproduces

@@ -60,10 +60,9 @@ class StepRecorder(Callback):
         self.records: list[dict[str, Any]] = []
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, module: pl.LightningModule, optimizer: Any) -> None:
-        strategy = trainer.strategy
         loss = module.last_step_loss.clone()
         if dist.is_initialized():
-            dist.all_reduce(loss, group=strategy.metrics_group)
+            dist.all_reduce(loss, group=module.step.metrics_group)
         grads = {
             clean_name(name): full_tensor(param.grad).detach().double().cpu()
             for name, param in module.model.named_parameters()

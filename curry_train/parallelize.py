@@ -1,0 +1,132 @@
+"""``parallelize``: a meta-device model and a layout in, this rank's part of the parallel model out.
+
+The model declares what can be split (``Llama.plan``); this module decides how, from the layout,
+in the one order in which the primitives compose. Each ``apply_*`` step takes explicit arguments
+and calls a primitive of ``curry_train.primitives``; a step whose option is off does nothing.
+
+To add a primitive: write it in ``curry_train/primitives/`` with plain arguments, add its options
+to ``ParallelConfig`` (``curry_train/config/schema.py``) and its checks to ``config/checks.py``,
+then one ``apply_*`` step here, at the place in the order its comment justifies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from curry_train.config.schema import CPConfig, DPConfig, FSDPConfig, ParallelConfig, PPConfig, TPConfig
+from curry_train.primitives.context_parallel import ContextParallel, sequence_positions
+from curry_train.primitives.data_parallel import replicate
+from curry_train.primitives.distributed_optimizer import DistributedOptimizer
+from curry_train.primitives.materialize import materialize_and_init
+from curry_train.primitives.parallel_state import ParallelState
+from curry_train.primitives.pipeline_schedule import pipeline_stages
+from curry_train.primitives.recompute import apply_recompute
+from curry_train.primitives.tp_linear import apply_tensor_parallel
+
+
+@dataclass
+class ParallelModel:
+    """This rank's part of the model, and its pipeline stages."""
+
+    model: nn.Module  # what the optimizer, checkpoints and (without a pipeline) the step run
+    stages: Optional[list[Optional[nn.Module]]] = None  # every pipeline stage, None where another rank holds it
+
+
+def parallelize(model: nn.Module, ps: ParallelState, layout: ParallelConfig, *, device: torch.device, seed: int,
+                seq_len: int) -> ParallelModel:
+    """Apply ``layout`` to ``model``, built on the meta device, in the order that composes."""
+    # Swaps linears for their DTensor-sharded versions, so it comes before anything that wraps
+    # them; FSDP later shards those shards over the data-parallel axis of the same mesh (2-D).
+    apply_tensor_parallel_layout(model, ps, layout.tp)
+    # Cuts the blocks into stages and drops what this rank does not hold, while still on meta.
+    model, stages = apply_pipeline_split(model, ps, layout.pp)
+    blocks = list(model.get_submodule(model.plan.blocks).values())
+    # Wraps only the attention op inside each block: recompute and FSDP then wrap whole blocks.
+    apply_context_parallel(blocks, model.plan.attention_op, ps, layout.cp)
+    # Wraps each block's forward before FSDP, so a recomputation runs inside its unit, while the
+    # unit's parameters are gathered.
+    apply_recompute(blocks, layout.recompute, layout.recompute_every_n_blocks)
+    # Shards while the parameters are still on the meta device: no rank allocates the whole model.
+    apply_fsdp(model, ps, layout, roots=_pipeline_roots(stages))
+    # Draws each parameter's full value from its own seeded generator, then keeps this rank's
+    # shard: the same weights in every layout.
+    materialize_and_init(model, device, seed)
+    # Needs real buffers: the RoPE positions of the sequence shard this rank holds.
+    apply_sequence_positions(model, ps, layout.cp, seq_len, device)
+    # Replicates real tensors, so after materialization, and last, so it sees every parameter.
+    model = apply_ddp(model, ps, layout, device)
+    return ParallelModel(model, stages)
+
+
+def apply_tensor_parallel_layout(model: nn.Module, ps: ParallelState, tp: Optional[TPConfig]) -> None:
+    """Megatron-LM's column/row-parallel blocks, vocabulary-parallel embedding and head."""
+    if tp is not None:
+        apply_tensor_parallel(model, ps.mesh["tp"], tp.sequence_parallel, tp.loss_parallel)
+
+
+def apply_pipeline_split(model: nn.Module, ps: ParallelState,
+                         pp: Optional[PPConfig]) -> tuple[nn.Module, Optional[list[Optional[nn.Module]]]]:
+    """This rank's stages (``pipeline_stages``); the model unchanged without a pipeline."""
+    if pp is None:
+        return model, None
+    return pipeline_stages(model, pp.schedule, ps.mesh["pp"].size(), ps.pp_rank, pp.virtual_stages,
+                           pp.layers_per_stage)
+
+
+def _pipeline_roots(stages: Optional[Sequence[Optional[nn.Module]]]) -> Optional[list[nn.Module]]:
+    """FSDP's roots on a rank with several stages: the views the schedule runs, not their container."""
+    local = [stage for stage in stages or () if stage is not None]
+    return local if len(local) > 1 else None
+
+
+def apply_context_parallel(blocks: Sequence[nn.Module], attention_op: str, ps: ParallelState,
+                           cp: Optional[CPConfig]) -> None:
+    """Ring, double-ring or all-to-all attention in place of each block's attention op."""
+    if cp is None:
+        return
+    attention, op = attention_op.rsplit(".", 1)
+    for block in blocks:
+        ContextParallel.wrap(block.get_submodule(attention), ps.get_cp_group(), cp.pattern, causal=True,
+                             load_balance=cp.load_balance, inner_ring=cp.inner_ring, op_name=op)
+
+
+def apply_fsdp(model: nn.Module, ps: ParallelState, layout: ParallelConfig, roots: Optional[list[nn.Module]]) -> None:
+    """FSDP2 over the data-parallel ranks: the run's ZeRO stage with ``parallel=fsdp``; replicas
+    (``no_shard``) for the ranks tensor or pipeline parallelism leave, since DDP cannot hold their
+    DTensor parameters or pipeline stages."""
+    fsdp: Optional[FSDPConfig] = layout.fsdp
+    if fsdp is not None:
+        DistributedOptimizer.wrap(
+            model,
+            sharding=fsdp.sharding,
+            mixed_precision=fsdp.mixed_precision,
+            cpu_offload=fsdp.cpu_offload,
+            backward_prefetch=fsdp.backward_prefetch,
+            parallel_state=ps,
+            reshard_after_forward=fsdp.reshard_after_forward,
+            blocks_per_unit=fsdp.blocks_per_unit,
+            roots=roots,
+        )
+    elif (layout.tp is not None or layout.pp is not None) and ps.submesh("dp_cp").size() > 1:
+        DistributedOptimizer.wrap(model, sharding="no_shard", parallel_state=ps, roots=roots)
+
+
+def apply_sequence_positions(model: nn.Module, ps: ParallelState, cp: Optional[CPConfig], seq_len: int,
+                             device: torch.device) -> None:
+    """Context parallelism: the positions of this rank's zigzag share of each sequence."""
+    if cp is not None:
+        model.positions = sequence_positions(seq_len, cp.size, ps.cp_rank, cp.load_balance, device)
+
+
+def apply_ddp(model: nn.Module, ps: ParallelState, layout: ParallelConfig, device: torch.device) -> nn.Module:
+    """DistributedDataParallel over every rank holding distinct tokens (data, and context-parallel
+    ranks, whose gradients are summed alike), for a layout that FSDP does not already replicate."""
+    if layout.fsdp is not None or layout.tp is not None or layout.pp is not None or ps.submesh("dp_cp").size() == 1:
+        return model
+    dp: DPConfig = layout.dp or DPConfig()
+    replicas = ps.submesh("dp_cp").get_group() if layout.cp is not None else ps.get_dp_group()
+    return replicate(model, replicas, device, bucket_cap_mb=dp.bucket_cap_mb, static_graph=dp.static_graph)
