@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import asdict, replace
 
 import pytest
 import torch
 
-from curry_train.advise import Layout, diagnose, estimate
 from curry_train.cli import advise as advise_cli
 from curry_train.config import compose
+from curry_train.planning.advise import diagnose, estimate
+from curry_train.planning.layout import Layout
 
 ONE_B = ["model.dim=2048", "model.n_layers=16", "model.n_heads=32", "model.n_kv_heads=8", "model.ffn_dim=8192",
          "model.vocab_size=128256", "model.name=llama_1b"]
@@ -100,7 +102,9 @@ def test_estimate_divides_by_tp_and_cp_and_recompute_shrinks_activations():
 
 
 SLOW_LINKS = ["hardware.inter_node_bandwidth=1.25e10"]  # 100 Gb/s Ethernet per GPU instead of InfiniBand
-SEVENTY_B_4_NODES = ["model=llama3_70b", "hardware.nodes=4", "data.seq_len=8192", "data=tokens"]
+# A large run's batch: 256 sequences per step in micro-batches of 2 (data=tokens' presets fit the debug model).
+LARGE_BATCH = ["data=tokens", "data.global_batch_size=256", "data.micro_batch_size=2"]
+SEVENTY_B_4_NODES = ["model=llama3_70b", "hardware.nodes=4", "data.seq_len=8192", *LARGE_BATCH]
 
 
 def test_pipeline_across_nodes_when_data_parallel_traffic_saturates_slow_links(capsys):
@@ -131,7 +135,7 @@ def test_pipeline_across_nodes_when_data_parallel_traffic_saturates_slow_links(c
 
 def assert_command_runs_the_layout(result):
     """The printed command composes to exactly the recommended layout."""
-    from curry_train.advise import current_layout
+    from curry_train.planning.layout import current_layout
 
     cfg = compose(result["command"].split()[2:])
     assert asdict(current_layout(cfg)) == result["layout"]
@@ -145,7 +149,7 @@ def test_no_pipeline_when_data_parallel_traffic_hides_behind_compute(capsys):
 
 
 def test_405b_on_16_nodes_splits_blocks_with_tp_inside_a_node(capsys):
-    code, result = run_json(capsys, ["model=llama3_405b", "hardware.nodes=16", "data.seq_len=8192", "data=tokens"])
+    code, result = run_json(capsys, ["model=llama3_405b", "hardware.nodes=16", "data.seq_len=8192", *LARGE_BATCH])
     assert code == 0
     assert_own_estimate_fits(result)
     assert 1 < result["sizes"]["tp"] <= 8 and "parallel.tp.sequence_parallel=true" in result["command"]
@@ -163,7 +167,7 @@ def test_hybrid_sharding_keeps_gathers_inside_a_node():
 
 
 def train_command_for(cfg, layout):
-    from curry_train.advise import train_command
+    from curry_train.planning.advise import train_command
 
     return train_command(cfg, layout)
 
@@ -196,53 +200,77 @@ def test_slow_symptom_with_a_large_bubble_names_a_schedule_with_less():
     assert_command_runs_the_layout({"command": result["command"], "layout": result["next"]["layout"]})
 
 
-def _png_pixels(path):
-    """Width, height and the RGB bytes of a PNG written by curry_train.plot (8-bit RGB, filter 0)."""
-    import struct
-    import zlib
-
-    data = path.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    width, height = struct.unpack(">II", data[16:24])
-    start = data.index(b"IDAT") + 4
-    length = struct.unpack(">I", data[start - 8 : start - 4])[0]
-    raw = zlib.decompress(data[start : start + length])
-    assert len(raw) == height * (1 + 3 * width)
-    return width, height, b"".join(raw[r * (1 + 3 * width) + 1 : (r + 1) * (1 + 3 * width)] for r in range(height))
+GIB = 2**30
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def _colored_pixels(pixels, color):
-    rgb = bytes(color)
-    return sum(1 for i in range(0, len(pixels), 3) if pixels[i : i + 3] == rgb)
+def spy_on_plot(monkeypatch):
+    """The figures the command draws, as ``plot_memory`` returns them."""
+    figures = []
+    draw = advise_cli.plot_memory
+    monkeypatch.setattr(advise_cli, "plot_memory", lambda *args: figures.append(draw(*args)) or figures[-1])
+    return figures
 
 
-def test_memory_breakdown_plot_draws_each_part_in_proportion(tmp_path, capsys):
-    from curry_train.advise import MEMORY_PARTS
-    from curry_train.plot import COLORS
+def stacked_bars(axes):
+    """Per part (the legend's label of each bar series): each bar's (bottom, height), in GiB."""
+    return {bars.get_label(): [(bar.get_y(), bar.get_height()) for bar in bars.patches] for bars in axes.containers}
 
+
+def test_memory_breakdown_plot_stacks_each_part_by_its_bytes(tmp_path, capsys, monkeypatch):
+    from curry_train.planning.advise import MEMORY_PARTS
+
+    figures = spy_on_plot(monkeypatch)
     path = tmp_path / "memory.png"
     code, result = run_json(capsys, ["model=llama3_8b", "data.seq_len=8192", f"plot={path}"])
-    assert code == 0 and path.exists()
-    width, height, pixels = _png_pixels(path)
-    assert width >= 760 and height > 60 + 22 * len(result["tried"])
-    # Each part's area, summed over the bars, follows its share of the bytes (bars share one scale;
-    # the legend adds a 12x12 swatch per part and rounding a pixel per bar edge).
-    bytes_by_part = {part: sum(t["memory"][part] for t in result["tried"]) for part in MEMORY_PARTS}
-    area = {part: _colored_pixels(pixels, COLORS[i]) - 144 for i, part in enumerate(MEMORY_PARTS)}
-    total_bytes, total_area = sum(bytes_by_part.values()), sum(area.values())
-    for part in ("params", "optimizer", "activations", "loss"):
-        assert area[part] / total_area == pytest.approx(bytes_by_part[part] / total_bytes, abs=0.01), part
+    assert code == 0 and path.read_bytes().startswith(PNG_SIGNATURE)
+    (figure,) = figures
+    (axes,) = figure.axes
+    # One bar per candidate tried, its parts stacked bottom up in MEMORY_PARTS' order, each as tall as
+    # its bytes: the bar's top is the candidate's total.
+    bars = stacked_bars(axes)
+    assert list(bars) == list(MEMORY_PARTS)
+    for index, tried in enumerate(result["tried"]):
+        top = 0.0
+        for part in MEMORY_PARTS:
+            bottom, height = bars[part][index]
+            assert bottom == pytest.approx(top) and height == pytest.approx(tried["memory"][part] / GIB), part
+            top += height
+        assert top == pytest.approx(tried["memory"]["total"] / GIB)
+    assert len(axes.get_xticklabels()) == len(result["tried"])
+    # The device's memory and the capacity a recommendation may use, as horizontal lines.
+    lines = {line.get_label(): set(line.get_ydata()) for line in axes.get_lines()}
+    device = compose(["hardware=h100_80gb"]).hardware.memory_bytes
+    assert lines == {"device memory 80.0 GiB": {device / GIB},
+                     "usable capacity 72.0 GiB (less 10% headroom)": {result["capacity_bytes"] / GIB}}
+    legend = [text.get_text() for text in axes.get_legend().get_texts()]
+    assert sorted(legend) == sorted([*MEMORY_PARTS, *lines])
+    assert "GiB" in axes.get_ylabel() and axes.get_xlabel() and "llama3_8b" in axes.get_title()
 
 
-def test_symptom_plot_shows_current_and_next(tmp_path):
+def test_symptom_plot_shows_current_and_next(tmp_path, monkeypatch):
+    figures = spy_on_plot(monkeypatch)
     path = tmp_path / "oom.png"
     overrides = ["model=llama3_8b", "data.seq_len=8192", "parallel=dp", "trainer.devices=8"]
     assert load_advise().main([*overrides, "symptom=oom", f"plot={path}"]) == 0
-    width, height, pixels = _png_pixels(path)
-    from curry_train.plot import COLORS
-
-    assert _colored_pixels(pixels, COLORS[2]) > 144  # the optimizer state of both bars, beyond the legend swatch
+    assert path.read_bytes().startswith(PNG_SIGNATURE)
+    (axes,) = figures[0].axes
+    assert [label.get_text().split(":")[0] for label in axes.get_xticklabels()] == ["current", "next"]
+    # ZeRO-1 (next) shards the optimizer state DDP (current) replicates: 8 ranks, an eighth of it.
+    (_, current), (_, nxt) = stacked_bars(axes)["optimizer"]
+    assert 0 < nxt < current / 7
     assert load_advise().main([*overrides, "format=yaml"]) == 2
+
+
+def test_plot_without_matplotlib_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    for name in [name for name in sys.modules if name.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed: importing it fails
+    path = tmp_path / "memory.png"
+    assert load_advise().main(["model=llama3_8b", f"plot={path}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"advise: error: plot={path} needs matplotlib: pip install 'curry-train[plot]'"
+    assert not path.exists()
 
 
 def test_command_keeps_the_users_settings_of_the_options_it_composes(capsys):
@@ -297,7 +325,7 @@ def _peak_in_flight(actions) -> int:
 @pytest.mark.parametrize("kind, vs", [("interleaved", (1, 2, 3)), ("interleaved_zb", (2, 3)), ("zbv", (2,)),
                                       ("dualpipev", (2,))])
 def test_activations_in_flight_follow_pytorchs_schedule_order(kind, vs):
-    from curry_train.advise import chunks_in_flight
+    from curry_train.planning.memory import chunks_in_flight
     from curry_train.primitives.pipeline_schedule import check_microbatches
 
     checked = 0
@@ -316,7 +344,7 @@ def test_activations_in_flight_follow_pytorchs_schedule_order(kind, vs):
 
 
 def test_single_stage_schedules_in_flight():
-    from curry_train.advise import chunks_in_flight
+    from curry_train.planning.memory import chunks_in_flight
 
     assert [chunks_in_flight("gpipe", 4, 1, m) for m in (2, 8)] == [2, 8]  # every forward before any backward
     assert [chunks_in_flight("1F1B", 4, 1, m) for m in (4, 8)] == [4, 4]
@@ -329,8 +357,8 @@ def test_single_stage_schedules_in_flight():
 def test_rank_shapes_are_the_stages_the_strategy_keeps(kind, v):
     """advise's per-rank parameters are those ``pipeline_stages`` keeps on each rank (a V-shaped
     schedule's rank 0 holds the embedding and the head)."""
-    from curry_train.advise import rank_shapes
     from curry_train.model import Llama
+    from curry_train.planning.memory import rank_shapes
     from curry_train.primitives.pipeline_schedule import pipeline_stages
 
     cfg = compose(["model.n_layers=12"]).model
@@ -369,7 +397,7 @@ def test_only_the_last_stage_holds_the_loss():
     """1F1B: rank 0 keeps pp micro-batches of its blocks, the last rank one micro-batch and the
     loss; the fullest rank is counted, with its own loss (none on rank 0). A V-shaped schedule puts
     the last stage on rank 0, which then holds both."""
-    from curry_train.advise import activation_bytes, block_forwards_per_rank
+    from curry_train.planning.memory import activation_bytes, block_forwards_per_rank
 
     cfg = compose([*SEVENTY_B_4_NODES])
     layout = Layout(dp_replicate=8, pp=4, mixed_precision="bf16")
@@ -391,7 +419,8 @@ def test_only_the_last_stage_holds_the_loss():
 def test_zero3_keeps_gathered_only_the_root_a_stage_holds():
     """ZeRO-3 keeps the embedding and head gathered through forward and backward: on a pipeline, only
     the rank that holds each (1F1B: the embedding on the first, the head on the last)."""
-    from curry_train.advise import _transient_state, rank_shapes
+    from curry_train.planning.memory import rank_shapes
+    from curry_train.planning.memory import transient_state as _transient_state
 
     cfg = compose(["model=llama3_8b"]).model
     flat = Layout(dp_shard=8, zero="full", mixed_precision="bf16")

@@ -150,7 +150,8 @@ def test_bench_layouts_side_by_side(tmp_path, capsys):
     # advise's activation estimate against the memory tracker: within 1% for dp, 2% with tensor
     # parallelism (the vocabulary-parallel embedding's masks and all-reduced output are not counted),
     # 2.5% with sequence parallelism.
-    from curry_train.advise import activation_bytes, current_layout
+    from curry_train.planning.layout import current_layout
+    from curry_train.planning.memory import activation_bytes
 
     for name, rtol in (("dp", 0.01), ("tp", 0.02), ("tp+sp", 0.025), ("fsdp+tp", 0.02)):
         cfg = compose([*FAST, *figures["config"]["layouts"][name]])
@@ -249,7 +250,7 @@ def test_compare_flops_per_token_hand_count():
 
     from curry_train.config import compose
     from curry_train.model import Llama
-    from curry_train.strategy import materialize_and_init
+    from curry_train.primitives.materialize import materialize_and_init
 
     bench = load_bench()
     # Debug model: dim 128, 4 heads of 32, 2 key/value heads (kv dim 64), ffn 384, vocabulary 256, 4 blocks.

@@ -16,10 +16,11 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from curry_train import capacity
-from curry_train.advise import Layout, current_layout, estimate
 from curry_train.cli import capacity as capacity_cli
 from curry_train.config import compose
+from curry_train.planning import capacity, families, trials
+from curry_train.planning.advise import estimate
+from curry_train.planning.layout import Layout, current_layout
 
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 2**30
@@ -66,14 +67,14 @@ def with_model(cfg, model: dict):
 
 def test_llama3_family_holds_the_published_shapes_and_grows():
     cfg = compose(["model=llama3_8b"])
-    members = capacity.family("llama3", cfg)
+    members = families.family("llama3", cfg)
     sizes = [m.parameters for m in members]
     assert sizes == sorted(sizes) and len(set(sizes)) == len(sizes)
     assert all(b / a < 3.5 for a, b in zip(sizes, sizes[1:]))  # a ladder, not a jump
     for m in members:
         assert m.dim % m.n_heads == 0 and (m.dim // m.n_heads) % 2 == 0 and m.n_heads % m.n_kv_heads == 0
         assert m.parameters == closed_form_parameters(vars(m), 128256)
-        assert m.name.endswith(capacity.params_text(m.parameters))
+        assert m.name.endswith(families.params_text(m.parameters))
     for preset in ("llama3_8b", "llama3_70b", "llama3_405b"):
         shape = OmegaConf.load(ROOT / "conf" / "model" / f"{preset}.yaml")
         (member,) = [m for m in members if m.dim == shape.dim]
@@ -81,10 +82,10 @@ def test_llama3_family_holds_the_published_shapes_and_grows():
         assert (member.n_layers, member.n_heads, member.n_kv_heads, member.ffn_dim) == (
             shape.n_layers, shape.n_heads, shape.n_kv_heads, shape.ffn_dim)
     # Llama 3's SwiGLU widths follow from 8/3 x dim x 1.3, rounded up to 1024
-    assert capacity.llama_ffn_dim(4096) == 14336 and capacity.llama_ffn_dim(8192) == 28672
+    assert families.llama_ffn_dim(4096) == 14336 and families.llama_ffn_dim(8192) == 28672
     debug = compose([])  # the debug model is a member of the debug family
     assert any((m.dim, m.n_layers, m.n_heads, m.n_kv_heads, m.ffn_dim) == (128, 4, 4, 2, 384)
-               for m in capacity.family("debug", debug))
+               for m in families.family("debug", debug))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -301,11 +302,11 @@ def test_search_stops_at_an_error_with_what_it_knows():
     (-15, "", "error"),
 ])
 def test_trial_verdicts(code, stderr, verdict):
-    assert capacity.classify(code, stderr) == verdict
+    assert trials.classify(code, stderr) == verdict
 
 
 def test_a_failing_trial_is_an_error_with_its_stderr():
-    status, details = capacity.run_trial(["model.no_such_key=1"], timeout=120, cpu=True)
+    status, details = trials.run_trial(["model.no_such_key=1"], timeout=120, cpu=True)
     assert status == "error"
     assert "no_such_key" in details["stderr"] and details["reason"].startswith("exit 1:")
 
@@ -323,7 +324,7 @@ def test_measure_on_cpu_records_oom_and_goes_on(capsys):
     # state, more than the 90 MB device), which fails for real; the search goes down and the next
     # trial, the 2.7M member (43 MB of state), runs and fits.
     cfg = compose(CPU_TRIALS)
-    members = [m for m in capacity.family("debug", cfg) if m.parameters <= 10e6]
+    members = [m for m in families.family("debug", cfg) if m.parameters <= 10e6]
     top, below = members[-1], members[-2]
     assert STATE_BYTES_PER_PARAM * closed_form_parameters(vars(top), 256) > 90e6
     assert STATE_BYTES_PER_PARAM * closed_form_parameters(vars(below), 256) < 0.9 * 90e6

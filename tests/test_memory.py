@@ -23,14 +23,8 @@ from torch import nn
 
 from curry_train.config import compose
 from curry_train.model import Llama
-from curry_train.validation.memory import (
-    LayoutMemory,
-    measure_layouts,
-    model_state_bytes,
-    zero_formula_bytes,
-    zero_formula_terms,
-    zero_formula_text,
-)
+from curry_train.planning.memory import zero_formula_bytes, zero_formula_terms, zero_formula_text
+from curry_train.validation.memory import LayoutMemory, measure_layouts, model_state_bytes
 
 from conftest import FAST
 from test_bench import load_bench
@@ -281,9 +275,9 @@ def test_bench_memory_mode_shows_formula_and_recompute_saving(tmp_path, capsys):
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_advise_estimator_model_state_equals_measured(measured, name):
-    """curry_train.advise's per-rank model state (ZeRO's formula over the rank's own parameters, with
+    """curry_train.planning's per-rank model state (ZeRO's formula over the rank's own parameters, with
     FSDP2's padding and AdamW's step counters) is exactly what each rank held at the optimizer step."""
-    from curry_train.advise import model_state, rank_shapes
+    from curry_train.planning.memory import model_state, rank_shapes
 
     layout = measured[name]
     for record in layout.ranks:
@@ -294,7 +288,8 @@ def test_advise_estimator_model_state_equals_measured(measured, name):
 
 
 def _estimated_activations(overrides) -> int:
-    from curry_train.advise import activation_bytes, current_layout
+    from curry_train.planning.layout import current_layout
+    from curry_train.planning.memory import activation_bytes
 
     cfg = compose(list(overrides))
     estimate = activation_bytes(cfg, current_layout(cfg), flash_attention=True)

@@ -7,7 +7,6 @@ import json
 import struct
 import subprocess
 import sys
-import zlib
 from pathlib import Path
 
 import pytest
@@ -56,21 +55,38 @@ def main_json(capsys, *args) -> dict:
 
 def assert_png(path: Path) -> None:
     data = path.read_bytes()
-    assert data.startswith(b"\x89PNG\r\n\x1a\n")
+    assert data.startswith(b"\x89PNG\r\n\x1a\n") and data[12:16] == b"IHDR"
     width, height = struct.unpack(">II", data[16:24])
-    idat_length = struct.unpack(">I", data[33:37])[0]
-    assert data[37:41] == b"IDAT"
-    pixels = zlib.decompress(data[41 : 41 + idat_length])
-    assert len(pixels) == height * (1 + 3 * width)
-    assert bytes(runs_diff.COLORS[0]) in pixels and bytes(runs_diff.COLORS[1]) in pixels  # both curves drawn
+    assert width >= 640 and height >= 400
 
 
-def test_dp_vs_fsdp_names_parallelism_first_and_agrees(tmp_path, configs, capsys):
+def spy_on_plot(monkeypatch) -> list:
+    """The figures main draws, as ``plot_curves`` returns them."""
+    figures = []
+    draw = runs_diff.plot_curves
+    monkeypatch.setattr(runs_diff, "plot_curves", lambda *args: figures.append(draw(*args)) or figures[-1])
+    return figures
+
+
+def assert_curves(figure, curves) -> None:
+    """One line per run, through the run's (step, train/loss) points, each named in the legend."""
+    (axes,) = figure.axes
+    lines = axes.get_lines()
+    assert [(list(line.get_xdata()), list(line.get_ydata())) for line in lines] == [
+        (list(range(len(losses))), losses) for losses in curves]
+    legend = [text.get_text() for text in axes.get_legend().get_texts()]
+    assert legend == [line.get_label() for line in lines] and [name[:4] for name in legend] == [
+        f"[{i}] " for i in range(1, len(curves) + 1)]
+    assert axes.get_xlabel() == "step" and "loss" in axes.get_ylabel() and "nats" in axes.get_ylabel()
+
+
+def test_dp_vs_fsdp_names_parallelism_first_and_agrees(tmp_path, configs, capsys, monkeypatch):
     a = make_run(tmp_path / "a", configs["dp"], LOSSES, overrides=["parallel=dp"])
     fsdp = copy.deepcopy(configs["fsdp"])
     fsdp.trainer.devices = 2
     b = make_run(tmp_path / "b", fsdp, [x * (1 + 3e-7) for x in LOSSES], tokens_per_s=2000.0, overrides=["parallel=fsdp"])
     plot = tmp_path / "out" / "curves.png"
+    figures = spy_on_plot(monkeypatch)
 
     assert runs_diff.main([str(a), str(b), "--plot", str(plot)]) == 0
     text = capsys.readouterr().out
@@ -78,6 +94,8 @@ def test_dp_vs_fsdp_names_parallelism_first_and_agrees(tmp_path, configs, capsys
     assert text.index("parallel.dp:") < text.index("parallel.fsdp:") < text.index("other config differences") < text.index("trainer.devices: 1 -> 2")
     assert "loss curves: AGREE" in text
     assert_png(plot)
+    assert f"plot: {plot.resolve()} " in text
+    assert_curves(figures[0], [LOSSES, [x * (1 + 3e-7) for x in LOSSES]])
 
     report = main_json(capsys, a, b, "--plot", plot)
     assert set(report) == {"baseline", "rtol", "runs", "comparisons", "plot"}
@@ -126,12 +144,13 @@ def test_peak_memory_reported_when_logged(tmp_path, configs):
     assert summary["peak_memory"] == 300 and summary["peak_memory_columns"] == ["train/peak_memory_bytes"]
 
 
-def test_sweep_directory_against_first_and_chosen_baseline(tmp_path, configs, capsys):
+def test_sweep_directory_against_first_and_chosen_baseline(tmp_path, configs, capsys, monkeypatch):
     sweep = tmp_path / "multirun" / "2026-01-01" / "12-00-00"
     for job, (name, scale) in enumerate([("dp", 1.0), ("fsdp", 1.0), ("fsdp", 1.1)]):
         make_run(sweep / str(job), configs[name], [x * scale for x in LOSSES])
     (sweep / "multirun.yaml").write_text("hydra: {}\n")
     plot = tmp_path / "sweep.png"
+    figures = spy_on_plot(monkeypatch)
 
     report = main_json(capsys, sweep, "--plot", plot)
     assert [Path(r["label"]).name for r in report["runs"]] == ["0", "1", "2"]
@@ -143,6 +162,35 @@ def test_sweep_directory_against_first_and_chosen_baseline(tmp_path, configs, ca
     assert [Path(c["other"]).name for c in report["comparisons"]] == ["0", "2"]
     assert report["comparisons"][0]["parallel"] == {"baseline": "fsdp", "other": "dp"}
     assert_png(plot)
+    assert_curves(figures[-1], [LOSSES, LOSSES, [x * 1.1 for x in LOSSES]])  # job 1 (the baseline), 0, 2
+
+
+def test_plot_defaults_beside_the_runs_and_is_named(tmp_path, configs, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    sweep = tmp_path / "multirun" / "2026-01-01" / "12-00-00"
+    for job in range(2):
+        make_run(sweep / str(job), configs["dp"], LOSSES)
+    figures = spy_on_plot(monkeypatch)
+    report = main_json(capsys, sweep)
+    assert report["plot"] == str((sweep / "runs_diff.png").resolve()) and (sweep / "runs_diff.png").is_file()
+    assert_png(sweep / "runs_diff.png")
+    assert_curves(figures[-1], [LOSSES, LOSSES])
+    a, b = make_run(tmp_path / "a", configs["dp"], LOSSES), make_run(tmp_path / "b", configs["dp"], LOSSES[:3])
+    assert runs_diff.main([str(a), str(b)]) == 0
+    assert f"plot: {(a / 'runs_diff.png').resolve()} " in capsys.readouterr().out and (a / "runs_diff.png").is_file()
+    assert_curves(figures[-1], [LOSSES, LOSSES[:3]])
+    assert not (tmp_path / "runs_diff.png").exists()
+
+
+def test_plot_without_matplotlib_is_a_one_line_error(tmp_path, configs, capsys, monkeypatch):
+    for name in [name for name in sys.modules if name.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed: importing it fails
+    a, b = make_run(tmp_path / "a", configs["dp"], LOSSES), make_run(tmp_path / "b", configs["dp"], LOSSES)
+    assert runs_diff.main([str(a), str(b), "--plot", str(tmp_path / "p.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    plot = (tmp_path / "p.png").resolve()
+    assert err == f"runs_diff.py: error: the loss plot ({plot}) needs matplotlib: pip install 'curry-train[plot]'"
 
 
 def test_bad_paths_exit_2_with_one_line(tmp_path, configs):

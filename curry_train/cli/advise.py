@@ -7,11 +7,12 @@ Usage::
     python scripts/advise.py model=llama3_70b hardware=h100_80gb hardware.nodes=4 plot=memory.png
 
 Composes the config as ``train.py`` would (``hardware=...`` picks the machines, ``hardware.nodes``,
-``hardware.gpus_per_node`` their count), walks the decision guide (curry_train/advise.py) and prints
+``hardware.gpus_per_node`` their count), walks the decision guide (curry_train/planning/advise.py) and prints
 the lightest layout that fits with headroom, why each heavier primitive is or is not needed, and the
 ``python train.py ...`` command. ``symptom=oom|slow``: the primitive to add next to the current config.
-``plot=PATH``: a PNG of the per-rank memory of each candidate tried (or of the current and next
-layout, with a symptom), by part, against the device's capacity.
+``plot=PATH``: a PNG chart of the per-rank memory of each candidate tried (or of the current and next
+layout, with a symptom), by part, against the device's capacity (needs matplotlib:
+``pip install 'curry-train[plot]'``).
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from curry_train.advise import Estimate, advise, diagnose, estimate, gib_text, plot_memory
 from curry_train.cli.common import error_line, fail, is_config_error
 from curry_train.config import compose
+from curry_train.planning.advise import Estimate, advise, diagnose, estimate, gib_text
+from curry_train.planning.layout import Layout
+from curry_train.planning.plot import plot_memory
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -94,8 +97,6 @@ def _wrote(path: str, fmt: str) -> None:
 
 
 def _estimate_of(cfg, record: dict) -> Estimate:
-    from curry_train.advise import Layout
-
     return estimate(cfg, Layout(**record["layout"]))
 
 

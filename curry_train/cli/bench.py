@@ -42,9 +42,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-
-from curry_train.advise import flops_parameters, flops_per_token  # noqa: F401  (re-exported for tests)
 from curry_train.config import ConfigError, compose
+from curry_train.planning.step_time import flops_parameters, flops_per_token  # noqa: F401  (re-exported for tests)
 from curry_train.primitives.pipeline_schedule import KINDS
 from curry_train.validation.bubble import BubbleRow, bubble_table, check_bubble_runs, measure_bubbles
 from curry_train.validation.layouts import (  # noqa: F401

@@ -23,7 +23,7 @@ the device (conf/hardware), ``hardware.nodes`` and ``hardware.gpus_per_node`` th
   Default: DDP; ZeRO-1; ZeRO-2; ZeRO-3; ZeRO-3 with selective, then full recompute; ZeRO-3 with tensor
   parallelism over a node (and a pipeline over the nodes when there are several). The compute dtype is
   ``hardware.mixed_precision`` unless the run or the item names one.
-* ``mode=estimate``: by ``curry_train.advise.estimate``; ``mode=measure``: one training process per
+* ``mode=estimate``: by ``curry_train.planning.advise.estimate``; ``mode=measure``: one training process per
   trial on this machine, out-of-memory failures recorded and the search continued below them (GPU,
   or ``hardware=cpu`` for CPU processes); ``mode=auto`` (default): measure on a GPU machine when
   ``hardware`` is a GPU, estimate elsewhere. A progress line per trial goes to stderr.
@@ -35,17 +35,17 @@ Prints one row per layout (the largest size that fits, its per-rank memory again
 the next size up and why it does not fit), then the recommended target size -- the largest any
 layout fits, under the lightest layout that fits it (dp -> ZeRO-1/2/3 -> recompute -> tp -> pp ->
 cp) -- and its ``python train.py ...`` command. Exits 0 with a recommendation, 1 when nothing fits,
-2 on a bad option. See curry_train/capacity.py for the families and how trials are measured.
+2 on a bad option. See docs/planning.md for the families and how trials are measured.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
+from typing import Optional, Sequence
 
-
-from curry_train.capacity import FORMATS, CapacityError, parse_count, run_sweep
+from curry_train.planning.capacity import FORMATS, parse_count, run_sweep
+from curry_train.planning.layout import PlanningError
 
 OPTIONS = ("sweep", "layouts", "mode", "family", "start", "max", "trial_timeout", "format")
 
@@ -66,11 +66,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         fmt = options.get("format", "text")
         if fmt not in FORMATS:
-            raise CapacityError(f"format={fmt!r}: expected one of {', '.join(FORMATS)}")
+            raise PlanningError(f"format={fmt!r}: expected one of {', '.join(FORMATS)}")
         try:
             timeout = float(options.get("trial_timeout", "1800"))
         except ValueError:
-            raise CapacityError(f"trial_timeout={options['trial_timeout']!r}: expected seconds") from None
+            raise PlanningError(f"trial_timeout={options['trial_timeout']!r}: expected seconds") from None
         result = run_sweep(
             overrides,
             sweep=options.get("sweep", "model"),
@@ -81,7 +81,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             largest=parse_count(options["max"]) if "max" in options else None,
             trial_timeout=timeout,
         )
-    except CapacityError as error:
+    except PlanningError as error:
         print(f"capacity_sweep: error: {error}", file=sys.stderr)
         return 2
     except Exception as error:  # Hydra's composition errors: a misspelt key, a missing option

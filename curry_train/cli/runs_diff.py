@@ -7,29 +7,33 @@
 
 A run directory holds `.hydra/config.yaml` (the resolved config) and `csv/metrics.csv`. The config
 differences come first for `parallel.*` (layout changes are the usual reason to compare runs: the
-same seed and batch should give the same curve whatever the layout), then the rest. The plot is
-written with the project's small PNG writer (`curry_train/plot.py`), so the script needs nothing beyond the project's
-dependencies.
+same seed and batch should give the same curve whatever the layout), then the rest. The loss curves
+are drawn with matplotlib (`pip install 'curry-train[plot]'`) to `--plot`, by default `runs_diff.png`
+in the sweep directory the baseline comes from, else in the baseline's run directory; the report
+names the file.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import itertools
 import json
 import math
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from omegaconf import OmegaConf
 
+from curry_train.planning.layout import OPTIONS as PARALLEL_OPTIONS
+from curry_train.planning.layout import PlanningError
+from curry_train.planning.plot import new_figure, save
 
-from curry_train.plot import COLORS, Canvas
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 ABSENT = "<absent>"
-PARALLEL_OPTIONS = ("dp", "fsdp", "tp", "pp", "cp")
+PLOT_NAME = "runs_diff.png"
 
 
 class RunsDiffError(Exception):
@@ -164,45 +168,32 @@ def compare(baseline: dict, other: dict, rtol: float) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------ plot
 
-def plot_curves(curves: list[dict[int, float]], path: Path, width: int = 640, height: int = 400) -> None:
-    """train/loss of each run against step; run i (1-based) is colour i of the legend.
+def plot_curves(curves: list[dict[int, float]], labels: list[str], path: Path) -> Figure:
+    """train/loss of each run against step, one line per run through its finite points, written as PNG
+    to ``path``. The baseline (the first) is drawn thick beneath the others, so curves that agree
+    stay visible."""
+    figure, axes = new_figure(f"the loss plot ({path})")
+    for index, (curve, label) in enumerate(zip(curves, labels)):
+        steps = [step for step in sorted(curve) if math.isfinite(curve[step])]
+        baseline = index == 0
+        axes.plot(steps, [curve[step] for step in steps], label=label, color=f"C{index}", marker="o",
+                  markersize=5 if baseline else 3, linewidth=5 if baseline else 1.5, alpha=0.45 if baseline else 1.0,
+                  zorder=2 if baseline else 3)
+    axes.set_xlabel("step")
+    axes.set_ylabel("train loss (nats per token)")
+    axes.set_title("train/loss per step: run [1], the baseline, thick")
+    axes.legend(fontsize=8)
+    axes.grid(alpha=0.3)
+    save(figure, path)
+    return figure
 
-    The baseline is drawn thick and the others thin on top, so curves that agree stay visible.
-    """
-    canvas = Canvas(width, height)
-    left, right, top, bottom = 70, width - 20, 30, height - 40
-    points = [(s, v) for curve in curves for s, v in curve.items() if math.isfinite(v)]
-    if points:
-        x_lo, x_hi = min(p[0] for p in points), max(p[0] for p in points)
-        y_lo, y_hi = min(p[1] for p in points), max(p[1] for p in points)
-    else:
-        x_lo, x_hi, y_lo, y_hi = 0, 1, 0.0, 1.0
-    x_hi, pad = max(x_hi, x_lo + 1), (y_hi - y_lo) * 0.05 or 0.5
-    y_lo, y_hi = y_lo - pad, y_hi + pad
-    to_x = lambda s: round(left + (s - x_lo) / (x_hi - x_lo) * (right - left))
-    to_y = lambda v: round(bottom - (v - y_lo) / (y_hi - y_lo) * (bottom - top))
-    for tick in range(5):
-        value, y = y_lo + (y_hi - y_lo) * tick / 4, round(bottom - (bottom - top) * tick / 4)
-        canvas.line(left, y, right, y, (230, 230, 230))
-        canvas.text(4, y - 5, f"{value:.4g}"[:8])
-    for step in sorted({round(x_lo + (x_hi - x_lo) * tick / 4) for tick in range(5)}):
-        canvas.line(to_x(step), top, to_x(step), bottom, (230, 230, 230))
-        canvas.text(to_x(step) - 4, bottom + 8, str(step))
-    canvas.line(left, top, left, bottom, (0, 0, 0))
-    canvas.line(left, bottom, right, bottom, (0, 0, 0))
-    canvas.text(4, 8, "loss")
-    canvas.text(right - 32, bottom + 24, "step")
-    for index, curve in enumerate(curves):
-        color, size = COLORS[index % len(COLORS)], 4 if index == 0 else 1
-        steps = [s for s in sorted(curve) if math.isfinite(curve[s])]
-        for a, b in itertools.pairwise(steps):
-            canvas.line(to_x(a), to_y(curve[a]), to_x(b), to_y(curve[b]), color, size)
-        if len(steps) == 1:
-            canvas.dot(to_x(steps[0]), to_y(curve[steps[0]]), color, 5)
-        legend_x = right - 60 * (len(curves) - index)
-        canvas.line(legend_x, 14, legend_x + 20, 14, color, 3)
-        canvas.text(legend_x + 26, 9, str(index + 1))
-    canvas.save(path)
+
+def default_plot(paths: list[Path], runs: list[dict]) -> Path:
+    """Where the plot goes unless ``--plot`` says: beside the runs, not in the current directory: in
+    the sweep directory the baseline comes from, else in the baseline's run directory."""
+    baseline = Path(runs[0]["path"]).resolve()
+    sweeps = {path.resolve() for path in paths if not is_run_dir(path)}
+    return (baseline.parent if baseline.parent in sweeps else baseline) / PLOT_NAME
 
 
 # ---------------------------------------------------------------------------------------- report
@@ -227,8 +218,15 @@ def collect(paths: list[Path], baseline: Optional[str] = None) -> list[dict]:
     return runs
 
 
+def run_label(index: int, run: dict) -> str:
+    """``[2] NAME (parallel=fsdp)``: run ``index`` (1-based, as the text report numbers them) in the plot's legend."""
+    return f"[{index}] {Path(run['label']).name} (parallel={parallel_set(run['config'])})"
+
+
 def build_report(runs: list[dict], rtol: float, plot: Path) -> dict[str, Any]:
-    plot_curves([series(run["rows"], "train/loss") for run in runs], plot)
+    plot = Path(plot).resolve()
+    labels = [run_label(index, run) for index, run in enumerate(runs, 1)]
+    plot_curves([series(run["rows"], "train/loss") for run in runs], labels, plot)
     return {
         "baseline": runs[0]["label"],
         "rtol": rtol,
@@ -302,13 +300,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("runs", nargs="+", type=Path, help="run directories, or a multirun sweep directory")
     parser.add_argument("--baseline", help="the run the others are compared with: a path or a job name (default: the first)")
     parser.add_argument("--rtol", type=float, default=1e-5, help="relative tolerance for the loss curves to agree (default 1e-5)")
-    parser.add_argument("--plot", type=Path, default=Path("runs_diff.png"), help="where to write the PNG of the curves")
+    parser.add_argument("--plot", type=Path, help=f"where to write the PNG of the loss curves (default: {PLOT_NAME} in"
+                        " the sweep directory of the baseline, else in the baseline's run directory)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the text report")
     args = parser.parse_args(argv)
     try:
         runs = collect(args.runs, args.baseline)
-        report = build_report(runs, args.rtol, args.plot)
-    except RunsDiffError as error:
+        report = build_report(runs, args.rtol, args.plot or default_plot(args.runs, runs))
+    except (RunsDiffError, PlanningError) as error:
         print(f"runs_diff.py: error: {error}", file=sys.stderr)
         return 2
     print(json.dumps(_strict_json(report), indent=2, allow_nan=False) if args.json else render(report))

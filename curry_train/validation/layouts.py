@@ -58,9 +58,12 @@ from typing import Any, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from curry_train.advise import current_layout, estimate, flops_parameters, flops_per_token
 from curry_train.config import ConfigError, compose
-from curry_train.config.checks import check
+from curry_train.config.checks import check, pipeline_microbatches
+from curry_train.planning.advise import estimate
+from curry_train.planning.layout import current_layout, parse_layout as parse_layout_string
+from curry_train.planning.step_time import bubble_formula, flops_parameters, flops_per_token
+from curry_train.primitives.pipeline_schedule import stages_per_rank
 from curry_train.validation.comm import COLLECTIVES
 from curry_train.validation.memory import MEASURED_STEP, LayoutMemory, measure_layouts
 from curry_train.validation.throughput import StepRate
@@ -189,16 +192,11 @@ def _count(value: Optional[int]) -> str:
 
 
 def parse_layout(spec: str) -> tuple[str, tuple[str, ...]]:
-    """``"NAME: override override ..."`` (or just the overrides, which then name the layout)."""
-    name, colon, rest = spec.partition(":")
-    if colon and "=" not in name:
-        name, overrides = name.strip(), tuple(rest.split())
-    else:
-        name, overrides = spec.strip(), tuple(spec.split())
-    if not name or not overrides:
-        raise ConfigError(f"--layout {spec!r}: expected 'NAME: overrides...' or 'overrides...', e.g. "
-                          "'tp4: parallel=tp parallel.tp.size=4 trainer.devices=4'")
-    return name, overrides
+    """``"NAME: override override ..."`` (or just the overrides, which then name the layout): a layout
+    string (``planning.layout.parse_layout``), so ``parallel`` options may come first and
+    ``tp.size=4`` stands for ``parallel.tp.size=4``. The name and the Hydra overrides."""
+    layout = parse_layout_string(spec, f"--layout {spec!r}")
+    return layout.name, layout.hydra_overrides()
 
 
 def parse_layouts(specs: Sequence[str]) -> dict[str, tuple[str, ...]]:
@@ -226,7 +224,7 @@ class LayoutRow(StepRate):
     peak_flops: Optional[float] = None  # of one device
     bubble: Optional[float] = None
     bubble_text: str = "-"
-    estimated_peak: Optional[int] = None  # curry_train.advise's per-rank bytes, less its reserved runtime
+    estimated_peak: Optional[int] = None  # planning.advise's per-rank bytes, less its reserved runtime
 
     @property
     def ranks(self) -> int:
@@ -431,7 +429,7 @@ class LayoutsResult:
              "peak: the memory tracker's total (parameters, gradients, optimizer state, gathered parameters, activations,"
              " temporaries) at its peak")
             + " in the measured forward+backward of one micro-batch;",
-            "est: curry_train.advise's estimate for the layout (scripts/advise.py), less hardware.reserved_bytes: it"
+            "est: curry_train.planning's estimate for the layout (scripts/advise.py), less hardware.reserved_bytes: it"
             " budgets gradient accumulation's gradients too;",
             "state: parameters, gradients and optimizer state at the optimizer step; acts: activations' peak.",
             "comm (curry_train/validation/comm.py): the collectives dispatched in the step, bytes of their operands, not"
@@ -460,11 +458,7 @@ class LayoutsResult:
 
 
 def _bubble(cfg: DictConfig, degrees: Any) -> tuple[Optional[float], str]:
-    """The bubble formula of a pipelined layout (validation/bubble.py) and its text; ``-`` without pp."""
-    from curry_train.config.checks import pipeline_microbatches
-    from curry_train.primitives.pipeline_schedule import stages_per_rank
-    from curry_train.validation.bubble import bubble_formula
-
+    """The bubble formula of a pipelined layout (planning/step_time.py) and its text; ``-`` without pp."""
     pp = cfg.parallel.get("pp")
     if pp is None or degrees.pp == 1:
         return None, "-"

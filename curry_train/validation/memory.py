@@ -2,7 +2,7 @@
 
 Why: the point of sharded data parallelism is memory, so a layout's memory is a result to check,
 like its gradients (``whitebox``). Model state is compared with ZeRO's formulas
-(``zero_formula_bytes``); activation memory shows what ``parallel.recompute`` saves.
+(``planning.memory.zero_formula_bytes``); activation memory shows what ``parallel.recompute`` saves.
 
 What is measured, per rank, by ``measure_layouts`` (each layout run through the real training path
 in as many local processes as it asks for, ``MEASURED_STEP`` optimizer steps):
@@ -50,12 +50,12 @@ from torch.distributed.tensor import DTensor
 
 from curry_train.config import compose
 from curry_train.config.checks import check
+from curry_train.planning.memory import tensor_parallel_shapes, zero_formula_terms, zero_formula_text
+from curry_train.primitives.parallel_state import Degrees
 from curry_train.validation.comm import CommCounter, ddp_bucket_bytes
 from curry_train.validation.whitebox import measurement_config
-from curry_train.primitives.parallel_state import Degrees
 
 MEASURED_STEP = 3
-STATE_KEYS = ("params", "grads", "optimizer")
 
 # ----------------------------------------------------------------------------------------------
 # Model state
@@ -110,71 +110,6 @@ def model_state_bytes(model: nn.Module, optimizers: Sequence[torch.optim.Optimiz
     }
     state["total"] = sum(state.values())
     return state
-
-
-# ----------------------------------------------------------------------------------------------
-# ZeRO's formulas
-
-# Bytes per parameter of (parameters, gradients, optimizer state) for Adam.
-BYTES_PER_PARAMETER = {"fp32": (4, 4, 8), "bf16": (2, 2, 12), "fp16": (2, 2, 12)}
-# The ZeRO stage of each mode: which of (parameters, gradients, optimizer state) are sharded.
-ZERO_STAGE = {"dp": 0, "no_shard": 0, "optimizer": 1, "shard_grad_op": 2, "full": 3, "hybrid": 3}
-_SHARDED = {0: (False, False, False), 1: (False, False, True), 2: (False, True, True), 3: (True, True, True)}
-
-
-def zero_formula_terms(mode: str, P: int, d: int, mixed_precision: str = "fp32", replicas: int = 1) -> dict[str, int]:
-    """Per-rank bytes of parameters, gradients and Adam's state by ZeRO's formulas (Rajbhandari et
-    al., 2020, "ZeRO: Memory Optimizations Toward Training Trillion Parameter Models", section 5),
-    for ``P`` parameters over ``d`` data-parallel ranks.
-
-    Mixed precision (``bf16``/``fp16``), the paper's case: 2 bytes per parameter for the half-precision
-    parameters, 2 for their gradients, K = 12 for Adam's state (fp32 master weights, momentum and
-    variance, 4 each). ``fp32``: 4 for the parameters (which are the master weights), 4 for the
-    gradients, 8 for momentum and variance. A term sharded over d ranks is divided by d (rounded up):
-
-    ==================  ================  =============================  ===========================
-    mode                ZeRO stage        mixed precision                fp32
-    ==================  ================  =============================  ===========================
-    dp, no_shard        none (DDP)        16P                            16P
-    optimizer           ZeRO-1 (P_os)     4P + 12P/d                     8P + 8P/d
-    shard_grad_op       ZeRO-2 (P_os+g)   2P + 14P/d                     4P + 12P/d
-    full                ZeRO-3 (P_os+g+p) 16P/d                          16P/d
-    hybrid              ZeRO-3 in groups  16P/(d/replicas)               16P/(d/replicas)
-    ==================  ================  =============================  ===========================
-
-    ``optimizer`` (ZeRO-1) is curry-train's own (``distributed_optimizer.ZeroOneModule``): in fp32 it
-    holds exactly the formula; in half precision its gradients are reduced in fp32 into the shards
-    and the half-precision full gradients freed, so it holds 2P + 16P/d at the step, not 4P + 12P/d.
-    """
-    if mode not in ZERO_STAGE:
-        raise ValueError(f"mode={mode!r}: expected one of {', '.join(ZERO_STAGE)}")
-    if mixed_precision not in BYTES_PER_PARAMETER:
-        raise ValueError(f"mixed_precision={mixed_precision!r}: expected one of {', '.join(BYTES_PER_PARAMETER)}")
-    if d < 1 or replicas < 1 or d % replicas:
-        raise ValueError(f"d={d}, replicas={replicas}: expected positive sizes, d a multiple of replicas")
-    shards = d // replicas if mode == "hybrid" else d
-    sharded = _SHARDED[ZERO_STAGE[mode]]
-    return {
-        key: -(-nbytes * P // shards) if is_sharded else nbytes * P
-        for key, nbytes, is_sharded in zip(STATE_KEYS, BYTES_PER_PARAMETER[mixed_precision], sharded)
-    }
-
-
-def zero_formula_bytes(mode: str, P: int, d: int, mixed_precision: str = "fp32", replicas: int = 1) -> int:
-    """Per-rank model-state bytes by ZeRO's formula: the sum of ``zero_formula_terms`` (see there)."""
-    return sum(zero_formula_terms(mode, P, d, mixed_precision, replicas).values())
-
-
-def zero_formula_text(mode: str, mixed_precision: str = "fp32") -> str:
-    """The formula as the paper writes it, e.g. ``ZeRO-2: 2P + 14P/d``."""
-    stage = ZERO_STAGE[mode]
-    sharded = _SHARDED[stage]
-    per_param = BYTES_PER_PARAMETER[mixed_precision]
-    replicated = sum(n for n, s in zip(per_param, sharded) if not s)
-    split = sum(n for n, s in zip(per_param, sharded) if s)
-    d = "(d/replicas)" if mode == "hybrid" else "d"
-    terms = [f"{replicated}P"] * bool(replicated) + [f"{split}P/{d}"] * bool(split)
-    return f"{'DDP' if stage == 0 else f'ZeRO-{stage}'}: {' + '.join(terms)}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -235,7 +170,7 @@ def bare_model_activation_bytes(model_cfg: DictConfig, recompute: str, every_n_b
     CPU with ``recompute`` applied to its blocks: recompute's effect without trainer or layout."""
     from curry_train.model import Llama
     from curry_train.primitives.recompute import apply_recompute
-    from curry_train.strategy import materialize_and_init
+    from curry_train.primitives.materialize import materialize_and_init
 
     with torch.device("meta"):
         model = Llama(model_cfg)
@@ -243,28 +178,6 @@ def bare_model_activation_bytes(model_cfg: DictConfig, recompute: str, every_n_b
     apply_recompute(list(model.get_submodule(model.plan.blocks).values()), recompute, every_n_blocks)
     activations, _ = peak_memory(model, lambda: model(tokens).sum().backward(), inputs=[tokens])
     return activations
-
-
-def tensor_parallel_shapes(model: nn.Module, tp: int) -> dict[str, torch.Size]:
-    """Each parameter's shape on one of ``tp`` tensor-parallel ranks, from the model's ``plan`` as
-    ``tp_linear.apply_tensor_parallel`` splits it: column layers, the embedding and the head by
-    their first dimension, row layers' weights by their second; norms (and row biases) replicated."""
-    plan = model.plan
-    split: dict[str, int] = {plan.embedding: 0, plan.head: 0}
-    for name in model.get_submodule(plan.blocks):
-        split.update({f"{plan.blocks}.{name}.{path}": 0 for path in plan.column})
-        split.update({f"{plan.blocks}.{name}.{path}": 1 for path in plan.row})
-    shapes = {}
-    for name, param in model.named_parameters():
-        module, _, kind = name.rpartition(".")
-        dim = split.get(module) if tp > 1 else None
-        if dim is None or (dim == 1 and kind != "weight"):
-            shapes[name] = param.shape
-        else:
-            shape = list(param.shape)
-            shape[dim] //= tp
-            shapes[name] = torch.Size(shape)
-    return shapes
 
 
 # ----------------------------------------------------------------------------------------------
@@ -295,7 +208,7 @@ class MemoryProbe(Callback):
         return [getattr(opt, "_optimizer", opt) for opt in trainer.optimizers]
 
     def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        ps = trainer.strategy.parallel_state
+        ps = module.step.parallel_state
         shard_mesh = ps.submesh("dp_shard_cp")
         self.record.update(rank=trainer.global_rank, shard_rank=shard_mesh.get_local_rank(), shards=shard_mesh.size(),
                            pp_rank=ps.pp_rank)
@@ -314,7 +227,7 @@ class MemoryProbe(Callback):
             return
         if not self._measuring(trainer):
             return
-        if getattr(trainer.strategy, "pipeline_modules", None) is not None:
+        if module.step.pipelined:
             # A pipeline stage cannot run a micro-batch alone, and the schedule's step calls each stage
             # once per micro-batch, which PyTorch's memory tracker refuses: not measured.
             self.record["activations"], self.record["peak"] = None, None
@@ -322,17 +235,13 @@ class MemoryProbe(Callback):
         optimizers = self._optimizers(trainer)
         micro_batch = module.micro_batches(batch)[0]
 
-        # As in the strategy's own forward_backward: tensor parallelism's loss runs under
+        # As in the step's own forward_backward: tensor parallelism's loss runs under
         # loss_parallel() (vocabulary-sharded logits); context parallelism gives the model this
         # rank's share of the sequence.
-        loss_context = getattr(trainer.strategy, "_loss_context", nullcontext)
-        sequence_sharded = getattr(trainer.strategy, "_sequence_sharded", None)
-        loss_fn = sequence_sharded(module, module.loss_fn) if sequence_sharded is not None else module.loss_fn
-
         def forward_backward() -> None:
-            with loss_context():
+            with module.step.loss_context():
                 with trainer.strategy.precision_plugin.train_step_context():
-                    loss = loss_fn(module.model, micro_batch)
+                    loss = module.step.micro_batch_loss(micro_batch)
                 module.manual_backward(loss)
 
         device = trainer.strategy.root_device

@@ -1,0 +1,424 @@
+"""Which layout to run: per-rank memory and step time of candidate layouts, and the decision walk.
+
+The decision guide, as numbers: add data parallelism, then ZeRO-1, ZeRO-2, ZeRO-3 (FSDP), then
+activation recompute, then tensor parallelism (only when a step's memory exceeds a device), pipeline
+parallelism (across nodes), context parallelism (when the sequence breaks memory), one primitive at a
+time, and stop at the first layout that fits ``hardware`` with ``HEADROOM`` to spare. What each
+estimate counts, and why, is in docs/planning.md.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Optional, Sequence
+
+from omegaconf import DictConfig
+
+from curry_train.planning.layout import ZERO_NAMES, Layout, current_layout, microbatches_per_step, pipeline_knobs
+from curry_train.planning.memory import activation_bytes, model_state, rank_shapes, transient_state
+from curry_train.planning.step_time import step_time
+from curry_train.primitives.pipeline_schedule import check_microbatches
+
+HEADROOM = 0.10  # of device memory, left free by a recommendation (allocator, spikes, estimate error)
+SPEEDUP = 0.10  # a heavier layout replaces a lighter one that fits only if its step is this much shorter
+MEMORY_PARTS = ("params", "grads", "optimizer", "transient", "activations", "loss", "reserved")
+
+
+@dataclass
+class Estimate:
+    layout: Layout
+    memory: dict[str, int]  # per rank, by part, and "total"
+    capacity: int  # the device's memory less HEADROOM
+    time: dict[str, float]
+
+    @property
+    def fits(self) -> bool:
+        return self.memory["total"] <= self.capacity
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"layout": asdict(self.layout), "memory": self.memory, "fits": self.fits, "capacity": self.capacity,
+                "step_time": self.time}
+
+
+def estimate(cfg: DictConfig, layout: Layout) -> Estimate:
+    """Per-rank memory (the fullest rank: shard 0, the fullest pipeline rank's activations with the
+    largest stage's parameters) and step time of ``layout`` for ``cfg``'s model, data and hardware."""
+    hw = cfg.hardware
+    states = []
+    for stage in range(layout.pp):
+        shapes = rank_shapes(cfg.model, layout.tp, layout.pp, stage, layout.pp_schedule, layout.virtual_stages)
+        shards = layout.shards
+        state = model_state(shapes, layout.zero, shards, layout.mixed_precision, 0, layout.dp_replicate)
+        state["transient"] = transient_state(cfg.model, shapes, layout, stage)
+        states.append(state)
+    memory = dict(max(states, key=lambda st: sum(st.values())))
+    memory.update(activation_bytes(cfg, layout, hw.flash_attention))
+    memory["reserved"] = int(hw.reserved_bytes)
+    memory["total"] = sum(memory.values())
+    capacity = int(hw.memory_bytes * (1 - HEADROOM))
+    return Estimate(layout, memory, capacity, step_time(cfg, layout, hw))
+
+
+# ----------------------------------------------------------------------------------------------
+# The walk
+
+
+@dataclass
+class Advice:
+    recommended: Optional[Estimate]  # None: nothing fits
+    tried: list[tuple[str, Estimate]]  # (step of the walk, its best candidate), in order
+    reasons: list[str]  # why each heavier primitive is or is not needed
+    command: Optional[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        rec = self.recommended
+        return {
+            "fits": rec is not None,
+            "parallel": "+".join(rec.layout.options()) if rec else None,
+            "sizes": rec.layout.sizes() if rec else None,
+            "memory_per_rank_bytes": rec.memory["total"] if rec else None,
+            "memory_breakdown": rec.memory if rec else None,
+            "capacity_bytes": rec.capacity if rec else None,
+            "step_time_s": rec.time if rec else None,
+            "layout": asdict(rec.layout) if rec else None,
+            "command": self.command,
+            "reasons": self.reasons,
+            "tried": [{"step": step, **est.to_dict()} for step, est in self.tried],
+        }
+
+
+def _powers_of_two(limit: int) -> list[int]:
+    return [2**i for i in range(1, int(math.log2(max(1, limit))) + 1)]
+
+
+def _divides(cfg: DictConfig, tp: int) -> bool:
+    m = cfg.model
+    return all(x % tp == 0 for x in (m.n_heads, m.n_kv_heads, m.dim, m.ffn_dim, m.vocab_size))
+
+
+def _micro_batches(cfg: DictConfig, dp: int) -> list[int]:
+    """Micro-batch sizes to try, largest first: the configured one, halved down to 1."""
+    size, sizes = cfg.data.micro_batch_size, []
+    while size > 1:
+        sizes.append(size)
+        size //= 2
+    local = cfg.data.global_batch_size // dp
+    return [m for m in sizes if local % m == 0] + [1]
+
+
+def _fit(cfg: DictConfig, layouts: Sequence[Layout]) -> tuple[Estimate, bool]:
+    """The first layout that fits (in the given order), or the smallest in memory."""
+    estimates = [estimate(cfg, layout) for layout in layouts]
+    for est in estimates:
+        if est.fits:
+            return est, True
+    return min(estimates, key=lambda e: e.memory["total"]), False
+
+
+def advise(cfg: DictConfig, overrides: Sequence[str] = ()) -> Advice:
+    """Walk the decision guide (module docstring; docs/planning.md) over ``hardware.nodes x
+    hardware.gpus_per_node`` devices."""
+    hw = cfg.hardware
+    world, gpn = hw.nodes * hw.gpus_per_node, hw.gpus_per_node
+    mp = hw.mixed_precision
+    mb = cfg.data.micro_batch_size
+    tried: list[tuple[str, Estimate]] = []
+    reasons: list[str] = []
+    gib = lambda n: f"{n / 2**30:.1f} GiB"  # noqa: E731
+
+    def done(est: Estimate) -> Advice:
+        est = _across_nodes(cfg, est, tried, reasons)
+        return Advice(est, tried, reasons, train_command(cfg, est.layout, overrides))
+
+    def attempt(step: str, layouts: Sequence[Layout]) -> Optional[Estimate]:
+        est, ok = _fit(cfg, layouts)
+        tried.append((step, est))
+        return est if ok else None
+
+    mb = _micro_batches(cfg, world)[0]
+    ddp = Layout(dp_replicate=world, mixed_precision=mp, micro_batch_size=mb)
+    if est := attempt("data parallel (DDP)", [ddp]):
+        reasons.append(f"DDP fits: {gib(est.memory['total'])} of {gib(est.capacity)} per rank; no sharding needed.")
+        return done(est)
+    reasons.append(f"DDP needs {gib(tried[-1][1].memory['total'])} per rank, more than {gib(tried[-1][1].capacity)}.")
+    if world > 1:
+        for zero in ("optimizer", "shard_grad_op", "full"):
+            layout = Layout(dp_shard=world, zero=zero, mixed_precision=mp, micro_batch_size=mb)
+            if est := attempt(ZERO_NAMES[zero], [layout]):
+                reasons.append(f"{ZERO_NAMES[zero]} fits ({gib(est.memory['total'])} per rank);"
+                               " lighter sharding does not.")
+                return done(est)
+            reasons.append(f"{ZERO_NAMES[zero]} needs {gib(tried[-1][1].memory['total'])} per rank.")
+    else:
+        reasons.append("one device: there is nothing to shard over.")
+    base = Layout(dp_shard=world, zero="full" if world > 1 else "none", dp_replicate=1, mixed_precision=mp)
+    smaller = [replace(base, micro_batch_size=m) for m in _micro_batches(cfg, world)[1:]]
+    if smaller and (est := attempt("smaller micro-batch (more accumulation)", smaller)):
+        reasons.append(f"micro-batch {est.layout.micro_batch_size} (gradient accumulation keeps the global batch)"
+                       " fits.")
+        return done(est)
+    base = replace(base, micro_batch_size=1)
+    for recompute in ("selective", "full"):
+        if est := attempt(f"recompute={recompute}", [replace(base, recompute=recompute, micro_batch_size=m)
+                                                      for m in _micro_batches(cfg, world)]):
+            reasons.append(f"recompute={recompute} fits ({gib(est.memory['total'])} per rank); tp and cp not needed.")
+            return done(est)
+    base = replace(base, recompute="full")
+    last = tried[-1][1]
+    # What no layout of these devices divides further: ZeRO-3 already splits the model state over
+    # all of them (tp, pp and cp only re-divide it); the gathered units (transient) tp does divide.
+    state = sum(last.memory[k] for k in ("params", "grads", "optimizer", "reserved"))
+    if state > last.capacity:
+        reasons.append(
+            f"the model state alone ({gib(state)} per rank with ZeRO-3 over {world}) exceeds {gib(last.capacity)}:"
+            " tp, pp and cp only re-divide it over the same devices."
+        )
+        return Advice(None, tried, reasons + _what_would_fit(cfg, last, world), None)
+    state += last.memory["transient"]
+    sequence_bound = last.memory["activations"] + last.memory["loss"] > state
+    cps = [c for c in _powers_of_two(world) if world % c == 0 and cfg.data.seq_len % (2 * c) == 0]
+    tps = [t for t in _powers_of_two(min(gpn, world)) if world % t == 0 and _divides(cfg, t)]
+    cp_layouts = [replace(base, cp=c, dp_shard=world // c) for c in cps]
+    tp_layouts = [replace(base, tp=t, dp_shard=world // t, sequence_parallel=True) for t in tps]
+    steps = [("cp", cp_layouts), ("tp", tp_layouts)] if sequence_bound else [("tp", tp_layouts), ("cp", cp_layouts)]
+    if sequence_bound:
+        reasons.append(f"activations of one sequence ({gib(last.memory['activations'] + last.memory['loss'])}) outweigh"
+                       " the model state: the sequence breaks memory, so context parallelism comes first.")
+    else:
+        reasons.append("one step's memory exceeds a device even with ZeRO-3 and full recompute:"
+                       " tensor parallelism next.")
+    for name, layouts in steps:
+        if layouts and (est := attempt(name, layouts)):
+            reasons.append(f"{name}={getattr(est.layout, name)} fits ({gib(est.memory['total'])} per rank).")
+            return done(est)
+    both = [replace(base, tp=t, cp=c, dp_shard=world // (t * c), sequence_parallel=True)
+            for t in tps for c in cps if world % (t * c) == 0]
+    if both and (est := attempt("tp+cp", both)):
+        return done(est)
+    reasons.append("no combination of tp and cp fits.")
+    return Advice(None, tried, reasons + _what_would_fit(cfg, tried[-1][1], world), None)
+
+
+def _divisors(n: int) -> list[int]:
+    return [k for k in range(2, n + 1) if n % k == 0]
+
+
+def _across_nodes(cfg: DictConfig, est: Estimate, tried: list[tuple[str, Estimate]], reasons: list[str]) -> Estimate:
+    """Pipeline parallelism, or HSDP, when the devices span nodes and the fitting layout's data-parallel
+    traffic over the inter-node links makes the step needlessly slow.
+
+    ZeRO over every rank moves the model state through the slowest links every step (ZeRO-3: every
+    micro-batch). HSDP keeps the gathers inside a node and all-reduces gradient shards across nodes;
+    pp with one stage group per node keeps data parallelism inside a node and sends only the stage
+    boundary's activations between nodes, at the price of the bubble ``(pp - 1) / (v * M)``: the run's
+    own ``parallel.pp.schedule`` if it sets one, else 1F1B and interleaved with 2 stages per rank
+    (half the bubble, for more activations in flight and twice the sends). Each is taken only if it
+    fits and its estimated step is ``SPEEDUP`` shorter. One node: pp is not needed."""
+    hw, layout = cfg.hardware, est.layout
+    if hw.nodes == 1:
+        if layout.world > 1:
+            reasons.append("pp not needed: one node (pipeline parallelism trades a bubble for less inter-node traffic,"
+                           " and ZeRO already divides the model state).")
+        return est
+    inner = hw.gpus_per_node // (layout.tp * layout.cp)  # data-parallel ranks of one node
+    candidates: list[tuple[str, Layout]] = []
+    sharded = layout.zero in ("optimizer", "shard_grad_op", "full")
+    if sharded and inner >= 1 and layout.dp > inner and layout.dp % inner == 0:
+        candidates.append(("HSDP", replace(layout, zero="hybrid", dp_shard=inner, dp_replicate=layout.dp // inner)))
+    schedules = [pipeline_knobs(cfg)] if cfg.parallel.get("pp") is not None else \
+        [{"pp_schedule": "1F1B", "virtual_stages": None}, {"pp_schedule": "interleaved", "virtual_stages": 2}]
+    for pp in _divisors(hw.nodes):
+        if layout.dp % pp or layout.pp > 1:
+            continue
+        dp = layout.dp // pp
+        for zero in (("none",) if dp == 1 else ("none", "optimizer", "shard_grad_op", "full")):
+            for knobs in schedules:
+                candidate = replace(layout, pp=pp, zero=zero, dp_shard=1 if zero == "none" else dp,
+                                    dp_replicate=dp if zero == "none" else 1, **knobs)
+                if _pipeline_runs(cfg, candidate):
+                    candidates.append((f"pp={pp}", candidate))
+    # Keeping a node's traffic inside it may hold more per rank; full recompute may pay for that.
+    candidates += [(name, replace(c, recompute="full")) for name, c in candidates if c.recompute != "full"]
+    gib = gib_text
+    now = est.time["total"]
+    options = [(name, estimate(cfg, c)) for name, c in candidates]
+    fitting = [(name, e) for name, e in options if e.fits]
+    if not fitting:
+        if options:
+            names = ", ".join(sorted({n for n, _ in options}))
+            reasons.append(f"pp across the {hw.nodes} nodes does not fit ({names}).")
+        return est
+    name, best = min(fitting, key=lambda item: item[1].time["total"])
+    dp_time = est.time.get("dp", 0.0)
+    if best.time["total"] < (1 - SPEEDUP) * now:
+        tried.append((f"across nodes: {name}", best))
+        reasons.append(
+            f"across {hw.nodes} nodes, {est.layout.describe()} spends {dp_time:.2f} s per step in data-parallel"
+            f" communication, {est.time['dp_exposed']:.2f} s of it not hidden by compute (step {now:.2f} s);"
+            f" {best.layout.describe()} keeps that inside a node and fits"
+            f" ({gib(best.memory['total'])} per rank): {best.time['total']:.2f} s per step"
+            + (f", bubble {best.time['bubble']:.2f} s" if best.layout.pp > 1 else "") + "."
+        )
+        return best
+    pp_options = [e for n, e in fitting if n.startswith("pp=")]
+    if pp_options:
+        fastest = min(pp_options, key=lambda e: e.time["total"])
+        reasons.append(
+            f"pp not needed: across {hw.nodes} nodes the fastest pipeline that fits ({fastest.layout.describe()})"
+            f" takes {fastest.time['total']:.2f} s per step (bubble"
+            f" {fastest.time['bubble']:.2f} s) against {now:.2f} s"
+            + (f"; HSDP would take {best.time['total']:.2f} s" if name == "HSDP" else "") + "."
+        )
+    else:
+        reasons.append(f"pp not needed: no pipeline over the {hw.nodes} nodes fits;"
+                       f" HSDP takes {best.time['total']:.2f} s"
+                       f" per step against {now:.2f} s.")
+    return est
+
+
+def _shorter_bubble(cfg: DictConfig, now: Estimate) -> Optional[Estimate]:
+    """The pipeline schedule, of those that run this layout and fit, whose step is the shortest, if it
+    is ``SPEEDUP`` shorter than ``now``'s: interleaved (2 stages per rank: half the bubble, twice the
+    sends, more activations in flight) and the zero-bubble kinds."""
+    options = [{"pp_schedule": "interleaved", "virtual_stages": 2},
+               {"pp_schedule": "interleaved_zb", "virtual_stages": 2},
+               {"pp_schedule": "zbv", "virtual_stages": None}]
+    fitting = []
+    for knobs in options:
+        layout = replace(now.layout, **knobs)
+        if layout != now.layout and _pipeline_runs(cfg, layout) and (est := estimate(cfg, layout)).fits:
+            fitting.append(est)
+    best = min(fitting, key=lambda e: e.time["total"], default=None)
+    return best if best is not None and best.time["total"] < (1 - SPEEDUP) * now.time["total"] else None
+
+
+def _pipeline_runs(cfg: DictConfig, layout: Layout) -> bool:
+    """Whether the schedule accepts the layout: a stage per rank's blocks, the micro-batch count."""
+    n_stages = layout.pp * layout.stages_per_rank
+    try:
+        check_microbatches(layout.pp_schedule, microbatches_per_step(cfg, layout), layout.pp, n_stages)
+    except ValueError:
+        return False
+    return cfg.model.n_layers >= n_stages
+
+
+def _what_would_fit(cfg: DictConfig, best: Estimate, world: int) -> list[str]:
+    m = best.memory
+    state = m["params"] + m["grads"] + m["optimizer"]
+    rest = m["total"] - state
+    free = best.capacity - rest
+    hints = [f"nothing fits on {world} x {gib_text(cfg.hardware.memory_bytes)} ({cfg.hardware.name}); closest:"
+             f" {best.layout.describe()} at {gib_text(m['total'])} per rank."]
+    if free > 0:
+        needed = math.ceil(world * state / free)
+        hints.append(f"more devices: the sharded model state needs about {needed} devices of this kind.")
+    hints.append("CPU offload (parallel.fsdp.cpu_offload=true) moves the sharded parameters, gradients and"
+                 f" optimizer state ({gib_text(state)} per rank) to host memory.")
+    if m["activations"] + m["loss"] > state:
+        hints.append("a shorter sequence (data.seq_len) or more context-parallel ranks shrinks the activations.")
+    return hints
+
+
+def gib_text(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def train_command(cfg: DictConfig, layout: Layout, user_overrides: Sequence[str] = ()) -> str:
+    """``python train.py ...`` for ``layout``: the user's overrides, less those the layout sets and
+    the ``parallel.<option>.*`` keys of options the layout does not compose (the user's
+    ``parallel.pp.schedule`` stays with a pipeline; ``parallel.cp.pattern`` goes without cp)."""
+    hw = cfg.hardware
+    mine = {"parallel", "parallel.fsdp.sharding", "parallel.fsdp.replicas", "parallel.fsdp.mixed_precision",
+            "parallel.tp.size", "parallel.tp.sequence_parallel", "parallel.pp.size", "parallel.pp.schedule",
+            "parallel.pp.virtual_stages", "parallel.cp.size",
+            "parallel.recompute", "trainer.devices", "trainer.num_nodes", "trainer.precision", "data.micro_batch_size"}
+    options = set(layout.options())
+
+    def kept(override: str) -> bool:
+        key = override.lstrip("+~").partition("=")[0]
+        parts = key.split(".")
+        if key in mine:
+            return False
+        return not (parts[0] == "parallel" and len(parts) > 2 and parts[1] not in options)
+
+    args = [o for o in user_overrides if kept(o)]
+    args.append(f"parallel={'+'.join(layout.options())}")
+    if layout.zero != "none":
+        args.append(f"parallel.fsdp.sharding={layout.zero}")
+        if layout.zero == "hybrid":
+            args.append(f"parallel.fsdp.replicas={layout.dp_replicate}")
+        args.append(f"parallel.fsdp.mixed_precision={layout.mixed_precision}")
+    elif layout.mixed_precision == "bf16":
+        args.append("trainer.precision=bf16-mixed")
+    for name in ("tp", "pp", "cp"):
+        if getattr(layout, name) > 1:
+            args.append(f"parallel.{name}.size={getattr(layout, name)}")
+    if layout.pp > 1 and layout.pp_schedule != "1F1B":  # conf/parallel/pp.yaml's defaults: 1F1B, virtual_stages null
+        args.append(f"parallel.pp.schedule={layout.pp_schedule}")
+    if layout.pp > 1 and layout.virtual_stages is not None:
+        args.append(f"parallel.pp.virtual_stages={layout.virtual_stages}")
+    if layout.sequence_parallel:
+        args.append("parallel.tp.sequence_parallel=true")
+    if layout.recompute != "none":
+        args.append(f"parallel.recompute={layout.recompute}")
+    user_micro_batch = any(o.lstrip("+~").startswith("data.micro_batch_size") for o in user_overrides)
+    if layout.micro_batch_size != cfg.data.micro_batch_size or user_micro_batch:  # the user's was dropped above
+        args.append(f"data.micro_batch_size={layout.micro_batch_size}")
+    args += [f"trainer.devices={hw.gpus_per_node}", f"trainer.num_nodes={hw.nodes}"]
+    return "python train.py " + " ".join(args)
+
+
+NEXT_FOR_OOM = {"none": "optimizer", "optimizer": "shard_grad_op", "shard_grad_op": "full"}
+
+
+def diagnose(cfg: DictConfig, symptom: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Which primitive to add next for ``symptom`` (oom | slow), given the layout ``cfg`` runs."""
+    layout = current_layout(cfg)
+    if layout.world > cfg.hardware.gpus_per_node * cfg.hardware.nodes:  # the run's own nodes, not the default 1
+        cfg = cfg.copy()
+        cfg.hardware.nodes = math.ceil(layout.world / cfg.hardware.gpus_per_node)
+    now = estimate(cfg, layout)
+    if symptom == "oom":
+        if layout.zero in NEXT_FOR_OOM and layout.shards * (layout.dp if layout.zero == "none" else 1) > 1:
+            nxt = replace(layout, zero=NEXT_FOR_OOM[layout.zero], dp_shard=layout.dp, dp_replicate=1)
+            why = f"add the next ZeRO stage: {ZERO_NAMES[nxt.zero]} shards more of the model state"
+        elif layout.recompute != "full":
+            nxt = replace(layout, recompute="full")
+            why = "add activation recompute: model state is sharded as far as it goes"
+        else:
+            nxt, why = None, "add tp (memory-bound step) or cp (long sequences): see the full advice"
+    elif symptom == "slow":
+        parts = {k: v for k, v in now.time.items() if k not in ("total", "compute", "dp")}
+        worst = max(parts, key=parts.get) if parts else None
+        nxt = None
+        if worst and parts[worst] > 0.2 * now.time["compute"]:
+            what = {"dp_exposed": "data-parallel communication not hidden by compute", "bubble": "the pipeline bubble"}
+            why = (f"{what.get(worst, f'communication on {worst}')} takes {parts[worst]:.2f} s"
+                   f" of a {now.time['total']:.2f} s step")
+            notes: list[str] = []
+            zero2 = replace(layout, zero="shard_grad_op")
+            if worst == "dp_exposed" and layout.zero == "full" and estimate(cfg, zero2).fits:
+                nxt = zero2
+                why += ": ZeRO-2 gathers parameters once per step instead of per micro-batch, and fits"
+            elif worst == "dp_exposed" and (alt := _across_nodes(cfg, now, [], notes)) is not now:
+                nxt = alt.layout
+                why += ": " + notes[-1]
+            elif worst == "bubble" and (alt := _shorter_bubble(cfg, now)) is not None:
+                nxt = alt.layout
+                why += (f": {alt.layout.pp_schedule} (v={alt.layout.stages_per_rank}) cuts the bubble to"
+                        f" {alt.time['bubble']:.2f} s and fits ({gib_text(alt.memory['total'])} per rank):"
+                        f" {alt.time['total']:.2f} s per step")
+            elif worst == "bubble":
+                why += (": more micro-batches per step (a smaller data.micro_batch_size); no other schedule that"
+                        f" fits is {SPEEDUP:.0%} faster")
+        elif layout.recompute != "none" and estimate(cfg, replace(layout, recompute="none")).fits:
+            nxt, why = replace(layout, recompute="none"), "recompute costs a forward and is not needed to fit"
+        else:
+            why = "the step is compute-bound by the estimate: measure with scripts/bench.py before adding primitives"
+    else:
+        raise ValueError(f"symptom={symptom!r}: expected oom or slow")
+    result = {"symptom": symptom, "current": now.to_dict(), "advice": why, "next": None, "command": None}
+    if nxt is not None:
+        result.update(next=estimate(cfg, nxt).to_dict(), command=train_command(cfg, nxt, overrides))
+    return result

@@ -1,0 +1,164 @@
+"""The layout vocabulary: the ``parallel`` options, ZeRO's modes, a candidate ``Layout``, and the one
+parser of layout strings (``capacity_sweep.py layouts=...`` and ``bench.py --layout ...``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from omegaconf import DictConfig
+
+from curry_train.config import ConfigError
+from curry_train.config.checks import layout_degrees
+from curry_train.primitives.pipeline_schedule import stages_per_rank
+
+OPTIONS = ("dp", "fsdp", "tp", "pp", "cp")  # the parallel options, in the order parallel=a+b composes them
+# Keys a layout string may give without the ``parallel.`` prefix: ``fsdp+tp tp.size=4 recompute=full``.
+PARALLEL_KEYS = (*OPTIONS, "recompute", "recompute_every_n_blocks")
+ZERO_MODES = ("none", "optimizer", "shard_grad_op", "full")  # DDP, ZeRO-1, ZeRO-2, ZeRO-3
+ZERO_NAMES = {"none": "DDP", "optimizer": "ZeRO-1", "shard_grad_op": "ZeRO-2", "full": "ZeRO-3", "hybrid": "HSDP"}
+LAYOUT_EXAMPLE = "'tp4: parallel=tp parallel.tp.size=4 trainer.devices=4'"
+
+
+class PlanningError(ConfigError):
+    """A layout string or an option a planning command cannot use: one line naming the value and
+    what is expected (the commands print it and exit 2)."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A candidate: the parallel degrees and the knobs that change a rank's memory."""
+
+    dp_replicate: int = 1
+    dp_shard: int = 1
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    zero: str = "none"  # none (DDP) | optimizer | shard_grad_op | full | hybrid
+    mixed_precision: str = "fp32"  # fp32 | bf16: compute dtype
+    recompute: str = "none"  # none | selective | full
+    sequence_parallel: bool = False
+    micro_batch_size: int = 1
+    pp_schedule: str = "1F1B"
+    virtual_stages: Optional[int] = None  # parallel.pp.virtual_stages: None = the schedule's default
+
+    @property
+    def stages_per_rank(self) -> int:
+        """Pipeline stages one rank holds (``pipeline_schedule.stages_per_rank``); 1 without pp."""
+        return stages_per_rank(self.pp_schedule, self.virtual_stages) if self.pp > 1 else 1
+
+    @property
+    def world(self) -> int:
+        return self.dp_replicate * self.dp_shard * self.tp * self.pp * self.cp
+
+    @property
+    def dp(self) -> int:
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def shards(self) -> int:
+        """Ranks that share one copy of the model state: FSDP shards over dp_shard x cp."""
+        return 1 if self.zero == "none" else self.dp_shard * self.cp
+
+    def sizes(self) -> dict[str, int]:
+        return {"dp_replicate": self.dp_replicate, "dp_shard": self.dp_shard, "tp": self.tp, "pp": self.pp,
+                "cp": self.cp}
+
+    def options(self) -> list[str]:
+        """The ``parallel`` options this layout composes, in ``+`` order."""
+        others = [name for name in ("tp", "pp", "cp") if getattr(self, name) > 1]
+        if self.zero != "none":
+            return ["fsdp", *others]
+        # tp and pp replicate over the ranks they leave themselves (parallel=dp+tp is refused).
+        return others if {"tp", "pp"} & set(others) else ["dp", *others]
+
+    def describe(self) -> str:
+        parts = [ZERO_NAMES[self.zero] + (f" over {self.shards}" if self.zero != "none" else f" x{self.dp}")]
+        parts += [f"{name}={getattr(self, name)}" for name in ("tp", "pp", "cp") if getattr(self, name) > 1]
+        if self.pp > 1 and (self.pp_schedule != "1F1B" or self.stages_per_rank > 1):
+            parts.append(f"{self.pp_schedule}" + (f" v={self.stages_per_rank}" if self.stages_per_rank > 1 else ""))
+        if self.sequence_parallel:
+            parts.append("sequence parallel")
+        if self.recompute != "none":
+            parts.append(f"recompute={self.recompute}")
+        parts.append(f"{self.mixed_precision}, micro-batch {self.micro_batch_size}")
+        return ", ".join(parts)
+
+
+def microbatches_per_step(cfg: DictConfig, layout: Layout) -> int:
+    """Micro-batches per optimizer step on one data-parallel rank."""
+    return max(1, cfg.data.global_batch_size // (layout.dp * layout.micro_batch_size))
+
+
+def current_layout(cfg: DictConfig) -> Layout:
+    """The layout ``cfg`` would run (``trainer.devices x trainer.num_nodes`` ranks)."""
+    deg = layout_degrees(cfg, cfg.trainer.devices * cfg.trainer.num_nodes)
+    fsdp, tp = cfg.parallel.get("fsdp"), cfg.parallel.get("tp")
+    zero = "none" if fsdp is None or fsdp.sharding == "no_shard" else fsdp.sharding
+    bf16 = (fsdp is not None and fsdp.mixed_precision != "fp32") or cfg.trainer.precision.startswith("bf16")
+    return Layout(deg.dp_replicate, deg.dp_shard, deg.tp, deg.pp, deg.cp, zero, "bf16" if bf16 else "fp32",
+                  cfg.parallel.recompute, bool(tp is not None and tp.sequence_parallel), cfg.data.micro_batch_size,
+                  **pipeline_knobs(cfg))
+
+
+def pipeline_knobs(cfg: DictConfig) -> dict[str, Any]:
+    """The run's pipeline schedule and virtual stages (``parallel.pp``), for the layouts advise tries;
+    the defaults of ``conf/parallel/pp.yaml`` without pp."""
+    pp = cfg.parallel.get("pp")
+    return {"pp_schedule": pp.schedule, "virtual_stages": pp.virtual_stages} if pp is not None else {}
+
+
+# ----------------------------------------------------------------------------------------------
+# Layout strings
+
+
+@dataclass(frozen=True)
+class LayoutSpec:
+    """One layout string, parsed: ``[NAME:] [OPTIONS] [KEY=VALUE ...]``."""
+
+    text: str  # as given
+    name: str  # the NAME before ``:``; else the text
+    options: Optional[str]  # the parallel options, e.g. "fsdp+tp"; None where the overrides name them
+    overrides: tuple[str, ...]  # full Hydra overrides (``parallel.`` prefixed where it was left out)
+
+    def hydra_overrides(self) -> tuple[str, ...]:
+        """The overrides that run this layout: ``parallel=OPTIONS`` (if given), then the rest."""
+        return ((f"parallel={self.options}",) if self.options else ()) + self.overrides
+
+
+def parse_layout(text: str, where: str, options_first: bool = False) -> LayoutSpec:
+    """Parse ``[NAME:] [OPTIONS] [KEY=VALUE ...]``, each error a ``PlanningError`` starting with ``where``.
+
+    * ``NAME:``: a label (what comes before the first ``:``, if it holds no ``=``);
+    * ``OPTIONS``: a first word without ``=``: the ``parallel`` options joined by ``+`` (``fsdp+tp``),
+      which stands for ``parallel=fsdp+tp``; ``options_first``: required;
+    * ``KEY=VALUE``: Hydra overrides (``~KEY`` deletes); a key starting with an option or ``recompute``
+      gets the ``parallel.`` prefix (``tp.size=4`` is ``parallel.tp.size=4``).
+
+    ``dp;fsdp fsdp.sharding=optimizer`` items (``capacity_sweep.py``) and ``tp4: parallel=tp
+    parallel.tp.size=4 trainer.devices=4`` (``bench.py --layout``) are both layout strings."""
+    name, colon, rest = text.partition(":")
+    if colon and "=" not in name:
+        name, body = name.strip(), rest
+    else:
+        name, body = text.strip(), text
+    words = body.split()
+    if options_first and (not words or "=" in words[0]):
+        raise PlanningError(f"{where}: start with the parallel options (e.g. 'fsdp+tp tp.size=4')")
+    options = None
+    if words and "=" not in words[0] and (options_first or not words[0].startswith("~")):
+        options = words.pop(0)
+        names = options.split("+")
+        unknown = [n for n in names if n not in OPTIONS]
+        if unknown or len(set(names)) != len(names):
+            raise PlanningError(f"{where}: unknown or repeated option(s) {unknown or names};"
+                                f" expected {', '.join(OPTIONS)} joined by +")
+    overrides = []
+    for word in words:
+        key, eq, _ = word.partition("=")
+        if not eq and not word.startswith("~"):
+            raise PlanningError(f"{where}: {word!r} is not key=value")
+        overrides.append(f"parallel.{word}" if key.split(".")[0] in PARALLEL_KEYS else word)
+    if not name or not (options or overrides):
+        raise PlanningError(f"{where}: expected 'NAME: overrides...' or 'overrides...', e.g. {LAYOUT_EXAMPLE}")
+    return LayoutSpec(text, name, options, tuple(overrides))

@@ -1,0 +1,120 @@
+"""How long one optimizer step takes, by arithmetic: model FLOPs over the devices' assumed throughput,
+the pipeline bubble, and each parallel group's communication over its link.
+
+The model and the communication volumes are derived in docs/planning.md ("Step time").
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+from omegaconf import DictConfig
+
+from curry_train.planning.layout import Layout, microbatches_per_step
+from curry_train.planning.memory import parameter_count, parameter_shapes
+from curry_train.primitives.pipeline_schedule import canonical_kind, split_layers
+
+ZERO_BUBBLE = ("interleaved_zb", "zbv", "dualpipev")
+
+
+def flops_per_token(parameters: int, n_layers: int, dim: int, seq_len: int) -> int:
+    """Model FLOPs of training on one token, forward and backward (Kaplan et al., 2020; PaLM's MFU,
+    Chowdhery et al., 2022): ``6N + 12*L*h*s``. A matmul with N weights costs 2N FLOPs per token
+    forward and 4N backward (the gradients of its input and of its weights); attention's two
+    sequence-long products (``QK^T`` and the weighted sum of V) cost ``2*s*h`` each per token and
+    layer forward, ``12*L*h*s`` with backward (causal masking not discounted, as in PaLM). Recompute
+    is not model FLOPs: it adds hardware FLOPs only."""
+    return 6 * parameters + 12 * n_layers * dim * seq_len
+
+
+def flops_parameters(model_cfg: DictConfig) -> int:
+    """N of ``flops_per_token``: the model's parameters less the input embedding's (a lookup, no
+    matmul; tied to the head, it is the head's matmul and counts), as torchtitan counts them."""
+    shapes = parameter_shapes(model_cfg)
+    embedding = 0 if model_cfg.tie_embeddings else math.prod(shapes["tok_embeddings.weight"])
+    return sum(math.prod(shape) for shape in shapes.values()) - embedding
+
+
+def bubble_formula(kind: str, pp: int, microbatches: int, virtual_stages: int = 1) -> Optional[float]:
+    """The idle share of a pipeline step for schedule ``kind``: ``(P-1) / (M+P-1)`` for gpipe and
+    1F1B, ``(P-1) / (v*M+P-1)`` for interleaved (Narayanan et al., 2021); None for the zero-bubble
+    kinds, whose weight-gradient chunks fill the drain (Qi et al., 2023) and which have no closed
+    formula (what remains depends on the forward / input-gradient / weight-gradient cost ratio)."""
+    key = canonical_kind(kind)
+    if key in ZERO_BUBBLE:
+        return None
+    v = virtual_stages if key == "interleaved" else 1
+    return (pp - 1) / (v * microbatches + pp - 1)
+
+
+def bubble_ratio(layout: Layout, microbatches: int) -> float:
+    """The pipeline bubble over the compute: ``(pp - 1) / (v * M)``, from the bubble's share of a step
+    (``bubble_formula``: ``(pp - 1) / (v * M + pp - 1)``; v > 1 for the looped schedules); 0 without
+    pp and for the zero-bubble kinds."""
+    if layout.pp == 1:
+        return 0.0
+    share = bubble_formula(layout.pp_schedule, layout.pp, microbatches, layout.stages_per_rank)
+    return 0.0 if share is None else share / (1 - share)
+
+
+def _link(layout: Layout, axis: str, gpus_per_node: int, hw: DictConfig) -> float:
+    """Bandwidth of ``axis``'s groups: the mesh is (pp, dp_replicate, dp_shard, cp, tp), tp innermost,
+    so a group spans ``stride * size`` consecutive ranks."""
+    order = ("tp", "cp", "dp_shard", "dp_replicate", "pp")
+    stride = 1
+    for name in order:
+        size = layout.sizes()[name]
+        if name == axis or (axis == "dp" and name == "dp_shard"):
+            span = stride * size * (layout.dp_replicate if axis == "dp" else 1)
+            return hw.intra_node_bandwidth if span <= gpus_per_node else hw.inter_node_bandwidth
+        stride *= size
+    raise ValueError(axis)
+
+
+def step_time(cfg: DictConfig, layout: Layout, hw: DictConfig) -> dict[str, float]:
+    """Seconds of one optimizer step by parts: compute, bubble, and each axis's communication."""
+    m = cfg.model
+    N = parameter_count(m)
+    s, L, h = cfg.data.seq_len, m.n_layers, m.dim
+    N_matmul = flops_parameters(m)
+    per_token = flops_per_token(N_matmul, L, h, s)
+    if layout.recompute == "full":
+        per_token += 2 * N_matmul + 4 * L * h * s
+    tokens = cfg.data.global_batch_size * s
+    compute = tokens * per_token / (layout.world * hw.peak_bf16_flops * hw.mfu)
+    M = microbatches_per_step(cfg, layout)
+    times = {"compute": compute, "bubble": compute * bubble_ratio(layout, M)}
+    gpn = hw.gpus_per_node
+    pbytes = 2 if layout.mixed_precision == "bf16" else 4
+    P_rank = N / (layout.tp * layout.pp)  # parameters one rank's data-parallel group handles
+    d = layout.dp if layout.zero == "none" else layout.shards
+    ring = (d - 1) / d if d > 1 else 0.0
+    if layout.zero == "none":
+        volume = 2 * ring * 4 * P_rank
+    elif layout.zero in ("optimizer", "shard_grad_op"):
+        volume = ring * (4 * P_rank + pbytes * P_rank)
+    else:
+        volume = ring * (4 * P_rank + 2 * M * pbytes * P_rank)
+    times["dp"] = volume / _link(layout, "dp_shard" if layout.zero == "hybrid" else "dp", gpn, hw) if volume else 0.0
+    if layout.zero == "hybrid" and layout.dp_replicate > 1:
+        # HSDP: gathers and reduce-scatters stay in the shard group; the replicas all-reduce the
+        # gradient shards (fp32) once a step, over the links that join them.
+        volume = 2 * (layout.dp_replicate - 1) / layout.dp_replicate * 4 * P_rank / d
+        times["dp"] += volume / _link(layout, "dp", gpn, hw)
+    act = s // layout.cp * layout.micro_batch_size * h * pbytes
+    blocks = max(len(r) for r in split_layers(L, layout.pp))
+    if layout.tp > 1:
+        volume = 4 * blocks * M * 2 * (layout.tp - 1) / layout.tp * act
+        times["tp"] = volume / _link(layout, "tp", gpn, hw)
+    if layout.pp > 1:  # each of the rank's stages sends its boundary forward and its gradient back
+        times["pp"] = 2 * M * layout.stages_per_rank * act / _link(layout, "pp", gpn, hw)
+    if layout.cp > 1:
+        kv = 2 * (s // layout.cp) * layout.micro_batch_size * h * m.n_kv_heads // m.n_heads * pbytes
+        # K, V out cp - 1 times forward and again backward; their fp32 gradients cp moves home (the
+        # ring's count: tests/test_bench.py measures it).
+        volume = blocks * M * (2 * (layout.cp - 1) * kv + layout.cp * kv * 4 / pbytes)
+        times["cp"] = volume / _link(layout, "cp", gpn, hw)
+    times["dp_exposed"] = max(0.0, times["dp"] - compute)
+    times["total"] = sum(v for k, v in times.items() if k != "dp")
+    return times
