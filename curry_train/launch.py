@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -139,9 +140,26 @@ def main(cfg: DictConfig) -> None:
     """The body of ``python train.py``: one Hydra job."""
     from hydra.core.hydra_config import HydraConfig
 
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
         launch(cfg, run_dir)
     except ConfigError as error:
         print(f"curry-train: error: {error}", file=sys.stderr)
+        remove_unused_run_dir(run_dir, f"{hydra_cfg.job.name}.log")
         sys.exit(2)
+
+
+def remove_unused_run_dir(run_dir: Path, log_name: str) -> None:
+    """A run that never started leaves no directory behind: only what Hydra wrote before the check
+    (``.hydra/`` and the job's log) is there, so nothing of value is lost. A directory with anything
+    else in it (an earlier run's checkpoints) is left alone."""
+    if not run_dir.is_dir() or any(p.name not in (".hydra", log_name) for p in run_dir.iterdir()):
+        return
+    logging.shutdown()  # the job's log file is open
+    shutil.rmtree(run_dir, ignore_errors=True)
+    cwd = Path.cwd().resolve()
+    for parent in run_dir.resolve().parents:  # outputs/<date>/ too, when this was its only run
+        if parent == cwd or cwd not in parent.parents or any(parent.iterdir()):
+            break
+        parent.rmdir()

@@ -57,6 +57,7 @@ class CausalLM(pl.LightningModule):
     def configure_model(self) -> None:
         if self.model is None:  # built under the strategy's meta-device context
             self.model = Llama(self.cfg.model)
+            self.num_parameters = self.model.num_parameters()  # of the whole model, before any layout splits it
 
     def attach(self, model: nn.Module, step: TrainStep) -> None:
         """Take this rank's part of the parallelized model and the step that runs it (the strategy's
@@ -130,6 +131,8 @@ class CausalLM(pl.LightningModule):
         self._last_log_time, self._steps_since_log = now, 0
         self.log_dict({k: torch.as_tensor(v, dtype=torch.float32) for k, v in metrics.items()}, prog_bar=False)
         self.log("loss", loss.float(), prog_bar=True, logger=False)
+        if "train/tokens_per_s" in metrics:
+            self.log("tokens/s", float(metrics["train/tokens_per_s"]), prog_bar=True, logger=False)
 
     def on_train_epoch_start(self) -> None:
         self._last_log_time, self._steps_since_log = time.perf_counter(), 0

@@ -5,15 +5,20 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.callbacks import Callback, TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import _update_n
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from curry_train.config.schema import ParallelConfig
 from curry_train.data import LMDataModule
 from curry_train.module import CausalLM
 from curry_train.primitives import dcp
@@ -37,6 +42,76 @@ class _DropAdvertisements(logging.Filter):
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropAdvertisements())
 
 
+class StepProgressBar(TQDMProgressBar):
+    """One bar over the run's optimizer steps (Lightning's counts an epoch's batches), showing the
+    loss and tokens/s the module logs to it."""
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, *_: Any) -> None:
+        bar = self.train_progress_bar
+        if bar.total != trainer.max_steps:  # the first epoch; later ones continue the same bar
+            bar.reset(total=trainer.max_steps)
+            bar.initial = trainer.global_step  # a resumed run starts where its checkpoint was
+            bar.set_description("train")
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *_: Any) -> None:
+        bar = self.train_progress_bar
+        if bar is not None and self._should_update(trainer.global_step, bar.total):
+            _update_n(bar, trainer.global_step)
+            bar.set_postfix(self.get_metrics(trainer, pl_module))
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pass  # the bar spans epochs: closed at the end of training
+
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)  # the logger's version says nothing about training
+        return metrics
+
+
+class RunSummary(Callback):
+    """What a person wants to see at the start of a run and at its end, on rank 0: the layout, the
+    parameter count and tokens per step; then the final losses, tokens/s and where everything is."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path) -> None:
+        self.cfg, self.run_dir = cfg, run_dir
+        self.step_seconds, self.steps = 0.0, 0  # time inside training steps: validation and checkpoints left out
+        self._step_began = 0.0
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        cfg, step = self.cfg, pl_module.step
+        degrees = step.parallel_state.degrees
+        d = cfg.data
+        accumulation = d.global_batch_size // (d.micro_batch_size * degrees.dp)
+        log.info(
+            "%s: %s parameters | parallel=%s (%s) on %d %s process(es) | %s tokens per step (%d x %d),"
+            " micro-batch %d, %d accumulation step(s) | %d steps -> %s",
+            cfg.model.name, f"{pl_module.num_parameters:,}", "+".join(ParallelConfig.of(cfg).options), degrees,
+            trainer.world_size, trainer.strategy.root_device.type, f"{d.global_batch_size * d.seq_len:,}",
+            d.global_batch_size, d.seq_len, d.micro_batch_size, accumulation, trainer.max_steps, self.run_dir,
+        )
+
+    def on_train_batch_start(self, *_: Any) -> None:
+        self._step_began = time.perf_counter()
+
+    def on_train_batch_end(self, *_: Any) -> None:
+        self.step_seconds += time.perf_counter() - self._step_began
+        self.steps += 1
+
+    def closing_lines(self, trainer: pl.Trainer) -> list[str]:
+        """The run's last words (after every callback's end of training, the last checkpoint's too)."""
+        metrics = trainer.callback_metrics
+        parts = [f"step {trainer.global_step}"]
+        for key, name in (("train/loss", "train loss"), ("val/loss", "val loss")):
+            if key in metrics:
+                parts.append(f"{name} {float(metrics[key]):.4f}")
+        if self.step_seconds > 0:
+            tokens = self.steps * self.cfg.data.global_batch_size * self.cfg.data.seq_len
+            parts.append(f"{tokens / self.step_seconds:,.0f} tokens/s")
+        checkpoint = next((cb.last_saved for cb in trainer.callbacks if isinstance(cb, PeriodicCheckpoint)), None)
+        return [f"done: {', '.join(parts)}", f"run directory: {self.run_dir}",
+                f"last checkpoint: {checkpoint if checkpoint is not None else 'none saved'}"]
+
+
 class PeriodicCheckpoint(Callback):
     """Save every ``every_n_steps`` optimizer steps (and at the end); keep the last ``keep_last``."""
 
@@ -44,6 +119,7 @@ class PeriodicCheckpoint(Callback):
         self.directory, self.every_n_steps = Path(directory), every_n_steps
         self.keep_last, self.save_on_end = keep_last, save_on_end
         self._last_saved_step: Optional[int] = None
+        self.last_saved: Optional[Path] = None
 
     def _save(self, trainer: pl.Trainer) -> None:
         step = trainer.global_step
@@ -51,7 +127,7 @@ class PeriodicCheckpoint(Callback):
             return
         path = trainer.strategy.broadcast(self.directory / dcp.checkpoint_name(step))
         trainer.save_checkpoint(path, weights_only=False)
-        self._last_saved_step = step
+        self._last_saved_step, self.last_saved = step, path
         if trainer.is_global_zero:
             dcp.prune(self.directory, self.keep_last)
             log.info("checkpoint saved: %s", path)
@@ -85,8 +161,6 @@ def make_loggers(cfg: DictConfig, run_dir: Path, run_name: str) -> list[Logger]:
     loggers: list[Logger] = [csv]
     kind = cfg.logger.kind
     if kind == "wandb":
-        from lightning.pytorch.loggers import WandbLogger
-
         offline = cfg.logger.offline if cfg.logger.offline is not None else not wandb_account_configured()
         loggers.append(
             WandbLogger(
@@ -100,8 +174,6 @@ def make_loggers(cfg: DictConfig, run_dir: Path, run_name: str) -> list[Logger]:
             )
         )
     elif kind == "tensorboard":
-        from lightning.pytorch.loggers import TensorBoardLogger
-
         loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version=""))
     return loggers
 
@@ -119,6 +191,9 @@ def configure_worker_logging(run_dir: Path, rank: int) -> None:
         handler.setFormatter(fmt)
         root.addHandler(handler)
     root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    if rank != 0:  # Lightning's loggers have handlers of their own: its per-rank notices, once is enough
+        for name in ("lightning.fabric", "lightning.pytorch"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def build_trainer(
@@ -134,7 +209,9 @@ def build_trainer(
     if checkpoints:
         c = cfg.checkpoint
         all_callbacks.append(PeriodicCheckpoint(run_dir / "checkpoints", c.every_n_steps, c.keep_last, c.save_on_end))
-    run_name = f"{cfg.model.name}-{'+'.join(k for k, v in cfg.parallel.items() if OmegaConf.is_config(v))}"
+    if t.enable_progress_bar:
+        all_callbacks.append(StepProgressBar())
+    run_name = f"{cfg.model.name}-{'+'.join(ParallelConfig.of(cfg).options)}"
     return pl.Trainer(
         accelerator="gpu" if accelerator == "cuda" else "cpu",
         devices=t.devices,
@@ -159,7 +236,15 @@ def build_trainer(
 
 def train(cfg: DictConfig, run_dir: Path, accelerator: str, ckpt_path: Optional[str]) -> pl.Trainer:
     """Train with ``cfg`` in this process (one rank of the run). Returns the finished Trainer."""
+    # Lightning's own notices print on rank 0 only once the strategy knows the rank: from the start.
+    rank_zero_only.rank = utils_rank_zero_only.rank = int(os.environ.get("RANK", "0"))
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    trainer = build_trainer(cfg, run_dir, accelerator)
+    summary = RunSummary(cfg, run_dir)
+    trainer = build_trainer(cfg, run_dir, accelerator, callbacks=[summary])
     trainer.fit(CausalLM(cfg), datamodule=LMDataModule(cfg.data, cfg.seed), ckpt_path=ckpt_path)
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            logger.experiment.finish()  # its closing notes now, so that the summary is the run's last words
+    for line in summary.closing_lines(trainer) if trainer.is_global_zero else ():
+        log.info(line)
     return trainer

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import logging
 import shutil
 from contextlib import contextmanager
 from datetime import timedelta
@@ -38,9 +37,6 @@ from curry_train.parallelize import parallelize
 from curry_train.primitives import dcp
 from curry_train.primitives.parallel_state import ParallelState, init_process_group_from_env
 from curry_train.train_step import TrainStep
-
-log = logging.getLogger(__name__)
-
 
 class CurryStrategy(ParallelStrategy):
     """Builds the mesh from the ``parallel`` config and hands the model to ``parallelize``."""
@@ -86,7 +82,6 @@ class CurryStrategy(ParallelStrategy):
         self.parallel_state = ParallelState(dp_replicate=degrees.dp_replicate, dp_shard=degrees.dp_shard, cp=degrees.cp,
                                             tp=degrees.tp, pp=degrees.pp, device_type=device_type)
         rank_zero_only.rank = utils_rank_zero_only.rank = self.global_rank
-        log.info("layout: %s", self.parallel_state)
 
     @property
     @override

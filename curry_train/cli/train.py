@@ -12,7 +12,8 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from curry_train.config import CONF_DIR, ConfigError
+from curry_train.cli.common import error_line, fail, is_config_error
+from curry_train.config import CONF_DIR, ConfigError, compose
 from curry_train.launch import hydra_overrides_for_external_launcher
 from curry_train.launch import main as launch_main
 
@@ -27,6 +28,14 @@ def main() -> None:
         sys.argv += hydra_overrides_for_external_launcher(sys.argv[1:])
     except ConfigError as error:
         sys.exit(f"curry-train: error: {error}")
+    arguments = sys.argv[1:]
+    if not any(arg.startswith("-") for arg in arguments):  # Hydra's flags (-m, --cfg, --help) are Hydra's to answer
+        try:
+            compose(arguments)  # a bad override is one line here, not Hydra's report of it
+        except Exception as error:
+            if not is_config_error(error):
+                raise
+            sys.exit(fail("curry-train", error_line(error)))
     _train()
 
 

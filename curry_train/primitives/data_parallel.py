@@ -7,6 +7,7 @@ gradient. DDP's default hook averages; ``replicate`` installs a summing one.
 
 from __future__ import annotations
 
+import warnings
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
@@ -27,15 +28,19 @@ def _allreduce_sum_hook(group, bucket):  # no annotations: DDP inspects them and
 def replicate(model: nn.Module, group: dist.ProcessGroup, device: torch.device, bucket_cap_mb: int = 25,
               static_graph: bool = False) -> DistributedDataParallel:
     """Wrap a materialized ``model`` in DDP over ``group``, gradients summed in buckets during backward."""
-    ddp = DistributedDataParallel(
-        model,
-        device_ids=[device.index] if device.type == "cuda" else None,
-        process_group=group,
-        bucket_cap_mb=bucket_cap_mb,
-        static_graph=static_graph,
-        gradient_as_bucket_view=True,
-        broadcast_buffers=False,  # RoPE tables and this rank's positions: computed, and rank-specific under cp
-    )
+    with warnings.catch_warnings():
+        # Its deprecation notice itself says to keep broadcast_buffers=False for rank-local buffers
+        # until DDP offers another way not to sync them at init; printed by every rank, it says nothing.
+        warnings.filterwarnings("ignore", message=r".*broadcast_buffers.*is deprecated", category=FutureWarning)
+        ddp = DistributedDataParallel(
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            process_group=group,
+            bucket_cap_mb=bucket_cap_mb,
+            static_graph=static_graph,
+            gradient_as_bucket_view=True,
+            broadcast_buffers=False,  # RoPE tables and this rank's positions: computed, and rank-specific under cp
+        )
     ddp.register_comm_hook(group, _allreduce_sum_hook)
     return ddp
 
