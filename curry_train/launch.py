@@ -154,12 +154,14 @@ def remove_unused_run_dir(run_dir: Path, log_name: str) -> None:
     """A run that never started leaves no directory behind: only what Hydra wrote before the check
     (``.hydra/`` and the job's log) is there, so nothing of value is lost. A directory with anything
     else in it (an earlier run's checkpoints) is left alone."""
+    run_dir, cwd = run_dir.resolve(), Path.cwd().resolve()
+    if run_dir == cwd or run_dir in cwd.parents:  # the user's working directory stays, whatever it holds
+        return
     if not run_dir.is_dir() or any(p.name not in (".hydra", log_name) for p in run_dir.iterdir()):
         return
     logging.shutdown()  # the job's log file is open
     shutil.rmtree(run_dir, ignore_errors=True)
-    cwd = Path.cwd().resolve()
-    for parent in run_dir.resolve().parents:  # outputs/<date>/ too, when this was its only run
+    for parent in run_dir.parents:  # outputs/<date>/ too, when this was its only run
         if parent == cwd or cwd not in parent.parents or any(parent.iterdir()):
             break
         parent.rmdir()
