@@ -76,7 +76,7 @@ class HFTokenizer:
 
     def __init__(self, path: str) -> None:
         try:
-            from tokenizers import Tokenizer
+            from tokenizers import Tokenizer  # noqa: PLC0415  (an optional dependency)
         except ImportError as error:  # optional dependency
             raise ImportError("data.tokenizer is a tokenizer file: `pip install tokenizers` to use it") from error
         self.name = str(path)
@@ -155,7 +155,9 @@ class TokenFileMeta:
     def read(cls, token_path: str | Path) -> "TokenFileMeta":
         meta = cls.path_for(token_path)
         if not meta.exists():
-            raise FileNotFoundError(f"{token_path}: no sidecar {meta.name} (write token files with scripts/tokenize_data.py)")
+            raise FileNotFoundError(
+                f"{token_path}: no sidecar {meta.name} (write token files with scripts/tokenize_data.py)"
+            )
         return cls(**json.loads(meta.read_text()))
 
 

@@ -14,6 +14,7 @@ Workers get torchrun's environment contract (``RANK``, ``LOCAL_RANK``, ``WORLD_S
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import shutil
@@ -23,10 +24,15 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from curry_train.config import ConfigError
 from curry_train.config.checks import LaunchPlan, check, external_launcher
+from curry_train.run import configure_worker_logging, train
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +49,6 @@ def _die_with_parent() -> None:
     """Linux: have the kernel kill this worker when the launching process dies (SIGKILL: Lightning
     catches SIGTERM and would carry on training with nobody waiting for it)."""
     if sys.platform.startswith("linux"):
-        import ctypes
-
         PR_SET_PDEATHSIG = 1
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
@@ -64,7 +68,6 @@ def _worker(rank: int, world_size: int, port: int, target: Callable[..., Any], a
     if world_size > 1 and "OMP_NUM_THREADS" not in os.environ:
         # The local ranks share this machine's cores (as torchrun and Lightning's CPU DDP arrange):
         # each one's default of a thread per core would oversubscribe them world_size times over.
-        import torch
 
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // world_size))
     target(*args)
@@ -74,7 +77,6 @@ def end_process_group() -> None:
     """Leave the default process group together: a barrier, then ``destroy_process_group``. A rank
     that tears gloo down while a peer still talks to it (the peer's last sends of a pipeline step, a
     result being written) can make the peer abort in std::terminate."""
-    import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
@@ -83,10 +85,11 @@ def end_process_group() -> None:
 
 def spawn(world_size: int, target: Callable[..., Any], *args: Any) -> None:
     """Run ``target(*args)`` in ``world_size`` local worker processes; raise if any fails."""
-    import torch.multiprocessing as mp
 
     port = free_port()
-    context = mp.start_processes(_worker, args=(world_size, port, target, args), nprocs=world_size, start_method="spawn", join=False)
+    context = mp.start_processes(
+        _worker, args=(world_size, port, target, args), nprocs=world_size, start_method="spawn", join=False
+    )
     # When one worker fails, its peers are usually blocked in a collective that will never complete:
     # give them a few seconds to exit, then SIGTERM, then SIGKILL.
     while not context.join(grace_period=SHUTDOWN_GRACE_S):
@@ -95,7 +98,6 @@ def spawn(world_size: int, target: Callable[..., Any], *args: Any) -> None:
 
 def run_worker(container: dict, run_dir: str, accelerator: str, ckpt_path: Optional[str]) -> None:
     """The body of every worker process (also of the job process when it trains itself)."""
-    from curry_train.run import configure_worker_logging, train
 
     cfg = OmegaConf.create(container)
     configure_worker_logging(Path(run_dir), int(os.environ.get("RANK", "0")))
@@ -138,7 +140,6 @@ def hydra_overrides_for_external_launcher(argv: Sequence[str], env=os.environ) -
 
 def main(cfg: DictConfig) -> None:
     """The body of ``python train.py``: one Hydra job."""
-    from hydra.core.hydra_config import HydraConfig
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)

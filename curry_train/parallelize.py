@@ -36,8 +36,9 @@ class ParallelModel:
     stages: Optional[list[Optional[nn.Module]]] = None  # every pipeline stage, None where another rank holds it
 
 
-def parallelize(model: nn.Module, ps: ParallelState, layout: ParallelConfig, *, device: torch.device, seed: int,
-                seq_len: int) -> ParallelModel:
+def parallelize(
+    model: nn.Module, ps: ParallelState, layout: ParallelConfig, *, device: torch.device, seed: int, seq_len: int
+) -> ParallelModel:
     """Apply ``layout`` to ``model``, built on the meta device, in the order that composes."""
     # Swaps linears for their DTensor-sharded versions, so it comes before anything that wraps
     # them; FSDP later shards those shards over the data-parallel axis of the same mesh (2-D).
@@ -68,13 +69,13 @@ def apply_tensor_parallel_layout(model: nn.Module, ps: ParallelState, tp: Option
         apply_tensor_parallel(model, ps.mesh["tp"], tp.sequence_parallel, tp.loss_parallel)
 
 
-def apply_pipeline_split(model: nn.Module, ps: ParallelState,
-                         pp: Optional[PPConfig]) -> tuple[nn.Module, Optional[list[Optional[nn.Module]]]]:
+def apply_pipeline_split(
+    model: nn.Module, ps: ParallelState, pp: Optional[PPConfig]
+) -> tuple[nn.Module, Optional[list[Optional[nn.Module]]]]:
     """This rank's stages (``pipeline_stages``); the model unchanged without a pipeline."""
     if pp is None:
         return model, None
-    return pipeline_stages(model, pp.schedule, ps.mesh["pp"].size(), ps.pp_rank, pp.virtual_stages,
-                           pp.layers_per_stage)
+    return pipeline_stages(model, pp.schedule, ps.mesh["pp"].size(), ps.pp_rank, pp.virtual_stages, pp.layers_per_stage)
 
 
 def _pipeline_roots(stages: Optional[Sequence[Optional[nn.Module]]]) -> Optional[list[nn.Module]]:
@@ -83,15 +84,23 @@ def _pipeline_roots(stages: Optional[Sequence[Optional[nn.Module]]]) -> Optional
     return local if len(local) > 1 else None
 
 
-def apply_context_parallel(blocks: Sequence[nn.Module], attention_op: str, ps: ParallelState,
-                           cp: Optional[CPConfig]) -> None:
+def apply_context_parallel(
+    blocks: Sequence[nn.Module], attention_op: str, ps: ParallelState, cp: Optional[CPConfig]
+) -> None:
     """Ring, double-ring or all-to-all attention in place of each block's attention op."""
     if cp is None:
         return
     attention, op = attention_op.rsplit(".", 1)
     for block in blocks:
-        ContextParallel.wrap(block.get_submodule(attention), ps.get_cp_group(), cp.pattern, causal=True,
-                             load_balance=cp.load_balance, inner_ring=cp.inner_ring, op_name=op)
+        ContextParallel.wrap(
+            block.get_submodule(attention),
+            ps.get_cp_group(),
+            cp.pattern,
+            causal=True,
+            load_balance=cp.load_balance,
+            inner_ring=cp.inner_ring,
+            op_name=op,
+        )
 
 
 def apply_fsdp(model: nn.Module, ps: ParallelState, layout: ParallelConfig, roots: Optional[list[nn.Module]]) -> None:
@@ -115,8 +124,9 @@ def apply_fsdp(model: nn.Module, ps: ParallelState, layout: ParallelConfig, root
         DistributedOptimizer.wrap(model, sharding="no_shard", parallel_state=ps, roots=roots)
 
 
-def apply_sequence_positions(model: nn.Module, ps: ParallelState, cp: Optional[CPConfig], seq_len: int,
-                             device: torch.device) -> None:
+def apply_sequence_positions(
+    model: nn.Module, ps: ParallelState, cp: Optional[CPConfig], seq_len: int, device: torch.device
+) -> None:
     """Context parallelism: the positions of this rank's zigzag share of each sequence."""
     if cp is not None:
         model.positions = sequence_positions(seq_len, cp.size, ps.cp_rank, cp.load_balance, device)

@@ -85,9 +85,19 @@ class RunSummary(Callback):
         log.info(
             "%s: %s parameters | parallel=%s (%s) on %d %s process(es) | %s tokens per step (%d x %d),"
             " micro-batch %d, %d accumulation step(s) | %d steps -> %s",
-            cfg.model.name, f"{pl_module.num_parameters:,}", "+".join(ParallelConfig.of(cfg).options), degrees,
-            trainer.world_size, trainer.strategy.root_device.type, f"{d.global_batch_size * d.seq_len:,}",
-            d.global_batch_size, d.seq_len, d.micro_batch_size, accumulation, trainer.max_steps, self.run_dir,
+            cfg.model.name,
+            f"{pl_module.num_parameters:,}",
+            "+".join(ParallelConfig.of(cfg).options),
+            degrees,
+            trainer.world_size,
+            trainer.strategy.root_device.type,
+            f"{d.global_batch_size * d.seq_len:,}",
+            d.global_batch_size,
+            d.seq_len,
+            d.micro_batch_size,
+            accumulation,
+            trainer.max_steps,
+            self.run_dir,
         )
 
     def on_train_batch_start(self, *_: Any) -> None:
@@ -108,8 +118,11 @@ class RunSummary(Callback):
             tokens = self.steps * self.cfg.data.global_batch_size * self.cfg.data.seq_len
             parts.append(f"{tokens / self.step_seconds:,.0f} tokens/s")
         checkpoint = next((cb.last_saved for cb in trainer.callbacks if isinstance(cb, PeriodicCheckpoint)), None)
-        return [f"done: {', '.join(parts)}", f"run directory: {self.run_dir}",
-                f"last checkpoint: {checkpoint if checkpoint is not None else 'none saved'}"]
+        return [
+            f"done: {', '.join(parts)}",
+            f"run directory: {self.run_dir}",
+            f"last checkpoint: {checkpoint if checkpoint is not None else 'none saved'}",
+        ]
 
 
 class PeriodicCheckpoint(Callback):
@@ -157,7 +170,9 @@ def wandb_account_configured() -> bool:
 
 def make_loggers(cfg: DictConfig, run_dir: Path, run_name: str) -> list[Logger]:
     """The per-step metrics.csv in the run directory (always: later tools read it), plus the tracker."""
-    csv = CSVLogger(save_dir=str(run_dir), name="csv", version="", flush_logs_every_n_steps=1)  # <run_dir>/csv/metrics.csv
+    csv = CSVLogger(
+        save_dir=str(run_dir), name="csv", version="", flush_logs_every_n_steps=1
+    )  # <run_dir>/csv/metrics.csv
     loggers: list[Logger] = [csv]
     kind = cfg.logger.kind
     if kind == "wandb":

@@ -20,8 +20,11 @@ from typing import Any, Generator, Mapping, Optional, Union
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
-from lightning.fabric.utilities.distributed import _distributed_is_initialized, _init_dist_connection
-from lightning.fabric.utilities.distributed import _sync_ddp_if_available
+from lightning.fabric.utilities.distributed import (
+    _distributed_is_initialized,
+    _init_dist_connection,
+    _sync_ddp_if_available,
+)
 from lightning.fabric.utilities.distributed import group as _group
 from lightning.pytorch.strategies.parallel import ParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
@@ -37,6 +40,7 @@ from curry_train.parallelize import parallelize
 from curry_train.primitives import dcp
 from curry_train.primitives.parallel_state import ParallelState, init_process_group_from_env
 from curry_train.train_step import TrainStep
+
 
 class CurryStrategy(ParallelStrategy):
     """Builds the mesh from the ``parallel`` config and hands the model to ``parallelize``."""
@@ -74,13 +78,20 @@ class CurryStrategy(ParallelStrategy):
         self.cluster_environment.set_world_size(self.num_nodes * self.num_processes)
         device_type = self.root_device.type
         if self.world_size > 1:
-            _init_dist_connection(self.cluster_environment, "nccl" if device_type == "cuda" else "gloo",
-                                  timeout=self._timeout)
+            _init_dist_connection(
+                self.cluster_environment, "nccl" if device_type == "cuda" else "gloo", timeout=self._timeout
+            )
         else:
             init_process_group_from_env(device_type, self._timeout)
         degrees = self.layout.degrees(self.world_size)
-        self.parallel_state = ParallelState(dp_replicate=degrees.dp_replicate, dp_shard=degrees.dp_shard, cp=degrees.cp,
-                                            tp=degrees.tp, pp=degrees.pp, device_type=device_type)
+        self.parallel_state = ParallelState(
+            dp_replicate=degrees.dp_replicate,
+            dp_shard=degrees.dp_shard,
+            cp=degrees.cp,
+            tp=degrees.tp,
+            pp=degrees.pp,
+            device_type=device_type,
+        )
         rank_zero_only.rank = utils_rank_zero_only.rank = self.global_rank
 
     @property
@@ -100,14 +111,31 @@ class CurryStrategy(ParallelStrategy):
         assert self.lightning_module is not None
         self.accelerator.setup(trainer)
         module, cfg = self.lightning_module, self.cfg
-        parallel = parallelize(module.model, self.parallel_state, self.layout, device=self.root_device,
-                               seed=cfg.seed, seq_len=cfg.data.seq_len)
+        parallel = parallelize(
+            module.model,
+            self.parallel_state,
+            self.layout,
+            device=self.root_device,
+            seed=cfg.seed,
+            seq_len=cfg.data.seq_len,
+        )
         microbatches = None
         if self.layout.pp is not None:
-            microbatches = self.layout.pipeline_microbatches(cfg.data.global_batch_size, cfg.data.micro_batch_size,
-                                                             self.parallel_state.dp_size)
-        module.attach(parallel.model, TrainStep(parallel, self.parallel_state, self.layout, module.token_loss,
-                                                module.manual_backward, self.root_device, microbatches))
+            microbatches = self.layout.pipeline_microbatches(
+                cfg.data.global_batch_size, cfg.data.micro_batch_size, self.parallel_state.dp_size
+            )
+        module.attach(
+            parallel.model,
+            TrainStep(
+                parallel,
+                self.parallel_state,
+                self.layout,
+                module.token_loss,
+                module.manual_backward,
+                self.root_device,
+                microbatches,
+            ),
+        )
         self.model = module
         module.to(self.root_device)  # metric states and any other non-model buffers
         self.barrier()
@@ -141,7 +169,9 @@ class CurryStrategy(ParallelStrategy):
         return holder[0]
 
     @override
-    def reduce(self, tensor: Any, group: Optional[Any] = None, reduce_op: Optional[Union[ReduceOp, str]] = "mean") -> Any:
+    def reduce(
+        self, tensor: Any, group: Optional[Any] = None, reduce_op: Optional[Union[ReduceOp, str]] = "mean"
+    ) -> Any:
         if isinstance(tensor, Tensor):
             return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
         return tensor
@@ -174,7 +204,9 @@ class CurryStrategy(ParallelStrategy):
         return {}
 
     @override
-    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: str | Path, storage_options: Optional[Any] = None) -> None:
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath: str | Path, storage_options: Optional[Any] = None
+    ) -> None:
         meta = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
         dcp.save(filepath, self.lightning_module, self._raw_optimizers(), meta)
 

@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import Tensor
 from torch.distributed.tensor.parallel import loss_parallel
 
 from curry_train.config.schema import ParallelConfig
@@ -38,8 +38,16 @@ def _plain(tensor: Tensor) -> Tensor:
 class TrainStep:
     """Forward, backward and the gradient norm of a step for one layout (built by the strategy)."""
 
-    def __init__(self, parallel: ParallelModel, ps: ParallelState, layout: ParallelConfig, token_loss: TokenLoss,
-                 backward: Callable[[Tensor], None], device: torch.device, pipeline_microbatches: Optional[int] = None):
+    def __init__(
+        self,
+        parallel: ParallelModel,
+        ps: ParallelState,
+        layout: ParallelConfig,
+        token_loss: TokenLoss,
+        backward: Callable[[Tensor], None],
+        device: torch.device,
+        pipeline_microbatches: Optional[int] = None,
+    ):
         self.model = parallel.model
         self.stages = parallel.stages
         self.parallel_state = ps
@@ -117,9 +125,15 @@ class TrainStep:
     def schedule(self) -> PipelineSchedule:
         """The schedule of this rank's stages, built at the first step that needs it."""
         pp = self.layout.pp
-        return PipelineSchedule(pp.schedule, self.pipeline_microbatches, self.stages,
-                                self.parallel_state.get_pp_group(), loss_fn=self.token_loss,
-                                virtual_stages=pp.virtual_stages, device=self.device)
+        return PipelineSchedule(
+            pp.schedule,
+            self.pipeline_microbatches,
+            self.stages,
+            self.parallel_state.get_pp_group(),
+            loss_fn=self.token_loss,
+            virtual_stages=pp.virtual_stages,
+            device=self.device,
+        )
 
     def _cp_shard(self, x: Tensor) -> Tensor:
         cp = self.layout.cp

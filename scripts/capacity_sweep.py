@@ -1,4 +1,5 @@
-"""``python scripts/capacity_sweep.py``: the same command as curry_train/cli/capacity.py (installed as a console script)."""
+"""``python scripts/capacity_sweep.py``: the same command as curry_train/cli/capacity.py
+(installed as a console script)."""
 
 import sys
 

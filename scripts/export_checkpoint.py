@@ -1,4 +1,5 @@
-"""``python scripts/export_checkpoint.py``: the same command as curry_train/cli/export.py (installed as a console script)."""
+"""``python scripts/export_checkpoint.py``: the same command as curry_train/cli/export.py
+(installed as a console script)."""
 
 import sys
 

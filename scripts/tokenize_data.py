@@ -1,4 +1,5 @@
-"""``python scripts/tokenize_data.py``: the same command as curry_train/cli/tokenize_data.py (installed as a console script)."""
+"""``python scripts/tokenize_data.py``: the same command as curry_train/cli/tokenize_data.py
+(installed as a console script)."""
 
 import sys
 

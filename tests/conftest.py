@@ -6,6 +6,7 @@ import csv
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -27,15 +28,26 @@ FAST = (
 
 def clean_env(extra: Optional[dict] = None) -> dict:
     """The environment of a user's shell: no launcher variables inherited from the test runner."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR", "TORCHELASTIC_RUN_ID")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR", "TORCHELASTIC_RUN_ID")
+    }
     env["WANDB_SILENT"] = "true"
     env.update(extra or {})
     return env
 
 
-def run_train(args: Sequence[str], cwd: Path, timeout: float = 600, env: Optional[dict] = None, check: bool = True) -> subprocess.CompletedProcess:
+def run_train(
+    args: Sequence[str], cwd: Path, timeout: float = 600, env: Optional[dict] = None, check: bool = True
+) -> subprocess.CompletedProcess:
     result = subprocess.run(
-        [sys.executable, str(TRAIN), *args], cwd=cwd, env=clean_env(env), capture_output=True, text=True, timeout=timeout
+        [sys.executable, str(TRAIN), *args],
+        cwd=cwd,
+        env=clean_env(env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     if check and result.returncode != 0:
         pytest.fail(f"train.py {' '.join(args)} exited {result.returncode}\n{result.stderr[-4000:]}")
@@ -75,13 +87,16 @@ def run_seed_example(source: str, tmp_path: Path, nproc: int = 2) -> str:
     """Run an issue's seed example (a script printing "SEED OK ..." per rank) as a user would: under
     torchrun with ``nproc`` CPU processes. Returns its stdout, where the ranks' lines may interleave
     (count "SEED OK", do not split lines); fails on a non-zero exit."""
-    import textwrap
 
     script = tmp_path / "seed_example.py"
     script.write_text(textwrap.dedent(source))
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), str(script)],
-        cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=300,
+        cwd=tmp_path,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout

@@ -5,17 +5,29 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import asdict, replace
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from curry_train.cli import advise as advise_cli
 from curry_train.config import compose
-from curry_train.planning.advise import diagnose, estimate
-from curry_train.planning.layout import Layout
+from curry_train.model import Llama
+from curry_train.planning.advise import MEMORY_PARTS, diagnose, estimate, train_command
+from curry_train.planning.layout import Layout, current_layout
+from curry_train.planning.memory import activation_bytes, block_forwards_per_rank, chunks_in_flight, rank_shapes
+from curry_train.planning.memory import transient_state as _transient_state
+from curry_train.primitives.pipeline_schedule import SCHEDULES, check_microbatches, pipeline_stages, stage_to_rank
 
-ONE_B = ["model.dim=2048", "model.n_layers=16", "model.n_heads=32", "model.n_kv_heads=8", "model.ffn_dim=8192",
-         "model.vocab_size=128256", "model.name=llama_1b"]
+ONE_B = [
+    "model.dim=2048",
+    "model.n_layers=16",
+    "model.n_heads=32",
+    "model.n_kv_heads=8",
+    "model.ffn_dim=8192",
+    "model.vocab_size=128256",
+    "model.name=llama_1b",
+]
 
 
 def load_advise():
@@ -61,7 +73,9 @@ def test_70b_full_finetune_on_8x80gb_does_not_fit_and_says_what_would(capsys):
 
 
 def test_1b_on_one_gpu_needs_no_parallelism(capsys):
-    code, result = run_json(capsys, [*ONE_B, "hardware.gpus_per_node=1", "data.seq_len=2048", "data.micro_batch_size=4"])
+    code, result = run_json(
+        capsys, [*ONE_B, "hardware.gpus_per_node=1", "data.seq_len=2048", "data.micro_batch_size=4"]
+    )
     assert code == 0
     assert_own_estimate_fits(result)
     assert result["parallel"] == "dp" and set(result["sizes"].values()) == {1}
@@ -72,7 +86,12 @@ def test_1b_on_one_gpu_needs_no_parallelism(capsys):
 def test_text_output_explains_and_prints_the_command(capsys):
     assert load_advise().main(["model=llama3_8b", "data.seq_len=8192"]) == 0
     out = capsys.readouterr().out
-    assert "ZeRO-1" in out and "tp and cp not needed" in out and "pp not needed: one node" in out and "python train.py model=llama3_8b" in out
+    assert (
+        "ZeRO-1" in out
+        and "tp and cp not needed" in out
+        and "pp not needed: one node" in out
+        and "python train.py model=llama3_8b" in out
+    )
 
 
 def test_symptoms_name_the_next_primitive():
@@ -90,7 +109,10 @@ def test_symptoms_name_the_next_primitive():
 def test_estimate_divides_by_tp_and_cp_and_recompute_shrinks_activations():
     cfg = compose(["model=llama3_8b", "data.seq_len=8192", "data.micro_batch_size=1"])
     base = Layout(dp_shard=8, zero="full", mixed_precision="bf16")
-    none, full = estimate(cfg, base), estimate(cfg, Layout(dp_shard=8, zero="full", mixed_precision="bf16", recompute="full"))
+    none, full = (
+        estimate(cfg, base),
+        estimate(cfg, Layout(dp_shard=8, zero="full", mixed_precision="bf16", recompute="full")),
+    )
     assert full.memory["activations"] < none.memory["activations"] / 5
     assert full.time["compute"] > none.time["compute"]
     cp2 = estimate(cfg, Layout(dp_shard=4, cp=2, zero="full", mixed_precision="bf16"))
@@ -135,7 +157,6 @@ def test_pipeline_across_nodes_when_data_parallel_traffic_saturates_slow_links(c
 
 def assert_command_runs_the_layout(result):
     """The printed command composes to exactly the recommended layout."""
-    from curry_train.planning.layout import current_layout
 
     cfg = compose(result["command"].split()[2:])
     assert asdict(current_layout(cfg)) == result["layout"]
@@ -167,14 +188,21 @@ def test_hybrid_sharding_keeps_gathers_inside_a_node():
 
 
 def train_command_for(cfg, layout):
-    from curry_train.planning.advise import train_command
 
     return train_command(cfg, layout)
 
 
 def test_slow_symptom_on_slow_links_moves_traffic_inside_nodes():
-    overrides = [*SEVENTY_B_4_NODES, *SLOW_LINKS, "parallel=fsdp", "parallel.recompute=full",
-                 "parallel.fsdp.mixed_precision=bf16", "data.micro_batch_size=1", "trainer.devices=8", "trainer.num_nodes=4"]
+    overrides = [
+        *SEVENTY_B_4_NODES,
+        *SLOW_LINKS,
+        "parallel=fsdp",
+        "parallel.recompute=full",
+        "parallel.fsdp.mixed_precision=bf16",
+        "data.micro_batch_size=1",
+        "trainer.devices=8",
+        "trainer.num_nodes=4",
+    ]
     result = diagnose(compose(overrides), "slow", overrides)
     assert "not hidden by compute" in result["advice"]
     nxt = result["next"]["layout"]
@@ -185,9 +213,17 @@ def test_slow_symptom_on_slow_links_moves_traffic_inside_nodes():
 def test_slow_symptom_with_a_large_bubble_names_a_schedule_with_less():
     """1F1B over 4 stages with 4 micro-batches idles (pp - 1) / M = 75% of the compute: slow names the
     schedule (of those that run M = 4 and fit) with the shortest step, and its command."""
-    overrides = [*SEVENTY_B_4_NODES, "parallel=fsdp+pp", "parallel.pp.size=4", "parallel.recompute=full",
-                 "parallel.fsdp.mixed_precision=bf16", "data.global_batch_size=32", "data.micro_batch_size=1",
-                 "trainer.devices=8", "trainer.num_nodes=4"]
+    overrides = [
+        *SEVENTY_B_4_NODES,
+        "parallel=fsdp+pp",
+        "parallel.pp.size=4",
+        "parallel.recompute=full",
+        "parallel.fsdp.mixed_precision=bf16",
+        "data.global_batch_size=32",
+        "data.micro_batch_size=1",
+        "trainer.devices=8",
+        "trainer.num_nodes=4",
+    ]
     result = diagnose(compose(overrides), "slow", overrides)
     now = result["current"]["step_time"]
     assert now["bubble"] == pytest.approx(0.75 * now["compute"])
@@ -218,7 +254,6 @@ def stacked_bars(axes):
 
 
 def test_memory_breakdown_plot_stacks_each_part_by_its_bytes(tmp_path, capsys, monkeypatch):
-    from curry_train.planning.advise import MEMORY_PARTS
 
     figures = spy_on_plot(monkeypatch)
     path = tmp_path / "memory.png"
@@ -241,8 +276,10 @@ def test_memory_breakdown_plot_stacks_each_part_by_its_bytes(tmp_path, capsys, m
     # The device's memory and the capacity a recommendation may use, as horizontal lines.
     lines = {line.get_label(): set(line.get_ydata()) for line in axes.get_lines()}
     device = compose(["hardware=h100_80gb"]).hardware.memory_bytes
-    assert lines == {"device memory 80.0 GiB": {device / GIB},
-                     "usable capacity 72.0 GiB (less 10% headroom)": {result["capacity_bytes"] / GIB}}
+    assert lines == {
+        "device memory 80.0 GiB": {device / GIB},
+        "usable capacity 72.0 GiB (less 10% headroom)": {result["capacity_bytes"] / GIB},
+    }
     legend = [text.get_text() for text in axes.get_legend().get_texts()]
     assert sorted(legend) == sorted([*MEMORY_PARTS, *lines])
     assert "GiB" in axes.get_ylabel() and axes.get_xlabel() and "llama3_8b" in axes.get_title()
@@ -274,8 +311,15 @@ def test_plot_without_matplotlib_is_a_one_line_error(tmp_path, capsys, monkeypat
 
 
 def test_command_keeps_the_users_settings_of_the_options_it_composes(capsys):
-    overrides = [*SEVENTY_B_4_NODES, *SLOW_LINKS, "parallel=pp+cp", "parallel.cp.pattern=alltoall",
-                 "parallel.pp.schedule=interleaved", "parallel.recompute_every_n_blocks=0", "parallel.pp.size=4"]
+    overrides = [
+        *SEVENTY_B_4_NODES,
+        *SLOW_LINKS,
+        "parallel=pp+cp",
+        "parallel.cp.pattern=alltoall",
+        "parallel.pp.schedule=interleaved",
+        "parallel.recompute_every_n_blocks=0",
+        "parallel.pp.size=4",
+    ]
     code, result = run_json(capsys, overrides)
     assert code == 0 and result["sizes"]["pp"] > 1 and result["sizes"]["cp"] == 1
     command = result["command"]
@@ -292,14 +336,22 @@ def test_command_keeps_the_users_settings_of_the_options_it_composes(capsys):
 def _schedule_order(kind: str, pp: int, v: int, microbatches: int, rank: int):
     """Rank ``rank``'s actions as PyTorch's multi-stage schedule orders them (its ``pipeline_order``,
     which the schedule computes from the stages' indices alone, so stand-in stages suffice)."""
-    from types import SimpleNamespace
-
-    from curry_train.primitives.pipeline_schedule import SCHEDULES, stage_to_rank
 
     n = pp * v
     owner = stage_to_rank(kind, pp, n)
-    stages = [SimpleNamespace(group_size=pp, group_rank=rank, num_stages=n, stage_index=s, is_first=s == 0,
-                              is_last=s == n - 1, submod=torch.nn.Linear(1, 1)) for s in range(n) if owner[s] == rank]
+    stages = [
+        SimpleNamespace(
+            group_size=pp,
+            group_rank=rank,
+            num_stages=n,
+            stage_index=s,
+            is_first=s == 0,
+            is_last=s == n - 1,
+            submod=torch.nn.Linear(1, 1),
+        )
+        for s in range(n)
+        if owner[s] == rank
+    ]
     actions = []
     for action in SCHEDULES[kind](stages, microbatches).pipeline_order[rank]:
         if action is not None:
@@ -322,11 +374,10 @@ def _peak_in_flight(actions) -> int:
     return peak
 
 
-@pytest.mark.parametrize("kind, vs", [("interleaved", (1, 2, 3)), ("interleaved_zb", (2, 3)), ("zbv", (2,)),
-                                      ("dualpipev", (2,))])
+@pytest.mark.parametrize(
+    "kind, vs", [("interleaved", (1, 2, 3)), ("interleaved_zb", (2, 3)), ("zbv", (2,)), ("dualpipev", (2,))]
+)
 def test_activations_in_flight_follow_pytorchs_schedule_order(kind, vs):
-    from curry_train.planning.memory import chunks_in_flight
-    from curry_train.primitives.pipeline_schedule import check_microbatches
 
     checked = 0
     for pp in (2, 3, 4):
@@ -344,7 +395,6 @@ def test_activations_in_flight_follow_pytorchs_schedule_order(kind, vs):
 
 
 def test_single_stage_schedules_in_flight():
-    from curry_train.planning.memory import chunks_in_flight
 
     assert [chunks_in_flight("gpipe", 4, 1, m) for m in (2, 8)] == [2, 8]  # every forward before any backward
     assert [chunks_in_flight("1F1B", 4, 1, m) for m in (4, 8)] == [4, 4]
@@ -352,14 +402,21 @@ def test_single_stage_schedules_in_flight():
     assert chunks_in_flight("1F1B", 1, 1, 8) == 1  # no pipeline: one micro-batch at a time
 
 
-@pytest.mark.parametrize("kind, v", [("1F1B", None), ("gpipe", None), ("interleaved", 2), ("interleaved", 3),
-                                     ("interleaved_zb", 2), ("zbv", None), ("dualpipev", None)])
+@pytest.mark.parametrize(
+    "kind, v",
+    [
+        ("1F1B", None),
+        ("gpipe", None),
+        ("interleaved", 2),
+        ("interleaved", 3),
+        ("interleaved_zb", 2),
+        ("zbv", None),
+        ("dualpipev", None),
+    ],
+)
 def test_rank_shapes_are_the_stages_the_strategy_keeps(kind, v):
     """advise's per-rank parameters are those ``pipeline_stages`` keeps on each rank (a V-shaped
     schedule's rank 0 holds the embedding and the head)."""
-    from curry_train.model import Llama
-    from curry_train.planning.memory import rank_shapes
-    from curry_train.primitives.pipeline_schedule import pipeline_stages
 
     cfg = compose(["model.n_layers=12"]).model
     for pp in (2, 3):
@@ -397,7 +454,6 @@ def test_only_the_last_stage_holds_the_loss():
     """1F1B: rank 0 keeps pp micro-batches of its blocks, the last rank one micro-batch and the
     loss; the fullest rank is counted, with its own loss (none on rank 0). A V-shaped schedule puts
     the last stage on rank 0, which then holds both."""
-    from curry_train.planning.memory import activation_bytes, block_forwards_per_rank
 
     cfg = compose([*SEVENTY_B_4_NODES])
     layout = Layout(dp_replicate=8, pp=4, mixed_precision="bf16")
@@ -419,8 +475,6 @@ def test_only_the_last_stage_holds_the_loss():
 def test_zero3_keeps_gathered_only_the_root_a_stage_holds():
     """ZeRO-3 keeps the embedding and head gathered through forward and backward: on a pipeline, only
     the rank that holds each (1F1B: the embedding on the first, the head on the last)."""
-    from curry_train.planning.memory import rank_shapes
-    from curry_train.planning.memory import transient_state as _transient_state
 
     cfg = compose(["model=llama3_8b"]).model
     flat = Layout(dp_shard=8, zero="full", mixed_precision="bf16")

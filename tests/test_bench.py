@@ -11,11 +11,22 @@ import math
 import pytest
 import torch
 import torch.distributed as dist
-
+import torch.distributed._functional_collectives as funcol
 from conftest import FAST
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
 from curry_train.cli import bench as bench_cli
 from curry_train.config import compose
-from curry_train.launch import end_process_group
+from curry_train.launch import end_process_group, spawn
+from curry_train.model import Llama
+from curry_train.planning.layout import current_layout
+from curry_train.planning.memory import activation_bytes
+from curry_train.primitives.materialize import materialize_and_init
+from curry_train.primitives.pipeline_schedule import KINDS
+from curry_train.validation.comm import CommCounter
 
 # The debug model, narrower and shallower, on short sequences: seconds per run even on a busy machine.
 SMALL = [
@@ -39,11 +50,13 @@ def test_bench_runs_both_loops_on_the_same_steps():
     result = bench.bench(SMALL, steps=steps, warmup=warmup, repeats=repeats, loggers="csv")
 
     assert result.tokens_per_step == 8 * 64
-    assert [(run.repeat, run.loop) for run in result.runs] == [(r, loop) for r in range(repeats) for loop in ("hand", "curry")]
+    assert [(run.repeat, run.loop) for run in result.runs] == [
+        (r, loop) for r in range(repeats) for loop in ("hand", "curry")
+    ]
     for run in result.runs:
         assert len(run.step_ends) == len(run.losses) == warmup + steps
         assert run.timed_steps == steps
-        assert all(b > a for a, b in zip(run.step_ends, run.step_ends[1:]))
+        assert all(b > a for a, b in zip(run.step_ends, run.step_ends[1:], strict=False))
         assert math.isfinite(run.tokens_per_s) and run.tokens_per_s > 0
         assert math.isfinite(run.ms_per_step) and run.ms_per_step > 0
     hand, curry = result.tokens_per_s("hand"), result.tokens_per_s("curry")
@@ -83,8 +96,6 @@ def tensor_parallel_oracle(overrides, tp: int) -> tuple[int, int, int, bool]:
     """From the parameters' shapes: P, the parameters one of ``tp`` ranks holds (everything split
     but the norms), the number of parameter tensors, and whether every split shape's first dimension
     divides by 2 again (FSDP over 2 ranks adds no padding)."""
-    from curry_train.config import compose
-    from curry_train.model import Llama
 
     with torch.device("meta"):
         named = list(Llama(compose(list(overrides)).model).named_parameters())
@@ -114,7 +125,11 @@ def test_bench_layouts_side_by_side(tmp_path, capsys):
     rows = {row["name"]: row for row in figures["rows"]}
     assert list(rows) == ["dp", "tp", "tp+sp", "fsdp+tp"]
     assert {name: (row["ranks"], row["dp"], row["tp"]) for name, row in rows.items()} == {
-        "dp": (2, 2, 1), "tp": (2, 1, 2), "tp+sp": (2, 1, 2), "fsdp+tp": (4, 2, 2)}
+        "dp": (2, 2, 1),
+        "tp": (2, 1, 2),
+        "tp+sp": (2, 1, 2),
+        "fsdp+tp": (4, 2, 2),
+    }
     for row in rows.values():
         assert row["tokens_per_step"] == 16 * 64 and row["timed_steps"] == 1
         assert math.isfinite(row["tokens_per_s"]) and row["tokens_per_s"] > 0
@@ -142,7 +157,9 @@ def test_bench_layouts_side_by_side(tmp_path, capsys):
     # Sequence parallelism: the activations between blocks are sequence shards.
     tp_acts = {r["activations"] for r in rows["tp"]["memory"]["ranks"]}
     assert all(r["activations"] < min(tp_acts) for r in rows["tp+sp"]["memory"]["ranks"])
-    assert rows["tp+sp"]["sp_activation_ratio"] == pytest.approx(rows["tp+sp"]["activations"] / rows["tp"]["activations"])
+    assert rows["tp+sp"]["sp_activation_ratio"] == pytest.approx(
+        rows["tp+sp"]["activations"] / rows["tp"]["activations"]
+    )
     assert 0 < rows["tp+sp"]["sp_activation_ratio"] < 1
     assert all(rows[name]["sp_activation_ratio"] is None for name in ("dp", "tp", "fsdp+tp"))
     assert not dist.is_initialized()
@@ -150,8 +167,6 @@ def test_bench_layouts_side_by_side(tmp_path, capsys):
     # advise's activation estimate against the memory tracker: within 1% for dp, 2% with tensor
     # parallelism (the vocabulary-parallel embedding's masks and all-reduced output are not counted),
     # 2.5% with sequence parallelism.
-    from curry_train.planning.layout import current_layout
-    from curry_train.planning.memory import activation_bytes
 
     for name, rtol in (("dp", 0.01), ("tp", 0.02), ("tp+sp", 0.025), ("fsdp+tp", 0.02)):
         cfg = compose([*FAST, *figures["config"]["layouts"][name]])
@@ -163,9 +178,13 @@ def test_bench_layouts_side_by_side(tmp_path, capsys):
 def test_bench_layouts_reject_bad_input(capsys):
     bench = load_bench()
     assert bench.parse_layout("tp4: parallel=tp parallel.tp.size=4 trainer.devices=4") == (
-        "tp4", ("parallel=tp", "parallel.tp.size=4", "trainer.devices=4"))
+        "tp4",
+        ("parallel=tp", "parallel.tp.size=4", "trainer.devices=4"),
+    )
     assert bench.parse_layout("parallel=dp trainer.devices=2") == (
-        "parallel=dp trainer.devices=2", ("parallel=dp", "trainer.devices=2"))
+        "parallel=dp trainer.devices=2",
+        ("parallel=dp", "trainer.devices=2"),
+    )
     assert bench.main(["--layouts", "parallel=tp"]) == 2
     assert "each layout sets parallel, trainer.devices" in capsys.readouterr().err
     assert bench.main(["--layouts", "--layout", "empty:"]) == 2
@@ -182,12 +201,16 @@ def test_bench_layouts_reject_bad_input(capsys):
 
 @pytest.mark.timeout(300)
 def test_bench_pipeline_bubbles_next_to_formulas(tmp_path, capsys):
-    from curry_train.primitives.pipeline_schedule import KINDS
 
     bench = load_bench()
     path = tmp_path / "bubbles.json"
     # 4 blocks: P=2 ranks of one stage (2 blocks each) or of two (1 block each): equal stages.
-    assert bench.main(["--pipeline", "--microbatches", "4", "--steps", "1", "--json", str(path), *FAST, "model.n_layers=4"]) == 0
+    assert (
+        bench.main(
+            ["--pipeline", "--microbatches", "4", "--steps", "1", "--json", str(path), *FAST, "model.n_layers=4"]
+        )
+        == 0
+    )
     table = capsys.readouterr().out
     rows = json.loads(path.read_text())["rows"]
     assert [row["kind"] for row in rows] == list(KINDS)
@@ -245,12 +268,6 @@ def test_bench_context_mode_memory_falls_with_cp(tmp_path, capsys):
 
 def test_compare_flops_per_token_hand_count():
     """6N + 12*L*h*s against a hand count of the debug model, and against PyTorch's FLOP counter."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from curry_train.config import compose
-    from curry_train.model import Llama
-    from curry_train.primitives.materialize import materialize_and_init
 
     bench = load_bench()
     # Debug model: dim 128, 4 heads of 32, 2 key/value heads (kv dim 64), ffn 384, vocabulary 256, 4 blocks.
@@ -266,7 +283,9 @@ def test_compare_flops_per_token_hand_count():
     # What the bench uses for N: every parameter but the input embedding (the norms are in, 0.1% here).
     cfg = compose([]).model
     assert bench.flops_parameters(cfg) == matmuls + norms == 820_352
-    assert bench.flops_parameters(compose(["model.tie_embeddings=true"]).model) == matmuls + norms  # the head is the table
+    assert (
+        bench.flops_parameters(compose(["model.tie_embeddings=true"]).model) == matmuls + norms
+    )  # the head is the table
 
     # PyTorch's FLOP counter over a real forward+backward (math attention: matmuls it can count).
     with torch.device("meta"):
@@ -279,12 +298,6 @@ def test_compare_flops_per_token_hand_count():
 
 def _count_collectives(out_dir: str) -> None:
     """Each kind of collective once, through torch.distributed and the functional collectives."""
-    import torch.distributed as dist
-    import torch.distributed._functional_collectives as funcol
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
-
-    from curry_train.validation.comm import CommCounter
 
     dist.init_process_group("gloo")  # from the environment spawn sets
     rank, group = dist.get_rank(), dist.group.WORLD
@@ -312,7 +325,6 @@ def _count_collectives(out_dir: str) -> None:
 def test_compare_comm_counter_books_each_collective(tmp_path):
     """All-gather by its output, all-reduce, reduce-scatter and all-to-all by their input; c10d,
     functional and DTensor-issued collectives alike, each once."""
-    from curry_train.launch import spawn
 
     spawn(2, _count_collectives, str(tmp_path))
     counts = torch.load(tmp_path / "comm.pt")["counts"]
@@ -329,8 +341,6 @@ def test_compare_comm_counter_books_each_collective(tmp_path):
 def fsdp_units_oracle(overrides) -> tuple[int, int, int, int]:
     """From the parameters' shapes: P, the parameters of the transformer blocks (one FSDP unit each),
     those of the root unit (embedding, final norm, head), and the number of parameter tensors."""
-    from curry_train.config import compose
-    from curry_train.model import Llama
 
     with torch.device("meta"):
         model = Llama(compose(list(overrides)).model)
@@ -350,13 +360,43 @@ def test_compare_dp_and_fsdp(tmp_path, capsys):
     4P once a step (gradients synchronized in the last micro-batch only)."""
     bench = load_bench()
     path = tmp_path / "compare.json"
-    assert bench.main(["--compare", "--steps", "2", "--json", str(path), *COMPARE,
-                       "--layout", "dp: parallel=dp trainer.devices=2",
-                       "--layout", "fsdp: parallel=fsdp trainer.devices=2",
-                       "--layout", "cp: parallel=cp trainer.devices=2"]) == 0
+    assert (
+        bench.main(
+            [
+                "--compare",
+                "--steps",
+                "2",
+                "--json",
+                str(path),
+                *COMPARE,
+                "--layout",
+                "dp: parallel=dp trainer.devices=2",
+                "--layout",
+                "fsdp: parallel=fsdp trainer.devices=2",
+                "--layout",
+                "cp: parallel=cp trainer.devices=2",
+            ]
+        )
+        == 0
+    )
     table = capsys.readouterr().out
-    for header in ("tokens/s", "ms/step", "MFU", "peak MB", "est MB", "state MB", "acts MB", "all_reduce", "all_gather",
-                   "reduce_sc.", "all_to_all", "send+recv", "broadcast", "bubble", "DDP's bucketed all-reduce"):
+    for header in (
+        "tokens/s",
+        "ms/step",
+        "MFU",
+        "peak MB",
+        "est MB",
+        "state MB",
+        "acts MB",
+        "all_reduce",
+        "all_gather",
+        "reduce_sc.",
+        "all_to_all",
+        "send+recv",
+        "broadcast",
+        "bubble",
+        "DDP's bucketed all-reduce",
+    ):
         assert header in table, header
     figures = json.loads(path.read_text())
     config, rows = figures["config"], {row["name"]: row for row in figures["rows"]}
@@ -373,8 +413,22 @@ def test_compare_dp_and_fsdp(tmp_path, capsys):
     M = 16 // 2 // 4  # micro-batches per rank and step
 
     for name, row in rows.items():
-        for key in ("tokens_per_s", "ms_per_step", "mfu", "peak_memory", "model_state", "activations", "comm",
-                    "ddp_bucket_bytes", "bubble", "bubble_text", "flops_per_step", "pp", "cp", "estimated_peak"):
+        for key in (
+            "tokens_per_s",
+            "ms_per_step",
+            "mfu",
+            "peak_memory",
+            "model_state",
+            "activations",
+            "comm",
+            "ddp_bucket_bytes",
+            "bubble",
+            "bubble_text",
+            "flops_per_step",
+            "pp",
+            "cp",
+            "estimated_peak",
+        ):
             assert key in row, (name, key)
     for name, row in ((name, rows[name]) for name in ("dp", "fsdp")):
         assert (row["ranks"], row["dp"], row["tp"], row["pp"], row["cp"], row["timed_steps"]) == (2, 2, 1, 1, 1, 2)
@@ -394,7 +448,8 @@ def test_compare_dp_and_fsdp(tmp_path, capsys):
         assert all(comm[c]["bytes"] == 0 for c in ("all_to_all", "broadcast", "send", "recv")), name
         for record in row["memory"]["ranks"]:  # every rank moves the same
             assert {c: v["bytes"] for c, v in record["comm"].items()} == {
-                c: v["bytes"] for c, v in comm.items() if v["ops"]}
+                c: v["bytes"] for c, v in comm.items() if v["ops"]
+            }
 
     # DDP: one all-reduce of every fp32 gradient (one bucket: 4P bytes is under bucket_cap_mb), as its
     # reducer's buckets say; besides it only the loss metrics' scalar all-gathers.
@@ -440,14 +495,38 @@ def test_compare_rejects_bad_input(capsys):
     bench = load_bench()
     assert bench.main(["--compare", "parallel=fsdp"]) == 2
     assert "each layout sets parallel, trainer.devices" in capsys.readouterr().err
-    assert bench.main(["--compare", "--layout", "a: parallel=dp trainer.devices=2",
-                       "--layout", "a: parallel=fsdp trainer.devices=2"]) == 2
+    assert (
+        bench.main(
+            [
+                "--compare",
+                "--layout",
+                "a: parallel=dp trainer.devices=2",
+                "--layout",
+                "a: parallel=fsdp trainer.devices=2",
+            ]
+        )
+        == 2
+    )
     assert "a layout named 'a' is already given" in capsys.readouterr().err
-    assert bench.main(["--compare", "--layout", "a: parallel=dp trainer.devices=2",
-                       "--layout", "b: parallel=fsdp trainer.devices=2 model.dim=64"]) == 2
+    assert (
+        bench.main(
+            [
+                "--compare",
+                "--layout",
+                "a: parallel=dp trainer.devices=2",
+                "--layout",
+                "b: parallel=fsdp trainer.devices=2 model.dim=64",
+            ]
+        )
+        == 2
+    )
     assert "differ in model or batch" in capsys.readouterr().err
-    for bad in (["--compare", "--layouts"], ["--compare", "--memory"], ["--compare", "--steps", "0"],
-                ["--context", "--layout", "a: parallel=dp trainer.devices=2"]):
+    for bad in (
+        ["--compare", "--layouts"],
+        ["--compare", "--memory"],
+        ["--compare", "--steps", "0"],
+        ["--context", "--layout", "a: parallel=dp trainer.devices=2"],
+    ):
         with pytest.raises(SystemExit) as exit_info:
             bench.main(bad)
         assert exit_info.value.code == 2

@@ -14,6 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from curry_train.cli import capacity as capacity_cli
@@ -70,7 +71,7 @@ def test_llama3_family_holds_the_published_shapes_and_grows():
     members = families.family("llama3", cfg)
     sizes = [m.parameters for m in members]
     assert sizes == sorted(sizes) and len(set(sizes)) == len(sizes)
-    assert all(b / a < 3.5 for a, b in zip(sizes, sizes[1:]))  # a ladder, not a jump
+    assert all(b / a < 3.5 for a, b in zip(sizes, sizes[1:], strict=False))  # a ladder, not a jump
     for m in members:
         assert m.dim % m.n_heads == 0 and (m.dim // m.n_heads) % 2 == 0 and m.n_heads % m.n_kv_heads == 0
         assert m.parameters == closed_form_parameters(vars(m), 128256)
@@ -80,12 +81,18 @@ def test_llama3_family_holds_the_published_shapes_and_grows():
         (member,) = [m for m in members if m.dim == shape.dim]
         assert member.preset == preset
         assert (member.n_layers, member.n_heads, member.n_kv_heads, member.ffn_dim) == (
-            shape.n_layers, shape.n_heads, shape.n_kv_heads, shape.ffn_dim)
+            shape.n_layers,
+            shape.n_heads,
+            shape.n_kv_heads,
+            shape.ffn_dim,
+        )
     # Llama 3's SwiGLU widths follow from 8/3 x dim x 1.3, rounded up to 1024
     assert families.llama_ffn_dim(4096) == 14336 and families.llama_ffn_dim(8192) == 28672
     debug = compose([])  # the debug model is a member of the debug family
-    assert any((m.dim, m.n_layers, m.n_heads, m.n_kv_heads, m.ffn_dim) == (128, 4, 4, 2, 384)
-               for m in families.family("debug", debug))
+    assert any(
+        (m.dim, m.n_layers, m.n_heads, m.n_kv_heads, m.ffn_dim) == (128, 4, 4, 2, 384)
+        for m in families.family("debug", debug)
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -137,8 +144,18 @@ def test_json_output_and_a_command_that_runs_the_recommendation(capsys):
     args = [*BASE_1NODE, "layouts=dp;fsdp fsdp.sharding=optimizer;fsdp recompute=full", "mode=estimate", "max=50B"]
     code, result, _ = run_json(capsys, args)
     assert code == 0
-    assert {"sweep", "mode", "family", "hardware", "capacity_bytes", "headroom", "candidates", "rows", "recommended",
-            "command"} <= result.keys()
+    assert {
+        "sweep",
+        "mode",
+        "family",
+        "hardware",
+        "capacity_bytes",
+        "headroom",
+        "candidates",
+        "rows",
+        "recommended",
+        "command",
+    } <= result.keys()
     assert result["sweep"] == "model" and result["mode"] == "estimate" and result["family"] == "llama3"
     assert all(c["size"] <= 50e9 for c in result["candidates"])
     for row in result["rows"]:
@@ -160,14 +177,23 @@ def test_json_output_and_a_command_that_runs_the_recommendation(capsys):
     assert cfg.trainer.devices == 8 and cfg.data.seq_len == 2048
     model = rec["candidate"]["model"]
     assert {k: cfg.model[k] for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim")} == {
-        k: model[k] for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim")}
+        k: model[k] for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim")
+    }
     _, layout = layout_and_cfg(BASE_1NODE, next(r for r in result["rows"] if r["layout"] == rec["layout"]))
     assert current_layout(cfg) == layout
 
 
 def test_micro_batch_sweep_shards_buy_micro_batches(capsys):
-    one_b = ["model.dim=2048", "model.n_layers=16", "model.n_heads=32", "model.n_kv_heads=8", "model.ffn_dim=8192",
-             "model.vocab_size=128256", "data.seq_len=4096", "data.global_batch_size=64"]
+    one_b = [
+        "model.dim=2048",
+        "model.n_layers=16",
+        "model.n_heads=32",
+        "model.n_kv_heads=8",
+        "model.ffn_dim=8192",
+        "model.vocab_size=128256",
+        "data.seq_len=4096",
+        "data.global_batch_size=64",
+    ]
     code, result, _ = run_json(capsys, [*one_b, "sweep=micro_batch", "layouts=dp;fsdp", "mode=estimate"])
     assert code == 0 and result["family"] is None
     dp, fsdp = result["rows"]
@@ -199,10 +225,18 @@ def test_the_target_goes_to_the_lightest_layout_that_fits_it(capsys):
     assert all(row["next"] is None for row in result["rows"])
     assert result["recommended"]["layout"] == "fsdp fsdp.sharding=optimizer"
     assert "parallel.fsdp.sharding=optimizer" in result["command"] and "model=llama3_8b" in result["command"]
-    order = [Layout(dp_replicate=8), Layout(dp_shard=8, zero="optimizer"), Layout(dp_shard=8, zero="shard_grad_op"),
-             Layout(dp_shard=8, zero="full"), Layout(dp_shard=8, zero="full", recompute="selective"),
-             Layout(dp_shard=8, zero="full", recompute="full"), Layout(dp_replicate=4, tp=2),
-             Layout(dp_shard=2, tp=4), Layout(dp_shard=4, pp=2), Layout(dp_shard=4, cp=2)]
+    order = [
+        Layout(dp_replicate=8),
+        Layout(dp_shard=8, zero="optimizer"),
+        Layout(dp_shard=8, zero="shard_grad_op"),
+        Layout(dp_shard=8, zero="full"),
+        Layout(dp_shard=8, zero="full", recompute="selective"),
+        Layout(dp_shard=8, zero="full", recompute="full"),
+        Layout(dp_replicate=4, tp=2),
+        Layout(dp_shard=2, tp=4),
+        Layout(dp_shard=4, pp=2),
+        Layout(dp_shard=4, cp=2),
+    ]
     assert sorted(order, key=capacity.weight) == order
 
 
@@ -221,24 +255,26 @@ def test_nothing_fits_exits_1(capsys):
     assert result["rows"][0]["largest"] is None and result["rows"][0]["next"]["status"] == "too big"
 
 
-@pytest.mark.parametrize("args, message", [
-    (["sweep=width"], "sweep='width'"),
-    (["layouts=dp;zero9"], "unknown or repeated option"),
-    (["layouts=fsdp+tp tp.size=3"], "fsdp+tp tp.size=3"),
-    (["layouts=fsdp recompute"], "not key=value"),
-    (["mode=measure"], "needs a CUDA device"),
-    (["mode=guess"], "mode='guess'"),
-    (["family=gpt2"], "family='gpt2'"),
-    (["family=debug", "sweep=micro_batch"], "family= applies to sweep=model"),
-    (["format=yaml"], "format='yaml'"),
-    (["start=middle"], "start='middle'"),
-    (["max=lots"], "max='lots'"),
-    (["hardware=tpu_v9"], "hardware/tpu_v9"),
-    (["hardware=cpu", "mode=measure", "layouts=fsdp+pp pp.size=2"], "pp and cp on a GPU"),
-    (["hardware=cpu", "hardware.reserved_bytes=20000000000", "mode=measure"], "leaves nothing"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["sweep=width"], "sweep='width'"),
+        (["layouts=dp;zero9"], "unknown or repeated option"),
+        (["layouts=fsdp+tp tp.size=3"], "fsdp+tp tp.size=3"),
+        (["layouts=fsdp recompute"], "not key=value"),
+        (["mode=measure"], "needs a CUDA device"),
+        (["mode=guess"], "mode='guess'"),
+        (["family=gpt2"], "family='gpt2'"),
+        (["family=debug", "sweep=micro_batch"], "family= applies to sweep=model"),
+        (["format=yaml"], "format='yaml'"),
+        (["start=middle"], "start='middle'"),
+        (["max=lots"], "max='lots'"),
+        (["hardware=tpu_v9"], "hardware/tpu_v9"),
+        (["hardware=cpu", "mode=measure", "layouts=fsdp+pp pp.size=2"], "pp and cp on a GPU"),
+        (["hardware=cpu", "hardware.reserved_bytes=20000000000", "mode=measure"], "leaves nothing"),
+    ],
+)
 def test_bad_options_are_one_line_errors(capsys, args, message):
-    import torch
 
     if args == ["mode=measure"] and torch.cuda.is_available():
         pytest.skip("a CUDA device is visible")
@@ -249,7 +285,6 @@ def test_bad_options_are_one_line_errors(capsys, args, message):
 
 
 def test_auto_mode_measures_only_gpu_hardware_this_machine_has():
-    import torch
 
     warnings = []
     assert capacity._resolve_mode("auto", compose(["hardware=cpu"]), warnings) == "estimate"
@@ -270,7 +305,7 @@ def test_search_finds_the_boundary_from_any_start(n):
         for start in range(n):
             probed = []
 
-            def trial(i):
+            def trial(i, probed=probed, boundary=boundary):
                 probed.append(i)
                 return i <= boundary
 
@@ -290,17 +325,24 @@ def test_search_stops_at_an_error_with_what_it_knows():
     assert capacity.search(8, 2, trial) == 2 and probed == [2, 3]
 
 
-@pytest.mark.parametrize("code, stderr, verdict", [
-    (0, "", "ok"),
-    (1, "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB", "oom"),
-    (1, "RuntimeError: [enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory", "oom"),
-    (-9, "", "oom"),
-    (1, "torch.multiprocessing.spawn.ProcessExitedException: process 1 terminated with signal SIGKILL", "oom"),
-    (1, "MemoryError", "oom"),
-    (1, "ValueError: n_microbatches=0 must be positive", "error"),
-    (2, "curry-train: error: data.paths: /x.bin does not exist", "error"),
-    (-15, "", "error"),
-])
+@pytest.mark.parametrize(
+    "code, stderr, verdict",
+    [
+        (0, "", "ok"),
+        (1, "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB", "oom"),
+        (
+            1,
+            "RuntimeError: [enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory",
+            "oom",
+        ),
+        (-9, "", "oom"),
+        (1, "torch.multiprocessing.spawn.ProcessExitedException: process 1 terminated with signal SIGKILL", "oom"),
+        (1, "MemoryError", "oom"),
+        (1, "ValueError: n_microbatches=0 must be positive", "error"),
+        (2, "curry-train: error: data.paths: /x.bin does not exist", "error"),
+        (-15, "", "error"),
+    ],
+)
 def test_trial_verdicts(code, stderr, verdict):
     assert trials.classify(code, stderr) == verdict
 
@@ -315,8 +357,15 @@ def test_a_failing_trial_is_an_error_with_its_stderr():
 # Measure mode on the CPU: real trials, a real out-of-memory error
 
 
-CPU_TRIALS = ["hardware=cpu", "hardware.gpus_per_node=1", "hardware.memory_bytes=90000000", "hardware.reserved_bytes=0",
-              "data.seq_len=64", "data.global_batch_size=2", "data.micro_batch_size=2"]
+CPU_TRIALS = [
+    "hardware=cpu",
+    "hardware.gpus_per_node=1",
+    "hardware.memory_bytes=90000000",
+    "hardware.reserved_bytes=0",
+    "data.seq_len=64",
+    "data.global_batch_size=2",
+    "data.micro_batch_size=2",
+]
 
 
 def test_measure_on_cpu_records_oom_and_goes_on(capsys):
@@ -328,8 +377,9 @@ def test_measure_on_cpu_records_oom_and_goes_on(capsys):
     top, below = members[-1], members[-2]
     assert STATE_BYTES_PER_PARAM * closed_form_parameters(vars(top), 256) > 90e6
     assert STATE_BYTES_PER_PARAM * closed_form_parameters(vars(below), 256) < 0.9 * 90e6
-    code, result, err = run_json(capsys, [*CPU_TRIALS, "family=debug", "mode=measure", "layouts=dp", "start=top",
-                                          "max=10M"])
+    code, result, err = run_json(
+        capsys, [*CPU_TRIALS, "family=debug", "mode=measure", "layouts=dp", "start=top", "max=10M"]
+    )
     assert code == 0 and result["mode"] == "measure"
     (row,) = result["rows"]
     trials = row["trials"]

@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import REPO, clean_env
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 import curry_train  # noqa: F401  (registers the combos source)
 from curry_train.config import compose
 from curry_train.config.checks import enabled_options
-
-from conftest import REPO, clean_env
 
 
 def write_tree(root: Path) -> Path:
@@ -65,7 +65,9 @@ def test_order_of_options_does_not_matter(tree):
     assert compose(["parallel=a+b+c"], tree) == compose(["parallel=c+b+a"], tree)
 
 
-@pytest.mark.parametrize("choice, message", [("a+a", "more than once"), ("a+", "empty option"), ("a+nope", "parallel/nope")])
+@pytest.mark.parametrize(
+    "choice, message", [("a+a", "more than once"), ("a+", "empty option"), ("a+nope", "parallel/nope")]
+)
 def test_bad_combinations_are_rejected(tree, choice, message):
     with pytest.raises(Exception) as error:
         compose([f"parallel={choice}"], tree)
@@ -79,7 +81,8 @@ def test_recipe_defaults_list_can_name_a_combination(tree):
 
 def test_combination_in_a_multirun_sweep(tree, tmp_path):
     app = tmp_path / "app.py"
-    app.write_text(textwrap.dedent(f"""
+    app.write_text(
+        textwrap.dedent(f"""
         import hydra
         import curry_train  # registers parallel=a+b
         from omegaconf import OmegaConf
@@ -89,10 +92,15 @@ def test_combination_in_a_multirun_sweep(tree, tmp_path):
             print("JOB", ",".join(sorted(cfg.parallel)))
 
         main()
-    """))
+    """)
+    )
     out = subprocess.run(
         [sys.executable, str(app), "-m", "parallel=a,b+a,a+b+c", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
-        capture_output=True, text=True, env=clean_env(), timeout=120, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+        timeout=120,
+        cwd=tmp_path,
     )
     assert out.returncode == 0, out.stderr
     jobs = [line.split()[1] for line in out.stdout.splitlines() if line.startswith("JOB")]
@@ -128,7 +136,6 @@ def test_schema_rejects_misspelt_keys_and_wrong_types(override, key):
 def test_schema_rejects_unknown_key_in_a_yaml_file(tmp_path):
     """A recipe with a typo is caught by the schema too, not only command-line overrides."""
     conf = tmp_path / "conf"
-    import shutil
 
     shutil.copytree(REPO / "conf", conf, symlinks=False)
     (conf / "recipe" / "typo.yaml").write_text("# @package _global_\noptim:\n  learning_rate: 0.1\n")

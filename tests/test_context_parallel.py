@@ -4,10 +4,21 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
-from curry_train.launch import end_process_group
-from curry_train.primitives.context_parallel import sequence_layout, sequence_positions, shard_sequence
+from curry_train.config import ConfigError, compose
+from curry_train.config.checks import check
+from curry_train.launch import end_process_group, spawn
+from curry_train.primitives import attention_kernels
+from curry_train.primitives.attention_kernels import KERNELS, _candidates
+from curry_train.primitives.context_parallel import (
+    ContextParallelAttention,
+    default_inner_ring,
+    sequence_layout,
+    sequence_positions,
+    shard_sequence,
+)
 
 
 def test_zigzag_layout_balances_causal_work():
@@ -27,9 +38,6 @@ def test_zigzag_layout_balances_causal_work():
 
 
 def _attention_against_full(out_dir: str, cases: list) -> None:
-    import torch.distributed as dist
-
-    from curry_train.primitives.context_parallel import ContextParallelAttention
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -40,7 +48,9 @@ def _attention_against_full(out_dir: str, cases: list) -> None:
         k = torch.randn(2, 2, 32, 8, generator=generator, requires_grad=True)  # grouped: 2 query heads per kv head
         v = torch.randn(2, 2, 32, 8, generator=generator, requires_grad=True)
         dout = torch.randn(2, 4, 32, 8, generator=generator)
-        reference = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=causal)
+        reference = F.scaled_dot_product_attention(
+            q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=causal
+        )
         reference.backward(dout)
         attention = ContextParallelAttention(dist.group.WORLD, pattern, causal=causal, load_balance=load_balance)
         local = [shard_sequence(t.detach(), world, rank, load_balance, dim=2).requires_grad_() for t in (q, k, v)]
@@ -48,20 +58,37 @@ def _attention_against_full(out_dir: str, cases: list) -> None:
         out.backward(shard_sequence(dout, world, rank, load_balance, dim=2))
         expected = [shard_sequence(t, world, rank, load_balance, dim=2) for t in (reference, q.grad, k.grad, v.grad)]
         got = [out, *(t.grad for t in local)]
-        results[name] = [((g - e).norm() / e.norm()).item() for g, e in zip(got, expected)]
+        results[name] = [((g - e).norm() / e.norm()).item() for g, e in zip(got, expected, strict=False)]
     torch.save(results, f"{out_dir}/rank{rank}.pt")
     end_process_group()
 
 
-@pytest.mark.parametrize("world, cases", [
-    (2, [("ring", "ring", True, True), ("ring-contiguous", "ring", True, False), ("ring-full", "ring", False, True),
-         ("alltoall", "alltoall", True, True)]),
-    (4, [("ring", "ring", True, True), ("double_ring", "double_ring", True, True), ("alltoall-4", "alltoall", True, True)]),
-], ids=["cp2", "cp4"])
+@pytest.mark.parametrize(
+    "world, cases",
+    [
+        (
+            2,
+            [
+                ("ring", "ring", True, True),
+                ("ring-contiguous", "ring", True, False),
+                ("ring-full", "ring", False, True),
+                ("alltoall", "alltoall", True, True),
+            ],
+        ),
+        (
+            4,
+            [
+                ("ring", "ring", True, True),
+                ("double_ring", "double_ring", True, True),
+                ("alltoall-4", "alltoall", True, True),
+            ],
+        ),
+    ],
+    ids=["cp2", "cp4"],
+)
 def test_attention_op_matches_unsharded_attention(world, cases, tmp_path):
     """Outputs and the gradients of q, k and v (grouped key/value heads) of every pattern equal
     PyTorch's attention over the whole sequence, shard by shard."""
-    from curry_train.launch import spawn
 
     spawn(world, _attention_against_full, str(tmp_path), cases)
     for rank in range(world):
@@ -71,7 +98,6 @@ def test_attention_op_matches_unsharded_attention(world, cases, tmp_path):
 
 
 def test_default_inner_ring_is_the_largest_divisor_up_to_the_square_root():
-    from curry_train.primitives.context_parallel import default_inner_ring
 
     assert default_inner_ring(4) == 2 and default_inner_ring(8) == 2 and default_inner_ring(9) == 3
     assert default_inner_ring(2) == 2 and default_inner_ring(7) == 7
@@ -79,57 +105,89 @@ def test_default_inner_ring_is_the_largest_divisor_up_to_the_square_root():
 
 # -- parallel=cp through the strategy -------------------------------------------------------------
 
-from curry_train.validation.whitebox import validate  # noqa: E402
-
 from conftest import FAST, STEPS, assert_same_curve, read_metric, run_seed_example, run_train  # noqa: E402
 
+from curry_train.validation.whitebox import validate  # noqa: E402
 
-@pytest.mark.parametrize("layout", [
-    ("parallel=cp", "trainer.devices=2"),
-    ("parallel=cp", "parallel.cp.size=4", "trainer.devices=4"),
-    ("parallel=cp", "parallel.cp.size=4", "parallel.cp.pattern=double_ring", "trainer.devices=4"),
-    ("parallel=cp", "parallel.cp.pattern=alltoall", "trainer.devices=2"),
-    ("parallel=cp", "parallel.cp.load_balance=false", "trainer.devices=4"),  # cp 2 x 2 replicas (DDP over dp x cp)
-    ("parallel=fsdp+cp", "trainer.devices=4"),
-    ("parallel=fsdp+cp", "parallel.fsdp.sharding=no_shard", "trainer.devices=4"),  # replicas over dp x cp
-    ("parallel=fsdp+cp", "parallel.fsdp.sharding=hybrid", "trainer.devices=8", "data.micro_batch_size=2"),
-    ("parallel=tp+cp", "trainer.devices=4"),
-    ("parallel=fsdp+tp+pp+cp", "trainer.devices=8"),
-], ids=["ring-2", "ring-4", "double_ring-2x2", "alltoall-2", "contiguous-dp", "fsdp+cp", "no_shard+cp", "hybrid+cp-2x2x2",
-        "tp+cp", "fsdp+tp+pp+cp-8"])
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        ("parallel=cp", "trainer.devices=2"),
+        ("parallel=cp", "parallel.cp.size=4", "trainer.devices=4"),
+        ("parallel=cp", "parallel.cp.size=4", "parallel.cp.pattern=double_ring", "trainer.devices=4"),
+        ("parallel=cp", "parallel.cp.pattern=alltoall", "trainer.devices=2"),
+        ("parallel=cp", "parallel.cp.load_balance=false", "trainer.devices=4"),  # cp 2 x 2 replicas (DDP over dp x cp)
+        ("parallel=fsdp+cp", "trainer.devices=4"),
+        ("parallel=fsdp+cp", "parallel.fsdp.sharding=no_shard", "trainer.devices=4"),  # replicas over dp x cp
+        ("parallel=fsdp+cp", "parallel.fsdp.sharding=hybrid", "trainer.devices=8", "data.micro_batch_size=2"),
+        ("parallel=tp+cp", "trainer.devices=4"),
+        ("parallel=fsdp+tp+pp+cp", "trainer.devices=8"),
+    ],
+    ids=[
+        "ring-2",
+        "ring-4",
+        "double_ring-2x2",
+        "alltoall-2",
+        "contiguous-dp",
+        "fsdp+cp",
+        "no_shard+cp",
+        "hybrid+cp-2x2x2",
+        "tp+cp",
+        "fsdp+tp+pp+cp-8",
+    ],
+)
 def test_whitebox_context_parallel_matches_single_process(layout):
     report = validate([*FAST, *layout], steps=2)
     assert report.ok, report.table(only_failures=True)
     assert len(report.rows) == 2 * (2 + 39)
 
 
-@pytest.mark.parametrize("layout", [
-    ("parallel=cp", "trainer.devices=2"),
-    ("parallel=cp", "parallel.cp.pattern=alltoall", "trainer.devices=2"),
-    ("parallel=cp", "parallel.cp.size=4", "trainer.devices=4"),
-    ("parallel=cp", "parallel.cp.size=4", "parallel.cp.pattern=double_ring", "trainer.devices=4"),
-    ("parallel=cp", "parallel.cp.size=4", "parallel.cp.pattern=alltoall", "trainer.devices=4"),
-    ("parallel=fsdp+cp", "trainer.devices=4"),
-    ("parallel=tp+cp", "trainer.devices=4"),
-], ids=["ring-2", "alltoall-2", "ring-4", "double_ring-4", "alltoall-4", "fsdp+cp", "tp+cp"])
+@pytest.mark.parametrize(
+    "layout",
+    [
+        ("parallel=cp", "trainer.devices=2"),
+        ("parallel=cp", "parallel.cp.pattern=alltoall", "trainer.devices=2"),
+        ("parallel=cp", "parallel.cp.size=4", "trainer.devices=4"),
+        ("parallel=cp", "parallel.cp.size=4", "parallel.cp.pattern=double_ring", "trainer.devices=4"),
+        ("parallel=cp", "parallel.cp.size=4", "parallel.cp.pattern=alltoall", "trainer.devices=4"),
+        ("parallel=fsdp+cp", "trainer.devices=4"),
+        ("parallel=tp+cp", "trainer.devices=4"),
+    ],
+    ids=["ring-2", "alltoall-2", "ring-4", "double_ring-4", "alltoall-4", "fsdp+cp", "tp+cp"],
+)
 def test_context_parallel_reproduces_single_process_curve(layout, single_process_curve, tmp_path):
     run_train([*FAST, f"trainer.max_steps={STEPS}", *layout, f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
     assert_same_curve(read_metric(tmp_path), single_process_curve)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["parallel.cp.size=3", "trainer.devices=3", "data.global_batch_size=15", "data.micro_batch_size=5"],
-     "data.seq_len=64 is not divisible by 6 (2 x parallel.cp.size=3"),
-    (["parallel.cp.size=4", "parallel.cp.pattern=alltoall", "model.n_heads=2", "model.n_kv_heads=2", "model.dim=64",
-      "trainer.devices=4"], "2 heads per rank (model.n_heads / tp) do not divide by parallel.cp.size=4"),
-    (["parallel.cp.pattern=zigzag", "trainer.devices=2"], "parallel.cp.pattern='zigzag'"),
-    (["model.dropout=0.1", "trainer.devices=2"], "context-parallel attention has no dropout"),
-    (["parallel.cp.size=4", "parallel.cp.pattern=double_ring", "parallel.cp.inner_ring=3", "trainer.devices=4"],
-     "parallel.cp.inner_ring=3 does not divide parallel.cp.size=4"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["parallel.cp.size=3", "trainer.devices=3", "data.global_batch_size=15", "data.micro_batch_size=5"],
+            "data.seq_len=64 is not divisible by 6 (2 x parallel.cp.size=3",
+        ),
+        (
+            [
+                "parallel.cp.size=4",
+                "parallel.cp.pattern=alltoall",
+                "model.n_heads=2",
+                "model.n_kv_heads=2",
+                "model.dim=64",
+                "trainer.devices=4",
+            ],
+            "2 heads per rank (model.n_heads / tp) do not divide by parallel.cp.size=4",
+        ),
+        (["parallel.cp.pattern=zigzag", "trainer.devices=2"], "parallel.cp.pattern='zigzag'"),
+        (["model.dropout=0.1", "trainer.devices=2"], "context-parallel attention has no dropout"),
+        (
+            ["parallel.cp.size=4", "parallel.cp.pattern=double_ring", "parallel.cp.inner_ring=3", "trainer.devices=4"],
+            "parallel.cp.inner_ring=3 does not divide parallel.cp.size=4",
+        ),
+    ],
+)
 def test_context_parallel_config_errors(overrides, message):
-    from curry_train.config import ConfigError, compose
-    from curry_train.config.checks import check
 
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         check(compose([*FAST, "parallel=cp", *overrides]))
@@ -185,13 +243,20 @@ def test_seed_example_runs_unchanged_under_torchrun(tmp_path):
 # Block kernels: the fused kernel of each device, used only once checked against the math kernel
 
 
-@pytest.mark.parametrize("name, dtype", [("cuda_flash", torch.bfloat16), ("cuda_flash", torch.float16),
-                                         ("cuda_cudnn", torch.bfloat16), ("cuda_cudnn", torch.float16),
-                                         ("cuda_efficient", torch.float32), ("cuda_efficient", torch.bfloat16)])
+@pytest.mark.parametrize(
+    "name, dtype",
+    [
+        ("cuda_flash", torch.bfloat16),
+        ("cuda_flash", torch.float16),
+        ("cuda_cudnn", torch.bfloat16),
+        ("cuda_cudnn", torch.float16),
+        ("cuda_efficient", torch.float32),
+        ("cuda_efficient", torch.bfloat16),
+    ],
+)
 def test_cuda_kernels_call_the_ops_as_their_schemas_declare(name, dtype):
     """No GPU here: the CUDA kernels' calls run on meta tensors, whose kernels check every argument
     against the op's schema and give the outputs' shapes and dtypes."""
-    from curry_train.primitives.attention_kernels import KERNELS
 
     forward, backward = KERNELS[name]
     q, dout = (torch.empty(2, 4, 40, 64, device="meta", dtype=dtype) for _ in range(2))
@@ -207,70 +272,67 @@ def test_efficient_kernel_log_sum_exp_is_trimmed_and_padded_back(monkeypatch):
     """The memory-efficient kernel's contract, emulated on the CPU with the math kernel: its lse has
     rows padded to a multiple of 32, and its backward wants them so. The block kernel trims them for
     the merge and pads them back for backward, and the result passes the check against math."""
-    from curry_train.primitives import attention_kernels as cp
 
     def forward(q, k, v, bias, compute_lse, dropout, causal, *, scale):
-        out, lse = cp._math_forward(q, k, v, causal, scale)
+        out, lse = attention_kernels._math_forward(q, k, v, causal, scale)
         rows = q.shape[2]
         padded = torch.cat([lse, torch.full((*lse.shape[:-1], -rows % 32), float("nan"))], dim=-1)
         return out, padded, torch.zeros((), dtype=torch.int64), torch.zeros((), dtype=torch.int64)
 
     def backward(dout, q, k, v, bias, out, lse, seed, offset, dropout, mask, causal, *, scale):
         assert lse.shape[-1] % 32 == 0 and lse.is_contiguous() and mask == [True, True, True, False]
-        return (*cp._math_backward(dout, q, k, v, out, lse[..., : q.shape[2]], causal, scale), None)
+        return (*attention_kernels._math_backward(dout, q, k, v, out, lse[..., : q.shape[2]], causal, scale), None)
 
     monkeypatch.setattr(torch.ops.aten, "_scaled_dot_product_efficient_attention", forward)
     monkeypatch.setattr(torch.ops.aten, "_scaled_dot_product_efficient_attention_backward", backward)
-    assert cp._check_kernel("cuda_efficient", torch.device("cpu"), torch.float32, 32) is None
-    out, lse = cp.KERNELS["cuda_efficient"][0](*(torch.randn(1, 2, 40, 32) for _ in range(3)), True, 0.2)
+    assert attention_kernels._check_kernel("cuda_efficient", torch.device("cpu"), torch.float32, 32) is None
+    out, lse = attention_kernels.KERNELS["cuda_efficient"][0](*(torch.randn(1, 2, 40, 32) for _ in range(3)), True, 0.2)
     assert lse.shape == (1, 2, 40) and torch.isfinite(lse).all()
 
 
 def test_a_kernel_that_disagrees_with_math_is_not_used(monkeypatch):
-    from curry_train.primitives import attention_kernels as cp
 
     def wrong_forward(q, k, v, causal, scale):
-        out, lse = cp._math_forward(q, k, v, causal, scale)
+        out, lse = attention_kernels._math_forward(q, k, v, causal, scale)
         return out, lse + 1e-2  # a log-sum-exp off by 1%: merged outputs would be silently wrong
 
-    monkeypatch.setitem(cp.KERNELS, "cpu_flash", (wrong_forward, cp._cpu_flash_backward))
-    monkeypatch.setattr(cp, "_CHOSEN", {})
+    monkeypatch.setitem(attention_kernels.KERNELS, "cpu_flash", (wrong_forward, attention_kernels._cpu_flash_backward))
+    monkeypatch.setattr(attention_kernels, "_CHOSEN", {})
     with pytest.warns(UserWarning, match="cpu_flash attention kernel is not used.*differs from the math kernel"):
-        assert cp.block_kernel(torch.device("cpu"), torch.float32, 16) == "math"
+        assert attention_kernels.block_kernel(torch.device("cpu"), torch.float32, 16) == "math"
     q, k, v = (torch.randn(1, 2, 8, 16) for _ in range(3))
-    out, _ = cp.block_forward(q, k, v, True, 0.25)
+    out, _ = attention_kernels.block_forward(q, k, v, True, 0.25)
     assert torch.allclose(out, F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.25), atol=1e-6)
 
     def failing_forward(q, k, v, causal, scale):
         raise RuntimeError("No available kernel. Aborting execution.")
 
-    monkeypatch.setitem(cp.KERNELS, "cpu_flash", (failing_forward, cp._cpu_flash_backward))
-    monkeypatch.setattr(cp, "_CHOSEN", {})
+    monkeypatch.setitem(
+        attention_kernels.KERNELS, "cpu_flash", (failing_forward, attention_kernels._cpu_flash_backward)
+    )
+    monkeypatch.setattr(attention_kernels, "_CHOSEN", {})
     with pytest.warns(UserWarning, match="RuntimeError: No available kernel"):
-        assert cp.block_kernel(torch.device("cpu"), torch.float32, 16) == "math"
+        assert attention_kernels.block_kernel(torch.device("cpu"), torch.float32, 16) == "math"
 
 
 def test_cpu_flash_kernel_passes_its_check():
-    from curry_train.primitives import attention_kernels as cp
 
     for dtype in (torch.float32, torch.bfloat16):
-        assert cp._check_kernel("cpu_flash", torch.device("cpu"), dtype, 64) is None
+        assert attention_kernels._check_kernel("cpu_flash", torch.device("cpu"), dtype, 64) is None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_cuda_fused_kernels_pass_their_check(dtype):
     """On a GPU: the fused kernel of each dtype agrees with the math kernel and is the one chosen."""
-    from curry_train.primitives import attention_kernels as cp
 
     device = torch.device("cuda")
     expected = "cuda_flash" if dtype != torch.float32 else "cuda_efficient"
-    assert cp._check_kernel(expected, device, dtype, 64) is None
-    assert cp.block_kernel(device, dtype, 64) == expected
+    assert attention_kernels._check_kernel(expected, device, dtype, 64) is None
+    assert attention_kernels.block_kernel(device, dtype, 64) == expected
 
 
 def test_kernel_candidates_by_device_dtype_and_head_dim():
-    from curry_train.primitives.attention_kernels import _candidates
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert _candidates(cuda, torch.bfloat16, 64) == ["cuda_flash", "cuda_cudnn", "cuda_efficient", "math"]
@@ -283,12 +345,15 @@ def test_kernel_candidates_by_device_dtype_and_head_dim():
 def test_the_check_probes_strided_blocks_as_the_ring_passes_them(monkeypatch):
     """The ring hands kernels views (heads and sequence transposed, one chunk of two): a kernel that
     only handles contiguous blocks must fail its check, not the training step."""
-    from curry_train.primitives import attention_kernels as cp
 
     def contiguous_only(q, k, v, causal, scale):
         if not (q.is_contiguous() and k.is_contiguous()):
             raise RuntimeError("expected contiguous inputs")
-        return cp._math_forward(q, k, v, causal, scale)
+        return attention_kernels._math_forward(q, k, v, causal, scale)
 
-    monkeypatch.setitem(cp.KERNELS, "cpu_flash", (contiguous_only, cp._cpu_flash_backward))
-    assert "expected contiguous inputs" in cp._check_kernel("cpu_flash", torch.device("cpu"), torch.float32, 16)
+    monkeypatch.setitem(
+        attention_kernels.KERNELS, "cpu_flash", (contiguous_only, attention_kernels._cpu_flash_backward)
+    )
+    assert "expected contiguous inputs" in attention_kernels._check_kernel(
+        "cpu_flash", torch.device("cpu"), torch.float32, 16
+    )

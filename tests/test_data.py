@@ -42,8 +42,10 @@ SCRIPT = REPO / "scripts" / "tokenize_data.py"
 
 def rank_batches(num_samples: int, global_batch: int, dp_size: int, seed: int, steps: int) -> List[List[List[int]]]:
     """Per step, the slices of every rank of a ``dp_size``-way layout, in rank order."""
-    samplers = [GlobalBatchSampler(num_samples, global_batch, r, dp_size, seed, num_steps=steps) for r in range(dp_size)]
-    return [list(slices) for slices in zip(*samplers)]
+    samplers = [
+        GlobalBatchSampler(num_samples, global_batch, r, dp_size, seed, num_steps=steps) for r in range(dp_size)
+    ]
+    return [list(slices) for slices in zip(*samplers, strict=False)]
 
 
 def global_batches(num_samples: int, global_batch: int, seed: int, steps: int, shuffle: bool = True) -> List[List[int]]:
@@ -180,7 +182,7 @@ def test_split_streams_holds_out_the_tail_fraction() -> None:
     streams = [np.arange(100), np.arange(50) + 100]
     train, val = split_streams(streams, 0.1)
     assert [len(t) for t in train] == [90, 45] and [len(v) for v in val] == [10, 5]
-    for stream, t, v in zip(streams, train, val):
+    for stream, t, v in zip(streams, train, val, strict=False):
         assert np.array_equal(np.concatenate([t, v]), stream)
     train, val = split_streams(streams, 0.0)
     assert [len(v) for v in val] == [0, 0]

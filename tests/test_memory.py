@@ -19,15 +19,22 @@ import math
 
 import pytest
 import torch
+from conftest import FAST
+from test_bench import load_bench
 from torch import nn
 
 from curry_train.config import compose
 from curry_train.model import Llama
-from curry_train.planning.memory import zero_formula_bytes, zero_formula_terms, zero_formula_text
+from curry_train.planning.layout import current_layout
+from curry_train.planning.memory import (
+    activation_bytes,
+    model_state,
+    rank_shapes,
+    zero_formula_bytes,
+    zero_formula_terms,
+    zero_formula_text,
+)
 from curry_train.validation.memory import LayoutMemory, measure_layouts, model_state_bytes
-
-from conftest import FAST
-from test_bench import load_bench
 
 COMMON = (*FAST, "trainer.devices=4", "model.ffn_dim=390")
 LAYOUTS = {
@@ -51,14 +58,28 @@ LAYOUTS = {
 
 def test_zero_formulas():
     P, d = 1000, 4
-    mixed = {"dp": 16 * P, "no_shard": 16 * P, "optimizer": 4 * P + 12 * P // d, "shard_grad_op": 2 * P + 14 * P // d,
-             "full": 16 * P // d}
-    fp32 = {"dp": 16 * P, "no_shard": 16 * P, "optimizer": 8 * P + 8 * P // d, "shard_grad_op": 4 * P + 12 * P // d,
-            "full": 16 * P // d}
+    mixed = {
+        "dp": 16 * P,
+        "no_shard": 16 * P,
+        "optimizer": 4 * P + 12 * P // d,
+        "shard_grad_op": 2 * P + 14 * P // d,
+        "full": 16 * P // d,
+    }
+    fp32 = {
+        "dp": 16 * P,
+        "no_shard": 16 * P,
+        "optimizer": 8 * P + 8 * P // d,
+        "shard_grad_op": 4 * P + 12 * P // d,
+        "full": 16 * P // d,
+    }
     for mode, nbytes in mixed.items():
         assert zero_formula_bytes(mode, P, d, "bf16") == zero_formula_bytes(mode, P, d, "fp16") == nbytes, mode
         assert zero_formula_bytes(mode, P, d, "fp32") == fp32[mode], mode
-    assert zero_formula_terms("shard_grad_op", P, d, "bf16") == {"params": 2 * P, "grads": 2 * P // d, "optimizer": 12 * P // d}
+    assert zero_formula_terms("shard_grad_op", P, d, "bf16") == {
+        "params": 2 * P,
+        "grads": 2 * P // d,
+        "optimizer": 12 * P // d,
+    }
     assert zero_formula_terms("optimizer", P, d, "fp32") == {"params": 4 * P, "grads": 4 * P, "optimizer": 8 * P // d}
     assert zero_formula_bytes("hybrid", P, d, "fp32", replicas=2) == 16 * P // 2
     assert zero_formula_bytes("full", 1001, 8) == 501 + 501 + 1001  # each sharded term rounded up
@@ -91,7 +112,7 @@ def test_model_state_bytes_counts_each_storage_once():
 @pytest.fixture(scope="module")
 def measured() -> dict[str, LayoutMemory]:
     results = measure_layouts([(*COMMON, *layout) for layout in LAYOUTS.values()])
-    return dict(zip(LAYOUTS, results))
+    return dict(zip(LAYOUTS, results, strict=False))
 
 
 @functools.cache
@@ -244,8 +265,11 @@ def test_pipeline_ranks_hold_their_stage_by_the_formula(measured):
 def test_activations_do_not_depend_on_the_sharding(measured):
     """The same micro-batch through the same model: the same activations, whether parameters were
     gathered (FSDP2, booked apart by its tracker) or replicated (DDP); bf16 units keep bf16 ones."""
-    fp32 = {name: {r["activations"] for r in layout.ranks} for name, layout in measured.items()
-            if not name.endswith("bf16") and layout.pp == 1 and layout.cp == 1}  # a pipeline stage's are not measured
+    fp32 = {
+        name: {r["activations"] for r in layout.ranks}
+        for name, layout in measured.items()
+        if not name.endswith("bf16") and layout.pp == 1 and layout.cp == 1
+    }  # a pipeline stage's are not measured
     (value,) = set.union(*fp32.values())
     assert value > 0
     for name in ("full-bf16", "optimizer-bf16"):
@@ -277,19 +301,17 @@ def test_bench_memory_mode_shows_formula_and_recompute_saving(tmp_path, capsys):
 def test_advise_estimator_model_state_equals_measured(measured, name):
     """curry_train.planning's per-rank model state (ZeRO's formula over the rank's own parameters, with
     FSDP2's padding and AdamW's step counters) is exactly what each rank held at the optimizer step."""
-    from curry_train.planning.memory import model_state, rank_shapes
 
     layout = measured[name]
     for record in layout.ranks:
         shapes = rank_shapes(compose(list(COMMON)).model, layout.tp, layout.pp, record["pp_rank"])
-        estimated = model_state(shapes, layout.mode, record["shards"], layout.mixed_precision,
-                                record["shard_rank"], layout.replicas)
+        estimated = model_state(
+            shapes, layout.mode, record["shards"], layout.mixed_precision, record["shard_rank"], layout.replicas
+        )
         assert {**estimated, "total": sum(estimated.values())} == record["state"], (name, record["rank"])
 
 
 def _estimated_activations(overrides) -> int:
-    from curry_train.planning.layout import current_layout
-    from curry_train.planning.memory import activation_bytes
 
     cfg = compose(list(overrides))
     estimate = activation_bytes(cfg, current_layout(cfg), flash_attention=True)
@@ -317,7 +339,9 @@ RECOMPUTE_LAYOUTS = {
 
 def test_advise_activation_estimate_with_recompute():
     runs = [(*FAST, "model.ffn_dim=390", *overrides) for overrides, _ in RECOMPUTE_LAYOUTS.values()]
-    for (name, (_, rtol)), overrides, layout in zip(RECOMPUTE_LAYOUTS.items(), runs, measure_layouts(runs)):
+    for (name, (_, rtol)), overrides, layout in zip(
+        RECOMPUTE_LAYOUTS.items(), runs, measure_layouts(runs), strict=False
+    ):
         estimated = _estimated_activations(overrides)
         for record in layout.ranks:
             assert estimated == pytest.approx(record["activations"], rel=rtol), (name, record["rank"])

@@ -7,10 +7,16 @@ import re
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from conftest import run_seed_example
 
-from curry_train.config import compose
-from curry_train.launch import end_process_group
+from curry_train.config import ConfigError, compose
+from curry_train.config.checks import check, pipeline_microbatches
+from curry_train.launch import end_process_group, spawn
 from curry_train.model import Llama
+from curry_train.primitives import PipelineSchedule
+from curry_train.primitives.materialize import materialize_and_init
 from curry_train.primitives.pipeline_schedule import (
     KINDS,
     canonical_kind,
@@ -20,9 +26,7 @@ from curry_train.primitives.pipeline_schedule import (
     stage_to_rank,
     stages_per_rank,
 )
-from curry_train.primitives.materialize import materialize_and_init
-
-from conftest import run_seed_example
+from curry_train.validation.whitebox import compare
 
 
 def test_balanced_split_weighs_embedding_and_head_as_layers():
@@ -36,11 +40,14 @@ def test_balanced_split_weighs_embedding_and_head_as_layers():
     assert max(loads) == 4  # 32 units over 8 stages
 
 
-@pytest.mark.parametrize("args, message", [
-    ((4, 5), "5 pipeline stages but the model has 4 layers"),
-    ((4, 2, [1, 2]), "summing to 4 layers"),
-    ((4, 2, [1, 2, 1]), "expected 2 non-negative counts"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ((4, 5), "5 pipeline stages but the model has 4 layers"),
+        ((4, 2, [1, 2]), "summing to 4 layers"),
+        ((4, 2, [1, 2, 1]), "expected 2 non-negative counts"),
+    ],
+)
 def test_split_errors(args, message):
     with pytest.raises(ValueError, match=message):
         split_layers(*args)
@@ -85,10 +92,6 @@ def test_stages_keep_parameter_names_and_cover_the_model():
 
 
 def _pipeline_against_reference(out_dir: str, kinds: list[str], n_microbatches: int, n_layers: int) -> None:
-    import torch.distributed as dist
-    import torch.nn.functional as F
-
-    from curry_train.primitives import PipelineSchedule
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -108,12 +111,26 @@ def _pipeline_against_reference(out_dir: str, kinds: list[str], n_microbatches: 
         logits = reference(tokens[:, :-1])
         loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(), reduction="sum") / tokens[:, 1:].numel()
         loss.backward()
-        errors = {n: ((g - reference.get_parameter(n).grad).norm() / reference.get_parameter(n).grad.norm()).item()
-                  for n, g in grads.items()}
-        micro = torch.stack([F.cross_entropy(reference(mb[:, :-1]).flatten(0, 1), mb[:, 1:].flatten(), reduction="sum")
-                             for mb in tokens.split(2)]).detach() / tokens[:, 1:].numel()
-        results[kind] = {"loss": (result.loss.item(), loss.item()), "errors": errors,
-                         "micro": (result.losses.tolist(), micro.tolist()), "stepped": result.stepped, "optimizer": optimizer}
+        errors = {
+            n: ((g - reference.get_parameter(n).grad).norm() / reference.get_parameter(n).grad.norm()).item()
+            for n, g in grads.items()
+        }
+        micro = (
+            torch.stack(
+                [
+                    F.cross_entropy(reference(mb[:, :-1]).flatten(0, 1), mb[:, 1:].flatten(), reduction="sum")
+                    for mb in tokens.split(2)
+                ]
+            ).detach()
+            / tokens[:, 1:].numel()
+        )
+        results[kind] = {
+            "loss": (result.loss.item(), loss.item()),
+            "errors": errors,
+            "micro": (result.losses.tolist(), micro.tolist()),
+            "stepped": result.stepped,
+            "optimizer": optimizer,
+        }
         schedule.optimizer = optimizer
         schedule.train_step(tokens)  # one batch tensor, split by the schedule; the optimizer zeroes gradients
         results[kind]["zeroed"] = all(p.grad is None for p in local.parameters())
@@ -122,14 +139,17 @@ def _pipeline_against_reference(out_dir: str, kinds: list[str], n_microbatches: 
     end_process_group()
 
 
-@pytest.mark.parametrize("world, kinds, n_microbatches, n_layers", [
-    (2, ["gpipe", "1F1B", "interleaved", "interleaved_zb", "zbv", "dualpipev"], 4, 4),
-    (4, ["1F1B", "interleaved"], 4, 8),
-], ids=["2-ranks", "4-ranks"])
+@pytest.mark.parametrize(
+    "world, kinds, n_microbatches, n_layers",
+    [
+        (2, ["gpipe", "1F1B", "interleaved", "interleaved_zb", "zbv", "dualpipev"], 4, 4),
+        (4, ["1F1B", "interleaved"], 4, 8),
+    ],
+    ids=["2-ranks", "4-ranks"],
+)
 def test_every_schedule_matches_one_process(world, kinds, n_microbatches, n_layers, tmp_path):
     """The loss (on every rank, per micro-batch too) and every gradient of one pipelined step equal
     one process's on the whole batch: no missing or doubled 1/M factor."""
-    from curry_train.launch import spawn
 
     spawn(world, _pipeline_against_reference, str(tmp_path), kinds, n_microbatches, n_layers)
     results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(world)]
@@ -186,31 +206,48 @@ dist.destroy_process_group()
 
 def test_seed_example_runs_unchanged_under_torchrun(tmp_path):
     found = re.findall(r"SEED OK (\d) ([0-9.]+);", run_seed_example(SEED_EXAMPLE, tmp_path))
-    assert sorted(rank for rank, _ in found) == ["0", "1"] and len({loss for _, loss in found}) == 1  # one loss, both stages
+    assert (
+        sorted(rank for rank, _ in found) == ["0", "1"] and len({loss for _, loss in found}) == 1
+    )  # one loss, both stages
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["parallel.pp.size=8", "trainer.devices=8", "data.global_batch_size=64"], "8 pipeline stages but the model has 4 layers"),
-    (["parallel.pp.schedule=interleaved", "parallel.pp.virtual_stages=4", "trainer.devices=2"], "8 pipeline stages but the model has 4 layers"),
-    (["parallel.pp.microbatches=3", "trainer.devices=2"], "parallel.pp.microbatches=3 does not divide the 16 samples"),
-    (["parallel.pp.size=4", "trainer.devices=4", "data.micro_batch_size=8"], "at least as many micro-batches as stages: 2 < 4"),
-    (["parallel.pp.schedule=zbv", "parallel.pp.microbatches=2", "trainer.devices=2"], "zbv needs at least as many micro-batches as stages: 2 < 4"),
-    (["parallel.pp.schedule=2F2B", "trainer.devices=2"], "pipeline schedule '2F2B'"),
-    (["parallel.pp.layers_per_stage=[1,2]", "trainer.devices=2"], "summing to 4 layers"),
-    (["parallel.pp.schedule=1F1B", "parallel.pp.virtual_stages=2", "trainer.devices=2"], "one stage per rank"),
-    (["model.tie_embeddings=true", "trainer.devices=2"], "tie_embeddings=true with parallel=pp"),
-    (["parallel.pp.size=3", "trainer.devices=4"], "not divisible"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["parallel.pp.size=8", "trainer.devices=8", "data.global_batch_size=64"],
+            "8 pipeline stages but the model has 4 layers",
+        ),
+        (
+            ["parallel.pp.schedule=interleaved", "parallel.pp.virtual_stages=4", "trainer.devices=2"],
+            "8 pipeline stages but the model has 4 layers",
+        ),
+        (
+            ["parallel.pp.microbatches=3", "trainer.devices=2"],
+            "parallel.pp.microbatches=3 does not divide the 16 samples",
+        ),
+        (
+            ["parallel.pp.size=4", "trainer.devices=4", "data.micro_batch_size=8"],
+            "at least as many micro-batches as stages: 2 < 4",
+        ),
+        (
+            ["parallel.pp.schedule=zbv", "parallel.pp.microbatches=2", "trainer.devices=2"],
+            "zbv needs at least as many micro-batches as stages: 2 < 4",
+        ),
+        (["parallel.pp.schedule=2F2B", "trainer.devices=2"], "pipeline schedule '2F2B'"),
+        (["parallel.pp.layers_per_stage=[1,2]", "trainer.devices=2"], "summing to 4 layers"),
+        (["parallel.pp.schedule=1F1B", "parallel.pp.virtual_stages=2", "trainer.devices=2"], "one stage per rank"),
+        (["model.tie_embeddings=true", "trainer.devices=2"], "tie_embeddings=true with parallel=pp"),
+        (["parallel.pp.size=3", "trainer.devices=4"], "not divisible"),
+    ],
+)
 def test_pipeline_config_errors_are_one_line_and_name_the_sizes(overrides, message):
-    from curry_train.config import ConfigError
-    from curry_train.config.checks import check
 
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
         check(compose(["data.global_batch_size=16", "data.micro_batch_size=4", "parallel=pp", *overrides]))
 
 
 def test_pipeline_layout_degrees_and_microbatches():
-    from curry_train.config.checks import check, pipeline_microbatches
 
     plan = check(compose(["parallel=pp", "trainer.devices=4", "data.global_batch_size=32", "data.micro_batch_size=4"]))
     assert plan.degrees.pp == 2 and plan.degrees.dp == 2
@@ -220,21 +257,25 @@ def test_pipeline_layout_degrees_and_microbatches():
 
 # -- parallel=pp through the strategy and Lightning's loop ---------------------------------------
 
-from curry_train.validation.whitebox import validate  # noqa: E402
-
 from conftest import FAST, STEPS, assert_same_curve, read_metric, run_train  # noqa: E402
 
+from curry_train.validation.whitebox import validate  # noqa: E402
 
-@pytest.mark.parametrize("layout", [
-    # 8 micro-batches of 2, not the module's 4 of data.micro_batch_size=4
-    ("parallel.pp.schedule=gpipe", "parallel.pp.microbatches=8", "trainer.devices=2"),
-    ("parallel.pp.schedule=1F1B", "trainer.devices=2"),
-    ("parallel.pp.schedule=interleaved", "trainer.devices=2"),
-    ("parallel.pp.schedule=interleaved_zb", "trainer.devices=2"),
-    ("parallel.pp.schedule=zbv", "trainer.devices=2"),
-    ("parallel.pp.schedule=dualpipev", "trainer.devices=2"),
-    ("parallel.pp.schedule=1F1B", "parallel.pp.size=4", "trainer.devices=4", "data.micro_batch_size=2"),
-], ids=["gpipe", "1F1B", "interleaved", "interleaved_zb", "zbv", "dualpipev", "1F1B-4"])
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        # 8 micro-batches of 2, not the module's 4 of data.micro_batch_size=4
+        ("parallel.pp.schedule=gpipe", "parallel.pp.microbatches=8", "trainer.devices=2"),
+        ("parallel.pp.schedule=1F1B", "trainer.devices=2"),
+        ("parallel.pp.schedule=interleaved", "trainer.devices=2"),
+        ("parallel.pp.schedule=interleaved_zb", "trainer.devices=2"),
+        ("parallel.pp.schedule=zbv", "trainer.devices=2"),
+        ("parallel.pp.schedule=dualpipev", "trainer.devices=2"),
+        ("parallel.pp.schedule=1F1B", "parallel.pp.size=4", "trainer.devices=4", "data.micro_batch_size=2"),
+    ],
+    ids=["gpipe", "1F1B", "interleaved", "interleaved_zb", "zbv", "dualpipev", "1F1B-4"],
+)
 def test_whitebox_pipeline_matches_single_process(layout):
     """Loss, gradient norm (over all stages) and every gradient of 2 steps, and the loss logged by
     every rank (whitebox checks it), against one process."""
@@ -243,11 +284,15 @@ def test_whitebox_pipeline_matches_single_process(layout):
     assert len(report.rows) == 2 * (2 + 39)
 
 
-@pytest.mark.parametrize("layout", [
-    ("parallel=pp", "trainer.devices=4", "data.micro_batch_size=2"),  # 2 stages x 2 replicas (FSDP2 no_shard)
-    ("parallel=fsdp+pp", "parallel.pp.schedule=interleaved", "trainer.devices=4", "data.micro_batch_size=2"),
-    ("parallel=fsdp+tp+pp", "trainer.devices=8", "data.micro_batch_size=2"),
-], ids=["pp-dp-2x2", "fsdp+pp-interleaved-2x2", "fsdp+tp+pp-2x2x2"])
+@pytest.mark.parametrize(
+    "layout",
+    [
+        ("parallel=pp", "trainer.devices=4", "data.micro_batch_size=2"),  # 2 stages x 2 replicas (FSDP2 no_shard)
+        ("parallel=fsdp+pp", "parallel.pp.schedule=interleaved", "trainer.devices=4", "data.micro_batch_size=2"),
+        ("parallel=fsdp+tp+pp", "trainer.devices=8", "data.micro_batch_size=2"),
+    ],
+    ids=["pp-dp-2x2", "fsdp+pp-interleaved-2x2", "fsdp+tp+pp-2x2x2"],
+)
 def test_whitebox_pipeline_composes_with_data_and_tensor_parallelism(layout):
     report = validate([*FAST, *layout], steps=2)
     assert report.ok, report.table(only_failures=True)
@@ -256,8 +301,17 @@ def test_whitebox_pipeline_composes_with_data_and_tensor_parallelism(layout):
 
 @pytest.mark.parametrize("schedule", KINDS)
 def test_pipeline_reproduces_single_process_curve(schedule, single_process_curve, tmp_path):
-    run_train([*FAST, f"trainer.max_steps={STEPS}", "parallel=pp", f"parallel.pp.schedule={schedule}", "trainer.devices=2",
-               f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
+    run_train(
+        [
+            *FAST,
+            f"trainer.max_steps={STEPS}",
+            "parallel=pp",
+            f"parallel.pp.schedule={schedule}",
+            "trainer.devices=2",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        cwd=tmp_path,
+    )
     assert_same_curve(read_metric(tmp_path), single_process_curve)
 
 
@@ -265,24 +319,38 @@ def test_3d_layout_reproduces_curve_and_resumes_on_one_process(single_process_cu
     """fsdp+tp+pp on 8 ranks: the single-process curve, with validation on; its step-6 checkpoint
     (per-stage DCP shards, 2-D DTensors) resumes on one process on the same curve."""
     saved, resumed, reference = tmp_path / "3d", tmp_path / "resumed", tmp_path / "reference"
-    common = [*FAST, f"trainer.max_steps={STEPS}", "data.micro_batch_size=2", "trainer.limit_val_batches=2",
-              "trainer.val_check_interval=5"]
-    run_train([*common, "parallel=fsdp+tp+pp", "trainer.devices=8", "checkpoint.every_n_steps=6", f"hydra.run.dir={saved}"],
-              cwd=tmp_path, timeout=900)
+    common = [
+        *FAST,
+        f"trainer.max_steps={STEPS}",
+        "data.micro_batch_size=2",
+        "trainer.limit_val_batches=2",
+        "trainer.val_check_interval=5",
+    ]
+    run_train(
+        [*common, "parallel=fsdp+tp+pp", "trainer.devices=8", "checkpoint.every_n_steps=6", f"hydra.run.dir={saved}"],
+        cwd=tmp_path,
+        timeout=900,
+    )
     assert_same_curve(read_metric(saved), single_process_curve)
     run_train([*common, f"hydra.run.dir={reference}"], cwd=tmp_path)
     val = read_metric(saved, "val/loss")
     assert sorted(val) == [4, 9]
     assert_same_curve(val, read_metric(reference, "val/loss"))  # validation through the pipeline's eval
-    run_train([*FAST, f"trainer.max_steps={STEPS}", f"ckpt_path={saved / 'checkpoints' / 'step-00000006'}",
-               f"hydra.run.dir={resumed}"], cwd=tmp_path)
+    run_train(
+        [
+            *FAST,
+            f"trainer.max_steps={STEPS}",
+            f"ckpt_path={saved / 'checkpoints' / 'step-00000006'}",
+            f"hydra.run.dir={resumed}",
+        ],
+        cwd=tmp_path,
+    )
     curve = read_metric(resumed)
     assert sorted(curve) == list(range(6, STEPS))
     assert_same_curve(curve, {step: single_process_curve[step] for step in curve})
 
 
 def test_whitebox_flags_a_rank_that_logs_a_placeholder_loss():
-    from curry_train.validation.whitebox import compare
 
     grads = {"w": torch.ones(2, dtype=torch.float64)}
     reference = [{"loss": 5.0, "grad_norm": 1.0, "grads": grads}]

@@ -9,15 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import FAST
+from torch.distributed.tensor import Shard, distribute_tensor
+from torch.distributed.tensor.debug import CommDebugMode
 
 from curry_train.launch import spawn
 from curry_train.module import lr_lambda
-from curry_train.primitives import ParallelState, dcp
+from curry_train.primitives import ParallelState, dcp, parallel_state
 from curry_train.primitives.parallel_state import resolve_degrees
 from curry_train.validation.whitebox import compare, reference_overrides, validate
-
-from conftest import FAST
-
 
 # ----------------------------------------------------------------------------------------------
 # ParallelState
@@ -46,13 +46,15 @@ def test_resolve_degrees_errors_name_the_sizes(kwargs, message):
 def test_cuda_processes_take_their_local_gpu_before_nccl_starts(monkeypatch):
     """Under torchrun each process must be on GPU LOCAL_RANK before the NCCL group exists (else
     every communicator sits on GPU 0); checked with the CUDA and c10d calls recorded, not run."""
-    from curry_train.primitives import parallel_state
 
     calls = []
     monkeypatch.setattr(parallel_state.dist, "is_initialized", lambda: False)
     monkeypatch.setattr(parallel_state.torch.cuda, "set_device", lambda index: calls.append(("set_device", index)))
-    monkeypatch.setattr(parallel_state.dist, "init_process_group",
-                        lambda backend, **kwargs: calls.append(("init_process_group", backend)))
+    monkeypatch.setattr(
+        parallel_state.dist,
+        "init_process_group",
+        lambda backend, **kwargs: calls.append(("init_process_group", backend)),
+    )
     monkeypatch.setenv("LOCAL_RANK", "3")
     monkeypatch.setenv("WORLD_SIZE", "8")
     parallel_state.init_process_group_from_env("cuda")
@@ -73,8 +75,6 @@ def _mesh_worker(out_dir: str) -> None:
     }
     # A gradient as FSDP2 + TP leave it: sharded over data-parallel and tensor-parallel ranks. Its
     # norm must take one all-reduce over both (ParallelState's flattened view), not one per dimension.
-    from torch.distributed.tensor import Shard, distribute_tensor
-    from torch.distributed.tensor.debug import CommDebugMode
 
     full = torch.arange(48, dtype=torch.float32).reshape(6, 8) / 10
     grad = distribute_tensor(full, ps.mesh["dp_shard", "tp"], [Shard(0), Shard(1)])
@@ -89,15 +89,15 @@ def _norm_worker(out_dir: str) -> None:
     """2 x 2 x 2 (dp_shard, cp, tp): gradients sharded over ("dp_shard", "tp"), which are not
     neighbours in the mesh (FSDP2's no_shard over (dp_replicate_cp, dp_shard) beside TP); their norm
     is still one all-reduce."""
-    from torch.distributed.tensor import Shard, distribute_tensor
-    from torch.distributed.tensor.debug import CommDebugMode
 
     ps = ParallelState(dp_replicate=1, dp_shard=2, cp=2, tp=2, pp=1)
     full = torch.arange(48, dtype=torch.float32).reshape(6, 8) / 10
     grad = distribute_tensor(full, ps.mesh["dp_shard", "tp"], [Shard(0), Shard(1)])
     with CommDebugMode() as comm:
         norm = torch.nn.utils.get_total_norm([grad], foreach=True).full_tensor()
-    torch.save({"norm": norm.item(), "collectives": comm.get_total_counts()}, Path(out_dir) / f"norm{dist.get_rank()}.pt")
+    torch.save(
+        {"norm": norm.item(), "collectives": comm.get_total_counts()}, Path(out_dir) / f"norm{dist.get_rank()}.pt"
+    )
     dist.destroy_process_group()
 
 
@@ -155,7 +155,7 @@ def test_checkpoint_round_trip_restores_model_optimizer_and_rng(tmp_path, single
     assert not torch.equal(other[0].weight, model[0].weight)
     meta = dcp.load(path, other, [other_optimizer])
     assert meta == {"global_step": 5}
-    for a, b in zip(model.parameters(), other.parameters()):
+    for a, b in zip(model.parameters(), other.parameters(), strict=False):
         assert torch.equal(a, b)
     state, other_state = optimizer.state_dict()["state"], other_optimizer.state_dict()["state"]
     for key in state:
@@ -184,7 +184,9 @@ def test_incomplete_checkpoints_are_invisible_and_pruning_keeps_the_newest(tmp_p
 
 
 def test_lr_schedule_warms_up_then_decays_to_min():
-    f = lambda step, schedule="cosine": lr_lambda(step, warmup=10, total=110, schedule=schedule, min_ratio=0.1)
+    def f(step, schedule="cosine"):
+        return lr_lambda(step, warmup=10, total=110, schedule=schedule, min_ratio=0.1)
+
     assert f(0) == pytest.approx(1 / 11) and f(9) == pytest.approx(10 / 11)
     assert f(10) == pytest.approx(1.0)
     assert f(60) == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through the cosine
@@ -197,7 +199,9 @@ def test_lr_schedule_warms_up_then_decays_to_min():
 
 
 def test_reference_drops_the_layout_and_keeps_the_rest():
-    ref = reference_overrides(["parallel=dp", "parallel.dp.bucket_cap_mb=1", "trainer.devices=4", "seed=3", "model.dim=64"])
+    ref = reference_overrides(
+        ["parallel=dp", "parallel.dp.bucket_cap_mb=1", "trainer.devices=4", "seed=3", "model.dim=64"]
+    )
     assert "seed=3" in ref and "model.dim=64" in ref
     assert "trainer.devices=1" in ref and "parallel=dp" in ref
     assert not any(o in ref for o in ("trainer.devices=4", "parallel.dp.bucket_cap_mb=1"))

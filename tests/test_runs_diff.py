@@ -32,7 +32,9 @@ def configs():
     return {name: compose([f"parallel={name}"]) for name in ("dp", "fsdp")}
 
 
-def make_run(directory: Path, config, losses, tokens_per_s: float = 1000.0, val_loss: float = 3.0, overrides=()) -> Path:
+def make_run(
+    directory: Path, config, losses, tokens_per_s: float = 1000.0, val_loss: float = 3.0, overrides=()
+) -> Path:
     """What train.py leaves that runs_diff reads: the resolved config and a CSVLogger metrics file."""
     (directory / ".hydra").mkdir(parents=True)
     OmegaConf.save(config, directory / ".hydra" / "config.yaml")
@@ -45,7 +47,9 @@ def make_run(directory: Path, config, losses, tokens_per_s: float = 1000.0, val_
 
 
 def run_script(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), *args], check=False, cwd=cwd, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args], check=False, cwd=cwd, capture_output=True, text=True, timeout=60
+    )
 
 
 def main_json(capsys, *args) -> dict:
@@ -73,10 +77,12 @@ def assert_curves(figure, curves) -> None:
     (axes,) = figure.axes
     lines = axes.get_lines()
     assert [(list(line.get_xdata()), list(line.get_ydata())) for line in lines] == [
-        (list(range(len(losses))), losses) for losses in curves]
+        (list(range(len(losses))), losses) for losses in curves
+    ]
     legend = [text.get_text() for text in axes.get_legend().get_texts()]
     assert legend == [line.get_label() for line in lines] and [name[:4] for name in legend] == [
-        f"[{i}] " for i in range(1, len(curves) + 1)]
+        f"[{i}] " for i in range(1, len(curves) + 1)
+    ]
     assert axes.get_xlabel() == "step" and "loss" in axes.get_ylabel() and "nats" in axes.get_ylabel()
 
 
@@ -84,14 +90,21 @@ def test_dp_vs_fsdp_names_parallelism_first_and_agrees(tmp_path, configs, capsys
     a = make_run(tmp_path / "a", configs["dp"], LOSSES, overrides=["parallel=dp"])
     fsdp = copy.deepcopy(configs["fsdp"])
     fsdp.trainer.devices = 2
-    b = make_run(tmp_path / "b", fsdp, [x * (1 + 3e-7) for x in LOSSES], tokens_per_s=2000.0, overrides=["parallel=fsdp"])
+    b = make_run(
+        tmp_path / "b", fsdp, [x * (1 + 3e-7) for x in LOSSES], tokens_per_s=2000.0, overrides=["parallel=fsdp"]
+    )
     plot = tmp_path / "out" / "curves.png"
     figures = spy_on_plot(monkeypatch)
 
     assert runs_diff.main([str(a), str(b), "--plot", str(plot)]) == 0
     text = capsys.readouterr().out
     assert "parallelism (differs): dp -> fsdp" in text
-    assert text.index("parallel.dp:") < text.index("parallel.fsdp:") < text.index("other config differences") < text.index("trainer.devices: 1 -> 2")
+    assert (
+        text.index("parallel.dp:")
+        < text.index("parallel.fsdp:")
+        < text.index("other config differences")
+        < text.index("trainer.devices: 1 -> 2")
+    )
     assert "loss curves: AGREE" in text
     assert_png(plot)
     assert f"plot: {plot.resolve()} " in text
@@ -100,14 +113,25 @@ def test_dp_vs_fsdp_names_parallelism_first_and_agrees(tmp_path, configs, capsys
     report = main_json(capsys, a, b, "--plot", plot)
     assert set(report) == {"baseline", "rtol", "runs", "comparisons", "plot"}
     (comparison,) = report["comparisons"]
-    assert set(comparison) == {"baseline", "other", "parallel", "parallel_differences", "other_differences", "loss_curves"}
+    assert set(comparison) == {
+        "baseline",
+        "other",
+        "parallel",
+        "parallel_differences",
+        "other_differences",
+        "loss_curves",
+    }
     assert comparison["parallel"] == {"baseline": "dp", "other": "fsdp"}
     assert [d["key"] for d in comparison["parallel_differences"]] == ["parallel.dp", "parallel.fsdp"]
     assert comparison["parallel_differences"][0]["other"] is None
     assert comparison["parallel_differences"][1]["other"]["sharding"] == "full"
     assert comparison["other_differences"] == [{"key": "trainer.devices", "baseline": 1, "other": 2}]
     curves = comparison["loss_curves"]
-    assert curves["agree"] and curves["common_steps"] == len(LOSSES) and curves["max_rel_diff"] == pytest.approx(3e-7, rel=1e-3)
+    assert (
+        curves["agree"]
+        and curves["common_steps"] == len(LOSSES)
+        and curves["max_rel_diff"] == pytest.approx(3e-7, rel=1e-3)
+    )
     metrics = report["runs"][0]["metrics"]
     assert metrics["final_train_loss"] == 2.7 and metrics["final_step"] == 5
     assert metrics["best_train_loss"] == 2.5 and metrics["best_step"] == 4
@@ -139,7 +163,9 @@ def test_peak_memory_reported_when_logged(tmp_path, configs):
     run = make_run(tmp_path / "a", configs["dp"], LOSSES[:2])
     metrics = run / "csv" / "metrics.csv"
     lines = metrics.read_text().splitlines()
-    metrics.write_text("\n".join([lines[0] + ",train/peak_memory_bytes", lines[1] + ",100", lines[2] + ",300", lines[3] + ","]) + "\n")
+    metrics.write_text(
+        "\n".join([lines[0] + ",train/peak_memory_bytes", lines[1] + ",100", lines[2] + ",300", lines[3] + ","]) + "\n"
+    )
     summary = runs_diff.summarize(runs_diff.read_metrics(run))
     assert summary["peak_memory"] == 300 and summary["peak_memory_columns"] == ["train/peak_memory_bytes"]
 
@@ -199,7 +225,11 @@ def test_bad_paths_exit_2_with_one_line(tmp_path, configs):
     for bad in (tmp_path / "missing", tmp_path / "empty"):
         result = run_script(str(good), str(bad), cwd=tmp_path)
         assert result.returncode == 2
-        assert result.stderr.strip().count("\n") == 0 and "is not a run directory" in result.stderr and str(bad) in result.stderr
+        assert (
+            result.stderr.strip().count("\n") == 0
+            and "is not a run directory" in result.stderr
+            and str(bad) in result.stderr
+        )
         assert not (tmp_path / "runs_diff.png").exists()
     result = run_script(str(good), cwd=tmp_path)
     assert result.returncode == 2 and "at least two runs" in result.stderr

@@ -2,25 +2,43 @@
 
 from __future__ import annotations
 
+import collections
 
 import pytest
 import torch
+import torch.distributed as dist
+from conftest import FAST, STEPS, assert_same_curve, read_metric, run_seed_example, run_train
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from curry_train.config import ConfigError, compose
 from curry_train.config.checks import check
+from curry_train.launch import spawn
+from curry_train.model import Llama
+from curry_train.primitives import ParallelState
+from curry_train.primitives.materialize import materialize_and_init
+from curry_train.primitives.tp_linear import apply_tensor_parallel, distinct_rng_per_rank
 from curry_train.validation.whitebox import validate
-
-from conftest import FAST, STEPS, assert_same_curve, read_metric, run_seed_example, run_train
 
 
 @pytest.mark.parametrize(
     "layout",
     [
         ("parallel=tp", "parallel.tp.size=2", "trainer.devices=2"),
-        ("parallel=tp", "parallel.tp.size=2", "trainer.devices=2", "parallel.tp.sequence_parallel=true",
-         "parallel.tp.loss_parallel=false"),
+        (
+            "parallel=tp",
+            "parallel.tp.size=2",
+            "trainer.devices=2",
+            "parallel.tp.sequence_parallel=true",
+            "parallel.tp.loss_parallel=false",
+        ),
         # 4 KV heads: the debug model's 2 cannot be split 4 ways
-        ("parallel=tp", "parallel.tp.size=4", "trainer.devices=4", "model.n_kv_heads=4", "parallel.tp.sequence_parallel=true"),
+        (
+            "parallel=tp",
+            "parallel.tp.size=4",
+            "trainer.devices=4",
+            "model.n_kv_heads=4",
+            "parallel.tp.sequence_parallel=true",
+        ),
         ("parallel=fsdp+tp", "parallel.tp.size=2", "trainer.devices=4"),
     ],
     ids=["tp-2", "tp-2-sp-gathered-logits", "tp-4-sp", "fsdp+tp-2x2"],
@@ -103,7 +121,8 @@ def check_against_plain_linears(first, second, x, shard_sequence=False):
     for layer, linear in zip((first, second), linears):
         for name, param in layer.named_parameters():
             assert param.grad.placements == param.placements, (name, param.grad.placements)
-            errors[f"{type(layer).__name__}.{name} grad"] = relative_error(param.grad.full_tensor(), getattr(linear, name).grad)
+            reference = getattr(linear, name).grad
+            errors[f"{type(layer).__name__}.{name} grad"] = relative_error(param.grad.full_tensor(), reference)
     assert max(errors.values()) < 1e-5, errors
     return errors
 
@@ -134,15 +153,6 @@ def test_seed_example_runs_unchanged_under_torchrun(tmp_path):
 def _block_collectives(out_dir: str) -> None:
     """Counts the collectives of one block's forward and backward, with and without sequence parallel;
     and checks the per-rank dropout generator."""
-    import collections
-
-    import torch.distributed as dist
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    from curry_train.model import Llama
-    from curry_train.primitives import ParallelState
-    from curry_train.primitives.tp_linear import apply_tensor_parallel, distinct_rng_per_rank
-    from curry_train.primitives.materialize import materialize_and_init
 
     class CommCounter(TorchDispatchMode):
         """The functional collectives DTensor issues (the ``_c10d_functional`` ops), and the elements
@@ -182,8 +192,12 @@ def _block_collectives(out_dir: str) -> None:
             y = block(x, cos, sin)
         with CommCounter() as backward:
             y.sum().backward()
-        results[sp] = {"forward": dict(forward.counts), "backward": dict(backward.counts),
-                       "volume": dict(forward.elements), "activation": batch * seq * cfg.dim}
+        results[sp] = {
+            "forward": dict(forward.counts),
+            "backward": dict(backward.counts),
+            "volume": dict(forward.elements),
+            "activation": batch * seq * cfg.dim,
+        }
 
     class Draw(torch.nn.Module):
         def forward(self):
@@ -208,7 +222,6 @@ def test_block_collectives_and_dropout_rng(tmp_path):
     """One block's forward: 2 all-reduces; under sequence parallel 2 all-gathers and 2
     reduce-scatters moving the same number of elements. Backward mirrors them (f's all-reduce;
     g-bar's reduce-scatter, g's all-gather). Dropout draws differ across ranks where activations are sharded."""
-    from curry_train.launch import spawn
 
     spawn(2, _block_collectives, str(tmp_path))
     results = torch.load(tmp_path / "collectives.pt")
@@ -230,9 +243,15 @@ def test_block_collectives_and_dropout_rng(tmp_path):
     "overrides, message",
     [
         (["parallel=tp", "parallel.tp.size=3"], "parallel.tp.size=3 does not divide model.n_heads=4"),
-        (["parallel=tp", "parallel.tp.size=4", "trainer.devices=4"], "parallel.tp.size=4 does not divide model.n_kv_heads=2"),
+        (
+            ["parallel=tp", "parallel.tp.size=4", "trainer.devices=4"],
+            "parallel.tp.size=4 does not divide model.n_kv_heads=2",
+        ),
         (["parallel=tp", "parallel.tp.size=2", "model.vocab_size=257"], "does not divide model.vocab_size=257"),
-        (["parallel=tp", "parallel.tp.size=2", "trainer.devices=3"], "parallel.tp.size=2 does not divide the world size 3"),
+        (
+            ["parallel=tp", "parallel.tp.size=2", "trainer.devices=3"],
+            "parallel.tp.size=2 does not divide the world size 3",
+        ),
         (["parallel=dp+tp", "trainer.devices=2"], "use parallel=tp, or parallel=fsdp\\+tp"),
     ],
     ids=["heads", "kv-heads", "vocab", "world", "dp+tp"],

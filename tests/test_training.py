@@ -3,6 +3,7 @@ directory per job, a killed run resumes with the same losses, bad input fails in
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import subprocess
@@ -11,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import FAST, STEPS, TRAIN, assert_same_curve, clean_env, read_metric, run_train
 
 
@@ -29,14 +29,19 @@ def test_default_run_directory(single_process_run, single_process_curve):
 
 @pytest.mark.parametrize("devices", [2, 4])
 def test_data_parallel_reproduces_single_process_curve(devices, single_process_curve, tmp_path):
-    run_train([*FAST, f"trainer.max_steps={STEPS}", f"trainer.devices={devices}", f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
+    run_train(
+        [*FAST, f"trainer.max_steps={STEPS}", f"trainer.devices={devices}", f"hydra.run.dir={tmp_path}"], cwd=tmp_path
+    )
     assert_same_curve(read_metric(tmp_path), single_process_curve)
 
 
 def test_sweep_writes_one_directory_per_job(tmp_path):
     """-m with 2 workers per job: each job runs once; nothing but the two job directories is written."""
     sweep_dir = tmp_path / "sweep"
-    run_train(["-m", *FAST, "trainer.max_steps=2", "trainer.devices=2", "seed=1,2", f"hydra.sweep.dir={sweep_dir}"], cwd=tmp_path)
+    run_train(
+        ["-m", *FAST, "trainer.max_steps=2", "trainer.devices=2", "seed=1,2", f"hydra.sweep.dir={sweep_dir}"],
+        cwd=tmp_path,
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep"]
     assert sorted(p.name for p in sweep_dir.iterdir()) == ["0", "1", "multirun.yaml"]
     curves = [read_metric(sweep_dir / job) for job in ("0", "1")]
@@ -68,9 +73,20 @@ def test_failing_sweep_job_ends_its_workers(tmp_path):
     next job (Hydra's behaviour) and reports the failure at the end."""
     sweep_dir = tmp_path / "sweep"
     process = subprocess.Popen(
-        [sys.executable, str(TRAIN), "-m", *FAST, "trainer.max_steps=400,3", "trainer.devices=2",
-         f"hydra.sweep.dir={sweep_dir}"],
-        cwd=tmp_path, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            str(TRAIN),
+            "-m",
+            *FAST,
+            "trainer.max_steps=400,3",
+            "trainer.devices=2",
+            f"hydra.sweep.dir={sweep_dir}",
+        ],
+        cwd=tmp_path,
+        env=clean_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
         start_new_session=True,
     )
     try:
@@ -101,7 +117,11 @@ def test_killed_run_resumes_with_the_same_losses(tmp_path):
 
     process = subprocess.Popen(
         [sys.executable, str(TRAIN), *common, "trainer.devices=2", f"hydra.run.dir={killed_dir}"],
-        cwd=tmp_path, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        cwd=tmp_path,
+        env=clean_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     try:
         deadline = time.time() + 300
@@ -113,7 +133,13 @@ def test_killed_run_resumes_with_the_same_losses(tmp_path):
         process.wait()
 
     run_train(
-        [*common, "trainer.devices=2", "ckpt_path=last", f"checkpoint.search_dir={killed_dir}", f"hydra.run.dir={resumed_dir}"],
+        [
+            *common,
+            "trainer.devices=2",
+            "ckpt_path=last",
+            f"checkpoint.search_dir={killed_dir}",
+            f"hydra.run.dir={resumed_dir}",
+        ],
         cwd=tmp_path,
     )
     resumed = read_metric(resumed_dir)
@@ -144,14 +170,20 @@ def test_bad_input_fails_in_one_line(overrides, message, tmp_path):
 
 def test_world_size_mismatch_under_torchrun(tmp_path):
     env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "4", "TORCHELASTIC_RUN_ID": "t"}
-    result = run_train([*FAST, "trainer.devices=2", f"hydra.run.dir={tmp_path}"], cwd=tmp_path, env=env, check=False, timeout=120)
+    result = run_train(
+        [*FAST, "trainer.devices=2", f"hydra.run.dir={tmp_path}"], cwd=tmp_path, env=env, check=False, timeout=120
+    )
     assert result.returncode == 2
     assert "torchrun started 4 processes but trainer.devices=2 x trainer.num_nodes=1 = 2" in result.stderr
 
 
 @pytest.mark.parametrize(
     "overrides, message",
-    [(["parallel=nope"], "Could not find 'parallel/nope'"), (["model.dimm=3"], "model.dimm"), (["model.dim=abc"], "model.dim")],
+    [
+        (["parallel=nope"], "Could not find 'parallel/nope'"),
+        (["model.dimm=3"], "model.dimm"),
+        (["model.dim=abc"], "model.dim"),
+    ],
 )
 def test_config_errors_name_the_key(overrides, message, tmp_path):
     result = run_train([*overrides, f"hydra.run.dir={tmp_path}"], cwd=tmp_path, check=False, timeout=120)
@@ -163,9 +195,23 @@ def test_config_errors_name_the_key(overrides, message, tmp_path):
 def test_torchrun_processes_join_one_run(single_process_curve, tmp_path):
     """Under torchrun every rank runs train.py: they agree on one run directory and reproduce the curve."""
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(TRAIN),
-         *FAST, f"trainer.max_steps={STEPS}", "trainer.devices=2"],
-        cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            str(TRAIN),
+            *FAST,
+            f"trainer.max_steps={STEPS}",
+            "trainer.devices=2",
+        ],
+        cwd=tmp_path,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir,) = list((tmp_path / "outputs").iterdir())
@@ -175,8 +221,11 @@ def test_torchrun_processes_join_one_run(single_process_curve, tmp_path):
 
 
 def test_default_logger_is_wandb_offline(tmp_path):
-    run_train(["logger=wandb", *FAST[1:], "trainer.max_steps=2", f"hydra.run.dir={tmp_path}"], cwd=tmp_path,
-              env={"WANDB_API_KEY": "", "HOME": str(tmp_path)})
+    run_train(
+        ["logger=wandb", *FAST[1:], "trainer.max_steps=2", f"hydra.run.dir={tmp_path}"],
+        cwd=tmp_path,
+        env={"WANDB_API_KEY": "", "HOME": str(tmp_path)},
+    )
     (offline_run,) = list((tmp_path / "wandb").glob("offline-run-*"))
     assert list(offline_run.glob("*.wandb"))
     assert sorted(read_metric(tmp_path)) == [0, 1]  # metrics.csv is written whatever the logger
@@ -186,7 +235,11 @@ def test_workers_die_with_their_launcher(tmp_path):
     """Killing the job process (an OOM kill, a scheduler's kill) takes its workers with it."""
     process = subprocess.Popen(
         [sys.executable, str(TRAIN), *FAST, "trainer.max_steps=400", "trainer.devices=2", f"hydra.run.dir={tmp_path}"],
-        cwd=tmp_path, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        cwd=tmp_path,
+        env=clean_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     try:
         deadline = time.time() + 300
@@ -207,11 +260,14 @@ def test_workers_die_with_their_launcher(tmp_path):
 
 
 def test_tensorboard_logger_runs_or_names_its_package(tmp_path):
-    import importlib.util
 
     installed = any(importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX"))
-    result = run_train(["logger=tensorboard", *FAST[1:], "trainer.max_steps=2", f"hydra.run.dir={tmp_path}"],
-                       cwd=tmp_path, check=False, timeout=300)
+    result = run_train(
+        ["logger=tensorboard", *FAST[1:], "trainer.max_steps=2", f"hydra.run.dir={tmp_path}"],
+        cwd=tmp_path,
+        check=False,
+        timeout=300,
+    )
     if installed:
         assert result.returncode == 0, result.stderr[-2000:]
         assert list((tmp_path / "tensorboard").rglob("events.out.tfevents.*"))

@@ -6,7 +6,8 @@ the pipeline bubble, context-parallel attention.
     python scripts/bench.py --layouts [--layout 'NAME: OVERRIDES']... [--steps N] [--json PATH] [overrides...]
     python scripts/bench.py --compare [--layout 'NAME: OVERRIDES']... [--steps N] [--json PATH] [overrides...]
     python scripts/bench.py --context [--seq-len S] [--cp 1,2,4] [--pattern ring] [--json PATH]
-    python scripts/bench.py --pipeline [--pp P] [--microbatches 4,8] [--kinds K,...] [--steps N] [--json PATH] [overrides...]
+    python scripts/bench.py --pipeline [--pp P] [--microbatches 4,8] [--kinds K,...] [--steps N] [--json PATH]
+                            [overrides...]
 
 Arguments without a leading ``--`` are Hydra overrides, exactly as for ``train.py``; the default is
 the default config (the debug model on the bundled corpus). What each mode measures, and how, is
@@ -44,8 +45,10 @@ from typing import Any, Optional, Sequence
 
 from curry_train.config import ConfigError, compose
 from curry_train.planning.step_time import flops_parameters, flops_per_token  # noqa: F401  (re-exported for tests)
-from curry_train.primitives.pipeline_schedule import KINDS
+from curry_train.primitives.context_parallel import PATTERNS
+from curry_train.primitives.pipeline_schedule import KINDS, canonical_kind
 from curry_train.validation.bubble import BubbleRow, bubble_table, check_bubble_runs, measure_bubbles
+from curry_train.validation.context import context_table, measure_context
 from curry_train.validation.layouts import (  # noqa: F401
     COMPARE_LAYOUTS,
     LAYOUTS,
@@ -77,9 +80,11 @@ class BubbleResult:
     def table(self) -> str:
         c = self.config
         lines = [
-            f"model={c['model']} ({c['n_layers']} blocks)  P={c['pp']} processes, one thread each, on {c['cores']} cores;"
+            f"model={c['model']} ({c['n_layers']} blocks)  P={c['pp']} processes, one thread each, on {c['cores']} "
+            "cores;"
             f" micro-batch {c['micro_batch_size']} x {c['seq_len']} tokens; {c['steps']} timed steps per row",
-            "bubble: each rank's idle share of a step, 1 - (time in forward, backward, weight-gradient chunks and the loss)"
+            "bubble: each rank's idle share of a step, 1 - (time in forward, backward, weight-gradient chunks and "
+            "the loss)"
             " / step time",
             "",
             bubble_table(self.rows),
@@ -92,7 +97,10 @@ class BubbleResult:
 
 
 def pipeline_bench(
-    overrides: Sequence[str] = (), pp: int = 2, microbatches: Sequence[int] = (4, 8), steps: int = 5,
+    overrides: Sequence[str] = (),
+    pp: int = 2,
+    microbatches: Sequence[int] = (4, 8),
+    steps: int = 5,
     kinds: Sequence[str] = KINDS,
 ) -> BubbleResult:
     """Every schedule kind at the same P and each M (``validation.bubble.measure_bubbles``), on the
@@ -138,7 +146,6 @@ def _counts(text: str) -> list[int]:
 
 
 def _kinds(text: str) -> list[str]:
-    from curry_train.primitives.pipeline_schedule import canonical_kind
 
     kinds = [part.strip() for part in text.split(",")]
     for kind in kinds:
@@ -155,13 +162,15 @@ class ContextResult:
     seq_len: int
 
     def table(self) -> str:
-        from curry_train.validation.context import context_table
 
-        return (f"context parallel attention (ContextParallelAttention), one sequence of {self.seq_len} tokens, "
-                "8 heads x 64, 2 key/value heads, fwd+bwd, one thread per rank:\n" + context_table(self.rows)
-                + "\nactivations: peak of one forward+backward by PyTorch's memory tracker (the op's saved shards and"
-                " its key/value blocks in flight); exposed comm: time waiting for a block after its compute, share of"
-                " the op's time (the rest of each transfer overlaps compute).")
+        return (
+            f"context parallel attention (ContextParallelAttention), one sequence of {self.seq_len} tokens, "
+            "8 heads x 64, 2 key/value heads, fwd+bwd, one thread per rank:\n"
+            + context_table(self.rows)
+            + "\nactivations: peak of one forward+backward by PyTorch's memory tracker (the op's saved shards and"
+            " its key/value blocks in flight); exposed comm: time waiting for a block after its compute, share of"
+            " the op's time (the rest of each transfer overlaps compute)."
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {"seq_len": self.seq_len, "rows": [row.to_dict() for row in self.rows]}
@@ -169,14 +178,12 @@ class ContextResult:
 
 def context_bench(seq_len: int, cps: Sequence[int], pattern: str, steps: int) -> ContextResult:
     """Attention memory per rank and tokens/s for each cp at one sequence length."""
-    from curry_train.primitives.context_parallel import PATTERNS
 
     if pattern not in PATTERNS:
         raise ConfigError(f"--pattern {pattern}: expected one of {', '.join(PATTERNS)}")
     for cp in cps:
         if cp < 1 or seq_len % (2 * cp):
             raise ConfigError(f"--cp {cp}: the sequence ({seq_len}) must divide into 2 x cp chunks")
-    from curry_train.validation.context import measure_context
 
     return ContextResult(rows=measure_context(seq_len, cps, pattern, steps=steps), seq_len=seq_len)
 
@@ -186,41 +193,90 @@ DEFAULT_STEPS = {"throughput": 20, "layouts": 10, "compare": 2, "pipeline": 5, "
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for train.py (with --layouts: common to every layout)")
-    parser.add_argument("--steps", type=int, default=None,
-                        help="timed steps per run (default 20; --layouts: 10, after the measured step; --compare: 2;"
-                             " --pipeline: 5 per row)")
+    parser.add_argument(
+        "overrides", nargs="*", help="Hydra overrides, as for train.py (with --layouts: common to every layout)"
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="timed steps per run (default 20; --layouts: 10, after the measured step; --compare: 2;"
+        " --pipeline: 5 per row)",
+    )
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before them, at least 1 (default 2)")
     parser.add_argument("--repeats", type=int, default=3, help="[hand, curry] rounds; medians reported (default 3)")
     parser.add_argument("--loggers", choices=("csv", "none"), default="csv", help="curry loop's loggers (default csv)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--memory", action="store_true",
-                      help="per-rank memory of the layout instead of throughput (--steps, --warmup, --repeats, --loggers unused)")
-    mode.add_argument("--layouts", action="store_true",
-                      help=f"tokens/s and per-rank memory of several layouts of the same run, side by side (default: "
-                           f"{', '.join(LAYOUTS)}; see --layout)")
-    mode.add_argument("--compare", action="store_true",
-                      help=f"--layouts with MFU, ms/step, peak memory per rank, communication volume per collective and the "
-                           f"pipeline bubble (default: {', '.join(COMPARE_LAYOUTS)}; see --layout)")
-    mode.add_argument("--pipeline", action="store_true",
-                      help="the measured pipeline bubble next to its formula, and tokens/s, for every schedule kind")
-    mode.add_argument("--context", action="store_true",
-                      help="context-parallel attention: per-rank activation memory, exposed communication and tokens/s for each cp")
+    mode.add_argument(
+        "--memory",
+        action="store_true",
+        help="per-rank memory of the layout instead of throughput (--steps, --warmup, --repeats, --loggers unused)",
+    )
+    mode.add_argument(
+        "--layouts",
+        action="store_true",
+        help=f"tokens/s and per-rank memory of several layouts of the same run, side by side (default: "
+        f"{', '.join(LAYOUTS)}; see --layout)",
+    )
+    mode.add_argument(
+        "--compare",
+        action="store_true",
+        help=f"--layouts with MFU, ms/step, peak memory per rank, communication volume per collective and the "
+        f"pipeline bubble (default: {', '.join(COMPARE_LAYOUTS)}; see --layout)",
+    )
+    mode.add_argument(
+        "--pipeline",
+        action="store_true",
+        help="the measured pipeline bubble next to its formula, and tokens/s, for every schedule kind",
+    )
+    mode.add_argument(
+        "--context",
+        action="store_true",
+        help="context-parallel attention: per-rank activation memory, exposed communication and tokens/s for each cp",
+    )
     parser.add_argument("--seq-len", type=int, default=8192, help="with --context: the sequence length (default 8192)")
-    parser.add_argument("--cp", type=_counts, default=[1, 2, 4], metavar="CP[,CP...]", help="with --context: cp sizes (default 1,2,4)")
-    parser.add_argument("--pattern", default="ring", help="with --context: ring, double_ring or alltoall (default ring)")
-    parser.add_argument("--layout", action="append", default=None, metavar="'NAME: OVERRIDES'",
-                        help="with --layouts or --compare, a layout to compare instead of the defaults (repeatable), e.g. "
-                             "--layout 'tp4: parallel=tp parallel.tp.size=4 trainer.devices=4'")
+    parser.add_argument(
+        "--cp", type=_counts, default=[1, 2, 4], metavar="CP[,CP...]", help="with --context: cp sizes (default 1,2,4)"
+    )
+    parser.add_argument(
+        "--pattern", default="ring", help="with --context: ring, double_ring or alltoall (default ring)"
+    )
+    parser.add_argument(
+        "--layout",
+        action="append",
+        default=None,
+        metavar="'NAME: OVERRIDES'",
+        help="with --layouts or --compare, a layout to compare instead of the defaults (repeatable), e.g. "
+        "--layout 'tp4: parallel=tp parallel.tp.size=4 trainer.devices=4'",
+    )
     parser.add_argument("--pp", type=int, default=2, help="with --pipeline: pipeline ranks P (default 2)")
-    parser.add_argument("--microbatches", type=_counts, default=[4, 8], metavar="M[,M...]",
-                        help="with --pipeline: micro-batch counts M, each a row per kind (default 4,8)")
-    parser.add_argument("--kinds", type=_kinds, default=list(KINDS), metavar="KIND[,KIND...]",
-                        help=f"with --pipeline: schedule kinds (default all: {','.join(KINDS)})")
+    parser.add_argument(
+        "--microbatches",
+        type=_counts,
+        default=[4, 8],
+        metavar="M[,M...]",
+        help="with --pipeline: micro-batch counts M, each a row per kind (default 4,8)",
+    )
+    parser.add_argument(
+        "--kinds",
+        type=_kinds,
+        default=list(KINDS),
+        metavar="KIND[,KIND...]",
+        help=f"with --pipeline: schedule kinds (default all: {','.join(KINDS)})",
+    )
     args = parser.parse_args(argv)
-    mode_name = ("compare" if args.compare else "layouts" if args.layouts or args.layout else "pipeline" if args.pipeline
-                 else "context" if args.context else "throughput")
+    mode_name = (
+        "compare"
+        if args.compare
+        else "layouts"
+        if args.layouts or args.layout
+        else "pipeline"
+        if args.pipeline
+        else "context"
+        if args.context
+        else "throughput"
+    )
     steps = DEFAULT_STEPS[mode_name] if args.steps is None else args.steps
     if steps < 1 or args.warmup < 1 or args.repeats < 1:
         parser.error("--steps, --warmup and --repeats must be at least 1")

@@ -1,6 +1,7 @@
 """Export the model weights of a distributed checkpoint to one consolidated safetensors file.
 
-    python scripts/export_checkpoint.py outputs/<run>/checkpoints/step-00000120 --output model.safetensors [--dtype bf16]
+    python scripts/export_checkpoint.py outputs/<run>/checkpoints/step-00000120 --output model.safetensors \
+        [--dtype bf16]
 
 Runs in one process, whatever layout and world size wrote the checkpoint: torch.distributed.checkpoint
 reassembles each parameter from its shards. Names are the bare model's (``layers.0.attention.wq.weight``),
@@ -16,9 +17,9 @@ from typing import Optional, Sequence
 
 import torch
 import torch.distributed.checkpoint as dcp
+from safetensors.torch import save_file
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
 
 from curry_train.primitives.dcp import is_checkpoint
 
@@ -49,9 +50,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not is_checkpoint(args.checkpoint):
         print(f"export_checkpoint: error: {args.checkpoint} is not a complete curry-train checkpoint", file=sys.stderr)
         return 2
-    from safetensors.torch import save_file
 
-    state = {name: tensor.to(DTYPES[args.dtype]).contiguous() for name, tensor in consolidated_model_state(args.checkpoint).items()}
+    state = {
+        name: tensor.to(DTYPES[args.dtype]).contiguous()
+        for name, tensor in consolidated_model_state(args.checkpoint).items()
+    }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(args.output), metadata={"source": str(args.checkpoint.resolve()), "format": "pt"})
     total = sum(t.numel() for t in state.values())

@@ -155,30 +155,44 @@ def compare_curves(baseline: dict[int, float], other: dict[int, float], rtol: fl
 
 def compare(baseline: dict, other: dict, rtol: float) -> dict[str, Any]:
     diffs = config_diff(baseline["config"], other["config"])
-    is_parallel = lambda d: d["key"] == "parallel" or d["key"].startswith("parallel.")
+
+    def is_parallel(d: dict[str, Any]) -> bool:
+        return d["key"] == "parallel" or d["key"].startswith("parallel.")
+
     return {
         "baseline": baseline["label"],
         "other": other["label"],
         "parallel": {"baseline": parallel_set(baseline["config"]), "other": parallel_set(other["config"])},
         "parallel_differences": [d for d in diffs if is_parallel(d)],
         "other_differences": [d for d in diffs if not is_parallel(d)],
-        "loss_curves": compare_curves(series(baseline["rows"], "train/loss"), series(other["rows"], "train/loss"), rtol),
+        "loss_curves": compare_curves(
+            series(baseline["rows"], "train/loss"), series(other["rows"], "train/loss"), rtol
+        ),
     }
 
 
 # ------------------------------------------------------------------------------------------ plot
+
 
 def plot_curves(curves: list[dict[int, float]], labels: list[str], path: Path) -> Figure:
     """train/loss of each run against step, one line per run through its finite points, written as PNG
     to ``path``. The baseline (the first) is drawn thick beneath the others, so curves that agree
     stay visible."""
     figure, axes = new_figure(f"the loss plot ({path})")
-    for index, (curve, label) in enumerate(zip(curves, labels)):
+    for index, (curve, label) in enumerate(zip(curves, labels, strict=False)):
         steps = [step for step in sorted(curve) if math.isfinite(curve[step])]
         baseline = index == 0
-        axes.plot(steps, [curve[step] for step in steps], label=label, color=f"C{index}", marker="o",
-                  markersize=5 if baseline else 3, linewidth=5 if baseline else 1.5, alpha=0.45 if baseline else 1.0,
-                  zorder=2 if baseline else 3)
+        axes.plot(
+            steps,
+            [curve[step] for step in steps],
+            label=label,
+            color=f"C{index}",
+            marker="o",
+            markersize=5 if baseline else 3,
+            linewidth=5 if baseline else 1.5,
+            alpha=0.45 if baseline else 1.0,
+            zorder=2 if baseline else 3,
+        )
     axes.set_xlabel("step")
     axes.set_ylabel("train loss (nats per token)")
     axes.set_title("train/loss per step: run [1], the baseline, thick")
@@ -205,16 +219,24 @@ def collect(paths: list[Path], baseline: Optional[str] = None) -> list[dict]:
     for path in paths:
         runs += [load_run(job, str(job)) for job in expand(path)]
     if baseline is not None:
-        chosen = [i for i, r in enumerate(runs) if baseline in (r["label"], Path(r["path"]).name) or Path(baseline).resolve() == Path(r["path"]).resolve()]
+        chosen = [
+            i
+            for i, r in enumerate(runs)
+            if baseline in (r["label"], Path(r["path"]).name) or Path(baseline).resolve() == Path(r["path"]).resolve()
+        ]
         if chosen:
             runs.insert(0, runs.pop(chosen[0]))
         elif Path(baseline).exists():
             job = expand(Path(baseline))[0]
             runs.insert(0, load_run(job, str(job)))
         else:
-            raise RunsDiffError(f"--baseline {baseline}: neither one of the runs (by path or job name) nor a run directory")
+            raise RunsDiffError(
+                f"--baseline {baseline}: neither one of the runs (by path or job name) nor a run directory"
+            )
     if len(runs) < 2:
-        raise RunsDiffError(f"need at least two runs to compare, got {len(runs)}: {', '.join(r['label'] for r in runs)}")
+        raise RunsDiffError(
+            f"need at least two runs to compare, got {len(runs)}: {', '.join(r['label'] for r in runs)}"
+        )
     return runs
 
 
@@ -231,7 +253,12 @@ def build_report(runs: list[dict], rtol: float, plot: Path) -> dict[str, Any]:
         "baseline": runs[0]["label"],
         "rtol": rtol,
         "runs": [
-            {"label": r["label"], "parallel": parallel_set(r["config"]), "overrides": r["overrides"], "metrics": summarize(r["rows"])}
+            {
+                "label": r["label"],
+                "parallel": parallel_set(r["config"]),
+                "overrides": r["overrides"],
+                "metrics": summarize(r["rows"]),
+            }
             for r in runs
         ],
         "comparisons": [compare(runs[0], other, rtol) for other in runs[1:]],
@@ -259,27 +286,44 @@ def render(report: dict[str, Any]) -> str:
         sets = comparison["parallel"]
         same = "same" if sets["baseline"] == sets["other"] else "differs"
         lines.append(f"parallelism ({same}): {sets['baseline']} -> {sets['other']}")
-        lines += [f"  {d['key']}: {_value(d['baseline'])} -> {_value(d['other'])}" for d in comparison["parallel_differences"]]
+        lines += [
+            f"  {d['key']}: {_value(d['baseline'])} -> {_value(d['other'])}" for d in comparison["parallel_differences"]
+        ]
         lines.append("other config differences:" + ("" if comparison["other_differences"] else " none"))
-        lines += [f"  {d['key']}: {_value(d['baseline'])} -> {_value(d['other'])}" for d in comparison["other_differences"]]
+        lines += [
+            f"  {d['key']}: {_value(d['baseline'])} -> {_value(d['other'])}" for d in comparison["other_differences"]
+        ]
         curves = comparison["loss_curves"]
         if not curves["common_steps"]:
             lines.append("loss curves: no common steps with train/loss; cannot tell whether they agree")
         else:
             verdict = "AGREE" if curves["agree"] else "DISAGREE"
             sign = "<=" if curves["agree"] else ">"
-            extra = f" (steps in one run only: {curves['only_baseline_steps']} + {curves['only_other_steps']})" if curves["only_baseline_steps"] or curves["only_other_steps"] else ""
+            extra = (
+                f" (steps in one run only: {curves['only_baseline_steps']} + {curves['only_other_steps']})"
+                if curves["only_baseline_steps"] or curves["only_other_steps"]
+                else ""
+            )
             lines.append(
                 f"loss curves: {verdict}: max relative difference of train/loss {curves['max_rel_diff']:.3g} "
-                f"(step {curves['max_rel_diff_step']}) {sign} rtol {curves['rtol']:g} over {curves['common_steps']} common steps{extra}"
+                f"(step {curves['max_rel_diff_step']}) {sign} rtol {curves['rtol']:g} over {curves['common_steps']} "
+                f"common steps{extra}"
             )
-    lines += ["", "metrics:", f"  {'run':<5} {'final train loss':>18} {'best train loss':>18} {'final val loss':>15} {'mean tokens/s':>14} {'peak memory':>12}"]
+    lines += [
+        "",
+        "metrics:",
+        f"  {'run':<5} {'final train loss':>18} {'best train loss':>18} {'final val loss':>15} {'mean tokens/s':>14} "
+        f"{'peak memory':>12}",
+    ]
     for index, run in enumerate(report["runs"], 1):
         m = run["metrics"]
         final = f"{_number(m['final_train_loss'])} @{m['final_step']}" if m["final_train_loss"] is not None else "n/a"
         best = f"{_number(m['best_train_loss'])} @{m['best_step']}" if m["best_train_loss"] is not None else "n/a"
         peak = "n/a" if m["peak_memory"] is None else f"{m['peak_memory']:.4g}"
-        lines.append(f"  [{index}]{'':<2} {final:>18} {best:>18} {_number(m['final_val_loss']):>15} {_number(m['mean_tokens_per_s'], 1):>14} {peak:>12}")
+        lines.append(
+            f"  [{index}]{'':<2} {final:>18} {best:>18} {_number(m['final_val_loss']):>15} "
+            f"{_number(m['mean_tokens_per_s'], 1):>14} {peak:>12}"
+        )
     lines += ["", f"plot: {report['plot']} (train/loss; colour i = run [i], the baseline thick)"]
     return "\n".join(lines)
 
@@ -296,12 +340,22 @@ def _strict_json(value: Any) -> Any:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("runs", nargs="+", type=Path, help="run directories, or a multirun sweep directory")
-    parser.add_argument("--baseline", help="the run the others are compared with: a path or a job name (default: the first)")
-    parser.add_argument("--rtol", type=float, default=1e-5, help="relative tolerance for the loss curves to agree (default 1e-5)")
-    parser.add_argument("--plot", type=Path, help=f"where to write the PNG of the loss curves (default: {PLOT_NAME} in"
-                        " the sweep directory of the baseline, else in the baseline's run directory)")
+    parser.add_argument(
+        "--baseline", help="the run the others are compared with: a path or a job name (default: the first)"
+    )
+    parser.add_argument(
+        "--rtol", type=float, default=1e-5, help="relative tolerance for the loss curves to agree (default 1e-5)"
+    )
+    parser.add_argument(
+        "--plot",
+        type=Path,
+        help=f"where to write the PNG of the loss curves (default: {PLOT_NAME} in"
+        " the sweep directory of the baseline, else in the baseline's run directory)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the text report")
     args = parser.parse_args(argv)
     try:

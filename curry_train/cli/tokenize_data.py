@@ -18,6 +18,9 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+from tqdm import tqdm
+
+from curry_train.data import TokenFileMeta, iter_documents, make_tokenizer, tokenize_documents
 
 DIRECTORY_SUFFIXES = (".txt", ".jsonl", ".md", ".py")
 
@@ -59,9 +62,6 @@ def tokenize_to_file(files: Sequence[Path], output: Path, tokenizer_spec: str, t
     never leaves a token file that disagrees with its sidecar.
     """
     # Imported here: curry_train.data pulls in Lightning, seconds of start-up a usage error need not wait for.
-    from tqdm import tqdm
-
-    from curry_train.data import TokenFileMeta, iter_documents, make_tokenizer, tokenize_documents
 
     try:
         tokenizer = make_tokenizer(tokenizer_spec)
@@ -78,7 +78,7 @@ def tokenize_to_file(files: Sequence[Path], output: Path, tokenizer_spec: str, t
     num_tokens = 0
     try:
         with partial.open("wb") as sink, tqdm(total=sum(sizes), unit="B", unit_scale=True, disable=quiet) as bar:
-            for path, size in zip(files, sizes):
+            for path, size in zip(files, sizes, strict=False):
                 counted = 0
                 try:
                     for document in iter_documents([path], text_key):

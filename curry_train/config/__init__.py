@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Sequence
 
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.core.plugins import Plugins
 from omegaconf import DictConfig
@@ -31,8 +33,6 @@ def register() -> None:
 
 def compose(overrides: Sequence[str] = (), config_dir: Optional[Path] = None) -> DictConfig:
     """The config ``python train.py <overrides>`` would run with, through Hydra's compose API."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
 
     with initialize_config_dir(config_dir=str(config_dir or CONF_DIR), version_base=None):
         try:
@@ -46,8 +46,10 @@ def _unset_option(overrides: Sequence[str]) -> Optional[str]:
     for override in overrides:
         parts = override.split("=", 1)[0].lstrip("+~").split(".")
         if len(parts) > 2 and parts[0] == "parallel":
-            return (f"{override}: parallel.{parts[1]} is not part of this run's layout;"
-                    f" compose it: parallel={parts[1]}, or parallel=<options>+{parts[1]}")
+            return (
+                f"{override}: parallel.{parts[1]} is not part of this run's layout;"
+                f" compose it: parallel={parts[1]}, or parallel=<options>+{parts[1]}"
+            )
     return None
 
 

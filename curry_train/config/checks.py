@@ -61,13 +61,18 @@ def layout_degrees(cfg: DictConfig, world_size: int) -> Degrees:
 
 def pipeline_microbatches(cfg: DictConfig, degrees: Degrees) -> int:
     """Micro-batches per step on each data-parallel rank of a pipelined run."""
-    return ParallelConfig.of(cfg).pipeline_microbatches(cfg.data.global_batch_size, cfg.data.micro_batch_size, degrees.dp)
+    return ParallelConfig.of(cfg).pipeline_microbatches(
+        cfg.data.global_batch_size, cfg.data.micro_batch_size, degrees.dp
+    )
 
 
 def _check_parallel(layout: ParallelConfig, accelerator: str, precision: str) -> None:
     options = layout.options
     if "dp" in options and "fsdp" in options:
-        raise ConfigError("parallel=dp+fsdp: fsdp already does data parallelism; for replicas of shards use parallel=fsdp parallel.fsdp.sharding=hybrid")
+        raise ConfigError(
+            "parallel=dp+fsdp: fsdp already does data parallelism; for replicas of shards use parallel=fsdp "
+            "parallel.fsdp.sharding=hybrid"
+        )
     if layout.recompute not in RECOMPUTE_MODES:
         raise ConfigError(f"parallel.recompute={layout.recompute!r}: expected one of {', '.join(RECOMPUTE_MODES)}")
     if layout.recompute_every_n_blocks < 0:
@@ -78,9 +83,13 @@ def _check_parallel(layout: ParallelConfig, accelerator: str, precision: str) ->
     if fsdp.sharding not in SHARDING_MODES:
         raise ConfigError(f"parallel.fsdp.sharding={fsdp.sharding!r}: expected one of {', '.join(SHARDING_MODES)}")
     if fsdp.mixed_precision not in PARAM_DTYPES:
-        raise ConfigError(f"parallel.fsdp.mixed_precision={fsdp.mixed_precision!r}: expected one of {', '.join(PARAM_DTYPES)}")
+        raise ConfigError(
+            f"parallel.fsdp.mixed_precision={fsdp.mixed_precision!r}: expected one of {', '.join(PARAM_DTYPES)}"
+        )
     if fsdp.backward_prefetch not in BACKWARD_PREFETCH:
-        raise ConfigError(f"parallel.fsdp.backward_prefetch={fsdp.backward_prefetch!r}: FSDP2 offers {', '.join(BACKWARD_PREFETCH)}")
+        raise ConfigError(
+            f"parallel.fsdp.backward_prefetch={fsdp.backward_prefetch!r}: FSDP2 offers {', '.join(BACKWARD_PREFETCH)}"
+        )
     if fsdp.cpu_offload and accelerator != "cuda":
         raise ConfigError("parallel.fsdp.cpu_offload=true needs a GPU: on a CPU run the state is in CPU memory already")
     if fsdp.sharding == "hybrid" and fsdp.replicas < 1:
@@ -89,9 +98,15 @@ def _check_parallel(layout: ParallelConfig, accelerator: str, precision: str) ->
         raise ConfigError(f"parallel.fsdp.blocks_per_unit={fsdp.blocks_per_unit} must be positive")
     if fsdp.sharding == "optimizer":
         if fsdp.reshard_after_forward:
-            raise ConfigError("parallel.fsdp.reshard_after_forward=true with sharding=optimizer: ZeRO-1 keeps full parameters; use sharding=full to reshard")
+            raise ConfigError(
+                "parallel.fsdp.reshard_after_forward=true with sharding=optimizer: ZeRO-1 keeps full parameters; "
+                "use sharding=full to reshard"
+            )
         if fsdp.blocks_per_unit != 1:
-            raise ConfigError(f"parallel.fsdp.blocks_per_unit={fsdp.blocks_per_unit} with sharding=optimizer: ZeRO-1 has no wrapping units")
+            raise ConfigError(
+                f"parallel.fsdp.blocks_per_unit={fsdp.blocks_per_unit} with sharding=optimizer: ZeRO-1 has no "
+                "wrapping units"
+            )
     if precision != "32-true" and fsdp.mixed_precision != "fp32":
         raise ConfigError(
             f"trainer.precision={precision} and parallel.fsdp.mixed_precision={fsdp.mixed_precision}:"
@@ -107,18 +122,27 @@ def _check_tensor_parallel(cfg: DictConfig, layout: ParallelConfig, world_size: 
     if tp < 1:
         raise ConfigError(f"parallel.tp.size={tp} must be positive")
     if "dp" in layout.options:
-        raise ConfigError("parallel=dp+tp: parallel=tp already replicates the model over the ranks tp leaves;"
-                          " use parallel=tp, or parallel=fsdp+tp to shard them")
-    split = {"model.n_heads": (m.n_heads, "query heads"), "model.n_kv_heads": (m.n_kv_heads, "key/value heads"),
-             "model.dim": (m.dim, "embedding columns"), "model.ffn_dim": (m.ffn_dim, "MLP hidden units"),
-             "model.vocab_size": (m.vocab_size, "vocabulary rows of the embedding and the head")}
+        raise ConfigError(
+            "parallel=dp+tp: parallel=tp already replicates the model over the ranks tp leaves;"
+            " use parallel=tp, or parallel=fsdp+tp to shard them"
+        )
+    split = {
+        "model.n_heads": (m.n_heads, "query heads"),
+        "model.n_kv_heads": (m.n_kv_heads, "key/value heads"),
+        "model.dim": (m.dim, "embedding columns"),
+        "model.ffn_dim": (m.ffn_dim, "MLP hidden units"),
+        "model.vocab_size": (m.vocab_size, "vocabulary rows of the embedding and the head"),
+    }
     for key, (size, what) in split.items():
         if size % tp:
-            raise ConfigError(f"parallel.tp.size={tp} does not divide {key}={size} ({what} split over the ranks);"
-                              f" choose a tp size that divides it")
+            raise ConfigError(
+                f"parallel.tp.size={tp} does not divide {key}={size} ({what} split over the ranks);"
+                f" choose a tp size that divides it"
+            )
     if world_size % tp:
-        raise ConfigError(f"parallel.tp.size={tp} does not divide the world size {world_size}"
-                          " (trainer.devices x trainer.num_nodes)")
+        raise ConfigError(
+            f"parallel.tp.size={tp} does not divide the world size {world_size} (trainer.devices x trainer.num_nodes)"
+        )
 
 
 def _accelerator(requested: str) -> str:
@@ -128,7 +152,9 @@ def _accelerator(requested: str) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if requested in ("gpu", "cuda"):
         if not torch.cuda.is_available():
-            raise ConfigError(f"trainer.accelerator={requested} but no CUDA device is visible; use trainer.accelerator=cpu")
+            raise ConfigError(
+                f"trainer.accelerator={requested} but no CUDA device is visible; use trainer.accelerator=cpu"
+            )
         return "cuda"
     return "cpu"
 
@@ -181,7 +207,8 @@ def _check_batch(cfg: DictConfig, degrees: Degrees) -> None:
     per_step = d.micro_batch_size * degrees.dp
     if d.global_batch_size % per_step:
         raise ConfigError(
-            f"data.global_batch_size={d.global_batch_size} is not divisible by data.micro_batch_size={d.micro_batch_size}"
+            f"data.global_batch_size={d.global_batch_size} is not divisible by "
+            f"data.micro_batch_size={d.micro_batch_size}"
             f" x data-parallel ranks {degrees.dp} = {per_step}; choose a multiple of {per_step}"
         )
     if not 0.0 <= d.val_fraction < 1.0:
@@ -195,8 +222,10 @@ def _check_pipeline(cfg: DictConfig, layout: ParallelConfig, degrees: Degrees) -
     if pp.size < 1:
         raise ConfigError(f"parallel.pp.size={pp.size} must be positive")
     if "dp" in layout.options:
-        raise ConfigError("parallel=dp+pp: parallel=pp already replicates the stages over the ranks pp leaves;"
-                          " use parallel=pp, or parallel=fsdp+pp to shard them")
+        raise ConfigError(
+            "parallel=dp+pp: parallel=pp already replicates the stages over the ranks pp leaves;"
+            " use parallel=pp, or parallel=fsdp+pp to shard them"
+        )
     try:
         per_rank = stages_per_rank(pp.schedule, pp.virtual_stages)
         n_stages = pp.size * per_rank
@@ -204,7 +233,9 @@ def _check_pipeline(cfg: DictConfig, layout: ParallelConfig, degrees: Degrees) -
     except ValueError as error:
         raise ConfigError(f"parallel.pp (size={pp.size}, schedule={pp.schedule}): {error}") from None
     if cfg.model.tie_embeddings and pp.size > 1:
-        raise ConfigError("model.tie_embeddings=true with parallel=pp: the embedding and the head live on different stages")
+        raise ConfigError(
+            "model.tie_embeddings=true with parallel=pp: the embedding and the head live on different stages"
+        )
     local = cfg.data.global_batch_size // degrees.dp
     if pp.microbatches is not None and (pp.microbatches < 1 or local % pp.microbatches):
         raise ConfigError(
@@ -237,12 +268,16 @@ def _check_context_parallel(cfg: DictConfig, layout: ParallelConfig) -> None:
         )
     heads = cfg.model.n_heads // layout.size("tp")
     if cp.pattern == "alltoall" and heads % cp.size:
-        raise ConfigError(f"parallel.cp.pattern=alltoall scatters heads: {heads} heads per rank (model.n_heads / tp)"
-                          f" do not divide by parallel.cp.size={cp.size}")
+        raise ConfigError(
+            f"parallel.cp.pattern=alltoall scatters heads: {heads} heads per rank (model.n_heads / tp)"
+            f" do not divide by parallel.cp.size={cp.size}"
+        )
     if cp.pattern == "double_ring" and cp.inner_ring is not None and (cp.inner_ring < 1 or cp.size % cp.inner_ring):
         raise ConfigError(f"parallel.cp.inner_ring={cp.inner_ring} does not divide parallel.cp.size={cp.size}")
     if cfg.model.dropout:
-        raise ConfigError(f"model.dropout={cfg.model.dropout} with parallel=cp: context-parallel attention has no dropout; set 0")
+        raise ConfigError(
+            f"model.dropout={cfg.model.dropout} with parallel=cp: context-parallel attention has no dropout; set 0"
+        )
     if "dp" in layout.options and ("tp" in layout.options or "pp" in layout.options):
         raise ConfigError("parallel=dp with tp or pp: those replicate over the ranks they leave already; drop dp")
 
@@ -261,12 +296,16 @@ def _check_training(cfg: DictConfig) -> None:
     if o.schedule not in LR_SCHEDULES:
         raise ConfigError(f"optim.schedule={o.schedule!r}: expected one of {', '.join(LR_SCHEDULES)}")
     if o.lr <= 0 or o.min_lr < 0 or o.warmup_steps < 0 or o.grad_clip < 0:
-        raise ConfigError("optim.lr must be positive; optim.min_lr, optim.warmup_steps and optim.grad_clip non-negative")
+        raise ConfigError(
+            "optim.lr must be positive; optim.min_lr, optim.warmup_steps and optim.grad_clip non-negative"
+        )
     if len(o.betas) != 2:
         raise ConfigError(f"optim.betas={list(o.betas)} must hold two numbers")
     if cfg.logger.kind not in LOGGERS:
         raise ConfigError(f"logger.kind={cfg.logger.kind!r}: expected one of {', '.join(LOGGERS)}")
-    if cfg.logger.kind == "tensorboard" and not any(importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX")):
+    if cfg.logger.kind == "tensorboard" and not any(
+        importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX")
+    ):
         raise ConfigError("logger=tensorboard needs the tensorboard package: pip install tensorboard")
     if c.every_n_steps < 0 or c.keep_last < 1:
         raise ConfigError("checkpoint.every_n_steps must be >= 0 and checkpoint.keep_last >= 1")
@@ -278,7 +317,9 @@ def _resolve_ckpt_path(cfg: DictConfig) -> Optional[str]:
     if cfg.ckpt_path == "last":
         found = dcp.latest_checkpoint(cfg.checkpoint.search_dir)
         if found is None:
-            raise ConfigError(f"ckpt_path=last: no complete checkpoint under {Path(cfg.checkpoint.search_dir).resolve()}")
+            raise ConfigError(
+                f"ckpt_path=last: no complete checkpoint under {Path(cfg.checkpoint.search_dir).resolve()}"
+            )
         return str(found)
     path = Path(cfg.ckpt_path).expanduser().resolve()
     if not dcp.is_checkpoint(path):
@@ -298,7 +339,9 @@ def check(cfg: DictConfig, env: Mapping[str, str] = os.environ) -> LaunchPlan:
         raise ConfigError(f"trainer.devices={devices} but only {torch.cuda.device_count()} CUDA device(s) are visible")
     launcher = external_launcher(env)
     if launcher is None and num_nodes > 1:
-        raise ConfigError(f"trainer.num_nodes={num_nodes}: start one process per device with torchrun or srun (see README)")
+        raise ConfigError(
+            f"trainer.num_nodes={num_nodes}: start one process per device with torchrun or srun (see README)"
+        )
     if launcher is not None:
         world = int(env.get("WORLD_SIZE") or env.get("SLURM_NTASKS"))
         if world != devices * num_nodes:

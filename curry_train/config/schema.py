@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from curry_train.data import DataConfig
 from curry_train.model import ModelConfig
@@ -103,7 +103,9 @@ class TPConfig:
     """parallel=tp: tensor parallelism (Megatron-LM), see primitives/tp_linear.py."""
 
     size: int = 2  # ranks that split each matmul (heads, KV heads, dim, ffn_dim and vocab divisible by it)
-    sequence_parallel: bool = False  # norms and dropout on sequence shards: all-gather / reduce-scatter instead of all-reduce
+    sequence_parallel: bool = (
+        False  # norms and dropout on sequence shards: all-gather / reduce-scatter instead of all-reduce
+    )
     loss_parallel: bool = True  # cross-entropy on vocabulary-sharded logits: no rank holds the full logits
 
 
@@ -169,8 +171,14 @@ class ParallelConfig:
             dp_replicate, dp_shard = self.fsdp.replicas, -1
         else:
             dp_replicate, dp_shard = 1, -1
-        return resolve_degrees(world_size, dp_replicate=dp_replicate, dp_shard=dp_shard, cp=self.size("cp"),
-                               tp=self.size("tp"), pp=self.size("pp"))
+        return resolve_degrees(
+            world_size,
+            dp_replicate=dp_replicate,
+            dp_shard=dp_shard,
+            cp=self.size("cp"),
+            tp=self.size("tp"),
+            pp=self.size("pp"),
+        )
 
     def pipeline_microbatches(self, global_batch_size: int, micro_batch_size: int, dp: int) -> int:
         """Micro-batches per step on each data-parallel rank of a pipelined run."""

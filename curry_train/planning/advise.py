@@ -15,6 +15,7 @@ from typing import Any, Optional, Sequence
 
 from omegaconf import DictConfig
 
+from curry_train.config.schema import ParallelConfig
 from curry_train.planning.layout import ZERO_NAMES, Layout, current_layout, microbatches_per_step, pipeline_knobs
 from curry_train.planning.memory import activation_bytes, model_state, rank_shapes, transient_state
 from curry_train.planning.step_time import step_time
@@ -37,8 +38,13 @@ class Estimate:
         return self.memory["total"] <= self.capacity
 
     def to_dict(self) -> dict[str, Any]:
-        return {"layout": asdict(self.layout), "memory": self.memory, "fits": self.fits, "capacity": self.capacity,
-                "step_time": self.time}
+        return {
+            "layout": asdict(self.layout),
+            "memory": self.memory,
+            "fits": self.fits,
+            "capacity": self.capacity,
+            "step_time": self.time,
+        }
 
 
 def estimate(cfg: DictConfig, layout: Layout) -> Estimate:
@@ -146,8 +152,9 @@ def advise(cfg: DictConfig, overrides: Sequence[str] = ()) -> Advice:
         for zero in ("optimizer", "shard_grad_op", "full"):
             layout = Layout(dp_shard=world, zero=zero, mixed_precision=mp, micro_batch_size=mb)
             if est := attempt(ZERO_NAMES[zero], [layout]):
-                reasons.append(f"{ZERO_NAMES[zero]} fits ({gib(est.memory['total'])} per rank);"
-                               " lighter sharding does not.")
+                reasons.append(
+                    f"{ZERO_NAMES[zero]} fits ({gib(est.memory['total'])} per rank); lighter sharding does not."
+                )
                 return done(est)
             reasons.append(f"{ZERO_NAMES[zero]} needs {gib(tried[-1][1].memory['total'])} per rank.")
     else:
@@ -155,13 +162,16 @@ def advise(cfg: DictConfig, overrides: Sequence[str] = ()) -> Advice:
     base = Layout(dp_shard=world, zero="full" if world > 1 else "none", dp_replicate=1, mixed_precision=mp)
     smaller = [replace(base, micro_batch_size=m) for m in _micro_batches(cfg, world)[1:]]
     if smaller and (est := attempt("smaller micro-batch (more accumulation)", smaller)):
-        reasons.append(f"micro-batch {est.layout.micro_batch_size} (gradient accumulation keeps the global batch)"
-                       " fits.")
+        reasons.append(
+            f"micro-batch {est.layout.micro_batch_size} (gradient accumulation keeps the global batch) fits."
+        )
         return done(est)
     base = replace(base, micro_batch_size=1)
     for recompute in ("selective", "full"):
-        if est := attempt(f"recompute={recompute}", [replace(base, recompute=recompute, micro_batch_size=m)
-                                                      for m in _micro_batches(cfg, world)]):
+        if est := attempt(
+            f"recompute={recompute}",
+            [replace(base, recompute=recompute, micro_batch_size=m) for m in _micro_batches(cfg, world)],
+        ):
             reasons.append(f"recompute={recompute} fits ({gib(est.memory['total'])} per rank); tp and cp not needed.")
             return done(est)
     base = replace(base, recompute="full")
@@ -183,17 +193,24 @@ def advise(cfg: DictConfig, overrides: Sequence[str] = ()) -> Advice:
     tp_layouts = [replace(base, tp=t, dp_shard=world // t, sequence_parallel=True) for t in tps]
     steps = [("cp", cp_layouts), ("tp", tp_layouts)] if sequence_bound else [("tp", tp_layouts), ("cp", cp_layouts)]
     if sequence_bound:
-        reasons.append(f"activations of one sequence ({gib(last.memory['activations'] + last.memory['loss'])}) outweigh"
-                       " the model state: the sequence breaks memory, so context parallelism comes first.")
+        reasons.append(
+            f"activations of one sequence ({gib(last.memory['activations'] + last.memory['loss'])}) outweigh"
+            " the model state: the sequence breaks memory, so context parallelism comes first."
+        )
     else:
-        reasons.append("one step's memory exceeds a device even with ZeRO-3 and full recompute:"
-                       " tensor parallelism next.")
+        reasons.append(
+            "one step's memory exceeds a device even with ZeRO-3 and full recompute: tensor parallelism next."
+        )
     for name, layouts in steps:
         if layouts and (est := attempt(name, layouts)):
             reasons.append(f"{name}={getattr(est.layout, name)} fits ({gib(est.memory['total'])} per rank).")
             return done(est)
-    both = [replace(base, tp=t, cp=c, dp_shard=world // (t * c), sequence_parallel=True)
-            for t in tps for c in cps if world % (t * c) == 0]
+    both = [
+        replace(base, tp=t, cp=c, dp_shard=world // (t * c), sequence_parallel=True)
+        for t in tps
+        for c in cps
+        if world % (t * c) == 0
+    ]
     if both and (est := attempt("tp+cp", both)):
         return done(est)
     reasons.append("no combination of tp and cp fits.")
@@ -218,24 +235,35 @@ def _across_nodes(cfg: DictConfig, est: Estimate, tried: list[tuple[str, Estimat
     hw, layout = cfg.hardware, est.layout
     if hw.nodes == 1:
         if layout.world > 1:
-            reasons.append("pp not needed: one node (pipeline parallelism trades a bubble for less inter-node traffic,"
-                           " and ZeRO already divides the model state).")
+            reasons.append(
+                "pp not needed: one node (pipeline parallelism trades a bubble for less inter-node traffic,"
+                " and ZeRO already divides the model state)."
+            )
         return est
     inner = hw.gpus_per_node // (layout.tp * layout.cp)  # data-parallel ranks of one node
     candidates: list[tuple[str, Layout]] = []
     sharded = layout.zero in ("optimizer", "shard_grad_op", "full")
     if sharded and inner >= 1 and layout.dp > inner and layout.dp % inner == 0:
         candidates.append(("HSDP", replace(layout, zero="hybrid", dp_shard=inner, dp_replicate=layout.dp // inner)))
-    schedules = [pipeline_knobs(cfg)] if cfg.parallel.get("pp") is not None else \
-        [{"pp_schedule": "1F1B", "virtual_stages": None}, {"pp_schedule": "interleaved", "virtual_stages": 2}]
+    schedules = (
+        [pipeline_knobs(cfg)]
+        if ParallelConfig.of(cfg).pp is not None
+        else [{"pp_schedule": "1F1B", "virtual_stages": None}, {"pp_schedule": "interleaved", "virtual_stages": 2}]
+    )
     for pp in _divisors(hw.nodes):
         if layout.dp % pp or layout.pp > 1:
             continue
         dp = layout.dp // pp
-        for zero in (("none",) if dp == 1 else ("none", "optimizer", "shard_grad_op", "full")):
+        for zero in ("none",) if dp == 1 else ("none", "optimizer", "shard_grad_op", "full"):
             for knobs in schedules:
-                candidate = replace(layout, pp=pp, zero=zero, dp_shard=1 if zero == "none" else dp,
-                                    dp_replicate=dp if zero == "none" else 1, **knobs)
+                candidate = replace(
+                    layout,
+                    pp=pp,
+                    zero=zero,
+                    dp_shard=1 if zero == "none" else dp,
+                    dp_replicate=dp if zero == "none" else 1,
+                    **knobs,
+                )
                 if _pipeline_runs(cfg, candidate):
                     candidates.append((f"pp={pp}", candidate))
     # Keeping a node's traffic inside it may hold more per rank; full recompute may pay for that.
@@ -258,7 +286,8 @@ def _across_nodes(cfg: DictConfig, est: Estimate, tried: list[tuple[str, Estimat
             f" communication, {est.time['dp_exposed']:.2f} s of it not hidden by compute (step {now:.2f} s);"
             f" {best.layout.describe()} keeps that inside a node and fits"
             f" ({gib(best.memory['total'])} per rank): {best.time['total']:.2f} s per step"
-            + (f", bubble {best.time['bubble']:.2f} s" if best.layout.pp > 1 else "") + "."
+            + (f", bubble {best.time['bubble']:.2f} s" if best.layout.pp > 1 else "")
+            + "."
         )
         return best
     pp_options = [e for n, e in fitting if n.startswith("pp=")]
@@ -268,12 +297,15 @@ def _across_nodes(cfg: DictConfig, est: Estimate, tried: list[tuple[str, Estimat
             f"pp not needed: across {hw.nodes} nodes the fastest pipeline that fits ({fastest.layout.describe()})"
             f" takes {fastest.time['total']:.2f} s per step (bubble"
             f" {fastest.time['bubble']:.2f} s) against {now:.2f} s"
-            + (f"; HSDP would take {best.time['total']:.2f} s" if name == "HSDP" else "") + "."
+            + (f"; HSDP would take {best.time['total']:.2f} s" if name == "HSDP" else "")
+            + "."
         )
     else:
-        reasons.append(f"pp not needed: no pipeline over the {hw.nodes} nodes fits;"
-                       f" HSDP takes {best.time['total']:.2f} s"
-                       f" per step against {now:.2f} s.")
+        reasons.append(
+            f"pp not needed: no pipeline over the {hw.nodes} nodes fits;"
+            f" HSDP takes {best.time['total']:.2f} s"
+            f" per step against {now:.2f} s."
+        )
     return est
 
 
@@ -281,9 +313,11 @@ def _shorter_bubble(cfg: DictConfig, now: Estimate) -> Optional[Estimate]:
     """The pipeline schedule, of those that run this layout and fit, whose step is the shortest, if it
     is ``SPEEDUP`` shorter than ``now``'s: interleaved (2 stages per rank: half the bubble, twice the
     sends, more activations in flight) and the zero-bubble kinds."""
-    options = [{"pp_schedule": "interleaved", "virtual_stages": 2},
-               {"pp_schedule": "interleaved_zb", "virtual_stages": 2},
-               {"pp_schedule": "zbv", "virtual_stages": None}]
+    options = [
+        {"pp_schedule": "interleaved", "virtual_stages": 2},
+        {"pp_schedule": "interleaved_zb", "virtual_stages": 2},
+        {"pp_schedule": "zbv", "virtual_stages": None},
+    ]
     fitting = []
     for knobs in options:
         layout = replace(now.layout, **knobs)
@@ -308,13 +342,17 @@ def _what_would_fit(cfg: DictConfig, best: Estimate, world: int) -> list[str]:
     state = m["params"] + m["grads"] + m["optimizer"]
     rest = m["total"] - state
     free = best.capacity - rest
-    hints = [f"nothing fits on {world} x {gib_text(cfg.hardware.memory_bytes)} ({cfg.hardware.name}); closest:"
-             f" {best.layout.describe()} at {gib_text(m['total'])} per rank."]
+    hints = [
+        f"nothing fits on {world} x {gib_text(cfg.hardware.memory_bytes)} ({cfg.hardware.name}); closest:"
+        f" {best.layout.describe()} at {gib_text(m['total'])} per rank."
+    ]
     if free > 0:
         needed = math.ceil(world * state / free)
         hints.append(f"more devices: the sharded model state needs about {needed} devices of this kind.")
-    hints.append("CPU offload (parallel.fsdp.cpu_offload=true) moves the sharded parameters, gradients and"
-                 f" optimizer state ({gib_text(state)} per rank) to host memory.")
+    hints.append(
+        "CPU offload (parallel.fsdp.cpu_offload=true) moves the sharded parameters, gradients and"
+        f" optimizer state ({gib_text(state)} per rank) to host memory."
+    )
     if m["activations"] + m["loss"] > state:
         hints.append("a shorter sequence (data.seq_len) or more context-parallel ranks shrinks the activations.")
     return hints
@@ -329,10 +367,23 @@ def train_command(cfg: DictConfig, layout: Layout, user_overrides: Sequence[str]
     the ``parallel.<option>.*`` keys of options the layout does not compose (the user's
     ``parallel.pp.schedule`` stays with a pipeline; ``parallel.cp.pattern`` goes without cp)."""
     hw = cfg.hardware
-    mine = {"parallel", "parallel.fsdp.sharding", "parallel.fsdp.replicas", "parallel.fsdp.mixed_precision",
-            "parallel.tp.size", "parallel.tp.sequence_parallel", "parallel.pp.size", "parallel.pp.schedule",
-            "parallel.pp.virtual_stages", "parallel.cp.size",
-            "parallel.recompute", "trainer.devices", "trainer.num_nodes", "trainer.precision", "data.micro_batch_size"}
+    mine = {
+        "parallel",
+        "parallel.fsdp.sharding",
+        "parallel.fsdp.replicas",
+        "parallel.fsdp.mixed_precision",
+        "parallel.tp.size",
+        "parallel.tp.sequence_parallel",
+        "parallel.pp.size",
+        "parallel.pp.schedule",
+        "parallel.pp.virtual_stages",
+        "parallel.cp.size",
+        "parallel.recompute",
+        "trainer.devices",
+        "trainer.num_nodes",
+        "trainer.precision",
+        "data.micro_batch_size",
+    }
     options = set(layout.options())
 
     def kept(override: str) -> bool:
@@ -394,8 +445,10 @@ def diagnose(cfg: DictConfig, symptom: str, overrides: Sequence[str] = ()) -> di
         nxt = None
         if worst and parts[worst] > 0.2 * now.time["compute"]:
             what = {"dp_exposed": "data-parallel communication not hidden by compute", "bubble": "the pipeline bubble"}
-            why = (f"{what.get(worst, f'communication on {worst}')} takes {parts[worst]:.2f} s"
-                   f" of a {now.time['total']:.2f} s step")
+            why = (
+                f"{what.get(worst, f'communication on {worst}')} takes {parts[worst]:.2f} s"
+                f" of a {now.time['total']:.2f} s step"
+            )
             notes: list[str] = []
             zero2 = replace(layout, zero="shard_grad_op")
             if worst == "dp_exposed" and layout.zero == "full" and estimate(cfg, zero2).fits:
@@ -406,12 +459,16 @@ def diagnose(cfg: DictConfig, symptom: str, overrides: Sequence[str] = ()) -> di
                 why += ": " + notes[-1]
             elif worst == "bubble" and (alt := _shorter_bubble(cfg, now)) is not None:
                 nxt = alt.layout
-                why += (f": {alt.layout.pp_schedule} (v={alt.layout.stages_per_rank}) cuts the bubble to"
-                        f" {alt.time['bubble']:.2f} s and fits ({gib_text(alt.memory['total'])} per rank):"
-                        f" {alt.time['total']:.2f} s per step")
+                why += (
+                    f": {alt.layout.pp_schedule} (v={alt.layout.stages_per_rank}) cuts the bubble to"
+                    f" {alt.time['bubble']:.2f} s and fits ({gib_text(alt.memory['total'])} per rank):"
+                    f" {alt.time['total']:.2f} s per step"
+                )
             elif worst == "bubble":
-                why += (": more micro-batches per step (a smaller data.micro_batch_size); no other schedule that"
-                        f" fits is {SPEEDUP:.0%} faster")
+                why += (
+                    ": more micro-batches per step (a smaller data.micro_batch_size); no other schedule that"
+                    f" fits is {SPEEDUP:.0%} faster"
+                )
         elif layout.recompute != "none" and estimate(cfg, replace(layout, recompute="none")).fits:
             nxt, why = replace(layout, recompute="none"), "recompute costs a forward and is not needed to fit"
         else:

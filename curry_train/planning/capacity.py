@@ -22,6 +22,7 @@ import torch
 from omegaconf import DictConfig
 
 from curry_train.config import compose
+from curry_train.config.schema import ParallelConfig, PPConfig
 from curry_train.planning.advise import HEADROOM, estimate, train_command
 from curry_train.planning.capacity_report import Candidate, Result, Row, Sweep, size_text
 from curry_train.planning.families import FAMILIES, MEMBER_KEYS, family
@@ -67,8 +68,14 @@ def default_layouts(cfg: DictConfig) -> str:
     world = hw.nodes * hw.gpus_per_node
     if world == 1:
         return "dp;dp recompute=full"
-    items = ["dp", "fsdp fsdp.sharding=optimizer", "fsdp fsdp.sharding=shard_grad_op", "fsdp",
-             "fsdp recompute=selective", "fsdp recompute=full"]
+    items = [
+        "dp",
+        "fsdp fsdp.sharding=optimizer",
+        "fsdp fsdp.sharding=shard_grad_op",
+        "fsdp",
+        "fsdp recompute=selective",
+        "fsdp recompute=full",
+    ]
     tp = hw.gpus_per_node & -hw.gpus_per_node  # the largest power of two that divides a node
     if tp > 1:
         items.append(f"fsdp+tp tp.size={tp} tp.sequence_parallel=true recompute=full")
@@ -87,8 +94,11 @@ def layout_overrides(cfg: DictConfig, spec: LayoutSpec, user_overrides: Sequence
     hw = cfg.hardware
     overrides = [*spec.hydra_overrides(), f"trainer.devices={hw.gpus_per_node}", f"trainer.num_nodes={hw.nodes}"]
     if hw.mixed_precision == "bf16" and not _names_precision([*user_overrides, *spec.overrides]):
-        overrides.append("parallel.fsdp.mixed_precision=bf16" if "fsdp" in spec.options.split("+")
-                         else "trainer.precision=bf16-mixed")
+        overrides.append(
+            "parallel.fsdp.mixed_precision=bf16"
+            if "fsdp" in spec.options.split("+")
+            else "trainer.precision=bf16-mixed"
+        )
     return overrides
 
 
@@ -110,15 +120,17 @@ def invalid_reason(cfg: DictConfig, layout: Layout) -> Optional[str]:
             if m[key] % layout.tp:
                 return f"tp={layout.tp} does not divide model.{key}={m[key]}"
     if layout.cp > 1:
-        cp_cfg = cfg.parallel.get("cp")
+        cp_cfg = ParallelConfig.of(cfg).cp
         parts = 2 * layout.cp if cp_cfg is None or cp_cfg.load_balance else layout.cp
         if d.seq_len % parts:
             return f"cp={layout.cp} needs data.seq_len={d.seq_len} divisible by {parts}"
     if d.global_batch_size % (layout.micro_batch_size * layout.dp):
-        return (f"micro-batch {layout.micro_batch_size} x dp {layout.dp} does not divide"
-                f" data.global_batch_size={d.global_batch_size}")
+        return (
+            f"micro-batch {layout.micro_batch_size} x dp {layout.dp} does not divide"
+            f" data.global_batch_size={d.global_batch_size}"
+        )
     if layout.pp > 1:
-        pp = cfg.parallel.pp
+        pp = ParallelConfig.of(cfg).pp or PPConfig()
         try:
             n_stages = layout.pp * stages_per_rank(pp.schedule, pp.virtual_stages)
             split_layers(m.n_layers, n_stages, pp.layers_per_stage)
@@ -170,8 +182,11 @@ def search(n: int, start: int, trial: Callable[[int], Optional[bool]]) -> int:
 
 
 def _why(est_memory: dict[str, int], capacity: int) -> str:
-    parts = {"model state": sum(est_memory.get(k, 0) for k in ("params", "grads", "optimizer", "transient")),
-             "activations": est_memory.get("activations", 0), "loss": est_memory.get("loss", 0)}
+    parts = {
+        "model state": sum(est_memory.get(k, 0) for k in ("params", "grads", "optimizer", "transient")),
+        "activations": est_memory.get("activations", 0),
+        "loss": est_memory.get("loss", 0),
+    }
     top = sorted(parts.items(), key=lambda kv: -kv[1])[:2]
     largest = ", ".join(f"{k} {size_text(v)}" for k, v in top)
     return f"needs {size_text(est_memory['total'])} > {size_text(capacity)} ({largest})"
@@ -183,8 +198,14 @@ def _estimate_result(cfg: DictConfig, layout: Layout, candidate: Candidate) -> R
     if reason:
         return Result(candidate, "invalid", None, capacity, reason)
     est = estimate(cfg, layout)
-    return Result(candidate, "fits" if est.fits else "too big", est.memory["total"], est.capacity,
-                  "" if est.fits else _why(est.memory, est.capacity), memory_breakdown=dict(est.memory))
+    return Result(
+        candidate,
+        "fits" if est.fits else "too big",
+        est.memory["total"],
+        est.capacity,
+        "" if est.fits else _why(est.memory, est.capacity),
+        memory_breakdown=dict(est.memory),
+    )
 
 
 def _progress(message: str, end: str = "\n") -> None:
@@ -241,8 +262,12 @@ def run_sweep(
         raise PlanningError(f"family={family_name!r}: expected one of {', '.join(FAMILIES)}")
     specs = parse_layouts(layouts if layouts is not None else default_layouts(cfg))
     capacity = int(hw.memory_bytes * (1 - HEADROOM))
-    user_model = [o for o in overrides if o.split("=")[0].lstrip("+~").startswith("model.")
-                  and o.split("=")[0].split(".")[1] in (*MEMBER_KEYS, "name", "max_seq_len")]
+    user_model = [
+        o
+        for o in overrides
+        if o.split("=")[0].lstrip("+~").startswith("model.")
+        and o.split("=")[0].split(".")[1] in (*MEMBER_KEYS, "name", "max_seq_len")
+    ]
     base_overrides = [o for o in overrides if o not in user_model] if sweep == "model" else overrides
 
     rows: list[Row] = []
@@ -254,9 +279,11 @@ def run_sweep(
         except Exception as error:  # a bad key (Hydra) or sizes that do not divide the devices
             raise PlanningError(f"layout {spec.text!r}: {str(error).strip().splitlines()[0]}") from None
         if mode == "measure" and hw.accelerator == "cpu" and (layout.pp > 1 or layout.cp > 1):
-            raise PlanningError(f"layout {spec.text!r}: mode=measure on CPU measures one micro-batch with PyTorch's"
-                                " memory tracker outside the pipeline and context-parallel step; measure pp and cp on"
-                                " a GPU, or use mode=estimate")
+            raise PlanningError(
+                f"layout {spec.text!r}: mode=measure on CPU measures one micro-batch with PyTorch's"
+                " memory tracker outside the pipeline and context-parallel step; measure pp and cp on"
+                " a GPU, or use mode=estimate"
+            )
         rows.append(Row(spec, layout, lay_overrides, cfg=lay_cfg, run_overrides=[*base_overrides, *lay_overrides]))
 
     members = family(family_name, cfg) if sweep == "model" else []
@@ -264,15 +291,26 @@ def run_sweep(
     for row in rows:
         layout, lay_cfg = row.layout, row.cfg
         if sweep == "model":
-            layout = row.layout = replace(layout, micro_batch_size=_local_micro_batch(
-                lay_cfg.data.micro_batch_size, lay_cfg.data.global_batch_size // layout.dp))
-            micro = ([f"data.micro_batch_size={layout.micro_batch_size}"]
-                     if layout.micro_batch_size != lay_cfg.data.micro_batch_size else [])
-            candidates = [Candidate(m.parameters, m.label, [*m.model_overrides(), *micro], m, layout.micro_batch_size)
-                          for m in members]
+            layout = row.layout = replace(
+                layout,
+                micro_batch_size=_local_micro_batch(
+                    lay_cfg.data.micro_batch_size, lay_cfg.data.global_batch_size // layout.dp
+                ),
+            )
+            micro = (
+                [f"data.micro_batch_size={layout.micro_batch_size}"]
+                if layout.micro_batch_size != lay_cfg.data.micro_batch_size
+                else []
+            )
+            candidates = [
+                Candidate(m.parameters, m.label, [*m.model_overrides(), *micro], m, layout.micro_batch_size)
+                for m in members
+            ]
         else:
-            candidates = [Candidate(mb, f"micro-batch {mb}", [f"data.micro_batch_size={mb}"], None, mb)
-                          for mb in micro_batch_candidates(lay_cfg, layout)]
+            candidates = [
+                Candidate(mb, f"micro-batch {mb}", [f"data.micro_batch_size={mb}"], None, mb)
+                for mb in micro_batch_candidates(lay_cfg, layout)
+            ]
         row.candidates = [c for c in candidates if largest is None or c.size <= largest]
         for c in row.candidates:
             all_candidates.setdefault(c.label, c)
@@ -289,8 +327,10 @@ def run_sweep(
                 estimates[r, index] = _estimate_result(c_cfg, layout, c)
 
     if mode == "measure":
-        progress(f"measuring {len(rows)} layout(s) on {hw.gpus_per_node} {hw.name} device(s): one process per trial,"
-                 f" up to {trial_timeout:.0f} s each")
+        progress(
+            f"measuring {len(rows)} layout(s) on {hw.gpus_per_node} {hw.name} device(s): one process per trial,"
+            f" up to {trial_timeout:.0f} s each"
+        )
     trial_number = [0]
     for r, row in enumerate(rows):
         results = [estimates[r, i] for i in range(len(row.candidates))]
@@ -308,8 +348,13 @@ def run_sweep(
         first = {"estimate": fitting[-1] if fitting else 0, "top": len(valid) - 1, "bottom": 0}[start]
         measured: dict[int, Result] = {}
 
-        def trial(k: int, row: Row = row, valid: list[int] = valid, results: list[Result] = results,
-                  measured: dict[int, Result] = measured) -> Optional[bool]:
+        def trial(
+            k: int,
+            row: Row = row,
+            valid: list[int] = valid,
+            results: list[Result] = results,
+            measured: dict[int, Result] = measured,
+        ) -> Optional[bool]:
             i = valid[k]
             trial_number[0] += 1
             res = measure(row, results[i], trial_timeout, progress, warnings, trial_number[0])
@@ -330,14 +375,16 @@ def run_sweep(
             largest_micro_batch = row.largest.candidate.micro_batch_size if row.largest else 1
             row.layout = replace(row.layout, micro_batch_size=largest_micro_batch)
 
-    sweep_result = Sweep(sweep, mode, family_name, cfg, list(all_candidates.values()), rows, capacity,
-                         warnings=warnings)
+    sweep_result = Sweep(
+        sweep, mode, family_name, cfg, list(all_candidates.values()), rows, capacity, warnings=warnings
+    )
     fitting_rows = [row for row in rows if row.largest is not None]
     if fitting_rows:
         top = max(row.largest.candidate.size for row in fitting_rows)
         # the lightest layout that fits the largest size (the first given among equals)
-        rec = min((row for row in fitting_rows if row.largest.candidate.size == top),
-                  key=lambda row: weight(row.layout))
+        rec = min(
+            (row for row in fitting_rows if row.largest.candidate.size == top), key=lambda row: weight(row.layout)
+        )
         sweep_result.recommended = rec
         sweep_result.command = recommended_command(cfg, rec, overrides, user_model)
     return sweep_result

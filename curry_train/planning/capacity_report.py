@@ -75,11 +75,20 @@ class Result:
         return self.estimate_bytes
 
     def to_dict(self) -> dict[str, Any]:
-        return {"candidate": self.candidate.to_dict(), "status": self.status, "fits": self.fits,
-                "memory_bytes": self.memory_bytes, "estimate_bytes": self.estimate_bytes,
-                "measured_peak_bytes": self.measured_peak_bytes, "capacity_bytes": self.capacity_bytes,
-                "reason": self.reason, "memory_breakdown": self.memory_breakdown, "seconds": self.seconds,
-                "measurement": self.measurement, "stderr_tail": self.stderr_tail}
+        return {
+            "candidate": self.candidate.to_dict(),
+            "status": self.status,
+            "fits": self.fits,
+            "memory_bytes": self.memory_bytes,
+            "estimate_bytes": self.estimate_bytes,
+            "measured_peak_bytes": self.measured_peak_bytes,
+            "capacity_bytes": self.capacity_bytes,
+            "reason": self.reason,
+            "memory_breakdown": self.memory_breakdown,
+            "seconds": self.seconds,
+            "measurement": self.measurement,
+            "stderr_tail": self.stderr_tail,
+        }
 
 
 @dataclass
@@ -104,14 +113,23 @@ class Row:
         return layout_label(self.layout)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"layout": self.spec.text, "parallel": self.spec.options, "label": self.label,
-                "overrides": self.overrides, "sizes": self.layout.sizes(), "zero": self.layout.zero,
-                "recompute": self.layout.recompute, "mixed_precision": self.layout.mixed_precision,
-                "micro_batch_size": self.layout.micro_batch_size, "world": self.layout.world,
-                "largest": self.largest.to_dict() if self.largest else None,
-                "next": self.next.to_dict() if self.next else None,
-                "trials": [t.to_dict() for t in self.trials], "invalid": [r.to_dict() for r in self.invalid],
-                "error": self.error}
+        return {
+            "layout": self.spec.text,
+            "parallel": self.spec.options,
+            "label": self.label,
+            "overrides": self.overrides,
+            "sizes": self.layout.sizes(),
+            "zero": self.layout.zero,
+            "recompute": self.layout.recompute,
+            "mixed_precision": self.layout.mixed_precision,
+            "micro_batch_size": self.layout.micro_batch_size,
+            "world": self.layout.world,
+            "largest": self.largest.to_dict() if self.largest else None,
+            "next": self.next.to_dict() if self.next else None,
+            "trials": [t.to_dict() for t in self.trials],
+            "invalid": [r.to_dict() for r in self.invalid],
+            "error": self.error,
+        }
 
 
 @dataclass
@@ -130,18 +148,39 @@ class Sweep:
     def to_dict(self) -> dict[str, Any]:
         hw, rec = self.cfg.hardware, self.recommended
         return {
-            "sweep": self.sweep, "mode": self.mode, "family": self.family, "model": self.cfg.model.name,
-            "hardware": {"name": hw.name, "nodes": hw.nodes, "gpus_per_node": hw.gpus_per_node,
-                         "memory_bytes": hw.memory_bytes, "reserved_bytes": hw.reserved_bytes},
-            "headroom": HEADROOM, "capacity_bytes": self.capacity_bytes, "seq_len": self.cfg.data.seq_len,
-            "global_batch_size": self.cfg.data.global_batch_size, "micro_batch_size": self.cfg.data.micro_batch_size,
-            "candidates": [{k: v for k, v in c.to_dict().items()
-                            if self.sweep == "micro_batch" or k != "micro_batch_size"} for c in self.candidates],
+            "sweep": self.sweep,
+            "mode": self.mode,
+            "family": self.family,
+            "model": self.cfg.model.name,
+            "hardware": {
+                "name": hw.name,
+                "nodes": hw.nodes,
+                "gpus_per_node": hw.gpus_per_node,
+                "memory_bytes": hw.memory_bytes,
+                "reserved_bytes": hw.reserved_bytes,
+            },
+            "headroom": HEADROOM,
+            "capacity_bytes": self.capacity_bytes,
+            "seq_len": self.cfg.data.seq_len,
+            "global_batch_size": self.cfg.data.global_batch_size,
+            "micro_batch_size": self.cfg.data.micro_batch_size,
+            "candidates": [
+                {k: v for k, v in c.to_dict().items() if self.sweep == "micro_batch" or k != "micro_batch_size"}
+                for c in self.candidates
+            ],
             "rows": [row.to_dict() for row in self.rows],
-            "recommended": None if rec is None else {
-                "layout": rec.spec.text, "label": rec.label, "parallel": rec.spec.options, "sizes": rec.layout.sizes(),
-                **rec.largest.to_dict(), "command": self.command},
-            "command": self.command, "warnings": self.warnings,
+            "recommended": None
+            if rec is None
+            else {
+                "layout": rec.spec.text,
+                "label": rec.label,
+                "parallel": rec.spec.options,
+                "sizes": rec.layout.sizes(),
+                **rec.largest.to_dict(),
+                "command": self.command,
+            },
+            "command": self.command,
+            "warnings": self.warnings,
         }
 
     def table(self) -> str:
@@ -173,8 +212,13 @@ def format_table(result: Sweep) -> str:
         + (f", vocabulary {cfg.model.vocab_size}" if result.sweep == "model" else ""),
     ]
     model_sweep = result.sweep == "model"
-    header = ("layout", *(("micro",) if model_sweep else ()), "largest that fits",
-              "per rank" + (" (measured)" if result.mode == "measure" else ""), "next size up: why not")
+    header = (
+        "layout",
+        *(("micro",) if model_sweep else ()),
+        "largest that fits",
+        "per rank" + (" (measured)" if result.mode == "measure" else ""),
+        "next size up: why not",
+    )
     table = [header]
 
     def size_of(res: Result) -> str:
@@ -182,29 +226,35 @@ def format_table(result: Sweep) -> str:
 
     for row in result.rows:
         if row.next is not None:
-            why = f"{size_of(row.next)}: " + _short(row.next.reason if row.next.status == "too big"
-                                                    else f"{row.next.status}, {row.next.reason}")
+            why = f"{size_of(row.next)}: " + _short(
+                row.next.reason if row.next.status == "too big" else f"{row.next.status}, {row.next.reason}"
+            )
         elif row.largest is not None:
             why = "none: the largest of the family" if model_sweep else "none: the whole local batch (global / dp)"
         else:
             why = row.invalid[0].reason if row.invalid else "no candidate"
         if row.error:
             why += f"  [error: {_short(row.error)}]"
-        cells = (row.label, *((str(row.layout.micro_batch_size),) if model_sweep else ()),
-                 size_of(row.largest) if row.largest else "nothing",
-                 _memory_cell(row.largest, result.mode) if row.largest else "-", why)
+        cells = (
+            row.label,
+            *((str(row.layout.micro_batch_size),) if model_sweep else ()),
+            size_of(row.largest) if row.largest else "nothing",
+            _memory_cell(row.largest, result.mode) if row.largest else "-",
+            why,
+        )
         table.append(cells)
     widths = [max(len(r[i]) for r in table) for i in range(len(header) - 1)]
     for r in table:
-        lines.append("  ".join(cell.ljust(w) for cell, w in zip(r[:-1], widths)) + "  " + r[-1])
+        lines.append("  ".join(cell.ljust(w) for cell, w in zip(r[:-1], widths, strict=False)) + "  " + r[-1])
     rec = result.recommended
     if rec is None:
         lines.append("recommended target size: none -- nothing fits any layout; see the next size up of each row")
     else:
-        size = (rec.largest.candidate.label if model_sweep
-                else f"micro-batch {rec.largest.candidate.micro_batch_size}")
-        lines.append(f"recommended target size: {size} with {rec.label} ({rec.layout.mixed_precision}):"
-                     f" {size_text(rec.largest.memory_bytes)} of {size_text(result.capacity_bytes)} per rank")
+        size = rec.largest.candidate.label if model_sweep else f"micro-batch {rec.largest.candidate.micro_batch_size}"
+        lines.append(
+            f"recommended target size: {size} with {rec.label} ({rec.layout.mixed_precision}):"
+            f" {size_text(rec.largest.memory_bytes)} of {size_text(result.capacity_bytes)} per rank"
+        )
         lines.append(result.command or "")
     for row in result.rows:
         for trial in row.trials:

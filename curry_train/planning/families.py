@@ -114,11 +114,13 @@ def _presets() -> dict[str, DictConfig]:
 
 def _is_preset(preset: DictConfig, member: Member, cfg: DictConfig) -> bool:
     """Whether the ``conf/model`` file ``preset`` is ``member`` for ``cfg``'s run."""
-    return (all(preset.get(k) == getattr(member, k) for k in MEMBER_KEYS)
-            and preset.get("vocab_size") == cfg.model.vocab_size
-            and bool(preset.get("tie_embeddings")) == bool(cfg.model.tie_embeddings)
-            and preset.get("max_seq_len", 0) >= cfg.data.seq_len
-            and all(preset.get(k) == cfg.model.get(k) for k in ("norm_eps", "rope_theta", "dropout", "init_std")))
+    return (
+        all(preset.get(k) == getattr(member, k) for k in MEMBER_KEYS)
+        and preset.get("vocab_size") == cfg.model.vocab_size
+        and bool(preset.get("tie_embeddings")) == bool(cfg.model.tie_embeddings)
+        and preset.get("max_seq_len", 0) >= cfg.data.seq_len
+        and all(preset.get(k) == cfg.model.get(k) for k in ("norm_eps", "rope_theta", "dropout", "init_std"))
+    )
 
 
 def family(name: str, cfg: DictConfig) -> list[Member]:

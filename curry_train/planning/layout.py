@@ -9,10 +9,10 @@ from typing import Any, Optional
 from omegaconf import DictConfig
 
 from curry_train.config import ConfigError
-from curry_train.config.checks import layout_degrees
+from curry_train.config.schema import PARALLEL_OPTIONS, ParallelConfig
 from curry_train.primitives.pipeline_schedule import stages_per_rank
 
-OPTIONS = ("dp", "fsdp", "tp", "pp", "cp")  # the parallel options, in the order parallel=a+b composes them
+OPTIONS = PARALLEL_OPTIONS
 # Keys a layout string may give without the ``parallel.`` prefix: ``fsdp+tp tp.size=4 recompute=full``.
 PARALLEL_KEYS = (*OPTIONS, "recompute", "recompute_every_n_blocks")
 ZERO_MODES = ("none", "optimizer", "shard_grad_op", "full")  # DDP, ZeRO-1, ZeRO-2, ZeRO-3
@@ -61,8 +61,13 @@ class Layout:
         return 1 if self.zero == "none" else self.dp_shard * self.cp
 
     def sizes(self) -> dict[str, int]:
-        return {"dp_replicate": self.dp_replicate, "dp_shard": self.dp_shard, "tp": self.tp, "pp": self.pp,
-                "cp": self.cp}
+        return {
+            "dp_replicate": self.dp_replicate,
+            "dp_shard": self.dp_shard,
+            "tp": self.tp,
+            "pp": self.pp,
+            "cp": self.cp,
+        }
 
     def options(self) -> list[str]:
         """The ``parallel`` options this layout composes, in ``+`` order."""
@@ -92,19 +97,30 @@ def microbatches_per_step(cfg: DictConfig, layout: Layout) -> int:
 
 def current_layout(cfg: DictConfig) -> Layout:
     """The layout ``cfg`` would run (``trainer.devices x trainer.num_nodes`` ranks)."""
-    deg = layout_degrees(cfg, cfg.trainer.devices * cfg.trainer.num_nodes)
-    fsdp, tp = cfg.parallel.get("fsdp"), cfg.parallel.get("tp")
+    parallel = ParallelConfig.of(cfg)
+    deg = parallel.degrees(cfg.trainer.devices * cfg.trainer.num_nodes)
+    fsdp, tp = parallel.fsdp, parallel.tp
     zero = "none" if fsdp is None or fsdp.sharding == "no_shard" else fsdp.sharding
     bf16 = (fsdp is not None and fsdp.mixed_precision != "fp32") or cfg.trainer.precision.startswith("bf16")
-    return Layout(deg.dp_replicate, deg.dp_shard, deg.tp, deg.pp, deg.cp, zero, "bf16" if bf16 else "fp32",
-                  cfg.parallel.recompute, bool(tp is not None and tp.sequence_parallel), cfg.data.micro_batch_size,
-                  **pipeline_knobs(cfg))
+    return Layout(
+        deg.dp_replicate,
+        deg.dp_shard,
+        deg.tp,
+        deg.pp,
+        deg.cp,
+        zero,
+        "bf16" if bf16 else "fp32",
+        cfg.parallel.recompute,
+        bool(tp is not None and tp.sequence_parallel),
+        cfg.data.micro_batch_size,
+        **pipeline_knobs(cfg),
+    )
 
 
 def pipeline_knobs(cfg: DictConfig) -> dict[str, Any]:
     """The run's pipeline schedule and virtual stages (``parallel.pp``), for the layouts advise tries;
     the defaults of ``conf/parallel/pp.yaml`` without pp."""
-    pp = cfg.parallel.get("pp")
+    pp = ParallelConfig.of(cfg).pp
     return {"pp_schedule": pp.schedule, "virtual_stages": pp.virtual_stages} if pp is not None else {}
 
 
@@ -151,8 +167,9 @@ def parse_layout(text: str, where: str, options_first: bool = False) -> LayoutSp
         names = options.split("+")
         unknown = [n for n in names if n not in OPTIONS]
         if unknown or len(set(names)) != len(names):
-            raise PlanningError(f"{where}: unknown or repeated option(s) {unknown or names};"
-                                f" expected {', '.join(OPTIONS)} joined by +")
+            raise PlanningError(
+                f"{where}: unknown or repeated option(s) {unknown or names}; expected {', '.join(OPTIONS)} joined by +"
+            )
     overrides = []
     for word in words:
         key, eq, _ = word.partition("=")

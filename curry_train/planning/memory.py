@@ -64,7 +64,7 @@ def zero_formula_terms(mode: str, P: int, d: int, mixed_precision: str = "fp32",
     sharded = _SHARDED[ZERO_STAGE[mode]]
     return {
         key: -(-nbytes * P // shards) if is_sharded else nbytes * P
-        for key, nbytes, is_sharded in zip(STATE_KEYS, BYTES_PER_PARAMETER[mixed_precision], sharded)
+        for key, nbytes, is_sharded in zip(STATE_KEYS, BYTES_PER_PARAMETER[mixed_precision], sharded, strict=False)
     }
 
 
@@ -78,8 +78,8 @@ def zero_formula_text(mode: str, mixed_precision: str = "fp32") -> str:
     stage = ZERO_STAGE[mode]
     sharded = _SHARDED[stage]
     per_param = BYTES_PER_PARAMETER[mixed_precision]
-    replicated = sum(n for n, s in zip(per_param, sharded) if not s)
-    split = sum(n for n, s in zip(per_param, sharded) if s)
+    replicated = sum(n for n, s in zip(per_param, sharded, strict=False) if not s)
+    split = sum(n for n, s in zip(per_param, sharded, strict=False) if s)
     d = "(d/replicas)" if mode == "hybrid" else "d"
     terms = [f"{replicated}P"] * bool(replicated) + [f"{split}P/{d}"] * bool(split)
     return f"{'DDP' if stage == 0 else f'ZeRO-{stage}'}: {' + '.join(terms)}"
@@ -123,8 +123,14 @@ def parameter_shapes(model_cfg: DictConfig, tp: int = 1) -> dict[str, tuple[int,
     return dict(_shapes(OmegaConf.to_yaml(model_cfg), tp))
 
 
-def rank_shapes(model_cfg: DictConfig, tp: int = 1, pp: int = 1, stage: int = 0, schedule: str = "1F1B",
-                virtual_stages: Optional[int] = None) -> list[tuple[int, ...]]:
+def rank_shapes(
+    model_cfg: DictConfig,
+    tp: int = 1,
+    pp: int = 1,
+    stage: int = 0,
+    schedule: str = "1F1B",
+    virtual_stages: Optional[int] = None,
+) -> list[tuple[int, ...]]:
     """Shapes of the parameters one rank holds: its tensor-parallel shards of the blocks of the
     stages pipeline rank ``stage`` holds under ``schedule`` (``pipeline_schedule.pipeline_stages``:
     ``pp x stages_per_rank`` stages, looped or V-shaped over the ranks; the embedding with the first
@@ -162,8 +168,14 @@ def parameter_count(model_cfg: DictConfig) -> int:
 # Model state
 
 
-def model_state(shapes: Sequence[tuple[int, ...]], zero: str, shards: int, mixed_precision: str = "fp32",
-                shard_rank: int = 0, replicas: int = 1) -> dict[str, int]:
+def model_state(
+    shapes: Sequence[tuple[int, ...]],
+    zero: str,
+    shards: int,
+    mixed_precision: str = "fp32",
+    shard_rank: int = 0,
+    replicas: int = 1,
+) -> dict[str, int]:
     """Bytes of parameters, gradients and AdamW state one rank holds at the optimizer step, as
     curry-train holds them (docs/planning.md); ``shard_rank`` 0 holds the most (whole chunks).
 
@@ -318,7 +330,11 @@ def block_forwards_per_rank(layout: Layout, n_layers: int, microbatches: int) ->
     v = layout.stages_per_rank
     ranges, owner = stage_map(n_layers, layout)
     return [
-        (chunks_in_flight(layout.pp_schedule, layout.pp, v, microbatches, rank)
-         * sum(len(r) for r, o in zip(ranges, owner) if o == rank) / v, owner[-1] == rank)
+        (
+            chunks_in_flight(layout.pp_schedule, layout.pp, v, microbatches, rank)
+            * sum(len(r) for r, o in zip(ranges, owner, strict=False) if o == rank)
+            / v,
+            owner[-1] == rank,
+        )
         for rank in range(layout.pp)
     ]

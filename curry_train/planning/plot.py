@@ -26,8 +26,8 @@ def new_figure(what: str, width: float = 9.0, height: float = 5.5) -> tuple[Figu
     state). ``what`` names what needs it (``plot=memory.png``) in the one-line error when matplotlib
     is missing."""
     try:  # the optional plot extra: only the commands that draw need matplotlib
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
+        from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
+        from matplotlib.figure import Figure  # noqa: PLC0415
     except ImportError:
         raise PlanningError(f"{what} needs matplotlib: {PLOT_EXTRA}") from None
     figure = Figure(figsize=(width, height), layout="constrained")
@@ -56,27 +56,44 @@ def plot_memory(cfg: DictConfig, candidates: Sequence[tuple[str, Estimate]], pat
     for index, part in enumerate(MEMORY_PARTS):
         heights = [est.memory[part] / GIB for _, est in candidates]
         axes.bar(positions, heights, width=0.6, bottom=bottoms, label=part, color=f"C{index}")
-        bottoms = [bottom + height for bottom, height in zip(bottoms, heights)]
+        bottoms = [bottom + height for bottom, height in zip(bottoms, heights, strict=False)]
     capacity = candidates[0][1].capacity
-    axes.axhline(hw.memory_bytes / GIB, color="black", linewidth=1.5,
-                 label=f"device memory {gib_text(hw.memory_bytes)}")
-    axes.axhline(capacity / GIB, color="black", linewidth=1.5, linestyle="--",
-                 label=f"usable capacity {gib_text(capacity)} (less {HEADROOM:.0%} headroom)")
-    for position, (_, est) in zip(positions, candidates):
+    axes.axhline(
+        hw.memory_bytes / GIB, color="black", linewidth=1.5, label=f"device memory {gib_text(hw.memory_bytes)}"
+    )
+    axes.axhline(
+        capacity / GIB,
+        color="black",
+        linewidth=1.5,
+        linestyle="--",
+        label=f"usable capacity {gib_text(capacity)} (less {HEADROOM:.0%} headroom)",
+    )
+    for position, (_, est) in zip(positions, candidates, strict=False):
         verdict = "fits" if est.fits else "too big"
-        axes.annotate(f"{gib_text(est.memory['total'])}\n{verdict}", (position, est.memory["total"] / GIB),
-                      xytext=(0, 3), textcoords="offset points", ha="center", va="bottom", fontsize=8,
-                      bbox={"facecolor": "white", "edgecolor": "none", "pad": 1}, zorder=5)
-    labels = [textwrap.fill(f"{step}: {'+'.join(est.layout.options())}", 20, break_long_words=False)
-              for step, est in candidates]
+        axes.annotate(
+            f"{gib_text(est.memory['total'])}\n{verdict}",
+            (position, est.memory["total"] / GIB),
+            xytext=(0, 3),
+            textcoords="offset points",
+            ha="center",
+            va="bottom",
+            fontsize=8,
+            bbox={"facecolor": "white", "edgecolor": "none", "pad": 1},
+            zorder=5,
+        )
+    labels = [
+        textwrap.fill(f"{step}: {'+'.join(est.layout.options())}", 20, break_long_words=False)
+        for step, est in candidates
+    ]
     axes.set_xticks(positions, labels, fontsize=8)
     axes.set_ylim(0, 1.12 * max(bottoms + [hw.memory_bytes / GIB]))
     axes.set_xlabel("candidate layout (step: parallel options), in the order tried")
     axes.set_ylabel("memory per rank (GiB)")
-    axes.set_title(f"{cfg.model.name}, seq {cfg.data.seq_len}: memory per rank on"
-                   f" {hw.nodes} x {hw.gpus_per_node} {hw.name}")
+    axes.set_title(
+        f"{cfg.model.name}, seq {cfg.data.seq_len}: memory per rank on {hw.nodes} x {hw.gpus_per_node} {hw.name}"
+    )
     # The legend lists the parts top down, as the bars stack them, under the two lines.
-    handles = dict(zip(*reversed(axes.get_legend_handles_labels())))
+    handles = dict(zip(*reversed(axes.get_legend_handles_labels()), strict=False))
     names = [name for name in handles if name not in MEMORY_PARTS] + list(reversed(MEMORY_PARTS))
     axes.legend([handles[name] for name in names], names, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9)
     axes.grid(axis="y", alpha=0.3)

@@ -59,9 +59,22 @@ def _last_error_line(stderr: str) -> str:
 
 def _trial_env(cpu: bool) -> dict[str, str]:
     """A user's shell: no launcher variables from a surrounding run."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT", "MASTER_ADDR",
-                        "TORCHELASTIC_RUN_ID", "GROUP_RANK", "NODE_RANK")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k
+        not in (
+            "RANK",
+            "WORLD_SIZE",
+            "LOCAL_RANK",
+            "LOCAL_WORLD_SIZE",
+            "MASTER_PORT",
+            "MASTER_ADDR",
+            "TORCHELASTIC_RUN_ID",
+            "GROUP_RANK",
+            "NODE_RANK",
+        )
+    }
     env.setdefault("WANDB_SILENT", "true")
     if cpu:
         # The address-space limit stands for the device's memory, so make the address space follow the
@@ -80,8 +93,15 @@ def run_trial(overrides: Sequence[str], timeout: float, cpu: bool) -> tuple[str,
     with tempfile.TemporaryDirectory(prefix="curry-capacity-") as out_dir:
         command = [sys.executable, "-m", TRIAL_MODULE, out_dir, *overrides]
         began = time.perf_counter()
-        process = subprocess.Popen(command, cwd=out_dir, env=_trial_env(cpu), stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.PIPE, text=True, start_new_session=True)
+        process = subprocess.Popen(
+            command,
+            cwd=out_dir,
+            env=_trial_env(cpu),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
         try:
             _, stderr = process.communicate(timeout=timeout)
             timed_out = False
@@ -103,10 +123,19 @@ def run_trial(overrides: Sequence[str], timeout: float, cpu: bool) -> tuple[str,
     if status == "ok" and not ranks:
         return "error", {**details, "reason": "the trial exited 0 but wrote no measurement"}
     if status == "oom":
-        oom_line = next((line for line in reversed(stderr.splitlines())
-                         if any(re.search(p, line, re.IGNORECASE) for p in OOM_PATTERNS)), stderr)
-        reason = ("killed by SIGKILL (the kernel's OOM killer?)" if process.returncode == -signal.SIGKILL
-                  else _last_error_line(oom_line))
+        oom_line = next(
+            (
+                line
+                for line in reversed(stderr.splitlines())
+                if any(re.search(p, line, re.IGNORECASE) for p in OOM_PATTERNS)
+            ),
+            stderr,
+        )
+        reason = (
+            "killed by SIGKILL (the kernel's OOM killer?)"
+            if process.returncode == -signal.SIGKILL
+            else _last_error_line(oom_line)
+        )
         return "oom", {**details, "reason": reason}
     if status == "error":
         return "error", {**details, "reason": f"exit {process.returncode}: {_last_error_line(stderr)}"}
@@ -118,31 +147,45 @@ def measure_blocker(cfg: DictConfig) -> Optional[str]:
     hw = cfg.hardware
     gpu = hw.accelerator == "gpu"
     if gpu and not torch.cuda.is_available():
-        return (f"mode=measure with hardware={hw.name} needs a CUDA device and none is visible;"
-                " use mode=estimate, or hardware=cpu to measure CPU processes")
+        return (
+            f"mode=measure with hardware={hw.name} needs a CUDA device and none is visible;"
+            " use mode=estimate, or hardware=cpu to measure CPU processes"
+        )
     if hw.nodes > 1:
-        return (f"mode=measure runs trials on this machine: hardware.nodes={hw.nodes} needs several;"
-                " use mode=estimate, or hardware.nodes=1")
+        return (
+            f"mode=measure runs trials on this machine: hardware.nodes={hw.nodes} needs several;"
+            " use mode=estimate, or hardware.nodes=1"
+        )
     if gpu and hw.gpus_per_node > torch.cuda.device_count():
-        return (f"mode=measure: hardware.gpus_per_node={hw.gpus_per_node} but {torch.cuda.device_count()} CUDA"
-                " device(s) are visible; use mode=estimate, or a smaller hardware.gpus_per_node")
+        return (
+            f"mode=measure: hardware.gpus_per_node={hw.gpus_per_node} but {torch.cuda.device_count()} CUDA"
+            " device(s) are visible; use mode=estimate, or a smaller hardware.gpus_per_node"
+        )
     if hw.reserved_bytes >= hw.memory_bytes:
-        return (f"mode=measure: hardware.reserved_bytes={hw.reserved_bytes} leaves nothing of"
-                f" hardware.memory_bytes={hw.memory_bytes} for tensors")
+        return (
+            f"mode=measure: hardware.reserved_bytes={hw.reserved_bytes} leaves nothing of"
+            f" hardware.memory_bytes={hw.memory_bytes} for tensors"
+        )
     return None
 
 
-def measure(row: Row, estimated: Result, timeout: float, progress: Callable[..., None], warnings: list[str],
-            number: int) -> Result:
+def measure(
+    row: Row, estimated: Result, timeout: float, progress: Callable[..., None], warnings: list[str], number: int
+) -> Result:
     """Check and run one trial of ``estimated.candidate`` on ``row``'s layout: ``estimated`` with the
     measured peak and the verdict (fits, too big, OOM, error); a line of progress per trial."""
     hw = row.cfg.hardware
     cpu = hw.accelerator == "cpu"
     candidate = estimated.candidate
-    overrides = [*row.run_overrides, *candidate.overrides, f"trainer.accelerator={'cpu' if cpu else 'gpu'}",
-                 "logger=none"]
-    result = replace(estimated, reserved_bytes=int(hw.reserved_bytes),
-                     memory_breakdown=dict(estimated.memory_breakdown))
+    overrides = [
+        *row.run_overrides,
+        *candidate.overrides,
+        f"trainer.accelerator={'cpu' if cpu else 'gpu'}",
+        "logger=none",
+    ]
+    result = replace(
+        estimated, reserved_bytes=int(hw.reserved_bytes), memory_breakdown=dict(estimated.memory_breakdown)
+    )
     progress(f"trial {number} [{row.label} | {candidate.label}]: ", end="")
     try:
         check(compose(overrides))
@@ -161,15 +204,20 @@ def measure(row: Row, estimated: Result, timeout: float, progress: Callable[...,
             result.status, result.reason = "fits", ""
         else:
             result.status = "too big"
-            result.reason = (f"measured {size_text(peak)}" + (f" + reserved {size_text(result.reserved_bytes)}"
-                             if result.reserved_bytes else "") + f" > {size_text(estimated.capacity_bytes)}")
+            result.reason = (
+                f"measured {size_text(peak)}"
+                + (f" + reserved {size_text(result.reserved_bytes)}" if result.reserved_bytes else "")
+                + f" > {size_text(estimated.capacity_bytes)}"
+            )
         budget = hw.memory_bytes - hw.reserved_bytes
         for rank in details["ranks"]:
             device_total = rank.get("device_total_bytes")
             if device_total and device_total < budget:
-                note = (f"this device has {size_text(device_total)}, less than the {size_text(budget)} of tensors a"
-                        f" {hw.name} rank may hold (memory_bytes - reserved_bytes): trials may run out of memory"
-                        " before that device would")
+                note = (
+                    f"this device has {size_text(device_total)}, less than the {size_text(budget)} of tensors a"
+                    f" {hw.name} rank may hold (memory_bytes - reserved_bytes): trials may run out of memory"
+                    " before that device would"
+                )
                 if note not in warnings:
                     warnings.append(note)
     elif status == "oom":
@@ -177,6 +225,7 @@ def measure(row: Row, estimated: Result, timeout: float, progress: Callable[...,
     else:
         result.status, result.reason = "error", details["reason"]
     shown = {"fits": f"fits: {size_text(result.memory_bytes)} of {size_text(result.capacity_bytes)}"}.get(
-        result.status, f"{result.status}: {result.reason}")
+        result.status, f"{result.status}: {result.reason}"
+    )
     progress(f"{shown} (estimate {size_text(result.estimate_bytes)}; {details['seconds']:.0f} s)")
     return result

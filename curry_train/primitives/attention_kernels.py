@@ -65,25 +65,55 @@ def _cuda_flash_forward(q, k, v, causal: bool, scale: float):
 
 
 def _cuda_flash_backward(dout, q, k, v, out, lse, causal: bool, scale: float):
-    seed, offset = _no_dropout_rng(q.device, torch.int64 if torch.version.hip else torch.uint64,
-                                   () if torch.version.hip else (2,))
+    seed, offset = _no_dropout_rng(
+        q.device, torch.int64 if torch.version.hip else torch.uint64, () if torch.version.hip else (2,)
+    )
     dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
-        dout.contiguous(), q, k, v, out.contiguous(), lse.contiguous(), None, None, q.shape[2], k.shape[2],
-        0.0, causal, seed, offset, scale=scale,
+        dout.contiguous(),
+        q,
+        k,
+        v,
+        out.contiguous(),
+        lse.contiguous(),
+        None,
+        None,
+        q.shape[2],
+        k.shape[2],
+        0.0,
+        causal,
+        seed,
+        offset,
+        scale=scale,
     )
     return dq, dk, dv
 
 
 def _cuda_cudnn_forward(q, k, v, causal: bool, scale: float):
-    out, lse, *_ = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False, scale=scale)
+    out, lse, *_ = torch.ops.aten._scaled_dot_product_cudnn_attention(
+        q, k, v, None, True, 0.0, causal, False, scale=scale
+    )
     return out, lse.reshape(q.shape[:-1]).float()  # cuDNN's lse has a trailing dim of 1
 
 
 def _cuda_cudnn_backward(dout, q, k, v, out, lse, causal: bool, scale: float):
     seed, offset = _no_dropout_rng(q.device, torch.int64, ())
     dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-        dout.contiguous(), q, k, v, out.contiguous(), lse.unsqueeze(-1).contiguous(), seed, offset, None, None, None,
-        q.shape[2], k.shape[2], 0.0, causal, scale=scale,
+        dout.contiguous(),
+        q,
+        k,
+        v,
+        out.contiguous(),
+        lse.unsqueeze(-1).contiguous(),
+        seed,
+        offset,
+        None,
+        None,
+        None,
+        q.shape[2],
+        k.shape[2],
+        0.0,
+        causal,
+        scale=scale,
     )
     return dq, dk, dv
 
@@ -103,8 +133,19 @@ def _cuda_efficient_backward(dout, q, k, v, out, lse, causal: bool, scale: float
     padded = F.pad(lse, (0, _lse_rows(rows) - rows)).contiguous()  # the padding rows are never read
     seed, offset = _no_dropout_rng(q.device, torch.int64, ())
     dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
-        dout.contiguous(), q, k, v, None, out.contiguous(), padded, seed, offset, 0.0, [True, True, True, False],
-        causal, scale=scale,
+        dout.contiguous(),
+        q,
+        k,
+        v,
+        None,
+        out.contiguous(),
+        padded,
+        seed,
+        offset,
+        0.0,
+        [True, True, True, False],
+        causal,
+        scale=scale,
     )
     return dq, dk, dv
 
@@ -154,7 +195,7 @@ def _check_kernel(name: str, device: torch.device, dtype: torch.dtype, head_dim:
             ref_out, ref_lse = _math_forward(q, k, v, causal, scale)
             grads = backward(dout, q, k, v, out, lse, causal, scale)
             ref_grads = _math_backward(dout, q, k, v, ref_out, ref_lse, causal, scale)
-            for got, want in ((out, ref_out), (lse, ref_lse), *zip(grads, ref_grads)):
+            for got, want in ((out, ref_out), (lse, ref_lse), *zip(grads, ref_grads, strict=False)):
                 err = (got.float() - want.float()).abs().max().item()
                 if not err <= tol * max(1.0, want.float().abs().max().item()):
                     return f"differs from the math kernel by {err:.3g} (causal={causal})"
@@ -173,8 +214,11 @@ def block_kernel(device: torch.device, dtype: torch.dtype, head_dim: int) -> str
             if why is None:
                 _CHOSEN[key] = name
                 break
-            warnings.warn(f"context parallel: the {name} attention kernel is not used on {key[0]} for {dtype}, "
-                          f"head dim {head_dim}: {why}", stacklevel=2)
+            warnings.warn(
+                f"context parallel: the {name} attention kernel is not used on {key[0]} for {dtype}, "
+                f"head dim {head_dim}: {why}",
+                stacklevel=2,
+            )
     return _CHOSEN[key]
 
 

@@ -62,7 +62,9 @@ def sequence_layout(seq_len: int, cp: int, rank: int, load_balance: bool = True)
     """The position ranges rank ``rank`` of ``cp`` holds (in the order it holds them)."""
     parts = 2 * cp if load_balance else cp
     if seq_len % parts:
-        raise ValueError(f"sequence length {seq_len} is not divisible by {parts} ({'2 x ' if load_balance else ''}cp={cp})")
+        raise ValueError(
+            f"sequence length {seq_len} is not divisible by {parts} ({'2 x ' if load_balance else ''}cp={cp})"
+        )
     chunk = seq_len // parts
     indices = (rank, parts - 1 - rank) if load_balance else (rank,)
     return [range(i * chunk, (i + 1) * chunk) for i in indices]
@@ -132,9 +134,12 @@ def ring_plan(group: dist.ProcessGroup, pattern: str = "ring", inner: Optional[i
         moves = []
         for step in range(size):
             end_of_cycle = (step + 1) % inner == 0
-            moves.append([
-                (((r // inner) + (1 if end_of_cycle else 0)) % outer) * inner + (r % inner + 1) % inner for r in range(size)
-            ])
+            moves.append(
+                [
+                    (((r // inner) + (1 if end_of_cycle else 0)) % outer) * inner + (r % inner + 1) % inner
+                    for r in range(size)
+                ]
+            )
     else:
         raise ValueError(f"pattern={pattern!r}: expected ring or double_ring here")
     holds_all = list(range(size))  # holds_all[r]: owner of the block rank r holds
@@ -197,9 +202,14 @@ class _RingAttention(torch.autograd.Function):
             pending = _exchange(plan, step, kv) if step < plan.steps - 1 else None
             ks, vs = kv[0].split(chunk, dim=2), kv[1].split(chunk, dim=2)
             for i, j, diagonal in _pairs(q_ranges, layouts[plan.holds[step]], causal):
-                o, l = block_forward(q_chunks[i], _expand_kv(ks[j], groups), _expand_kv(vs[j], groups), diagonal, scale)
-                merged = torch.logaddexp(lse[i], l)
-                out[i] = out[i] * torch.exp(lse[i] - merged)[..., None] + o.float() * torch.exp(l - merged)[..., None]
+                o, block_lse = block_forward(
+                    q_chunks[i], _expand_kv(ks[j], groups), _expand_kv(vs[j], groups), diagonal, scale
+                )
+                merged = torch.logaddexp(lse[i], block_lse)
+                out[i] = (
+                    out[i] * torch.exp(lse[i] - merged)[..., None]
+                    + o.float() * torch.exp(block_lse - merged)[..., None]
+                )
                 lse[i] = merged
             if pending is not None:
                 kv, works = pending
@@ -228,8 +238,14 @@ class _RingAttention(torch.autograd.Function):
             dkv = torch.zeros_like(kv, dtype=torch.float32)  # this rank's share of the block's gradient
             for i, j, diagonal in _pairs(q_ranges, layouts[plan.holds[step]], causal):
                 dq_i, dk_j, dv_j = block_backward(
-                    do_chunks[i], q_chunks[i], _expand_kv(ks[j], groups), _expand_kv(vs[j], groups),
-                    o_chunks[i], l_chunks[i], diagonal, scale,
+                    do_chunks[i],
+                    q_chunks[i],
+                    _expand_kv(ks[j], groups),
+                    _expand_kv(vs[j], groups),
+                    o_chunks[i],
+                    l_chunks[i],
+                    diagonal,
+                    scale,
                 )
                 dq[i] += dq_i.float()
                 dkv[0].narrow(2, j * chunk, chunk).add_(_fold_kv_grad(dk_j.float(), groups))
@@ -291,8 +307,14 @@ class ContextParallelAttention(nn.Module):
     fewer, grouped heads), returning this rank's shard of the output. Drop-in for the model's
     attention op (``Llama.plan.attention_op``)."""
 
-    def __init__(self, cp_group: dist.ProcessGroup, pattern: str = "ring", causal: bool = True,
-                 load_balance: bool = True, inner_ring: Optional[int] = None) -> None:
+    def __init__(
+        self,
+        cp_group: dist.ProcessGroup,
+        pattern: str = "ring",
+        causal: bool = True,
+        load_balance: bool = True,
+        inner_ring: Optional[int] = None,
+    ) -> None:
         super().__init__()
         if pattern not in PATTERNS:
             raise ValueError(f"pattern={pattern!r}: expected one of {', '.join(PATTERNS)}")
@@ -308,7 +330,9 @@ class ContextParallelAttention(nn.Module):
         """The positions every rank holds, for a local sequence of ``local_seq`` tokens (cached)."""
         if local_seq not in self._layouts:
             seq = local_seq * self.cp
-            self._layouts[local_seq] = tuple(tuple(sequence_layout(seq, self.cp, r, self.load_balance)) for r in range(self.cp))
+            self._layouts[local_seq] = tuple(
+                tuple(sequence_layout(seq, self.cp, r, self.load_balance)) for r in range(self.cp)
+            )
         return self._layouts[local_seq]
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -328,7 +352,9 @@ class ContextParallelAttention(nn.Module):
         # (b, h, s_local, d) -> (b, h/cp, s, d), the gathered sequence put in position order
         q, k, v = (_AllToAll.apply(t, self.group, 1, 2).index_select(2, order) for t in (q, k, v))
         groups = q.shape[1] // k.shape[1]
-        out = F.scaled_dot_product_attention(q, _expand_kv(k, groups), _expand_kv(v, groups), is_causal=self.causal, scale=scale)
+        out = F.scaled_dot_product_attention(
+            q, _expand_kv(k, groups), _expand_kv(v, groups), is_causal=self.causal, scale=scale
+        )
         out = out.index_select(2, order.argsort())  # back to rank-major order, then to the rank's heads
         return _AllToAll.apply(out, self.group, 2, 1)
 
@@ -337,8 +363,15 @@ class ContextParallel:
     """Namespace of the seed API: ``ContextParallel.wrap(inner_attention=..., cp_group=...)``."""
 
     @staticmethod
-    def wrap(inner_attention: nn.Module, cp_group: dist.ProcessGroup, pattern: str = "ring", causal: bool = True,
-             load_balance: bool = True, inner_ring: Optional[int] = None, op_name: str = "sdpa") -> nn.Module:
+    def wrap(
+        inner_attention: nn.Module,
+        cp_group: dist.ProcessGroup,
+        pattern: str = "ring",
+        causal: bool = True,
+        load_balance: bool = True,
+        inner_ring: Optional[int] = None,
+        op_name: str = "sdpa",
+    ) -> nn.Module:
         """Make ``inner_attention`` (a ``GQAttention``: projections, RoPE, then its attention op
         ``op_name``) attend over a sequence sharded across ``cp_group``: its op is replaced by a
         ``ContextParallelAttention``. The module then takes this rank's shard of the sequence and

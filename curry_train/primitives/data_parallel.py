@@ -25,8 +25,13 @@ def _allreduce_sum_hook(group, bucket):  # no annotations: DDP inspects them and
     return work.get_future().then(lambda fut: fut.value()[0])
 
 
-def replicate(model: nn.Module, group: dist.ProcessGroup, device: torch.device, bucket_cap_mb: int = 25,
-              static_graph: bool = False) -> DistributedDataParallel:
+def replicate(
+    model: nn.Module,
+    group: dist.ProcessGroup,
+    device: torch.device,
+    bucket_cap_mb: int = 25,
+    static_graph: bool = False,
+) -> DistributedDataParallel:
     """Wrap a materialized ``model`` in DDP over ``group``, gradients summed in buckets during backward."""
     with warnings.catch_warnings():
         # Its deprecation notice itself says to keep broadcast_buffers=False for rank-local buffers

@@ -129,5 +129,7 @@ def latest_checkpoint(search_dir: str | Path) -> Optional[Path]:
     search_dir = Path(search_dir)
     if not search_dir.is_dir():
         return None
-    candidates = [p.parent for p in search_dir.rglob(META_FILE) if NAME_PATTERN.match(p.parent.name) and is_checkpoint(p.parent)]
+    candidates = [
+        p.parent for p in search_dir.rglob(META_FILE) if NAME_PATTERN.match(p.parent.name) and is_checkpoint(p.parent)
+    ]
     return max(candidates, key=lambda p: (p / META_FILE).stat().st_mtime, default=None)

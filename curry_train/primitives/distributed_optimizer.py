@@ -34,8 +34,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.tensor import DTensor, Shard
 
 from curry_train.primitives.parallel_state import ParallelState
 
@@ -58,7 +58,9 @@ def fsdp_mesh(parallel_state: ParallelState, sharding: str) -> DeviceMesh:
     return parallel_state.submesh("dp_shard_cp")
 
 
-def _check_options(sharding: str, mixed_precision: str, cpu_offload: bool, backward_prefetch: str, use_orig_params: bool) -> None:
+def _check_options(
+    sharding: str, mixed_precision: str, cpu_offload: bool, backward_prefetch: str, use_orig_params: bool
+) -> None:
     if sharding not in SHARDING_MODES:
         raise ValueError(f"sharding={sharding!r}: expected one of {', '.join(SHARDING_MODES)}")
     if mixed_precision not in PARAM_DTYPES:
@@ -71,7 +73,9 @@ def _check_options(sharding: str, mixed_precision: str, cpu_offload: bool, backw
     if not use_orig_params:
         raise ValueError("use_orig_params=False: FSDP2 always exposes the original parameters (as DTensors)")
     if cpu_offload and not torch.cuda.is_available():
-        raise ValueError("cpu_offload=True needs an accelerator: on a CPU-only machine the parameters are already on the CPU")
+        raise ValueError(
+            "cpu_offload=True needs an accelerator: on a CPU-only machine the parameters are already on the CPU"
+        )
 
 
 class DistributedOptimizer:
@@ -110,11 +114,20 @@ class DistributedOptimizer:
         mesh = fsdp_mesh(parallel_state, sharding)
         if sharding == "optimizer":
             if cpu_offload:
-                raise ValueError("sharding='optimizer' keeps parameters and gradients on the device; cpu_offload applies to full/shard_grad_op/hybrid")
+                raise ValueError(
+                    "sharding='optimizer' keeps parameters and gradients on the device; cpu_offload applies to "
+                    "full/shard_grad_op/hybrid"
+                )
             if reshard_after_forward:
-                raise ValueError("reshard_after_forward=True: sharding='optimizer' (ZeRO-1) keeps the full parameters; use sharding='full' to reshard")
+                raise ValueError(
+                    "reshard_after_forward=True: sharding='optimizer' (ZeRO-1) keeps the full parameters; use "
+                    "sharding='full' to reshard"
+                )
             if units is not None or blocks_per_unit != 1:
-                raise ValueError("sharding='optimizer' has no wrapping units (its parameters are gathered once per step): leave units/blocks_per_unit unset")
+                raise ValueError(
+                    "sharding='optimizer' has no wrapping units (its parameters are gathered once per step): leave "
+                    "units/blocks_per_unit unset"
+                )
             return _zero_one(model, mesh, PARAM_DTYPES[mixed_precision])
         if reshard_after_forward is None:
             reshard_after_forward = sharding in ("full", "hybrid")
@@ -122,8 +135,13 @@ class DistributedOptimizer:
         offload: OffloadPolicy = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
         groups = _unit_groups(model, units, blocks_per_unit)
         for group in groups:
-            fully_shard(group if len(group) > 1 else group[0], mesh=mesh, reshard_after_forward=reshard_after_forward,
-                        mp_policy=mp_policy, offload_policy=offload)
+            fully_shard(
+                group if len(group) > 1 else group[0],
+                mesh=mesh,
+                reshard_after_forward=reshard_after_forward,
+                mp_policy=mp_policy,
+                offload_policy=offload,
+            )
         # The root's own parameters (embedding, final norm, head) are used last in forward and first
         # in backward: keeping them gathered saves an all-gather and costs little.
         roots = [model] if roots is None else list(roots)
@@ -201,7 +219,9 @@ class ZeroOneModule:
 class _Slot:
     """One parameter under ZeRO-1: its shard (the registered DTensor parameter) and its full value."""
 
-    def __init__(self, shard: nn.Parameter, rows: int, shards: int, rank: int, compute_dtype: Optional[torch.dtype]) -> None:
+    def __init__(
+        self, shard: nn.Parameter, rows: int, shards: int, rank: int, compute_dtype: Optional[torch.dtype]
+    ) -> None:
         self.shard = shard
         self.rows = rows
         self.chunk = -(-rows // shards)  # torch.chunk's rows per shard; the last shards may hold fewer or none
@@ -222,9 +242,14 @@ class _Slot:
         return self.shard.to_local()
 
     def built(self) -> bool:
-        return self.buffer is not None and (
-            self.compute_dtype is not None or self.local().untyped_storage().data_ptr() == self.buffer.untyped_storage().data_ptr()
-        ) and self.buffer.device == self.local().device
+        return (
+            self.buffer is not None
+            and (
+                self.compute_dtype is not None
+                or self.local().untyped_storage().data_ptr() == self.buffer.untyped_storage().data_ptr()
+            )
+            and self.buffer.device == self.local().device
+        )
 
 
 class _ZeroOneState:
@@ -254,7 +279,9 @@ class _ZeroOneState:
             view.copy_(local)
             # Same Parameter object (the optimizer may already hold it), new storage: a view of the buffer.
             replacement = nn.Parameter(
-                DTensor.from_local(view, self.mesh, [Shard(0)], run_check=False, shape=slot.shard.shape, stride=slot.shard.stride()),
+                DTensor.from_local(
+                    view, self.mesh, [Shard(0)], run_check=False, shape=slot.shard.shape, stride=slot.shard.stride()
+                ),
                 requires_grad=slot.shard.requires_grad,
             )
             torch.utils.swap_tensors(slot.shard, replacement)
@@ -307,7 +334,9 @@ class _ZeroOneState:
             rows = grad[slot.start : slot.end]
             if slot.compute_dtype is not None:
                 rows = rows.clone()  # the reduced fp32 copy of the full gradient is freed
-            shard_grad = DTensor.from_local(rows, self.mesh, [Shard(0)], run_check=False, shape=slot.shard.shape, stride=slot.shard.stride())
+            shard_grad = DTensor.from_local(
+                rows, self.mesh, [Shard(0)], run_check=False, shape=slot.shard.shape, stride=slot.shard.stride()
+            )
             if slot.shard.grad is None:
                 slot.shard.grad = shard_grad
             else:  # gradients already on the shard (an earlier synchronizing backward): accumulate
@@ -327,15 +356,22 @@ def _zero_one(model: nn.Module, mesh: DeviceMesh, compute_dtype: Optional[torch.
             continue
         for name, param in owned:
             if isinstance(param, DTensor):
-                raise ValueError(f"sharding='optimizer': parameter {name!r} of {type(module).__name__} is already a DTensor")
+                raise ValueError(
+                    f"sharding='optimizer': parameter {name!r} of {type(module).__name__} is already a DTensor"
+                )
             if param.ndim == 0:
-                raise ValueError(f"sharding='optimizer': parameter {name!r} of {type(module).__name__} is a scalar; shard needs a dimension")
+                raise ValueError(
+                    f"sharding='optimizer': parameter {name!r} of {type(module).__name__} is a scalar; shard needs a "
+                    "dimension"
+                )
             if id(param) not in shards:
                 chunk = -(-param.shape[0] // state.shards)
                 start = min(state.rank * chunk, param.shape[0])
                 local = param.detach()[start : min(start + chunk, param.shape[0])].clone()
                 shard = nn.Parameter(
-                    DTensor.from_local(local, mesh, [Shard(0)], run_check=False, shape=param.shape, stride=param.stride()),
+                    DTensor.from_local(
+                        local, mesh, [Shard(0)], run_check=False, shape=param.shape, stride=param.stride()
+                    ),
                     requires_grad=param.requires_grad,
                 )
                 shards[id(param)] = shard
@@ -351,7 +387,9 @@ def _zero_one(model: nn.Module, mesh: DeviceMesh, compute_dtype: Optional[torch.
             if compute_dtype is None:
                 return None
             # Mixed precision, as FSDP2 does it: floating-point inputs cast to the compute dtype.
-            return tuple(a.to(compute_dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+            return tuple(
+                a.to(compute_dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args
+            )
 
         def swap_out(mod: nn.Module, args: Any, output: Any, names: list[str] = names) -> None:
             for name in names:

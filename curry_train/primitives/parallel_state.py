@@ -53,7 +53,9 @@ class Degrees:
         return " x ".join(f"{name}={getattr(self, name)}" for name in DIMS)
 
 
-def resolve_degrees(world_size: int, dp_replicate: int = 1, dp_shard: int = -1, cp: int = 1, tp: int = 1, pp: int = 1) -> Degrees:
+def resolve_degrees(
+    world_size: int, dp_replicate: int = 1, dp_shard: int = -1, cp: int = 1, tp: int = 1, pp: int = 1
+) -> Degrees:
     """Fill the one ``-1`` degree and check that the degrees multiply to ``world_size``.
 
     Needs no process group, so configurations are checked before any worker starts.
@@ -69,7 +71,9 @@ def resolve_degrees(world_size: int, dp_replicate: int = 1, dp_shard: int = -1, 
     if free:
         if world_size % fixed:
             fixed_text = " x ".join(f"{n}={s}" for n, s in given.items() if s != -1)
-            raise ValueError(f"world size {world_size} is not divisible by {fixed_text} = {fixed}, so {free[0]} cannot fill it")
+            raise ValueError(
+                f"world size {world_size} is not divisible by {fixed_text} = {fixed}, so {free[0]} cannot fill it"
+            )
         given[free[0]] = world_size // fixed
     degrees = Degrees(**given)
     if degrees.world_size != world_size:

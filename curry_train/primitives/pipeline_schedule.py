@@ -54,9 +54,16 @@ SCHEDULES = {
     "dualpipev": ScheduleDualPipeV,
 }
 KINDS = ("gpipe", "1F1B", "interleaved", "interleaved_zb", "zbv", "dualpipev")
-_ALIASES = {"1f1b": "1f1b", "interleaved_1f1b": "interleaved", "interleaved1f1b": "interleaved",
-            "interleaved_zero_bubble": "interleaved_zb", "zb": "interleaved_zb", "zero_bubble": "interleaved_zb",
-            "zbvzerobubble": "zbv", "dualpipe_v": "dualpipev"}
+_ALIASES = {
+    "1f1b": "1f1b",
+    "interleaved_1f1b": "interleaved",
+    "interleaved1f1b": "interleaved",
+    "interleaved_zero_bubble": "interleaved_zb",
+    "zb": "interleaved_zb",
+    "zero_bubble": "interleaved_zb",
+    "zbvzerobubble": "zbv",
+    "dualpipe_v": "dualpipev",
+}
 LOOPED = ("interleaved", "interleaved_zb")
 V_SHAPED = ("zbv", "dualpipev")
 
@@ -76,7 +83,9 @@ def stages_per_rank(kind: str, virtual_stages: Optional[int] = None) -> int:
     key = canonical_kind(kind)
     if key in V_SHAPED:
         if virtual_stages not in (None, 2):
-            raise ValueError(f"schedule {kind}: V-shaped, exactly 2 stages per rank (got virtual_stages={virtual_stages})")
+            raise ValueError(
+                f"schedule {kind}: V-shaped, exactly 2 stages per rank (got virtual_stages={virtual_stages})"
+            )
         return 2
     if key in LOOPED:
         v = 2 if virtual_stages is None else virtual_stages
@@ -84,8 +93,10 @@ def stages_per_rank(kind: str, virtual_stages: Optional[int] = None) -> int:
             raise ValueError(f"virtual_stages={v} must be positive")
         return v
     if virtual_stages not in (None, 1):
-        raise ValueError(f"schedule {kind}: one stage per rank (got virtual_stages={virtual_stages}); "
-                         "use interleaved or interleaved_zb for virtual stages")
+        raise ValueError(
+            f"schedule {kind}: one stage per rank (got virtual_stages={virtual_stages}); "
+            "use interleaved or interleaved_zb for virtual stages"
+        )
     return 1
 
 
@@ -106,10 +117,14 @@ def check_microbatches(kind: str, n_microbatches: int, pp_size: int, n_stages: i
     if key in LOOPED:
         rounds = max(1, n_microbatches // pp_size)
         if n_microbatches % rounds:
-            raise ValueError(f"schedule {kind} runs micro-batches in rounds of {pp_size} (the pipeline size): "
-                             f"{n_microbatches} micro-batches are not a whole number of rounds; use a multiple of {pp_size}")
+            raise ValueError(
+                f"schedule {kind} runs micro-batches in rounds of {pp_size} (the pipeline size): "
+                f"{n_microbatches} micro-batches are not a whole number of rounds; use a multiple of {pp_size}"
+            )
     if key in V_SHAPED and n_microbatches < n_stages:
-        raise ValueError(f"schedule {kind} needs at least as many micro-batches as stages: {n_microbatches} < {n_stages}")
+        raise ValueError(
+            f"schedule {kind} needs at least as many micro-batches as stages: {n_microbatches} < {n_stages}"
+        )
 
 
 def split_layers(n_layers: int, n_stages: int, layers_per_stage: Optional[Sequence[int]] = None) -> list[range]:
@@ -124,13 +139,17 @@ def split_layers(n_layers: int, n_stages: int, layers_per_stage: Optional[Sequen
     if layers_per_stage is not None:
         counts = list(layers_per_stage)
         if len(counts) != n_stages or sum(counts) != n_layers or min(counts) < 0:
-            raise ValueError(f"layers_per_stage={counts}: expected {n_stages} non-negative counts summing to {n_layers} layers")
+            raise ValueError(
+                f"layers_per_stage={counts}: expected {n_stages} non-negative counts summing to {n_layers} layers"
+            )
     else:
         if n_stages > n_layers:
-            raise ValueError(f"{n_stages} pipeline stages but the model has {n_layers} layers: at most one stage per layer")
+            raise ValueError(
+                f"{n_stages} pipeline stages but the model has {n_layers} layers: at most one stage per layer"
+            )
         counts = _balanced_counts(n_layers, n_stages)
     starts = [sum(counts[:s]) for s in range(n_stages)]
-    return [range(start, start + count) for start, count in zip(starts, counts)]
+    return [range(start, start + count) for start, count in zip(starts, counts, strict=False)]
 
 
 def _balanced_counts(n_layers: int, n_stages: int) -> list[int]:
@@ -262,17 +281,23 @@ class PipelineSchedule:
         self.pp_rank = dist.get_rank(self.group)
         self.n_stages = len(stages)
         per_rank = self.n_stages // self.pp_size if self.n_stages % self.pp_size == 0 else None
-        expected = stages_per_rank(kind, virtual_stages if virtual_stages is not None else per_rank if self.kind in LOOPED else None)
+        expected = stages_per_rank(
+            kind, virtual_stages if virtual_stages is not None else per_rank if self.kind in LOOPED else None
+        )
         if self.n_stages != expected * self.pp_size:
-            raise ValueError(f"schedule {kind} on {self.pp_size} pipeline ranks needs {expected * self.pp_size} stages "
-                             f"({expected} per rank), got {self.n_stages}")
+            raise ValueError(
+                f"schedule {kind} on {self.pp_size} pipeline ranks needs {expected * self.pp_size} stages "
+                f"({expected} per rank), got {self.n_stages}"
+            )
         check_microbatches(kind, n_microbatches, self.pp_size, self.n_stages)
         self.n_microbatches = n_microbatches
         self.stage_ranks = stage_to_rank(kind, self.pp_size, self.n_stages)
         self.local_indices = [s for s, r in enumerate(self.stage_ranks) if r == self.pp_rank]
         missing = [s for s in self.local_indices if stages[s] is None]
         if missing:
-            raise ValueError(f"pipeline rank {self.pp_rank} holds stages {self.local_indices} but stages {missing} are None")
+            raise ValueError(
+                f"pipeline rank {self.pp_rank} holds stages {self.local_indices} but stages {missing} are None"
+            )
         self.modules = [stages[s] for s in self.local_indices]
         if device is None:
             device = next((p.device for m in self.modules for p in m.parameters()), torch.device("cpu"))
@@ -303,13 +328,18 @@ class PipelineSchedule:
                     seen.add(id(param))
                     yield param
 
-    def _split(self, microbatches: Union[Tensor, Sequence[Tensor]], targets: Optional[Sequence[Tensor]]) -> tuple[Tensor, Tensor]:
+    def _split(
+        self, microbatches: Union[Tensor, Sequence[Tensor]], targets: Optional[Sequence[Tensor]]
+    ) -> tuple[Tensor, Tensor]:
         if isinstance(microbatches, Tensor):
             microbatches = list(microbatches.tensor_split(self.n_microbatches))
         if len(microbatches) != self.n_microbatches:
             raise ValueError(f"{len(microbatches)} micro-batches given to a schedule built for {self.n_microbatches}")
         if len({tuple(mb.shape) for mb in microbatches}) != 1:
-            raise ValueError(f"micro-batches of different shapes {[tuple(mb.shape) for mb in microbatches]}: the pipeline needs equal ones")
+            raise ValueError(
+                f"micro-batches of different shapes {[tuple(mb.shape) for mb in microbatches]}: the pipeline needs "
+                "equal ones"
+            )
         if targets is None:
             inputs = torch.cat([mb[:, :-1] for mb in microbatches])
             labels = torch.cat([mb[:, 1:] for mb in microbatches])
@@ -334,8 +364,12 @@ class PipelineSchedule:
         dist.all_reduce(per_microbatch, group=self.group)
         return per_microbatch
 
-    def train_step(self, microbatches: Union[Tensor, Sequence[Tensor]], targets: Optional[Sequence[Tensor]] = None,
-                   loss_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None) -> PipelineResult:
+    def train_step(
+        self,
+        microbatches: Union[Tensor, Sequence[Tensor]],
+        targets: Optional[Sequence[Tensor]] = None,
+        loss_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
+    ) -> PipelineResult:
         """Forward and backward of every micro-batch through the pipeline, then the optimizer's step
         (if the schedule has one). ``microbatches``: a list of ``n_microbatches`` equal tensors, or one
         batch tensor split into that many."""
@@ -347,8 +381,12 @@ class PipelineSchedule:
         return PipelineResult(loss=losses.sum(), losses=losses, stepped=stepped)
 
     @torch.no_grad()
-    def eval_step(self, microbatches: Union[Tensor, Sequence[Tensor]], targets: Optional[Sequence[Tensor]] = None,
-                  loss_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None) -> PipelineResult:
+    def eval_step(
+        self,
+        microbatches: Union[Tensor, Sequence[Tensor]],
+        targets: Optional[Sequence[Tensor]] = None,
+        loss_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
+    ) -> PipelineResult:
         """Forward only: the loss of every micro-batch, no gradients."""
         losses = self._run(self._schedule.eval, microbatches, targets, loss_fn)
         return PipelineResult(loss=losses.sum(), losses=losses, stepped=False)

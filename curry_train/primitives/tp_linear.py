@@ -81,8 +81,15 @@ def gather_input_once(module: nn.Module, mesh: DeviceMesh, sequence_parallel: bo
     module.register_forward_pre_hook(hook)
 
 
-def _parameter(local_shape: tuple[int, ...], global_shape: tuple[int, ...], mesh: DeviceMesh, placement: Placement,
-               bound: float, device, dtype) -> nn.Parameter:
+def _parameter(
+    local_shape: tuple[int, ...],
+    global_shape: tuple[int, ...],
+    mesh: DeviceMesh,
+    placement: Placement,
+    bound: float,
+    device,
+    dtype,
+) -> nn.Parameter:
     """A DTensor parameter. On the meta device only shapes exist (the strategy initializes later);
     elsewhere the full tensor gets nn.Linear's init U(-bound, bound) and rank 0's draw is scattered,
     so the shards are slices of one matrix whatever each rank's RNG state."""
@@ -90,7 +97,9 @@ def _parameter(local_shape: tuple[int, ...], global_shape: tuple[int, ...], mesh
     if device.type == "meta":
         local = torch.empty(local_shape, device=device, dtype=dtype)
         stride = torch.empty(global_shape, device="meta").stride()
-        return nn.Parameter(DTensor.from_local(local, mesh, [placement], run_check=False, shape=torch.Size(global_shape), stride=stride))
+        return nn.Parameter(
+            DTensor.from_local(local, mesh, [placement], run_check=False, shape=torch.Size(global_shape), stride=stride)
+        )
     full = torch.empty(global_shape, device=device, dtype=dtype).uniform_(-bound, bound)
     return nn.Parameter(distribute_tensor(full, mesh, [placement]))
 
@@ -111,18 +120,36 @@ class ColumnParallelLinear(nn.Module):
     logits for ``torch.distributed.tensor.parallel.loss_parallel``.
     """
 
-    def __init__(self, in_features: int, out_features: int, tp_group: TPGroup, bias: bool = False,
-                 gather_output: bool = False, *, sequence_parallel: bool = False, use_local_output: bool = True,
-                 device=None, dtype=None) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        tp_group: TPGroup,
+        bias: bool = False,
+        gather_output: bool = False,
+        *,
+        sequence_parallel: bool = False,
+        use_local_output: bool = True,
+        device=None,
+        dtype=None,
+    ) -> None:
         super().__init__()
         self.mesh = tp_mesh(tp_group)
         tp = self.mesh.size()
         local_out = _divide(out_features, tp, "ColumnParallelLinear out_features")
         self.in_features, self.out_features = in_features, out_features
-        self.gather_output, self.sequence_parallel, self.use_local_output = gather_output, sequence_parallel, use_local_output
+        self.gather_output, self.sequence_parallel, self.use_local_output = (
+            gather_output,
+            sequence_parallel,
+            use_local_output,
+        )
         bound = 1 / math.sqrt(in_features) if in_features else 0.0
-        self.weight = _parameter((local_out, in_features), (out_features, in_features), self.mesh, Shard(0), bound, device, dtype)
-        self.bias = _parameter((local_out,), (out_features,), self.mesh, Shard(0), bound, device, dtype) if bias else None
+        self.weight = _parameter(
+            (local_out, in_features), (out_features, in_features), self.mesh, Shard(0), bound, device, dtype
+        )
+        self.bias = (
+            _parameter((local_out,), (out_features,), self.mesh, Shard(0), bound, device, dtype) if bias else None
+        )
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, tp_group: TPGroup, **kwargs):
@@ -136,8 +163,11 @@ class ColumnParallelLinear(nn.Module):
         return y.to_local() if self.use_local_output else y
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features} (/{self.mesh.size()}), "
-                f"bias={self.bias is not None}, gather_output={self.gather_output}, sequence_parallel={self.sequence_parallel}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features} (/{self.mesh.size()}), "
+            f"bias={self.bias is not None}, gather_output={self.gather_output}, "
+            f"sequence_parallel={self.sequence_parallel}"
+        )
 
 
 class RowParallelLinear(nn.Module):
@@ -150,8 +180,18 @@ class RowParallelLinear(nn.Module):
     after the reduction (adding it per rank would count it ``tp`` times).
     """
 
-    def __init__(self, in_features: int, out_features: int, tp_group: TPGroup, bias: bool = False,
-                 input_is_parallel: bool = True, *, sequence_parallel: bool = False, device=None, dtype=None) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        tp_group: TPGroup,
+        bias: bool = False,
+        input_is_parallel: bool = True,
+        *,
+        sequence_parallel: bool = False,
+        device=None,
+        dtype=None,
+    ) -> None:
         super().__init__()
         self.mesh = tp_mesh(tp_group)
         tp = self.mesh.size()
@@ -159,8 +199,12 @@ class RowParallelLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.input_is_parallel, self.sequence_parallel = input_is_parallel, sequence_parallel
         bound = 1 / math.sqrt(in_features) if in_features else 0.0
-        self.weight = _parameter((out_features, local_in), (out_features, in_features), self.mesh, Shard(1), bound, device, dtype)
-        self.bias = _parameter((out_features,), (out_features,), self.mesh, Replicate(), bound, device, dtype) if bias else None
+        self.weight = _parameter(
+            (out_features, local_in), (out_features, in_features), self.mesh, Shard(1), bound, device, dtype
+        )
+        self.bias = (
+            _parameter((out_features,), (out_features,), self.mesh, Replicate(), bound, device, dtype) if bias else None
+        )
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, tp_group: TPGroup, **kwargs):
@@ -172,7 +216,9 @@ class RowParallelLinear(nn.Module):
             if self.input_is_parallel:
                 x = DTensor.from_local(x, self.mesh, [Shard(x.ndim - 1)], run_check=False)
             else:  # keep this rank's slice; backward all-gathers the slices
-                x = DTensor.from_local(x, self.mesh, [Replicate()], run_check=False).redistribute(self.mesh, [Shard(x.ndim - 1)])
+                x = DTensor.from_local(x, self.mesh, [Replicate()], run_check=False).redistribute(
+                    self.mesh, [Shard(x.ndim - 1)]
+                )
         partial = F.linear(x, self.weight)  # Partial(): each rank's product of its slices
         y = partial.redistribute(self.mesh, [Shard(SEQUENCE_DIM) if self.sequence_parallel else Replicate()])
         if self.bias is not None:
@@ -180,13 +226,23 @@ class RowParallelLinear(nn.Module):
         return y.to_local()
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features} (/{self.mesh.size()}), out_features={self.out_features}, "
-                f"bias={self.bias is not None}, input_is_parallel={self.input_is_parallel}, sequence_parallel={self.sequence_parallel}")
+        return (
+            f"in_features={self.in_features} (/{self.mesh.size()}), out_features={self.out_features}, "
+            f"bias={self.bias is not None}, input_is_parallel={self.input_is_parallel}, "
+            f"sequence_parallel={self.sequence_parallel}"
+        )
 
 
 def _from_linear(cls: type, linear: nn.Linear, tp_group: TPGroup, **kwargs) -> nn.Module:
-    layer = cls(linear.in_features, linear.out_features, tp_group, bias=linear.bias is not None,
-                device=linear.weight.device, dtype=linear.weight.dtype, **kwargs)
+    layer = cls(
+        linear.in_features,
+        linear.out_features,
+        tp_group,
+        bias=linear.bias is not None,
+        device=linear.weight.device,
+        dtype=linear.weight.dtype,
+        **kwargs,
+    )
     _copy_shards(layer, linear)
     return layer
 
@@ -240,7 +296,9 @@ def distinct_rng_per_rank(module: nn.Module, mesh: DeviceMesh) -> None:
     module.forward = forward_with_rank_rng
 
 
-def apply_tensor_parallel(model: nn.Module, mesh: DeviceMesh, sequence_parallel: bool = False, loss_parallel: bool = False) -> None:
+def apply_tensor_parallel(
+    model: nn.Module, mesh: DeviceMesh, sequence_parallel: bool = False, loss_parallel: bool = False
+) -> None:
     """Split ``model`` in place over ``mesh`` as its ``plan`` declares (on the meta device: values
     are drawn later, so the weights are those of a single-process run whatever the tp size).
 
@@ -274,12 +332,21 @@ def apply_tensor_parallel(model: nn.Module, mesh: DeviceMesh, sequence_parallel:
                 distinct_rng_per_rank(dropout, mesh)
     if getattr(model, plan.embedding, None) is not None:
         output_layout = Shard(SEQUENCE_DIM) if sp else Replicate()
-        parallelize_module(model.get_submodule(plan.embedding), mesh, RowwiseParallel(input_layouts=Replicate(), output_layouts=output_layout))
+        parallelize_module(
+            model.get_submodule(plan.embedding),
+            mesh,
+            RowwiseParallel(input_layouts=Replicate(), output_layouts=output_layout),
+        )
     if sp and getattr(model, plan.final_norm, None) is not None:
         parallelize_module(model.get_submodule(plan.final_norm), mesh, SequenceParallel(use_local_output=True))
     if getattr(model, plan.head, None) is not None:
-        head = ColumnParallelLinear.from_linear(model.get_submodule(plan.head), mesh, sequence_parallel=sp,
-                                                gather_output=not loss_parallel, use_local_output=not loss_parallel)
+        head = ColumnParallelLinear.from_linear(
+            model.get_submodule(plan.head),
+            mesh,
+            sequence_parallel=sp,
+            gather_output=not loss_parallel,
+            use_local_output=not loss_parallel,
+        )
         _replace(model, plan.head, head)
 
 

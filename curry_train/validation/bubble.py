@@ -35,8 +35,19 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from curry_train.launch import end_process_group
+from curry_train.config import compose
+from curry_train.launch import end_process_group, spawn
+from curry_train.model import Llama
 from curry_train.planning.step_time import bubble_formula
+from curry_train.primitives.materialize import materialize_and_init
+from curry_train.primitives.pipeline_schedule import (
+    PipelineSchedule,
+    check_microbatches,
+    next_token_loss,
+    pipeline_stages,
+    split_layers,
+    stages_per_rank,
+)
 
 WARMUP_STEPS = 2  # untimed steps per kind: shape inference, the allocator, gloo's first connections
 
@@ -96,15 +107,6 @@ def stage_layers(n_layers: int, n_stages: int) -> Optional[list[int]]:
 
 
 def _bubble_worker(out_dir: str, container: dict, runs: Sequence[tuple[int, str]], steps: int) -> None:
-    from curry_train.model import Llama
-    from curry_train.primitives.pipeline_schedule import (
-        PipelineSchedule,
-        next_token_loss,
-        pipeline_stages,
-        split_layers,
-        stages_per_rank,
-    )
-    from curry_train.primitives.materialize import materialize_and_init
 
     torch.set_num_threads(1)  # one core per stage: the stages of a real pipeline do not share a device
     dist.init_process_group("gloo")
@@ -119,8 +121,12 @@ def _bubble_worker(out_dir: str, container: dict, runs: Sequence[tuple[int, str]
         local, stages = pipeline_stages(model, kind, world, rank, layers_per_stage=layers)
         materialize_and_init(local, torch.device("cpu"), cfg.seed)
         generator = torch.Generator().manual_seed(cfg.seed)
-        batch = torch.randint(0, cfg.model.vocab_size, (microbatches * cfg.data.micro_batch_size, cfg.data.seq_len + 1),
-                              generator=generator)
+        batch = torch.randint(
+            0,
+            cfg.model.vocab_size,
+            (microbatches * cfg.data.micro_batch_size, cfg.data.seq_len + 1),
+            generator=generator,
+        )
         busy = _BusyClock()
         loss_fn = busy.wrap(next_token_loss(batch[:, 1:].numel()))
         schedule = PipelineSchedule(kind, microbatches, stages, pp_group=dist.group.WORLD, loss_fn=loss_fn)
@@ -140,12 +146,19 @@ def _bubble_worker(out_dir: str, container: dict, runs: Sequence[tuple[int, str]
         shares: list[Any] = [None] * world
         dist.all_gather_object(shares, (1.0 - busy.seconds / total, total / steps))
         step_s = max(s[1] for s in shares)
-        results.append(BubbleRow(
-            kind=kind, pp=world, microbatches=microbatches, virtual_stages=stages_per_rank(kind),
-            layers_per_stage=[len(r) for r in split_layers(cfg.model.n_layers, n_stages, layers)],
-            formula=bubble_formula(kind, world, microbatches, stages_per_rank(kind)),
-            measured=[s[0] for s in shares], step_ms=1e3 * step_s, tokens_per_s=batch[:, 1:].numel() / step_s,
-        ).to_dict())
+        results.append(
+            BubbleRow(
+                kind=kind,
+                pp=world,
+                microbatches=microbatches,
+                virtual_stages=stages_per_rank(kind),
+                layers_per_stage=[len(r) for r in split_layers(cfg.model.n_layers, n_stages, layers)],
+                formula=bubble_formula(kind, world, microbatches, stages_per_rank(kind)),
+                measured=[s[0] for s in shares],
+                step_ms=1e3 * step_s,
+                tokens_per_s=batch[:, 1:].numel() / step_s,
+            ).to_dict()
+        )
     if rank == 0:
         torch.save(results, f"{out_dir}/bubbles.pt")
     end_process_group()
@@ -154,7 +167,6 @@ def _bubble_worker(out_dir: str, container: dict, runs: Sequence[tuple[int, str]
 def check_bubble_runs(n_layers: int, kinds: Sequence[str], pp: int, microbatches: Sequence[int], steps: int) -> None:
     """Every (kind, M) the schedules accept on ``pp`` ranks of a model of ``n_layers`` layers; else
     a ValueError that says which and why, before any process starts."""
-    from curry_train.primitives.pipeline_schedule import check_microbatches, stages_per_rank
 
     if pp < 2:
         raise ValueError(f"pp={pp}: a pipeline needs at least 2 ranks")
@@ -165,8 +177,10 @@ def check_bubble_runs(n_layers: int, kinds: Sequence[str], pp: int, microbatches
     for kind in kinds:
         n_stages = pp * stages_per_rank(kind)  # raises on an unknown kind
         if n_stages > n_layers:
-            raise ValueError(f"schedule {kind} on pp={pp} has {n_stages} stages but the model has {n_layers} layers; "
-                             f"raise model.n_layers (a multiple of {n_stages} makes the stages equal)")
+            raise ValueError(
+                f"schedule {kind} on pp={pp} has {n_stages} stages but the model has {n_layers} layers; "
+                f"raise model.n_layers (a multiple of {n_stages} makes the stages equal)"
+            )
         for m in microbatches:
             check_microbatches(kind, m, pp, n_stages)
 
@@ -178,8 +192,6 @@ def measure_bubbles(
     timed steps after ``WARMUP_STEPS``, and measure its bubble; rows ordered by M, then kind.
     ``overrides`` (Hydra, as for ``train.py``) give the model and ``data.micro_batch_size`` x
     ``data.seq_len`` tokens per micro-batch; the layout keys are not read."""
-    from curry_train.config import compose
-    from curry_train.launch import spawn
 
     counts = [microbatches] if isinstance(microbatches, int) else list(microbatches)
     cfg = compose(list(overrides))
@@ -194,11 +206,15 @@ def measure_bubbles(
 
 def bubble_table(rows: Sequence[BubbleRow]) -> str:
     """One line per row: the formula, the measured mean and per-rank bubble, ms/step and tokens/s."""
-    lines = [f"{'schedule':<16}{'P':>3}{'M':>4}{'v':>3}  {'layers/stage':<14}{'formula':>9}{'measured':>10}  "
-             f"{'per rank':<16}{'ms/step':>9}{'tokens/s':>11}"]
+    lines = [
+        f"{'schedule':<16}{'P':>3}{'M':>4}{'v':>3}  {'layers/stage':<14}{'formula':>9}{'measured':>10}  "
+        f"{'per rank':<16}{'ms/step':>9}{'tokens/s':>11}"
+    ]
     for row in rows:
         per_rank = " ".join(f"{m:.1%}" for m in row.measured)
         layers = ",".join(map(str, row.layers_per_stage))
-        lines.append(f"{row.kind:<16}{row.pp:>3}{row.microbatches:>4}{row.virtual_stages:>3}  {layers:<14}"
-                     f"{row.formula_text:>9}{row.mean:>10.1%}  {per_rank:<16}{row.step_ms:>9.1f}{row.tokens_per_s:>11,.0f}")
+        lines.append(
+            f"{row.kind:<16}{row.pp:>3}{row.microbatches:>4}{row.virtual_stages:>3}  {layers:<14}"
+            f"{row.formula_text:>9}{row.mean:>10.1%}  {per_rank:<16}{row.step_ms:>9.1f}{row.tokens_per_s:>11,.0f}"
+        )
     return "\n".join(lines)

@@ -62,7 +62,7 @@ class DeviceMemoryLimit(pl.Callback):
             torch.cuda.reset_peak_memory_stats(device)
             return
         if sys.platform.startswith("linux"):
-            import resource  # POSIX only: imported where the platform is known to have it
+            import resource  # noqa: PLC0415  (POSIX only: imported where the platform is known to have it)
 
             torch.ones(1 << 17).add_(1)  # start the intra-op threads (their stacks) before the limit
             limit = _address_space_bytes() + int(hardware.memory_bytes)
@@ -81,15 +81,22 @@ def _trial_worker(container: dict, out_dir: str, accelerator: str) -> None:
     trainer.fit(CausalLM(cfg), datamodule=LMDataModule(cfg.data, cfg.seed))
     device = trainer.strategy.root_device
     if device.type == "cuda":
-        record = {"peak_bytes": torch.cuda.max_memory_allocated(device),
-                  "peak_reserved_bytes": torch.cuda.max_memory_reserved(device),
-                  "method": "torch.cuda.max_memory_allocated", "device_total_bytes": limit.device_total}
+        record = {
+            "peak_bytes": torch.cuda.max_memory_allocated(device),
+            "peak_reserved_bytes": torch.cuda.max_memory_reserved(device),
+            "method": "torch.cuda.max_memory_allocated",
+            "device_total_bytes": limit.device_total,
+        }
     else:
         tracked = probe.record.get("peak") or {}
         peak = tracked.get("Total", sum(tracked.values()))
         state = probe.record["state"]["total"]
-        record = {"peak_bytes": max(peak, state), "tracked_peak": probe.record["peak"], "state": probe.record["state"],
-                  "method": "memory tracker: one micro-batch's forward+backward with the model state"}
+        record = {
+            "peak_bytes": max(peak, state),
+            "tracked_peak": probe.record["peak"],
+            "state": probe.record["state"],
+            "method": "memory tracker: one micro-batch's forward+backward with the model state",
+        }
     record["rank"] = trainer.global_rank
     Path(out_dir, f"rank-{trainer.global_rank:05d}.json").write_text(json.dumps(record))
 

@@ -38,6 +38,7 @@ from typing import Any, Optional
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils._python_dispatch import TorchDispatchMode
 
 # The collectives reported, in table order; anything else (reduce, gather, scatter, barrier) is "other".
@@ -130,7 +131,7 @@ class CommCounter(TorchDispatchMode):
             tensors = _tensors(out)
         elif operand:
             names = [argument.name for argument in func._schema.arguments]
-            bound = {**dict(zip(names, args)), **kwargs}
+            bound = {**dict(zip(names, args, strict=False)), **kwargs}
             tensors = _tensors(bound.get(operand))
         else:
             tensors = []
@@ -150,7 +151,6 @@ def ddp_bucket_bytes(model: nn.Module) -> Optional[list[int]]:
     """The bytes of each of a ``DistributedDataParallel`` model's gradient buckets, from DDP's own
     logging data (what its reducer all-reduces once per synchronized backward); None for any other
     model or where DDP does not report them."""
-    from torch.nn.parallel import DistributedDataParallel
 
     if not isinstance(model, DistributedDataParallel):
         return None

@@ -15,6 +15,7 @@ for each cp, one thread each, and reports per rank:
 
 from __future__ import annotations
 
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
@@ -22,7 +23,9 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
-from curry_train.launch import end_process_group
+from curry_train.launch import end_process_group, spawn
+from curry_train.primitives import context_parallel as cpm
+from curry_train.validation.memory import peak_memory
 
 
 @dataclass
@@ -43,9 +46,9 @@ class ContextRow:
         return {**asdict(self), "max_activations": self.max_activations}
 
 
-def _context_worker(out_dir: str, seq_len: int, heads: int, kv_heads: int, head_dim: int, pattern: str, steps: int) -> None:
-    from curry_train.primitives import context_parallel as cpm
-    from curry_train.validation.memory import peak_memory
+def _context_worker(
+    out_dir: str, seq_len: int, heads: int, kv_heads: int, head_dim: int, pattern: str, steps: int
+) -> None:
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -76,11 +79,15 @@ def _context_worker(out_dir: str, seq_len: int, heads: int, kv_heads: int, head_
     end_process_group()
 
 
-def measure_context(seq_len: int = 8192, cps: Sequence[int] = (1, 2, 4), pattern: str = "ring", heads: int = 8,
-                    kv_heads: int = 2, head_dim: int = 64, steps: int = 3) -> list[ContextRow]:
-    import tempfile
-
-    from curry_train.launch import spawn
+def measure_context(
+    seq_len: int = 8192,
+    cps: Sequence[int] = (1, 2, 4),
+    pattern: str = "ring",
+    heads: int = 8,
+    kv_heads: int = 2,
+    head_dim: int = 64,
+    steps: int = 3,
+) -> list[ContextRow]:
 
     rows = []
     for cp in cps:
@@ -88,18 +95,30 @@ def measure_context(seq_len: int = 8192, cps: Sequence[int] = (1, 2, 4), pattern
             spawn(cp, _context_worker, out_dir, seq_len, heads, kv_heads, head_dim, pattern, steps)
             raw = torch.load(f"{out_dir}/context.pt")
         seconds = max(r[2] for r in raw)
-        rows.append(ContextRow(cp=cp, pattern=pattern if cp > 1 else "-", seq_len=seq_len,
-                               activations=[r[0] for r in raw], exposed_comm=[r[1] for r in raw],
-                               ms=1000 * seconds, tokens_per_s=seq_len / seconds))
+        rows.append(
+            ContextRow(
+                cp=cp,
+                pattern=pattern if cp > 1 else "-",
+                seq_len=seq_len,
+                activations=[r[0] for r in raw],
+                exposed_comm=[r[1] for r in raw],
+                ms=1000 * seconds,
+                tokens_per_s=seq_len / seconds,
+            )
+        )
     return rows
 
 
 def context_table(rows: Sequence[ContextRow]) -> str:
     base = rows[0].max_activations
-    lines = [f"{'cp':>3} {'pattern':<12}{'seq':>7}{'activations/rank':>18}{'vs cp=' + str(rows[0].cp):>9}"
-             f"{'exposed comm':>14}{'ms fwd+bwd':>12}{'tokens/s':>11}"]
+    lines = [
+        f"{'cp':>3} {'pattern':<12}{'seq':>7}{'activations/rank':>18}{'vs cp=' + str(rows[0].cp):>9}"
+        f"{'exposed comm':>14}{'ms fwd+bwd':>12}{'tokens/s':>11}"
+    ]
     for row in rows:
         exposed = max(row.exposed_comm)
-        lines.append(f"{row.cp:>3} {row.pattern:<12}{row.seq_len:>7}{row.max_activations:>18,}"
-                     f"{row.max_activations / base:>9.2f}{exposed:>14.1%}{row.ms:>12.1f}{row.tokens_per_s:>11,.0f}")
+        lines.append(
+            f"{row.cp:>3} {row.pattern:<12}{row.seq_len:>7}{row.max_activations:>18,}"
+            f"{row.max_activations / base:>9.2f}{exposed:>14.1%}{row.ms:>12.1f}{row.tokens_per_s:>11,.0f}"
+        )
     return "\n".join(lines)

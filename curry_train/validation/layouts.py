@@ -60,8 +60,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from curry_train.config import ConfigError, compose
 from curry_train.config.checks import check, pipeline_microbatches
+from curry_train.config.schema import ParallelConfig
 from curry_train.planning.advise import estimate
-from curry_train.planning.layout import current_layout, parse_layout as parse_layout_string
+from curry_train.planning.layout import current_layout
+from curry_train.planning.layout import parse_layout as parse_layout_string
 from curry_train.planning.step_time import bubble_formula, flops_parameters, flops_per_token
 from curry_train.primitives.pipeline_schedule import stages_per_rank
 from curry_train.validation.comm import COLLECTIVES
@@ -118,8 +120,16 @@ class MemoryResult:
         lines = [
             f"layout: {' '.join(m.overrides) or '(defaults)'}",
             f"model={m.model}: P = {m.parameters:,} parameters"
-            + (f", {m.tp_parameters:,} on each of tp = {m.tp} tensor-parallel ranks (P in the formula)" if m.tp > 1 else "")
-            + (f"; d = {m.dp} data-parallel x {m.cp} context-parallel ranks" if m.cp > 1 else f"; d = {m.dp} data-parallel ranks")
+            + (
+                f", {m.tp_parameters:,} on each of tp = {m.tp} tensor-parallel ranks (P in the formula)"
+                if m.tp > 1
+                else ""
+            )
+            + (
+                f"; d = {m.dp} data-parallel x {m.cp} context-parallel ranks"
+                if m.cp > 1
+                else f"; d = {m.dp} data-parallel ranks"
+            )
             + f" ({m.mode}, {m.mixed_precision}, state sharded over {shards})",
             f"model state per rank at the optimizer step (step {MEASURED_STEP}), bytes; formula {m.formula_text}",
             "",
@@ -138,11 +148,17 @@ class MemoryResult:
             "",
             "optimizer: AdamW's moments and its 4-byte step counter per parameter tensor. FSDP2 pads each parameter's",
             "first dimension to a multiple of the shards. params@fwd: parameters held at the end of the step's first",
-            f"forward (gathered units and their shards). activations: peak of one forward+backward of {mb} x {seq} tokens.",
-            *(("pipeline: a rank holds its stages only, so P is per rank: " + ", ".join(
-                f"pp rank {i}: {n:,}" for i, n in enumerate(m.stage_parameters))
-               + "; activations are not measured (a stage cannot run a micro-batch alone).",)
-              if m.pp > 1 else ()),
+            f"forward (gathered units and their shards). activations: peak of one forward+backward of {mb} x {seq} "
+            "tokens.",
+            *(
+                (
+                    "pipeline: a rank holds its stages only, so P is per rank: "
+                    + ", ".join(f"pp rank {i}: {n:,}" for i, n in enumerate(m.stage_parameters))
+                    + "; activations are not measured (a stage cannot run a micro-batch alone).",
+                )
+                if m.pp > 1
+                else ()
+            ),
             *MEMORY_NOTES.get(m.mode, ()),
             *(MEMORY_NOTES["mixed"] if m.mixed_precision != "fp32" else ()),
             "",
@@ -183,8 +199,11 @@ LAYOUTS = {
 }
 LAYOUT_KEYS = ("parallel", "+parallel", "trainer.devices", "trainer.num_nodes")  # each layout sets these itself
 # --compare's defaults: --layouts' and FSDP (ZeRO-3) on 2 ranks.
-COMPARE_LAYOUTS = {"dp": LAYOUTS["dp"], "fsdp": ("parallel=fsdp", "trainer.devices=2"),
-                   **{name: layout for name, layout in LAYOUTS.items() if name != "dp"}}
+COMPARE_LAYOUTS = {
+    "dp": LAYOUTS["dp"],
+    "fsdp": ("parallel=fsdp", "trainer.devices=2"),
+    **{name: layout for name, layout in LAYOUTS.items() if name != "dp"},
+}
 
 
 def _count(value: Optional[int]) -> str:
@@ -238,7 +257,6 @@ class LayoutRow(StepRate):
     def seconds(self) -> float:
         """The timed steps' duration on the slowest rank (the ranks wait for each other in collectives)."""
         return max(r["step_ends"][-1] - r["step_ends"][0] for r in self.memory.ranks)
-
 
     @property
     def mfu(self) -> Optional[float]:
@@ -328,8 +346,17 @@ class LayoutsResult:
         """For a sequence-parallel row, the same layout without sequence parallelism, if it ran."""
         if not row.sequence_parallel:
             return None
-        return next((other for other in self.rows if not other.sequence_parallel and other.memory.tp == row.memory.tp
-                     and other.memory.dp == row.memory.dp and other.memory.mode == row.memory.mode), None)
+        return next(
+            (
+                other
+                for other in self.rows
+                if not other.sequence_parallel
+                and other.memory.tp == row.memory.tp
+                and other.memory.dp == row.memory.dp
+                and other.memory.mode == row.memory.mode
+            ),
+            None,
+        )
 
     def sp_ratio(self, row: LayoutRow) -> Optional[float]:
         """Activations of a sequence-parallel row over those of the same layout without it."""
@@ -342,7 +369,11 @@ class LayoutsResult:
         return {
             "config": self.config,
             "rows": [
-                {**row.to_dict(), "sp_activation_ratio": self.sp_ratio(row), **(row.compare_dict() if self.compare else {})}
+                {
+                    **row.to_dict(),
+                    "sp_activation_ratio": self.sp_ratio(row),
+                    **(row.compare_dict() if self.compare else {}),
+                }
                 for row in self.rows
             ],
         }
@@ -352,11 +383,14 @@ class LayoutsResult:
             return self.compare_table()
         c = self.config
         lines = [
-            f"model={c['model']} ({c['parameters']:,} params)  device={c['device']}  cores={c['cores']} (threads per rank:"
+            f"model={c['model']} ({c['parameters']:,} params)  device={c['device']}  cores={c['cores']} (threads per "
+            "rank:"
             f" cores // ranks, at least 1)  "
-            f"global_batch_size={c['global_batch_size']} x seq_len={c['seq_len']} = {c['tokens_per_step']} tokens/step; "
+            f"global_batch_size={c['global_batch_size']} x seq_len={c['seq_len']} = {c['tokens_per_step']} "
+            "tokens/step; "
             f"activations of one micro-batch of {c['micro_batch_size']} x {c['seq_len']} tokens",
-            f"tokens/s: the {c['steps']} steps after the measured step {MEASURED_STEP}, in the same run (slowest rank's clock);"
+            f"tokens/s: the {c['steps']} steps after the measured step {MEASURED_STEP}, in the same run (slowest "
+            "rank's clock);"
             " bytes: the most any rank holds, at the optimizer step",
             "",
             f"{'layout':<10}{'ranks':>6}{'dp x tp':>9}{'tokens/s':>10}{'params':>12}{'grads':>12}{'optimizer':>12}"
@@ -367,31 +401,38 @@ class LayoutsResult:
             # A pipeline rank holds its stages only: the formula is that of the rank with the most parameters.
             formula, fraction = f"{m.formula:,}", f"{row.state('total') / m.formula:.4f}"
             lines.append(
-                f"{row.name:<10}{row.ranks:>6}{f'{m.dp} x {m.tp}':>9}{row.tokens_per_s:>10,.0f}{row.state('params'):>12,}"
+                f"{row.name:<10}{row.ranks:>6}{f'{m.dp} x {m.tp}':>9}{row.tokens_per_s:>10,.0f}"
+                f"{row.state('params'):>12,}"
                 f"{row.state('grads'):>12,}{row.state('optimizer'):>12,}{row.state('total'):>12,}{formula:>12}"
                 f"{fraction:>8}{_count(row.activations):>13}{f'{ratio:.3f}' if ratio is not None else '-':>10}"
             )
         tp_rows = {row.memory.tp: row.memory.tp_parameters for row in self.rows if row.memory.tp > 1}
         lines += [
             "",
-            "formula: ZeRO's for the layout's data-parallel mode (DDP 16P, ZeRO-3 16P/d; see --memory) with P the parameters"
+            "formula: ZeRO's for the layout's data-parallel mode (DDP 16P, ZeRO-3 16P/d; see --memory) with P the "
+            "parameters"
             " one tensor-parallel rank holds"
             + "".join(f"; tp={tp}: {n:,} of {c['parameters']:,}" for tp, n in sorted(tp_rows.items()))
-            + " (block matmuls, embedding and head split, norms replicated); with pp, of the pipeline rank holding the most.",
+            + " (block matmuls, embedding and head split, norms replicated); with pp, of the pipeline rank holding "
+            "the most.",
             "ratio above 1: AdamW's 4-byte step counter per parameter tensor, and FSDP2's padding of uneven shards.",
-            "vs no SP: activations of a sequence-parallel layout over those of the same layout without it (norms, residuals",
+            "vs no SP: activations of a sequence-parallel layout over those of the same layout without it (norms, "
+            "residuals",
             "and dropout between the blocks hold 1/tp of the sequence).",
         ]
         if c["cores"] < max(row.ranks for row in self.rows):
-            lines.append(f"tokens/s: {max(row.ranks for row in self.rows)} processes on {c['cores']} cores: "
-                         "the layouts with more ranks than cores share them.")
+            lines.append(
+                f"tokens/s: {max(row.ranks for row in self.rows)} processes on {c['cores']} cores: "
+                "the layouts with more ranks than cores share them."
+            )
         return "\n".join(lines)
 
     def compare_table(self) -> str:
         c = self.config
         mb = lambda n: f"{n / 1e6:.2f}" if n is not None else "-"  # noqa: E731
         lines = [
-            f"model={c['model']} ({c['parameters']:,} params, {c['n_layers']} layers, dim {c['dim']})  device={c['device']}"
+            f"model={c['model']} ({c['parameters']:,} params, {c['n_layers']} layers, dim {c['dim']})  "
+            f"device={c['device']}"
             f"  cores={c['cores']}  global_batch_size={c['global_batch_size']} x seq_len={c['seq_len']} ="
             f" {c['tokens_per_step']} tokens/step, micro-batches of {c['micro_batch_size']}",
             f"tokens/s, ms/step: the {c['steps']} step{'s' * (c['steps'] > 1)} after the measured step {MEASURED_STEP}"
@@ -400,7 +441,8 @@ class LayoutsResult:
             f" {MEASURED_STEP + c['steps'] + 1}, counted, not timed); MB = 1e6 bytes",
             "",
             f"{'layout':<10}{'ranks':>6}{'dp x tp x pp x cp':>18}{'tokens/s':>10}{'ms/step':>9}{'MFU':>7}{'peak MB':>9}"
-            f"{'est MB':>9}{'state MB':>9}{'acts MB':>9}{'all_reduce':>11}{'all_gather':>11}{'reduce_sc.':>11}{'all_to_all':>11}"
+            f"{'est MB':>9}{'state MB':>9}{'acts MB':>9}{'all_reduce':>11}{'all_gather':>11}{'reduce_sc.':>11}"
+            f"{'all_to_all':>11}"
             f"{'send+recv':>10}{'broadcast':>10}{'bubble':>8}",
         ]
         for row in self.rows:
@@ -422,17 +464,23 @@ class LayoutsResult:
             f" {c['flops_parameters']:,}, the parameters",
             f"less the input embedding (a lookup, no matmul): {c['flops_per_token']:,} FLOPs per token.",
             f"Peak: {c['peak_flops']:.3g} FLOP/s (hardware={c['hardware']}: dense bf16, whatever the run's precision)."
-            if gpu else
-            f"MFU '-': the run is on {c['device']}, not a GPU; hardware.peak_bf16_flops is a GPU's (hardware={c['hardware']})"
+            if gpu
+            else f"MFU '-': the run is on {c['device']}, not a GPU; hardware.peak_bf16_flops is a GPU's "
+            f"(hardware={c['hardware']})"
             " or, for hardware=cpu, a rough planning figure.",
-            ("peak: the CUDA allocator's peak (torch.cuda.max_memory_allocated)" if gpu else
-             "peak: the memory tracker's total (parameters, gradients, optimizer state, gathered parameters, activations,"
-             " temporaries) at its peak")
+            (
+                "peak: the CUDA allocator's peak (torch.cuda.max_memory_allocated)"
+                if gpu
+                else "peak: the memory tracker's total (parameters, gradients, optimizer state, gathered "
+                "parameters, activations,"
+                " temporaries) at its peak"
+            )
             + " in the measured forward+backward of one micro-batch;",
             "est: curry_train.planning's estimate for the layout (scripts/advise.py), less hardware.reserved_bytes: it"
             " budgets gradient accumulation's gradients too;",
             "state: parameters, gradients and optimizer state at the optimizer step; acts: activations' peak.",
-            "comm (curry_train/validation/comm.py): the collectives dispatched in the step, bytes of their operands, not"
+            "comm (curry_train/validation/comm.py): the collectives dispatched in the step, bytes of their "
+            "operands, not"
             " of the wire: all-gather",
             "its output, all-reduce, reduce-scatter and all-to-all their input, send/recv what they carry (a ring"
             " all-reduce of B bytes over d ranks",
@@ -442,33 +490,42 @@ class LayoutsResult:
         for row in self.rows:
             buckets = row.ddp_bucket_bytes
             if buckets is not None:
-                lines.append(f"{row.name}: DDP's bucketed all-reduce: {buckets:,} bytes (from its buckets), counted"
-                             f" {row.comm('all_reduce'):,} = {row.comm('all_reduce') / (4 * row.memory.parameters):.4f} x 4P.")
+                lines.append(
+                    f"{row.name}: DDP's bucketed all-reduce: {buckets:,} bytes (from its buckets), counted"
+                    f" {row.comm('all_reduce'):,} = {row.comm('all_reduce') / (4 * row.memory.parameters):.4f} x 4P."
+                )
         if any(row.memory.pp > 1 for row in self.rows):
-            lines += ["bubble: (P-1)/(M+P-1) for gpipe and 1F1B, (P-1)/(v*M+P-1) for interleaved, ~0 for the zero-bubble"
-                      " kinds (the formula: --pipeline",
-                      "measures it). Pipelined layouts: activations and peak not measured (a stage cannot run a"
-                      " micro-batch alone)."]
+            lines += [
+                "bubble: (P-1)/(M+P-1) for gpipe and 1F1B, (P-1)/(v*M+P-1) for interleaved, ~0 for the zero-bubble"
+                " kinds (the formula: --pipeline",
+                "measures it). Pipelined layouts: activations and peak not measured (a stage cannot run a"
+                " micro-batch alone).",
+            ]
         else:
             lines.append("bubble: '-' without pipeline parallelism.")
         if c["cores"] < max(row.ranks for row in self.rows):
-            lines.append(f"tokens/s: {max(row.ranks for row in self.rows)} processes on {c['cores']} cores: "
-                         "the layouts with more ranks than cores share them.")
+            lines.append(
+                f"tokens/s: {max(row.ranks for row in self.rows)} processes on {c['cores']} cores: "
+                "the layouts with more ranks than cores share them."
+            )
         return "\n".join(lines)
 
 
 def _bubble(cfg: DictConfig, degrees: Any) -> tuple[Optional[float], str]:
     """The bubble formula of a pipelined layout (planning/step_time.py) and its text; ``-`` without pp."""
-    pp = cfg.parallel.get("pp")
+    pp = ParallelConfig.of(cfg).pp
     if pp is None or degrees.pp == 1:
         return None, "-"
-    formula = bubble_formula(pp.schedule, degrees.pp, pipeline_microbatches(cfg, degrees),
-                             stages_per_rank(pp.schedule, pp.virtual_stages))
+    formula = bubble_formula(
+        pp.schedule, degrees.pp, pipeline_microbatches(cfg, degrees), stages_per_rank(pp.schedule, pp.virtual_stages)
+    )
     return formula, f"{formula:.1%}" if formula is not None else "~0"
 
 
 def layouts_bench(
-    overrides: Sequence[str] = (), layouts: Optional[dict[str, Sequence[str]]] = None, steps: int = 10,
+    overrides: Sequence[str] = (),
+    layouts: Optional[dict[str, Sequence[str]]] = None,
+    steps: int = 10,
     compare: bool = False,
 ) -> LayoutsResult:
     """Each layout (default ``LAYOUTS``) with the common ``overrides``, through the real training path
@@ -482,16 +539,28 @@ def layouts_bench(
         raise ValueError(f"--steps={steps} must be at least 1")
     for override in overrides:
         if override.partition("=")[0] in LAYOUT_KEYS:
-            raise ConfigError(f"{override}: each layout sets {', '.join(LAYOUT_KEYS[::2])} itself; pass the layouts"
-                              " with --layout 'NAME: overrides...' and leave these out of the common overrides")
+            raise ConfigError(
+                f"{override}: each layout sets {', '.join(LAYOUT_KEYS[::2])} itself; pass the layouts"
+                " with --layout 'NAME: overrides...' and leave these out of the common overrides"
+            )
     runs = {name: [*overrides, *layout] for name, layout in layouts.items()}
     cfgs = {name: compose(run) for name, run in runs.items()}
     plans = [check(cfg) for cfg in cfgs.values()]  # every layout fails fast, before any process starts
-    shapes = {(cfg.model.name, cfg.data.global_batch_size, cfg.data.seq_len, cfg.data.micro_batch_size,
-               OmegaConf.to_yaml(cfg.model)) for cfg in cfgs.values()}
+    shapes = {
+        (
+            cfg.model.name,
+            cfg.data.global_batch_size,
+            cfg.data.seq_len,
+            cfg.data.micro_batch_size,
+            OmegaConf.to_yaml(cfg.model),
+        )
+        for cfg in cfgs.values()
+    }
     if len(shapes) != 1:
-        raise ConfigError(f"the layouts differ in model or batch ({sorted(shape[:4] for shape in shapes)}): they must"
-                          " compare the same run")
+        raise ConfigError(
+            f"the layouts differ in model or batch ({sorted(shape[:4] for shape in shapes)}): they must"
+            " compare the same run"
+        )
     memories = measure_layouts(list(runs.values()), timed_steps=steps, count_comm=compare)
     first = next(iter(cfgs.values()))
     tokens_per_step = first.data.global_batch_size * first.data.seq_len
@@ -527,7 +596,7 @@ def layouts_bench(
         compare=compare,
     )
     for (name, cfg), memory, plan in zip(cfgs.items(), memories, plans, strict=True):
-        tp = cfg.parallel.get("tp")
+        tp = ParallelConfig.of(cfg).tp
         sequence_parallel = bool(tp is not None and tp.sequence_parallel)
         row = LayoutRow(name, memory, sequence_parallel, tokens_per_step)
         if compare:

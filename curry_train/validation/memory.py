@@ -33,7 +33,6 @@ import logging
 import os
 import tempfile
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
@@ -50,8 +49,17 @@ from torch.distributed.tensor import DTensor
 
 from curry_train.config import compose
 from curry_train.config.checks import check
+from curry_train.config.schema import ParallelConfig
+from curry_train.data import LMDataModule
+from curry_train.launch import free_port, spawn
+from curry_train.model import Llama
+from curry_train.module import CausalLM
 from curry_train.planning.memory import tensor_parallel_shapes, zero_formula_terms, zero_formula_text
+from curry_train.primitives.materialize import materialize_and_init
 from curry_train.primitives.parallel_state import Degrees
+from curry_train.primitives.pipeline_schedule import pipeline_stages
+from curry_train.primitives.recompute import apply_recompute
+from curry_train.run import build_trainer
 from curry_train.validation.comm import CommCounter, ddp_bucket_bytes
 from curry_train.validation.whitebox import measurement_config
 
@@ -105,7 +113,8 @@ def model_state_bytes(model: nn.Module, optimizers: Sequence[torch.optim.Optimiz
         "params": _add_storages(params, seen),
         "grads": _add_storages((p.grad for p in params), seen),
         "optimizer": _add_storages(
-            (v for opt in optimizers for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)), seen
+            (v for opt in optimizers for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)),
+            seen,
         ),
     }
     state["total"] = sum(state.values())
@@ -165,12 +174,11 @@ def peak_memory(
     return tracker.activation_peak, {str(getattr(key, "name", key)): value for key, value in peak.items()}
 
 
-def bare_model_activation_bytes(model_cfg: DictConfig, recompute: str, every_n_blocks: int, tokens: torch.Tensor) -> int:
+def bare_model_activation_bytes(
+    model_cfg: DictConfig, recompute: str, every_n_blocks: int, tokens: torch.Tensor
+) -> int:
     """Peak activation bytes of one forward+backward (of ``logits.sum()``) of a bare ``Llama`` on the
     CPU with ``recompute`` applied to its blocks: recompute's effect without trainer or layout."""
-    from curry_train.model import Llama
-    from curry_train.primitives.recompute import apply_recompute
-    from curry_train.primitives.materialize import materialize_and_init
 
     with torch.device("meta"):
         model = Llama(model_cfg)
@@ -210,8 +218,12 @@ class MemoryProbe(Callback):
     def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         ps = module.step.parallel_state
         shard_mesh = ps.submesh("dp_shard_cp")
-        self.record.update(rank=trainer.global_rank, shard_rank=shard_mesh.get_local_rank(), shards=shard_mesh.size(),
-                           pp_rank=ps.pp_rank)
+        self.record.update(
+            rank=trainer.global_rank,
+            shard_rank=shard_mesh.get_local_rank(),
+            shards=shard_mesh.size(),
+            pp_rank=ps.pp_rank,
+        )
 
         def after_forward(*_: Any) -> None:
             # The step's own first forward: the activation measurement's forward comes before it.
@@ -248,7 +260,9 @@ class MemoryProbe(Callback):
         if device.type == "cuda":  # the allocator's own peak over the same forward+backward
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
-        self.record["activations"], self.record["peak"] = peak_memory(module.model, forward_backward, optimizers, [batch])
+        self.record["activations"], self.record["peak"] = peak_memory(
+            module.model, forward_backward, optimizers, [batch]
+        )
         if device.type == "cuda":
             torch.cuda.synchronize(device)
             self.record["cuda_peak"] = torch.cuda.max_memory_allocated(device)
@@ -268,8 +282,9 @@ class MemoryProbe(Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, *args: Any) -> None:
         counter = self._stop_counting()
         if counter is not None:
-            self.record.update(comm=counter.to_dict(), comm_step=trainer.global_step,
-                               ddp_bucket_bytes=ddp_bucket_bytes(module.model))
+            self.record.update(
+                comm=counter.to_dict(), comm_step=trainer.global_step, ddp_bucket_bytes=ddp_bucket_bytes(module.model)
+            )
             return
         if self.comm_step is not None and trainer.global_step >= self.comm_step:
             return
@@ -291,7 +306,6 @@ def _rendezvous_port(out_dir: Path, index: int) -> int:
     """The port of layout ``index``: rank 0 picks a free one just before it is needed and the others
     read it from ``out_dir``. Picked any earlier, it may since have gone to one of the connections
     the previous layouts' process groups opened."""
-    from curry_train.launch import free_port
 
     path = out_dir / f"port-{index:03d}"
     if os.environ["RANK"] == "0":
@@ -303,11 +317,10 @@ def _rendezvous_port(out_dir: Path, index: int) -> int:
     return int(path.read_text())
 
 
-def _probe(containers: list[dict], out_dir: str, accelerator: str, comm_steps: Optional[list[Optional[int]]] = None) -> None:
+def _probe(
+    containers: list[dict], out_dir: str, accelerator: str, comm_steps: Optional[list[Optional[int]]] = None
+) -> None:
     """Worker body: run each layout in turn in this same process, each on a fresh rendezvous port."""
-    from curry_train.data import LMDataModule
-    from curry_train.module import CausalLM
-    from curry_train.run import build_trainer
 
     for name in ("lightning.pytorch", "lightning.fabric"):  # per-fit banners, from every rank
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -362,7 +375,11 @@ class LayoutMemory:
     @property
     def formula_terms(self) -> dict[str, int]:
         """The formula for the rank that holds the most (the pipeline rank with the most parameters)."""
-        stage = max(range(len(self.stage_parameters)), key=self.stage_parameters.__getitem__) if self.stage_parameters else 0
+        stage = (
+            max(range(len(self.stage_parameters)), key=self.stage_parameters.__getitem__)
+            if self.stage_parameters
+            else 0
+        )
         return self.formula_terms_of(stage)
 
     @property
@@ -378,23 +395,22 @@ class LayoutMemory:
 
 
 def _describe(overrides: Sequence[str], cfg: DictConfig, degrees: Degrees) -> LayoutMemory:
-    from curry_train.model import Llama
 
-    fsdp = cfg.parallel.get("fsdp")
+    parallel = ParallelConfig.of(cfg)
+    fsdp = parallel.fsdp
     with torch.device("meta"):
         model = Llama(cfg.model)
     parameters = model.num_parameters()
     tp_shapes = tensor_parallel_shapes(model, degrees.tp)
     stage_parameters = [sum(shape.numel() for shape in tp_shapes.values())]
-    pp = cfg.parallel.get("pp")
+    pp = parallel.pp
     if pp is not None and degrees.pp > 1:
-        from curry_train.primitives.pipeline_schedule import pipeline_stages
-
         stage_parameters = []
         for pp_rank in range(degrees.pp):
             with torch.device("meta"):
-                stage, _ = pipeline_stages(Llama(cfg.model), pp.schedule, degrees.pp, pp_rank, pp.virtual_stages,
-                                           pp.layers_per_stage)
+                stage, _ = pipeline_stages(
+                    Llama(cfg.model), pp.schedule, degrees.pp, pp_rank, pp.virtual_stages, pp.layers_per_stage
+                )
             stage_parameters.append(sum(tp_shapes[name].numel() for name, _ in stage.named_parameters()))
     return LayoutMemory(
         overrides=list(overrides),
@@ -425,7 +441,6 @@ def measure_layouts(
     starting processes (and importing torch in them) costs more than a few steps of a small model.
 
     ``count_comm``: one more step, whose collectives each rank counts (``comm`` in its record)."""
-    from curry_train.launch import spawn
 
     if timed_steps < 0:
         raise ValueError(f"timed_steps={timed_steps} must not be negative")
@@ -435,7 +450,9 @@ def measure_layouts(
         cfg = measurement_config(compose(overrides, config_dir), MEASURED_STEP + timed_steps + bool(count_comm))
         cfgs.append(cfg)
         plans.append(check(cfg))
-    results = [_describe(overrides, cfg, plan.degrees) for overrides, cfg, plan in zip(layouts, cfgs, plans)]
+    results = [
+        _describe(overrides, cfg, plan.degrees) for overrides, cfg, plan in zip(layouts, cfgs, plans, strict=False)
+    ]
     for world_size in sorted({plan.world_size for plan in plans}):
         indices = [i for i, plan in enumerate(plans) if plan.world_size == world_size]
         containers = [OmegaConf.to_container(cfgs[i], resolve=True) for i in indices]

@@ -47,6 +47,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
@@ -56,6 +57,7 @@ from curry_train.data import GlobalBatchSampler, LMDataModule
 from curry_train.model import Llama
 from curry_train.module import CausalLM, lr_lambda
 from curry_train.primitives.materialize import materialize_and_init
+from curry_train.run import build_trainer
 
 LOOPS = ("hand", "curry")
 PRECISIONS = ("32-true", "32", "bf16-mixed")  # what the hand loop reproduces
@@ -171,9 +173,11 @@ class BenchResult:
     def table(self) -> str:
         c = self.config
         lines = [
-            f"model={c['model']} ({c['parameters'] / 1e6:.2f}M params)  device={c['device']}  precision={c['precision']}"
+            f"model={c['model']} ({c['parameters'] / 1e6:.2f}M params)  device={c['device']}  "
+            f"precision={c['precision']}"
             f"  threads={c['threads']}  loggers={c['loggers']}",
-            f"global_batch_size={c['global_batch_size']} micro_batch_size={c['micro_batch_size']} seq_len={c['seq_len']}"
+            f"global_batch_size={c['global_batch_size']} micro_batch_size={c['micro_batch_size']} "
+            f"seq_len={c['seq_len']}"
             f"  -> {self.tokens_per_step} tokens/step;  {self.steps} timed steps after {self.warmup} warmup, "
             f"{self.repeats} repeat(s)",
             "",
@@ -278,7 +282,9 @@ def run_hand_loop(
             for micro in batch.split(d.micro_batch_size):
                 inputs, labels = micro[:, :-1], micro[:, 1:]
                 logits = model(inputs)
-                loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum") / tokens_per_step
+                loss = (
+                    F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum") / tokens_per_step
+                )
                 loss.backward()
                 total += loss.detach()
             torch.nn.utils.clip_grad_norm_(
@@ -315,9 +321,6 @@ def run_curry_loop(
     cfg: DictConfig, datamodule: LMDataModule, plan: LaunchPlan, loggers: str = "csv", warmup: int = 1, repeat: int = 0
 ) -> LoopRun:
     """``cfg.trainer.max_steps`` steps of curry-train's real Trainer, strategy and module."""
-    from lightning.pytorch.loggers import CSVLogger
-
-    from curry_train.run import build_trainer
 
     clock = StepClock(device_of(plan))
     with tempfile.TemporaryDirectory(prefix="curry-bench-") as run_dir:

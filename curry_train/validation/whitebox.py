@@ -16,8 +16,9 @@ Why these tolerances: fp32 carries ~7 significant digits (eps = 1.2e-7). A layou
 the order of additions (a data-parallel sum, a sharded matmul's partial sums), and re-ordering a
 sum of n terms moves the result by about sqrt(n) * eps relative to the terms' magnitude. For the
 sums in a step of the debug model (thousands of terms per gradient entry) that is 1e-6 to 1e-5 in
-the worst entries of a tensor, and far less in its norm (measured: 1e-7 for dp on 2 ranks); a real bug (a missing or doubled
-reduction, a wrong scale, a mis-sliced shard) shows as a relative error of 1e-2 or more.
+the worst entries of a tensor, and far less in its norm (measured: 1e-7 for dp on 2 ranks); a real
+bug (a missing or doubled reduction, a wrong scale, a mis-sliced shard) shows as a relative error of
+1e-2 or more.
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from curry_train.config import compose
 from curry_train.config.checks import check
+from curry_train.data import LMDataModule
+from curry_train.launch import spawn
+from curry_train.module import CausalLM
+from curry_train.run import build_trainer
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
 REFERENCE_OVERRIDES = ("parallel=dp", "trainer.devices=1", "trainer.num_nodes=1", "trainer.precision=32-true")
@@ -72,11 +77,14 @@ class StepRecorder(Callback):
         # optimizer would see each rank's part: the layout must hand over gradients laid out like
         # their parameters.
         pending = [
-            f"the gradient of {clean_name(name)} is {list(param.grad.placements)}, its parameter {list(param.placements)}"
+            f"the gradient of {clean_name(name)} is {list(param.grad.placements)}, its parameter "
+            f"{list(param.placements)}"
             for name, param in module.model.named_parameters()
             if hasattr(param.grad, "placements") and param.grad.placements != param.placements
         ]
-        self.records.append({"loss": float(loss), "grad_norm": float(module.last_grad_norm), "grads": grads, "pending": pending})
+        self.records.append(
+            {"loss": float(loss), "grad_norm": float(module.last_grad_norm), "grads": grads, "pending": pending}
+        )
 
     def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, *args: Any) -> None:
         # What this rank logged for the step (every rank logs the loss, pipeline stages included).
@@ -87,9 +95,6 @@ class StepRecorder(Callback):
 
 def _capture(container: dict, out_dir: str, accelerator: str) -> None:
     """Worker body: train ``max_steps`` steps, recording each; every rank writes what it holds."""
-    from curry_train.data import LMDataModule
-    from curry_train.module import CausalLM
-    from curry_train.run import build_trainer
 
     cfg = OmegaConf.create(container)
     pl.seed_everything(cfg.seed, verbose=False)
@@ -112,12 +117,21 @@ def _merge(out_dir: Path) -> list[dict[str, Any]]:
             for name, grad in records[step]["grads"].items():
                 if name in grads and not torch.equal(grads[name], grad):
                     diff = (grads[name] - grad).abs().max().item()
-                    raise AssertionError(f"step {step + 1}: ranks disagree on the gradient of {name} (max diff {diff:.3e})")
+                    raise AssertionError(
+                        f"step {step + 1}: ranks disagree on the gradient of {name} (max diff {diff:.3e})"
+                    )
                 grads[name] = grad
         pending = sorted({text for records in per_rank for text in records[step].get("pending", [])})
         logged = [records[step].get("logged_loss") for records in per_rank]
-        merged.append({"loss": first["loss"], "grad_norm": first["grad_norm"], "grads": grads, "pending": pending,
-                       "logged_losses": logged})
+        merged.append(
+            {
+                "loss": first["loss"],
+                "grad_norm": first["grad_norm"],
+                "grads": grads,
+                "pending": pending,
+                "logged_losses": logged,
+            }
+        )
     return merged
 
 
@@ -133,7 +147,6 @@ def measurement_config(cfg: DictConfig, steps: int) -> DictConfig:
 
 def run_layout(cfg: DictConfig, steps: int) -> list[dict[str, Any]]:
     """Run ``cfg`` for ``steps`` steps in as many local processes as it asks for; return merged records."""
-    from curry_train.launch import spawn
 
     cfg = measurement_config(cfg, steps)
     OmegaConf.update(cfg, "optim.grad_clip", 0.0)  # clipping would hide a wrongly scaled gradient
@@ -191,11 +204,13 @@ def compare(records: Sequence[dict], reference: Sequence[dict], rtol: float = 1e
     report = Report()
     if len(records) != len(reference):
         report.problems.append(f"{len(records)} steps recorded, reference has {len(reference)}")
-    for step, (got, ref) in enumerate(zip(records, reference), 1):
+    for step, (got, ref) in enumerate(zip(records, reference, strict=False), 1):
         report.problems += [f"step {step}: {text}" for text in got.get("pending", [])]
         for rank, logged in enumerate(got.get("logged_losses", [])):
             if logged is None or relative_error(logged, got["loss"]) > rtol:
-                report.problems.append(f"step {step}: rank {rank} logged train/loss={logged}, the step's loss is {got['loss']:.7g}")
+                report.problems.append(
+                    f"step {step}: rank {rank} logged train/loss={logged}, the step's loss is {got['loss']:.7g}"
+                )
         for key in ("loss", "grad_norm"):
             report.rows.append(Row(step, key, got[key], ref[key], relative_error(got[key], ref[key]), rtol))
         missing = sorted(set(ref["grads"]) - set(got["grads"]))
@@ -220,8 +235,13 @@ def reference_overrides(overrides: Sequence[str]) -> list[str]:
     return kept + list(REFERENCE_OVERRIDES)
 
 
-def validate(overrides: Sequence[str], steps: int = 1, rtol: float = 1e-5, grad_rtol: float = 1e-5,
-             config_dir: Optional[Path] = None) -> Report:
+def validate(
+    overrides: Sequence[str],
+    steps: int = 1,
+    rtol: float = 1e-5,
+    grad_rtol: float = 1e-5,
+    config_dir: Optional[Path] = None,
+) -> Report:
     """Run the layout of ``overrides`` and its single-process reference; compare them."""
     cfg = compose(overrides, config_dir)
     reference_cfg = compose(reference_overrides(overrides), config_dir)
