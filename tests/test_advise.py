@@ -169,6 +169,7 @@ def test_no_pipeline_when_data_parallel_traffic_hides_behind_compute(capsys):
     assert any(reason.startswith("pp not needed: across 4 nodes") for reason in result["reasons"])
 
 
+@pytest.mark.slow
 def test_405b_on_16_nodes_splits_blocks_with_tp_inside_a_node(capsys):
     code, result = run_json(capsys, ["model=llama3_405b", "hardware.nodes=16", "data.seq_len=8192", *LARGE_BATCH])
     assert code == 0

@@ -113,6 +113,7 @@ def tensor_parallel_oracle(overrides, tp: int) -> tuple[int, int, int, bool]:
     return P, split, len(named), even
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_bench_layouts_side_by_side(tmp_path, capsys):
     bench = load_bench()
@@ -199,6 +200,7 @@ def test_bench_layouts_reject_bad_input(capsys):
 # --pipeline: every schedule kind's bubble, measured, next to its formula
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_bench_pipeline_bubbles_next_to_formulas(tmp_path, capsys):
 
@@ -246,6 +248,7 @@ def test_bench_pipeline_rejects_bad_input(capsys):
             bench.main(["--pipeline", *bad])
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_bench_context_mode_memory_falls_with_cp(tmp_path, capsys):
     """Per-rank activation memory of context-parallel attention (measured by PyTorch's memory
@@ -322,6 +325,7 @@ def _count_collectives(out_dir: str) -> None:
     end_process_group()
 
 
+@pytest.mark.slow
 def test_compare_comm_counter_books_each_collective(tmp_path):
     """All-gather by its output, all-reduce, reduce-scatter and all-to-all by their input; c10d,
     functional and DTensor-issued collectives alike, each once."""
@@ -353,6 +357,7 @@ def fsdp_units_oracle(overrides) -> tuple[int, int, int, int]:
 COMPARE = [*FAST, "model.dim=64", "model.n_layers=2", "model.ffn_dim=192"]  # 16 x 64 tokens, micro-batches of 4
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_compare_dp_and_fsdp(tmp_path, capsys):
     """dp and fsdp on 2 ranks: DDP all-reduces 4P bytes a step; FSDP (ZeRO-3) all-gathers every unit

@@ -368,6 +368,7 @@ CPU_TRIALS = [
 ]
 
 
+@pytest.mark.slow
 def test_measure_on_cpu_records_oom_and_goes_on(capsys):
     # start=top: the first trial is the largest member (6.4M parameters: 16 x 6.4M = 103 MB of model
     # state, more than the 90 MB device), which fails for real; the search goes down and the next

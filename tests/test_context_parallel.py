@@ -63,6 +63,7 @@ def _attention_against_full(out_dir: str, cases: list) -> None:
     end_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "world, cases",
     [
@@ -110,6 +111,7 @@ from conftest import FAST, STEPS, assert_same_curve, read_metric, run_seed_examp
 from curry_train.validation.whitebox import validate  # noqa: E402
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "layout",
     [
@@ -143,6 +145,7 @@ def test_whitebox_context_parallel_matches_single_process(layout):
     assert len(report.rows) == 2 * (2 + 39)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "layout",
     [
@@ -235,6 +238,7 @@ print("SEED OK", dist.get_rank())
 """
 
 
+@pytest.mark.slow
 def test_seed_example_runs_unchanged_under_torchrun(tmp_path):
     assert run_seed_example(SEED_EXAMPLE, tmp_path).count("SEED OK") == 2
 

@@ -277,6 +277,7 @@ def corpus(tmp_path: Path) -> List[Path]:
     return [text, records]
 
 
+@pytest.mark.slow
 def test_script_subprocess_writes_the_tokens_of_tokenize_documents(tmp_path: Path, corpus: List[Path]) -> None:
     out = tmp_path / "nested" / "corpus.bin"
     result = subprocess.run(

@@ -26,6 +26,7 @@ from curry_train.validation.whitebox import validate
 ACCUMULATE = ("data.global_batch_size=32",)  # 2 micro-batches per rank on 4 ranks, 4 on 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "layout",
     [
@@ -57,6 +58,7 @@ def test_whitebox_fsdp_matches_single_process(layout):
     assert len(report.rows) == 2 * (2 + 39)  # loss, grad norm and 39 parameters, at 2 steps
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "sharding",
     ["full", "shard_grad_op", "no_shard", "hybrid"],
@@ -76,6 +78,7 @@ def test_fsdp_on_four_ranks_reproduces_single_process_curve(sharding, single_pro
     assert_same_curve(read_metric(tmp_path), single_process_curve)
 
 
+@pytest.mark.slow
 def test_zero1_reproduces_the_curve_and_resumes_on_one_process(single_process_curve, tmp_path):
     """sharding=optimizer (ZeRO-1) on 4 ranks: the single-process curve; its step-6 checkpoint
     (DTensor shards of parameters and optimizer state) resumes in one process on the same curve."""
@@ -103,6 +106,7 @@ def test_zero1_reproduces_the_curve_and_resumes_on_one_process(single_process_cu
     assert_same_curve(resumed, {step: single_process_curve[step] for step in resumed})
 
 
+@pytest.mark.slow
 def test_fsdp_checkpoint_resumes_on_fewer_ranks_and_on_one_process(tmp_path):
     """Saved by fsdp on 4 ranks; resumed by fsdp on 2 and by a single process: the same curve."""
     steps = 6
@@ -163,6 +167,7 @@ print("SEED OK", torch.distributed.get_rank(), sum(shards), sum(full))
 """
 
 
+@pytest.mark.slow
 def test_seed_example_runs_unchanged_under_torchrun(tmp_path):
     assert run_seed_example(SEED_EXAMPLE, tmp_path).count("SEED OK") == 2
 
@@ -199,6 +204,7 @@ def _peak_activation_bytes(mode: str, every_n_blocks: int = 0) -> int:
     return bare_model_activation_bytes(compose().model, mode, every_n_blocks, torch.randint(0, 256, (4, 256)))
 
 
+@pytest.mark.slow
 def test_recompute_keeps_fewer_activations():
     none = _peak_activation_bytes("none")
     selective = _peak_activation_bytes("selective")
@@ -209,6 +215,7 @@ def test_recompute_keeps_fewer_activations():
     assert full < 0.3 * none  # a full-recompute block keeps little more than its input
 
 
+@pytest.mark.slow
 def test_export_consolidates_a_sharded_checkpoint(tmp_path):
     """The safetensors export of an fsdp checkpoint equals that of the single-process run."""
 
@@ -253,6 +260,7 @@ def test_export_consolidates_a_sharded_checkpoint(tmp_path):
 BF16_RTOL, BF16_GRAD_RTOL = 2e-3, 3e-2
 
 
+@pytest.mark.slow
 def test_bf16_mixed_precision_stays_within_its_documented_tolerance():
     report = validate(
         [*FAST, "parallel=fsdp", "parallel.fsdp.mixed_precision=bf16", "trainer.devices=2"],
@@ -294,6 +302,7 @@ def _count_reductions(out_dir: str, sharding: str, sync_each: bool) -> None:
     end_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sharding", ["full", "shard_grad_op", "optimizer"])
 def test_gradient_accumulation_reduces_once_per_step(sharding, tmp_path):
     """3 micro-batches: one reduction per step, not per micro-batch: a reduce-scatter per FSDP unit,
@@ -367,6 +376,7 @@ def _zero1_against_reference(out_dir: str, mixed_precision: str) -> None:
     end_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mixed_precision, tolerance", [("fp32", 1e-6), ("bf16", BF16_GRAD_RTOL)])
 def test_zero1_seed_api_matches_one_process(mixed_precision, tolerance, tmp_path):
     """DistributedOptimizer.wrap(sharding="optimizer") then AdamW(model.parameters()), on 3 ranks:

@@ -150,6 +150,7 @@ def expected_state(layout: LayoutMemory, record: dict, mode: str) -> dict[str, i
     return {**expected, "total": sum(expected.values())}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["dp", "full", "hybrid", "no_shard"])
 def test_model_state_per_rank_matches_zeros_formula(measured, name):
     """At the optimizer step: DDP and no_shard 16P, ZeRO-3 16P/d, hybrid 16P/(d/replicas)."""
@@ -163,6 +164,7 @@ def test_model_state_per_rank_matches_zeros_formula(measured, name):
         assert layout.ranks[3]["state"]["optimizer"] < layout.ranks[0]["state"]["optimizer"]
 
 
+@pytest.mark.slow
 def test_full_keeps_only_the_root_gathered_after_forward(measured):
     """reshard_after_forward=True frees each block's gathered parameters after its forward; the root
     (embedding, final norm, head) is kept gathered for backward (DistributedOptimizer.wrap)."""
@@ -173,6 +175,7 @@ def test_full_keeps_only_the_root_gathered_after_forward(measured):
         assert record["after_forward"]["params"] == record["state"]["params"] + 4 * root
 
 
+@pytest.mark.slow
 def test_bf16_fsdp_holds_fp32_state_at_rest(measured):
     """FSDP2 with MixedPrecisionPolicy(param_dtype=bf16) keeps no bf16 copy at rest: the sharded fp32
     parameters are the master weights and the gradients are reduced into fp32 shards. So 4 + 4 + 8
@@ -190,6 +193,7 @@ def test_bf16_fsdp_holds_fp32_state_at_rest(measured):
     assert gathered == [(r["after_forward"]["params"] - r["state"]["params"]) // 2 for r in fp32.ranks]
 
 
+@pytest.mark.slow
 def test_shard_grad_op_reshards_after_backward(measured):
     """shard_grad_op (reshard_after_forward=False) keeps every unit gathered from forward to its
     backward, then reshards: at the end of forward a rank holds ZeRO-2's total, 4P + 12P/d (the
@@ -209,6 +213,7 @@ def test_shard_grad_op_reshards_after_backward(measured):
         assert after["total"] == zero_formula_bytes("shard_grad_op", P, 4) + padding + 4 * tensors
 
 
+@pytest.mark.slow
 def test_zero1_matches_the_formula_in_fp32(measured):
     """ZeRO-1 in fp32: 8P + 8P/d. The full parameters (padded to whole shards: the shard is a view
     into them) and full gradients are replicated; only AdamW's moments are sharded."""
@@ -228,6 +233,7 @@ def test_zero1_matches_the_formula_in_fp32(measured):
         assert zero_formula_terms("optimizer", P, 4)["grads"] == record["state"]["grads"]
 
 
+@pytest.mark.slow
 def test_zero1_bf16_keeps_fp32_master_shards_and_fp32_gradient_shards(measured):
     """ZeRO-1 in bf16: bf16 full parameters (2P) for compute, fp32 master shards, fp32 gradient
     shards (reduced in fp32; the bf16 full gradients are freed once reduced) and fp32 moments:
@@ -241,6 +247,7 @@ def test_zero1_bf16_keeps_fp32_master_shards_and_fp32_gradient_shards(measured):
         assert record["state"]["total"] - 4 * tensors < zero_formula_bytes("optimizer", P, 4, "bf16")
 
 
+@pytest.mark.slow
 def test_pipeline_ranks_hold_their_stage_by_the_formula(measured):
     """With pp, ZeRO's formula applies to the parameters of the rank's own stage: 2 stages that split
     the model between them (the embedding on the first, norm and head on the last), each replicated
@@ -262,6 +269,7 @@ def test_pipeline_ranks_hold_their_stage_by_the_formula(measured):
         assert layout.formula == max(layout.formula_of(r) for r in layout.ranks)
 
 
+@pytest.mark.slow
 def test_activations_do_not_depend_on_the_sharding(measured):
     """The same micro-batch through the same model: the same activations, whether parameters were
     gathered (FSDP2, booked apart by its tracker) or replicated (DDP); bf16 units keep bf16 ones."""
@@ -276,6 +284,7 @@ def test_activations_do_not_depend_on_the_sharding(measured):
         assert all(0 < r["activations"] < 0.8 * value for r in measured[name].ranks), name
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_bench_memory_mode_shows_formula_and_recompute_saving(tmp_path, capsys):
     bench = load_bench()
@@ -297,6 +306,7 @@ def test_bench_memory_mode_shows_formula_and_recompute_saving(tmp_path, capsys):
     assert rows[("full", 0)]["saving"] == pytest.approx(1 - full / none) and rows[("full", 0)]["saving"] > 0.5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_advise_estimator_model_state_equals_measured(measured, name):
     """curry_train.planning's per-rank model state (ZeRO's formula over the rank's own parameters, with
@@ -318,6 +328,7 @@ def _estimated_activations(overrides) -> int:
     return estimate["activations"] + estimate["loss"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["dp", "full", "full-bf16", "cp"])
 def test_advise_activation_estimate_matches_the_memory_tracker(measured, name):
     """advise's activations (Korthikanti's per-block accounting applied to this model's ops) against
@@ -337,6 +348,7 @@ RECOMPUTE_LAYOUTS = {
 }
 
 
+@pytest.mark.slow
 def test_advise_activation_estimate_with_recompute():
     runs = [(*FAST, "model.ffn_dim=390", *overrides) for overrides, _ in RECOMPUTE_LAYOUTS.values()]
     for (name, (_, rtol)), overrides, layout in zip(
@@ -349,6 +361,7 @@ def test_advise_activation_estimate_with_recompute():
     assert _estimated_activations(runs[1]) < _estimated_activations(runs[0]) < none
 
 
+@pytest.mark.slow
 def test_bench_memory_table_of_a_pipelined_layout(measured):
     """--memory's table for a pipelined layout: each rank's formula is its stage's, and what a stage
     cannot measure (one micro-batch's activations) prints as '-'."""
@@ -364,6 +377,7 @@ def test_bench_memory_table_of_a_pipelined_layout(measured):
     assert "pp rank 0: " in table and "activations are not measured" in table
 
 
+@pytest.mark.slow
 def test_fsdp_shards_over_context_parallel_ranks_too(measured):
     """fsdp+cp on 4 ranks: 2 data-parallel x 2 context-parallel ranks share one copy of the model
     state, so ZeRO-3's d is 4: 16P/4 per rank (plus AdamW's step counters; no padding here)."""
@@ -375,6 +389,7 @@ def test_fsdp_shards_over_context_parallel_ranks_too(measured):
         assert record["state"] == expected_state(layout, record, "full")
 
 
+@pytest.mark.slow
 def test_context_parallel_ranks_keep_half_the_activations(measured):
     """cp=2: each rank runs its half of every sequence through the model (the strategy's sequence
     sharding, which the probe uses too), so it keeps half of dp's activations: measured 0.5004, the

@@ -139,6 +139,7 @@ def _pipeline_against_reference(out_dir: str, kinds: list[str], n_microbatches: 
     end_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "world, kinds, n_microbatches, n_layers",
     [
@@ -204,6 +205,7 @@ dist.destroy_process_group()
 """
 
 
+@pytest.mark.slow
 def test_seed_example_runs_unchanged_under_torchrun(tmp_path):
     found = re.findall(r"SEED OK (\d) ([0-9.]+);", run_seed_example(SEED_EXAMPLE, tmp_path))
     assert (
@@ -262,6 +264,7 @@ from conftest import FAST, STEPS, assert_same_curve, read_metric, run_train  # n
 from curry_train.validation.whitebox import validate  # noqa: E402
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "layout",
     [
@@ -284,6 +287,7 @@ def test_whitebox_pipeline_matches_single_process(layout):
     assert len(report.rows) == 2 * (2 + 39)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "layout",
     [
@@ -299,6 +303,7 @@ def test_whitebox_pipeline_composes_with_data_and_tensor_parallelism(layout):
     assert len(report.rows) == 2 * (2 + 39)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("schedule", KINDS)
 def test_pipeline_reproduces_single_process_curve(schedule, single_process_curve, tmp_path):
     run_train(
@@ -315,6 +320,7 @@ def test_pipeline_reproduces_single_process_curve(schedule, single_process_curve
     assert_same_curve(read_metric(tmp_path), single_process_curve)
 
 
+@pytest.mark.slow
 def test_3d_layout_reproduces_curve_and_resumes_on_one_process(single_process_curve, tmp_path):
     """fsdp+tp+pp on 8 ranks: the single-process curve, with validation on; its step-6 checkpoint
     (per-stage DCP shards, 2-D DTensors) resumes on one process on the same curve."""

@@ -101,6 +101,7 @@ def _norm_worker(out_dir: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_gradient_norm_over_dims_apart_is_one_all_reduce(tmp_path):
     spawn(8, _norm_worker, str(tmp_path))
     full = torch.arange(48, dtype=torch.float32).reshape(6, 8) / 10
@@ -110,6 +111,7 @@ def test_gradient_norm_over_dims_apart_is_one_all_reduce(tmp_path):
         assert got["collectives"] == 1
 
 
+@pytest.mark.slow
 def test_parallel_state_groups_on_four_ranks(tmp_path):
     """tp is the innermost dimension: tp groups are neighbouring ranks, dp groups stride by tp."""
     spawn(4, _mesh_worker, str(tmp_path))
@@ -212,6 +214,7 @@ def dp2_report():
     return validate([*FAST, "trainer.devices=2"], steps=2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("devices", [2, 4])
 def test_whitebox_data_parallel_matches_single_process(devices, dp2_report):
     report = dp2_report if devices == 2 else validate([*FAST, f"trainer.devices={devices}"], steps=1)
@@ -220,6 +223,7 @@ def test_whitebox_data_parallel_matches_single_process(devices, dp2_report):
     assert {"loss", "grad_norm", "grad tok_embeddings.weight", "grad layers.3.ffn_norm.weight"} <= names
 
 
+@pytest.mark.slow
 def test_whitebox_catches_a_wrong_gradient(dp2_report):
     """The comparison fails on a gradient off by 0.1% (a wrongly scaled reduction looks like this)."""
     rows = dp2_report.rows

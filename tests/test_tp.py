@@ -20,6 +20,7 @@ from curry_train.primitives.tp_linear import apply_tensor_parallel, distinct_rng
 from curry_train.validation.whitebox import validate
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "layout",
     [
@@ -52,6 +53,7 @@ def test_whitebox_tp_matches_single_process(layout):
     assert len(norms) == 2 * 9 and all(row.ok for row in norms)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "layout",
     [
@@ -145,6 +147,7 @@ print("SEED OK", rank)
 """
 
 
+@pytest.mark.slow
 def test_seed_example_runs_unchanged_under_torchrun(tmp_path):
     """The issue's seed example in a 2-process CPU job; outputs and gradients equal plain nn.Linear's."""
     assert run_seed_example(SEED_EXAMPLE, tmp_path).count("SEED OK") == 2
@@ -218,6 +221,7 @@ def _block_collectives(out_dir: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_block_collectives_and_dropout_rng(tmp_path):
     """One block's forward: 2 all-reduces; under sequence parallel 2 all-gathers and 2
     reduce-scatters moving the same number of elements. Backward mirrors them (f's all-reduce;

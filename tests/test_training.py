@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import pytest
 from conftest import FAST, STEPS, TRAIN, assert_same_curve, clean_env, read_metric, run_train
 
 
+@pytest.mark.slow
 def test_default_run_directory(single_process_run, single_process_curve):
     """The single-process run leaves config, log, metrics and a checkpoint, and its loss falls."""
     run_dir = single_process_run
@@ -27,6 +29,25 @@ def test_default_run_directory(single_process_run, single_process_curve):
     assert losses[STEPS - 1] < losses[0] - 1.0
 
 
+@pytest.mark.slow
+def test_a_run_says_what_it_is_and_how_it_ended(single_process_run, single_process_curve):
+    """Its start names the model size, layout and tokens per step; its last lines the final loss,
+    tokens/s, the run directory and the last checkpoint, which exists."""
+    lines = [line.split(" - ", 1)[-1] for line in (single_process_run / "train.log").read_text().splitlines()]
+    start = next(line for line in lines if " parameters | parallel=" in line)
+    assert re.fullmatch(
+        r"debug: [\d,]+ parameters \| parallel=dp \(pp=1 x dp_replicate=1 x dp_shard=1 x cp=1 x tp=1\) on 1 cpu"
+        rf" process\(es\) \| 1,024 tokens per step \(16 x 64\), micro-batch 4, 4 accumulation step\(s\) \| {STEPS}"
+        rf" steps -> {re.escape(str(single_process_run))}",
+        start,
+    ), start
+    done, where, checkpoint = lines[-3:]
+    assert re.fullmatch(rf"done: step {STEPS}, train loss {single_process_curve[STEPS - 1]:.4f}, [\d,]+ tokens/s", done)
+    assert where == f"run directory: {single_process_run}"
+    assert checkpoint == f"last checkpoint: {single_process_run / 'checkpoints' / f'step-{STEPS:08d}'}"
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("devices", [2, 4])
 def test_data_parallel_reproduces_single_process_curve(devices, single_process_curve, tmp_path):
     run_train(
@@ -35,6 +56,7 @@ def test_data_parallel_reproduces_single_process_curve(devices, single_process_c
     assert_same_curve(read_metric(tmp_path), single_process_curve)
 
 
+@pytest.mark.slow
 def test_sweep_writes_one_directory_per_job(tmp_path):
     """-m with 2 workers per job: each job runs once; nothing but the two job directories is written."""
     sweep_dir = tmp_path / "sweep"
@@ -68,6 +90,7 @@ def _spawned_workers(parent_pid: int) -> list[int]:
     return workers
 
 
+@pytest.mark.slow
 def test_failing_sweep_job_ends_its_workers(tmp_path):
     """A worker killed mid-run fails its job promptly and ends its peer; the sweep goes on to the
     next job (Hydra's behaviour) and reports the failure at the end."""
@@ -108,6 +131,7 @@ def test_failing_sweep_job_ends_its_workers(tmp_path):
     assert sorted(read_metric(sweep_dir / "1")) == [0, 1, 2]  # job 1 ran whole
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_with_the_same_losses(tmp_path):
     steps = 8
     common = [*FAST, f"trainer.max_steps={steps}", "checkpoint.every_n_steps=2", "checkpoint.keep_last=5"]
@@ -148,6 +172,7 @@ def test_killed_run_resumes_with_the_same_losses(tmp_path):
         assert abs(loss - reference[step]) / reference[step] <= 1e-5, (step, loss, reference[step])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "overrides, message",
     [
@@ -168,6 +193,7 @@ def test_bad_input_fails_in_one_line(overrides, message, tmp_path):
     assert len(error_lines) == 1 and message in error_lines[0], result.stderr
 
 
+@pytest.mark.slow
 def test_world_size_mismatch_under_torchrun(tmp_path):
     env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "4", "TORCHELASTIC_RUN_ID": "t"}
     result = run_train(
@@ -177,6 +203,7 @@ def test_world_size_mismatch_under_torchrun(tmp_path):
     assert "torchrun started 4 processes but trainer.devices=2 x trainer.num_nodes=1 = 2" in result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "overrides, message",
     [
@@ -192,6 +219,7 @@ def test_config_errors_name_the_key(overrides, message, tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_torchrun_processes_join_one_run(single_process_curve, tmp_path):
     """Under torchrun every rank runs train.py: they agree on one run directory and reproduce the curve."""
     result = subprocess.run(
@@ -220,6 +248,7 @@ def test_torchrun_processes_join_one_run(single_process_curve, tmp_path):
     assert_same_curve(read_metric(run_dir), single_process_curve)
 
 
+@pytest.mark.slow
 def test_default_logger_is_wandb_offline(tmp_path):
     run_train(
         ["logger=wandb", *FAST[1:], "trainer.max_steps=2", f"hydra.run.dir={tmp_path}"],
@@ -231,6 +260,7 @@ def test_default_logger_is_wandb_offline(tmp_path):
     assert sorted(read_metric(tmp_path)) == [0, 1]  # metrics.csv is written whatever the logger
 
 
+@pytest.mark.slow
 def test_workers_die_with_their_launcher(tmp_path):
     """Killing the job process (an OOM kill, a scheduler's kill) takes its workers with it."""
     process = subprocess.Popen(
@@ -259,6 +289,7 @@ def test_workers_die_with_their_launcher(tmp_path):
             os.killpg(process.pid, signal.SIGKILL)
 
 
+@pytest.mark.slow
 def test_tensorboard_logger_runs_or_names_its_package(tmp_path):
 
     installed = any(importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX"))

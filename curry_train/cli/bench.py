@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from curry_train.cli.common import error_line, fail, is_config_error
 from curry_train.config import ConfigError, compose
 from curry_train.planning.step_time import flops_parameters, flops_per_token  # noqa: F401  (re-exported for tests)
 from curry_train.primitives.context_parallel import PATTERNS
@@ -295,12 +296,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             result = pipeline_bench(args.overrides, args.pp, args.microbatches, steps, args.kinds)
         else:
             result = bench(args.overrides, steps, args.warmup, args.repeats, args.loggers, progress=True)
-    except ConfigError as error:
-        print(f"curry-train: error: {error}", file=sys.stderr)
-        return 2
+    except Exception as error:
+        if not is_config_error(error):
+            raise
+        return fail("curry-train", error_line(error))
     print(result.table())
     if args.json is not None:
         args.json.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+        print(f"json: {args.json.resolve()}")
     return 0
 
 

@@ -44,6 +44,7 @@ import json
 import sys
 from typing import Optional, Sequence
 
+from curry_train.cli.common import error_line, fail, is_config_error
 from curry_train.planning.capacity import FORMATS, parse_count, run_sweep
 from curry_train.planning.layout import PlanningError
 
@@ -81,14 +82,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             largest=parse_count(options["max"]) if "max" in options else None,
             trial_timeout=timeout,
         )
-    except PlanningError as error:
-        print(f"capacity_sweep: error: {error}", file=sys.stderr)
-        return 2
-    except Exception as error:  # Hydra's composition errors: a misspelt key, a missing option
-        if type(error).__module__.split(".")[0] not in ("hydra", "omegaconf"):
+    except Exception as error:  # ours (PlanningError), or Hydra's: a misspelt key, a missing option
+        if not is_config_error(error):
             raise
-        print(f"capacity_sweep: error: {str(error).strip().splitlines()[0]}", file=sys.stderr)
-        return 2
+        return fail("capacity_sweep", error_line(error))
     print(json.dumps(result.to_dict()) if fmt == "json" else result.table())
     return 0 if result.recommended is not None else 1
 
