@@ -34,7 +34,8 @@ from curry_train.planning.memory import (
     zero_formula_terms,
     zero_formula_text,
 )
-from curry_train.validation.memory import LayoutMemory, measure_layouts, model_state_bytes
+from curry_train.validation.layout_memory import LayoutMemory, measure_layouts
+from curry_train.validation.memory import model_state_bytes
 
 COMMON = (*FAST, "trainer.devices=4", "model.ffn_dim=390")
 LAYOUTS = {

@@ -17,7 +17,7 @@ documented where it is measured:
   tokens/s, the ratio, and the per-step losses, which must agree (``curry_train/validation/throughput.py``);
 * ``--memory``: per rank, the model state against ZeRO's formula, the parameters held after forward
   and the peak activations; on one process, the activations of each ``parallel.recompute`` setting
-  (``curry_train/validation/layouts.py``, ``curry_train/validation/memory.py``);
+  (``curry_train/validation/memory_bench.py``, ``curry_train/validation/memory.py``);
 * ``--layouts``, ``--compare``: several layouts of one run side by side: tokens/s and memory per rank;
   with ``--compare`` also ms/step, MFU, peak memory, bytes per collective and the pipeline bubble
   (``curry_train/validation/layouts.py``, ``curry_train/validation/comm.py``);
@@ -53,14 +53,12 @@ from curry_train.validation.context import context_table, measure_context
 from curry_train.validation.layouts import (  # noqa: F401
     COMPARE_LAYOUTS,
     LAYOUTS,
-    LayoutRow,
-    LayoutsResult,
-    MemoryResult,
     layouts_bench,
-    memory_bench,
     parse_layout,
     parse_layouts,
 )
+from curry_train.validation.layouts_report import LayoutRow, LayoutsResult  # noqa: F401
+from curry_train.validation.memory_bench import MemoryResult, memory_bench  # noqa: F401
 from curry_train.validation.throughput import BenchResult, LoopRun, bench  # noqa: F401
 
 # ----------------------------------------------------------------------------------------------

@@ -16,7 +16,14 @@ from typing import Any, Optional, Sequence
 from omegaconf import DictConfig
 
 from curry_train.config.schema import ParallelConfig
-from curry_train.planning.layout import ZERO_NAMES, Layout, current_layout, microbatches_per_step, pipeline_knobs
+from curry_train.planning.layout import (
+    ZERO_NAMES,
+    Layout,
+    current_layout,
+    microbatches_per_step,
+    pipeline_knobs,
+    train_command,
+)
 from curry_train.planning.memory import activation_bytes, model_state, rank_shapes, transient_state
 from curry_train.planning.step_time import step_time
 from curry_train.primitives.pipeline_schedule import check_microbatches
@@ -360,64 +367,6 @@ def _what_would_fit(cfg: DictConfig, best: Estimate, world: int) -> list[str]:
 
 def gib_text(n: float) -> str:
     return f"{n / 2**30:.1f} GiB"
-
-
-def train_command(cfg: DictConfig, layout: Layout, user_overrides: Sequence[str] = ()) -> str:
-    """``python train.py ...`` for ``layout``: the user's overrides, less those the layout sets and
-    the ``parallel.<option>.*`` keys of options the layout does not compose (the user's
-    ``parallel.pp.schedule`` stays with a pipeline; ``parallel.cp.pattern`` goes without cp)."""
-    hw = cfg.hardware
-    mine = {
-        "parallel",
-        "parallel.fsdp.sharding",
-        "parallel.fsdp.replicas",
-        "parallel.fsdp.mixed_precision",
-        "parallel.tp.size",
-        "parallel.tp.sequence_parallel",
-        "parallel.pp.size",
-        "parallel.pp.schedule",
-        "parallel.pp.virtual_stages",
-        "parallel.cp.size",
-        "parallel.recompute",
-        "trainer.devices",
-        "trainer.num_nodes",
-        "trainer.precision",
-        "data.micro_batch_size",
-    }
-    options = set(layout.options())
-
-    def kept(override: str) -> bool:
-        key = override.lstrip("+~").partition("=")[0]
-        parts = key.split(".")
-        if key in mine:
-            return False
-        return not (parts[0] == "parallel" and len(parts) > 2 and parts[1] not in options)
-
-    args = [o for o in user_overrides if kept(o)]
-    args.append(f"parallel={'+'.join(layout.options())}")
-    if layout.zero != "none":
-        args.append(f"parallel.fsdp.sharding={layout.zero}")
-        if layout.zero == "hybrid":
-            args.append(f"parallel.fsdp.replicas={layout.dp_replicate}")
-        args.append(f"parallel.fsdp.mixed_precision={layout.mixed_precision}")
-    elif layout.mixed_precision == "bf16":
-        args.append("trainer.precision=bf16-mixed")
-    for name in ("tp", "pp", "cp"):
-        if getattr(layout, name) > 1:
-            args.append(f"parallel.{name}.size={getattr(layout, name)}")
-    if layout.pp > 1 and layout.pp_schedule != "1F1B":  # conf/parallel/pp.yaml's defaults: 1F1B, virtual_stages null
-        args.append(f"parallel.pp.schedule={layout.pp_schedule}")
-    if layout.pp > 1 and layout.virtual_stages is not None:
-        args.append(f"parallel.pp.virtual_stages={layout.virtual_stages}")
-    if layout.sequence_parallel:
-        args.append("parallel.tp.sequence_parallel=true")
-    if layout.recompute != "none":
-        args.append(f"parallel.recompute={layout.recompute}")
-    user_micro_batch = any(o.lstrip("+~").startswith("data.micro_batch_size") for o in user_overrides)
-    if layout.micro_batch_size != cfg.data.micro_batch_size or user_micro_batch:  # the user's was dropped above
-        args.append(f"data.micro_batch_size={layout.micro_batch_size}")
-    args += [f"trainer.devices={hw.gpus_per_node}", f"trainer.num_nodes={hw.nodes}"]
-    return "python train.py " + " ".join(args)
 
 
 NEXT_FOR_OOM = {"none": "optimizer", "optimizer": "shard_grad_op", "shard_grad_op": "full"}

@@ -23,10 +23,10 @@ from omegaconf import DictConfig
 
 from curry_train.config import compose
 from curry_train.config.schema import ParallelConfig, PPConfig
-from curry_train.planning.advise import HEADROOM, estimate, train_command
+from curry_train.planning.advise import HEADROOM, estimate
 from curry_train.planning.capacity_report import Candidate, Result, Row, Sweep, size_text
 from curry_train.planning.families import FAMILIES, MEMBER_KEYS, family
-from curry_train.planning.layout import Layout, LayoutSpec, PlanningError, current_layout, parse_layout
+from curry_train.planning.layout import Layout, LayoutSpec, PlanningError, current_layout, parse_layout, train_command
 from curry_train.planning.trials import measure, measure_blocker
 from curry_train.primitives.pipeline_schedule import check_microbatches, split_layers, stages_per_rank
 
@@ -391,7 +391,7 @@ def run_sweep(
 
 
 def recommended_command(cfg: DictConfig, row: Row, user_overrides: Sequence[str], user_model: Sequence[str]) -> str:
-    """``python train.py ...`` for the recommended row: ``advise.train_command`` for the layout, with the
+    """``python train.py ...`` for the recommended row: ``layout.train_command`` for the layout, with the
     member's model (``model=<preset>`` where one has its shapes), and the layout item's own ``parallel.*``
     settings that train_command does not write (e.g. ``parallel.pp.schedule``)."""
     cand = row.largest.candidate

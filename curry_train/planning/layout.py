@@ -4,7 +4,7 @@ parser of layout strings (``capacity_sweep.py layouts=...`` and ``bench.py --lay
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from omegaconf import DictConfig
 
@@ -122,6 +122,64 @@ def pipeline_knobs(cfg: DictConfig) -> dict[str, Any]:
     the defaults of ``conf/parallel/pp.yaml`` without pp."""
     pp = ParallelConfig.of(cfg).pp
     return {"pp_schedule": pp.schedule, "virtual_stages": pp.virtual_stages} if pp is not None else {}
+
+
+def train_command(cfg: DictConfig, layout: Layout, user_overrides: Sequence[str] = ()) -> str:
+    """``python train.py ...`` for ``layout``: the user's overrides, less those the layout sets and
+    the ``parallel.<option>.*`` keys of options the layout does not compose (the user's
+    ``parallel.pp.schedule`` stays with a pipeline; ``parallel.cp.pattern`` goes without cp)."""
+    hw = cfg.hardware
+    mine = {
+        "parallel",
+        "parallel.fsdp.sharding",
+        "parallel.fsdp.replicas",
+        "parallel.fsdp.mixed_precision",
+        "parallel.tp.size",
+        "parallel.tp.sequence_parallel",
+        "parallel.pp.size",
+        "parallel.pp.schedule",
+        "parallel.pp.virtual_stages",
+        "parallel.cp.size",
+        "parallel.recompute",
+        "trainer.devices",
+        "trainer.num_nodes",
+        "trainer.precision",
+        "data.micro_batch_size",
+    }
+    options = set(layout.options())
+
+    def kept(override: str) -> bool:
+        key = override.lstrip("+~").partition("=")[0]
+        parts = key.split(".")
+        if key in mine:
+            return False
+        return not (parts[0] == "parallel" and len(parts) > 2 and parts[1] not in options)
+
+    args = [o for o in user_overrides if kept(o)]
+    args.append(f"parallel={'+'.join(layout.options())}")
+    if layout.zero != "none":
+        args.append(f"parallel.fsdp.sharding={layout.zero}")
+        if layout.zero == "hybrid":
+            args.append(f"parallel.fsdp.replicas={layout.dp_replicate}")
+        args.append(f"parallel.fsdp.mixed_precision={layout.mixed_precision}")
+    elif layout.mixed_precision == "bf16":
+        args.append("trainer.precision=bf16-mixed")
+    for name in ("tp", "pp", "cp"):
+        if getattr(layout, name) > 1:
+            args.append(f"parallel.{name}.size={getattr(layout, name)}")
+    if layout.pp > 1 and layout.pp_schedule != "1F1B":  # conf/parallel/pp.yaml's defaults: 1F1B, virtual_stages null
+        args.append(f"parallel.pp.schedule={layout.pp_schedule}")
+    if layout.pp > 1 and layout.virtual_stages is not None:
+        args.append(f"parallel.pp.virtual_stages={layout.virtual_stages}")
+    if layout.sequence_parallel:
+        args.append("parallel.tp.sequence_parallel=true")
+    if layout.recompute != "none":
+        args.append(f"parallel.recompute={layout.recompute}")
+    user_micro_batch = any(o.lstrip("+~").startswith("data.micro_batch_size") for o in user_overrides)
+    if layout.micro_batch_size != cfg.data.micro_batch_size or user_micro_batch:  # the user's was dropped above
+        args.append(f"data.micro_batch_size={layout.micro_batch_size}")
+    args += [f"trainer.devices={hw.gpus_per_node}", f"trainer.num_nodes={hw.nodes}"]
+    return "python train.py " + " ".join(args)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from curry_train.data import LMDataModule
 from curry_train.launch import spawn
 from curry_train.module import CausalLM
 from curry_train.run import build_trainer
-from curry_train.validation.memory import MemoryProbe
+from curry_train.validation.layout_memory import MemoryProbe
 from curry_train.validation.whitebox import measurement_config
 
 TRIAL_STEPS = 3  # the memory probe measures in step 3 (validation.memory.MEASURED_STEP), after DDP's bucket rebuild

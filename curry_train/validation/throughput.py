@@ -53,6 +53,7 @@ from torch.utils.data import DataLoader
 
 from curry_train.config import ConfigError, compose
 from curry_train.config.checks import LaunchPlan, check
+from curry_train.config.schema import PRECISIONS
 from curry_train.data import GlobalBatchSampler, LMDataModule
 from curry_train.model import Llama
 from curry_train.module import CausalLM, lr_lambda
@@ -60,7 +61,6 @@ from curry_train.primitives.materialize import materialize_and_init
 from curry_train.run import build_trainer
 
 LOOPS = ("hand", "curry")
-PRECISIONS = ("32-true", "32", "bf16-mixed")  # what the hand loop reproduces
 
 
 # ----------------------------------------------------------------------------------------------

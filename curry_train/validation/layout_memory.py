@@ -1,0 +1,310 @@
+"""A layout's memory, per rank, measured in a real run: the probe each rank runs (model state at the
+optimizer step, the parameters held after forward, the peak activations of one micro-batch, the
+collectives of a step) and the layouts run one after another in the same workers. What is measured,
+and how, is described in curry_train.validation.memory, whose tools it uses."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from curry_train.config import compose
+from curry_train.config.checks import check
+from curry_train.config.schema import ParallelConfig
+from curry_train.data import LMDataModule
+from curry_train.launch import free_port, spawn
+from curry_train.model import Llama
+from curry_train.module import CausalLM
+from curry_train.planning.memory import tensor_parallel_shapes, zero_formula_terms, zero_formula_text
+from curry_train.primitives.parallel_state import Degrees
+from curry_train.primitives.pipeline_schedule import pipeline_stages
+from curry_train.run import build_trainer
+from curry_train.validation.comm import CommCounter, ddp_bucket_bytes
+from curry_train.validation.memory import MEASURED_STEP, model_state_bytes, peak_memory
+from curry_train.validation.whitebox import measurement_config
+
+# ----------------------------------------------------------------------------------------------
+# A layout's memory, per rank
+
+
+class MemoryProbe(Callback):
+    """Takes this rank's measurements in step ``step`` of a real run (see the module docstring).
+
+    ``comm_step`` (1-based, like ``step``; after ``step``): the step whose collectives are counted
+    from ``on_train_batch_start`` to ``on_train_batch_end`` (``record["comm"]``). That step and any
+    after it are not timed (no ``step_ends``)."""
+
+    def __init__(self, step: int = MEASURED_STEP, comm_step: Optional[int] = None) -> None:
+        if comm_step is not None and comm_step <= step:
+            raise ValueError(f"comm_step={comm_step} must come after the measured step {step}")
+        self.step = step
+        self.comm_step = comm_step
+        self.record: dict[str, Any] = {}
+        self._hook: Optional[torch.utils.hooks.RemovableHandle] = None
+        self._counter: Optional[CommCounter] = None
+
+    def _measuring(self, trainer: pl.Trainer) -> bool:
+        return trainer.global_step == self.step - 1  # global_step counts the steps already taken
+
+    @staticmethod
+    def _optimizers(trainer: pl.Trainer) -> list[torch.optim.Optimizer]:
+        return [getattr(opt, "_optimizer", opt) for opt in trainer.optimizers]
+
+    def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        ps = module.step.parallel_state
+        shard_mesh = ps.submesh("dp_shard_cp")
+        self.record.update(
+            rank=trainer.global_rank,
+            shard_rank=shard_mesh.get_local_rank(),
+            shards=shard_mesh.size(),
+            pp_rank=ps.pp_rank,
+        )
+
+        def after_forward(*_: Any) -> None:
+            # The step's own first forward: the activation measurement's forward comes before it.
+            if self._measuring(trainer) and "activations" in self.record and "after_forward" not in self.record:
+                self.record["after_forward"] = model_state_bytes(module.model, self._optimizers(trainer))
+
+        self._hook = module.model.register_forward_hook(after_forward)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self.comm_step is not None and trainer.global_step == self.comm_step - 1:
+            self._counter = CommCounter()
+            self._counter.__enter__()  # left in on_train_batch_end: the whole step, its optimizer and logging included
+            return
+        if not self._measuring(trainer):
+            return
+        if module.step.pipelined:
+            # A pipeline stage cannot run a micro-batch alone, and the schedule's step calls each stage
+            # once per micro-batch, which PyTorch's memory tracker refuses: not measured.
+            self.record["activations"], self.record["peak"] = None, None
+            return
+        optimizers = self._optimizers(trainer)
+        micro_batch = module.micro_batches(batch)[0]
+
+        # As in the step's own forward_backward: tensor parallelism's loss runs under
+        # loss_parallel() (vocabulary-sharded logits); context parallelism gives the model this
+        # rank's share of the sequence.
+        def forward_backward() -> None:
+            with module.step.loss_context():
+                with trainer.strategy.precision_plugin.train_step_context():
+                    loss = module.step.micro_batch_loss(micro_batch)
+                module.manual_backward(loss)
+
+        device = trainer.strategy.root_device
+        if device.type == "cuda":  # the allocator's own peak over the same forward+backward
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        self.record["activations"], self.record["peak"] = peak_memory(
+            module.model, forward_backward, optimizers, [batch]
+        )
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            self.record["cuda_peak"] = torch.cuda.max_memory_allocated(device)
+        for optimizer in optimizers:  # the step itself starts from no gradients, as every step does
+            optimizer.zero_grad(set_to_none=True)
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, module: pl.LightningModule, optimizer: Any) -> None:
+        if self._measuring(trainer):
+            self.record["state"] = model_state_bytes(module.model, self._optimizers(trainer))
+
+    def _stop_counting(self) -> Optional[CommCounter]:
+        counter, self._counter = self._counter, None
+        if counter is not None:
+            counter.__exit__(None, None, None)
+        return counter
+
+    def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, *args: Any) -> None:
+        counter = self._stop_counting()
+        if counter is not None:
+            self.record.update(
+                comm=counter.to_dict(), comm_step=trainer.global_step, ddp_bucket_bytes=ddp_bucket_bytes(module.model)
+            )
+            return
+        if self.comm_step is not None and trainer.global_step >= self.comm_step:
+            return
+        if trainer.global_step >= self.step:  # the measured step (its end starts the clock) and those after it
+            if trainer.strategy.root_device.type == "cuda":
+                torch.cuda.synchronize(trainer.strategy.root_device)
+            self.record.setdefault("step_ends", []).append(time.perf_counter())
+
+    def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self._stop_counting()
+        if self._hook is not None:
+            self._hook.remove()
+
+    def on_exception(self, trainer: pl.Trainer, module: pl.LightningModule, exception: BaseException) -> None:
+        self._stop_counting()
+
+
+def _rendezvous_port(out_dir: Path, index: int) -> int:
+    """The port of layout ``index``: rank 0 picks a free one just before it is needed and the others
+    read it from ``out_dir``. Picked any earlier, it may since have gone to one of the connections
+    the previous layouts' process groups opened."""
+
+    path = out_dir / f"port-{index:03d}"
+    if os.environ["RANK"] == "0":
+        pending = path.with_suffix(".pending")
+        pending.write_text(str(free_port()))
+        pending.rename(path)  # atomic: readers never see a partial file
+    while not path.exists():  # if rank 0 fails, spawn ends this worker
+        time.sleep(0.05)
+    return int(path.read_text())
+
+
+def _probe(
+    containers: list[dict], out_dir: str, accelerator: str, comm_steps: Optional[list[Optional[int]]] = None
+) -> None:
+    """Worker body: run each layout in turn in this same process, each on a fresh rendezvous port."""
+
+    for name in ("lightning.pytorch", "lightning.fabric"):  # per-fit banners, from every rank
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # The ranks share this machine's cores (as Lightning's CPU DDP does): each rank's default of one
+    # thread per core oversubscribes them, and the step time (timed_steps) then measures contention.
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["WORLD_SIZE"])))
+    for index, container in enumerate(containers):
+        os.environ["MASTER_PORT"] = str(_rendezvous_port(Path(out_dir), index))
+        cfg = OmegaConf.create(container)
+        pl.seed_everything(cfg.seed, verbose=False)
+        probe = MemoryProbe(comm_step=comm_steps[index] if comm_steps else None)
+        trainer = build_trainer(cfg, Path(out_dir), accelerator, callbacks=[probe], checkpoints=False, loggers=[])
+        trainer.fit(CausalLM(cfg), datamodule=LMDataModule(cfg.data, cfg.seed))
+        path = Path(out_dir) / f"memory-{index:03d}-rank{probe.record['rank']:05d}.json"
+        path.write_text(json.dumps(probe.record))
+
+
+@dataclass
+class LayoutMemory:
+    """A layout's measurements: one record per rank (rank, shard_rank, shards, state, after_forward,
+    activations, peak), with what the formula needs: the mode, P and d."""
+
+    overrides: list[str]
+    model: str
+    mode: str  # a key of ZERO_STAGE
+    mixed_precision: str
+    parameters: int  # P
+    tp: int  # tensor-parallel ranks
+    tp_parameters: int  # parameters one tensor-parallel rank holds (its matmul shards, replicated norms); P if tp == 1
+    dp: int  # d: data-parallel ranks
+    replicas: int  # data-parallel replicas (hybrid: groups, each sharded over dp / replicas ranks)
+    micro_batch: tuple[int, int]  # sequences x tokens of the forward+backward whose activations are measured
+    recompute: str
+    recompute_every_n_blocks: int
+    ranks: list[dict[str, Any]] = field(default_factory=list)
+    pp: int = 1  # pipeline ranks (> 1: a rank holds its stages only, and activations are not measured)
+    cp: int = 1  # context-parallel ranks (a rank runs 1/cp of each sequence)
+    # Per pipeline rank, the parameters one of its tensor-parallel ranks holds: [tp_parameters] without pp.
+    stage_parameters: list[int] = field(default_factory=list)
+
+    def formula_terms_of(self, pp_rank: int = 0) -> dict[str, int]:
+        """ZeRO's formula for one rank: data parallelism replicates or shards what tensor and pipeline
+        parallelism left on it."""
+        P = self.stage_parameters[pp_rank] if self.stage_parameters else self.tp_parameters
+        # FSDP shards over the context-parallel ranks too (they hold different tokens of the same samples).
+        return zero_formula_terms(self.mode, P, self.dp * self.cp, self.mixed_precision, self.replicas)
+
+    def formula_of(self, record: dict[str, Any]) -> int:
+        """The formula for the rank of ``record`` (its pipeline stage's parameters)."""
+        return sum(self.formula_terms_of(record.get("pp_rank", 0)).values())
+
+    @property
+    def formula_terms(self) -> dict[str, int]:
+        """The formula for the rank that holds the most (the pipeline rank with the most parameters)."""
+        stage = (
+            max(range(len(self.stage_parameters)), key=self.stage_parameters.__getitem__)
+            if self.stage_parameters
+            else 0
+        )
+        return self.formula_terms_of(stage)
+
+    @property
+    def formula(self) -> int:
+        return sum(self.formula_terms.values())
+
+    @property
+    def formula_text(self) -> str:
+        return zero_formula_text(self.mode, self.mixed_precision)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "formula": self.formula, "formula_text": self.formula_text}
+
+
+def _describe(overrides: Sequence[str], cfg: DictConfig, degrees: Degrees) -> LayoutMemory:
+
+    parallel = ParallelConfig.of(cfg)
+    fsdp = parallel.fsdp
+    with torch.device("meta"):
+        model = Llama(cfg.model)
+    parameters = model.num_parameters()
+    tp_shapes = tensor_parallel_shapes(model, degrees.tp)
+    stage_parameters = [sum(shape.numel() for shape in tp_shapes.values())]
+    pp = parallel.pp
+    if pp is not None and degrees.pp > 1:
+        stage_parameters = []
+        for pp_rank in range(degrees.pp):
+            with torch.device("meta"):
+                stage, _ = pipeline_stages(
+                    Llama(cfg.model), pp.schedule, degrees.pp, pp_rank, pp.virtual_stages, pp.layers_per_stage
+                )
+            stage_parameters.append(sum(tp_shapes[name].numel() for name, _ in stage.named_parameters()))
+    return LayoutMemory(
+        overrides=list(overrides),
+        model=cfg.model.name,
+        mode=fsdp.sharding if fsdp is not None else "dp",
+        # Autocast (trainer.precision=bf16-mixed) keeps no half-precision copy of the model state.
+        mixed_precision=fsdp.mixed_precision if fsdp is not None else "fp32",
+        parameters=parameters,
+        tp=degrees.tp,
+        tp_parameters=sum(shape.numel() for shape in tp_shapes.values()),
+        dp=degrees.dp,
+        replicas=degrees.dp_replicate,
+        micro_batch=(cfg.data.micro_batch_size, cfg.data.seq_len),
+        recompute=cfg.parallel.recompute,
+        recompute_every_n_blocks=cfg.parallel.recompute_every_n_blocks,
+        pp=degrees.pp,
+        cp=degrees.cp,
+        stage_parameters=stage_parameters,
+    )
+
+
+def measure_layouts(
+    layouts: Sequence[Sequence[str]], config_dir: Optional[Path] = None, timed_steps: int = 0, count_comm: bool = False
+) -> list[LayoutMemory]:
+    """Run each layout (Hydra overrides, composed and checked as for ``train.py``) for
+    ``MEASURED_STEP`` steps, and ``timed_steps`` more, and return its per-rank measurements, in
+    order. Layouts that need the same number of processes run in turn in one set of local workers:
+    starting processes (and importing torch in them) costs more than a few steps of a small model.
+
+    ``count_comm``: one more step, whose collectives each rank counts (``comm`` in its record)."""
+
+    if timed_steps < 0:
+        raise ValueError(f"timed_steps={timed_steps} must not be negative")
+    comm_step = MEASURED_STEP + timed_steps + 1 if count_comm else None
+    cfgs, plans = [], []
+    for overrides in layouts:
+        cfg = measurement_config(compose(overrides, config_dir), MEASURED_STEP + timed_steps + bool(count_comm))
+        cfgs.append(cfg)
+        plans.append(check(cfg))
+    results = [
+        _describe(overrides, cfg, plan.degrees) for overrides, cfg, plan in zip(layouts, cfgs, plans, strict=False)
+    ]
+    for world_size in sorted({plan.world_size for plan in plans}):
+        indices = [i for i, plan in enumerate(plans) if plan.world_size == world_size]
+        containers = [OmegaConf.to_container(cfgs[i], resolve=True) for i in indices]
+        with tempfile.TemporaryDirectory(prefix="curry-memory-") as out_dir:
+            spawn(world_size, _probe, containers, out_dir, plans[indices[0]].accelerator, [comm_step] * len(indices))
+            for position, index in enumerate(indices):
+                files = sorted(Path(out_dir).glob(f"memory-{position:03d}-rank*.json"))
+                results[index].ranks = [json.loads(f.read_text()) for f in files]
+    return results
