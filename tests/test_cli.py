@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-import subprocess
-import sys
 
 import pytest
 import tomllib
-from conftest import REPO, TRAIN, clean_env
+from conftest import REPO, run_train
 
 import curry_train
 from curry_train.config import compose
@@ -85,25 +83,11 @@ def test_a_bad_argument_is_one_line(name, argv, message, capsys):
 
 
 def test_train_help_and_a_bad_override(tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(TRAIN), "--help"],
-        cwd=tmp_path,
-        env=clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_train(["--help"], cwd=tmp_path, timeout=120, check=False)
     assert (
         result.returncode == 0 and "Usage: curry-train" in result.stdout and "parallel: cp, dp, fsdp" in result.stdout
     )
-    result = subprocess.run(
-        [sys.executable, str(TRAIN), "model.dimm=3"],
-        cwd=tmp_path,
-        env=clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_train(["model.dimm=3"], cwd=tmp_path, timeout=120, check=False)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "curry-train: error: Could not override 'model.dimm'.: Key 'dimm' not in 'ModelConfig'"
@@ -112,27 +96,13 @@ def test_train_help_and_a_bad_override(tmp_path):
 
 
 def test_a_run_that_fails_its_check_leaves_no_run_directory(tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(TRAIN), "trainer.devices=3", "logger=csv"],
-        cwd=tmp_path,
-        env=clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_train(["trainer.devices=3", "logger=csv"], cwd=tmp_path, timeout=120, check=False)
     assert result.returncode == 2 and "is not divisible by" in result.stderr
     assert list(tmp_path.iterdir()) == []  # neither outputs/<date>/<time>/ nor the emptied outputs/<date>/
     # A directory that holds more than Hydra's files (an earlier run's) is left as it was.
     run_dir = tmp_path / "kept"
     (run_dir / "checkpoints").mkdir(parents=True)
-    result = subprocess.run(
-        [sys.executable, str(TRAIN), "trainer.devices=3", f"hydra.run.dir={run_dir}"],
-        cwd=tmp_path,
-        env=clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_train(["trainer.devices=3", f"hydra.run.dir={run_dir}"], cwd=tmp_path, timeout=120, check=False)
     assert result.returncode == 2 and (run_dir / "checkpoints").is_dir() and (run_dir / ".hydra").is_dir()
 
 
