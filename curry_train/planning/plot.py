@@ -82,7 +82,7 @@ def plot_memory(cfg: DictConfig, candidates: Sequence[tuple[str, Estimate]], pat
             zorder=5,
         )
     labels = [
-        textwrap.fill(f"{step}: {'+'.join(est.layout.options())}", 20, break_long_words=False)
+        textwrap.fill(f"{step}: {'+'.join(est.layout.options())}", 16, break_long_words=False)
         for step, est in candidates
     ]
     axes.set_xticks(positions, labels, fontsize=8)
