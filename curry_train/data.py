@@ -27,10 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, List, Optional, Sequence
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Dataset, Sampler
 
 SOURCES = ("stdlib", "files", "tokens")  # data.source
 BYTE_SEPARATOR = 0  # NUL never occurs in text files, so it marks document boundaries in byte streams
@@ -270,69 +269,3 @@ class GlobalBatchSampler(Sampler[List[int]]):
         if self.num_steps is None:
             raise TypeError("an endless sampler has no length")
         return self.num_steps
-
-
-class LMDataModule(pl.LightningDataModule):
-    """Train and validation loaders whose batches are this rank's slice of a global batch.
-
-    Each batch is a ``(global_batch_size / dp, seq_len + 1)`` tensor of token ids; the training step
-    cuts it into micro-batches. Data-parallel rank and size come from the strategy
-    (``trainer.distributed_sampler_kwargs``), which takes them from the data-parallel sub-mesh, so
-    ranks that hold the same batch (tensor, pipeline or context parallel peers) read the same data.
-    """
-
-    def __init__(self, cfg: DataConfig, seed: int) -> None:
-        super().__init__()
-        self.cfg, self.seed = cfg, seed
-        self.train_set: Optional[PackedSequences] = None
-        self.val_set: Optional[PackedSequences] = None
-        self.vocab_size: Optional[int] = None
-
-    def setup(self, stage: str) -> None:
-        if self.train_set is not None:
-            return
-        streams, self.vocab_size = load_streams(self.cfg)
-        train, val = split_streams(streams, self.cfg.val_fraction)
-        self.train_set = PackedSequences(train, self.cfg.seq_len)
-        self.val_set = PackedSequences(val, self.cfg.seq_len)
-
-    def _dp(self) -> tuple[int, int]:
-        kwargs = self.trainer.distributed_sampler_kwargs if self.trainer is not None else None
-        if not kwargs:
-            return 0, 1
-        return kwargs["rank"], kwargs["num_replicas"]
-
-    def _loader(self, dataset: Dataset, sampler: GlobalBatchSampler) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_sampler=sampler,
-            collate_fn=torch.stack,
-            num_workers=self.cfg.num_workers,
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=self.cfg.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        rank, size = self._dp()
-        trainer = self.trainer
-        sampler = GlobalBatchSampler(
-            len(self.train_set),
-            self.cfg.global_batch_size,
-            rank,
-            size,
-            self.seed,
-            start_step=(lambda: trainer.global_step) if trainer is not None else (lambda: 0),
-        )
-        return self._loader(self.train_set, sampler)
-
-    def val_dataloader(self) -> DataLoader | list:
-        rank, size = self._dp()
-        batches = len(self.val_set) // self.cfg.global_batch_size
-        if self.trainer is not None and isinstance(self.trainer.limit_val_batches, int):
-            batches = min(batches, self.trainer.limit_val_batches)
-        if batches == 0:  # validation off, or a held-out tail shorter than one global batch
-            return []
-        sampler = GlobalBatchSampler(
-            len(self.val_set), self.cfg.global_batch_size, rank, size, self.seed, shuffle=False, num_steps=batches
-        )
-        return self._loader(self.val_set, sampler)

@@ -29,14 +29,20 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
+from torch.multiprocessing.spawn import ProcessExitedException
 
 from curry_train.config import ConfigError
 from curry_train.config.checks import LaunchPlan, check, external_launcher
+from curry_train.module import NonFiniteError
+from curry_train.primitives import dcp
+from curry_train.primitives.dcp import NonFiniteStateError
 from curry_train.run import configure_worker_logging, train
 
 log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE_S = 5.0
+EXIT_NONFINITE = 3  # a NaN/inf gradient norm or loss stopped the run (README: "Nothing silent")
+WORKER_EXIT_CODES = (EXIT_NONFINITE,)
 
 
 def free_port() -> int:
@@ -100,8 +106,23 @@ def run_worker(container: dict, run_dir: str, accelerator: str, ckpt_path: Optio
     """The body of every worker process (also of the job process when it trains itself)."""
 
     cfg = OmegaConf.create(container)
-    configure_worker_logging(Path(run_dir), int(os.environ.get("RANK", "0")))
-    train(cfg, Path(run_dir), accelerator, ckpt_path)
+    rank = int(os.environ.get("RANK", "0"))
+    configure_worker_logging(Path(run_dir), rank)
+    try:
+        train(cfg, Path(run_dir), accelerator, ckpt_path)
+    except (NonFiniteError, NonFiniteStateError) as error:  # every rank sees it: the values are global
+        if rank == 0:
+            kept = dcp.checkpoints_in(Path(run_dir) / "checkpoints")
+            report(f"curry-train: error: {error}; the last good checkpoint: {kept[-1] if kept else 'none'}")
+        sys.exit(EXIT_NONFINITE)
+
+
+def report(line: str) -> None:
+    """An error line into the run's log and onto stderr (once: Hydra's console handler writes to stdout)."""
+    log.error(line)
+    handlers = logging.getLogger().handlers
+    if not any(isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) is sys.stderr for h in handlers):
+        print(line, file=sys.stderr)
 
 
 def launch(cfg: DictConfig, run_dir: Path) -> None:
@@ -114,7 +135,12 @@ def launch(cfg: DictConfig, run_dir: Path) -> None:
         run_worker(container, str(run_dir), plan.accelerator, plan.ckpt_path)
         return
     log.info("starting %d workers (%s) in %s", plan.world_size, plan.degrees, run_dir)
-    spawn(plan.world_size, run_worker, container, str(run_dir), plan.accelerator, plan.ckpt_path)
+    try:
+        spawn(plan.world_size, run_worker, container, str(run_dir), plan.accelerator, plan.ckpt_path)
+    except ProcessExitedException as error:
+        if error.exit_code in WORKER_EXIT_CODES:  # the workers said why; the job ends with their status
+            sys.exit(error.exit_code)
+        raise
 
 
 def hydra_overrides_for_external_launcher(argv: Sequence[str], env=os.environ) -> list[str]:

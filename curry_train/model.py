@@ -2,7 +2,7 @@
 
 The model holds no distributed code. It declares, in ``Llama.plan``, *what* can be split (which
 linears are column- or row-parallel, which module is the attention op, which modules repeat);
-the strategy decides *how* from the config. Two choices keep every layout able to reuse it
+``curry_train.parallelize`` decides *how* from the layout. Two choices keep every layout able to reuse it
 unchanged:
 
 * Blocks live in an ``nn.ModuleDict`` keyed ``"0".."L-1"`` and the embedding, final norm and head
@@ -12,7 +12,7 @@ unchanged:
   projections were split over tensor-parallel ranks runs with its local heads.
 
 Initialization is a pure function of a parameter's name and a generator (``init_parameter``), so
-the strategy can produce bit-identical weights for any layout.
+``primitives.materialize`` can produce bit-identical weights for any layout.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The LightningModule: next-token loss, the optimizer and its schedule, metrics. No parallelism here.
+"""The Lightning pieces: the LightningModule (next-token loss, the optimizer and its schedule, metrics;
+no parallelism here) and the LightningDataModule that feeds it this rank's slice of each global batch.
 
 Loss normalization: every micro-batch's loss is its token losses *summed* and divided by the
 number of tokens in the whole global batch (``global_batch_size * seq_len``); see
@@ -13,6 +14,7 @@ so nothing is counted twice.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from typing import Any, Optional
@@ -22,10 +24,14 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
 from torchmetrics.aggregation import SumMetric
 
+from curry_train.data import DataConfig, GlobalBatchSampler, PackedSequences, load_streams, split_streams
 from curry_train.model import Llama
 from curry_train.train_step import TrainStep
+
+log = logging.getLogger(__name__)
 
 
 def lr_lambda(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
@@ -40,16 +46,23 @@ def lr_lambda(step: int, warmup: int, total: int, schedule: str, min_ratio: floa
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+class NonFiniteError(RuntimeError):
+    """A step's gradient norm or loss is NaN or infinite: the run stops (exit status 3) before the
+    value is applied, logged or saved as a finite one."""
+
+
 class CausalLM(pl.LightningModule):
     def __init__(self, cfg: DictConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.automatic_optimization = False  # the strategy drives micro-batches (and, with pipelines, the schedule)
+        self.automatic_optimization = False  # TrainStep drives micro-batches (and, with pipelines, the schedule)
         self.model: Optional[nn.Module] = None
         self.step: Optional[TrainStep] = None  # the layout's step mechanics, from the strategy (attach)
         self.tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_len
         self._last_log_time: Optional[float] = None
         self._steps_since_log = 0
+        self.skipped_steps = 0  # steps whose non-finite gradients were not applied (trainer.skip_nonfinite_steps)
+        self._skipped_since_log = 0
 
     # ------------------------------------------------------------------------------------------
     # Model and loss
@@ -63,11 +76,12 @@ class CausalLM(pl.LightningModule):
         """Take this rank's part of the parallelized model and the step that runs it (the strategy's
         setup calls this; metrics are summed over the ranks that hold distinct tokens)."""
         self.model, self.step = model, step
-        group = step.metrics_group
-        self.train_loss = SumMetric(process_group=group, sync_on_compute=True)
-        self.train_tokens = SumMetric(process_group=group, sync_on_compute=True)
-        self.val_loss = SumMetric(process_group=group, sync_on_compute=True)
-        self.val_tokens = SumMetric(process_group=group, sync_on_compute=True)
+        # nan_strategy="disable": a NaN is summed as a NaN, never dropped (which would log 0 as the loss).
+        group, nan = step.metrics_group, "disable"
+        self.train_loss = SumMetric(process_group=group, sync_on_compute=True, nan_strategy=nan)
+        self.train_tokens = SumMetric(process_group=group, sync_on_compute=True, nan_strategy=nan)
+        self.val_loss = SumMetric(process_group=group, sync_on_compute=True, nan_strategy=nan)
+        self.val_tokens = SumMetric(process_group=group, sync_on_compute=True, nan_strategy=nan)
 
     def micro_batches(self, batch: Tensor) -> list[Tensor]:
         return list(batch.split(self.cfg.data.micro_batch_size))
@@ -108,6 +122,11 @@ class CausalLM(pl.LightningModule):
         grad_norm = self.step.clip_grad_norm_(self.cfg.optim.grad_clip)
         self.last_step_loss, self.last_grad_norm = loss, grad_norm  # read by validation.whitebox
         lr = optimizer.param_groups[0]["lr"]
+        # One host read of one flag. The norm is global (reduced over every rank's gradients), so every
+        # rank takes the same decision; a non-finite loss makes non-finite gradients, so it shows here too.
+        if not bool(torch.isfinite(grad_norm)):
+            self._skip_step(grad_norm)
+            optimizer.zero_grad(set_to_none=True)  # no gradient, no update: the step count and LR schedule go on
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
@@ -119,13 +138,46 @@ class CausalLM(pl.LightningModule):
         if self.trainer.global_step % self.cfg.trainer.log_every_n_steps == 0:
             self._log_train(grad_norm, lr)
 
+    def _skip_step(self, grad_norm: Tensor) -> None:
+        """Skip a step with non-finite gradients, within ``trainer.skip_nonfinite_steps``; else stop."""
+        allowed = self.cfg.trainer.skip_nonfinite_steps
+        step = self.trainer.global_step
+        if self.skipped_steps >= allowed:
+            raise NonFiniteError(
+                f"non-finite gradient norm ({float(grad_norm)}) at step {step}: stopped before applying it"
+                + (
+                    f" ({self.skipped_steps} step(s) skipped before, trainer.skip_nonfinite_steps={allowed})"
+                    if allowed
+                    else ""
+                )
+                + "; lower optim.lr or set optim.grad_clip, or skip such steps with trainer.skip_nonfinite_steps=N"
+            )
+        self.skipped_steps += 1
+        self._skipped_since_log += 1  # its loss, logged as it is (NaN), is no reason to stop
+        if self.trainer.is_global_zero:
+            log.warning(
+                "step %d: non-finite gradient norm (%s), step skipped (%d of %d allowed)",
+                step,
+                float(grad_norm),
+                self.skipped_steps,
+                allowed,
+            )
+
     def _log_train(self, grad_norm: Tensor, lr: float) -> None:
         now = time.perf_counter()
         loss = self.train_loss.compute() / self._steps_since_log
+        skipped, self._skipped_since_log = self._skipped_since_log, 0
+        if not skipped and not bool(torch.isfinite(loss)):  # reduced over the ranks with distinct tokens: all agree
+            raise NonFiniteError(
+                f"non-finite loss ({float(loss)}) at step {self.trainer.global_step - 1}: stopped before logging"
+                " or saving it; lower optim.lr or set optim.grad_clip"
+            )
         tokens = self.train_tokens.compute()
         self.train_loss.reset()
         self.train_tokens.reset()
         metrics = {"train/loss": loss, "train/ppl": loss.exp(), "train/grad_norm": grad_norm, "train/lr": lr}
+        if self.skipped_steps:  # a column only in runs that skipped a step: each row the count so far
+            metrics["train/skipped_steps"] = self.skipped_steps
         if self._last_log_time is not None:
             metrics["train/tokens_per_s"] = tokens / (now - self._last_log_time)
         self._last_log_time, self._steps_since_log = now, 0
@@ -151,3 +203,69 @@ class CausalLM(pl.LightningModule):
         self.val_loss.reset()
         self.val_tokens.reset()
         self._last_log_time = time.perf_counter()  # validation time is not training throughput
+
+
+class LMDataModule(pl.LightningDataModule):
+    """Train and validation loaders whose batches are this rank's slice of a global batch.
+
+    Each batch is a ``(global_batch_size / dp, seq_len + 1)`` tensor of token ids; the training step
+    cuts it into micro-batches. Data-parallel rank and size come from the strategy
+    (``trainer.distributed_sampler_kwargs``), which takes them from the data-parallel sub-mesh, so
+    ranks that hold the same batch (tensor, pipeline or context parallel peers) read the same data.
+    """
+
+    def __init__(self, cfg: DataConfig, seed: int) -> None:
+        super().__init__()
+        self.cfg, self.seed = cfg, seed
+        self.train_set: Optional[PackedSequences] = None
+        self.val_set: Optional[PackedSequences] = None
+        self.vocab_size: Optional[int] = None
+
+    def setup(self, stage: str) -> None:
+        if self.train_set is not None:
+            return
+        streams, self.vocab_size = load_streams(self.cfg)
+        train, val = split_streams(streams, self.cfg.val_fraction)
+        self.train_set = PackedSequences(train, self.cfg.seq_len)
+        self.val_set = PackedSequences(val, self.cfg.seq_len)
+
+    def _dp(self) -> tuple[int, int]:
+        kwargs = self.trainer.distributed_sampler_kwargs if self.trainer is not None else None
+        if not kwargs:
+            return 0, 1
+        return kwargs["rank"], kwargs["num_replicas"]
+
+    def _loader(self, dataset: Dataset, sampler: GlobalBatchSampler) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            collate_fn=torch.stack,
+            num_workers=self.cfg.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.cfg.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        rank, size = self._dp()
+        trainer = self.trainer
+        sampler = GlobalBatchSampler(
+            len(self.train_set),
+            self.cfg.global_batch_size,
+            rank,
+            size,
+            self.seed,
+            start_step=(lambda: trainer.global_step) if trainer is not None else (lambda: 0),
+        )
+        return self._loader(self.train_set, sampler)
+
+    def val_dataloader(self) -> DataLoader | list:
+        rank, size = self._dp()
+        batches = len(self.val_set) // self.cfg.global_batch_size
+        if self.trainer is not None and isinstance(self.trainer.limit_val_batches, int):
+            batches = min(batches, self.trainer.limit_val_batches)
+        if batches == 0:  # validation off, or a held-out tail shorter than one global batch
+            return []
+        sampler = GlobalBatchSampler(
+            len(self.val_set), self.cfg.global_batch_size, rank, size, self.seed, shuffle=False, num_steps=batches
+        )
+        return self._loader(self.val_set, sampler)

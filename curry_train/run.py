@@ -19,8 +19,7 @@ from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero
 from omegaconf import DictConfig, OmegaConf
 
 from curry_train.config.schema import ParallelConfig
-from curry_train.data import LMDataModule
-from curry_train.module import CausalLM
+from curry_train.module import CausalLM, LMDataModule
 from curry_train.primitives import dcp
 from curry_train.strategy import CurryStrategy
 
@@ -236,7 +235,9 @@ def build_trainer(
         max_steps=t.max_steps,
         logger=list(loggers) if loggers is not None else make_loggers(cfg, run_dir, run_name),
         callbacks=all_callbacks,
-        log_every_n_steps=1,  # the module decides when to log (trainer.log_every_n_steps)
+        # The module logs every trainer.log_every_n_steps steps: Lightning writes rows at the same cadence, and
+        # none between them (it would repeat the last logged values as those of the steps in between).
+        log_every_n_steps=t.log_every_n_steps,
         val_check_interval=t.val_check_interval,
         check_val_every_n_epoch=None,
         limit_val_batches=t.limit_val_batches,

@@ -172,8 +172,8 @@ class CurryStrategy(ParallelStrategy):
     def reduce(
         self, tensor: Any, group: Optional[Any] = None, reduce_op: Optional[Union[ReduceOp, str]] = "mean"
     ) -> Any:
-        if isinstance(tensor, Tensor):
-            return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
+        if isinstance(tensor, Tensor):  # None meant a sum here before Lightning's helper, which needs an op
+            return _sync_ddp_if_available(tensor, group, reduce_op="sum" if reduce_op is None else reduce_op)
         return tensor
 
     @override

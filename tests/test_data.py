@@ -21,7 +21,6 @@ from curry_train.data import (
     ByteTokenizer,
     GlobalBatchSampler,
     HFTokenizer,
-    LMDataModule,
     PackedSequences,
     TokenFileMeta,
     iter_documents,
@@ -31,6 +30,7 @@ from curry_train.data import (
     stdlib_files,
     tokenize_documents,
 )
+from curry_train.module import LMDataModule
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "tokenize_data.py"

@@ -297,7 +297,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Exception as error:
         if not is_config_error(error):
             raise
-        return fail("curry-train", error_line(error))
+        return fail("curry-bench", error_line(error))
     print(result.table())
     if args.json is not None:
         args.json.write_text(json.dumps(result.to_dict(), indent=2) + "\n")

@@ -27,7 +27,7 @@ def main() -> None:
     try:
         sys.argv += hydra_overrides_for_external_launcher(sys.argv[1:])
     except ConfigError as error:
-        sys.exit(f"curry-train: error: {error}")
+        sys.exit(fail("curry-train", str(error)))
     arguments = sys.argv[1:]
     if not any(arg.startswith("-") for arg in arguments):  # Hydra's flags (-m, --cfg, --help) are Hydra's to answer
         try:

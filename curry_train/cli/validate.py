@@ -28,7 +28,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Exception as error:
         if not is_config_error(error):
             raise
-        return fail("curry-train", error_line(error))
+        return fail("curry-validate", error_line(error))
     print(report.table(only_failures=args.failures_only))
     return 0 if report.ok else 1
 

@@ -32,25 +32,45 @@ def register() -> None:
 
 
 def compose(overrides: Sequence[str] = (), config_dir: Optional[Path] = None) -> DictConfig:
-    """The config ``python train.py <overrides>`` would run with, through Hydra's compose API."""
+    """The config ``python train.py <overrides>`` would run with, through Hydra's compose API.
 
-    with initialize_config_dir(config_dir=str(config_dir or CONF_DIR), version_base=None):
-        try:
-            return hydra_compose(config_name="config", overrides=list(overrides))
-        except AssertionError as error:  # OmegaConf's answer to a key under a null subtree
-            raise ConfigError(_unset_option(overrides) or str(error)) from None
+    Hydra's own errors (a misspelt key, a wrong type, a missing option) propagate as they are; the two
+    that OmegaConf reports without naming the override become a ``ConfigError`` that names it."""
+    overrides = list(overrides)
+    try:
+        with initialize_config_dir(config_dir=str(config_dir or CONF_DIR), version_base=None):
+            return hydra_compose(config_name="config", overrides=overrides)
+    except AssertionError:  # OmegaConf's answer to a key under a null subtree
+        raise ConfigError(_unset_option(overrides, config_dir)) from None
+    except ValueError as error:  # a key into a list (data.paths.x=1)
+        if isinstance(error, ConfigError):
+            raise
+        culprits = [o for o in overrides if o.split("=", 1)[0].count(".") > 1] or overrides
+        raise ConfigError(f"{' '.join(culprits)}: {error}") from None
 
 
-def _unset_option(overrides: Sequence[str]) -> Optional[str]:
-    """The message for ``parallel.tp.size=2`` when the run's layout has no ``tp``."""
-    for override in overrides:
+def _unset_option(overrides: list[str], config_dir: Optional[Path]) -> str:
+    """The message for an override of a key under a null subtree (``parallel.tp.size=2`` when the
+    run's layout has no ``tp``): the override and the part of the config that is not there."""
+    nested = [o for o in overrides if o.split("=", 1)[0].count(".") > 1]
+    try:
+        composed = compose([o for o in overrides if o not in nested], config_dir)
+    except Exception:  # the rest fails too: name the overrides that reach under a key
+        composed = None
+    for override in nested if composed is not None else ():
         parts = override.split("=", 1)[0].lstrip("+~").split(".")
-        if len(parts) > 2 and parts[0] == "parallel":
-            return (
-                f"{override}: parallel.{parts[1]} is not part of this run's layout;"
-                f" compose it: parallel={parts[1]}, or parallel=<options>+{parts[1]}"
-            )
-    return None
+        node = composed
+        for depth, part in enumerate(parts[:-1], 1):
+            node = node.get(part) if isinstance(node, DictConfig) else None
+            if node is None:
+                prefix = ".".join(parts[:depth])
+                if depth == 2 and parts[0] == "parallel":
+                    return (
+                        f"{override}: {prefix} is not part of this run's layout;"
+                        f" compose it: parallel={parts[1]}, or parallel=<options>+{parts[1]}"
+                    )
+                return f"{override}: {prefix} is null in this run; set it whole ({prefix}=...)"
+    return f"{' '.join(nested or overrides)}: a key under a part of the config that this run does not have"
 
 
 register()

@@ -54,11 +54,6 @@ def enabled_options(cfg: DictConfig) -> list[str]:
     return ParallelConfig.of(cfg).options
 
 
-def layout_degrees(cfg: DictConfig, world_size: int) -> Degrees:
-    """The degrees of the mesh for this config (``ParallelConfig.degrees``)."""
-    return ParallelConfig.of(cfg).degrees(world_size)
-
-
 def pipeline_microbatches(cfg: DictConfig, degrees: Degrees) -> int:
     """Micro-batches per step on each data-parallel rank of a pipelined run."""
     return ParallelConfig.of(cfg).pipeline_microbatches(
@@ -196,6 +191,8 @@ def _data_vocab(cfg: DictConfig) -> int:
         return make_tokenizer(d.tokenizer).vocab_size
     except ImportError as error:
         raise ConfigError(str(error)) from None
+    except Exception as error:  # the tokenizers library reports an unreadable file as a bare Exception
+        raise ConfigError(f"data.tokenizer={d.tokenizer}: not a readable tokenizer.json ({error})") from None
 
 
 def _check_batch(cfg: DictConfig, degrees: Degrees) -> None:
@@ -286,6 +283,8 @@ def _check_training(cfg: DictConfig) -> None:
     t, o, c = cfg.trainer, cfg.optim, cfg.checkpoint
     if t.max_steps < 1:
         raise ConfigError(f"trainer.max_steps={t.max_steps} must be positive")
+    if t.skip_nonfinite_steps < 0:
+        raise ConfigError(f"trainer.skip_nonfinite_steps={t.skip_nonfinite_steps} must be >= 0")
     if t.val_check_interval < 1 or t.log_every_n_steps < 1:
         raise ConfigError("trainer.val_check_interval and trainer.log_every_n_steps must be positive")
     if str(t.precision) not in PRECISIONS:

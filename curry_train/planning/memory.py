@@ -154,7 +154,7 @@ def rank_shapes(
 
 
 def stage_map(n_layers: int, layout: Layout) -> tuple[list[range], list[int]]:
-    """The strategy's pipeline cut for ``layout``: each stage's blocks (``split_layers``) and the
+    """The pipeline cut ``parallelize`` makes for ``layout``: each stage's blocks (``split_layers``) and the
     pipeline rank holding it (``stage_to_rank``); one stage on rank 0 without pp."""
     n_stages = layout.pp * layout.stages_per_rank
     return split_layers(n_layers, n_stages), stage_to_rank(layout.pp_schedule, layout.pp, n_stages)
@@ -324,7 +324,7 @@ def chunks_in_flight(schedule: str, pp: int, v: int, microbatches: int, rank: in
 
 def block_forwards_per_rank(layout: Layout, n_layers: int, microbatches: int) -> list[tuple[float, bool]]:
     """Per pipeline rank: blocks times micro-batches whose activations it keeps at its peak (its
-    forwards in flight, ``chunks_in_flight``, times the mean blocks of its stages, as the strategy
+    forwards in flight, ``chunks_in_flight``, times the mean blocks of its stages, as ``parallelize``
     splits them: ``stage_map``), and whether it holds the last stage (the final norm, the head and
     the loss). Without pp: one rank, all blocks, once."""
     v = layout.stages_per_rank

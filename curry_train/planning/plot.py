@@ -38,8 +38,11 @@ def new_figure(what: str, width: float = 9.0, height: float = 5.5) -> tuple[Figu
 def save(figure: Figure, path: Path) -> Path:
     """Write ``figure`` as PNG to ``path`` (its folder made if missing); the absolute path."""
     path = Path(path).resolve()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, format="png", dpi=120)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(path, format="png", dpi=120)
+    except OSError as error:  # a read-only or missing place: one line, as for any bad argument
+        raise PlanningError(f"cannot write the plot {path}: {error.strerror or error}") from None
     return path
 
 

@@ -63,14 +63,41 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class NonFiniteStateError(ValueError):
+    """The model or optimizer state holds NaN or infinity: such a state is never written."""
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def state_is_finite(model: nn.Module, optimizers: Iterable[torch.optim.Optimizer]) -> bool:
+    """Collective: whether every rank's parameters and optimizer state are finite (one all-reduce)."""
+    tensors = [_local(p.detach()) for p in model.parameters()]
+    for optimizer in optimizers:
+        tensors += [_local(v) for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+    floats = [t for t in tensors if t.is_floating_point() and t.numel()]
+    if floats:
+        finite = torch.stack([torch.isfinite(t).all() for t in floats]).all().float()
+    else:
+        finite = torch.ones((), device=next((t.device for t in tensors), torch.device("cpu")))
+    if dist.is_initialized():
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite)
+
+
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
 
 
 def save(path: str | Path, model: nn.Module, optimizers: Iterable[torch.optim.Optimizer], meta: dict[str, Any]) -> Path:
-    """Collective: every rank calls it with the same ``path``. Returns the checkpoint's directory."""
+    """Collective: every rank calls it with the same ``path``. Returns the checkpoint's directory.
+    Raises ``NonFiniteStateError``, writing nothing, when any rank's state holds NaN or infinity."""
     path = Path(path)
+    optimizers = list(optimizers)
+    if not state_is_finite(model, optimizers):
+        raise NonFiniteStateError(f"{path.name}: the model or optimizer state holds NaN or infinity; not saved")
     tmp = path.with_name(path.name + TMP_SUFFIX)
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0:

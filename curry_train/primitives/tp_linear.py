@@ -90,7 +90,7 @@ def _parameter(
     device,
     dtype,
 ) -> nn.Parameter:
-    """A DTensor parameter. On the meta device only shapes exist (the strategy initializes later);
+    """A DTensor parameter. On the meta device only shapes exist (``primitives.materialize`` initializes later);
     elsewhere the full tensor gets nn.Linear's init U(-bound, bound) and rank 0's draw is scattered,
     so the shards are slices of one matrix whatever each rank's RNG state."""
     device = torch.device(device) if device is not None else torch.get_default_device()

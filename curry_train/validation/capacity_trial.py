@@ -20,9 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from curry_train.config import ConfigError, compose
 from curry_train.config.checks import check
-from curry_train.data import LMDataModule
 from curry_train.launch import spawn
-from curry_train.module import CausalLM
+from curry_train.module import CausalLM, LMDataModule
 from curry_train.run import build_trainer
 from curry_train.validation.layout_memory import MemoryProbe
 from curry_train.validation.whitebox import measurement_config

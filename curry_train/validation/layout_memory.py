@@ -22,10 +22,9 @@ from omegaconf import DictConfig, OmegaConf
 from curry_train.config import compose
 from curry_train.config.checks import check
 from curry_train.config.schema import ParallelConfig
-from curry_train.data import LMDataModule
 from curry_train.launch import free_port, spawn
 from curry_train.model import Llama
-from curry_train.module import CausalLM
+from curry_train.module import CausalLM, LMDataModule
 from curry_train.planning.memory import tensor_parallel_shapes, zero_formula_terms, zero_formula_text
 from curry_train.primitives.parallel_state import Degrees
 from curry_train.primitives.pipeline_schedule import pipeline_stages

@@ -54,9 +54,9 @@ from torch.utils.data import DataLoader
 from curry_train.config import ConfigError, compose
 from curry_train.config.checks import LaunchPlan, check
 from curry_train.config.schema import PRECISIONS
-from curry_train.data import GlobalBatchSampler, LMDataModule
+from curry_train.data import GlobalBatchSampler
 from curry_train.model import Llama
-from curry_train.module import CausalLM, lr_lambda
+from curry_train.module import CausalLM, LMDataModule, lr_lambda
 from curry_train.primitives.materialize import materialize_and_init
 from curry_train.run import build_trainer
 

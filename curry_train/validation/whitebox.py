@@ -38,9 +38,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from curry_train.config import compose
 from curry_train.config.checks import check
-from curry_train.data import LMDataModule
 from curry_train.launch import spawn
-from curry_train.module import CausalLM
+from curry_train.module import CausalLM, LMDataModule
 from curry_train.run import build_trainer
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
