@@ -127,7 +127,7 @@ def report(line: str) -> None:
 
 def launch(cfg: DictConfig, run_dir: Path) -> None:
     """Check ``cfg``, then train: in this process, or in ``trainer.devices`` local workers."""
-    plan: LaunchPlan = check(cfg)
+    plan: LaunchPlan = check(cfg, run_dir=run_dir)
     container = OmegaConf.to_container(cfg, resolve=True)
     if plan.ckpt_path:
         log.info("resuming from %s", plan.ckpt_path)

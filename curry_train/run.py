@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import logging
 import os
 import sys
@@ -144,6 +145,11 @@ class PeriodicCheckpoint(Callback):
             dcp.prune(self.directory, self.keep_last)
             log.info("checkpoint saved: %s", path)
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if trainer.is_global_zero:
+            for debris in dcp.remove_interrupted(self.directory):
+                log.warning("removed %s: a save that never finished", debris)
+
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
         if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
             self._save(trainer)
@@ -167,12 +173,13 @@ def wandb_account_configured() -> bool:
     return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
 
 
-def make_loggers(cfg: DictConfig, run_dir: Path, run_name: str) -> list[Logger]:
-    """The per-step metrics.csv in the run directory (always: later tools read it), plus the tracker."""
-    csv = CSVLogger(
-        save_dir=str(run_dir), name="csv", version="", flush_logs_every_n_steps=1
-    )  # <run_dir>/csv/metrics.csv
-    loggers: list[Logger] = [csv]
+def make_loggers(cfg: DictConfig, run_dir: Path, run_name: str, resume_step: Optional[int] = None) -> list[Logger]:
+    """The per-step metrics.csv in the run directory (always: later tools read it), plus the tracker.
+    ``resume_step``: a run resumed in its own directory keeps the rows of the steps before it."""
+    csv_logger = CSVLogger(save_dir=str(run_dir), name="csv", version="", flush_logs_every_n_steps=1)
+    if resume_step is not None and rank_zero_only.rank == 0:
+        keep_metrics_before(csv_logger, resume_step)
+    loggers: list[Logger] = [csv_logger]
     kind = cfg.logger.kind
     if kind == "wandb":
         offline = cfg.logger.offline if cfg.logger.offline is not None else not wandb_account_configured()
@@ -190,6 +197,23 @@ def make_loggers(cfg: DictConfig, run_dir: Path, run_name: str) -> list[Logger]:
     elif kind == "tensorboard":
         loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version=""))
     return loggers
+
+
+def keep_metrics_before(logger: CSVLogger, step: int) -> None:
+    """Lightning's CSV writer starts its file afresh: give it back the rows logged before ``step``
+    (those after it were logged by a run that did not reach its next checkpoint, and are redone)."""
+    path = Path(logger.log_dir) / "metrics.csv"
+    if not path.is_file():
+        return
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        header, rows = list(reader.fieldnames or []), [row for row in reader if int(row["step"]) < step]
+    writer = logger.experiment  # made now: it deletes the file
+    with path.open("w", newline="") as handle:
+        table = csv.DictWriter(handle, fieldnames=header)
+        table.writeheader()
+        table.writerows(rows)
+    writer.metrics_keys = sorted(header)
 
 
 def configure_worker_logging(run_dir: Path, rank: int) -> None:
@@ -210,6 +234,10 @@ def configure_worker_logging(run_dir: Path, rank: int) -> None:
             logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def run_name(cfg: DictConfig) -> str:
+    return f"{cfg.model.name}-{'+'.join(ParallelConfig.of(cfg).options)}"
+
+
 def build_trainer(
     cfg: DictConfig,
     run_dir: Path,
@@ -225,7 +253,6 @@ def build_trainer(
         all_callbacks.append(PeriodicCheckpoint(run_dir / "checkpoints", c.every_n_steps, c.keep_last, c.save_on_end))
     if t.enable_progress_bar:
         all_callbacks.append(StepProgressBar())
-    run_name = f"{cfg.model.name}-{'+'.join(ParallelConfig.of(cfg).options)}"
     return pl.Trainer(
         accelerator="gpu" if accelerator == "cuda" else "cpu",
         devices=t.devices,
@@ -233,7 +260,7 @@ def build_trainer(
         strategy=CurryStrategy(cfg),
         precision=t.precision,
         max_steps=t.max_steps,
-        logger=list(loggers) if loggers is not None else make_loggers(cfg, run_dir, run_name),
+        logger=list(loggers) if loggers is not None else make_loggers(cfg, run_dir, run_name(cfg)),
         callbacks=all_callbacks,
         # The module logs every trainer.log_every_n_steps steps: Lightning writes rows at the same cadence, and
         # none between them (it would repeat the last logged values as those of the steps in between).
@@ -256,7 +283,9 @@ def train(cfg: DictConfig, run_dir: Path, accelerator: str, ckpt_path: Optional[
     rank_zero_only.rank = utils_rank_zero_only.rank = int(os.environ.get("RANK", "0"))
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     summary = RunSummary(cfg, run_dir)
-    trainer = build_trainer(cfg, run_dir, accelerator, callbacks=[summary])
+    in_place = ckpt_path is not None and Path(run_dir).resolve() in Path(ckpt_path).resolve().parents
+    loggers = make_loggers(cfg, run_dir, run_name(cfg), dcp.saved_step(ckpt_path) if in_place else None)
+    trainer = build_trainer(cfg, run_dir, accelerator, callbacks=[summary], loggers=loggers)
     trainer.fit(CausalLM(cfg), datamodule=LMDataModule(cfg.data, cfg.seed), ckpt_path=ckpt_path)
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):

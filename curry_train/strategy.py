@@ -30,7 +30,7 @@ from lightning.pytorch.strategies.parallel import ParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from torch.distributed import ReduceOp
 from typing_extensions import override
@@ -208,7 +208,8 @@ class CurryStrategy(ParallelStrategy):
         self, checkpoint: dict[str, Any], filepath: str | Path, storage_options: Optional[Any] = None
     ) -> None:
         meta = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
-        dcp.save(filepath, self.lightning_module, self._raw_optimizers(), meta)
+        config = OmegaConf.to_container(self.cfg, resolve=True)  # what a resumed run is compared with
+        dcp.save(filepath, self.lightning_module, self._raw_optimizers(), meta, config)
 
     @override
     def load_checkpoint(self, checkpoint_path: str | Path, weights_only: Optional[bool] = None) -> dict[str, Any]:

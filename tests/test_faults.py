@@ -5,14 +5,18 @@ survive; a checkpoint of non-finite state is never written; logs hold only the s
 from __future__ import annotations
 
 import csv
+import logging
 import math
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import FAST, run_train
+from omegaconf import OmegaConf
 
 from curry_train.cli.export import consolidated_model_state
+from curry_train.config import ConfigError, compose
+from curry_train.config.resume import resolve
 from curry_train.primitives import dcp
 
 DIVERGE = ("optim.lr=1e4", "optim.grad_clip=0", "trainer.max_steps=20")  # NaN gradients from step 1
@@ -98,3 +102,107 @@ def test_rows_only_at_logged_steps(tmp_path):
         cwd=tmp_path,
     )
     assert [row["step"] for row in metric_rows(tmp_path)] == ["2", "5"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Safe, verified checkpoints
+
+
+def _saved(tmp_path: Path, steps=(2, 4)) -> list[Path]:
+    model = torch.nn.Linear(8, 8)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 8)).sum().backward()
+    optimizer.step()
+    config = compose(["data.seq_len=64"])
+    container = OmegaConf.to_container(config, resolve=True)
+    return [
+        dcp.save(
+            tmp_path / "run" / "checkpoints" / dcp.checkpoint_name(s), model, [optimizer], {"global_step": s}, container
+        )
+        for s in steps
+    ]
+
+
+def test_verify_names_what_is_missing_cut_short_or_altered(tmp_path):
+    (path,) = _saved(tmp_path, (2,))
+    assert dcp.is_checkpoint(path) and dcp.verify(path) is None
+    shard = path / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    middle = slice(len(data) // 2, len(data) // 2 + 4096)
+    data[middle] = bytes(b ^ 0xFF for b in data[middle])  # 4 KiB of garbage inside a shard: same size
+    shard.write_bytes(bytes(data))
+    assert dcp.verify(path, digests=False) is None  # the size alone cannot tell
+    assert dcp.verify(path) == f"{shard}: its contents differ from when it was saved (digest mismatch)"
+    shard.write_bytes(bytes(data[:-10]))
+    assert dcp.verify(path, digests=False).startswith(f"{shard}: {len(data) - 10} bytes, the manifest says")
+    shard.unlink()
+    assert dcp.verify(path) == f"{shard}: missing"
+    (path / dcp.MANIFEST_FILE).unlink()
+    assert "incomplete" in dcp.verify(path) and not dcp.is_checkpoint(path)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_a_crafted_checkpoint_file_cannot_run_code(tmp_path):
+    (path,) = _saved(tmp_path, (2,))
+    payload = _Payload()
+    payload.marker = str(tmp_path / "pwned")
+    torch.save({"global_step": 2, "x": payload}, path / dcp.META_FILE)
+    model = torch.nn.Linear(8, 8)
+    with pytest.raises(dcp.CheckpointError, match="meta.pt: not loadable as plain data"):
+        dcp.load(path, model, [torch.optim.AdamW(model.parameters())])
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_last_skips_a_corrupt_checkpoint_and_auto_starts_fresh_without_one(tmp_path, caplog):
+    older, newer = _saved(tmp_path)
+    run_dir = tmp_path / "run"
+    shard = newer / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF  # one bit flipped by a disk or a network: the same size, another digest
+    shard.write_bytes(bytes(data))
+    cfg = compose(["data.seq_len=64", "ckpt_path=last", f"checkpoint.search_dir={tmp_path / 'none'}"])
+    with caplog.at_level(logging.WARNING):
+        assert resolve(cfg, run_dir) == str(older.resolve())
+    assert f"skipping checkpoint {newer}" in caplog.text
+    with pytest.raises(ConfigError, match="__0_0.distcp"):
+        resolve(compose(["data.seq_len=64", f"ckpt_path={newer}"]), run_dir)
+    assert resolve(compose(["data.seq_len=64", "ckpt_path=auto"]), tmp_path / "elsewhere") is None
+
+
+def test_a_checkpoint_of_other_math_is_refused_unless_allowed(tmp_path):
+    (path,) = _saved(tmp_path, (2,))
+    with pytest.raises(ConfigError, match=r"data.seq_len=64 \(now 128\), seed=1234 \(now 7\)"):
+        resolve(compose(["data.seq_len=128", "seed=7", f"ckpt_path={path}"]), None)
+    allowed = ["data.seq_len=128", "checkpoint.allow_config_change=true", f"ckpt_path={path}"]
+    assert resolve(compose(allowed), None) == str(path.resolve())
+    # Another layout, more steps, another learning rate or micro-batch: the same run, resumed.
+    same = ["data.seq_len=64", "parallel=fsdp", "trainer.max_steps=999", "optim.lr=1e-4", "data.micro_batch_size=2"]
+    assert resolve(compose([*same, f"ckpt_path={path}"]), None) == str(path.resolve())
+
+
+@pytest.mark.slow
+def test_a_rerun_of_the_same_command_resumes_in_place_on_the_same_curve(tmp_path):
+    """A re-run with ckpt_path=auto in the same run directory (a requeued job): it skips a corrupt
+    newest checkpoint, removes an interrupted save's debris, keeps the metrics rows before the step
+    it resumes from and continues on the uninterrupted curve."""
+    common = [*FAST, "checkpoint.every_n_steps=2", "ckpt_path=auto", f"hydra.run.dir={tmp_path}"]
+    run_train([*common, "trainer.max_steps=6"], cwd=tmp_path)
+    first = {row["step"]: row["train/loss"] for row in metric_rows(tmp_path)}
+    newest = tmp_path / "checkpoints" / "step-00000006"
+    shard = newest / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[100:110] = bytes(b ^ 0xFF for b in data[100:110])
+    shard.write_bytes(bytes(data))
+    (tmp_path / "checkpoints" / "step-00000008.tmp").mkdir()
+    result = run_train([*common, "trainer.max_steps=8"], cwd=tmp_path)
+    output = result.stdout + result.stderr
+    assert f"skipping checkpoint {newest}" in output and "resuming from" in output and "step-00000004" in output
+    assert not (tmp_path / "checkpoints" / "step-00000008.tmp").exists()
+    rows = metric_rows(tmp_path)
+    assert [row["step"] for row in rows] == [str(s) for s in range(8)]
+    for row in rows[:6]:  # steps 4 and 5 trained again from step 4's checkpoint: the same losses
+        assert row["train/loss"] == first[row["step"]], row

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from curry_train.primitives.dcp import is_checkpoint
+from curry_train.primitives.dcp import verify
 
 MODEL_PREFIX = "model.model."  # the LightningModule's `model` attribute, then the state dict's "model" entry
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -47,8 +47,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--output", type=Path, required=True, help="the .safetensors file to write")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the exported weights")
     args = parser.parse_args(argv)
-    if not is_checkpoint(args.checkpoint):
-        print(f"export_checkpoint: error: {args.checkpoint} is not a complete curry-train checkpoint", file=sys.stderr)
+    problem = verify(args.checkpoint)
+    if problem is not None:
+        print(
+            f"export_checkpoint: error: {args.checkpoint} is not a complete curry-train checkpoint: {problem}",
+            file=sys.stderr,
+        )
         return 2
 
     state = {

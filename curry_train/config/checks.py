@@ -16,9 +16,9 @@ import torch
 from omegaconf import DictConfig
 
 from curry_train.config import ConfigError
+from curry_train.config.resume import resolve
 from curry_train.config.schema import ACCELERATORS, LOGGERS, LR_SCHEDULES, PRECISIONS, ParallelConfig
 from curry_train.data import SOURCES, TokenFileMeta, make_tokenizer
-from curry_train.primitives import dcp
 from curry_train.primitives.context_parallel import PATTERNS
 from curry_train.primitives.distributed_optimizer import BACKWARD_PREFETCH, PARAM_DTYPES, SHARDING_MODES
 from curry_train.primitives.parallel_state import Degrees
@@ -310,24 +310,9 @@ def _check_training(cfg: DictConfig) -> None:
         raise ConfigError("checkpoint.every_n_steps must be >= 0 and checkpoint.keep_last >= 1")
 
 
-def _resolve_ckpt_path(cfg: DictConfig) -> Optional[str]:
-    if cfg.ckpt_path is None:
-        return None
-    if cfg.ckpt_path == "last":
-        found = dcp.latest_checkpoint(cfg.checkpoint.search_dir)
-        if found is None:
-            raise ConfigError(
-                f"ckpt_path=last: no complete checkpoint under {Path(cfg.checkpoint.search_dir).resolve()}"
-            )
-        return str(found)
-    path = Path(cfg.ckpt_path).expanduser().resolve()
-    if not dcp.is_checkpoint(path):
-        raise ConfigError(f"ckpt_path={cfg.ckpt_path}: not a curry-train checkpoint directory")
-    return str(path)
-
-
-def check(cfg: DictConfig, env: Mapping[str, str] = os.environ) -> LaunchPlan:
-    """Everything that can be checked without starting a worker. Raises ConfigError."""
+def check(cfg: DictConfig, env: Mapping[str, str] = os.environ, run_dir: Optional[Path] = None) -> LaunchPlan:
+    """Everything that can be checked without starting a worker. Raises ConfigError. ``run_dir``: the
+    run's directory, where ``ckpt_path=last|auto`` look first (``config.resume``)."""
     accelerator = _accelerator(cfg.trainer.accelerator)
     layout = ParallelConfig.of(cfg)
     _check_parallel(layout, accelerator, cfg.trainer.precision)
@@ -361,4 +346,6 @@ def check(cfg: DictConfig, env: Mapping[str, str] = os.environ) -> LaunchPlan:
     _check_pipeline(cfg, layout, degrees)
     _check_context_parallel(cfg, layout)
     _check_training(cfg)
-    return LaunchPlan(accelerator, devices, num_nodes, degrees, launcher, _resolve_ckpt_path(cfg))
+    # Under torchrun or srun every process checks: one reads the files through, the others their sizes.
+    digests = launcher is None or int(env.get("RANK", env.get("SLURM_PROCID", "0"))) == 0
+    return LaunchPlan(accelerator, devices, num_nodes, degrees, launcher, resolve(cfg, run_dir, digests))

@@ -74,7 +74,8 @@ class CheckpointConfig:
     every_n_steps: int = 40  # save every this many optimizer steps (0: only at the end)
     keep_last: int = 2  # keep this many most recent checkpoints
     save_on_end: bool = True  # save when training ends
-    search_dir: str = "outputs"  # where ckpt_path=last looks for the newest checkpoint
+    search_dir: str = "outputs"  # where ckpt_path=last looks when the run's own directory has no checkpoint
+    allow_config_change: bool = False  # resume a checkpoint whose run had other model/data/seed values
 
 
 @dataclass
@@ -218,4 +219,4 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     seed: int = 1234  # seeds init, data order and dropout; the layout never changes what it seeds
-    ckpt_path: Optional[str] = None  # resume from a checkpoint directory, or "last"
+    ckpt_path: Optional[str] = None  # resume: a checkpoint directory, "last" or "auto" (config/resume.py)

@@ -7,18 +7,30 @@ A checkpoint is a directory ``step-00000100/`` holding
   written once, nothing is gathered to rank 0, and DCP reshards on load, so a checkpoint saved
   under one layout loads under another;
 * ``meta.pt`` (rank 0): everything else the trainer restores (loop progress, LR schedule, ...);
-* ``rng-rank00000.pt`` (each rank): that rank's random-number generator states.
+* ``rng-rank00000.pt`` (each rank): that rank's random-number generator states, as tensors and
+  numbers (``meta.pt`` and these are read with ``torch.load(weights_only=True)``: they cannot run code);
+* ``config.json`` (rank 0, when given): the run's resolved config, to compare a resumed run against;
+* ``manifest.json``, written last: every other file with its size and BLAKE2b digest. A directory
+  without it is incomplete; ``verify`` names any file that is missing, cut short or altered.
 
 It is written as ``step-00000100.tmp`` and renamed once every rank has finished, so an interrupted
 save never leaves a directory that looks complete, and never touches the checkpoints before it.
+Nothing non-finite is ever written (``NonFiniteStateError``).
+
+Trust: DCP's own ``.metadata`` is a pickle that PyTorch unpickles on load, so a checkpoint from a
+source you do not trust can still run code; the digests catch corruption, not a forger, who can
+rewrite the manifest too (docs/trust.md).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
 import re
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -30,8 +42,12 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 META_FILE = "meta.pt"
+CONFIG_FILE = "config.json"
+MANIFEST_FILE = "manifest.json"
+MANIFEST_FORMAT = 1
 DCP_METADATA = ".metadata"
 TMP_SUFFIX = ".tmp"
+DIGEST_CHUNK = 8 << 20
 NAME_PATTERN = re.compile(r"^step-(\d+)$")
 
 
@@ -43,13 +59,30 @@ def rng_file(rank: int) -> str:
     return f"rng-rank{rank:05d}.pt"
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: incomplete, altered, or not of this format; names the file."""
+
+
 def is_checkpoint(path: str | Path) -> bool:
+    """Complete: its manifest, written last, is there (``verify`` checks the files against it)."""
     path = Path(path)
-    return path.is_dir() and (path / DCP_METADATA).is_file() and (path / META_FILE).is_file()
+    return path.is_dir() and (path / MANIFEST_FILE).is_file() and (path / DCP_METADATA).is_file()
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """This process's generator states as tensors, lists and numbers: loadable with weights_only."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": pos,
+            "has_gauss": has_gauss,
+            "gauss": gauss,
+        },
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -57,10 +90,61 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    numpy = state["numpy"]
+    keys = numpy["keys"].numpy().astype(np.uint32)
+    np.random.set_state((numpy["kind"], keys, numpy["pos"], numpy["has_gauss"], numpy["gauss"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _safe_load(path: Path) -> Any:
+    """``torch.load`` that cannot run code: tensors, containers and numbers only."""
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as error:  # a pickle asking for anything else (code), or not a torch file at all
+        raise CheckpointError(f"{path}: not loadable as plain data ({type(error).__name__}); refused") from None
+
+
+def digest(path: Path) -> str:
+    """BLAKE2b of a file's bytes (hashlib releases the GIL: files hash in parallel threads)."""
+    blake = hashlib.blake2b()
+    with path.open("rb") as handle:
+        while chunk := handle.read(DIGEST_CHUNK):
+            blake.update(chunk)
+    return blake.hexdigest()
+
+
+def _describe(paths: list[Path]) -> dict[str, dict[str, Any]]:
+    with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
+        digests = list(pool.map(digest, paths))
+    return {p.name: {"size": p.stat().st_size, "blake2b": d} for p, d in zip(paths, digests, strict=True)}
+
+
+def verify(path: str | Path, digests: bool = True) -> Optional[str]:
+    """What is wrong with the checkpoint at ``path`` (None: nothing): no manifest (an interrupted
+    save), a listed file missing or of another size, or (``digests``) another digest."""
+    path = Path(path)
+    manifest_path = path / MANIFEST_FILE
+    if not manifest_path.is_file():
+        return f"{path}: incomplete (no {MANIFEST_FILE}: its save did not finish)"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (ValueError, KeyError, TypeError):
+        return f"{manifest_path}: not a readable manifest"
+    listed = [path / name for name in sorted(files)]
+    for file in listed:
+        if not file.is_file():
+            return f"{file}: missing"
+        if file.stat().st_size != files[file.name]["size"]:
+            return f"{file}: {file.stat().st_size} bytes, the manifest says {files[file.name]['size']}"
+    if digests:
+        for name, described in _describe(listed).items():
+            if described["blake2b"] != files[name]["blake2b"]:
+                return f"{path / name}: its contents differ from when it was saved (digest mismatch)"
+    return None
 
 
 class NonFiniteStateError(ValueError):
@@ -91,7 +175,13 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def save(path: str | Path, model: nn.Module, optimizers: Iterable[torch.optim.Optimizer], meta: dict[str, Any]) -> Path:
+def save(
+    path: str | Path,
+    model: nn.Module,
+    optimizers: Iterable[torch.optim.Optimizer],
+    meta: dict[str, Any],
+    config: Optional[dict[str, Any]] = None,
+) -> Path:
     """Collective: every rank calls it with the same ``path``. Returns the checkpoint's directory.
     Raises ``NonFiniteStateError``, writing nothing, when any rank's state holds NaN or infinity."""
     path = Path(path)
@@ -109,8 +199,20 @@ def save(path: str | Path, model: nn.Module, optimizers: Iterable[torch.optim.Op
     torch.save(rng_state(), tmp / rng_file(rank))
     if rank == 0:
         torch.save(meta, tmp / META_FILE)
+        if config is not None:
+            (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1, sort_keys=True))
     _barrier()
+    # Every rank hashes its share of the files (every world-th), rank 0 writes the manifest last.
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    files = sorted(p for p in tmp.iterdir() if p.is_file())
+    described = _describe(files[rank::world])
+    if world > 1:
+        shares: list[Any] = [None] * world
+        dist.all_gather_object(shares, described)
+        described = {name: entry for share in shares for name, entry in share.items()}
     if rank == 0:
+        manifest = {"format": MANIFEST_FORMAT, "files": described}
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1, sort_keys=True))
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
@@ -130,8 +232,28 @@ def load(path: str | Path, model: nn.Module, optimizers: Iterable[torch.optim.Op
     rank = dist.get_rank() if dist.is_initialized() else 0
     rng_path = path / rng_file(rank)
     if rng_path.is_file():
-        set_rng_state(torch.load(rng_path, weights_only=False))
-    return torch.load(path / META_FILE, weights_only=False)
+        set_rng_state(_safe_load(rng_path))
+    return _safe_load(path / META_FILE)
+
+
+def saved_config(path: str | Path) -> Optional[dict[str, Any]]:
+    """The config a checkpoint's run was saved with (None: saved without one)."""
+    file = Path(path) / CONFIG_FILE
+    return json.loads(file.read_text()) if file.is_file() else None
+
+
+def saved_step(path: str | Path) -> int:
+    """The optimizer steps a checkpoint's run had taken."""
+    return int(_safe_load(Path(path) / META_FILE)["global_step"])
+
+
+def remove_interrupted(directory: str | Path) -> list[Path]:
+    """Delete the temporary directories of saves that never finished; return them."""
+    directory = Path(directory)
+    debris = [p for p in directory.glob("*" + TMP_SUFFIX) if p.is_dir()] if directory.is_dir() else []
+    for path in debris:
+        shutil.rmtree(path, ignore_errors=True)
+    return debris
 
 
 def checkpoints_in(directory: str | Path) -> list[Path]:
@@ -157,6 +279,8 @@ def latest_checkpoint(search_dir: str | Path) -> Optional[Path]:
     if not search_dir.is_dir():
         return None
     candidates = [
-        p.parent for p in search_dir.rglob(META_FILE) if NAME_PATTERN.match(p.parent.name) and is_checkpoint(p.parent)
+        p.parent
+        for p in search_dir.rglob(MANIFEST_FILE)
+        if NAME_PATTERN.match(p.parent.name) and is_checkpoint(p.parent)
     ]
-    return max(candidates, key=lambda p: (p / META_FILE).stat().st_mtime, default=None)
+    return max(candidates, key=lambda p: (p / MANIFEST_FILE).stat().st_mtime, default=None)
