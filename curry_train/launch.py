@@ -14,6 +14,7 @@ Workers get torchrun's environment contract (``RANK``, ``LOCAL_RANK``, ``WORLD_S
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -21,6 +22,7 @@ import shutil
 import signal
 import socket
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -36,13 +38,16 @@ from curry_train.config.checks import LaunchPlan, check, external_launcher
 from curry_train.module import NonFiniteError
 from curry_train.primitives import dcp
 from curry_train.primitives.dcp import NonFiniteStateError
-from curry_train.run import configure_worker_logging, train
+from curry_train.run import Preempted, configure_worker_logging, train
 
 log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE_S = 5.0
 EXIT_NONFINITE = 3  # a NaN/inf gradient norm or loss stopped the run (README: "Nothing silent")
-WORKER_EXIT_CODES = (EXIT_NONFINITE,)
+EXIT_PREEMPTED = 75  # SIGTERM/SIGUSR1: the run saved a checkpoint and stopped; re-run with ckpt_path=auto
+WORKER_EXIT_CODES = (EXIT_NONFINITE, EXIT_PREEMPTED)
+EXIT_INTERRUPTED = 130  # SIGINT, as a shell reports it
+FORWARDED = (signal.SIGTERM, signal.SIGUSR1)  # the launcher passes these on to its workers
 
 
 def free_port() -> int:
@@ -96,10 +101,51 @@ def spawn(world_size: int, target: Callable[..., Any], *args: Any) -> None:
     context = mp.start_processes(
         _worker, args=(world_size, port, target, args), nprocs=world_size, start_method="spawn", join=False
     )
-    # When one worker fails, its peers are usually blocked in a collective that will never complete:
-    # give them a few seconds to exit, then SIGTERM, then SIGKILL.
-    while not context.join(grace_period=SHUTDOWN_GRACE_S):
-        pass
+    # SIGTERM and SIGUSR1 (a scheduler's notice) go on to the workers, which save and stop together;
+    # SIGINT (Ctrl-C, kill -INT) ends them at once.
+    previous = {signum: signal.getsignal(signum) for signum in (*FORWARDED, signal.SIGINT)}
+
+    def forward(signum: int, frame: Any) -> None:
+        for pid in context.pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    def interrupt(signum: int, frame: Any) -> None:
+        _end_workers(context.pids())
+        raise KeyboardInterrupt
+
+    for signum in FORWARDED:
+        signal.signal(signum, forward)
+    signal.signal(signal.SIGINT, interrupt)
+    try:
+        # When one worker fails, its peers are usually blocked in a collective that will never complete:
+        # give them a few seconds to exit, then SIGTERM, then SIGKILL.
+        while not context.join(grace_period=SHUTDOWN_GRACE_S):
+            pass
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _end_workers(pids: Sequence[int]) -> None:
+    """SIGINT to each worker (Lightning stops its loop), then SIGKILL to what is left a moment later."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGINT)
+    deadline = time.monotonic() + SHUTDOWN_GRACE_S
+    while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
+        time.sleep(0.1)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def run_worker(container: dict, run_dir: str, accelerator: str, ckpt_path: Optional[str]) -> None:
@@ -115,6 +161,14 @@ def run_worker(container: dict, run_dir: str, accelerator: str, ckpt_path: Optio
             kept = dcp.checkpoints_in(Path(run_dir) / "checkpoints")
             report(f"curry-train: error: {error}; the last good checkpoint: {kept[-1] if kept else 'none'}")
         sys.exit(EXIT_NONFINITE)
+    except Preempted as stopped:  # every rank stopped at the same step
+        if rank == 0:
+            kept = dcp.checkpoints_in(Path(run_dir) / "checkpoints")
+            report(
+                f"curry-train: preempted ({stopped}): {kept[-1] if kept else 'no checkpoint'};"
+                f" exit {EXIT_PREEMPTED}; the same command with ckpt_path=auto continues"
+            )
+        sys.exit(EXIT_PREEMPTED)
 
 
 def report(line: str) -> None:
@@ -175,6 +229,10 @@ def main(cfg: DictConfig) -> None:
         print(f"curry-train: error: {error}", file=sys.stderr)
         remove_unused_run_dir(run_dir, f"{hydra_cfg.job.name}.log")
         sys.exit(2)
+    except KeyboardInterrupt:  # the workers were ended by the launcher's SIGINT handler
+        kept = dcp.checkpoints_in(run_dir / "checkpoints")
+        print(f"curry-train: interrupted; the last checkpoint: {kept[-1] if kept else 'none'}", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
 
 
 def remove_unused_run_dir(run_dir: Path, log_name: str) -> None:

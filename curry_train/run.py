@@ -5,13 +5,18 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import _update_n
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
@@ -125,6 +130,48 @@ class RunSummary(Callback):
         ]
 
 
+class Preempted(Exception):
+    """The run was asked to stop (SIGTERM, SIGUSR1), saved a checkpoint at a step's end and stopped."""
+
+
+class Preemption(Callback):
+    """SIGTERM (what SLURM and Kubernetes send before they kill a job) and SIGUSR1 (SLURM's warning,
+    ``--signal=USR1@120``): every rank finishes its current step, the run saves a checkpoint and stops;
+    ``train`` then raises ``Preempted``.
+
+    The handler only notes the signal (a collective inside a signal handler could cross the step's
+    own); at each step's end the ranks agree with one all-reduce of a flag, so all stop at the same
+    step even when the signal reaches them at different moments. It replaces Lightning's SIGTERM
+    handling, which broadcasts from inside the handler and ends the run without a checkpoint."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.received: Optional[int] = None  # the signal this process got
+        self.stopped_at: Optional[int] = None  # the step after which the run stopped
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After Lightning registers its own (in fit, after on_fit_start): ours replace them.
+        if threading.current_thread() is threading.main_thread():  # Python installs handlers there only
+            for signum in self.SIGNALS:
+                signal.signal(signum, self._note)
+
+    def _note(self, signum: int, frame: Any) -> None:
+        self.received = signum
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        flag = torch.tensor(float(self.received is not None), device=trainer.strategy.root_device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if not bool(flag):
+            return
+        for callback in trainer.callbacks:
+            if isinstance(callback, PeriodicCheckpoint):
+                callback.save(trainer)
+        self.stopped_at = trainer.global_step
+        trainer.should_stop = True
+
+
 class PeriodicCheckpoint(Callback):
     """Save every ``every_n_steps`` optimizer steps (and at the end); keep the last ``keep_last``."""
 
@@ -134,7 +181,8 @@ class PeriodicCheckpoint(Callback):
         self._last_saved_step: Optional[int] = None
         self.last_saved: Optional[Path] = None
 
-    def _save(self, trainer: pl.Trainer) -> None:
+    def save(self, trainer: pl.Trainer) -> None:
+        """Collective: save the state after the current step (once per step), then prune."""
         step = trainer.global_step
         if step == self._last_saved_step:
             return
@@ -152,11 +200,11 @@ class PeriodicCheckpoint(Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
         if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
-            self._save(trainer)
+            self.save(trainer)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.save_on_end:
-            self._save(trainer)
+            self.save(trainer)
 
     def state_dict(self) -> dict[str, Any]:
         return {"last_saved_step": self._last_saved_step}
@@ -257,7 +305,7 @@ def build_trainer(
         accelerator="gpu" if accelerator == "cuda" else "cpu",
         devices=t.devices,
         num_nodes=t.num_nodes,
-        strategy=CurryStrategy(cfg),
+        strategy=CurryStrategy(cfg, timeout=timedelta(seconds=t.timeout)),
         precision=t.precision,
         max_steps=t.max_steps,
         logger=list(loggers) if loggers is not None else make_loggers(cfg, run_dir, run_name(cfg)),
@@ -285,8 +333,12 @@ def train(cfg: DictConfig, run_dir: Path, accelerator: str, ckpt_path: Optional[
     summary = RunSummary(cfg, run_dir)
     in_place = ckpt_path is not None and Path(run_dir).resolve() in Path(ckpt_path).resolve().parents
     loggers = make_loggers(cfg, run_dir, run_name(cfg), dcp.saved_step(ckpt_path) if in_place else None)
-    trainer = build_trainer(cfg, run_dir, accelerator, callbacks=[summary], loggers=loggers)
+    preemption = Preemption()
+    trainer = build_trainer(cfg, run_dir, accelerator, callbacks=[summary, preemption], loggers=loggers)
     trainer.fit(CausalLM(cfg), datamodule=LMDataModule(cfg.data, cfg.seed), ckpt_path=ckpt_path)
+    if preemption.stopped_at is not None:
+        name = signal.Signals(preemption.received).name if preemption.received else "a peer's signal"
+        raise Preempted(f"{name}: stopped after step {preemption.stopped_at} and saved its checkpoint")
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):
             logger.experiment.finish()  # its closing notes now, so that the summary is the run's last words

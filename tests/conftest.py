@@ -100,3 +100,20 @@ def run_seed_example(source: str, tmp_path: Path, nproc: int = 2) -> str:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
+
+
+def spawned_workers(parent_pid: int) -> list[int]:
+    """Worker processes started by ``parent_pid`` (multiprocessing's spawn children)."""
+    workers = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            stat = (proc / "stat").read_text()
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == parent_pid and "spawn_main" in cmdline:
+            workers.append(int(proc.name))
+    return workers

@@ -7,11 +7,16 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, run_train
+from conftest import FAST, TRAIN, clean_env, run_train, spawned_workers
 from omegaconf import OmegaConf
 
 from curry_train.cli.export import consolidated_model_state
@@ -206,3 +211,71 @@ def test_a_rerun_of_the_same_command_resumes_in_place_on_the_same_curve(tmp_path
     assert [row["step"] for row in rows] == [str(s) for s in range(8)]
     for row in rows[:6]:  # steps 4 and 5 trained again from step 4's checkpoint: the same losses
         assert row["train/loss"] == first[row["step"]], row
+
+
+# ----------------------------------------------------------------------------------------------
+# Preemption and interruption
+
+
+def _start(args: list[str], cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(TRAIN), *args],
+        cwd=cwd,
+        env=clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def _wait_for_steps(process: subprocess.Popen, run_dir: Path, steps: int, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not (run_dir / "csv" / "metrics.csv").is_file() or len(metric_rows(run_dir)) < steps:
+        assert process.poll() is None and time.time() < deadline, "the run never reached its steps"
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum, devices", [(signal.SIGTERM, 2), (signal.SIGUSR1, 1)])
+def test_preemption_saves_the_current_step_and_exits_75(signum, devices, tmp_path):
+    """SIGTERM to the launcher of 2 workers (it passes the signal on), SIGUSR1 to a one-process run:
+    the step in flight finishes, its checkpoint is saved, the job exits 75; ckpt_path=auto continues."""
+    common = [*FAST, f"trainer.devices={devices}", "checkpoint.every_n_steps=1000", f"hydra.run.dir={tmp_path}"]
+    process = _start([*common, "trainer.max_steps=1000"], tmp_path)
+    try:
+        _wait_for_steps(process, tmp_path, 3)
+        os.kill(process.pid, signum)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 75, stderr[-3000:]
+    (saved,) = dcp.checkpoints_in(tmp_path / "checkpoints")
+    stopped = dcp.saved_step(saved)
+    assert [int(row["step"]) for row in metric_rows(tmp_path)][-1] == stopped - 1  # the last step run is saved
+    (line,) = [line for line in stderr.splitlines() if "curry-train: preempted" in line]
+    assert f"{signal.Signals(signum).name}: stopped after step {stopped}" in line and str(saved) in line
+    result = run_train([*common, f"trainer.max_steps={stopped + 2}", "ckpt_path=auto"], cwd=tmp_path)
+    assert f"resuming from {saved}" in result.stdout + result.stderr
+    assert [int(row["step"]) for row in metric_rows(tmp_path)] == list(range(stopped + 2))
+
+
+@pytest.mark.slow
+def test_sigint_to_the_launcher_ends_its_workers_within_seconds(tmp_path):
+    process = _start([*FAST, "trainer.devices=2", "trainer.max_steps=1000", f"hydra.run.dir={tmp_path}"], tmp_path)
+    try:
+        _wait_for_steps(process, tmp_path, 2)
+        workers = spawned_workers(process.pid)
+        assert len(workers) == 2
+        os.kill(process.pid, signal.SIGINT)
+        _, stderr = process.communicate(timeout=30)
+        deadline = time.time() + 10
+        while any(Path(f"/proc/{pid}").exists() for pid in workers) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 130 and "curry-train: interrupted" in stderr
+    assert "Traceback" not in stderr

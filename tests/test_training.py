@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import FAST, STEPS, TRAIN, assert_same_curve, clean_env, read_metric, run_train
+from conftest import FAST, STEPS, TRAIN, assert_same_curve, clean_env, read_metric, run_train, spawned_workers
 
 
 @pytest.mark.slow
@@ -73,23 +73,6 @@ def test_sweep_writes_one_directory_per_job(tmp_path):
         assert f"seed: {seed}" in (sweep_dir / job / ".hydra" / "config.yaml").read_text()
 
 
-def _spawned_workers(parent_pid: int) -> list[int]:
-    """Worker processes started by ``parent_pid`` (multiprocessing's spawn children)."""
-    workers = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            stat = (proc / "stat").read_text()
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == parent_pid and "spawn_main" in cmdline:
-            workers.append(int(proc.name))
-    return workers
-
-
 @pytest.mark.slow
 def test_failing_sweep_job_ends_its_workers(tmp_path):
     """A worker killed mid-run fails its job promptly and ends its peer; the sweep goes on to the
@@ -117,7 +100,7 @@ def test_failing_sweep_job_ends_its_workers(tmp_path):
         while not list((sweep_dir / "0").rglob("metrics.csv")):  # job 0 has started training
             assert process.poll() is None and time.time() < deadline, "job 0 never started training"
             time.sleep(0.2)
-        workers = _spawned_workers(process.pid)
+        workers = spawned_workers(process.pid)
         assert len(workers) == 2
         os.kill(workers[1], signal.SIGKILL)
         _, stderr = process.communicate(timeout=240)
@@ -276,7 +259,7 @@ def test_workers_die_with_their_launcher(tmp_path):
         while not list(tmp_path.rglob("metrics.csv")):
             assert process.poll() is None and time.time() < deadline, "training never started"
             time.sleep(0.2)
-        workers = _spawned_workers(process.pid)
+        workers = spawned_workers(process.pid)
         assert len(workers) == 2
         process.kill()
         process.wait()

@@ -283,6 +283,8 @@ def _check_training(cfg: DictConfig) -> None:
     t, o, c = cfg.trainer, cfg.optim, cfg.checkpoint
     if t.max_steps < 1:
         raise ConfigError(f"trainer.max_steps={t.max_steps} must be positive")
+    if t.timeout < 1:
+        raise ConfigError(f"trainer.timeout={t.timeout} must be at least 1 (seconds)")
     if t.skip_nonfinite_steps < 0:
         raise ConfigError(f"trainer.skip_nonfinite_steps={t.skip_nonfinite_steps} must be >= 0")
     if t.val_check_interval < 1 or t.log_every_n_steps < 1:

@@ -53,6 +53,7 @@ class TrainerConfig:
     val_check_interval: int = 40  # run validation every this many optimizer steps
     limit_val_batches: int = 8  # validation batches per check (0 disables validation)
     enable_progress_bar: bool = True  # Lightning's progress bar on rank 0
+    timeout: int = 600  # seconds a collective may wait for its peers before the run fails
     skip_nonfinite_steps: int = 0  # steps with a NaN/inf gradient norm skipped (no update) before the run stops
 
 
