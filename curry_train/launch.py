@@ -33,19 +33,20 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from torch.multiprocessing.spawn import ProcessExitedException
 
+from curry_train.callbacks import Preempted, Watchdog, report
 from curry_train.config import ConfigError
 from curry_train.config.checks import LaunchPlan, check, external_launcher
 from curry_train.module import NonFiniteError
 from curry_train.primitives import dcp
 from curry_train.primitives.dcp import NonFiniteStateError
-from curry_train.run import Preempted, configure_worker_logging, train
+from curry_train.run import configure_worker_logging, train
 
 log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE_S = 5.0
 EXIT_NONFINITE = 3  # a NaN/inf gradient norm or loss stopped the run (README: "Nothing silent")
 EXIT_PREEMPTED = 75  # SIGTERM/SIGUSR1: the run saved a checkpoint and stopped; re-run with ckpt_path=auto
-WORKER_EXIT_CODES = (EXIT_NONFINITE, EXIT_PREEMPTED)
+WORKER_EXIT_CODES = (EXIT_NONFINITE, Watchdog.EXIT_HUNG, EXIT_PREEMPTED)
 EXIT_INTERRUPTED = 130  # SIGINT, as a shell reports it
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1)  # the launcher passes these on to its workers
 
@@ -169,14 +170,6 @@ def run_worker(container: dict, run_dir: str, accelerator: str, ckpt_path: Optio
                 f" exit {EXIT_PREEMPTED}; the same command with ckpt_path=auto continues"
             )
         sys.exit(EXIT_PREEMPTED)
-
-
-def report(line: str) -> None:
-    """An error line into the run's log and onto stderr (once: Hydra's console handler writes to stdout)."""
-    log.error(line)
-    handlers = logging.getLogger().handlers
-    if not any(isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) is sys.stderr for h in handlers):
-        print(line, file=sys.stderr)
 
 
 def launch(cfg: DictConfig, run_dir: Path) -> None:

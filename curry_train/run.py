@@ -7,23 +7,19 @@ import logging
 import os
 import signal
 import sys
-import threading
-import time
 import warnings
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import lightning.pytorch as pl
-import torch
-import torch.distributed as dist
-from lightning.pytorch.callbacks import Callback, TQDMProgressBar
-from lightning.pytorch.callbacks.progress.tqdm_progress import _update_n
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from curry_train.callbacks import PeriodicCheckpoint, Preempted, Preemption, RunSummary, StepProgressBar, Watchdog
 from curry_train.config.schema import ParallelConfig
 from curry_train.module import CausalLM, LMDataModule
 from curry_train.primitives import dcp
@@ -45,172 +41,6 @@ class _DropAdvertisements(logging.Filter):
 
 
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropAdvertisements())
-
-
-class StepProgressBar(TQDMProgressBar):
-    """One bar over the run's optimizer steps (Lightning's counts an epoch's batches), showing the
-    loss and tokens/s the module logs to it."""
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, *_: Any) -> None:
-        bar = self.train_progress_bar
-        if bar.total != trainer.max_steps:  # the first epoch; later ones continue the same bar
-            bar.reset(total=trainer.max_steps)
-            bar.initial = trainer.global_step  # a resumed run starts where its checkpoint was
-            bar.set_description("train")
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *_: Any) -> None:
-        bar = self.train_progress_bar
-        if bar is not None and self._should_update(trainer.global_step, bar.total):
-            _update_n(bar, trainer.global_step)
-            bar.set_postfix(self.get_metrics(trainer, pl_module))
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        pass  # the bar spans epochs: closed at the end of training
-
-    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
-        metrics = super().get_metrics(trainer, pl_module)
-        metrics.pop("v_num", None)  # the logger's version says nothing about training
-        return metrics
-
-
-class RunSummary(Callback):
-    """What a person wants to see at the start of a run and at its end, on rank 0: the layout, the
-    parameter count and tokens per step; then the final losses, tokens/s and where everything is."""
-
-    def __init__(self, cfg: DictConfig, run_dir: Path) -> None:
-        self.cfg, self.run_dir = cfg, run_dir
-        self.step_seconds, self.steps = 0.0, 0  # time inside training steps: validation and checkpoints left out
-        self._step_began = 0.0
-
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        cfg, step = self.cfg, pl_module.step
-        degrees = step.parallel_state.degrees
-        d = cfg.data
-        accumulation = d.global_batch_size // (d.micro_batch_size * degrees.dp)
-        log.info(
-            "%s: %s parameters | parallel=%s (%s) on %d %s process(es) | %s tokens per step (%d x %d),"
-            " micro-batch %d, %d accumulation step(s) | %d steps -> %s",
-            cfg.model.name,
-            f"{pl_module.num_parameters:,}",
-            "+".join(ParallelConfig.of(cfg).options),
-            degrees,
-            trainer.world_size,
-            trainer.strategy.root_device.type,
-            f"{d.global_batch_size * d.seq_len:,}",
-            d.global_batch_size,
-            d.seq_len,
-            d.micro_batch_size,
-            accumulation,
-            trainer.max_steps,
-            self.run_dir,
-        )
-
-    def on_train_batch_start(self, *_: Any) -> None:
-        self._step_began = time.perf_counter()
-
-    def on_train_batch_end(self, *_: Any) -> None:
-        self.step_seconds += time.perf_counter() - self._step_began
-        self.steps += 1
-
-    def closing_lines(self, trainer: pl.Trainer) -> list[str]:
-        """The run's last words (after every callback's end of training, the last checkpoint's too)."""
-        metrics = trainer.callback_metrics
-        parts = [f"step {trainer.global_step}"]
-        for key, name in (("train/loss", "train loss"), ("val/loss", "val loss")):
-            if key in metrics:
-                parts.append(f"{name} {float(metrics[key]):.4f}")
-        if self.step_seconds > 0:
-            tokens = self.steps * self.cfg.data.global_batch_size * self.cfg.data.seq_len
-            parts.append(f"{tokens / self.step_seconds:,.0f} tokens/s")
-        checkpoint = next((cb.last_saved for cb in trainer.callbacks if isinstance(cb, PeriodicCheckpoint)), None)
-        return [
-            f"done: {', '.join(parts)}",
-            f"run directory: {self.run_dir}",
-            f"last checkpoint: {checkpoint if checkpoint is not None else 'none saved'}",
-        ]
-
-
-class Preempted(Exception):
-    """The run was asked to stop (SIGTERM, SIGUSR1), saved a checkpoint at a step's end and stopped."""
-
-
-class Preemption(Callback):
-    """SIGTERM (what SLURM and Kubernetes send before they kill a job) and SIGUSR1 (SLURM's warning,
-    ``--signal=USR1@120``): every rank finishes its current step, the run saves a checkpoint and stops;
-    ``train`` then raises ``Preempted``.
-
-    The handler only notes the signal (a collective inside a signal handler could cross the step's
-    own); at each step's end the ranks agree with one all-reduce of a flag, so all stop at the same
-    step even when the signal reaches them at different moments. It replaces Lightning's SIGTERM
-    handling, which broadcasts from inside the handler and ends the run without a checkpoint."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-    def __init__(self) -> None:
-        self.received: Optional[int] = None  # the signal this process got
-        self.stopped_at: Optional[int] = None  # the step after which the run stopped
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # After Lightning registers its own (in fit, after on_fit_start): ours replace them.
-        if threading.current_thread() is threading.main_thread():  # Python installs handlers there only
-            for signum in self.SIGNALS:
-                signal.signal(signum, self._note)
-
-    def _note(self, signum: int, frame: Any) -> None:
-        self.received = signum
-
-    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-        flag = torch.tensor(float(self.received is not None), device=trainer.strategy.root_device)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if not bool(flag):
-            return
-        for callback in trainer.callbacks:
-            if isinstance(callback, PeriodicCheckpoint):
-                callback.save(trainer)
-        self.stopped_at = trainer.global_step
-        trainer.should_stop = True
-
-
-class PeriodicCheckpoint(Callback):
-    """Save every ``every_n_steps`` optimizer steps (and at the end); keep the last ``keep_last``."""
-
-    def __init__(self, directory: Path, every_n_steps: int, keep_last: int, save_on_end: bool) -> None:
-        self.directory, self.every_n_steps = Path(directory), every_n_steps
-        self.keep_last, self.save_on_end = keep_last, save_on_end
-        self._last_saved_step: Optional[int] = None
-        self.last_saved: Optional[Path] = None
-
-    def save(self, trainer: pl.Trainer) -> None:
-        """Collective: save the state after the current step (once per step), then prune."""
-        step = trainer.global_step
-        if step == self._last_saved_step:
-            return
-        path = trainer.strategy.broadcast(self.directory / dcp.checkpoint_name(step))
-        trainer.save_checkpoint(path, weights_only=False)
-        self._last_saved_step, self.last_saved = step, path
-        if trainer.is_global_zero:
-            dcp.prune(self.directory, self.keep_last)
-            log.info("checkpoint saved: %s", path)
-
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if trainer.is_global_zero:
-            for debris in dcp.remove_interrupted(self.directory):
-                log.warning("removed %s: a save that never finished", debris)
-
-    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
-            self.save(trainer)
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.save_on_end:
-            self.save(trainer)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"last_saved_step": self._last_saved_step}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._last_saved_step = state_dict.get("last_saved_step")
 
 
 def wandb_account_configured() -> bool:
@@ -334,7 +164,8 @@ def train(cfg: DictConfig, run_dir: Path, accelerator: str, ckpt_path: Optional[
     in_place = ckpt_path is not None and Path(run_dir).resolve() in Path(ckpt_path).resolve().parents
     loggers = make_loggers(cfg, run_dir, run_name(cfg), dcp.saved_step(ckpt_path) if in_place else None)
     preemption = Preemption()
-    trainer = build_trainer(cfg, run_dir, accelerator, callbacks=[summary, preemption], loggers=loggers)
+    watchdog = Watchdog(run_dir, cfg.trainer.hang_timeout)
+    trainer = build_trainer(cfg, run_dir, accelerator, callbacks=[summary, preemption, watchdog], loggers=loggers)
     trainer.fit(CausalLM(cfg), datamodule=LMDataModule(cfg.data, cfg.seed), ckpt_path=ckpt_path)
     if preemption.stopped_at is not None:
         name = signal.Signals(preemption.received).name if preemption.received else "a peer's signal"

@@ -279,3 +279,30 @@ def test_sigint_to_the_launcher_ends_its_workers_within_seconds(tmp_path):
             os.killpg(process.pid, signal.SIGKILL)
     assert process.returncode == 130 and "curry-train: interrupted" in stderr
     assert "Traceback" not in stderr
+
+
+@pytest.mark.slow
+def test_a_stopped_rank_is_named_and_the_job_ends(tmp_path):
+    """SIGSTOP one of two workers: within trainer.hang_timeout (plus the stacks' dump and the
+    workers' shutdown) the job ends with status 4, names rank 1, and rank 0's stacks are on disk."""
+    process = _start(
+        [*FAST, "trainer.devices=2", "trainer.max_steps=5000", "trainer.hang_timeout=4", f"hydra.run.dir={tmp_path}"],
+        tmp_path,
+    )
+    try:
+        _wait_for_steps(process, tmp_path, 2)
+        workers = sorted(spawned_workers(process.pid))
+        os.kill(workers[1], signal.SIGSTOP)
+        began = time.time()
+        _, stderr = process.communicate(timeout=120)
+        ended = time.time() - began
+    finally:
+        for pid in spawned_workers(process.pid) if process.poll() is None else []:
+            os.kill(pid, signal.SIGKILL)
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 4, stderr[-3000:]
+    (line,) = [line for line in stderr.splitlines() if "no rank advanced" in line]
+    assert "rank(s) 1 stopped beating" in line and str(tmp_path / "stacks-rank00000.txt") in line
+    assert "File" in (tmp_path / "stacks-rank00000.txt").read_text()
+    assert ended < 4 + 60

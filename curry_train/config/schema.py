@@ -54,6 +54,7 @@ class TrainerConfig:
     limit_val_batches: int = 8  # validation batches per check (0 disables validation)
     enable_progress_bar: bool = True  # Lightning's progress bar on rank 0
     timeout: int = 600  # seconds a collective may wait for its peers before the run fails
+    hang_timeout: int = 300  # seconds without any rank advancing before the watchdog ends the job (0: off)
     skip_nonfinite_steps: int = 0  # steps with a NaN/inf gradient norm skipped (no update) before the run stops
 
 
