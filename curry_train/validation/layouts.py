@@ -175,7 +175,7 @@ def layouts_bench(
             "model": first.model.name,
             "parameters": memories[0].parameters,
             "device": plans[0].accelerator,
-            "cores": os.cpucount_text() or 1,
+            "cores": os.cpu_count() or 1,
             "global_batch_size": first.data.global_batch_size,
             "micro_batch_size": first.data.micro_batch_size,
             "seq_len": first.data.seq_len,
