@@ -21,6 +21,7 @@ a run on any number of ranks trains on exactly the sequences of the single-proce
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sysconfig
 from dataclasses import dataclass, field
@@ -35,6 +36,13 @@ SOURCES = ("stdlib", "files", "tokens")  # data.source
 BYTE_SEPARATOR = 0  # NUL never occurs in text files, so it marks document boundaries in byte streams
 TOKEN_SUFFIX = ".bin"
 META_SUFFIX = ".json"
+SCAN_TOKENS = 1 << 28  # token files up to this many tokens are scanned whole at the check; larger: head and tail
+COUNT_BYTES = 4 << 20  # text read through a tokenizer file is counted at the check up to this size
+TEXT_SAMPLE = 1 << 16  # bytes of a large text file the check samples
+
+
+class DataError(ValueError):
+    """Input data that cannot be trained on; the message names the file, what is wrong with it and the fix."""
 
 
 @dataclass
@@ -105,20 +113,56 @@ def stdlib_files() -> List[Path]:
     return sorted(p for p in root.rglob("*.py") if not skipped.intersection(p.relative_to(root).parts))
 
 
+def _not_text(path: Path, data: bytes) -> Optional[str]:
+    """Why ``data`` (a text file's bytes, or its head) is not UTF-8 text, or None."""
+    nul = data.find(b"\0")
+    if nul >= 0:
+        return f"{path}: a NUL byte at offset {nul}: a binary file, not text (token files are read with data=tokens)"
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        if error.start < len(data) - 3 or error.reason != "unexpected end of data":  # not a sample's cut character
+            return (
+                f"{path}: byte 0x{data[error.start]:02x} at offset {error.start} is not UTF-8: a binary file, or text"
+                " in another encoding (convert it: iconv -t utf-8)"
+            )
+    return None
+
+
 def iter_documents(paths: Sequence[str | Path], text_key: str = "text") -> Iterator[str | bytes]:
-    """Documents of text files: a ``.jsonl`` file gives one per record, any other file one in all."""
+    """Documents of text files: a ``.jsonl`` file gives one per record, any other file one in all.
+
+    Raises ``DataError`` naming the file (and line) for what is not UTF-8 text or not a JSON record
+    with a string ``text_key``."""
     for path in map(Path, paths):
         if path.suffix == ".jsonl":
-            with path.open("r", encoding="utf-8") as lines:
+            with path.open("rb") as lines:
                 for number, line in enumerate(lines, 1):
                     if not line.strip():
                         continue
-                    record = json.loads(line)
-                    if text_key not in record:
-                        raise KeyError(f"{path}:{number}: no field {text_key!r} (set data.text_key)")
-                    yield record[text_key]
+                    yield _record_text(path, number, line, text_key)
         else:
-            yield path.read_bytes()
+            data = path.read_bytes()
+            problem = _not_text(path, data)
+            if problem:
+                raise DataError(problem)
+            yield data
+
+
+def _record_text(path: Path, number: int, line: bytes, text_key: str) -> str:
+    try:
+        record = json.loads(line)
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}:{number}: not UTF-8 ({error.reason} at byte {error.start})") from None
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path}:{number}: not a JSON record ({error.msg}, column {error.colno})") from None
+    if not isinstance(record, dict):
+        raise DataError(f"{path}:{number}: a JSONL line must be an object with a {text_key!r} field")
+    if text_key not in record:
+        raise DataError(f"{path}:{number}: no field {text_key!r} (set data.text_key)")
+    if not isinstance(record[text_key], str):
+        raise DataError(f"{path}:{number}: field {text_key!r} holds {type(record[text_key]).__name__}, not text")
+    return record[text_key]
 
 
 def tokenize_documents(documents: Iterable[str | bytes], tokenizer) -> np.ndarray:
@@ -153,16 +197,55 @@ class TokenFileMeta:
     @classmethod
     def read(cls, token_path: str | Path) -> "TokenFileMeta":
         meta = cls.path_for(token_path)
-        if not meta.exists():
-            raise FileNotFoundError(
-                f"{token_path}: no sidecar {meta.name} (write token files with scripts/tokenize_data.py)"
-            )
-        return cls(**json.loads(meta.read_text()))
+        if not meta.is_file():
+            raise DataError(f"{token_path}: no sidecar {meta.name} (write token files with scripts/tokenize_data.py)")
+        fix = "rewrite the file with scripts/tokenize_data.py"
+        try:
+            fields = json.loads(meta.read_bytes())
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise DataError(f"{meta}: not a token-file sidecar ({error}); {fix}") from None
+        names = [f.name for f in dataclasses.fields(cls)]
+        if not isinstance(fields, dict) or sorted(fields) != sorted(names):
+            got = sorted(fields) if isinstance(fields, dict) else type(fields).__name__
+            raise DataError(f"{meta}: a token-file sidecar holds {', '.join(names)}; this one has {got}; {fix}")
+        result = cls(**fields)
+        try:
+            dtype = np.dtype(result.dtype)
+        except TypeError:
+            dtype = None
+        if dtype is None or dtype.kind != "u":
+            raise DataError(f"{meta}: dtype {result.dtype!r} is not an unsigned integer type; {fix}")
+        for key in ("num_tokens", "vocab_size"):
+            value = fields[key]
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise DataError(f"{meta}: {key}={value!r} must be a positive integer; {fix}")
+        return result
 
 
 def open_token_file(path: str | Path) -> np.ndarray:
     meta = TokenFileMeta.read(path)
+    expected = meta.num_tokens * np.dtype(meta.dtype).itemsize
+    size = Path(path).stat().st_size
+    if size != expected:
+        raise DataError(
+            f"{path}: {size} bytes, but its sidecar says {meta.num_tokens} {meta.dtype} tokens ({expected} bytes):"
+            " cut short, or not the file its sidecar describes; rewrite it with scripts/tokenize_data.py"
+        )
     return np.memmap(path, dtype=np.dtype(meta.dtype), mode="r", shape=(meta.num_tokens,))
+
+
+def check_token_ids(path: str | Path, tokens: np.ndarray, vocab_size: int, start: int = 0) -> None:
+    """Raise ``DataError`` for the first token id of ``tokens`` (at ``start`` in the file) >= ``vocab_size``."""
+    chunk = 1 << 24
+    for offset in range(0, len(tokens), chunk):
+        part = np.asarray(tokens[offset : offset + chunk])
+        if len(part) and int(part.max()) >= vocab_size:
+            at = offset + int(np.argmax(part >= vocab_size))
+            raise DataError(
+                f"{path}: token id {int(part[at - offset])} at position {start + at} is not below the vocabulary"
+                f" of its sidecar ({vocab_size}): the file and its sidecar disagree; rewrite it with"
+                " scripts/tokenize_data.py"
+            )
 
 
 def load_streams(cfg: DataConfig) -> tuple[List[np.ndarray], int]:
@@ -179,18 +262,90 @@ def load_streams(cfg: DataConfig) -> tuple[List[np.ndarray], int]:
     raise ValueError(f"data.source={cfg.source!r}: expected stdlib, files or tokens")
 
 
+@dataclass(frozen=True)
+class DataSurvey:
+    """What the launch check learns of the data without loading it into the model's shape."""
+
+    vocab_size: int
+    stream_tokens: Optional[List[int]]  # tokens of each stream; None where counting would mean tokenizing much text
+
+
+def survey(cfg: DataConfig) -> DataSurvey:
+    """The vocabulary and (where cheap) the token counts of ``cfg``'s data; ``DataError`` for the first
+    file that cannot be trained on. Token files: sidecar, size and every token id (head and tail of
+    files over ``SCAN_TOKENS``; ``PackedSequences`` checks the windows it serves). Text: all of it when
+    counting is cheap, else the head of each file."""
+    if cfg.source == "stdlib":
+        return DataSurvey(ByteTokenizer.vocab_size, None)
+    if cfg.source == "tokens":
+        counts, vocab = [], 0
+        for path in cfg.paths:
+            meta, tokens = TokenFileMeta.read(path), open_token_file(path)
+            if len(tokens) <= SCAN_TOKENS:
+                check_token_ids(path, tokens, meta.vocab_size)
+            else:
+                half = SCAN_TOKENS // 2
+                check_token_ids(path, tokens[:half], meta.vocab_size)
+                check_token_ids(path, tokens[-half:], meta.vocab_size, start=len(tokens) - half)
+            counts.append(len(tokens))
+            vocab = max(vocab, meta.vocab_size)
+        return DataSurvey(vocab, counts)
+    tokenizer = make_tokenizer(cfg.tokenizer)
+    paths = [Path(p) for p in cfg.paths]
+    for path in paths:
+        if path.stat().st_size == 0:
+            raise DataError(f"{path}: an empty file (data.paths)")
+    byte_level = isinstance(tokenizer, ByteTokenizer)
+    if sum(p.stat().st_size for p in paths) > (64 * COUNT_BYTES if byte_level else COUNT_BYTES):
+        for path in paths:
+            _check_head(path, cfg.text_key)
+        return DataSurvey(tokenizer.vocab_size, None)
+    count = 0
+    for document in iter_documents(paths, cfg.text_key):
+        if byte_level:
+            count += len(document.encode("utf-8") if isinstance(document, str) else document)
+        else:
+            count += len(tokenizer.encode(document))
+        count += tokenizer.separator is not None
+    return DataSurvey(tokenizer.vocab_size, [count])
+
+
+def _check_head(path: Path, text_key: str) -> None:
+    """The first ``TEXT_SAMPLE`` bytes of a large text file: text, and (JSONL) whole records."""
+    with path.open("rb") as file:
+        head = file.read(TEXT_SAMPLE)
+    if path.suffix != ".jsonl":
+        problem = _not_text(path, head)
+        if problem:
+            raise DataError(problem)
+        return
+    for number, line in enumerate(head.splitlines(keepends=True)[:-1], 1):  # the last may be cut
+        if line.strip():
+            _record_text(path, number, line, text_key)
+
+
+def windows(num_tokens: int, seq_len: int) -> int:
+    """Training windows (``seq_len + 1`` tokens, stride ``seq_len``) in a stream of ``num_tokens``."""
+    return max(0, (num_tokens - 1) // seq_len)
+
+
+def held_out(num_tokens: int, val_fraction: float) -> int:
+    """Tokens at a stream's tail held out for validation."""
+    return int(num_tokens * val_fraction)
+
+
 # ----------------------------------------------------------------------------------------------
 # Packed sequences
 
 
 class PackedSequences(Dataset):
-    """Windows of ``seq_len + 1`` tokens, stride ``seq_len``, over one or more token streams."""
+    """Windows of ``seq_len + 1`` tokens, stride ``seq_len``, over one or more token streams. With
+    ``vocab_size``, a window holding a token id at or above it raises ``DataError``."""
 
-    def __init__(self, streams: Sequence[np.ndarray], seq_len: int) -> None:
+    def __init__(self, streams: Sequence[np.ndarray], seq_len: int, vocab_size: Optional[int] = None) -> None:
         self.streams = list(streams)
-        self.seq_len = seq_len
-        counts = [max(0, (len(s) - 1) // seq_len) for s in self.streams]
-        self.offsets = np.cumsum([0, *counts])
+        self.seq_len, self.vocab_size = seq_len, vocab_size
+        self.offsets = np.cumsum([0, *(windows(len(s), seq_len) for s in self.streams)])
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -199,6 +354,11 @@ class PackedSequences(Dataset):
         stream = int(np.searchsorted(self.offsets, index, side="right")) - 1
         start = (index - int(self.offsets[stream])) * self.seq_len
         window = self.streams[stream][start : start + self.seq_len + 1]
+        if self.vocab_size is not None and len(window) and int(window.max()) >= self.vocab_size:
+            raise DataError(
+                f"stream {stream}, tokens {start}-{start + len(window)}: token id {int(window.max())} is not below"
+                f" the data's vocabulary ({self.vocab_size}); rewrite the token file with scripts/tokenize_data.py"
+            )
         return torch.from_numpy(window.astype(np.int64))
 
 
@@ -206,7 +366,7 @@ def split_streams(streams: Sequence[np.ndarray], val_fraction: float) -> tuple[L
     """Hold out the tail ``val_fraction`` of each stream."""
     train, val = [], []
     for stream in streams:
-        cut = len(stream) - int(len(stream) * val_fraction)
+        cut = len(stream) - held_out(len(stream), val_fraction)
         train.append(stream[:cut])
         val.append(stream[cut:])
     return train, val

@@ -30,12 +30,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
-from torch.multiprocessing.spawn import ProcessExitedException
+from torch.multiprocessing.spawn import ProcessExitedException, ProcessRaisedException
 
 from curry_train.callbacks import Preempted, Watchdog, report
 from curry_train.config import ConfigError
 from curry_train.config.checks import LaunchPlan, check, external_launcher
+from curry_train.data import DataError
 from curry_train.module import NonFiniteError
 from curry_train.primitives import dcp
 from curry_train.primitives.dcp import NonFiniteStateError
@@ -46,7 +48,8 @@ log = logging.getLogger(__name__)
 SHUTDOWN_GRACE_S = 5.0
 EXIT_NONFINITE = 3  # a NaN/inf gradient norm or loss stopped the run (README: "Nothing silent")
 EXIT_PREEMPTED = 75  # SIGTERM/SIGUSR1: the run saved a checkpoint and stopped; re-run with ckpt_path=auto
-WORKER_EXIT_CODES = (EXIT_NONFINITE, Watchdog.EXIT_HUNG, EXIT_PREEMPTED)
+EXIT_DATA = 2  # a worker found its data unusable past what the check reads (README: "Bad input")
+WORKER_EXIT_CODES = (EXIT_DATA, EXIT_NONFINITE, Watchdog.EXIT_HUNG, EXIT_PREEMPTED)
 EXIT_INTERRUPTED = 130  # SIGINT, as a shell reports it
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1)  # the launcher passes these on to its workers
 
@@ -162,6 +165,9 @@ def run_worker(container: dict, run_dir: str, accelerator: str, ckpt_path: Optio
             kept = dcp.checkpoints_in(Path(run_dir) / "checkpoints")
             report(f"curry-train: error: {error}; the last good checkpoint: {kept[-1] if kept else 'none'}")
         sys.exit(EXIT_NONFINITE)
+    except DataError as error:  # a token id or a document past what the check read
+        report(f"curry-train: error: {error}")
+        sys.exit(EXIT_DATA)
     except Preempted as stopped:  # every rank stopped at the same step
         if rank == 0:
             kept = dcp.checkpoints_in(Path(run_dir) / "checkpoints")
@@ -182,12 +188,7 @@ def launch(cfg: DictConfig, run_dir: Path) -> None:
         run_worker(container, str(run_dir), plan.accelerator, plan.ckpt_path)
         return
     log.info("starting %d workers (%s) in %s", plan.world_size, plan.degrees, run_dir)
-    try:
-        spawn(plan.world_size, run_worker, container, str(run_dir), plan.accelerator, plan.ckpt_path)
-    except ProcessExitedException as error:
-        if error.exit_code in WORKER_EXIT_CODES:  # the workers said why; the job ends with their status
-            sys.exit(error.exit_code)
-        raise
+    spawn(plan.world_size, run_worker, container, str(run_dir), plan.accelerator, plan.ckpt_path)
 
 
 def hydra_overrides_for_external_launcher(argv: Sequence[str], env=os.environ) -> list[str]:
@@ -211,21 +212,61 @@ def hydra_overrides_for_external_launcher(argv: Sequence[str], env=os.environ) -
     return extra
 
 
+class JobFailed(RuntimeError):
+    """A job of a sweep that failed, for a launcher that runs jobs elsewhere (submitit, joblib) to record
+    as failed; its message is the one line the job printed."""
+
+
+SWEEP_FAILURES: list[str] = []  # the failed jobs of a sweep run in this process, for its closing summary
+
+
 def main(cfg: DictConfig) -> None:
-    """The body of ``python train.py``: one Hydra job."""
+    """The body of ``python train.py``: one Hydra job.
+
+    A job that fails -- its config check, or a worker -- prints one line. A single run then exits
+    with the failure's status (2: the config; 3, 4, 75: see README; 1: anything else). A sweep goes
+    on to its next job (``curry-train`` exits 1 at the end, naming the failed jobs), except after
+    SIGINT or preemption, which stop the whole sweep."""
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
-        launch(cfg, run_dir)
-    except ConfigError as error:
-        print(f"curry-train: error: {error}", file=sys.stderr)
-        remove_unused_run_dir(run_dir, f"{hydra_cfg.job.name}.log")
-        sys.exit(2)
+        code = _run_job(cfg, run_dir, f"{hydra_cfg.job.name}.log")
     except KeyboardInterrupt:  # the workers were ended by the launcher's SIGINT handler
         kept = dcp.checkpoints_in(run_dir / "checkpoints")
         print(f"curry-train: interrupted; the last checkpoint: {kept[-1] if kept else 'none'}", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
+    if code == 0:
+        return
+    if hydra_cfg.mode != RunMode.MULTIRUN or code == EXIT_PREEMPTED:
+        sys.exit(code)
+    overrides = " ".join(hydra_cfg.overrides.task)
+    failure = f"job {hydra_cfg.job.num} ({overrides}): exit {code}"
+    if not hydra_cfg.launcher._target_.endswith("BasicLauncher"):
+        raise JobFailed(failure)
+    SWEEP_FAILURES.append(failure)
+
+
+def _run_job(cfg: DictConfig, run_dir: Path, log_name: str) -> int:
+    """Check and train; the job's exit status, every failure reported in one line on stderr."""
+    try:
+        launch(cfg, run_dir)
+    except ConfigError as error:
+        print(f"curry-train: error: {error}", file=sys.stderr)
+        remove_unused_run_dir(run_dir, log_name)
+        return 2
+    except SystemExit as stopped:  # the job process trained itself and said why it stopped
+        return stopped.code if isinstance(stopped.code, int) else int(stopped.code is not None)
+    except ProcessRaisedException as error:  # a worker raised: its traceback is in the message
+        print(error, file=sys.stderr)
+        print(f"curry-train: error: rank {error.error_index} failed (its traceback is above)", file=sys.stderr)
+        return 1
+    except ProcessExitedException as error:
+        if error.exit_code in WORKER_EXIT_CODES:  # the workers said why
+            return error.exit_code
+        print(f"curry-train: error: {error}; see {run_dir}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def remove_unused_run_dir(run_dir: Path, log_name: str) -> None:

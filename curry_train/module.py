@@ -226,8 +226,8 @@ class LMDataModule(pl.LightningDataModule):
             return
         streams, self.vocab_size = load_streams(self.cfg)
         train, val = split_streams(streams, self.cfg.val_fraction)
-        self.train_set = PackedSequences(train, self.cfg.seq_len)
-        self.val_set = PackedSequences(val, self.cfg.seq_len)
+        self.train_set = PackedSequences(train, self.cfg.seq_len, self.vocab_size)
+        self.val_set = PackedSequences(val, self.cfg.seq_len, self.vocab_size)
 
     def _dp(self) -> tuple[int, int]:
         kwargs = self.trainer.distributed_sampler_kwargs if self.trainer is not None else None

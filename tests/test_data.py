@@ -19,6 +19,7 @@ from curry_train.cli import tokenize_data as tokenize_cli
 from curry_train.config.schema import DataConfig
 from curry_train.data import (
     ByteTokenizer,
+    DataError,
     GlobalBatchSampler,
     HFTokenizer,
     PackedSequences,
@@ -204,7 +205,7 @@ def test_iter_documents_reads_text_and_jsonl(tmp_path: Path) -> None:
 def test_iter_documents_names_a_missing_key(tmp_path: Path) -> None:
     records = tmp_path / "r.jsonl"
     records.write_text('{"body": "ok"}\n{"text": "no body"}\n')
-    with pytest.raises(KeyError, match=r"r\.jsonl:2: no field 'body'"):
+    with pytest.raises(DataError, match=r"r\.jsonl:2: no field 'body'"):
         list(iter_documents([records], text_key="body"))
 
 
@@ -417,7 +418,7 @@ def test_token_source_loads_the_written_file(script: ModuleType, tmp_path: Path,
 
 def test_data_module_batches_from_a_token_file(script: ModuleType, tmp_path: Path) -> None:
     text = tmp_path / "big.txt"
-    text.write_bytes(bytes(range(1, 256)) * 8)  # 2040 bytes, no NUL inside the document
+    text.write_bytes(("".join(map(chr, range(1, 128))) + "é∑🙂").encode() * 8)  # 1088 bytes of UTF-8, no NUL
     out = tmp_path / "big.bin"
     assert script.main([str(text), "--output", str(out), "--quiet"]) == 0
     cfg = DataConfig(source="tokens", paths=[str(out)], seq_len=16, global_batch_size=4, val_fraction=0.25)

@@ -20,7 +20,7 @@ from typing import List, Optional, Sequence
 
 from tqdm import tqdm
 
-from curry_train.data import TokenFileMeta, iter_documents, make_tokenizer, tokenize_documents
+from curry_train.data import DataError, TokenFileMeta, iter_documents, make_tokenizer, tokenize_documents
 
 DIRECTORY_SUFFIXES = (".txt", ".jsonl", ".md", ".py")
 
@@ -88,10 +88,8 @@ def tokenize_to_file(files: Sequence[Path], output: Path, tokenizer_spec: str, t
                         # Characters or bytes of the document: never more than the bytes it takes in the file.
                         bar.update(len(document))
                         counted += len(document)
-                except KeyError as error:
-                    raise UsageError(error.args[0]) from error
-                except ValueError as error:  # malformed JSON or UTF-8
-                    raise UsageError(f"{path}: {error}") from error
+                except DataError as error:  # not text, malformed JSON: the message names the file and line
+                    raise UsageError(str(error)) from error
                 bar.update(size - counted)
         if num_tokens == 0:
             raise UsageError("the inputs hold no documents (an empty token file cannot be memory-mapped)")

@@ -7,14 +7,18 @@ composed config. See README.md.
 
 from __future__ import annotations
 
+import contextlib
 import sys
+import tempfile
+from pathlib import Path
+from typing import Optional, Sequence
 
 import hydra
 from omegaconf import DictConfig
 
 from curry_train.cli.common import error_line, fail, is_config_error
 from curry_train.config import CONF_DIR, ConfigError, compose
-from curry_train.launch import hydra_overrides_for_external_launcher
+from curry_train.launch import SWEEP_FAILURES, hydra_overrides_for_external_launcher
 from curry_train.launch import main as launch_main
 
 
@@ -36,8 +40,36 @@ def main() -> None:
             if not is_config_error(error):
                 raise
             sys.exit(fail("curry-train", error_line(error)))
+    flags = {arg for arg in arguments if arg.startswith("-")}
+    if flags <= {"-m", "--multirun"}:  # a run or a sweep, not --help or --cfg
+        problem = unwritable_output_dir(arguments, "hydra.sweep.dir" if flags else "hydra.run.dir")
+        if problem:
+            sys.exit(fail("curry-train", problem))
     _train()
+    if SWEEP_FAILURES:  # a sweep ran every job; the failed ones printed their line when they failed
+        print(f"curry-train: {len(SWEEP_FAILURES)} job(s) of the sweep failed:", file=sys.stderr)
+        for failure in SWEEP_FAILURES:
+            print(f"  {failure}", file=sys.stderr)
+        sys.exit(1)
 
 
-if __name__ == "__main__":
-    main()
+def unwritable_output_dir(arguments: Sequence[str], key: str) -> Optional[str]:
+    """Why the run (or sweep) directory cannot be written, or None (Hydra would fail there with a
+    traceback). The part of its path before the first ``${...}`` is created, a file written in it,
+    and what was created removed again: Hydra makes the directory itself when the job starts."""
+    default = {"hydra.run.dir": "outputs/${now:%Y-%m-%d}", "hydra.sweep.dir": "multirun/${now:%Y-%m-%d}"}[key]
+    value = next((arg.split("=", 1)[1] for arg in arguments if arg.startswith(f"{key}=")), default)
+    static = value.split("${", 1)[0]
+    folder = Path(static or ".") if "${" not in value or static.endswith("/") else Path(static).parent
+    created = [p for p in (folder, *folder.parents) if not p.exists()]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        return f"{key}={value}: cannot write {folder} ({error.strerror}); choose a writable directory"
+    finally:
+        for path in created:  # deepest first
+            with contextlib.suppress(OSError):
+                path.rmdir()
+    return None

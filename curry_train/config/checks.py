@@ -6,7 +6,10 @@ parallel degrees (``ParallelConfig.degrees``), and the checkpoint to resume from
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
+import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,13 +20,16 @@ from omegaconf import DictConfig
 
 from curry_train.config import ConfigError
 from curry_train.config.resume import resolve
-from curry_train.config.schema import ACCELERATORS, LOGGERS, LR_SCHEDULES, PRECISIONS, ParallelConfig
-from curry_train.data import SOURCES, TokenFileMeta, make_tokenizer
+from curry_train.config.schema import ACCELERATORS, LOGGERS, LR_SCHEDULES, PRECISIONS, ParallelConfig, unknown_keys
+from curry_train.data import SOURCES, DataError, DataSurvey, held_out, survey, windows
 from curry_train.primitives.context_parallel import PATTERNS
 from curry_train.primitives.distributed_optimizer import BACKWARD_PREFETCH, PARAM_DTYPES, SHARDING_MODES
 from curry_train.primitives.parallel_state import Degrees
 from curry_train.primitives.pipeline_schedule import check_microbatches, split_layers, stages_per_rank
 from curry_train.primitives.recompute import MODES as RECOMPUTE_MODES
+
+log = logging.getLogger(__name__)
+MAX_SEED = 2**32 - 1  # what every RNG seeded from it (numpy's included) accepts
 
 
 @dataclass(frozen=True)
@@ -72,6 +78,8 @@ def _check_parallel(layout: ParallelConfig, accelerator: str, precision: str) ->
         raise ConfigError(f"parallel.recompute={layout.recompute!r}: expected one of {', '.join(RECOMPUTE_MODES)}")
     if layout.recompute_every_n_blocks < 0:
         raise ConfigError(f"parallel.recompute_every_n_blocks={layout.recompute_every_n_blocks} must be >= 0")
+    if layout.dp is not None and layout.dp.bucket_cap_mb < 1:
+        raise ConfigError(f"parallel.dp.bucket_cap_mb={layout.dp.bucket_cap_mb} must be positive")
     fsdp = layout.fsdp
     if fsdp is None:
         return
@@ -140,6 +148,17 @@ def _check_tensor_parallel(cfg: DictConfig, layout: ParallelConfig, world_size: 
         )
 
 
+def _check_keys(cfg: DictConfig) -> None:
+    for key, beside in unknown_keys(cfg):
+        *parents, name = key.split(".")
+        close = difflib.get_close_matches(name, beside, n=1)
+        hint = f": did you mean {'.'.join([*parents, close[0]])}?" if close else ""
+        raise ConfigError(
+            f"{key}: no such key in the schema{hint} (the keys it has are set without '+':"
+            " curry_train/config/schema.py)"
+        )
+
+
 def _accelerator(requested: str) -> str:
     if requested not in ACCELERATORS:
         raise ConfigError(f"trainer.accelerator={requested!r}: expected one of {', '.join(ACCELERATORS)}")
@@ -167,32 +186,57 @@ def _check_model(cfg: DictConfig) -> None:
         raise ConfigError(f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={m.n_kv_heads}")
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"model.dropout={m.dropout} must be in [0, 1)")
+    for key in ("norm_eps", "rope_theta", "init_std"):
+        if not (math.isfinite(m[key]) and m[key] > 0):
+            raise ConfigError(f"model.{key}={m[key]} must be a positive number")
 
 
-def _data_vocab(cfg: DictConfig) -> int:
+def _survey_data(cfg: DictConfig) -> DataSurvey:
     d = cfg.data
     if d.source not in SOURCES:
         raise ConfigError(f"data.source={d.source!r}: expected one of {', '.join(SOURCES)}")
-    if d.source == "stdlib":
-        return 256
-    if not d.paths:
-        raise ConfigError(f"data.source={d.source} needs data.paths, e.g. 'data.paths=[/data/corpus.txt]'")
-    for path in d.paths:
-        if not Path(path).is_file():
-            raise ConfigError(f"data.paths: {path} does not exist (or is not a file)")
-    if d.source == "tokens":
-        try:
-            return max(TokenFileMeta.read(p).vocab_size for p in d.paths)
-        except FileNotFoundError as error:
-            raise ConfigError(str(error)) from None
-    if d.tokenizer != "byte" and not Path(d.tokenizer).is_file():
+    if d.source != "stdlib":
+        if not d.paths:
+            raise ConfigError(f"data.source={d.source} needs data.paths, e.g. 'data.paths=[/data/corpus.txt]'")
+        for path in d.paths:
+            if not Path(path).is_file():
+                raise ConfigError(f"data.paths: {path} does not exist (or is not a file)")
+    if d.source == "files" and d.tokenizer != "byte" and not Path(d.tokenizer).is_file():
         raise ConfigError(f"data.tokenizer={d.tokenizer}: no such file (use 'byte' or a path to tokenizer.json)")
     try:
-        return make_tokenizer(d.tokenizer).vocab_size
+        return survey(d)
+    except DataError as error:
+        raise ConfigError(str(error)) from None
     except ImportError as error:
         raise ConfigError(str(error)) from None
     except Exception as error:  # the tokenizers library reports an unreadable file as a bare Exception
+        if d.source != "files":
+            raise
         raise ConfigError(f"data.tokenizer={d.tokenizer}: not a readable tokenizer.json ({error})") from None
+
+
+def _check_data_fills_batches(cfg: DictConfig, data: DataSurvey) -> None:
+    """A batch the data cannot fill is an error; a validation set too short for one batch, a warning."""
+    d = cfg.data
+    if data.stream_tokens is None:  # large text, counted when the workers tokenize it (DataError there)
+        return
+    held = [held_out(n, d.val_fraction) for n in data.stream_tokens]
+    train = sum(windows(n - h, d.seq_len) for n, h in zip(data.stream_tokens, held, strict=True))
+    if train < d.global_batch_size:
+        raise ConfigError(
+            f"data: {sum(data.stream_tokens)} tokens make {train} training sequences of data.seq_len={d.seq_len}"
+            f" (after data.val_fraction={d.val_fraction} is held out), fewer than one global batch"
+            f" (data.global_batch_size={d.global_batch_size}); add data, or lower data.seq_len or the batch size"
+        )
+    val = sum(windows(h, d.seq_len) for h in held)
+    if d.val_fraction > 0 and cfg.trainer.limit_val_batches > 0 and val < d.global_batch_size:
+        log.warning(
+            "data: the held-out %d tokens make %d validation sequences, fewer than one global batch (%d):"
+            " this run validates nothing; raise data.val_fraction, or set trainer.limit_val_batches=0",
+            sum(held),
+            val,
+            d.global_batch_size,
+        )
 
 
 def _check_batch(cfg: DictConfig, degrees: Degrees) -> None:
@@ -298,12 +342,26 @@ def _check_training(cfg: DictConfig) -> None:
         )
     if o.schedule not in LR_SCHEDULES:
         raise ConfigError(f"optim.schedule={o.schedule!r}: expected one of {', '.join(LR_SCHEDULES)}")
-    if o.lr <= 0 or o.min_lr < 0 or o.warmup_steps < 0 or o.grad_clip < 0:
-        raise ConfigError(
-            "optim.lr must be positive; optim.min_lr, optim.warmup_steps and optim.grad_clip non-negative"
-        )
-    if len(o.betas) != 2:
-        raise ConfigError(f"optim.betas={list(o.betas)} must hold two numbers")
+    for key in ("lr", "min_lr", "weight_decay", "eps", "grad_clip"):
+        if not math.isfinite(o[key]):
+            raise ConfigError(f"optim.{key}={o[key]} must be a finite number")
+    if o.lr <= 0:
+        raise ConfigError(f"optim.lr={o.lr} must be positive")
+    if not 0 <= o.min_lr <= o.lr:
+        raise ConfigError(f"optim.min_lr={o.min_lr} must be between 0 and optim.lr={o.lr}")
+    for key in ("warmup_steps", "grad_clip", "weight_decay"):
+        if o[key] < 0:
+            raise ConfigError(f"optim.{key}={o[key]} must be >= 0" + (" (0 disables clipping)" * (key == "grad_clip")))
+    if o.eps <= 0:
+        raise ConfigError(f"optim.eps={o.eps} must be positive (Adam divides by sqrt(v) + eps)")
+    if len(o.betas) != 2 or not all(0.0 <= beta < 1.0 for beta in o.betas):
+        raise ConfigError(f"optim.betas={list(o.betas)} must be two numbers in [0, 1), e.g. [0.9, 0.95]")
+    if not 0 <= cfg.seed <= MAX_SEED:
+        raise ConfigError(f"seed={cfg.seed} must be between 0 and {MAX_SEED}")
+    if cfg.data.num_workers < 0:
+        raise ConfigError(f"data.num_workers={cfg.data.num_workers} must be >= 0 (0: load in the training process)")
+    if t.limit_val_batches < 0:
+        raise ConfigError(f"trainer.limit_val_batches={t.limit_val_batches} must be >= 0 (0 disables validation)")
     if cfg.logger.kind not in LOGGERS:
         raise ConfigError(f"logger.kind={cfg.logger.kind!r}: expected one of {', '.join(LOGGERS)}")
     if cfg.logger.kind == "tensorboard" and not any(
@@ -317,6 +375,7 @@ def _check_training(cfg: DictConfig) -> None:
 def check(cfg: DictConfig, env: Mapping[str, str] = os.environ, run_dir: Optional[Path] = None) -> LaunchPlan:
     """Everything that can be checked without starting a worker. Raises ConfigError. ``run_dir``: the
     run's directory, where ``ckpt_path=last|auto`` look first (``config.resume``)."""
+    _check_keys(cfg)
     accelerator = _accelerator(cfg.trainer.accelerator)
     layout = ParallelConfig.of(cfg)
     _check_parallel(layout, accelerator, cfg.trainer.precision)
@@ -343,10 +402,13 @@ def check(cfg: DictConfig, env: Mapping[str, str] = os.environ, run_dir: Optiona
     except ValueError as error:
         raise ConfigError(str(error)) from None
     _check_model(cfg)
-    vocab = _data_vocab(cfg)
-    if vocab > cfg.model.vocab_size:
-        raise ConfigError(f"the data's vocabulary ({vocab} tokens) exceeds model.vocab_size={cfg.model.vocab_size}")
+    data = _survey_data(cfg)
+    if data.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(
+            f"the data's vocabulary ({data.vocab_size} tokens) exceeds model.vocab_size={cfg.model.vocab_size}"
+        )
     _check_batch(cfg, degrees)
+    _check_data_fills_batches(cfg, data)
     _check_pipeline(cfg, layout, degrees)
     _check_context_parallel(cfg, layout)
     _check_training(cfg)

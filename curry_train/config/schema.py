@@ -7,6 +7,8 @@ is composed, with the full key in the message. Each field's comment is its docum
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -222,3 +224,21 @@ class Config:
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     seed: int = 1234  # seeds init, data order and dropout; the layout never changes what it seeds
     ckpt_path: Optional[str] = None  # resume: a checkpoint directory, "last" or "auto" (config/resume.py)
+
+
+def unknown_keys(cfg: DictConfig, schema: type = Config, prefix: str = "") -> list[tuple[str, list[str]]]:
+    """Keys of ``cfg`` that ``schema`` does not have (Hydra's ``+key=value`` adds them to a typed config
+    without a word), each with the keys it sits beside, for a did-you-mean."""
+    hints = typing.get_type_hints(schema)
+    found = []
+    for key in cfg.keys():
+        if key not in hints:
+            found.append((f"{prefix}{key}", list(hints)))
+            continue
+        kind = hints[key]
+        if typing.get_origin(kind) is typing.Union:  # Optional[XConfig]
+            kind = next((a for a in typing.get_args(kind) if a is not type(None)), kind)
+        node = cfg._get_node(key)
+        if dataclasses.is_dataclass(kind) and isinstance(node, DictConfig) and not node._is_none():
+            found += unknown_keys(node, kind, f"{prefix}{key}.")
+    return found
