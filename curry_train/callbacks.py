@@ -122,6 +122,8 @@ class RunSummary(Callback):
 class Preempted(Exception):
     """The run was asked to stop (SIGTERM, SIGUSR1), saved a checkpoint at a step's end and stopped."""
 
+    signum: Optional[int] = None  # the signal this process got (None: a peer's)
+
 
 class Preemption(Callback):
     """SIGTERM (what SLURM and Kubernetes send before they kill a job) and SIGUSR1 (SLURM's warning,

@@ -37,7 +37,8 @@ BYTE_SEPARATOR = 0  # NUL never occurs in text files, so it marks document bound
 TOKEN_SUFFIX = ".bin"
 META_SUFFIX = ".json"
 SCAN_TOKENS = 1 << 28  # token files up to this many tokens are scanned whole at the check; larger: head and tail
-COUNT_BYTES = 4 << 20  # text read through a tokenizer file is counted at the check up to this size
+CHECK_TEXT_BYTES = 256 << 20  # byte-level text up to this size is read whole (and counted) at the check
+CHECK_TOKENIZED_BYTES = 4 << 20  # text read through a tokenizer file: the same, up to this size
 TEXT_SAMPLE = 1 << 16  # bytes of a large text file the check samples
 
 
@@ -296,7 +297,7 @@ def survey(cfg: DataConfig) -> DataSurvey:
         if path.stat().st_size == 0:
             raise DataError(f"{path}: an empty file (data.paths)")
     byte_level = isinstance(tokenizer, ByteTokenizer)
-    if sum(p.stat().st_size for p in paths) > (64 * COUNT_BYTES if byte_level else COUNT_BYTES):
+    if sum(p.stat().st_size for p in paths) > (CHECK_TEXT_BYTES if byte_level else CHECK_TOKENIZED_BYTES):
         for path in paths:
             _check_head(path, cfg.text_key)
         return DataSurvey(tokenizer.vocab_size, None)

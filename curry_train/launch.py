@@ -52,6 +52,7 @@ EXIT_DATA = 2  # a worker found its data unusable past what the check reads (REA
 WORKER_EXIT_CODES = (EXIT_DATA, EXIT_NONFINITE, Watchdog.EXIT_HUNG, EXIT_PREEMPTED)
 EXIT_INTERRUPTED = 130  # SIGINT, as a shell reports it
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1)  # the launcher passes these on to its workers
+RECEIVED: list[int] = []  # the preemption signals this process got (a scheduler's notice)
 
 
 def free_port() -> int:
@@ -110,6 +111,7 @@ def spawn(world_size: int, target: Callable[..., Any], *args: Any) -> None:
     previous = {signum: signal.getsignal(signum) for signum in (*FORWARDED, signal.SIGINT)}
 
     def forward(signum: int, frame: Any) -> None:
+        RECEIVED.append(signum)
         for pid in context.pids():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
@@ -169,6 +171,8 @@ def run_worker(container: dict, run_dir: str, accelerator: str, ckpt_path: Optio
         report(f"curry-train: error: {error}")
         sys.exit(EXIT_DATA)
     except Preempted as stopped:  # every rank stopped at the same step
+        if stopped.signum is not None:
+            RECEIVED.append(stopped.signum)
         if rank == 0:
             kept = dcp.checkpoints_in(Path(run_dir) / "checkpoints")
             report(
@@ -230,6 +234,7 @@ def main(cfg: DictConfig) -> None:
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
+    schedulers = {signum: signal.getsignal(signum) for signum in FORWARDED}
     try:
         code = _run_job(cfg, run_dir, f"{hydra_cfg.job.name}.log")
     except KeyboardInterrupt:  # the workers were ended by the launcher's SIGINT handler
@@ -238,6 +243,8 @@ def main(cfg: DictConfig) -> None:
         sys.exit(EXIT_INTERRUPTED)
     if code == 0:
         return
+    if code == EXIT_PREEMPTED:
+        pass_on_preemption(schedulers)
     if hydra_cfg.mode != RunMode.MULTIRUN or code == EXIT_PREEMPTED:
         sys.exit(code)
     overrides = " ".join(hydra_cfg.overrides.task)
@@ -245,6 +252,18 @@ def main(cfg: DictConfig) -> None:
     if not hydra_cfg.launcher._target_.endswith("BasicLauncher"):
         raise JobFailed(failure)
     SWEEP_FAILURES.append(failure)
+
+
+def pass_on_preemption(handlers: dict[int, Any]) -> None:
+    """The run saved and stopped on a preemption signal: hand that signal to the handler the process had
+    before the run replaced it, if any. That is how a scheduler's own handling still happens after the
+    save: submitit (Hydra's submitit launcher) requeues the job from its SIGUSR1 handler, and the
+    requeued job, run with ``ckpt_path=auto``, resumes from this checkpoint."""
+    for signum in dict.fromkeys(RECEIVED):
+        handler = handlers.get(signum)
+        if callable(handler) and handler not in (signal.default_int_handler,):
+            log.info("passing %s on to the handler the job had before the run", signal.Signals(signum).name)
+            handler(signum, None)
 
 
 def _run_job(cfg: DictConfig, run_dir: Path, log_name: str) -> int:
@@ -278,7 +297,11 @@ def remove_unused_run_dir(run_dir: Path, log_name: str) -> None:
         return
     if not run_dir.is_dir() or any(p.name not in (".hydra", log_name) for p in run_dir.iterdir()):
         return
-    logging.shutdown()  # the job's log file is open
+    for logger in (logging.getLogger(), *logging.Logger.manager.loggerDict.values()):
+        for handler in list(getattr(logger, "handlers", ())):  # the job's log file is open: close it for good
+            if isinstance(handler, logging.FileHandler) and run_dir in Path(handler.baseFilename).parents:
+                handler.close()
+                logger.removeHandler(handler)
     shutil.rmtree(run_dir, ignore_errors=True)
     for parent in run_dir.parents:  # outputs/<date>/ too, when this was its only run
         if parent == cwd or cwd not in parent.parents or any(parent.iterdir()):

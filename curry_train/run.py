@@ -169,7 +169,9 @@ def train(cfg: DictConfig, run_dir: Path, accelerator: str, ckpt_path: Optional[
     trainer.fit(CausalLM(cfg), datamodule=LMDataModule(cfg.data, cfg.seed), ckpt_path=ckpt_path)
     if preemption.stopped_at is not None:
         name = signal.Signals(preemption.received).name if preemption.received else "a peer's signal"
-        raise Preempted(f"{name}: stopped after step {preemption.stopped_at} and saved its checkpoint")
+        stopped = Preempted(f"{name}: stopped after step {preemption.stopped_at} and saved its checkpoint")
+        stopped.signum = preemption.received
+        raise stopped
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):
             logger.experiment.finish()  # its closing notes now, so that the summary is the run's last words

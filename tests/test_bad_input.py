@@ -223,3 +223,28 @@ def test_a_sweep_reports_check_and_worker_failures_alike_and_goes_on(tmp_path):
     assert not (tmp_path / "sweep" / "0").exists()  # the job that never started leaves nothing
     assert any((tmp_path / "sweep" / "2" / "checkpoints").iterdir())
     assert os.path.isfile(tmp_path / "sweep" / "multirun.yaml")
+
+
+@pytest.mark.slow
+def test_a_sweep_under_hydras_submitit_launcher_reports_its_failed_job(tmp_path):
+    """The same sweep through Hydra's submitit launcher (its local executor: each job a process of its
+    own, as on SLURM): every job runs, the failed one is reported failed to the launcher by name."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    result = run_train(
+        [
+            "-m",
+            "hydra/launcher=submitit_local",
+            "hydra.launcher.timeout_min=10",
+            *FAST,
+            "trainer.max_steps=2",
+            "optim.eps=-1,1e-8",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        ],
+        cwd=tmp_path,
+        check=False,
+    )
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert re.search(r"JobFailed: job 0 \(.*optim\.eps=-1\): exit 2", result.stderr), result.stderr[-3000:]
+    assert any((tmp_path / "sweep" / "1" / "checkpoints").iterdir())
+    job_errors = "".join(p.read_text() for p in (tmp_path / "sweep" / ".submitit").rglob("*_0_log.err"))
+    assert "curry-train: error: optim.eps=-1.0 must be positive" in job_errors

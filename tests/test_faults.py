@@ -217,9 +217,9 @@ def test_a_rerun_of_the_same_command_resumes_in_place_on_the_same_curve(tmp_path
 # Preemption and interruption
 
 
-def _start(args: list[str], cwd: Path) -> subprocess.Popen:
+def _start(args: list[str], cwd: Path, program: Path = TRAIN) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, str(TRAIN), *args],
+        [sys.executable, str(program), *args],
         cwd=cwd,
         env=clean_env(),
         stdout=subprocess.PIPE,
@@ -227,6 +227,18 @@ def _start(args: list[str], cwd: Path) -> subprocess.Popen:
         text=True,
         start_new_session=True,
     )
+
+
+# A job under a scheduler that handles SIGUSR1 itself, as submitit does (it requeues the job from its
+# handler): the handler records when it ran.
+SCHEDULED_JOB = """
+import signal, sys, time
+from pathlib import Path
+marker = Path(sys.argv.pop(1))
+signal.signal(signal.SIGUSR1, lambda signum, frame: marker.write_text(f"{signum} {time.time()}"))
+from curry_train.cli.train import main
+main()
+"""
 
 
 def _wait_for_steps(process: subprocess.Popen, run_dir: Path, steps: int, timeout: float = 300) -> None:
@@ -239,10 +251,16 @@ def _wait_for_steps(process: subprocess.Popen, run_dir: Path, steps: int, timeou
 @pytest.mark.slow
 @pytest.mark.parametrize("signum, devices", [(signal.SIGTERM, 2), (signal.SIGUSR1, 1)])
 def test_preemption_saves_the_current_step_and_exits_75(signum, devices, tmp_path):
-    """SIGTERM to the launcher of 2 workers (it passes the signal on), SIGUSR1 to a one-process run:
-    the step in flight finishes, its checkpoint is saved, the job exits 75; ckpt_path=auto continues."""
+    """SIGTERM to the launcher of 2 workers (it passes the signal on), SIGUSR1 to a one-process run
+    under a scheduler's SIGUSR1 handler: the step in flight finishes, its checkpoint is saved, the
+    scheduler's handler gets the signal after the save, the job exits 75; ckpt_path=auto continues."""
     common = [*FAST, f"trainer.devices={devices}", "checkpoint.every_n_steps=1000", f"hydra.run.dir={tmp_path}"]
-    process = _start([*common, "trainer.max_steps=1000"], tmp_path)
+    marker = tmp_path / "scheduler-handled"
+    if signum == signal.SIGUSR1:
+        (tmp_path / "job.py").write_text(SCHEDULED_JOB)
+        process = _start([str(marker), *common, "trainer.max_steps=1000"], tmp_path, tmp_path / "job.py")
+    else:
+        process = _start([*common, "trainer.max_steps=1000"], tmp_path)
     try:
         _wait_for_steps(process, tmp_path, 3)
         os.kill(process.pid, signum)
@@ -254,6 +272,9 @@ def test_preemption_saves_the_current_step_and_exits_75(signum, devices, tmp_pat
     (saved,) = dcp.checkpoints_in(tmp_path / "checkpoints")
     stopped = dcp.saved_step(saved)
     assert [int(row["step"]) for row in metric_rows(tmp_path)][-1] == stopped - 1  # the last step run is saved
+    if signum == signal.SIGUSR1:  # passed on once the checkpoint was complete
+        handled_signal, handled_at = marker.read_text().split()
+        assert int(handled_signal) == signum and float(handled_at) >= (saved / "manifest.json").stat().st_mtime
     (line,) = [line for line in stderr.splitlines() if "curry-train: preempted" in line]
     assert f"{signal.Signals(signum).name}: stopped after step {stopped}" in line and str(saved) in line
     result = run_train([*common, f"trainer.max_steps={stopped + 2}", "ckpt_path=auto"], cwd=tmp_path)
