@@ -22,6 +22,7 @@ from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import _update_n
 from omegaconf import DictConfig
 
+from curry_train import stragglers
 from curry_train.config.schema import ParallelConfig
 from curry_train.primitives import dcp
 
@@ -70,6 +71,7 @@ class RunSummary(Callback):
         self.cfg, self.run_dir = cfg, run_dir
         self.step_seconds, self.steps = 0.0, 0  # time inside training steps: validation and checkpoints left out
         self._step_began = 0.0
+        self.straggler_line: Optional[str] = None
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         cfg, step = self.cfg, pl_module.step
@@ -101,6 +103,13 @@ class RunSummary(Callback):
         self.step_seconds += time.perf_counter() - self._step_began
         self.steps += 1
 
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Every rank, once: the times of all ranks for the straggler report (rank 0 writes it).
+        mine = stragglers.RankTimes(
+            trainer.global_rank, self.steps, self.step_seconds, stragglers.recorded_collectives()
+        )
+        self.straggler_line = stragglers.report(stragglers.gather(mine))
+
     def closing_lines(self, trainer: pl.Trainer) -> list[str]:
         """The run's last words (after every callback's end of training, the last checkpoint's too)."""
         metrics = trainer.callback_metrics
@@ -114,6 +123,7 @@ class RunSummary(Callback):
         checkpoint = next((cb.last_saved for cb in trainer.callbacks if isinstance(cb, PeriodicCheckpoint)), None)
         return [
             f"done: {', '.join(parts)}",
+            *([self.straggler_line] if self.straggler_line else []),
             f"run directory: {self.run_dir}",
             f"last checkpoint: {checkpoint if checkpoint is not None else 'none saved'}",
         ]
@@ -311,6 +321,27 @@ class Watchdog(Callback):
     def _dump_stacks(self) -> None:
         with (self.run_dir / f"stacks-rank{self.rank:05d}.txt").open("w") as out:
             faulthandler.dump_traceback(file=out, all_threads=True)
+        if int(os.environ.get("TORCH_FR_BUFFER_SIZE", "0") or 0) > 0 and dist.is_initialized():
+            # PyTorch's flight recorder: this rank's last collectives, the one it waits in last.
+            trace = torch._C._distributed_c10d._dump_fr_trace_json(includeCollectives=True, onlyActive=False)
+            (self.run_dir / f"flight-rank{self.rank:05d}.json").write_bytes(trace)
+
+    def _collective_in_wait(self, stuck: list[int]) -> str:
+        """From the flight recorder's dumps: the collective the ranks that are not stuck wait in."""
+        waiting = []
+        for path in sorted(self.run_dir.glob("flight-rank*.json")):
+            rank = int(path.stem.removeprefix("flight-rank"))
+            try:
+                entries = json.loads(path.read_text()).get("entries") or []
+            except (OSError, ValueError):
+                continue
+            if rank not in stuck and entries:
+                last = max(entries, key=lambda entry: entry.get("record_id", 0))
+                group = (last.get("process_group") or ["", "?"])[1]
+                waiting.append(f"{last.get('profiling_name')} #{last.get('collective_seq_id')} of {group}")
+        if not waiting:
+            return ""
+        return f"; the others wait in {', '.join(sorted(set(waiting)))} (flight-rank*.json)"
 
     def _end_job(self, idle: float) -> None:
         (self.directory / "dump").touch()
@@ -325,6 +356,7 @@ class Watchdog(Callback):
             stuck = [rank for rank, beat in sorted(beats.items()) if beat["step"] == lowest]
             others = sorted({beat["step"] for rank, beat in beats.items() if rank not in stuck})
             why = f"at step {lowest}" + (f"; the others at step {others[0]}, waiting for them" if others else "")
+        why += self._collective_in_wait(stuck)
         stacks = sorted(self.run_dir.glob("stacks-rank*.txt"))
         line = (
             f"curry-train: error: no rank advanced for {idle:.0f} s (trainer.hang_timeout={self.timeout:g}):"

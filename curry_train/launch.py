@@ -160,6 +160,8 @@ def run_worker(container: dict, run_dir: str, accelerator: str, ckpt_path: Optio
     cfg = OmegaConf.create(container)
     rank = int(os.environ.get("RANK", "0"))
     configure_worker_logging(Path(run_dir), rank)
+    if cfg.trainer.flight_recorder:  # read when the process groups are made; the user's setting stands
+        os.environ.setdefault("TORCH_FR_BUFFER_SIZE", str(cfg.trainer.flight_recorder))
     try:
         train(cfg, Path(run_dir), accelerator, ckpt_path)
     except (NonFiniteError, NonFiniteStateError) as error:  # every rank sees it: the values are global

@@ -4,10 +4,13 @@ survive; a checkpoint of non-finite state is never written; logs hold only the s
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import json
 import logging
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -23,6 +26,7 @@ from curry_train.cli.export import consolidated_model_state
 from curry_train.config import ConfigError, compose
 from curry_train.config.resume import resolve
 from curry_train.primitives import dcp
+from curry_train.stragglers import RankTimes, report
 
 DIVERGE = ("optim.lr=1e4", "optim.grad_clip=0", "trainer.max_steps=20")  # NaN gradients from step 1
 
@@ -326,4 +330,44 @@ def test_a_stopped_rank_is_named_and_the_job_ends(tmp_path):
     (line,) = [line for line in stderr.splitlines() if "no rank advanced" in line]
     assert "rank(s) 1 stopped beating" in line and str(tmp_path / "stacks-rank00000.txt") in line
     assert "File" in (tmp_path / "stacks-rank00000.txt").read_text()
+    # Rank 0's flight recorder names the collective it waits in for rank 1, and holds the step's others.
+    assert re.search(r"the others wait in gloo:\w+ #\d+ of \S+ \(flight-rank\*\.json\)", line), line
+    entries = json.loads((tmp_path / "flight-rank00000.json").read_text())["entries"]
+    assert len(entries) > 10 and all(entry["profiling_name"].startswith("gloo:") for entry in entries)
     assert ended < 4 + 60
+
+
+def test_the_straggler_report_names_the_late_rank():
+    """Lateness is measured per collective against the earliest rank that issued it; a rank late on
+    every collective is named, jitter below the floor is not."""
+
+    def times(rank: int, late_ns: int) -> RankTimes:
+        return RankTimes(rank, 10, 5.0, [("0", seq, seq * 10**9 + late_ns) for seq in range(1, 51)])
+
+    line = report([times(0, 0), times(1, 40_000_000), times(2, 1_000_000), times(3, 500_000)])
+    assert "0: 0.0, 1: 40.0, 2: 1.0, 3: 0.5" in line and line.endswith("the others wait for rank(s) 1"), line
+    assert report([times(0, 0), times(1, 2_000_000)]).endswith("no straggler")
+    assert "no lateness measured" in report([RankTimes(0, 1, 1.0), RankTimes(1, 1, 1.0)])
+
+
+@pytest.mark.slow
+def test_a_rank_held_back_is_named_in_the_straggler_report(tmp_path):
+    """Rank 1 of 2 is stopped for 0.3 s of every 0.4 s while it trains: the others wait for it, the run
+    still ends normally, and its last lines name rank 1 as the one waited for."""
+    process = _start([*FAST, "trainer.devices=2", "trainer.max_steps=40", f"hydra.run.dir={tmp_path}"], tmp_path)
+    try:
+        _wait_for_steps(process, tmp_path, 2)
+        rank1 = sorted(spawned_workers(process.pid))[1]
+        while process.poll() is None and len(metric_rows(tmp_path)) < 30:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(rank1, signal.SIGSTOP)
+                time.sleep(0.3)
+                os.kill(rank1, signal.SIGCONT)
+            time.sleep(0.1)
+        stdout, stderr = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 0, stderr[-3000:]
+    (line,) = [line for line in (stdout + stderr).splitlines() if "straggler report" in line]
+    assert line.endswith("the others wait for rank(s) 1"), line

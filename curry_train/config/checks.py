@@ -331,6 +331,8 @@ def _check_training(cfg: DictConfig) -> None:
         raise ConfigError(f"trainer.timeout={t.timeout} must be at least 1 (seconds)")
     if t.hang_timeout < 0:
         raise ConfigError(f"trainer.hang_timeout={t.hang_timeout} must be >= 0 (0 turns the watchdog off)")
+    if t.flight_recorder < 0:
+        raise ConfigError(f"trainer.flight_recorder={t.flight_recorder} must be >= 0 (0 turns it off)")
     if t.skip_nonfinite_steps < 0:
         raise ConfigError(f"trainer.skip_nonfinite_steps={t.skip_nonfinite_steps} must be >= 0")
     if t.val_check_interval < 1 or t.log_every_n_steps < 1:

@@ -57,6 +57,7 @@ class TrainerConfig:
     enable_progress_bar: bool = True  # Lightning's progress bar on rank 0
     timeout: int = 600  # seconds a collective may wait for its peers before the run fails
     hang_timeout: int = 300  # seconds without any rank advancing before the watchdog ends the job (0: off)
+    flight_recorder: int = 2000  # collectives each rank remembers (TORCH_FR_BUFFER_SIZE), dumped on a hang (0: off)
     skip_nonfinite_steps: int = 0  # steps with a NaN/inf gradient norm skipped (no update) before the run stops
 
 
