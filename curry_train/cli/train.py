@@ -8,6 +8,7 @@ composed config. See README.md.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -18,6 +19,7 @@ from omegaconf import DictConfig
 
 from curry_train.cli.common import error_line, fail, is_config_error
 from curry_train.config import CONF_DIR, ConfigError, compose
+from curry_train.config.checks import external_launcher
 from curry_train.launch import SWEEP_FAILURES, hydra_overrides_for_external_launcher
 from curry_train.launch import main as launch_main
 
@@ -56,7 +58,7 @@ def main() -> None:
 def unwritable_output_dir(arguments: Sequence[str], key: str) -> Optional[str]:
     """Why the run (or sweep) directory cannot be written, or None (Hydra would fail there with a
     traceback). The part of its path before the first ``${...}`` is created, a file written in it,
-    and what was created removed again: Hydra makes the directory itself when the job starts."""
+    and what was created removed again (Hydra makes the directory itself when the job starts)."""
     default = {"hydra.run.dir": "outputs/${now:%Y-%m-%d}", "hydra.sweep.dir": "multirun/${now:%Y-%m-%d}"}[key]
     value = next((arg.split("=", 1)[1] for arg in arguments if arg.startswith(f"{key}=")), default)
     static = value.split("${", 1)[0]
@@ -69,7 +71,8 @@ def unwritable_output_dir(arguments: Sequence[str], key: str) -> Optional[str]:
     except OSError as error:
         return f"{key}={value}: cannot write {folder} ({error.strerror}); choose a writable directory"
     finally:
-        for path in created:  # deepest first
+        # Under torchrun or srun every rank checks at once: one must not remove what another tests.
+        for path in created if external_launcher(os.environ) is None else ():  # deepest first
             with contextlib.suppress(OSError):
                 path.rmdir()
     return None
