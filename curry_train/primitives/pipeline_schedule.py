@@ -27,6 +27,7 @@ the sum of the micro-batch losses and its gradient needs no further factor: the 
 
 from __future__ import annotations
 
+import functools
 import copy
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
@@ -147,12 +148,13 @@ def split_layers(n_layers: int, n_stages: int, layers_per_stage: Optional[Sequen
             raise ValueError(
                 f"{n_stages} pipeline stages but the model has {n_layers} layers: at most one stage per layer"
             )
-        counts = _balanced_counts(n_layers, n_stages)
+        counts = list(_balanced_counts(n_layers, n_stages))
     starts = [sum(counts[:s]) for s in range(n_stages)]
     return [range(start, start + count) for start, count in zip(starts, counts, strict=False)]
 
 
-def _balanced_counts(n_layers: int, n_stages: int) -> list[int]:
+@functools.lru_cache(maxsize=256)  # planning asks for the same splits hundreds of times
+def _balanced_counts(n_layers: int, n_stages: int) -> tuple[int, ...]:
     def load(stage: int, count: int) -> int:
         return count + (stage == 0) + (stage == n_stages - 1)
 
@@ -169,7 +171,7 @@ def _balanced_counts(n_layers: int, n_stages: int) -> list[int]:
                 key = (s + 1, i + count)
                 if key not in best or candidate[0] < best[key][0]:
                     best[key] = candidate
-    return best[(n_stages, n_layers)][1]
+    return tuple(best[(n_stages, n_layers)][1])
 
 
 def pipeline_stages(
