@@ -117,3 +117,27 @@ def spawned_workers(parent_pid: int) -> list[int]:
         if ppid == parent_pid and "spawn_main" in cmdline:
             workers.append(int(proc.name))
     return workers
+
+
+# -- the full parity matrix -------------------------------------------------------------------------
+# CI runs one case of each family (every sharding mode, schedule and CP pattern is still checked
+# step by step by a whitebox test); the cases marked ``matrix`` -- the same checks at other sizes --
+# run with ``--matrix``.
+
+
+def matrix(values: object, id: str) -> object:  # noqa: A002  (pytest's own name for it)
+    """A parametrize case that runs with ``--matrix`` only."""
+    return pytest.param(values, id=id, marks=pytest.mark.matrix)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--matrix", action="store_true", help="also run the parity cases marked matrix")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--matrix"):
+        return
+    skip = pytest.mark.skip(reason="the rest of a parity matrix: run with --matrix")
+    for item in items:
+        if "matrix" in item.keywords:
+            item.add_marker(skip)

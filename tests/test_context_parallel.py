@@ -106,7 +106,7 @@ def test_default_inner_ring_is_the_largest_divisor_up_to_the_square_root():
 
 # -- parallel=cp through the strategy -------------------------------------------------------------
 
-from conftest import FAST, STEPS, assert_same_curve, read_metric, run_seed_example, run_train  # noqa: E402
+from conftest import FAST, STEPS, assert_same_curve, matrix, read_metric, run_seed_example, run_train  # noqa: E402
 
 from curry_train.validation.whitebox import validate  # noqa: E402
 
@@ -149,15 +149,19 @@ def test_whitebox_context_parallel_matches_single_process(layout):
 @pytest.mark.parametrize(
     "layout",
     [
-        ("parallel=cp", "trainer.devices=2"),
-        ("parallel=cp", "parallel.cp.pattern=alltoall", "trainer.devices=2"),
-        ("parallel=cp", "parallel.cp.size=4", "trainer.devices=4"),
-        ("parallel=cp", "parallel.cp.size=4", "parallel.cp.pattern=double_ring", "trainer.devices=4"),
-        ("parallel=cp", "parallel.cp.size=4", "parallel.cp.pattern=alltoall", "trainer.devices=4"),
-        ("parallel=fsdp+cp", "trainer.devices=4"),
-        ("parallel=tp+cp", "trainer.devices=4"),
+        matrix(("parallel=cp", "trainer.devices=2"), "ring-2"),
+        pytest.param(("parallel=cp", "parallel.cp.pattern=alltoall", "trainer.devices=2"), id="alltoall-2"),
+        pytest.param(("parallel=cp", "parallel.cp.size=4", "trainer.devices=4"), id="ring-4"),
+        matrix(
+            ("parallel=cp", "parallel.cp.size=4", "parallel.cp.pattern=double_ring", "trainer.devices=4"),
+            "double_ring-4",
+        ),
+        matrix(
+            ("parallel=cp", "parallel.cp.size=4", "parallel.cp.pattern=alltoall", "trainer.devices=4"), "alltoall-4"
+        ),
+        pytest.param(("parallel=fsdp+cp", "trainer.devices=4"), id="fsdp+cp"),
+        pytest.param(("parallel=tp+cp", "trainer.devices=4"), id="tp+cp"),
     ],
-    ids=["ring-2", "alltoall-2", "ring-4", "double_ring-4", "alltoall-4", "fsdp+cp", "tp+cp"],
 )
 def test_context_parallel_reproduces_single_process_curve(layout, single_process_curve, tmp_path):
     run_train([*FAST, f"trainer.max_steps={STEPS}", *layout, f"hydra.run.dir={tmp_path}"], cwd=tmp_path)

@@ -9,7 +9,17 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import FAST, REPO, STEPS, assert_same_curve, clean_env, read_metric, run_seed_example, run_train
+from conftest import (
+    FAST,
+    REPO,
+    STEPS,
+    assert_same_curve,
+    clean_env,
+    matrix,
+    read_metric,
+    run_seed_example,
+    run_train,
+)
 from safetensors.torch import load_file
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -30,26 +40,17 @@ ACCUMULATE = ("data.global_batch_size=32",)  # 2 micro-batches per rank on 4 ran
 @pytest.mark.parametrize(
     "layout",
     [
-        ("parallel.fsdp.sharding=full", "trainer.devices=2"),
-        ("parallel.fsdp.sharding=full", "trainer.devices=4"),
-        ("parallel.fsdp.sharding=shard_grad_op", "trainer.devices=2"),
-        ("parallel.fsdp.sharding=shard_grad_op", "trainer.devices=4"),
-        ("parallel.fsdp.sharding=optimizer", "trainer.devices=2"),
-        ("parallel.fsdp.sharding=optimizer", "trainer.devices=4"),
-        ("parallel.fsdp.sharding=no_shard", "trainer.devices=2"),
-        ("parallel.fsdp.sharding=no_shard", "trainer.devices=4"),
-        ("parallel.fsdp.sharding=hybrid", "parallel.fsdp.replicas=2", "trainer.devices=4"),
-    ],
-    ids=[
-        "full-2",
-        "full-4",
-        "shard_grad_op-2",
-        "shard_grad_op-4",
-        "optimizer-2",
-        "optimizer-4",
-        "no_shard-2",
-        "no_shard-4",
-        "hybrid-2x2",
+        pytest.param(("parallel.fsdp.sharding=full", "trainer.devices=2"), id="full-2"),
+        matrix(("parallel.fsdp.sharding=full", "trainer.devices=4"), "full-4"),
+        matrix(("parallel.fsdp.sharding=shard_grad_op", "trainer.devices=2"), "shard_grad_op-2"),
+        pytest.param(("parallel.fsdp.sharding=shard_grad_op", "trainer.devices=4"), id="shard_grad_op-4"),
+        pytest.param(("parallel.fsdp.sharding=optimizer", "trainer.devices=2"), id="optimizer-2"),
+        matrix(("parallel.fsdp.sharding=optimizer", "trainer.devices=4"), "optimizer-4"),
+        matrix(("parallel.fsdp.sharding=no_shard", "trainer.devices=2"), "no_shard-2"),
+        pytest.param(("parallel.fsdp.sharding=no_shard", "trainer.devices=4"), id="no_shard-4"),
+        pytest.param(
+            ("parallel.fsdp.sharding=hybrid", "parallel.fsdp.replicas=2", "trainer.devices=4"), id="hybrid-2x2"
+        ),
     ],
 )
 def test_whitebox_fsdp_matches_single_process(layout):
@@ -61,7 +62,7 @@ def test_whitebox_fsdp_matches_single_process(layout):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "sharding",
-    ["full", "shard_grad_op", "no_shard", "hybrid"],
+    ["full", matrix("shard_grad_op", "shard_grad_op"), matrix("no_shard", "no_shard"), "hybrid"],
 )
 def test_fsdp_on_four_ranks_reproduces_single_process_curve(sharding, single_process_curve, tmp_path):
     run_train(

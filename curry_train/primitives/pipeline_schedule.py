@@ -27,8 +27,8 @@ the sum of the micro-batch losses and its gradient needs no further factor: the 
 
 from __future__ import annotations
 
-import functools
 import copy
+import functools
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
