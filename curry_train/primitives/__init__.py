@@ -3,6 +3,7 @@
 from curry_train.model import GQAttention
 from curry_train.primitives.context_parallel import ContextParallel
 from curry_train.primitives.distributed_optimizer import DistributedOptimizer
+from curry_train.primitives.moe import Experts, TopKRouter
 from curry_train.primitives.parallel_state import ParallelState
 from curry_train.primitives.pipeline_schedule import PipelineSchedule
 from curry_train.primitives.recompute import apply_recompute
@@ -12,9 +13,11 @@ __all__ = [
     "ColumnParallelLinear",
     "ContextParallel",
     "DistributedOptimizer",
+    "Experts",
     "GQAttention",
     "ParallelState",
     "PipelineSchedule",
     "RowParallelLinear",
+    "TopKRouter",
     "apply_recompute",
 ]
