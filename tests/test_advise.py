@@ -14,7 +14,7 @@ from curry_train.cli import advise as advise_cli
 from curry_train.config import compose
 from curry_train.model import Llama
 from curry_train.planning.advise import MEMORY_PARTS, diagnose, estimate
-from curry_train.planning.layout import Layout, current_layout, train_command
+from curry_train.planning.layout import Layout, current_layout, microbatches_per_step, train_command
 from curry_train.planning.memory import activation_bytes, block_forwards_per_rank, chunks_in_flight, rank_shapes
 from curry_train.planning.memory import transient_state as _transient_state
 from curry_train.primitives.pipeline_schedule import SCHEDULES, check_microbatches, pipeline_stages, stage_to_rank
@@ -486,3 +486,16 @@ def test_zero3_keeps_gathered_only_the_root_a_stage_holds():
     assert _transient_state(cfg, shapes, piped, stage=0) == middle + table
     assert _transient_state(cfg, shapes, piped, stage=3) == middle + table
     assert _transient_state(cfg, shapes, flat) == middle + 2 * table
+
+
+def test_the_pipelines_own_micro_batch_count_sets_the_planned_micro_batch():
+    """parallel.pp.microbatches cuts each rank's batch its own way: the plan's micro-batch (and so its
+    activations and bubble) follows it, not data.micro_batch_size."""
+    base = ["parallel=pp", "trainer.devices=2", "data.global_batch_size=32", "data.micro_batch_size=8"]
+    assert current_layout(compose(base)).micro_batch_size == 8
+    layout = current_layout(compose([*base, "parallel.pp.microbatches=8"]))
+    assert layout.micro_batch_size == 4 and microbatches_per_step(compose(base), layout) == 8
+    default, finer = (
+        estimate(compose(o), current_layout(compose(o))) for o in (base, [*base, "parallel.pp.microbatches=8"])
+    )
+    assert finer.memory["activations"] < default.memory["activations"]

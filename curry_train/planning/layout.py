@@ -102,6 +102,9 @@ def current_layout(cfg: DictConfig) -> Layout:
     fsdp, tp = parallel.fsdp, parallel.tp
     zero = "none" if fsdp is None or fsdp.sharding == "no_shard" else fsdp.sharding
     bf16 = (fsdp is not None and fsdp.mixed_precision != "fp32") or cfg.trainer.precision.startswith("bf16")
+    micro_batch = cfg.data.micro_batch_size
+    if parallel.pp is not None and parallel.pp.microbatches:  # the pipeline cuts the local batch its own way
+        micro_batch = max(1, cfg.data.global_batch_size // deg.dp // parallel.pp.microbatches)
     return Layout(
         deg.dp_replicate,
         deg.dp_shard,
@@ -112,7 +115,7 @@ def current_layout(cfg: DictConfig) -> Layout:
         "bf16" if bf16 else "fp32",
         cfg.parallel.recompute,
         bool(tp is not None and tp.sequence_parallel),
-        cfg.data.micro_batch_size,
+        micro_batch,
         **pipeline_knobs(cfg),
     )
 
