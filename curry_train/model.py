@@ -26,6 +26,26 @@ import torch.nn.functional as F
 from omegaconf import MISSING
 from torch import Tensor, nn
 
+from curry_train.moe import Experts, MoE, TopKRouter
+
+
+@dataclass
+class MoEConfig:
+    """Mixture of experts in place of the dense MLP (``curry_train.primitives.moe``); null: dense."""
+
+    experts: int = 8  # routed experts per MoE block
+    top_k: int = 2  # experts each token is sent to
+    shared_experts: int = 1  # experts every token goes through (0: none), each expert_ffn_dim wide
+    expert_ffn_dim: int = 192  # hidden width of each expert's SwiGLU
+    dense_layers: int = 0  # the first this many blocks keep the dense MLP (ffn_dim)
+    score_function: str = "softmax"  # softmax | sigmoid
+    normalize: bool = False  # renormalize the top-k weights to sum to one
+    balancing: str = "aux_free"  # aux_free (a bias on the choice, moved by the load) | aux_loss | none
+    bias_update_rate: float = 1e-3  # aux_free: the bias moves by this times sign(mean load - load) per step
+    aux_loss_coef: float = 1e-2  # aux_loss: its weight in the training loss
+    z_loss_coef: float = 0.0  # weight of the router's z-loss (0: off)
+    capacity_factor: Optional[float] = None  # picks an expert takes, x tokens*top_k/experts; null: dropless
+
 
 @dataclass
 class ModelConfig:
@@ -44,6 +64,7 @@ class ModelConfig:
     tie_embeddings: bool = False  # share the input embedding with the output head
     dropout: float = 0.0  # dropout on attention probabilities and residual branches
     init_std: float = 0.02  # std of the normal init; output projections get std/sqrt(2*n_layers)
+    moe: Optional[MoEConfig] = None  # mixture of experts (model=moe_debug); null: every block dense
 
 
 @dataclass(frozen=True)
@@ -146,15 +167,36 @@ class SwiGLU(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+def moe_layer(dim: int, moe: MoEConfig) -> nn.Module:
+    """A block's mixture of experts, from ``model.moe``."""
+    router = TopKRouter(
+        dim,
+        moe.experts,
+        moe.top_k,
+        moe.score_function,
+        moe.normalize,
+        moe.balancing,
+        moe.bias_update_rate,
+        moe.aux_loss_coef,
+        moe.z_loss_coef,
+    )
+    shared = SwiGLU(dim, moe.shared_experts * moe.expert_ffn_dim) if moe.shared_experts else None
+    return MoE(dim, router, Experts(moe.experts, dim, moe.expert_ffn_dim), shared, moe.capacity_factor)
+
+
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, index: int = 0) -> None:
         super().__init__()
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attention = GQAttention(cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.dropout)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.feed_forward = SwiGLU(cfg.dim, cfg.ffn_dim)
+        moe = cfg.moe
+        if moe is not None and index >= moe.dense_layers:
+            self.feed_forward: nn.Module = moe_layer(cfg.dim, moe)
+        else:
+            self.feed_forward = SwiGLU(cfg.dim, cfg.ffn_dim)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -169,7 +211,7 @@ class Llama(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tok_embeddings: Optional[nn.Embedding] = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layers)})
+        self.layers = nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.n_layers)})
         self.norm: Optional[RMSNorm] = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output: Optional[nn.Linear] = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.tie_weights()
@@ -213,6 +255,9 @@ class Llama(nn.Module):
         )
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
+        for name, buffer in self.named_buffers():
+            if name.endswith(("router.expert_bias", "router.expert_load")):  # balancing starts level
+                buffer.zero_()
 
     def init_parameter(self, name: str, full: Tensor, generator: torch.Generator) -> None:
         """Fill ``full``, the whole (unsharded) value of parameter ``name``, drawing from ``generator``.
@@ -224,7 +269,7 @@ class Llama(nn.Module):
             full.fill_(1.0)
             return
         std = self.cfg.init_std
-        if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+        if name.endswith(("attention.wo.weight", "feed_forward.w2.weight", "experts.w2", "shared.w2.weight")):
             std /= math.sqrt(2 * self.cfg.n_layers)
         full.normal_(0.0, std, generator=generator)
 

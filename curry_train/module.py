@@ -21,6 +21,7 @@ from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import Tensor, nn
@@ -29,6 +30,7 @@ from torchmetrics.aggregation import SumMetric
 
 from curry_train.data import DataConfig, GlobalBatchSampler, PackedSequences, load_streams, split_streams
 from curry_train.model import Llama
+from curry_train.moe import MoE
 from curry_train.train_step import TrainStep
 
 log = logging.getLogger(__name__)
@@ -63,6 +65,8 @@ class CausalLM(pl.LightningModule):
         self._steps_since_log = 0
         self.skipped_steps = 0  # steps whose non-finite gradients were not applied (trainer.skip_nonfinite_steps)
         self._skipped_since_log = 0
+        self.moe_layers: list[MoE] = []
+        self.moe_metrics: dict[str, Tensor] = {}
 
     # ------------------------------------------------------------------------------------------
     # Model and loss
@@ -82,6 +86,9 @@ class CausalLM(pl.LightningModule):
         self.train_tokens = SumMetric(process_group=group, sync_on_compute=True, nan_strategy=nan)
         self.val_loss = SumMetric(process_group=group, sync_on_compute=True, nan_strategy=nan)
         self.val_tokens = SumMetric(process_group=group, sync_on_compute=True, nan_strategy=nan)
+        self.moe_layers = [module for module in model.modules() if isinstance(module, MoE)]
+        for layer in self.moe_layers:  # each forward's router losses weigh by its share of the step's tokens
+            layer.aux_scale = 1.0 / self.tokens_per_step
 
     def micro_batches(self, batch: Tensor) -> list[Tensor]:
         return list(batch.split(self.cfg.data.micro_batch_size))
@@ -124,12 +131,14 @@ class CausalLM(pl.LightningModule):
         lr = optimizer.param_groups[0]["lr"]
         # One host read of one flag. The norm is global (reduced over every rank's gradients), so every
         # rank takes the same decision; a non-finite loss makes non-finite gradients, so it shows here too.
-        if not bool(torch.isfinite(grad_norm)):
+        applied = bool(torch.isfinite(grad_norm))
+        if not applied:
             self._skip_step(grad_norm)
             optimizer.zero_grad(set_to_none=True)  # no gradient, no update: the step count and LR schedule go on
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
+        self._balance_experts(applied)
 
         self.train_loss.update(loss)
         tokens = batch[:, 1:].numel() * self.step.token_fraction  # context parallel: this rank's share
@@ -137,6 +146,26 @@ class CausalLM(pl.LightningModule):
         self._steps_since_log += 1
         if self.trainer.global_step % self.cfg.trainer.log_every_n_steps == 0:
             self._log_train(grad_norm, lr)
+
+    def _balance_experts(self, applied: bool) -> None:
+        """After the optimizer step: the step's expert loads, summed over the ranks that hold distinct
+        tokens (one all-reduce for every MoE layer), move each router's bias (not for a skipped step);
+        the worst layer's max/mean load and the routers' losses are kept for the metrics."""
+        if not self.moe_layers:
+            return
+        loads = torch.stack([layer.router.expert_load for layer in self.moe_layers])
+        aux = sum(layer.aux_loss_sum.to(loads) for layer in self.moe_layers if layer.aux_loss_sum is not None)
+        packed = torch.cat([loads.flatten(), torch.as_tensor(aux, dtype=loads.dtype, device=loads.device).view(1)])
+        group = self.step.metrics_group
+        if dist.is_initialized() and dist.get_world_size(group) > 1:
+            dist.all_reduce(packed, group=group)
+        loads, aux = packed[:-1].view_as(loads), packed[-1]
+        for layer, load in zip(self.moe_layers, loads, strict=True):
+            layer.router.apply_load(load if applied else None)
+            layer.aux_loss_sum = None
+        self.moe_metrics = {"train/moe_load_imbalance": (loads.max(1).values / loads.mean(1)).max()}
+        if any(layer.router.balancing == "aux_loss" or layer.router.z_loss_coef for layer in self.moe_layers):
+            self.moe_metrics["train/moe_aux_loss"] = aux
 
     def _skip_step(self, grad_norm: Tensor) -> None:
         """Skip a step with non-finite gradients, within ``trainer.skip_nonfinite_steps``; else stop."""
@@ -176,6 +205,7 @@ class CausalLM(pl.LightningModule):
         self.train_loss.reset()
         self.train_tokens.reset()
         metrics = {"train/loss": loss, "train/ppl": loss.exp(), "train/grad_norm": grad_norm, "train/lr": lr}
+        metrics.update(self.moe_metrics)  # MoE models: the last step's expert balance
         if self.skipped_steps:  # a column only in runs that skipped a step: each row the count so far
             metrics["train/skipped_steps"] = self.skipped_steps
         if self._last_log_time is not None:

@@ -3,13 +3,14 @@ update; the experts against a token-by-token reference; one expert with top-1 is
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from curry_train.model import SwiGLU
-from curry_train.primitives import Experts, TopKRouter
-from curry_train.primitives.moe import MoE
+from curry_train.primitives import Experts, MoE, TopKRouter
 
 DIM, HIDDEN = 16, 24
 
@@ -163,3 +164,70 @@ def test_the_grouped_gemm_equals_one_matmul_per_expert():
 def test_router_arguments_are_checked(kwargs, message):
     with pytest.raises(ValueError, match=message):
         TopKRouter(DIM, 4, **{"top_k": 2, **kwargs})
+
+
+def test_the_aux_loss_trains_as_if_added_to_the_loss(monkeypatch):
+    """The layer's output carries the router's loss into backward: the same gradients as adding it."""
+    import curry_train.moe as moe  # noqa: PLC0415
+
+    layer = moe_layer(4, 2, balancing="aux_loss", aux_loss_coef=0.5, z_loss_coef=0.1)
+    x = torch.randn(2, 6, DIM, dtype=torch.float64)
+    attached = torch.autograd.grad(layer(x).square().sum(), list(layer.parameters()))
+    assert float(layer.aux_loss_sum) > 0
+    captured = []
+    layer.router.register_forward_hook(lambda module, args, routing: captured.append(routing))
+    monkeypatch.setattr(moe, "attach_aux_loss", lambda output, aux: output)
+    added = layer(x).square().sum() + captured[0].aux_loss
+    for got, want in zip(attached, torch.autograd.grad(added, list(layer.parameters())), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+
+
+# -- the MoE model in training ---------------------------------------------------------------------
+
+from conftest import FAST, assert_same_curve, read_metric, run_train  # noqa: E402
+
+from curry_train.config import ConfigError, compose  # noqa: E402
+from curry_train.config.checks import check  # noqa: E402
+from curry_train.model import Llama  # noqa: E402
+
+
+def test_moe_debug_has_experts_in_every_block_and_a_dense_one_below_dense_layers():
+    model = Llama(compose(["model=moe_debug", "model.moe.dense_layers=1"]).model)
+    assert isinstance(model.layers["0"].feed_forward, SwiGLU)
+    assert all(isinstance(model.layers[str(i)].feed_forward, MoE) for i in (1, 2, 3))
+    assert model.layers["1"].feed_forward.experts.w1.shape == (8, 192, 128)
+    assert "layers.1.feed_forward.router.expert_bias" in model.state_dict()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model.moe.top_k=9"], "model.moe.top_k=9 must be between 1 and model.moe.experts=8"),
+        (["model.moe.balancing=loss"], "model.moe.balancing='loss': expected one of aux_free, aux_loss, none"),
+        (["model.moe.capacity_factor=0"], "model.moe.capacity_factor=0.0 must be positive"),
+        (["parallel=tp", "trainer.devices=2"], "model.moe with parallel=tp: mixture-of-experts models train under"),
+    ],
+)
+def test_moe_settings_are_checked_before_any_worker(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        check(compose(["model=moe_debug", "logger=csv", *overrides]), env={}, run_dir=tmp_path)
+
+
+@pytest.mark.slow
+def test_moe_debug_trains_the_same_curve_on_two_ranks_and_resumes_its_balancing(tmp_path):
+    """One process, fsdp on 2 ranks (experts sharded, loads summed over the ranks before the bias
+    moves), and a 2-rank run resumed from its step-5 checkpoint: the same 10 losses (rel 1e-5). The
+    balancing bias is part of the checkpoint, so the resumed run routes as the uninterrupted one."""
+    common = [*FAST, "model=moe_debug", "trainer.max_steps=10", "model.moe.bias_update_rate=0.05"]
+    single, fsdp, resumed = (tmp_path / name for name in ("single", "fsdp", "resumed"))
+    run_train([*common, f"hydra.run.dir={single}"], cwd=tmp_path)
+    reference = read_metric(single)
+    assert reference[9] < reference[0] - 1.0  # it learns
+    run_train([*common, "parallel=fsdp", "trainer.devices=2", f"hydra.run.dir={fsdp}"], cwd=tmp_path)
+    assert_same_curve(read_metric(fsdp), reference)
+    imbalance = read_metric(fsdp, "train/moe_load_imbalance")
+    assert all(value >= 1.0 for value in imbalance.values())
+    first = [*common, "trainer.devices=2", "checkpoint.every_n_steps=5", f"hydra.run.dir={resumed}"]
+    run_train([*first[:-2], "trainer.max_steps=5", *first[-2:]], cwd=tmp_path)
+    run_train([*first, "ckpt_path=auto"], cwd=tmp_path)
+    assert_same_curve(read_metric(resumed), reference)

@@ -22,6 +22,7 @@ from curry_train.config import ConfigError
 from curry_train.config.resume import resolve
 from curry_train.config.schema import ACCELERATORS, LOGGERS, LR_SCHEDULES, PRECISIONS, ParallelConfig, unknown_keys
 from curry_train.data import SOURCES, DataError, DataSurvey, held_out, survey, windows
+from curry_train.moe import BALANCING, SCORE_FUNCTIONS
 from curry_train.primitives.context_parallel import PATTERNS
 from curry_train.primitives.distributed_optimizer import BACKWARD_PREFETCH, PARAM_DTYPES, SHARDING_MODES
 from curry_train.primitives.parallel_state import Degrees
@@ -186,9 +187,45 @@ def _check_model(cfg: DictConfig) -> None:
         raise ConfigError(f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={m.n_kv_heads}")
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"model.dropout={m.dropout} must be in [0, 1)")
+    if m.moe is not None:
+        _check_moe(m)
     for key in ("norm_eps", "rope_theta", "init_std"):
         if not (math.isfinite(m[key]) and m[key] > 0):
             raise ConfigError(f"model.{key}={m[key]} must be a positive number")
+
+
+def _check_moe(m: DictConfig) -> None:
+    moe = m.moe
+    if not 1 <= moe.top_k <= moe.experts:
+        raise ConfigError(f"model.moe.top_k={moe.top_k} must be between 1 and model.moe.experts={moe.experts}")
+    if moe.expert_ffn_dim < 1 or moe.shared_experts < 0:
+        raise ConfigError("model.moe.expert_ffn_dim must be positive and model.moe.shared_experts >= 0")
+    if not 0 <= moe.dense_layers <= m.n_layers:
+        raise ConfigError(
+            f"model.moe.dense_layers={moe.dense_layers} must be between 0 and model.n_layers={m.n_layers}"
+        )
+    if moe.score_function not in SCORE_FUNCTIONS:
+        raise ConfigError(
+            f"model.moe.score_function={moe.score_function!r}: expected one of {', '.join(SCORE_FUNCTIONS)}"
+        )
+    if moe.balancing not in BALANCING:
+        raise ConfigError(f"model.moe.balancing={moe.balancing!r}: expected one of {', '.join(BALANCING)}")
+    if moe.capacity_factor is not None and not moe.capacity_factor > 0:
+        raise ConfigError(f"model.moe.capacity_factor={moe.capacity_factor} must be positive (null: dropless)")
+    for key in ("bias_update_rate", "aux_loss_coef", "z_loss_coef"):
+        if not (math.isfinite(moe[key]) and moe[key] >= 0):
+            raise ConfigError(f"model.moe.{key}={moe[key]} must be a finite number >= 0")
+
+
+def _check_moe_layout(cfg: DictConfig, layout: ParallelConfig) -> None:
+    if cfg.model.moe is None:
+        return
+    unsupported = [option for option in ("tp", "pp") if getattr(layout, option) is not None]
+    if unsupported:
+        raise ConfigError(
+            f"model.moe with parallel={'+'.join(layout.options)}: mixture-of-experts models train under dp, fsdp"
+            f" and cp so far; {' and '.join(unsupported)} come with expert parallelism"
+        )
 
 
 def _survey_data(cfg: DictConfig) -> DataSurvey:
@@ -413,6 +450,7 @@ def check(cfg: DictConfig, env: Mapping[str, str] = os.environ, run_dir: Optiona
     _check_data_fills_batches(cfg, data)
     _check_pipeline(cfg, layout, degrees)
     _check_context_parallel(cfg, layout)
+    _check_moe_layout(cfg, layout)
     _check_training(cfg)
     # Under torchrun or srun every process checks: one reads the files through, the others their sizes.
     digests = launcher is None or int(env.get("RANK", env.get("SLURM_PROCID", "0"))) == 0

@@ -1,9 +1,9 @@
 """The parallelism primitives, one file each, composable through a shared ``ParallelState``."""
 
 from curry_train.model import GQAttention
+from curry_train.moe import Experts, MoE, TopKRouter
 from curry_train.primitives.context_parallel import ContextParallel
 from curry_train.primitives.distributed_optimizer import DistributedOptimizer
-from curry_train.primitives.moe import Experts, TopKRouter
 from curry_train.primitives.parallel_state import ParallelState
 from curry_train.primitives.pipeline_schedule import PipelineSchedule
 from curry_train.primitives.recompute import apply_recompute
@@ -15,6 +15,7 @@ __all__ = [
     "DistributedOptimizer",
     "Experts",
     "GQAttention",
+    "MoE",
     "ParallelState",
     "PipelineSchedule",
     "RowParallelLinear",

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -111,10 +111,15 @@ class TopKRouter(nn.Module):
         load = self.expert_load.clone()
         if group is not None and dist.get_world_size(group) > 1:
             dist.all_reduce(load, group=group)
-        if self.balancing == "aux_free":
+        self.apply_load(load)
+        return load
+
+    @torch.no_grad()
+    def apply_load(self, load: Optional[Tensor]) -> None:
+        """Move the bias by the step's summed ``load`` (None: the step was not applied) and reset the count."""
+        if load is not None and self.balancing == "aux_free":
             self.expert_bias += self.bias_update_rate * torch.sign(load.mean() - load)
         self.expert_load.zero_()
-        return load
 
 
 class Experts(nn.Module):
@@ -147,6 +152,24 @@ class Experts(nn.Module):
         return torch._grouped_mm(hidden, w2, offs=offsets)
 
 
+class _AttachAuxLoss(torch.autograd.Function):
+    """The output unchanged; in backward, the auxiliary loss gets the gradient 1, as if it had been
+    added to the training loss (so every layout, pipelines included, trains it without plumbing)."""
+
+    @staticmethod
+    def forward(ctx: Any, output: Tensor, aux: Tensor) -> Tensor:
+        ctx.aux_shape, ctx.aux_dtype = aux.shape, aux.dtype
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor]:
+        return grad, torch.ones(ctx.aux_shape, dtype=ctx.aux_dtype, device=grad.device)
+
+
+def attach_aux_loss(output: Tensor, aux: Tensor) -> Tensor:
+    return _AttachAuxLoss.apply(output, aux)
+
+
 # A dispatcher runs the experts on tokens sorted by expert: (experts, tokens, counts) -> outputs, in the
 # tokens' order. The local one calls the experts; expert parallelism's sends tokens to their owners.
 Dispatcher = Callable[[Experts, Tensor, Tensor], Tensor]
@@ -171,12 +194,15 @@ class MoE(nn.Module):
         self.router, self.experts, self.shared = router, experts, shared
         self.capacity_factor = capacity_factor
         self.dispatch: Dispatcher = local_dispatch
-        self.aux_loss: Optional[Tensor] = None  # the last forward's, for the training step to add
+        # The router's losses enter the gradient through the layer's output (``attach_aux_loss``),
+        # weighted by this forward's share of the step's tokens: tokens x ``aux_scale`` (1 / the
+        # step's tokens, set by the training step; None: the mean over this forward alone).
+        self.aux_scale: Optional[float] = None
+        self.aux_loss_sum: Optional[Tensor] = None  # the weighted losses of the forwards since the last reset
 
     def forward(self, x: Tensor) -> Tensor:
         flat = x.reshape(-1, x.shape[-1])
         routing = self.router(flat)
-        self.aux_loss = routing.aux_loss
         k = routing.experts.shape[-1]
         picks = routing.experts.flatten()
         order = torch.argsort(picks, stable=True)  # by expert, token order within each
@@ -189,6 +215,10 @@ class MoE(nn.Module):
         combined = torch.zeros_like(flat).index_add_(0, token, out.to(flat.dtype))
         if self.shared is not None:
             combined = combined + self.shared(flat)
+        if routing.aux_loss is not None and torch.is_grad_enabled():
+            aux = routing.aux_loss * (flat.shape[0] * self.aux_scale if self.aux_scale is not None else 1.0)
+            self.aux_loss_sum = aux.detach() if self.aux_loss_sum is None else self.aux_loss_sum + aux.detach()
+            combined = attach_aux_loss(combined, aux)
         return combined.view_as(x)
 
     def _drop_over_capacity(self, picks: Tensor, order: Tensor, counts: Tensor, n_picks: int) -> tuple[Tensor, Tensor]:
