@@ -92,8 +92,9 @@ class TopKRouter(nn.Module):
         if self.normalize:
             weights = weights / weights.sum(-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
         counts = torch.bincount(experts.flatten(), minlength=self.n_experts)
-        with torch.no_grad():
-            self.expert_load += counts.to(self.expert_load.dtype)
+        if self.training:  # the step's load; validation's tokens do not move the bias
+            with torch.no_grad():
+                self.expert_load += counts.to(self.expert_load.dtype)
         aux = None
         if self.balancing == "aux_loss":
             picked = counts.to(scores.dtype) / experts.numel()  # f_e

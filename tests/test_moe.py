@@ -98,6 +98,8 @@ def test_aux_free_bias_moves_against_the_load_summed_over_the_step():
     x = torch.randn(10, DIM)
     router(x)
     router(x)  # two micro-batches of one step
+    router.eval()
+    router(x)  # validation: not the step's load
     assert router.expert_load.sum() == 20 and "expert_bias" in router.state_dict()
     assert "expert_load" not in router.state_dict()
 
