@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 SCORE_FUNCTIONS = ("softmax", "sigmoid")  # model.moe.score_function
 BALANCING = ("aux_free", "aux_loss", "none")  # model.moe.balancing
@@ -135,20 +136,28 @@ class Experts(nn.Module):
         for weight in (self.w1, self.w3, self.w2):  # nn.Linear's default, per expert
             nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
 
+    def weights(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(w1, w3, w2) of the experts this rank holds: all of them, or its shard under expert
+        parallelism (where the stacked weights are ``Shard(0)`` DTensors)."""
+        return tuple(w.to_local() if isinstance(w, DTensor) else w for w in (self.w1, self.w3, self.w2))
+
     def forward(self, x: Tensor, counts: Tensor) -> Tensor:
-        """x: (N, dim), sorted by expert; counts: (E,) tokens per expert, summing to N."""
+        """x: (N, dim), sorted by expert; counts: tokens per expert this rank holds, summing to N."""
+        w1, w3, w2 = self.weights()
+        if counts.numel() != w1.shape[0]:
+            raise ValueError(f"{counts.numel()} token counts for {w1.shape[0]} experts")
         if x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"):
             return self.grouped(x, counts)
         outputs = []
         for expert, part in enumerate(torch.split(x, counts.tolist())):
-            hidden = F.silu(part @ self.w1[expert].T) * (part @ self.w3[expert].T)
-            outputs.append(hidden @ self.w2[expert].T)
-        return torch.cat(outputs) if outputs else x.new_zeros(0, self.w2.shape[1])
+            hidden = F.silu(part @ w1[expert].T) * (part @ w3[expert].T)
+            outputs.append(hidden @ w2[expert].T)
+        return torch.cat(outputs) if outputs else x.new_zeros(0, w2.shape[1])
 
     def grouped(self, x: Tensor, counts: Tensor) -> Tensor:
         """All experts in one grouped GEMM per weight (CUDA, bf16; on CPU its forward runs too)."""
         offsets = torch.cumsum(counts, 0, dtype=torch.int32)
-        w1, w3, w2 = (w.to(x.dtype).transpose(-2, -1) for w in (self.w1, self.w3, self.w2))
+        w1, w3, w2 = (w.to(x.dtype).transpose(-2, -1) for w in self.weights())
         hidden = F.silu(torch._grouped_mm(x, w1, offs=offsets)) * torch._grouped_mm(x, w3, offs=offsets)
         return torch._grouped_mm(hidden, w2, offs=offsets)
 

@@ -17,10 +17,12 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from curry_train.config.schema import CPConfig, DPConfig, FSDPConfig, ParallelConfig, PPConfig, TPConfig
+from curry_train.config.schema import CPConfig, DPConfig, EPConfig, FSDPConfig, ParallelConfig, PPConfig, TPConfig
+from curry_train.moe import MoE
 from curry_train.primitives.context_parallel import ContextParallel, sequence_positions
 from curry_train.primitives.data_parallel import replicate
-from curry_train.primitives.distributed_optimizer import DistributedOptimizer
+from curry_train.primitives.distributed_optimizer import DistributedOptimizer, shard_experts
+from curry_train.primitives.expert_parallel import ExpertParallel
 from curry_train.primitives.materialize import materialize_and_init
 from curry_train.primitives.parallel_state import ParallelState
 from curry_train.primitives.pipeline_schedule import pipeline_stages
@@ -46,6 +48,9 @@ def parallelize(
     # Cuts the blocks into stages and drops what this rank does not hold, while still on meta.
     model, stages = apply_pipeline_split(model, ps, layout.pp)
     blocks = list(model.get_submodule(model.plan.blocks).values())
+    # Turns each MoE layer's stacked expert weights into shards over the ep ranks (DTensors, still
+    # on meta) before FSDP, which then shards them further over the ranks EP leaves.
+    apply_expert_parallel(model, ps, layout.ep)
     # Wraps only the attention op inside each block: recompute and FSDP then wrap whole blocks.
     apply_context_parallel(blocks, model.plan.attention_op, ps, layout.cp)
     # Wraps each block's forward before FSDP, so a recomputation runs inside its unit, while the
@@ -84,6 +89,14 @@ def _pipeline_roots(stages: Optional[Sequence[Optional[nn.Module]]]) -> Optional
     return local if len(local) > 1 else None
 
 
+def apply_expert_parallel(model: nn.Module, ps: ParallelState, ep: Optional[EPConfig]) -> None:
+    """Each MoE layer's experts split over the ep ranks, its tokens dispatched with all-to-all."""
+    if ep is not None:
+        for module in model.modules():
+            if isinstance(module, MoE):
+                ExpertParallel.wrap(module, ep_group=ps.get_ep_mesh())
+
+
 def apply_context_parallel(
     blocks: Sequence[nn.Module], attention_op: str, ps: ParallelState, cp: Optional[CPConfig]
 ) -> None:
@@ -105,9 +118,20 @@ def apply_context_parallel(
 
 def apply_fsdp(model: nn.Module, ps: ParallelState, layout: ParallelConfig, roots: Optional[list[nn.Module]]) -> None:
     """FSDP2 over the data-parallel ranks: the run's ZeRO stage with ``parallel=fsdp``; replicas
-    (``no_shard``) for the ranks tensor or pipeline parallelism leave, since DDP cannot hold their
-    DTensor parameters or pipeline stages."""
+    (``no_shard``) for the ranks tensor, pipeline or expert parallelism leave, since DDP cannot hold
+    their DTensor parameters or pipeline stages."""
     fsdp: Optional[FSDPConfig] = layout.fsdp
+    if layout.ep is not None:
+        # The experts first, over the ranks EP leaves (their own FSDP units: the blocks' units
+        # then hold the dense parameters only), sharded as the layout shards the rest.
+        experts = [m.experts for m in model.modules() if isinstance(m, MoE)]
+        shard_experts(
+            experts,
+            ps,
+            sharding=fsdp.sharding if fsdp is not None else "no_shard",
+            mixed_precision=fsdp.mixed_precision if fsdp is not None else "fp32",
+            reshard_after_forward=fsdp.reshard_after_forward if fsdp is not None else None,
+        )
     if fsdp is not None:
         DistributedOptimizer.wrap(
             model,
@@ -120,7 +144,7 @@ def apply_fsdp(model: nn.Module, ps: ParallelState, layout: ParallelConfig, root
             blocks_per_unit=fsdp.blocks_per_unit,
             roots=roots,
         )
-    elif (layout.tp is not None or layout.pp is not None) and ps.submesh("dp_cp").size() > 1:
+    elif (layout.tp is not None or layout.pp is not None or layout.ep is not None) and ps.submesh("dp_cp").size() > 1:
         DistributedOptimizer.wrap(model, sharding="no_shard", parallel_state=ps, roots=roots)
 
 
@@ -135,7 +159,7 @@ def apply_sequence_positions(
 def apply_ddp(model: nn.Module, ps: ParallelState, layout: ParallelConfig, device: torch.device) -> nn.Module:
     """DistributedDataParallel over every rank holding distinct tokens (data, and context-parallel
     ranks, whose gradients are summed alike), for a layout that FSDP does not already replicate."""
-    if layout.fsdp is not None or layout.tp is not None or layout.pp is not None or ps.submesh("dp_cp").size() == 1:
+    if any(getattr(layout, name) is not None for name in ("fsdp", "tp", "pp", "ep")) or ps.submesh("dp_cp").size() == 1:
         return model
     dp: DPConfig = layout.dp or DPConfig()
     replicas = ps.submesh("dp_cp").get_group() if layout.cp is not None else ps.get_dp_group()

@@ -90,6 +90,7 @@ class CurryStrategy(ParallelStrategy):
             cp=degrees.cp,
             tp=degrees.tp,
             pp=degrees.pp,
+            ep=degrees.ep,
             device_type=device_type,
         )
         rank_zero_only.rank = utils_rank_zero_only.rank = self.global_rank

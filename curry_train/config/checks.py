@@ -24,7 +24,12 @@ from curry_train.config.schema import ACCELERATORS, LOGGERS, LR_SCHEDULES, PRECI
 from curry_train.data import SOURCES, DataError, DataSurvey, held_out, survey, windows
 from curry_train.moe import BALANCING, SCORE_FUNCTIONS
 from curry_train.primitives.context_parallel import PATTERNS
-from curry_train.primitives.distributed_optimizer import BACKWARD_PREFETCH, PARAM_DTYPES, SHARDING_MODES
+from curry_train.primitives.distributed_optimizer import (
+    BACKWARD_PREFETCH,
+    EXPERT_SHARDING,
+    PARAM_DTYPES,
+    SHARDING_MODES,
+)
 from curry_train.primitives.parallel_state import Degrees
 from curry_train.primitives.pipeline_schedule import check_microbatches, split_layers, stages_per_rank
 from curry_train.primitives.recompute import MODES as RECOMPUTE_MODES
@@ -217,14 +222,39 @@ def _check_moe(m: DictConfig) -> None:
             raise ConfigError(f"model.moe.{key}={moe[key]} must be a finite number >= 0")
 
 
-def _check_moe_layout(cfg: DictConfig, layout: ParallelConfig) -> None:
-    if cfg.model.moe is None:
+def _check_moe_layout(cfg: DictConfig, layout: ParallelConfig, degrees: Degrees) -> None:
+    moe = cfg.model.moe
+    if layout.ep is not None:
+        ep = layout.ep.size
+        if moe is None:
+            raise ConfigError(
+                f"parallel.ep needs a mixture-of-experts model (model.moe); model={cfg.model.name} is dense"
+            )
+        if ep < 2:
+            raise ConfigError(f"parallel.ep.size={ep} must be at least 2 (leave ep out for one rank per expert set)")
+        if moe.experts % ep:
+            raise ConfigError(f"model.moe.experts={moe.experts} cannot be split evenly over parallel.ep.size={ep}")
+        if (degrees.dp * degrees.cp) % ep:
+            raise ConfigError(
+                f"parallel.ep.size={ep} must divide the {degrees.dp * degrees.cp} ranks holding distinct tokens"
+                f" (dp={degrees.dp} x cp={degrees.cp}): expert parallelism borrows its ranks from them"
+            )
+        if moe.dense_layers >= cfg.model.n_layers:
+            raise ConfigError(
+                f"parallel.ep with model.moe.dense_layers={moe.dense_layers} = model.n_layers: no block has experts"
+            )
+        if layout.fsdp is not None and layout.fsdp.sharding not in EXPERT_SHARDING:
+            raise ConfigError(
+                f"parallel.fsdp.sharding={layout.fsdp.sharding} with parallel.ep: expert parallelism composes with"
+                f" {', '.join(EXPERT_SHARDING)} so far"
+            )
+    if moe is None:
         return
     unsupported = [option for option in ("tp", "pp") if getattr(layout, option) is not None]
     if unsupported:
         raise ConfigError(
-            f"model.moe with parallel={'+'.join(layout.options)}: mixture-of-experts models train under dp, fsdp"
-            f" and cp so far; {' and '.join(unsupported)} come with expert parallelism"
+            f"model.moe with parallel={'+'.join(layout.options)}: mixture-of-experts models train under dp, fsdp,"
+            f" cp and ep so far; not yet with {' and '.join(unsupported)}"
         )
 
 
@@ -450,7 +480,7 @@ def check(cfg: DictConfig, env: Mapping[str, str] = os.environ, run_dir: Optiona
     _check_data_fills_batches(cfg, data)
     _check_pipeline(cfg, layout, degrees)
     _check_context_parallel(cfg, layout)
-    _check_moe_layout(cfg, layout)
+    _check_moe_layout(cfg, layout, degrees)
     _check_training(cfg)
     # Under torchrun or srun every process checks: one reads the files through, the others their sizes.
     digests = launcher is None or int(env.get("RANK", env.get("SLURM_PROCID", "0"))) == 0

@@ -21,7 +21,7 @@ from curry_train.primitives.parallel_state import Degrees, resolve_degrees
 # The allowed values of the choices below that no primitive owns (those that one does -- sharding modes,
 # pipeline schedules, CP patterns, recompute kinds -- are defined by the primitive, and config.checks
 # holds a run's config to both before any process starts).
-PARALLEL_OPTIONS = ("dp", "fsdp", "tp", "pp", "cp")  # the parallel group's options
+PARALLEL_OPTIONS = ("dp", "fsdp", "tp", "pp", "cp", "ep")  # the parallel group's options
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda")  # trainer.accelerator
 PRECISIONS = ("32-true", "32", "bf16-mixed")  # trainer.precision
 LOGGERS = ("wandb", "csv", "tensorboard", "none")  # logger.kind
@@ -138,6 +138,13 @@ class CPConfig:
 
 
 @dataclass
+class EPConfig:
+    """parallel=ep: expert parallelism for MoE models, see primitives/expert_parallel.py."""
+
+    size: int = 2  # ranks that split each MoE layer's experts; taken from the dp x cp ranks, divides them
+
+
+@dataclass
 class ParallelConfig:
     """The layout. Each option of the ``parallel`` group fills its own subtree; ``+`` joins options.
 
@@ -151,6 +158,7 @@ class ParallelConfig:
     tp: Optional[TPConfig] = None
     pp: Optional[PPConfig] = None
     cp: Optional[CPConfig] = None
+    ep: Optional[EPConfig] = None
     recompute: str = "none"  # activation recompute, any layout: none | full | selective
     recompute_every_n_blocks: int = 0  # selective: 0 = per op in every block; n = full recompute of every n-th block
 
@@ -165,13 +173,14 @@ class ParallelConfig:
         return [name for name in PARALLEL_OPTIONS if getattr(self, name) is not None]
 
     def size(self, option: str) -> int:
-        """Ranks of a model-parallel option (``tp``, ``pp``, ``cp``); 1 when it is off."""
+        """Ranks of a model-parallel option (``tp``, ``pp``, ``cp``, ``ep``); 1 when it is off."""
         sub = getattr(self, option)
         return sub.size if sub is not None else 1
 
     def degrees(self, world_size: int) -> Degrees:
         """The mesh's degrees on ``world_size`` ranks. Data parallelism takes the ranks no other axis
-        uses: replicated (DDP, or FSDP's no_shard), sharded (FSDP), or both (FSDP's hybrid)."""
+        uses: replicated (DDP, or FSDP's no_shard), sharded (FSDP), or both (FSDP's hybrid). Expert
+        parallelism borrows its ranks from the data- and context-parallel ones."""
         if self.fsdp is None or self.fsdp.sharding == "no_shard":
             dp_replicate, dp_shard = -1, 1
         elif self.fsdp.sharding == "hybrid":
@@ -185,6 +194,7 @@ class ParallelConfig:
             cp=self.size("cp"),
             tp=self.size("tp"),
             pp=self.size("pp"),
+            ep=self.size("ep"),
         )
 
     def pipeline_microbatches(self, global_batch_size: int, micro_batch_size: int, dp: int) -> int:

@@ -4,6 +4,7 @@ from curry_train.model import GQAttention
 from curry_train.moe import Experts, MoE, TopKRouter
 from curry_train.primitives.context_parallel import ContextParallel
 from curry_train.primitives.distributed_optimizer import DistributedOptimizer
+from curry_train.primitives.expert_parallel import ExpertParallel
 from curry_train.primitives.parallel_state import ParallelState
 from curry_train.primitives.pipeline_schedule import PipelineSchedule
 from curry_train.primitives.recompute import apply_recompute
@@ -13,6 +14,7 @@ __all__ = [
     "ColumnParallelLinear",
     "ContextParallel",
     "DistributedOptimizer",
+    "ExpertParallel",
     "Experts",
     "GQAttention",
     "MoE",

@@ -155,6 +155,34 @@ class DistributedOptimizer:
         return model
 
 
+EXPERT_SHARDING = ("full", "shard_grad_op", "no_shard")  # the modes expert parallelism composes with
+
+
+def shard_experts(
+    experts: Sequence[nn.Module],
+    parallel_state: ParallelState,
+    sharding: str = "full",
+    mixed_precision: str = "fp32",
+    reshard_after_forward: Optional[bool] = None,
+) -> None:
+    """Expert-parallel experts (``Shard(0)`` DTensors over ``ParallelState.get_ep_mesh()``) under
+    FSDP2 over the ranks expert parallelism leaves (``edp``): sharded there as ``sharding`` says,
+    or replicated (``no_shard``). Call before ``wrap`` shards the blocks that hold them, so each
+    experts module is a unit of its own and the blocks' units keep the dense parameters."""
+    if sharding not in EXPERT_SHARDING:
+        raise ValueError(f"sharding={sharding!r} with expert parallelism: expected one of {', '.join(EXPERT_SHARDING)}")
+    if sharding == "no_shard":
+        mesh = parallel_state.expert_mesh["edp", "edp_one"]  # (replicate, shard of one)
+    else:
+        mesh = parallel_state.submesh("edp")
+    if reshard_after_forward is None:
+        reshard_after_forward = sharding == "full"
+    mp_policy = MixedPrecisionPolicy(param_dtype=PARAM_DTYPES[mixed_precision], reduce_dtype=torch.float32)
+    for module in experts:
+        fully_shard(module, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp_policy)
+        _sum_gradients(module)
+
+
 def _unit_groups(model: nn.Module, units: Optional[Sequence[nn.Module]], blocks_per_unit: int) -> list[list[nn.Module]]:
     if blocks_per_unit < 1:
         raise ValueError(f"blocks_per_unit={blocks_per_unit} must be positive")

@@ -11,15 +11,19 @@ hands out each group:
 ``get_tp_group``   tensor parallel: ranks that split each matmul
 ``get_pp_group``   pipeline parallel: ranks that hold consecutive stages
 ``get_cp_group``   context parallel: ranks that split each sequence
+``get_ep_group``   expert parallel: ranks that split a MoE layer's experts, borrowed from the ranks
+                   holding distinct tokens (``dp x cp``); the experts' data-parallel ranks
+                   (``submesh("edp")``) are the ones expert parallelism leaves
 =================  ==============================================================================
 
-``ParallelState(dp_replicate=1, dp_shard=-1, cp=1, tp=1, pp=1)``: one degree may be ``-1``, which
+``ParallelState(dp_replicate=1, dp_shard=-1, cp=1, tp=1, pp=1, ep=1)``: one degree may be ``-1``, which
 takes whatever the others leave of the world size. The process group is initialized from the
 environment (torchrun, SLURM via Lightning, or curry-train's launcher) if it is not yet.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -40,6 +44,7 @@ class Degrees:
     dp_shard: int
     cp: int
     tp: int
+    ep: int = 1  # not a dimension of its own: a split of the dp x cp ranks
 
     @property
     def dp(self) -> int:
@@ -50,11 +55,12 @@ class Degrees:
         return self.pp * self.dp * self.cp * self.tp
 
     def __str__(self) -> str:
-        return " x ".join(f"{name}={getattr(self, name)}" for name in DIMS)
+        text = " x ".join(f"{name}={getattr(self, name)}" for name in DIMS)
+        return f"{text} (ep={self.ep} of dp x cp)" if self.ep > 1 else text
 
 
 def resolve_degrees(
-    world_size: int, dp_replicate: int = 1, dp_shard: int = -1, cp: int = 1, tp: int = 1, pp: int = 1
+    world_size: int, dp_replicate: int = 1, dp_shard: int = -1, cp: int = 1, tp: int = 1, pp: int = 1, ep: int = 1
 ) -> Degrees:
     """Fill the one ``-1`` degree and check that the degrees multiply to ``world_size``.
 
@@ -80,7 +86,14 @@ def resolve_degrees(
         raise ValueError(
             f"the parallel degrees {degrees} multiply to {degrees.world_size}, but the world size is {world_size}"
         )
-    return degrees
+    if not isinstance(ep, int) or ep < 1:
+        raise ValueError(f"parallel degree ep={ep!r}: expected a positive integer")
+    if (degrees.dp * degrees.cp) % ep:
+        raise ValueError(
+            f"ep={ep} must divide the {degrees.dp * degrees.cp} ranks holding distinct tokens "
+            f"(dp={degrees.dp} x cp={degrees.cp}), from which expert parallelism takes its ranks"
+        )
+    return dataclasses.replace(degrees, ep=ep)
 
 
 def init_process_group_from_env(device_type: str, timeout: timedelta = timedelta(minutes=10)) -> None:
@@ -108,11 +121,12 @@ class ParallelState:
         cp: int = 1,
         tp: int = 1,
         pp: int = 1,
+        ep: int = 1,
         device_type: Optional[str] = None,
     ) -> None:
         self.device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
         init_process_group_from_env(self.device_type)
-        self.degrees = resolve_degrees(dist.get_world_size(), dp_replicate, dp_shard, cp, tp, pp)
+        self.degrees = resolve_degrees(dist.get_world_size(), dp_replicate, dp_shard, cp, tp, pp, ep)
         shape = tuple(getattr(self.degrees, name) for name in DIMS)
         self.mesh: DeviceMesh = init_device_mesh(self.device_type, shape, mesh_dim_names=DIMS)
         # Flattened views used by the primitives: samples differ across "dp"; FSDP shards over
@@ -134,6 +148,18 @@ class ParallelState:
         if self.degrees.tp > 1 and self.degrees.cp > 1:
             # TP beside replicas over cp ranks (FSDP2's no_shard over (dp_replicate_cp, dp_shard)).
             self._flattened["dp_shard_tp"] = self.mesh["dp_shard", "tp"]._flatten("dp_shard_tp")
+        if self.degrees.ep > 1:
+            # Expert parallelism splits the ranks holding distinct tokens into (edp, ep): ep takes
+            # neighbouring ranks (innermost, so the all-to-all stays on the fastest links), edp is
+            # what is left, over which the experts' gradients are summed (and FSDP shards them).
+            # "edp_one" is a dimension of size one: FSDP2's replicated (no_shard) experts need a
+            # 2-D (replicate, shard) mesh.
+            ep = self.degrees.ep
+            split = self._flattened["dp_cp"]._unflatten(
+                0, (self.degrees.dp * self.degrees.cp // ep, 1, ep), ("edp", "edp_one", "ep")
+            )
+            self._flattened.update(edp=split["edp"], edp_one=split["edp_one"], ep=split["ep"])
+            self.expert_mesh = split
 
     # Degrees ------------------------------------------------------------------------------------
     @property
@@ -161,6 +187,10 @@ class ParallelState:
         return self.mesh["pp"].get_local_rank()
 
     @property
+    def ep_rank(self) -> int:
+        return self.get_ep_mesh().get_local_rank() if self.degrees.ep > 1 else 0
+
+    @property
     def cp_rank(self) -> int:
         return self.mesh["cp"].get_local_rank()
 
@@ -181,6 +211,15 @@ class ParallelState:
 
     def get_cp_group(self) -> dist.ProcessGroup:
         return self.mesh["cp"].get_group()
+
+    def get_ep_mesh(self) -> DeviceMesh:
+        """The expert-parallel ranks as a mesh (DTensor experts are sharded over it)."""
+        if self.degrees.ep == 1:
+            raise ValueError("this ParallelState has no expert parallelism (ep=1)")
+        return self._flattened["ep"]
+
+    def get_ep_group(self) -> dist.ProcessGroup:
+        return self.get_ep_mesh().get_group()
 
     def __repr__(self) -> str:
         return f"ParallelState({self.degrees}, device={self.device_type})"
