@@ -151,21 +151,32 @@ class CausalLM(pl.LightningModule):
         """After the optimizer step: the step's expert loads, summed over the ranks that hold distinct
         tokens (one all-reduce for every MoE layer), move each router's bias (not for a skipped step);
         the worst layer's max/mean load and the routers' losses are kept for the metrics."""
-        if not self.moe_layers:
+        moe = self.cfg.model.moe
+        if moe is None:
             return
-        loads = torch.stack([layer.router.expert_load for layer in self.moe_layers])
-        aux = sum(layer.aux_loss_sum.to(loads) for layer in self.moe_layers if layer.aux_loss_sum is not None)
-        packed = torch.cat([loads.flatten(), torch.as_tensor(aux, dtype=loads.dtype, device=loads.device).view(1)])
-        group = self.step.metrics_group
-        if dist.is_initialized() and dist.get_world_size(group) > 1:
-            dist.all_reduce(packed, group=group)
-        loads, aux = packed[:-1].view_as(loads), packed[-1]
-        for layer, load in zip(self.moe_layers, loads, strict=True):
-            layer.router.apply_load(load if applied else None)
-            layer.aux_loss_sum = None
-        self.moe_metrics = {"train/moe_load_imbalance": (loads.max(1).values / loads.mean(1)).max()}
-        if any(layer.router.balancing == "aux_loss" or layer.router.z_loss_coef for layer in self.moe_layers):
-            self.moe_metrics["train/moe_aux_loss"] = aux
+        device = self.step.device
+        loads = torch.stack([layer.router.expert_load for layer in self.moe_layers]) if self.moe_layers else None
+        aux = sum(layer.aux_loss_sum.float() for layer in self.moe_layers if layer.aux_loss_sum is not None)
+        aux = torch.as_tensor(aux, dtype=torch.float32, device=device).view(1)
+        imbalance = torch.zeros((), device=device)
+        if loads is not None:  # a pipeline rank whose stages are all dense has none
+            packed = torch.cat([loads.flatten(), aux])
+            group = self.step.metrics_group
+            if dist.is_initialized() and dist.get_world_size(group) > 1:
+                dist.all_reduce(packed, group=group)
+            loads, aux = packed[:-1].view_as(loads), packed[-1:]
+            for layer, load in zip(self.moe_layers, loads, strict=True):
+                layer.router.apply_load(load if applied else None)
+                layer.aux_loss_sum = None
+            imbalance = (loads.max(1).values / loads.mean(1)).max()
+        if self.step.pipelined and self.step.parallel_state.mesh["pp"].size() > 1:
+            # each pipeline rank holds some of the layers: the worst of all, the losses of all
+            pp = self.step.parallel_state.get_pp_group()
+            dist.all_reduce(imbalance, op=dist.ReduceOp.MAX, group=pp)
+            dist.all_reduce(aux, group=pp)
+        self.moe_metrics = {"train/moe_load_imbalance": imbalance}
+        if moe.balancing == "aux_loss" or moe.z_loss_coef:
+            self.moe_metrics["train/moe_aux_loss"] = aux[0]
 
     def _skip_step(self, grad_norm: Tensor) -> None:
         """Skip a step with non-finite gradients, within ``trainer.skip_nonfinite_steps``; else stop."""

@@ -29,14 +29,29 @@
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
+
+_UNCOUNTED = [0]  # > 0 inside ``uncounted()``
+
+
+@contextmanager
+def uncounted() -> Iterator[None]:
+    """Forwards inside do not count towards the step's expert loads (a pipeline stage's metadata
+    inference runs its first micro-batch once more; validation runs in eval mode anyway)."""
+    _UNCOUNTED[0] += 1
+    try:
+        yield
+    finally:
+        _UNCOUNTED[0] -= 1
+
 
 SCORE_FUNCTIONS = ("softmax", "sigmoid")  # model.moe.score_function
 BALANCING = ("aux_free", "aux_loss", "none")  # model.moe.balancing
@@ -93,7 +108,7 @@ class TopKRouter(nn.Module):
         if self.normalize:
             weights = weights / weights.sum(-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
         counts = torch.bincount(experts.flatten(), minlength=self.n_experts)
-        if self.training:  # the step's load; validation's tokens do not move the bias
+        if self.training and not _UNCOUNTED[0]:  # the step's load; validation's tokens do not move the bias
             with torch.no_grad():
                 self.expert_load += counts.to(self.expert_load.dtype)
         aux = None
@@ -225,7 +240,7 @@ class MoE(nn.Module):
         combined = torch.zeros_like(flat).index_add_(0, token, out.to(flat.dtype))
         if self.shared is not None:
             combined = combined + self.shared(flat)
-        if routing.aux_loss is not None and torch.is_grad_enabled():
+        if routing.aux_loss is not None and torch.is_grad_enabled() and not _UNCOUNTED[0]:
             aux = routing.aux_loss * (flat.shape[0] * self.aux_scale if self.aux_scale is not None else 1.0)
             self.aux_loss_sum = aux.detach() if self.aux_loss_sum is None else self.aux_loss_sum + aux.detach()
             combined = attach_aux_loss(combined, aux)

@@ -207,7 +207,6 @@ def test_moe_debug_has_experts_in_every_block_and_a_dense_one_below_dense_layers
         (["model.moe.top_k=9"], "model.moe.top_k=9 must be between 1 and model.moe.experts=8"),
         (["model.moe.balancing=loss"], "model.moe.balancing='loss': expected one of aux_free, aux_loss, none"),
         (["model.moe.capacity_factor=0"], "model.moe.capacity_factor=0.0 must be positive"),
-        (["parallel=tp", "trainer.devices=2"], "model.moe with parallel=tp: mixture-of-experts models train under"),
     ],
 )
 def test_moe_settings_are_checked_before_any_worker(tmp_path, overrides, message):

@@ -248,13 +248,10 @@ def _check_moe_layout(cfg: DictConfig, layout: ParallelConfig, degrees: Degrees)
                 f"parallel.fsdp.sharding={layout.fsdp.sharding} with parallel.ep: expert parallelism composes with"
                 f" {', '.join(EXPERT_SHARDING)} so far"
             )
-    if moe is None:
-        return
-    unsupported = [option for option in ("tp", "pp") if getattr(layout, option) is not None]
-    if unsupported:
+    if moe is not None and layout.tp is not None and layout.tp.sequence_parallel:
         raise ConfigError(
-            f"model.moe with parallel={'+'.join(layout.options)}: mixture-of-experts models train under dp, fsdp,"
-            f" cp and ep so far; not yet with {' and '.join(unsupported)}"
+            "model.moe with parallel.tp.sequence_parallel=true: the experts would see each rank's sequence shard;"
+            " use sequence_parallel=false (attention tensor-parallel, experts whole)"
         )
 
 

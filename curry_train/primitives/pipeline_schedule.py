@@ -30,7 +30,7 @@ from __future__ import annotations
 import copy
 import functools
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -45,6 +45,8 @@ from torch.distributed.pipelining.schedules import (
     ScheduleInterleavedZeroBubble,
     ScheduleZBVZeroBubble,
 )
+
+from curry_train.moe import uncounted
 
 SCHEDULES = {
     "gpipe": ScheduleGPipe,
@@ -255,6 +257,15 @@ class PipelineResult:
     stepped: bool
 
 
+class _Stage(PipelineStage):
+    """A ``PipelineStage`` whose metadata inference (a real forward of the first micro-batch, once)
+    does not count towards the MoE routers' expert loads: the bias moves by the step's tokens only."""
+
+    def _forward_metadata_inference(self, *args: Any, **kwargs: Any) -> Any:
+        with uncounted():
+            return super()._forward_metadata_inference(*args, **kwargs)
+
+
 class PipelineSchedule:
     """Runs a step's micro-batches through the pipeline (see the module docstring).
 
@@ -305,7 +316,7 @@ class PipelineSchedule:
             device = next((p.device for m in self.modules for p in m.parameters()), torch.device("cpu"))
         self.device = torch.device(device)
         self.pipeline_stages = [
-            PipelineStage(stages[s], s, self.n_stages, self.device, group=self.group) for s in self.local_indices
+            _Stage(stages[s], s, self.n_stages, self.device, group=self.group) for s in self.local_indices
         ]
         self.has_first = 0 in self.local_indices
         self.has_last = self.n_stages - 1 in self.local_indices

@@ -318,11 +318,12 @@ def apply_tensor_parallel(
     plan = model.plan
     sp = sequence_parallel
     for block in model.get_submodule(plan.blocks).values():
-        for path in plan.column:
+        column = [path for path in plan.column if _holds(block, path)]
+        for path in column:
             _replace(block, path, ColumnParallelLinear.from_linear(block.get_submodule(path), mesh))
-        for path in plan.row:
+        for path in (path for path in plan.row if _holds(block, path)):
             _replace(block, path, RowParallelLinear.from_linear(block.get_submodule(path), mesh, sequence_parallel=sp))
-        for parent in dict.fromkeys(path.rpartition(".")[0] for path in plan.column):
+        for parent in dict.fromkeys(path.rpartition(".")[0] for path in column):
             gather_input_once(block.get_submodule(parent), mesh, sp)
         distinct_rng_per_rank(block.get_submodule(plan.attention_op), mesh)
         if sp:
@@ -348,6 +349,16 @@ def apply_tensor_parallel(
             use_local_output=not loss_parallel,
         )
         _replace(model, plan.head, head)
+
+
+def _holds(block: nn.Module, path: str) -> bool:
+    """Whether ``block`` has the plan's linear at ``path``: a mixture-of-experts block has no dense
+    MLP, and its router and experts stay whole on every tensor-parallel rank (they see the same
+    tokens there, so they compute the same values and gradients)."""
+    try:
+        return isinstance(block.get_submodule(path), nn.Linear)
+    except AttributeError:
+        return False
 
 
 def _replace(root: nn.Module, path: str, module: nn.Module) -> None:
