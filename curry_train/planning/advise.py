@@ -24,12 +24,19 @@ from curry_train.planning.layout import (
     pipeline_knobs,
     train_command,
 )
-from curry_train.planning.memory import activation_bytes, model_state, rank_shapes, transient_state
+from curry_train.planning.memory import (
+    activation_bytes,
+    is_expert,
+    model_state,
+    rank_parameters,
+    transient_state,
+)
 from curry_train.planning.step_time import step_time
 from curry_train.primitives.pipeline_schedule import check_microbatches
 
 HEADROOM = 0.10  # of device memory, left free by a recommendation (allocator, spikes, estimate error)
 SPEEDUP = 0.10  # a heavier layout replaces a lighter one that fits only if its step is this much shorter
+DOMINATES = 0.5  # expert parallelism is weighed when the experts' traffic is at least this share of the step
 MEMORY_PARTS = ("params", "grads", "optimizer", "transient", "activations", "loss", "reserved")
 
 
@@ -60,10 +67,16 @@ def estimate(cfg: DictConfig, layout: Layout) -> Estimate:
     hw = cfg.hardware
     states = []
     for stage in range(layout.pp):
-        shapes = rank_shapes(cfg.model, layout.tp, layout.pp, stage, layout.pp_schedule, layout.virtual_stages)
-        shards = layout.shards
-        state = model_state(shapes, layout.zero, shards, layout.mixed_precision, 0, layout.dp_replicate)
-        state["transient"] = transient_state(cfg.model, shapes, layout, stage)
+        named = rank_parameters(
+            cfg.model, layout.tp, layout.pp, stage, layout.pp_schedule, layout.virtual_stages, layout.ep
+        )
+        dense = [shape for name, shape in named if not is_expert(name)]
+        experts = [shape for name, shape in named if is_expert(name)]
+        state = model_state(dense, layout.zero, layout.shards, layout.mixed_precision, 0, layout.dp_replicate)
+        if experts:  # FSDP shards the experts over the ranks expert parallelism leaves
+            expert_state = model_state(experts, layout.zero, layout.expert_shards, layout.mixed_precision)
+            state = {key: state[key] + expert_state[key] for key in state}
+        state["transient"] = transient_state(cfg.model, dense + experts, layout, stage)
         states.append(state)
     memory = dict(max(states, key=lambda st: sum(st.values())))
     memory.update(activation_bytes(cfg, layout, hw.flash_attention))
@@ -141,6 +154,7 @@ def advise(cfg: DictConfig, overrides: Sequence[str] = ()) -> Advice:
     gib = lambda n: f"{n / 2**30:.1f} GiB"  # noqa: E731
 
     def done(est: Estimate) -> Advice:
+        est = _expert_parallel(cfg, est, tried, reasons)
         est = _across_nodes(cfg, est, tried, reasons)
         return Advice(est, tried, reasons, train_command(cfg, est.layout, overrides))
 
@@ -167,6 +181,18 @@ def advise(cfg: DictConfig, overrides: Sequence[str] = ()) -> Advice:
     else:
         reasons.append("one device: there is nothing to shard over.")
     base = Layout(dp_shard=world, zero="full" if world > 1 else "none", dp_replicate=1, mixed_precision=mp)
+    if world > 1 and (eps := _ep_sizes(cfg, base)):
+        # A MoE model's gathered units hold every expert of a layer; expert parallelism keeps 1/ep of
+        # them per rank (same sharded state, smaller gathers), before anything cuts the batch.
+        layouts = [replace(base, ep=e, micro_batch_size=mb) for e in eps]
+        if est := attempt("expert parallel (ZeRO-3 + ep)", layouts):
+            reasons.append(
+                f"ZeRO-3 + ep={est.layout.ep} fits ({gib(est.memory['total'])} per rank): FSDP alone gathers every"
+                f" expert of a layer at once; ep={est.layout.ep} keeps 1/{est.layout.ep} of them on each rank."
+            )
+            return done(est)
+        reasons.append(f"ZeRO-3 + ep needs {gib(tried[-1][1].memory['total'])} per rank.")
+        base = replace(base, ep=tried[-1][1].layout.ep)
     smaller = [replace(base, micro_batch_size=m) for m in _micro_batches(cfg, world)[1:]]
     if smaller and (est := attempt("smaller micro-batch (more accumulation)", smaller)):
         reasons.append(
@@ -196,8 +222,8 @@ def advise(cfg: DictConfig, overrides: Sequence[str] = ()) -> Advice:
     sequence_bound = last.memory["activations"] + last.memory["loss"] > state
     cps = [c for c in _powers_of_two(world) if world % c == 0 and cfg.data.seq_len % (2 * c) == 0]
     tps = [t for t in _powers_of_two(min(gpn, world)) if world % t == 0 and _divides(cfg, t)]
-    cp_layouts = [replace(base, cp=c, dp_shard=world // c) for c in cps]
-    tp_layouts = [replace(base, tp=t, dp_shard=world // t, sequence_parallel=True) for t in tps]
+    cp_layouts = [_fit_ep(replace(base, cp=c, dp_shard=world // c)) for c in cps]
+    tp_layouts = [_fit_ep(replace(base, tp=t, dp_shard=world // t, sequence_parallel=True)) for t in tps]
     steps = [("cp", cp_layouts), ("tp", tp_layouts)] if sequence_bound else [("tp", tp_layouts), ("cp", cp_layouts)]
     if sequence_bound:
         reasons.append(
@@ -213,7 +239,7 @@ def advise(cfg: DictConfig, overrides: Sequence[str] = ()) -> Advice:
             reasons.append(f"{name}={getattr(est.layout, name)} fits ({gib(est.memory['total'])} per rank).")
             return done(est)
     both = [
-        replace(base, tp=t, cp=c, dp_shard=world // (t * c), sequence_parallel=True)
+        _fit_ep(replace(base, tp=t, cp=c, dp_shard=world // (t * c), sequence_parallel=True))
         for t in tps
         for c in cps
         if world % (t * c) == 0
@@ -222,6 +248,63 @@ def advise(cfg: DictConfig, overrides: Sequence[str] = ()) -> Advice:
         return done(est)
     reasons.append("no combination of tp and cp fits.")
     return Advice(None, tried, reasons + _what_would_fit(cfg, tried[-1][1], world), None)
+
+
+def _fit_ep(layout: Layout) -> Layout:
+    """``layout`` with its ep cut to what its dp x cp ranks can lend (ep and those are powers of two)."""
+    return replace(layout, ep=math.gcd(layout.ep, layout.dp * layout.cp))
+
+
+def _ep_sizes(cfg: DictConfig, layout: Layout) -> list[int]:
+    """Expert-parallel sizes a MoE model can take on ``layout``: powers of two dividing its experts and
+    the ranks holding distinct tokens (dp x cp), ep alone within a node; none for a dense model."""
+    moe = cfg.model.get("moe")
+    if moe is None:
+        return []
+    ranks = layout.dp * layout.cp
+    most = max(1, cfg.hardware.gpus_per_node // layout.tp)
+    return [e for e in _powers_of_two(min(ranks, most)) if ranks % e == 0 and moe.experts % e == 0]
+
+
+def _expert_parallel(cfg: DictConfig, est: Estimate, tried: list[tuple[str, Estimate]], reasons: list[str]) -> Estimate:
+    """For a MoE model, expert parallelism where the experts' data-parallel traffic dominates the step
+    (``DOMINATES``).
+
+    Under FSDP every rank gathers (and reduce-scatters) every expert of every layer, though each token
+    uses ``top_k`` of them; expert parallelism keeps ``1/ep`` of each layer's experts on a rank (their
+    traffic over ``dp x cp / ep`` ranks) and sends the tokens to them instead (two all-to-alls each
+    way per layer, within a node). Taken if it fits and its step is ``SPEEDUP`` shorter; the reason
+    says which it was. ZeRO-1 and HSDP do not compose with ep: their candidates shard as ZeRO-2/3."""
+    layout = est.layout
+    eps = [e for e in _ep_sizes(cfg, layout) if e != layout.ep] if layout.ep == 1 else []
+    if not eps:
+        return est
+    zero = {"optimizer": "shard_grad_op", "hybrid": "full"}.get(layout.zero, layout.zero)
+    sharded = {} if zero == "none" else {"dp_shard": layout.dp, "dp_replicate": 1}
+    options = [estimate(cfg, replace(layout, ep=e, zero=zero, **sharded)) for e in eps]
+    fitting = [o for o in options if o.fits]
+    now, experts = est.time["total"], est.time.get("dp_experts", 0.0)
+    if not fitting:
+        reasons.append(f"ep does not fit beside {layout.describe()} ({', '.join(f'ep={e}' for e in eps)} tried).")
+        return est
+    best = min(fitting, key=lambda e: e.time["total"])
+    moves = "gathers" if layout.zero in ("shard_grad_op", "full", "hybrid") else "all-reduces"
+    if experts >= DOMINATES * now and best.time["total"] < (1 - SPEEDUP) * now:
+        tried.append((f"expert parallel: ep={best.layout.ep}", best))
+        reasons.append(
+            f"the experts' data-parallel traffic takes {experts:.3g} s of a {now:.3g} s step under"
+            f" {layout.describe()} (each rank {moves} every expert, a token uses {cfg.model.moe.top_k} of"
+            f" {cfg.model.moe.experts}); ep={best.layout.ep} keeps 1/{best.layout.ep} of them per rank and moves"
+            f" the tokens instead (all-to-all {best.time.get('ep', 0.0):.3g} s): {best.time['total']:.3g} s per"
+            f" step, {gib_text(best.memory['total'])} per rank."
+        )
+        return best
+    reasons.append(
+        f"ep not needed: the experts fit under {layout.describe()} (their traffic: {experts:.3g} s of a"
+        f" {now:.3g} s step); the fastest ep that fits, ep={best.layout.ep}, would take {best.time['total']:.3g} s"
+        f" per step."
+    )
+    return est
 
 
 def _divisors(n: int) -> list[int]:
@@ -250,7 +333,7 @@ def _across_nodes(cfg: DictConfig, est: Estimate, tried: list[tuple[str, Estimat
     inner = hw.gpus_per_node // (layout.tp * layout.cp)  # data-parallel ranks of one node
     candidates: list[tuple[str, Layout]] = []
     sharded = layout.zero in ("optimizer", "shard_grad_op", "full")
-    if sharded and inner >= 1 and layout.dp > inner and layout.dp % inner == 0:
+    if sharded and layout.ep == 1 and inner >= 1 and layout.dp > inner and layout.dp % inner == 0:
         candidates.append(("HSDP", replace(layout, zero="hybrid", dp_shard=inner, dp_replicate=layout.dp // inner)))
     schedules = (
         [pipeline_knobs(cfg)]
@@ -261,7 +344,10 @@ def _across_nodes(cfg: DictConfig, est: Estimate, tried: list[tuple[str, Estimat
         if layout.dp % pp or layout.pp > 1:
             continue
         dp = layout.dp // pp
-        for zero in ("none",) if dp == 1 else ("none", "optimizer", "shard_grad_op", "full"):
+        if (dp * layout.cp) % layout.ep:
+            continue
+        zeros = ("none",) if dp == 1 else ("none", "optimizer", "shard_grad_op", "full")
+        for zero in (z for z in zeros if layout.ep == 1 or z != "optimizer"):
             for knobs in schedules:
                 candidate = replace(
                     layout,
@@ -389,7 +475,7 @@ def diagnose(cfg: DictConfig, symptom: str, overrides: Sequence[str] = ()) -> di
         else:
             nxt, why = None, "add tp (memory-bound step) or cp (long sequences): see the full advice"
     elif symptom == "slow":
-        parts = {k: v for k, v in now.time.items() if k not in ("total", "compute", "dp")}
+        parts = {k: v for k, v in now.time.items() if k not in ("total", "compute", "dp", "dp_experts")}
         worst = max(parts, key=parts.get) if parts else None
         nxt = None
         if worst and parts[worst] > 0.2 * now.time["compute"]:

@@ -34,6 +34,7 @@ class Layout:
     tp: int = 1
     pp: int = 1
     cp: int = 1
+    ep: int = 1  # expert parallelism (MoE models): a split of the dp x cp ranks, not a factor of the world
     zero: str = "none"  # none (DDP) | optimizer | shard_grad_op | full | hybrid
     mixed_precision: str = "fp32"  # fp32 | bf16: compute dtype
     recompute: str = "none"  # none | selective | full
@@ -60,6 +61,12 @@ class Layout:
         """Ranks that share one copy of the model state: FSDP shards over dp_shard x cp."""
         return 1 if self.zero == "none" else self.dp_shard * self.cp
 
+    @property
+    def expert_shards(self) -> int:
+        """Ranks that share one copy of an expert-parallel rank's experts: FSDP shards them over the
+        ranks expert parallelism leaves (dp_shard x cp / ep)."""
+        return 1 if self.zero == "none" else max(1, self.dp_shard * self.cp // self.ep)
+
     def sizes(self) -> dict[str, int]:
         return {
             "dp_replicate": self.dp_replicate,
@@ -71,15 +78,15 @@ class Layout:
 
     def options(self) -> list[str]:
         """The ``parallel`` options this layout composes, in ``+`` order."""
-        others = [name for name in ("tp", "pp", "cp") if getattr(self, name) > 1]
+        others = [name for name in ("tp", "pp", "cp", "ep") if getattr(self, name) > 1]
         if self.zero != "none":
             return ["fsdp", *others]
-        # tp and pp replicate over the ranks they leave themselves (parallel=dp+tp is refused).
-        return others if {"tp", "pp"} & set(others) else ["dp", *others]
+        # tp, pp and ep replicate over the ranks they leave themselves (parallel=dp+tp is refused).
+        return others if {"tp", "pp", "ep"} & set(others) else ["dp", *others]
 
     def describe(self) -> str:
         parts = [ZERO_NAMES[self.zero] + (f" over {self.shards}" if self.zero != "none" else f" x{self.dp}")]
-        parts += [f"{name}={getattr(self, name)}" for name in ("tp", "pp", "cp") if getattr(self, name) > 1]
+        parts += [f"{name}={getattr(self, name)}" for name in ("tp", "pp", "cp", "ep") if getattr(self, name) > 1]
         if self.pp > 1 and (self.pp_schedule != "1F1B" or self.stages_per_rank > 1):
             parts.append(f"{self.pp_schedule}" + (f" v={self.stages_per_rank}" if self.stages_per_rank > 1 else ""))
         if self.sequence_parallel:
@@ -111,6 +118,7 @@ def current_layout(cfg: DictConfig) -> Layout:
         deg.tp,
         deg.pp,
         deg.cp,
+        deg.ep,
         zero,
         "bf16" if bf16 else "fp32",
         cfg.parallel.recompute,
@@ -143,6 +151,7 @@ def train_command(cfg: DictConfig, layout: Layout, user_overrides: Sequence[str]
         "parallel.pp.schedule",
         "parallel.pp.virtual_stages",
         "parallel.cp.size",
+        "parallel.ep.size",
         "parallel.recompute",
         "trainer.devices",
         "trainer.num_nodes",
@@ -167,7 +176,7 @@ def train_command(cfg: DictConfig, layout: Layout, user_overrides: Sequence[str]
         args.append(f"parallel.fsdp.mixed_precision={layout.mixed_precision}")
     elif layout.mixed_precision == "bf16":
         args.append("trainer.precision=bf16-mixed")
-    for name in ("tp", "pp", "cp"):
+    for name in ("tp", "pp", "cp", "ep"):
         if getattr(layout, name) > 1:
             args.append(f"parallel.{name}.size={getattr(layout, name)}")
     if layout.pp > 1 and layout.pp_schedule != "1F1B":  # conf/parallel/pp.yaml's defaults: 1F1B, virtual_stages null

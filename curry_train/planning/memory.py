@@ -123,23 +123,25 @@ def parameter_shapes(model_cfg: DictConfig, tp: int = 1) -> dict[str, tuple[int,
     return dict(_shapes(OmegaConf.to_yaml(model_cfg), tp))
 
 
-def rank_shapes(
+def rank_parameters(
     model_cfg: DictConfig,
     tp: int = 1,
     pp: int = 1,
     stage: int = 0,
     schedule: str = "1F1B",
     virtual_stages: Optional[int] = None,
-) -> list[tuple[int, ...]]:
-    """Shapes of the parameters one rank holds: its tensor-parallel shards of the blocks of the
-    stages pipeline rank ``stage`` holds under ``schedule`` (``pipeline_schedule.pipeline_stages``:
+    ep: int = 1,
+) -> list[tuple[str, tuple[int, ...]]]:
+    """Names and shapes of the parameters one rank holds: its tensor-parallel shards of the blocks of
+    the stages pipeline rank ``stage`` holds under ``schedule`` (``pipeline_schedule.pipeline_stages``:
     ``pp x stages_per_rank`` stages, looped or V-shaped over the ranks; the embedding with the first
-    stage, norm and head with the last, so a V-shaped schedule's rank 0 holds both)."""
+    stage, norm and head with the last, so a V-shaped schedule's rank 0 holds both), and of each MoE
+    layer's experts the ``1/ep`` that expert parallelism leaves it (experts stay whole under tp)."""
     ranges, owner = stage_map(model_cfg.n_layers, Layout(pp=pp, pp_schedule=schedule, virtual_stages=virtual_stages))
     n_stages = len(owner)
     local = [s for s in range(n_stages) if owner[s] == stage]
     blocks = {i for s in local for i in ranges[s]}
-    shapes = []
+    held = []
     for name, shape in parameter_shapes(model_cfg, tp).items():
         head, _, rest = name.partition(".")
         if head == "layers":
@@ -149,8 +151,26 @@ def rank_shapes(
         else:
             keep = n_stages - 1 in local
         if keep:
-            shapes.append(shape)
-    return shapes
+            held.append((name, (shape[0] // ep, *shape[1:]) if is_expert(name) else shape))
+    return held
+
+
+def is_expert(name: str) -> bool:
+    """Whether parameter ``name`` is a routed expert's (the stacked weights expert parallelism splits)."""
+    return ".experts." in name
+
+
+def rank_shapes(
+    model_cfg: DictConfig,
+    tp: int = 1,
+    pp: int = 1,
+    stage: int = 0,
+    schedule: str = "1F1B",
+    virtual_stages: Optional[int] = None,
+    ep: int = 1,
+) -> list[tuple[int, ...]]:
+    """Shapes of the parameters one rank holds (``rank_parameters``)."""
+    return [shape for _, shape in rank_parameters(model_cfg, tp, pp, stage, schedule, virtual_stages, ep)]
 
 
 def stage_map(n_layers: int, layout: Layout) -> tuple[list[range], list[int]]:
@@ -162,6 +182,22 @@ def stage_map(n_layers: int, layout: Layout) -> tuple[list[range], list[int]]:
 
 def parameter_count(model_cfg: DictConfig) -> int:
     return sum(math.prod(shape) for shape in rank_shapes(model_cfg))
+
+
+def active_parameter_count(model_cfg: DictConfig) -> int:
+    """Parameters one token goes through: all but the routed experts it is not sent to (each MoE
+    layer's ``top_k`` of its ``experts``); the parameter count for a dense model."""
+    moe = model_cfg.get("moe")
+    total = parameter_count(model_cfg)
+    if moe is None:
+        return total
+    experts = sum(math.prod(shape) for name, shape in parameter_shapes(model_cfg).items() if is_expert(name))
+    return total - experts * (moe.experts - moe.top_k) // moe.experts
+
+
+def expert_parameter_count(model_cfg: DictConfig) -> int:
+    """Parameters of the routed experts of every MoE layer (0 for a dense model)."""
+    return sum(math.prod(shape) for name, shape in parameter_shapes(model_cfg).items() if is_expert(name))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -184,6 +220,8 @@ def model_state(
     P = sum(math.prod(s) for s in shapes)
     padded = own = padded_full = 0
     for shape in shapes:
+        if len(shape) >= 2 and shape[0] < shards <= shape[1]:  # split along dim 1 (shard_placement)
+            shape = (shape[1], shape[0], *shape[2:])
         rows, row = shape[0], math.prod(shape[1:])
         chunk = math.ceil(rows / shards)
         padded += chunk * row
@@ -215,7 +253,7 @@ def transient_state(cfg_model: DictConfig, shapes: Sequence[tuple[int, ...]], la
     if layout.zero == "shard_grad_op":
         return pbytes * P + 4 * P // max(1, cfg_model.n_layers)  # all units gathered, one block's fp32 gradient
     if layout.zero in ("full", "hybrid"):
-        whole = rank_shapes(cfg_model, layout.tp)
+        whole = rank_shapes(cfg_model, layout.tp, ep=layout.ep)
         _, owner = stage_map(cfg_model.n_layers, layout)
         embedding, head = math.prod(whole[0]), math.prod(whole[-1])
         block = (sum(math.prod(s) for s in whole) - embedding - head) / max(1, cfg_model.n_layers)
@@ -256,10 +294,23 @@ def block_activation_bytes(cfg: DictConfig, layout: Layout, flash_attention: boo
         attention += 5 * a * s * s * b * e / 2 / t
     mlp = 4 * e * s * b * f / t  # w1 and w3 outputs, SiLU's output, the product
     dropout = 2 * s * b * h / seq if m.dropout > 0 else 0  # 1-byte masks of the two residual dropouts
+    mlp_outputs = e * s * b * f * 2 / t  # w1, w3
+    moe = m.get("moe")
+    if moe is not None:
+        # Blocks past dense_layers route each token to top_k experts (whole on every tp rank): the
+        # experts' SwiGLU tensors per pick and the shared experts' per token, the dispatched copies
+        # (sorted, arrived, regrouped, expert output, sent back: 5 per pick) and the router's fp32
+        # logits and scores; averaged over the blocks.
+        k, fe, shared = moe.top_k, moe.expert_ffn_dim, moe.shared_experts
+        moe_mlp = 4 * e * s * b * fe * (k + shared) + 5 * e * s * b * k * h + 8 * s * b * moe.experts
+        moe_outputs = e * s * b * fe * 2 * (k + shared) + 5 * e * s * b * k * h
+        share = (m.n_layers - moe.dense_layers) / m.n_layers
+        mlp += share * (moe_mlp - mlp)
+        mlp_outputs += share * (moe_outputs - mlp_outputs)
     whole = 2 * norm + attention + mlp + dropout
     block_input = e * s * b * h / seq
     # wq, wk, wv, w1, w3; wo, w2 (before reduction)
-    matmul_outputs = e * s * b * (h + 2 * kv + f * 2) / t + 2 * e * s * b * h
+    matmul_outputs = e * s * b * (h + 2 * kv) / t + mlp_outputs + 2 * e * s * b * h
     sdpa_outputs = (e * s * b * h + 4 * s * b * a) / t
     return {"all": whole, "selective": block_input + matmul_outputs + sdpa_outputs, "input": block_input}
 

@@ -12,10 +12,16 @@ from typing import Optional
 from omegaconf import DictConfig
 
 from curry_train.planning.layout import Layout, microbatches_per_step
-from curry_train.planning.memory import parameter_count, parameter_shapes
+from curry_train.planning.memory import (
+    active_parameter_count,
+    expert_parameter_count,
+    parameter_count,
+    parameter_shapes,
+)
 from curry_train.primitives.pipeline_schedule import canonical_kind, split_layers
 
 ZERO_BUBBLE = ("interleaved_zb", "zbv", "dualpipev")
+ALL_TO_ALL_LATENCY = 20e-6  # seconds an all-to-all of small messages takes within a node (NCCL's order)
 
 
 def flops_per_token(parameters: int, n_layers: int, dim: int, seq_len: int) -> int:
@@ -29,11 +35,46 @@ def flops_per_token(parameters: int, n_layers: int, dim: int, seq_len: int) -> i
 
 
 def flops_parameters(model_cfg: DictConfig) -> int:
-    """N of ``flops_per_token``: the model's parameters less the input embedding's (a lookup, no
-    matmul; tied to the head, it is the head's matmul and counts), as torchtitan counts them."""
+    """N of ``flops_per_token``: the parameters a token goes through (for a MoE model the active
+    ones: its ``top_k`` routed experts of each layer, not all of them) less the input embedding's (a
+    lookup, no matmul; tied to the head, it is the head's matmul and counts), as torchtitan counts them."""
     shapes = parameter_shapes(model_cfg)
     embedding = 0 if model_cfg.tie_embeddings else math.prod(shapes["tok_embeddings.weight"])
-    return sum(math.prod(shape) for shape in shapes.values()) - embedding
+    return active_parameter_count(model_cfg) - embedding
+
+
+def all_to_all_bytes(cfg: DictConfig, layout: Layout) -> float:
+    """Bytes one rank puts into all-to-alls per optimizer step under expert parallelism (its mean over
+    the ep group: a rank's share depends on the routing): per MoE layer it holds and micro-batch,
+    every pick of its ``T`` tokens (``T * top_k`` rows of ``dim``) goes out, the experts' outputs
+    come back, and backward sends both gradients the other way: ``4 * T * top_k * dim`` values, plus
+    the counts sent first (``experts`` int64). ``(ep - 1) / ep`` of it leaves the rank."""
+    m = cfg.model
+    moe = m.get("moe")
+    if moe is None or layout.ep == 1:
+        return 0.0
+    pbytes = 2 if layout.mixed_precision == "bf16" else 4
+    tokens = cfg.data.seq_len // layout.cp * layout.micro_batch_size
+    moe_blocks = (
+        max(
+            sum(1 for i in r if i >= moe.dense_layers)
+            for r in split_layers(m.n_layers, layout.pp * layout.stages_per_rank)
+        )
+        * layout.stages_per_rank
+    )
+    per_layer = 4 * tokens * moe.top_k * m.dim * pbytes + moe.experts * 8
+    return float(moe_blocks * microbatches_per_step(cfg, layout) * per_layer)
+
+
+def all_to_all_count(cfg: DictConfig, layout: Layout) -> int:
+    """All-to-alls one rank issues per step under expert parallelism: per MoE layer and micro-batch,
+    the counts, the tokens and the outputs forward, and both gradients backward."""
+    moe = cfg.model.get("moe")
+    if moe is None or layout.ep == 1:
+        return 0
+    n_stages = layout.pp * layout.stages_per_rank
+    blocks = max(sum(1 for i in r if i >= moe.dense_layers) for r in split_layers(cfg.model.n_layers, n_stages))
+    return 5 * blocks * layout.stages_per_rank * microbatches_per_step(cfg, layout)
 
 
 def bubble_formula(kind: str, pp: int, microbatches: int, virtual_stages: int = 1) -> Optional[float]:
@@ -87,16 +128,28 @@ def step_time(cfg: DictConfig, layout: Layout, hw: DictConfig) -> dict[str, floa
     times = {"compute": compute, "bubble": compute * bubble_ratio(layout, M)}
     gpn = hw.gpus_per_node
     pbytes = 2 if layout.mixed_precision == "bf16" else 4
-    P_rank = N / (layout.tp * layout.pp)  # parameters one rank's data-parallel group handles
+    N_experts = expert_parameter_count(m)
     d = layout.dp if layout.zero == "none" else layout.shards
-    ring = (d - 1) / d if d > 1 else 0.0
-    if layout.zero == "none":
-        volume = 2 * ring * 4 * P_rank
-    elif layout.zero in ("optimizer", "shard_grad_op"):
-        volume = ring * (4 * P_rank + pbytes * P_rank)
-    else:
-        volume = ring * (4 * P_rank + 2 * M * pbytes * P_rank)
-    times["dp"] = volume / _link(layout, "dp_shard" if layout.zero == "hybrid" else "dp", gpn, hw) if volume else 0.0
+    # parameters one rank's data-parallel group handles: the dense ones over d ranks, and the experts
+    # expert parallelism leaves the rank over the d / ep ranks that hold the same experts
+    groups = [((N - N_experts) / (layout.tp * layout.pp), d)]
+    if N_experts:
+        groups.append((N_experts / (layout.ep * layout.pp), max(1, d // layout.ep)))
+    volumes = []
+    for P_rank, ranks in groups:
+        ring = (ranks - 1) / ranks if ranks > 1 else 0.0
+        if layout.zero == "none":
+            volumes.append(2 * ring * 4 * P_rank)
+        elif layout.zero in ("optimizer", "shard_grad_op"):
+            volumes.append(ring * (4 * P_rank + pbytes * P_rank))
+        else:
+            volumes.append(ring * (4 * P_rank + 2 * M * pbytes * P_rank))
+    volume = sum(volumes)
+    P_rank = N / (layout.tp * layout.pp)
+    dp_link = _link(layout, "dp_shard" if layout.zero == "hybrid" else "dp", gpn, hw)
+    times["dp"] = volume / dp_link if volume else 0.0
+    if N_experts:  # the experts' share of it (part of "dp", not added again to the total)
+        times["dp_experts"] = volumes[-1] / dp_link
     if layout.zero == "hybrid" and layout.dp_replicate > 1:
         # HSDP: gathers and reduce-scatters stay in the shard group; the replicas all-reduce the
         # gradient shards (fp32) once a step, over the links that join them.
@@ -115,6 +168,13 @@ def step_time(cfg: DictConfig, layout: Layout, hw: DictConfig) -> dict[str, floa
         # ring's count: tests/test_bench.py measures it).
         volume = blocks * M * (2 * (layout.cp - 1) * kv + layout.cp * kv * 4 / pbytes)
         times["cp"] = volume / _link(layout, "cp", gpn, hw)
+    if layout.ep > 1:
+        # the share of each rank's all-to-all that goes to the other ranks, over the links of the ep
+        # group: ep takes the innermost of the dp x cp ranks, so it spans tp x ep neighbouring ranks
+        link = hw.intra_node_bandwidth if layout.tp * layout.ep <= gpn else hw.inter_node_bandwidth
+        volume = all_to_all_bytes(cfg, layout) * (layout.ep - 1) / layout.ep
+        # each is a round of messages to every rank of the group, small for a small model: its latency
+        times["ep"] = volume / link + all_to_all_count(cfg, layout) * ALL_TO_ALL_LATENCY
     times["dp_exposed"] = max(0.0, times["dp"] - compute)
-    times["total"] = sum(v for k, v in times.items() if k != "dp")
+    times["total"] = sum(v for k, v in times.items() if k not in ("dp", "dp_experts"))
     return times

@@ -28,7 +28,7 @@ reduce gradients in fp32; the sharded parameters the optimizer updates stay fp32
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -138,6 +138,7 @@ class DistributedOptimizer:
             fully_shard(
                 group if len(group) > 1 else group[0],
                 mesh=mesh,
+                shard_placement_fn=shard_placement(mesh),
                 reshard_after_forward=reshard_after_forward,
                 mp_policy=mp_policy,
                 offload_policy=offload,
@@ -146,13 +147,36 @@ class DistributedOptimizer:
         # in backward: keeping them gathered saves an all-gather and costs little.
         roots = [model] if roots is None else list(roots)
         for root in roots:
-            fully_shard(root, mesh=mesh, reshard_after_forward=False, mp_policy=mp_policy, offload_policy=offload)
+            fully_shard(
+                root,
+                mesh=mesh,
+                reshard_after_forward=False,
+                mp_policy=mp_policy,
+                offload_policy=offload,
+                shard_placement_fn=shard_placement(mesh),
+            )
         for module in {id(m): m for root in [model, *roots] for m in root.modules()}.values():
             if isinstance(module, FSDPModule):
                 _sum_gradients(module)
                 if backward_prefetch == "none":
                     module.set_modules_to_backward_prefetch([])
         return model
+
+
+def shard_placement(mesh: DeviceMesh) -> Callable[[nn.Parameter], Optional[Shard]]:
+    """FSDP2 splits each parameter's rows (dim 0) over the shard ranks, padding each rank's part to
+    the same size: a tensor with fewer rows than ranks (a MoE layer's stacked experts, ``(E, hidden,
+    dim)``, over more ranks than its E; its router's ``(E, dim)`` gate) would leave whole rows on a
+    few ranks and padding of that size on the rest. Such a tensor is split along dim 1 instead."""
+    shards = mesh.size(mesh.ndim - 1)
+
+    def placement(param: nn.Parameter) -> Optional[Shard]:
+        local = param.to_local() if isinstance(param, DTensor) else param
+        if local.ndim >= 2 and local.shape[0] < shards <= local.shape[1]:
+            return Shard(1)
+        return None  # FSDP2's default, Shard(0)
+
+    return placement
 
 
 EXPERT_SHARDING = ("full", "shard_grad_op", "no_shard")  # the modes expert parallelism composes with
@@ -179,7 +203,13 @@ def shard_experts(
         reshard_after_forward = sharding == "full"
     mp_policy = MixedPrecisionPolicy(param_dtype=PARAM_DTYPES[mixed_precision], reduce_dtype=torch.float32)
     for module in experts:
-        fully_shard(module, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp_policy)
+        fully_shard(
+            module,
+            mesh=mesh,
+            reshard_after_forward=reshard_after_forward,
+            mp_policy=mp_policy,
+            shard_placement_fn=shard_placement(mesh),
+        )
         _sum_gradients(module)
 
 
