@@ -85,7 +85,9 @@ def test_a_bad_argument_is_one_line(name, argv, message, capsys):
 def test_train_help_and_a_bad_override(tmp_path):
     result = run_train(["--help"], cwd=tmp_path, timeout=120, check=False)
     assert (
-        result.returncode == 0 and "Usage: curry-train" in result.stdout and "parallel: cp, dp, ep, fsdp" in result.stdout
+        result.returncode == 0
+        and "Usage: curry-train" in result.stdout
+        and "parallel: cp, dp, ep, fsdp" in result.stdout
     )
     result = run_train(["model.dimm=3"], cwd=tmp_path, timeout=120, check=False)
     assert result.returncode == 2

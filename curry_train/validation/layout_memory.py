@@ -25,7 +25,7 @@ from curry_train.config.schema import ParallelConfig
 from curry_train.launch import free_port, spawn
 from curry_train.model import Llama
 from curry_train.module import CausalLM, LMDataModule
-from curry_train.planning.memory import tensor_parallel_shapes, zero_formula_terms, zero_formula_text
+from curry_train.planning.memory import is_expert, tensor_parallel_shapes, zero_formula_terms, zero_formula_text
 from curry_train.primitives.parallel_state import Degrees
 from curry_train.primitives.pipeline_schedule import pipeline_stages
 from curry_train.run import build_trainer
@@ -247,6 +247,13 @@ def _describe(overrides: Sequence[str], cfg: DictConfig, degrees: Degrees) -> La
         model = Llama(cfg.model)
     parameters = model.num_parameters()
     tp_shapes = tensor_parallel_shapes(model, degrees.tp)
+    if degrees.ep > 1 and (fsdp is None or fsdp.sharding == "no_shard"):
+        # replicated data parallelism holds 1/ep of each MoE layer's experts (sharded modes divide
+        # them over dp x cp ranks either way: ep of them, then the ranks ep leaves)
+        tp_shapes = {
+            name: torch.Size([shape[0] // degrees.ep, *shape[1:]]) if is_expert(name) else shape
+            for name, shape in tp_shapes.items()
+        }
     stage_parameters = [sum(shape.numel() for shape in tp_shapes.values())]
     pp = parallel.pp
     if pp is not None and degrees.pp > 1:
