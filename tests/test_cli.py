@@ -29,6 +29,7 @@ def test_every_command_is_a_console_script_with_a_shim():
         "curry-train",
         "curry-validate",
         "curry-bench",
+        "curry-bench-moe",
         "curry-advise",
         "curry-capacity",
         "curry-runs-diff",
@@ -39,6 +40,7 @@ def test_every_command_is_a_console_script_with_a_shim():
     assert shims == {
         "validate.py",
         "bench.py",
+        "bench_moe.py",
         "advise.py",
         "capacity_sweep.py",
         "runs_diff.py",
@@ -74,6 +76,7 @@ def test_help_prints_usage_and_exits_0(name, capsys):
         ("curry-runs-diff", ["/nonexistent/a", "/nonexistent/b"], "is not a run directory"),
         ("curry-export", ["/nonexistent", "--output", "/tmp/x.safetensors"], "not a complete curry-train checkpoint"),
         ("curry-tokenize", ["/nonexistent.txt", "--output", "/tmp/x.bin"], "no such file or directory"),
+        ("curry-bench-moe", ["--steps", "2"], "--steps must be at least 4"),
     ],
 )
 def test_a_bad_argument_is_one_line(name, argv, message, capsys):

@@ -129,11 +129,11 @@ def final_biases(run_dir: Path) -> torch.Tensor:
 
 
 LAYOUTS = [
-    pytest.param(["parallel=ep", "parallel.ep.size=2", "trainer.devices=4"], id="ep2-experts-replicated-over-2"),
     pytest.param(["parallel=fsdp+ep", "trainer.devices=4"], id="fsdp+ep2-experts-sharded-over-2"),
     pytest.param(["parallel=tp+ep", "trainer.devices=4"], id="tp2+ep2"),
     pytest.param(["parallel=pp+ep", "trainer.devices=4"], id="pp2+ep2"),
     pytest.param(["parallel=fsdp+tp+ep", "trainer.devices=8"], id="3d-fsdp2+tp2+ep2-8-ranks"),
+    matrix(["parallel=ep", "parallel.ep.size=2", "trainer.devices=4"], id="ep2-experts-replicated-over-2"),
     matrix(["parallel=ep", "trainer.devices=2"], id="ep2"),
     matrix(["parallel=ep+cp", "parallel.ep.size=4", "trainer.devices=4"], id="ep4+cp2"),
     matrix(["parallel=fsdp+pp+ep", "parallel.pp.schedule=interleaved", "trainer.devices=8"], id="fsdp+pp+ep"),

@@ -215,6 +215,7 @@ def test_moe_settings_are_checked_before_any_worker(tmp_path, overrides, message
 
 
 @pytest.mark.slow
+@pytest.mark.matrix  # test_expert_parallel covers fsdp beside ep, and resuming the balancing bias
 def test_moe_debug_trains_the_same_curve_on_two_ranks_and_resumes_its_balancing(tmp_path):
     """One process, fsdp on 2 ranks (experts sharded, loads summed over the ranks before the bias
     moves), and a 2-rank run resumed from its step-5 checkpoint: the same 10 losses (rel 1e-5). The
