@@ -90,11 +90,11 @@ def _pipeline_roots(stages: Optional[Sequence[Optional[nn.Module]]]) -> Optional
 
 
 def apply_expert_parallel(model: nn.Module, ps: ParallelState, ep: Optional[EPConfig]) -> None:
-    """Each MoE layer's experts split over the ep ranks, its tokens dispatched with all-to-all."""
+    """Each MoE layer's experts split over the ep ranks, its tokens dispatched with all-to-all (or all-gather)."""
     if ep is not None:
         for module in model.modules():
             if isinstance(module, MoE):
-                ExpertParallel.wrap(module, ep_group=ps.get_ep_mesh())
+                ExpertParallel.wrap(module, ep_group=ps.get_ep_mesh(), dispatcher=ep.dispatcher)
 
 
 def apply_context_parallel(

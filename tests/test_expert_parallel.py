@@ -12,9 +12,10 @@ from conftest import FAST, STEPS, assert_same_curve, matrix, read_metric, run_se
 
 from curry_train.config import ConfigError, compose
 from curry_train.config.checks import check
+from curry_train.validation.whitebox import validate
 
-# Each rank routes its own tokens through a layer whose 8 experts are split over the 4 ranks, and
-# compares with the same layer whole on one rank: outputs and input gradients on each rank, each
+# Each rank routes its own tokens through a layer whose 8 experts are split over the 4 ranks (with
+# each dispatcher), and compares with the same layer whole on one rank: outputs and input gradients on each rank, each
 # expert's gradient (the sum over every rank's tokens), the router's (this rank's tokens). Then
 # identity experts: the tokens travel to their experts' ranks and back into their places.
 SEED_EXAMPLE = """
@@ -31,33 +32,37 @@ def layer():
     return MoE(16, TopKRouter(16, 8, 2, score_function="sigmoid", normalize=True), Experts(8, 16, 24)).double()
 
 
-reference = layer()
-moe = ExpertParallel.wrap(layer(), ep_group=ps.get_ep_group())
-assert moe.experts.w1.to_local().shape == (2, 24, 16)
-x = torch.randn(3, 7 + rank, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(rank))
-x_ref = x.clone().requires_grad_(True)
-x.requires_grad_(True)
-out, expected = moe(x), reference(x_ref)
-torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
-out.square().sum().backward()
-expected.square().sum().backward()
-torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-12, atol=1e-12)
-torch.testing.assert_close(moe.router.gate.weight.grad, reference.router.gate.weight.grad, rtol=1e-12, atol=1e-12)
-for name in ("w1", "w3", "w2"):
-    summed = getattr(reference.experts, name).grad.clone()
-    dist.all_reduce(summed)
-    mine = summed[2 * rank : 2 * rank + 2]
-    torch.testing.assert_close(getattr(moe.experts, name).grad.to_local(), mine, rtol=1e-10, atol=1e-12)
-moe.experts.forward = lambda tokens, counts: tokens * 1.0
-with torch.no_grad():
-    routing = moe.router(x.reshape(-1, 16))
-    torch.testing.assert_close(moe(x), x * routing.weights.sum(-1).view(3, 7 + rank, 1))
-print("SEED OK", rank)
+for dispatcher in ("alltoall", "allgather"):
+    reference = layer()
+    moe = ExpertParallel.wrap(layer(), ep_group=ps.get_ep_group(), dispatcher=dispatcher)
+    assert moe.experts.w1.to_local().shape == (2, 24, 16)
+    x = torch.randn(3, 7 + rank, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(rank))
+    x_ref = x.clone().requires_grad_(True)
+    x.requires_grad_(True)
+    out, expected = moe(x), reference(x_ref)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-12, atol=1e-12)
+    gate, gate_ref = moe.router.gate.weight.grad, reference.router.gate.weight.grad
+    torch.testing.assert_close(gate, gate_ref, rtol=1e-12, atol=1e-12)
+    for name in ("w1", "w3", "w2"):
+        summed = getattr(reference.experts, name).grad.clone()
+        dist.all_reduce(summed)
+        mine = summed[2 * rank : 2 * rank + 2]
+        torch.testing.assert_close(getattr(moe.experts, name).grad.to_local(), mine, rtol=1e-10, atol=1e-12)
+    moe.experts.forward = lambda tokens, counts: tokens * 1.0
+    with torch.no_grad():
+        routing = moe.router(x.reshape(-1, 16))
+        torch.testing.assert_close(moe(x), x * routing.weights.sum(-1).view(3, 7 + rank, 1))
+    print("SEED OK", dispatcher, rank, flush=True)
+dist.barrier()
+dist.destroy_process_group()  # gloo's threads joined before the interpreter exits
 """
 
 
 def test_expert_parallel_dispatch_equals_the_whole_layer(tmp_path):
-    assert run_seed_example(SEED_EXAMPLE, tmp_path, nproc=4).count("SEED OK") == 4
+    assert run_seed_example(SEED_EXAMPLE, tmp_path, nproc=4).count("SEED OK") == 8
 
 
 @pytest.mark.parametrize(
@@ -71,6 +76,10 @@ def test_expert_parallel_dispatch_equals_the_whole_layer(tmp_path):
         (["parallel=ep", "parallel.ep.size=4", "trainer.devices=2"], "ep=4 must divide the 2 ranks holding distinct"),
         (["parallel=tp+ep", "trainer.devices=2"], "ep=2 must divide the 1 ranks holding distinct tokens"),
         (["parallel=ep", "parallel.ep.size=1", "trainer.devices=2"], "parallel.ep.size=1 must be at least 2"),
+        (
+            ["parallel=ep", "parallel.ep.dispatcher=alltoal", "trainer.devices=2"],
+            "parallel.ep.dispatcher='alltoal': expected one of alltoall, allgather",
+        ),
         (
             ["parallel=fsdp+ep", "parallel.fsdp.sharding=optimizer", "trainer.devices=2"],
             "parallel.fsdp.sharding=optimizer with parallel.ep",
@@ -129,12 +138,13 @@ def final_biases(run_dir: Path) -> torch.Tensor:
 
 
 LAYOUTS = [
-    pytest.param(["parallel=fsdp+ep", "trainer.devices=4"], id="fsdp+ep2-experts-sharded-over-2"),
     pytest.param(["parallel=tp+ep", "trainer.devices=4"], id="tp2+ep2"),
     pytest.param(["parallel=pp+ep", "trainer.devices=4"], id="pp2+ep2"),
     pytest.param(["parallel=fsdp+tp+ep", "trainer.devices=8"], id="3d-fsdp2+tp2+ep2-8-ranks"),
+    matrix(["parallel=fsdp+ep", "parallel.ep.dispatcher=allgather", "trainer.devices=4"], id="fsdp+ep2-allgather"),
     matrix(["parallel=ep", "parallel.ep.size=2", "trainer.devices=4"], id="ep2-experts-replicated-over-2"),
     matrix(["parallel=ep", "trainer.devices=2"], id="ep2"),
+    matrix(["parallel=fsdp+ep", "trainer.devices=4"], id="fsdp+ep2-experts-sharded-over-2"),
     matrix(["parallel=ep+cp", "parallel.ep.size=4", "trainer.devices=4"], id="ep4+cp2"),
     matrix(["parallel=fsdp+pp+ep", "parallel.pp.schedule=interleaved", "trainer.devices=8"], id="fsdp+pp+ep"),
     matrix(["parallel=tp+pp+cp+ep", "trainer.devices=8"], id="4d-tp+pp+cp+ep"),
@@ -151,6 +161,18 @@ def test_expert_parallel_layouts_reproduce_one_process(layout, moe_reference, tm
     grad_norm = "train/grad_norm"
     assert_same_curve(read_metric(tmp_path, grad_norm), read_metric(moe_reference, grad_norm))
     torch.testing.assert_close(final_biases(tmp_path), final_biases(moe_reference), rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_whitebox_fsdp_ep_gradients_match_one_process():
+    """The whitebox validator on fsdp+ep (4 ranks: experts split over 2, sharded over the other 2):
+    loss, gradient norm and every parameter's full gradient (the experts' gathered from both
+    meshes) within rel 1e-5 of one process, at 2 steps."""
+    report = validate([*FAST, "model=moe_debug", "parallel=fsdp+ep", "trainer.devices=4"], steps=2)
+    assert report.ok, report.table(only_failures=True)
+    names = {row.name for row in report.rows}
+    assert {f"grad layers.{i}.feed_forward.experts.w{j}" for i in range(4) for j in (1, 2, 3)} <= names
+    assert len(report.rows) == 2 * (2 + 55)  # loss, grad norm and the 55 parameters, at 2 steps
 
 
 @pytest.mark.slow

@@ -142,6 +142,7 @@ class EPConfig:
     """parallel=ep: expert parallelism for MoE models, see primitives/expert_parallel.py."""
 
     size: int = 2  # ranks that split each MoE layer's experts; taken from the dp x cp ranks, divides them
+    dispatcher: str = "alltoall"  # alltoall (counts first, dropless) | allgather (gather all, reduce-scatter back)
 
 
 @dataclass

@@ -60,7 +60,6 @@ class AllToAllDispatch:
     def __init__(self, group: dist.ProcessGroup) -> None:
         self.group = group
         self.size = dist.get_world_size(group)
-        self.sent_rows = 0  # token rows this rank sent (and received back) since the last reset: bench
 
     def __call__(self, experts: Experts, tokens: Tensor, counts: Tensor) -> Tensor:
         """tokens: (N, dim) sorted by global expert; counts: (E,) tokens per global expert."""
@@ -79,23 +78,112 @@ class AllToAllDispatch:
         order = torch.argsort(expert_of_row, stable=True)
         out = experts(arrived[order], received_counts.sum(0))
         back = torch.empty_like(out).index_copy_(0, order, out)  # undo the regrouping
-        self.sent_rows += tokens.shape[0]
         # 3. the outputs back to the tokens' ranks, in the order they were sent
         return all_to_all(back, receive, send, self.group)
+
+
+# torch 2.13 names them all_gather_single / reduce_scatter_single (the *_tensor names warn)
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+class _AllGather(torch.autograd.Function):
+    """Every rank's equal-sized ``x`` stacked in rank order; backward reduce-scatters the gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, group: dist.ProcessGroup) -> Tensor:
+        ctx.group = group
+        out = x.new_empty((dist.get_world_size(group) * x.shape[0], *x.shape[1:]))
+        _all_gather(out, x.contiguous(), group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        out = grad.new_empty((grad.shape[0] // dist.get_world_size(ctx.group), *grad.shape[1:]))
+        _reduce_scatter(out, grad.contiguous(), group=ctx.group)
+        return out, None
+
+
+class _ReduceScatter(torch.autograd.Function):
+    """Each rank's part of the sum of every rank's ``x``; backward all-gathers the gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, group: dist.ProcessGroup) -> Tensor:
+        ctx.group = group
+        out = x.new_empty((x.shape[0] // dist.get_world_size(group), *x.shape[1:]))
+        _reduce_scatter(out, x.contiguous(), group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        out = grad.new_empty((dist.get_world_size(ctx.group) * grad.shape[0], *grad.shape[1:]))
+        _all_gather(out, grad.contiguous(), group=ctx.group)
+        return out, None
+
+
+class AllGatherDispatch:
+    """Megatron-LM's all-gather dispatcher: every rank gathers every rank's routed tokens (padded to
+    the longest), runs its own experts on the rows routed to them, and a reduce-scatter returns each
+    rank's rows (each pick is computed on exactly one rank, the others add zeros, so the sum is exact).
+    It moves ``ep`` times the all-to-all's volume, in collectives every backend has in its fastest
+    form; the all-to-all dispatcher is the default."""
+
+    def __init__(self, group: dist.ProcessGroup) -> None:
+        self.group = group
+        self.size = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+
+    def __call__(self, experts: Experts, tokens: Tensor, counts: Tensor) -> Tensor:
+        local_experts = counts.numel() // self.size
+        every = counts.new_empty(self.size * counts.numel())
+        _all_gather(every, counts.contiguous(), group=self.group)
+        every = every.view(self.size, counts.numel())  # picks of rank r for expert e
+        rows = every.sum(1)  # picks of each rank
+        longest = int(rows.max())
+        padded = torch.cat([tokens, tokens.new_zeros(longest - tokens.shape[0], *tokens.shape[1:])])
+        gathered = _AllGather.apply(padded, self.group)  # (size * longest, dim)
+        # the rows of my experts in each rank's block (sorted by expert there): contiguous runs
+        starts = torch.cumsum(every, 1) - every
+        mine = slice(self.rank * local_experts, (self.rank + 1) * local_experts)
+        lengths = every[:, mine].flatten()  # by (source, local expert)
+        begins = (torch.arange(self.size, device=counts.device) * longest).unsqueeze(1) + starts[:, mine]
+        run_start = torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
+        offset = torch.arange(int(lengths.sum()), device=counts.device) - run_start
+        index = torch.repeat_interleave(begins.flatten(), lengths) + offset
+        expert_of_row = torch.repeat_interleave(
+            torch.arange(local_experts, device=counts.device).repeat(self.size), lengths
+        )
+        order = torch.argsort(expert_of_row, stable=True)  # by local expert, then source
+        out = experts(gathered[index[order]], every[:, mine].sum(0))
+        placed = gathered.new_zeros((self.size * longest, out.shape[-1])).index_add(0, index[order], out)
+        return _ReduceScatter.apply(placed, self.group)[: tokens.shape[0]]
+
+
+DISPATCHERS = {"alltoall": AllToAllDispatch, "allgather": AllGatherDispatch}
 
 
 class ExpertParallel:
     """Namespace of the seed API: ``ExpertParallel.wrap(moe_layer, ep_group=...)``."""
 
     @staticmethod
-    def wrap(moe: MoE, ep_group: Union[DeviceMesh, dist.ProcessGroup], *, device_type: Optional[str] = None) -> MoE:
+    def wrap(
+        moe: MoE,
+        ep_group: Union[DeviceMesh, dist.ProcessGroup],
+        *,
+        dispatcher: str = "alltoall",
+        device_type: Optional[str] = None,
+    ) -> MoE:
         """Shard ``moe``'s experts over ``ep_group`` (a 1-D ``DeviceMesh`` such as
-        ``ParallelState.get_ep_mesh()``, or a process group) and dispatch its tokens with all-to-all.
+        ``ParallelState.get_ep_mesh()``, or a process group) and dispatch its tokens with
+        ``dispatcher``: ``alltoall`` (default; counts first, dropless) or ``allgather``
+        (``AllGatherDispatch``).
 
         May be called on a meta-device layer (the stacked weights become ``Shard(0)`` DTensors and
         ``materialize_and_init`` fills this rank's experts). Pass the mesh from the run's
         ``ParallelState`` when FSDP will wrap the experts too: FSDP needs both meshes from one root.
         """
+        if dispatcher not in DISPATCHERS:
+            raise ValueError(f"dispatcher={dispatcher!r}: expected one of {', '.join(DISPATCHERS)}")
         if isinstance(ep_group, DeviceMesh):
             mesh = ep_group
         else:
@@ -116,5 +204,5 @@ class ExpertParallel:
                 shard, mesh, [Shard(0)], run_check=False, shape=param.shape, stride=param.stride()
             )
             experts.register_parameter(name, nn.Parameter(sharded, requires_grad=param.requires_grad))
-        moe.dispatch = AllToAllDispatch(mesh.get_group())
+        moe.dispatch = DISPATCHERS[dispatcher](mesh.get_group())
         return moe
