@@ -54,7 +54,7 @@ class ModelConfig:
     name: str = MISSING  # label of the size, used in run names and logs
     dim: int = MISSING  # residual stream width
     n_layers: int = MISSING  # number of transformer blocks
-    n_heads: int = MISSING  # query heads; head_dim = dim / n_heads
+    n_heads: int = MISSING  # query heads
     n_kv_heads: int = MISSING  # key/value heads (grouped-query attention); divides n_heads
     ffn_dim: int = MISSING  # hidden width of the SwiGLU MLP
     vocab_size: int = MISSING  # rows of the embedding; at least the tokenizer's vocabulary
@@ -65,6 +65,7 @@ class ModelConfig:
     dropout: float = 0.0  # dropout on attention probabilities and residual branches
     init_std: float = 0.02  # std of the normal init; output projections get std/sqrt(2*n_layers)
     moe: Optional[MoEConfig] = None  # mixture of experts (model=moe_debug); null: every block dense
+    head_dim: Optional[int] = None  # width of each attention head; null: dim / n_heads (Qwen3: 128 on dim 2048)
 
 
 @dataclass(frozen=True)
@@ -132,12 +133,17 @@ class SDPA(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
 
 
-class GQAttention(nn.Module):
-    """Grouped-query self-attention with rotary positions."""
+def head_dim(cfg: ModelConfig) -> int:
+    """The width of each attention head: ``model.head_dim``, or ``dim / n_heads``."""
+    return getattr(cfg, "head_dim", None) or cfg.dim // cfg.n_heads
 
-    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, dropout: float) -> None:
+
+class GQAttention(nn.Module):
+    """Grouped-query self-attention with rotary positions (``head_dim``: default ``dim / n_heads``)."""
+
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, dropout: float, head_dim: Optional[int] = None) -> None:
         super().__init__()
-        self.head_dim = dim // n_heads
+        self.head_dim = head_dim or dim // n_heads
         self.wq = nn.Linear(dim, n_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
@@ -190,7 +196,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, index: int = 0) -> None:
         super().__init__()
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attention = GQAttention(cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.dropout)
+        self.attention = GQAttention(cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.dropout, head_dim(cfg))
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         moe = cfg.moe
         if moe is not None and index >= moe.dense_layers:
@@ -215,7 +221,7 @@ class Llama(nn.Module):
         self.norm: Optional[RMSNorm] = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output: Optional[nn.Linear] = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.tie_weights()
-        cos, sin = rope_tables(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
+        cos, sin = rope_tables(head_dim(cfg), cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         # The positions of the tokens this rank holds when they are not 0..seq-1 (context
@@ -251,7 +257,7 @@ class Llama(nn.Module):
     def reset_buffers(self) -> None:
         """Recompute the RoPE tables (after materializing from the meta device)."""
         cos, sin = rope_tables(
-            self.cfg.dim // self.cfg.n_heads, self.cfg.max_seq_len, self.cfg.rope_theta, device=self.rope_cos.device
+            head_dim(self.cfg), self.cfg.max_seq_len, self.cfg.rope_theta, device=self.rope_cos.device
         )
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)

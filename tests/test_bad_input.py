@@ -122,6 +122,7 @@ BAD_INPUTS = [
     (["model.dim=0"], r"model\.dim=0 must be positive"),
     (["model.norm_eps=-1"], r"model\.norm_eps=-1\.0 must be a positive number"),
     (["model.rope_theta=0"], r"model\.rope_theta=0\.0 must be a positive number"),
+    (["model.head_dim=3"], r"model\.head_dim=3 must be a positive even number"),
     (["model.init_std=-0.02"], r"model\.init_std=-0\.02 must be a positive number"),
     (["parallel.dp.bucket_cap_mb=0"], r"parallel\.dp\.bucket_cap_mb=0 must be positive"),
     (["trainer.num_nodes=2"], r"trainer\.num_nodes=2: start one process per device with torchrun or srun"),

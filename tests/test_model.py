@@ -43,6 +43,19 @@ def test_forward_shape_and_causality():
     assert not torch.allclose(model(changed)[:, 20:], logits[:, 20:])
 
 
+def test_head_dim_wider_than_dim_over_heads():
+    """model.head_dim (Qwen3: 32 heads of 128 on a 2048 stream): projections n_heads x head_dim wide,
+    RoPE over head_dim, the output back to dim; still causal."""
+    model = small_model(head_dim=64).eval()  # debug: dim 128, 4 heads (32 wide by default), 2 KV heads
+    attention = model.layers["0"].attention
+    assert attention.wq.weight.shape == (256, 128) and attention.wk.weight.shape == (128, 128)
+    assert attention.wo.weight.shape == (128, 256) and model.rope_cos.shape[-1] == 32
+    tokens = torch.randint(0, 256, (2, 16))
+    changed = tokens.clone()
+    changed[:, 10:] = (changed[:, 10:] + 1) % 256
+    assert torch.equal(model(changed)[:, :10], model(tokens)[:, :10])
+
+
 def test_grouped_query_attention_matches_repeated_heads():
     """GQA with n_kv_heads=2 equals multi-head attention whose K/V heads are the repeated KV heads."""
     torch.manual_seed(0)

@@ -1,6 +1,6 @@
 """Planning for mixture-of-experts models: the real families' parameter counts, what a rank holds
-under expert parallelism, active parameters in the FLOPs, advise's expert-parallel step, and the
-all-to-all bytes the bench measures against the formula."""
+under expert parallelism, active parameters in the FLOPs, advise's expert-parallel step, the MoE
+family of capacity sweeps, and the all-to-all bytes the bench measures against the formula."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ from test_bench import load_bench
 
 from curry_train.config import compose
 from curry_train.planning.advise import advise, estimate
-from curry_train.planning.layout import Layout, current_layout
+from curry_train.planning.capacity import run_sweep
+from curry_train.planning.families import default_family, family
+from curry_train.planning.layout import Layout, PlanningError, current_layout
 from curry_train.planning.memory import active_parameter_count, expert_parameter_count, parameter_count
 from curry_train.planning.step_time import all_to_all_bytes, flops_parameters
 
@@ -21,7 +23,7 @@ from curry_train.planning.step_time import all_to_all_bytes, flops_parameters
 # configs' comments give the reasons: attention approximated where the architecture differs)
 PUBLISHED = {
     "mixtral_8x7b": (46.7e9, 12.9e9, 0.02, 0.02),
-    "qwen3_30b_a3b": (30.5e9, 3.3e9, 0.02, 0.12),  # heads dim/n_heads wide: 0.4B less attention
+    "qwen3_30b_a3b": (30.5e9, 3.3e9, 0.02, 0.02),
     "deepseek_v3": (671e9, 37e9, 0.02, 0.05),  # MLA as grouped-query attention: 1.1B more
 }
 
@@ -114,3 +116,28 @@ def test_bench_compare_measures_the_all_to_all_bytes_of_the_formula(tmp_path, ca
     assert len(per_rank) == 2 and math.isclose(sum(per_rank), 2 * expected)
     assert math.isclose(rows["ep"]["comm"]["all_to_all"]["bytes"], per_rank[0])
     assert all("all_to_all" not in record["comm"] for record in rows["dp"]["memory"]["ranks"])
+
+
+def test_capacity_sweep_covers_moe_families():
+    """family=moe (the default for a MoE run): the llama3 ladder with the run's experts, each as wide
+    relative to dim as the run's; Mixtral's own point is its preset. ZeRO-3 + ep=8 over 16 H100s
+    fits a larger member than ZeRO-3 alone (its gathered units hold 1/8 of each layer's experts)."""
+    cfg = compose(["model=mixtral_8x7b"])
+    assert default_family(cfg) == "moe" and default_family(compose(["model=debug"])) == "llama3"
+    members = family("moe", cfg)
+    mixtral = next(member for member in members if member.dim == 4096)
+    assert mixtral.preset == "mixtral_8x7b" and mixtral.expert_ffn_dim == 14336
+    assert mixtral.parameters == parameter_count(cfg.model) and "12.9B active" in mixtral.label
+    assert [m.expert_ffn_dim for m in members[:2]] == [1792, 3584]  # 3.5 x dim, as Mixtral's
+    with pytest.raises(PlanningError, match="family=moe sweeps the run's mixture of experts"):
+        family("moe", compose(["model=debug"]))
+    sweep = run_sweep(
+        ["model=mixtral_8x7b", "hardware=h100_80gb", "hardware.nodes=2"],
+        layouts="fsdp; fsdp+ep ep.size=8",
+        mode="estimate",
+    )
+    assert sweep.family == "moe"
+    zero3, with_ep = sweep.rows
+    assert with_ep.layout.ep == 8 and zero3.layout.ep == 1
+    assert with_ep.largest.candidate.size >= zero3.largest.candidate.size
+    assert "active" in with_ep.largest.candidate.label

@@ -3,7 +3,7 @@
 Usage::
 
     python scripts/capacity_sweep.py <train.py overrides> [sweep=model|micro_batch] [layouts='dp;fsdp;...']
-        [mode=auto|estimate|measure] [family=llama3|debug] [start=estimate|top|bottom] [max=70B]
+        [mode=auto|estimate|measure] [family=llama3|debug|moe] [start=estimate|top|bottom] [max=70B]
         [trial_timeout=1800] [format=text|json]
 
     python scripts/capacity_sweep.py model=llama3_8b data.seq_len=8192          # llama3 family, 8 x H100 80GB
@@ -15,9 +15,10 @@ Usage::
 Overrides compose the run as for ``train.py`` (``curry_train.config.compose``); ``hardware=...`` picks
 the device (conf/hardware), ``hardware.nodes`` and ``hardware.gpus_per_node`` their count. Options:
 
-* ``sweep=model`` (default): the largest member of ``family`` (default ``llama3``; ``debug``: tiny,
-  for CPUs) that fits, at the run's micro-batch; ``sweep=micro_batch``: the largest power-of-two
-  micro-batch (up to ``data.global_batch_size / dp``) that fits the run's model.
+* ``sweep=model`` (default): the largest member of ``family`` (default ``llama3``, ``moe`` for a
+  mixture-of-experts run: the llama3 ladder with the run's experts, each as wide relative to ``dim``
+  as the run's; ``debug``: tiny, for CPUs) that fits, at the run's micro-batch; ``sweep=micro_batch``:
+  the largest power-of-two micro-batch (up to ``data.global_batch_size / dp``) that fits the run's model.
 * ``layouts``: ``;``-separated items, each ``parallel`` options joined by ``+`` then overrides, where
   ``tp.size=4`` stands for ``parallel.tp.size=4`` (so do ``fsdp.*``, ``pp.*``, ``cp.*``, ``recompute``).
   Default: DDP; ZeRO-1; ZeRO-2; ZeRO-3; ZeRO-3 with selective, then full recompute; ZeRO-3 with tensor

@@ -30,6 +30,7 @@ from curry_train.primitives.distributed_optimizer import (
     PARAM_DTYPES,
     SHARDING_MODES,
 )
+from curry_train.primitives.expert_parallel import DISPATCHERS
 from curry_train.primitives.parallel_state import Degrees
 from curry_train.primitives.pipeline_schedule import check_microbatches, split_layers, stages_per_rank
 from curry_train.primitives.recompute import MODES as RECOMPUTE_MODES
@@ -184,9 +185,12 @@ def _check_model(cfg: DictConfig) -> None:
     for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "max_seq_len"):
         if m[key] < 1:
             raise ConfigError(f"model.{key}={m[key]} must be positive")
-    if m.dim % m.n_heads:
-        raise ConfigError(f"model.dim={m.dim} is not divisible by model.n_heads={m.n_heads}")
-    if (m.dim // m.n_heads) % 2:
+    if m.head_dim is not None:
+        if m.head_dim < 2 or m.head_dim % 2:
+            raise ConfigError(f"model.head_dim={m.head_dim} must be a positive even number (rotary embeddings)")
+    elif m.dim % m.n_heads:
+        raise ConfigError(f"model.dim={m.dim} is not divisible by model.n_heads={m.n_heads} (or set model.head_dim)")
+    elif (m.dim // m.n_heads) % 2:
         raise ConfigError(f"head dim model.dim/model.n_heads={m.dim // m.n_heads} must be even for rotary embeddings")
     if m.n_heads % m.n_kv_heads:
         raise ConfigError(f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={m.n_kv_heads}")
@@ -232,6 +236,10 @@ def _check_moe_layout(cfg: DictConfig, layout: ParallelConfig, degrees: Degrees)
             )
         if ep < 2:
             raise ConfigError(f"parallel.ep.size={ep} must be at least 2 (leave ep out for one rank per expert set)")
+        if layout.ep.dispatcher not in DISPATCHERS:
+            raise ConfigError(
+                f"parallel.ep.dispatcher={layout.ep.dispatcher!r}: expected one of {', '.join(DISPATCHERS)}"
+            )
         if moe.experts % ep:
             raise ConfigError(f"model.moe.experts={moe.experts} cannot be split evenly over parallel.ep.size={ep}")
         if (degrees.dp * degrees.cp) % ep:

@@ -25,7 +25,7 @@ from curry_train.config import compose
 from curry_train.config.schema import ParallelConfig, PPConfig
 from curry_train.planning.advise import HEADROOM, estimate
 from curry_train.planning.capacity_report import Candidate, Result, Row, Sweep, size_text
-from curry_train.planning.families import FAMILIES, MEMBER_KEYS, family
+from curry_train.planning.families import FAMILIES, MEMBER_KEYS, default_family, family
 from curry_train.planning.layout import Layout, LayoutSpec, PlanningError, current_layout, parse_layout, train_command
 from curry_train.planning.trials import measure, measure_blocker
 from curry_train.primitives.pipeline_schedule import check_microbatches, split_layers, stages_per_rank
@@ -257,7 +257,7 @@ def run_sweep(
         raise PlanningError(f"hardware.nodes={hw.nodes} and hardware.gpus_per_node={hw.gpus_per_node} must be positive")
     warnings: list[str] = []
     mode = _resolve_mode(mode, cfg, warnings)
-    family_name = (family_name or "llama3") if sweep == "model" else None
+    family_name = (family_name or default_family(cfg)) if sweep == "model" else None
     if family_name is not None and family_name not in FAMILIES:
         raise PlanningError(f"family={family_name!r}: expected one of {', '.join(FAMILIES)}")
     specs = parse_layouts(layouts if layouts is not None else default_layouts(cfg))

@@ -1,6 +1,8 @@
 """Model families for capacity sweeps: ladders of Llama-style shapes that grow in width and depth
 together (``llama3``: the Llama 3 shapes and points on Llama's rules between them; ``debug``: small
-enough to measure on a CPU). The rules are in docs/planning.md ("Families")."""
+enough to measure on a CPU; ``moe``: the llama3 ladder with the run's mixture of experts in its
+blocks, each expert as wide relative to ``dim`` as the run's). The rules are in docs/planning.md
+("Families")."""
 
 from __future__ import annotations
 
@@ -12,9 +14,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from curry_train.config import CONF_DIR
 from curry_train.planning.layout import PlanningError
-from curry_train.planning.memory import parameter_count
+from curry_train.planning.memory import active_parameter_count, parameter_count
 
-FAMILIES = ("llama3", "debug")
+FAMILIES = ("llama3", "debug", "moe")
 MEMBER_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim")
 
 
@@ -31,14 +33,19 @@ class Member:
     parameters: int
     max_seq_len: Optional[int] = None  # set where the run's sequence is longer than the config's model allows
     preset: Optional[str] = None  # the conf/model file with exactly these shapes, if any
+    expert_ffn_dim: Optional[int] = None  # family moe: each routed expert's width
+    active: Optional[int] = None  # family moe: the parameters a token goes through
 
     @property
     def label(self) -> str:
-        return f"{params_text(self.parameters)} (dim {self.dim}, {self.n_layers} layers)"
+        active = f", {params_text(self.active)} active" if self.active is not None else ""
+        return f"{params_text(self.parameters)} (dim {self.dim}, {self.n_layers} layers{active})"
 
     def model_overrides(self) -> list[str]:
         """``model.*`` overrides that make the run's model this member."""
         overrides = [f"model.{key}={getattr(self, key)}" for key in MEMBER_KEYS] + [f"model.name={self.name}"]
+        if self.expert_ffn_dim is not None:
+            overrides.append(f"model.moe.expert_ffn_dim={self.expert_ffn_dim}")
         return overrides + ([f"model.max_seq_len={self.max_seq_len}"] if self.max_seq_len else [])
 
     def apply(self, cfg: DictConfig) -> DictConfig:
@@ -46,6 +53,8 @@ class Member:
         cfg = cfg.copy()
         for key in MEMBER_KEYS:
             OmegaConf.update(cfg, f"model.{key}", getattr(self, key))
+        if self.expert_ffn_dim is not None:
+            OmegaConf.update(cfg, "model.moe.expert_ffn_dim", self.expert_ffn_dim)
         if self.max_seq_len:
             OmegaConf.update(cfg, "model.max_seq_len", self.max_seq_len)
         return cfg
@@ -96,7 +105,7 @@ DEBUG_DIMS = (64, 128, 192, 256, 384, 512, 768, 1024)
 
 def _family_shapes(name: str) -> list[tuple[int, int, int, int, int]]:
     """(dim, n_layers, n_heads, n_kv_heads, ffn_dim) of each member, smallest first."""
-    if name == "llama3":
+    if name in ("llama3", "moe"):
         shapes = []
         for dim, layers, given in LLAMA3_LADDER:
             heads = dim // 128
@@ -120,17 +129,50 @@ def _is_preset(preset: DictConfig, member: Member, cfg: DictConfig) -> bool:
         and bool(preset.get("tie_embeddings")) == bool(cfg.model.tie_embeddings)
         and preset.get("max_seq_len", 0) >= cfg.data.seq_len
         and all(preset.get(k) == cfg.model.get(k) for k in ("norm_eps", "rope_theta", "dropout", "init_std"))
+        and _same_experts(preset.get("moe"), member, cfg)
     )
+
+
+def _same_experts(preset_moe: Optional[DictConfig], member: Member, cfg: DictConfig) -> bool:
+    """Whether a preset's ``moe`` is the member's: the run's, at the member's expert width."""
+    run_moe = cfg.model.get("moe")
+    if member.expert_ffn_dim is None:  # a dense family's member keeps the run's experts, if any
+        return preset_moe is None and run_moe is None
+    if preset_moe is None or run_moe is None:
+        return False
+    mine = {**OmegaConf.to_container(run_moe), "expert_ffn_dim": member.expert_ffn_dim}
+    return OmegaConf.to_container(preset_moe) == mine
+
+
+def default_family(cfg: DictConfig) -> str:
+    """``moe`` for a mixture-of-experts run, else ``llama3``."""
+    return "moe" if cfg.model.get("moe") is not None else "llama3"
+
+
+def expert_width(moe: DictConfig, run_dim: int, dim: int) -> int:
+    """A member's expert width: the run's ``expert_ffn_dim / dim`` at ``dim``, a multiple of 64."""
+    return max(64, 64 * round(moe.expert_ffn_dim * dim / run_dim / 64))
 
 
 def family(name: str, cfg: DictConfig) -> list[Member]:
     """The members of family ``name`` for ``cfg``'s vocabulary and sequence, smallest first."""
+    moe = cfg.model.get("moe")
+    if name == "moe" and moe is None:
+        raise PlanningError(
+            "family=moe sweeps the run's mixture of experts over the llama3 ladder: give a MoE model"
+            " (model=mixtral_8x7b, model=moe_debug, or model.moe=...)"
+        )
     presets = _presets()
     members = []
     max_seq_len = cfg.data.seq_len if cfg.data.seq_len > cfg.model.max_seq_len else None
     for dim, layers, heads, kv, ffn in _family_shapes(name):
         probe = Member("", dim, layers, heads, kv, ffn, 0, max_seq_len)
-        parameters = parameter_count(probe.apply(cfg).model)
+        if name == "moe":
+            probe = replace(probe, expert_ffn_dim=expert_width(moe, cfg.model.dim, dim))
+        model = probe.apply(cfg).model
+        parameters = parameter_count(model)
+        active = active_parameter_count(model) if name == "moe" else None
         preset = next((key for key, m in presets.items() if _is_preset(m, probe, cfg)), None)
-        members.append(replace(probe, name=f"{name}-{params_text(parameters)}", parameters=parameters, preset=preset))
+        label = f"{name}-{params_text(parameters)}"
+        members.append(replace(probe, name=label, parameters=parameters, preset=preset, active=active))
     return members

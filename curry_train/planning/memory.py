@@ -15,7 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from curry_train.model import Llama
+from curry_train.model import Llama, head_dim
 from curry_train.planning.layout import Layout, microbatches_per_step
 from curry_train.primitives.pipeline_schedule import canonical_kind, split_layers, stage_to_rank
 
@@ -280,7 +280,8 @@ def block_activation_bytes(cfg: DictConfig, layout: Layout, flash_attention: boo
     the block's input and the matmul and attention outputs) and ``input`` (what full recompute keeps)."""
     m = cfg.model
     s, b, h, f, a = cfg.data.seq_len // layout.cp, layout.micro_batch_size, m.dim, m.ffn_dim, m.n_heads
-    kv = h // a * m.n_kv_heads
+    q = a * head_dim(m)  # the attention's width: dim, unless model.head_dim says otherwise
+    kv = head_dim(m) * m.n_kv_heads
     t, sp = layout.tp, layout.sequence_parallel
     e = 2 if layout.mixed_precision == "bf16" else 4
     seq = t if sp else 1  # sequence parallelism splits what lies between the tensor-parallel regions
@@ -289,7 +290,7 @@ def block_activation_bytes(cfg: DictConfig, layout: Layout, flash_attention: boo
     norm = (4 + 4) * s * b * h / seq + 4 * s * b / seq + e * s * b * h
     # Attention: q, k and v repeated to the query heads, the output and its log-sum-exp; a kernel
     # without fusion also keeps Korthikanti's 5as^2b (softmax, dropout mask and output).
-    attention = (4 * e * s * b * h + 4 * s * b * a) / t
+    attention = (4 * e * s * b * q + 4 * s * b * a) / t
     if not flash_attention:
         attention += 5 * a * s * s * b * e / 2 / t
     mlp = 4 * e * s * b * f / t  # w1 and w3 outputs, SiLU's output, the product
@@ -310,8 +311,8 @@ def block_activation_bytes(cfg: DictConfig, layout: Layout, flash_attention: boo
     whole = 2 * norm + attention + mlp + dropout
     block_input = e * s * b * h / seq
     # wq, wk, wv, w1, w3; wo, w2 (before reduction)
-    matmul_outputs = e * s * b * (h + 2 * kv) / t + mlp_outputs + 2 * e * s * b * h
-    sdpa_outputs = (e * s * b * h + 4 * s * b * a) / t
+    matmul_outputs = e * s * b * (q + 2 * kv) / t + mlp_outputs + 2 * e * s * b * h
+    sdpa_outputs = (e * s * b * q + 4 * s * b * a) / t
     return {"all": whole, "selective": block_input + matmul_outputs + sdpa_outputs, "input": block_input}
 
 

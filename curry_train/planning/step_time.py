@@ -11,6 +11,7 @@ from typing import Optional
 
 from omegaconf import DictConfig
 
+from curry_train.model import head_dim
 from curry_train.planning.layout import Layout, microbatches_per_step
 from curry_train.planning.memory import (
     active_parameter_count,
@@ -30,7 +31,8 @@ def flops_per_token(parameters: int, n_layers: int, dim: int, seq_len: int) -> i
     forward and 4N backward (the gradients of its input and of its weights); attention's two
     sequence-long products (``QK^T`` and the weighted sum of V) cost ``2*s*h`` each per token and
     layer forward, ``12*L*h*s`` with backward (causal masking not discounted, as in PaLM). Recompute
-    is not model FLOPs: it adds hardware FLOPs only."""
+    is not model FLOPs: it adds hardware FLOPs only. ``dim``: the attention's width, ``n_heads x
+    head_dim`` (the model's dim unless ``model.head_dim`` says otherwise)."""
     return 6 * parameters + 12 * n_layers * dim * seq_len
 
 
@@ -119,7 +121,7 @@ def step_time(cfg: DictConfig, layout: Layout, hw: DictConfig) -> dict[str, floa
     N = parameter_count(m)
     s, L, h = cfg.data.seq_len, m.n_layers, m.dim
     N_matmul = flops_parameters(m)
-    per_token = flops_per_token(N_matmul, L, h, s)
+    per_token = flops_per_token(N_matmul, L, m.n_heads * head_dim(m), s)
     if layout.recompute == "full":
         per_token += 2 * N_matmul + 4 * L * h * s
     tokens = cfg.data.global_batch_size * s
@@ -163,7 +165,7 @@ def step_time(cfg: DictConfig, layout: Layout, hw: DictConfig) -> dict[str, floa
     if layout.pp > 1:  # each of the rank's stages sends its boundary forward and its gradient back
         times["pp"] = 2 * M * layout.stages_per_rank * act / _link(layout, "pp", gpn, hw)
     if layout.cp > 1:
-        kv = 2 * (s // layout.cp) * layout.micro_batch_size * h * m.n_kv_heads // m.n_heads * pbytes
+        kv = 2 * (s // layout.cp) * layout.micro_batch_size * head_dim(m) * m.n_kv_heads * pbytes
         # K, V out cp - 1 times forward and again backward; their fp32 gradients cp moves home (the
         # ring's count: tests/test_bench.py measures it).
         volume = blocks * M * (2 * (layout.cp - 1) * kv + layout.cp * kv * 4 / pbytes)

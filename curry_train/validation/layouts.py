@@ -54,6 +54,7 @@ from omegaconf import DictConfig, OmegaConf
 from curry_train.config import ConfigError, compose
 from curry_train.config.checks import check, pipeline_microbatches
 from curry_train.config.schema import ParallelConfig
+from curry_train.model import head_dim
 from curry_train.planning.advise import estimate
 from curry_train.planning.layout import current_layout
 from curry_train.planning.layout import parse_layout as parse_layout_string
@@ -157,7 +158,8 @@ def layouts_bench(
     compare_config: dict[str, Any] = {}
     if compare:
         n_flops = flops_parameters(first.model)
-        per_token = flops_per_token(n_flops, first.model.n_layers, first.model.dim, first.data.seq_len)
+        width = first.model.n_heads * head_dim(first.model)
+        per_token = flops_per_token(n_flops, first.model.n_layers, width, first.data.seq_len)
         gpu = plans[0].accelerator == "cuda"
         compare_config = {
             "n_layers": first.model.n_layers,
