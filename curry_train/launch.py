@@ -14,6 +14,7 @@ Workers get torchrun's environment contract (``RANK``, ``LOCAL_RANK``, ``WORLD_S
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import logging
@@ -87,6 +88,13 @@ def _worker(rank: int, world_size: int, port: int, target: Callable[..., Any], a
 
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // world_size))
     target(*args)
+    # Done: run the exit handlers (loggers, trackers), flush, and leave without the interpreter's
+    # teardown, where destroying gloo's still-joinable threads can abort a finished worker in
+    # std::terminate ("terminate called without an active exception") and fail a good run.
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def end_process_group() -> None:
