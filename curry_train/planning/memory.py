@@ -191,8 +191,7 @@ def active_parameter_count(model_cfg: DictConfig) -> int:
     total = parameter_count(model_cfg)
     if moe is None:
         return total
-    experts = sum(math.prod(shape) for name, shape in parameter_shapes(model_cfg).items() if is_expert(name))
-    return total - experts * (moe.experts - moe.top_k) // moe.experts
+    return total - expert_parameter_count(model_cfg) * (moe.experts - moe.top_k) // moe.experts
 
 
 def expert_parameter_count(model_cfg: DictConfig) -> int:
