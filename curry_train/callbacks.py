@@ -25,6 +25,7 @@ from omegaconf import DictConfig
 from curry_train import stragglers
 from curry_train.config.schema import ParallelConfig
 from curry_train.primitives import dcp
+from curry_train.primitives.hf_checkpoint import export_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -176,9 +177,17 @@ class Preemption(Callback):
 class PeriodicCheckpoint(Callback):
     """Save every ``every_n_steps`` optimizer steps (and at the end); keep the last ``keep_last``."""
 
-    def __init__(self, directory: Path, every_n_steps: int, keep_last: int, save_on_end: bool) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        every_n_steps: int,
+        keep_last: int,
+        save_on_end: bool,
+        export_hf: Optional[Path] = None,
+    ) -> None:
         self.directory, self.every_n_steps = Path(directory), every_n_steps
         self.keep_last, self.save_on_end = keep_last, save_on_end
+        self.export_hf = export_hf  # the Hugging Face directory the final checkpoint is exported to
         self._last_saved_step: Optional[int] = None
         self.last_saved: Optional[Path] = None
 
@@ -210,6 +219,9 @@ class PeriodicCheckpoint(Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.save_on_end:
             self.save(trainer)
+        if self.export_hf is not None and self.last_saved is not None and trainer.is_global_zero:
+            written = export_checkpoint(self.last_saved, self.export_hf)
+            log.info("exported %s to %s (%d safetensors file(s))", self.last_saved, self.export_hf, len(written))
 
     def state_dict(self) -> dict[str, Any]:
         return {"last_saved_step": self._last_saved_step}

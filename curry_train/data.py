@@ -5,7 +5,8 @@ Sources (``data.source``):
 * ``stdlib``: the bundled corpus, this Python's own standard-library source files, present on every
   machine (no download). Byte-level.
 * ``files``: ``.txt`` files (one document each) and ``.jsonl`` files (one document per record, the
-  ``data.text_key`` field), tokenized at start-up: bytes, or a Hugging Face ``tokenizer.json``.
+  ``data.text_key`` field), tokenized at start-up: bytes, a Hugging Face ``tokenizer.json``, or a
+  Hugging Face model directory's tokenizer (``model.init_from``'s by default).
 * ``tokens``: pre-tokenized token files, a flat numpy memmap (``.bin``) with a ``.json`` sidecar
   naming its dtype and vocabulary, as written by ``scripts/tokenize_data.py``.
 
@@ -53,7 +54,7 @@ class DataConfig:
     source: str = "stdlib"  # stdlib (bundled corpus) | files (text/JSONL paths) | tokens (memmap files)
     paths: List[str] = field(default_factory=list)  # input files for source=files or source=tokens
     text_key: str = "text"  # field holding the text in JSONL records
-    tokenizer: str = "byte"  # "byte", or a path to a Hugging Face tokenizer.json (source=files)
+    tokenizer: str = "auto"  # byte | a tokenizer.json | a HF model directory | auto: model.init_from's, else byte
     seq_len: int = 256  # tokens per training sequence
     global_batch_size: int = 32  # sequences per optimizer step, over all data-parallel ranks
     micro_batch_size: int = 8  # sequences per forward/backward on one rank
@@ -78,7 +79,14 @@ class ByteTokenizer:
 
 
 class HFTokenizer:
-    """A Hugging Face ``tokenizers`` tokenizer loaded from a local ``tokenizer.json``."""
+    """A Hugging Face ``tokenizers`` tokenizer: a ``tokenizer.json`` file, or a model directory holding one.
+
+    A file: documents are encoded without special tokens and separated by the first of
+    ``SEPARATOR_CANDIDATES`` it knows. A model directory: as its own configuration says, the way the
+    model saw text in pre-training: the tokenizer's post-processor adds what it adds (Llama's BOS), and
+    every document ends with the EOS token of ``tokenizer_config.json`` (else ``config.json``'s
+    ``eos_token_id``, else a candidate).
+    """
 
     SEPARATOR_CANDIDATES = ("<|end_of_text|>", "<|endoftext|>", "</s>", "<eos>")
 
@@ -88,19 +96,56 @@ class HFTokenizer:
         except ImportError as error:  # optional dependency
             raise ImportError("data.tokenizer is a tokenizer file: `pip install tokenizers` to use it") from error
         self.name = str(path)
-        self._tokenizer = Tokenizer.from_file(str(path))
+        directory = Path(path) if Path(path).is_dir() else None
+        file = directory / TOKENIZER_FILE if directory is not None else Path(path)
+        self._tokenizer = Tokenizer.from_file(str(file))
         self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
+        self.special_tokens = directory is not None
+        eos = _directory_eos(directory, self._tokenizer) if directory is not None else None
         ids = (self._tokenizer.token_to_id(token) for token in self.SEPARATOR_CANDIDATES)
-        self.separator = next((i for i in ids if i is not None), None)
+        self.separator = eos if eos is not None else next((i for i in ids if i is not None), None)
 
     def encode(self, text: str | bytes) -> np.ndarray:
         if isinstance(text, bytes):
             text = text.decode("utf-8", errors="replace")
-        return np.asarray(self._tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.int64)
+        ids = self._tokenizer.encode(text, add_special_tokens=self.special_tokens).ids
+        if self.special_tokens and ids and ids[-1] == self.separator:  # the post-processor ends it already
+            ids = ids[:-1]
+        return np.asarray(ids, dtype=np.int64)
+
+
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def _directory_eos(directory: Path, tokenizer) -> Optional[int]:
+    """The EOS token id of a Hugging Face model directory: ``tokenizer_config.json``'s ``eos_token``,
+    else ``config.json``'s ``eos_token_id`` (the first, where it lists several); None where neither says."""
+    settings = directory / "tokenizer_config.json"
+    if settings.is_file():
+        token = json.loads(settings.read_text()).get("eos_token")
+        if isinstance(token, dict):
+            token = token.get("content")
+        if isinstance(token, str) and tokenizer.token_to_id(token) is not None:
+            return tokenizer.token_to_id(token)
+    config = directory / "config.json"
+    if config.is_file():
+        eos = json.loads(config.read_text()).get("eos_token_id")
+        eos = eos[0] if isinstance(eos, list) and eos else eos
+        if isinstance(eos, int):
+            return eos
+    return None
+
+
+def is_tokenizer(spec: str) -> bool:
+    """``data.tokenizer`` names something loadable: ``byte``/``auto``, a tokenizer.json, or a directory with one."""
+    path = Path(spec)
+    return spec in ("byte", "auto") or path.is_file() or (path / TOKENIZER_FILE).is_file()
 
 
 def make_tokenizer(spec: str) -> ByteTokenizer | HFTokenizer:
-    return ByteTokenizer() if spec == "byte" else HFTokenizer(spec)
+    """``byte`` (and ``auto``, which the launch check resolves to ``model.init_from``'s tokenizer where it
+    has one), a ``tokenizer.json``, or a Hugging Face model directory."""
+    return ByteTokenizer() if spec in ("byte", "auto") else HFTokenizer(spec)
 
 
 # ----------------------------------------------------------------------------------------------

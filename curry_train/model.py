@@ -48,6 +48,22 @@ class MoEConfig:
 
 
 @dataclass
+class RopeScalingConfig:
+    """Llama 3.1's long-context RoPE frequencies (``rope_scaling`` of type llama3 in a Hugging Face config).
+
+    Wavelengths shorter than ``original_max_seq_len / high_freq_factor`` keep their frequency, those longer
+    than ``original_max_seq_len / low_freq_factor`` are slowed by ``factor``, and the band between is a
+    smooth mix of the two.
+    """
+
+    type: str = "llama3"  # the only kind supported
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_seq_len: int = 8192  # the context length the model was pre-trained at
+
+
+@dataclass
 class ModelConfig:
     """A Llama-style decoder (see ``curry_train.model``)."""
 
@@ -66,6 +82,9 @@ class ModelConfig:
     init_std: float = 0.02  # std of the normal init; output projections get std/sqrt(2*n_layers)
     moe: Optional[MoEConfig] = None  # mixture of experts (model=moe_debug); null: every block dense
     head_dim: Optional[int] = None  # width of each attention head; null: dim / n_heads (Qwen3: 128 on dim 2048)
+    rope_scaling: Optional[RopeScalingConfig] = None  # Llama 3.1+ long-context RoPE (null: plain RoPE)
+    qk_norm: bool = False  # RMSNorm over each query and key head before RoPE (Qwen3)
+    init_from: Optional[str] = None  # a Hugging Face model directory: config.json sets the shape, its weights the model
 
 
 @dataclass(frozen=True)
@@ -97,9 +116,30 @@ class RMSNorm(nn.Module):
         return (normed * self.weight.float()).type_as(x)
 
 
-def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> tuple[Tensor, Tensor]:
-    """cos/sin of the rotary angles (Su et al., 2021), shape (max_seq_len, head_dim // 2), fp32."""
+def rope_frequencies(head_dim: int, theta: float, scaling: Optional[RopeScalingConfig] = None, device=None) -> Tensor:
+    """The rotation frequency of each pair of a head, (head_dim // 2,) fp32; Llama 3.1's scaling where given."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    if scaling is None:
+        return inv_freq
+    if scaling.type != "llama3":
+        raise ValueError(f"model.rope_scaling.type={scaling.type!r}: only llama3 is supported")
+    wavelength = 2 * math.pi / inv_freq
+    low_wavelength = scaling.original_max_seq_len / scaling.low_freq_factor  # longer: slowed by factor
+    high_wavelength = scaling.original_max_seq_len / scaling.high_freq_factor  # shorter: unchanged
+    smooth = (scaling.original_max_seq_len / wavelength - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    mixed = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
+    scaled = torch.where(wavelength > low_wavelength, inv_freq / scaling.factor, inv_freq)
+    between = (wavelength >= high_wavelength) & (wavelength <= low_wavelength)
+    return torch.where(between, mixed, scaled)
+
+
+def rope_tables(
+    head_dim: int, max_seq_len: int, theta: float, device=None, scaling: Optional[RopeScalingConfig] = None
+) -> tuple[Tensor, Tensor]:
+    """cos/sin of the rotary angles (Su et al., 2021), shape (max_seq_len, head_dim // 2), fp32."""
+    inv_freq = rope_frequencies(head_dim, theta, scaling, device)
     angles = torch.outer(torch.arange(max_seq_len, device=device, dtype=torch.float32), inv_freq)
     return angles.cos(), angles.sin()
 
@@ -141,7 +181,15 @@ def head_dim(cfg: ModelConfig) -> int:
 class GQAttention(nn.Module):
     """Grouped-query self-attention with rotary positions (``head_dim``: default ``dim / n_heads``)."""
 
-    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, dropout: float, head_dim: Optional[int] = None) -> None:
+    def __init__(
+        self,
+        dim: int,
+        n_heads: int,
+        n_kv_heads: int,
+        dropout: float,
+        head_dim: Optional[int] = None,
+        qk_norm_eps: Optional[float] = None,
+    ) -> None:
         super().__init__()
         self.head_dim = head_dim or dim // n_heads
         self.wq = nn.Linear(dim, n_heads * self.head_dim, bias=False)
@@ -149,12 +197,18 @@ class GQAttention(nn.Module):
         self.wv = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=False)
         self.sdpa = SDPA(dropout)
+        # qk_norm (Qwen3): one weight per head channel, shared by every head, in the interleaved order of
+        # the rotary pairs like the projections' rows.
+        self.q_norm = RMSNorm(self.head_dim, qk_norm_eps) if qk_norm_eps is not None else None
+        self.k_norm = RMSNorm(self.head_dim, qk_norm_eps) if qk_norm_eps is not None else None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         batch, seq, _ = x.shape
         q = self.wq(x).view(batch, seq, -1, self.head_dim)
         k = self.wk(x).view(batch, seq, -1, self.head_dim)
         v = self.wv(x).view(batch, seq, -1, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = self.sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
@@ -196,7 +250,8 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, index: int = 0) -> None:
         super().__init__()
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attention = GQAttention(cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.dropout, head_dim(cfg))
+        qk_norm_eps = cfg.norm_eps if getattr(cfg, "qk_norm", False) else None
+        self.attention = GQAttention(cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.dropout, head_dim(cfg), qk_norm_eps)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         moe = cfg.moe
         if moe is not None and index >= moe.dense_layers:
@@ -221,7 +276,8 @@ class Llama(nn.Module):
         self.norm: Optional[RMSNorm] = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output: Optional[nn.Linear] = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.tie_weights()
-        cos, sin = rope_tables(head_dim(cfg), cfg.max_seq_len, cfg.rope_theta)
+        scaling = getattr(cfg, "rope_scaling", None)
+        cos, sin = rope_tables(head_dim(cfg), cfg.max_seq_len, cfg.rope_theta, scaling=scaling)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         # The positions of the tokens this rank holds when they are not 0..seq-1 (context
@@ -256,9 +312,9 @@ class Llama(nn.Module):
     @torch.no_grad()
     def reset_buffers(self) -> None:
         """Recompute the RoPE tables (after materializing from the meta device)."""
-        cos, sin = rope_tables(
-            head_dim(self.cfg), self.cfg.max_seq_len, self.cfg.rope_theta, device=self.rope_cos.device
-        )
+        cfg = self.cfg
+        scaling = getattr(cfg, "rope_scaling", None)
+        cos, sin = rope_tables(head_dim(cfg), cfg.max_seq_len, cfg.rope_theta, self.rope_cos.device, scaling)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
         for name, buffer in self.named_buffers():

@@ -11,6 +11,7 @@ then one ``apply_*`` step here, at the place in the order its comment justifies.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -23,11 +24,14 @@ from curry_train.primitives.context_parallel import ContextParallel, sequence_po
 from curry_train.primitives.data_parallel import replicate
 from curry_train.primitives.distributed_optimizer import DistributedOptimizer, shard_experts
 from curry_train.primitives.expert_parallel import ExpertParallel
+from curry_train.primitives.hf_checkpoint import load_pretrained
 from curry_train.primitives.materialize import materialize_and_init
 from curry_train.primitives.parallel_state import ParallelState
 from curry_train.primitives.pipeline_schedule import pipeline_stages
 from curry_train.primitives.recompute import apply_recompute
 from curry_train.primitives.tp_linear import apply_tensor_parallel
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -39,9 +43,17 @@ class ParallelModel:
 
 
 def parallelize(
-    model: nn.Module, ps: ParallelState, layout: ParallelConfig, *, device: torch.device, seed: int, seq_len: int
+    model: nn.Module,
+    ps: ParallelState,
+    layout: ParallelConfig,
+    *,
+    device: torch.device,
+    seed: int,
+    seq_len: int,
+    init_from: Optional[str] = None,
 ) -> ParallelModel:
-    """Apply ``layout`` to ``model``, built on the meta device, in the order that composes."""
+    """Apply ``layout`` to ``model``, built on the meta device, in the order that composes; its weights
+    are drawn from ``seed``, or read from the Hugging Face directory ``init_from``."""
     # Swaps linears for their DTensor-sharded versions, so it comes before anything that wraps
     # them; FSDP later shards those shards over the data-parallel axis of the same mesh (2-D).
     apply_tensor_parallel_layout(model, ps, layout.tp)
@@ -59,13 +71,35 @@ def parallelize(
     # Shards while the parameters are still on the meta device: no rank allocates the whole model.
     apply_fsdp(model, ps, layout, roots=_pipeline_roots(stages))
     # Draws each parameter's full value from its own seeded generator, then keeps this rank's
-    # shard: the same weights in every layout.
-    materialize_and_init(model, device, seed)
+    # shard: the same weights in every layout. Or reads just this rank's shards of pretrained weights.
+    materialize(model, device, seed, init_from)
     # Needs real buffers: the RoPE positions of the sequence shard this rank holds.
     apply_sequence_positions(model, ps, layout.cp, seq_len, device)
     # Replicates real tensors, so after materialization, and last, so it sees every parameter.
     model = apply_ddp(model, ps, layout, device)
     return ParallelModel(model, stages)
+
+
+def materialize(model: nn.Module, device: torch.device, seed: int, init_from: Optional[str]) -> None:
+    """Real tensors for the meta-device ``model``: seeded initialization, or ``init_from``'s weights."""
+    if init_from is None:
+        materialize_and_init(model, device, seed)
+        return
+    report = load_pretrained(model, device, init_from)
+    log.info(
+        "loaded %d tensors from %s: read %s for this rank's %s of parameters (largest single read %s);"
+        " peak resident memory %s",
+        report.tensors,
+        init_from,
+        _size(report.bytes_read),
+        _size(report.shard_bytes),
+        _size(report.largest_read),
+        _size(report.peak_rss),
+    )
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / (1 << 20):.1f} MiB ({nbytes:,} B)"
 
 
 def apply_tensor_parallel_layout(model: nn.Module, ps: ParallelState, tp: Optional[TPConfig]) -> None:

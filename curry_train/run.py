@@ -128,7 +128,10 @@ def build_trainer(
     all_callbacks = list(callbacks)
     if checkpoints:
         c = cfg.checkpoint
-        all_callbacks.append(PeriodicCheckpoint(run_dir / "checkpoints", c.every_n_steps, c.keep_last, c.save_on_end))
+        export_hf = run_dir / "hf" if c.get("export_hf_on_end") else None
+        all_callbacks.append(
+            PeriodicCheckpoint(run_dir / "checkpoints", c.every_n_steps, c.keep_last, c.save_on_end, export_hf)
+        )
     if t.enable_progress_bar:
         all_callbacks.append(StepProgressBar())
     return pl.Trainer(

@@ -119,6 +119,7 @@ class CurryStrategy(ParallelStrategy):
             device=self.root_device,
             seed=cfg.seed,
             seq_len=cfg.data.seq_len,
+            init_from=cfg.model.get("init_from"),
         )
         microbatches = None
         if self.layout.pp is not None:

@@ -22,10 +22,10 @@ import torch
 from conftest import FAST, TRAIN, clean_env, run_train, spawned_workers
 from omegaconf import OmegaConf
 
-from curry_train.cli.export import consolidated_model_state
 from curry_train.config import ConfigError, compose
 from curry_train.config.resume import resolve
 from curry_train.primitives import dcp
+from curry_train.primitives.dcp import consolidated_model_state
 from curry_train.stragglers import RankTimes, report
 
 DIVERGE = ("optim.lr=1e4", "optim.grad_clip=0", "trainer.max_steps=20")  # NaN gradients from step 1

@@ -1,51 +1,56 @@
-"""Export the model weights of a distributed checkpoint to one consolidated safetensors file.
+"""Export the model weights of a distributed checkpoint: one safetensors file, or a Hugging Face directory.
 
-    python scripts/export_checkpoint.py outputs/<run>/checkpoints/step-00000120 --output model.safetensors \
+    python scripts/export_checkpoint.py outputs/<run>/checkpoints/step-00000120 --output model.safetensors \\
         [--dtype bf16]
+    python scripts/export_checkpoint.py outputs/<run>/checkpoints/step-00000120 --format hf --output DIR \\
+        [--dtype bf16] [--max-shard-size 5GB]
 
 Runs in one process, whatever layout and world size wrote the checkpoint: torch.distributed.checkpoint
-reassembles each parameter from its shards. Names are the bare model's (``layers.0.attention.wq.weight``),
-so the file loads into ``curry_train.model.Llama`` with ``load_state_dict``. Optimizer state is left out.
+reassembles each parameter from its shards. Optimizer state is left out.
+
+* ``--format safetensors`` (default): one file, names of the bare model (``layers.0.attention.wq.weight``),
+  loadable into ``curry_train.model.Llama`` with ``load_state_dict``.
+* ``--format hf``: ``config.json``, safetensors shards of at most ``--max-shard-size`` with
+  ``model.safetensors.index.json``, and the tokenizer files the run trained with, a directory that
+  ``transformers.AutoModelForCausalLM.from_pretrained`` loads (Llama, Qwen3, Mixtral or Qwen3-MoE, by the
+  model's shape) and ``model.init_from`` reads back.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
-import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
-from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from curry_train.primitives.dcp import verify
+from curry_train.primitives.dcp import consolidated_model_state, verify
+from curry_train.primitives.hf_checkpoint import PretrainedError, export_checkpoint
 
-MODEL_PREFIX = "model.model."  # the LightningModule's `model` attribute, then the state dict's "model" entry
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+FORMATS = ("safetensors", "hf")
+UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30}
 
 
-def consolidated_model_state(checkpoint: Path) -> dict[str, torch.Tensor]:
-    """The full (unsharded) model tensors of ``checkpoint``, by their names in the bare model."""
-    metadata = FileSystemReader(str(checkpoint)).read_metadata()
-    state = {
-        key: torch.empty(item.size, dtype=item.properties.dtype)
-        for key, item in metadata.state_dict_metadata.items()
-        if key.startswith(MODEL_PREFIX) and isinstance(item, TensorStorageMetadata)
-    }
-    if not state:
-        raise ValueError(f"{checkpoint}: no model tensors under {MODEL_PREFIX!r}")
-    dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
-    return {key[len(MODEL_PREFIX) :]: tensor for key, tensor in state.items()}
+def byte_size(text: str) -> int:
+    """``5GB``, ``500MB``, ``2GiB``, ``1000000``: a positive number of bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]I?B|B)?\s*", text, re.IGNORECASE)
+    size = int(float(match.group(1)) * UNITS[(match.group(2) or "").upper()]) if match else 0
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a size such as 5GB, 500MB or 2GiB")
+    return size
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", type=Path, help="a checkpoint directory (…/checkpoints/step-NNNNNNNN)")
-    parser.add_argument("--output", type=Path, required=True, help="the .safetensors file to write")
+    parser.add_argument("--output", type=Path, required=True, help="the .safetensors file (hf: directory) to write")
+    parser.add_argument("--format", choices=FORMATS, default="safetensors", help="one file, or a HF directory")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the exported weights")
+    parser.add_argument("--max-shard-size", type=byte_size, default="5GB", help="hf: the largest safetensors file")
     args = parser.parse_args(argv)
     problem = verify(args.checkpoint)
     if problem is not None:
@@ -54,6 +59,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.format == "hf":
+        if args.output.is_file():
+            print(f"export_checkpoint: error: --output {args.output} is a file; --format hf writes a directory")
+            return 2
+        try:
+            written = export_checkpoint(args.checkpoint, args.output, DTYPES[args.dtype], args.max_shard_size)
+        except PretrainedError as error:
+            print(f"export_checkpoint: error: {error}", file=sys.stderr)
+            return 2
+        print(f"wrote {args.output}: config.json, {len(written)} safetensors file(s), {args.dtype}")
+        return 0
 
     state = {
         name: tensor.to(DTYPES[args.dtype]).contiguous()

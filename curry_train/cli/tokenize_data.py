@@ -1,12 +1,13 @@
 """Tokenize text once into a token file for ``data.source=tokens``.
 
-    python scripts/tokenize_data.py INPUT [INPUT ...] --output OUT.bin [--tokenizer byte|PATH/tokenizer.json]
+    python scripts/tokenize_data.py INPUT [INPUT ...] --output OUT.bin [--tokenizer byte|PATH/tokenizer.json|HF_DIR]
                                     [--text-key text] [--quiet]
 
 An INPUT is a file (``.jsonl``: one document per record, the ``--text-key`` field; any other file:
 one document) or a directory, searched recursively for ``*.txt``, ``*.jsonl``, ``*.md`` and ``*.py``
 files in sorted order. Documents are tokenized one at a time and appended to OUT.bin, each followed
-by the tokenizer's separator token, in the smallest unsigned dtype that holds the vocabulary; the
+by the tokenizer's separator token (a Hugging Face model directory: with its BOS and EOS, as
+``data.source=files`` reads it), in the smallest unsigned dtype that holds the vocabulary; the
 sidecar OUT.json records dtype, length, vocabulary and tokenizer. The tokens are exactly those that
 ``data.source=files`` would produce from the same inputs. Train on them with
 ``data.source=tokens data.paths=[OUT.bin]``. Exits with 2 on a usage error.
@@ -20,7 +21,7 @@ from typing import List, Optional, Sequence
 
 from tqdm import tqdm
 
-from curry_train.data import DataError, TokenFileMeta, iter_documents, make_tokenizer, tokenize_documents
+from curry_train.data import DataError, TokenFileMeta, is_tokenizer, iter_documents, make_tokenizer, tokenize_documents
 
 DIRECTORY_SUFFIXES = (".txt", ".jsonl", ".md", ".py")
 
@@ -50,8 +51,11 @@ def check_arguments(args: argparse.Namespace) -> List[Path]:
     """Everything that can be checked without loading a tokenizer, so that a typo fails at once."""
     if Path(args.output).suffix != ".bin":
         raise UsageError(f"--output {args.output}: a token file must end in .bin (its sidecar is the .json beside it)")
-    if args.tokenizer != "byte" and not Path(args.tokenizer).is_file():
-        raise UsageError(f"--tokenizer {args.tokenizer}: no such file (expected 'byte' or a tokenizer.json)")
+    if args.tokenizer == "auto" or not is_tokenizer(args.tokenizer):
+        raise UsageError(
+            f"--tokenizer {args.tokenizer}: no such file (expected 'byte', a tokenizer.json or a Hugging Face model"
+            " directory holding one)"
+        )
     return collect_inputs(args.inputs)
 
 
@@ -110,7 +114,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="text/JSONL files or directories")
     parser.add_argument("--output", required=True, metavar="OUT.bin", help="token file to write (and OUT.json)")
-    parser.add_argument("--tokenizer", default="byte", help="'byte' (default) or a path to a tokenizer.json")
+    parser.add_argument(
+        "--tokenizer", default="byte", help="'byte' (default), a tokenizer.json, or a Hugging Face model directory"
+    )
     parser.add_argument("--text-key", default="text", help="field of JSONL records holding the text (default text)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar, no summary line")
     args = parser.parse_args(argv)

@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import Mapping, Optional
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from curry_train.config import ConfigError
 from curry_train.config.resume import resolve
 from curry_train.config.schema import ACCELERATORS, LOGGERS, LR_SCHEDULES, PRECISIONS, ParallelConfig, unknown_keys
-from curry_train.data import SOURCES, DataError, DataSurvey, held_out, survey, windows
+from curry_train.data import SOURCES, TOKENIZER_FILE, DataError, DataSurvey, held_out, is_tokenizer, survey, windows
+from curry_train.model import MoEConfig, RopeScalingConfig
 from curry_train.moe import BALANCING, SCORE_FUNCTIONS
 from curry_train.primitives.context_parallel import PATTERNS
 from curry_train.primitives.distributed_optimizer import (
@@ -31,6 +32,7 @@ from curry_train.primitives.distributed_optimizer import (
     SHARDING_MODES,
 )
 from curry_train.primitives.expert_parallel import DISPATCHERS
+from curry_train.primitives.hf_checkpoint import MOE_SHAPE_KEYS, PretrainedError, check_weights, hf_kind, model_config
 from curry_train.primitives.parallel_state import Degrees
 from curry_train.primitives.pipeline_schedule import check_microbatches, split_layers, stages_per_rank
 from curry_train.primitives.recompute import MODES as RECOMPUTE_MODES
@@ -149,6 +151,11 @@ def _check_tensor_parallel(cfg: DictConfig, layout: ParallelConfig, world_size: 
                 f"parallel.tp.size={tp} does not divide {key}={size} ({what} split over the ranks);"
                 f" choose a tp size that divides it"
             )
+    if m.qk_norm:
+        raise ConfigError(
+            "model.qk_norm (Qwen3) with parallel.tp is not supported yet: each rank's heads would train the shared"
+            " q/k norm weights apart; use fsdp, pp, cp or ep"
+        )
     if world_size % tp:
         raise ConfigError(
             f"parallel.tp.size={tp} does not divide the world size {world_size} (trainer.devices x trainer.num_nodes)"
@@ -198,6 +205,16 @@ def _check_model(cfg: DictConfig) -> None:
         raise ConfigError(f"model.dropout={m.dropout} must be in [0, 1)")
     if m.moe is not None:
         _check_moe(m)
+    scaling = m.rope_scaling
+    if scaling is not None:
+        if scaling.type != "llama3":
+            raise ConfigError(f"model.rope_scaling.type={scaling.type!r}: only llama3 is supported (null: plain RoPE)")
+        if not (scaling.factor > 0 and 0 < scaling.low_freq_factor < scaling.high_freq_factor):
+            raise ConfigError("model.rope_scaling: factor must be positive and 0 < low_freq_factor < high_freq_factor")
+        if scaling.original_max_seq_len < 1:
+            raise ConfigError(
+                f"model.rope_scaling.original_max_seq_len={scaling.original_max_seq_len} must be positive"
+            )
     for key in ("norm_eps", "rope_theta", "init_std"):
         if not (math.isfinite(m[key]) and m[key] > 0):
             raise ConfigError(f"model.{key}={m[key]} must be a positive number")
@@ -273,8 +290,10 @@ def _survey_data(cfg: DictConfig) -> DataSurvey:
         for path in d.paths:
             if not Path(path).is_file():
                 raise ConfigError(f"data.paths: {path} does not exist (or is not a file)")
-    if d.source == "files" and d.tokenizer != "byte" and not Path(d.tokenizer).is_file():
-        raise ConfigError(f"data.tokenizer={d.tokenizer}: no such file (use 'byte' or a path to tokenizer.json)")
+    if d.source == "files" and not is_tokenizer(d.tokenizer):
+        raise ConfigError(
+            f"data.tokenizer={d.tokenizer}: no such file (use 'byte', a tokenizer.json or a directory holding one)"
+        )
     try:
         return survey(d)
     except DataError as error:
@@ -444,12 +463,55 @@ def _check_training(cfg: DictConfig) -> None:
         raise ConfigError("logger=tensorboard needs the tensorboard package: pip install tensorboard")
     if c.every_n_steps < 0 or c.keep_last < 1:
         raise ConfigError("checkpoint.every_n_steps must be >= 0 and checkpoint.keep_last >= 1")
+    if c.export_hf_on_end:
+        if not c.save_on_end:
+            raise ConfigError(
+                "checkpoint.export_hf_on_end=true exports the final checkpoint: set checkpoint.save_on_end=true"
+            )
+        moe = cfg.model.moe
+        try:
+            hf_kind(cfg.model)
+        except PretrainedError as error:
+            raise ConfigError(f"checkpoint.export_hf_on_end=true: {error}") from None
+        if moe is not None and moe.balancing == "aux_free" and moe.bias_update_rate > 0:
+            raise ConfigError(
+                "checkpoint.export_hf_on_end=true: balancing=aux_free moves a routing bias that Mixtral and Qwen3-MoE"
+                " do not have; use model.moe.balancing=aux_loss or none"
+            )
+
+
+def apply_init_from(cfg: DictConfig) -> None:
+    """``model.init_from=DIR``: set the model's architecture keys from ``DIR/config.json`` (with a mixture of
+    experts, its balancing too unless the run set ``model.moe``), check that the
+    directory holds every tensor with its shape (headers only), and make ``data.tokenizer=auto`` the
+    directory's tokenizer. Raises ConfigError naming the file and key."""
+    path = cfg.model.get("init_from")
+    if path is None:
+        return
+    try:
+        keys = model_config(path, seq_len=cfg.data.seq_len)
+        moe, scaling = keys.pop("moe"), keys.pop("rope_scaling")
+        for key, value in keys.items():
+            cfg.model[key] = value
+        cfg.model.rope_scaling = OmegaConf.merge(OmegaConf.structured(RopeScalingConfig), scaling) if scaling else None
+        if moe is None:
+            cfg.model.moe = None
+        elif cfg.model.moe is None:  # the directory's balancing too
+            cfg.model.moe = OmegaConf.merge(OmegaConf.structured(MoEConfig), moe)
+        else:  # the routing math from the directory; how the run balances it stays the run's
+            cfg.model.moe = OmegaConf.merge(cfg.model.moe, {key: moe[key] for key in MOE_SHAPE_KEYS})
+        check_weights(path, cfg.model)
+    except PretrainedError as error:
+        raise ConfigError(str(error)) from None
+    if cfg.data.get("tokenizer") == "auto" and (Path(path) / TOKENIZER_FILE).is_file():
+        cfg.data.tokenizer = keys["init_from"]
 
 
 def check(cfg: DictConfig, env: Mapping[str, str] = os.environ, run_dir: Optional[Path] = None) -> LaunchPlan:
     """Everything that can be checked without starting a worker. Raises ConfigError. ``run_dir``: the
     run's directory, where ``ckpt_path=last|auto`` look first (``config.resume``)."""
     _check_keys(cfg)
+    apply_init_from(cfg)
     accelerator = _accelerator(cfg.trainer.accelerator)
     layout = ParallelConfig.of(cfg)
     _check_parallel(layout, accelerator, cfg.trainer.precision)

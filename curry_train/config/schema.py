@@ -81,6 +81,7 @@ class CheckpointConfig:
     save_on_end: bool = True  # save when training ends
     search_dir: str = "outputs"  # where ckpt_path=last looks when the run's own directory has no checkpoint
     allow_config_change: bool = False  # resume a checkpoint whose run had other model/data/seed values
+    export_hf_on_end: bool = False  # also write the final checkpoint as a Hugging Face directory, <run_dir>/hf
 
 
 @dataclass

@@ -39,6 +39,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 META_FILE = "meta.pt"
@@ -240,6 +242,24 @@ def saved_config(path: str | Path) -> Optional[dict[str, Any]]:
     """The config a checkpoint's run was saved with (None: saved without one)."""
     file = Path(path) / CONFIG_FILE
     return json.loads(file.read_text()) if file.is_file() else None
+
+
+MODEL_PREFIX = "model.model."  # the LightningModule's `model` attribute, then the state dict's "model" entry
+
+
+def consolidated_model_state(checkpoint: str | Path) -> dict[str, torch.Tensor]:
+    """The full (unsharded) model tensors of ``checkpoint``, by their names in the bare model, read in this
+    one process whatever layout wrote them (parameters and persistent buffers; no optimizer state)."""
+    metadata = FileSystemReader(str(checkpoint)).read_metadata()
+    state = {
+        key: torch.empty(item.size, dtype=item.properties.dtype)
+        for key, item in metadata.state_dict_metadata.items()
+        if key.startswith(MODEL_PREFIX) and isinstance(item, TensorStorageMetadata)
+    }
+    if not state:
+        raise ValueError(f"{checkpoint}: no model tensors under {MODEL_PREFIX!r}")
+    dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
+    return {key[len(MODEL_PREFIX) :]: tensor for key, tensor in state.items()}
 
 
 def saved_step(path: str | Path) -> int:
