@@ -466,7 +466,7 @@ def _check_training(cfg: DictConfig) -> None:
     if c.export_hf_on_end:
         if not c.save_on_end:
             raise ConfigError(
-                "checkpoint.export_hf_on_end=true exports the final checkpoint: set checkpoint.save_on_end=true"
+                "checkpoint.export_hf_on_end=true exports the final checkpoint: set checkpoint.save_on_end=true too"
             )
         moe = cfg.model.moe
         try:

@@ -400,7 +400,8 @@ def _read_box(files: _Files, source: Source, shape: tuple[int, ...], offset: tup
         return rope_rows(files.read(key, (slice(None),)), 1)[box]
     if source.heads > 0:  # whole heads around the rows, reordered, then the rows
         width = files.shape(key)[0] // source.heads
-        first, last = box[0].start // width, max(box[0].start, math.ceil(box[0].stop / width))
+        first = box[0].start // width
+        last = max(first, math.ceil(box[0].stop / width))
         rows = files.read(key, (slice(first * width, last * width), *box[1:]))
         rows = rope_rows(rows, last - first) if last > first else rows
         return rows[box[0].start - first * width : box[0].stop - first * width]
