@@ -35,6 +35,7 @@ from curry_train.primitives.hf_checkpoint import (
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
+MATRIX = pytest.mark.matrix  # runs with --matrix
 VOCAB = 320
 SHAPE = dict(
     vocab_size=VOCAB,
@@ -305,6 +306,29 @@ def test_every_layout_starts_from_the_pretrained_loss(models, tmp_path):
     assert shards == pytest.approx(total / 4, rel=0.05) and read <= shards * 1.05, (read, shards, total)
     for name, loss in first.items():
         assert loss == pytest.approx(first["one"], rel=1e-5), (name, loss, first["one"])
+
+
+def _first_loss(kind_dir: Path, corpus: Path, layout: list[str], run_dir: Path) -> float:
+    args = ["recipe=hf-finetune-cpu", f"model.init_from={kind_dir}", f"data.paths=[{corpus}]", *LAYOUT_RUN]
+    run_train([*args, "trainer.enable_progress_bar=false", *layout, f"hydra.run.dir={run_dir}"], cwd=run_dir.parent)
+    return read_metric(run_dir)[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "kind, layout",
+    [
+        ("mixtral", ["parallel=fsdp+ep", "parallel.ep.size=2", "trainer.devices=4"]),
+        pytest.param("qwen3-moe", ["parallel=pp", "parallel.pp.size=2", "trainer.devices=2"], marks=MATRIX),
+        pytest.param("qwen3-moe", ["parallel=ep", "parallel.ep.size=2", "trainer.devices=2"], marks=MATRIX),
+    ],
+)
+def test_mixture_of_experts_loads_under_expert_parallel(models, tmp_path, kind, layout):
+    """Stacked experts read per expert into ep x FSDP shards: the first loss (with the balancing loss) of
+    one process, rel 1e-5."""
+    corpus = _corpus(tmp_path / "corpus.jsonl")
+    one = _first_loss(models[kind], corpus, ["parallel=dp", "trainer.devices=1"], tmp_path / "one")
+    assert _first_loss(models[kind], corpus, layout, tmp_path / "layout") == pytest.approx(one, rel=1e-5)
 
 
 @pytest.mark.slow
