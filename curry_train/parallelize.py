@@ -86,15 +86,18 @@ def materialize(model: nn.Module, device: torch.device, seed: int, init_from: Op
         materialize_and_init(model, device, seed)
         return
     report = load_pretrained(model, device, init_from)
+    memory = "not measured here"
+    if report.peak_rss is not None and report.rss_before is not None:
+        memory = f"{_size(report.peak_rss - report.rss_before)} above the {_size(report.rss_before)} before it"
     log.info(
         "loaded %d tensors from %s: read %s for this rank's %s of parameters (largest single read %s);"
-        " peak resident memory %s",
+        " peak resident memory during the load %s",
         report.tensors,
         init_from,
         _size(report.bytes_read),
         _size(report.shard_bytes),
         _size(report.largest_read),
-        _size(report.peak_rss),
+        memory,
     )
 
 

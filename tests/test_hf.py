@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, clean_env, read_metric, run_train
+from conftest import REPO, clean_env, read_metric, run_seed_example, run_train
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
@@ -306,6 +306,47 @@ def test_every_layout_starts_from_the_pretrained_loss(models, tmp_path):
     assert shards == pytest.approx(total / 4, rel=0.05) and read <= shards * 1.05, (read, shards, total)
     for name, loss in first.items():
         assert loss == pytest.approx(first["one"], rel=1e-5), (name, loss, first["one"])
+
+
+MEMORY_EXAMPLE = """
+import torch, torch.distributed as dist
+from omegaconf import OmegaConf
+from torch.distributed.fsdp import fully_shard
+from curry_train.model import Llama, ModelConfig
+from curry_train.primitives.hf_checkpoint import load_pretrained, model_config
+
+dist.init_process_group("gloo")
+cfg = OmegaConf.structured(ModelConfig)
+cfg.merge_with(model_config("DIRECTORY"))
+with torch.device("meta"):
+    model = Llama(cfg)
+for block in model.layers.values():
+    fully_shard(block)
+fully_shard(model)
+r = load_pretrained(model, torch.device("cpu"), "DIRECTORY")
+print(f"SEED OK {dist.get_rank()} {r.shard_bytes} {r.bytes_read} {r.largest_read} {r.peak_rss - r.rss_before}")
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_each_rank_holds_its_shards_plus_one_tensor(tmp_path):
+    """A 72 MiB model under FSDP on 4 ranks: each rank reads its quarter, and its resident memory grows by
+    its shards plus its largest single read (the embedding's quarter) and allocator slack (16 MiB), far
+    below the model (measured: Linux's peak resident memory, reset when the load starts)."""
+    cfg = OmegaConf.structured(
+        ModelConfig(name="m", dim=256, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=768, vocab_size=32000)
+    )
+    model = Llama(cfg)
+    total = sum(p.numel() * 4 for p in model.parameters())
+    export(dict(model.state_dict()), cfg, tmp_path / "model", shard_bytes=20 << 20)
+    del model
+    out = run_seed_example(MEMORY_EXAMPLE.replace("DIRECTORY", str(tmp_path / "model")), tmp_path, nproc=4)
+    rows = [[int(x) for x in row[1:]] for row in re.findall(r"SEED OK (\d) (\d+) (\d+) (\d+) (-?\d+)", out)]
+    assert len(rows) == 4
+    for shards, read, largest, growth in rows:
+        assert shards == pytest.approx(total / 4, rel=0.01) and shards <= read <= shards * 1.01  # k heads: whole
+        assert growth <= shards + largest + (16 << 20) and growth < total / 2, (shards, largest, growth, total)
 
 
 def _first_loss(kind_dir: Path, corpus: Path, layout: list[str], run_dir: Path) -> float:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import resource
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
@@ -346,6 +345,29 @@ class _Files:
         self.largest_read = max(self.largest_read, size)
         return tensor
 
+    def release(self) -> None:
+        """Close the files (unmapping them): the pages read so far stop counting as this process's memory."""
+        self._open.clear()
+
+
+def _memory() -> dict[str, int]:
+    """This process's resident memory now (VmRSS) and at its peak (VmHWM), bytes (Linux; else empty)."""
+    try:
+        lines = Path("/proc/self/status").read_text().splitlines()
+    except OSError:
+        return {}
+    fields = dict(line.split(":", 1) for line in lines if line.startswith(("VmRSS", "VmHWM")))
+    return {key: int(value.split()[0]) * 1024 for key, value in fields.items()}
+
+
+def _reset_peak_memory() -> bool:
+    """Start VmHWM again from the current resident memory (Linux's clear_refs); False where unsupported."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
 
 def check_weights(path: str | Path, cfg: Any) -> None:
     """Every tensor the model ``cfg`` needs is in the directory with the shape the model expects
@@ -414,7 +436,8 @@ class LoadReport:
     shard_bytes: int  # the bytes of this rank's parameters
     bytes_read: int  # read from the files (whole heads around a shard of q/k rows: a little more)
     largest_read: int  # the largest single read: the transient above the shards
-    peak_rss: int  # this process's peak resident memory after loading, bytes
+    rss_before: Optional[int]  # this process's resident memory before the load, bytes (None: not measured)
+    peak_rss: Optional[int]  # its peak resident memory during the load
 
 
 @torch.no_grad()
@@ -424,6 +447,8 @@ def load_pretrained(model: nn.Module, device: torch.device, path: str | Path) ->
     directory = Path(path)
     files = _Files(directory)
     table = sources(model.cfg, _kind_of(directory))
+    measured = _reset_peak_memory()
+    before = _memory().get("VmRSS") if measured else None
     model.to_empty(device=device)
     model.tie_weights()
     shard_bytes = count = 0
@@ -439,11 +464,13 @@ def load_pretrained(model: nn.Module, device: torch.device, path: str | Path) ->
                 f" here is {tuple(local.shape)}"
             )
         local.copy_(value)
+        del value
+        files.release()
         shard_bytes += local.numel() * local.element_size()
         count += 1
     model.reset_buffers()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-    return LoadReport(count, shard_bytes, files.bytes_read, files.largest_read, peak)
+    peak = _memory().get("VmHWM") if measured else None
+    return LoadReport(count, shard_bytes, files.bytes_read, files.largest_read, before, peak)
 
 
 # ----------------------------------------------------------------------------------------------
