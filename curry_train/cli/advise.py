@@ -24,6 +24,7 @@ from typing import Optional, Sequence
 
 from curry_train.cli.common import error_line, fail, is_config_error
 from curry_train.config import compose
+from curry_train.config.checks import apply_init_from
 from curry_train.planning.advise import Estimate, advise, diagnose, estimate, gib_text
 from curry_train.planning.layout import Layout
 from curry_train.planning.plot import plot_memory
@@ -56,6 +57,7 @@ def _advise(argv: list[str]) -> int:
     if options["symptom"] not in (None, "oom", "slow"):
         return fail("advise", f"symptom={options['symptom']}: expected oom or slow")
     cfg = compose(overrides)
+    apply_init_from(cfg)  # model.init_from=DIR: plan for the directory's model
     if options["symptom"]:
         result = diagnose(cfg, options["symptom"], overrides)
         if options["plot"]:

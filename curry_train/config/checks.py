@@ -503,8 +503,12 @@ def apply_init_from(cfg: DictConfig) -> None:
         check_weights(path, cfg.model)
     except PretrainedError as error:
         raise ConfigError(str(error)) from None
-    if cfg.data.get("tokenizer") == "auto" and (Path(path) / TOKENIZER_FILE).is_file():
+    has_tokenizer = (Path(path) / TOKENIZER_FILE).is_file()
+    if cfg.data.get("tokenizer") == "auto" and has_tokenizer:
         cfg.data.tokenizer = keys["init_from"]
+    if cfg.data.source == "stdlib" or (cfg.data.source == "files" and cfg.data.tokenizer in ("auto", "byte")):
+        why = "data=stdlib is byte-level" if cfg.data.source == "stdlib" else f"{path} has no {TOKENIZER_FILE}"
+        log.warning("model.init_from=%s: the data is read as bytes (%s), not with the model's tokenizer", path, why)
 
 
 def check(cfg: DictConfig, env: Mapping[str, str] = os.environ, run_dir: Optional[Path] = None) -> LaunchPlan:
