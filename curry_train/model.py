@@ -157,7 +157,8 @@ class SDPA(nn.Module):
     """The attention op: causal scaled dot-product attention over (batch, heads, seq, head_dim).
 
     Key/value heads are shared by groups of query heads (grouped-query attention, Ainslie et al.,
-    2023); they are repeated to the query heads before the fused kernel.
+    2023); the kernel reads each key/value head for its group (``enable_gqa``) instead of a copy
+    repeated to the query heads.
     """
 
     def __init__(self, dropout: float) -> None:
@@ -165,12 +166,9 @@ class SDPA(nn.Module):
         self.dropout = dropout
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        groups = q.shape[1] // k.shape[1]
-        if groups > 1:
-            k = k.repeat_interleave(groups, dim=1)
-            v = v.repeat_interleave(groups, dim=1)
         dropout = self.dropout if self.training else 0.0
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        gqa = q.shape[1] != k.shape[1]
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, enable_gqa=gqa)
 
 
 def head_dim(cfg: ModelConfig) -> int:
