@@ -184,10 +184,13 @@ class PeriodicCheckpoint(Callback):
         keep_last: int,
         save_on_end: bool,
         export_hf: Optional[Path] = None,
+        export_dtype: Optional[str] = None,
     ) -> None:
         self.directory, self.every_n_steps = Path(directory), every_n_steps
         self.keep_last, self.save_on_end = keep_last, save_on_end
-        self.export_hf = export_hf  # the Hugging Face directory the final checkpoint is exported to
+        # The Hugging Face directory the final checkpoint is exported to (not after a preemption: the grace
+        # period is for the save), in export_dtype (None: model.init_from's dtype, else fp32).
+        self.export_hf, self.export_dtype = export_hf, export_dtype
         self._last_saved_step: Optional[int] = None
         self.last_saved: Optional[Path] = None
 
@@ -219,8 +222,9 @@ class PeriodicCheckpoint(Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.save_on_end:
             self.save(trainer)
-        if self.export_hf is not None and self.last_saved is not None and trainer.is_global_zero:
-            written = export_checkpoint(self.last_saved, self.export_hf)
+        preempted = any(isinstance(c, Preemption) and c.stopped_at is not None for c in trainer.callbacks)
+        if self.export_hf is not None and self.last_saved is not None and trainer.is_global_zero and not preempted:
+            written = export_checkpoint(self.last_saved, self.export_hf, self.export_dtype)
             log.info("exported %s to %s (%d safetensors file(s))", self.last_saved, self.export_hf, len(written))
 
     def state_dict(self) -> dict[str, Any]:

@@ -82,10 +82,10 @@ class HFTokenizer:
     """A Hugging Face ``tokenizers`` tokenizer: a ``tokenizer.json`` file, or a model directory holding one.
 
     A file: documents are encoded without special tokens and separated by the first of
-    ``SEPARATOR_CANDIDATES`` it knows. A model directory: as its own configuration says, the way the
-    model saw text in pre-training: the tokenizer's post-processor adds what it adds (Llama's BOS), and
-    every document ends with the EOS token of ``tokenizer_config.json`` (else ``config.json``'s
-    ``eos_token_id``, else a candidate).
+    ``SEPARATOR_CANDIDATES`` it knows. A model directory: as its own configuration says: the tokenizer's
+    post-processor adds what it adds (Llama 3's BOS; ``add_bos_token: true`` adds BOS where it does
+    not), and every document ends with the EOS token of ``tokenizer_config.json`` (else
+    ``config.json``'s ``eos_token_id``, else a candidate). An instruct model's EOS is its end of turn.
     """
 
     SEPARATOR_CANDIDATES = ("<|end_of_text|>", "<|endoftext|>", "</s>", "<eos>")
@@ -101,9 +101,13 @@ class HFTokenizer:
         self._tokenizer = Tokenizer.from_file(str(file))
         self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
         self.special_tokens = directory is not None
-        eos = _directory_eos(directory, self._tokenizer) if directory is not None else None
+        settings = _tokenizer_config(directory) if directory is not None else {}
+        eos = _directory_eos(directory, settings, self._tokenizer) if directory is not None else None
         ids = (self._tokenizer.token_to_id(token) for token in self.SEPARATOR_CANDIDATES)
         self.separator = eos if eos is not None else next((i for i in ids if i is not None), None)
+        # add_bos_token: true, for a tokenizer.json whose post-processor does not add it (older Llama 2 files)
+        bos = _token_id(settings.get("bos_token"), self._tokenizer)
+        self.bos = bos if settings.get("add_bos_token") is True else None
 
     def encode(self, text: str | bytes) -> np.ndarray:
         if isinstance(text, bytes):
@@ -111,25 +115,45 @@ class HFTokenizer:
         ids = self._tokenizer.encode(text, add_special_tokens=self.special_tokens).ids
         if self.special_tokens and ids and ids[-1] == self.separator:  # the post-processor ends it already
             ids = ids[:-1]
+        if self.bos is not None and (not ids or ids[0] != self.bos):
+            ids = [self.bos, *ids]
         return np.asarray(ids, dtype=np.int64)
 
 
 TOKENIZER_FILE = "tokenizer.json"
 
 
-def _directory_eos(directory: Path, tokenizer) -> Optional[int]:
+def _tokenizer_config(directory: Path) -> dict:
+    """A model directory's ``tokenizer_config.json`` ({} where it has none); ``DataError`` if unreadable."""
+    file = directory / "tokenizer_config.json"
+    if not file.is_file():
+        return {}
+    try:
+        settings = json.loads(file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DataError(f"{file}: not JSON ({error})") from None
+    return settings if isinstance(settings, dict) else {}
+
+
+def _token_id(token, tokenizer) -> Optional[int]:
+    """The id of a special token as ``tokenizer_config.json`` writes it (a string, or {"content": ...})."""
+    if isinstance(token, dict):
+        token = token.get("content")
+    return tokenizer.token_to_id(token) if isinstance(token, str) else None
+
+
+def _directory_eos(directory: Path, settings: dict, tokenizer) -> Optional[int]:
     """The EOS token id of a Hugging Face model directory: ``tokenizer_config.json``'s ``eos_token``,
     else ``config.json``'s ``eos_token_id`` (the first, where it lists several); None where neither says."""
-    settings = directory / "tokenizer_config.json"
-    if settings.is_file():
-        token = json.loads(settings.read_text()).get("eos_token")
-        if isinstance(token, dict):
-            token = token.get("content")
-        if isinstance(token, str) and tokenizer.token_to_id(token) is not None:
-            return tokenizer.token_to_id(token)
+    eos = _token_id(settings.get("eos_token"), tokenizer)
+    if eos is not None:
+        return eos
     config = directory / "config.json"
     if config.is_file():
-        eos = json.loads(config.read_text()).get("eos_token_id")
+        try:
+            eos = json.loads(config.read_text()).get("eos_token_id")
+        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            return None
         eos = eos[0] if isinstance(eos, list) and eos else eos
         if isinstance(eos, int):
             return eos

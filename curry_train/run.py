@@ -130,7 +130,14 @@ def build_trainer(
         c = cfg.checkpoint
         export_hf = run_dir / "hf" if c.get("export_hf_on_end") else None
         all_callbacks.append(
-            PeriodicCheckpoint(run_dir / "checkpoints", c.every_n_steps, c.keep_last, c.save_on_end, export_hf)
+            PeriodicCheckpoint(
+                run_dir / "checkpoints",
+                c.every_n_steps,
+                c.keep_last,
+                c.save_on_end,
+                export_hf,
+                c.get("export_hf_dtype"),
+            )
         )
     if t.enable_progress_bar:
         all_callbacks.append(StepProgressBar())

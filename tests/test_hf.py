@@ -205,6 +205,110 @@ def test_export_writes_what_transformers_loads(models, tmp_path):
             torch.testing.assert_close(back.state_dict()[name], tensor, rtol=0, atol=0)
 
 
+def _copy(source: Path, directory: Path, **edit) -> Path:
+    """A copy of the model directory ``source`` with ``config.json``'s keys ``edit``ed (None: removed)."""
+    directory.mkdir()
+    for file in source.iterdir():
+        (directory / file.name).write_bytes(file.read_bytes())
+    config = json.loads((directory / "config.json").read_text())
+    config.update(edit)
+    config = {key: value for key, value in config.items() if value is not None}
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+def test_transformers_4_config_keys_read_the_same(models, tmp_path):
+    """Hub configs carry transformers 4's keys (rope_theta, rope_scaling, Qwen3-MoE's num_experts), the
+    tests' models transformers 5's (rope_parameters, num_local_experts): both read the same."""
+    llama = _copy(
+        models["llama3"], tmp_path / "llama", rope_parameters=None, rope_theta=500000.0, rope_scaling=LLAMA3_ROPE
+    )
+    expected = model_config(models["llama3"])
+    assert {**model_config(llama), "name": "", "init_from": ""} == {**expected, "name": "", "init_from": ""}
+    config = json.loads((models["qwen3-moe"] / "config.json").read_text())
+    qwen = _copy(
+        models["qwen3-moe"], tmp_path / "qwen", num_local_experts=None, num_experts=config["num_local_experts"]
+    )
+    assert model_config(qwen)["moe"] == model_config(models["qwen3-moe"])["moe"]
+
+
+def test_old_checkpoints_still_resume(tmp_path):
+    """A checkpoint saved before the schema had model.qk_norm (or data.tokenizer=auto) compares equal."""
+    from curry_train.config.resume import _check_same_math  # noqa: PLC0415
+
+    cfg = compose(["data=files", f"data.paths=[{tmp_path}/x.txt]"])
+    apply_init_from(cfg)  # data.tokenizer=auto, no init_from: byte, as such runs saved it
+    saved = OmegaConf.to_container(cfg, resolve=True)
+    for key in ("qk_norm", "rope_scaling", "init_from"):
+        del saved["model"][key]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    _check_same_math(cfg, tmp_path)
+    cfg.model.qk_norm = True
+    with pytest.raises(Exception, match="model.qk_norm"):
+        _check_same_math(cfg, tmp_path)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        ({"quantization_config": {"quant_method": "fp8"}}, "quantized weights (quantization_config: fp8)"),
+        ({"rope_parameters": None, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "no 'low_freq_factor'"),
+        ({"num_attention_heads": None}, "no 'num_attention_heads'"),
+        ({"num_attention_heads": "four"}, "a value of the wrong type"),
+        ({"architectures": "MistralForCausalLM"}, None),  # a string, not a list: still read
+    ],
+)
+def test_malformed_config_is_one_error_naming_the_key(models, tmp_path, edit, message):
+    directory = _copy(models["llama3"], tmp_path / "model", **edit)
+    if message is None:
+        assert model_config(directory)["dim"] == 64
+        return
+    with pytest.raises(PretrainedError, match=re.escape(message)):
+        model_config(directory)
+
+
+def test_float8_weights_are_refused(models, tmp_path):
+    directory = _copy(models["llama3"], tmp_path / "model")
+    tensors = load_file(str(directory / "model.safetensors"))
+    key = "model.layers.0.self_attn.q_proj.weight"
+    tensors[key] = tensors[key].to(torch.float8_e4m3fn)
+    save_file(tensors, str(directory / "model.safetensors"))
+    cfg = OmegaConf.structured(ModelConfig)
+    cfg.merge_with(model_config(directory))
+    with pytest.raises(PretrainedError, match=f"tensor {re.escape(key)} is F8_E4M3"):
+        check_weights(directory, cfg)
+
+
+def test_export_replaces_an_earlier_export_only(models, tmp_path):
+    """Exporting again (one file after several) leaves no stale shard or index; a directory holding
+    anything else is refused, untouched."""
+    model = our_model(models["llama3"])
+    out = tmp_path / "out"
+    export(dict(model.state_dict()), model.cfg, out, shard_bytes=40_000)
+    assert (out / "model.safetensors.index.json").is_file()
+    export(dict(model.state_dict()), model.cfg, out)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(PretrainedError, match="holds notes.txt"):
+        export(dict(model.state_dict()), model.cfg, out)
+    assert (out / "notes.txt").read_text() == "mine" and not (tmp_path / "out.partial").exists()
+
+
+def test_add_bos_token_adds_bos_a_post_processor_does_not(models, tmp_path):
+    from tokenizers import Tokenizer  # noqa: PLC0415
+
+    directory = _copy(models["llama3"], tmp_path / "model")
+    tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    tokenizer.post_processor = None
+    tokenizer.save(str(directory / "tokenizer.json"))
+    bos = tokenizer.token_to_id(BOS)
+    assert make_tokenizer(str(directory)).encode("alpha")[0] != bos
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": BOS, "eos_token": EOS, "add_bos_token": True})
+    )
+    assert make_tokenizer(str(directory)).encode("alpha")[0] == bos
+
+
 def test_missing_tensor_and_wrong_shape_name_the_tensor(models, tmp_path):
     directory = tmp_path / "broken"
     directory.mkdir()
@@ -275,7 +379,7 @@ LAYOUT_RUN = (
 
 @pytest.mark.slow
 def test_every_layout_starts_from_the_pretrained_loss(models, tmp_path):
-    """A tiny Llama 3 loaded under fsdp on 4 ranks, tp 2, pp 2 and cp 2: the first loss of one process
+    """A tiny Llama 3 loaded under fsdp on 4 ranks, tp 2, pp 2, cp 2 and fsdp+tp: the first loss of one process
     (rel 1e-5: fp32 sums in another order), and each rank read about its shards, not the model."""
     corpus = _corpus(tmp_path / "corpus.jsonl")
     common = [
@@ -291,6 +395,7 @@ def test_every_layout_starts_from_the_pretrained_loss(models, tmp_path):
         "tp2": ["parallel=tp", "trainer.devices=2", "parallel.tp.size=2"],
         "pp2": ["parallel=pp", "trainer.devices=2", "parallel.pp.size=2"],
         "cp2": ["parallel=cp", "trainer.devices=2", "parallel.cp.size=2"],
+        "fsdp+tp": ["parallel=fsdp+tp", "trainer.devices=4", "parallel.tp.size=2"],  # 2-D (strided) shards
     }
     first = {}
     for name, layout in layouts.items():
@@ -400,7 +505,7 @@ def test_finetune_recipe_exports_what_transformers_loads(models, tmp_path):
     state = dcp.consolidated_model_state(checkpoint)
     model = our_model(models["llama3"])
     start = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    model.load_state_dict(state, strict=False)
+    model.load_state_dict(state)
     assert not torch.equal(model.state_dict()["layers.0.attention.wq.weight"], start["layers.0.attention.wq.weight"])
     tokens = torch.randint(0, VOCAB, (1, 32), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
@@ -416,5 +521,6 @@ def test_finetune_recipe_exports_what_transformers_loads(models, tmp_path):
     )
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
-    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    config = json.loads((out / "config.json").read_text())
+    assert config["torch_dtype"] == "bfloat16" and config["bos_token_id"] == 1 and config["eos_token_id"] == 2
     torch.testing.assert_close(hf_logits(out, tokens), expected, rtol=0, atol=0.05)

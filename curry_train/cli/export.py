@@ -3,7 +3,7 @@
     python scripts/export_checkpoint.py outputs/<run>/checkpoints/step-00000120 --output model.safetensors \\
         [--dtype bf16]
     python scripts/export_checkpoint.py outputs/<run>/checkpoints/step-00000120 --format hf --output DIR \\
-        [--dtype bf16] [--max-shard-size 5GB]
+        [--dtype bf16] [--max-shard-size 5GB]   (default dtype: model.init_from's, else fp32)
 
 Runs in one process, whatever layout and world size wrote the checkpoint: torch.distributed.checkpoint
 reassembles each parameter from its shards. Optimizer state is left out.
@@ -19,18 +19,17 @@ reassembles each parameter from its shards. Optimizer state is left out.
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-import torch
 from safetensors.torch import save_file
 
 from curry_train.primitives.dcp import consolidated_model_state, verify
-from curry_train.primitives.hf_checkpoint import PretrainedError, export_checkpoint
+from curry_train.primitives.hf_checkpoint import DTYPES, PretrainedError, export_checkpoint
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FORMATS = ("safetensors", "hf")
 UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30}
 
@@ -49,7 +48,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("checkpoint", type=Path, help="a checkpoint directory (…/checkpoints/step-NNNNNNNN)")
     parser.add_argument("--output", type=Path, required=True, help="the .safetensors file (hf: directory) to write")
     parser.add_argument("--format", choices=FORMATS, default="safetensors", help="one file, or a HF directory")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the exported weights")
+    parser.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        help="dtype of the exported weights (default fp32; hf: model.init_from's dtype, else fp32)",
+    )
     parser.add_argument("--max-shard-size", type=byte_size, default="5GB", help="hf: the largest safetensors file")
     args = parser.parse_args(argv)
     problem = verify(args.checkpoint)
@@ -60,17 +63,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         )
         return 2
     if args.format == "hf":
-        if args.output.is_file():
-            print(f"export_checkpoint: error: --output {args.output} is a file; --format hf writes a directory")
-            return 2
         try:
-            written = export_checkpoint(args.checkpoint, args.output, DTYPES[args.dtype], args.max_shard_size)
+            written = export_checkpoint(args.checkpoint, args.output, args.dtype, args.max_shard_size)
         except PretrainedError as error:
             print(f"export_checkpoint: error: {error}", file=sys.stderr)
             return 2
-        print(f"wrote {args.output}: config.json, {len(written)} safetensors file(s), {args.dtype}")
+        dtype = json.loads((args.output / "config.json").read_text())["torch_dtype"]
+        print(f"wrote {args.output}: config.json, {len(written)} safetensors file(s), {dtype}")
         return 0
 
+    args.dtype = args.dtype or "fp32"
     state = {
         name: tensor.to(DTYPES[args.dtype]).contiguous()
         for name, tensor in consolidated_model_state(args.checkpoint).items()

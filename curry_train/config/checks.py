@@ -32,6 +32,7 @@ from curry_train.primitives.distributed_optimizer import (
     SHARDING_MODES,
 )
 from curry_train.primitives.expert_parallel import DISPATCHERS
+from curry_train.primitives.hf_checkpoint import DTYPES as HF_DTYPES
 from curry_train.primitives.hf_checkpoint import MOE_SHAPE_KEYS, PretrainedError, check_weights, hf_kind, model_config
 from curry_train.primitives.parallel_state import Degrees
 from curry_train.primitives.pipeline_schedule import check_microbatches, split_layers, stages_per_rank
@@ -463,6 +464,8 @@ def _check_training(cfg: DictConfig) -> None:
         raise ConfigError("logger=tensorboard needs the tensorboard package: pip install tensorboard")
     if c.every_n_steps < 0 or c.keep_last < 1:
         raise ConfigError("checkpoint.every_n_steps must be >= 0 and checkpoint.keep_last >= 1")
+    if c.export_hf_dtype is not None and c.export_hf_dtype not in HF_DTYPES:
+        raise ConfigError(f"checkpoint.export_hf_dtype={c.export_hf_dtype!r}: expected one of {', '.join(HF_DTYPES)}")
     if c.export_hf_on_end:
         if not c.save_on_end:
             raise ConfigError(
@@ -482,11 +485,15 @@ def _check_training(cfg: DictConfig) -> None:
 
 def apply_init_from(cfg: DictConfig) -> None:
     """``model.init_from=DIR``: set the model's architecture keys from ``DIR/config.json`` (with a mixture of
-    experts, its balancing too unless the run set ``model.moe``), check that the
-    directory holds every tensor with its shape (headers only), and make ``data.tokenizer=auto`` the
-    directory's tokenizer. Raises ConfigError naming the file and key."""
+    experts, its balancing too unless the composed config already has a ``model.moe``), check that the
+    directory holds every tensor with its shape and a float dtype (headers only), and make
+    ``data.tokenizer=auto`` the directory's tokenizer (without ``init_from``, or a directory without
+    one: ``byte``, so that a run saves what it read with). Raises ConfigError naming the file and key."""
     path = cfg.model.get("init_from")
+    tokenizer = cfg.data.get("tokenizer")
     if path is None:
+        if tokenizer == "auto":
+            cfg.data.tokenizer = "byte"
         return
     try:
         keys = model_config(path, seq_len=cfg.data.seq_len)
@@ -504,11 +511,14 @@ def apply_init_from(cfg: DictConfig) -> None:
     except PretrainedError as error:
         raise ConfigError(str(error)) from None
     has_tokenizer = (Path(path) / TOKENIZER_FILE).is_file()
-    if cfg.data.get("tokenizer") == "auto" and has_tokenizer:
-        cfg.data.tokenizer = keys["init_from"]
-    if cfg.data.source == "stdlib" or (cfg.data.source == "files" and cfg.data.tokenizer in ("auto", "byte")):
-        why = "data=stdlib is byte-level" if cfg.data.source == "stdlib" else f"{path} has no {TOKENIZER_FILE}"
-        log.warning("model.init_from=%s: the data is read as bytes (%s), not with the model's tokenizer", path, why)
+    if tokenizer == "auto":
+        cfg.data.tokenizer = keys["init_from"] if has_tokenizer else "byte"
+        if cfg.data.source == "files" and not has_tokenizer:
+            log.warning(
+                "model.init_from=%s has no %s: data.tokenizer=auto reads the text as bytes", path, TOKENIZER_FILE
+            )
+    if cfg.data.source == "stdlib":
+        log.warning("model.init_from=%s with data=stdlib: the data is bytes, not the model's tokens", path)
 
 
 def check(cfg: DictConfig, env: Mapping[str, str] = os.environ, run_dir: Optional[Path] = None) -> LaunchPlan:

@@ -21,6 +21,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from curry_train.config import ConfigError
+from curry_train.config.schema import Config
 from curry_train.primitives import dcp
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,8 @@ def _check_same_math(cfg: DictConfig, checkpoint: Path) -> None:
     if saved is None or cfg.checkpoint.allow_config_change:
         return
     now = _flat(OmegaConf.to_container(cfg, resolve=True))
-    then = _flat(saved)
+    # A key the schema gained after the checkpoint was saved had its default then (``model.qk_norm``).
+    then = {**_flat(OmegaConf.to_container(OmegaConf.structured(Config))), **_flat(saved)}
     differ = sorted(
         key
         for key in set(now) | set(then)

@@ -82,6 +82,7 @@ class CheckpointConfig:
     search_dir: str = "outputs"  # where ckpt_path=last looks when the run's own directory has no checkpoint
     allow_config_change: bool = False  # resume a checkpoint whose run had other model/data/seed values
     export_hf_on_end: bool = False  # also write the final checkpoint as a Hugging Face directory, <run_dir>/hf
+    export_hf_dtype: Optional[str] = None  # fp32 | bf16 | fp16; null: model.init_from's dtype, else fp32
 
 
 @dataclass

@@ -26,9 +26,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 from omegaconf import OmegaConf
@@ -45,7 +47,14 @@ log = logging.getLogger(__name__)
 
 CONFIG = "config.json"
 INDEX = "model.safetensors.index.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
+TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")  # what generation reads from config.json
 # architecture -> what the model needs to compute it: qk_norm (Qwen3) and the MoE convention
 ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -65,7 +74,8 @@ MOE_SHAPE_KEYS = (
     "normalize",
     "capacity_factor",
 )
-SHARD_BYTES = 5 << 30  # the largest safetensors file an export writes (Hugging Face's default)
+SHARD_BYTES = 5 * 10**9  # the largest safetensors file an export writes (Hugging Face's default, 5GB)
+FLOAT_DTYPES = ("F32", "BF16", "F16", "F64")  # safetensors' names of the dtypes a checkpoint may hold
 
 
 class PretrainedError(ValueError):
@@ -94,7 +104,8 @@ def read_config(path: str | Path) -> dict[str, Any]:
 
 def architecture(config: dict[str, Any], file: Path) -> str:
     names = config.get("architectures") or []
-    name = names[0] if names else None
+    names = [names] if isinstance(names, str) else names
+    name = names[0] if isinstance(names, list) and names else None
     if name not in ARCHITECTURES:
         given = name or f"model_type {config.get('model_type')!r}"
         raise PretrainedError(
@@ -129,7 +140,22 @@ def model_config(path: str | Path, seq_len: Optional[int] = None) -> dict[str, A
     directory = Path(path)
     config = read_config(directory)
     file = directory / CONFIG
+    try:
+        return _model_config(directory, config, file, seq_len)
+    except KeyError as error:
+        raise PretrainedError(f"{file}: no {error.args[0]!r}") from None
+    except (TypeError, ValueError, ZeroDivisionError, AttributeError) as error:
+        raise PretrainedError(f"{file}: a value of the wrong type or size ({type(error).__name__}: {error})") from None
+
+
+def _model_config(directory: Path, config: dict[str, Any], file: Path, seq_len: Optional[int]) -> dict[str, Any]:
     kind = architecture(config, file)
+    quantized = config.get("quantization_config")
+    if quantized:
+        method = quantized.get("quant_method", "?") if isinstance(quantized, dict) else quantized
+        raise PretrainedError(
+            f"{file}: quantized weights (quantization_config: {method}) are not supported; use the bf16/fp32 release"
+        )
 
     def need(key: str) -> Any:
         if key not in config:
@@ -321,8 +347,7 @@ class _Files:
                 raise PretrainedError(f"{directory}: no *.safetensors weights (PyTorch .bin checkpoints are not read)")
             self.where = {}
             for file in files:
-                with safe_open(str(file), "pt") as handle:
-                    self.where.update((key, file) for key in handle.keys())
+                self.where.update((key, file) for key in _open(file).keys())
         self._open: dict[Path, Any] = {}
         self.bytes_read = 0
         self.largest_read = 0
@@ -332,11 +357,14 @@ class _Files:
         if file not in self._open:
             if not file.is_file():
                 raise PretrainedError(f"{file}: missing (named by {INDEX} for {key})")
-            self._open[file] = safe_open(str(file), "pt")
+            self._open[file] = _open(file)
         return self._open[file]
 
     def shape(self, key: str) -> list[int]:
         return list(self.handle(key).get_slice(key).get_shape())
+
+    def dtype(self, key: str) -> str:
+        return self.handle(key).get_slice(key).get_dtype()
 
     def read(self, key: str, box: tuple[slice, ...]) -> Tensor:
         tensor = self.handle(key).get_slice(key)[box]
@@ -348,6 +376,13 @@ class _Files:
     def release(self) -> None:
         """Close the files (unmapping them): the pages read so far stop counting as this process's memory."""
         self._open.clear()
+
+
+def _open(file: Path) -> Any:
+    try:
+        return safe_open(str(file), "pt")
+    except Exception as error:  # safetensors raises its own SafetensorError for a damaged file
+        raise PretrainedError(f"{file}: not a readable safetensors file ({error})") from None
 
 
 def _memory() -> dict[str, int]:
@@ -385,6 +420,11 @@ def check_weights(path: str | Path, cfg: Any) -> None:
             if key not in files.where:
                 raise PretrainedError(f"{directory}: tensor {key} is missing (the model's {name})")
             got = files.shape(key)
+            if files.dtype(key) not in FLOAT_DTYPES:
+                raise PretrainedError(
+                    f"{directory}: tensor {key} is {files.dtype(key)}; the weights must be one of"
+                    f" {', '.join(FLOAT_DTYPES)} (a quantized checkpoint is not supported)"
+                )
             if got != list(expected):
                 raise PretrainedError(
                     f"{directory}: tensor {key} has shape {got}, config.json implies {list(expected)}"
@@ -500,7 +540,8 @@ def hf_config(cfg: Any, dtype: torch.dtype) -> dict[str, Any]:
         "hidden_act": "silu",
         "attention_bias": False,
         "attention_dropout": 0.0,
-        "torch_dtype": str(dtype).removeprefix("torch."),
+        "torch_dtype": str(dtype).removeprefix("torch."),  # transformers 4's key
+        "dtype": str(dtype).removeprefix("torch."),  # transformers 5's
     }
     if cfg.rope_scaling is not None:
         s = cfg.rope_scaling
@@ -600,6 +641,38 @@ def tokenizer_files(source: Optional[str | Path]) -> list[Path]:
     return [path / name for name in TOKENIZER_FILES if (path / name).is_file()]
 
 
+def token_ids(directories: Iterable[Optional[str | Path]]) -> dict[str, Any]:
+    """``bos_token_id``, ``eos_token_id``, ``pad_token_id`` for an exported ``config.json``: from the first of
+    ``directories`` whose ``config.json`` names any (the pretrained model's, the tokenizer's)."""
+    for directory in directories:
+        file = Path(directory) / CONFIG if directory else None
+        if file is not None and file.is_file():
+            try:
+                config = json.loads(file.read_text())
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                continue
+            ids = {key: config[key] for key in TOKEN_IDS if config.get(key) is not None}
+            if ids:
+                return ids
+    return {}
+
+
+EXPORTED = (CONFIG, INDEX, *TOKENIZER_FILES)
+
+
+def _replaceable(out: Path) -> None:
+    """``out`` is absent, empty, or an earlier export (only files an export writes), which is replaced
+    whole: stale shards of another size or dtype never outlive it."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise PretrainedError(f"{out}: is a file; the export writes a directory")
+    for entry in out.iterdir():
+        ours = entry.name in EXPORTED or (entry.name.startswith("model") and entry.name.endswith(".safetensors"))
+        if not ours or not entry.is_file():
+            raise PretrainedError(f"{out}: holds {entry.name}, which is not part of an export; choose another output")
+
+
 def export(
     state: dict[str, Tensor],
     cfg: Any,
@@ -607,20 +680,26 @@ def export(
     dtype: torch.dtype = torch.float32,
     tokenizer: Iterable[Path] = (),
     shard_bytes: int = SHARD_BYTES,
-    progress: Optional[Callable[[str], None]] = None,
+    ids: Optional[dict[str, Any]] = None,
 ) -> list[Path]:
-    """Write the model ``cfg`` with the full weights ``state`` as a Hugging Face directory ``out``."""
+    """Write the model ``cfg`` with the full weights ``state`` as a Hugging Face directory ``out``: into
+    ``out.partial``, then renamed into place (an earlier export there is replaced), so an interrupted
+    export never leaves a directory that looks whole. ``ids``: the special token ids for ``config.json``."""
     out = Path(out)
-    config = hf_config(cfg, dtype)
+    _replaceable(out)
+    config = {**hf_config(cfg, dtype), **(ids or {})}
     tensors = {key: t.to(dtype) for key, t in hf_state(state, cfg).items()}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-    written = save_sharded(tensors, out, shard_bytes)
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    (partial / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    written = save_sharded(tensors, partial, shard_bytes)
     for file in tokenizer:
-        (out / file.name).write_bytes(file.read_bytes())
-        if progress:
-            progress(f"copied {file.name}")
-    return written
+        shutil.copyfile(file, partial / file.name)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(partial, out)
+    return [out / path.name for path in written]
 
 
 def checkpoint_model_config(checkpoint: str | Path) -> Any:
@@ -633,15 +712,32 @@ def checkpoint_model_config(checkpoint: str | Path) -> Any:
     return cfg
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_HF_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def export_dtype(cfg: Any) -> str:
+    """The dtype an export writes by default: the pretrained directory's (``model.init_from``), else fp32."""
+    if cfg.init_from and (Path(cfg.init_from) / CONFIG).is_file():
+        config = json.loads((Path(cfg.init_from) / CONFIG).read_text())
+        return _HF_DTYPES.get(str(config.get("dtype") or config.get("torch_dtype")), "fp32")
+    return "fp32"
+
+
 def export_checkpoint(
-    checkpoint: str | Path, out: str | Path, dtype: torch.dtype = torch.float32, shard_bytes: int = SHARD_BYTES
+    checkpoint: str | Path, out: str | Path, dtype: Optional[str] = None, shard_bytes: int = SHARD_BYTES
 ) -> list[Path]:
-    """A curry-train checkpoint (any layout) as a Hugging Face directory ``out``, with the tokenizer the run
-    trained with (``data.tokenizer``, else ``model.init_from``'s) where it had one. Reads the whole model
-    into this process."""
+    """A curry-train checkpoint (any layout) as a Hugging Face directory ``out``, in ``dtype`` (fp32, bf16,
+    fp16; None: ``export_dtype``), with the tokenizer the run trained with where it had one. Reads the whole
+    model into this process."""
     cfg = checkpoint_model_config(checkpoint)
     hf_kind(cfg)  # an unexportable model fails before the weights are read
+    _replaceable(Path(out))
     data = (saved_config(checkpoint) or {}).get("data") or {}
     # Text read at start-up: the tokenizer it was read with; token files: the pretrained model's.
-    tokenizer = tokenizer_files(data.get("tokenizer") if data.get("source") == "files" else cfg.init_from)
-    return export(consolidated_model_state(checkpoint), cfg, out, dtype, tokenizer, shard_bytes)
+    source = data.get("tokenizer") if data.get("source") == "files" else cfg.init_from
+    tokenizer = tokenizer_files(source)
+    directory = source if source and Path(source).is_dir() else None
+    ids = token_ids([cfg.init_from, directory])
+    torch_dtype = DTYPES[dtype or export_dtype(cfg)]
+    return export(consolidated_model_state(checkpoint), cfg, out, torch_dtype, tokenizer, shard_bytes, ids)
