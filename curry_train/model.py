@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import MISSING
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from curry_train.moe import Experts, MoE, TopKRouter
 
@@ -85,6 +86,7 @@ class ModelConfig:
     rope_scaling: Optional[RopeScalingConfig] = None  # Llama 3.1+ long-context RoPE (null: plain RoPE)
     qk_norm: bool = False  # RMSNorm over each query and key head before RoPE (Qwen3)
     init_from: Optional[str] = None  # a Hugging Face model directory: config.json sets the shape, its weights the model
+    loss_chunks: int = 1  # >1: the head and the loss over this many sequence chunks, logits recomputed in backward
 
 
 @dataclass(frozen=True)
@@ -263,6 +265,32 @@ class Block(nn.Module):
         return x + self.dropout(self.feed_forward(self.ffn_norm(x)))
 
 
+def chunked_cross_entropy(head: nn.Module, h: Tensor, labels: Tensor, chunks: int) -> Tensor:
+    """The summed next-token cross-entropy of ``head(h)`` against ``labels``, taken ``chunks`` sequence
+    chunks at a time: each chunk's logits (and their fp32 copy) exist only while its loss is computed,
+    in forward and again in backward (``checkpoint``), so no rank ever holds the logits of the whole
+    sequence. The price: the head's matmul once more in backward.
+
+    Under sequence parallelism ``h`` is this rank's ``1/shards`` of the sequence and the head gathers
+    each chunk from every rank (rank-major), so each chunk's labels are taken from every rank's part.
+    Under loss parallelism the logits, and each chunk's loss, are vocabulary-sharded DTensors.
+    """
+    batch, local = h.shape[0], h.shape[1]
+    shards = labels.shape[1] // local
+    by_rank = labels.reshape(batch, shards, local)
+    size = -(-local // max(1, chunks))
+    total: Optional[Tensor] = None
+    for start in range(0, local, size):
+        part = by_rank[:, :, start : start + size].reshape(batch, -1)
+        loss = checkpoint(_head_loss, head, h[:, start : start + size], part, use_reentrant=False)
+        total = loss if total is None else total + loss
+    return total
+
+
+def _head_loss(head: nn.Module, h: Tensor, labels: Tensor) -> Tensor:
+    return F.cross_entropy(head(h).flatten(0, 1).float(), labels.flatten(), reduction="sum")
+
+
 class Llama(nn.Module):
     plan = SplitPlan()
 
@@ -282,11 +310,12 @@ class Llama(nn.Module):
         # parallelism shards the sequence); forward uses them when called without positions.
         self.register_buffer("positions", None, persistent=False)
 
-    def forward(self, tokens: Tensor, positions: Optional[Tensor] = None) -> Tensor:
+    def forward(self, tokens: Tensor, positions: Optional[Tensor] = None, labels: Optional[Tensor] = None) -> Tensor:
         """tokens: (batch, seq) ids, or hidden states (batch, seq, dim) on a stage without the embedding.
 
         positions: (seq,) indices into the RoPE tables; default 0..seq-1. Returns logits (batch, seq, vocab),
-        or hidden states on a stage without the head.
+        or hidden states on a stage without the head; given ``labels`` (batch, seq), the summed
+        cross-entropy instead, over ``loss_chunks`` chunks (``chunked_cross_entropy``).
         """
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         if positions is None:
@@ -299,7 +328,11 @@ class Llama(nn.Module):
             h = block(h, cos, sin)
         if self.norm is not None:
             h = self.norm(h)
-        return self.output(h) if self.output is not None else h
+        if self.output is None:
+            return h
+        if labels is not None:
+            return chunked_cross_entropy(self.output, h, labels, getattr(self.cfg, "loss_chunks", 1))
+        return self.output(h)
 
     def tie_weights(self) -> None:
         """Share the embedding with the head (``tie_embeddings``); again after moving off the meta

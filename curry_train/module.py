@@ -97,6 +97,11 @@ class CausalLM(pl.LightningModule):
         """Summed next-token cross-entropy of ``logits`` over the global batch's token count (a
         pipeline's last stage calls this on each micro-batch's output)."""
         loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum")
+        return self.scale_loss(loss_sum)
+
+    def scale_loss(self, loss_sum: Tensor) -> Tensor:
+        """A micro-batch's summed cross-entropy as its share of the step's loss (model.loss_chunks > 1: the
+        model sums it over its chunks)."""
         return loss_sum / self.tokens_per_step
 
     # ------------------------------------------------------------------------------------------

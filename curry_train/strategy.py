@@ -136,6 +136,7 @@ class CurryStrategy(ParallelStrategy):
                 module.manual_backward,
                 self.root_device,
                 microbatches,
+                module.scale_loss if cfg.model.get("loss_chunks", 1) > 1 else None,
             ),
         )
         self.model = module

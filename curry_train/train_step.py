@@ -47,6 +47,7 @@ class TrainStep:
         backward: Callable[[Tensor], None],
         device: torch.device,
         pipeline_microbatches: Optional[int] = None,
+        scale_loss: Optional[Callable[[Tensor], Tensor]] = None,
     ):
         self.model = parallel.model
         self.stages = parallel.stages
@@ -56,6 +57,9 @@ class TrainStep:
         self.backward = backward  # the LightningModule's manual_backward: through the precision plugin
         self.device = device
         self.pipeline_microbatches = pipeline_microbatches
+        # model.loss_chunks > 1: the model computes the summed loss itself (its head over sequence chunks),
+        # and this turns that sum into the micro-batch's share of the step's loss
+        self.scale_loss = scale_loss
 
     # ------------------------------------------------------------------------------------------
     # What the module and the metrics need to know
@@ -87,6 +91,8 @@ class TrainStep:
         inputs, labels = tokens[:, :-1], tokens[:, 1:]
         if self.layout.cp is not None:
             inputs, labels = self._cp_shard(inputs), self._cp_shard(labels)
+        if self.scale_loss is not None:
+            return self.scale_loss(self.model(inputs, labels=labels))
         return self.token_loss(self.model(inputs), labels)
 
     def forward_backward(self, micro_batches: list[Tensor]) -> Tensor:

@@ -206,6 +206,8 @@ def _check_model(cfg: DictConfig) -> None:
         raise ConfigError(f"model.dropout={m.dropout} must be in [0, 1)")
     if m.moe is not None:
         _check_moe(m)
+    if m.loss_chunks < 1:
+        raise ConfigError(f"model.loss_chunks={m.loss_chunks} must be >= 1 (1: the head and loss at once)")
     scaling = m.rope_scaling
     if scaling is not None:
         if scaling.type != "llama3":
@@ -354,6 +356,11 @@ def _check_pipeline(cfg: DictConfig, layout: ParallelConfig, degrees: Degrees) -
         return
     if pp.size < 1:
         raise ConfigError(f"parallel.pp.size={pp.size} must be positive")
+    if cfg.model.loss_chunks > 1:
+        raise ConfigError(
+            f"model.loss_chunks={cfg.model.loss_chunks} with parallel.pp is not supported yet: the last stage's"
+            " schedule computes the loss from whole logits; use model.loss_chunks=1"
+        )
     if "dp" in layout.options:
         raise ConfigError(
             "parallel=dp+pp: parallel=pp already replicates the stages over the ranks pp leaves;"

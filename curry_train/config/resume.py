@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 # The keys whose value changes what is computed: a checkpoint of a run with others is not this run's.
 MATH_PREFIXES = ("model.", "data.", "seed")
 # ... except those that change only how (not what) data is read.
-NOT_MATH = ("data.num_workers", "data.micro_batch_size")
+NOT_MATH = ("data.num_workers", "data.micro_batch_size", "model.loss_chunks")
 
 
 def resolve(cfg: DictConfig, run_dir: Optional[Path], digests: bool = True) -> Optional[str]:

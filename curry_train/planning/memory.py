@@ -326,7 +326,9 @@ def activation_bytes(cfg: DictConfig, layout: Layout, flash_attention: bool) -> 
     e = 2 if layout.mixed_precision == "bf16" else 4
     seq = layout.tp if layout.sequence_parallel else 1
     final_norm = (4 + 4) * s * b * m.dim / seq + 4 * s * b / seq + e * s * b * m.dim
-    loss = loss_bytes_per_logit(layout.mixed_precision) * s * b * m.vocab_size / layout.tp
+    # model.loss_chunks: one chunk's logits at a time (chunked_cross_entropy)
+    chunks = min(max(1, m.get("loss_chunks", 1) or 1), max(1, s // seq))
+    loss = loss_bytes_per_logit(layout.mixed_precision) * s * b * m.vocab_size / layout.tp / chunks
     peaks = []
     for forwards, holds_last in block_forwards_per_rank(layout, m.n_layers, microbatches_per_step(cfg, layout)):
         # A stage's forward of one micro-batch keeps its blocks' tensors until its backward. The
