@@ -36,6 +36,11 @@ from curry_train.train_step import TrainStep
 log = logging.getLogger(__name__)
 
 
+def cross_entropy_sum(logits: Tensor, labels: Tensor) -> Tensor:
+    """The summed next-token cross-entropy of ``logits`` (batch, seq, vocab) against ``labels``, in fp32."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum")
+
+
 def lr_lambda(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
     """Multiplier of the peak learning rate at ``step``: linear warmup, then the decay ``schedule``."""
     if step < warmup:
@@ -67,6 +72,12 @@ class CausalLM(pl.LightningModule):
         self._skipped_since_log = 0
         self.moe_layers: list[MoE] = []
         self.moe_metrics: dict[str, Tensor] = {}
+        # compile.loss: inductor fuses the fp32 upcast, log-softmax and gather (not under loss parallelism,
+        # whose cross-entropy runs on vocabulary-sharded DTensors)
+        c, tp = cfg.get("compile"), cfg.parallel.get("tp")
+        loss_parallel = tp is not None and tp.get("loss_parallel", False)
+        compiled = c is not None and c.enabled and c.loss and not loss_parallel
+        self.cross_entropy = torch.compile(cross_entropy_sum, backend=c.backend) if compiled else cross_entropy_sum
 
     # ------------------------------------------------------------------------------------------
     # Model and loss
@@ -96,8 +107,7 @@ class CausalLM(pl.LightningModule):
     def token_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         """Summed next-token cross-entropy of ``logits`` over the global batch's token count (a
         pipeline's last stage calls this on each micro-batch's output)."""
-        loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum")
-        return self.scale_loss(loss_sum)
+        return self.scale_loss(self.cross_entropy(logits, labels))
 
     def scale_loss(self, loss_sum: Tensor) -> Tensor:
         """A micro-batch's summed cross-entropy as its share of the step's loss (model.loss_chunks > 1: the

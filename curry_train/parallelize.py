@@ -20,6 +20,7 @@ from torch import nn
 
 from curry_train.config.schema import CPConfig, DPConfig, EPConfig, FSDPConfig, ParallelConfig, PPConfig, TPConfig
 from curry_train.moe import MoE
+from curry_train.primitives.compile import compile_blocks
 from curry_train.primitives.context_parallel import ContextParallel, sequence_positions
 from curry_train.primitives.data_parallel import replicate
 from curry_train.primitives.distributed_optimizer import DistributedOptimizer, shard_experts
@@ -51,9 +52,11 @@ def parallelize(
     seed: int,
     seq_len: int,
     init_from: Optional[str] = None,
+    compile_backend: Optional[str] = None,
 ) -> ParallelModel:
     """Apply ``layout`` to ``model``, built on the meta device, in the order that composes; its weights
-    are drawn from ``seed``, or read from the Hugging Face directory ``init_from``."""
+    are drawn from ``seed``, or read from the Hugging Face directory ``init_from``; ``compile_backend``:
+    torch.compile each block with it (None: eager)."""
     # Swaps linears for their DTensor-sharded versions, so it comes before anything that wraps
     # them; FSDP later shards those shards over the data-parallel axis of the same mesh (2-D).
     apply_tensor_parallel_layout(model, ps, layout.tp)
@@ -68,6 +71,10 @@ def parallelize(
     # Wraps each block's forward before FSDP, so a recomputation runs inside its unit, while the
     # unit's parameters are gathered.
     apply_recompute(blocks, layout.recompute, layout.recompute_every_n_blocks)
+    # Compiles each block's forward, its recompute included, before FSDP or DDP wrap the block: their
+    # collectives stay in the eager hooks around the compiled call.
+    if compile_backend is not None:
+        compile_blocks(blocks, compile_backend)
     # Shards while the parameters are still on the meta device: no rank allocates the whole model.
     apply_fsdp(model, ps, layout, roots=_pipeline_roots(stages))
     # Draws each parameter's full value from its own seeded generator, then keeps this rank's

@@ -120,6 +120,7 @@ class CurryStrategy(ParallelStrategy):
             seed=cfg.seed,
             seq_len=cfg.data.seq_len,
             init_from=cfg.model.get("init_from"),
+            compile_backend=cfg.compile.backend if cfg.get("compile") and cfg.compile.enabled else None,
         )
         microbatches = None
         if self.layout.pp is not None:

@@ -60,8 +60,11 @@ def test_whitebox_tp_matches_single_process(layout):
         ("parallel=tp", "trainer.devices=2"),
         ("parallel=fsdp+tp", "trainer.devices=4"),
         ("parallel=tp", "trainer.devices=2", "parallel.tp.sequence_parallel=true"),
+        # the head and the vocabulary-sharded loss over 4 chunks of each rank's sequence shard, recomputed in
+        # backward inside FSDP's root unit
+        ("parallel=fsdp+tp", "trainer.devices=4", "parallel.tp.sequence_parallel=true", "model.loss_chunks=4"),
     ],
-    ids=["tp-2", "fsdp+tp-4", "tp-2-sp"],
+    ids=["tp-2", "fsdp+tp-4", "tp-2-sp", "fsdp+tp-4-sp-chunked-loss"],
 )
 def test_tp_reproduces_single_process_curve(layout, single_process_curve, tmp_path):
     run_train([*FAST, f"trainer.max_steps={STEPS}", *layout, f"hydra.run.dir={tmp_path}"], cwd=tmp_path)

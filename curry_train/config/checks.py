@@ -24,6 +24,7 @@ from curry_train.config.schema import ACCELERATORS, LOGGERS, LR_SCHEDULES, PRECI
 from curry_train.data import SOURCES, TOKENIZER_FILE, DataError, DataSurvey, held_out, is_tokenizer, survey, windows
 from curry_train.model import MoEConfig, RopeScalingConfig
 from curry_train.moe import BALANCING, SCORE_FUNCTIONS
+from curry_train.primitives.compile import BACKENDS as COMPILE_BACKENDS
 from curry_train.primitives.context_parallel import PATTERNS
 from curry_train.primitives.distributed_optimizer import (
     BACKWARD_PREFETCH,
@@ -471,6 +472,8 @@ def _check_training(cfg: DictConfig) -> None:
         raise ConfigError("logger=tensorboard needs the tensorboard package: pip install tensorboard")
     if c.every_n_steps < 0 or c.keep_last < 1:
         raise ConfigError("checkpoint.every_n_steps must be >= 0 and checkpoint.keep_last >= 1")
+    if cfg.compile.backend not in COMPILE_BACKENDS:
+        raise ConfigError(f"compile.backend={cfg.compile.backend!r}: expected one of {', '.join(COMPILE_BACKENDS)}")
     if c.export_hf_dtype is not None and c.export_hf_dtype not in HF_DTYPES:
         raise ConfigError(f"checkpoint.export_hf_dtype={c.export_hf_dtype!r}: expected one of {', '.join(HF_DTYPES)}")
     if c.export_hf_on_end:

@@ -227,6 +227,15 @@ class HardwareConfig:
 
 
 @dataclass
+class CompileConfig:
+    """compile: torch.compile each transformer block (``curry_train/primitives/compile.py``); off by default."""
+
+    enabled: bool = False  # compile every block's forward, in any layout
+    loss: bool = True  # also compile the cross-entropy (with enabled; not under loss parallelism or loss_chunks)
+    backend: str = "inductor"  # inductor (C++ on CPU, Triton on CUDA) | aot_eager | eager
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -236,6 +245,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    compile: CompileConfig = field(default_factory=CompileConfig)
     seed: int = 1234  # seeds init, data order and dropout; the layout never changes what it seeds
     ckpt_path: Optional[str] = None  # resume: a checkpoint directory, "last" or "auto" (config/resume.py)
 

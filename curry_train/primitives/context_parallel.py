@@ -335,6 +335,8 @@ class ContextParallelAttention(nn.Module):
             )
         return self._layouts[local_seq]
 
+    # Left out of torch.compile's graphs (a deliberate graph break): it runs its own send/recv ring.
+    @torch._dynamo.disable
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         scale = 1.0 / math.sqrt(q.shape[-1])
         layouts = self.layouts(q.shape[2])
