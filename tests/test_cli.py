@@ -35,6 +35,7 @@ def test_every_command_is_a_console_script_with_a_shim():
         "curry-runs-diff",
         "curry-export",
         "curry-tokenize",
+        "curry-gpu-check",
     }
     shims = {path.name for path in (REPO / "scripts").glob("*.py")}
     assert shims == {
@@ -46,6 +47,7 @@ def test_every_command_is_a_console_script_with_a_shim():
         "runs_diff.py",
         "export_checkpoint.py",
         "tokenize_data.py",
+        "gpu_check.py",
     }
     for shim in (REPO / "scripts").glob("*.py"):
         text = shim.read_text()

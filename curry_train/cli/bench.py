@@ -8,13 +8,19 @@ the pipeline bubble, context-parallel attention.
     python scripts/bench.py --context [--seq-len S] [--cp 1,2,4] [--pattern ring] [--json PATH]
     python scripts/bench.py --pipeline [--pp P] [--microbatches 4,8] [--kinds K,...] [--steps N] [--json PATH]
                             [overrides...]
+    python scripts/bench.py --compile [--models debug,llama-100m] [--steps N] [--warmup W] [--json PATH]
+                            [overrides...]
 
 Arguments without a leading ``--`` are Hydra overrides, exactly as for ``train.py``; the default is
 the default config (the debug model on the bundled corpus). What each mode measures, and how, is
 documented where it is measured:
 
 * default: curry-train's training loop against a minimal hand-written PyTorch loop on one device:
-  tokens/s, the ratio, and the per-step losses, which must agree (``curry_train/validation/throughput.py``);
+  tokens/s, the ratio, and the per-step losses, which must agree, and MFU against the device's measured
+  matmul peak and against the hardware table's (``curry_train/validation/throughput.py``, ``peak_flops.py``);
+* ``--compile``: eager and ``compile.enabled=true`` side by side for the debug model and a ~100M-parameter
+  Llama: tokens/s, peak memory, MFU, recompilations after the first step, the losses' difference
+  (``curry_train/validation/compile_bench.py``);
 * ``--memory``: per rank, the model state against ZeRO's formula, the parameters held after forward
   and the peak activations; on one process, the activations of each ``parallel.recompute`` setting
   (``curry_train/validation/memory_bench.py``, ``curry_train/validation/memory.py``);
@@ -49,6 +55,8 @@ from curry_train.planning.step_time import flops_parameters, flops_per_token  # 
 from curry_train.primitives.context_parallel import PATTERNS
 from curry_train.primitives.pipeline_schedule import KINDS, canonical_kind
 from curry_train.validation.bubble import BubbleRow, bubble_table, check_bubble_runs, measure_bubbles
+from curry_train.validation.compile_bench import MODELS as COMPILE_MODELS
+from curry_train.validation.compile_bench import compile_bench
 from curry_train.validation.context import context_table, measure_context
 from curry_train.validation.layouts import (  # noqa: F401
     COMPARE_LAYOUTS,
@@ -144,6 +152,14 @@ def _counts(text: str) -> list[int]:
     return counts
 
 
+def _models(text: str) -> list[str]:
+    models = [part.strip() for part in text.split(",")]
+    unknown = [model for model in models if model not in COMPILE_MODELS]
+    if unknown or not models:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected models among {', '.join(COMPILE_MODELS)}")
+    return models
+
+
 def _kinds(text: str) -> list[str]:
 
     kinds = [part.strip() for part in text.split(",")]
@@ -187,7 +203,7 @@ def context_bench(seq_len: int, cps: Sequence[int], pattern: str, steps: int) ->
     return ContextResult(rows=measure_context(seq_len, cps, pattern, steps=steps), seq_len=seq_len)
 
 
-DEFAULT_STEPS = {"throughput": 20, "layouts": 10, "compare": 2, "pipeline": 5, "context": 3}
+DEFAULT_STEPS = {"throughput": 20, "layouts": 10, "compare": 2, "pipeline": 5, "context": 3, "compile": 5}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -234,6 +250,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         action="store_true",
         help="context-parallel attention: per-rank activation memory, exposed communication and tokens/s for each cp",
     )
+    mode.add_argument(
+        "--compile",
+        action="store_true",
+        help="eager and compiled training side by side: tokens/s, peak memory, MFU, recompilations",
+    )
+    parser.add_argument(
+        "--models",
+        type=_models,
+        default=list(COMPILE_MODELS),
+        metavar="MODEL[,MODEL...]",
+        help=f"with --compile: the models (default {','.join(COMPILE_MODELS)})",
+    )
     parser.add_argument("--seq-len", type=int, default=8192, help="with --context: the sequence length (default 8192)")
     parser.add_argument(
         "--cp", type=_counts, default=[1, 2, 4], metavar="CP[,CP...]", help="with --context: cp sizes (default 1,2,4)"
@@ -274,6 +302,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.pipeline
         else "context"
         if args.context
+        else "compile"
+        if args.compile
         else "throughput"
     )
     steps = DEFAULT_STEPS[mode_name] if args.steps is None else args.steps
@@ -290,6 +320,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             result = layouts_bench(args.overrides, layouts, steps, compare=mode_name == "compare")
         elif mode_name == "context":
             result = context_bench(args.seq_len, args.cp, args.pattern, steps)
+        elif mode_name == "compile":
+            result = compile_bench(args.overrides, steps, args.warmup, args.models)
         elif mode_name == "pipeline":
             result = pipeline_bench(args.overrides, args.pp, args.microbatches, steps, args.kinds)
         else:

@@ -41,7 +41,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import lightning.pytorch as pl
 import torch
@@ -55,10 +55,12 @@ from curry_train.config import ConfigError, compose
 from curry_train.config.checks import LaunchPlan, check
 from curry_train.config.schema import PRECISIONS
 from curry_train.data import GlobalBatchSampler
-from curry_train.model import Llama
+from curry_train.model import Llama, head_dim
 from curry_train.module import CausalLM, LMDataModule, lr_lambda
+from curry_train.planning.step_time import flops_parameters, flops_per_token
 from curry_train.primitives.materialize import materialize_and_init
 from curry_train.run import build_trainer
+from curry_train.validation.peak_flops import DTYPES, matmul_flops
 
 LOOPS = ("hand", "curry")
 
@@ -122,6 +124,14 @@ class BenchResult:
     repeats: int
     tokens_per_step: int
     runs: list[LoopRun] = field(default_factory=list)
+    flops_per_token: float = 0.0  # model FLOPs of training on one token (planning.step_time.flops_per_token)
+    measured_peak: float = 0.0  # the device's measured matmul FLOP/s in the run's compute dtype (peak_flops)
+    table_peak: float = 0.0  # hardware.peak_bf16_flops of the config's hardware group
+    hardware: str = ""
+
+    def mfu(self, loop: str = "curry", peak: Optional[float] = None) -> float:
+        """Model FLOPs utilization of ``loop``'s median tokens/s against ``peak`` (default: the measured one)."""
+        return self.tokens_per_s(loop) * self.flops_per_token / (peak or self.measured_peak)
 
     def of(self, loop: str) -> list[LoopRun]:
         return [run for run in self.runs if run.loop == loop]
@@ -167,6 +177,11 @@ class BenchResult:
             "ratio": self.ratio,
             "paired_ratio": self.paired_ratio,
             "max_loss_rel_diff": self.max_loss_rel_diff,
+            "flops_per_token": self.flops_per_token,
+            "measured_peak_flops": self.measured_peak,
+            "table_peak_flops": self.table_peak,
+            "mfu_measured_peak": {loop: self.mfu(loop) for loop in LOOPS},
+            "mfu_table_peak": {loop: self.mfu(loop, self.table_peak) for loop in LOOPS},
             "runs": [run.to_dict() for run in self.runs],
         }
 
@@ -194,12 +209,22 @@ class BenchResult:
             f"per-step losses: max rel. diff {self.max_loss_rel_diff:.1e} over all runs "
             f"(hand, repeat 0: {', '.join(f'{x:.4f}' for x in self.losses('hand')[:4])}"
             f"{', ...' if len(self.losses('hand')) > 4 else ''})",
+            f"MFU (curry): {100 * self.mfu():.1f}% of the measured {self.config['compute_dtype']} matmul peak"
+            f" ({self.measured_peak / 1e9:,.0f} GFLOP/s); {100 * self.mfu('curry', self.table_peak):.2f}% of"
+            f" hardware={self.hardware}'s peak_bf16_flops ({self.table_peak / 1e12:,.1f} TFLOP/s);"
+            f" {self.flops_per_token / 1e6:,.1f} MFLOP per token (6N + 12*L*h*s)",
         ]
         return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------
 # Set-up
+
+
+def model_flops_per_token(cfg: DictConfig) -> int:
+    """``flops_per_token`` of the config's model at its sequence length."""
+    m = cfg.model
+    return flops_per_token(flops_parameters(m), m.n_layers, m.n_heads * head_dim(m), cfg.data.seq_len)
 
 
 def prepare(overrides: Sequence[str], steps: int, warmup: int) -> tuple[DictConfig, LaunchPlan]:
@@ -318,9 +343,15 @@ class StepClock(Callback):
 
 
 def run_curry_loop(
-    cfg: DictConfig, datamodule: LMDataModule, plan: LaunchPlan, loggers: str = "csv", warmup: int = 1, repeat: int = 0
+    cfg: DictConfig,
+    datamodule: LMDataModule,
+    plan: LaunchPlan,
+    loggers: str = "csv",
+    warmup: int = 1,
+    repeat: int = 0,
+    callbacks: Sequence[Callback] = (),
 ) -> LoopRun:
-    """``cfg.trainer.max_steps`` steps of curry-train's real Trainer, strategy and module."""
+    """``cfg.trainer.max_steps`` steps of curry-train's real Trainer, strategy and module (and ``callbacks``)."""
 
     clock = StepClock(device_of(plan))
     with tempfile.TemporaryDirectory(prefix="curry-bench-") as run_dir:
@@ -330,7 +361,7 @@ def run_curry_loop(
         )
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
         trainer = build_trainer(
-            cfg, Path(run_dir), plan.accelerator, callbacks=[clock], checkpoints=False, loggers=logger_list
+            cfg, Path(run_dir), plan.accelerator, callbacks=[clock, *callbacks], checkpoints=False, loggers=logger_list
         )
         trainer.fit(CausalLM(cfg), datamodule=datamodule)
     tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_len
@@ -361,6 +392,7 @@ def bench(
     with torch.device("meta"):
         parameters = Llama(cfg.model).num_parameters()
     tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_len
+    compute_dtype = "bf16" if "bf16" in str(cfg.trainer.precision) else "fp32"
     result = BenchResult(
         config={
             "overrides": list(overrides),
@@ -373,11 +405,16 @@ def bench(
             "global_batch_size": cfg.data.global_batch_size,
             "micro_batch_size": cfg.data.micro_batch_size,
             "seq_len": cfg.data.seq_len,
+            "compute_dtype": compute_dtype,
         },
         steps=steps,
         warmup=warmup,
         repeats=repeats,
         tokens_per_step=tokens_per_step,
+        flops_per_token=model_flops_per_token(cfg),
+        measured_peak=matmul_flops(device, DTYPES[compute_dtype]),
+        table_peak=cfg.hardware.peak_bf16_flops,
+        hardware=cfg.hardware.name,
     )
     for repeat in range(repeats):
         for loop in LOOPS:

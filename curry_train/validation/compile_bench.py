@@ -1,0 +1,194 @@
+"""Eager against compiled training, side by side in one run (``scripts/bench.py --compile``).
+
+For each model (the debug model, and a ~100M-parameter Llama: 14 blocks of 768, 12 heads, 4 key/value
+heads, SwiGLU 2048, on the byte-level corpus: 99.7M parameters), curry-train's own loop
+(``throughput.run_curry_loop``, one device) runs ``W`` warm-up steps and ``N`` timed steps eagerly, then
+the same with ``compile.enabled=true``. Per run:
+
+* tokens/s over the timed steps (the warm-up steps hold the compilation);
+* peak memory: on CUDA ``torch.cuda.max_memory_allocated`` (reset before the run); on a CPU the rise of
+  the process's peak resident memory over the run (Linux's VmHWM, reset before it), which also counts
+  the allocator's caches;
+* graphs dynamo compiled after the first step (``recompiles``): a recompilation every step would make
+  the compiled loop slower than eager; it must be 0;
+* MFU against the device's measured matmul peak (``peak_flops``);
+* the per-step losses, compared with eager's (the largest relative difference).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from curry_train.model import Llama
+from curry_train.module import LMDataModule
+from curry_train.validation.peak_flops import DTYPES, matmul_flops
+from curry_train.validation.throughput import LoopRun, device_of, model_flops_per_token, prepare, run_curry_loop
+
+MODELS: dict[str, tuple[str, ...]] = {
+    "debug": (),
+    "llama-100m": (
+        "model.name=llama_100m",
+        "model.dim=768",
+        "model.n_layers=14",
+        "model.n_heads=12",
+        "model.n_kv_heads=4",
+        "model.ffn_dim=2048",
+    ),
+}
+
+
+class GraphCounter(Callback):
+    """Graphs dynamo has compiled, read at the end of the first step and of the last."""
+
+    def __init__(self) -> None:
+        self.after_first: Optional[int] = None
+        self.at_end = 0
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        graphs = int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+        if self.after_first is None:
+            self.after_first = graphs
+        self.at_end = graphs
+
+
+def _reset_peak(device: torch.device) -> int:
+    """Start the peak-memory reading; returns the baseline it is measured from."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return 0
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return _status("VmRSS")
+    except OSError:
+        return 0
+
+
+def _status(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _peak(device: torch.device, baseline: int) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    try:
+        return _status("VmHWM") - baseline
+    except OSError:
+        return 0
+
+
+@dataclass
+class CompileRow:
+    model: str
+    parameters: int
+    mode: str  # eager | compiled
+    run: LoopRun
+    peak_memory: int
+    recompiles: int  # graphs compiled after the first step
+    mfu: float
+    max_loss_rel_diff: float = 0.0  # against the same model's eager run
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "parameters": self.parameters,
+            "mode": self.mode,
+            "tokens_per_s": self.run.tokens_per_s,
+            "ms_per_step": self.run.ms_per_step,
+            "peak_memory": self.peak_memory,
+            "recompiles": self.recompiles,
+            "mfu": self.mfu,
+            "losses": self.run.losses,
+            "max_loss_rel_diff": self.max_loss_rel_diff,
+        }
+
+
+@dataclass
+class CompileResult:
+    config: dict[str, Any]
+    rows: list[CompileRow] = field(default_factory=list)
+
+    def row(self, model: str, mode: str) -> CompileRow:
+        return next(r for r in self.rows if r.model == model and r.mode == mode)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"config": self.config, "rows": [row.to_dict() for row in self.rows]}
+
+    def table(self) -> str:
+        c = self.config
+        lines = [
+            f"device={c['device']}  precision={c['precision']}  backend={c['backend']}  {c['steps']} timed steps after"
+            f" {c['warmup']} warm-up (compilation)  measured {c['compute_dtype']} matmul peak"
+            f" {c['measured_peak'] / 1e9:,.0f} GFLOP/s",
+            "",
+            f"{'model':<12}{'params':>9} {'mode':<9}{'tokens/s':>11}{'ms/step':>10}{'peak MiB':>10}{'MFU':>7}"
+            f"{'recompiles':>11}{'loss vs eager':>15}{'speed-up':>10}",
+        ]
+        for row in self.rows:
+            eager = self.row(row.model, "eager")
+            lines.append(
+                f"{row.model:<12}{row.parameters / 1e6:>8.1f}M {row.mode:<9}{row.run.tokens_per_s:>11,.0f}"
+                f"{row.run.ms_per_step:>10.1f}{row.peak_memory / 2**20:>10.0f}{100 * row.mfu:>6.1f}%"
+                f"{row.recompiles:>11}{row.max_loss_rel_diff:>15.1e}"
+                f"{row.run.tokens_per_s / eager.run.tokens_per_s:>9.2f}x"
+            )
+        lines += [
+            "",
+            "peak MiB: CUDA's max_memory_allocated; on a CPU the rise of the process's peak resident memory over the"
+            " run. recompiles: graphs compiled after the first step (0: compiled once).",
+        ]
+        return "\n".join(lines)
+
+
+def compile_bench(
+    overrides: Sequence[str] = (), steps: int = 5, warmup: int = 2, models: Sequence[str] = tuple(MODELS)
+) -> CompileResult:
+    """Each of ``models`` eager, then compiled (module docstring)."""
+    result: Optional[CompileResult] = None
+    for name in models:
+        runs: dict[str, CompileRow] = {}
+        for mode in ("eager", "compiled"):
+            run_overrides = [*MODELS[name], *overrides, f"compile.enabled={mode == 'compiled'}"]
+            cfg, plan = prepare(run_overrides, steps, warmup)
+            device = device_of(plan)
+            if result is None:
+                dtype = "bf16" if "bf16" in str(cfg.trainer.precision) else "fp32"
+                result = CompileResult(
+                    config={
+                        "overrides": list(overrides),
+                        "device": str(device),
+                        "precision": str(cfg.trainer.precision),
+                        "backend": cfg.compile.backend,
+                        "steps": steps,
+                        "warmup": warmup,
+                        "compute_dtype": dtype,
+                        "measured_peak": matmul_flops(device, DTYPES[dtype]),
+                    }
+                )
+            datamodule = LMDataModule(cfg.data, cfg.seed)
+            datamodule.setup("fit")
+            torch._dynamo.reset()
+            counter = GraphCounter()
+            baseline = _reset_peak(device)
+            run = run_curry_loop(cfg, datamodule, plan, "none", warmup, callbacks=[counter])
+            with torch.device("meta"):
+                parameters = Llama(cfg.model).num_parameters()
+            mfu = run.tokens_per_s * model_flops_per_token(cfg) / result.config["measured_peak"]
+            row = CompileRow(
+                name, parameters, mode, run, _peak(device, baseline), counter.at_end - (counter.after_first or 0), mfu
+            )
+            if mode == "compiled":
+                eager = runs["eager"].run.losses
+                row.max_loss_rel_diff = max(abs(a - b) / abs(b) for a, b in zip(run.losses, eager, strict=True))
+            runs[mode] = row
+            result.rows.append(row)
+    assert result is not None
+    return result
