@@ -94,6 +94,7 @@ class CompileRow:
     peak_memory: int
     recompiles: int  # graphs compiled after the first step
     mfu: float
+    graphs: int = 0  # graphs dynamo compiled in the run (eager: 0)
     max_loss_rel_diff: float = 0.0  # against the same model's eager run
 
     def to_dict(self) -> dict[str, Any]:
@@ -105,6 +106,7 @@ class CompileRow:
             "ms_per_step": self.run.ms_per_step,
             "peak_memory": self.peak_memory,
             "recompiles": self.recompiles,
+            "graphs": self.graphs,
             "mfu": self.mfu,
             "losses": self.run.losses,
             "max_loss_rel_diff": self.max_loss_rel_diff,
@@ -185,6 +187,7 @@ def compile_bench(
             row = CompileRow(
                 name, parameters, mode, run, _peak(device, baseline), counter.at_end - (counter.after_first or 0), mfu
             )
+            row.graphs = counter.at_end
             if mode == "compiled":
                 eager = runs["eager"].run.losses
                 row.max_loss_rel_diff = max(abs(a - b) / abs(b) for a, b in zip(run.losses, eager, strict=True))
