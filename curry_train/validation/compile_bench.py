@@ -1,14 +1,14 @@
 """Eager against compiled training, side by side in one run (``scripts/bench.py --compile``).
 
-For each model (the debug model, and a ~100M-parameter Llama: 14 blocks of 768, 12 heads, 4 key/value
-heads, SwiGLU 2048, on the byte-level corpus: 99.7M parameters), curry-train's own loop
+For each model (the debug model, and a ~100M-parameter Llama: 16 blocks of 768, 12 heads, 4 key/value
+heads, SwiGLU 2048, on the byte-level corpus: 101M parameters), curry-train's own loop
 (``throughput.run_curry_loop``, one device) runs ``W`` warm-up steps and ``N`` timed steps eagerly, then
-the same with ``compile.enabled=true``. Per run:
+the same with ``compile.enabled=true``, each run in a fresh process (so that neither's memory or caches
+count in the other's figures). Per run:
 
 * tokens/s over the timed steps (the warm-up steps hold the compilation);
-* peak memory: on CUDA ``torch.cuda.max_memory_allocated`` (reset before the run); on a CPU the rise of
-  the process's peak resident memory over the run (Linux's VmHWM, reset before it), which also counts
-  the allocator's caches;
+* peak memory: on CUDA ``torch.cuda.max_memory_allocated``; on a CPU the rise of the process's peak
+  resident memory over the run (Linux's VmHWM) above what it held before the model was built;
 * graphs dynamo compiled after the first step (``recompiles``): a recompilation every step would make
   the compiled loop slower than eager; it must be 0;
 * MFU against the device's measured matmul peak (``peak_flops``);
@@ -17,6 +17,7 @@ the same with ``compile.enabled=true``. Per run:
 
 from __future__ import annotations
 
+import multiprocessing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -35,7 +36,7 @@ MODELS: dict[str, tuple[str, ...]] = {
     "llama-100m": (
         "model.name=llama_100m",
         "model.dim=768",
-        "model.n_layers=14",
+        "model.n_layers=16",
         "model.n_heads=12",
         "model.n_kv_heads=4",
         "model.ffn_dim=2048",
@@ -150,48 +151,62 @@ class CompileResult:
         return "\n".join(lines)
 
 
+def _run(name: str, mode: str, overrides: Sequence[str], steps: int, warmup: int) -> dict[str, Any]:
+    """One (model, mode) run, in the process it is called in; returns plain figures."""
+    run_overrides = [*MODELS[name], *overrides, f"compile.enabled={mode == 'compiled'}"]
+    cfg, plan = prepare(run_overrides, steps, warmup)
+    device = device_of(plan)
+    dtype = "bf16" if "bf16" in str(cfg.trainer.precision) else "fp32"
+    datamodule = LMDataModule(cfg.data, cfg.seed)
+    datamodule.setup("fit")
+    counter = GraphCounter()
+    baseline = _reset_peak(device)
+    run = run_curry_loop(cfg, datamodule, plan, "none", warmup, callbacks=[counter])
+    peak = _peak(device, baseline)
+    with torch.device("meta"):
+        parameters = Llama(cfg.model).num_parameters()
+    return {
+        "run": run,
+        "peak": peak,
+        "graphs": counter.at_end,
+        "recompiles": counter.at_end - (counter.after_first or 0),
+        "parameters": parameters,
+        "flops_per_token": model_flops_per_token(cfg),
+        "config": {
+            "device": str(device),
+            "precision": str(cfg.trainer.precision),
+            "backend": cfg.compile.backend,
+            "compute_dtype": dtype,
+            "measured_peak": matmul_flops(device, DTYPES[dtype]),
+        },
+    }
+
+
 def compile_bench(
     overrides: Sequence[str] = (), steps: int = 5, warmup: int = 2, models: Sequence[str] = tuple(MODELS)
 ) -> CompileResult:
-    """Each of ``models`` eager, then compiled (module docstring)."""
+    """Each of ``models`` eager, then compiled, each in a fresh process (module docstring)."""
     result: Optional[CompileResult] = None
+    context = multiprocessing.get_context("spawn")
     for name in models:
-        runs: dict[str, CompileRow] = {}
+        eager: Optional[CompileRow] = None
         for mode in ("eager", "compiled"):
-            run_overrides = [*MODELS[name], *overrides, f"compile.enabled={mode == 'compiled'}"]
-            cfg, plan = prepare(run_overrides, steps, warmup)
-            device = device_of(plan)
+            with context.Pool(1) as pool:
+                figures = pool.apply(_run, (name, mode, list(overrides), steps, warmup))
             if result is None:
-                dtype = "bf16" if "bf16" in str(cfg.trainer.precision) else "fp32"
                 result = CompileResult(
-                    config={
-                        "overrides": list(overrides),
-                        "device": str(device),
-                        "precision": str(cfg.trainer.precision),
-                        "backend": cfg.compile.backend,
-                        "steps": steps,
-                        "warmup": warmup,
-                        "compute_dtype": dtype,
-                        "measured_peak": matmul_flops(device, DTYPES[dtype]),
-                    }
+                    config={"overrides": list(overrides), "steps": steps, "warmup": warmup, **figures["config"]}
                 )
-            datamodule = LMDataModule(cfg.data, cfg.seed)
-            datamodule.setup("fit")
-            torch._dynamo.reset()
-            counter = GraphCounter()
-            baseline = _reset_peak(device)
-            run = run_curry_loop(cfg, datamodule, plan, "none", warmup, callbacks=[counter])
-            with torch.device("meta"):
-                parameters = Llama(cfg.model).num_parameters()
-            mfu = run.tokens_per_s * model_flops_per_token(cfg) / result.config["measured_peak"]
-            row = CompileRow(
-                name, parameters, mode, run, _peak(device, baseline), counter.at_end - (counter.after_first or 0), mfu
-            )
-            row.graphs = counter.at_end
-            if mode == "compiled":
-                eager = runs["eager"].run.losses
-                row.max_loss_rel_diff = max(abs(a - b) / abs(b) for a, b in zip(run.losses, eager, strict=True))
-            runs[mode] = row
+            run = figures["run"]
+            mfu = run.tokens_per_s * figures["flops_per_token"] / result.config["measured_peak"]
+            row = CompileRow(name, figures["parameters"], mode, run, figures["peak"], figures["recompiles"], mfu)
+            row.graphs = figures["graphs"]
+            if eager is None:
+                eager = row
+            else:
+                row.max_loss_rel_diff = max(
+                    abs(a - b) / abs(b) for a, b in zip(run.losses, eager.run.losses, strict=True)
+                )
             result.rows.append(row)
     assert result is not None
     return result
