@@ -72,7 +72,7 @@ RECOMPUTE = ["parallel=fsdp", "trainer.devices=2", "parallel.recompute=selective
 LAYOUTS = [
     pytest.param(["parallel=fsdp", "trainer.devices=2"], "inductor", id="fsdp2-inductor"),
     pytest.param(["parallel=cp", "trainer.devices=2"], "aot_eager", id="cp2-ring-graph-break"),
-    pytest.param(["parallel=pp", "trainer.devices=2"], "aot_eager", id="pp2"),
+    pytest.param(["parallel=pp", "trainer.devices=2"], "aot_eager", id="pp2", marks=MATRIX),
     pytest.param(["parallel=dp", "trainer.devices=2"], "aot_eager", id="ddp2", marks=MATRIX),
     pytest.param(RECOMPUTE, "inductor", id="fsdp2-selective-recompute-inductor", marks=MATRIX),
     pytest.param(["parallel=fsdp+pp", "trainer.devices=4"], "inductor", id="fsdp+pp-inductor", marks=MATRIX),
