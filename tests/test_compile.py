@@ -90,6 +90,7 @@ def test_compiled_training_matches_eager_in_each_layout(tmp_path, single_process
 def test_compiled_moe_under_expert_parallelism_matches_eager(tmp_path):
     """moe_debug under ep 2, compiled (graph breaks at the routing counts): the eager run's curve."""
     layout = ["model=moe_debug", "parallel=ep", "trainer.devices=2"]
+    (tmp_path / "compiled").mkdir()
     compiled = _curve(tmp_path / "compiled", layout, "aot_eager")
     eager_dir = tmp_path / "eager"
     run_train([*FAST, f"trainer.max_steps={STEPS}", *layout, f"hydra.run.dir={eager_dir}"], cwd=tmp_path)
