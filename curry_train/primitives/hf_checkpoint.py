@@ -42,6 +42,7 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 
 from curry_train.model import Llama, ModelConfig, head_dim
 from curry_train.primitives.dcp import consolidated_model_state, saved_config
+from curry_train.primitives.host_memory import reset_peak, resident
 
 log = logging.getLogger(__name__)
 
@@ -385,25 +386,6 @@ def _open(file: Path) -> Any:
         raise PretrainedError(f"{file}: not a readable safetensors file ({error})") from None
 
 
-def _memory() -> dict[str, int]:
-    """This process's resident memory now (VmRSS) and at its peak (VmHWM), bytes (Linux; else empty)."""
-    try:
-        lines = Path("/proc/self/status").read_text().splitlines()
-    except OSError:
-        return {}
-    fields = dict(line.split(":", 1) for line in lines if line.startswith(("VmRSS", "VmHWM")))
-    return {key: int(value.split()[0]) * 1024 for key, value in fields.items()}
-
-
-def _reset_peak_memory() -> bool:
-    """Start VmHWM again from the current resident memory (Linux's clear_refs); False where unsupported."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
-
-
 def check_weights(path: str | Path, cfg: Any) -> None:
     """Every tensor the model ``cfg`` needs is in the directory with the shape the model expects
     (safetensors headers only); else one ``PretrainedError`` line naming the tensor."""
@@ -487,8 +469,8 @@ def load_pretrained(model: nn.Module, device: torch.device, path: str | Path) ->
     directory = Path(path)
     files = _Files(directory)
     table = sources(model.cfg, _kind_of(directory))
-    measured = _reset_peak_memory()
-    before = _memory().get("VmRSS") if measured else None
+    measured = reset_peak()
+    before = resident().get("VmRSS") if measured else None
     model.to_empty(device=device)
     model.tie_weights()
     shard_bytes = count = 0
@@ -509,7 +491,7 @@ def load_pretrained(model: nn.Module, device: torch.device, path: str | Path) ->
         shard_bytes += local.numel() * local.element_size()
         count += 1
     model.reset_buffers()
-    peak = _memory().get("VmHWM") if measured else None
+    peak = resident().get("VmHWM") if measured else None
     return LoadReport(count, shard_bytes, files.bytes_read, files.largest_read, before, peak)
 
 

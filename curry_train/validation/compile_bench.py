@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import multiprocessing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import lightning.pytorch as pl
@@ -28,6 +27,7 @@ from lightning.pytorch.callbacks import Callback
 
 from curry_train.model import Llama
 from curry_train.module import LMDataModule
+from curry_train.primitives.host_memory import reset_peak, resident
 from curry_train.validation.peak_flops import DTYPES, matmul_flops
 from curry_train.validation.throughput import LoopRun, device_of, model_flops_per_token, prepare, run_curry_loop
 
@@ -63,27 +63,13 @@ def _reset_peak(device: torch.device) -> int:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return 0
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return _status("VmRSS")
-    except OSError:
-        return 0
-
-
-def _status(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key):
-            return int(line.split()[1]) * 1024
-    return 0
+    return resident().get("VmRSS", 0) if reset_peak() else 0
 
 
 def _peak(device: torch.device, baseline: int) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    try:
-        return _status("VmHWM") - baseline
-    except OSError:
-        return 0
+    return resident().get("VmHWM", baseline) - baseline
 
 
 @dataclass
