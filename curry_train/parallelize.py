@@ -28,7 +28,7 @@ from curry_train.primitives.expert_parallel import ExpertParallel
 from curry_train.primitives.hf_checkpoint import load_pretrained
 from curry_train.primitives.materialize import materialize_and_init
 from curry_train.primitives.parallel_state import ParallelState
-from curry_train.primitives.pipeline_schedule import pipeline_stages
+from curry_train.primitives.pipeline_schedule import SPLIT_BACKWARD, canonical_kind, pipeline_stages
 from curry_train.primitives.recompute import apply_recompute
 from curry_train.primitives.tp_linear import apply_tensor_parallel
 
@@ -74,7 +74,8 @@ def parallelize(
     # Compiles each block's forward, its recompute included, before FSDP or DDP wrap the block: their
     # collectives stay in the eager hooks around the compiled call.
     if compile_backend is not None:
-        compile_blocks(blocks, compile_backend)
+        split = layout.pp is not None and canonical_kind(layout.pp.schedule) in SPLIT_BACKWARD
+        compile_blocks(blocks, compile_backend, retain_graph=split)
     # Shards while the parameters are still on the meta device: no rank allocates the whole model.
     apply_fsdp(model, ps, layout, roots=_pipeline_roots(stages))
     # Draws each parameter's full value from its own seeded generator, then keeps this rank's

@@ -69,13 +69,31 @@ def _curve(tmp_path, layout: list[str], backend: str) -> dict[int, float]:
 # dynamo's graphs and AOT autograd's joint graph run by eager kernels, composition with the layout's hooks
 # and collectives; inductor: its fused C++ kernels, which reorder fp32 sums (measured: 1e-7).
 RECOMPUTE = ["parallel=fsdp", "trainer.devices=2", "parallel.recompute=selective"]
+SP = ["parallel=tp", "trainer.devices=2", "parallel.tp.sequence_parallel=true"]
+CP = ["parallel=cp", "trainer.devices=2"]
+CP4_DOUBLE_RING = ["parallel=cp", "trainer.devices=4", "parallel.cp.size=4", "parallel.cp.pattern=double_ring"]
 LAYOUTS = [
     pytest.param(["parallel=fsdp", "trainer.devices=2"], "inductor", id="fsdp2-inductor"),
-    pytest.param(["parallel=cp", "trainer.devices=2"], "aot_eager", id="cp2-ring-graph-break"),
-    pytest.param(["parallel=pp", "trainer.devices=2"], "aot_eager", id="pp2", marks=MATRIX),
+    pytest.param(CP, "aot_eager", id="cp2-ring-graph-break"),
+    # DTensor linears, sequence-sharded norms and the vocabulary-parallel embedding and loss in the graphs
+    pytest.param(SP, "aot_eager", id="tp2-sp-loss-parallel"),
+    pytest.param(["parallel=tp", "trainer.devices=2"], "aot_eager", id="tp2", marks=MATRIX),
+    pytest.param(["parallel=fsdp+tp", "trainer.devices=4"], "inductor", id="fsdp+tp-inductor", marks=MATRIX),
     pytest.param(["parallel=dp", "trainer.devices=2"], "aot_eager", id="ddp2", marks=MATRIX),
     pytest.param(RECOMPUTE, "inductor", id="fsdp2-selective-recompute-inductor", marks=MATRIX),
     pytest.param(["parallel=fsdp+pp", "trainer.devices=4"], "inductor", id="fsdp+pp-inductor", marks=MATRIX),
+    # Each schedule; the zero-bubble kinds run each compiled backward in two passes (input, then weights).
+    *(
+        pytest.param(
+            ["parallel=pp", "trainer.devices=2", f"parallel.pp.schedule={kind}"],
+            "aot_eager",
+            id=f"pp2-{kind}",
+            marks=() if kind == "interleaved_zb" else MATRIX,
+        )
+        for kind in ("gpipe", "1F1B", "interleaved", "interleaved_zb", "zbv", "dualpipev")
+    ),
+    pytest.param([*CP, "parallel.cp.pattern=alltoall"], "aot_eager", id="cp2-alltoall", marks=MATRIX),
+    pytest.param(CP4_DOUBLE_RING, "aot_eager", id="cp4-double-ring", marks=MATRIX),
 ]
 
 
@@ -101,7 +119,6 @@ def test_compiled_moe_under_expert_parallelism_matches_eager(tmp_path):
     "overrides, message",
     [
         (["compile.backend=tvm"], "compile.backend='tvm': expected one of inductor"),
-        (["parallel=tp", "trainer.devices=2"], "compile.enabled=true with parallel.tp is not supported yet"),
     ],
 )
 def test_bad_compile_settings_are_one_line(overrides, message):

@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from curry_train.config import ConfigError, compose
 from curry_train.config.checks import check
 from curry_train.launch import spawn
-from curry_train.model import Llama
+from curry_train.model import SDPA, Llama
 from curry_train.primitives import ParallelState
 from curry_train.primitives.materialize import materialize_and_init
 from curry_train.primitives.tp_linear import apply_tensor_parallel, distinct_rng_per_rank
@@ -222,6 +222,26 @@ def _block_collectives(out_dir: str) -> None:
     if rank == 0:
         torch.save(results, f"{out_dir}/collectives.pt")
     dist.destroy_process_group()
+
+
+class _RankOne:  # what distinct_rng_per_rank reads of a mesh
+    device_type = "cpu"
+
+    @staticmethod
+    def get_local_rank() -> int:
+        return 1
+
+
+@pytest.mark.parametrize("rate, forks", [(0.0, False), (0.1, True)])
+def test_rank_streams_only_for_modules_that_drop(rate, forks):
+    """An attention op or dropout that drops nothing draws nothing: it runs unwrapped (so a compiled
+    block traces it whole); one that drops draws its rank's seed from the shared generator first."""
+    for module in (SDPA(rate), torch.nn.Dropout(rate)):
+        distinct_rng_per_rank(module, _RankOne())
+        x = torch.randn(1, 2, 8, 4)
+        state = torch.get_rng_state()
+        module(x, x, x) if isinstance(module, SDPA) else module(x)
+        assert (not torch.equal(state, torch.get_rng_state())) == forks, type(module).__name__
 
 
 @pytest.mark.slow

@@ -474,12 +474,6 @@ def _check_training(cfg: DictConfig) -> None:
         raise ConfigError("checkpoint.every_n_steps must be >= 0 and checkpoint.keep_last >= 1")
     if cfg.compile.backend not in COMPILE_BACKENDS:
         raise ConfigError(f"compile.backend={cfg.compile.backend!r}: expected one of {', '.join(COMPILE_BACKENDS)}")
-    if cfg.compile.enabled and cfg.parallel.get("tp") is not None:
-        raise ConfigError(
-            "compile.enabled=true with parallel.tp is not supported yet: a compiled block's gradients reach the"
-            " tensor-parallel linears' DTensor redistributions as plain tensors; use compile with dp, fsdp, pp, cp"
-            " or ep, or compile.enabled=false"
-        )
     if c.export_hf_dtype is not None and c.export_hf_dtype not in HF_DTYPES:
         raise ConfigError(f"checkpoint.export_hf_dtype={c.export_hf_dtype!r}: expected one of {', '.join(HF_DTYPES)}")
     if c.export_hf_on_end:

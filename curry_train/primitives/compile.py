@@ -25,20 +25,52 @@ by eager kernels: what the layout tests use to check composition without inducto
 
 from __future__ import annotations
 
+import functools
 from typing import Iterable
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 BACKENDS = ("inductor", "aot_eager", "eager")  # compile.backend
 
 
-def compile_blocks(blocks: Iterable[nn.Module], backend: str = "inductor") -> int:
-    """Compile each block's ``forward`` in place; returns how many were compiled."""
+def compile_blocks(blocks: Iterable[nn.Module], backend: str = "inductor", retain_graph: bool = False) -> int:
+    """Compile each block's ``forward`` in place; returns how many were compiled.
+
+    ``retain_graph``: the backward runs in two passes over one graph (the zero-bubble pipeline
+    schedules take the input gradient first, the weight gradient later). The compiled backward then
+    must not free ("donate") its saved buffers in the first pass."""
     if backend not in BACKENDS:
         raise ValueError(f"compile.backend={backend!r}: expected one of {', '.join(BACKENDS)}")
+    if retain_graph:
+        torch._functorch.config.donated_buffer = False
     count = 0
     for block in blocks:
-        block.forward = torch.compile(block.forward, backend=backend, fullgraph=False)
+        block.forward = _with_own_inputs(torch.compile(block.forward, backend=backend, fullgraph=False))
         count += 1
     return count
+
+
+def _with_own_inputs(compiled):
+    """``compiled`` called with each plain-tensor argument that lives in a tensor subclass copied first.
+
+    Tensor parallelism's vocabulary-parallel embedding returns ``DTensor.to_local()`` of an all-reduce:
+    a view whose storage is the collective's ``AsyncCollectiveTensor``. Given it, the compiled graph
+    rebuilds the input from that subclass and the gradient skips ``to_local``'s backward: it reaches
+    DTensor's redistribution as a plain tensor and fails. The copy (one activation: the first block's
+    input) is a plain tensor with its own autograd edge."""
+
+    @functools.wraps(compiled)
+    def forward(*args, **kwargs):
+        return compiled(*(_own(arg) for arg in args), **kwargs)
+
+    return forward
+
+
+def _own(value):
+    if isinstance(value, torch.Tensor) and not isinstance(value, DTensor):
+        base = value._base if value._is_view() else None
+        if type(value) is not torch.Tensor or (base is not None and type(base) is not torch.Tensor):
+            return value.clone()
+    return value

@@ -68,6 +68,8 @@ _ALIASES = {
     "dualpipe_v": "dualpipev",
 }
 LOOPED = ("interleaved", "interleaved_zb")
+# Split each stage's backward into the input gradient, then the weight gradient (the graph is kept between)
+SPLIT_BACKWARD = ("interleaved_zb", "zbv", "dualpipev")
 V_SHAPED = ("zbv", "dualpipev")
 
 

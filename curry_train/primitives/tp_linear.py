@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Union
+from typing import Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -283,17 +283,31 @@ def distinct_rng_per_rank(module: nn.Module, mesh: DeviceMesh) -> None:
     forward, rank = module.forward, mesh.get_local_rank()
     device_type = mesh.device_type
 
-    @functools.wraps(forward)
-    def forward_with_rank_rng(*args, **kwargs):
-        if not module.training:
-            return forward(*args, **kwargs)
+    # Eager on purpose under torch.compile: reseeding the generator does not trace, and a graph break
+    # inside a tensor-parallel module would leave its DTensor input live across two graphs (DTensor's
+    # backward then receives plain-tensor gradients). Skipping it is one clean break around this call.
+    @torch._dynamo.disable
+    def forward_on_rank_stream(*args, **kwargs):
         seed = int(torch.randint(0, 2**62, ()))
         devices = [torch.accelerator.current_device_index()] if device_type != "cpu" else []
         with torch.random.fork_rng(devices=devices, device_type=device_type):
             torch.manual_seed(seed + rank)
             return forward(*args, **kwargs)
 
+    @functools.wraps(forward)
+    def forward_with_rank_rng(*args, **kwargs):
+        if not module.training or _dropout_rate(module) == 0:
+            return forward(*args, **kwargs)  # draws nothing (the usual LLM setting): compiles whole
+        return forward_on_rank_stream(*args, **kwargs)
+
     module.forward = forward_with_rank_rng
+
+
+def _dropout_rate(module: nn.Module) -> Optional[float]:
+    """The probability a dropout (``p``) or an attention op (``dropout``) drops with; None when the module
+    names none (it may draw anything)."""
+    rate = module.p if isinstance(module, nn.Dropout) else getattr(module, "dropout", None)
+    return rate if isinstance(rate, (int, float)) else None
 
 
 def apply_tensor_parallel(
