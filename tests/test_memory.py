@@ -394,8 +394,8 @@ def test_fsdp_shards_over_context_parallel_ranks_too(measured):
 def test_context_parallel_ranks_keep_half_the_activations(measured):
     """cp=2: each rank runs its half of every sequence through the model (the strategy's sequence
     sharding, which the probe uses too), so it keeps half of dp's activations, plus the key/value block
-    in flight, the merged log-sum-exp and, as the ring's block kernels take k and v repeated to the
-    query heads where dp's SDPA reads them unrepeated (enable_gqa), those copies: measured 0.522."""
+    in flight and the merged log-sum-exp. The ring reads k and v unrepeated, as dp's SDPA does
+    (enable_gqa): with copies repeated to the query heads this measured 0.522."""
     whole = measured["dp"].ranks[0]["activations"]
     for record in measured["cp"].ranks:
-        assert 0.5 * whole < record["activations"] < 0.53 * whole, record["activations"] / whole
+        assert 0.5 * whole < record["activations"] < 0.51 * whole, record["activations"] / whole

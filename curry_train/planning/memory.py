@@ -287,11 +287,10 @@ def block_activation_bytes(cfg: DictConfig, layout: Layout, flash_attention: boo
     # RMSNorm: its input in fp32 (an fp32 input itself, else an fp32 copy), the fp32 normalized input,
     # its rstd, and the output in the compute dtype (the matmuls' input; gathered under SP).
     norm = (4 + 4) * s * b * h / seq + 4 * s * b / seq + e * s * b * h
-    # Attention: q, k and v, the output and its log-sum-exp; SDPA reads each key/value head for its
-    # group (enable_gqa), context parallelism's block kernels take k and v repeated to the query heads.
+    # Attention: q, k and v, the output and its log-sum-exp; SDPA (enable_gqa) and context parallelism's
+    # ring read each key/value head for its group of query heads, never a repeated copy.
     # A kernel without fusion also keeps Korthikanti's 5as^2b (softmax, dropout mask and output).
-    k_and_v = 2 * q if layout.cp > 1 else 2 * kv
-    attention = (e * s * b * (2 * q + k_and_v) + 4 * s * b * a) / t
+    attention = (e * s * b * (2 * q + 2 * kv) + 4 * s * b * a) / t
     if not flash_attention:
         attention += 5 * a * s * s * b * e / 2 / t
     mlp = 4 * e * s * b * f / t  # w1 and w3 outputs, SiLU's output, the product

@@ -23,7 +23,9 @@ rank does the same work. ``sequence_layout`` gives the positions a rank holds; t
 tokens, RoPE positions and labels alike (``shard_sequence``).
 
 Each block runs a fused attention kernel that returns the log-sum-exp, checked against an exact
-math kernel before use (``attention_kernels``).
+math kernel before use (``attention_kernels``). Grouped key/value heads travel and are read as they
+are: each group of query heads that shares them runs against the block without a repeated copy
+(the all-to-all alone sends them repeated when there are fewer than cp).
 """
 
 from __future__ import annotations
@@ -81,19 +83,28 @@ def shard_sequence(x: Tensor, cp: int, rank: int, load_balance: bool = True, dim
 
 
 # ----------------------------------------------------------------------------------------------
-# Grouped key/value heads: a block's keys and values repeated to the query heads, and their
-# gradients summed back
+# Grouped key/value heads
 
 
 def _expand_kv(k: Tensor, groups: int) -> Tensor:
+    """Key/value heads repeated to the query heads: only for the all-to-all, whose heads are scattered
+    over the ranks and must divide by cp."""
     return k.repeat_interleave(groups, dim=1) if groups > 1 else k
 
 
-def _fold_kv_grad(grad: Tensor, groups: int) -> Tensor:
+def _query_groups(x: Tensor, groups: int) -> list[Tensor]:
+    """(batch, heads, seq, ...) -> ``groups`` views (batch, kv_heads, seq, ...): view ``r`` holds query
+    head ``h * groups + r`` of each key/value head ``h`` (the heads that share it), no copy. Each
+    group attends to the key/value block as it is, so the ring never repeats keys and values to the
+    query heads (as SDPA's ``enable_gqa``); grouped-query attention costs one kernel call per group."""
     if groups == 1:
-        return grad
-    b, h, s, d = grad.shape
-    return grad.view(b, h // groups, groups, s, d).sum(2)
+        return [x]
+    return list(x.unflatten(1, (x.shape[1] // groups, groups)).unbind(2))
+
+
+def _join_groups(parts: Sequence[Tensor]) -> Tensor:
+    """The inverse of ``_query_groups``: (batch, heads, seq, ...) from its groups' views."""
+    return parts[0] if len(parts) == 1 else torch.stack(list(parts), dim=2).flatten(1, 2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -189,33 +200,42 @@ def _pairs(q_ranges: Sequence[range], kv_ranges: Sequence[range], causal: bool):
 
 
 class _RingAttention(torch.autograd.Function):
+    """The ring's forward and backward. Queries are handled in units of (sequence chunk, query group):
+    each unit is a strided view of ``q`` against the key/value block's heads as they are."""
+
     @staticmethod
     def forward(ctx, q, k, v, plan: RingPlan, layouts: tuple, causal: bool, scale: float):
         q_ranges = layouts[plan.rank]
         chunk = len(q_ranges[0])
         groups = q.shape[1] // k.shape[1]
-        q_chunks = q.split(chunk, dim=2)
-        out = [torch.zeros_like(qc, dtype=torch.float32) for qc in q_chunks]
-        lse = [torch.full(qc.shape[:-1], float("-inf"), device=q.device) for qc in q_chunks]
+        q_units = [_query_groups(qc, groups) for qc in q.split(chunk, dim=2)]  # [chunk][group]
+        out = [[torch.zeros_like(qg, dtype=torch.float32) for qg in units] for units in q_units]
+        lse = [[torch.full(qg.shape[:-1], float("-inf"), device=q.device) for qg in units] for units in q_units]
         kv = torch.stack([k, v])
         for step in range(plan.steps):
             pending = _exchange(plan, step, kv) if step < plan.steps - 1 else None
             ks, vs = kv[0].split(chunk, dim=2), kv[1].split(chunk, dim=2)
             for i, j, diagonal in _pairs(q_ranges, layouts[plan.holds[step]], causal):
-                o, block_lse = block_forward(
-                    q_chunks[i], _expand_kv(ks[j], groups), _expand_kv(vs[j], groups), diagonal, scale
-                )
-                merged = torch.logaddexp(lse[i], block_lse)
-                out[i] = (
-                    out[i] * torch.exp(lse[i] - merged)[..., None]
-                    + o.float() * torch.exp(block_lse - merged)[..., None]
-                )
-                lse[i] = merged
+                for r, qg in enumerate(q_units[i]):
+                    o, block_lse = block_forward(qg, ks[j], vs[j], diagonal, scale)
+                    merged = torch.logaddexp(lse[i][r], block_lse)
+                    out[i][r] = (
+                        out[i][r] * torch.exp(lse[i][r] - merged)[..., None]
+                        + o.float() * torch.exp(block_lse - merged)[..., None]
+                    )
+                    lse[i][r] = merged
             if pending is not None:
                 kv, works = pending
                 _wait(works)
-        out_t = torch.cat(out, dim=2).to(q.dtype)
-        lse_t = torch.cat(lse, dim=2)
+        # Laid out (batch, seq, heads, dim) in memory, as SDPA lays its output out: the model's transpose
+        # back to (batch, seq, heads x dim) for the output projection is then a view, not a second copy
+        # of the output kept for backward.
+        b, h, s, d = q.shape
+        out_t = torch.empty(b, s, h, d, dtype=q.dtype, device=q.device).transpose(1, 2)
+        for i, parts in enumerate(out):
+            for r, part in enumerate(parts):
+                _query_groups(out_t.narrow(2, i * chunk, chunk), groups)[r].copy_(part)
+        lse_t = torch.cat([_join_groups(parts) for parts in lse], dim=2)
         ctx.save_for_backward(q, k, v, out_t, lse_t)
         ctx.plan, ctx.layouts, ctx.causal, ctx.scale = plan, layouts, causal, scale
         return out_t
@@ -227,9 +247,12 @@ class _RingAttention(torch.autograd.Function):
         q_ranges = layouts[plan.rank]
         chunk = len(q_ranges[0])
         groups = q.shape[1] // k.shape[1]
-        q_chunks, o_chunks = q.split(chunk, dim=2), out.split(chunk, dim=2)
-        do_chunks, l_chunks = dout.contiguous().split(chunk, dim=2), lse.split(chunk, dim=2)
-        dq = [torch.zeros_like(qc, dtype=torch.float32) for qc in q_chunks]
+
+        def units(x: Tensor) -> list[list[Tensor]]:
+            return [_query_groups(c, groups) for c in x.split(chunk, dim=2)]
+
+        q_units, o_units, do_units, l_units = units(q), units(out), units(dout.contiguous()), units(lse)
+        dq = [[torch.zeros_like(qg, dtype=torch.float32) for qg in parts] for parts in q_units]
         kv = torch.stack([k, v])
         grads_in_flight = None
         for step in range(plan.steps):
@@ -237,19 +260,13 @@ class _RingAttention(torch.autograd.Function):
             ks, vs = kv[0].split(chunk, dim=2), kv[1].split(chunk, dim=2)
             dkv = torch.zeros_like(kv, dtype=torch.float32)  # this rank's share of the block's gradient
             for i, j, diagonal in _pairs(q_ranges, layouts[plan.holds[step]], causal):
-                dq_i, dk_j, dv_j = block_backward(
-                    do_chunks[i],
-                    q_chunks[i],
-                    _expand_kv(ks[j], groups),
-                    _expand_kv(vs[j], groups),
-                    o_chunks[i],
-                    l_chunks[i],
-                    diagonal,
-                    scale,
-                )
-                dq[i] += dq_i.float()
-                dkv[0].narrow(2, j * chunk, chunk).add_(_fold_kv_grad(dk_j.float(), groups))
-                dkv[1].narrow(2, j * chunk, chunk).add_(_fold_kv_grad(dv_j.float(), groups))
+                for r in range(groups):
+                    dq_r, dk_j, dv_j = block_backward(
+                        do_units[i][r], q_units[i][r], ks[j], vs[j], o_units[i][r], l_units[i][r], diagonal, scale
+                    )
+                    dq[i][r] += dq_r.float()
+                    dkv[0].narrow(2, j * chunk, chunk).add_(dk_j.float())  # the group's share of the head
+                    dkv[1].narrow(2, j * chunk, chunk).add_(dv_j.float())
             # The block's gradient travels with it, gathering each rank's share; it arrived (from the
             # ranks before) while this rank computed, and the last move brings it home.
             if grads_in_flight is not None:
@@ -262,7 +279,8 @@ class _RingAttention(torch.autograd.Function):
                 _wait(works)
         dkv, works = grads_in_flight
         _wait(works)
-        return torch.cat(dq, dim=2).to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None
+        dq_t = torch.cat([_join_groups(parts) for parts in dq], dim=2)
+        return dq_t.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -353,10 +371,8 @@ class ContextParallelAttention(nn.Module):
         order = _natural_order(layouts).to(q.device)
         # (b, h, s_local, d) -> (b, h/cp, s, d), the gathered sequence put in position order
         q, k, v = (_AllToAll.apply(t, self.group, 1, 2).index_select(2, order) for t in (q, k, v))
-        groups = q.shape[1] // k.shape[1]
-        out = F.scaled_dot_product_attention(
-            q, _expand_kv(k, groups), _expand_kv(v, groups), is_causal=self.causal, scale=scale
-        )
+        gqa = q.shape[1] != k.shape[1]
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, scale=scale, enable_gqa=gqa)
         out = out.index_select(2, order.argsort())  # back to rank-major order, then to the rank's heads
         return _AllToAll.apply(out, self.group, 2, 1)
 
