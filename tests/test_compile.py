@@ -81,6 +81,12 @@ LAYOUTS = [
     pytest.param(["parallel=fsdp+tp", "trainer.devices=4"], "inductor", id="fsdp+tp-inductor", marks=MATRIX),
     pytest.param(["parallel=dp", "trainer.devices=2"], "aot_eager", id="ddp2", marks=MATRIX),
     pytest.param(RECOMPUTE, "inductor", id="fsdp2-selective-recompute-inductor", marks=MATRIX),
+    *(
+        pytest.param(
+            ["parallel=fsdp", "trainer.devices=4", f"parallel.fsdp.sharding={mode}"], "aot_eager", id=mode, marks=MATRIX
+        )
+        for mode in ("shard_grad_op", "no_shard", "hybrid")
+    ),
     pytest.param(["parallel=fsdp+pp", "trainer.devices=4"], "inductor", id="fsdp+pp-inductor", marks=MATRIX),
     # Each schedule; the zero-bubble kinds run each compiled backward in two passes (input, then weights).
     *(
@@ -119,6 +125,10 @@ def test_compiled_moe_under_expert_parallelism_matches_eager(tmp_path):
     "overrides, message",
     [
         (["compile.backend=tvm"], "compile.backend='tvm': expected one of inductor"),
+        (
+            ["parallel=fsdp", "parallel.fsdp.sharding=optimizer", "trainer.devices=2"],
+            "compile.enabled=true with parallel.fsdp.sharding=optimizer is not supported yet",
+        ),
     ],
 )
 def test_bad_compile_settings_are_one_line(overrides, message):
