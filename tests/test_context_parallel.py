@@ -115,28 +115,25 @@ from curry_train.validation.whitebox import validate  # noqa: E402
 @pytest.mark.parametrize(
     "layout",
     [
-        ("parallel=cp", "trainer.devices=2"),
-        ("parallel=cp", "parallel.cp.size=4", "trainer.devices=4"),
-        ("parallel=cp", "parallel.cp.size=4", "parallel.cp.pattern=double_ring", "trainer.devices=4"),
-        ("parallel=cp", "parallel.cp.pattern=alltoall", "trainer.devices=2"),
-        ("parallel=cp", "parallel.cp.load_balance=false", "trainer.devices=4"),  # cp 2 x 2 replicas (DDP over dp x cp)
-        ("parallel=fsdp+cp", "trainer.devices=4"),
-        ("parallel=fsdp+cp", "parallel.fsdp.sharding=no_shard", "trainer.devices=4"),  # replicas over dp x cp
-        ("parallel=fsdp+cp", "parallel.fsdp.sharding=hybrid", "trainer.devices=8", "data.micro_batch_size=2"),
-        ("parallel=tp+cp", "trainer.devices=4"),
-        ("parallel=fsdp+tp+pp+cp", "trainer.devices=8"),
-    ],
-    ids=[
-        "ring-2",
-        "ring-4",
-        "double_ring-2x2",
-        "alltoall-2",
-        "contiguous-dp",
-        "fsdp+cp",
-        "no_shard+cp",
-        "hybrid+cp-2x2x2",
-        "tp+cp",
-        "fsdp+tp+pp+cp-8",
+        pytest.param(("parallel=cp", "trainer.devices=2"), id="ring-2"),
+        # ring 4 trains to the single-process curve below
+        matrix(("parallel=cp", "parallel.cp.size=4", "trainer.devices=4"), "ring-4"),
+        pytest.param(
+            ("parallel=cp", "parallel.cp.size=4", "parallel.cp.pattern=double_ring", "trainer.devices=4"),
+            id="double_ring-2x2",
+        ),
+        pytest.param(("parallel=cp", "parallel.cp.pattern=alltoall", "trainer.devices=2"), id="alltoall-2"),
+        # cp 2 x 2 replicas (DDP over dp x cp)
+        matrix(("parallel=cp", "parallel.cp.load_balance=false", "trainer.devices=4"), "contiguous-dp"),
+        pytest.param(("parallel=fsdp+cp", "trainer.devices=4"), id="fsdp+cp"),
+        # replicas over dp x cp
+        matrix(("parallel=fsdp+cp", "parallel.fsdp.sharding=no_shard", "trainer.devices=4"), "no_shard+cp"),
+        matrix(
+            ("parallel=fsdp+cp", "parallel.fsdp.sharding=hybrid", "trainer.devices=8", "data.micro_batch_size=2"),
+            "hybrid+cp-2x2x2",
+        ),
+        pytest.param(("parallel=tp+cp", "trainer.devices=4"), id="tp+cp"),
+        pytest.param(("parallel=fsdp+tp+pp+cp", "trainer.devices=8"), id="fsdp+tp+pp+cp-8"),
     ],
 )
 def test_whitebox_context_parallel_matches_single_process(layout):
