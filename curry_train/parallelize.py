@@ -77,7 +77,10 @@ def parallelize(
         split = layout.pp is not None and canonical_kind(layout.pp.schedule) in SPLIT_BACKWARD
         compile_blocks(blocks, compile_backend, retain_graph=split)
     # Shards while the parameters are still on the meta device: no rank allocates the whole model.
-    apply_fsdp(model, ps, layout, roots=_pipeline_roots(stages))
+    # ZeRO-1 swaps full parameters in with forward hooks: on compiled blocks, one hook per block, outside
+    # the compiled call, so the graphs trace none.
+    zero1_units = blocks if compile_backend is not None else None
+    apply_fsdp(model, ps, layout, roots=_pipeline_roots(stages), zero1_units=zero1_units)
     # Draws each parameter's full value from its own seeded generator, then keeps this rank's
     # shard: the same weights in every layout. Or reads just this rank's shards of pretrained weights.
     materialize(model, device, seed, init_from)
@@ -161,10 +164,17 @@ def apply_context_parallel(
         )
 
 
-def apply_fsdp(model: nn.Module, ps: ParallelState, layout: ParallelConfig, roots: Optional[list[nn.Module]]) -> None:
+def apply_fsdp(
+    model: nn.Module,
+    ps: ParallelState,
+    layout: ParallelConfig,
+    roots: Optional[list[nn.Module]],
+    zero1_units: Optional[list[nn.Module]] = None,
+) -> None:
     """FSDP2 over the data-parallel ranks: the run's ZeRO stage with ``parallel=fsdp``; replicas
     (``no_shard``) for the ranks tensor, pipeline or expert parallelism leave, since DDP cannot hold
-    their DTensor parameters or pipeline stages."""
+    their DTensor parameters or pipeline stages. ``zero1_units``: with ``sharding=optimizer``, the
+    modules whose forward hooks swap in their whole subtree's parameters (compiled blocks)."""
     fsdp: Optional[FSDPConfig] = layout.fsdp
     if layout.ep is not None:
         # The experts first, over the ranks EP leaves (their own FSDP units: the blocks' units
@@ -188,6 +198,7 @@ def apply_fsdp(model: nn.Module, ps: ParallelState, layout: ParallelConfig, root
             reshard_after_forward=fsdp.reshard_after_forward,
             blocks_per_unit=fsdp.blocks_per_unit,
             roots=roots,
+            units=zero1_units if fsdp.sharding == "optimizer" else None,
         )
     elif (layout.tp is not None or layout.pp is not None or layout.ep is not None) and ps.submesh("dp_cp").size() > 1:
         DistributedOptimizer.wrap(model, sharding="no_shard", parallel_state=ps, roots=roots)

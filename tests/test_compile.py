@@ -71,6 +71,7 @@ def _curve(tmp_path, layout: list[str], backend: str) -> dict[int, float]:
 RECOMPUTE = ["parallel=fsdp", "trainer.devices=2", "parallel.recompute=selective"]
 SP = ["parallel=tp", "trainer.devices=2", "parallel.tp.sequence_parallel=true"]
 CP = ["parallel=cp", "trainer.devices=2"]
+ZERO1_RECOMPUTE = ["parallel=fsdp", "trainer.devices=2", "parallel.fsdp.sharding=optimizer", "parallel.recompute=full"]
 CP4_DOUBLE_RING = ["parallel=cp", "trainer.devices=4", "parallel.cp.size=4", "parallel.cp.pattern=double_ring"]
 LAYOUTS = [
     pytest.param(["parallel=fsdp", "trainer.devices=2"], "inductor", id="fsdp2-inductor"),
@@ -81,6 +82,9 @@ LAYOUTS = [
     pytest.param(["parallel=fsdp+tp", "trainer.devices=4"], "inductor", id="fsdp+tp-inductor", marks=MATRIX),
     pytest.param(["parallel=dp", "trainer.devices=2"], "aot_eager", id="ddp2", marks=MATRIX),
     pytest.param(RECOMPUTE, "inductor", id="fsdp2-selective-recompute-inductor", marks=MATRIX),
+    # ZeRO-1 swaps each block's full parameters in around its compiled call
+    pytest.param(ZERO1_RECOMPUTE[:-1], "aot_eager", id="zero1", marks=MATRIX),
+    pytest.param(ZERO1_RECOMPUTE, "aot_eager", id="zero1-full-recompute"),
     *(
         pytest.param(
             ["parallel=fsdp", "trainer.devices=4", f"parallel.fsdp.sharding={mode}"], "aot_eager", id=mode, marks=MATRIX
@@ -125,10 +129,6 @@ def test_compiled_moe_under_expert_parallelism_matches_eager(tmp_path):
     "overrides, message",
     [
         (["compile.backend=tvm"], "compile.backend='tvm': expected one of inductor"),
-        (
-            ["parallel=fsdp", "parallel.fsdp.sharding=optimizer", "trainer.devices=2"],
-            "compile.enabled=true with parallel.fsdp.sharding=optimizer is not supported yet",
-        ),
     ],
 )
 def test_bad_compile_settings_are_one_line(overrides, message):

@@ -474,13 +474,6 @@ def _check_training(cfg: DictConfig) -> None:
         raise ConfigError("checkpoint.every_n_steps must be >= 0 and checkpoint.keep_last >= 1")
     if cfg.compile.backend not in COMPILE_BACKENDS:
         raise ConfigError(f"compile.backend={cfg.compile.backend!r}: expected one of {', '.join(COMPILE_BACKENDS)}")
-    fsdp = cfg.parallel.get("fsdp")
-    if cfg.compile.enabled and fsdp is not None and fsdp.sharding == "optimizer":
-        raise ConfigError(
-            "compile.enabled=true with parallel.fsdp.sharding=optimizer is not supported yet: ZeRO-1 swaps each"
-            " module's full parameters in through forward hooks, which the compiled blocks would trace; use"
-            " sharding=shard_grad_op (ZeRO-2) or full with compile, or compile.enabled=false"
-        )
     if c.export_hf_dtype is not None and c.export_hf_dtype not in HF_DTYPES:
         raise ConfigError(f"checkpoint.export_hf_dtype={c.export_hf_dtype!r}: expected one of {', '.join(HF_DTYPES)}")
     if c.export_hf_on_end:

@@ -100,7 +100,9 @@ class DistributedOptimizer:
 
         ``units``: the modules each sharded on its own (default: the model's repeated blocks, taken
         ``blocks_per_unit`` at a time, from ``model.plan`` when the model declares one, else every
-        child of the model's ModuleLists/ModuleDicts). ``roots``: the modules sharded last, each
+        child of the model's ModuleLists/ModuleDicts); with ``sharding="optimizer"``, the modules
+        whose forward hooks swap in the full parameters of all their own modules (default: none,
+        each module swaps its own). ``roots``: the modules sharded last, each
         holding the parameters no unit holds (default: ``model``; pipeline stages that share
         ``model``'s modules pass themselves, since their forward, not ``model``'s, runs). ``parallel_state``: default, a
         ``ParallelState`` over all ranks with the shape this ``sharding`` needs. May be called on a
@@ -123,12 +125,12 @@ class DistributedOptimizer:
                     "reshard_after_forward=True: sharding='optimizer' (ZeRO-1) keeps the full parameters; use "
                     "sharding='full' to reshard"
                 )
-            if units is not None or blocks_per_unit != 1:
+            if blocks_per_unit != 1:
                 raise ValueError(
                     "sharding='optimizer' has no wrapping units (its parameters are gathered once per step): leave "
-                    "units/blocks_per_unit unset"
+                    "blocks_per_unit unset"
                 )
-            return _zero_one(model, mesh, PARAM_DTYPES[mixed_precision])
+            return _zero_one(model, mesh, PARAM_DTYPES[mixed_precision], units or ())
         if reshard_after_forward is None:
             reshard_after_forward = sharding in ("full", "hybrid")
         mp_policy = MixedPrecisionPolicy(param_dtype=PARAM_DTYPES[mixed_precision], reduce_dtype=torch.float32)
@@ -402,8 +404,17 @@ class _ZeroOneState:
             slot.full.grad = None
 
 
-def _zero_one(model: nn.Module, mesh: DeviceMesh, compute_dtype: Optional[torch.dtype]) -> nn.Module:
-    """Shard every parameter of ``model`` in place (ZeRO-1); see ``ZeroOneModule``."""
+def _zero_one(
+    model: nn.Module, mesh: DeviceMesh, compute_dtype: Optional[torch.dtype], units: Sequence[nn.Module] = ()
+) -> nn.Module:
+    """Shard every parameter of ``model`` in place (ZeRO-1); see ``ZeroOneModule``.
+
+    The full values are swapped in by a forward pre-hook on the module that owns each parameter, or,
+    for the modules inside one of ``units`` (compiled blocks), on that unit, for all its modules at
+    once: the compiled forward then sees full parameters and traces no hook. (Recomputation in a
+    compiled block happens inside its compiled backward, on the parameters the graph was given.)"""
+    unit_of = {id(m): unit for unit in units for m in unit.modules()}
+    members: dict[int, tuple[nn.Module, list]] = {}  # id(hook owner) -> (owner, [(module, names)])
     if mesh.ndim != 1:
         raise ValueError(f"sharding='optimizer' runs over a 1-D data-parallel mesh, got {mesh}")
     state = _ZeroOneState(mesh, compute_dtype)
@@ -435,13 +446,16 @@ def _zero_one(model: nn.Module, mesh: DeviceMesh, compute_dtype: Optional[torch.
                 shards[id(param)] = shard
                 state.slots[id(shard)] = _Slot(shard, param.shape[0], state.shards, state.rank, compute_dtype)
             module._parameters[name] = shards[id(param)]
-        names = [name for name, _ in owned]
+        owner = unit_of.get(id(module), module)
+        members.setdefault(id(owner), (owner, []))[1].append((module, [name for name, _ in owned]))
+    for owner, owned_by in members.values():
 
-        def swap_in(mod: nn.Module, args: Any, names: list[str] = names) -> Any:
-            for name in names:
-                shard = mod._parameters[name]
-                if isinstance(shard, DTensor):
-                    mod._parameters[name] = state.ensure_full(state.slots[id(shard)])
+        def swap_in(_: nn.Module, args: Any, owned_by: list = owned_by) -> Any:
+            for mod, names in owned_by:
+                for name in names:
+                    shard = mod._parameters[name]
+                    if isinstance(shard, DTensor):
+                        mod._parameters[name] = state.ensure_full(state.slots[id(shard)])
             if compute_dtype is None:
                 return None
             # Mixed precision, as FSDP2 does it: floating-point inputs cast to the compute dtype.
@@ -449,14 +463,15 @@ def _zero_one(model: nn.Module, mesh: DeviceMesh, compute_dtype: Optional[torch.
                 a.to(compute_dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args
             )
 
-        def swap_out(mod: nn.Module, args: Any, output: Any, names: list[str] = names) -> None:
-            for name in names:
-                shard = state.shard_of.get(id(mod._parameters[name]))
-                if shard is not None:
-                    mod._parameters[name] = shard
+        def swap_out(_: nn.Module, args: Any, output: Any, owned_by: list = owned_by) -> None:
+            for mod, names in owned_by:
+                for name in names:
+                    shard = state.shard_of.get(id(mod._parameters[name]))
+                    if shard is not None:
+                        mod._parameters[name] = shard
 
-        module.register_forward_pre_hook(swap_in)
-        module.register_forward_hook(swap_out, always_call=True)
+        owner.register_forward_pre_hook(swap_in)
+        owner.register_forward_hook(swap_out, always_call=True)
     cls = model.__class__
     model.__class__ = type(f"ZeroOne{cls.__name__}", (ZeroOneModule, cls), {})
     model._zero1 = state
