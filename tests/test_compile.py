@@ -72,6 +72,7 @@ RECOMPUTE = ["parallel=fsdp", "trainer.devices=2", "parallel.recompute=selective
 SP = ["parallel=tp", "trainer.devices=2", "parallel.tp.sequence_parallel=true"]
 CP = ["parallel=cp", "trainer.devices=2"]
 ZERO1_RECOMPUTE = ["parallel=fsdp", "trainer.devices=2", "parallel.fsdp.sharding=optimizer", "parallel.recompute=full"]
+THREE_D = ["parallel=fsdp+tp+pp", "trainer.devices=8", "data.micro_batch_size=2"]
 CP4_DOUBLE_RING = ["parallel=cp", "trainer.devices=4", "parallel.cp.size=4", "parallel.cp.pattern=double_ring"]
 LAYOUTS = [
     pytest.param(["parallel=fsdp", "trainer.devices=2"], "inductor", id="fsdp2-inductor"),
@@ -103,6 +104,8 @@ LAYOUTS = [
         for kind in ("gpipe", "1F1B", "interleaved", "interleaved_zb", "zbv", "dualpipev")
     ),
     pytest.param([*CP, "parallel.cp.pattern=alltoall"], "aot_eager", id="cp2-alltoall", marks=MATRIX),
+    pytest.param(THREE_D, "aot_eager", id="fsdp+tp+pp-2x2x2", marks=MATRIX),
+    pytest.param(["parallel=fsdp+tp+pp+cp", "trainer.devices=8"], "aot_eager", id="fsdp+tp+pp+cp-8", marks=MATRIX),
     pytest.param(CP4_DOUBLE_RING, "aot_eager", id="cp4-double-ring", marks=MATRIX),
 ]
 
