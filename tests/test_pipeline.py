@@ -19,6 +19,7 @@ from curry_train.primitives import PipelineSchedule
 from curry_train.primitives.materialize import materialize_and_init
 from curry_train.primitives.pipeline_schedule import (
     KINDS,
+    V_SHAPED,
     canonical_kind,
     check_microbatches,
     pipeline_stages,
@@ -310,6 +311,10 @@ def test_whitebox_pipeline_composes_with_data_and_tensor_parallelism(layout):
     [kind if kind in ("1F1B", "interleaved", "zbv") else matrix(kind, kind) for kind in KINDS],
 )
 def test_pipeline_reproduces_single_process_curve(schedule, single_process_curve, tmp_path):
+    """The V-shaped kinds also validate (their evaluation runs the stages forward in order, not torch's
+    runtime): the validation losses of one process."""
+    validate = ["trainer.limit_val_batches=2", "trainer.val_check_interval=5"] if schedule in V_SHAPED else []
+    run_dir = tmp_path / "pp"
     run_train(
         [
             *FAST,
@@ -317,11 +322,18 @@ def test_pipeline_reproduces_single_process_curve(schedule, single_process_curve
             "parallel=pp",
             f"parallel.pp.schedule={schedule}",
             "trainer.devices=2",
-            f"hydra.run.dir={tmp_path}",
+            *validate,
+            f"hydra.run.dir={run_dir}",
         ],
         cwd=tmp_path,
     )
-    assert_same_curve(read_metric(tmp_path), single_process_curve)
+    assert_same_curve(read_metric(run_dir), single_process_curve)
+    if validate:
+        reference = tmp_path / "one"
+        run_train([*FAST, f"trainer.max_steps={STEPS}", *validate, f"hydra.run.dir={reference}"], cwd=tmp_path)
+        val = read_metric(run_dir, "val/loss")
+        assert sorted(val) == [4, 9]
+        assert_same_curve(val, read_metric(reference, "val/loss"))
 
 
 @pytest.mark.slow

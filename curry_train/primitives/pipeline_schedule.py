@@ -403,5 +403,50 @@ class PipelineSchedule:
         loss_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
     ) -> PipelineResult:
         """Forward only: the loss of every micro-batch, no gradients."""
-        losses = self._run(self._schedule.eval, microbatches, targets, loss_fn)
+        run = self._forward_only if self.kind in V_SHAPED else self._schedule.eval
+        losses = self._run(run, microbatches, targets, loss_fn)
         return PipelineResult(loss=losses.sum(), losses=losses, stepped=False)
+
+    def _forward_only(self, *args: Tensor, target: Optional[Tensor] = None, losses: Optional[list] = None) -> None:
+        """Every micro-batch forward through the stages in order, each activation sent to the rank of
+        the next stage (kept when that is this rank): the V-shaped kinds' evaluation. (torch's runtime
+        for them still runs the backward's same-rank hand-offs of activation gradients when there is no
+        backward, and fails.) Sequential: an evaluation is a small share of a run."""
+        m = self.n_microbatches
+        inputs = list(args[0].tensor_split(m)) if args else [None] * m
+        targets = list(target.tensor_split(m)) if target is not None else [None] * m
+        modules = dict(zip(self.local_indices, self.modules, strict=True))
+        for mb in range(m):
+            x = inputs[mb]
+            for s in self.local_indices:
+                source = self.stage_ranks[s - 1] if s > 0 else self.pp_rank
+                if source != self.pp_rank:
+                    x = _receive(self.device, dist.get_global_rank(self.group, source), self.group)
+                x = modules[s](x)
+                if s == self.n_stages - 1:
+                    losses.append(self._loss(x, targets[mb]))
+                    continue
+                destination = self.stage_ranks[s + 1]
+                if destination != self.pp_rank:
+                    _send(x, dist.get_global_rank(self.group, destination), self.group)
+
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _send(x: Tensor, dst: int, group: dist.ProcessGroup) -> None:
+    """An activation and, first, its dtype and shape (a fixed-size header)."""
+    header = torch.zeros(8, dtype=torch.int64, device=x.device)
+    header[0], header[1] = _DTYPES.index(x.dtype), x.ndim
+    header[2 : 2 + x.ndim] = torch.tensor(x.shape)
+    dist.send(header, dst, group=group)
+    dist.send(x.contiguous(), dst, group=group)
+
+
+def _receive(device: torch.device, src: int, group: dist.ProcessGroup) -> Tensor:
+    header = torch.empty(8, dtype=torch.int64, device=device)
+    dist.recv(header, src, group=group)
+    dtype, ndim = _DTYPES[int(header[0])], int(header[1])
+    x = torch.empty(header[2 : 2 + ndim].tolist(), dtype=dtype, device=device)
+    dist.recv(x, src, group=group)
+    return x
