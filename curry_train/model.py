@@ -309,6 +309,9 @@ class Llama(nn.Module):
         # The positions of the tokens this rank holds when they are not 0..seq-1 (context
         # parallelism shards the sequence); forward uses them when called without positions.
         self.register_buffer("positions", None, persistent=False)
+        # Sequence parallelism: hidden states between stages (a pipeline stage's input) are this rank's
+        # shard of the sequence, 1/sequence_shards of it; set by apply_tensor_parallel.
+        self.sequence_shards = 1
 
     def forward(self, tokens: Tensor, positions: Optional[Tensor] = None, labels: Optional[Tensor] = None) -> Tensor:
         """tokens: (batch, seq) ids, or hidden states (batch, seq, dim) on a stage without the embedding.
@@ -320,8 +323,9 @@ class Llama(nn.Module):
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         if positions is None:
             positions = self.positions
-        if positions is None:  # the length of the input, not of h (a sequence-parallel shard)
-            cos, sin = self.rope_cos[: tokens.shape[1]], self.rope_sin[: tokens.shape[1]]
+        if positions is None:  # the whole sequence's length, not that of a sequence-parallel shard
+            seq = tokens.shape[1] * (self.sequence_shards if tokens.ndim == 3 else 1)
+            cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
         else:
             cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         for block in self.layers.values():

@@ -19,6 +19,8 @@ from curry_train.primitives.materialize import materialize_and_init
 from curry_train.primitives.tp_linear import apply_tensor_parallel, distinct_rng_per_rank
 from curry_train.validation.whitebox import validate
 
+MATRIX = pytest.mark.matrix  # runs with --matrix
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
@@ -59,12 +61,14 @@ def test_whitebox_tp_matches_single_process(layout):
     [
         ("parallel=tp", "trainer.devices=2"),
         ("parallel=fsdp+tp", "trainer.devices=4"),
-        ("parallel=tp", "trainer.devices=2", "parallel.tp.sequence_parallel=true"),
+        pytest.param(("parallel=tp", "trainer.devices=2", "parallel.tp.sequence_parallel=true"), marks=MATRIX),
         # the head and the vocabulary-sharded loss over 4 chunks of each rank's sequence shard, recomputed in
         # backward inside FSDP's root unit
         ("parallel=fsdp+tp", "trainer.devices=4", "parallel.tp.sequence_parallel=true", "model.loss_chunks=4"),
+        # a later stage's input is the sequence shard; its RoPE tables cover the whole sequence
+        ("parallel=tp+pp", "trainer.devices=4", "parallel.tp.sequence_parallel=true"),
     ],
-    ids=["tp-2", "fsdp+tp-4", "tp-2-sp", "fsdp+tp-4-sp-chunked-loss"],
+    ids=["tp-2", "fsdp+tp-4", "tp-2-sp", "fsdp+tp-4-sp-chunked-loss", "tp+pp-4-sp"],
 )
 def test_tp_reproduces_single_process_curve(layout, single_process_curve, tmp_path):
     run_train([*FAST, f"trainer.max_steps={STEPS}", *layout, f"hydra.run.dir={tmp_path}"], cwd=tmp_path)

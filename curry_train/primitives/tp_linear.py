@@ -331,6 +331,8 @@ def apply_tensor_parallel(
     """
     plan = model.plan
     sp = sequence_parallel
+    if sp and hasattr(model, "sequence_shards"):
+        model.sequence_shards = mesh.size()  # a later pipeline stage's input is the sequence shard
     for block in model.get_submodule(plan.blocks).values():
         column = [path for path in plan.column if _holds(block, path)]
         for path in column:
