@@ -233,8 +233,8 @@ class _RingAttention(torch.autograd.Function):
         b, h, s, d = q.shape
         out_t = torch.empty(b, s, h, d, dtype=q.dtype, device=q.device).transpose(1, 2)
         for i, parts in enumerate(out):
-            for r, part in enumerate(parts):
-                _query_groups(out_t.narrow(2, i * chunk, chunk), groups)[r].copy_(part)
+            for target, part in zip(_query_groups(out_t.narrow(2, i * chunk, chunk), groups), parts, strict=True):
+                target.copy_(part)
         lse_t = torch.cat([_join_groups(parts) for parts in lse], dim=2)
         ctx.save_for_backward(q, k, v, out_t, lse_t)
         ctx.plan, ctx.layouts, ctx.causal, ctx.scale = plan, layouts, causal, scale
