@@ -16,19 +16,15 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
 import logging
 import os
 import shutil
 import signal
-import socket
 import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
@@ -40,6 +36,7 @@ from curry_train.config import ConfigError
 from curry_train.config.checks import LaunchPlan, check, external_launcher
 from curry_train.data import DataError
 from curry_train.module import NonFiniteError
+from curry_train.pool import die_with_parent, free_port, local_rank_environment, share_cores
 from curry_train.primitives import dcp
 from curry_train.primitives.dcp import NonFiniteStateError
 from curry_train.run import configure_worker_logging, train
@@ -56,37 +53,10 @@ FORWARDED = (signal.SIGTERM, signal.SIGUSR1)  # the launcher passes these on to 
 RECEIVED: list[int] = []  # the preemption signals this process got (a scheduler's notice)
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _die_with_parent() -> None:
-    """Linux: have the kernel kill this worker when the launching process dies (SIGKILL: Lightning
-    catches SIGTERM and would carry on training with nobody waiting for it)."""
-    if sys.platform.startswith("linux"):
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
 def _worker(rank: int, world_size: int, port: int, target: Callable[..., Any], args: Sequence[Any]) -> None:
-    _die_with_parent()
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        LOCAL_WORLD_SIZE=str(world_size),
-        GROUP_RANK="0",
-        NODE_RANK="0",
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
-    if world_size > 1 and "OMP_NUM_THREADS" not in os.environ:
-        # The local ranks share this machine's cores (as torchrun and Lightning's CPU DDP arrange):
-        # each one's default of a thread per core would oversubscribe them world_size times over.
-
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // world_size))
+    die_with_parent()
+    os.environ.update(local_rank_environment(rank, world_size, port))
+    share_cores(world_size)
     target(*args)
     # Done: run the exit handlers (loggers, trackers), flush, and leave without the interpreter's
     # teardown, where destroying gloo's still-joinable threads can abort a finished worker in
@@ -95,16 +65,6 @@ def _worker(rank: int, world_size: int, port: int, target: Callable[..., Any], a
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
-
-
-def end_process_group() -> None:
-    """Leave the default process group together: a barrier, then ``destroy_process_group``. A rank
-    that tears gloo down while a peer still talks to it (the peer's last sends of a pipeline step, a
-    result being written) can make the peer abort in std::terminate."""
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 def spawn(world_size: int, target: Callable[..., Any], *args: Any) -> None:

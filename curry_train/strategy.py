@@ -54,6 +54,7 @@ class CurryStrategy(ParallelStrategy):
         self._timeout = timeout
         self.parallel_state: Optional[ParallelState] = None
         self.num_nodes = 1
+        self._owns_process_group = True
 
     @property
     @override
@@ -77,6 +78,8 @@ class CurryStrategy(ParallelStrategy):
         self.cluster_environment.set_global_rank(self.node_rank * self.num_processes + self.local_rank)
         self.cluster_environment.set_world_size(self.num_nodes * self.num_processes)
         device_type = self.root_device.type
+        # A pool of workers (curry_train.pool) joins each job's group before the run: it is the pool's to end.
+        self._owns_process_group = not dist.is_initialized()
         if self.world_size > 1:
             _init_dist_connection(
                 self.cluster_environment, "nccl" if device_type == "cuda" else "gloo", timeout=self._timeout
@@ -183,7 +186,7 @@ class CurryStrategy(ParallelStrategy):
     @override
     def teardown(self) -> None:
         super().teardown()
-        if dist.is_initialized():
+        if dist.is_initialized() and self._owns_process_group:
             dist.destroy_process_group()
 
     # ------------------------------------------------------------------------------------------

@@ -26,7 +26,6 @@ share a device. Kinds and micro-batch counts run one after the other in one set 
 
 from __future__ import annotations
 
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Optional, Sequence
@@ -36,9 +35,9 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from curry_train.config import compose
-from curry_train.launch import end_process_group, spawn
 from curry_train.model import Llama
 from curry_train.planning.step_time import bubble_formula
+from curry_train.pool import WorkerPool
 from curry_train.primitives.materialize import materialize_and_init
 from curry_train.primitives.pipeline_schedule import (
     PipelineSchedule,
@@ -106,10 +105,9 @@ def stage_layers(n_layers: int, n_stages: int) -> Optional[list[int]]:
     return [n_layers // n_stages] * n_stages if n_layers % n_stages == 0 else None
 
 
-def _bubble_worker(out_dir: str, container: dict, runs: Sequence[tuple[int, str]], steps: int) -> None:
-
+def _bubble_worker(container: dict, runs: Sequence[tuple[int, str]], steps: int) -> list[dict[str, Any]]:
+    """A pool job: every run on this rank; the rows (the same on every rank)."""
     torch.set_num_threads(1)  # one core per stage: the stages of a real pipeline do not share a device
-    dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = OmegaConf.create(container)
     results = []
@@ -159,9 +157,7 @@ def _bubble_worker(out_dir: str, container: dict, runs: Sequence[tuple[int, str]
                 tokens_per_s=batch[:, 1:].numel() / step_s,
             ).to_dict()
         )
-    if rank == 0:
-        torch.save(results, f"{out_dir}/bubbles.pt")
-    end_process_group()
+    return results
 
 
 def check_bubble_runs(n_layers: int, kinds: Sequence[str], pp: int, microbatches: Sequence[int], steps: int) -> None:
@@ -198,9 +194,8 @@ def measure_bubbles(
     check_bubble_runs(cfg.model.n_layers, kinds, pp, counts, steps)
     container = OmegaConf.to_container(cfg, resolve=True)
     runs = [(m, kind) for m in counts for kind in kinds]
-    with tempfile.TemporaryDirectory(prefix="curry-bubble-") as out_dir:
-        spawn(pp, _bubble_worker, out_dir, container, runs, steps)
-        raw = torch.load(f"{out_dir}/bubbles.pt")
+    with WorkerPool(pp) as pool:
+        raw = pool.run(_bubble_worker, container, runs, steps)[0]
     return [BubbleRow(**{k: v for k, v in r.items() if k not in ("mean", "formula_text")}) for r in raw]
 
 

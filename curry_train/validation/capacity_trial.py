@@ -9,20 +9,18 @@ a subprocess and classifies its exit; docs/planning.md ("Measure mode") says wha
 from __future__ import annotations
 
 import json
-import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import lightning.pytorch as pl
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from curry_train.config import ConfigError, compose
 from curry_train.config.checks import check
-from curry_train.launch import spawn
-from curry_train.module import CausalLM, LMDataModule
-from curry_train.run import build_trainer
+from curry_train.runner import Measurement, fit_layouts
 from curry_train.validation.layout_memory import MemoryProbe
 from curry_train.validation.whitebox import measurement_config
 
@@ -68,41 +66,51 @@ class DeviceMemoryLimit(pl.Callback):
             resource.setrlimit(resource.RLIMIT_AS, (limit, resource.RLIM_INFINITY))
 
 
-def _trial_worker(container: dict, out_dir: str, accelerator: str) -> None:
-    for name in ("lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    cfg = OmegaConf.create(container)
-    pl.seed_everything(cfg.seed, verbose=False)
-    limit = DeviceMemoryLimit(cfg.hardware)
-    probe = MemoryProbe(TRIAL_STEPS) if accelerator == "cpu" else None
-    callbacks = [limit] + ([probe] if probe else [])
-    trainer = build_trainer(cfg, Path(out_dir), accelerator, callbacks=callbacks, checkpoints=False, loggers=[])
-    trainer.fit(CausalLM(cfg), datamodule=LMDataModule(cfg.data, cfg.seed))
-    device = trainer.strategy.root_device
-    if device.type == "cuda":
-        record = {
-            "peak_bytes": torch.cuda.max_memory_allocated(device),
-            "peak_reserved_bytes": torch.cuda.max_memory_reserved(device),
-            "method": "torch.cuda.max_memory_allocated",
-            "device_total_bytes": limit.device_total,
-        }
-    else:
-        tracked = probe.record.get("peak") or {}
-        peak = tracked.get("Total", sum(tracked.values()))
-        state = probe.record["state"]["total"]
-        record = {
-            "peak_bytes": max(peak, state),
-            "tracked_peak": probe.record["peak"],
-            "state": probe.record["state"],
-            "method": "memory tracker: one micro-batch's forward+backward with the model state",
-        }
-    record["rank"] = trainer.global_rank
-    Path(out_dir, f"rank-{trainer.global_rank:05d}.json").write_text(json.dumps(record))
+class TrialMeasurement(Measurement):
+    """The runner's probe of a trial: the device's memory limit, and on a CPU the memory probe of step
+    ``TRIAL_STEPS``; its result is this rank's peak memory."""
+
+    def __init__(self, cfg: DictConfig, accelerator: str) -> None:
+        self.limit = DeviceMemoryLimit(cfg.hardware)
+        self.probe = MemoryProbe(TRIAL_STEPS) if accelerator == "cpu" else None
+        self.callbacks = [self.limit] + ([self.probe] if self.probe else [])
+
+    def result(self, trainer: pl.Trainer) -> dict[str, Any]:
+        device = trainer.strategy.root_device
+        if device.type == "cuda":
+            record = {
+                "peak_bytes": torch.cuda.max_memory_allocated(device),
+                "peak_reserved_bytes": torch.cuda.max_memory_reserved(device),
+                "method": "torch.cuda.max_memory_allocated",
+                "device_total_bytes": self.limit.device_total,
+            }
+        else:
+            tracked = self.probe.record.get("peak") or {}
+            peak = tracked.get("Total", sum(tracked.values()))
+            state = self.probe.record["state"]["total"]
+            record = {
+                "peak_bytes": max(peak, state),
+                "tracked_peak": self.probe.record["peak"],
+                "state": self.probe.record["state"],
+                "method": "memory tracker: one micro-batch's forward+backward with the model state",
+            }
+        record["rank"] = trainer.global_rank
+        return record
+
+
+@dataclass(frozen=True)
+class TrialProbe:
+    """Picklable: a ``TrialMeasurement`` on each rank of a run on ``accelerator``."""
+
+    accelerator: str
+
+    def __call__(self, cfg: DictConfig) -> TrialMeasurement:
+        return TrialMeasurement(cfg, self.accelerator)
 
 
 def trial_main(argv: Sequence[str]) -> int:
     """Run the configuration of ``argv[1:]`` for ``TRIAL_STEPS`` steps and write each rank's peak
-    memory to ``argv[0]/rank-NNNNN.json``. Errors propagate (non-zero exit, traceback on stderr)."""
+    memory to ``argv[0]/rank-NNNNN.json``. A failure is printed (non-zero exit, its traceback on stderr)."""
     out_dir, overrides = argv[0], list(argv[1:])
     cfg = measurement_config(compose(overrides), TRIAL_STEPS)
     try:
@@ -110,16 +118,17 @@ def trial_main(argv: Sequence[str]) -> int:
     except ConfigError as error:
         print(f"curry-train: error: {error}", file=sys.stderr)
         return 2
-    container = OmegaConf.to_container(cfg, resolve=True)
-    if plan.world_size == 1:
-        _trial_worker(container, out_dir, plan.accelerator)
-    else:
-        spawn(plan.world_size, _trial_worker, container, out_dir, plan.accelerator)
+    (outcome,) = fit_layouts([(cfg, plan)], TrialProbe(plan.accelerator))
+    if not outcome.ok:
+        print(outcome.error, file=sys.stderr)
+        return 1
+    for record in outcome.ranks:
+        Path(out_dir, f"rank-{record['rank']:05d}.json").write_text(json.dumps(record))
     return 0
 
 
 if __name__ == "__main__":
-    # Run from the module by its name, so that spawn pickles the worker by that name, not by __main__'s.
+    # Run from the module by its name, so that the pool's workers unpickle its probe by that name, not __main__'s.
     from curry_train.validation.capacity_trial import trial_main as _trial_main
 
     sys.exit(_trial_main(sys.argv[1:]))

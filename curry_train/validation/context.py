@@ -15,7 +15,6 @@ for each cp, one thread each, and reports per rank:
 
 from __future__ import annotations
 
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
@@ -23,7 +22,7 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
-from curry_train.launch import end_process_group, spawn
+from curry_train.pool import WorkerPool
 from curry_train.primitives import context_parallel as cpm
 from curry_train.validation.memory import peak_memory
 
@@ -47,11 +46,10 @@ class ContextRow:
 
 
 def _context_worker(
-    out_dir: str, seq_len: int, heads: int, kv_heads: int, head_dim: int, pattern: str, steps: int
-) -> None:
-
+    seq_len: int, heads: int, kv_heads: int, head_dim: int, pattern: str, steps: int
+) -> list[tuple[int, float, float]]:
+    """A pool job: the attention op on this rank's share of the sequence; every rank's figures."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     generator = torch.Generator().manual_seed(0)
     full = [torch.randn(1, h, seq_len, head_dim, generator=generator) for h in (heads, kv_heads, kv_heads)]
@@ -74,9 +72,7 @@ def _context_worker(
     seconds = (time.perf_counter() - start) / steps
     rows = [None] * world
     dist.all_gather_object(rows, (activations, waits[0] / steps / seconds, seconds))
-    if rank == 0:
-        torch.save(rows, f"{out_dir}/context.pt")
-    end_process_group()
+    return rows
 
 
 def measure_context(
@@ -91,9 +87,8 @@ def measure_context(
 
     rows = []
     for cp in cps:
-        with tempfile.TemporaryDirectory() as out_dir:
-            spawn(cp, _context_worker, out_dir, seq_len, heads, kv_heads, head_dim, pattern, steps)
-            raw = torch.load(f"{out_dir}/context.pt")
+        with WorkerPool(cp) as pool:
+            raw = pool.run(_context_worker, seq_len, heads, kv_heads, head_dim, pattern, steps)[0]
         seconds = max(r[2] for r in raw)
         rows.append(
             ContextRow(

@@ -5,10 +5,6 @@ and how, is described in curry_train.validation.memory, whose tools it uses."""
 
 from __future__ import annotations
 
-import json
-import logging
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,18 +13,17 @@ from typing import Any, Optional, Sequence
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from curry_train.config import compose
 from curry_train.config.checks import check
 from curry_train.config.schema import ParallelConfig
-from curry_train.launch import free_port, spawn
 from curry_train.model import Llama
-from curry_train.module import CausalLM, LMDataModule
 from curry_train.planning.memory import is_expert, tensor_parallel_shapes, zero_formula_terms, zero_formula_text
+from curry_train.pool import Pools
 from curry_train.primitives.parallel_state import Degrees
 from curry_train.primitives.pipeline_schedule import pipeline_stages
-from curry_train.run import build_trainer
+from curry_train.runner import Measurement, fit_layouts
 from curry_train.validation.comm import CommCounter, ddp_bucket_bytes
 from curry_train.validation.memory import MEASURED_STEP, model_state_bytes, peak_memory
 from curry_train.validation.whitebox import measurement_config
@@ -147,40 +142,25 @@ class MemoryProbe(Callback):
         self._stop_counting()
 
 
-def _rendezvous_port(out_dir: Path, index: int) -> int:
-    """The port of layout ``index``: rank 0 picks a free one just before it is needed and the others
-    read it from ``out_dir``. Picked any earlier, it may since have gone to one of the connections
-    the previous layouts' process groups opened."""
+class MemoryMeasurement(Measurement):
+    """``MemoryProbe`` as the runner's probe: this rank's record after the run."""
 
-    path = out_dir / f"port-{index:03d}"
-    if os.environ["RANK"] == "0":
-        pending = path.with_suffix(".pending")
-        pending.write_text(str(free_port()))
-        pending.rename(path)  # atomic: readers never see a partial file
-    while not path.exists():  # if rank 0 fails, spawn ends this worker
-        time.sleep(0.05)
-    return int(path.read_text())
+    def __init__(self, comm_step: Optional[int] = None) -> None:
+        self.probe = MemoryProbe(comm_step=comm_step)
+        self.callbacks = [self.probe]
+
+    def result(self, trainer: pl.Trainer) -> dict[str, Any]:
+        return self.probe.record
 
 
-def _probe(
-    containers: list[dict], out_dir: str, accelerator: str, comm_steps: Optional[list[Optional[int]]] = None
-) -> None:
-    """Worker body: run each layout in turn in this same process, each on a fresh rendezvous port."""
+@dataclass(frozen=True)
+class MemoryProbeFactory:
+    """Picklable: a ``MemoryMeasurement`` on each rank, counting the collectives of ``comm_step``."""
 
-    for name in ("lightning.pytorch", "lightning.fabric"):  # per-fit banners, from every rank
-        logging.getLogger(name).setLevel(logging.WARNING)
-    # The ranks share this machine's cores (as Lightning's CPU DDP does): each rank's default of one
-    # thread per core oversubscribes them, and the step time (timed_steps) then measures contention.
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["WORLD_SIZE"])))
-    for index, container in enumerate(containers):
-        os.environ["MASTER_PORT"] = str(_rendezvous_port(Path(out_dir), index))
-        cfg = OmegaConf.create(container)
-        pl.seed_everything(cfg.seed, verbose=False)
-        probe = MemoryProbe(comm_step=comm_steps[index] if comm_steps else None)
-        trainer = build_trainer(cfg, Path(out_dir), accelerator, callbacks=[probe], checkpoints=False, loggers=[])
-        trainer.fit(CausalLM(cfg), datamodule=LMDataModule(cfg.data, cfg.seed))
-        path = Path(out_dir) / f"memory-{index:03d}-rank{probe.record['rank']:05d}.json"
-        path.write_text(json.dumps(probe.record))
+    comm_step: Optional[int] = None
+
+    def __call__(self, cfg: DictConfig) -> MemoryMeasurement:
+        return MemoryMeasurement(self.comm_step)
 
 
 @dataclass
@@ -285,32 +265,31 @@ def _describe(overrides: Sequence[str], cfg: DictConfig, degrees: Degrees) -> La
 
 
 def measure_layouts(
-    layouts: Sequence[Sequence[str]], config_dir: Optional[Path] = None, timed_steps: int = 0, count_comm: bool = False
+    layouts: Sequence[Sequence[str]],
+    config_dir: Optional[Path] = None,
+    timed_steps: int = 0,
+    count_comm: bool = False,
+    pools: Optional[Pools] = None,
 ) -> list[LayoutMemory]:
     """Run each layout (Hydra overrides, composed and checked as for ``train.py``) for
     ``MEASURED_STEP`` steps, and ``timed_steps`` more, and return its per-rank measurements, in
-    order. Layouts that need the same number of processes run in turn in one set of local workers:
-    starting processes (and importing torch in them) costs more than a few steps of a small model.
+    order. Layouts that need the same number of processes run in turn in one pool of workers
+    (``runner.fit_layouts``): starting processes (and importing torch in them) costs more than a few
+    steps of a small model. A layout that fails raises ``RuntimeError`` with its error.
 
     ``count_comm``: one more step, whose collectives each rank counts (``comm`` in its record)."""
 
     if timed_steps < 0:
         raise ValueError(f"timed_steps={timed_steps} must not be negative")
     comm_step = MEASURED_STEP + timed_steps + 1 if count_comm else None
-    cfgs, plans = [], []
+    checked = []
     for overrides in layouts:
         cfg = measurement_config(compose(overrides, config_dir), MEASURED_STEP + timed_steps + bool(count_comm))
-        cfgs.append(cfg)
-        plans.append(check(cfg))
-    results = [
-        _describe(overrides, cfg, plan.degrees) for overrides, cfg, plan in zip(layouts, cfgs, plans, strict=False)
-    ]
-    for world_size in sorted({plan.world_size for plan in plans}):
-        indices = [i for i, plan in enumerate(plans) if plan.world_size == world_size]
-        containers = [OmegaConf.to_container(cfgs[i], resolve=True) for i in indices]
-        with tempfile.TemporaryDirectory(prefix="curry-memory-") as out_dir:
-            spawn(world_size, _probe, containers, out_dir, plans[indices[0]].accelerator, [comm_step] * len(indices))
-            for position, index in enumerate(indices):
-                files = sorted(Path(out_dir).glob(f"memory-{position:03d}-rank*.json"))
-                results[index].ranks = [json.loads(f.read_text()) for f in files]
+        checked.append((cfg, check(cfg)))
+    results = [_describe(overrides, cfg, plan.degrees) for overrides, (cfg, plan) in zip(layouts, checked, strict=True)]
+    outcomes = fit_layouts(checked, MemoryProbeFactory(comm_step), pools)
+    for overrides, result, outcome in zip(layouts, results, outcomes, strict=True):
+        if not outcome.ok:
+            raise RuntimeError(f"{' '.join(overrides)}: {outcome.error}")
+        result.ranks = sorted(outcome.ranks, key=lambda record: record["rank"])
     return results

@@ -47,7 +47,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import CSVLogger, Logger
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
@@ -56,10 +56,10 @@ from curry_train.config.checks import LaunchPlan, check
 from curry_train.config.schema import PRECISIONS
 from curry_train.data import GlobalBatchSampler
 from curry_train.model import Llama, head_dim
-from curry_train.module import CausalLM, LMDataModule, lr_lambda
+from curry_train.module import LMDataModule, lr_lambda
 from curry_train.planning.step_time import flops_parameters, flops_per_token
 from curry_train.primitives.materialize import materialize_and_init
-from curry_train.run import build_trainer
+from curry_train.runner import Measurement, fit
 from curry_train.validation.peak_flops import DTYPES, matmul_flops
 
 LOOPS = ("hand", "curry")
@@ -329,17 +329,27 @@ def run_hand_loop(
 # curry-train's loop
 
 
-class StepClock(Callback):
-    """Reads the clock and the step's loss at the end of every training step."""
+class StepClock(Callback, Measurement):
+    """Reads the clock and the step's loss at the end of every training step (with ``callbacks``; the
+    CSV logger every real run has, ``curry_train.run.make_loggers``, unless ``loggers`` is none)."""
 
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
+    def __init__(self, device: torch.device, loggers: str = "csv", callbacks: Sequence[Callback] = ()) -> None:
+        self.device, self.logger_kind = device, loggers
+        self.callbacks = [self, *callbacks]
         self.step_ends: list[float] = []
         self.losses: list[torch.Tensor] = []
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         self.losses.append(pl_module.last_step_loss)
         self.step_ends.append(_clock(self.device))
+
+    def loggers(self, run_dir: Path) -> list[Logger]:
+        if self.logger_kind != "csv":
+            return []
+        return [CSVLogger(save_dir=str(run_dir), name="", version="", flush_logs_every_n_steps=1)]
+
+    def result(self, trainer: pl.Trainer) -> tuple[list[float], list[float]]:
+        return self.step_ends, [float(x) for x in self.losses]
 
 
 def run_curry_loop(
@@ -351,21 +361,14 @@ def run_curry_loop(
     repeat: int = 0,
     callbacks: Sequence[Callback] = (),
 ) -> LoopRun:
-    """``cfg.trainer.max_steps`` steps of curry-train's real Trainer, strategy and module (and ``callbacks``)."""
+    """``cfg.trainer.max_steps`` steps of curry-train's real Trainer, strategy and module (and ``callbacks``),
+    in this process (``runner.fit``)."""
 
-    clock = StepClock(device_of(plan))
+    clock = StepClock(device_of(plan), loggers, callbacks)
     with tempfile.TemporaryDirectory(prefix="curry-bench-") as run_dir:
-        # The logger every real run has (curry_train.run.make_loggers), without the tracker.
-        logger_list = (
-            [CSVLogger(save_dir=run_dir, name="", version="", flush_logs_every_n_steps=1)] if loggers == "csv" else []
-        )
-        pl.seed_everything(cfg.seed, workers=True, verbose=False)
-        trainer = build_trainer(
-            cfg, Path(run_dir), plan.accelerator, callbacks=[clock, *callbacks], checkpoints=False, loggers=logger_list
-        )
-        trainer.fit(CausalLM(cfg), datamodule=datamodule)
+        step_ends, losses = fit(cfg, Path(run_dir), plan.accelerator, clock, datamodule)
     tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_len
-    return LoopRun("curry", repeat, warmup, tokens_per_step, clock.step_ends, [float(x) for x in clock.losses])
+    return LoopRun("curry", repeat, warmup, tokens_per_step, step_ends, losses)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import math
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -38,9 +37,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from curry_train.config import compose
 from curry_train.config.checks import check
-from curry_train.launch import spawn
-from curry_train.module import CausalLM, LMDataModule
-from curry_train.run import build_trainer
+from curry_train.pool import Pools
+from curry_train.runner import Measurement, fit_layouts
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
 REFERENCE_OVERRIDES = ("parallel=dp", "trainer.devices=1", "trainer.num_nodes=1", "trainer.precision=32-true")
@@ -57,11 +55,14 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
-class StepRecorder(Callback):
-    """Records loss, gradient norm and full gradients right before each optimizer step."""
+class StepRecorder(Callback, Measurement):
+    """Records loss, gradient norm and full gradients right before each optimizer step; with validation
+    on, each validation's loss."""
 
     def __init__(self) -> None:
         self.records: list[dict[str, Any]] = []
+        self.val_losses: list[float] = []
+        self.buffers: dict[str, torch.Tensor] = {}
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, module: pl.LightningModule, optimizer: Any) -> None:
         loss = module.last_step_loss.clone()
@@ -91,37 +92,46 @@ class StepRecorder(Callback):
         if self.records and logged is not None:
             self.records[-1]["logged_loss"] = float(logged)
 
+    def on_validation_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        logged = trainer.callback_metrics.get("val/loss")
+        if logged is not None:
+            self.val_losses.append(float(logged))
 
-def _capture(container: dict, out_dir: str, accelerator: str) -> None:
-    """Worker body: train ``max_steps`` steps, recording each; every rank writes what it holds."""
+    def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        # The state that is not a parameter but trains (a MoE router's balancing bias, moved by the
+        # loads summed over the ranks): what a checkpoint holds of it, at the end.
+        persistent = set(module.model.state_dict())
+        self.buffers = {
+            clean_name(name): full_tensor(buffer).detach().double().cpu()
+            for name, buffer in module.model.named_buffers()
+            if name in persistent
+        }
 
-    cfg = OmegaConf.create(container)
-    pl.seed_everything(cfg.seed, verbose=False)
-    recorder = StepRecorder()
-    trainer = build_trainer(cfg, Path(out_dir), accelerator, callbacks=[recorder], checkpoints=False, loggers=[])
-    trainer.fit(CausalLM(cfg), datamodule=LMDataModule(cfg.data, cfg.seed))
-    rank = dist.get_rank() if dist.is_initialized() else trainer.global_rank
-    torch.save(recorder.records, Path(out_dir) / f"records-rank{rank:05d}.pt")
+    # As the runner's measurement: itself, and what this rank holds after the run.
+    @property
+    def callbacks(self) -> list[Callback]:
+        return [self]
+
+    def result(self, trainer: pl.Trainer) -> dict[str, Any]:
+        return {"steps": self.records, "val_losses": self.val_losses, "buffers": self.buffers}
 
 
-def _merge(out_dir: Path) -> list[dict[str, Any]]:
+def recorder(cfg: DictConfig) -> StepRecorder:
+    """The whitebox's probe for ``runner.fit_layouts``."""
+    return StepRecorder()
+
+
+def merge(per_rank: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """One record per step: loss and norm from rank 0, gradients from every rank (pipeline stages
-    hold different parameters; replicated holders must agree, which is itself checked)."""
-    files = sorted(out_dir.glob("records-rank*.pt"))
-    per_rank = [torch.load(f, weights_only=False) for f in files]
+    hold different parameters; replicated holders must agree, which is itself checked), the
+    validation losses (rank 0's) and the trained buffers at the end (every rank's, which must agree)
+    with the last step's record."""
+    steps = [rank["steps"] for rank in per_rank]
     merged = []
-    for step, first in enumerate(per_rank[0]):
-        grads: dict[str, torch.Tensor] = {}
-        for records in per_rank:
-            for name, grad in records[step]["grads"].items():
-                if name in grads and not torch.equal(grads[name], grad):
-                    diff = (grads[name] - grad).abs().max().item()
-                    raise AssertionError(
-                        f"step {step + 1}: ranks disagree on the gradient of {name} (max diff {diff:.3e})"
-                    )
-                grads[name] = grad
-        pending = sorted({text for records in per_rank for text in records[step].get("pending", [])})
-        logged = [records[step].get("logged_loss") for records in per_rank]
+    for step, first in enumerate(steps[0]):
+        grads = _agreed([records[step]["grads"] for records in steps], f"step {step + 1}: the gradient of")
+        pending = sorted({text for records in steps for text in records[step].get("pending", [])})
+        logged = [records[step].get("logged_loss") for records in steps]
         merged.append(
             {
                 "loss": first["loss"],
@@ -131,7 +141,22 @@ def _merge(out_dir: Path) -> list[dict[str, Any]]:
                 "logged_losses": logged,
             }
         )
+    if merged:
+        merged[-1]["val_losses"] = per_rank[0]["val_losses"]
+        merged[-1]["buffers"] = _agreed([rank["buffers"] for rank in per_rank], f"step {len(merged)}: buffer")
     return merged
+
+
+def _agreed(per_rank: Sequence[dict[str, torch.Tensor]], what: str) -> dict[str, torch.Tensor]:
+    """The union of every rank's tensors by name; ranks holding the same name must hold the same value."""
+    union: dict[str, torch.Tensor] = {}
+    for tensors in per_rank:
+        for name, tensor in tensors.items():
+            if name in union and not torch.equal(union[name], tensor):
+                diff = (union[name] - tensor).abs().max().item()
+                raise AssertionError(f"{what} {name}: ranks disagree (max diff {diff:.3e})")
+            union[name] = tensor
+    return union
 
 
 def measurement_config(cfg: DictConfig, steps: int) -> DictConfig:
@@ -144,16 +169,15 @@ def measurement_config(cfg: DictConfig, steps: int) -> DictConfig:
     return cfg
 
 
-def run_layout(cfg: DictConfig, steps: int) -> list[dict[str, Any]]:
-    """Run ``cfg`` for ``steps`` steps in as many local processes as it asks for; return merged records."""
-
+def whitebox_config(cfg: DictConfig, steps: int, validate_every: Optional[int] = None) -> DictConfig:
+    """``cfg`` as the whitebox runs it: ``steps`` measured steps, no clipping (it would hide a wrongly
+    scaled gradient); ``validate_every``: validation (2 batches) every that many steps."""
     cfg = measurement_config(cfg, steps)
-    OmegaConf.update(cfg, "optim.grad_clip", 0.0)  # clipping would hide a wrongly scaled gradient
-    plan = check(cfg)
-    container = OmegaConf.to_container(cfg, resolve=True)
-    with tempfile.TemporaryDirectory(prefix="curry-whitebox-") as out_dir:
-        spawn(plan.world_size, _capture, container, out_dir, plan.accelerator)
-        return _merge(Path(out_dir))
+    OmegaConf.update(cfg, "optim.grad_clip", 0.0)
+    if validate_every is not None:
+        OmegaConf.update(cfg, "trainer.limit_val_batches", 2)
+        OmegaConf.update(cfg, "trainer.val_check_interval", validate_every)
+    return cfg
 
 
 @dataclass
@@ -212,6 +236,20 @@ def compare(records: Sequence[dict], reference: Sequence[dict], rtol: float = 1e
                 )
         for key in ("loss", "grad_norm"):
             report.rows.append(Row(step, key, got[key], ref[key], relative_error(got[key], ref[key]), rtol))
+        got_buffers, ref_buffers = got.get("buffers", {}), ref.get("buffers", {})
+        if set(got_buffers) != set(ref_buffers):
+            report.problems.append(f"step {step}: buffers {sorted(got_buffers)}, the reference's {sorted(ref_buffers)}")
+        for name in sorted(set(got_buffers) & set(ref_buffers)):
+            b, r = got_buffers[name], ref_buffers[name]
+            error = float((b - r).norm() / r.norm().clamp_min(1e-30)) if b.shape == r.shape else math.inf
+            report.rows.append(Row(step, f"buffer {name}", float(b.norm()), float(r.norm()), error, grad_rtol))
+        got_val, ref_val = got.get("val_losses", []), ref.get("val_losses", [])
+        if len(got_val) != len(ref_val):
+            report.problems.append(f"step {step}: {len(got_val)} validation losses, the reference has {len(ref_val)}")
+        for index, (value, expected) in enumerate(zip(got_val, ref_val, strict=False), 1):
+            report.rows.append(
+                Row(step, f"validation {index} loss", value, expected, relative_error(value, expected), rtol)
+            )
         missing = sorted(set(ref["grads"]) - set(got["grads"]))
         extra = sorted(set(got["grads"]) - set(ref["grads"]))
         if missing or extra:
@@ -228,10 +266,53 @@ def compare(records: Sequence[dict], reference: Sequence[dict], rtol: float = 1e
 
 def reference_overrides(overrides: Sequence[str]) -> list[str]:
     """The overrides of the single-process fp32 reference: the same run, without the layout."""
-    layout_keys = ("parallel", "trainer.devices", "trainer.num_nodes", "trainer.precision")
+    layout_keys = ("parallel", "trainer.devices", "trainer.num_nodes", "trainer.precision", "compile.enabled")
     kept = [o for o in overrides if not o.lstrip("+~").split("=")[0].split(".")[0] == "parallel"]
     kept = [o for o in kept if o.lstrip("+~").split("=")[0] not in layout_keys]
     return kept + list(REFERENCE_OVERRIDES)
+
+
+@dataclass
+class Case:
+    """One layout to check: its overrides and tolerances (``validate_every``: validate every that many
+    steps, and compare the validation losses too)."""
+
+    overrides: Sequence[str]
+    steps: int = 1
+    rtol: float = 1e-5
+    grad_rtol: float = 1e-5
+    validate_every: Optional[int] = None
+
+
+def validate_many(
+    cases: Sequence[Case], config_dir: Optional[Path] = None, pools: Optional[Pools] = None
+) -> list[Report]:
+    """Run every case's layout and its single-process reference (one reference per distinct one) through
+    ``runner.fit_layouts``, the layouts of a world size in one pool; compare each. A layout that fails
+    is a report with its error as the problem."""
+    layouts, references, keys = [], {}, []
+    for case in cases:
+        cfg = whitebox_config(compose(case.overrides, config_dir), case.steps, case.validate_every)
+        layouts.append((cfg, check(cfg)))
+        reference = whitebox_config(
+            compose(reference_overrides(case.overrides), config_dir), case.steps, case.validate_every
+        )
+        key = json.dumps(OmegaConf.to_container(reference, resolve=True), sort_keys=True, default=str)
+        keys.append(key)
+        if key not in _REFERENCES and key not in references:  # deterministic: one run serves every layout
+            references[key] = (reference, check(reference))
+    outcomes = fit_layouts([*layouts, *references.values()], recorder, pools)
+    for key, outcome in zip(references, outcomes[len(layouts) :], strict=True):
+        if not outcome.ok:
+            raise RuntimeError(f"the single-process reference failed: {outcome.error}")
+        _REFERENCES[key] = merge(outcome.ranks)
+    reports = []
+    for case, key, outcome in zip(cases, keys, outcomes, strict=False):
+        if outcome.ok:
+            reports.append(compare(merge(outcome.ranks), _REFERENCES[key], case.rtol, case.grad_rtol))
+        else:
+            reports.append(Report(problems=[f"the layout failed: {outcome.error}"]))
+    return reports
 
 
 def validate(
@@ -240,15 +321,11 @@ def validate(
     rtol: float = 1e-5,
     grad_rtol: float = 1e-5,
     config_dir: Optional[Path] = None,
+    pools: Optional[Pools] = None,
 ) -> Report:
     """Run the layout of ``overrides`` and its single-process reference; compare them."""
-    cfg = compose(overrides, config_dir)
-    reference_cfg = compose(reference_overrides(overrides), config_dir)
-    records = run_layout(cfg, steps)
-    key = json.dumps([OmegaConf.to_container(reference_cfg, resolve=True), steps], sort_keys=True, default=str)
-    if key not in _REFERENCES:  # deterministic: one run serves every layout with the same reference
-        _REFERENCES[key] = run_layout(reference_cfg, steps)
-    return compare(records, _REFERENCES[key], rtol, grad_rtol)
+    (report,) = validate_many([Case(overrides, steps, rtol, grad_rtol)], config_dir, pools)
+    return report
 
 
 _REFERENCES: dict[str, list[dict[str, Any]]] = {}
