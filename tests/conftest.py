@@ -7,10 +7,17 @@ import os
 import subprocess
 import sys
 import textwrap
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import pytest
+
+from curry_train.cli import train as train_cli
+from curry_train.config import compose
+from curry_train.config.checks import check
+from curry_train.pool import Pools
+from curry_train.runner import train_in_workers
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "train.py"
@@ -54,6 +61,37 @@ def run_train(
     return result
 
 
+@dataclass
+class Finished:
+    """How a command run in this process ended: its exit status and what it printed."""
+
+    code: int
+    out: str
+    err: str
+
+
+@pytest.fixture
+def curry_train(monkeypatch, capsys) -> Callable[..., Finished]:
+    """``curry-train ARGS`` in this process (``cli.train.main`` with its argv, in ``cwd``): how a bad input
+    ends, without an interpreter of its own (one test per entry point runs the real command)."""
+
+    def run(args: Sequence[str], cwd: Path, env: Optional[dict] = None) -> Finished:
+        monkeypatch.chdir(cwd)
+        for key, value in (env or {}).items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.setattr(sys, "argv", ["curry-train", *args])
+        capsys.readouterr()
+        try:
+            train_cli.main()
+            code = 0
+        except SystemExit as stopped:
+            code = stopped.code if isinstance(stopped.code, int) else int(stopped.code is not None)
+        out, err = capsys.readouterr()
+        return Finished(code, out, err)
+
+    return run
+
+
 def read_metric(run_dir: Path, key: str = "train/loss") -> dict[int, float]:
     """step -> value of ``key`` from the run's metrics.csv."""
     (path,) = list(run_dir.rglob("metrics.csv"))
@@ -65,16 +103,36 @@ STEPS = 10  # length of the loss curves that layouts must reproduce
 
 
 @pytest.fixture(scope="session")
+def pools():
+    """Worker pools for the whole session, one per world size (curry_train.pool): every multi-process
+    check runs its jobs in them instead of starting interpreters of its own."""
+    with Pools() as session_pools:
+        yield session_pools
+
+
+CHECKPOINTED = ("checkpoint.every_n_steps=3", "checkpoint.keep_last=4")  # steps 3, 6, 9 and the last
+
+
+@pytest.fixture(scope="session")
 def single_process_run(tmp_path_factory) -> Path:
-    """The reference: FAST on one process for STEPS steps."""
+    """The reference, as a user runs it (``train.py``, one process): FAST for STEPS steps, checkpoints
+    of steps 3, 6, 9 and 10."""
     run_dir = tmp_path_factory.mktemp("single")
-    run_train([*FAST, f"trainer.max_steps={STEPS}", f"hydra.run.dir={run_dir}"], cwd=run_dir)
+    run_train([*FAST, f"trainer.max_steps={STEPS}", *CHECKPOINTED, f"hydra.run.dir={run_dir}"], cwd=run_dir)
     return run_dir
 
 
 @pytest.fixture(scope="session")
 def single_process_curve(single_process_run) -> dict[int, float]:
     return read_metric(single_process_run)
+
+
+def train(pools: Pools, overrides: Sequence[str], run_dir: Path) -> Path:
+    """Compose, check and train ``overrides`` into ``run_dir`` in the session's pools: the worker body of
+    ``curry-train`` (loggers, checkpoints, metrics.csv), without starting interpreters of its own."""
+    cfg = compose(overrides)
+    train_in_workers(cfg, check(cfg, run_dir=run_dir), run_dir, pools)
+    return run_dir
 
 
 def assert_same_curve(losses: dict[int, float], reference: dict[int, float], rtol: float = 1e-5) -> None:

@@ -187,13 +187,13 @@ def test_a_validation_tail_too_short_for_a_batch_is_a_warning(data_dir, tmp_path
         (["hydra.run.dir={file}/run"], "cannot write"),
     ],
 )
-def test_the_command_prints_one_line_and_starts_nothing(tmp_path, overrides, message):
+def test_the_command_prints_one_line_and_starts_nothing(tmp_path, overrides, message, curry_train):
     """As a user meets it: exit 2, one line on stderr, no traceback, no run directory left behind."""
     (tmp_path / "file").write_text("not a directory")
     overrides = [o.replace("{file}", str(tmp_path / "file")) for o in overrides]
-    result = run_train([*FAST, *overrides], cwd=tmp_path, check=False, timeout=60)
-    assert result.returncode == 2, result.stderr[-2000:]
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    result = curry_train([*FAST, *overrides], cwd=tmp_path)
+    assert result.code == 2, result.err[-2000:]
+    lines = [line for line in result.err.splitlines() if line.strip()]
     assert lines == [lines[0]] and lines[0].startswith("curry-train: error: ") and message in lines[0], lines
     assert not (tmp_path / "outputs").exists()
 

@@ -20,7 +20,6 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from curry_train.cli import bench as bench_cli
 from curry_train.config import compose
-from curry_train.launch import end_process_group, spawn
 from curry_train.model import Llama
 from curry_train.planning.layout import current_layout
 from curry_train.planning.memory import activation_bytes
@@ -299,10 +298,9 @@ def test_compare_flops_per_token_hand_count():
     assert counter.get_total_flops() == s * bench.flops_per_token(matmuls, 4, 128, s)
 
 
-def _count_collectives(out_dir: str) -> None:
+def _count_collectives() -> dict:
     """Each kind of collective once, through torch.distributed and the functional collectives."""
 
-    dist.init_process_group("gloo")  # from the environment spawn sets
     rank, group = dist.get_rank(), dist.group.WORLD
     mesh = init_device_mesh("cpu", (2,))
     x = torch.ones(3, 5)  # 15 fp32 elements, 60 bytes
@@ -320,18 +318,15 @@ def _count_collectives(out_dir: str) -> None:
             dist.send(x, dst=1)  # 15
         else:
             dist.recv(torch.empty(3, 5), src=0)
-    if rank == 1:
-        torch.save({"counts": comm.to_dict()}, f"{out_dir}/comm.pt")
-    end_process_group()
+    return comm.to_dict()
 
 
 @pytest.mark.slow
-def test_compare_comm_counter_books_each_collective(tmp_path):
+def test_compare_comm_counter_books_each_collective(pools):
     """All-gather by its output, all-reduce, reduce-scatter and all-to-all by their input; c10d,
     functional and DTensor-issued collectives alike, each once."""
 
-    spawn(2, _count_collectives, str(tmp_path))
-    counts = torch.load(tmp_path / "comm.pt")["counts"]
+    _, counts = pools.run(2, _count_collectives)  # rank 1's
     assert counts == {
         "all_reduce": {"ops": 2, "elements": 30, "bytes": 120},
         "all_gather": {"ops": 3, "elements": 80, "bytes": 30 * 4 + 30 * 4 + 20 * 8},

@@ -102,15 +102,15 @@ def test_train_help_and_a_bad_override(tmp_path):
     assert not (tmp_path / "outputs").exists()  # composing failed: Hydra never made a run directory
 
 
-def test_a_run_that_fails_its_check_leaves_no_run_directory(tmp_path):
-    result = run_train(["trainer.devices=3", "logger=csv"], cwd=tmp_path, timeout=120, check=False)
-    assert result.returncode == 2 and "is not divisible by" in result.stderr
+def test_a_run_that_fails_its_check_leaves_no_run_directory(tmp_path, curry_train):
+    result = curry_train(["trainer.devices=3", "logger=csv"], cwd=tmp_path)
+    assert result.code == 2 and "is not divisible by" in result.err
     assert list(tmp_path.iterdir()) == []  # neither outputs/<date>/<time>/ nor the emptied outputs/<date>/
     # A directory that holds more than Hydra's files (an earlier run's) is left as it was.
     run_dir = tmp_path / "kept"
     (run_dir / "checkpoints").mkdir(parents=True)
-    result = run_train(["trainer.devices=3", f"hydra.run.dir={run_dir}"], cwd=tmp_path, timeout=120, check=False)
-    assert result.returncode == 2 and (run_dir / "checkpoints").is_dir() and (run_dir / ".hydra").is_dir()
+    result = curry_train(["trainer.devices=3", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert result.code == 2 and (run_dir / "checkpoints").is_dir() and (run_dir / ".hydra").is_dir()
 
 
 def test_the_layers_contract_names_every_module():

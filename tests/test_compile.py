@@ -1,5 +1,5 @@
-"""compile.enabled: torch.compile per block in every layout, compiled once; MFU against a measured peak; the
-GPU check's dry mode."""
+"""compile.enabled: compiled once, the eager losses; MFU against a measured peak; the GPU check's dry mode
+(every layout compiled against one eager process: test_parity.py's compiled rows)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import re
 
 import pytest
 import torch
-from conftest import FAST, STEPS, assert_same_curve, read_metric, run_train
+from conftest import FAST
 
 from curry_train.cli import gpu_check
 from curry_train.config import ConfigError, compose
@@ -15,8 +15,6 @@ from curry_train.config.checks import check
 from curry_train.validation.compile_bench import compile_bench
 from curry_train.validation.peak_flops import matmul_flops
 from curry_train.validation.throughput import bench
-
-MATRIX = pytest.mark.matrix  # runs with --matrix
 
 
 def test_gpu_check_without_a_gpu_lists_its_checks_and_exits_0(capsys):
@@ -57,75 +55,6 @@ def test_compiled_loop_compiles_once_and_matches_eager():
     assert compiled.max_loss_rel_diff <= 1e-5, result.table()
     assert compiled.run.tokens_per_s > 0 and eager.run.tokens_per_s > 0
     assert "recompiles" in result.table()
-
-
-def _curve(tmp_path, layout: list[str], backend: str) -> dict[int, float]:
-    args = [*FAST, f"trainer.max_steps={STEPS}", *layout, "compile.enabled=true", f"compile.backend={backend}"]
-    run_train([*args, "checkpoint.save_on_end=false", f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
-    return read_metric(tmp_path)
-
-
-# Each layout compiled against one eager process (the layouts match it to 1e-5 eagerly). aot_eager:
-# dynamo's graphs and AOT autograd's joint graph run by eager kernels, composition with the layout's hooks
-# and collectives; inductor: its fused C++ kernels, which reorder fp32 sums (measured: 1e-7).
-RECOMPUTE = ["parallel=fsdp", "trainer.devices=2", "parallel.recompute=selective"]
-SP = ["parallel=tp", "trainer.devices=2", "parallel.tp.sequence_parallel=true"]
-CP = ["parallel=cp", "trainer.devices=2"]
-ZERO1_RECOMPUTE = ["parallel=fsdp", "trainer.devices=2", "parallel.fsdp.sharding=optimizer", "parallel.recompute=full"]
-THREE_D = ["parallel=fsdp+tp+pp", "trainer.devices=8", "data.micro_batch_size=2"]
-CP4_DOUBLE_RING = ["parallel=cp", "trainer.devices=4", "parallel.cp.size=4", "parallel.cp.pattern=double_ring"]
-LAYOUTS = [
-    pytest.param(["parallel=fsdp", "trainer.devices=2"], "inductor", id="fsdp2-inductor"),
-    pytest.param(CP, "aot_eager", id="cp2-ring-graph-break"),
-    # DTensor linears, sequence-sharded norms and the vocabulary-parallel embedding and loss in the graphs
-    pytest.param(SP, "aot_eager", id="tp2-sp-loss-parallel"),
-    pytest.param(["parallel=tp", "trainer.devices=2"], "aot_eager", id="tp2", marks=MATRIX),
-    pytest.param(["parallel=fsdp+tp", "trainer.devices=4"], "inductor", id="fsdp+tp-inductor", marks=MATRIX),
-    pytest.param(["parallel=dp", "trainer.devices=2"], "aot_eager", id="ddp2", marks=MATRIX),
-    pytest.param(RECOMPUTE, "inductor", id="fsdp2-selective-recompute-inductor", marks=MATRIX),
-    # ZeRO-1 swaps each block's full parameters in around its compiled call
-    pytest.param(ZERO1_RECOMPUTE[:-1], "aot_eager", id="zero1", marks=MATRIX),
-    pytest.param(ZERO1_RECOMPUTE, "aot_eager", id="zero1-full-recompute"),
-    *(
-        pytest.param(
-            ["parallel=fsdp", "trainer.devices=4", f"parallel.fsdp.sharding={mode}"], "aot_eager", id=mode, marks=MATRIX
-        )
-        for mode in ("shard_grad_op", "no_shard", "hybrid")
-    ),
-    pytest.param(["parallel=fsdp+pp", "trainer.devices=4"], "inductor", id="fsdp+pp-inductor", marks=MATRIX),
-    # Each schedule; the zero-bubble kinds run each compiled backward in two passes (input, then weights).
-    *(
-        pytest.param(
-            ["parallel=pp", "trainer.devices=2", f"parallel.pp.schedule={kind}"],
-            "aot_eager",
-            id=f"pp2-{kind}",
-            marks=() if kind == "interleaved_zb" else MATRIX,
-        )
-        for kind in ("gpipe", "1F1B", "interleaved", "interleaved_zb", "zbv", "dualpipev")
-    ),
-    pytest.param([*CP, "parallel.cp.pattern=alltoall"], "aot_eager", id="cp2-alltoall", marks=MATRIX),
-    pytest.param(THREE_D, "aot_eager", id="fsdp+tp+pp-2x2x2", marks=MATRIX),
-    pytest.param(["parallel=fsdp+tp+pp+cp", "trainer.devices=8"], "aot_eager", id="fsdp+tp+pp+cp-8", marks=MATRIX),
-    pytest.param(CP4_DOUBLE_RING, "aot_eager", id="cp4-double-ring", marks=MATRIX),
-]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("layout, backend", LAYOUTS)
-def test_compiled_training_matches_eager_in_each_layout(tmp_path, single_process_curve, layout, backend):
-    assert_same_curve(_curve(tmp_path, layout, backend), single_process_curve)
-
-
-@pytest.mark.slow
-@pytest.mark.matrix
-def test_compiled_moe_under_expert_parallelism_matches_eager(tmp_path):
-    """moe_debug under ep 2, compiled (graph breaks at the routing counts): the eager run's curve."""
-    layout = ["model=moe_debug", "parallel=ep", "trainer.devices=2"]
-    (tmp_path / "compiled").mkdir()
-    compiled = _curve(tmp_path / "compiled", layout, "aot_eager")
-    eager_dir = tmp_path / "eager"
-    run_train([*FAST, f"trainer.max_steps={STEPS}", *layout, f"hydra.run.dir={eager_dir}"], cwd=tmp_path)
-    assert_same_curve(compiled, read_metric(eager_dir))
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,6 @@ import torch.nn.functional as F
 
 from curry_train.config import ConfigError, compose
 from curry_train.config.checks import check
-from curry_train.launch import end_process_group, spawn
 from curry_train.primitives import attention_kernels
 from curry_train.primitives.attention_kernels import KERNELS, _candidates
 from curry_train.primitives.context_parallel import (
@@ -37,9 +36,7 @@ def test_zigzag_layout_balances_causal_work():
         sequence_layout(10, 4, 0)
 
 
-def _attention_against_full(out_dir: str, cases: list) -> None:
-
-    dist.init_process_group("gloo")
+def _attention_against_full(cases: list) -> dict[str, list[float]]:
     rank, world = dist.get_rank(), dist.get_world_size()
     results = {}
     for name, pattern, causal, load_balance in cases:
@@ -59,8 +56,7 @@ def _attention_against_full(out_dir: str, cases: list) -> None:
         expected = [shard_sequence(t, world, rank, load_balance, dim=2) for t in (reference, q.grad, k.grad, v.grad)]
         got = [out, *(t.grad for t in local)]
         results[name] = [((g - e).norm() / e.norm()).item() for g, e in zip(got, expected, strict=False)]
-    torch.save(results, f"{out_dir}/rank{rank}.pt")
-    end_process_group()
+    return results
 
 
 @pytest.mark.slow
@@ -87,13 +83,11 @@ def _attention_against_full(out_dir: str, cases: list) -> None:
     ],
     ids=["cp2", "cp4"],
 )
-def test_attention_op_matches_unsharded_attention(world, cases, tmp_path):
+def test_attention_op_matches_unsharded_attention(world, cases, pools):
     """Outputs and the gradients of q, k and v (grouped key/value heads) of every pattern equal
     PyTorch's attention over the whole sequence, shard by shard."""
 
-    spawn(world, _attention_against_full, str(tmp_path), cases)
-    for rank in range(world):
-        results = torch.load(tmp_path / f"rank{rank}.pt")
+    for rank, results in enumerate(pools.run(world, _attention_against_full, cases)):
         for name, errors in results.items():
             assert max(errors) < 1e-5, (rank, name, errors)  # out, dq, dk, dv
 
@@ -104,65 +98,9 @@ def test_default_inner_ring_is_the_largest_divisor_up_to_the_square_root():
     assert default_inner_ring(2) == 2 and default_inner_ring(7) == 7
 
 
-# -- parallel=cp through the strategy -------------------------------------------------------------
+# -- parallel=cp's configuration (its layouts' parity: test_parity.py) ---------------------------
 
-from conftest import FAST, STEPS, assert_same_curve, matrix, read_metric, run_seed_example, run_train  # noqa: E402
-
-from curry_train.validation.whitebox import validate  # noqa: E402
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    "layout",
-    [
-        pytest.param(("parallel=cp", "trainer.devices=2"), id="ring-2"),
-        # ring 4 trains to the single-process curve below
-        matrix(("parallel=cp", "parallel.cp.size=4", "trainer.devices=4"), "ring-4"),
-        pytest.param(
-            ("parallel=cp", "parallel.cp.size=4", "parallel.cp.pattern=double_ring", "trainer.devices=4"),
-            id="double_ring-2x2",
-        ),
-        pytest.param(("parallel=cp", "parallel.cp.pattern=alltoall", "trainer.devices=2"), id="alltoall-2"),
-        # cp 2 x 2 replicas (DDP over dp x cp)
-        matrix(("parallel=cp", "parallel.cp.load_balance=false", "trainer.devices=4"), "contiguous-dp"),
-        pytest.param(("parallel=fsdp+cp", "trainer.devices=4"), id="fsdp+cp"),
-        # replicas over dp x cp
-        matrix(("parallel=fsdp+cp", "parallel.fsdp.sharding=no_shard", "trainer.devices=4"), "no_shard+cp"),
-        matrix(
-            ("parallel=fsdp+cp", "parallel.fsdp.sharding=hybrid", "trainer.devices=8", "data.micro_batch_size=2"),
-            "hybrid+cp-2x2x2",
-        ),
-        pytest.param(("parallel=tp+cp", "trainer.devices=4"), id="tp+cp"),
-        pytest.param(("parallel=fsdp+tp+pp+cp", "trainer.devices=8"), id="fsdp+tp+pp+cp-8"),
-    ],
-)
-def test_whitebox_context_parallel_matches_single_process(layout):
-    report = validate([*FAST, *layout], steps=2)
-    assert report.ok, report.table(only_failures=True)
-    assert len(report.rows) == 2 * (2 + 39)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    "layout",
-    [
-        matrix(("parallel=cp", "trainer.devices=2"), "ring-2"),
-        pytest.param(("parallel=cp", "parallel.cp.pattern=alltoall", "trainer.devices=2"), id="alltoall-2"),
-        pytest.param(("parallel=cp", "parallel.cp.size=4", "trainer.devices=4"), id="ring-4"),
-        matrix(
-            ("parallel=cp", "parallel.cp.size=4", "parallel.cp.pattern=double_ring", "trainer.devices=4"),
-            "double_ring-4",
-        ),
-        matrix(
-            ("parallel=cp", "parallel.cp.size=4", "parallel.cp.pattern=alltoall", "trainer.devices=4"), "alltoall-4"
-        ),
-        pytest.param(("parallel=fsdp+cp", "trainer.devices=4"), id="fsdp+cp"),
-        pytest.param(("parallel=tp+cp", "trainer.devices=4"), id="tp+cp"),
-    ],
-)
-def test_context_parallel_reproduces_single_process_curve(layout, single_process_curve, tmp_path):
-    run_train([*FAST, f"trainer.max_steps={STEPS}", *layout, f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
-    assert_same_curve(read_metric(tmp_path), single_process_curve)
+from conftest import FAST, run_seed_example  # noqa: E402
 
 
 @pytest.mark.parametrize(

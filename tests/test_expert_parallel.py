@@ -1,18 +1,16 @@
-"""Expert parallelism: the all-to-all dispatcher against the single-process layer, the layout's
-checks, and training under ep beside every other dimension against one process (fp32, 10 steps)."""
+"""Expert parallelism: the all-to-all dispatcher against the single-process layer and the layout's checks
+(training under ep beside every other dimension against one process: test_parity.py; resharding an ep
+checkpoint: test_resume.py)."""
 
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
-import torch
-from conftest import FAST, STEPS, assert_same_curve, matrix, read_metric, run_seed_example, run_train
+from conftest import run_seed_example
 
 from curry_train.config import ConfigError, compose
 from curry_train.config.checks import check
-from curry_train.validation.whitebox import validate
 
 # Each rank routes its own tokens through a layer whose 8 experts are split over the 4 ranks (with
 # each dispatcher), and compares with the same layer whole on one rank: outputs and input gradients on each rank, each
@@ -98,106 +96,3 @@ def test_expert_parallel_settings_are_checked_before_any_worker(tmp_path, overri
     cfg = compose(["model=moe_debug", "logger=csv", *overrides])
     with pytest.raises(ConfigError, match=re.escape(message)):
         check(cfg, env={}, run_dir=tmp_path)
-
-
-# -- training under ep against one process ----------------------------------------------------------
-
-COMMON = (*FAST, "model=moe_debug", f"trainer.max_steps={STEPS}", "model.moe.bias_update_rate=0.05")
-
-
-@pytest.fixture(scope="module")
-def moe_reference(tmp_path_factory) -> Path:
-    """moe_debug on one process for STEPS steps; a bias rate large enough that balancing changes the
-    routing within the curve (a layout that moved the bias wrongly would leave it)."""
-    run_dir = tmp_path_factory.mktemp("moe_single")
-    run_train([*COMMON, f"hydra.run.dir={run_dir}"], cwd=run_dir)
-    return run_dir
-
-
-def final_biases(run_dir: Path) -> torch.Tensor:
-    """Every router's balancing bias in the run's last checkpoint, stacked."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save  # noqa: PLC0415
-
-    (checkpoint,) = sorted((run_dir / "checkpoints").glob("step-*"))[-1:]
-    saved = run_dir / "consolidated.pt"
-    dcp_to_torch_save(checkpoint, saved)
-    state = torch.load(saved, weights_only=True)
-    flat = {}
-
-    def walk(prefix: str, node) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                walk(f"{prefix}.{key}" if prefix else str(key), value)
-        else:
-            flat[prefix] = node
-
-    walk("", state)
-    biases = [flat[key] for key in sorted(flat) if key.endswith("router.expert_bias")]
-    assert len(biases) == 4
-    return torch.stack(biases)
-
-
-LAYOUTS = [
-    pytest.param(["parallel=tp+ep", "trainer.devices=4"], id="tp2+ep2"),
-    pytest.param(["parallel=pp+ep", "trainer.devices=4"], id="pp2+ep2"),
-    pytest.param(["parallel=fsdp+tp+ep", "trainer.devices=8"], id="3d-fsdp2+tp2+ep2-8-ranks"),
-    matrix(["parallel=fsdp+ep", "parallel.ep.dispatcher=allgather", "trainer.devices=4"], id="fsdp+ep2-allgather"),
-    matrix(["parallel=ep", "parallel.ep.size=2", "trainer.devices=4"], id="ep2-experts-replicated-over-2"),
-    matrix(["parallel=ep", "trainer.devices=2"], id="ep2"),
-    matrix(["parallel=fsdp+ep", "trainer.devices=4"], id="fsdp+ep2-experts-sharded-over-2"),
-    matrix(["parallel=ep+cp", "parallel.ep.size=4", "trainer.devices=4"], id="ep4+cp2"),
-    matrix(["parallel=fsdp+pp+ep", "parallel.pp.schedule=interleaved", "trainer.devices=8"], id="fsdp+pp+ep"),
-    matrix(["parallel=tp+pp+cp+ep", "trainer.devices=8"], id="4d-tp+pp+cp+ep"),
-]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_expert_parallel_layouts_reproduce_one_process(layout, moe_reference, tmp_path):
-    """Loss and gradient norm within rel 1e-5 of one process at every step, and the routers'
-    balancing biases at the end equal: the loads were summed over the right ranks."""
-    run_train([*COMMON, *layout, f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
-    assert_same_curve(read_metric(tmp_path), read_metric(moe_reference))
-    grad_norm = "train/grad_norm"
-    assert_same_curve(read_metric(tmp_path, grad_norm), read_metric(moe_reference, grad_norm))
-    torch.testing.assert_close(final_biases(tmp_path), final_biases(moe_reference), rtol=0, atol=1e-6)
-
-
-@pytest.mark.slow
-def test_whitebox_fsdp_ep_gradients_match_one_process():
-    """The whitebox validator on fsdp+ep (4 ranks: experts split over 2, sharded over the other 2):
-    loss, gradient norm and every parameter's full gradient (the experts' gathered from both
-    meshes) within rel 1e-5 of one process, at 2 steps."""
-    report = validate([*FAST, "model=moe_debug", "parallel=fsdp+ep", "trainer.devices=4"], steps=2)
-    assert report.ok, report.table(only_failures=True)
-    names = {row.name for row in report.rows}
-    assert {f"grad layers.{i}.feed_forward.experts.w{j}" for i in range(4) for j in (1, 2, 3)} <= names
-    assert len(report.rows) == 2 * (2 + 55)  # loss, grad norm and the 55 parameters, at 2 steps
-
-
-@pytest.mark.slow
-def test_a_checkpoint_saved_under_ep4_resumes_under_ep2_and_one_process(moe_reference, tmp_path):
-    """ep=4 for 10 steps (its curve is the reference's), then its step-5 checkpoint resumed under
-    ep=2 and under one process: each continues on the reference's curve."""
-    reference = read_metric(moe_reference)
-    source = tmp_path / "ep4"
-    run_train(
-        [
-            *COMMON,
-            "parallel=ep",
-            "parallel.ep.size=4",
-            "trainer.devices=4",
-            "checkpoint.every_n_steps=5",
-            "checkpoint.keep_last=3",
-            f"hydra.run.dir={source}",
-        ],
-        cwd=tmp_path,
-    )
-    assert_same_curve(read_metric(source), reference)
-    step5 = source / "checkpoints" / "step-00000005"
-    for name, layout in (("ep2", ["parallel=ep", "trainer.devices=2"]), ("single", [])):
-        run_dir = tmp_path / name
-        run_train([*COMMON, *layout, f"ckpt_path={step5}", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
-        resumed = read_metric(run_dir)
-        assert sorted(resumed) == list(range(5, STEPS))
-        assert_same_curve(resumed, {step: reference[step] for step in resumed})

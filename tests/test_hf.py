@@ -13,10 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, clean_env, read_metric, run_seed_example, run_train
+from conftest import REPO, clean_env, read_metric, run_seed_example, train
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
+from curry_train.cli import tokenize_data as tokenize_cli
 from curry_train.config import compose
 from curry_train.config.checks import apply_init_from
 from curry_train.data import HFTokenizer, make_tokenizer, tokenize_documents
@@ -176,12 +177,7 @@ def test_directory_tokenizer_adds_bos_and_eos(models, tmp_path):
     corpus = tmp_path / "docs.jsonl"
     corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["alpha beta", "gamma"]))
     out = tmp_path / "tokens.bin"
-    subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "tokenize_data.py"), str(corpus), "--output", str(out), "--quiet"]
-        + ["--tokenizer", str(models["llama3"])],
-        check=True,
-        env=clean_env(),
-    )
+    assert tokenize_cli.main([str(corpus), "--output", str(out), "--quiet", "--tokenizer", str(models["llama3"])]) == 0
     assert np.fromfile(out, dtype=np.uint16).tolist() == stream.tolist()
 
 
@@ -337,7 +333,7 @@ def test_missing_tensor_and_wrong_shape_name_the_tensor(models, tmp_path):
         ({"attention_bias": True}, "attention_bias=true is not supported"),
     ],
 )
-def test_unsupported_directory_is_one_line_before_any_worker(models, tmp_path, edit, message):
+def test_unsupported_directory_is_one_line_before_any_worker(models, tmp_path, edit, message, curry_train):
     directory = tmp_path / "model"
     directory.mkdir()
     for file in models["llama3"].iterdir():
@@ -345,14 +341,12 @@ def test_unsupported_directory_is_one_line_before_any_worker(models, tmp_path, e
     config = json.loads((directory / "config.json").read_text())
     config.pop("rope_parameters", None)
     (directory / "config.json").write_text(json.dumps({**config, **edit}))
-    result = run_train(
-        [f"model.init_from={directory}", "trainer.devices=2", f"hydra.run.dir={tmp_path / 'run'}"],
-        cwd=tmp_path,
-        check=False,
+    result = curry_train(
+        [f"model.init_from={directory}", "trainer.devices=2", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path
     )
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0] and "config.json" in lines[0], result.stderr
+    assert result.code == 2
+    lines = result.err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "config.json" in lines[0], result.err
     assert not (tmp_path / "run").exists()  # nothing started
 
 
@@ -378,7 +372,7 @@ LAYOUT_RUN = (
 
 
 @pytest.mark.slow
-def test_every_layout_starts_from_the_pretrained_loss(models, tmp_path, request):
+def test_every_layout_starts_from_the_pretrained_loss(models, tmp_path, request, pools):
     """A tiny Llama 3 loaded under fsdp on 4 ranks and fsdp+tp (and with --matrix: tp 2, pp 2, cp 2, each
     passed once by hand): the first loss of one process (rel 1e-5: fp32 sums in another order), and each
     rank read about its shards, not the model."""
@@ -404,7 +398,7 @@ def test_every_layout_starts_from_the_pretrained_loss(models, tmp_path, request)
     first = {}
     for name, layout in layouts.items():
         run_dir = tmp_path / name
-        run_train([*common, *layout, f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+        train(pools, [*common, *layout], run_dir)
         first[name] = read_metric(run_dir)[0]
         if name == "fsdp4":
             line = next(line for line in (run_dir / "train.log").read_text().splitlines() if "loaded" in line)
@@ -458,9 +452,9 @@ def test_each_rank_holds_its_shards_plus_one_tensor(tmp_path):
         assert growth <= shards + largest + (16 << 20) and growth < total / 2, (shards, largest, growth, total)
 
 
-def _first_loss(kind_dir: Path, corpus: Path, layout: list[str], run_dir: Path) -> float:
+def _first_loss(pools, kind_dir: Path, corpus: Path, layout: list[str], run_dir: Path) -> float:
     args = ["recipe=hf-finetune-cpu", f"model.init_from={kind_dir}", f"data.paths=[{corpus}]", *LAYOUT_RUN]
-    run_train([*args, "trainer.enable_progress_bar=false", *layout, f"hydra.run.dir={run_dir}"], cwd=run_dir.parent)
+    train(pools, [*args, "trainer.enable_progress_bar=false", *layout], run_dir)
     return read_metric(run_dir)[0]
 
 
@@ -473,21 +467,21 @@ def _first_loss(kind_dir: Path, corpus: Path, layout: list[str], run_dir: Path) 
         pytest.param("qwen3-moe", ["parallel=ep", "parallel.ep.size=2", "trainer.devices=2"], marks=MATRIX),
     ],
 )
-def test_mixture_of_experts_loads_under_expert_parallel(models, tmp_path, kind, layout):
+def test_mixture_of_experts_loads_under_expert_parallel(models, tmp_path, kind, layout, pools):
     """Stacked experts read per expert into ep x FSDP shards: the first loss (with the balancing loss) of
     one process, rel 1e-5."""
     corpus = _corpus(tmp_path / "corpus.jsonl")
-    one = _first_loss(models[kind], corpus, ["parallel=dp", "trainer.devices=1"], tmp_path / "one")
-    assert _first_loss(models[kind], corpus, layout, tmp_path / "layout") == pytest.approx(one, rel=1e-5)
+    one = _first_loss(pools, models[kind], corpus, ["parallel=dp", "trainer.devices=1"], tmp_path / "one")
+    assert _first_loss(pools, models[kind], corpus, layout, tmp_path / "layout") == pytest.approx(one, rel=1e-5)
 
 
 @pytest.mark.slow
-def test_finetune_recipe_exports_what_transformers_loads(models, tmp_path):
+def test_finetune_recipe_exports_what_transformers_loads(models, tmp_path, pools):
     """recipes/hf-finetune-cpu.yaml end to end: a tiny Llama 3 fine-tuned a few steps under fsdp on 2 ranks,
     exported at the end; transformers loads the export and gives our logits for the trained weights."""
     corpus = _corpus(tmp_path / "corpus.jsonl")
-    run_dir = tmp_path / "run"
-    run_train(
+    run_dir = train(
+        pools,
         [
             "recipe=hf-finetune-cpu",
             f"model.init_from={models['llama3']}",
@@ -495,9 +489,8 @@ def test_finetune_recipe_exports_what_transformers_loads(models, tmp_path):
             "trainer.max_steps=4",
             "optim.lr=1e-3",
             "trainer.enable_progress_bar=false",
-            f"hydra.run.dir={run_dir}",
         ],
-        cwd=tmp_path,
+        tmp_path / "run",
     )
     losses = read_metric(run_dir)
     assert losses[3] < losses[0]
@@ -515,7 +508,8 @@ def test_finetune_recipe_exports_what_transformers_loads(models, tmp_path):
     with torch.no_grad():
         expected = model(tokens)
     torch.testing.assert_close(hf_logits(exported, tokens), expected, rtol=0, atol=1e-5)
-    # The CLI writes the same directory from the checkpoint, in bf16 on request.
+    # The CLI writes the same directory from the checkpoint, in bf16 on request (curry-export's one test as a
+    # user runs it: the command's own process).
     out = tmp_path / "cli"
     subprocess.run(
         [sys.executable, str(REPO / "scripts" / "export_checkpoint.py"), str(checkpoint), "--format", "hf"]

@@ -111,8 +111,8 @@ def test_model_state_bytes_counts_each_storage_once():
 
 
 @pytest.fixture(scope="module")
-def measured() -> dict[str, LayoutMemory]:
-    results = measure_layouts([(*COMMON, *layout) for layout in LAYOUTS.values()])
+def measured(pools) -> dict[str, LayoutMemory]:
+    results = measure_layouts([(*COMMON, *layout) for layout in LAYOUTS.values()], pools=pools)
     return dict(zip(LAYOUTS, results, strict=False))
 
 

@@ -186,7 +186,7 @@ def test_the_aux_loss_trains_as_if_added_to_the_loss(monkeypatch):
 
 # -- the MoE model in training ---------------------------------------------------------------------
 
-from conftest import FAST, assert_same_curve, read_metric, run_train  # noqa: E402
+from conftest import FAST, assert_same_curve, read_metric, train  # noqa: E402
 
 from curry_train.config import ConfigError, compose  # noqa: E402
 from curry_train.config.checks import check  # noqa: E402
@@ -216,20 +216,20 @@ def test_moe_settings_are_checked_before_any_worker(tmp_path, overrides, message
 
 @pytest.mark.slow
 @pytest.mark.matrix  # test_expert_parallel covers fsdp beside ep, and resuming the balancing bias
-def test_moe_debug_trains_the_same_curve_on_two_ranks_and_resumes_its_balancing(tmp_path):
+def test_moe_debug_trains_the_same_curve_on_two_ranks_and_resumes_its_balancing(tmp_path, pools):
     """One process, fsdp on 2 ranks (experts sharded, loads summed over the ranks before the bias
     moves), and a 2-rank run resumed from its step-5 checkpoint: the same 10 losses (rel 1e-5). The
     balancing bias is part of the checkpoint, so the resumed run routes as the uninterrupted one."""
     common = [*FAST, "model=moe_debug", "trainer.max_steps=10", "model.moe.bias_update_rate=0.05"]
     single, fsdp, resumed = (tmp_path / name for name in ("single", "fsdp", "resumed"))
-    run_train([*common, f"hydra.run.dir={single}"], cwd=tmp_path)
+    train(pools, common, single)
     reference = read_metric(single)
     assert reference[9] < reference[0] - 1.0  # it learns
-    run_train([*common, "parallel=fsdp", "trainer.devices=2", f"hydra.run.dir={fsdp}"], cwd=tmp_path)
+    train(pools, [*common, "parallel=fsdp", "trainer.devices=2"], fsdp)
     assert_same_curve(read_metric(fsdp), reference)
     imbalance = read_metric(fsdp, "train/moe_load_imbalance")
     assert all(value >= 1.0 for value in imbalance.values())
-    first = [*common, "trainer.devices=2", "checkpoint.every_n_steps=5", f"hydra.run.dir={resumed}"]
-    run_train([*first[:-2], "trainer.max_steps=5", *first[-2:]], cwd=tmp_path)
-    run_train([*first, "ckpt_path=auto"], cwd=tmp_path)
+    first = [*common, "trainer.devices=2", "checkpoint.every_n_steps=5"]
+    train(pools, [*first[:-1], "trainer.max_steps=5", first[-1]], resumed)
+    train(pools, [*first, "ckpt_path=auto"], resumed)
     assert_same_curve(read_metric(resumed), reference)

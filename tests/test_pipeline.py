@@ -13,13 +13,10 @@ from conftest import run_seed_example
 
 from curry_train.config import ConfigError, compose
 from curry_train.config.checks import check, pipeline_microbatches
-from curry_train.launch import end_process_group, spawn
 from curry_train.model import Llama
 from curry_train.primitives import PipelineSchedule
 from curry_train.primitives.materialize import materialize_and_init
 from curry_train.primitives.pipeline_schedule import (
-    KINDS,
-    V_SHAPED,
     canonical_kind,
     check_microbatches,
     pipeline_stages,
@@ -136,8 +133,7 @@ def _pipeline_against_reference(out_dir: str, kinds: list[str], n_microbatches: 
         schedule.train_step(tokens)  # one batch tensor, split by the schedule; the optimizer zeroes gradients
         results[kind]["zeroed"] = all(p.grad is None for p in local.parameters())
         del results[kind]["optimizer"]
-    torch.save(results, f"{out_dir}/rank{rank}.pt")
-    end_process_group()
+    return results
 
 
 @pytest.mark.slow
@@ -149,12 +145,11 @@ def _pipeline_against_reference(out_dir: str, kinds: list[str], n_microbatches: 
     ],
     ids=["2-ranks", "4-ranks"],
 )
-def test_every_schedule_matches_one_process(world, kinds, n_microbatches, n_layers, tmp_path):
+def test_every_schedule_matches_one_process(world, kinds, n_microbatches, n_layers, pools):
     """The loss (on every rank, per micro-batch too) and every gradient of one pipelined step equal
     one process's on the whole batch: no missing or doubled 1/M factor."""
 
-    spawn(world, _pipeline_against_reference, str(tmp_path), kinds, n_microbatches, n_layers)
-    results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(world)]
+    results = pools.run(world, _pipeline_against_reference, kinds, n_microbatches, n_layers)
     with torch.device("meta"):
         n_params = len(list(Llama(compose([f"model.n_layers={n_layers}"]).model).parameters()))
     for kind in kinds:
@@ -258,118 +253,7 @@ def test_pipeline_layout_degrees_and_microbatches():
     assert pipeline_microbatches(cfg, plan.degrees) == 4  # 16 samples per data-parallel rank, 4 each
 
 
-# -- parallel=pp through the strategy and Lightning's loop ---------------------------------------
-
-from conftest import FAST, STEPS, assert_same_curve, matrix, read_metric, run_train  # noqa: E402
-
-from curry_train.validation.whitebox import validate  # noqa: E402
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    "layout",
-    [
-        # 8 micro-batches of 2, not the module's 4 of data.micro_batch_size=4
-        ("parallel.pp.schedule=gpipe", "parallel.pp.microbatches=8", "trainer.devices=2"),
-        ("parallel.pp.schedule=1F1B", "trainer.devices=2"),
-        ("parallel.pp.schedule=interleaved", "trainer.devices=2"),
-        ("parallel.pp.schedule=interleaved_zb", "trainer.devices=2"),
-        ("parallel.pp.schedule=zbv", "trainer.devices=2"),
-        ("parallel.pp.schedule=dualpipev", "trainer.devices=2"),
-        ("parallel.pp.schedule=1F1B", "parallel.pp.size=4", "trainer.devices=4", "data.micro_batch_size=2"),
-    ],
-    ids=["gpipe", "1F1B", "interleaved", "interleaved_zb", "zbv", "dualpipev", "1F1B-4"],
-)
-def test_whitebox_pipeline_matches_single_process(layout):
-    """Loss, gradient norm (over all stages) and every gradient of 2 steps, and the loss logged by
-    every rank (whitebox checks it), against one process."""
-    report = validate([*FAST, "parallel=pp", *layout], steps=2)
-    assert report.ok, report.table(only_failures=True)
-    assert len(report.rows) == 2 * (2 + 39)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    "layout",
-    [
-        ("parallel=pp", "trainer.devices=4", "data.micro_batch_size=2"),  # 2 stages x 2 replicas (FSDP2 no_shard)
-        ("parallel=fsdp+pp", "parallel.pp.schedule=interleaved", "trainer.devices=4", "data.micro_batch_size=2"),
-        ("parallel=fsdp+tp+pp", "trainer.devices=8", "data.micro_batch_size=2"),
-    ],
-    ids=["pp-dp-2x2", "fsdp+pp-interleaved-2x2", "fsdp+tp+pp-2x2x2"],
-)
-def test_whitebox_pipeline_composes_with_data_and_tensor_parallelism(layout):
-    report = validate([*FAST, *layout], steps=2)
-    assert report.ok, report.table(only_failures=True)
-    assert len(report.rows) == 2 * (2 + 39)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    "schedule",
-    # Every schedule's step is checked gradient by gradient above; these run the whole loop.
-    [kind if kind in ("1F1B", "interleaved", "zbv") else matrix(kind, kind) for kind in KINDS],
-)
-def test_pipeline_reproduces_single_process_curve(schedule, single_process_curve, tmp_path):
-    """The V-shaped kinds also validate (their evaluation runs the stages forward in order, not torch's
-    runtime): the validation losses of one process."""
-    validate = ["trainer.limit_val_batches=2", "trainer.val_check_interval=5"] if schedule in V_SHAPED else []
-    run_dir = tmp_path / "pp"
-    run_train(
-        [
-            *FAST,
-            f"trainer.max_steps={STEPS}",
-            "parallel=pp",
-            f"parallel.pp.schedule={schedule}",
-            "trainer.devices=2",
-            *validate,
-            f"hydra.run.dir={run_dir}",
-        ],
-        cwd=tmp_path,
-    )
-    assert_same_curve(read_metric(run_dir), single_process_curve)
-    if validate:
-        reference = tmp_path / "one"
-        run_train([*FAST, f"trainer.max_steps={STEPS}", *validate, f"hydra.run.dir={reference}"], cwd=tmp_path)
-        val = read_metric(run_dir, "val/loss")
-        assert sorted(val) == [4, 9]
-        assert_same_curve(val, read_metric(reference, "val/loss"))
-
-
-@pytest.mark.slow
-def test_3d_layout_reproduces_curve_and_resumes_on_one_process(single_process_curve, tmp_path):
-    """fsdp+tp+pp on 8 ranks: the single-process curve, with validation on; its step-6 checkpoint
-    (per-stage DCP shards, 2-D DTensors) resumes on one process on the same curve."""
-    saved, resumed, reference = tmp_path / "3d", tmp_path / "resumed", tmp_path / "reference"
-    common = [
-        *FAST,
-        f"trainer.max_steps={STEPS}",
-        "data.micro_batch_size=2",
-        "trainer.limit_val_batches=2",
-        "trainer.val_check_interval=5",
-    ]
-    run_train(
-        [*common, "parallel=fsdp+tp+pp", "trainer.devices=8", "checkpoint.every_n_steps=6", f"hydra.run.dir={saved}"],
-        cwd=tmp_path,
-        timeout=900,
-    )
-    assert_same_curve(read_metric(saved), single_process_curve)
-    run_train([*common, f"hydra.run.dir={reference}"], cwd=tmp_path)
-    val = read_metric(saved, "val/loss")
-    assert sorted(val) == [4, 9]
-    assert_same_curve(val, read_metric(reference, "val/loss"))  # validation through the pipeline's eval
-    run_train(
-        [
-            *FAST,
-            f"trainer.max_steps={STEPS}",
-            f"ckpt_path={saved / 'checkpoints' / 'step-00000006'}",
-            f"hydra.run.dir={resumed}",
-        ],
-        cwd=tmp_path,
-    )
-    curve = read_metric(resumed)
-    assert sorted(curve) == list(range(6, STEPS))
-    assert_same_curve(curve, {step: single_process_curve[step] for step in curve})
+# -- the whitebox's check of what each pipeline rank logs (the layouts: test_parity.py) ------------
 
 
 def test_whitebox_flags_a_rank_that_logs_a_placeholder_loss():

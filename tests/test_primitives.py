@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +12,6 @@ from conftest import FAST
 from torch.distributed.tensor import Shard, distribute_tensor
 from torch.distributed.tensor.debug import CommDebugMode
 
-from curry_train.launch import spawn
 from curry_train.module import lr_lambda
 from curry_train.primitives import ParallelState, dcp, parallel_state
 from curry_train.primitives.parallel_state import resolve_degrees
@@ -64,7 +62,7 @@ def test_cuda_processes_take_their_local_gpu_before_nccl_starts(monkeypatch):
     assert calls == [("init_process_group", "gloo")]
 
 
-def _mesh_worker(out_dir: str) -> None:
+def _mesh_worker() -> dict:
     ps = ParallelState(dp_replicate=1, dp_shard=-1, cp=1, tp=2, pp=1)
     groups = {
         "dp": dist.get_process_group_ranks(ps.get_dp_group()),
@@ -81,11 +79,10 @@ def _mesh_worker(out_dir: str) -> None:
     with CommDebugMode() as comm:
         norm = torch.nn.utils.get_total_norm([grad], foreach=True).full_tensor()
     groups["norm"], groups["all_reduces"] = norm.item(), comm.get_total_counts()
-    torch.save(groups, Path(out_dir) / f"{dist.get_rank()}.pt")
-    dist.destroy_process_group()
+    return groups
 
 
-def _norm_worker(out_dir: str) -> None:
+def _norm_worker() -> dict:
     """2 x 2 x 2 (dp_shard, cp, tp): gradients sharded over ("dp_shard", "tp"), which are not
     neighbours in the mesh (FSDP2's no_shard over (dp_replicate_cp, dp_shard) beside TP); their norm
     is still one all-reduce."""
@@ -95,27 +92,21 @@ def _norm_worker(out_dir: str) -> None:
     grad = distribute_tensor(full, ps.mesh["dp_shard", "tp"], [Shard(0), Shard(1)])
     with CommDebugMode() as comm:
         norm = torch.nn.utils.get_total_norm([grad], foreach=True).full_tensor()
-    torch.save(
-        {"norm": norm.item(), "collectives": comm.get_total_counts()}, Path(out_dir) / f"norm{dist.get_rank()}.pt"
-    )
-    dist.destroy_process_group()
+    return {"norm": norm.item(), "collectives": comm.get_total_counts()}
 
 
 @pytest.mark.slow
-def test_gradient_norm_over_dims_apart_is_one_all_reduce(tmp_path):
-    spawn(8, _norm_worker, str(tmp_path))
+def test_gradient_norm_over_dims_apart_is_one_all_reduce(pools):
     full = torch.arange(48, dtype=torch.float32).reshape(6, 8) / 10
-    for r in range(8):
-        got = torch.load(tmp_path / f"norm{r}.pt")
+    for got in pools.run(8, _norm_worker):
         assert got["norm"] == pytest.approx(torch.linalg.vector_norm(full).item(), rel=1e-6)
         assert got["collectives"] == 1
 
 
 @pytest.mark.slow
-def test_parallel_state_groups_on_four_ranks(tmp_path):
+def test_parallel_state_groups_on_four_ranks(pools):
     """tp is the innermost dimension: tp groups are neighbouring ranks, dp groups stride by tp."""
-    spawn(4, _mesh_worker, str(tmp_path))
-    groups = {rank: torch.load(tmp_path / f"{rank}.pt") for rank in range(4)}
+    groups = dict(enumerate(pools.run(4, _mesh_worker)))
     assert groups[0]["tp"] == [0, 1] and groups[2]["tp"] == [2, 3]
     assert groups[0]["dp"] == [0, 2] and groups[3]["dp"] == [1, 3]
     assert all(groups[r]["pp"] == [r] and groups[r]["cp"] == [r] for r in range(4))
@@ -210,17 +201,12 @@ def test_reference_drops_the_layout_and_keeps_the_rest():
 
 
 @pytest.fixture(scope="module")
-def dp2_report():
-    return validate([*FAST, "trainer.devices=2"], steps=2)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("devices", [2, 4])
-def test_whitebox_data_parallel_matches_single_process(devices, dp2_report):
-    report = dp2_report if devices == 2 else validate([*FAST, f"trainer.devices={devices}"], steps=1)
+def dp2_report(pools):
+    report = validate([*FAST, "trainer.devices=2"], steps=2, pools=pools)
     assert report.ok, report.table(only_failures=True)
     names = {row.name for row in report.rows}
     assert {"loss", "grad_norm", "grad tok_embeddings.weight", "grad layers.3.ffn_norm.weight"} <= names
+    return report
 
 
 @pytest.mark.slow

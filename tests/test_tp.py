@@ -1,4 +1,5 @@
-"""parallel=tp: ColumnParallelLinear / RowParallelLinear, sequence parallel, loss parallel, fsdp+tp."""
+"""parallel=tp: ColumnParallelLinear / RowParallelLinear, sequence parallel, loss parallel: the layers' own
+contracts (their layouts' parity: test_parity.py)."""
 
 from __future__ import annotations
 
@@ -7,72 +8,17 @@ import collections
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import FAST, STEPS, assert_same_curve, read_metric, run_seed_example, run_train
+from conftest import FAST, run_seed_example
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from curry_train.config import ConfigError, compose
 from curry_train.config.checks import check
-from curry_train.launch import spawn
 from curry_train.model import SDPA, Llama
 from curry_train.primitives import ParallelState
 from curry_train.primitives.materialize import materialize_and_init
 from curry_train.primitives.tp_linear import apply_tensor_parallel, distinct_rng_per_rank
-from curry_train.validation.whitebox import validate
 
 MATRIX = pytest.mark.matrix  # runs with --matrix
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    "layout",
-    [
-        ("parallel=tp", "parallel.tp.size=2", "trainer.devices=2"),
-        (
-            "parallel=tp",
-            "parallel.tp.size=2",
-            "trainer.devices=2",
-            "parallel.tp.sequence_parallel=true",
-            "parallel.tp.loss_parallel=false",
-        ),
-        # 4 KV heads: the debug model's 2 cannot be split 4 ways
-        (
-            "parallel=tp",
-            "parallel.tp.size=4",
-            "trainer.devices=4",
-            "model.n_kv_heads=4",
-            "parallel.tp.sequence_parallel=true",
-        ),
-        ("parallel=fsdp+tp", "parallel.tp.size=2", "trainer.devices=4"),
-    ],
-    ids=["tp-2", "tp-2-sp-gathered-logits", "tp-4-sp", "fsdp+tp-2x2"],
-)
-def test_whitebox_tp_matches_single_process(layout):
-    """Loss, gradient norm and every parameter's gradient (norm weights included), 2 steps, fp32."""
-    report = validate([*FAST, *layout], steps=2)  # 4 micro-batches per rank (2 under fsdp+tp): accumulation too
-    assert report.ok, report.table(only_failures=True)
-    assert len(report.rows) == 2 * (2 + 39)  # loss, grad norm and 39 parameters, at 2 steps
-    norms = [row for row in report.rows if row.name.endswith("norm.weight")]
-    assert len(norms) == 2 * 9 and all(row.ok for row in norms)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    "layout",
-    [
-        ("parallel=tp", "trainer.devices=2"),
-        ("parallel=fsdp+tp", "trainer.devices=4"),
-        pytest.param(("parallel=tp", "trainer.devices=2", "parallel.tp.sequence_parallel=true"), marks=MATRIX),
-        # the head and the vocabulary-sharded loss over 4 chunks of each rank's sequence shard, recomputed in
-        # backward inside FSDP's root unit
-        ("parallel=fsdp+tp", "trainer.devices=4", "parallel.tp.sequence_parallel=true", "model.loss_chunks=4"),
-        # a later stage's input is the sequence shard; its RoPE tables cover the whole sequence
-        ("parallel=tp+pp", "trainer.devices=4", "parallel.tp.sequence_parallel=true"),
-    ],
-    ids=["tp-2", "fsdp+tp-4", "tp-2-sp", "fsdp+tp-4-sp-chunked-loss", "tp+pp-4-sp"],
-)
-def test_tp_reproduces_single_process_curve(layout, single_process_curve, tmp_path):
-    run_train([*FAST, f"trainer.max_steps={STEPS}", *layout, f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
-    assert_same_curve(read_metric(tmp_path), single_process_curve)
 
 
 SEED_EXAMPLE = """
@@ -160,7 +106,7 @@ def test_seed_example_runs_unchanged_under_torchrun(tmp_path):
     assert run_seed_example(SEED_EXAMPLE, tmp_path).count("SEED OK") == 2
 
 
-def _block_collectives(out_dir: str) -> None:
+def _block_collectives() -> dict:
     """Counts the collectives of one block's forward and backward, with and without sequence parallel;
     and checks the per-rank dropout generator."""
 
@@ -223,9 +169,7 @@ def _block_collectives(out_dir: str) -> None:
     gathered = [None, None]
     dist.all_gather_object(gathered, (sharded, replicated, torch.equal(sharded, replayed)))
     results["rng"] = gathered
-    if rank == 0:
-        torch.save(results, f"{out_dir}/collectives.pt")
-    dist.destroy_process_group()
+    return results
 
 
 class _RankOne:  # what distinct_rng_per_rank reads of a mesh
@@ -249,13 +193,12 @@ def test_rank_streams_only_for_modules_that_drop(rate, forks):
 
 
 @pytest.mark.slow
-def test_block_collectives_and_dropout_rng(tmp_path):
+def test_block_collectives_and_dropout_rng(pools):
     """One block's forward: 2 all-reduces; under sequence parallel 2 all-gathers and 2
     reduce-scatters moving the same number of elements. Backward mirrors them (f's all-reduce;
     g-bar's reduce-scatter, g's all-gather). Dropout draws differ across ranks where activations are sharded."""
 
-    spawn(2, _block_collectives, str(tmp_path))
-    results = torch.load(tmp_path / "collectives.pt")
+    results, _ = pools.run(2, _block_collectives)
     plain, sp = results[False], results[True]
     activation = plain["activation"]  # elements of one (batch, seq, dim) activation
     assert plain["forward"] == {"all_reduce": 2}
