@@ -20,12 +20,11 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import _update_n
-from omegaconf import DictConfig
 
 from curry_train import stragglers
-from curry_train.config.schema import ParallelConfig
-from curry_train.primitives import dcp
-from curry_train.primitives.hf_checkpoint import export_checkpoint
+from curry_train.checkpoint import files
+from curry_train.checkpoint.hf_export import export_checkpoint
+from curry_train.config.schema import Config
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +67,7 @@ class RunSummary(Callback):
     """What a person wants to see at the start of a run and at its end, on rank 0: the layout, the
     parameter count and tokens per step; then the final losses, tokens/s and where everything is."""
 
-    def __init__(self, cfg: DictConfig, run_dir: Path) -> None:
+    def __init__(self, cfg: Config, run_dir: Path) -> None:
         self.cfg, self.run_dir = cfg, run_dir
         self.step_seconds, self.steps = 0.0, 0  # time inside training steps: validation and checkpoints left out
         self._step_began = 0.0
@@ -76,7 +75,7 @@ class RunSummary(Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         cfg, step = self.cfg, pl_module.step
-        degrees = step.parallel_state.degrees
+        degrees = step.parallel_state.dims
         d = cfg.data
         accumulation = d.global_batch_size // (d.micro_batch_size * degrees.dp)
         log.info(
@@ -84,7 +83,7 @@ class RunSummary(Callback):
             " micro-batch %d, %d accumulation step(s) | %d steps -> %s",
             cfg.model.name,
             f"{pl_module.num_parameters:,}",
-            "+".join(ParallelConfig.of(cfg).options),
+            "+".join(cfg.parallel.options),
             degrees,
             trainer.world_size,
             trainer.strategy.root_device.type,
@@ -199,7 +198,7 @@ class PeriodicCheckpoint(Callback):
         step = trainer.global_step
         if step == self._last_saved_step:
             return
-        path = trainer.strategy.broadcast(self.directory / dcp.checkpoint_name(step))
+        path = trainer.strategy.broadcast(self.directory / files.checkpoint_name(step))
         watchdogs = [callback for callback in trainer.callbacks if isinstance(callback, Watchdog)]
         with contextlib.ExitStack() as stack:
             for watchdog in watchdogs:  # a long save is work, not a hang (a stuck one: trainer.timeout)
@@ -207,12 +206,12 @@ class PeriodicCheckpoint(Callback):
             trainer.save_checkpoint(path, weights_only=False)
         self._last_saved_step, self.last_saved = step, path
         if trainer.is_global_zero:
-            dcp.prune(self.directory, self.keep_last)
+            files.prune(self.directory, self.keep_last)
             log.info("checkpoint saved: %s", path)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if trainer.is_global_zero:
-            for debris in dcp.remove_interrupted(self.directory):
+            for debris in files.remove_interrupted(self.directory):
                 log.warning("removed %s: a save that never finished", debris)
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:

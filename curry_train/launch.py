@@ -23,7 +23,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Sequence
 
 import torch.multiprocessing as mp
 from hydra.core.hydra_config import HydraConfig
@@ -32,14 +32,15 @@ from omegaconf import DictConfig, OmegaConf
 from torch.multiprocessing.spawn import ProcessExitedException, ProcessRaisedException
 
 from curry_train.callbacks import Preempted, Watchdog, report
+from curry_train.checkpoint import files
+from curry_train.checkpoint.dcp import NonFiniteStateError
 from curry_train.config import ConfigError
 from curry_train.config.checks import LaunchPlan, check, external_launcher
-from curry_train.data import DataError
-from curry_train.module import NonFiniteError
+from curry_train.config.schema import Config
+from curry_train.data.sources import DataError
 from curry_train.pool import die_with_parent, free_port, local_rank_environment, share_cores
-from curry_train.primitives import dcp
-from curry_train.primitives.dcp import NonFiniteStateError
 from curry_train.run import configure_worker_logging, train
+from curry_train.train_step import NonFiniteError
 
 log = logging.getLogger(__name__)
 
@@ -122,19 +123,20 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def run_worker(container: dict, run_dir: str, accelerator: str, ckpt_path: Optional[str]) -> None:
-    """The body of every worker process (also of the job process when it trains itself)."""
+def run_worker(container: dict, run_dir: str, plan: LaunchPlan) -> None:
+    """The body of every worker process (also of the job process when it trains itself): the run of the
+    resolved config ``container`` (typed once, here) on the layout the check planned."""
 
-    cfg = OmegaConf.create(container)
+    cfg = Config.of(container)
     rank = int(os.environ.get("RANK", "0"))
     configure_worker_logging(Path(run_dir), rank)
     if cfg.trainer.flight_recorder:  # read when the process groups are made; the user's setting stands
         os.environ.setdefault("TORCH_FR_BUFFER_SIZE", str(cfg.trainer.flight_recorder))
     try:
-        train(cfg, Path(run_dir), accelerator, ckpt_path)
+        train(cfg, Path(run_dir), plan.accelerator, plan.dims, plan.ckpt_path)
     except (NonFiniteError, NonFiniteStateError) as error:  # every rank sees it: the values are global
         if rank == 0:
-            kept = dcp.checkpoints_in(Path(run_dir) / "checkpoints")
+            kept = files.checkpoints_in(Path(run_dir) / "checkpoints")
             report(f"curry-train: error: {error}; the last good checkpoint: {kept[-1] if kept else 'none'}")
         sys.exit(EXIT_NONFINITE)
     except DataError as error:  # a token id or a document past what the check read
@@ -144,7 +146,7 @@ def run_worker(container: dict, run_dir: str, accelerator: str, ckpt_path: Optio
         if stopped.signum is not None:
             RECEIVED.append(stopped.signum)
         if rank == 0:
-            kept = dcp.checkpoints_in(Path(run_dir) / "checkpoints")
+            kept = files.checkpoints_in(Path(run_dir) / "checkpoints")
             report(
                 f"curry-train: preempted ({stopped}): {kept[-1] if kept else 'no checkpoint'};"
                 f" exit {EXIT_PREEMPTED}; the same command with ckpt_path=auto continues"
@@ -159,10 +161,10 @@ def launch(cfg: DictConfig, run_dir: Path) -> None:
     if plan.ckpt_path:
         log.info("resuming from %s", plan.ckpt_path)
     if plan.external_launcher is not None or plan.world_size == 1:
-        run_worker(container, str(run_dir), plan.accelerator, plan.ckpt_path)
+        run_worker(container, str(run_dir), plan)
         return
-    log.info("starting %d workers (%s) in %s", plan.world_size, plan.degrees, run_dir)
-    spawn(plan.world_size, run_worker, container, str(run_dir), plan.accelerator, plan.ckpt_path)
+    log.info("starting %d workers (%s) in %s", plan.world_size, plan.dims, run_dir)
+    spawn(plan.world_size, run_worker, container, str(run_dir), plan)
 
 
 def hydra_overrides_for_external_launcher(argv: Sequence[str], env=os.environ) -> list[str]:
@@ -208,7 +210,7 @@ def main(cfg: DictConfig) -> None:
     try:
         code = _run_job(cfg, run_dir, f"{hydra_cfg.job.name}.log")
     except KeyboardInterrupt:  # the workers were ended by the launcher's SIGINT handler
-        kept = dcp.checkpoints_in(run_dir / "checkpoints")
+        kept = files.checkpoints_in(run_dir / "checkpoints")
         print(f"curry-train: interrupted; the last checkpoint: {kept[-1] if kept else 'none'}", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
     if code == 0:

@@ -18,17 +18,18 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from curry_train.checkpoint.hf_load import load_pretrained
 from curry_train.config.schema import CPConfig, DPConfig, EPConfig, FSDPConfig, ParallelConfig, PPConfig, TPConfig
-from curry_train.moe import MoE
+from curry_train.layout.pipeline import SPLIT_BACKWARD, canonical_kind
+from curry_train.model.moe import MoE
 from curry_train.primitives.compile import compile_blocks
 from curry_train.primitives.context_parallel import ContextParallel, sequence_positions
 from curry_train.primitives.data_parallel import replicate
 from curry_train.primitives.distributed_optimizer import DistributedOptimizer, shard_experts
 from curry_train.primitives.expert_parallel import ExpertParallel
-from curry_train.primitives.hf_checkpoint import load_pretrained
 from curry_train.primitives.materialize import materialize_and_init
 from curry_train.primitives.parallel_state import ParallelState
-from curry_train.primitives.pipeline_schedule import SPLIT_BACKWARD, canonical_kind, pipeline_stages
+from curry_train.primitives.pipeline_schedule import pipeline_stages
 from curry_train.primitives.recompute import apply_recompute
 from curry_train.primitives.tp_linear import apply_tensor_parallel
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import logging
 import os
 import signal
@@ -17,12 +18,12 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
-from omegaconf import DictConfig, OmegaConf
 
 from curry_train.callbacks import PeriodicCheckpoint, Preempted, Preemption, RunSummary, StepProgressBar, Watchdog
-from curry_train.config.schema import ParallelConfig
+from curry_train.checkpoint import dcp
+from curry_train.config.schema import Config
+from curry_train.layout.dims import ParallelDims
 from curry_train.module import CausalLM, LMDataModule
-from curry_train.primitives import dcp
 from curry_train.strategy import CurryStrategy
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ def wandb_account_configured() -> bool:
     return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
 
 
-def make_loggers(cfg: DictConfig, run_dir: Path, run_name: str, resume_step: Optional[int] = None) -> list[Logger]:
+def make_loggers(cfg: Config, run_dir: Path, run_name: str, resume_step: Optional[int] = None) -> list[Logger]:
     """The per-step metrics.csv in the run directory (always: later tools read it), plus the tracker.
     ``resume_step``: a run resumed in its own directory keeps the rows of the steps before it."""
     csv_logger = CSVLogger(save_dir=str(run_dir), name="csv", version="", flush_logs_every_n_steps=1)
@@ -69,7 +70,7 @@ def make_loggers(cfg: DictConfig, run_dir: Path, run_name: str, resume_step: Opt
                 entity=cfg.logger.entity,
                 offline=offline,
                 tags=list(cfg.logger.tags),
-                config=OmegaConf.to_container(cfg, resolve=True),
+                config=dataclasses.asdict(cfg),
             )
         )
     elif kind == "tensorboard":
@@ -112,14 +113,15 @@ def configure_worker_logging(run_dir: Path, rank: int) -> None:
             logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def run_name(cfg: DictConfig) -> str:
-    return f"{cfg.model.name}-{'+'.join(ParallelConfig.of(cfg).options)}"
+def run_name(cfg: Config) -> str:
+    return f"{cfg.model.name}-{'+'.join(cfg.parallel.options)}"
 
 
 def build_trainer(
-    cfg: DictConfig,
+    cfg: Config,
     run_dir: Path,
     accelerator: str,
+    dims: ParallelDims,
     callbacks: Sequence[Callback] = (),
     checkpoints: bool = True,
     loggers: Optional[Iterable[Logger]] = None,
@@ -128,7 +130,7 @@ def build_trainer(
     all_callbacks = list(callbacks)
     if checkpoints:
         c = cfg.checkpoint
-        export_hf = run_dir / "hf" if c.get("export_hf_on_end") else None
+        export_hf = run_dir / "hf" if c.export_hf_on_end else None
         all_callbacks.append(
             PeriodicCheckpoint(
                 run_dir / "checkpoints",
@@ -136,7 +138,7 @@ def build_trainer(
                 c.keep_last,
                 c.save_on_end,
                 export_hf,
-                c.get("export_hf_dtype"),
+                c.export_hf_dtype,
             )
         )
     if t.enable_progress_bar:
@@ -145,7 +147,7 @@ def build_trainer(
         accelerator="gpu" if accelerator == "cuda" else "cpu",
         devices=t.devices,
         num_nodes=t.num_nodes,
-        strategy=CurryStrategy(cfg, timeout=timedelta(seconds=t.timeout)),
+        strategy=CurryStrategy(cfg, dims, timeout=timedelta(seconds=t.timeout)),
         precision=t.precision,
         max_steps=t.max_steps,
         logger=list(loggers) if loggers is not None else make_loggers(cfg, run_dir, run_name(cfg)),
@@ -165,8 +167,9 @@ def build_trainer(
     )
 
 
-def train(cfg: DictConfig, run_dir: Path, accelerator: str, ckpt_path: Optional[str]) -> pl.Trainer:
-    """Train with ``cfg`` in this process (one rank of the run). Returns the finished Trainer."""
+def train(cfg: Config, run_dir: Path, accelerator: str, dims: ParallelDims, ckpt_path: Optional[str]) -> pl.Trainer:
+    """Train with ``cfg`` in this process (one rank of the run, of the layout ``dims``). Returns the
+    finished Trainer."""
     # Lightning's own notices print on rank 0 only once the strategy knows the rank: from the start.
     rank_zero_only.rank = utils_rank_zero_only.rank = int(os.environ.get("RANK", "0"))
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -175,7 +178,7 @@ def train(cfg: DictConfig, run_dir: Path, accelerator: str, ckpt_path: Optional[
     loggers = make_loggers(cfg, run_dir, run_name(cfg), dcp.saved_step(ckpt_path) if in_place else None)
     preemption = Preemption()
     watchdog = Watchdog(run_dir, cfg.trainer.hang_timeout)
-    trainer = build_trainer(cfg, run_dir, accelerator, callbacks=[summary, preemption, watchdog], loggers=loggers)
+    trainer = build_trainer(cfg, run_dir, accelerator, dims, callbacks=[summary, preemption, watchdog], loggers=loggers)
     trainer.fit(CausalLM(cfg), datamodule=LMDataModule(cfg.data, cfg.seed), ckpt_path=ckpt_path)
     if preemption.stopped_at is not None:
         name = signal.Signals(preemption.received).name if preemption.received else "a peer's signal"

@@ -27,6 +27,7 @@ from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
 from curry_train.config.checks import LaunchPlan
+from curry_train.config.schema import Config
 from curry_train.launch import run_worker
 from curry_train.module import CausalLM, LMDataModule
 from curry_train.pool import DEFAULT_TIMEOUT_S, JobFailed, Pools
@@ -47,7 +48,7 @@ class Measurement:
         raise NotImplementedError
 
 
-ProbeFactory = Callable[[DictConfig], Measurement]  # called on each rank with the run's config; pickled by name
+ProbeFactory = Callable[[Config], Measurement]  # called on each rank with the run's config; pickled by name
 
 
 @dataclass
@@ -79,19 +80,20 @@ class _JobLogging:
 
 
 def fit(
-    cfg: DictConfig,
+    cfg: Config,
     run_dir: Path,
-    accelerator: str,
+    plan: LaunchPlan,
     measurement: Measurement,
     datamodule: Optional[LMDataModule] = None,
 ) -> Any:
-    """This rank's run of ``cfg`` with ``measurement``'s callbacks and loggers (no checkpoints), on
-    ``datamodule`` (None: the run's own); the measurement's result."""
+    """This rank's run of ``cfg`` on ``plan``'s layout with ``measurement``'s callbacks and loggers (no
+    checkpoints), on ``datamodule`` (None: the run's own); the measurement's result."""
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     trainer = build_trainer(
         cfg,
         run_dir,
-        accelerator,
+        plan.accelerator,
+        plan.dims,
         callbacks=measurement.callbacks,
         checkpoints=False,
         loggers=measurement.loggers(run_dir),
@@ -100,11 +102,11 @@ def fit(
     return measurement.result(trainer)
 
 
-def fit_job(container: dict, run_dir: str, accelerator: str, probe: ProbeFactory) -> Any:
+def fit_job(container: dict, run_dir: str, plan: LaunchPlan, probe: ProbeFactory) -> Any:
     """A pool job, on each rank: ``fit`` the run of ``container`` with the measurement ``probe`` makes."""
     with _JobLogging():
-        cfg = OmegaConf.create(container)
-        return fit(cfg, Path(run_dir), accelerator, probe(cfg))
+        cfg = Config.of(container)
+        return fit(cfg, Path(run_dir), plan, probe(cfg))
 
 
 def fit_layouts(
@@ -132,7 +134,7 @@ def fit_layouts(
                             fit_job,
                             container,
                             run_dir,
-                            plan.accelerator,
+                            plan,
                             probe,
                             accelerator=plan.accelerator,
                             timeout_s=timeout_s,
@@ -149,10 +151,10 @@ def fit_layouts(
     return outcomes
 
 
-def train_job(container: dict, run_dir: str, accelerator: str, ckpt_path: Optional[str]) -> None:
+def train_job(container: dict, run_dir: str, plan: LaunchPlan) -> None:
     """On each rank: the worker body of a run (``launch.run_worker``), as ``curry-train`` starts it."""
     with _JobLogging():
-        run_worker(container, run_dir, accelerator, ckpt_path)
+        run_worker(container, run_dir, plan)
 
 
 def train_in_workers(
@@ -169,8 +171,7 @@ def train_in_workers(
         train_job,
         container,
         str(run_dir),
-        plan.accelerator,
-        plan.ckpt_path,
+        plan,
         accelerator=plan.accelerator,
         timeout_s=timeout_s,
         env=recorder,

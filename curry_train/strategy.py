@@ -1,16 +1,19 @@
 """CurryStrategy: the Lightning Strategy of a curry-train run. Lightning's hooks only.
 
-* environment: the process group and the ``ParallelState`` mesh (``setup_environment``);
+* environment: the process group and the ``ParallelState`` mesh of the run's ``ParallelDims``
+  (``setup_environment``);
 * setup: the LightningModule builds its model on the meta device (``tensor_init_context``), then
-  ``curry_train.parallelize`` applies the layout and ``curry_train.train_step`` runs its steps;
+  ``curry_train.parallelize`` applies the layout and a ``curry_train.train_step.TrainStep`` is handed to
+  the module, which runs it: mesh -> parallelize -> TrainStep;
 * which slice of each global batch this rank reads (``distributed_sampler_kwargs``);
 * collectives through Lightning's own helpers (``reduce``, ``broadcast``, ``barrier``);
-* checkpoint IO: model and optimizer through DCP (``curry_train.primitives.dcp``), by parameter
+* checkpoint IO: model and optimizer through DCP (``curry_train.checkpoint.dcp``), by parameter
   name, so a checkpoint of any layout resumes under any other.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from contextlib import contextmanager
 from datetime import timedelta
@@ -30,27 +33,27 @@ from lightning.pytorch.strategies.parallel import ParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
-from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from torch.distributed import ReduceOp
 from typing_extensions import override
 
-from curry_train.config.schema import ParallelConfig
+from curry_train.checkpoint import dcp
+from curry_train.config.schema import Config
+from curry_train.layout.dims import ParallelDims
 from curry_train.parallelize import parallelize
-from curry_train.primitives import dcp
 from curry_train.primitives.parallel_state import ParallelState, init_process_group_from_env
-from curry_train.train_step import TrainStep
+from curry_train.train_step import StepSettings, TrainStep
 
 
 class CurryStrategy(ParallelStrategy):
-    """Builds the mesh from the ``parallel`` config and hands the model to ``parallelize``."""
+    """The mesh of the run's ``ParallelDims``, the model through ``parallelize``, and its ``TrainStep``."""
 
     strategy_name = "curry"
 
-    def __init__(self, cfg: DictConfig, timeout: timedelta = timedelta(minutes=10)) -> None:
+    def __init__(self, cfg: Config, dims: ParallelDims, timeout: timedelta = timedelta(minutes=10)) -> None:
         super().__init__()
         self.cfg = cfg
-        self.layout = ParallelConfig.of(cfg)
+        self.dims = dims  # built once by the config check (config.checks.check), handed to every worker
         self._timeout = timeout
         self.parallel_state: Optional[ParallelState] = None
         self.num_nodes = 1
@@ -86,16 +89,7 @@ class CurryStrategy(ParallelStrategy):
             )
         else:
             init_process_group_from_env(device_type, self._timeout)
-        degrees = self.layout.degrees(self.world_size)
-        self.parallel_state = ParallelState(
-            dp_replicate=degrees.dp_replicate,
-            dp_shard=degrees.dp_shard,
-            cp=degrees.cp,
-            tp=degrees.tp,
-            pp=degrees.pp,
-            ep=degrees.ep,
-            device_type=device_type,
-        )
+        self.parallel_state = ParallelState(self.dims, device_type)
         rank_zero_only.rank = utils_rank_zero_only.rank = self.global_rank
 
     @property
@@ -118,30 +112,17 @@ class CurryStrategy(ParallelStrategy):
         parallel = parallelize(
             module.model,
             self.parallel_state,
-            self.layout,
+            cfg.parallel,
             device=self.root_device,
             seed=cfg.seed,
             seq_len=cfg.data.seq_len,
-            init_from=cfg.model.get("init_from"),
-            compile_backend=cfg.compile.backend if cfg.get("compile") and cfg.compile.enabled else None,
+            init_from=cfg.model.init_from,
+            compile_backend=cfg.compile.backend if cfg.compile.enabled else None,
         )
-        microbatches = None
-        if self.layout.pp is not None:
-            microbatches = self.layout.pipeline_microbatches(
-                cfg.data.global_batch_size, cfg.data.micro_batch_size, self.parallel_state.dp_size
-            )
         module.attach(
-            parallel.model,
             TrainStep(
-                parallel,
-                self.parallel_state,
-                self.layout,
-                module.token_loss,
-                module.manual_backward,
-                self.root_device,
-                microbatches,
-                module.scale_loss if cfg.model.get("loss_chunks", 1) > 1 else None,
-            ),
+                parallel, self.parallel_state, cfg.parallel, self._step_settings(), self._backward, self.root_device
+            )
         )
         self.model = module
         module.to(self.root_device)  # metric states and any other non-model buffers
@@ -149,6 +130,29 @@ class CurryStrategy(ParallelStrategy):
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)
         self.setup_precision_plugin()
+
+    def _step_settings(self) -> StepSettings:
+        cfg, layout = self.cfg, self.cfg.parallel
+        moe = cfg.model.moe
+        return StepSettings(
+            tokens_per_step=cfg.data.global_batch_size * cfg.data.seq_len,
+            micro_batch_size=cfg.data.micro_batch_size,
+            grad_clip=cfg.optim.grad_clip,
+            skip_nonfinite_steps=cfg.trainer.skip_nonfinite_steps,
+            loss_chunks=cfg.model.loss_chunks,
+            compile_loss=cfg.compile.backend if cfg.compile.enabled and cfg.compile.loss else None,
+            pipeline_microbatches=(
+                layout.pipeline_microbatches(cfg.data.global_batch_size, cfg.data.micro_batch_size, self.dims.dp)
+                if layout.pp is not None
+                else None
+            ),
+            mixture_of_experts=moe is not None,
+            router_losses=moe is not None and (moe.balancing == "aux_loss" or moe.z_loss_coef > 0),
+        )
+
+    def _backward(self, loss: Tensor) -> None:
+        """A micro-batch's backward through the precision plugin (``LightningModule.manual_backward``'s path)."""
+        self.backward(loss, None)
 
     @override
     def model_to_device(self) -> None:
@@ -215,7 +219,7 @@ class CurryStrategy(ParallelStrategy):
         self, checkpoint: dict[str, Any], filepath: str | Path, storage_options: Optional[Any] = None
     ) -> None:
         meta = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
-        config = OmegaConf.to_container(self.cfg, resolve=True)  # what a resumed run is compared with
+        config = dataclasses.asdict(self.cfg)  # what a resumed run is compared with
         dcp.save(filepath, self.lightning_module, self._raw_optimizers(), meta, config)
 
     @override

@@ -1,8 +1,14 @@
-"""One optimizer step's mechanics on this rank, whatever the layout: micro-batches, the sequence
-shard of context parallelism, the pipeline schedule's inputs, the global gradient norm.
+"""TrainStep: one optimizer step on this rank, whole, whatever the layout.
+
+It owns everything a step does between a batch and the next: cutting this rank's batch into
+micro-batches, the loss (and its chunked form), the sequence shard of context parallelism, the
+pipeline schedule's inputs, the data-parallel gradient sync on the last micro-batch, the partial
+gradients tensor parallelism leaves, the global gradient norm and clipping, skipping a step whose
+gradients are not finite, the optimizer and schedule step, and the experts' balancing update. The
+LightningModule only calls ``run`` and logs what it returns; the strategy builds it from the layout.
 
 Loss normalization, the convention every layout relies on: a micro-batch's loss is its token
-losses *summed* and divided by the token count of the whole global batch (``CausalLM.token_loss``).
+losses *summed* and divided by the token count of the whole global batch (``tokens_per_step``).
 Summed over a rank's micro-batches and over the data-parallel ranks -- every reduction sums, none
 averages -- that is exactly the mean token loss of the global batch, so gradient accumulation and
 any data-parallel layout compute the gradient of one big batch.
@@ -10,16 +16,20 @@ any data-parallel layout compute the gradient of one big batch.
 
 from __future__ import annotations
 
+import logging
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor
 from torch.distributed.tensor.parallel import loss_parallel
 
 from curry_train.config.schema import ParallelConfig
+from curry_train.model.moe import MoE
 from curry_train.parallelize import ParallelModel
 from curry_train.primitives.context_parallel import shard_sequence
 from curry_train.primitives.data_parallel import gradient_sync
@@ -27,7 +37,12 @@ from curry_train.primitives.parallel_state import ParallelState
 from curry_train.primitives.pipeline_schedule import PipelineSchedule
 from curry_train.primitives.tp_linear import reduce_partial_gradients
 
-TokenLoss = Callable[[Tensor, Tensor], Tensor]  # (logits, labels) -> this micro-batch's share of the step's loss
+log = logging.getLogger(__name__)
+
+
+def cross_entropy_sum(logits: Tensor, labels: Tensor) -> Tensor:
+    """The summed next-token cross-entropy of ``logits`` (batch, seq, vocab) against ``labels``, in fp32."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum")
 
 
 def _plain(tensor: Tensor) -> Tensor:
@@ -35,31 +50,69 @@ def _plain(tensor: Tensor) -> Tensor:
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
+class NonFiniteError(RuntimeError):
+    """A step's gradient norm or loss is NaN or infinite: the run stops (exit status 3) before the
+    value is applied, logged or saved as a finite one."""
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """What a step needs to know of the run, besides its layout."""
+
+    tokens_per_step: int  # global batch x sequence length: the loss's denominator
+    micro_batch_size: int  # sequences per forward/backward on one rank
+    grad_clip: float = 0.0  # clip the global gradient norm to this (0: measure only)
+    skip_nonfinite_steps: int = 0  # steps with non-finite gradients skipped (not applied) before the run stops
+    loss_chunks: int = 1  # > 1: the model computes the summed loss itself, its head over sequence chunks
+    compile_loss: Optional[str] = None  # torch.compile the cross-entropy with this backend (None: eager)
+    pipeline_microbatches: Optional[int] = None  # a pipelined run's micro-batches per step and rank
+    mixture_of_experts: bool = False  # the model routes tokens to experts (some pipeline ranks may hold none)
+    router_losses: bool = False  # its routers add losses (balancing=aux_loss, or a z-loss): reported
+
+
+@dataclass
+class StepResult:
+    """What one step did on this rank: its loss (this rank's share, summed), the global gradient norm,
+    whether it was skipped, the tokens this rank computed, and the experts' balance (MoE models)."""
+
+    loss: Tensor
+    grad_norm: Tensor
+    skipped: bool
+    tokens: float
+    moe_metrics: dict[str, Tensor] = field(default_factory=dict)
+
+
 class TrainStep:
-    """Forward, backward and the gradient norm of a step for one layout (built by the strategy)."""
+    """The optimizer step of one layout on this rank (built by the strategy, run by the module)."""
 
     def __init__(
         self,
         parallel: ParallelModel,
         ps: ParallelState,
         layout: ParallelConfig,
-        token_loss: TokenLoss,
+        settings: StepSettings,
         backward: Callable[[Tensor], None],
         device: torch.device,
-        pipeline_microbatches: Optional[int] = None,
-        scale_loss: Optional[Callable[[Tensor], Tensor]] = None,
     ):
         self.model = parallel.model
         self.stages = parallel.stages
         self.parallel_state = ps
         self.layout = layout
-        self.token_loss = token_loss
-        self.backward = backward  # the LightningModule's manual_backward: through the precision plugin
+        self.settings = settings
+        self.backward = backward  # through Lightning's precision plugin (the strategy's backward)
         self.device = device
-        self.pipeline_microbatches = pipeline_microbatches
-        # model.loss_chunks > 1: the model computes the summed loss itself (its head over sequence chunks),
-        # and this turns that sum into the micro-batch's share of the step's loss
-        self.scale_loss = scale_loss
+        self.skipped_steps = 0  # steps whose non-finite gradients were not applied
+        self.last_loss: Optional[Tensor] = None  # this rank's share of the step's loss, from its backward on
+        self.last_grad_norm: Optional[Tensor] = None  # the global gradient norm (before clipping)
+        # compile_loss: inductor fuses the fp32 upcast, log-softmax and gather (not under loss parallelism,
+        # whose cross-entropy runs on vocabulary-sharded DTensors)
+        compiled = settings.compile_loss is not None and not self.loss_parallel
+        self.cross_entropy = (
+            torch.compile(cross_entropy_sum, backend=settings.compile_loss) if compiled else cross_entropy_sum
+        )
+        self.moe_layers = [module for module in self.model.modules() if isinstance(module, MoE)]
+        for layer in self.moe_layers:  # each forward's router losses weigh by its share of the step's tokens
+            layer.aux_scale = 1.0 / settings.tokens_per_step
 
     # ------------------------------------------------------------------------------------------
     # What the module and the metrics need to know
@@ -78,12 +131,64 @@ class TrainStep:
         """The share of each sample's tokens this rank computes (1 / cp)."""
         return 1.0 / self.layout.cp.size if self.layout.cp is not None else 1.0
 
+    @property
+    def loss_parallel(self) -> bool:
+        return self.layout.tp is not None and self.layout.tp.loss_parallel
+
     def loss_context(self) -> AbstractContextManager:
         """Loss parallelism: the loss and its backward run on vocabulary-sharded logits."""
-        return loss_parallel() if self.layout.tp is not None and self.layout.tp.loss_parallel else nullcontext()
+        return loss_parallel() if self.loss_parallel else nullcontext()
+
+    def micro_batches(self, batch: Tensor) -> list[Tensor]:
+        """This rank's batch, cut by ``data.micro_batch_size``."""
+        return list(batch.split(self.settings.micro_batch_size))
+
+    # ------------------------------------------------------------------------------------------
+    # The step
+
+    def run(self, batch: Tensor, optimizer: Any, scheduler: Any, step: int) -> StepResult:
+        """One optimizer step on this rank's slice of the global batch ``step``: forward and backward,
+        gradients reduced and clipped, then the optimizer (not for non-finite gradients, within
+        ``skip_nonfinite_steps``; ``NonFiniteError`` past it), the LR schedule and the experts' balance."""
+        loss = self.forward_backward(self.micro_batches(batch))
+        grad_norm = self.clip_grad_norm_(self.settings.grad_clip)
+        # the step's values from here on (whitebox reads them in Lightning's optimizer hooks)
+        self.last_loss, self.last_grad_norm = loss, grad_norm
+        # One host read of one flag. The norm is global (reduced over every rank's gradients), so every
+        # rank takes the same decision; a non-finite loss makes non-finite gradients, so it shows here too.
+        applied = bool(torch.isfinite(grad_norm))
+        if not applied:
+            self._skip(grad_norm, step)
+            optimizer.zero_grad(set_to_none=True)  # no gradient, no update: the step count and LR schedule go on
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        moe_metrics = self._balance_experts(applied)
+        tokens = batch[:, 1:].numel() * self.token_fraction  # context parallel: this rank's share
+        return StepResult(loss, grad_norm, not applied, tokens, moe_metrics)
+
+    def _skip(self, grad_norm: Tensor, step: int) -> None:
+        """Count a skipped step, within ``skip_nonfinite_steps``; else stop the run."""
+        allowed = self.settings.skip_nonfinite_steps
+        if self.skipped_steps >= allowed:
+            raise NonFiniteError(
+                f"non-finite gradient norm ({float(grad_norm)}) at step {step}: stopped before applying it"
+                + (
+                    f" ({self.skipped_steps} step(s) skipped before, trainer.skip_nonfinite_steps={allowed})"
+                    if allowed
+                    else ""
+                )
+                + "; lower optim.lr or set optim.grad_clip, or skip such steps with trainer.skip_nonfinite_steps=N"
+            )
+        self.skipped_steps += 1
 
     # ------------------------------------------------------------------------------------------
     # Forward and backward
+
+    def token_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """Summed next-token cross-entropy of ``logits`` over the global batch's token count (a
+        pipeline's last stage calls this on each micro-batch's output)."""
+        return self.cross_entropy(logits, labels) / self.settings.tokens_per_step
 
     def micro_batch_loss(self, tokens: Tensor) -> Tensor:
         """This micro-batch's share of the step's loss; under context parallelism from this rank's
@@ -91,8 +196,8 @@ class TrainStep:
         inputs, labels = tokens[:, :-1], tokens[:, 1:]
         if self.layout.cp is not None:
             inputs, labels = self._cp_shard(inputs), self._cp_shard(labels)
-        if self.scale_loss is not None:
-            return self.scale_loss(self.model(inputs, labels=labels))
+        if self.settings.loss_chunks > 1:  # the model sums its chunks' cross-entropy itself
+            return self.model(inputs, labels=labels) / self.settings.tokens_per_step
         return self.token_loss(self.model(inputs), labels)
 
     def forward_backward(self, micro_batches: list[Tensor]) -> Tensor:
@@ -116,15 +221,16 @@ class TrainStep:
         return loss
 
     @torch.no_grad()
-    def forward_eval(self, micro_batches: list[Tensor]) -> Tensor:
-        """The summed loss of this rank's micro-batches, no gradients."""
+    def forward_eval(self, batch: Tensor) -> Tensor:
+        """The summed loss of this rank's batch (in micro-batches), no gradients."""
+        micro_batches = self.micro_batches(batch)
         if self.pipelined:
             with self.loss_context():
                 return self.schedule.eval_step(*self._pipeline_inputs(micro_batches)).loss
         loss = torch.zeros((), device=self.device)
-        for batch in micro_batches:
+        for micro_batch in micro_batches:
             with self.loss_context():
-                loss += _plain(self.micro_batch_loss(batch))
+                loss += _plain(self.micro_batch_loss(micro_batch))
         return loss
 
     @cached_property
@@ -133,7 +239,7 @@ class TrainStep:
         pp = self.layout.pp
         return PipelineSchedule(
             pp.schedule,
-            self.pipeline_microbatches,
+            self.settings.pipeline_microbatches,
             self.stages,
             self.parallel_state.get_pp_group(),
             loss_fn=self.token_loss,
@@ -148,8 +254,8 @@ class TrainStep:
     def _pipeline_inputs(self, micro_batches: list[Tensor]) -> tuple:
         """What the schedule's step takes: whole micro-batches, or with context parallelism this
         rank's shards of their inputs and labels. ``parallel.pp.microbatches`` cuts the rank's batch
-        its own way (the module cuts it by ``data.micro_batch_size``); the loss is over the global
-        token count either way."""
+        its own way (``data.micro_batch_size`` cuts it otherwise); the loss is over the global token
+        count either way."""
         n = self.schedule.n_microbatches
         if len(micro_batches) != n:
             micro_batches = list(torch.cat(micro_batches).tensor_split(n))
@@ -167,7 +273,7 @@ class TrainStep:
         groups: dict[Any, list[Tensor]] = {}  # torch's foreach kernels take one kind of tensor at a time
         for param in params:
             groups.setdefault(getattr(param.grad, "device_mesh", None), []).append(param.grad)
-        pipelined = self.pipelined and self.parallel_state.mesh["pp"].size() > 1
+        pipelined = self.pipelined and self.parallel_state.dims.pp_enabled
         if len(groups) == 1 and not pipelined:
             return _plain(torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True))
         # Tensor parallelism without FSDP: DTensor gradients beside plain (replicated) ones; and
@@ -183,3 +289,36 @@ class TrainStep:
             for grads in groups.values():
                 torch._foreach_mul_(grads, scale)
         return norm
+
+    # ------------------------------------------------------------------------------------------
+    # Mixture of experts
+
+    def _balance_experts(self, applied: bool) -> dict[str, Tensor]:
+        """After the optimizer step: the step's expert loads, summed over the ranks that hold distinct
+        tokens (one all-reduce for every MoE layer), move each router's bias (not for a skipped step);
+        the worst layer's max/mean load and the routers' losses are returned for the metrics."""
+        if not self.settings.mixture_of_experts:
+            return {}
+        loads = torch.stack([layer.router.expert_load for layer in self.moe_layers]) if self.moe_layers else None
+        aux = sum(layer.aux_loss_sum.float() for layer in self.moe_layers if layer.aux_loss_sum is not None)
+        aux = torch.as_tensor(aux, dtype=torch.float32, device=self.device).view(1)
+        imbalance = torch.zeros((), device=self.device)
+        if loads is not None:  # a pipeline rank whose stages are all dense has none
+            packed = torch.cat([loads.flatten(), aux])
+            group = self.metrics_group
+            if dist.is_initialized() and dist.get_world_size(group) > 1:
+                dist.all_reduce(packed, group=group)
+            loads, aux = packed[:-1].view_as(loads), packed[-1:]
+            for layer, load in zip(self.moe_layers, loads, strict=True):
+                layer.router.apply_load(load if applied else None)
+                layer.aux_loss_sum = None
+            imbalance = (loads.max(1).values / loads.mean(1)).max()
+        if self.pipelined and self.parallel_state.dims.pp_enabled:
+            # each pipeline rank holds some of the layers: the worst of all, the losses of all
+            pp = self.parallel_state.get_pp_group()
+            dist.all_reduce(imbalance, op=dist.ReduceOp.MAX, group=pp)
+            dist.all_reduce(aux, group=pp)
+        metrics = {"train/moe_load_imbalance": imbalance}
+        if self.settings.router_losses:
+            metrics["train/moe_aux_loss"] = aux[0]
+        return metrics

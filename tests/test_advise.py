@@ -12,12 +12,13 @@ import torch
 
 from curry_train.cli import advise as advise_cli
 from curry_train.config import compose
-from curry_train.model import Llama
+from curry_train.layout.pipeline import check_microbatches, stage_to_rank
+from curry_train.model.llama import Llama
 from curry_train.planning.advise import MEMORY_PARTS, diagnose, estimate
 from curry_train.planning.layout import Layout, current_layout, microbatches_per_step, train_command
 from curry_train.planning.memory import activation_bytes, block_forwards_per_rank, chunks_in_flight, rank_shapes
 from curry_train.planning.memory import transient_state as _transient_state
-from curry_train.primitives.pipeline_schedule import SCHEDULES, check_microbatches, pipeline_stages, stage_to_rank
+from curry_train.primitives.pipeline_schedule import SCHEDULES, pipeline_stages
 
 ONE_B = [
     "model.dim=2048",

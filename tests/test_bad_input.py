@@ -18,7 +18,8 @@ from conftest import FAST, run_train
 from curry_train.cli.common import error_line, is_config_error
 from curry_train.config import compose
 from curry_train.config.checks import check
-from curry_train.data import DataError, PackedSequences, TokenFileMeta
+from curry_train.data.loader import PackedSequences
+from curry_train.data.sources import DataError, TokenFileMeta
 
 
 def _token_file(path: Path, tokens: np.ndarray, **meta) -> None:

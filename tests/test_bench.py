@@ -20,11 +20,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from curry_train.cli import bench as bench_cli
 from curry_train.config import compose
-from curry_train.model import Llama
+from curry_train.model.llama import Llama
+from curry_train.options import PIPELINE_SCHEDULES as KINDS
 from curry_train.planning.layout import current_layout
 from curry_train.planning.memory import activation_bytes
 from curry_train.primitives.materialize import materialize_and_init
-from curry_train.primitives.pipeline_schedule import KINDS
 from curry_train.validation.comm import CommCounter
 
 # The debug model, narrower and shallower, on short sequences: seconds per run even on a busy machine.

@@ -13,7 +13,7 @@ from conftest import REPO, run_train
 import curry_train
 from curry_train.config import compose
 from curry_train.config.checks import _check_batch
-from curry_train.primitives.parallel_state import resolve_degrees
+from curry_train.layout.dims import ParallelDims
 
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 SCRIPTS = PYPROJECT["project"]["scripts"]
@@ -125,5 +125,5 @@ def test_presets_compose_with_the_default_model():
     for data in ("stdlib", "files", "tokens"):
         cfg = compose([f"data={data}"])
         assert cfg.data.seq_len <= cfg.model.max_seq_len, data
-        _check_batch(cfg, resolve_degrees(1))  # raises on a batch the default model cannot run
+        _check_batch(cfg, ParallelDims(1))  # raises on a batch the default model cannot run
         assert cfg.data.global_batch_size * cfg.data.seq_len <= 32 * 256, data  # debug-sized steps

@@ -138,7 +138,7 @@ def test_context_parallel_config_errors(overrides, message):
 SEED_EXAMPLE = """
 import torch
 import torch.distributed as dist
-from curry_train.model import rope_tables
+from curry_train.model.llama import rope_tables
 from curry_train.primitives import GQAttention, ParallelState
 from curry_train.primitives.context_parallel import sequence_positions, shard_sequence
 

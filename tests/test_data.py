@@ -17,17 +17,15 @@ import torch
 
 from curry_train.cli import tokenize_data as tokenize_cli
 from curry_train.config.schema import DataConfig
-from curry_train.data import (
+from curry_train.data.loader import GlobalBatchSampler, PackedSequences, split_streams
+from curry_train.data.sources import (
     ByteTokenizer,
     DataError,
-    GlobalBatchSampler,
     HFTokenizer,
-    PackedSequences,
     TokenFileMeta,
     iter_documents,
     load_streams,
     open_token_file,
-    split_streams,
     stdlib_files,
     tokenize_documents,
 )

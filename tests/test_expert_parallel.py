@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from curry_train.primitives import Experts, ExpertParallel, MoE, ParallelState, TopKRouter
 
+dist.init_process_group("gloo")  # torchrun's environment; ParallelState builds its mesh on this group
 ps = ParallelState(ep=4)
 rank = dist.get_rank()
 

@@ -22,10 +22,10 @@ import torch
 from conftest import FAST, TRAIN, clean_env, run_train, spawned_workers
 from omegaconf import OmegaConf
 
+from curry_train.checkpoint import dcp, files
+from curry_train.checkpoint.dcp import consolidated_model_state
 from curry_train.config import ConfigError, compose
 from curry_train.config.resume import resolve
-from curry_train.primitives import dcp
-from curry_train.primitives.dcp import consolidated_model_state
 from curry_train.stragglers import RankTimes, report
 
 DIVERGE = ("optim.lr=1e4", "optim.grad_clip=0", "trainer.max_steps=20")  # NaN gradients from step 1
@@ -61,7 +61,7 @@ def test_a_diverged_run_stops_in_one_line_and_keeps_its_good_checkpoints(tmp_pat
     rows = metric_rows(tmp_path)
     assert [row["step"] for row in rows] == ["0"]  # the diverged step is not logged as a finite one
     assert all(math.isfinite(float(row["train/loss"])) and float(row["train/loss"]) > 1 for row in rows)
-    (kept,) = dcp.checkpoints_in(tmp_path / "checkpoints")
+    (kept,) = files.checkpoints_in(tmp_path / "checkpoints")
     assert kept.name == "step-00000001"
     assert all(torch.isfinite(tensor).all() for tensor in consolidated_model_state(kept).values())
 
@@ -82,7 +82,7 @@ def test_skipped_steps_are_logged_as_they_were_and_counted(tmp_path):
     for step, skipped in (("1", "1.0"), ("2", "2.0")):
         assert math.isnan(float(rows[step]["train/grad_norm"])) and rows[step]["train/skipped_steps"] == skipped
     assert (result.stdout + result.stderr).count("step skipped") == 2  # one warning each, on rank 0
-    assert dcp.checkpoints_in(tmp_path / "checkpoints") == []  # the end-of-training save never ran
+    assert files.checkpoints_in(tmp_path / "checkpoints") == []  # the end-of-training save never ran
 
 
 def test_a_checkpoint_of_non_finite_state_is_not_written(tmp_path):
@@ -126,7 +126,11 @@ def _saved(tmp_path: Path, steps=(2, 4)) -> list[Path]:
     container = OmegaConf.to_container(config, resolve=True)
     return [
         dcp.save(
-            tmp_path / "run" / "checkpoints" / dcp.checkpoint_name(s), model, [optimizer], {"global_step": s}, container
+            tmp_path / "run" / "checkpoints" / files.checkpoint_name(s),
+            model,
+            [optimizer],
+            {"global_step": s},
+            container,
         )
         for s in steps
     ]
@@ -134,20 +138,20 @@ def _saved(tmp_path: Path, steps=(2, 4)) -> list[Path]:
 
 def test_verify_names_what_is_missing_cut_short_or_altered(tmp_path):
     (path,) = _saved(tmp_path, (2,))
-    assert dcp.is_checkpoint(path) and dcp.verify(path) is None
+    assert files.is_checkpoint(path) and files.verify(path) is None
     shard = path / "__0_0.distcp"
     data = bytearray(shard.read_bytes())
     middle = slice(len(data) // 2, len(data) // 2 + 4096)
     data[middle] = bytes(b ^ 0xFF for b in data[middle])  # 4 KiB of garbage inside a shard: same size
     shard.write_bytes(bytes(data))
-    assert dcp.verify(path, digests=False) is None  # the size alone cannot tell
-    assert dcp.verify(path) == f"{shard}: its contents differ from when it was saved (digest mismatch)"
+    assert files.verify(path, digests=False) is None  # the size alone cannot tell
+    assert files.verify(path) == f"{shard}: its contents differ from when it was saved (digest mismatch)"
     shard.write_bytes(bytes(data[:-10]))
-    assert dcp.verify(path, digests=False).startswith(f"{shard}: {len(data) - 10} bytes, the manifest says")
+    assert files.verify(path, digests=False).startswith(f"{shard}: {len(data) - 10} bytes, the manifest says")
     shard.unlink()
-    assert dcp.verify(path) == f"{shard}: missing"
-    (path / dcp.MANIFEST_FILE).unlink()
-    assert "incomplete" in dcp.verify(path) and not dcp.is_checkpoint(path)
+    assert files.verify(path) == f"{shard}: missing"
+    (path / files.MANIFEST_FILE).unlink()
+    assert "incomplete" in files.verify(path) and not files.is_checkpoint(path)
 
 
 class _Payload:
@@ -159,9 +163,9 @@ def test_a_crafted_checkpoint_file_cannot_run_code(tmp_path):
     (path,) = _saved(tmp_path, (2,))
     payload = _Payload()
     payload.marker = str(tmp_path / "pwned")
-    torch.save({"global_step": 2, "x": payload}, path / dcp.META_FILE)
+    torch.save({"global_step": 2, "x": payload}, path / files.META_FILE)
     model = torch.nn.Linear(8, 8)
-    with pytest.raises(dcp.CheckpointError, match="meta.pt: not loadable as plain data"):
+    with pytest.raises(files.CheckpointError, match="meta.pt: not loadable as plain data"):
         dcp.load(path, model, [torch.optim.AdamW(model.parameters())])
     assert not (tmp_path / "pwned").exists()
 
@@ -273,7 +277,7 @@ def test_preemption_saves_the_current_step_and_exits_75(signum, devices, tmp_pat
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
     assert process.returncode == 75, stderr[-3000:]
-    (saved,) = dcp.checkpoints_in(tmp_path / "checkpoints")
+    (saved,) = files.checkpoints_in(tmp_path / "checkpoints")
     stopped = dcp.saved_step(saved)
     assert [int(row["step"]) for row in metric_rows(tmp_path)][-1] == stopped - 1  # the last step run is saved
     if signum == signal.SIGUSR1:  # passed on once the checkpoint was complete

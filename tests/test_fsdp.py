@@ -16,7 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from curry_train.config import ConfigError, compose
 from curry_train.config.checks import check
-from curry_train.model import Llama
+from curry_train.model.llama import Llama
 from curry_train.primitives import DistributedOptimizer
 from curry_train.primitives.data_parallel import gradient_sync
 from curry_train.primitives.materialize import materialize_and_init

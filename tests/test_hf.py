@@ -17,21 +17,16 @@ from conftest import REPO, clean_env, read_metric, run_seed_example, train
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
+from curry_train.checkpoint import dcp, files
+from curry_train.checkpoint.hf_config import PretrainedError, model_config
+from curry_train.checkpoint.hf_export import export
+from curry_train.checkpoint.hf_load import check_weights, load_pretrained, rope_rows, rope_rows_back
 from curry_train.cli import tokenize_data as tokenize_cli
 from curry_train.config import compose
 from curry_train.config.checks import apply_init_from
-from curry_train.data import HFTokenizer, make_tokenizer, tokenize_documents
-from curry_train.model import Llama, ModelConfig, RopeScalingConfig, rope_frequencies
-from curry_train.primitives import dcp
-from curry_train.primitives.hf_checkpoint import (
-    PretrainedError,
-    check_weights,
-    export,
-    load_pretrained,
-    model_config,
-    rope_rows,
-    rope_rows_back,
-)
+from curry_train.data.sources import HFTokenizer, make_tokenizer, tokenize_documents
+from curry_train.model.config import ModelConfig, RopeScalingConfig
+from curry_train.model.llama import Llama, rope_frequencies
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -415,8 +410,10 @@ MEMORY_EXAMPLE = """
 import torch, torch.distributed as dist
 from omegaconf import OmegaConf
 from torch.distributed.fsdp import fully_shard
-from curry_train.model import Llama, ModelConfig
-from curry_train.primitives.hf_checkpoint import load_pretrained, model_config
+from curry_train.model.llama import Llama
+from curry_train.model.config import ModelConfig
+from curry_train.checkpoint.hf_load import load_pretrained
+from curry_train.checkpoint.hf_config import model_config
 
 dist.init_process_group("gloo")
 cfg = OmegaConf.structured(ModelConfig)
@@ -498,7 +495,7 @@ def test_finetune_recipe_exports_what_transformers_loads(models, tmp_path, pools
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {
         p.name for p in exported.iterdir()
     }
-    (checkpoint,) = dcp.checkpoints_in(run_dir / "checkpoints")
+    (checkpoint,) = files.checkpoints_in(run_dir / "checkpoints")
     state = dcp.consolidated_model_state(checkpoint)
     model = our_model(models["llama3"])
     start = {name: tensor.clone() for name, tensor in model.state_dict().items()}

@@ -24,7 +24,7 @@ from test_bench import load_bench
 from torch import nn
 
 from curry_train.config import compose
-from curry_train.model import Llama
+from curry_train.model.llama import Llama
 from curry_train.planning.layout import current_layout
 from curry_train.planning.memory import (
     activation_bytes,

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from curry_train.config import compose
-from curry_train.model import Llama, apply_rope, rope_tables
+from curry_train.model.llama import Llama, apply_rope, rope_tables
 from curry_train.primitives.materialize import materialize_and_init
 
 

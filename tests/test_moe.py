@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from curry_train.model import SwiGLU
+from curry_train.model.llama import SwiGLU
 from curry_train.primitives import Experts, MoE, TopKRouter
 
 DIM, HIDDEN = 16, 24
@@ -170,7 +170,7 @@ def test_router_arguments_are_checked(kwargs, message):
 
 def test_the_aux_loss_trains_as_if_added_to_the_loss(monkeypatch):
     """The layer's output carries the router's loss into backward: the same gradients as adding it."""
-    import curry_train.moe as moe  # noqa: PLC0415
+    import curry_train.model.moe as moe  # noqa: PLC0415
 
     layer = moe_layer(4, 2, balancing="aux_loss", aux_loss_coef=0.5, z_loss_coef=0.1)
     x = torch.randn(2, 6, DIM, dtype=torch.float64)
@@ -190,7 +190,7 @@ from conftest import FAST, assert_same_curve, read_metric, train  # noqa: E402
 
 from curry_train.config import ConfigError, compose  # noqa: E402
 from curry_train.config.checks import check  # noqa: E402
-from curry_train.model import Llama  # noqa: E402
+from curry_train.model.llama import Llama  # noqa: E402
 
 
 def test_moe_debug_has_experts_in_every_block_and_a_dense_one_below_dense_layers():

@@ -13,17 +13,11 @@ from conftest import run_seed_example
 
 from curry_train.config import ConfigError, compose
 from curry_train.config.checks import check, pipeline_microbatches
-from curry_train.model import Llama
+from curry_train.layout.pipeline import canonical_kind, check_microbatches, split_layers, stage_to_rank, stages_per_rank
+from curry_train.model.llama import Llama
 from curry_train.primitives import PipelineSchedule
 from curry_train.primitives.materialize import materialize_and_init
-from curry_train.primitives.pipeline_schedule import (
-    canonical_kind,
-    check_microbatches,
-    pipeline_stages,
-    split_layers,
-    stage_to_rank,
-    stages_per_rank,
-)
+from curry_train.primitives.pipeline_schedule import pipeline_stages
 from curry_train.validation.whitebox import compare
 
 
@@ -169,7 +163,7 @@ SEED_EXAMPLE = """
 import torch
 import torch.distributed as dist
 from curry_train.config import compose
-from curry_train.model import Llama
+from curry_train.model.llama import Llama
 from curry_train.primitives import ParallelState
 from curry_train.primitives.pipeline_schedule import pipeline_stages
 from curry_train.primitives.materialize import materialize_and_init
@@ -248,9 +242,9 @@ def test_pipeline_config_errors_are_one_line_and_name_the_sizes(overrides, messa
 def test_pipeline_layout_degrees_and_microbatches():
 
     plan = check(compose(["parallel=pp", "trainer.devices=4", "data.global_batch_size=32", "data.micro_batch_size=4"]))
-    assert plan.degrees.pp == 2 and plan.degrees.dp == 2
+    assert plan.dims.pp == 2 and plan.dims.dp == 2
     cfg = compose(["parallel=pp", "trainer.devices=4", "data.global_batch_size=32", "data.micro_batch_size=4"])
-    assert pipeline_microbatches(cfg, plan.degrees) == 4  # 16 samples per data-parallel rank, 4 each
+    assert pipeline_microbatches(cfg, plan.dims) == 4  # 16 samples per data-parallel rank, 4 each
 
 
 # -- the whitebox's check of what each pipeline rank logs (the layouts: test_parity.py) ------------

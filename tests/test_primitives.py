@@ -12,17 +12,18 @@ from conftest import FAST
 from torch.distributed.tensor import Shard, distribute_tensor
 from torch.distributed.tensor.debug import CommDebugMode
 
+from curry_train.checkpoint import dcp, files
+from curry_train.layout.dims import ParallelDims
 from curry_train.module import lr_lambda
-from curry_train.primitives import ParallelState, dcp, parallel_state
-from curry_train.primitives.parallel_state import resolve_degrees
+from curry_train.primitives import ParallelState, parallel_state
 from curry_train.validation.whitebox import compare, reference_overrides, validate
 
 # ----------------------------------------------------------------------------------------------
 # ParallelState
 
 
-def test_resolve_degrees_fills_the_free_degree():
-    d = resolve_degrees(8, dp_shard=-1, tp=2, pp=2)
+def test_parallel_dims_fill_the_free_degree():
+    d = ParallelDims(8, dp_shard=-1, tp=2, pp=2)
     assert (d.pp, d.dp_replicate, d.dp_shard, d.cp, d.tp) == (2, 1, 2, 1, 2)
     assert d.dp == 2 and d.world_size == 8
 
@@ -36,9 +37,9 @@ def test_resolve_degrees_fills_the_free_degree():
         (dict(world_size=8, tp=0), "tp=0"),
     ],
 )
-def test_resolve_degrees_errors_name_the_sizes(kwargs, message):
+def test_parallel_dims_errors_name_the_sizes(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        resolve_degrees(**kwargs)
+        ParallelDims(**kwargs)
 
 
 def test_cuda_processes_take_their_local_gpu_before_nccl_starts(monkeypatch):
@@ -140,9 +141,9 @@ def single_process_group():
 def test_checkpoint_round_trip_restores_model_optimizer_and_rng(tmp_path, single_process_group):
     model, optimizer = _tiny_training_state(0)
     torch.manual_seed(123)
-    path = dcp.save(tmp_path / dcp.checkpoint_name(5), model, [optimizer], {"global_step": 5})
+    path = dcp.save(tmp_path / files.checkpoint_name(5), model, [optimizer], {"global_step": 5})
     expected_random = torch.rand(3)
-    assert dcp.is_checkpoint(path) and not list(tmp_path.glob("*.tmp"))
+    assert files.is_checkpoint(path) and not list(tmp_path.glob("*.tmp"))
 
     other, other_optimizer = _tiny_training_state(1)
     assert not torch.equal(other[0].weight, model[0].weight)
@@ -161,15 +162,15 @@ def test_incomplete_checkpoints_are_invisible_and_pruning_keeps_the_newest(tmp_p
     model, optimizer = _tiny_training_state(0)
     run = tmp_path / "run" / "checkpoints"
     for step in (2, 4, 6):
-        dcp.save(run / dcp.checkpoint_name(step), model, [optimizer], {"global_step": step})
-    crashed = run / (dcp.checkpoint_name(8) + dcp.TMP_SUFFIX)  # a save interrupted before its rename
+        dcp.save(run / files.checkpoint_name(step), model, [optimizer], {"global_step": step})
+    crashed = run / (files.checkpoint_name(8) + files.TMP_SUFFIX)  # a save interrupted before its rename
     crashed.mkdir()
-    (crashed / dcp.META_FILE).write_bytes(b"partial")
-    assert [p.name for p in dcp.checkpoints_in(run)] == ["step-00000002", "step-00000004", "step-00000006"]
-    assert dcp.latest_checkpoint(tmp_path).name == "step-00000006"
-    removed = dcp.prune(run, keep_last=2)
+    (crashed / files.META_FILE).write_bytes(b"partial")
+    assert [p.name for p in files.checkpoints_in(run)] == ["step-00000002", "step-00000004", "step-00000006"]
+    assert files.latest_checkpoint(tmp_path).name == "step-00000006"
+    removed = files.prune(run, keep_last=2)
     assert [p.name for p in removed] == ["step-00000002"]
-    assert [p.name for p in dcp.checkpoints_in(run)] == ["step-00000004", "step-00000006"]
+    assert [p.name for p in files.checkpoints_in(run)] == ["step-00000004", "step-00000006"]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -14,10 +14,10 @@ import torch
 from conftest import FAST, STEPS, assert_same_curve, read_metric, train
 from safetensors.torch import load_file
 
+from curry_train.checkpoint import files
 from curry_train.cli import export as export_cli
 from curry_train.config import compose
-from curry_train.model import Llama
-from curry_train.primitives import dcp
+from curry_train.model.llama import Llama
 
 CURVE = (*FAST, f"trainer.max_steps={STEPS}")
 MOE = (*CURVE, "model=moe_debug", "model.moe.bias_update_rate=0.05")  # balancing changes the routing in 10 steps
@@ -27,7 +27,7 @@ assert compose(list(FAST)).optim.warmup_steps >= STEPS
 
 
 def checkpoint(run_dir: Path, step: int) -> Path:
-    return run_dir / "checkpoints" / dcp.checkpoint_name(step)
+    return run_dir / "checkpoints" / files.checkpoint_name(step)
 
 
 def assert_steps_of(run_dir: Path, steps: range, reference: dict[int, float]) -> None:

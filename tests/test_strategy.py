@@ -9,11 +9,14 @@ import torch.distributed as dist
 from torch.distributed import ReduceOp
 
 from curry_train.config import compose
+from curry_train.config.checks import check
+from curry_train.config.schema import Config
 from curry_train.strategy import CurryStrategy
 
 
 def _reduce_worker() -> dict:
-    strategy = CurryStrategy(compose(["trainer.devices=2"]))
+    cfg = compose(["trainer.devices=2"])
+    strategy = CurryStrategy(Config.of(cfg), check(cfg).dims)
     value = float(dist.get_rank() + 1)  # 1 and 2
     results = {
         str(op): float(strategy.reduce(torch.tensor(value), reduce_op=op))

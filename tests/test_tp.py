@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from curry_train.config import ConfigError, compose
 from curry_train.config.checks import check
-from curry_train.model import SDPA, Llama
+from curry_train.model.llama import SDPA, Llama
 from curry_train.primitives import ParallelState
 from curry_train.primitives.materialize import materialize_and_init
 from curry_train.primitives.tp_linear import apply_tensor_parallel, distinct_rng_per_rank
@@ -30,6 +30,7 @@ from torch.distributed.tensor import Replicate
 from curry_train.primitives import ColumnParallelLinear, ParallelState, RowParallelLinear
 from curry_train.primitives.tp_linear import reduce_partial_gradients
 
+dist.init_process_group("gloo")  # torchrun's environment; ParallelState builds its mesh on this group
 ps = ParallelState(tp=2)
 rank = dist.get_rank()
 torch.manual_seed(rank)  # ranks draw differently: the layers must still hold slices of one matrix

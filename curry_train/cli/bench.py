@@ -51,9 +51,10 @@ from typing import Any, Optional, Sequence
 
 from curry_train.cli.common import error_line, fail, is_config_error
 from curry_train.config import ConfigError, compose
+from curry_train.layout.pipeline import canonical_kind
+from curry_train.options import CP_PATTERNS as PATTERNS
+from curry_train.options import PIPELINE_SCHEDULES as KINDS
 from curry_train.planning.step_time import flops_parameters, flops_per_token  # noqa: F401  (re-exported for tests)
-from curry_train.primitives.context_parallel import PATTERNS
-from curry_train.primitives.pipeline_schedule import KINDS, canonical_kind
 from curry_train.validation.bubble import BubbleRow, bubble_table, check_bubble_runs, measure_bubbles
 from curry_train.validation.compile_bench import MODELS as COMPILE_MODELS
 from curry_train.validation.compile_bench import compile_bench

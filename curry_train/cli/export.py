@@ -27,8 +27,10 @@ from typing import Optional, Sequence
 
 from safetensors.torch import save_file
 
-from curry_train.primitives.dcp import consolidated_model_state, verify
-from curry_train.primitives.hf_checkpoint import DTYPES, PretrainedError, export_checkpoint
+from curry_train.checkpoint.dcp import consolidated_model_state
+from curry_train.checkpoint.files import verify
+from curry_train.checkpoint.hf_config import PretrainedError
+from curry_train.checkpoint.hf_export import DTYPES, export_checkpoint
 
 FORMATS = ("safetensors", "hf")
 UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30}

@@ -21,7 +21,14 @@ from typing import List, Optional, Sequence
 
 from tqdm import tqdm
 
-from curry_train.data import DataError, TokenFileMeta, is_tokenizer, iter_documents, make_tokenizer, tokenize_documents
+from curry_train.data.sources import (
+    DataError,
+    TokenFileMeta,
+    is_tokenizer,
+    iter_documents,
+    make_tokenizer,
+    tokenize_documents,
+)
 
 DIRECTORY_SUFFIXES = (".txt", ".jsonl", ".md", ".py")
 

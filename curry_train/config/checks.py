@@ -1,7 +1,9 @@
 """Checks a composed config can run, before any worker starts; every failure is one actionable line.
 
-``check`` also works out what the launcher needs: the accelerator, the world size and the
-parallel degrees (``ParallelConfig.degrees``), and the checkpoint to resume from.
+``check`` also works out what the launcher needs: the accelerator, the layout's ``ParallelDims`` (built
+here once and handed to every worker), and the checkpoint to resume from. No torch is imported unless
+the accelerator must be found (last, once everything else passed) or a pretrained directory's weights
+are checked: a bad input is answered at once.
 """
 
 from __future__ import annotations
@@ -15,29 +17,34 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
+from curry_train.checkpoint.hf_config import MOE_SHAPE_KEYS, PretrainedError, hf_kind, model_config
 from curry_train.config import ConfigError
 from curry_train.config.resume import resolve
-from curry_train.config.schema import ACCELERATORS, LOGGERS, LR_SCHEDULES, PRECISIONS, ParallelConfig, unknown_keys
-from curry_train.data import SOURCES, TOKENIZER_FILE, DataError, DataSurvey, held_out, is_tokenizer, survey, windows
-from curry_train.model import MoEConfig, RopeScalingConfig
-from curry_train.moe import BALANCING, SCORE_FUNCTIONS
-from curry_train.primitives.compile import BACKENDS as COMPILE_BACKENDS
-from curry_train.primitives.context_parallel import PATTERNS
-from curry_train.primitives.distributed_optimizer import (
+from curry_train.config.schema import ParallelConfig, unknown_keys
+from curry_train.data.sources import TOKENIZER_FILE, DataError, DataSurvey, held_out, is_tokenizer, survey, windows
+from curry_train.layout.dims import ParallelDims
+from curry_train.layout.pipeline import check_microbatches, split_layers, stages_per_rank
+from curry_train.model.config import MoEConfig, RopeScalingConfig
+from curry_train.options import (
+    ACCELERATORS,
     BACKWARD_PREFETCH,
+    BALANCING,
+    COMPILE_BACKENDS,
+    CP_PATTERNS,
+    DATA_SOURCES,
+    EP_DISPATCHERS,
     EXPERT_SHARDING,
-    PARAM_DTYPES,
+    EXPORT_DTYPES,
+    LOGGERS,
+    LR_SCHEDULES,
+    MIXED_PRECISIONS,
+    PRECISIONS,
+    RECOMPUTE_MODES,
+    SCORE_FUNCTIONS,
     SHARDING_MODES,
 )
-from curry_train.primitives.expert_parallel import DISPATCHERS
-from curry_train.primitives.hf_checkpoint import DTYPES as HF_DTYPES
-from curry_train.primitives.hf_checkpoint import MOE_SHAPE_KEYS, PretrainedError, check_weights, hf_kind, model_config
-from curry_train.primitives.parallel_state import Degrees
-from curry_train.primitives.pipeline_schedule import check_microbatches, split_layers, stages_per_rank
-from curry_train.primitives.recompute import MODES as RECOMPUTE_MODES
 
 log = logging.getLogger(__name__)
 MAX_SEED = 2**32 - 1  # what every RNG seeded from it (numpy's included) accepts
@@ -46,15 +53,13 @@ MAX_SEED = 2**32 - 1  # what every RNG seeded from it (numpy's included) accepts
 @dataclass(frozen=True)
 class LaunchPlan:
     accelerator: str  # "cpu" or "cuda"
-    devices: int
-    num_nodes: int
-    degrees: Degrees
+    dims: ParallelDims  # the layout's degrees on trainer.devices x trainer.num_nodes ranks
     external_launcher: Optional[str]  # "torchrun", "slurm" or None (curry-train starts the workers)
     ckpt_path: Optional[str]  # absolute path of the checkpoint to resume from
 
     @property
     def world_size(self) -> int:
-        return self.devices * self.num_nodes
+        return self.dims.world_size
 
 
 def external_launcher(env: Mapping[str, str] = os.environ) -> Optional[str]:
@@ -71,14 +76,25 @@ def enabled_options(cfg: DictConfig) -> list[str]:
     return ParallelConfig.of(cfg).options
 
 
-def pipeline_microbatches(cfg: DictConfig, degrees: Degrees) -> int:
+def pipeline_microbatches(cfg: DictConfig, dims: ParallelDims) -> int:
     """Micro-batches per step on each data-parallel rank of a pipelined run."""
-    return ParallelConfig.of(cfg).pipeline_microbatches(
-        cfg.data.global_batch_size, cfg.data.micro_batch_size, degrees.dp
-    )
+    return ParallelConfig.of(cfg).pipeline_microbatches(cfg.data.global_batch_size, cfg.data.micro_batch_size, dims.dp)
 
 
-def _check_parallel(layout: ParallelConfig, accelerator: str, precision: str) -> None:
+def _check_devices(layout: ParallelConfig, accelerator: str, devices: int) -> None:
+    """What the accelerator decides: a GPU's own options, and that the devices asked for exist."""
+    if layout.fsdp is not None and layout.fsdp.cpu_offload and accelerator != "cuda":
+        raise ConfigError("parallel.fsdp.cpu_offload=true needs a GPU: on a CPU run the state is in CPU memory already")
+    if accelerator == "cuda":
+        import torch  # noqa: PLC0415  (imported by _accelerator already: a GPU run)
+
+        if devices > torch.cuda.device_count():
+            raise ConfigError(
+                f"trainer.devices={devices} but only {torch.cuda.device_count()} CUDA device(s) are visible"
+            )
+
+
+def _check_parallel(layout: ParallelConfig, precision: str) -> None:
     options = layout.options
     if "dp" in options and "fsdp" in options:
         raise ConfigError(
@@ -96,16 +112,14 @@ def _check_parallel(layout: ParallelConfig, accelerator: str, precision: str) ->
         return
     if fsdp.sharding not in SHARDING_MODES:
         raise ConfigError(f"parallel.fsdp.sharding={fsdp.sharding!r}: expected one of {', '.join(SHARDING_MODES)}")
-    if fsdp.mixed_precision not in PARAM_DTYPES:
+    if fsdp.mixed_precision not in MIXED_PRECISIONS:
         raise ConfigError(
-            f"parallel.fsdp.mixed_precision={fsdp.mixed_precision!r}: expected one of {', '.join(PARAM_DTYPES)}"
+            f"parallel.fsdp.mixed_precision={fsdp.mixed_precision!r}: expected one of {', '.join(MIXED_PRECISIONS)}"
         )
     if fsdp.backward_prefetch not in BACKWARD_PREFETCH:
         raise ConfigError(
             f"parallel.fsdp.backward_prefetch={fsdp.backward_prefetch!r}: FSDP2 offers {', '.join(BACKWARD_PREFETCH)}"
         )
-    if fsdp.cpu_offload and accelerator != "cuda":
-        raise ConfigError("parallel.fsdp.cpu_offload=true needs a GPU: on a CPU run the state is in CPU memory already")
     if fsdp.sharding == "hybrid" and fsdp.replicas < 1:
         raise ConfigError(f"parallel.fsdp.replicas={fsdp.replicas} must be positive")
     if fsdp.blocks_per_unit < 1:
@@ -176,8 +190,11 @@ def _check_keys(cfg: DictConfig) -> None:
 
 
 def _accelerator(requested: str) -> str:
-    if requested not in ACCELERATORS:
-        raise ConfigError(f"trainer.accelerator={requested!r}: expected one of {', '.join(ACCELERATORS)}")
+    """``cpu`` or ``cuda`` for ``trainer.accelerator`` (already one of ``ACCELERATORS``)."""
+    if requested == "cpu":
+        return "cpu"
+    import torch  # noqa: PLC0415  (only a run that is otherwise good waits for torch: the last check)
+
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if requested in ("gpu", "cuda"):
@@ -247,7 +264,7 @@ def _check_moe(m: DictConfig) -> None:
             raise ConfigError(f"model.moe.{key}={moe[key]} must be a finite number >= 0")
 
 
-def _check_moe_layout(cfg: DictConfig, layout: ParallelConfig, degrees: Degrees) -> None:
+def _check_moe_layout(cfg: DictConfig, layout: ParallelConfig, dims: ParallelDims) -> None:
     moe = cfg.model.moe
     if layout.ep is not None:
         ep = layout.ep.size
@@ -257,16 +274,16 @@ def _check_moe_layout(cfg: DictConfig, layout: ParallelConfig, degrees: Degrees)
             )
         if ep < 2:
             raise ConfigError(f"parallel.ep.size={ep} must be at least 2 (leave ep out for one rank per expert set)")
-        if layout.ep.dispatcher not in DISPATCHERS:
+        if layout.ep.dispatcher not in EP_DISPATCHERS:
             raise ConfigError(
-                f"parallel.ep.dispatcher={layout.ep.dispatcher!r}: expected one of {', '.join(DISPATCHERS)}"
+                f"parallel.ep.dispatcher={layout.ep.dispatcher!r}: expected one of {', '.join(EP_DISPATCHERS)}"
             )
         if moe.experts % ep:
             raise ConfigError(f"model.moe.experts={moe.experts} cannot be split evenly over parallel.ep.size={ep}")
-        if (degrees.dp * degrees.cp) % ep:
+        if (dims.dp * dims.cp) % ep:
             raise ConfigError(
-                f"parallel.ep.size={ep} must divide the {degrees.dp * degrees.cp} ranks holding distinct tokens"
-                f" (dp={degrees.dp} x cp={degrees.cp}): expert parallelism borrows its ranks from them"
+                f"parallel.ep.size={ep} must divide the {dims.dp * dims.cp} ranks holding distinct tokens"
+                f" (dp={dims.dp} x cp={dims.cp}): expert parallelism borrows its ranks from them"
             )
         if moe.dense_layers >= cfg.model.n_layers:
             raise ConfigError(
@@ -286,8 +303,8 @@ def _check_moe_layout(cfg: DictConfig, layout: ParallelConfig, degrees: Degrees)
 
 def _survey_data(cfg: DictConfig) -> DataSurvey:
     d = cfg.data
-    if d.source not in SOURCES:
-        raise ConfigError(f"data.source={d.source!r}: expected one of {', '.join(SOURCES)}")
+    if d.source not in DATA_SOURCES:
+        raise ConfigError(f"data.source={d.source!r}: expected one of {', '.join(DATA_SOURCES)}")
     if d.source != "stdlib":
         if not d.paths:
             raise ConfigError(f"data.source={d.source} needs data.paths, e.g. 'data.paths=[/data/corpus.txt]'")
@@ -334,24 +351,24 @@ def _check_data_fills_batches(cfg: DictConfig, data: DataSurvey) -> None:
         )
 
 
-def _check_batch(cfg: DictConfig, degrees: Degrees) -> None:
+def _check_batch(cfg: DictConfig, dims: ParallelDims) -> None:
     d, m = cfg.data, cfg.model
     if d.seq_len < 1 or d.seq_len > m.max_seq_len:
         raise ConfigError(f"data.seq_len={d.seq_len} must be between 1 and model.max_seq_len={m.max_seq_len}")
     if d.micro_batch_size < 1 or d.global_batch_size < 1:
         raise ConfigError("data.micro_batch_size and data.global_batch_size must be positive")
-    per_step = d.micro_batch_size * degrees.dp
+    per_step = d.micro_batch_size * dims.dp
     if d.global_batch_size % per_step:
         raise ConfigError(
             f"data.global_batch_size={d.global_batch_size} is not divisible by "
             f"data.micro_batch_size={d.micro_batch_size}"
-            f" x data-parallel ranks {degrees.dp} = {per_step}; choose a multiple of {per_step}"
+            f" x data-parallel ranks {dims.dp} = {per_step}; choose a multiple of {per_step}"
         )
     if not 0.0 <= d.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction={d.val_fraction} must be in [0, 1)")
 
 
-def _check_pipeline(cfg: DictConfig, layout: ParallelConfig, degrees: Degrees) -> None:
+def _check_pipeline(cfg: DictConfig, layout: ParallelConfig, dims: ParallelDims) -> None:
     pp = layout.pp
     if pp is None:
         return
@@ -377,13 +394,13 @@ def _check_pipeline(cfg: DictConfig, layout: ParallelConfig, degrees: Degrees) -
         raise ConfigError(
             "model.tie_embeddings=true with parallel=pp: the embedding and the head live on different stages"
         )
-    local = cfg.data.global_batch_size // degrees.dp
+    local = cfg.data.global_batch_size // dims.dp
     if pp.microbatches is not None and (pp.microbatches < 1 or local % pp.microbatches):
         raise ConfigError(
             f"parallel.pp.microbatches={pp.microbatches} does not divide the {local} samples each data-parallel rank"
-            f" gets per step (data.global_batch_size={cfg.data.global_batch_size} over {degrees.dp} ranks)"
+            f" gets per step (data.global_batch_size={cfg.data.global_batch_size} over {dims.dp} ranks)"
         )
-    microbatches = layout.pipeline_microbatches(cfg.data.global_batch_size, cfg.data.micro_batch_size, degrees.dp)
+    microbatches = layout.pipeline_microbatches(cfg.data.global_batch_size, cfg.data.micro_batch_size, dims.dp)
     try:
         check_microbatches(pp.schedule, microbatches, pp.size, n_stages)
     except ValueError as error:
@@ -399,8 +416,8 @@ def _check_context_parallel(cfg: DictConfig, layout: ParallelConfig) -> None:
         return
     if cp.size < 1:
         raise ConfigError(f"parallel.cp.size={cp.size} must be positive")
-    if cp.pattern not in PATTERNS:
-        raise ConfigError(f"parallel.cp.pattern={cp.pattern!r}: expected one of {', '.join(PATTERNS)}")
+    if cp.pattern not in CP_PATTERNS:
+        raise ConfigError(f"parallel.cp.pattern={cp.pattern!r}: expected one of {', '.join(CP_PATTERNS)}")
     parts = 2 * cp.size if cp.load_balance else cp.size
     if cfg.data.seq_len % parts:
         raise ConfigError(
@@ -474,8 +491,10 @@ def _check_training(cfg: DictConfig) -> None:
         raise ConfigError("checkpoint.every_n_steps must be >= 0 and checkpoint.keep_last >= 1")
     if cfg.compile.backend not in COMPILE_BACKENDS:
         raise ConfigError(f"compile.backend={cfg.compile.backend!r}: expected one of {', '.join(COMPILE_BACKENDS)}")
-    if c.export_hf_dtype is not None and c.export_hf_dtype not in HF_DTYPES:
-        raise ConfigError(f"checkpoint.export_hf_dtype={c.export_hf_dtype!r}: expected one of {', '.join(HF_DTYPES)}")
+    if c.export_hf_dtype is not None and c.export_hf_dtype not in EXPORT_DTYPES:
+        raise ConfigError(
+            f"checkpoint.export_hf_dtype={c.export_hf_dtype!r}: expected one of {', '.join(EXPORT_DTYPES)}"
+        )
     if c.export_hf_on_end:
         if not c.save_on_end:
             raise ConfigError(
@@ -517,6 +536,9 @@ def apply_init_from(cfg: DictConfig) -> None:
             cfg.model.moe = OmegaConf.merge(OmegaConf.structured(MoEConfig), moe)
         else:  # the routing math from the directory; how the run balances it stays the run's
             cfg.model.moe = OmegaConf.merge(cfg.model.moe, {key: moe[key] for key in MOE_SHAPE_KEYS})
+        # the weights' headers against the model's shapes: torch (a fine-tuning run needs it next anyway)
+        from curry_train.checkpoint.hf_load import check_weights  # noqa: PLC0415
+
         check_weights(path, cfg.model)
     except PretrainedError as error:
         raise ConfigError(str(error)) from None
@@ -536,14 +558,13 @@ def check(cfg: DictConfig, env: Mapping[str, str] = os.environ, run_dir: Optiona
     run's directory, where ``ckpt_path=last|auto`` look first (``config.resume``)."""
     _check_keys(cfg)
     apply_init_from(cfg)
-    accelerator = _accelerator(cfg.trainer.accelerator)
+    if cfg.trainer.accelerator not in ACCELERATORS:
+        raise ConfigError(f"trainer.accelerator={cfg.trainer.accelerator!r}: expected one of {', '.join(ACCELERATORS)}")
     layout = ParallelConfig.of(cfg)
-    _check_parallel(layout, accelerator, cfg.trainer.precision)
+    _check_parallel(layout, cfg.trainer.precision)
     devices, num_nodes = cfg.trainer.devices, cfg.trainer.num_nodes
     if devices < 1 or num_nodes < 1:
         raise ConfigError(f"trainer.devices={devices} and trainer.num_nodes={num_nodes} must be positive")
-    if accelerator == "cuda" and devices > torch.cuda.device_count():
-        raise ConfigError(f"trainer.devices={devices} but only {torch.cuda.device_count()} CUDA device(s) are visible")
     launcher = external_launcher(env)
     if launcher is None and num_nodes > 1:
         raise ConfigError(
@@ -558,7 +579,7 @@ def check(cfg: DictConfig, env: Mapping[str, str] = os.environ, run_dir: Optiona
             )
     _check_tensor_parallel(cfg, layout, devices * num_nodes)
     try:
-        degrees = layout.degrees(devices * num_nodes)
+        dims = layout.dims(devices * num_nodes)
     except ValueError as error:
         raise ConfigError(str(error)) from None
     _check_model(cfg)
@@ -567,12 +588,16 @@ def check(cfg: DictConfig, env: Mapping[str, str] = os.environ, run_dir: Optiona
         raise ConfigError(
             f"the data's vocabulary ({data.vocab_size} tokens) exceeds model.vocab_size={cfg.model.vocab_size}"
         )
-    _check_batch(cfg, degrees)
+    _check_batch(cfg, dims)
     _check_data_fills_batches(cfg, data)
-    _check_pipeline(cfg, layout, degrees)
+    _check_pipeline(cfg, layout, dims)
     _check_context_parallel(cfg, layout)
-    _check_moe_layout(cfg, layout, degrees)
+    _check_moe_layout(cfg, layout, dims)
     _check_training(cfg)
     # Under torchrun or srun every process checks: one reads the files through, the others their sizes.
     digests = launcher is None or int(env.get("RANK", env.get("SLURM_PROCID", "0"))) == 0
-    return LaunchPlan(accelerator, devices, num_nodes, degrees, launcher, resolve(cfg, run_dir, digests))
+    ckpt_path = resolve(cfg, run_dir, digests)
+    # Last: finding the accelerator imports torch, which a bad input above need not wait for.
+    accelerator = _accelerator(cfg.trainer.accelerator)
+    _check_devices(layout, accelerator, devices)
+    return LaunchPlan(accelerator, dims, launcher, ckpt_path)

@@ -20,9 +20,9 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from curry_train.checkpoint import files
 from curry_train.config import ConfigError
 from curry_train.config.schema import Config
-from curry_train.primitives import dcp
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def resolve(cfg: DictConfig, run_dir: Optional[Path], digests: bool = True) -> O
         found = Path(choice).expanduser().resolve()
         if not found.is_dir():
             raise ConfigError(f"ckpt_path={choice}: not a curry-train checkpoint directory")
-        problem = dcp.verify(found, digests)
+        problem = files.verify(found, digests)
         if problem is not None:
             raise ConfigError(f"ckpt_path={choice}: {problem}")
     _check_same_math(cfg, found)
@@ -65,9 +65,9 @@ def _newest_good(places: list[Path], digests: bool) -> Optional[Path]:
     for place in places:
         if not place.is_dir():
             continue
-        found = [p for p in place.rglob("step-*") if p.is_dir() and dcp.NAME_PATTERN.match(p.name)]
+        found = [p for p in place.rglob("step-*") if p.is_dir() and files.NAME_PATTERN.match(p.name)]
         for path in sorted(found, key=_finished_then_step, reverse=True):
-            problem = dcp.verify(path, digests)
+            problem = files.verify(path, digests)
             if problem is None:
                 return path.resolve()
             log.warning("skipping checkpoint %s: %s", path, problem)
@@ -76,9 +76,9 @@ def _newest_good(places: list[Path], digests: bool) -> Optional[Path]:
 
 def _finished_then_step(path: Path) -> tuple[float, int]:
     """Newest first: by when its save finished (its manifest; the directory, if it never did), then step."""
-    manifest = path / dcp.MANIFEST_FILE
+    manifest = path / files.MANIFEST_FILE
     finished = (manifest if manifest.is_file() else path).stat().st_mtime
-    return finished, int(dcp.NAME_PATTERN.match(path.name).group(1))
+    return finished, int(files.NAME_PATTERN.match(path.name).group(1))
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -91,7 +91,7 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def _check_same_math(cfg: DictConfig, checkpoint: Path) -> None:
-    saved = dcp.saved_config(checkpoint)
+    saved = files.saved_config(checkpoint)
     if saved is None or cfg.checkpoint.allow_config_change:
         return
     now = _flat(OmegaConf.to_container(cfg, resolve=True))

@@ -14,18 +14,10 @@ from typing import List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from curry_train.data import DataConfig
-from curry_train.model import ModelConfig
-from curry_train.primitives.parallel_state import Degrees, resolve_degrees
-
-# The allowed values of the choices below that no primitive owns (those that one does -- sharding modes,
-# pipeline schedules, CP patterns, recompute kinds -- are defined by the primitive, and config.checks
-# holds a run's config to both before any process starts).
-PARALLEL_OPTIONS = ("dp", "fsdp", "tp", "pp", "cp", "ep")  # the parallel group's options
-ACCELERATORS = ("auto", "cpu", "gpu", "cuda")  # trainer.accelerator
-PRECISIONS = ("32-true", "32", "bf16-mixed")  # trainer.precision
-LOGGERS = ("wandb", "csv", "tensorboard", "none")  # logger.kind
-LR_SCHEDULES = ("cosine", "linear", "constant")  # optim.schedule
+from curry_train.data.config import DataConfig
+from curry_train.layout.dims import ParallelDims
+from curry_train.model.config import ModelConfig
+from curry_train.options import PARALLEL_OPTIONS
 
 
 @dataclass
@@ -153,7 +145,7 @@ class ParallelConfig:
 
     Built once from a run's config (``ParallelConfig.of(cfg)``), it answers the questions about the
     layout that the rest of the code asks: which options are on (``layout.tp is not None``), their
-    sizes (``size``), the mesh's degrees for a world size (``degrees``).
+    sizes (``size``); ``config.checks`` turns it into the run's ``ParallelDims`` (``dims``) once.
     """
 
     dp: Optional[DPConfig] = None
@@ -180,17 +172,18 @@ class ParallelConfig:
         sub = getattr(self, option)
         return sub.size if sub is not None else 1
 
-    def degrees(self, world_size: int) -> Degrees:
-        """The mesh's degrees on ``world_size`` ranks. Data parallelism takes the ranks no other axis
-        uses: replicated (DDP, or FSDP's no_shard), sharded (FSDP), or both (FSDP's hybrid). Expert
-        parallelism borrows its ranks from the data- and context-parallel ones."""
+    def dims(self, world_size: int) -> ParallelDims:
+        """The layout's degrees on ``world_size`` ranks (``ValueError`` naming the sizes when they do not
+        divide). Data parallelism takes the ranks no other axis uses: replicated (DDP, or FSDP's no_shard),
+        sharded (FSDP), or both (FSDP's hybrid). Expert parallelism borrows its ranks from the data- and
+        context-parallel ones."""
         if self.fsdp is None or self.fsdp.sharding == "no_shard":
             dp_replicate, dp_shard = -1, 1
         elif self.fsdp.sharding == "hybrid":
             dp_replicate, dp_shard = self.fsdp.replicas, -1
         else:
             dp_replicate, dp_shard = 1, -1
-        return resolve_degrees(
+        return ParallelDims(
             world_size,
             dp_replicate=dp_replicate,
             dp_shard=dp_shard,
@@ -248,6 +241,12 @@ class Config:
     compile: CompileConfig = field(default_factory=CompileConfig)
     seed: int = 1234  # seeds init, data order and dropout; the layout never changes what it seeds
     ckpt_path: Optional[str] = None  # resume: a checkpoint directory, "last" or "auto" (config/resume.py)
+
+    @classmethod
+    def of(cls, source: DictConfig | dict) -> Config:
+        """The typed config of a composed one, or of the plain container a worker is handed: what the
+        training path reads (attributes, dataclasses), converted once per process."""
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), source))
 
 
 def unknown_keys(cfg: DictConfig, schema: type = Config, prefix: str = "") -> list[tuple[str, list[str]]]:

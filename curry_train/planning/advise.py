@@ -16,6 +16,7 @@ from typing import Any, Optional, Sequence
 from omegaconf import DictConfig
 
 from curry_train.config.schema import ParallelConfig
+from curry_train.layout.pipeline import check_microbatches
 from curry_train.planning.layout import (
     ZERO_NAMES,
     Layout,
@@ -32,7 +33,6 @@ from curry_train.planning.memory import (
     transient_state,
 )
 from curry_train.planning.step_time import step_time
-from curry_train.primitives.pipeline_schedule import check_microbatches
 
 HEADROOM = 0.10  # of device memory, left free by a recommendation (allocator, spikes, estimate error)
 SPEEDUP = 0.10  # a heavier layout replaces a lighter one that fits only if its step is this much shorter

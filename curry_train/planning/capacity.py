@@ -23,12 +23,12 @@ from omegaconf import DictConfig
 
 from curry_train.config import compose
 from curry_train.config.schema import ParallelConfig, PPConfig
+from curry_train.layout.pipeline import check_microbatches, split_layers, stages_per_rank
 from curry_train.planning.advise import HEADROOM, estimate
 from curry_train.planning.capacity_report import Candidate, Result, Row, Sweep, size_text
 from curry_train.planning.families import FAMILIES, MEMBER_KEYS, default_family, family
 from curry_train.planning.layout import Layout, LayoutSpec, PlanningError, current_layout, parse_layout, train_command
 from curry_train.planning.trials import measure, measure_blocker
-from curry_train.primitives.pipeline_schedule import check_microbatches, split_layers, stages_per_rank
 
 SWEEPS = ("model", "micro_batch")
 MODES = ("auto", "estimate", "measure")

@@ -9,8 +9,9 @@ from typing import Any, Optional, Sequence
 from omegaconf import DictConfig
 
 from curry_train.config import ConfigError
-from curry_train.config.schema import PARALLEL_OPTIONS, ParallelConfig
-from curry_train.primitives.pipeline_schedule import stages_per_rank
+from curry_train.config.schema import ParallelConfig
+from curry_train.layout.pipeline import stages_per_rank
+from curry_train.options import PARALLEL_OPTIONS
 
 OPTIONS = PARALLEL_OPTIONS
 # Keys a layout string may give without the ``parallel.`` prefix: ``fsdp+tp tp.size=4 recompute=full``.
@@ -105,7 +106,7 @@ def microbatches_per_step(cfg: DictConfig, layout: Layout) -> int:
 def current_layout(cfg: DictConfig) -> Layout:
     """The layout ``cfg`` would run (``trainer.devices x trainer.num_nodes`` ranks)."""
     parallel = ParallelConfig.of(cfg)
-    deg = parallel.degrees(cfg.trainer.devices * cfg.trainer.num_nodes)
+    deg = parallel.dims(cfg.trainer.devices * cfg.trainer.num_nodes)
     fsdp, tp = parallel.fsdp, parallel.tp
     zero = "none" if fsdp is None or fsdp.sharding == "no_shard" else fsdp.sharding
     bf16 = (fsdp is not None and fsdp.mixed_precision != "fp32") or cfg.trainer.precision.startswith("bf16")

@@ -15,9 +15,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from curry_train.model import Llama, head_dim
+from curry_train.layout.pipeline import canonical_kind, split_layers, stage_to_rank
+from curry_train.model.config import head_dim
+from curry_train.model.llama import Llama
 from curry_train.planning.layout import Layout, microbatches_per_step
-from curry_train.primitives.pipeline_schedule import canonical_kind, split_layers, stage_to_rank
 
 STATE_KEYS = ("params", "grads", "optimizer")
 # Bytes per parameter of (parameters, gradients, optimizer state) for Adam.
@@ -269,7 +270,7 @@ def transient_state(cfg_model: DictConfig, shapes: Sequence[tuple[int, ...]], la
 
 def loss_bytes_per_logit(mixed_precision: str) -> int:
     """The logits in the compute dtype, cross-entropy's fp32 log-probabilities and, for half-precision
-    logits, their fp32 copy (``module.token_loss`` upcasts them)."""
+    logits, their fp32 copy (``TrainStep.token_loss`` upcasts them)."""
     return 8 if mixed_precision == "fp32" else 2 + 4 + 4
 
 

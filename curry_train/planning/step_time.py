@@ -11,7 +11,8 @@ from typing import Optional
 
 from omegaconf import DictConfig
 
-from curry_train.model import head_dim
+from curry_train.layout.pipeline import canonical_kind, split_layers
+from curry_train.model.config import head_dim
 from curry_train.planning.layout import Layout, microbatches_per_step
 from curry_train.planning.memory import (
     active_parameter_count,
@@ -19,7 +20,6 @@ from curry_train.planning.memory import (
     parameter_count,
     parameter_shapes,
 )
-from curry_train.primitives.pipeline_schedule import canonical_kind, split_layers
 
 ZERO_BUBBLE = ("interleaved_zb", "zbv", "dualpipev")
 ALL_TO_ALL_LATENCY = 20e-6  # seconds an all-to-all of small messages takes within a node (NCCL's order)

@@ -1,7 +1,7 @@
 """The parallelism primitives, one file each, composable through a shared ``ParallelState``."""
 
-from curry_train.model import GQAttention
-from curry_train.moe import Experts, MoE, TopKRouter
+from curry_train.model.llama import GQAttention
+from curry_train.model.moe import Experts, MoE, TopKRouter
 from curry_train.primitives.context_parallel import ContextParallel
 from curry_train.primitives.distributed_optimizer import DistributedOptimizer
 from curry_train.primitives.expert_parallel import ExpertParallel

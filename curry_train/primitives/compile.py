@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-BACKENDS = ("inductor", "aot_eager", "eager")  # compile.backend
+from curry_train.options import COMPILE_BACKENDS
 
 
 def compile_blocks(blocks: Iterable[nn.Module], backend: str = "inductor", retain_graph: bool = False) -> int:
@@ -41,8 +41,8 @@ def compile_blocks(blocks: Iterable[nn.Module], backend: str = "inductor", retai
     ``retain_graph``: the backward runs in two passes over one graph (the zero-bubble pipeline
     schedules take the input gradient first, the weight gradient later). The compiled backward then
     must not free ("donate") its saved buffers in the first pass."""
-    if backend not in BACKENDS:
-        raise ValueError(f"compile.backend={backend!r}: expected one of {', '.join(BACKENDS)}")
+    if backend not in COMPILE_BACKENDS:
+        raise ValueError(f"compile.backend={backend!r}: expected one of {', '.join(COMPILE_BACKENDS)}")
     if retain_graph:
         torch._functorch.config.donated_buffer = False
     count = 0

@@ -40,9 +40,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from curry_train.options import CP_PATTERNS
 from curry_train.primitives.attention_kernels import block_backward, block_forward
 
-PATTERNS = ("ring", "double_ring", "alltoall")
 # Seconds spent waiting for communication (a block not yet arrived, an all-to-all), accumulated for
 # the bench (curry_train.validation.context, on gloo): what compute did not hide. Host time: NCCL's
 # wait() only orders streams, so on CUDA this does not measure the exposed transfer.
@@ -334,8 +334,8 @@ class ContextParallelAttention(nn.Module):
         inner_ring: Optional[int] = None,
     ) -> None:
         super().__init__()
-        if pattern not in PATTERNS:
-            raise ValueError(f"pattern={pattern!r}: expected one of {', '.join(PATTERNS)}")
+        if pattern not in CP_PATTERNS:
+            raise ValueError(f"pattern={pattern!r}: expected one of {', '.join(CP_PATTERNS)}")
         self.group, self.pattern, self.causal, self.load_balance = cp_group, pattern, causal, load_balance
         self.cp, self.rank = dist.get_world_size(cp_group), dist.get_rank(cp_group)
         self.plan = ring_plan(cp_group, pattern, inner_ring) if pattern != "alltoall" else None

@@ -37,18 +37,18 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
-from curry_train.primitives.parallel_state import ParallelState
+from curry_train.options import BACKWARD_PREFETCH, EXPERT_SHARDING, MIXED_PRECISIONS, SHARDING_MODES
+from curry_train.primitives.parallel_state import ParallelState, init_process_group_from_env
 
-SHARDING_MODES = ("full", "shard_grad_op", "optimizer", "no_shard", "hybrid")
-PARAM_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-BACKWARD_PREFETCH = ("backward_pre", "none")
+# the compute dtype of each of options.MIXED_PRECISIONS (fp32: the parameters' own)
+PARAM_DTYPES = dict(zip(MIXED_PRECISIONS, (None, torch.bfloat16, torch.float16), strict=True))
 
 
 def fsdp_mesh(parallel_state: ParallelState, sharding: str) -> DeviceMesh:
     """The mesh FSDP2 runs over: 2-D (replicate, shard) for hybrid and no_shard, else the 1-D shard
     mesh. Context-parallel ranks hold different tokens of the same samples, so parameters are
     sharded (and gradients summed) over them as well."""
-    if parallel_state.degrees.cp > 1:
+    if parallel_state.dims.cp_enabled:
         if sharding == "hybrid":
             return parallel_state.mesh["dp_replicate", "dp_shard_cp"]
         if sharding == "no_shard":
@@ -112,6 +112,8 @@ class DistributedOptimizer:
         if parallel_state is None:
             if sharding == "hybrid":
                 raise ValueError("sharding='hybrid' needs parallel_state=ParallelState(dp_replicate=R, dp_shard=-1)")
+            # As the seed API is used under torchrun: the wrapped model joins torchrun's group itself.
+            init_process_group_from_env("cuda" if torch.cuda.is_available() else "cpu")
             parallel_state = ParallelState(dp_replicate=-1, dp_shard=1) if sharding == "no_shard" else ParallelState()
         mesh = fsdp_mesh(parallel_state, sharding)
         if sharding == "optimizer":
@@ -179,9 +181,6 @@ def shard_placement(mesh: DeviceMesh) -> Callable[[nn.Parameter], Optional[Shard
         return None  # FSDP2's default, Shard(0)
 
     return placement
-
-
-EXPERT_SHARDING = ("full", "shard_grad_op", "no_shard")  # the modes expert parallelism composes with
 
 
 def shard_experts(

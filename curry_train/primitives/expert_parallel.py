@@ -29,7 +29,8 @@ from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
-from curry_train.moe import Experts, MoE
+from curry_train.model.moe import Experts, MoE
+from curry_train.options import EP_DISPATCHERS
 
 
 class _AllToAll(torch.autograd.Function):
@@ -159,7 +160,7 @@ class AllGatherDispatch:
         return _ReduceScatter.apply(placed, self.group)[: tokens.shape[0]]
 
 
-DISPATCHERS = {"alltoall": AllToAllDispatch, "allgather": AllGatherDispatch}
+DISPATCHERS = dict(zip(EP_DISPATCHERS, (AllToAllDispatch, AllGatherDispatch), strict=True))  # options' names
 
 
 class ExpertParallel:

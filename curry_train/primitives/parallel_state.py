@@ -1,10 +1,8 @@
-"""ParallelState: the one source of truth for a run's topology.
+"""ParallelState: the one source of truth for a run's topology, on the ranks of a process group.
 
-Five degrees, outermost first: ``pp x dp_replicate x dp_shard x cp x tp``. Tensor parallelism is
-innermost so its ranks are neighbours (the same node, the fastest links); pipeline parallelism is
-outermost so its point-to-point traffic is what crosses nodes (Megatron-LM's ordering; torchtitan's
-``ParallelDims``). The degrees are validated once, then a ``DeviceMesh`` with named dimensions
-hands out each group:
+It consumes a ``ParallelDims`` (``curry_train/layout/dims.py``: the degrees, validated before any process
+started) and builds the ``DeviceMesh`` with named dimensions ``pp x dp_replicate x dp_shard x cp x tp``,
+which hands out each group:
 
 =================  ==============================================================================
 ``get_dp_group``   data parallel: ranks that hold different samples (``dp_replicate x dp_shard``)
@@ -16,17 +14,14 @@ hands out each group:
                    (``submesh("edp")``) are the ones expert parallelism leaves
 =================  ==============================================================================
 
-``ParallelState(dp_replicate=1, dp_shard=-1, cp=1, tp=1, pp=1, ep=1)``: one degree may be ``-1``, which
-takes whatever the others leave of the world size. The process group is initialized from the
-environment (torchrun, SLURM via Lightning, or curry-train's launcher) if it is not yet.
+The process group is not its to make: the launcher's worker, Lightning's strategy or the script under
+torchrun joins it first (``init_process_group_from_env`` joins torchrun's environment).
+``ParallelState(tp=2)`` is short for ``ParallelState(ParallelDims(world_size, tp=2))`` on the group's ranks.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import os
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Optional
 
@@ -34,66 +29,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
-
-
-@dataclass(frozen=True)
-class Degrees:
-    pp: int
-    dp_replicate: int
-    dp_shard: int
-    cp: int
-    tp: int
-    ep: int = 1  # not a dimension of its own: a split of the dp x cp ranks
-
-    @property
-    def dp(self) -> int:
-        return self.dp_replicate * self.dp_shard
-
-    @property
-    def world_size(self) -> int:
-        return self.pp * self.dp * self.cp * self.tp
-
-    def __str__(self) -> str:
-        text = " x ".join(f"{name}={getattr(self, name)}" for name in DIMS)
-        return f"{text} (ep={self.ep} of dp x cp)" if self.ep > 1 else text
-
-
-def resolve_degrees(
-    world_size: int, dp_replicate: int = 1, dp_shard: int = -1, cp: int = 1, tp: int = 1, pp: int = 1, ep: int = 1
-) -> Degrees:
-    """Fill the one ``-1`` degree and check that the degrees multiply to ``world_size``.
-
-    Needs no process group, so configurations are checked before any worker starts.
-    """
-    given = {"pp": pp, "dp_replicate": dp_replicate, "dp_shard": dp_shard, "cp": cp, "tp": tp}
-    for name, size in given.items():
-        if not isinstance(size, int) or (size < 1 and size != -1):
-            raise ValueError(f"parallel degree {name}={size!r}: expected a positive integer or -1")
-    free = [name for name, size in given.items() if size == -1]
-    if len(free) > 1:
-        raise ValueError(f"only one parallel degree may be -1, got {free}")
-    fixed = math.prod(size for size in given.values() if size != -1)
-    if free:
-        if world_size % fixed:
-            fixed_text = " x ".join(f"{n}={s}" for n, s in given.items() if s != -1)
-            raise ValueError(
-                f"world size {world_size} is not divisible by {fixed_text} = {fixed}, so {free[0]} cannot fill it"
-            )
-        given[free[0]] = world_size // fixed
-    degrees = Degrees(**given)
-    if degrees.world_size != world_size:
-        raise ValueError(
-            f"the parallel degrees {degrees} multiply to {degrees.world_size}, but the world size is {world_size}"
-        )
-    if not isinstance(ep, int) or ep < 1:
-        raise ValueError(f"parallel degree ep={ep!r}: expected a positive integer")
-    if (degrees.dp * degrees.cp) % ep:
-        raise ValueError(
-            f"ep={ep} must divide the {degrees.dp * degrees.cp} ranks holding distinct tokens "
-            f"(dp={degrees.dp} x cp={degrees.cp}), from which expert parallelism takes its ranks"
-        )
-    return dataclasses.replace(degrees, ep=ep)
+from curry_train.layout.dims import DIMS, ParallelDims
 
 
 def init_process_group_from_env(device_type: str, timeout: timedelta = timedelta(minutes=10)) -> None:
@@ -112,23 +48,25 @@ def init_process_group_from_env(device_type: str, timeout: timedelta = timedelta
 
 
 class ParallelState:
-    """Degrees -> a named ``DeviceMesh`` and its process groups."""
+    """``ParallelDims`` -> a named ``DeviceMesh`` and its process groups, on the initialized process group."""
 
-    def __init__(
-        self,
-        dp_replicate: int = 1,
-        dp_shard: int = -1,
-        cp: int = 1,
-        tp: int = 1,
-        pp: int = 1,
-        ep: int = 1,
-        device_type: Optional[str] = None,
-    ) -> None:
+    def __init__(self, dims: Optional[ParallelDims] = None, device_type: Optional[str] = None, **degrees: int) -> None:
+        if not dist.is_initialized():
+            raise RuntimeError(
+                "ParallelState needs the process group first: torch.distributed.init_process_group() (under"
+                " torchrun), or curry_train.primitives.parallel_state.init_process_group_from_env(device_type)"
+            )
+        if dims is None:
+            dims = ParallelDims(dist.get_world_size(), **degrees)
+        elif degrees:
+            raise ValueError(f"ParallelState: give the degrees as dims or as keywords, not both ({sorted(degrees)})")
+        if dims.world_size != dist.get_world_size():
+            raise ValueError(
+                f"ParallelState: {dims} is a layout of {dims.world_size} ranks, the group has {dist.get_world_size()}"
+            )
+        self.dims = dims
         self.device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
-        init_process_group_from_env(self.device_type)
-        self.degrees = resolve_degrees(dist.get_world_size(), dp_replicate, dp_shard, cp, tp, pp, ep)
-        shape = tuple(getattr(self.degrees, name) for name in DIMS)
-        self.mesh: DeviceMesh = init_device_mesh(self.device_type, shape, mesh_dim_names=DIMS)
+        self.mesh: DeviceMesh = init_device_mesh(self.device_type, dims.shape, mesh_dim_names=DIMS)
         # Flattened views used by the primitives: samples differ across "dp"; FSDP shards over
         # "dp_shard_cp" (context-parallel ranks hold different tokens of the same samples, so their
         # gradients are summed like data-parallel ones); "dp_cp" is every rank holding distinct tokens.
@@ -143,20 +81,19 @@ class ParallelState:
         # their norm in one all-reduce, not one per dimension (whose different summation orders
         # could leave ranks with different norms, hence different clipping). Each view is a group
         # of its own, so only where it is not one of the others: with tp, and with cp for the second.
-        if self.degrees.tp > 1:
+        if dims.tp_enabled:
             self._flattened["dp_shard_cp_tp"] = self.mesh["dp_shard", "cp", "tp"]._flatten("dp_shard_cp_tp")
-        if self.degrees.tp > 1 and self.degrees.cp > 1:
+        if dims.tp_enabled and dims.cp_enabled:
             # TP beside replicas over cp ranks (FSDP2's no_shard over (dp_replicate_cp, dp_shard)).
             self._flattened["dp_shard_tp"] = self.mesh["dp_shard", "tp"]._flatten("dp_shard_tp")
-        if self.degrees.ep > 1:
+        if dims.ep_enabled:
             # Expert parallelism splits the ranks holding distinct tokens into (edp, ep): ep takes
             # neighbouring ranks (innermost, so the all-to-all stays on the fastest links), edp is
             # what is left, over which the experts' gradients are summed (and FSDP shards them).
             # "edp_one" is a dimension of size one: FSDP2's replicated (no_shard) experts need a
             # 2-D (replicate, shard) mesh.
-            ep = self.degrees.ep
             split = self._flattened["dp_cp"]._unflatten(
-                0, (self.degrees.dp * self.degrees.cp // ep, 1, ep), ("edp", "edp_one", "ep")
+                0, (dims.dp_cp // dims.ep, 1, dims.ep), ("edp", "edp_one", "ep")
             )
             self._flattened.update(edp=split["edp"], edp_one=split["edp_one"], ep=split["ep"])
             self.expert_mesh = split
@@ -164,7 +101,7 @@ class ParallelState:
     # Degrees ------------------------------------------------------------------------------------
     @property
     def world_size(self) -> int:
-        return self.degrees.world_size
+        return self.dims.world_size
 
     @property
     def rank(self) -> int:
@@ -172,7 +109,7 @@ class ParallelState:
 
     @property
     def dp_size(self) -> int:
-        return self.degrees.dp
+        return self.dims.dp
 
     @property
     def dp_rank(self) -> int:
@@ -188,7 +125,7 @@ class ParallelState:
 
     @property
     def ep_rank(self) -> int:
-        return self.get_ep_mesh().get_local_rank() if self.degrees.ep > 1 else 0
+        return self.get_ep_mesh().get_local_rank() if self.dims.ep_enabled else 0
 
     @property
     def cp_rank(self) -> int:
@@ -214,7 +151,7 @@ class ParallelState:
 
     def get_ep_mesh(self) -> DeviceMesh:
         """The expert-parallel ranks as a mesh (DTensor experts are sharded over it)."""
-        if self.degrees.ep == 1:
+        if not self.dims.ep_enabled:
             raise ValueError("this ParallelState has no expert parallelism (ep=1)")
         return self._flattened["ep"]
 
@@ -222,4 +159,4 @@ class ParallelState:
         return self.get_ep_mesh().get_group()
 
     def __repr__(self) -> str:
-        return f"ParallelState({self.degrees}, device={self.device_type})"
+        return f"ParallelState({self.dims}, device={self.device_type})"

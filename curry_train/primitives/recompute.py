@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-MODES = ("none", "full", "selective")
+from curry_train.options import RECOMPUTE_MODES
 
 # Ops whose outputs are kept under per-op selective recompute: the FLOP-heavy ones.
 _SAVED_OPS = {
@@ -62,8 +62,8 @@ def _wrap_forward(module: nn.Module, per_op: bool) -> None:
 
 def apply_recompute(blocks: Iterable[nn.Module], mode: str, every_n_blocks: int = 0) -> int:
     """Apply ``mode`` to ``blocks`` (in order); returns how many blocks now recompute."""
-    if mode not in MODES:
-        raise ValueError(f"recompute={mode!r}: expected one of {', '.join(MODES)}")
+    if mode not in RECOMPUTE_MODES:
+        raise ValueError(f"recompute={mode!r}: expected one of {', '.join(RECOMPUTE_MODES)}")
     if every_n_blocks < 0:
         raise ValueError(f"every_n_blocks={every_n_blocks} must be >= 0")
     if mode == "none":

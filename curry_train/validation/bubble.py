@@ -35,18 +35,12 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from curry_train.config import compose
-from curry_train.model import Llama
+from curry_train.layout.pipeline import check_microbatches, split_layers, stages_per_rank
+from curry_train.model.llama import Llama
 from curry_train.planning.step_time import bubble_formula
 from curry_train.pool import WorkerPool
 from curry_train.primitives.materialize import materialize_and_init
-from curry_train.primitives.pipeline_schedule import (
-    PipelineSchedule,
-    check_microbatches,
-    next_token_loss,
-    pipeline_stages,
-    split_layers,
-    stages_per_rank,
-)
+from curry_train.primitives.pipeline_schedule import PipelineSchedule, next_token_loss, pipeline_stages
 
 WARMUP_STEPS = 2  # untimed steps per kind: shape inference, the allocator, gloo's first connections
 

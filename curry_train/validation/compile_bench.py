@@ -25,7 +25,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from curry_train.model import Llama
+from curry_train.model.llama import Llama
 from curry_train.module import LMDataModule
 from curry_train.primitives.host_memory import reset_peak, resident
 from curry_train.validation.peak_flops import DTYPES, matmul_flops

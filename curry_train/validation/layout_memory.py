@@ -18,10 +18,10 @@ from omegaconf import DictConfig
 from curry_train.config import compose
 from curry_train.config.checks import check
 from curry_train.config.schema import ParallelConfig
-from curry_train.model import Llama
+from curry_train.layout.dims import ParallelDims
+from curry_train.model.llama import Llama
 from curry_train.planning.memory import is_expert, tensor_parallel_shapes, zero_formula_terms, zero_formula_text
 from curry_train.pool import Pools
-from curry_train.primitives.parallel_state import Degrees
 from curry_train.primitives.pipeline_schedule import pipeline_stages
 from curry_train.runner import Measurement, fit_layouts
 from curry_train.validation.comm import CommCounter, ddp_bucket_bytes
@@ -85,7 +85,7 @@ class MemoryProbe(Callback):
             self.record["activations"], self.record["peak"] = None, None
             return
         optimizers = self._optimizers(trainer)
-        micro_batch = module.micro_batches(batch)[0]
+        micro_batch = module.step.micro_batches(batch)[0]
 
         # As in the step's own forward_backward: tensor parallelism's loss runs under
         # loss_parallel() (vocabulary-sharded logits); context parallelism gives the model this
@@ -94,7 +94,7 @@ class MemoryProbe(Callback):
             with module.step.loss_context():
                 with trainer.strategy.precision_plugin.train_step_context():
                     loss = module.step.micro_batch_loss(micro_batch)
-                module.manual_backward(loss)
+                module.step.backward(loss)
 
         device = trainer.strategy.root_device
         if device.type == "cuda":  # the allocator's own peak over the same forward+backward
@@ -219,7 +219,7 @@ class LayoutMemory:
         return {**asdict(self), "formula": self.formula, "formula_text": self.formula_text}
 
 
-def _describe(overrides: Sequence[str], cfg: DictConfig, degrees: Degrees) -> LayoutMemory:
+def _describe(overrides: Sequence[str], cfg: DictConfig, degrees: ParallelDims) -> LayoutMemory:
 
     parallel = ParallelConfig.of(cfg)
     fsdp = parallel.fsdp
@@ -286,7 +286,7 @@ def measure_layouts(
     for overrides in layouts:
         cfg = measurement_config(compose(overrides, config_dir), MEASURED_STEP + timed_steps + bool(count_comm))
         checked.append((cfg, check(cfg)))
-    results = [_describe(overrides, cfg, plan.degrees) for overrides, (cfg, plan) in zip(layouts, checked, strict=True)]
+    results = [_describe(overrides, cfg, plan.dims) for overrides, (cfg, plan) in zip(layouts, checked, strict=True)]
     outcomes = fit_layouts(checked, MemoryProbeFactory(comm_step), pools)
     for overrides, result, outcome in zip(layouts, results, outcomes, strict=True):
         if not outcome.ok:

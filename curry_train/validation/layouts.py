@@ -54,12 +54,12 @@ from omegaconf import DictConfig, OmegaConf
 from curry_train.config import ConfigError, compose
 from curry_train.config.checks import check, pipeline_microbatches
 from curry_train.config.schema import ParallelConfig
-from curry_train.model import head_dim
+from curry_train.layout.pipeline import stages_per_rank
+from curry_train.model.config import head_dim
 from curry_train.planning.advise import estimate
 from curry_train.planning.layout import current_layout
 from curry_train.planning.layout import parse_layout as parse_layout_string
 from curry_train.planning.step_time import bubble_formula, flops_parameters, flops_per_token
-from curry_train.primitives.pipeline_schedule import stages_per_rank
 from curry_train.validation.layout_memory import measure_layouts
 from curry_train.validation.layouts_report import LayoutRow, LayoutsResult
 
@@ -196,6 +196,6 @@ def layouts_bench(
             row.estimated_peak = estimated["total"] - estimated["reserved"]
             row.flops_per_step = compare_config["flops_per_step"]
             row.peak_flops = compare_config["peak_flops"]
-            row.bubble, row.bubble_text = _bubble(cfg, plan.degrees)
+            row.bubble, row.bubble_text = _bubble(cfg, plan.dims)
         result.rows.append(row)
     return result

@@ -38,7 +38,7 @@ from torch.distributed._tools.mem_tracker import MemTracker
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
-from curry_train.model import Llama
+from curry_train.model.llama import Llama
 from curry_train.primitives.materialize import materialize_and_init
 from curry_train.primitives.recompute import apply_recompute
 

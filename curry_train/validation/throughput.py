@@ -53,10 +53,12 @@ from torch.utils.data import DataLoader
 
 from curry_train.config import ConfigError, compose
 from curry_train.config.checks import LaunchPlan, check
-from curry_train.config.schema import PRECISIONS
-from curry_train.data import GlobalBatchSampler
-from curry_train.model import Llama, head_dim
+from curry_train.config.schema import Config
+from curry_train.data.loader import GlobalBatchSampler
+from curry_train.model.config import head_dim
+from curry_train.model.llama import Llama
 from curry_train.module import LMDataModule, lr_lambda
+from curry_train.options import PRECISIONS
 from curry_train.planning.step_time import flops_parameters, flops_per_token
 from curry_train.primitives.materialize import materialize_and_init
 from curry_train.runner import Measurement, fit
@@ -340,7 +342,7 @@ class StepClock(Callback, Measurement):
         self.losses: list[torch.Tensor] = []
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        self.losses.append(pl_module.last_step_loss)
+        self.losses.append(pl_module.step.last_loss)
         self.step_ends.append(_clock(self.device))
 
     def loggers(self, run_dir: Path) -> list[Logger]:
@@ -366,7 +368,7 @@ def run_curry_loop(
 
     clock = StepClock(device_of(plan), loggers, callbacks)
     with tempfile.TemporaryDirectory(prefix="curry-bench-") as run_dir:
-        step_ends, losses = fit(cfg, Path(run_dir), plan.accelerator, clock, datamodule)
+        step_ends, losses = fit(Config.of(cfg), Path(run_dir), plan, clock, datamodule)
     tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_len
     return LoopRun("curry", repeat, warmup, tokens_per_step, step_ends, losses)
 

@@ -65,7 +65,7 @@ class StepRecorder(Callback, Measurement):
         self.buffers: dict[str, torch.Tensor] = {}
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, module: pl.LightningModule, optimizer: Any) -> None:
-        loss = module.last_step_loss.clone()
+        loss = module.step.last_loss.clone()
         if dist.is_initialized():
             dist.all_reduce(loss, group=module.step.metrics_group)
         grads = {
@@ -83,7 +83,7 @@ class StepRecorder(Callback, Measurement):
             if hasattr(param.grad, "placements") and param.grad.placements != param.placements
         ]
         self.records.append(
-            {"loss": float(loss), "grad_norm": float(module.last_grad_norm), "grads": grads, "pending": pending}
+            {"loss": float(loss), "grad_norm": float(module.step.last_grad_norm), "grads": grads, "pending": pending}
         )
 
     def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, *args: Any) -> None:

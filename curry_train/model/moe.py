@@ -39,6 +39,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
+from curry_train.options import BALANCING, SCORE_FUNCTIONS
+
 _UNCOUNTED = [0]  # > 0 inside ``uncounted()``
 
 
@@ -51,10 +53,6 @@ def uncounted() -> Iterator[None]:
         yield
     finally:
         _UNCOUNTED[0] -= 1
-
-
-SCORE_FUNCTIONS = ("softmax", "sigmoid")  # model.moe.score_function
-BALANCING = ("aux_free", "aux_loss", "none")  # model.moe.balancing
 
 
 @dataclass

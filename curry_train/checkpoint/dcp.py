@@ -20,17 +20,16 @@ Nothing non-finite is ever written (``NonFiniteStateError``).
 Trust: DCP's own ``.metadata`` is a pickle that PyTorch unpickles on load, so a checkpoint from a
 source you do not trust can still run code; the digests catch corruption, not a forger, who can
 rewrite the manifest too (docs/trust.md).
+
+Finding, naming and verifying checkpoints (no torch): ``curry_train.checkpoint.files``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
-import re
 import shutil
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -43,32 +42,16 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-META_FILE = "meta.pt"
-CONFIG_FILE = "config.json"
-MANIFEST_FILE = "manifest.json"
-MANIFEST_FORMAT = 1
-DCP_METADATA = ".metadata"
-TMP_SUFFIX = ".tmp"
-DIGEST_CHUNK = 8 << 20
-NAME_PATTERN = re.compile(r"^step-(\d+)$")
-
-
-def checkpoint_name(step: int) -> str:
-    return f"step-{step:08d}"
-
-
-def rng_file(rank: int) -> str:
-    return f"rng-rank{rank:05d}.pt"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used: incomplete, altered, or not of this format; names the file."""
-
-
-def is_checkpoint(path: str | Path) -> bool:
-    """Complete: its manifest, written last, is there (``verify`` checks the files against it)."""
-    path = Path(path)
-    return path.is_dir() and (path / MANIFEST_FILE).is_file() and (path / DCP_METADATA).is_file()
+from curry_train.checkpoint.files import (
+    CONFIG_FILE,
+    MANIFEST_FILE,
+    MANIFEST_FORMAT,
+    META_FILE,
+    TMP_SUFFIX,
+    CheckpointError,
+    describe_files,
+    rng_file,
+)
 
 
 def rng_state() -> dict[str, Any]:
@@ -107,46 +90,6 @@ def _safe_load(path: Path) -> Any:
         return torch.load(path, weights_only=True)
     except Exception as error:  # a pickle asking for anything else (code), or not a torch file at all
         raise CheckpointError(f"{path}: not loadable as plain data ({type(error).__name__}); refused") from None
-
-
-def digest(path: Path) -> str:
-    """BLAKE2b of a file's bytes (hashlib releases the GIL: files hash in parallel threads)."""
-    blake = hashlib.blake2b()
-    with path.open("rb") as handle:
-        while chunk := handle.read(DIGEST_CHUNK):
-            blake.update(chunk)
-    return blake.hexdigest()
-
-
-def _describe(paths: list[Path]) -> dict[str, dict[str, Any]]:
-    with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
-        digests = list(pool.map(digest, paths))
-    return {p.name: {"size": p.stat().st_size, "blake2b": d} for p, d in zip(paths, digests, strict=True)}
-
-
-def verify(path: str | Path, digests: bool = True) -> Optional[str]:
-    """What is wrong with the checkpoint at ``path`` (None: nothing): no manifest (an interrupted
-    save), a listed file missing or of another size, or (``digests``) another digest."""
-    path = Path(path)
-    manifest_path = path / MANIFEST_FILE
-    if not manifest_path.is_file():
-        return f"{path}: incomplete (no {MANIFEST_FILE}: its save did not finish)"
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"]
-    except (ValueError, KeyError, TypeError):
-        return f"{manifest_path}: not a readable manifest"
-    listed = [path / name for name in sorted(files)]
-    for file in listed:
-        if not file.is_file():
-            return f"{file}: missing"
-        if file.stat().st_size != files[file.name]["size"]:
-            return f"{file}: {file.stat().st_size} bytes, the manifest says {files[file.name]['size']}"
-    if digests:
-        for name, described in _describe(listed).items():
-            if described["blake2b"] != files[name]["blake2b"]:
-                return f"{path / name}: its contents differ from when it was saved (digest mismatch)"
-    return None
 
 
 class NonFiniteStateError(ValueError):
@@ -207,7 +150,7 @@ def save(
     # Every rank hashes its share of the files (every world-th), rank 0 writes the manifest last.
     world = dist.get_world_size() if dist.is_initialized() else 1
     files = sorted(p for p in tmp.iterdir() if p.is_file())
-    described = _describe(files[rank::world])
+    described = describe_files(files[rank::world])
     if world > 1:
         shares: list[Any] = [None] * world
         dist.all_gather_object(shares, described)
@@ -238,12 +181,6 @@ def load(path: str | Path, model: nn.Module, optimizers: Iterable[torch.optim.Op
     return _safe_load(path / META_FILE)
 
 
-def saved_config(path: str | Path) -> Optional[dict[str, Any]]:
-    """The config a checkpoint's run was saved with (None: saved without one)."""
-    file = Path(path) / CONFIG_FILE
-    return json.loads(file.read_text()) if file.is_file() else None
-
-
 MODEL_PREFIX = "model.model."  # the LightningModule's `model` attribute, then the state dict's "model" entry
 
 
@@ -265,42 +202,3 @@ def consolidated_model_state(checkpoint: str | Path) -> dict[str, torch.Tensor]:
 def saved_step(path: str | Path) -> int:
     """The optimizer steps a checkpoint's run had taken."""
     return int(_safe_load(Path(path) / META_FILE)["global_step"])
-
-
-def remove_interrupted(directory: str | Path) -> list[Path]:
-    """Delete the temporary directories of saves that never finished; return them."""
-    directory = Path(directory)
-    debris = [p for p in directory.glob("*" + TMP_SUFFIX) if p.is_dir()] if directory.is_dir() else []
-    for path in debris:
-        shutil.rmtree(path, ignore_errors=True)
-    return debris
-
-
-def checkpoints_in(directory: str | Path) -> list[Path]:
-    """Complete checkpoints in ``directory``, oldest step first."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        return []
-    found = [p for p in directory.iterdir() if NAME_PATTERN.match(p.name) and is_checkpoint(p)]
-    return sorted(found, key=lambda p: int(NAME_PATTERN.match(p.name).group(1)))
-
-
-def prune(directory: str | Path, keep_last: int) -> list[Path]:
-    """Delete all but the ``keep_last`` newest complete checkpoints; return what was deleted."""
-    doomed = checkpoints_in(directory)[:-keep_last]
-    for path in doomed:
-        shutil.rmtree(path)
-    return doomed
-
-
-def latest_checkpoint(search_dir: str | Path) -> Optional[Path]:
-    """The most recently written complete checkpoint anywhere below ``search_dir``."""
-    search_dir = Path(search_dir)
-    if not search_dir.is_dir():
-        return None
-    candidates = [
-        p.parent
-        for p in search_dir.rglob(MANIFEST_FILE)
-        if NAME_PATTERN.match(p.parent.name) and is_checkpoint(p.parent)
-    ]
-    return max(candidates, key=lambda p: (p / MANIFEST_FILE).stat().st_mtime, default=None)

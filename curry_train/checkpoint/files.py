@@ -1,0 +1,126 @@
+"""Finding and verifying checkpoints on disk (no torch: a run's ``ckpt_path`` is resolved before torch is
+imported). What a checkpoint holds and how it is written: ``dcp.py``."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Optional
+
+META_FILE = "meta.pt"
+CONFIG_FILE = "config.json"
+MANIFEST_FILE = "manifest.json"
+MANIFEST_FORMAT = 1
+DCP_METADATA = ".metadata"
+TMP_SUFFIX = ".tmp"
+DIGEST_CHUNK = 8 << 20
+NAME_PATTERN = re.compile(r"^step-(\d+)$")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def rng_file(rank: int) -> str:
+    return f"rng-rank{rank:05d}.pt"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: incomplete, altered, or not of this format; names the file."""
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    """Complete: its manifest, written last, is there (``verify`` checks the files against it)."""
+    path = Path(path)
+    return path.is_dir() and (path / MANIFEST_FILE).is_file() and (path / DCP_METADATA).is_file()
+
+
+def digest(path: Path) -> str:
+    """BLAKE2b of a file's bytes (hashlib releases the GIL: files hash in parallel threads)."""
+    blake = hashlib.blake2b()
+    with path.open("rb") as handle:
+        while chunk := handle.read(DIGEST_CHUNK):
+            blake.update(chunk)
+    return blake.hexdigest()
+
+
+def describe_files(paths: list[Path]) -> dict[str, dict[str, Any]]:
+    """Each file's size and digest, by name (what a manifest lists)."""
+    with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
+        digests = list(pool.map(digest, paths))
+    return {p.name: {"size": p.stat().st_size, "blake2b": d} for p, d in zip(paths, digests, strict=True)}
+
+
+def verify(path: str | Path, digests: bool = True) -> Optional[str]:
+    """What is wrong with the checkpoint at ``path`` (None: nothing): no manifest (an interrupted
+    save), a listed file missing or of another size, or (``digests``) another digest."""
+    path = Path(path)
+    manifest_path = path / MANIFEST_FILE
+    if not manifest_path.is_file():
+        return f"{path}: incomplete (no {MANIFEST_FILE}: its save did not finish)"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (ValueError, KeyError, TypeError):
+        return f"{manifest_path}: not a readable manifest"
+    listed = [path / name for name in sorted(files)]
+    for file in listed:
+        if not file.is_file():
+            return f"{file}: missing"
+        if file.stat().st_size != files[file.name]["size"]:
+            return f"{file}: {file.stat().st_size} bytes, the manifest says {files[file.name]['size']}"
+    if digests:
+        for name, described in describe_files(listed).items():
+            if described["blake2b"] != files[name]["blake2b"]:
+                return f"{path / name}: its contents differ from when it was saved (digest mismatch)"
+    return None
+
+
+def saved_config(path: str | Path) -> Optional[dict[str, Any]]:
+    """The config a checkpoint's run was saved with (None: saved without one)."""
+    file = Path(path) / CONFIG_FILE
+    return json.loads(file.read_text()) if file.is_file() else None
+
+
+def remove_interrupted(directory: str | Path) -> list[Path]:
+    """Delete the temporary directories of saves that never finished; return them."""
+    directory = Path(directory)
+    debris = [p for p in directory.glob("*" + TMP_SUFFIX) if p.is_dir()] if directory.is_dir() else []
+    for path in debris:
+        shutil.rmtree(path, ignore_errors=True)
+    return debris
+
+
+def checkpoints_in(directory: str | Path) -> list[Path]:
+    """Complete checkpoints in ``directory``, oldest step first."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [p for p in directory.iterdir() if NAME_PATTERN.match(p.name) and is_checkpoint(p)]
+    return sorted(found, key=lambda p: int(NAME_PATTERN.match(p.name).group(1)))
+
+
+def prune(directory: str | Path, keep_last: int) -> list[Path]:
+    """Delete all but the ``keep_last`` newest complete checkpoints; return what was deleted."""
+    doomed = checkpoints_in(directory)[:-keep_last]
+    for path in doomed:
+        shutil.rmtree(path)
+    return doomed
+
+
+def latest_checkpoint(search_dir: str | Path) -> Optional[Path]:
+    """The most recently written complete checkpoint anywhere below ``search_dir``."""
+    search_dir = Path(search_dir)
+    if not search_dir.is_dir():
+        return None
+    candidates = [
+        p.parent
+        for p in search_dir.rglob(MANIFEST_FILE)
+        if NAME_PATTERN.match(p.parent.name) and is_checkpoint(p.parent)
+    ]
+    return max(candidates, key=lambda p: (p / MANIFEST_FILE).stat().st_mtime, default=None)
