@@ -1,19 +1,15 @@
 """The callbacks of a run: a progress bar over steps, the run's first and last words, periodic
-checkpoints, preemption (save and stop on SIGTERM/SIGUSR1) and the hang watchdog."""
+checkpoints and preemption (save and stop on SIGTERM/SIGUSR1); the hang watchdog is ``watchdog.py``."""
 
 from __future__ import annotations
 
 import contextlib
-import faulthandler
-import json
 import logging
-import os
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
@@ -25,16 +21,9 @@ from curry_train import stragglers
 from curry_train.checkpoint import files
 from curry_train.checkpoint.hf_export import export_checkpoint
 from curry_train.config.schema import Config
+from curry_train.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
-
-
-def report(line: str) -> None:
-    """An error line into the run's log and onto stderr (once: Hydra's console handler writes to stdout)."""
-    log.error(line)
-    handlers = logging.getLogger().handlers
-    if not any(isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) is sys.stderr for h in handlers):
-        print(line, file=sys.stderr, flush=True)
 
 
 class StepProgressBar(TQDMProgressBar):
@@ -231,152 +220,3 @@ class PeriodicCheckpoint(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._last_saved_step = state_dict.get("last_saved_step")
-
-
-class Watchdog(Callback):
-    """Ends a job in which no rank has advanced for ``timeout`` seconds, naming the stuck rank(s).
-
-    A thread on each rank writes a heartbeat every ``poll`` seconds into ``<run_dir>/.heartbeat/``:
-    the rank's step and how long ago it last advanced (a training or validation batch, a checkpoint
-    save). When its own rank has not advanced for ``timeout`` seconds, the lowest rank whose thread
-    still beats reads every heartbeat: the stuck ranks are those that stopped beating (a stopped or
-    dead process) or, else, those at the lowest step (the others wait for them in a collective). It
-    asks every rank to dump its threads' stacks (``stacks-rankNNNNN.txt`` in the run directory), waits
-    for them, reports one line and ends its process with ``EXIT_HUNG``; the launcher (or torchrun)
-    ends the others. ``timeout=0`` turns it off."""
-
-    EXIT_HUNG = 4
-    DUMP_WAIT_S = 3.0
-
-    def __init__(self, run_dir: Path, timeout: float, poll: float = 1.0) -> None:
-        self.directory = Path(run_dir) / ".heartbeat"
-        self.run_dir, self.timeout, self.poll = Path(run_dir), timeout, poll
-        self.rank, self.world, self.step = 0, 1, 0
-        self.advanced = time.monotonic()
-        self._stop = threading.Event()
-        self._paused = False
-        self._thread: Optional[threading.Thread] = None
-
-    def beat(self, step: Optional[int] = None) -> None:
-        """This rank advanced (from the training thread; the watchdog thread reads it)."""
-        self.advanced = time.monotonic()
-        if step is not None:
-            self.step = step
-
-    @contextlib.contextmanager
-    def paused(self) -> Iterator[None]:
-        """No hang is called while the block runs; the clock restarts when it ends."""
-        self._paused = True
-        try:
-            yield
-        finally:
-            self._paused = False
-            self.beat()
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.timeout <= 0:
-            return
-        self.rank, self.world = trainer.global_rank, trainer.world_size
-        self.directory.mkdir(parents=True, exist_ok=True)
-        if self.rank == 0:
-            (self.directory / "dump").unlink(missing_ok=True)  # a request of an earlier run
-        self.beat(trainer.global_step)
-        self._thread = threading.Thread(target=self._watch, name="curry-watchdog", daemon=True)
-        self._thread.start()
-
-    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-        self.beat(trainer.global_step)
-
-    def on_validation_batch_end(self, *args: Any) -> None:
-        self.beat()
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._stop.set()
-
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._stop.set()
-
-    # -- the watchdog thread ---------------------------------------------------------------------
-
-    def _heartbeat_path(self, rank: int) -> Path:
-        return self.directory / f"rank-{rank:05d}.json"
-
-    def _watch(self) -> None:
-        dumped = False
-        while not self._stop.wait(self.poll):
-            idle = 0.0 if self._paused else time.monotonic() - self.advanced
-            beat = {"step": self.step, "idle": idle, "time": time.time()}
-            partial = self._heartbeat_path(self.rank).with_suffix(".partial")
-            partial.write_text(json.dumps(beat))
-            partial.replace(self._heartbeat_path(self.rank))  # readers never see half a file
-            if not dumped and (self.directory / "dump").exists():
-                self._dump_stacks()
-                dumped = True
-            if idle > self.timeout and self._leads():
-                self._end_job(idle)
-
-    def _beats(self) -> dict[int, dict[str, Any]]:
-        beats = {}
-        for rank in range(self.world):
-            try:
-                beats[rank] = json.loads(self._heartbeat_path(rank).read_text())
-            except (OSError, ValueError):  # not written yet: counts as not beating
-                continue
-        return beats
-
-    def _alive(self, beat: Optional[dict[str, Any]]) -> bool:
-        return beat is not None and time.time() - beat["time"] < 3 * self.poll + 5
-
-    def _leads(self) -> bool:
-        """The lowest rank whose watchdog still beats acts (this one, when the others are gone)."""
-        beats = self._beats()
-        alive = [rank for rank in range(self.world) if rank == self.rank or self._alive(beats.get(rank))]
-        return min(alive) == self.rank
-
-    def _dump_stacks(self) -> None:
-        with (self.run_dir / f"stacks-rank{self.rank:05d}.txt").open("w") as out:
-            faulthandler.dump_traceback(file=out, all_threads=True)
-        if int(os.environ.get("TORCH_FR_BUFFER_SIZE", "0") or 0) > 0 and dist.is_initialized():
-            # PyTorch's flight recorder: this rank's last collectives, the one it waits in last.
-            trace = torch._C._distributed_c10d._dump_fr_trace_json(includeCollectives=True, onlyActive=False)
-            (self.run_dir / f"flight-rank{self.rank:05d}.json").write_bytes(trace)
-
-    def _collective_in_wait(self, stuck: list[int]) -> str:
-        """From the flight recorder's dumps: the collective the ranks that are not stuck wait in."""
-        waiting = []
-        for path in sorted(self.run_dir.glob("flight-rank*.json")):
-            rank = int(path.stem.removeprefix("flight-rank"))
-            try:
-                entries = json.loads(path.read_text()).get("entries") or []
-            except (OSError, ValueError):
-                continue
-            if rank not in stuck and entries:
-                last = max(entries, key=lambda entry: entry.get("record_id", 0))
-                group = (last.get("process_group") or ["", "?"])[1]
-                waiting.append(f"{last.get('profiling_name')} #{last.get('collective_seq_id')} of {group}")
-        if not waiting:
-            return ""
-        return f"; the others wait in {', '.join(sorted(set(waiting)))} (flight-rank*.json)"
-
-    def _end_job(self, idle: float) -> None:
-        (self.directory / "dump").touch()
-        self._dump_stacks()
-        time.sleep(self.DUMP_WAIT_S)  # the other ranks' watchdogs dump theirs
-        beats = self._beats()
-        gone = [rank for rank in range(self.world) if rank != self.rank and not self._alive(beats.get(rank))]
-        if gone:
-            stuck, why = gone, "stopped beating (a stopped or dead process)"
-        else:
-            lowest = min(beat["step"] for beat in beats.values())
-            stuck = [rank for rank, beat in sorted(beats.items()) if beat["step"] == lowest]
-            others = sorted({beat["step"] for rank, beat in beats.items() if rank not in stuck})
-            why = f"at step {lowest}" + (f"; the others at step {others[0]}, waiting for them" if others else "")
-        why += self._collective_in_wait(stuck)
-        stacks = sorted(self.run_dir.glob("stacks-rank*.txt"))
-        line = (
-            f"curry-train: error: no rank advanced for {idle:.0f} s (trainer.hang_timeout={self.timeout:g}):"
-            f" rank(s) {', '.join(map(str, stuck))} {why}; stacks: {', '.join(str(p) for p in stacks)}"
-        )
-        report(line)
-        logging.shutdown()
-        os._exit(self.EXIT_HUNG)  # the training thread is blocked in the collective: end the process itself

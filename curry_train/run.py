@@ -19,12 +19,13 @@ from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, Wand
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 
-from curry_train.callbacks import PeriodicCheckpoint, Preempted, Preemption, RunSummary, StepProgressBar, Watchdog
+from curry_train.callbacks import PeriodicCheckpoint, Preempted, Preemption, RunSummary, StepProgressBar
 from curry_train.checkpoint import dcp
 from curry_train.config.schema import Config
 from curry_train.layout.dims import ParallelDims
 from curry_train.module import CausalLM, LMDataModule
 from curry_train.strategy import CurryStrategy
+from curry_train.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ probe holds. ``fit_layouts`` runs that body for many layouts, each in the ``pool
 world size (started once for all of them), and returns each layout's per-rank results, or the error
 that layout met: one layout's failure does not stop the others.
 
-``train_in_workers`` runs a whole run's worker body (``launch.run_worker``: loggers, checkpoints,
+``train_in_workers`` runs a whole run's worker body (``workers.run_worker``: loggers, checkpoints,
 metrics, exactly as ``curry-train`` runs it) in a pool, for the tests that resume, reshard and
 export what a run wrote.
 """
@@ -28,10 +28,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from curry_train.config.checks import LaunchPlan
 from curry_train.config.schema import Config
-from curry_train.launch import run_worker
 from curry_train.module import CausalLM, LMDataModule
 from curry_train.pool import DEFAULT_TIMEOUT_S, JobFailed, Pools
 from curry_train.run import build_trainer
+from curry_train.workers import run_worker
 
 
 class Measurement:
@@ -152,7 +152,7 @@ def fit_layouts(
 
 
 def train_job(container: dict, run_dir: str, plan: LaunchPlan) -> None:
-    """On each rank: the worker body of a run (``launch.run_worker``), as ``curry-train`` starts it."""
+    """On each rank: the worker body of a run (``workers.run_worker``), as ``curry-train`` starts it."""
     with _JobLogging():
         run_worker(container, run_dir, plan)
 

@@ -6,8 +6,7 @@ import re
 import sys
 
 from curry_train.config import ConfigError
-
-USAGE_ERROR = 2
+from curry_train.exits import EXIT_BAD_INPUT
 
 
 def is_config_error(error: BaseException) -> bool:
@@ -30,4 +29,4 @@ def error_line(error: BaseException) -> str:
 
 def fail(prog: str, message: str) -> int:
     print(f"{prog}: error: {message}", file=sys.stderr)
-    return USAGE_ERROR
+    return EXIT_BAD_INPUT

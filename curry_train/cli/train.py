@@ -3,6 +3,10 @@
 Every argument is a Hydra override of ``conf/`` (``parallel=fsdp+tp trainer.devices=4``,
 ``recipe=NAME``, ``-m`` for a sweep); ``--help`` lists the config groups, ``--cfg job`` prints the
 composed config. See README.md.
+
+Hydra composes the config once; a composition error reaches here (``HYDRA_FULL_ERROR``: Hydra raises it
+instead of printing its own report) and is one line, status 2. Nothing imported before the check loads
+torch or Lightning, so ``--help``, ``--cfg job`` and a bad input answer at once.
 """
 
 from __future__ import annotations
@@ -15,18 +19,11 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import hydra
-from omegaconf import DictConfig
 
 from curry_train.cli.common import error_line, fail, is_config_error
-from curry_train.config import CONF_DIR, ConfigError, compose
+from curry_train.config import CONF_DIR, ConfigError, composition_error
 from curry_train.config.checks import external_launcher
-from curry_train.launch import SWEEP_FAILURES, hydra_overrides_for_external_launcher
-from curry_train.launch import main as launch_main
-
-
-@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)
-def _train(cfg: DictConfig) -> None:
-    launch_main(cfg)
+from curry_train.launch import Jobs, hydra_overrides_for_external_launcher
 
 
 def main() -> None:
@@ -35,22 +32,23 @@ def main() -> None:
     except ConfigError as error:
         sys.exit(fail("curry-train", str(error)))
     arguments = sys.argv[1:]
-    if not any(arg.startswith("-") for arg in arguments):  # Hydra's flags (-m, --cfg, --help) are Hydra's to answer
-        try:
-            compose(arguments)  # a bad override is one line here, not Hydra's report of it
-        except Exception as error:
-            if not is_config_error(error):
-                raise
-            sys.exit(fail("curry-train", error_line(error)))
     flags = {arg for arg in arguments if arg.startswith("-")}
     if flags <= {"-m", "--multirun"}:  # a run or a sweep, not --help or --cfg
         problem = unwritable_output_dir(arguments, "hydra.sweep.dir" if flags else "hydra.run.dir")
         if problem:
             sys.exit(fail("curry-train", problem))
-    _train()
-    if SWEEP_FAILURES:  # a sweep ran every job; the failed ones printed their line when they failed
-        print(f"curry-train: {len(SWEEP_FAILURES)} job(s) of the sweep failed:", file=sys.stderr)
-        for failure in SWEEP_FAILURES:
+    jobs = Jobs()
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # a composition error is raised to here, not printed by Hydra
+    try:
+        hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)(jobs)()
+    except Exception as raised:
+        error = composition_error(raised, [arg for arg in arguments if not arg.startswith("-")])
+        if not is_config_error(error):
+            raise
+        sys.exit(fail("curry-train", error_line(error)))
+    if jobs.failures:  # a sweep ran every job; the failed ones printed their line when they failed
+        print(f"curry-train: {len(jobs.failures)} job(s) of the sweep failed:", file=sys.stderr)
+        for failure in jobs.failures:
             print(f"  {failure}", file=sys.stderr)
         sys.exit(1)
 

@@ -40,13 +40,20 @@ def compose(overrides: Sequence[str] = (), config_dir: Optional[Path] = None) ->
     try:
         with initialize_config_dir(config_dir=str(config_dir or CONF_DIR), version_base=None):
             return hydra_compose(config_name="config", overrides=overrides)
-    except AssertionError:  # OmegaConf's answer to a key under a null subtree
-        raise ConfigError(_unset_option(overrides, config_dir)) from None
-    except ValueError as error:  # a key into a list (data.paths.x=1)
-        if isinstance(error, ConfigError):
-            raise
-        culprits = [o for o in overrides if o.split("=", 1)[0].count(".") > 1] or overrides
-        raise ConfigError(f"{' '.join(culprits)}: {error}") from None
+    except (AssertionError, ValueError) as error:
+        raise composition_error(error, overrides, config_dir) from None
+
+
+def composition_error(error: Exception, overrides: Sequence[str], config_dir: Optional[Path] = None) -> Exception:
+    """What to report for an error composing ``overrides``: the two that OmegaConf reports without naming
+    the override (a key under a null subtree, a key into a list) as a ``ConfigError`` that names it; any
+    other error as it is."""
+    if isinstance(error, AssertionError):  # OmegaConf's answer to a key under a null subtree
+        return ConfigError(_unset_option(list(overrides), config_dir))
+    if isinstance(error, ValueError) and not isinstance(error, ConfigError):  # a key into a list (data.paths.x=1)
+        culprits = [o for o in overrides if o.split("=", 1)[0].count(".") > 1] or list(overrides)
+        return ConfigError(f"{' '.join(culprits)}: {error}")
+    return error
 
 
 def _unset_option(overrides: list[str], config_dir: Optional[Path]) -> str:
