@@ -50,8 +50,8 @@ class Jobs:
         try:
             code, received = run_job(cfg, run_dir, f"{hydra_cfg.job.name}.log")
         except KeyboardInterrupt:  # the workers were ended by the launcher's SIGINT handler
-            kept = files.checkpoints_in(run_dir / "checkpoints")
-            print(f"curry-train: interrupted; the last checkpoint: {kept[-1] if kept else 'none'}", file=sys.stderr)
+            last = files.last_checkpoint(run_dir) or "none"
+            print(f"curry-train: interrupted; the last checkpoint: {last}", file=sys.stderr)
             sys.exit(EXIT_INTERRUPTED)
         if code == 0:
             return

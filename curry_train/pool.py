@@ -38,6 +38,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.tensor.debug import _clear_sharding_prop_cache
 
 DEFAULT_TIMEOUT_S = 900.0  # a job's whole time on the pool (every rank), and each collective's
 FAILURE_GRACE_S = 20.0  # after one rank failed: how long its peers get to fail or finish in turn
@@ -117,13 +118,17 @@ def _join_process_group(accelerator: str, timeout_s: float) -> None:
 
 def _after_job(ok: bool) -> None:
     """Leave the job's process group (together when it went well; at once when not, which fails the
-    peers still waiting on this rank) and forget the job's compiled graphs."""
+    peers still waiting on this rank) and forget what the job left in process-wide caches: its compiled
+    graphs, and DTensor's sharding decisions. Those are keyed by device meshes, which compare equal by
+    shape and names alone, and hold the job's meshes in their results: the next job's equal mesh would
+    be handed the destroyed (or, by name, another) process group."""
     if dist.is_initialized():
         if ok:
             end_process_group()
         else:
             dist.destroy_process_group()
     torch._dynamo.reset()
+    _clear_sharding_prop_cache()  # DTensor's Python and C++ caches, torch's recommended way
 
 
 def _run_job(fn: Callable[..., Any], args: tuple, accelerator: str, timeout_s: float) -> tuple[bool, Any]:

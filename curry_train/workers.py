@@ -169,8 +169,7 @@ def run_worker(container: dict, run_dir: str, plan: LaunchPlan, received: Option
         train(cfg, Path(run_dir), plan.accelerator, plan.dims, plan.ckpt_path)
     except (NonFiniteError, NonFiniteStateError) as error:  # every rank sees it: the values are global
         if rank == 0:
-            kept = files.checkpoints_in(Path(run_dir) / "checkpoints")
-            report(f"curry-train: error: {error}; the last good checkpoint: {kept[-1] if kept else 'none'}")
+            report(f"curry-train: error: {error}; the last good checkpoint: {files.last_checkpoint(run_dir) or 'none'}")
         sys.exit(EXIT_NONFINITE)
     except DataError as error:  # a token id or a document past what the check read
         report(f"curry-train: error: {error}")
@@ -179,9 +178,8 @@ def run_worker(container: dict, run_dir: str, plan: LaunchPlan, received: Option
         if stopped.signum is not None and received is not None:
             received.append(stopped.signum)
         if rank == 0:
-            kept = files.checkpoints_in(Path(run_dir) / "checkpoints")
             report(
-                f"curry-train: preempted ({stopped}): {kept[-1] if kept else 'no checkpoint'};"
+                f"curry-train: preempted ({stopped}): {files.last_checkpoint(run_dir) or 'no checkpoint'};"
                 f" exit {EXIT_PREEMPTED}; the same command with ckpt_path=auto continues"
             )
         sys.exit(EXIT_PREEMPTED)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import csv
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -43,6 +45,37 @@ def clean_env(extra: Optional[dict] = None) -> dict:
     env["WANDB_SILENT"] = "true"
     env.update(extra or {})
     return env
+
+
+def start_train(args: Sequence[str], cwd: Path, program: Path = TRAIN, quiet: bool = False) -> subprocess.Popen:
+    """``train.py ARGS`` (or another ``program``) started as a user's shell would, in a session of its
+    own so that ``kill_group`` ends it with its workers; stdout and stderr piped as text (``quiet``:
+    discarded, for a run whose output nobody reads while it runs)."""
+    output = subprocess.DEVNULL if quiet else subprocess.PIPE
+    return subprocess.Popen(
+        [sys.executable, str(program), *args],
+        cwd=cwd,
+        env=clean_env(),
+        stdout=output,
+        stderr=output,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def kill_group(process: subprocess.Popen) -> None:
+    """SIGKILL to ``process``'s whole session (its workers too), if it is still running."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def wait_until(condition: Callable[[], bool], process: subprocess.Popen, what: str, timeout: float = 300) -> None:
+    """Poll ``condition`` until it holds; fail when ``process`` ended first or ``timeout`` passed."""
+    deadline = time.time() + timeout
+    while not condition():
+        assert process.poll() is None and time.time() < deadline, f"{what}: not within {timeout:.0f} s"
+        time.sleep(0.2)
 
 
 def run_train(
@@ -183,9 +216,12 @@ def spawned_workers(parent_pid: int) -> list[int]:
 # run with ``--matrix``.
 
 
+MATRIX = pytest.mark.matrix  # a case that runs with --matrix only
+
+
 def matrix(values: object, id: str) -> object:  # noqa: A002  (pytest's own name for it)
     """A parametrize case that runs with ``--matrix`` only."""
-    return pytest.param(values, id=id, marks=pytest.mark.matrix)
+    return pytest.param(values, id=id, marks=MATRIX)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

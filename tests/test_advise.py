@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import asdict, replace
 from types import SimpleNamespace
 
@@ -301,17 +300,6 @@ def test_symptom_plot_shows_current_and_next(tmp_path, monkeypatch):
     (_, current), (_, nxt) = stacked_bars(axes)["optimizer"]
     assert 0 < nxt < current / 7
     assert load_advise().main([*overrides, "format=yaml"]) == 2
-
-
-def test_plot_without_matplotlib_is_a_one_line_error(tmp_path, capsys, monkeypatch):
-    for name in [name for name in sys.modules if name.startswith("matplotlib.")]:
-        monkeypatch.delitem(sys.modules, name)
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed: importing it fails
-    path = tmp_path / "memory.png"
-    assert load_advise().main(["model=llama3_8b", f"plot={path}"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err == f"advise: error: plot={path} needs matplotlib: pip install 'curry-train[plot]'"
-    assert not path.exists()
 
 
 def test_command_keeps_the_users_settings_of_the_options_it_composes(capsys):

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import subprocess
+import sys
 
 import pytest
 import tomllib
@@ -100,6 +102,23 @@ def test_train_help_and_a_bad_override(tmp_path):
         "curry-train: error: Could not override 'model.dimm'.: Key 'dimm' not in 'ModelConfig'"
     ]
     assert not (tmp_path / "outputs").exists()  # composing failed: Hydra never made a run directory
+
+
+# What curry-train imports before a config passed its check: torch and Lightning load after it.
+LIGHT = ("curry_train.cli.train", "curry_train.launch", "curry_train.config.checks", "curry_train.config.resume")
+
+
+def test_composing_and_checking_import_neither_torch_nor_lightning(tmp_path):
+    """So --help, --cfg job and a bad input answer at once (a fresh interpreter: this one has torch)."""
+    code = (
+        f"import sys; import {', '.join(LIGHT)}; from curry_train.config import compose; "
+        "from curry_train.config.checks import check; "
+        "cfg = compose(['trainer.accelerator=cpu']); check(cfg); "
+        "print(sorted(m for m in ('torch', 'lightning', 'lightning.pytorch') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"
 
 
 def test_a_run_that_fails_its_check_leaves_no_run_directory(tmp_path, curry_train):

@@ -13,13 +13,12 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, TRAIN, clean_env, run_train, spawned_workers
+from conftest import FAST, kill_group, run_train, spawned_workers, start_train, wait_until
 from omegaconf import OmegaConf
 
 from curry_train.checkpoint import dcp, files
@@ -225,18 +224,6 @@ def test_a_rerun_of_the_same_command_resumes_in_place_on_the_same_curve(tmp_path
 # Preemption and interruption
 
 
-def _start(args: list[str], cwd: Path, program: Path = TRAIN) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, str(program), *args],
-        cwd=cwd,
-        env=clean_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-
-
 # A job under a scheduler that handles SIGUSR1 itself, as submitit does (it requeues the job from its
 # handler): the handler records when it ran.
 SCHEDULED_JOB = """
@@ -249,11 +236,11 @@ main()
 """
 
 
-def _wait_for_steps(process: subprocess.Popen, run_dir: Path, steps: int, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while not (run_dir / "csv" / "metrics.csv").is_file() or len(metric_rows(run_dir)) < steps:
-        assert process.poll() is None and time.time() < deadline, "the run never reached its steps"
-        time.sleep(0.2)
+def _wait_for_steps(process: subprocess.Popen, run_dir: Path, steps: int) -> None:
+    def reached() -> bool:
+        return (run_dir / "csv" / "metrics.csv").is_file() and len(metric_rows(run_dir)) >= steps
+
+    wait_until(reached, process, f"step {steps}")
 
 
 @pytest.mark.slow
@@ -266,16 +253,15 @@ def test_preemption_saves_the_current_step_and_exits_75(signum, devices, tmp_pat
     marker = tmp_path / "scheduler-handled"
     if signum == signal.SIGUSR1:
         (tmp_path / "job.py").write_text(SCHEDULED_JOB)
-        process = _start([str(marker), *common, "trainer.max_steps=1000"], tmp_path, tmp_path / "job.py")
+        process = start_train([str(marker), *common, "trainer.max_steps=1000"], tmp_path, tmp_path / "job.py")
     else:
-        process = _start([*common, "trainer.max_steps=1000"], tmp_path)
+        process = start_train([*common, "trainer.max_steps=1000"], tmp_path)
     try:
         _wait_for_steps(process, tmp_path, 3)
         os.kill(process.pid, signum)
         _, stderr = process.communicate(timeout=120)
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
+        kill_group(process)
     assert process.returncode == 75, stderr[-3000:]
     (saved,) = files.checkpoints_in(tmp_path / "checkpoints")
     stopped = dcp.saved_step(saved)
@@ -292,7 +278,7 @@ def test_preemption_saves_the_current_step_and_exits_75(signum, devices, tmp_pat
 
 @pytest.mark.slow
 def test_sigint_to_the_launcher_ends_its_workers_within_seconds(tmp_path):
-    process = _start([*FAST, "trainer.devices=2", "trainer.max_steps=1000", f"hydra.run.dir={tmp_path}"], tmp_path)
+    process = start_train([*FAST, "trainer.devices=2", "trainer.max_steps=1000", f"hydra.run.dir={tmp_path}"], tmp_path)
     try:
         _wait_for_steps(process, tmp_path, 2)
         workers = spawned_workers(process.pid)
@@ -304,8 +290,7 @@ def test_sigint_to_the_launcher_ends_its_workers_within_seconds(tmp_path):
             time.sleep(0.2)
         assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
+        kill_group(process)
     assert process.returncode == 130 and "curry-train: interrupted" in stderr
     assert "Traceback" not in stderr
 
@@ -314,7 +299,7 @@ def test_sigint_to_the_launcher_ends_its_workers_within_seconds(tmp_path):
 def test_a_stopped_rank_is_named_and_the_job_ends(tmp_path):
     """SIGSTOP one of two workers: within trainer.hang_timeout (plus the stacks' dump and the
     workers' shutdown) the job ends with status 4, names rank 1, and rank 0's stacks are on disk."""
-    process = _start(
+    process = start_train(
         [*FAST, "trainer.devices=2", "trainer.max_steps=5000", "trainer.hang_timeout=4", f"hydra.run.dir={tmp_path}"],
         tmp_path,
     )
@@ -328,8 +313,7 @@ def test_a_stopped_rank_is_named_and_the_job_ends(tmp_path):
     finally:
         for pid in spawned_workers(process.pid) if process.poll() is None else []:
             os.kill(pid, signal.SIGKILL)
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
+        kill_group(process)
     assert process.returncode == 4, stderr[-3000:]
     (line,) = [line for line in stderr.splitlines() if "no rank advanced" in line]
     assert "rank(s) 1 stopped beating" in line and str(tmp_path / "stacks-rank00000.txt") in line
@@ -358,7 +342,7 @@ def test_the_straggler_report_names_the_late_rank():
 def test_a_rank_held_back_is_named_in_the_straggler_report(tmp_path):
     """Rank 1 of 2 is stopped for 0.3 s of every 0.4 s while it trains: the others wait for it, the run
     still ends normally, and its last lines name rank 1 as the one waited for."""
-    process = _start([*FAST, "trainer.devices=2", "trainer.max_steps=40", f"hydra.run.dir={tmp_path}"], tmp_path)
+    process = start_train([*FAST, "trainer.devices=2", "trainer.max_steps=40", f"hydra.run.dir={tmp_path}"], tmp_path)
     try:
         _wait_for_steps(process, tmp_path, 2)
         rank1 = sorted(spawned_workers(process.pid))[1]
@@ -370,8 +354,7 @@ def test_a_rank_held_back_is_named_in_the_straggler_report(tmp_path):
             time.sleep(0.1)
         stdout, stderr = process.communicate(timeout=300)
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
+        kill_group(process)
     assert process.returncode == 0, stderr[-3000:]
     (line,) = [line for line in (stdout + stderr).splitlines() if "straggler report" in line]
     assert line.endswith("the others wait for rank(s) 1"), line

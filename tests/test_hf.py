@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, clean_env, read_metric, run_seed_example, train
+from conftest import MATRIX, REPO, clean_env, read_metric, run_seed_example, train
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
@@ -31,7 +31,6 @@ from curry_train.model.llama import Llama, rope_frequencies
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
-MATRIX = pytest.mark.matrix  # runs with --matrix
 VOCAB = 320
 SHAPE = dict(
     vocab_size=VOCAB,

@@ -83,9 +83,7 @@ def test_stages_keep_parameter_names_and_cover_the_model():
     assert local.tok_embeddings is not None and local.output is not None  # V: first and last stage on rank 0
 
 
-def _pipeline_against_reference(out_dir: str, kinds: list[str], n_microbatches: int, n_layers: int) -> None:
-
-    dist.init_process_group("gloo")
+def _pipeline_against_reference(kinds: list[str], n_microbatches: int, n_layers: int) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = compose([f"model.n_layers={n_layers}"]).model
     results = {}

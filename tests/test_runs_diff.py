@@ -208,17 +208,6 @@ def test_plot_defaults_beside_the_runs_and_is_named(tmp_path, configs, capsys, m
     assert not (tmp_path / "runs_diff.png").exists()
 
 
-def test_plot_without_matplotlib_is_a_one_line_error(tmp_path, configs, capsys, monkeypatch):
-    for name in [name for name in sys.modules if name.startswith("matplotlib.")]:
-        monkeypatch.delitem(sys.modules, name)
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed: importing it fails
-    a, b = make_run(tmp_path / "a", configs["dp"], LOSSES), make_run(tmp_path / "b", configs["dp"], LOSSES)
-    assert runs_diff.main([str(a), str(b), "--plot", str(tmp_path / "p.png")]) == 2
-    err = capsys.readouterr().err.strip()
-    plot = (tmp_path / "p.png").resolve()
-    assert err == f"runs_diff.py: error: the loss plot ({plot}) needs matplotlib: pip install 'curry-train[plot]'"
-
-
 def test_bad_paths_exit_2_with_one_line(tmp_path, configs):
     good = make_run(tmp_path / "good", configs["dp"], LOSSES)
     (tmp_path / "empty").mkdir()

@@ -18,9 +18,6 @@ from curry_train.primitives import ParallelState
 from curry_train.primitives.materialize import materialize_and_init
 from curry_train.primitives.tp_linear import apply_tensor_parallel, distinct_rng_per_rank
 
-MATRIX = pytest.mark.matrix  # runs with --matrix
-
-
 SEED_EXAMPLE = """
 import torch
 import torch.distributed as dist

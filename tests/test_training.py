@@ -13,7 +13,19 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import FAST, STEPS, TRAIN, assert_same_curve, clean_env, read_metric, run_train, spawned_workers
+from conftest import (
+    FAST,
+    STEPS,
+    TRAIN,
+    assert_same_curve,
+    clean_env,
+    kill_group,
+    read_metric,
+    run_train,
+    spawned_workers,
+    start_train,
+    wait_until,
+)
 
 
 @pytest.mark.slow
@@ -77,35 +89,17 @@ def test_failing_sweep_job_ends_its_workers(tmp_path):
     """A worker killed mid-run fails its job promptly and ends its peer; the sweep goes on to the
     next job (Hydra's behaviour) and reports the failure at the end."""
     sweep_dir = tmp_path / "sweep"
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            str(TRAIN),
-            "-m",
-            *FAST,
-            "trainer.max_steps=400,3",
-            "trainer.devices=2",
-            f"hydra.sweep.dir={sweep_dir}",
-        ],
-        cwd=tmp_path,
-        env=clean_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
+    process = start_train(
+        ["-m", *FAST, "trainer.max_steps=400,3", "trainer.devices=2", f"hydra.sweep.dir={sweep_dir}"], tmp_path
     )
     try:
-        deadline = time.time() + 300
-        while not list((sweep_dir / "0").rglob("metrics.csv")):  # job 0 has started training
-            assert process.poll() is None and time.time() < deadline, "job 0 never started training"
-            time.sleep(0.2)
+        wait_until(lambda: list((sweep_dir / "0").rglob("metrics.csv")), process, "job 0 training")
         workers = spawned_workers(process.pid)
         assert len(workers) == 2
         os.kill(workers[1], signal.SIGKILL)
         _, stderr = process.communicate(timeout=240)
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
+        kill_group(process)
     assert process.returncode != 0
     assert "process 1 terminated with signal SIGKILL" in stderr
     assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
@@ -121,22 +115,12 @@ def test_killed_run_resumes_with_the_same_losses(tmp_path):
     run_train([*common, f"hydra.run.dir={full_dir}"], cwd=tmp_path)
     reference = read_metric(full_dir)
 
-    process = subprocess.Popen(
-        [sys.executable, str(TRAIN), *common, "trainer.devices=2", f"hydra.run.dir={killed_dir}"],
-        cwd=tmp_path,
-        env=clean_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    process = start_train([*common, "trainer.devices=2", f"hydra.run.dir={killed_dir}"], tmp_path, quiet=True)
     try:
-        deadline = time.time() + 300
-        while not (killed_dir / "checkpoints" / "step-00000004" / "meta.pt").exists():
-            assert process.poll() is None and time.time() < deadline, "the run ended before its step-4 checkpoint"
-            time.sleep(0.2)
+        step4 = killed_dir / "checkpoints" / "step-00000004" / "meta.pt"
+        wait_until(step4.exists, process, "the step-4 checkpoint")
     finally:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+        kill_group(process)
 
     run_train(
         [
@@ -241,19 +225,10 @@ def test_default_logger_is_wandb_offline(tmp_path):
 @pytest.mark.slow
 def test_workers_die_with_their_launcher(tmp_path):
     """Killing the job process (an OOM kill, a scheduler's kill) takes its workers with it."""
-    process = subprocess.Popen(
-        [sys.executable, str(TRAIN), *FAST, "trainer.max_steps=400", "trainer.devices=2", f"hydra.run.dir={tmp_path}"],
-        cwd=tmp_path,
-        env=clean_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    args = [*FAST, "trainer.max_steps=400", "trainer.devices=2", f"hydra.run.dir={tmp_path}"]
+    process = start_train(args, tmp_path, quiet=True)
     try:
-        deadline = time.time() + 300
-        while not list(tmp_path.rglob("metrics.csv")):
-            assert process.poll() is None and time.time() < deadline, "training never started"
-            time.sleep(0.2)
+        wait_until(lambda: list(tmp_path.rglob("metrics.csv")), process, "training")
         workers = spawned_workers(process.pid)
         assert len(workers) == 2
         process.kill()
@@ -263,8 +238,7 @@ def test_workers_die_with_their_launcher(tmp_path):
             time.sleep(0.2)
         assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
+        kill_group(process)
 
 
 @pytest.mark.slow

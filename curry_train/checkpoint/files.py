@@ -105,6 +105,12 @@ def checkpoints_in(directory: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(NAME_PATTERN.match(p.name).group(1)))
 
 
+def last_checkpoint(run_dir: str | Path) -> Optional[Path]:
+    """The newest complete checkpoint of the run directory ``run_dir`` (None: it has none)."""
+    kept = checkpoints_in(Path(run_dir) / "checkpoints")
+    return kept[-1] if kept else None
+
+
 def prune(directory: str | Path, keep_last: int) -> list[Path]:
     """Delete all but the ``keep_last`` newest complete checkpoints; return what was deleted."""
     doomed = checkpoints_in(directory)[:-keep_last]

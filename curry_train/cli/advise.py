@@ -11,8 +11,7 @@ Composes the config as ``train.py`` would (``hardware=...`` picks the machines, 
 the lightest layout that fits with headroom, why each heavier primitive is or is not needed, and the
 ``python train.py ...`` command. ``symptom=oom|slow``: the primitive to add next to the current config.
 ``plot=PATH``: a PNG chart of the per-rank memory of each candidate tried (or of the current and next
-layout, with a symptom), by part, against the device's capacity (needs matplotlib:
-``pip install 'curry-train[plot]'``).
+layout, with a symptom), by part, against the device's capacity.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@
 A run directory holds `.hydra/config.yaml` (the resolved config) and `csv/metrics.csv`. The config
 differences come first for `parallel.*` (layout changes are the usual reason to compare runs: the
 same seed and batch should give the same curve whatever the layout), then the rest. The loss curves
-are drawn with matplotlib (`pip install 'curry-train[plot]'`) to `--plot`, by default `runs_diff.png`
+are drawn with matplotlib to `--plot`, by default `runs_diff.png`
 in the sweep directory the baseline comes from, else in the baseline's run directory; the report
 names the file.
 """
@@ -178,7 +178,7 @@ def plot_curves(curves: list[dict[int, float]], labels: list[str], path: Path) -
     """train/loss of each run against step, one line per run through its finite points, written as PNG
     to ``path``. The baseline (the first) is drawn thick beneath the others, so curves that agree
     stay visible."""
-    figure, axes = new_figure(f"the loss plot ({path})")
+    figure, axes = new_figure()
     for index, (curve, label) in enumerate(zip(curves, labels, strict=False)):
         steps = [step for step in sorted(curve) if math.isfinite(curve[step])]
         baseline = index == 0

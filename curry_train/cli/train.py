@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import hydra
+from omegaconf import DictConfig
 
 from curry_train.cli.common import error_line, fail, is_config_error
 from curry_train.config import CONF_DIR, ConfigError, composition_error
@@ -38,9 +39,13 @@ def main() -> None:
         if problem:
             sys.exit(fail("curry-train", problem))
     jobs = Jobs()
+
+    def train(cfg: DictConfig) -> None:  # Hydra names the job, and its log (train.log), after this function's file
+        jobs(cfg)
+
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # a composition error is raised to here, not printed by Hydra
     try:
-        hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)(jobs)()
+        hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)(train)()
     except Exception as raised:
         error = composition_error(raised, [arg for arg in arguments if not arg.startswith("-")])
         if not is_config_error(error):

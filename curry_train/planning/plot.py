@@ -1,6 +1,5 @@
-"""Charts, drawn with matplotlib, the optional ``plot`` extra (``pip install 'curry-train[plot]'``):
-advise's memory per rank by part (``plot_memory``), and the figure helpers runs_diff's loss curves
-use (``new_figure``, ``save``)."""
+"""Charts, drawn with matplotlib: advise's memory per rank by part (``plot_memory``), and the figure
+helpers runs_diff's loss curves use (``new_figure``, ``save``)."""
 
 from __future__ import annotations
 
@@ -17,19 +16,15 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-PLOT_EXTRA = "pip install 'curry-train[plot]'"
 GIB = 2**30
 
 
-def new_figure(what: str, width: float = 9.0, height: float = 5.5) -> tuple[Figure, Axes]:
-    """A figure with one set of axes on matplotlib's Agg canvas (files only: no display, no pyplot
-    state). ``what`` names what needs it (``plot=memory.png``) in the one-line error when matplotlib
-    is missing."""
-    try:  # the optional plot extra: only the commands that draw need matplotlib
-        from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
-        from matplotlib.figure import Figure  # noqa: PLC0415
-    except ImportError:
-        raise PlanningError(f"{what} needs matplotlib: {PLOT_EXTRA}") from None
+def new_figure(width: float = 9.0, height: float = 5.5) -> tuple[Figure, Axes]:
+    """A figure with one set of axes on matplotlib's Agg canvas (files only: no display, no pyplot state)."""
+    # matplotlib takes about a second to load: only a command that draws pays it, not its --help or a bad argument
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
+    from matplotlib.figure import Figure  # noqa: PLC0415
+
     figure = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(figure)
     return figure, figure.add_subplot()
@@ -53,7 +48,7 @@ def plot_memory(cfg: DictConfig, candidates: Sequence[tuple[str, Estimate]], pat
     if not candidates:
         raise ValueError("no candidates to plot")
     hw = cfg.hardware
-    figure, axes = new_figure(f"plot={path}", width=max(9.0, 3.0 + 1.4 * len(candidates)), height=6.0)
+    figure, axes = new_figure(width=max(9.0, 3.0 + 1.4 * len(candidates)), height=6.0)
     positions = list(range(len(candidates)))
     bottoms = [0.0] * len(candidates)
     for index, part in enumerate(MEMORY_PARTS):

@@ -1,0 +1,88 @@
+"""The worker pool every multi-process check runs in: many jobs on the same workers, each on a process group
+of its own; a job that fails on one rank is reported and the next one runs; nothing of one job's
+collectives reaches the next."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+from curry_train.pool import JobFailed, WorkerPool
+
+
+def _sum_of_ranks(offset: int) -> tuple[int, float, str, str]:
+    value = torch.tensor([float(dist.get_rank() + offset)])
+    dist.all_reduce(value)
+    return dist.get_rank(), float(value), os.environ["MASTER_PORT"], os.environ.get("CURRY_TEST_VALUE", "")
+
+
+def _fails_on_rank_one() -> int:
+    if dist.get_rank() == 1:
+        raise ValueError("rank one cannot go on")
+    dist.all_reduce(torch.ones(1))  # rank 0 waits here for a peer that is gone: it must fail too, at once
+    return 0
+
+
+def _dies_on_rank_one() -> int:
+    if dist.get_rank() == 1:
+        os._exit(9)
+    return 0
+
+
+def _scaled_through_a_mesh(scale: float) -> tuple[bool, list[float]]:
+    """An op on a DTensor sharded over a 2-rank mesh (its result's layout is what DTensor caches), gathered
+    back: whether the result lives on this job's mesh (whose groups are this job's), and its values."""
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("dp",))
+    scaled = distribute_tensor(torch.arange(8, dtype=torch.float32), mesh, [Shard(0)]) * scale
+    return scaled.device_mesh is mesh, scaled.redistribute(mesh, [Replicate()]).to_local().tolist()
+
+
+@pytest.fixture(scope="module")
+def pool():
+    """A pool of its own (the tests count its starts), shared by this module's tests."""
+    with WorkerPool(2) as module_pool:
+        yield module_pool
+
+
+@pytest.mark.slow
+def test_jobs_share_the_workers_and_each_gets_its_own_group(pool):
+    starts = pool.starts
+    first = pool.run(_sum_of_ranks, 1)
+    second = pool.run(_sum_of_ranks, 10, env={"CURRY_TEST_VALUE": "set for this job"})
+    third = pool.run(_sum_of_ranks, 0)
+    assert pool.starts == max(starts, 1)  # every job on the same two workers
+    assert [rank for rank, *_ in first] == [0, 1]  # answers in rank order
+    assert [total for _, total, *_ in (first[0], second[0], third[0])] == [3.0, 21.0, 1.0]
+    assert len({first[0][2], second[0][2], third[0][2]}) == 3  # a fresh rendezvous port per job
+    assert [value for *_, value in second] == ["set for this job"] * 2 and third[0][3] == ""
+
+
+@pytest.mark.slow
+def test_a_failing_rank_is_reported_and_the_next_job_runs(pool):
+    pool.run(_sum_of_ranks, 0)
+    starts = pool.starts
+    with pytest.raises(JobFailed) as failed:
+        pool.run(_fails_on_rank_one, timeout_s=120)
+    assert str(failed.value).splitlines()[0].endswith("ValueError: rank one cannot go on")  # the first to fail
+    assert set(failed.value.failures) == {0, 1}  # its peer failed in the collective it left
+    assert pool.run(_sum_of_ranks, 0)[0][1] == 1.0  # the same workers go on
+    assert pool.starts == starts
+    with pytest.raises(JobFailed, match="exited with code 9"):
+        pool.run(_dies_on_rank_one, timeout_s=120)
+    assert pool.run(_sum_of_ranks, 0)[1][1] == 1.0  # fresh workers for the next job
+    assert pool.starts == starts + 1
+
+
+@pytest.mark.slow
+def test_equal_meshes_of_later_jobs_use_their_own_groups(pool):
+    """DTensor caches its sharding decisions by mesh, and meshes of the same shape compare equal: without
+    the pool emptying those caches between jobs, the second job's result would live on the first job's
+    mesh, whose groups are destroyed (and whose group names this job may give to other groups)."""
+    for scale in (1.0, 2.0):
+        for on_this_jobs_mesh, values in pool.run(_scaled_through_a_mesh, scale):
+            assert on_this_jobs_mesh and values == [scale * i for i in range(8)]
