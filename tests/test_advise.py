@@ -13,6 +13,7 @@ from curry_train.cli import advise as advise_cli
 from curry_train.config import compose
 from curry_train.layout.pipeline import check_microbatches, stage_to_rank
 from curry_train.model.llama import Llama
+from curry_train.planning import advise as planning_advise
 from curry_train.planning.advise import MEMORY_PARTS, diagnose, estimate
 from curry_train.planning.layout import Layout, current_layout, microbatches_per_step, train_command
 from curry_train.planning.memory import activation_bytes, block_forwards_per_rank, chunks_in_flight, rank_shapes
@@ -246,8 +247,8 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 def spy_on_plot(monkeypatch):
     """The figures the command draws, as ``plot_memory`` returns them."""
     figures = []
-    draw = advise_cli.plot_memory
-    monkeypatch.setattr(advise_cli, "plot_memory", lambda *args: figures.append(draw(*args)) or figures[-1])
+    draw = planning_advise.plot_memory
+    monkeypatch.setattr(planning_advise, "plot_memory", lambda *args: figures.append(draw(*args)) or figures[-1])
     return figures
 
 

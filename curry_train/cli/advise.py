@@ -24,9 +24,6 @@ from typing import Optional, Sequence
 from curry_train.cli.common import error_line, fail, is_config_error
 from curry_train.config import compose
 from curry_train.config.checks import apply_init_from
-from curry_train.planning.advise import Estimate, advise, diagnose, estimate, gib_text
-from curry_train.planning.layout import Layout
-from curry_train.planning.plot import plot_memory
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -57,6 +54,9 @@ def _advise(argv: list[str]) -> int:
         return fail("advise", f"symptom={options['symptom']}: expected oom or slow")
     cfg = compose(overrides)
     apply_init_from(cfg)  # model.init_from=DIR: plan for the directory's model
+    # torch loads here (the planning arithmetic builds meta-device models), after the arguments composed
+    from curry_train.planning.advise import advise, diagnose, gib_text, plot_memory  # noqa: PLC0415
+
     if options["symptom"]:
         result = diagnose(cfg, options["symptom"], overrides)
         if options["plot"]:
@@ -97,7 +97,10 @@ def _wrote(path: str, fmt: str) -> None:
     print(f"plot: {Path(path).resolve()}", file=sys.stderr if fmt == "json" else sys.stdout)
 
 
-def _estimate_of(cfg, record: dict) -> Estimate:
+def _estimate_of(cfg, record: dict):
+    from curry_train.planning.advise import estimate  # noqa: PLC0415  (loaded by _advise already)
+    from curry_train.planning.layout import Layout  # noqa: PLC0415
+
     return estimate(cfg, Layout(**record["layout"]))
 
 

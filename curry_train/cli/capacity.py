@@ -46,8 +46,9 @@ import sys
 from typing import Optional, Sequence
 
 from curry_train.cli.common import error_line, fail, is_config_error
-from curry_train.planning.capacity import FORMATS, parse_count, run_sweep
 from curry_train.planning.layout import PlanningError
+
+FORMATS = ("text", "json")
 
 OPTIONS = ("sweep", "layouts", "mode", "family", "start", "max", "trial_timeout", "format")
 
@@ -73,6 +74,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             timeout = float(options.get("trial_timeout", "1800"))
         except ValueError:
             raise PlanningError(f"trial_timeout={options['trial_timeout']!r}: expected seconds") from None
+        # torch loads here (the planning arithmetic builds meta-device models), after the options parsed
+        from curry_train.planning.capacity import parse_count, run_sweep  # noqa: PLC0415
+
         result = run_sweep(
             overrides,
             sweep=options.get("sweep", "model"),

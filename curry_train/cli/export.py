@@ -25,12 +25,10 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from safetensors.torch import save_file
-
-from curry_train.checkpoint.dcp import consolidated_model_state
 from curry_train.checkpoint.files import verify
 from curry_train.checkpoint.hf_config import PretrainedError
-from curry_train.checkpoint.hf_export import DTYPES, export_checkpoint
+from curry_train.exits import EXIT_BAD_INPUT
+from curry_train.options import EXPORT_DTYPES
 
 FORMATS = ("safetensors", "hf")
 UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30}
@@ -52,7 +50,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--format", choices=FORMATS, default="safetensors", help="one file, or a HF directory")
     parser.add_argument(
         "--dtype",
-        choices=sorted(DTYPES),
+        choices=sorted(EXPORT_DTYPES),
         help="dtype of the exported weights (default fp32; hf: model.init_from's dtype, else fp32)",
     )
     parser.add_argument("--max-shard-size", type=byte_size, default="5GB", help="hf: the largest safetensors file")
@@ -63,13 +61,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             f"export_checkpoint: error: {args.checkpoint} is not a complete curry-train checkpoint: {problem}",
             file=sys.stderr,
         )
-        return 2
+        return EXIT_BAD_INPUT
+    # torch loads here, for a checkpoint that passed its check
+    from safetensors.torch import save_file  # noqa: PLC0415
+
+    from curry_train.checkpoint.dcp import consolidated_model_state  # noqa: PLC0415
+    from curry_train.checkpoint.hf_export import DTYPES, export_checkpoint  # noqa: PLC0415
+
     if args.format == "hf":
         try:
             written = export_checkpoint(args.checkpoint, args.output, args.dtype, args.max_shard_size)
         except PretrainedError as error:
             print(f"export_checkpoint: error: {error}", file=sys.stderr)
-            return 2
+            return EXIT_BAD_INPUT
         dtype = json.loads((args.output / "config.json").read_text())["torch_dtype"]
         print(f"wrote {args.output}: config.json, {len(written)} safetensors file(s), {dtype}")
         return 0

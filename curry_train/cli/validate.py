@@ -12,7 +12,8 @@ import sys
 from typing import Optional, Sequence
 
 from curry_train.cli.common import error_line, fail, is_config_error
-from curry_train.validation.whitebox import validate
+from curry_train.config import compose
+from curry_train.config.checks import check
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -24,6 +25,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--failures-only", action="store_true", help="print only the rows out of tolerance")
     args = parser.parse_args(argv)
     try:
+        check(compose(args.overrides))  # a config that cannot run is one line before torch loads
+        # torch and Lightning load here, for a config that passed its check
+        from curry_train.validation.whitebox import validate  # noqa: PLC0415
+
         report = validate(args.overrides, steps=args.steps, rtol=args.rtol, grad_rtol=args.grad_rtol)
     except Exception as error:
         if not is_config_error(error):

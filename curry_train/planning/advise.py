@@ -10,7 +10,9 @@ estimate counts, and why, is in docs/planning.md.
 from __future__ import annotations
 
 import math
+import textwrap
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from omegaconf import DictConfig
@@ -32,6 +34,7 @@ from curry_train.planning.memory import (
     rank_parameters,
     transient_state,
 )
+from curry_train.planning.plot import new_figure, save
 from curry_train.planning.step_time import step_time
 
 HEADROOM = 0.10  # of device memory, left free by a recommendation (allocator, spikes, estimate error)
@@ -514,3 +517,68 @@ def diagnose(cfg: DictConfig, symptom: str, overrides: Sequence[str] = ()) -> di
     if nxt is not None:
         result.update(next=estimate(cfg, nxt).to_dict(), command=train_command(cfg, nxt, overrides))
     return result
+
+
+# ----------------------------------------------------------------------------------------------
+# The chart
+
+
+GIB = 2**30
+
+
+def plot_memory(cfg: DictConfig, candidates: Sequence[tuple[str, Estimate]], path: Path) -> Any:
+    """Each candidate's memory per rank, in GiB, as a bar stacked by part (``MEMORY_PARTS``, bottom
+    up), next to the device's memory and the capacity a recommendation may use (less ``HEADROOM``);
+    written as PNG to ``path``. ``candidates``: (step of the walk, its estimate), in the order tried."""
+    if not candidates:
+        raise ValueError("no candidates to plot")
+    hw = cfg.hardware
+    figure, axes = new_figure(width=max(9.0, 3.0 + 1.4 * len(candidates)), height=6.0)
+    positions = list(range(len(candidates)))
+    bottoms = [0.0] * len(candidates)
+    for index, part in enumerate(MEMORY_PARTS):
+        heights = [est.memory[part] / GIB for _, est in candidates]
+        axes.bar(positions, heights, width=0.6, bottom=bottoms, label=part, color=f"C{index}")
+        bottoms = [bottom + height for bottom, height in zip(bottoms, heights, strict=False)]
+    capacity = candidates[0][1].capacity
+    axes.axhline(
+        hw.memory_bytes / GIB, color="black", linewidth=1.5, label=f"device memory {gib_text(hw.memory_bytes)}"
+    )
+    axes.axhline(
+        capacity / GIB,
+        color="black",
+        linewidth=1.5,
+        linestyle="--",
+        label=f"usable capacity {gib_text(capacity)} (less {HEADROOM:.0%} headroom)",
+    )
+    for position, (_, est) in zip(positions, candidates, strict=False):
+        verdict = "fits" if est.fits else "too big"
+        axes.annotate(
+            f"{gib_text(est.memory['total'])}\n{verdict}",
+            (position, est.memory["total"] / GIB),
+            xytext=(0, 3),
+            textcoords="offset points",
+            ha="center",
+            va="bottom",
+            fontsize=8,
+            bbox={"facecolor": "white", "edgecolor": "none", "pad": 1},
+            zorder=5,
+        )
+    labels = [
+        textwrap.fill(f"{step}: {'+'.join(est.layout.options())}", 16, break_long_words=False)
+        for step, est in candidates
+    ]
+    axes.set_xticks(positions, labels, fontsize=8)
+    axes.set_ylim(0, 1.12 * max(bottoms + [hw.memory_bytes / GIB]))
+    axes.set_xlabel("candidate layout (step: parallel options), in the order tried")
+    axes.set_ylabel("memory per rank (GiB)")
+    axes.set_title(
+        f"{cfg.model.name}, seq {cfg.data.seq_len}: memory per rank on {hw.nodes} x {hw.gpus_per_node} {hw.name}"
+    )
+    # The legend lists the parts top down, as the bars stack them, under the two lines.
+    handles = dict(zip(*reversed(axes.get_legend_handles_labels()), strict=False))
+    names = [name for name in handles if name not in MEMORY_PARTS] + list(reversed(MEMORY_PARTS))
+    axes.legend([handles[name] for name in names], names, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9)
+    axes.grid(axis="y", alpha=0.3)
+    save(figure, path)
+    return figure

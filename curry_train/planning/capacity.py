@@ -33,7 +33,6 @@ from curry_train.planning.trials import measure, measure_blocker
 SWEEPS = ("model", "micro_batch")
 MODES = ("auto", "estimate", "measure")
 STARTS = ("estimate", "top", "bottom")
-FORMATS = ("text", "json")
 TRIAL_TIMEOUT_S = 1800.0
 
 
