@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -63,14 +64,20 @@ class Outcome:
         return self.error is None
 
 
+def quiet_lightning() -> None:
+    """Lightning's per-fit banners and tips would drown the table."""
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
+
+
 class _JobLogging:
     """A pool worker runs many jobs: each starts with the logging a fresh worker has (Lightning's
     per-fit banners quiet) and leaves none of its handlers (a run's train.log) to the next."""
 
     def __enter__(self) -> None:
         self.handlers = list(logging.getLogger().handlers)
-        for name in ("lightning.pytorch", "lightning.fabric"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+        quiet_lightning()
 
     def __exit__(self, *exc: Any) -> None:
         root = logging.getLogger()

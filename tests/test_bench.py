@@ -22,9 +22,11 @@ from curry_train.cli import bench as bench_cli
 from curry_train.config import compose
 from curry_train.model.llama import Llama
 from curry_train.options import PIPELINE_SCHEDULES as KINDS
+from curry_train.planning import step_time
 from curry_train.planning.layout import current_layout
 from curry_train.planning.memory import activation_bytes
 from curry_train.primitives.materialize import materialize_and_init
+from curry_train.validation import layouts, throughput
 from curry_train.validation.comm import CommCounter
 
 # The debug model, narrower and shallower, on short sequences: seconds per run even on a busy machine.
@@ -44,9 +46,8 @@ def load_bench():
 
 @pytest.mark.timeout(300)
 def test_bench_runs_both_loops_on_the_same_steps():
-    bench = load_bench()
     steps, warmup, repeats = 2, 1, 2  # two repeats: curry-train's Trainer runs twice in this process
-    result = bench.bench(SMALL, steps=steps, warmup=warmup, repeats=repeats, loggers="csv")
+    result = throughput.bench(SMALL, steps=steps, warmup=warmup, repeats=repeats, loggers="csv")
 
     assert result.tokens_per_step == 8 * 64
     assert [(run.repeat, run.loop) for run in result.runs] == [
@@ -177,11 +178,11 @@ def test_bench_layouts_side_by_side(tmp_path, capsys):
 
 def test_bench_layouts_reject_bad_input(capsys):
     bench = load_bench()
-    assert bench.parse_layout("tp4: parallel=tp parallel.tp.size=4 trainer.devices=4") == (
+    assert layouts.parse_layout("tp4: parallel=tp parallel.tp.size=4 trainer.devices=4") == (
         "tp4",
         ("parallel=tp", "parallel.tp.size=4", "trainer.devices=4"),
     )
-    assert bench.parse_layout("parallel=dp trainer.devices=2") == (
+    assert layouts.parse_layout("parallel=dp trainer.devices=2") == (
         "parallel=dp trainer.devices=2",
         ("parallel=dp", "trainer.devices=2"),
     )
@@ -271,7 +272,6 @@ def test_bench_context_mode_memory_falls_with_cp(tmp_path, capsys):
 def test_compare_flops_per_token_hand_count():
     """6N + 12*L*h*s against a hand count of the debug model, and against PyTorch's FLOP counter."""
 
-    bench = load_bench()
     # Debug model: dim 128, 4 heads of 32, 2 key/value heads (kv dim 64), ffn 384, vocabulary 256, 4 blocks.
     per_block = 128 * 128 + 128 * 64 + 128 * 64 + 128 * 128 + 3 * 128 * 384  # wq, wk, wv, wo, w1, w3, w2
     assert per_block == 196_608
@@ -281,12 +281,12 @@ def test_compare_flops_per_token_hand_count():
     assert matmuls + norms + embedding == 853_120  # P of the debug model (README)
     s = 256
     attention = 4 * (2 * s * 128 + 2 * s * 128)  # per token and layer, forward: QK^T and the weighted sum of V
-    assert bench.flops_per_token(matmuls, 4, 128, s) == 3 * (2 * matmuls + attention) == 6_488_064
+    assert step_time.flops_per_token(matmuls, 4, 128, s) == 3 * (2 * matmuls + attention) == 6_488_064
     # What the bench uses for N: every parameter but the input embedding (the norms are in, 0.1% here).
     cfg = compose([]).model
-    assert bench.flops_parameters(cfg) == matmuls + norms == 820_352
+    assert step_time.flops_parameters(cfg) == matmuls + norms == 820_352
     assert (
-        bench.flops_parameters(compose(["model.tie_embeddings=true"]).model) == matmuls + norms
+        step_time.flops_parameters(compose(["model.tie_embeddings=true"]).model) == matmuls + norms
     )  # the head is the table
 
     # PyTorch's FLOP counter over a real forward+backward (math attention: matmuls it can count).
@@ -295,7 +295,7 @@ def test_compare_flops_per_token_hand_count():
     materialize_and_init(model, torch.device("cpu"), 0)
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         model(torch.randint(0, 256, (1, s))).sum().backward()
-    assert counter.get_total_flops() == s * bench.flops_per_token(matmuls, 4, 128, s)
+    assert counter.get_total_flops() == s * step_time.flops_per_token(matmuls, 4, 128, s)
 
 
 def _count_collectives() -> dict:

@@ -12,6 +12,7 @@ from conftest import FAST
 from curry_train.cli import gpu_check
 from curry_train.config import ConfigError, compose
 from curry_train.config.checks import check
+from curry_train.validation import gpu_checks
 from curry_train.validation.compile_bench import compile_bench
 from curry_train.validation.peak_flops import matmul_flops
 from curry_train.validation.throughput import bench
@@ -22,7 +23,7 @@ def test_gpu_check_without_a_gpu_lists_its_checks_and_exits_0(capsys):
     out = capsys.readouterr().out
     for name in gpu_check.CHECKS:
         assert f"``{name}``" in out
-    assert set(gpu_check.RUNNERS) == set(gpu_check.CHECKS)
+    assert set(gpu_checks.RUNNERS) == set(gpu_check.CHECKS)
     assert gpu_check.hardware_of("NVIDIA H200") == "h200" and gpu_check.hardware_of("NVIDIA H100 80GB HBM3") == (
         "h100_80gb"
     )

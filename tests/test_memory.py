@@ -36,6 +36,7 @@ from curry_train.planning.memory import (
 )
 from curry_train.validation.layout_memory import LayoutMemory, measure_layouts
 from curry_train.validation.memory import model_state_bytes
+from curry_train.validation.memory_bench import MemoryResult
 
 COMMON = (*FAST, "trainer.devices=4", "model.ffn_dim=390")
 LAYOUTS = {
@@ -366,9 +367,8 @@ def test_advise_activation_estimate_with_recompute():
 def test_bench_memory_table_of_a_pipelined_layout(measured):
     """--memory's table for a pipelined layout: each rank's formula is its stage's, and what a stage
     cannot measure (one micro-batch's activations) prints as '-'."""
-    bench = load_bench()
     layout = measured["fsdp+pp"]
-    table = bench.MemoryResult(layout, [measured["dp"]]).table()
+    table = MemoryResult(layout, [measured["dp"]]).table()
     rows = {int(line.split()[0]): line.split() for line in table.splitlines() if line[:4].strip().isdigit()}
     assert sorted(rows) == [0, 1, 2, 3]
     for record in layout.ranks:

@@ -41,106 +41,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
 import sys
-import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from curry_train.cli.common import error_line, fail, is_config_error
-from curry_train.config import ConfigError, compose
 from curry_train.layout.pipeline import canonical_kind
-from curry_train.options import CP_PATTERNS as PATTERNS
 from curry_train.options import PIPELINE_SCHEDULES as KINDS
-from curry_train.planning.step_time import flops_parameters, flops_per_token  # noqa: F401  (re-exported for tests)
-from curry_train.validation.bubble import BubbleRow, bubble_table, check_bubble_runs, measure_bubbles
-from curry_train.validation.compile_bench import MODELS as COMPILE_MODELS
-from curry_train.validation.compile_bench import compile_bench
-from curry_train.validation.context import context_table, measure_context
-from curry_train.validation.layouts import (  # noqa: F401
-    COMPARE_LAYOUTS,
-    LAYOUTS,
-    layouts_bench,
-    parse_layout,
-    parse_layouts,
-)
-from curry_train.validation.layouts_report import LayoutRow, LayoutsResult  # noqa: F401
-from curry_train.validation.memory_bench import MemoryResult, memory_bench  # noqa: F401
-from curry_train.validation.throughput import BenchResult, LoopRun, bench  # noqa: F401
-
-# ----------------------------------------------------------------------------------------------
-# --pipeline
-
-# Equal stages for P=2 with 2 stages per rank: 4 stages of 2 blocks (the debug model has 4 blocks).
-PIPELINE_DEFAULTS = ("model.n_layers=8",)
-
-
-@dataclass
-class BubbleResult:
-    config: dict[str, Any]
-    rows: list[BubbleRow]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"config": self.config, "rows": [row.to_dict() for row in self.rows]}
-
-    def table(self) -> str:
-        c = self.config
-        lines = [
-            f"model={c['model']} ({c['n_layers']} blocks)  P={c['pp']} processes, one thread each, on {c['cores']} "
-            "cores;"
-            f" micro-batch {c['micro_batch_size']} x {c['seq_len']} tokens; {c['steps']} timed steps per row",
-            "bubble: each rank's idle share of a step, 1 - (time in forward, backward, weight-gradient chunks and "
-            "the loss)"
-            " / step time",
-            "",
-            bubble_table(self.rows),
-            "",
-            "formula: (P-1)/(M+P-1) for gpipe and 1F1B, (P-1)/(v*M+P-1) for interleaved; ~0 for the zero-bubble kinds.",
-            "The measured bubble counts sending activations and gradients between processes and each chunk's schedule",
-            "overhead as idle, and the embedding and head make the first and last stages heavier than the others.",
-        ]
-        return "\n".join(lines)
-
-
-def pipeline_bench(
-    overrides: Sequence[str] = (),
-    pp: int = 2,
-    microbatches: Sequence[int] = (4, 8),
-    steps: int = 5,
-    kinds: Sequence[str] = KINDS,
-) -> BubbleResult:
-    """Every schedule kind at the same P and each M (``validation.bubble.measure_bubbles``), on the
-    model of ``PIPELINE_DEFAULTS`` + ``overrides``."""
-    overrides = [*PIPELINE_DEFAULTS, *overrides]
-    cfg = compose(overrides)
-    try:
-        check_bubble_runs(cfg.model.n_layers, kinds, pp, list(microbatches), steps)
-    except ValueError as error:  # a (kind, M, P) the schedules do not accept: said like a config error
-        raise ConfigError(str(error)) from error
-    rows = measure_bubbles(overrides, kinds, pp, list(microbatches), steps)
-    return BubbleResult(
-        config={
-            "overrides": list(overrides),
-            "model": cfg.model.name,
-            "n_layers": cfg.model.n_layers,
-            "pp": pp,
-            "microbatches": list(microbatches),
-            "micro_batch_size": cfg.data.micro_batch_size,
-            "seq_len": cfg.data.seq_len,
-            "steps": steps,
-            "cores": os.cpu_count() or 1,
-        },
-        rows=rows,
-    )
-
-
-def quiet_lightning() -> None:
-    """Lightning's per-fit banners and tips would drown the table."""
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
+from curry_train.validation.defaults import COMPARE_LAYOUTS, COMPILE_MODELS, LAYOUTS
 
 
 def _counts(text: str) -> list[int]:
@@ -172,36 +80,36 @@ def _kinds(text: str) -> list[str]:
     return kinds
 
 
-@dataclass
-class ContextResult:
-    rows: list
-    seq_len: int
+def _measure(args: argparse.Namespace, mode: str, steps: int) -> Any:
+    """Run the mode's measurement; torch and Lightning load here, once the arguments parsed."""
+    # each mode imports what it measures with here, after --help and a bad argument answered
+    from curry_train.runner import quiet_lightning  # noqa: PLC0415
 
-    def table(self) -> str:
+    quiet_lightning()
+    if mode == "memory":
+        from curry_train.validation.memory_bench import memory_bench  # noqa: PLC0415
 
-        return (
-            f"context parallel attention (ContextParallelAttention), one sequence of {self.seq_len} tokens, "
-            "8 heads x 64, 2 key/value heads, fwd+bwd, one thread per rank:\n"
-            + context_table(self.rows)
-            + "\nactivations: peak of one forward+backward by PyTorch's memory tracker (the op's saved shards and"
-            " its key/value blocks in flight); exposed comm: time waiting for a block after its compute, share of"
-            " the op's time (the rest of each transfer overlaps compute)."
-        )
+        return memory_bench(args.overrides)
+    if mode in ("layouts", "compare"):
+        from curry_train.validation.layouts import layouts_bench, parse_layouts  # noqa: PLC0415
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"seq_len": self.seq_len, "rows": [row.to_dict() for row in self.rows]}
+        layouts = parse_layouts(args.layout) if args.layout else None
+        return layouts_bench(args.overrides, layouts, steps, compare=mode == "compare")
+    if mode == "context":
+        from curry_train.validation.context import context_bench  # noqa: PLC0415
 
+        return context_bench(args.seq_len, args.cp, args.pattern, steps)
+    if mode == "compile":
+        from curry_train.validation.compile_bench import compile_bench  # noqa: PLC0415
 
-def context_bench(seq_len: int, cps: Sequence[int], pattern: str, steps: int) -> ContextResult:
-    """Attention memory per rank and tokens/s for each cp at one sequence length."""
+        return compile_bench(args.overrides, steps, args.warmup, args.models)
+    if mode == "pipeline":
+        from curry_train.validation.bubble import pipeline_bench  # noqa: PLC0415
 
-    if pattern not in PATTERNS:
-        raise ConfigError(f"--pattern {pattern}: expected one of {', '.join(PATTERNS)}")
-    for cp in cps:
-        if cp < 1 or seq_len % (2 * cp):
-            raise ConfigError(f"--cp {cp}: the sequence ({seq_len}) must divide into 2 x cp chunks")
+        return pipeline_bench(args.overrides, args.pp, args.microbatches, steps, args.kinds)
+    from curry_train.validation.throughput import bench  # noqa: PLC0415
 
-    return ContextResult(rows=measure_context(seq_len, cps, pattern, steps=steps), seq_len=seq_len)
+    return bench(args.overrides, steps, args.warmup, args.repeats, args.loggers, progress=True)
 
 
 DEFAULT_STEPS = {"throughput": 20, "layouts": 10, "compare": 2, "pipeline": 5, "context": 3, "compile": 5}
@@ -312,21 +220,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error("--steps, --warmup and --repeats must be at least 1")
     if args.layout and (args.memory or args.pipeline or args.context):
         parser.error("--layout goes with --layouts or --compare")
-    quiet_lightning()
     try:
-        if args.memory:
-            result = memory_bench(args.overrides)
-        elif mode_name in ("layouts", "compare"):
-            layouts = parse_layouts(args.layout) if args.layout else None
-            result = layouts_bench(args.overrides, layouts, steps, compare=mode_name == "compare")
-        elif mode_name == "context":
-            result = context_bench(args.seq_len, args.cp, args.pattern, steps)
-        elif mode_name == "compile":
-            result = compile_bench(args.overrides, steps, args.warmup, args.models)
-        elif mode_name == "pipeline":
-            result = pipeline_bench(args.overrides, args.pp, args.microbatches, steps, args.kinds)
-        else:
-            result = bench(args.overrides, steps, args.warmup, args.repeats, args.loggers, progress=True)
+        result = _measure(args, "memory" if args.memory else mode_name, steps)
     except Exception as error:
         if not is_config_error(error):
             raise

@@ -26,6 +26,7 @@ share a device. Kinds and micro-batch counts run one after the other in one set 
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Optional, Sequence
@@ -34,13 +35,15 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from curry_train.config import compose
+from curry_train.config import ConfigError, compose
 from curry_train.layout.pipeline import check_microbatches, split_layers, stages_per_rank
 from curry_train.model.llama import Llama
+from curry_train.options import PIPELINE_SCHEDULES as KINDS
 from curry_train.planning.step_time import bubble_formula
 from curry_train.pool import WorkerPool
 from curry_train.primitives.materialize import materialize_and_init
 from curry_train.primitives.pipeline_schedule import PipelineSchedule, next_token_loss, pipeline_stages
+from curry_train.validation.defaults import PIPELINE_DEFAULTS
 
 WARMUP_STEPS = 2  # untimed steps per kind: shape inference, the allocator, gloo's first connections
 
@@ -207,3 +210,62 @@ def bubble_table(rows: Sequence[BubbleRow]) -> str:
             f"{row.formula_text:>9}{row.mean:>10.1%}  {per_rank:<16}{row.step_ms:>9.1f}{row.tokens_per_s:>11,.0f}"
         )
     return "\n".join(lines)
+
+
+@dataclass
+class BubbleResult:
+    config: dict[str, Any]
+    rows: list[BubbleRow]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"config": self.config, "rows": [row.to_dict() for row in self.rows]}
+
+    def table(self) -> str:
+        c = self.config
+        lines = [
+            f"model={c['model']} ({c['n_layers']} blocks)  P={c['pp']} processes, one thread each, on {c['cores']} "
+            "cores;"
+            f" micro-batch {c['micro_batch_size']} x {c['seq_len']} tokens; {c['steps']} timed steps per row",
+            "bubble: each rank's idle share of a step, 1 - (time in forward, backward, weight-gradient chunks and "
+            "the loss)"
+            " / step time",
+            "",
+            bubble_table(self.rows),
+            "",
+            "formula: (P-1)/(M+P-1) for gpipe and 1F1B, (P-1)/(v*M+P-1) for interleaved; ~0 for the zero-bubble kinds.",
+            "The measured bubble counts sending activations and gradients between processes and each chunk's schedule",
+            "overhead as idle, and the embedding and head make the first and last stages heavier than the others.",
+        ]
+        return "\n".join(lines)
+
+
+def pipeline_bench(
+    overrides: Sequence[str] = (),
+    pp: int = 2,
+    microbatches: Sequence[int] = (4, 8),
+    steps: int = 5,
+    kinds: Sequence[str] = KINDS,
+) -> BubbleResult:
+    """Every schedule kind at the same P and each M (``validation.bubble.measure_bubbles``), on the
+    model of ``PIPELINE_DEFAULTS`` + ``overrides``."""
+    overrides = [*PIPELINE_DEFAULTS, *overrides]
+    cfg = compose(overrides)
+    try:
+        check_bubble_runs(cfg.model.n_layers, kinds, pp, list(microbatches), steps)
+    except ValueError as error:  # a (kind, M, P) the schedules do not accept: said like a config error
+        raise ConfigError(str(error)) from error
+    rows = measure_bubbles(overrides, kinds, pp, list(microbatches), steps)
+    return BubbleResult(
+        config={
+            "overrides": list(overrides),
+            "model": cfg.model.name,
+            "n_layers": cfg.model.n_layers,
+            "pp": pp,
+            "microbatches": list(microbatches),
+            "micro_batch_size": cfg.data.micro_batch_size,
+            "seq_len": cfg.data.seq_len,
+            "steps": steps,
+            "cores": os.cpu_count() or 1,
+        },
+        rows=rows,
+    )

@@ -28,20 +28,9 @@ from lightning.pytorch.callbacks import Callback
 from curry_train.model.llama import Llama
 from curry_train.module import LMDataModule
 from curry_train.primitives.host_memory import reset_peak, resident
+from curry_train.validation.defaults import COMPILE_MODELS as MODELS
 from curry_train.validation.peak_flops import DTYPES, matmul_flops
 from curry_train.validation.throughput import LoopRun, device_of, model_flops_per_token, prepare, run_curry_loop
-
-MODELS: dict[str, tuple[str, ...]] = {
-    "debug": (),
-    "llama-100m": (
-        "model.name=llama_100m",
-        "model.dim=768",
-        "model.n_layers=16",
-        "model.n_heads=12",
-        "model.n_kv_heads=4",
-        "model.ffn_dim=2048",
-    ),
-}
 
 
 class GraphCounter(Callback):

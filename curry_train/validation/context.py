@@ -22,6 +22,8 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
+from curry_train.config import ConfigError
+from curry_train.options import CP_PATTERNS as PATTERNS
 from curry_train.pool import WorkerPool
 from curry_train.primitives import context_parallel as cpm
 from curry_train.validation.memory import peak_memory
@@ -117,3 +119,35 @@ def context_table(rows: Sequence[ContextRow]) -> str:
             f"{row.max_activations / base:>9.2f}{exposed:>14.1%}{row.ms:>12.1f}{row.tokens_per_s:>11,.0f}"
         )
     return "\n".join(lines)
+
+
+@dataclass
+class ContextResult:
+    rows: list
+    seq_len: int
+
+    def table(self) -> str:
+
+        return (
+            f"context parallel attention (ContextParallelAttention), one sequence of {self.seq_len} tokens, "
+            "8 heads x 64, 2 key/value heads, fwd+bwd, one thread per rank:\n"
+            + context_table(self.rows)
+            + "\nactivations: peak of one forward+backward by PyTorch's memory tracker (the op's saved shards and"
+            " its key/value blocks in flight); exposed comm: time waiting for a block after its compute, share of"
+            " the op's time (the rest of each transfer overlaps compute)."
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"seq_len": self.seq_len, "rows": [row.to_dict() for row in self.rows]}
+
+
+def context_bench(seq_len: int, cps: Sequence[int], pattern: str, steps: int) -> ContextResult:
+    """Attention memory per rank and tokens/s for each cp at one sequence length."""
+
+    if pattern not in PATTERNS:
+        raise ConfigError(f"--pattern {pattern}: expected one of {', '.join(PATTERNS)}")
+    for cp in cps:
+        if cp < 1 or seq_len % (2 * cp):
+            raise ConfigError(f"--cp {cp}: the sequence ({seq_len}) must divide into 2 x cp chunks")
+
+    return ContextResult(rows=measure_context(seq_len, cps, pattern, steps=steps), seq_len=seq_len)

@@ -60,29 +60,16 @@ from curry_train.planning.advise import estimate
 from curry_train.planning.layout import current_layout
 from curry_train.planning.layout import parse_layout as parse_layout_string
 from curry_train.planning.step_time import bubble_formula, flops_parameters, flops_per_token
+from curry_train.validation.defaults import COMPARE_LAYOUTS, LAYOUT_KEYS, LAYOUTS
 from curry_train.validation.layout_memory import measure_layouts
 from curry_train.validation.layouts_report import LayoutRow, LayoutsResult
 
 # ----------------------------------------------------------------------------------------------
 # --layouts
 
+
 # The layouts compared by default: name -> the overrides that make it. Everything else (model,
 # data, precision) comes from the command line, the same for every layout.
-LAYOUTS = {
-    "dp": ("parallel=dp", "trainer.devices=2"),
-    "tp": ("parallel=tp", "trainer.devices=2"),
-    "tp+sp": ("parallel=tp", "parallel.tp.sequence_parallel=true", "trainer.devices=2"),
-    "fsdp+tp": ("parallel=fsdp+tp", "trainer.devices=4"),
-}
-LAYOUT_KEYS = ("parallel", "+parallel", "trainer.devices", "trainer.num_nodes")  # each layout sets these itself
-# --compare's defaults: --layouts' and FSDP (ZeRO-3) on 2 ranks.
-COMPARE_LAYOUTS = {
-    "dp": LAYOUTS["dp"],
-    "fsdp": ("parallel=fsdp", "trainer.devices=2"),
-    **{name: layout for name, layout in LAYOUTS.items() if name != "dp"},
-}
-
-
 def parse_layout(spec: str) -> tuple[str, tuple[str, ...]]:
     """``"NAME: override override ..."`` (or just the overrides, which then name the layout): a layout
     string (``planning.layout.parse_layout``), so ``parallel`` options may come first and
