@@ -119,10 +119,10 @@ class CurryStrategy(ParallelStrategy):
             init_from=cfg.model.init_from,
             compile_backend=cfg.compile.backend if cfg.compile.enabled else None,
         )
+        settings = StepSettings.of(cfg, self.dims.dp)
+        # each micro-batch's backward through the precision plugin, as LightningModule.manual_backward does
         module.attach(
-            TrainStep(
-                parallel, self.parallel_state, cfg.parallel, self._step_settings(), self._backward, self.root_device
-            )
+            TrainStep(parallel, self.parallel_state, cfg.parallel, settings, self._backward, self.root_device)
         )
         self.model = module
         module.to(self.root_device)  # metric states and any other non-model buffers
@@ -131,27 +131,7 @@ class CurryStrategy(ParallelStrategy):
             self.setup_optimizers(trainer)
         self.setup_precision_plugin()
 
-    def _step_settings(self) -> StepSettings:
-        cfg, layout = self.cfg, self.cfg.parallel
-        moe = cfg.model.moe
-        return StepSettings(
-            tokens_per_step=cfg.data.global_batch_size * cfg.data.seq_len,
-            micro_batch_size=cfg.data.micro_batch_size,
-            grad_clip=cfg.optim.grad_clip,
-            skip_nonfinite_steps=cfg.trainer.skip_nonfinite_steps,
-            loss_chunks=cfg.model.loss_chunks,
-            compile_loss=cfg.compile.backend if cfg.compile.enabled and cfg.compile.loss else None,
-            pipeline_microbatches=(
-                layout.pipeline_microbatches(cfg.data.global_batch_size, cfg.data.micro_batch_size, self.dims.dp)
-                if layout.pp is not None
-                else None
-            ),
-            mixture_of_experts=moe is not None,
-            router_losses=moe is not None and (moe.balancing == "aux_loss" or moe.z_loss_coef > 0),
-        )
-
     def _backward(self, loss: Tensor) -> None:
-        """A micro-batch's backward through the precision plugin (``LightningModule.manual_backward``'s path)."""
         self.backward(loss, None)
 
     @override

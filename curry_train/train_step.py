@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.distributed.tensor.parallel import loss_parallel
 
-from curry_train.config.schema import ParallelConfig
+from curry_train.config.schema import Config, ParallelConfig
 from curry_train.model.moe import MoE
 from curry_train.parallelize import ParallelModel
 from curry_train.primitives.context_parallel import shard_sequence
@@ -68,6 +68,26 @@ class StepSettings:
     pipeline_microbatches: Optional[int] = None  # a pipelined run's micro-batches per step and rank
     mixture_of_experts: bool = False  # the model routes tokens to experts (some pipeline ranks may hold none)
     router_losses: bool = False  # its routers add losses (balancing=aux_loss, or a z-loss): reported
+
+    @classmethod
+    def of(cls, cfg: Config, dp: int) -> StepSettings:
+        """The settings of the run ``cfg`` on ``dp`` data-parallel ranks."""
+        layout, moe, data = cfg.parallel, cfg.model.moe, cfg.data
+        return cls(
+            tokens_per_step=data.global_batch_size * data.seq_len,
+            micro_batch_size=data.micro_batch_size,
+            grad_clip=cfg.optim.grad_clip,
+            skip_nonfinite_steps=cfg.trainer.skip_nonfinite_steps,
+            loss_chunks=cfg.model.loss_chunks,
+            compile_loss=cfg.compile.backend if cfg.compile.enabled and cfg.compile.loss else None,
+            pipeline_microbatches=(
+                layout.pipeline_microbatches(data.global_batch_size, data.micro_batch_size, dp)
+                if layout.pp is not None
+                else None
+            ),
+            mixture_of_experts=moe is not None,
+            router_losses=moe is not None and (moe.balancing == "aux_loss" or moe.z_loss_coef > 0),
+        )
 
 
 @dataclass

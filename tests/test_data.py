@@ -296,14 +296,11 @@ def test_script_subprocess_writes_the_tokens_of_tokenize_documents(tmp_path: Pat
     assert not out.with_name("corpus.bin.partial").exists()
 
 
-def test_script_subprocess_missing_input_is_a_one_line_error(tmp_path: Path) -> None:
+def test_missing_input_is_a_one_line_error(script: ModuleType, tmp_path: Path, capsys) -> None:
     missing = tmp_path / "absent.txt"
     out = tmp_path / "out.bin"
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), str(missing), "--output", str(out)], capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
+    assert script.main([str(missing), "--output", str(out)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and str(missing) in lines[0] and "no such file" in lines[0]
     assert not out.exists() and not TokenFileMeta.path_for(out).exists()
 

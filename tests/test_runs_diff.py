@@ -208,17 +208,17 @@ def test_plot_defaults_beside_the_runs_and_is_named(tmp_path, configs, capsys, m
     assert not (tmp_path / "runs_diff.png").exists()
 
 
-def test_bad_paths_exit_2_with_one_line(tmp_path, configs):
+def test_bad_paths_exit_2_with_one_line(tmp_path, configs, capsys, monkeypatch):
     good = make_run(tmp_path / "good", configs["dp"], LOSSES)
     (tmp_path / "empty").mkdir()
-    for bad in (tmp_path / "missing", tmp_path / "empty"):
-        result = run_script(str(good), str(bad), cwd=tmp_path)
-        assert result.returncode == 2
-        assert (
-            result.stderr.strip().count("\n") == 0
-            and "is not a run directory" in result.stderr
-            and str(bad) in result.stderr
-        )
-        assert not (tmp_path / "runs_diff.png").exists()
-    result = run_script(str(good), cwd=tmp_path)
-    assert result.returncode == 2 and "at least two runs" in result.stderr
+    result = run_script(str(good), str(tmp_path / "missing"), cwd=tmp_path)  # the command as a user runs it
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "is not a run directory" in lines[0] and str(tmp_path / "missing") in lines[0]
+    monkeypatch.chdir(tmp_path)
+    assert runs_diff.main([str(good), str(tmp_path / "empty")]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "is not a run directory" in line and str(tmp_path / "empty") in line
+    assert not (tmp_path / "runs_diff.png").exists()
+    assert runs_diff.main([str(good)]) == 2
+    assert "at least two runs" in capsys.readouterr().err

@@ -63,6 +63,14 @@ class ParallelDims:
                 f"(dp={self.dp} x cp={self.cp}), from which expert parallelism takes its ranks"
             )
 
+    @classmethod
+    def from_degrees(
+        cls, *, dp_replicate: int = 1, dp_shard: int = 1, cp: int = 1, tp: int = 1, pp: int = 1, ep: int = 1
+    ) -> ParallelDims:
+        """The layout of these degrees, on as many ranks as they multiply to (a candidate of planning)."""
+        world = dp_replicate * dp_shard * cp * tp * pp
+        return cls(world, dp_replicate=dp_replicate, dp_shard=dp_shard, cp=cp, tp=tp, pp=pp, ep=ep)
+
     # -- sizes ------------------------------------------------------------------------------------
 
     @property

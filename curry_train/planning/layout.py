@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 
 from curry_train.config import ConfigError
 from curry_train.config.schema import ParallelConfig
+from curry_train.layout.dims import DIMS, ParallelDims
 from curry_train.layout.pipeline import stages_per_rank
 from curry_train.options import PARALLEL_OPTIONS
 
@@ -50,12 +51,19 @@ class Layout:
         return stages_per_rank(self.pp_schedule, self.virtual_stages) if self.pp > 1 else 1
 
     @property
+    def dims(self) -> ParallelDims:
+        """Its degrees as the run would hold them (``ValueError`` for degrees that do not compose)."""
+        return ParallelDims.from_degrees(
+            dp_replicate=self.dp_replicate, dp_shard=self.dp_shard, cp=self.cp, tp=self.tp, pp=self.pp, ep=self.ep
+        )
+
+    @property
     def world(self) -> int:
-        return self.dp_replicate * self.dp_shard * self.tp * self.pp * self.cp
+        return self.dims.world_size
 
     @property
     def dp(self) -> int:
-        return self.dp_replicate * self.dp_shard
+        return self.dims.dp
 
     @property
     def shards(self) -> int:
@@ -69,13 +77,8 @@ class Layout:
         return 1 if self.zero == "none" else max(1, self.dp_shard * self.cp // self.ep)
 
     def sizes(self) -> dict[str, int]:
-        return {
-            "dp_replicate": self.dp_replicate,
-            "dp_shard": self.dp_shard,
-            "tp": self.tp,
-            "pp": self.pp,
-            "cp": self.cp,
-        }
+        """The mesh's degrees by name."""
+        return {name: getattr(self.dims, name) for name in DIMS}
 
     def options(self) -> list[str]:
         """The ``parallel`` options this layout composes, in ``+`` order."""
