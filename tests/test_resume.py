@@ -37,12 +37,6 @@ def assert_steps_of(run_dir: Path, steps: range, reference: dict[int, float]) ->
     assert_same_curve(curve, {step: reference[step] for step in steps})
 
 
-def resume(pools, base, layout, source: Path, run_dir: Path) -> dict[int, float]:
-    """``base`` with ``layout`` resumed from ``source``: the steps it trained and their losses."""
-    train(pools, [*base, *layout, f"ckpt_path={source}"], run_dir)
-    return read_metric(run_dir)
-
-
 @pytest.fixture(scope="session")
 def fsdp4_run(pools, tmp_path_factory) -> Path:
     """ZeRO-3 on 4 ranks for 3 steps, the checkpoint of step 3."""
@@ -63,39 +57,27 @@ def test_fsdp_checkpoint_resumes_on_fewer_ranks_and_on_one_process(pools, fsdp4_
     from step 3: the rest of the same curve."""
     assert_steps_of(fsdp4_run, range(3), single_process_curve)
     for name, layout in (("fsdp2", ["parallel=fsdp", "trainer.devices=2"]), ("single", [])):
-        resumed = resume(pools, CURVE, layout, checkpoint(fsdp4_run, 3), tmp_path / name)
-        assert sorted(resumed) == list(range(3, STEPS)), name
-        assert_same_curve(resumed, {step: single_process_curve[step] for step in resumed})
+        resumed = train(pools, [*CURVE, *layout, f"ckpt_path={checkpoint(fsdp4_run, 3)}"], tmp_path / name)
+        assert_steps_of(resumed, range(3, STEPS), single_process_curve)
 
 
 @pytest.mark.slow
-def test_zero1_checkpoint_resumes_on_one_process(pools, single_process_curve, tmp_path):
-    """sharding=optimizer (ZeRO-1) on 4 ranks: the reference curve; its step-6 checkpoint (DTensor shards of
-    parameters and optimizer state) resumes in one process on the same curve."""
-    saved = train(
-        pools,
-        [*FAST, "trainer.max_steps=6", "parallel=fsdp", "parallel.fsdp.sharding=optimizer", "trainer.devices=4"],
-        tmp_path / "zero1",
-    )
+@pytest.mark.parametrize(
+    "layout",
+    [
+        # ZeRO-1: DTensor shards of parameters and optimizer state
+        pytest.param(("parallel=fsdp", "parallel.fsdp.sharding=optimizer", "trainer.devices=4"), id="zero1-4"),
+        # fsdp+tp+pp: per-stage DCP shards, 2-D DTensors
+        pytest.param(("parallel=fsdp+tp+pp", "trainer.devices=8", "data.micro_batch_size=2"), id="3d-8"),
+    ],
+)
+def test_a_sharded_checkpoint_resumes_on_one_process(pools, single_process_curve, tmp_path, layout):
+    """6 steps of the layout (the reference's), then its step-6 checkpoint resumed in one process: the rest
+    of the same curve."""
+    saved = train(pools, [*FAST, "trainer.max_steps=6", *layout], tmp_path / "saved")
     assert_steps_of(saved, range(6), single_process_curve)
-    resumed = resume(pools, CURVE, [], checkpoint(saved, 6), tmp_path / "resumed")
-    assert sorted(resumed) == list(range(6, STEPS))
-    assert_same_curve(resumed, {step: single_process_curve[step] for step in resumed})
-
-
-@pytest.mark.slow
-def test_3d_checkpoint_resumes_on_one_process(pools, single_process_curve, tmp_path):
-    """fsdp+tp+pp on 8 ranks: the reference curve; its step-6 checkpoint (per-stage DCP shards, 2-D
-    DTensors) resumes on one process on the same curve."""
-    saved = train(
-        pools,
-        [*FAST, "trainer.max_steps=6", "parallel=fsdp+tp+pp", "trainer.devices=8", "data.micro_batch_size=2"],
-        tmp_path / "3d",
-    )
-    assert_steps_of(saved, range(6), single_process_curve)
-    resumed = resume(pools, CURVE, [], checkpoint(saved, 6), tmp_path / "resumed")
-    assert sorted(resumed) == list(range(6, STEPS))
-    assert_same_curve(resumed, {step: single_process_curve[step] for step in resumed})
+    resumed = train(pools, [*CURVE, f"ckpt_path={checkpoint(saved, 6)}"], tmp_path / "resumed")
+    assert_steps_of(resumed, range(6, STEPS), single_process_curve)
 
 
 @pytest.mark.slow
@@ -111,9 +93,8 @@ def test_a_checkpoint_saved_under_ep4_resumes_under_ep2_and_one_process(pools, m
     )
     assert_steps_of(source, range(5), reference)
     for name, layout in (("ep2", ["parallel=ep", "trainer.devices=2"]), ("single", [])):
-        resumed = resume(pools, MOE, layout, checkpoint(source, 5), tmp_path / name)
-        assert sorted(resumed) == list(range(5, STEPS)), name
-        assert_same_curve(resumed, {step: reference[step] for step in resumed})
+        resumed = train(pools, [*MOE, *layout, f"ckpt_path={checkpoint(source, 5)}"], tmp_path / name)
+        assert_steps_of(resumed, range(5, STEPS), reference)
 
 
 @pytest.mark.slow
