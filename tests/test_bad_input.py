@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FAST, run_train
+from conftest import FAST, assert_same_curve, read_metric, run_train
 
 from curry_train.cli.common import error_line, is_config_error
 from curry_train.config import compose
@@ -228,9 +228,10 @@ def test_a_sweep_reports_check_and_worker_failures_alike_and_goes_on(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_sweep_under_hydras_submitit_launcher_reports_its_failed_job(tmp_path):
+def test_a_sweep_under_hydras_submitit_launcher_reports_its_failed_job(single_process_curve, tmp_path):
     """The same sweep through Hydra's submitit launcher (its local executor: each job a process of its
-    own, as on SLURM): every job runs, the failed one is reported failed to the launcher by name."""
+    own, as on SLURM): every job runs, the failed one is reported failed to the launcher by name, and the
+    good one trains the single-process curve (the submitit launcher's path end to end)."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     result = run_train(
         [
@@ -248,5 +249,6 @@ def test_a_sweep_under_hydras_submitit_launcher_reports_its_failed_job(tmp_path)
     assert result.returncode == 1, result.stderr[-3000:]
     assert re.search(r"JobFailed: job 0 \(.*optim\.eps=-1\): exit 2", result.stderr), result.stderr[-3000:]
     assert any((tmp_path / "sweep" / "1" / "checkpoints").iterdir())
+    assert_same_curve(read_metric(tmp_path / "sweep" / "1"), {step: single_process_curve[step] for step in (0, 1)})
     job_errors = "".join(p.read_text() for p in (tmp_path / "sweep" / ".submitit").rglob("*_0_log.err"))
     assert "curry-train: error: optim.eps=-1.0 must be positive" in job_errors

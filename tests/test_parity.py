@@ -62,8 +62,9 @@ def pp(schedule: str, devices: int = 2, *extra: str, validate: bool = False) -> 
     return Row(f"pp-{schedule}-{devices}", overrides, validate_every=2 if validate else None)
 
 
-def compiled(name: str, backend: str, *layout: str, matrix: bool = False) -> Row:
-    return Row(f"compiled-{name}-{backend}", (*layout, "compile.enabled=true", f"compile.backend={backend}"), matrix)
+def compiled(name: str, backend: str, *layout: str, matrix: bool = False, parameters: int = DENSE_PARAMETERS) -> Row:
+    overrides = (*layout, "compile.enabled=true", f"compile.backend={backend}")
+    return Row(f"compiled-{name}-{backend}", overrides, matrix, parameters=parameters)
 
 
 # bf16 keeps 8 bits of mantissa (relative spacing 2**-8 = 3.9e-3). Units compute in bf16 and reduce
@@ -141,7 +142,7 @@ ROWS = [
     compiled(
         "cp-alltoall-2", "aot_eager", "parallel=cp", "trainer.devices=2", "parallel.cp.pattern=alltoall", matrix=True
     ),
-    compiled("moe-ep-2", "aot_eager", *MOE, "parallel=ep", "trainer.devices=2", matrix=True),
+    compiled("moe-ep-2", "aot_eager", *MOE, "parallel=ep", "trainer.devices=2", matrix=True, parameters=MOE_PARAMETERS),
     # -- 4 ranks ---------------------------------------------------------------------------------
     Row("dp-4", ("trainer.devices=4",)),
     fsdp("full", 4),
@@ -263,7 +264,15 @@ ROWS = [
         matrix=True,
         parameters=MOE_PARAMETERS,
     ),
-    Row("tp+pp+cp+ep-4d", (*MOE, "parallel=tp+pp+cp+ep", "trainer.devices=8"), matrix=True, parameters=MOE_PARAMETERS),
+    Row(
+        "tp+pp+cp+ep-4d",
+        (*MOE, "parallel=tp+pp+cp+ep", "trainer.devices=8"),
+        matrix=True,
+        parameters=MOE_PARAMETERS,
+        # sums reordered in four dimensions at once, the differences carried through two Adam updates:
+        # measured 1.2e-5 on the shared expert's w1 at step 3 (1e-6 at step 1); a wrong reduction is 1e-2
+        grad_rtol=3e-5,
+    ),
     compiled(
         "fsdp+tp+pp-2x2x2",
         "aot_eager",

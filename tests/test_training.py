@@ -70,19 +70,29 @@ def test_spawned_workers_reproduce_single_process_curve(single_process_curve, tm
 
 
 @pytest.mark.slow
-def test_sweep_writes_one_directory_per_job(tmp_path):
-    """-m with 2 workers per job: each job runs once; nothing but the two job directories is written."""
+def test_sweep_writes_one_directory_per_job(single_process_curve, tmp_path):
+    """-m with 2 workers per job: each job runs once; nothing but the two job directories is written; the
+    job of the default seed trains the single-process curve (the sweep launcher's path end to end)."""
     sweep_dir = tmp_path / "sweep"
+    default_seed = compose([]).seed
     run_train(
-        ["-m", *FAST, "trainer.max_steps=2", "trainer.devices=2", "seed=1,2", f"hydra.sweep.dir={sweep_dir}"],
+        [
+            "-m",
+            *FAST,
+            "trainer.max_steps=2",
+            "trainer.devices=2",
+            f"seed={default_seed},2",
+            f"hydra.sweep.dir={sweep_dir}",
+        ],
         cwd=tmp_path,
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep"]
     assert sorted(p.name for p in sweep_dir.iterdir()) == ["0", "1", "multirun.yaml"]
     curves = [read_metric(sweep_dir / job) for job in ("0", "1")]
     assert all(sorted(curve) == [0, 1] for curve in curves)
+    assert_same_curve(curves[0], {step: single_process_curve[step] for step in (0, 1)})  # warmup: max_steps apart
     assert curves[0][1] != curves[1][1]  # different seeds, different runs
-    for job, seed in (("0", 1), ("1", 2)):
+    for job, seed in (("0", default_seed), ("1", 2)):
         assert f"seed: {seed}" in (sweep_dir / job / ".hydra" / "config.yaml").read_text()
 
 
