@@ -174,13 +174,24 @@ def assert_same_curve(losses: dict[int, float], reference: dict[int, float], rto
         assert abs(losses[step] - expected) / expected <= rtol, (step, losses[step], expected)
 
 
+# After an example has printed its verdict: leave without the interpreter's teardown, where destroying gloo's
+# still-joinable threads can abort a finished process ("terminate called without an active exception", a
+# race in PyTorch's gloo backend that the launcher's workers avoid the same way).
+SEED_EXAMPLE_END = """
+import os as _os, sys as _sys
+_sys.stdout.flush()
+_sys.stderr.flush()
+_os._exit(0)
+"""
+
+
 def run_seed_example(source: str, tmp_path: Path, nproc: int = 2) -> str:
     """Run an issue's seed example (a script printing "SEED OK ..." per rank) as a user would: under
     torchrun with ``nproc`` CPU processes. Returns its stdout, where the ranks' lines may interleave
     (count "SEED OK", do not split lines); fails on a non-zero exit."""
 
     script = tmp_path / "seed_example.py"
-    script.write_text(textwrap.dedent(source))
+    script.write_text(textwrap.dedent(source) + SEED_EXAMPLE_END)
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), str(script)],
         cwd=tmp_path,
