@@ -19,13 +19,13 @@ from typing import Any, Optional
 import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from torchmetrics.aggregation import SumMetric
 
 from curry_train.config.schema import Config
 from curry_train.data.config import DataConfig
-from curry_train.data.loader import GlobalBatchSampler, PackedSequences, split_streams
-from curry_train.data.sources import load_streams
+from curry_train.data.loader import TrainBatches, ValBatches
+from curry_train.data.mixture import Mixture, served_tokens
 from curry_train.model.llama import Llama
 from curry_train.train_step import NonFiniteError, StepResult, TrainStep
 
@@ -72,8 +72,7 @@ class CausalLM(pl.LightningModule):
         group, nan = step.metrics_group, "disable"
         self.train_loss = SumMetric(process_group=group, sync_on_compute=True, nan_strategy=nan)
         self.train_tokens = SumMetric(process_group=group, sync_on_compute=True, nan_strategy=nan)
-        self.val_loss = SumMetric(process_group=group, sync_on_compute=True, nan_strategy=nan)
-        self.val_tokens = SumMetric(process_group=group, sync_on_compute=True, nan_strategy=nan)
+        self.val_sums: dict[int, tuple[SumMetric, SumMetric]] = {}
 
     @property
     def tokens_per_step(self) -> int:
@@ -134,6 +133,9 @@ class CausalLM(pl.LightningModule):
         self.train_tokens.reset()
         metrics = {"train/loss": loss, "train/ppl": loss.exp(), "train/grad_norm": result.grad_norm, "train/lr": lr}
         metrics.update(self.moe_metrics)  # MoE models: the last step's expert balance
+        datamodule = self.trainer.datamodule
+        if len(getattr(datamodule, "names", ())) > 1:  # a mixture: the tokens each source has served so far
+            metrics.update({f"train/tokens/{name}": n for name, n in datamodule.served_tokens().items()})
         if self.step.skipped_steps:  # a column only in runs that skipped a step: each row the count so far
             metrics["train/skipped_steps"] = self.step.skipped_steps
         if self._last_log_time is not None:
@@ -147,45 +149,107 @@ class CausalLM(pl.LightningModule):
     def on_train_epoch_start(self) -> None:
         self._last_log_time, self._steps_since_log = time.perf_counter(), 0
 
-    def validation_step(self, batch: Tensor, batch_idx: int) -> None:
+    def on_train_epoch_end(self) -> None:
+        # The training loader is endless unless a source ran out under data.exhausted=stop.
+        if self.trainer.global_step < self.trainer.max_steps and not self.trainer.should_stop:
+            if self.trainer.is_global_zero:
+                log.warning(
+                    "data: a source has served all its rows (data.exhausted=stop); training ends at step %d of %d",
+                    self.trainer.global_step,
+                    self.trainer.max_steps,
+                )
+            self.trainer.should_stop = True
+
+    def validation_step(self, batch: Tensor, batch_idx: int, dataloader_idx: int = 0) -> None:
         loss = self.step.forward_eval(batch)
-        self.val_loss.update(loss * self.tokens_per_step)  # back to a plain sum of token losses
+        loss_sum, token_sum = self._val_sums(dataloader_idx, loss.device)
+        loss_sum.update(loss * self.tokens_per_step)  # back to a plain sum of token losses
         tokens = batch[:, 1:].numel() * self.step.token_fraction
-        self.val_tokens.update(torch.tensor(tokens, dtype=torch.float64, device=loss.device))
+        token_sum.update(torch.tensor(tokens, dtype=torch.float64, device=loss.device))
+
+    def _val_sums(self, index: int, device: torch.device) -> tuple[SumMetric, SumMetric]:
+        """The sums of validation loader ``index`` (one per source that holds rows out)."""
+        if index not in self.val_sums:
+            group = self.step.metrics_group
+            self.val_sums[index] = tuple(
+                SumMetric(process_group=group, sync_on_compute=True, nan_strategy="disable").to(device)
+                for _ in range(2)
+            )
+        return self.val_sums[index]
 
     def on_validation_epoch_end(self) -> None:
-        tokens = self.val_tokens.compute()
-        if tokens > 0:
-            loss = (self.val_loss.compute() / tokens).float()
+        datamodule = self.trainer.datamodule
+        names = getattr(datamodule, "val_sources", [])
+        metrics, total_loss, total_tokens = {}, 0.0, 0.0
+        for index in sorted(self.val_sums):  # every rank ran the same loaders: the sums sync in one order
+            loss_sum, token_sum = self.val_sums[index]
+            loss, tokens = loss_sum.compute(), token_sum.compute()
+            loss_sum.reset()
+            token_sum.reset()
+            if tokens > 0:
+                total_loss, total_tokens = total_loss + loss, total_tokens + tokens
+                if len(getattr(datamodule, "names", ())) > 1:
+                    metrics[f"val/{names[index]}/loss"] = (loss / tokens).float()
+        if total_tokens > 0:
+            loss = (total_loss / total_tokens).float()
             self.log_dict({"val/loss": loss, "val/ppl": loss.exp()}, prog_bar=True)
-        self.val_loss.reset()
-        self.val_tokens.reset()
+            if metrics:
+                self.log_dict(metrics)
         self._last_log_time = time.perf_counter()  # validation time is not training throughput
 
 
 class LMDataModule(pl.LightningDataModule):
-    """Train and validation loaders whose batches are this rank's slice of a global batch.
+    """Train and validation loaders whose batches are this rank's slice of a global batch of the mixture.
 
-    Each batch is a ``(global_batch_size / dp, seq_len + 1)`` tensor of token ids; the training step
-    cuts it into micro-batches. Data-parallel rank and size come from the strategy
+    Each training batch is a ``(global_batch_size / dp, seq_len + 1)`` tensor of token ids; the training
+    step cuts it into micro-batches. Data-parallel rank and size come from the strategy
     (``trainer.distributed_sampler_kwargs``), which takes them from the data-parallel sub-mesh, so
     ranks that hold the same batch (tensor, pipeline or context parallel peers) read the same data.
+
+    The loader state (``data/mixture.py``) is the position after the last batch training took: it is in
+    every checkpoint (``state_dict``, under this class's name) and a resumed run starts there, on any
+    number of ranks. Validation: one loader per source that holds rows out.
     """
 
     def __init__(self, cfg: DataConfig, seed: int) -> None:
         super().__init__()
         self.cfg, self.seed = cfg, seed
-        self.train_set: Optional[PackedSequences] = None
-        self.val_set: Optional[PackedSequences] = None
+        self.mixture: Optional[Mixture] = None
         self.vocab_size: Optional[int] = None
+        self.resumed: Optional[dict[str, Any]] = None  # the state a checkpoint handed over
+        self.state: Optional[dict[str, Any]] = None  # after the last batch training took
+        self.val_sources: list[str] = []  # the sources of the validation loaders, in order
 
     def setup(self, stage: str) -> None:
-        if self.train_set is not None:
-            return
-        streams, self.vocab_size = load_streams(self.cfg)
-        train, val = split_streams(streams, self.cfg.val_fraction)
-        self.train_set = PackedSequences(train, self.cfg.seq_len, self.vocab_size)
-        self.val_set = PackedSequences(val, self.cfg.seq_len, self.vocab_size)
+        if self.mixture is None:
+            self.mixture = Mixture(self.cfg, self.seed)
+            self.vocab_size = self.mixture.vocab_size
+
+    @property
+    def names(self) -> list[str]:
+        return self.mixture.names
+
+    def state_dict(self) -> dict[str, Any]:
+        state = self.state if self.state is not None else self.resumed
+        return {"mixture": state} if state is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.resumed = state_dict["mixture"]
+
+    def served_tokens(self) -> dict[str, int]:
+        """Training tokens each source has served, over the whole run (resumed ones included)."""
+        return served_tokens(self.state, self.cfg.seq_len) if self.state is not None else {}
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if not isinstance(batch, (tuple, list)):
+            return batch  # a validation batch
+        tokens, state = batch
+        before = self.state["sources"] if self.state is not None else {}
+        for name, source in state["sources"].items():
+            if name in before and source["epoch"] > before[name]["epoch"]:
+                log.info("data: source %s has served all its rows; epoch %d of it starts", name, source["epoch"])
+        self.state = state
+        return tokens
 
     def _dp(self) -> tuple[int, int]:
         kwargs = self.trainer.distributed_sampler_kwargs if self.trainer is not None else None
@@ -193,37 +257,42 @@ class LMDataModule(pl.LightningDataModule):
             return 0, 1
         return kwargs["rank"], kwargs["num_replicas"]
 
-    def _loader(self, dataset: Dataset, sampler: GlobalBatchSampler) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_sampler=sampler,
-            collate_fn=torch.stack,
-            num_workers=self.cfg.num_workers,
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=self.cfg.num_workers > 0,
-        )
+    def _start(self) -> dict[str, Any]:
+        if self.resumed is not None:
+            return self.resumed
+        steps = self.trainer.global_step if self.trainer is not None else 0
+        if steps:
+            log.warning("data: the checkpoint holds no loader state (an older run's); reading past %d steps", steps)
+        return self.mixture.state_after(steps)
 
     def train_dataloader(self) -> DataLoader:
         rank, size = self._dp()
-        trainer = self.trainer
-        sampler = GlobalBatchSampler(
-            len(self.train_set),
-            self.cfg.global_batch_size,
-            rank,
-            size,
-            self.seed,
-            start_step=(lambda: trainer.global_step) if trainer is not None else (lambda: 0),
+        self.state = self._start()
+        return DataLoader(
+            TrainBatches(self.mixture, self.state, rank, size),
+            batch_size=None,
+            num_workers=self.cfg.num_workers,
+            pin_memory=torch.cuda.is_available(),
         )
-        return self._loader(self.train_set, sampler)
 
-    def val_dataloader(self) -> DataLoader | list:
+    def val_dataloader(self) -> list[DataLoader]:
         rank, size = self._dp()
-        batches = len(self.val_set) // self.cfg.global_batch_size
-        if self.trainer is not None and isinstance(self.trainer.limit_val_batches, int):
-            batches = min(batches, self.trainer.limit_val_batches)
-        if batches == 0:  # validation off, or a held-out tail shorter than one global batch
+        limit = self.trainer.limit_val_batches if self.trainer is not None else None
+        if self.cfg.val_fraction <= 0 or limit == 0:
+            self.val_sources = []
             return []
-        sampler = GlobalBatchSampler(
-            len(self.val_set), self.cfg.global_batch_size, rank, size, self.seed, shuffle=False, num_steps=batches
-        )
-        return self._loader(self.val_set, sampler)
+        loaders, self.val_sources = [], []
+        for index, name in enumerate(self.mixture.names):
+            if not self.mixture.holds_out(index):
+                continue
+            loaders.append(
+                DataLoader(
+                    ValBatches(self.mixture, index, rank, size, limit if isinstance(limit, int) else None),
+                    batch_size=None,
+                    num_workers=self.cfg.num_workers,
+                    pin_memory=torch.cuda.is_available(),
+                    persistent_workers=self.cfg.num_workers > 0,
+                )
+            )
+            self.val_sources.append(name)
+        return loaders

@@ -18,7 +18,7 @@ from conftest import FAST, assert_same_curve, read_metric, run_train
 from curry_train.cli.common import error_line, is_config_error
 from curry_train.config import compose
 from curry_train.config.checks import check
-from curry_train.data.loader import PackedSequences
+from curry_train.data.mixture import TokenWindows
 from curry_train.data.sources import DataError, TokenFileMeta
 
 
@@ -167,7 +167,7 @@ def test_the_good_files_of_the_table_pass(data_dir, tmp_path):
 def test_a_token_id_past_the_scanned_head_and_tail_stops_its_window():
     """Token files too large to scan whole at the check are checked window by window as they are read."""
     stream = np.array([1, 2, 3, 4, 300, 5, 6, 7, 8], dtype=np.uint16)
-    windows = PackedSequences([stream], seq_len=2, vocab_size=256)
+    windows = TokenWindows([stream], seq_len=2, vocab_size=256)
     assert windows[0].tolist() == [1, 2, 3]
     with pytest.raises(DataError, match=r"token id 300 is not below the data's vocabulary \(256\)"):
         windows[1]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import subprocess
 import sys
@@ -17,14 +16,13 @@ import torch
 
 from curry_train.cli import tokenize_data as tokenize_cli
 from curry_train.config.schema import DataConfig
-from curry_train.data.loader import GlobalBatchSampler, PackedSequences, split_streams
+from curry_train.data.mixture import Mixture, TokenWindows, split_streams
 from curry_train.data.sources import (
     ByteTokenizer,
     DataError,
     HFTokenizer,
     TokenFileMeta,
     iter_documents,
-    load_streams,
     open_token_file,
     stdlib_files,
     tokenize_documents,
@@ -36,111 +34,6 @@ SCRIPT = REPO / "scripts" / "tokenize_data.py"
 
 
 # ----------------------------------------------------------------------------------------------
-# GlobalBatchSampler
-
-
-def rank_batches(num_samples: int, global_batch: int, dp_size: int, seed: int, steps: int) -> List[List[List[int]]]:
-    """Per step, the slices of every rank of a ``dp_size``-way layout, in rank order."""
-    samplers = [
-        GlobalBatchSampler(num_samples, global_batch, r, dp_size, seed, num_steps=steps) for r in range(dp_size)
-    ]
-    return [list(slices) for slices in zip(*samplers, strict=False)]
-
-
-def global_batches(num_samples: int, global_batch: int, seed: int, steps: int, shuffle: bool = True) -> List[List[int]]:
-    """The first ``steps`` global batches, read by a single rank."""
-    return list(GlobalBatchSampler(num_samples, global_batch, 0, 1, seed, shuffle=shuffle, num_steps=steps))
-
-
-@pytest.mark.parametrize("dp_size", [1, 2, 4])
-def test_ranks_together_read_the_single_process_batch(dp_size: int) -> None:
-    # 40 samples in global batches of 8: 5 steps an epoch, so 12 steps cross two epoch boundaries.
-    single = global_batches(40, 8, seed=3, steps=12)
-    per_step = rank_batches(40, 8, dp_size, seed=3, steps=12)
-    assert len(per_step) == 12
-    sampler = GlobalBatchSampler(40, 8, 0, 1, 3)
-    for step, slices in enumerate(per_step):
-        assert all(len(s) == 8 // dp_size for s in slices)
-        assert sum(slices, []) == single[step] == sampler.global_batch(step).tolist()
-
-
-def test_global_batches_depend_on_seed_not_on_global_rng() -> None:
-    first = global_batches(64, 8, seed=0, steps=8)
-    torch.manual_seed(1234)  # the global generator must not leak into the order
-    torch.rand(7)
-    again = global_batches(64, 8, seed=0, steps=8)
-    other_seed = global_batches(64, 8, seed=1, steps=8)
-    assert first == again
-    assert first != other_seed
-    assert sorted(sum(first, [])) == sorted(sum(other_seed, [])) == list(range(64))
-
-
-def test_global_batch_size_cuts_one_permutation() -> None:
-    # The epoch's permutation depends on the seed alone; the global batch size only decides the cuts.
-    small = global_batches(64, 4, seed=5, steps=4)
-    large = global_batches(64, 8, seed=5, steps=2)
-    assert small[0] + small[1] == large[0]
-    assert small[2] + small[3] == large[1]
-    assert len(small[0]) == 4 and len(large[0]) == 8
-
-
-@pytest.mark.parametrize("dp_size,rank", [(1, 0), (2, 1), (4, 3)])
-def test_resume_at_start_step_reads_the_uninterrupted_batches(dp_size: int, rank: int) -> None:
-    def run(start: int, steps: int) -> List[List[int]]:
-        sampler = GlobalBatchSampler(30, 8, rank, dp_size, 11, start_step=lambda: start, num_steps=steps)
-        return list(sampler)
-
-    uninterrupted = run(0, 15)  # 3 steps an epoch: the resume points fall mid-epoch and on a boundary
-    for start in (1, 3, 7):
-        assert run(start, 15 - start) == uninterrupted[start:]
-
-
-def test_start_step_is_read_when_iteration_starts() -> None:
-    step = {"value": 0}
-    sampler = GlobalBatchSampler(32, 4, 0, 1, 2, start_step=lambda: step["value"], num_steps=2)
-    step["value"] = 5  # the trainer's global step after a checkpoint restore, set after construction
-    assert list(sampler) == [sampler.global_batch(5).tolist(), sampler.global_batch(6).tolist()]
-
-
-def test_each_epoch_is_a_new_permutation_of_all_samples() -> None:
-    batches = global_batches(24, 6, seed=7, steps=12)  # 4 steps an epoch, 3 epochs
-    epochs = [sum(batches[e * 4 : (e + 1) * 4], []) for e in range(3)]
-    for order in epochs:
-        assert sorted(order) == list(range(24))
-    assert len({tuple(order) for order in epochs}) == 3
-
-
-def test_epoch_drops_the_remainder_without_repeats() -> None:
-    batches = global_batches(27, 6, seed=7, steps=8)  # 4 full batches an epoch, 3 samples left over
-    for epoch in range(2):
-        order = sum(batches[epoch * 4 : (epoch + 1) * 4], [])
-        assert len(order) == len(set(order)) == 24
-        assert set(order) <= set(range(27))
-
-
-def test_unshuffled_order_is_sequential() -> None:
-    expected = [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [0, 1, 2, 3]]  # the fourth step starts epoch 1
-    assert global_batches(12, 4, seed=9, steps=4, shuffle=False) == expected
-
-
-def test_num_steps_bounds_iteration() -> None:
-    bounded = GlobalBatchSampler(16, 4, 0, 1, 0, num_steps=9)
-    assert len(bounded) == 9
-    assert len(list(bounded)) == 9
-    endless = GlobalBatchSampler(16, 4, 0, 1, 0)
-    with pytest.raises(TypeError):
-        len(endless)
-    assert len(list(itertools.islice(endless, 50))) == 50
-
-
-def test_sampler_rejects_indivisible_batch_and_too_few_samples() -> None:
-    with pytest.raises(ValueError, match="not divisible by 4"):
-        GlobalBatchSampler(64, 6, 0, 4, 0)
-    with pytest.raises(ValueError, match="cannot fill one global batch of 8"):
-        GlobalBatchSampler(7, 8, 0, 1, 0)
-
-
-# ----------------------------------------------------------------------------------------------
 # Packing and splitting
 
 
@@ -149,10 +42,10 @@ def test_packed_windows_over_several_streams() -> None:
     first = np.arange(0, 25, dtype=np.uint16)  # 6 windows: the 25th token is only a target
     second = np.arange(1000, 1013, dtype=np.uint16)  # 3 windows; values above uint8 survive
     tiny = np.arange(5000, 5004, dtype=np.uint16)  # shorter than seq_len + 1: no window
-    data = PackedSequences([first, tiny, second], seq_len)
+    data = TokenWindows([first, tiny, second], seq_len)
     assert len(data) == 9
     windows = [data[i] for i in range(len(data))]
-    assert all(w.dtype == torch.int64 and w.shape == (seq_len + 1,) for w in windows)
+    assert all(w.dtype == np.int64 and w.shape == (seq_len + 1,) for w in windows)
     for i in range(6):
         assert windows[i].tolist() == list(range(4 * i, 4 * i + 5))
     for i in range(3):
@@ -161,20 +54,20 @@ def test_packed_windows_over_several_streams() -> None:
 
 def test_packed_targets_continue_into_the_next_window() -> None:
     stream = np.random.default_rng(0).integers(0, 256, size=101, dtype=np.uint8)
-    data = PackedSequences([stream], seq_len=10)
+    data = TokenWindows([stream], seq_len=10)
     assert len(data) == 10
     for i in range(len(data) - 1):
         # The last target of window i is the first input of window i+1: no token is skipped or doubled.
         assert data[i][-1] == data[i + 1][0]
-    inputs = torch.cat([data[i][:-1] for i in range(len(data))])
+    inputs = np.concatenate([data[i][:-1] for i in range(len(data))])
     assert inputs.tolist() == stream[:100].tolist()
     assert data[len(data) - 1][-1] == stream[100]
 
 
 def test_packed_length_at_the_edges() -> None:
-    assert len(PackedSequences([np.zeros(5, np.uint8)], 4)) == 1
-    assert len(PackedSequences([np.zeros(4, np.uint8)], 4)) == 0
-    assert len(PackedSequences([np.zeros(0, np.uint8)], 4)) == 0
+    assert len(TokenWindows([np.zeros(5, np.uint8)], 4)) == 1
+    assert len(TokenWindows([np.zeros(4, np.uint8)], 4)) == 0
+    assert len(TokenWindows([np.zeros(0, np.uint8)], 4)) == 0
 
 
 def test_split_streams_holds_out_the_tail_fraction() -> None:
@@ -403,12 +296,14 @@ def test_token_source_loads_the_written_file(script: ModuleType, tmp_path: Path,
     out = tmp_path / "corpus.bin"
     assert script.main([*map(str, corpus), "--output", str(out), "--quiet"]) == 0
     expected = tokenize_documents(iter_documents(corpus, "text"), ByteTokenizer())
-    streams, vocab_size = load_streams(DataConfig(source="tokens", paths=[str(out)]))
-    assert vocab_size == 256 and len(streams) == 1
-    assert np.array_equal(streams[0], expected)
-    # The files source tokenizes the same inputs at start-up into the same stream.
-    files_streams, files_vocab = load_streams(DataConfig(source="files", paths=[str(p) for p in corpus]))
-    assert files_vocab == 256 and np.array_equal(files_streams[0], expected)
+    cfg = DataConfig(source="tokens", paths=[str(out)], seq_len=16, val_fraction=0.0)
+    (rows,) = Mixture(cfg, seed=0).rows
+    assert rows.vocab_size == 256 and np.array_equal(rows.train.streams[0], expected)
+    # The files source packs the same inputs into the same rows, read as it trains.
+    files = DataConfig(source="files", paths=[str(p) for p in corpus], seq_len=16, val_fraction=0.0)
+    (streamed,) = Mixture(files, seed=0).rows
+    packed = [row for _, row in streamed.pack(streamed.train_start)]
+    assert len(packed) == len(rows.train) and all(np.array_equal(p, rows.train[k]) for k, p in enumerate(packed))
 
 
 def test_data_module_batches_from_a_token_file(script: ModuleType, tmp_path: Path) -> None:
@@ -422,12 +317,15 @@ def test_data_module_batches_from_a_token_file(script: ModuleType, tmp_path: Pat
     assert module.vocab_size == 256
     stream = open_token_file(out)
     cut = len(stream) - int(len(stream) * 0.25)
-    assert len(module.train_set) == (cut - 1) // 16
-    windows = {tuple(stream[k * 16 : k * 16 + 17].tolist()) for k in range(len(module.train_set))}
-    batch = next(iter(module.train_dataloader()))
+    (rows,) = module.mixture.rows
+    assert len(rows.train) == (cut - 1) // 16
+    windows = {tuple(stream[k * 16 : k * 16 + 17].tolist()) for k in range(len(rows.train))}
+    batch, state = next(iter(module.train_dataloader()))
+    assert state["sources"]["tokens"]["taken"] == 4
     assert batch.shape == (4, 17) and batch.dtype == torch.int64
     assert all(tuple(row.tolist()) in windows for row in batch)  # stride-aligned windows of the training part
-    val = list(module.val_dataloader())
+    (loader,) = module.val_dataloader()
+    val = list(loader)
     assert [b.shape for b in val] == [(4, 17)] * ((len(stream) - cut - 1) // 16 // 4)
     assert val[0][0].tolist() == stream[cut : cut + 17].tolist()
 

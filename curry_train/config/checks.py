@@ -23,7 +23,8 @@ from curry_train.checkpoint.hf_config import MOE_SHAPE_KEYS, PretrainedError, hf
 from curry_train.config import ConfigError
 from curry_train.config.resume import resolve
 from curry_train.config.schema import ParallelConfig, unknown_keys
-from curry_train.data.sources import TOKENIZER_FILE, DataError, DataSurvey, held_out, is_tokenizer, survey, windows
+from curry_train.data.mixture import DataSurvey, survey
+from curry_train.data.sources import TOKENIZER_FILE, DataError
 from curry_train.layout.dims import ParallelDims
 from curry_train.layout.pipeline import check_microbatches, split_layers, stages_per_rank
 from curry_train.model.config import MoEConfig, RopeScalingConfig
@@ -303,49 +304,44 @@ def _check_moe_layout(cfg: DictConfig, layout: ParallelConfig, dims: ParallelDim
 
 def _survey_data(cfg: DictConfig) -> DataSurvey:
     d = cfg.data
-    if d.source not in DATA_SOURCES:
-        raise ConfigError(f"data.source={d.source!r}: expected one of {', '.join(DATA_SOURCES)}")
-    if d.source != "stdlib":
-        if not d.paths:
+    if d.sources is None:
+        if d.source not in DATA_SOURCES:
+            raise ConfigError(f"data.source={d.source!r}: expected one of {', '.join(DATA_SOURCES)}")
+        if d.source != "stdlib" and not d.paths:
             raise ConfigError(f"data.source={d.source} needs data.paths, e.g. 'data.paths=[/data/corpus.txt]'")
-        for path in d.paths:
+        for path in d.paths if d.source in ("files", "tokens") else ():
             if not Path(path).is_file():
                 raise ConfigError(f"data.paths: {path} does not exist (or is not a file)")
-    if d.source == "files" and not is_tokenizer(d.tokenizer):
-        raise ConfigError(
-            f"data.tokenizer={d.tokenizer}: no such file (use 'byte', a tokenizer.json or a directory holding one)"
-        )
     try:
         return survey(d)
-    except DataError as error:
+    except (DataError, ImportError) as error:
         raise ConfigError(str(error)) from None
-    except ImportError as error:
-        raise ConfigError(str(error)) from None
-    except Exception as error:  # the tokenizers library reports an unreadable file as a bare Exception
-        if d.source != "files":
-            raise
-        raise ConfigError(f"data.tokenizer={d.tokenizer}: not a readable tokenizer.json ({error})") from None
 
 
 def _check_data_fills_batches(cfg: DictConfig, data: DataSurvey) -> None:
     """A batch the data cannot fill is an error; a validation set too short for one batch, a warning."""
     d = cfg.data
-    if data.stream_tokens is None:  # large text, counted when the workers tokenize it (DataError there)
+    if any(s.train_rows is None for s in data.sources):  # large text, counted when the workers read it
         return
-    held = [held_out(n, d.val_fraction) for n in data.stream_tokens]
-    train = sum(windows(n - h, d.seq_len) for n, h in zip(data.stream_tokens, held, strict=True))
+    train = sum(s.train_rows for s in data.sources)
+    tokens = sum(s.tokens for s in data.sources)
     if train < d.global_batch_size:
         raise ConfigError(
-            f"data: {sum(data.stream_tokens)} tokens make {train} training sequences of data.seq_len={d.seq_len}"
+            f"data: {tokens} tokens make {train} training sequences of data.seq_len={d.seq_len}"
             f" (after data.val_fraction={d.val_fraction} is held out), fewer than one global batch"
             f" (data.global_batch_size={d.global_batch_size}); add data, or lower data.seq_len or the batch size"
         )
-    val = sum(windows(h, d.seq_len) for h in held)
+    for source in data.sources:
+        if source.train_rows == 0:
+            raise ConfigError(
+                f"data: source {source.name}'s {source.tokens} tokens make no training sequence of"
+                f" data.seq_len={d.seq_len} (after data.val_fraction={d.val_fraction} is held out)"
+            )
+    val = sum(s.val_rows for s in data.sources)
     if d.val_fraction > 0 and cfg.trainer.limit_val_batches > 0 and val < d.global_batch_size:
         log.warning(
-            "data: the held-out %d tokens make %d validation sequences, fewer than one global batch (%d):"
+            "data: the held-out data make %d validation sequences, fewer than one global batch (%d):"
             " this run validates nothing; raise data.val_fraction, or set trainer.limit_val_batches=0",
-            sum(held),
             val,
             d.global_batch_size,
         )

@@ -3,23 +3,39 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List
+from typing import Any, List, Optional
 
 
 @dataclass
 class DataConfig:
-    """Where tokens come from and how they are batched."""
+    """Where tokens come from and how they are batched.
 
-    source: str = "stdlib"  # stdlib (bundled corpus) | files (text/JSONL paths) | tokens (memmap files)
-    paths: List[str] = field(default_factory=list)  # input files for source=files or source=tokens
-    text_key: str = "text"  # field holding the text in JSONL records
+    One source (``source`` + ``paths``), or a mixture (``sources``: a list, or a map name -> source),
+    each source a mapping with the keys of ``SourceConfig``; ``data/mixture.py`` reads either form."""
+
+    source: str = "stdlib"  # stdlib (bundled corpus) | files (text, JSONL) | tokens | parquet | datasets
+    paths: List[str] = field(default_factory=list)  # input files (or directories: parquet, datasets)
+    sources: Optional[Any] = (
+        None  # a mixture: [{kind, paths, weight, ...}, ...] or {name: {...}}; replaces source/paths
+    )
+    text_key: str = "text"  # field holding the text in JSONL records, Parquet columns and datasets rows
     tokenizer: str = "auto"  # byte | a tokenizer.json | a HF model directory | auto: model.init_from's, else byte
     seq_len: int = 256  # tokens per training sequence
     global_batch_size: int = 32  # sequences per optimizer step, over all data-parallel ranks
     micro_batch_size: int = 8  # sequences per forward/backward on one rank
-    val_fraction: float = 0.02  # tail of the token stream held out for validation
+    val_fraction: float = 0.02  # held out for validation: a token file's tail, a streamed source's first documents
+    exhausted: str = "repeat"  # a source that has served all its rows: repeat (its next epoch) | stop (the run)
+    shuffle_window: int = 1024  # a streamed source's rows are shuffled within windows of this many rows
     num_workers: int = 0  # DataLoader worker processes per rank
 
 
-# ----------------------------------------------------------------------------------------------
-# Tokenizers
+@dataclass
+class SourceConfig:
+    """One source of a mixture (``data.sources``)."""
+
+    kind: str = "files"  # files (.txt / .jsonl) | tokens (token files) | parquet | datasets (save_to_disk) | stdlib
+    paths: List[str] = field(default_factory=list)  # its files (parquet: files or directories; datasets: one directory)
+    weight: float = 1.0  # its share of training rows (and tokens), relative to the others' weights
+    text_key: Optional[str] = None  # null: data.text_key
+    tokenizer: Optional[str] = None  # null: data.tokenizer; every source must produce the same vocabulary
+    name: Optional[str] = None  # null: the map's key, else the kind (numbered where two share it)

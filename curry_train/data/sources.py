@@ -1,23 +1,14 @@
-"""Tokens in, packed fixed-length sequences out, in an order that no layout can change.
+"""Tokenizers, text documents and token files (no torch).
 
-Sources (``data.source``):
-
-* ``stdlib``: the bundled corpus, this Python's own standard-library source files, present on every
+* The bundled corpus (``stdlib``): this Python's own standard-library source files, present on every
   machine (no download). Byte-level.
-* ``files``: ``.txt`` files (one document each) and ``.jsonl`` files (one document per record, the
-  ``data.text_key`` field), tokenized at start-up: bytes, a Hugging Face ``tokenizer.json``, or a
-  Hugging Face model directory's tokenizer (``model.init_from``'s by default).
-* ``tokens``: pre-tokenized token files, a flat numpy memmap (``.bin``) with a ``.json`` sidecar
-  naming its dtype and vocabulary, as written by ``scripts/tokenize_data.py``.
+* Text: ``.txt`` files (one document each) and ``.jsonl`` files (one document per record, the
+  ``text_key`` field), read through bytes, a Hugging Face ``tokenizer.json``, or a Hugging Face model
+  directory's tokenizer (``model.init_from``'s by default). Every document's tokens end with a separator.
+* Token files: a flat numpy memmap (``.bin``) with a ``.json`` sidecar naming its dtype and vocabulary,
+  as written by ``scripts/tokenize_data.py``.
 
-Documents are joined with a separator token and cut into windows of ``seq_len + 1`` tokens (input
-and shifted target) with stride ``seq_len``. The tail ``val_fraction`` of every token stream is
-held out for validation.
-
-Order: global batch ``s`` is the ``s``-th slice of ``global_batch_size`` indices of a permutation
-seeded by ``(seed, epoch)``; data-parallel rank ``r`` of ``d`` takes the ``r``-th ``1/d`` of it.
-The sequence of global batches therefore depends on the seed and the global batch size only, and
-a run on any number of ranks trains on exactly the sequences of the single-process run.
+How sources are mixed, packed into rows and ordered: ``mixture.py``.
 """
 
 from __future__ import annotations
@@ -30,8 +21,6 @@ from pathlib import Path
 from typing import Iterable, Iterator, List, Optional, Sequence
 
 import numpy as np
-
-from curry_train.data.config import DataConfig
 
 BYTE_SEPARATOR = 0  # NUL never occurs in text files, so it marks document boundaries in byte streams
 TOKEN_SUFFIX = ".bin"
@@ -298,69 +287,7 @@ def check_token_ids(path: str | Path, tokens: np.ndarray, vocab_size: int, start
             )
 
 
-def load_streams(cfg: DataConfig) -> tuple[List[np.ndarray], int]:
-    """The token streams of ``cfg`` and the vocabulary size they need."""
-    if cfg.source == "stdlib":
-        tokenizer = ByteTokenizer()
-        return [tokenize_documents((p.read_bytes() for p in stdlib_files()), tokenizer)], tokenizer.vocab_size
-    if cfg.source == "files":
-        tokenizer = make_tokenizer(cfg.tokenizer)
-        return [tokenize_documents(iter_documents(cfg.paths, cfg.text_key), tokenizer)], tokenizer.vocab_size
-    if cfg.source == "tokens":
-        streams = [open_token_file(p) for p in cfg.paths]
-        return streams, max(TokenFileMeta.read(p).vocab_size for p in cfg.paths)
-    raise ValueError(f"data.source={cfg.source!r}: expected stdlib, files or tokens")
-
-
-@dataclass(frozen=True)
-class DataSurvey:
-    """What the launch check learns of the data without loading it into the model's shape."""
-
-    vocab_size: int
-    stream_tokens: Optional[List[int]]  # tokens of each stream; None where counting would mean tokenizing much text
-
-
-def survey(cfg: DataConfig) -> DataSurvey:
-    """The vocabulary and (where cheap) the token counts of ``cfg``'s data; ``DataError`` for the first
-    file that cannot be trained on. Token files: sidecar, size and every token id (head and tail of
-    files over ``SCAN_TOKENS``; ``PackedSequences`` checks the windows it serves). Text: all of it when
-    counting is cheap, else the head of each file."""
-    if cfg.source == "stdlib":
-        return DataSurvey(ByteTokenizer.vocab_size, None)
-    if cfg.source == "tokens":
-        counts, vocab = [], 0
-        for path in cfg.paths:
-            meta, tokens = TokenFileMeta.read(path), open_token_file(path)
-            if len(tokens) <= SCAN_TOKENS:
-                check_token_ids(path, tokens, meta.vocab_size)
-            else:
-                half = SCAN_TOKENS // 2
-                check_token_ids(path, tokens[:half], meta.vocab_size)
-                check_token_ids(path, tokens[-half:], meta.vocab_size, start=len(tokens) - half)
-            counts.append(len(tokens))
-            vocab = max(vocab, meta.vocab_size)
-        return DataSurvey(vocab, counts)
-    tokenizer = make_tokenizer(cfg.tokenizer)
-    paths = [Path(p) for p in cfg.paths]
-    for path in paths:
-        if path.stat().st_size == 0:
-            raise DataError(f"{path}: an empty file (data.paths)")
-    byte_level = isinstance(tokenizer, ByteTokenizer)
-    if sum(p.stat().st_size for p in paths) > (CHECK_TEXT_BYTES if byte_level else CHECK_TOKENIZED_BYTES):
-        for path in paths:
-            _check_head(path, cfg.text_key)
-        return DataSurvey(tokenizer.vocab_size, None)
-    count = 0
-    for document in iter_documents(paths, cfg.text_key):
-        if byte_level:
-            count += len(document.encode("utf-8") if isinstance(document, str) else document)
-        else:
-            count += len(tokenizer.encode(document))
-        count += tokenizer.separator is not None
-    return DataSurvey(tokenizer.vocab_size, [count])
-
-
-def _check_head(path: Path, text_key: str) -> None:
+def check_head(path: Path, text_key: str) -> None:
     """The first ``TEXT_SAMPLE`` bytes of a large text file: text, and (JSONL) whole records."""
     with path.open("rb") as file:
         head = file.read(TEXT_SAMPLE)
@@ -379,10 +306,7 @@ def windows(num_tokens: int, seq_len: int) -> int:
     return max(0, (num_tokens - 1) // seq_len)
 
 
-def held_out(num_tokens: int, val_fraction: float) -> int:
-    """Tokens at a stream's tail held out for validation."""
-    return int(num_tokens * val_fraction)
-
-
-# ----------------------------------------------------------------------------------------------
-# Packed sequences
+def held_out(count: int, val_fraction: float) -> int:
+    """Of ``count`` tokens (a token stream's tail) or documents (a streamed source's head), those held out
+    for validation."""
+    return int(count * val_fraction)

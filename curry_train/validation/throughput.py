@@ -25,8 +25,7 @@ each repeat's own ratio.
   and hyperparameters, ``LambdaLR`` with ``curry_train.module.lr_lambda``, the same micro-batching
   and loss normalization (cross-entropy summed / ``global_batch_size * seq_len``, one backward per
   micro-batch), ``clip_grad_norm_``, ``optimizer.step()``, ``zero_grad(set_to_none=True)``; batches
-  from the same ``PackedSequences`` and ``GlobalBatchSampler`` (rank 0 of 1) through a
-  ``DataLoader(collate_fn=torch.stack)``.
+  from the same ``TrainBatches`` (rank 0 of 1) through a ``DataLoader``.
 
 Both loops record their per-step loss; they must agree (the same weights, data and arithmetic), which
 the table reports as the largest relative difference: the comparison is apples to apples.
@@ -54,7 +53,7 @@ from torch.utils.data import DataLoader
 from curry_train.config import ConfigError, compose
 from curry_train.config.checks import LaunchPlan, check
 from curry_train.config.schema import Config
-from curry_train.data.loader import GlobalBatchSampler
+from curry_train.data.loader import TrainBatches
 from curry_train.model.config import head_dim
 from curry_train.model.llama import Llama
 from curry_train.module import LMDataModule, lr_lambda
@@ -290,11 +289,9 @@ def run_hand_loop(
     )
     max_norm = o.grad_clip if o.grad_clip > 0 else float("inf")
 
-    sampler = GlobalBatchSampler(len(datamodule.train_set), d.global_batch_size, 0, 1, cfg.seed)
     loader = DataLoader(
-        datamodule.train_set,
-        batch_sampler=sampler,
-        collate_fn=torch.stack,
+        TrainBatches(datamodule.mixture, datamodule.mixture.start_state(), 0, 1),
+        batch_size=None,
         num_workers=d.num_workers,
         pin_memory=device.type == "cuda",
     )
@@ -302,7 +299,7 @@ def run_hand_loop(
 
     step_ends: list[float] = []
     losses: list[torch.Tensor] = []
-    for step, batch in enumerate(loader):
+    for step, (batch, _) in enumerate(loader):
         batch = batch.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext():
             total = torch.zeros((), device=device)
