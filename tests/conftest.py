@@ -35,6 +35,15 @@ FAST = (
 )
 
 
+def hydra_value(value: object) -> str:
+    """``value`` in Hydra's override grammar (strings quoted): ``f"data.sources={hydra_value(sources)}"``."""
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{hydra_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(hydra_value(v) for v in value) + "]"
+    return f"'{value}'" if isinstance(value, str) else str(value)
+
+
 def clean_env(extra: Optional[dict] = None) -> dict:
     """The environment of a user's shell: no launcher variables inherited from the test runner."""
     env = {

@@ -12,23 +12,23 @@ import json
 import os
 import signal
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
-from conftest import FAST, STEPS, assert_same_curve, kill_group, read_metric, start_train, train, wait_until
+from conftest import (
+    FAST,
+    STEPS,
+    assert_same_curve,
+    hydra_value,
+    kill_group,
+    read_metric,
+    start_train,
+    train,
+    wait_until,
+)
 
 from curry_train.checkpoint import dcp, files
 from curry_train.data.sources import TokenFileMeta
-
-
-def hydra_value(value: Any) -> str:
-    """``value`` in Hydra's override grammar (strings quoted)."""
-    if isinstance(value, dict):
-        return "{" + ",".join(f"{k}:{hydra_value(v)}" for k, v in value.items()) + "}"
-    if isinstance(value, list):
-        return "[" + ",".join(hydra_value(v) for v in value) + "]"
-    return f"'{value}'" if isinstance(value, str) else str(value)
 
 
 @pytest.fixture(scope="session")
@@ -88,7 +88,11 @@ def steps_logged(run_dir: Path) -> int:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "signum, resumed_on", [(signal.SIGKILL, ["parallel=fsdp", "trainer.devices=2"]), (signal.SIGTERM, [])]
+    "signum, resumed_on",
+    [
+        pytest.param(signal.SIGKILL, ["parallel=fsdp", "trainer.devices=2"], id="sigkill-to-fsdp2"),
+        pytest.param(signal.SIGTERM, [], id="sigterm-to-one-process"),
+    ],
 )
 def test_a_killed_mixture_run_resumes_on_the_uninterrupted_curve(
     pools, mixture, mixture_curve, tmp_path, signum, resumed_on
@@ -115,3 +119,20 @@ def test_a_killed_mixture_run_resumes_on_the_uninterrupted_curve(
     curve = read_metric(resumed)
     assert sorted(curve) == list(range(step, STEPS))
     assert_same_curve(curve, {s: mixture_curve[s] for s in range(step, STEPS)})
+
+
+@pytest.mark.slow
+def test_each_source_is_validated_on_its_own_held_out_rows(pools, mixture, tmp_path):
+    """val/<source>/loss per source that holds out a global batch (code's 10 held-out documents make 5
+    rows, none), val/loss over all their tokens; the same numbers under fsdp on 2 ranks."""
+    validate = [*mixture, "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=2"]
+    runs = {}
+    for name, layout in (("single", []), ("fsdp2", ["parallel=fsdp", "trainer.devices=2"])):
+        run = train(pools, [*validate, "data.val_fraction=0.2", *layout], tmp_path / name)
+        runs[name] = {key: read_metric(run, key) for key in ("val/loss", "val/web/loss", "val/math/loss")}
+        with (run / "csv" / "metrics.csv").open() as table:
+            assert "val/code/loss" not in table.readline()
+        (web,), (math,), (total,) = (runs[name][k].values() for k in ("val/web/loss", "val/math/loss", "val/loss"))
+        assert web != math and total == pytest.approx((web + math) / 2, rel=1e-6)  # 2 batches of each, as many tokens
+    for key, values in runs["single"].items():
+        assert_same_curve(runs["fsdp2"][key], values)

@@ -303,3 +303,39 @@ def test_one_source_config_is_a_mixture_of_one(corpus) -> None:
     assert (only.name, only.kind, only.weight, only.paths) == ("tokens", "tokens", 1.0, (corpus["web"],))
     listed = mixture_of(DataConfig(sources=[{"kind": "files", "paths": ["a"]}, {"kind": "files", "paths": ["b"]}]))
     assert [s.name for s in listed] == ["files1", "files2"]
+
+
+# ----------------------------------------------------------------------------------------------
+# curry-data
+
+
+def test_curry_data_shows_the_mixture_and_the_loader_speed(corpus, tmp_path, capsys, monkeypatch) -> None:
+    from conftest import hydra_value  # noqa: PLC0415
+
+    from curry_train.cli import data as data_cli  # noqa: PLC0415
+
+    monkeypatch.chdir(tmp_path)
+    sources = mixture_cfg(corpus).sources
+    args = [f"data.sources={hydra_value(sources)}", "data.tokenizer=byte", "data.seq_len=8", "data.global_batch_size=8"]
+    plot = tmp_path / "lengths.png"
+    assert data_cli.main([*args, "batches=100", "seconds=1", "documents=50", f"plot={plot}"]) == 0
+    out = capsys.readouterr().out
+    lines = {
+        line.split()[0]: line.split() for line in out.splitlines() if line.split()[:1] in (["web"], ["math"], ["code"])
+    }
+    for name, weight in (("web", 0.5), ("math", 0.3), ("code", 0.2)):
+        kind, share, drawn = lines[name][1], float(lines[name][2]), float(lines[name][6])
+        assert kind == sources[name]["kind"] and share == weight and abs(drawn - weight) < 0.01
+    assert lines["math"][3] == "200" and lines["code"][3] == "300"  # documents
+    assert "sample row: global batch 0, row 0, from web" in out
+    assert "global batches/s" in out and "tokens/s" in out and "advise's estimate" in out
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert data_cli.main([*args, "format=json", "seconds=1"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["loader"]["tokens_per_s"] > 0 and report["layout"]["tokens_per_s"] > 0
+    # Bad input: one line, exit 2, before anything is read.
+    assert data_cli.main([*args, "batches=0"]) == 2
+    assert capsys.readouterr().err.strip() == "curry-data: error: batches=0: expected a whole number, at least 1"
+    sources["web"]["weight"] = -1
+    assert data_cli.main([f"data.sources={hydra_value(sources)}", "data.tokenizer=byte"]) == 2
+    assert "data.sources.web.weight=-1" in capsys.readouterr().err
