@@ -229,6 +229,11 @@ class LMDataModule(pl.LightningDataModule):
     def names(self) -> list[str]:
         return self.mixture.names
 
+    @property
+    def separator(self) -> Optional[int]:
+        """The token that ends each document of every source (for ``data.document_mask``)."""
+        return self.mixture.separator
+
     def state_dict(self) -> dict[str, Any]:
         state = self.state if self.state is not None else self.resumed
         return {"mixture": state} if state is not None else {}

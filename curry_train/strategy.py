@@ -119,7 +119,9 @@ class CurryStrategy(ParallelStrategy):
             init_from=cfg.model.init_from,
             compile_backend=cfg.compile.backend if cfg.compile.enabled else None,
         )
-        settings = StepSettings.of(cfg, self.dims.dp)
+        # data.document_mask: the data's separator marks where its packed documents end
+        separator = trainer.datamodule.separator if cfg.data.document_mask else None
+        settings = StepSettings.of(cfg, self.dims.dp, separator)
         # each micro-batch's backward through the precision plugin, as LightningModule.manual_backward does
         module.attach(
             TrainStep(parallel, self.parallel_state, cfg.parallel, settings, self._backward, self.root_device)

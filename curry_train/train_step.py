@@ -29,6 +29,7 @@ from torch import Tensor
 from torch.distributed.tensor.parallel import loss_parallel
 
 from curry_train.config.schema import Config, ParallelConfig
+from curry_train.model.llama import document_ids
 from curry_train.model.moe import MoE
 from curry_train.parallelize import ParallelModel
 from curry_train.primitives.context_parallel import shard_sequence
@@ -38,6 +39,9 @@ from curry_train.primitives.pipeline_schedule import PipelineSchedule
 from curry_train.primitives.tp_linear import reduce_partial_gradients
 
 log = logging.getLogger(__name__)
+
+
+IGNORE_INDEX = -100  # a label the cross-entropy skips (torch's default ignore_index)
 
 
 def cross_entropy_sum(logits: Tensor, labels: Tensor) -> Tensor:
@@ -68,10 +72,12 @@ class StepSettings:
     pipeline_microbatches: Optional[int] = None  # a pipelined run's micro-batches per step and rank
     mixture_of_experts: bool = False  # the model routes tokens to experts (some pipeline ranks may hold none)
     router_losses: bool = False  # its routers add losses (balancing=aux_loss, or a z-loss): reported
+    document_separator: Optional[int] = None  # packed documents end with this token: masked apart (None: off)
 
     @classmethod
-    def of(cls, cfg: Config, dp: int) -> StepSettings:
-        """The settings of the run ``cfg`` on ``dp`` data-parallel ranks."""
+    def of(cls, cfg: Config, dp: int, separator: Optional[int] = None) -> StepSettings:
+        """The settings of the run ``cfg`` on ``dp`` data-parallel ranks (``separator``: the data's document
+        separator, for ``data.document_mask``)."""
         layout, moe, data = cfg.parallel, cfg.model.moe, cfg.data
         return cls(
             tokens_per_step=data.global_batch_size * data.seq_len,
@@ -87,6 +93,7 @@ class StepSettings:
             ),
             mixture_of_experts=moe is not None,
             router_losses=moe is not None and (moe.balancing == "aux_loss" or moe.z_loss_coef > 0),
+            document_separator=separator if data.document_mask else None,
         )
 
 
@@ -210,15 +217,28 @@ class TrainStep:
         pipeline's last stage calls this on each micro-batch's output)."""
         return self.cross_entropy(logits, labels) / self.settings.tokens_per_step
 
+    def packed(self, tokens: Tensor) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+        """Inputs, labels and (``data.document_mask``) each position's document. Under the mask a
+        separator's label (the next document's first token) is ignored: no document is asked to predict
+        the next one. Ignored labels add nothing to the loss; its denominator stays the global batch's
+        token count, so every layout divides by the same number."""
+        inputs, labels = tokens[:, :-1], tokens[:, 1:]
+        separator = self.settings.document_separator
+        if separator is None:
+            return inputs, labels, None
+        return inputs, labels.masked_fill(inputs == separator, IGNORE_INDEX), document_ids(inputs, separator)
+
     def micro_batch_loss(self, tokens: Tensor) -> Tensor:
         """This micro-batch's share of the step's loss; under context parallelism from this rank's
-        share of each sequence (the model knows its positions: ``Llama.positions``)."""
-        inputs, labels = tokens[:, :-1], tokens[:, 1:]
+        share of each sequence (the model knows its positions: ``Llama.positions``; the documents go
+        whole)."""
+        inputs, labels, documents = self.packed(tokens)
         if self.layout.cp is not None:
             inputs, labels = self._cp_shard(inputs), self._cp_shard(labels)
+        extra = {} if documents is None else {"documents": documents}
         if self.settings.loss_chunks > 1:  # the model sums its chunks' cross-entropy itself
-            return self.model(inputs, labels=labels) / self.settings.tokens_per_step
-        return self.token_loss(self.model(inputs), labels)
+            return self.model(inputs, labels=labels, **extra) / self.settings.tokens_per_step
+        return self.token_loss(self.model(inputs, **extra), labels)
 
     def forward_backward(self, micro_batches: list[Tensor]) -> Tensor:
         """Forward and backward over this rank's micro-batches; returns their summed (detached) loss.
@@ -226,7 +246,8 @@ class TrainStep:
         those tensor parallelism left pending are summed last."""
         if self.pipelined:
             with self.loss_context():
-                loss = self.schedule.train_step(*self._pipeline_inputs(micro_batches)).loss
+                args, documents = self._pipeline_inputs(micro_batches)
+                loss = self.schedule.train_step(*args, documents=documents).loss
         else:
             sync_each = self.layout.fsdp is not None and self.layout.fsdp.sync_each_microbatch
             loss = torch.zeros((), device=self.device)
@@ -246,7 +267,8 @@ class TrainStep:
         micro_batches = self.micro_batches(batch)
         if self.pipelined:
             with self.loss_context():
-                return self.schedule.eval_step(*self._pipeline_inputs(micro_batches)).loss
+                args, documents = self._pipeline_inputs(micro_batches)
+                return self.schedule.eval_step(*args, documents=documents).loss
         loss = torch.zeros((), device=self.device)
         for micro_batch in micro_batches:
             with self.loss_context():
@@ -271,17 +293,20 @@ class TrainStep:
         cp = self.layout.cp
         return shard_sequence(x, cp.size, self.parallel_state.cp_rank, cp.load_balance)
 
-    def _pipeline_inputs(self, micro_batches: list[Tensor]) -> tuple:
-        """What the schedule's step takes: whole micro-batches, or with context parallelism this
-        rank's shards of their inputs and labels. ``parallel.pp.microbatches`` cuts the rank's batch
-        its own way (``data.micro_batch_size`` cuts it otherwise); the loss is over the global token
-        count either way."""
+    def _pipeline_inputs(self, micro_batches: list[Tensor]) -> tuple[tuple, Optional[list[Tensor]]]:
+        """What the schedule's step takes: whole micro-batches, or (context parallelism, or a document
+        mask) this rank's shards of their inputs and labels; and each micro-batch's documents (whole),
+        which travel with it to every stage. ``parallel.pp.microbatches`` cuts the rank's batch its own
+        way (``data.micro_batch_size`` cuts it otherwise); the loss is over the global token count either way."""
         n = self.schedule.n_microbatches
         if len(micro_batches) != n:
             micro_batches = list(torch.cat(micro_batches).tensor_split(n))
-        if self.layout.cp is None:
-            return (micro_batches,)
-        return [self._cp_shard(mb[:, :-1]) for mb in micro_batches], [self._cp_shard(mb[:, 1:]) for mb in micro_batches]
+        if self.layout.cp is None and self.settings.document_separator is None:
+            return (micro_batches,), None
+        inputs, labels, documents = zip(*(self.packed(mb) for mb in micro_batches), strict=True)
+        if self.layout.cp is not None:
+            inputs, labels = [self._cp_shard(x) for x in inputs], [self._cp_shard(y) for y in labels]
+        return (list(inputs), list(labels)), None if documents[0] is None else list(documents)
 
     # ------------------------------------------------------------------------------------------
     # The gradient norm

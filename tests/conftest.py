@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
+import random
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from dataclasses import dataclass
@@ -33,6 +36,27 @@ FAST = (
     "data.micro_batch_size=4",
     "trainer.limit_val_batches=0",
 )
+
+
+def short_documents() -> Path:
+    """A JSONL corpus of 4,000 short documents (2-12 words each, 35 bytes on average), so that a 64-byte
+    row packs several: written once per machine (the same words every time) for the document-mask rows."""
+    path = Path(tempfile.gettempdir()) / "curry-train-tests" / "short-documents.jsonl"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rng = random.Random(0)
+        lines = [
+            json.dumps({"text": " ".join(f"w{rng.randrange(300)}" for _ in range(rng.randint(2, 12)))})
+            for _ in range(4000)
+        ]
+        partial = path.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_text("\n".join(lines) + "\n")
+        partial.replace(path)  # whole or not at all: pytest sessions may share the machine
+    return path
+
+
+# Packed rows of short documents under the document mask (data.document_mask): the masked layouts' data.
+DOCUMENTS = ("data=files", f"data.paths=[{short_documents()}]", "data.tokenizer=byte", "data.document_mask=true")
 
 
 def hydra_value(value: object) -> str:

@@ -339,3 +339,15 @@ def test_curry_data_shows_the_mixture_and_the_loader_speed(corpus, tmp_path, cap
     sources["web"]["weight"] = -1
     assert data_cli.main([f"data.sources={hydra_value(sources)}", "data.tokenizer=byte"]) == 2
     assert "data.sources.web.weight=-1" in capsys.readouterr().err
+
+
+def test_the_document_mask_needs_one_separator(corpus, tmp_path) -> None:
+    cfg = mixture_cfg(corpus)
+    cfg.document_mask = True
+    survey(cfg)  # bytes and the token file both end documents with 0
+    unseparated = tmp_path / "plain.bin"
+    np.arange(100, dtype=np.uint16).tofile(unseparated)
+    TokenFileMeta("uint16", 100, 256, "byte", None).write(unseparated)
+    cfg.sources["web"]["paths"] = [str(unseparated)]
+    with pytest.raises(DataError, match=r"document_mask=true needs .* web None, math 0, code 0"):
+        survey(cfg)

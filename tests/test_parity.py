@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pytest
-from conftest import FAST
+from conftest import DOCUMENTS, FAST
 
 from curry_train.validation.whitebox import Case, validate_many
 
@@ -107,6 +107,17 @@ ROWS = [
     compiled("cp-ring-2", "aot_eager", "parallel=cp", "trainer.devices=2"),  # the ring: a deliberate graph break
     # DTensor linears, sequence-sharded norms and the vocabulary-parallel embedding and loss in the graphs
     compiled("tp-2-sp", "aot_eager", "parallel=tp", "trainer.devices=2", "parallel.tp.sequence_parallel=true"),
+    # Packed documents under the document mask: the mask and the restarted positions in every layout
+    Row("docs-fsdp-2", (*DOCUMENTS, "parallel=fsdp", "trainer.devices=2")),
+    Row("docs-tp-2-sp", (*DOCUMENTS, "parallel=tp", "trainer.devices=2", "parallel.tp.sequence_parallel=true")),
+    Row("docs-pp-1F1B-2", (*DOCUMENTS, "parallel=pp", "trainer.devices=2"), validate_every=2),
+    Row(
+        "docs-pp-zbv-2", (*DOCUMENTS, "parallel=pp", "parallel.pp.schedule=zbv", "trainer.devices=2"), validate_every=2
+    ),
+    Row("docs-cp-ring-2", (*DOCUMENTS, "parallel=cp", "trainer.devices=2")),  # blocks the mask empties: skipped
+    Row("docs-cp-alltoall-2", (*DOCUMENTS, "parallel=cp", "parallel.cp.pattern=alltoall", "trainer.devices=2")),
+    Row("docs-ep-2", (*DOCUMENTS, *MOE, "parallel=ep", "trainer.devices=2"), parameters=MOE_PARAMETERS),
+    compiled("docs-fsdp-2", "inductor", *DOCUMENTS, "parallel=fsdp", "trainer.devices=2"),
     # ZeRO-1 swaps each block's full parameters in around its compiled call
     compiled(
         "zero1-full-recompute",

@@ -25,6 +25,7 @@ class DataConfig:
     micro_batch_size: int = 8  # sequences per forward/backward on one rank
     val_fraction: float = 0.02  # held out for validation: a token file's tail, a streamed source's first documents
     exhausted: str = "repeat"  # a source that has served all its rows: repeat (its next epoch) | stop (the run)
+    document_mask: bool = False  # attention stays inside each packed document, positions restart at its start
     shuffle_window: int = 1024  # a streamed source's rows are shuffled within windows of this many rows
     num_workers: int = 0  # DataLoader worker processes per rank
 

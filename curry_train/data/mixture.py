@@ -438,6 +438,12 @@ class Mixture:
         self.weights = [s.weight for s in self.sources]
         self.names = [s.name for s in self.sources]
 
+    @property
+    def separator(self) -> Optional[int]:
+        """The token that ends every source's documents (None where they differ, or one has none)."""
+        found = {r.tokenizer.separator if isinstance(r, StreamedRows) else r.separator for r in self.rows}
+        return found.pop() if len(found) == 1 else None
+
     def start_state(self) -> Dict[str, Any]:
         return {
             "version": STATE_VERSION,
@@ -519,6 +525,7 @@ def served_tokens(state: Dict[str, Any], seq_len: int) -> Dict[str, int]:
 class SourceSurvey:
     name: str
     vocab_size: int
+    separator: Optional[int]  # the token that ends each document (None: the tokenizer has none)
     tokens: Optional[int]  # all its tokens; None where counting would mean tokenizing much text
     train_rows: Optional[int]  # rows of one epoch (None: not counted)
     val_rows: Optional[int]
@@ -553,6 +560,12 @@ def survey(cfg: DataConfig) -> DataSurvey:
             f"{n} ({s.tokenizer})" for n, s in zip(sizes, mixture_of(cfg), strict=True) if n in fingerprints
         )
         raise DataError(f"data.sources: the sources' tokenizers map text to different ids: {listed}; use one")
+    separators = {s.name: s.separator for s in found}
+    if cfg.document_mask and (None in separators.values() or len(set(separators.values())) > 1):
+        listed = ", ".join(f"{name} {separator}" for name, separator in separators.items())
+        raise DataError(
+            f"data.document_mask=true needs documents that end with one separator token; the sources' are: {listed}"
+        )
     return DataSurvey(found)
 
 
@@ -579,9 +592,9 @@ def _fingerprint(tokenizer) -> Any:
 
 def _survey_source(source: Source, cfg: DataConfig) -> SourceSurvey:
     if source.kind == "stdlib":
-        return SourceSurvey(source.name, ByteTokenizer.vocab_size, None, None, None)
+        return SourceSurvey(source.name, ByteTokenizer.vocab_size, ByteTokenizer.separator, None, None, None)
     if source.kind == "tokens":
-        counts, vocab = [], 0
+        counts, vocab, separators = [], 0, set()
         for path in source.paths:
             if not Path(path).is_file():
                 raise DataError(f"source {source.name}: {path} does not exist (or is not a file)")
@@ -594,20 +607,23 @@ def _survey_source(source: Source, cfg: DataConfig) -> SourceSurvey:
                 check_token_ids(path, tokens[-half:], meta.vocab_size, start=len(tokens) - half)
             counts.append(len(tokens))
             vocab = max(vocab, meta.vocab_size)
+            separators.add(meta.separator)
         held = [held_out(n, cfg.val_fraction) for n in counts]
         train = sum(windows(n - h, cfg.seq_len) for n, h in zip(counts, held, strict=True))
-        return SourceSurvey(source.name, vocab, sum(counts), train, sum(windows(h, cfg.seq_len) for h in held))
+        separator = separators.pop() if len(separators) == 1 else None
+        val = sum(windows(h, cfg.seq_len) for h in held)
+        return SourceSurvey(source.name, vocab, separator, sum(counts), train, val)
     tokenizer = _tokenizer(source, cfg)
     reader = READERS[source.kind](list(source.paths), source.text_key)
     reader.check()
     if source.kind != "files":
         if reader.count() == 0:
             raise DataError(f"source {source.name}: no documents")
-        return SourceSurvey(source.name, tokenizer.vocab_size, None, None, None)
+        return SourceSurvey(source.name, tokenizer.vocab_size, tokenizer.separator, None, None, None)
     byte_level = isinstance(tokenizer, ByteTokenizer)
     size = sum(Path(p).stat().st_size for p in source.paths)
     if size > (CHECK_TEXT_BYTES if byte_level else CHECK_TOKENIZED_BYTES):
-        return SourceSurvey(source.name, tokenizer.vocab_size, None, None, None)
+        return SourceSurvey(source.name, tokenizer.vocab_size, tokenizer.separator, None, None, None)
     lengths = []
     for _, document in reader.documents():
         if byte_level:
@@ -620,5 +636,10 @@ def _survey_source(source: Source, cfg: DataConfig) -> SourceSurvey:
     val_docs = held_out(len(lengths), cfg.val_fraction)
     train, val = sum(lengths[val_docs:]), sum(lengths[:val_docs])
     return SourceSurvey(
-        source.name, tokenizer.vocab_size, sum(lengths), windows(train, cfg.seq_len), windows(val, cfg.seq_len)
+        source.name,
+        tokenizer.vocab_size,
+        tokenizer.separator,
+        sum(lengths),
+        windows(train, cfg.seq_len),
+        windows(val, cfg.seq_len),
     )

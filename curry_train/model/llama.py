@@ -88,12 +88,38 @@ def rope_tables(
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate pairs (x[2i], x[2i+1]) of x: (batch, seq, heads, head_dim) by the angles of each position."""
+    """Rotate pairs (x[2i], x[2i+1]) of x: (batch, seq, heads, head_dim) by the angles of each position;
+    cos/sin: (seq, head_dim // 2), or (batch, seq, head_dim // 2) where each row has its own positions."""
     x32 = x.float().unflatten(-1, (-1, 2))
     real, imag = x32[..., 0], x32[..., 1]
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    cos, sin = (cos[None, :, None, :], sin[None, :, None, :]) if cos.ndim == 2 else (cos[:, :, None], sin[:, :, None])
     rotated = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1)
     return rotated.flatten(-2).type_as(x)
+
+
+def document_ids(inputs: Tensor, separator: int) -> Tensor:
+    """(batch, seq) token ids of packed documents, each ending with ``separator`` -> the number of the
+    document each position belongs to (0, 1, ... along each row; a separator belongs to the document it ends)."""
+    ends = (inputs == separator).long()
+    return torch.cumsum(ends, dim=1) - ends
+
+
+def document_positions(documents: Tensor) -> Tensor:
+    """(batch, seq) document numbers -> each position's index within its document (RoPE restarts at 0)."""
+    index = torch.arange(documents.shape[1], device=documents.device).expand_as(documents)
+    starts = torch.ones_like(documents, dtype=torch.bool)
+    starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
+    return index - torch.cummax(torch.where(starts, index, torch.zeros_like(index)), dim=1).values
+
+
+def document_mask(documents_q: Tensor, documents_k: Tensor, causal_offset: Optional[int] = 0) -> Tensor:
+    """Which (query, key) pairs attend: same document and, with ``causal_offset`` (the keys' start minus the
+    queries' start; None: no causal part), not a later position. (batch, 1, q, k), boolean."""
+    allowed = documents_q[:, :, None] == documents_k[:, None, :]
+    if causal_offset is not None:
+        q, k = documents_q.shape[1], documents_k.shape[1]
+        allowed &= torch.ones(q, k, dtype=torch.bool, device=allowed.device).tril(-causal_offset)
+    return allowed[:, None]
 
 
 class SDPA(nn.Module):
@@ -101,17 +127,21 @@ class SDPA(nn.Module):
 
     Key/value heads are shared by groups of query heads (grouped-query attention, Ainslie et al.,
     2023); the kernel reads each key/value head for its group (``enable_gqa``) instead of a copy
-    repeated to the query heads.
+    repeated to the query heads. Given ``documents`` (batch, seq), a query attends only to earlier
+    keys of its own document (a dense boolean mask).
     """
 
     def __init__(self, dropout: float) -> None:
         super().__init__()
         self.dropout = dropout
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, documents: Optional[Tensor] = None) -> Tensor:
         dropout = self.dropout if self.training else 0.0
         gqa = q.shape[1] != k.shape[1]
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, enable_gqa=gqa)
+        if documents is None:
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, enable_gqa=gqa)
+        mask = document_mask(documents, documents)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=gqa)
 
 
 class GQAttention(nn.Module):
@@ -138,7 +168,7 @@ class GQAttention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, qk_norm_eps) if qk_norm_eps is not None else None
         self.k_norm = RMSNorm(self.head_dim, qk_norm_eps) if qk_norm_eps is not None else None
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, documents: Optional[Tensor] = None) -> Tensor:
         batch, seq, _ = x.shape
         q = self.wq(x).view(batch, seq, -1, self.head_dim)
         k = self.wk(x).view(batch, seq, -1, self.head_dim)
@@ -146,7 +176,8 @@ class GQAttention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = self.sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        extra = () if documents is None else (documents,)  # packed documents: the op masks across them
+        out = self.sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), *extra)
         return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
@@ -196,8 +227,8 @@ class Block(nn.Module):
             self.feed_forward = SwiGLU(cfg.dim, cfg.ffn_dim)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        x = x + self.dropout(self.attention(self.attention_norm(x), cos, sin))
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, documents: Optional[Tensor] = None) -> Tensor:
+        x = x + self.dropout(self.attention(self.attention_norm(x), cos, sin, documents))
         return x + self.dropout(self.feed_forward(self.ffn_norm(x)))
 
 
@@ -249,23 +280,37 @@ class Llama(nn.Module):
         # shard of the sequence, 1/sequence_shards of it; set by apply_tensor_parallel.
         self.sequence_shards = 1
 
-    def forward(self, tokens: Tensor, positions: Optional[Tensor] = None, labels: Optional[Tensor] = None) -> Tensor:
+    def forward(
+        self,
+        tokens: Tensor,
+        positions: Optional[Tensor] = None,
+        labels: Optional[Tensor] = None,
+        documents: Optional[Tensor] = None,
+    ) -> Tensor:
         """tokens: (batch, seq) ids, or hidden states (batch, seq, dim) on a stage without the embedding.
 
-        positions: (seq,) indices into the RoPE tables; default 0..seq-1. Returns logits (batch, seq, vocab),
-        or hidden states on a stage without the head; given ``labels`` (batch, seq), the summed
-        cross-entropy instead, over ``loss_chunks`` chunks (``chunked_cross_entropy``).
+        positions: (seq,) indices into the RoPE tables; default 0..seq-1. documents: (batch, whole seq)
+        the document of each position of packed rows (``document_ids``): attention stays inside each
+        document and positions restart at its start (context parallelism: the rows whole, not this
+        rank's shard). Returns logits (batch, seq, vocab), or hidden states on a stage without the
+        head; given ``labels`` (batch, seq), the summed cross-entropy instead, over ``loss_chunks``
+        chunks (``chunked_cross_entropy``).
         """
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         if positions is None:
             positions = self.positions
-        if positions is None:  # the whole sequence's length, not that of a sequence-parallel shard
+        if documents is not None:  # each row's own positions: restarting at each document
+            within = document_positions(documents)
+            within = within[:, positions] if positions is not None else within
+            cos, sin = self.rope_cos[within], self.rope_sin[within]
+        elif positions is None:  # the whole sequence's length, not that of a sequence-parallel shard
             seq = tokens.shape[1] * (self.sequence_shards if tokens.ndim == 3 else 1)
             cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
         else:
             cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        extra = () if documents is None else (documents,)
         for block in self.layers.values():
-            h = block(h, cos, sin)
+            h = block(h, cos, sin, *extra)
         if self.norm is not None:
             h = self.norm(h)
         if self.output is None:

@@ -10,6 +10,10 @@ memory per block) where none applies. A kernel is used only after it has been ch
 process and (device, dtype, head dim), against the math kernel on a probe block laid out as the ring
 passes blocks (strided views), forward and backward, causal and not: one that fails or disagrees is
 skipped with a warning, and the next is tried (``block_kernel`` names the one in use).
+
+Under a document mask (packed sequences whose documents must not see each other) a block runs the
+exact math kernel with the mask (``masked_forward``/``masked_backward``); blocks the mask leaves
+empty are not run at all.
 """
 
 from __future__ import annotations
@@ -229,3 +233,31 @@ def block_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -
 
 def block_backward(dout, q, k, v, out, lse, causal: bool, scale: float):
     return KERNELS[block_kernel(q.device, q.dtype, q.shape[-1])][1](dout, q, k, v, out, lse, causal, scale)
+
+
+# ----------------------------------------------------------------------------------------------
+# Blocks under a document mask (packed sequences: a query sees only keys of its own document)
+
+
+def masked_forward(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """Attention of one query block over one key/value block where ``allowed`` (broadcast to
+    (batch, heads, q, k), boolean) says which pairs attend: the exact fp32 math kernel. A query that
+    no key of the block may see gets output 0 and log-sum-exp -inf (it takes nothing from the block
+    when blocks are merged)."""
+    scores = ((q.float() @ k.float().transpose(-2, -1)) * scale).masked_fill(~allowed, float("-inf"))
+    lse = scores.logsumexp(-1)
+    finite = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    return (torch.exp(scores - finite[..., None]) @ v.float()).to(q.dtype), lse
+
+
+def masked_backward(dout, q, k, v, out, lse, allowed: Tensor, scale: float):
+    """The gradient of ``masked_forward`` given the final (merged) output and log-sum-exp."""
+    scores = ((q.float() @ k.float().transpose(-2, -1)) * scale).masked_fill(~allowed, float("-inf"))
+    finite = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    p = torch.exp(scores - finite[..., None])
+    dout32 = dout.float()
+    dv = p.transpose(-2, -1) @ dout32
+    dp = dout32 @ v.float().transpose(-2, -1)
+    delta = (dout32 * out.float()).sum(-1, keepdim=True)
+    ds = p * (dp - delta) * scale
+    return (ds @ k.float()).to(q.dtype), (ds.transpose(-2, -1) @ q.float()).to(k.dtype), dv.to(v.dtype)

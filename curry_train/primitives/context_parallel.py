@@ -40,8 +40,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from curry_train.model.llama import document_mask
 from curry_train.options import CP_PATTERNS
-from curry_train.primitives.attention_kernels import block_backward, block_forward
+from curry_train.primitives.attention_kernels import block_backward, block_forward, masked_backward, masked_forward
 
 # Seconds spent waiting for communication (a block not yet arrived, an all-to-all), accumulated for
 # the bench (curry_train.validation.context, on gloo): what compute did not hide. Host time: NCCL's
@@ -199,12 +200,39 @@ def _pairs(q_ranges: Sequence[range], kv_ranges: Sequence[range], causal: bool):
                 yield i, j, True
 
 
+def _block_masks(documents: Optional[Tensor], q_ranges, kv_ranges, causal: bool) -> dict:
+    """Under a document mask, each attending (query chunk, key/value chunk) pair's mask (batch, 1, q, k);
+    pairs whose mask is empty (no query's document reaches into the block) are left out."""
+    if documents is None:
+        return {}
+    masks = {}
+    for i, j, diagonal in _pairs(q_ranges, kv_ranges, causal):
+        qr, kr = q_ranges[i], kv_ranges[j]
+        allowed = document_mask(
+            documents[:, qr.start : qr.stop], documents[:, kr.start : kr.stop], 0 if diagonal else None
+        )
+        if bool(allowed.any()):
+            masks[i, j] = allowed
+    return masks
+
+
+def _merge(out: Tensor, lse: Tensor, block_out: Tensor, block_lse: Tensor) -> tuple[Tensor, Tensor]:
+    """Merge a block's output into the running one by their log-sum-exps (fp32). Rows that no key has
+    reached yet (both -inf, under a document mask) stay empty."""
+    merged = torch.logaddexp(lse, block_lse)
+    base = torch.where(torch.isfinite(merged), merged, torch.zeros_like(merged))
+    out = out * torch.exp(lse - base)[..., None] + block_out.float() * torch.exp(block_lse - base)[..., None]
+    return out, merged
+
+
 class _RingAttention(torch.autograd.Function):
     """The ring's forward and backward. Queries are handled in units of (sequence chunk, query group):
-    each unit is a strided view of ``q`` against the key/value block's heads as they are."""
+    each unit is a strided view of ``q`` against the key/value block's heads as they are. With
+    ``documents`` (the rows' document numbers, whole), a pair of chunks runs under its document mask,
+    and a pair the mask leaves empty does not run."""
 
     @staticmethod
-    def forward(ctx, q, k, v, plan: RingPlan, layouts: tuple, causal: bool, scale: float):
+    def forward(ctx, q, k, v, plan: RingPlan, layouts: tuple, causal: bool, scale: float, documents=None):
         q_ranges = layouts[plan.rank]
         chunk = len(q_ranges[0])
         groups = q.shape[1] // k.shape[1]
@@ -215,15 +243,17 @@ class _RingAttention(torch.autograd.Function):
         for step in range(plan.steps):
             pending = _exchange(plan, step, kv) if step < plan.steps - 1 else None
             ks, vs = kv[0].split(chunk, dim=2), kv[1].split(chunk, dim=2)
-            for i, j, diagonal in _pairs(q_ranges, layouts[plan.holds[step]], causal):
+            kv_ranges = layouts[plan.holds[step]]
+            masks = _block_masks(documents, q_ranges, kv_ranges, causal)
+            for i, j, diagonal in _pairs(q_ranges, kv_ranges, causal):
+                if documents is not None and (i, j) not in masks:
+                    continue
                 for r, qg in enumerate(q_units[i]):
-                    o, block_lse = block_forward(qg, ks[j], vs[j], diagonal, scale)
-                    merged = torch.logaddexp(lse[i][r], block_lse)
-                    out[i][r] = (
-                        out[i][r] * torch.exp(lse[i][r] - merged)[..., None]
-                        + o.float() * torch.exp(block_lse - merged)[..., None]
-                    )
-                    lse[i][r] = merged
+                    if documents is None:
+                        o, block_lse = block_forward(qg, ks[j], vs[j], diagonal, scale)
+                    else:
+                        o, block_lse = masked_forward(qg, ks[j], vs[j], masks[i, j], scale)
+                    out[i][r], lse[i][r] = _merge(out[i][r], lse[i][r], o, block_lse)
             if pending is not None:
                 kv, works = pending
                 _wait(works)
@@ -237,13 +267,13 @@ class _RingAttention(torch.autograd.Function):
                 target.copy_(part)
         lse_t = torch.cat([_join_groups(parts) for parts in lse], dim=2)
         ctx.save_for_backward(q, k, v, out_t, lse_t)
-        ctx.plan, ctx.layouts, ctx.causal, ctx.scale = plan, layouts, causal, scale
+        ctx.plan, ctx.layouts, ctx.causal, ctx.scale, ctx.documents = plan, layouts, causal, scale, documents
         return out_t
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        plan, layouts, causal, scale = ctx.plan, ctx.layouts, ctx.causal, ctx.scale
+        plan, layouts, causal, scale, documents = ctx.plan, ctx.layouts, ctx.causal, ctx.scale, ctx.documents
         q_ranges = layouts[plan.rank]
         chunk = len(q_ranges[0])
         groups = q.shape[1] // k.shape[1]
@@ -259,11 +289,17 @@ class _RingAttention(torch.autograd.Function):
             pending = _exchange(plan, step, kv) if step < plan.steps - 1 else None
             ks, vs = kv[0].split(chunk, dim=2), kv[1].split(chunk, dim=2)
             dkv = torch.zeros_like(kv, dtype=torch.float32)  # this rank's share of the block's gradient
-            for i, j, diagonal in _pairs(q_ranges, layouts[plan.holds[step]], causal):
+            kv_ranges = layouts[plan.holds[step]]
+            masks = _block_masks(documents, q_ranges, kv_ranges, causal)
+            for i, j, diagonal in _pairs(q_ranges, kv_ranges, causal):
+                if documents is not None and (i, j) not in masks:
+                    continue
                 for r in range(groups):
-                    dq_r, dk_j, dv_j = block_backward(
-                        do_units[i][r], q_units[i][r], ks[j], vs[j], o_units[i][r], l_units[i][r], diagonal, scale
-                    )
+                    unit = (do_units[i][r], q_units[i][r], ks[j], vs[j], o_units[i][r], l_units[i][r])
+                    if documents is None:
+                        dq_r, dk_j, dv_j = block_backward(*unit, diagonal, scale)
+                    else:
+                        dq_r, dk_j, dv_j = masked_backward(*unit, masks[i, j], scale)
                     dq[i][r] += dq_r.float()
                     dkv[0].narrow(2, j * chunk, chunk).add_(dk_j.float())  # the group's share of the head
                     dkv[1].narrow(2, j * chunk, chunk).add_(dv_j.float())
@@ -280,7 +316,7 @@ class _RingAttention(torch.autograd.Function):
         dkv, works = grads_in_flight
         _wait(works)
         dq_t = torch.cat([_join_groups(parts) for parts in dq], dim=2)
-        return dq_t.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None
+        return dq_t.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -355,14 +391,18 @@ class ContextParallelAttention(nn.Module):
 
     # Left out of torch.compile's graphs (a deliberate graph break): it runs its own send/recv ring.
     @torch._dynamo.disable
-    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, documents: Optional[Tensor] = None) -> Tensor:
+        """``documents``: (batch, whole seq) document numbers of packed rows (every rank holds them whole):
+        attention stays inside each document."""
         scale = 1.0 / math.sqrt(q.shape[-1])
         layouts = self.layouts(q.shape[2])
         if self.pattern == "alltoall":
-            return self._alltoall(q, k, v, layouts, scale)
-        return _RingAttention.apply(q, k, v, self.plan, layouts, self.causal, scale)
+            return self._alltoall(q, k, v, layouts, scale, documents)
+        return _RingAttention.apply(q, k, v, self.plan, layouts, self.causal, scale, documents)
 
-    def _alltoall(self, q: Tensor, k: Tensor, v: Tensor, layouts: tuple, scale: float) -> Tensor:
+    def _alltoall(
+        self, q: Tensor, k: Tensor, v: Tensor, layouts: tuple, scale: float, documents: Optional[Tensor] = None
+    ) -> Tensor:
         if q.shape[1] % self.cp:
             raise ValueError(f"alltoall: {q.shape[1]} heads do not divide by cp={self.cp}")
         if k.shape[1] % self.cp:  # fewer key/value heads than ranks: send them repeated to the query heads
@@ -372,7 +412,11 @@ class ContextParallelAttention(nn.Module):
         # (b, h, s_local, d) -> (b, h/cp, s, d), the gathered sequence put in position order
         q, k, v = (_AllToAll.apply(t, self.group, 1, 2).index_select(2, order) for t in (q, k, v))
         gqa = q.shape[1] != k.shape[1]
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, scale=scale, enable_gqa=gqa)
+        if documents is not None:  # the whole rows are here, in position order: one mask over them
+            mask = document_mask(documents, documents, 0 if self.causal else None)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, scale=scale, enable_gqa=gqa)
         out = out.index_select(2, order.argsort())  # back to rank-major order, then to the rank's heads
         return _AllToAll.apply(out, self.group, 2, 1)
 

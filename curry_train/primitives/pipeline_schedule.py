@@ -250,7 +250,7 @@ class PipelineSchedule:
             inputs, labels = torch.cat(list(microbatches)), torch.cat(list(targets))
         return inputs.to(self.device), labels.to(self.device)
 
-    def _run(self, run: Callable, microbatches, targets, loss_fn) -> Tensor:
+    def _run(self, run: Callable, microbatches, targets, loss_fn, documents=None) -> Tensor:
         inputs, labels = self._split(microbatches, targets)
         if self._user_loss is None:
             self._loss = next_token_loss(labels.numel())
@@ -259,6 +259,8 @@ class PipelineSchedule:
         losses: list[Tensor] = []
         args = (inputs,) if self.has_first else ()
         kwargs = {"target": labels, "losses": losses} if self.has_last else {}
+        if documents is not None:  # keyword inputs reach every stage, cut into micro-batches like the inputs
+            kwargs["documents"] = torch.cat(list(documents)).to(self.device)
         run(*args, **kwargs)
         per_microbatch = torch.zeros(self.n_microbatches, device=self.device)
         if self.has_last:
@@ -272,11 +274,13 @@ class PipelineSchedule:
         microbatches: Union[Tensor, Sequence[Tensor]],
         targets: Optional[Sequence[Tensor]] = None,
         loss_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
+        documents: Optional[Sequence[Tensor]] = None,
     ) -> PipelineResult:
         """Forward and backward of every micro-batch through the pipeline, then the optimizer's step
         (if the schedule has one). ``microbatches``: a list of ``n_microbatches`` equal tensors, or one
-        batch tensor split into that many."""
-        losses = self._run(self._schedule.step, microbatches, targets, loss_fn)
+        batch tensor split into that many. ``documents``: each micro-batch's document numbers (packed
+        rows under a document mask), handed to every stage with its micro-batch."""
+        losses = self._run(self._schedule.step, microbatches, targets, loss_fn, documents)
         stepped = self.optimizer is not None
         if stepped:
             self.optimizer.step()
@@ -289,13 +293,20 @@ class PipelineSchedule:
         microbatches: Union[Tensor, Sequence[Tensor]],
         targets: Optional[Sequence[Tensor]] = None,
         loss_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
+        documents: Optional[Sequence[Tensor]] = None,
     ) -> PipelineResult:
         """Forward only: the loss of every micro-batch, no gradients."""
         run = self._forward_only if self.kind in V_SHAPED else self._schedule.eval
-        losses = self._run(run, microbatches, targets, loss_fn)
+        losses = self._run(run, microbatches, targets, loss_fn, documents)
         return PipelineResult(loss=losses.sum(), losses=losses, stepped=False)
 
-    def _forward_only(self, *args: Tensor, target: Optional[Tensor] = None, losses: Optional[list] = None) -> None:
+    def _forward_only(
+        self,
+        *args: Tensor,
+        target: Optional[Tensor] = None,
+        losses: Optional[list] = None,
+        documents: Optional[Tensor] = None,
+    ) -> None:
         """Every micro-batch forward through the stages in order, each activation sent to the rank of
         the next stage (kept when that is this rank): the V-shaped kinds' evaluation. (torch's runtime
         for them still runs the backward's same-rank hand-offs of activation gradients when there is no
@@ -303,6 +314,7 @@ class PipelineSchedule:
         m = self.n_microbatches
         inputs = list(args[0].tensor_split(m)) if args else [None] * m
         targets = list(target.tensor_split(m)) if target is not None else [None] * m
+        extras = [{"documents": d} for d in documents.tensor_split(m)] if documents is not None else [{}] * m
         modules = dict(zip(self.local_indices, self.modules, strict=True))
         for mb in range(m):
             x = inputs[mb]
@@ -310,7 +322,7 @@ class PipelineSchedule:
                 source = self.stage_ranks[s - 1] if s > 0 else self.pp_rank
                 if source != self.pp_rank:
                     x = _receive(self.device, dist.get_global_rank(self.group, source), self.group)
-                x = modules[s](x)
+                x = modules[s](x, **extras[mb])
                 if s == self.n_stages - 1:
                     losses.append(self._loss(x, targets[mb]))
                     continue
