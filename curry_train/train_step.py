@@ -29,7 +29,7 @@ from torch import Tensor
 from torch.distributed.tensor.parallel import loss_parallel
 
 from curry_train.config.schema import Config, ParallelConfig
-from curry_train.model.llama import document_ids
+from curry_train.model.documents import document_ids
 from curry_train.model.moe import MoE
 from curry_train.parallelize import ParallelModel
 from curry_train.primitives.context_parallel import shard_sequence

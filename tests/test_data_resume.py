@@ -136,3 +136,15 @@ def test_each_source_is_validated_on_its_own_held_out_rows(pools, mixture, tmp_p
         assert web != math and total == pytest.approx((web + math) / 2, rel=1e-6)  # 2 batches of each, as many tokens
     for key, values in runs["single"].items():
         assert_same_curve(runs["fsdp2"][key], values)
+
+
+@pytest.mark.slow
+def test_a_run_stops_where_a_source_runs_out_under_exhausted_stop(pools, mixture, mixture_curve, tmp_path):
+    """data.exhausted=stop: the Parquet source's ~20 rows last 6 steps at 3.2 rows a step; the run ends
+    there (not at max_steps), on the curve of the repeating run, with a last checkpoint."""
+    run = train(pools, [*mixture, "data.exhausted=stop", "trainer.max_steps=50"], tmp_path / "stopped")
+    curve = read_metric(run)
+    assert 3 <= len(curve) < STEPS and sorted(curve) == list(range(len(curve)))
+    assert_same_curve(curve, {s: mixture_curve[s] for s in curve})
+    (last,) = files.checkpoints_in(run / "checkpoints")[-1:]
+    assert dcp.saved_step(last) == len(curve)

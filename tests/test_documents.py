@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from curry_train.config import compose
 from curry_train.config.schema import Config
-from curry_train.model.llama import Llama, document_ids, document_mask, document_positions
+from curry_train.model.documents import document_ids, document_mask, document_positions
+from curry_train.model.llama import Llama
 from curry_train.primitives.attention_kernels import masked_backward, masked_forward
 from curry_train.primitives.context_parallel import _merge
 from curry_train.primitives.materialize import materialize_and_init
@@ -103,3 +104,30 @@ def test_the_ring_leaves_out_the_blocks_the_mask_empties() -> None:
     assert set(_block_masks(spanning, q_ranges, q_ranges, causal=True)) == {(0, 0), (1, 0), (1, 1)}
     assert set(_block_masks(apart, q_ranges, q_ranges, causal=True)) == {(0, 0), (1, 1)}  # (1, 0): skipped
     assert _block_masks(None, q_ranges, q_ranges, causal=True) == {}
+
+
+def test_flex_attention_serves_only_where_its_check_passes(monkeypatch) -> None:
+    from curry_train.model import documents as kernels  # noqa: PLC0415
+
+    monkeypatch.setattr(kernels, "_CHOSEN", {})
+    assert kernels.kernel_for(torch.device("cpu"), torch.float32, 16) == "dense"
+    monkeypatch.setattr(kernels, "_check_flex", lambda *key: "differs from the dense-mask kernel by 1")
+    with pytest.warns(UserWarning, match="FlexAttention is not used on cuda .* by 1; attention runs under a dense"):
+        assert kernels.kernel_for(torch.device("cuda"), torch.bfloat16, 64) == "dense"
+    monkeypatch.setattr(kernels, "_check_flex", lambda *key: None)
+    assert kernels.kernel_for(torch.device("cuda"), torch.float16, 64) == "flex"
+    assert kernels.kernel_for(torch.device("cuda"), torch.float16, 64, dropout=0.1) == "dense"  # flex has none
+
+
+def test_flex_attention_block_mask_is_the_dense_mask() -> None:
+    """FlexAttention's forward runs on CPU (its backward does not): its block mask from the documents
+    gives the dense-mask kernel's output, grouped key/value heads and all."""
+    from curry_train.model.documents import _dense, _flex  # noqa: PLC0415
+
+    generator = torch.Generator().manual_seed(2)
+    q = torch.randn(2, 4, 128, 16, generator=generator)
+    k, v = (torch.randn(2, 2, 128, 16, generator=generator) for _ in range(2))
+    lengths = torch.randint(1, 40, (2, 32), generator=generator).cumsum(1)
+    numbers = (torch.arange(128)[None, :, None] >= lengths[:, None, :]).sum(-1)
+    with torch.no_grad():
+        torch.testing.assert_close(_flex(q, k, v, numbers, 0.0), _dense(q, k, v, numbers, 0.0), rtol=1e-5, atol=1e-5)

@@ -7,14 +7,17 @@ Rows (each runs in this process, one after the other; a row that fails says why 
 1. ``cp-kernels``: the fused attention block kernel context parallelism picks on this GPU for bf16 and
    fp16 (flash, cuDNN or memory-efficient), each checked against the exact math kernel forward and
    backward (``primitives.attention_kernels.block_kernel``);
-2. ``bf16-fsdp``: the debug model trained 40 steps under ``parallel=fsdp`` with bf16 compute and with
+2. ``document-mask``: the kernel ``data.document_mask`` attends with on this GPU for bf16:
+   FlexAttention's block mask, checked against the dense-mask kernel forward and backward
+   (``model.documents.kernel_for``), else the dense mask;
+3. ``bf16-fsdp``: the debug model trained 40 steps under ``parallel=fsdp`` with bf16 compute and with
    fp32: the bf16 loss curve within 2% of fp32's at every step;
-3. ``compile``: the debug model eager and ``compile.enabled=true`` (inductor's Triton kernels): the same
+4. ``compile``: the debug model eager and ``compile.enabled=true`` (inductor's Triton kernels): the same
    losses (1e-2), no recompilation after the first step, the speed-up (``bench.py --compile``);
-4. ``memory-estimate``: a ~1B Llama (2048 wide, 16 blocks, bf16 FSDP, selective recompute, 4 x 2048
+5. ``memory-estimate``: a ~1B Llama (2048 wide, 16 blocks, bf16 FSDP, selective recompute, 4 x 2048
    tokens) trained 3 steps: advise's peak memory estimate against ``torch.cuda.max_memory_allocated``
    (within 15%, the tolerance the CPU tests hold);
-5. ``mfu-1b``: that model compiled, bf16: tokens/s and MFU against the hardware table's peak for this
+6. ``mfu-1b``: that model compiled, bf16: tokens/s and MFU against the hardware table's peak for this
    GPU (``conf/hardware``: h100_80gb, h200, a100_*) and against the measured bf16 matmul peak.
 
 Without a CUDA device (or with ``--dry-run``) it lists what it would run and exits 0.
@@ -28,7 +31,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-CHECKS = ("cp-kernels", "bf16-fsdp", "compile", "memory-estimate", "mfu-1b")
+CHECKS = ("cp-kernels", "document-mask", "bf16-fsdp", "compile", "memory-estimate", "mfu-1b")
 ONE_B = (
     "model.name=llama_1b",
     "model.dim=2048",

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from curry_train.model.config import ModelConfig, MoEConfig, RopeScalingConfig, head_dim
+from curry_train.model.documents import document_attention, document_positions
 from curry_train.model.moe import Experts, MoE, TopKRouter
 
 
@@ -97,38 +98,13 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return rotated.flatten(-2).type_as(x)
 
 
-def document_ids(inputs: Tensor, separator: int) -> Tensor:
-    """(batch, seq) token ids of packed documents, each ending with ``separator`` -> the number of the
-    document each position belongs to (0, 1, ... along each row; a separator belongs to the document it ends)."""
-    ends = (inputs == separator).long()
-    return torch.cumsum(ends, dim=1) - ends
-
-
-def document_positions(documents: Tensor) -> Tensor:
-    """(batch, seq) document numbers -> each position's index within its document (RoPE restarts at 0)."""
-    index = torch.arange(documents.shape[1], device=documents.device).expand_as(documents)
-    starts = torch.ones_like(documents, dtype=torch.bool)
-    starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
-    return index - torch.cummax(torch.where(starts, index, torch.zeros_like(index)), dim=1).values
-
-
-def document_mask(documents_q: Tensor, documents_k: Tensor, causal_offset: Optional[int] = 0) -> Tensor:
-    """Which (query, key) pairs attend: same document and, with ``causal_offset`` (the keys' start minus the
-    queries' start; None: no causal part), not a later position. (batch, 1, q, k), boolean."""
-    allowed = documents_q[:, :, None] == documents_k[:, None, :]
-    if causal_offset is not None:
-        q, k = documents_q.shape[1], documents_k.shape[1]
-        allowed &= torch.ones(q, k, dtype=torch.bool, device=allowed.device).tril(-causal_offset)
-    return allowed[:, None]
-
-
 class SDPA(nn.Module):
     """The attention op: causal scaled dot-product attention over (batch, heads, seq, head_dim).
 
     Key/value heads are shared by groups of query heads (grouped-query attention, Ainslie et al.,
     2023); the kernel reads each key/value head for its group (``enable_gqa``) instead of a copy
     repeated to the query heads. Given ``documents`` (batch, seq), a query attends only to earlier
-    keys of its own document (a dense boolean mask).
+    keys of its own document (``documents.document_attention``).
     """
 
     def __init__(self, dropout: float) -> None:
@@ -140,8 +116,7 @@ class SDPA(nn.Module):
         gqa = q.shape[1] != k.shape[1]
         if documents is None:
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, enable_gqa=gqa)
-        mask = document_mask(documents, documents)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=gqa)
+        return document_attention(q, k, v, documents, dropout)
 
 
 class GQAttention(nn.Module):

@@ -40,7 +40,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from curry_train.model.llama import document_mask
+from curry_train.model.documents import document_mask
 from curry_train.options import CP_PATTERNS
 from curry_train.primitives.attention_kernels import block_backward, block_forward, masked_backward, masked_forward
 

@@ -11,6 +11,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from curry_train.config import compose
+from curry_train.model.documents import kernel_for
 from curry_train.module import LMDataModule
 from curry_train.planning.advise import estimate
 from curry_train.planning.layout import current_layout
@@ -29,6 +30,14 @@ def _cp_kernels(one_b: Sequence[str], hardware: str) -> tuple[bool, str]:
     }
     fused = all(name != "math" for name in chosen.values())
     return fused, ", ".join(f"{dtype}: {name}" for dtype, name in chosen.items()) + " (checked vs math, fwd+bwd)"
+
+
+def _document_mask(one_b: Sequence[str], hardware: str) -> tuple[bool, str]:
+    device = torch.device("cuda", 0)
+    chosen = {str(dtype).removeprefix("torch."): kernel_for(device, dtype, 128) for dtype in (torch.bfloat16,)}
+    fused = all(name == "flex" for name in chosen.values())
+    detail = ", ".join(f"{dtype}: {name}" for dtype, name in chosen.items())
+    return fused, f"{detail} (FlexAttention's block mask checked vs the dense mask, fwd+bwd)"
 
 
 def _train_losses(overrides: Sequence[str], steps: int) -> list[float]:
@@ -100,6 +109,7 @@ def _mfu_1b(one_b: Sequence[str], hardware: str) -> tuple[bool, str]:
 
 RUNNERS: dict[str, Check] = {
     "cp-kernels": _cp_kernels,
+    "document-mask": _document_mask,
     "bf16-fsdp": _bf16_fsdp,
     "compile": _compile,
     "memory-estimate": _memory_estimate,
