@@ -38,6 +38,7 @@ def test_every_command_is_a_console_script_with_a_shim():
         "curry-export",
         "curry-tokenize",
         "curry-gpu-check",
+        "curry-data",
     }
     shims = {path.name for path in (REPO / "scripts").glob("*.py")}
     assert shims == {
@@ -50,6 +51,7 @@ def test_every_command_is_a_console_script_with_a_shim():
         "export_checkpoint.py",
         "tokenize_data.py",
         "gpu_check.py",
+        "show_data.py",
     }
     for shim in (REPO / "scripts").glob("*.py"):
         text = shim.read_text()

@@ -358,9 +358,9 @@ class StreamCursor:
         self.packer: Optional[Iterator[tuple[Position, np.ndarray]]] = None
         if self.start is not None:  # resumed inside a window: read it again, serve what is left of it
             self.packer = self.rows.pack(self.start)
-            self._fill(self.start)
+            self._fill()
 
-    def _fill(self, expected: Optional[Position] = None) -> bool:
+    def _fill(self) -> bool:
         """Read the next window of rows; False where the epoch's documents have run out."""
         rows: List[np.ndarray] = []
         for position, row in self.packer:

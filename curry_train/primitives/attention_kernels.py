@@ -38,7 +38,11 @@ def _math_backward(dout, q, k, v, out, lse, causal: bool, scale: float):
     scores = (q.float() @ k.float().transpose(-2, -1)) * scale
     if causal:
         scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1), float("-inf"))
-    p = torch.exp(scores - lse[..., None])
+    return _backward_of(dout, q, k, v, out, torch.exp(scores - lse[..., None]), scale)
+
+
+def _backward_of(dout, q, k, v, out, p: Tensor, scale: float):
+    """The gradients of attention whose probabilities were ``p`` (fp32, masked entries 0)."""
     dout32 = dout.float()
     dv = p.transpose(-2, -1) @ dout32
     dp = dout32 @ v.float().transpose(-2, -1)
@@ -254,10 +258,4 @@ def masked_backward(dout, q, k, v, out, lse, allowed: Tensor, scale: float):
     """The gradient of ``masked_forward`` given the final (merged) output and log-sum-exp."""
     scores = ((q.float() @ k.float().transpose(-2, -1)) * scale).masked_fill(~allowed, float("-inf"))
     finite = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-    p = torch.exp(scores - finite[..., None])
-    dout32 = dout.float()
-    dv = p.transpose(-2, -1) @ dout32
-    dp = dout32 @ v.float().transpose(-2, -1)
-    delta = (dout32 * out.float()).sum(-1, keepdim=True)
-    ds = p * (dp - delta) * scale
-    return (ds @ k.float()).to(q.dtype), (ds.transpose(-2, -1) @ q.float()).to(k.dtype), dv.to(v.dtype)
+    return _backward_of(dout, q, k, v, out, torch.exp(scores - finite[..., None]), scale)
