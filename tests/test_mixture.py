@@ -351,3 +351,28 @@ def test_the_document_mask_needs_one_separator(corpus, tmp_path) -> None:
     cfg.sources["web"]["paths"] = [str(unseparated)]
     with pytest.raises(DataError, match=r"document_mask=true needs .* web None, math 0, code 0"):
         survey(cfg)
+
+
+def test_a_bad_mixture_is_one_line_before_any_worker_starts(corpus, tmp_path, curry_train) -> None:
+    from conftest import hydra_value  # noqa: PLC0415
+
+    sources = mixture_cfg(corpus).sources
+    sources["code"]["text_key"] = "body"
+    result = curry_train([f"data.sources={hydra_value(sources)}", "data.tokenizer=byte", "logger=csv"], cwd=tmp_path)
+    assert result.code == 2
+    assert result.err.strip().splitlines() == [
+        f"curry-train: error: {corpus['code']}: no column 'body' (it has content, n); set the source's text_key"
+    ]
+    assert list(tmp_path.iterdir()) == []  # no run directory, no worker
+
+
+def test_a_saved_dataset_without_the_text_column_is_refused(tmp_path) -> None:
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_dict({"body": ["a b c"] * 4}).save_to_disk(str(tmp_path / "d"))
+    with pytest.raises(DataError, match=r"d: no column 'text' \(it has body\); set the source's text_key"):
+        survey(DataConfig(sources=[{"kind": "datasets", "paths": [str(tmp_path / "d")]}], tokenizer="byte"))
+    datasets.Dataset.from_dict(
+        {"text": []}, features=datasets.Features({"text": datasets.Value("string")})
+    ).save_to_disk(str(tmp_path / "empty"))
+    with pytest.raises(DataError, match=r"empty: not a readable saved dataset"):  # the library cannot load it
+        survey(DataConfig(sources=[{"kind": "datasets", "paths": [str(tmp_path / "empty")]}], tokenizer="byte"))

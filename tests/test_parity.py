@@ -213,6 +213,7 @@ ROWS = [
         matrix=True,
     ),
     Row("tp+cp-2x2", ("parallel=tp+cp", "trainer.devices=4")),
+    Row("docs-tp+cp-2x2", (*DOCUMENTS, "parallel=tp+cp", "trainer.devices=4")),
     Row("fsdp+ep-2x2", (*MOE, "parallel=fsdp+ep", "trainer.devices=4"), parameters=MOE_PARAMETERS),
     Row("tp+ep-2x2", (*MOE, "parallel=tp+ep", "trainer.devices=4"), parameters=MOE_PARAMETERS),
     Row("pp+ep-2x2", (*MOE, "parallel=pp+ep", "trainer.devices=4"), parameters=MOE_PARAMETERS),
@@ -263,6 +264,7 @@ ROWS = [
         validate_every=2,
     ),
     Row("fsdp+tp+pp+cp-8", ("parallel=fsdp+tp+pp+cp", "trainer.devices=8")),
+    Row("docs-fsdp+tp+pp+cp-8", (*DOCUMENTS, "parallel=fsdp+tp+pp+cp", "trainer.devices=8"), validate_every=2),
     Row("fsdp+tp+ep-2x2x2", (*MOE, "parallel=fsdp+tp+ep", "trainer.devices=8"), parameters=MOE_PARAMETERS),
     Row(
         "fsdp-hybrid+cp-2x2x2",
