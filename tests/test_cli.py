@@ -39,6 +39,7 @@ def test_every_command_is_a_console_script_with_a_shim():
         "curry-tokenize",
         "curry-gpu-check",
         "curry-data",
+        "curry-generate",
     }
     shims = {path.name for path in (REPO / "scripts").glob("*.py")}
     assert shims == {
@@ -52,6 +53,7 @@ def test_every_command_is_a_console_script_with_a_shim():
         "tokenize_data.py",
         "gpu_check.py",
         "show_data.py",
+        "generate.py",
     }
     for shim in (REPO / "scripts").glob("*.py"):
         text = shim.read_text()

@@ -119,6 +119,29 @@ class SDPA(nn.Module):
         return document_attention(q, k, v, documents, dropout)
 
 
+class KVCache:
+    """The keys and values of the tokens a generation has seen, per block, (batch, kv_heads, max_len,
+    head_dim) each, allocated at a block's first call; ``length`` tokens are filled."""
+
+    def __init__(self, max_len: int) -> None:
+        self.max_len, self.length = max_len, 0
+        self.keys: dict[int, Tensor] = {}
+        self.values: dict[int, Tensor] = {}
+
+    def extend(self, block: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Append block ``block``'s new keys and values (batch, kv_heads, new, head_dim) after the
+        ``length`` cached ones; the keys and values of every token so far."""
+        if block not in self.keys:
+            shape = (k.shape[0], k.shape[1], self.max_len, k.shape[3])
+            self.keys[block], self.values[block] = k.new_zeros(shape), v.new_zeros(shape)
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"{end} tokens exceed the cache's {self.max_len} (model.max_seq_len)")
+        self.keys[block][:, :, self.length : end] = k
+        self.values[block][:, :, self.length : end] = v
+        return self.keys[block][:, :, :end], self.values[block][:, :, :end]
+
+
 class GQAttention(nn.Module):
     """Grouped-query self-attention with rotary positions (``head_dim``: default ``dim / n_heads``)."""
 
@@ -143,7 +166,14 @@ class GQAttention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, qk_norm_eps) if qk_norm_eps is not None else None
         self.k_norm = RMSNorm(self.head_dim, qk_norm_eps) if qk_norm_eps is not None else None
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, documents: Optional[Tensor] = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        documents: Optional[Tensor] = None,
+        cache: Optional[tuple[KVCache, int]] = None,
+    ) -> Tensor:
         batch, seq, _ = x.shape
         q = self.wq(x).view(batch, seq, -1, self.head_dim)
         k = self.wk(x).view(batch, seq, -1, self.head_dim)
@@ -151,9 +181,21 @@ class GQAttention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:  # generation: attend to every token so far, the new ones causally
+            out = _cached_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), *cache)
+            return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
         extra = () if documents is None else (documents,)  # packed documents: the op masks across them
         out = self.sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), *extra)
         return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
+
+
+def _cached_attention(q: Tensor, k: Tensor, v: Tensor, cache: KVCache, block: int) -> Tensor:
+    """The new queries (batch, heads, new, head_dim) against the cached keys and values and their own."""
+    seen = cache.length
+    k, v = cache.extend(block, k, v)
+    new, total = q.shape[2], k.shape[2]
+    mask = None if new == 1 else torch.ones(new, total, dtype=torch.bool, device=q.device).tril(seen)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
 
 
 class SwiGLU(nn.Module):
@@ -202,8 +244,15 @@ class Block(nn.Module):
             self.feed_forward = SwiGLU(cfg.dim, cfg.ffn_dim)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, documents: Optional[Tensor] = None) -> Tensor:
-        x = x + self.dropout(self.attention(self.attention_norm(x), cos, sin, documents))
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        documents: Optional[Tensor] = None,
+        cache: Optional[tuple[KVCache, int]] = None,
+    ) -> Tensor:
+        x = x + self.dropout(self.attention(self.attention_norm(x), cos, sin, documents, cache))
         return x + self.dropout(self.feed_forward(self.ffn_norm(x)))
 
 
@@ -261,6 +310,7 @@ class Llama(nn.Module):
         positions: Optional[Tensor] = None,
         labels: Optional[Tensor] = None,
         documents: Optional[Tensor] = None,
+        cache: Optional[KVCache] = None,
     ) -> Tensor:
         """tokens: (batch, seq) ids, or hidden states (batch, seq, dim) on a stage without the embedding.
 
@@ -269,9 +319,12 @@ class Llama(nn.Module):
         document and positions restart at its start (context parallelism: the rows whole, not this
         rank's shard). Returns logits (batch, seq, vocab), or hidden states on a stage without the
         head; given ``labels`` (batch, seq), the summed cross-entropy instead, over ``loss_chunks``
-        chunks (``chunked_cross_entropy``).
+        chunks (``chunked_cross_entropy``). cache: generation's keys and values so far (``KVCache``): the
+        tokens are the next ones after them (their positions follow), and the cache takes theirs.
         """
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
+        if cache is not None:
+            positions = torch.arange(cache.length, cache.length + tokens.shape[1], device=h.device)
         if positions is None:
             positions = self.positions
         if documents is not None:  # each row's own positions: restarting at each document
@@ -283,9 +336,15 @@ class Llama(nn.Module):
             cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
         else:
             cos, sin = self.rope_cos[positions], self.rope_sin[positions]
-        extra = () if documents is None else (documents,)
-        for block in self.layers.values():
-            h = block(h, cos, sin, *extra)
+        for index, block in enumerate(self.layers.values()):
+            if cache is not None:
+                h = block(h, cos, sin, None, (cache, index))
+            elif documents is not None:
+                h = block(h, cos, sin, documents)
+            else:
+                h = block(h, cos, sin)
+        if cache is not None:
+            cache.length += tokens.shape[1]
         if self.norm is not None:
             h = self.norm(h)
         if self.output is None:

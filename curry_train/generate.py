@@ -1,0 +1,169 @@
+"""Text from a model: a curry-train checkpoint or a Hugging Face directory, one process, with a KV cache.
+
+Each prompt is encoded (through the chat template for a chat model), run through the model once
+(prefill), then one token at a time against the cache of every earlier token's keys and values
+(``model.llama.KVCache``): greedy (``temperature=0``) or sampled at a temperature, after top-k and
+top-p filtering; it stops at an end token or after ``max_new_tokens``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from omegaconf import OmegaConf
+from torch import Tensor
+
+from curry_train.checkpoint import files
+from curry_train.checkpoint.dcp import consolidated_model_state
+from curry_train.checkpoint.hf_config import PretrainedError, model_config
+from curry_train.checkpoint.hf_export import checkpoint_model_config
+from curry_train.checkpoint.hf_load import load_pretrained
+from curry_train.data.chat import chat_template, render, special_tokens
+from curry_train.data.sources import ByteTokenizer, HFTokenizer, make_tokenizer
+from curry_train.model.config import ModelConfig
+from curry_train.model.llama import KVCache, Llama
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: every token
+    top_p: float = 1.0  # nucleus: the smallest set of tokens whose probability reaches this
+    seed: int = 0
+
+    def check(self) -> Optional[str]:
+        """What is wrong with these settings, or None."""
+        if self.max_new_tokens < 1:
+            return f"max_new_tokens={self.max_new_tokens}: at least 1"
+        if self.temperature < 0:
+            return f"temperature={self.temperature}: 0 (greedy) or more"
+        if self.top_k < 0:
+            return f"top_k={self.top_k}: 0 (off) or more"
+        if not 0 < self.top_p <= 1:
+            return f"top_p={self.top_p}: in (0, 1]"
+        return None
+
+
+@dataclass
+class Loaded:
+    model: Llama
+    tokenizer: ByteTokenizer | HFTokenizer
+    template: Optional[str]  # the chat template, where the tokenizer directory has one
+    special: dict[str, str]
+    stop: set[int]  # token ids that end a generation
+
+
+def _stop_ids(directory: Optional[Path], tokenizer) -> set[int]:
+    stop = {tokenizer.separator} if tokenizer.separator is not None else set()
+    for name in ("generation_config.json", "config.json"):
+        if directory is not None and (directory / name).is_file():
+            eos = json.loads((directory / name).read_text()).get("eos_token_id")
+            stop.update(eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else [])
+    return stop
+
+
+CPU = torch.device("cpu")
+
+
+def load(source: str | Path, device: torch.device = CPU) -> Loaded:
+    """A Hugging Face directory (``config.json``) or a curry-train checkpoint (``manifest.json``), its
+    tokenizer (the directory's, or the run's ``data.tokenizer``; else bytes) and its chat template."""
+    source = Path(source)
+    if (source / files.MANIFEST_FILE).is_file():
+        cfg = checkpoint_model_config(source)
+        with torch.device("meta"):
+            model = Llama(cfg)
+        model.to_empty(device=device)
+        model.load_state_dict(consolidated_model_state(source), strict=False)
+        model.reset_buffers()
+        model.tie_weights()
+        saved = files.saved_config(source) or {}
+        spec = str((saved.get("data") or {}).get("tokenizer") or "byte")
+        spec = spec if spec != "auto" and (spec == "byte" or Path(spec).exists()) else "byte"
+        directory = Path(spec) if Path(spec).is_dir() else None
+    elif (source / "config.json").is_file():
+        cfg = OmegaConf.structured(ModelConfig)
+        cfg.merge_with(model_config(source))
+        with torch.device("meta"):
+            model = Llama(cfg)
+        load_pretrained(model, device, source)
+        spec, directory = str(source), source
+    else:
+        raise PretrainedError(f"{source}: neither a curry-train checkpoint nor a Hugging Face model directory")
+    tokenizer = make_tokenizer(spec)
+    template = chat_template(directory) if directory is not None else None
+    special = special_tokens(directory) if directory is not None else {}
+    return Loaded(model.eval(), tokenizer, template, special, _stop_ids(directory, tokenizer))
+
+
+def encode(loaded: Loaded, prompt: str, chat: bool = True) -> list[int]:
+    """A prompt's token ids: as the user's turn of a conversation through the chat template (a chat
+    model, unless ``chat`` is false), else the text as the tokenizer encodes a document (BOS where it adds one)."""
+    if chat and loaded.template is not None:
+        text = render(loaded.template, [{"role": "user", "content": prompt}], True, loaded.special)
+        return loaded.tokenizer._tokenizer.encode(text, add_special_tokens=False).ids
+    return [int(i) for i in loaded.tokenizer.encode(prompt)]
+
+
+def decode(loaded: Loaded, ids: Sequence[int]) -> str:
+    if isinstance(loaded.tokenizer, ByteTokenizer):
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+    return loaded.tokenizer._tokenizer.decode(list(ids), skip_special_tokens=True)
+
+
+def _pick(logits: Tensor, sampling: Sampling, generator: torch.Generator) -> int:
+    if sampling.temperature == 0:
+        return int(logits.argmax())
+    logits = logits.float() / sampling.temperature
+    if sampling.top_k:
+        kth = torch.topk(logits, min(sampling.top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if sampling.top_p < 1:
+        ordered, order = logits.sort(descending=True)
+        cumulative = ordered.softmax(-1).cumsum(-1)
+        cut = cumulative - ordered.softmax(-1) >= sampling.top_p  # tokens after the nucleus is full
+        logits = logits.scatter(0, order, ordered.masked_fill(cut, float("-inf")))
+    return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+
+
+@dataclass
+class Generated:
+    prompt: list[int]
+    tokens: list[int]  # the new ones (an end token included where it stopped there)
+    seconds: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return len(self.tokens) / self.seconds if self.seconds > 0 else float("inf")
+
+
+@torch.no_grad()
+def generate(model: Llama, prompt: Sequence[int], sampling: Sampling, stop: set[int] = frozenset()) -> Generated:
+    """New tokens after ``prompt``: the prefill, then one token at a time against the KV cache."""
+    if not prompt:
+        raise ValueError("an empty prompt: give at least one token")
+    device = model.rope_cos.device
+    total = len(prompt) + sampling.max_new_tokens
+    if total > model.cfg.max_seq_len:
+        raise ValueError(
+            f"{len(prompt)} prompt tokens + max_new_tokens={sampling.max_new_tokens} exceed the model's"
+            f" {model.cfg.max_seq_len} positions"
+        )
+    generator = torch.Generator().manual_seed(sampling.seed)
+    cache = KVCache(total)
+    start = time.perf_counter()
+    logits = model(torch.tensor([list(prompt)], device=device), cache=cache)[0, -1]
+    new: list[int] = []
+    while True:
+        token = _pick(logits.cpu(), sampling, generator)
+        new.append(token)
+        if token in stop or len(new) == sampling.max_new_tokens:
+            break
+        logits = model(torch.tensor([[token]], device=device), cache=cache)[0, -1]
+    return Generated(list(prompt), new, time.perf_counter() - start)
