@@ -74,10 +74,6 @@ class CausalLM(pl.LightningModule):
         self.train_tokens = SumMetric(process_group=group, sync_on_compute=True, nan_strategy=nan)
         self.val_sums: dict[int, tuple[SumMetric, SumMetric]] = {}
 
-    @property
-    def tokens_per_step(self) -> int:
-        return self.cfg.data.global_batch_size * self.cfg.data.seq_len
-
     def configure_optimizers(self) -> dict[str, Any]:
         o = self.cfg.optim
         decay, no_decay = [], []
@@ -161,11 +157,10 @@ class CausalLM(pl.LightningModule):
             self.trainer.should_stop = True
 
     def validation_step(self, batch: Tensor, batch_idx: int, dataloader_idx: int = 0) -> None:
-        loss = self.step.forward_eval(batch)
+        loss, labels = self.step.forward_eval(batch)  # summed over the labels this rank counts
         loss_sum, token_sum = self._val_sums(dataloader_idx, loss.device)
-        loss_sum.update(loss * self.tokens_per_step)  # back to a plain sum of token losses
-        tokens = batch[:, 1:].numel() * self.step.token_fraction
-        token_sum.update(torch.tensor(tokens, dtype=torch.float64, device=loss.device))
+        loss_sum.update(loss)
+        token_sum.update(labels)
 
     def _val_sums(self, index: int, device: torch.device) -> tuple[SumMetric, SumMetric]:
         """The sums of validation loader ``index`` (one per source that holds rows out)."""

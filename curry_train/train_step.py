@@ -29,6 +29,7 @@ from torch import Tensor
 from torch.distributed.tensor.parallel import loss_parallel
 
 from curry_train.config.schema import Config, ParallelConfig
+from curry_train.data.chat import DOCUMENT_START, TARGET
 from curry_train.model.documents import document_ids
 from curry_train.model.moe import MoE
 from curry_train.parallelize import ParallelModel
@@ -137,6 +138,9 @@ class TrainStep:
         self.cross_entropy = (
             torch.compile(cross_entropy_sum, backend=settings.compile_loss) if compiled else cross_entropy_sum
         )
+        # The loss's denominator: the global batch's tokens, or (rows with a target mask: chat data) the
+        # global batch's target tokens, counted at the start of each step.
+        self.denominator: float = float(settings.tokens_per_step)
         self.moe_layers = [module for module in self.model.modules() if isinstance(module, MoE)]
         for layer in self.moe_layers:  # each forward's router losses weigh by its share of the step's tokens
             layer.aux_scale = 1.0 / settings.tokens_per_step
@@ -177,6 +181,8 @@ class TrainStep:
         """One optimizer step on this rank's slice of the global batch ``step``: forward and backward,
         gradients reduced and clipped, then the optimizer (not for non-finite gradients, within
         ``skip_nonfinite_steps``; ``NonFiniteError`` past it), the LR schedule and the experts' balance."""
+        if batch.ndim == 3:  # (rows, tokens | targets, seq + 1): the mean over the global batch's targets
+            self.denominator = self._global_targets(batch)
         loss = self.forward_backward(self.micro_batches(batch))
         grad_norm = self.clip_grad_norm_(self.settings.grad_clip)
         # the step's values from here on (whitebox reads them in Lightning's optimizer hooks)
@@ -191,8 +197,18 @@ class TrainStep:
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         moe_metrics = self._balance_experts(applied)
-        tokens = batch[:, 1:].numel() * self.token_fraction  # context parallel: this rank's share
+        rows = batch[:, 0] if batch.ndim == 3 else batch
+        tokens = rows[:, 1:].numel() * self.token_fraction  # context parallel: this rank's share
         return StepResult(loss, grad_norm, not applied, tokens, moe_metrics)
+
+    def _global_targets(self, batch: Tensor) -> float:
+        """The labels of the global batch that are targets: this rank's, summed over the data-parallel
+        ranks (its tensor, pipeline and context parallel peers hold the same rows). At least 1: a batch
+        without a target adds nothing."""
+        _, labels, _ = self.packed(batch)
+        count = (labels != IGNORE_INDEX).sum().to(self.device, torch.float64)
+        dist.all_reduce(count, group=self.parallel_state.get_dp_group())
+        return max(1.0, float(count))
 
     def _skip(self, grad_norm: Tensor, step: int) -> None:
         """Count a skipped step, within ``skip_nonfinite_steps``; else stop the run."""
@@ -213,17 +229,28 @@ class TrainStep:
     # Forward and backward
 
     def token_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
-        """Summed next-token cross-entropy of ``logits`` over the global batch's token count (a
-        pipeline's last stage calls this on each micro-batch's output)."""
-        return self.cross_entropy(logits, labels) / self.settings.tokens_per_step
+        """Summed next-token cross-entropy of ``logits`` over the step's denominator (the global batch's
+        tokens, or its target tokens; a pipeline's last stage calls this on each micro-batch's output)."""
+        return self.cross_entropy(logits, labels) / self.denominator
 
-    def packed(self, tokens: Tensor) -> tuple[Tensor, Tensor, Optional[Tensor]]:
-        """Inputs, labels and (``data.document_mask``) each position's document. Under the mask a
-        separator's label (the next document's first token) is ignored: no document is asked to predict
-        the next one. Ignored labels add nothing to the loss; its denominator stays the global batch's
-        token count, so every layout divides by the same number."""
+    def packed(self, batch: Tensor) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+        """Inputs, labels and (``data.document_mask``) each position's document, of rows of tokens
+        (rows, seq + 1), or of rows with their target mask (rows, 2, seq + 1): chat data, whose labels
+        outside the trained roles' turns are ignored. Under the document mask a separator's label (the
+        next document's first token) is ignored: no document is asked to predict the next one. Ignored
+        labels add nothing to the loss; its denominator is the same in every layout (``denominator``)."""
+        tokens = batch[:, 0] if batch.ndim == 3 else batch
         inputs, labels = tokens[:, :-1], tokens[:, 1:]
         separator = self.settings.document_separator
+        if batch.ndim == 3:  # the rows' flags say which labels are targets and where documents start
+            flags = batch[:, 1]
+            labels = labels.masked_fill((flags[:, 1:] & TARGET) == 0, IGNORE_INDEX)
+            if separator is None:
+                return inputs, labels, None
+            starts = (flags[:, :-1] & DOCUMENT_START) != 0
+            documents = torch.cumsum(starts.long(), dim=1)
+            labels = labels.masked_fill((flags[:, 1:] & DOCUMENT_START) != 0, IGNORE_INDEX)
+            return inputs, labels, documents - documents[:, :1]
         if separator is None:
             return inputs, labels, None
         return inputs, labels.masked_fill(inputs == separator, IGNORE_INDEX), document_ids(inputs, separator)
@@ -237,7 +264,7 @@ class TrainStep:
             inputs, labels = self._cp_shard(inputs), self._cp_shard(labels)
         extra = {} if documents is None else {"documents": documents}
         if self.settings.loss_chunks > 1:  # the model sums its chunks' cross-entropy itself
-            return self.model(inputs, labels=labels, **extra) / self.settings.tokens_per_step
+            return self.model(inputs, labels=labels, **extra) / self.denominator
         return self.token_loss(self.model(inputs, **extra), labels)
 
     def forward_backward(self, micro_batches: list[Tensor]) -> Tensor:
@@ -262,18 +289,27 @@ class TrainStep:
         return loss
 
     @torch.no_grad()
-    def forward_eval(self, batch: Tensor) -> Tensor:
-        """The summed loss of this rank's batch (in micro-batches), no gradients."""
+    def forward_eval(self, batch: Tensor) -> tuple[Tensor, Tensor]:
+        """The summed cross-entropy of this rank's batch (in micro-batches), no gradients, and the labels
+        it counts (not ignored; under context parallelism this rank's share of each row)."""
         micro_batches = self.micro_batches(batch)
-        if self.pipelined:
-            with self.loss_context():
-                args, documents = self._pipeline_inputs(micro_batches)
-                return self.schedule.eval_step(*args, documents=documents).loss
-        loss = torch.zeros((), device=self.device)
-        for micro_batch in micro_batches:
-            with self.loss_context():
-                loss += _plain(self.micro_batch_loss(micro_batch))
-        return loss
+        step_denominator, self.denominator = self.denominator, 1.0  # sums, not the step's mean
+        try:
+            if self.pipelined:
+                with self.loss_context():
+                    args, documents = self._pipeline_inputs(micro_batches)
+                    loss = self.schedule.eval_step(*args, documents=documents).loss
+            else:
+                loss = torch.zeros((), device=self.device)
+                for micro_batch in micro_batches:
+                    with self.loss_context():
+                        loss += _plain(self.micro_batch_loss(micro_batch))
+        finally:
+            self.denominator = step_denominator
+        _, labels, _ = self.packed(batch)
+        if self.layout.cp is not None:
+            labels = self._cp_shard(labels)
+        return loss, (labels != IGNORE_INDEX).sum().to(loss.device, torch.float64)
 
     @cached_property
     def schedule(self) -> PipelineSchedule:
@@ -301,7 +337,7 @@ class TrainStep:
         n = self.schedule.n_microbatches
         if len(micro_batches) != n:
             micro_batches = list(torch.cat(micro_batches).tensor_split(n))
-        if self.layout.cp is None and self.settings.document_separator is None:
+        if self.layout.cp is None and self.settings.document_separator is None and micro_batches[0].ndim == 2:
             return (micro_batches,), None
         inputs, labels, documents = zip(*(self.packed(mb) for mb in micro_batches), strict=True)
         if self.layout.cp is not None:

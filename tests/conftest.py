@@ -58,6 +58,45 @@ def short_documents() -> Path:
 # Packed rows of short documents under the document mask (data.document_mask): the masked layouts' data.
 DOCUMENTS = ("data=files", f"data.paths=[{short_documents()}]", "data.tokenizer=byte", "data.document_mask=true")
 
+# A chat template that a byte-level tokenizer renders: role headers, the text, an end-of-turn mark.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<' + message['role'] + '>' + message['content'] + '</>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<assistant>' }}{% endif %}"
+)
+
+
+def chat_records() -> tuple[Path, Path]:
+    """A JSONL corpus of 1,500 short conversations (a system turn in some, one or two exchanges) and its chat
+    template's file, written once per machine (the same every time)."""
+    root = Path(tempfile.gettempdir()) / "curry-train-tests"
+    path, template = root / "chat.jsonl", root / "chat.jinja"
+    if not path.is_file() or not template.is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        rng = random.Random(1)
+        words = lambda n: " ".join(f"w{rng.randrange(200)}" for _ in range(n))  # noqa: E731
+        lines = []
+        for _ in range(1500):
+            messages = [{"role": "system", "content": words(3)}] if rng.random() < 0.3 else []
+            for _ in range(rng.randint(1, 2)):
+                messages += [{"role": "user", "content": words(rng.randint(1, 5))}]
+                messages += [{"role": "assistant", "content": words(rng.randint(1, 6))}]
+            lines.append(json.dumps({"messages": messages}))
+        for target, text in ((path, "\n".join(lines) + "\n"), (template, CHAT_TEMPLATE)):
+            partial = target.with_suffix(f".{os.getpid()}.tmp")
+            partial.write_text(text)
+            partial.replace(target)
+    return path, template
+
+
+# Chat records: the loss on the assistant's turns only, the mean over the global batch's targets.
+CHAT = (
+    "data=files",
+    f"data.paths=[{chat_records()[0]}]",
+    "data.format=chat",
+    "data.tokenizer=byte",
+    f"data.chat_template={chat_records()[1]}",
+)
+
 
 def hydra_value(value: object) -> str:
     """``value`` in Hydra's override grammar (strings quoted): ``f"data.sources={hydra_value(sources)}"``."""

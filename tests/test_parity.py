@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pytest
-from conftest import DOCUMENTS, FAST
+from conftest import CHAT, DOCUMENTS, FAST
 
 from curry_train.validation.whitebox import Case, validate_many
 
@@ -118,6 +118,11 @@ ROWS = [
     Row("docs-cp-alltoall-2", (*DOCUMENTS, "parallel=cp", "parallel.cp.pattern=alltoall", "trainer.devices=2")),
     Row("docs-ep-2", (*DOCUMENTS, *MOE, "parallel=ep", "trainer.devices=2"), parameters=MOE_PARAMETERS),
     compiled("docs-fsdp-2", "inductor", *DOCUMENTS, "parallel=fsdp", "trainer.devices=2"),
+    # Chat records: only the assistant's turns are targets; the loss is the mean over the global batch's
+    Row("chat-fsdp-2", (*CHAT, "parallel=fsdp", "trainer.devices=2")),
+    Row("chat-tp-2-sp", (*CHAT, "parallel=tp", "trainer.devices=2", "parallel.tp.sequence_parallel=true")),
+    Row("chat-docs-pp-2", (*CHAT, "data.document_mask=true", "parallel=pp", "trainer.devices=2"), validate_every=2),
+    Row("chat-docs-cp-ring-2", (*CHAT, "data.document_mask=true", "parallel=cp", "trainer.devices=2")),
     # ZeRO-1 swaps each block's full parameters in around its compiled call
     compiled(
         "zero1-full-recompute",

@@ -19,6 +19,9 @@ class DataConfig:
         None  # a mixture: [{kind, paths, weight, ...}, ...] or {name: {...}}; replaces source/paths
     )
     text_key: str = "text"  # field holding the text in JSONL records, Parquet columns and datasets rows
+    format: str = "text"  # text | chat: records of messages (role/content) or prompt/completion (data/chat.py)
+    chat_template: Optional[str] = None  # a Jinja chat template, or a file holding one (null: the tokenizer's)
+    train_roles: List[str] = field(default_factory=lambda: ["assistant"])  # chat: the roles whose turns are targets
     tokenizer: str = "auto"  # byte | a tokenizer.json | a HF model directory | auto: model.init_from's, else byte
     seq_len: int = 256  # tokens per training sequence
     global_batch_size: int = 32  # sequences per optimizer step, over all data-parallel ranks
@@ -38,5 +41,6 @@ class SourceConfig:
     paths: List[str] = field(default_factory=list)  # its files (parquet: files or directories; datasets: one directory)
     weight: float = 1.0  # its share of training rows (and tokens), relative to the others' weights
     text_key: Optional[str] = None  # null: data.text_key
+    format: Optional[str] = None  # null: data.format
     tokenizer: Optional[str] = None  # null: data.tokenizer; every source must produce the same vocabulary
     name: Optional[str] = None  # null: the map's key, else the kind (numbered where two share it)

@@ -8,6 +8,9 @@ Parquet file's or a saved dataset's row), so resuming costs one seek, not a re-r
 * ``parquet``: Parquet files, or directories of them; the ``text_key`` column, a document per row.
 * ``datasets``: a directory written by Hugging Face ``datasets``' ``save_to_disk``; the ``text_key``
   column (Arrow files, memory-mapped by the library).
+
+With ``records=True`` (a chat source) a reader yields each record whole, as ``(where, record)``: a
+JSONL line's object, a Parquet or dataset row's columns.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, List, Sequence
 
-from curry_train.data.sources import DataError, _not_text, _record_text, check_head
+from curry_train.data.sources import DataError, _not_text, _record, _record_text, check_head
 
 PARQUET_BATCH = 1024  # rows read from a Parquet file at a time
 
@@ -38,8 +41,8 @@ class TextFiles:
 
     kind = "files"
 
-    def __init__(self, paths: Sequence[str | Path], text_key: str) -> None:
-        self.paths, self.text_key = [Path(p) for p in paths], text_key
+    def __init__(self, paths: Sequence[str | Path], text_key: str, records: bool = False) -> None:
+        self.paths, self.text_key, self.records = [Path(p) for p in paths], text_key, records
 
     def check(self) -> None:
         for path in self.paths:
@@ -47,7 +50,10 @@ class TextFiles:
                 raise DataError(f"{path}: does not exist (or is not a file)")
             if path.stat().st_size == 0:
                 raise DataError(f"{path}: an empty file")
-            check_head(path, self.text_key)
+            if self.records and path.suffix != ".jsonl":
+                raise DataError(f"{path}: a chat source reads .jsonl records, not text files")
+            if not self.records:
+                check_head(path, self.text_key)
 
     def count(self) -> int:
         total = 0
@@ -78,7 +84,10 @@ class TextFiles:
                 for line in lines:
                     number += 1
                     if line.strip():
-                        yield Cursor(ordinal, index, offset), _record_text(path, number, line, self.text_key)
+                        if self.records:
+                            yield Cursor(ordinal, index, offset), (f"{path} (byte {offset})", _record(path, line))
+                        else:
+                            yield Cursor(ordinal, index, offset), _record_text(path, number, line, self.text_key)
                         ordinal += 1
                     offset += len(line)
 
@@ -88,11 +97,12 @@ class ParquetFiles:
 
     kind = "parquet"
 
-    def __init__(self, paths: Sequence[str | Path], text_key: str) -> None:
+    def __init__(self, paths: Sequence[str | Path], text_key: str, records: bool = False) -> None:
         files: List[Path] = []
         for path in map(Path, paths):
             files.extend(sorted(path.rglob("*.parquet")) if path.is_dir() else [path])
         self.paths, self.text_key, self.given = files, text_key, [Path(p) for p in paths]
+        self.records = records
 
     def _open(self, path: Path):
         import pyarrow.parquet as pq  # noqa: PLC0415  (the data extra; imported where a Parquet source is read)
@@ -114,6 +124,8 @@ class ParquetFiles:
                 schema = self._open(path).schema_arrow
             except Exception as error:  # pyarrow's ArrowInvalid and OSError both mean: not Parquet
                 raise DataError(f"{path}: not a Parquet file ({str(error).splitlines()[0]})") from None
+            if self.records:
+                continue
             if self.text_key not in schema.names:
                 raise DataError(
                     f"{path}: no column {self.text_key!r} (it has {', '.join(schema.names)}); set the source's text_key"
@@ -142,12 +154,15 @@ class ParquetFiles:
             if not groups:
                 continue
             at = first
-            for batch in file.iter_batches(PARQUET_BATCH, row_groups=groups, columns=[self.text_key]):
-                for text in batch.column(0).to_pylist():
+            columns = None if self.records else [self.text_key]
+            for batch in file.iter_batches(PARQUET_BATCH, row_groups=groups, columns=columns):
+                for value in batch.to_pylist() if self.records else batch.column(0).to_pylist():
                     if at >= row:
-                        if text is None:
+                        if self.records:
+                            value = (f"{self.paths[index]} (row {at})", value)
+                        elif value is None:
                             raise DataError(f"{self.paths[index]}: row {at}: {self.text_key!r} is null")
-                        yield Cursor(ordinal, index, at), text
+                        yield Cursor(ordinal, index, at), value
                         ordinal += 1
                     at += 1
 
@@ -157,10 +172,10 @@ class SavedDataset:
 
     kind = "datasets"
 
-    def __init__(self, paths: Sequence[str | Path], text_key: str) -> None:
+    def __init__(self, paths: Sequence[str | Path], text_key: str, records: bool = False) -> None:
         if len(paths) != 1:
             raise DataError(f"a datasets source reads one save_to_disk directory; got {len(paths)} paths")
-        self.path, self.text_key, self._dataset = Path(paths[0]), text_key, None
+        self.path, self.text_key, self._dataset, self.records = Path(paths[0]), text_key, None, records
 
     def _data(self):
         if self._dataset is None:
@@ -182,7 +197,7 @@ class SavedDataset:
             data = self._data()
         except Exception as error:  # the library raises several kinds for a damaged directory
             raise DataError(f"{self.path}: not a readable saved dataset ({str(error).splitlines()[0]})") from None
-        if self.text_key not in data.column_names:
+        if not self.records and self.text_key not in data.column_names:
             raise DataError(
                 f"{self.path}: no column {self.text_key!r} (it has {', '.join(data.column_names)}); set the source's"
                 " text_key"
@@ -194,11 +209,19 @@ class SavedDataset:
         return len(self._data())
 
     def documents(self, start: Cursor = Cursor()) -> Iterator[tuple[Cursor, str | bytes]]:
-        column = self._data().select_columns([self.text_key])
+        data = self._data() if self.records else self._data().select_columns([self.text_key])
         ordinal = start.ordinal
-        for first in range(start.place, len(column), PARQUET_BATCH):
-            texts = column[first : first + PARQUET_BATCH][self.text_key]
-            for offset, text in enumerate(texts):
+        for first in range(start.place, len(data), PARQUET_BATCH):
+            part = data[first : first + PARQUET_BATCH]
+            if self.records:  # columns -> one mapping per row
+                for offset, values in enumerate(zip(*part.values(), strict=True)):
+                    yield (
+                        Cursor(ordinal, 0, first + offset),
+                        (f"{self.path} (row {first + offset})", dict(zip(part, values, strict=True))),
+                    )
+                    ordinal += 1
+                continue
+            for offset, text in enumerate(part[self.text_key]):
                 if text is None:
                     raise DataError(f"{self.path}: row {first + offset}: {self.text_key!r} is null")
                 yield Cursor(ordinal, 0, first + offset), text

@@ -100,7 +100,8 @@ def inspect_mixture(cfg: DataConfig, seed: int, batches: int, documents: int, wo
     origin = blend(mixture.weights, [0] * len(mixture.weights), 1)[0]  # the source of the first row
     rows = mixture.rows[origin]
     separator = rows.tokenizer.separator if isinstance(rows, StreamedRows) else rows.separator
-    sample = {"source": mixture.names[origin], "documents": _pieces(first[0], separator, _decoder(rows))}
+    row = first[0] if first.ndim == 2 else first[0, 0]  # a chat mixture's rows carry their flags
+    sample = {"source": mixture.names[origin], "documents": _pieces(row, separator, _decoder(rows))}
     return {
         "seq_len": cfg.seq_len,
         "global_batch_size": cfg.global_batch_size,

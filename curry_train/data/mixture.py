@@ -33,6 +33,7 @@ from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
+from curry_train.data.chat import DOCUMENT_START, TARGET, ChatEncoder, conversation, special_tokens, template_of
 from curry_train.data.config import DataConfig, SourceConfig
 from curry_train.data.documents import READERS, Cursor
 from curry_train.data.sources import (
@@ -51,9 +52,10 @@ from curry_train.data.sources import (
     tokenize_documents,
     windows,
 )
-from curry_train.options import DATA_EXHAUSTED, DATA_SOURCES
+from curry_train.options import CHAT_ROLES, DATA_EXHAUSTED, DATA_FORMATS, DATA_SOURCES
 
 STATE_VERSION = 1
+CHECKED_RECORDS = 100  # the records of a chat source the launch check renders
 RANDOM_ACCESS = ("stdlib", "tokens")
 NAME = re.compile(r"^[A-Za-z0-9_.-]+$")  # a source's name is a metric key's part: train/tokens/<name>
 
@@ -76,6 +78,7 @@ class Source:
     weight: float
     text_key: str
     tokenizer: str
+    format: str = "text"  # text | chat
 
     @property
     def streamed(self) -> bool:
@@ -116,6 +119,11 @@ def mixture_of(cfg: DataConfig) -> List[Source]:
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
             raise DataError(f"{where}.weight={weight!r}: a source's weight is a finite number, 0 or more")
         name = spec.get("name") or key or kind
+        form = spec.get("format") or cfg.format
+        if form not in DATA_FORMATS:
+            raise DataError(f"{where}.format={form!r}: expected one of {', '.join(DATA_FORMATS)}")
+        if form == "chat" and kind in RANDOM_ACCESS:
+            raise DataError(f"{where}: a chat source reads records (files, parquet, datasets), not {kind}")
         sources.append(
             Source(
                 name=str(name),
@@ -124,6 +132,7 @@ def mixture_of(cfg: DataConfig) -> List[Source]:
                 weight=float(weight),
                 text_key=spec.get("text_key") or cfg.text_key,
                 tokenizer=spec.get("tokenizer") or cfg.tokenizer,
+                format=form,
             )
         )
     names = [s.name for s in sources]
@@ -141,6 +150,9 @@ def mixture_of(cfg: DataConfig) -> List[Source]:
             raise DataError(f"data.sources: source name {name!r}: use letters, digits, '_', '.' and '-'")
     if sum(s.weight for s in sources) <= 0:
         raise DataError("data.sources: every weight is 0; give at least one source a positive weight")
+    unknown_roles = sorted(set(cfg.train_roles) - set(CHAT_ROLES))
+    if unknown_roles:
+        raise DataError(f"data.train_roles: unknown role {unknown_roles[0]!r} (expected of {', '.join(CHAT_ROLES)})")
     if cfg.exhausted not in DATA_EXHAUSTED:
         raise DataError(f"data.exhausted={cfg.exhausted!r}: expected one of {', '.join(DATA_EXHAUSTED)}")
     return sources
@@ -209,6 +221,7 @@ class TokenRows:
             raise DataError(f"source {source.name}: too few tokens for one row of data.seq_len={cfg.seq_len}")
         self.name, self.index, self.seed = source.name, index, seed
         self._epoch, self._order = -1, np.empty(0, dtype=np.int64)
+        self.targeted = False
 
     def start_state(self) -> Dict[str, Any]:
         return {"taken": 0, "epoch": 0}
@@ -267,8 +280,19 @@ class StreamedRows:
     rows of ``seq_len + 1`` with stride ``seq_len``; the first ``val_docs`` documents are held out."""
 
     def __init__(self, source: Source, index: int, cfg: DataConfig, seed: int) -> None:
-        self.reader = READERS[source.kind](list(source.paths), source.text_key)
+        chat = source.format == "chat"
+        self.reader = READERS[source.kind](list(source.paths), source.text_key, records=chat)
         self.tokenizer = make_tokenizer(source.tokenizer)
+        self.chat: Optional[ChatEncoder] = None
+        if chat:
+            template = template_of(cfg.chat_template, source.tokenizer)
+            if template is None:
+                raise DataError(
+                    f"source {source.name}: no chat template (the tokenizer has none): set data.chat_template"
+                )
+            special = special_tokens(source.tokenizer) if Path(source.tokenizer).is_dir() else {}
+            self.chat = ChatEncoder(template, special, self.tokenizer, cfg.train_roles)
+        self.targeted = False  # rows carry their tokens' flags (a mixture with a chat source): set by Mixture
         self.vocab_size = self.tokenizer.vocab_size
         self.name, self.index, self.seed = source.name, index, seed
         self.seq_len, self.window = cfg.seq_len, max(1, cfg.shuffle_window)
@@ -297,34 +321,41 @@ class StreamedRows:
             self._train_start = start
         return self._train_start
 
-    def _tokens(self, text: str | bytes) -> np.ndarray:
-        tokens = self.tokenizer.encode(text).astype(np.int64, copy=False)
+    def _tokens(self, document: Any) -> tuple[np.ndarray, np.ndarray]:
+        """A document's token ids and their flags (``data/chat.py``: targets, the document's start)."""
+        if self.chat is not None:
+            where, record = document
+            return self.chat.encode(conversation(record, where), where)
+        tokens = self.tokenizer.encode(document).astype(np.int64, copy=False)
         if self.tokenizer.separator is not None:
             tokens = np.append(tokens, self.tokenizer.separator)
-        return tokens
+        flags = np.full(len(tokens), TARGET, dtype=np.int64)
+        if len(flags):
+            flags[0] |= DOCUMENT_START
+        return tokens, flags
 
     def pack(self, start: Position, end: Optional[int] = None) -> Iterator[tuple[Position, np.ndarray]]:
         """Rows from ``start`` on, each with where it starts; documents from ordinal ``end`` on are not read."""
-        pending: Deque[tuple[Cursor, np.ndarray]] = deque()
+        pending: Deque[tuple[Cursor, np.ndarray]] = deque()  # each document's (2, tokens): ids and flags
         head, have, size = start.offset, -start.offset, self.seq_len + 1
-        for cursor, text in self.reader.documents(start.cursor):
+        for cursor, document in self.reader.documents(start.cursor):
             if end is not None and cursor.ordinal >= end:
                 break
-            tokens = self._tokens(text)
-            pending.append((cursor, tokens))
-            have += len(tokens)
+            pending.append((cursor, np.stack(self._tokens(document))))
+            have += pending[-1][1].shape[1]
             while have >= size:
                 parts, need, at = [], size, head
                 for _, piece in pending:
-                    parts.append(piece[at : at + need])
-                    need -= len(parts[-1])
+                    parts.append(piece[:, at : at + need])
+                    need -= parts[-1].shape[1]
                     at = 0
                     if need == 0:
                         break
-                yield Position(pending[0][0], head), np.concatenate(parts)
+                row = np.concatenate(parts, axis=1)
+                yield Position(pending[0][0], head), row if self.targeted else row[0]
                 advance = self.seq_len
                 while advance:
-                    left = len(pending[0][1]) - head
+                    left = pending[0][1].shape[1] - head
                     if left > advance:
                         head, advance = head + advance, 0
                     else:
@@ -437,6 +468,10 @@ class Mixture:
         self.vocab_size = max(vocabularies.values())
         self.weights = [s.weight for s in self.sources]
         self.names = [s.name for s in self.sources]
+        # With a chat source every row carries its tokens' flags (targets, document starts): (2, seq + 1)
+        self.targeted = any(s.format == "chat" for s in self.sources)
+        for rows in self.rows:
+            rows.targeted = self.targeted
 
     @property
     def separator(self) -> Optional[int]:
@@ -484,6 +519,8 @@ class Mixture:
                 ]
             except Exhausted:
                 return
+            if self.targeted:  # a token source's rows: every label a target, documents after each separator
+                rows = [r if r is None or r.ndim == 2 else _flagged(r, self.separator) for r in rows]
             batch = np.stack([r for r in rows if r is not None]) if wanted else None
             after = {
                 "version": STATE_VERSION,
@@ -509,7 +546,18 @@ class Mixture:
         return len(rows.val) > 0 if isinstance(rows, TokenRows) else rows.val_docs > 0
 
     def val_rows(self, index: int) -> Iterator[np.ndarray]:
-        return self.rows[index].val_rows()
+        rows = self.rows[index].val_rows()
+        if self.targeted and isinstance(self.rows[index], TokenRows):
+            return (_flagged(row, self.separator) for row in rows)
+        return rows
+
+
+def _flagged(row: np.ndarray, separator: Optional[int]) -> np.ndarray:
+    """A token row with its flags: every token a target; a document starts after each separator."""
+    flags = np.full(len(row), TARGET, dtype=np.int64)
+    if separator is not None:
+        flags[1:][row[:-1] == separator] |= DOCUMENT_START
+    return np.stack([row, flags])
 
 
 def served_tokens(state: Dict[str, Any], seq_len: int) -> Dict[str, int]:
@@ -614,8 +662,23 @@ def _survey_source(source: Source, cfg: DataConfig) -> SourceSurvey:
         val = sum(windows(h, cfg.seq_len) for h in held)
         return SourceSurvey(source.name, vocab, separator, sum(counts), train, val)
     tokenizer = _tokenizer(source, cfg)
-    reader = READERS[source.kind](list(source.paths), source.text_key)
+    reader = READERS[source.kind](list(source.paths), source.text_key, records=source.format == "chat")
     reader.check()
+    if source.format == "chat":  # its template, and its first records rendered and masked
+        template = template_of(cfg.chat_template, source.tokenizer)
+        if template is None:
+            raise DataError(
+                f"source {source.name}: the tokenizer {source.tokenizer} has no chat template; set data.chat_template"
+            )
+        special = special_tokens(source.tokenizer) if Path(source.tokenizer).is_dir() else {}
+        encoder = ChatEncoder(template, special, tokenizer, cfg.train_roles)
+        checked = 0
+        for _, (where, record) in itertools.islice(reader.documents(), CHECKED_RECORDS):
+            encoder.encode(conversation(record, where), where)
+            checked += 1
+        if not checked:
+            raise DataError(f"source {source.name}: no records in {', '.join(source.paths)}")
+        return SourceSurvey(source.name, tokenizer.vocab_size, tokenizer.separator, None, None, None)
     if source.kind != "files":
         if reader.count() == 0:
             raise DataError(f"source {source.name}: no documents")

@@ -18,7 +18,7 @@ import json
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, List, Optional, Sequence
+from typing import Any, Iterable, Iterator, List, Optional, Sequence
 
 import numpy as np
 
@@ -188,13 +188,19 @@ def iter_documents(paths: Sequence[str | Path], text_key: str = "text") -> Itera
             yield data
 
 
-def _record_text(path: Path, number: int, line: bytes, text_key: str) -> str:
+def _record(path: Path, line: bytes, number: Optional[int] = None) -> Any:
+    """A JSONL line's value; ``DataError`` naming the file (and line) where it is not JSON."""
+    where = f"{path}:{number}" if number is not None else str(path)
     try:
-        record = json.loads(line)
+        return json.loads(line)
     except UnicodeDecodeError as error:
-        raise DataError(f"{path}:{number}: not UTF-8 ({error.reason} at byte {error.start})") from None
+        raise DataError(f"{where}: not UTF-8 ({error.reason} at byte {error.start})") from None
     except json.JSONDecodeError as error:
-        raise DataError(f"{path}:{number}: not a JSON record ({error.msg}, column {error.colno})") from None
+        raise DataError(f"{where}: not a JSON record ({error.msg}, column {error.colno})") from None
+
+
+def _record_text(path: Path, number: int, line: bytes, text_key: str) -> str:
+    record = _record(path, line, number)
     if not isinstance(record, dict):
         raise DataError(f"{path}:{number}: a JSONL line must be an object with a {text_key!r} field")
     if text_key not in record:

@@ -1,0 +1,167 @@
+"""Chat records as training data: the trained roles' turns are the only targets (the mask transformers
+computes for templates that mark them), prompt tokens are inputs, and bad records are one line. The
+layouts are held to one process on chat data by test_parity.py's ``chat-*`` rows."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from conftest import CHAT_TEMPLATE
+from test_hf import write_tokenizer
+
+from curry_train.data.chat import DOCUMENT_START, TARGET, ChatEncoder, conversation, special_tokens
+from curry_train.data.config import DataConfig
+from curry_train.data.mixture import DataError, Mixture, survey
+from curry_train.data.sources import ByteTokenizer, make_tokenizer
+from curry_train.train_step import IGNORE_INDEX, StepSettings, TrainStep
+
+transformers = pytest.importorskip("transformers")
+
+# Qwen3-style, the assistant's text and end of turn marked for transformers' assistant mask
+MARKED_TEMPLATE = (
+    "{%- for message in messages %}{%- if message.role == 'assistant' %}{{- '<|im_start|>assistant\\n' }}"
+    "{% generation %}{{- message.content + '<|im_end|>\\n' }}{% endgeneration %}"
+    "{%- else %}{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+CONVERSATION = [
+    {"role": "system", "content": "Answer in Greek letters."},
+    {"role": "user", "content": "alpha beta"},
+    {"role": "assistant", "content": "gamma delta"},
+    {"role": "user", "content": "epsilon"},
+    {"role": "assistant", "content": "zeta eta theta"},
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("chat-tokenizer")
+    write_tokenizer(directory)
+    config = json.loads((directory / "tokenizer_config.json").read_text())
+    (directory / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": MARKED_TEMPLATE}))
+    return directory
+
+
+def test_the_targets_are_the_assistant_mask_transformers_computes(tokenizer_dir):
+    hf = transformers.AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    theirs = hf.apply_chat_template(CONVERSATION, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    encoder = ChatEncoder(
+        MARKED_TEMPLATE, special_tokens(tokenizer_dir), make_tokenizer(str(tokenizer_dir)), ["assistant"]
+    )
+    ids, flags = encoder.encode(CONVERSATION, "test")
+    eos = hf.convert_tokens_to_ids("<|end_of_text|>")
+    assert ids[-1] == eos and flags[-1] == 0  # the separator ends the document, not a target
+    assert ids[:-1].tolist() == list(theirs["input_ids"])
+    assert ((flags[:-1] & TARGET) != 0).astype(int).tolist() == list(theirs["assistant_masks"])
+    assert flags[0] & DOCUMENT_START and not (flags[1:] & DOCUMENT_START).any()
+    targets = hf.decode([i for i, f in zip(ids, flags, strict=True) if f & TARGET])
+    assert targets == "gamma delta<|im_end|>\nzeta eta theta<|im_end|>\n"
+
+
+def test_train_roles_choose_the_targets():
+    encoder = ChatEncoder(CHAT_TEMPLATE, {}, ByteTokenizer(), ["user", "assistant"])
+    ids, flags = encoder.encode(CONVERSATION, "test")
+    text = bytes(int(i) for i, f in zip(ids, flags, strict=True) if f & TARGET).decode()
+    # no system turn; the assistant's headers are the generation prompt (inputs), a user turn is trained whole
+    assert text == "<user>alpha beta</>gamma delta</><user>epsilon</>zeta eta theta</>"
+
+
+def test_prompt_completion_records_and_bad_records():
+    assert conversation({"prompt": "p", "completion": "c"}, "x") == [
+        {"role": "user", "content": "p"},
+        {"role": "assistant", "content": "c"},
+    ]
+    for record, message in [
+        ({"text": "hi"}, r"x: a chat record holds messages, or prompt and completion; this one has \['text'\]"),
+        ({"messages": []}, r"x: messages must be a non-empty list"),
+        ({"messages": [{"role": "robot", "content": "hi"}]}, r"x: message 0: unknown role 'robot'"),
+        ({"messages": [{"role": "user"}]}, r"x: message 0 has no text content"),
+        ("hi", r"x: a chat record is an object"),
+    ]:
+        with pytest.raises(DataError, match=message):
+            conversation(record, "x")
+
+
+def chat_cfg(tmp_path: Path, records: list, **settings) -> DataConfig:
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    settings = {"chat_template": CHAT_TEMPLATE, "tokenizer": "byte", "seq_len": 16, "val_fraction": 0.0, **settings}
+    return DataConfig(source="files", paths=[str(path)], format="chat", global_batch_size=2, **settings)
+
+
+def test_rows_carry_their_flags_and_the_step_trains_only_the_targets(tmp_path):
+    """Packed chat rows (2, seq + 1): ids and flags. The step's labels are the targets' tokens, the
+    rest ignored; under the document mask the next conversation's first token is not asked for."""
+    records = [{"messages": [{"role": "user", "content": "ab"}, {"role": "assistant", "content": "cd"}]}] * 6
+    mixture = Mixture(chat_cfg(tmp_path, records, shuffle_window=1), seed=0)  # rows in corpus order
+    rows, _ = next(mixture.batches(mixture.start_state(), 0, 1))
+    assert rows.shape == (2, 2, 17)
+    batch = torch.from_numpy(rows)
+    for separator in (None, 0):
+        step = SimpleNamespace(
+            settings=StepSettings(tokens_per_step=32, micro_batch_size=2, document_separator=separator)
+        )
+        inputs, labels, documents = TrainStep.packed(step, batch)
+        assert torch.equal(inputs, batch[:, 0, :-1])
+        kept = bytes(int(t) for t in labels.flatten() if t != IGNORE_INDEX)
+        assert kept and set(kept) <= set(b"cd</>")  # only the assistant's text and its end of turn
+        assert (documents is None) == (separator is None)
+    # one conversation is "<user>ab</><assistant>cd</>" + NUL: 28 tokens, so row 1 holds a document start
+    assert documents[0].max() == 0 and documents[1].max() == 1
+
+
+@pytest.mark.parametrize(
+    "records, settings, message",
+    [
+        ([{"text": "hi"}], {}, r"chat\.jsonl \(byte 0\): a chat record holds messages"),
+        ([{"messages": [{"role": "robot", "content": "x"}]}], {}, r"unknown role 'robot'"),
+        (
+            [{"prompt": "a", "completion": "b"}],
+            {"chat_template": None},
+            r"has no chat template; set data\.chat_template",
+        ),
+        (
+            [{"prompt": "a", "completion": "b"}],
+            {"train_roles": ["critic"]},
+            r"data\.train_roles: unknown role 'critic'",
+        ),
+        ([{"prompt": "a", "completion": "b"}], {"chat_template": "{% for %}"}, r"chat template: line 1"),
+    ],
+)
+def test_bad_chat_data_is_one_line_at_the_check(tmp_path, records, settings, message):
+    with pytest.raises(DataError, match=message):
+        survey(chat_cfg(tmp_path, records, **settings))
+
+
+def test_a_chat_source_reads_records_not_text(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    cfg = DataConfig(source="files", paths=[str(tmp_path / "notes.txt")], format="chat", chat_template=CHAT_TEMPLATE)
+    with pytest.raises(DataError, match=r"notes\.txt: a chat source reads \.jsonl records"):
+        survey(cfg)
+    with pytest.raises(DataError, match=r"a chat source reads records .* not tokens"):
+        survey(DataConfig(source="tokens", paths=["x.bin"], format="chat"))
+
+
+def test_a_mixture_of_chat_and_text_flags_every_row(tmp_path):
+    records = [{"prompt": "question", "completion": "answer"}] * 20
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    text = tmp_path / "text.jsonl"
+    text.write_text("".join(json.dumps({"text": "plain words here"}) + "\n" for _ in range(20)))
+    sources = {
+        "chat": {"kind": "files", "paths": [str(path)], "format": "chat"},
+        "text": {"kind": "files", "paths": [str(text)]},
+    }
+    cfg = DataConfig(sources=sources, tokenizer="byte", chat_template=CHAT_TEMPLATE, seq_len=16, global_batch_size=4)
+    mixture = Mixture(cfg, seed=0)
+    rows, _ = next(mixture.batches(mixture.start_state(), 0, 1))
+    assert rows.shape == (4, 2, 17)
+    text_rows = [
+        r for r in rows if b"plain" in bytes(r[0].astype(np.uint8)) or b"words" in bytes(r[0].astype(np.uint8))
+    ]
+    assert text_rows and all((r[1] & TARGET).all() for r in text_rows)  # every text token is a target
