@@ -78,7 +78,8 @@ class CausalLM(pl.LightningModule):
         o = self.cfg.optim
         decay, no_decay = [], []
         for param in self.model.parameters():
-            (decay if param.ndim >= 2 else no_decay).append(param)
+            if param.requires_grad:  # LoRA: frozen weights get no optimizer state
+                (decay if param.ndim >= 2 else no_decay).append(param)
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=o.lr,

@@ -21,13 +21,15 @@ from torch import nn
 from curry_train.checkpoint.hf_load import load_pretrained
 from curry_train.config.schema import CPConfig, DPConfig, EPConfig, FSDPConfig, ParallelConfig, PPConfig, TPConfig
 from curry_train.layout.pipeline import SPLIT_BACKWARD, canonical_kind
+from curry_train.model.config import LoRAConfig
 from curry_train.model.moe import MoE
 from curry_train.primitives.compile import compile_blocks
 from curry_train.primitives.context_parallel import ContextParallel, sequence_positions
 from curry_train.primitives.data_parallel import replicate
 from curry_train.primitives.distributed_optimizer import DistributedOptimizer, shard_experts
 from curry_train.primitives.expert_parallel import ExpertParallel
-from curry_train.primitives.materialize import materialize_and_init
+from curry_train.primitives.lora import apply_lora, is_adapter
+from curry_train.primitives.materialize import init_parameters, materialize_and_init
 from curry_train.primitives.parallel_state import ParallelState
 from curry_train.primitives.pipeline_schedule import pipeline_stages
 from curry_train.primitives.recompute import apply_recompute
@@ -54,10 +56,11 @@ def parallelize(
     seq_len: int,
     init_from: Optional[str] = None,
     compile_backend: Optional[str] = None,
+    lora: Optional[LoRAConfig] = None,
 ) -> ParallelModel:
     """Apply ``layout`` to ``model``, built on the meta device, in the order that composes; its weights
     are drawn from ``seed``, or read from the Hugging Face directory ``init_from``; ``compile_backend``:
-    torch.compile each block with it (None: eager)."""
+    torch.compile each block with it (None: eager); ``lora``: adapters on a frozen base (None: off)."""
     # Swaps linears for their DTensor-sharded versions, so it comes before anything that wraps
     # them; FSDP later shards those shards over the data-parallel axis of the same mesh (2-D).
     apply_tensor_parallel_layout(model, ps, layout.tp)
@@ -69,6 +72,9 @@ def parallelize(
     apply_expert_parallel(model, ps, layout.ep)
     # Wraps only the attention op inside each block: recompute and FSDP then wrap whole blocks.
     apply_context_parallel(blocks, model.plan.attention_op, ps, layout.cp)
+    # Adds the adapters beside their linears (and freezes the rest) while still on meta: recompute,
+    # compile and FSDP then take them with their block, and they are drawn by name like every weight.
+    apply_lora_adapters(model, lora)
     # Wraps each block's forward before FSDP, so a recomputation runs inside its unit, while the
     # unit's parameters are gathered.
     apply_recompute(blocks, layout.recompute, layout.recompute_every_n_blocks)
@@ -84,7 +90,7 @@ def parallelize(
     apply_fsdp(model, ps, layout, roots=_pipeline_roots(stages), zero1_units=zero1_units)
     # Draws each parameter's full value from its own seeded generator, then keeps this rank's
     # shard: the same weights in every layout. Or reads just this rank's shards of pretrained weights.
-    materialize(model, device, seed, init_from)
+    materialize(model, device, seed, init_from, lora is not None)
     # Needs real buffers: the RoPE positions of the sequence shard this rank holds.
     apply_sequence_positions(model, ps, layout.cp, seq_len, device)
     # Replicates real tensors, so after materialization, and last, so it sees every parameter.
@@ -92,12 +98,15 @@ def parallelize(
     return ParallelModel(model, stages)
 
 
-def materialize(model: nn.Module, device: torch.device, seed: int, init_from: Optional[str]) -> None:
-    """Real tensors for the meta-device ``model``: seeded initialization, or ``init_from``'s weights."""
+def materialize(model: nn.Module, device: torch.device, seed: int, init_from: Optional[str], adapters: bool) -> None:
+    """Real tensors for the meta-device ``model``: seeded initialization, or ``init_from``'s weights (and
+    the LoRA adapters, which no pretrained directory holds, seeded)."""
     if init_from is None:
         materialize_and_init(model, device, seed)
         return
     report = load_pretrained(model, device, init_from)
+    if adapters:
+        init_parameters(model, device, seed, is_adapter)
     memory = "not measured here"
     if report.peak_rss is not None and report.rss_before is not None:
         memory = f"{_size(report.peak_rss - report.rss_before)} above the {_size(report.rss_before)} before it"
@@ -111,6 +120,13 @@ def materialize(model: nn.Module, device: torch.device, seed: int, init_from: Op
         _size(report.largest_read),
         memory,
     )
+
+
+def apply_lora_adapters(model: nn.Module, lora: Optional[LoRAConfig]) -> None:
+    if lora is None:
+        return
+    adapted = apply_lora(model, lora.targets, lora.rank, lora.alpha, lora.dropout)
+    log.info("LoRA rank %d on %d linears; every other weight frozen", lora.rank, len(adapted))
 
 
 def _size(nbytes: int) -> str:

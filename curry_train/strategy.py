@@ -118,6 +118,7 @@ class CurryStrategy(ParallelStrategy):
             seq_len=cfg.data.seq_len,
             init_from=cfg.model.init_from,
             compile_backend=cfg.compile.backend if cfg.compile.enabled else None,
+            lora=cfg.model.lora,
         )
         # data.document_mask: the data's separator marks where its packed documents end
         separator = trainer.datamodule.separator if cfg.data.document_mask else None

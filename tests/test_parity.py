@@ -30,6 +30,8 @@ DENSE_PARAMETERS = 39  # the debug model's parameter tensors
 MOE_PARAMETERS = 55  # moe_debug's
 MOE = ("model=moe_debug", "model.moe.bias_update_rate=0.05")  # a rate at which balancing changes the routing
 ACCUMULATE = ("data.global_batch_size=32",)  # 2 micro-batches per rank on 4 ranks, 4 on 2
+LORA = ("+model/lora=attention", "model.lora.rank=4")
+LORA_PARAMETERS = 32  # lora_a and lora_b of q, k, v and o in each of the debug model's 4 blocks
 
 
 @dataclass(frozen=True)
@@ -118,6 +120,19 @@ ROWS = [
     Row("docs-cp-alltoall-2", (*DOCUMENTS, "parallel=cp", "parallel.cp.pattern=alltoall", "trainer.devices=2")),
     Row("docs-ep-2", (*DOCUMENTS, *MOE, "parallel=ep", "trainer.devices=2"), parameters=MOE_PARAMETERS),
     compiled("docs-fsdp-2", "inductor", *DOCUMENTS, "parallel=fsdp", "trainer.devices=2"),
+    # LoRA: adapters on a frozen base, the only parameters with gradients
+    Row("lora-fsdp-2", (*LORA, "parallel=fsdp", "trainer.devices=2"), parameters=LORA_PARAMETERS),
+    Row("lora-pp-2", (*LORA, "parallel=pp", "trainer.devices=2"), parameters=LORA_PARAMETERS),
+    Row("lora-cp-ring-2", (*LORA, "parallel=cp", "trainer.devices=2"), parameters=LORA_PARAMETERS),
+    Row(
+        "lora-ep-2",
+        (*LORA, *MOE, "parallel=ep", "trainer.devices=2"),
+        parameters=LORA_PARAMETERS,
+        # lora_a's gradient passes through B, one Adam step from zero at step 2: 1e-4 in size, so the
+        # experts' reordered fp32 sums show at 1e-5 of it (measured 1.06e-5); a wrong reduction is 1e-2
+        grad_rtol=3e-5,
+    ),
+    compiled("lora-fsdp-2", "inductor", *LORA, "parallel=fsdp", "trainer.devices=2", parameters=LORA_PARAMETERS),
     # Chat records: only the assistant's turns are targets; the loss is the mean over the global batch's
     Row("chat-fsdp-2", (*CHAT, "parallel=fsdp", "trainer.devices=2")),
     Row("chat-tp-2-sp", (*CHAT, "parallel=tp", "trainer.devices=2", "parallel.tp.sequence_parallel=true")),

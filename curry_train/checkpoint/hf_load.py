@@ -41,6 +41,7 @@ from curry_train.checkpoint.hf_config import (
 )
 from curry_train.model.llama import Llama
 from curry_train.primitives.host_memory import reset_peak, resident
+from curry_train.primitives.lora import is_adapter
 
 
 def rope_rows(rows: Tensor, heads: int) -> Tensor:
@@ -202,6 +203,8 @@ def load_pretrained(model: nn.Module, device: torch.device, path: str | Path) ->
     model.tie_weights()
     shard_bytes = count = 0
     for name, param in model.named_parameters():
+        if is_adapter(name):  # LoRA adapters are not pretrained: the caller draws them
+            continue
         if name not in table:
             raise PretrainedError(f"{directory}: nothing maps to the model's {name}")
         local = param.to_local() if isinstance(param, DTensor) else param

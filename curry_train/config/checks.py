@@ -150,6 +150,11 @@ def _check_tensor_parallel(cfg: DictConfig, layout: ParallelConfig, world_size: 
     tp, m = layout.tp.size, cfg.model
     if tp < 1:
         raise ConfigError(f"parallel.tp.size={tp} must be positive")
+    if m.lora is not None:
+        raise ConfigError(
+            "model.lora with parallel.tp: adapters under tensor parallelism are not supported yet;"
+            " use fsdp (any sharding), pp, cp or ep"
+        )
     if "dp" in layout.options:
         raise ConfigError(
             "parallel=dp+tp: parallel=tp already replicates the model over the ranks tp leaves;"
@@ -227,6 +232,8 @@ def _check_model(cfg: DictConfig) -> None:
         _check_moe(m)
     if m.loss_chunks < 1:
         raise ConfigError(f"model.loss_chunks={m.loss_chunks} must be >= 1 (1: the head and loss at once)")
+    if m.lora is not None:
+        _check_lora(m)
     scaling = m.rope_scaling
     if scaling is not None:
         if scaling.type != "llama3":
@@ -240,6 +247,37 @@ def _check_model(cfg: DictConfig) -> None:
     for key in ("norm_eps", "rope_theta", "init_std"):
         if not (math.isfinite(m[key]) and m[key] > 0):
             raise ConfigError(f"model.{key}={m[key]} must be a positive number")
+
+
+# The linears LoRA adapts, by path suffix (model/llama.py; feed_forward.*: the dense blocks' MLP)
+LORA_TARGETS = (
+    *(f"attention.{w}" for w in ("wq", "wk", "wv", "wo")),
+    *(f"feed_forward.{w}" for w in ("w1", "w2", "w3")),
+)
+
+
+def _check_lora(m: DictConfig) -> None:
+    lora = m.lora
+    if lora.rank < 1:
+        raise ConfigError(f"model.lora.rank={lora.rank} must be at least 1")
+    if not (math.isfinite(lora.alpha) and lora.alpha > 0) or not 0 <= lora.dropout < 1:
+        raise ConfigError("model.lora.alpha must be positive and model.lora.dropout in [0, 1)")
+    if not lora.targets:
+        raise ConfigError("model.lora.targets is empty: name the linears to adapt, e.g. [attention.wq, attention.wv]")
+    for target in lora.targets:
+        if target not in (*LORA_TARGETS, "output"):
+            raise ConfigError(
+                f"model.lora.targets: {target!r} matches no linear layer"
+                f" (expected of {', '.join(LORA_TARGETS)}, output)"
+            )
+        dense = m.moe is None or m.moe.dense_layers > 0
+        if target.startswith("feed_forward.") and not dense:
+            raise ConfigError(
+                f"model.lora.targets: {target!r} matches no linear layer: every block's MLP is a mixture of experts"
+                " (adapters on experts are not supported)"
+            )
+    if m.init_from is None:
+        log.warning("model.lora without model.init_from: the adapters train on a randomly initialized, frozen base")
 
 
 def _check_moe(m: DictConfig) -> None:

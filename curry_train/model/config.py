@@ -5,8 +5,8 @@ Plain dataclasses, no torch: a run's config is composed and checked before torch
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import List, Optional
 
 from omegaconf import MISSING
 
@@ -46,6 +46,18 @@ class RopeScalingConfig:
 
 
 @dataclass
+class LoRAConfig:
+    """Low-rank adapters on a frozen base (``curry_train.primitives.lora``); null: every weight trains."""
+
+    rank: int = 8  # the adapters' inner width
+    alpha: float = 16.0  # their output is scaled by alpha / rank
+    dropout: float = 0.0  # dropout on the adapters' input
+    targets: List[str] = field(
+        default_factory=lambda: ["attention.wq", "attention.wk", "attention.wv", "attention.wo"]
+    )  # linears by path suffix: attention.wq/wk/wv/wo, feed_forward.w1/w2/w3 (dense blocks), output
+
+
+@dataclass
 class ModelConfig:
     """A Llama-style decoder (see ``curry_train.model``)."""
 
@@ -68,6 +80,7 @@ class ModelConfig:
     qk_norm: bool = False  # RMSNorm over each query and key head before RoPE (Qwen3)
     init_from: Optional[str] = None  # a Hugging Face model directory: config.json sets the shape, its weights the model
     loss_chunks: int = 1  # >1: the head and the loss over this many sequence chunks, logits recomputed in backward
+    lora: Optional[LoRAConfig] = None  # low-rank adapters on a frozen base (model.lora.rank=8 ...); null: off
 
 
 def head_dim(cfg: ModelConfig) -> int:

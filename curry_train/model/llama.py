@@ -380,6 +380,13 @@ class Llama(nn.Module):
         if name.endswith("norm.weight"):
             full.fill_(1.0)
             return
+        if name.endswith("lora_b"):  # LoRA: the adapters add nothing at the start
+            full.zero_()
+            return
+        if name.endswith("lora_a"):  # as PEFT draws it: uniform in +-1/sqrt(in)
+            bound = 1.0 / math.sqrt(full.shape[1])
+            full.uniform_(-bound, bound, generator=generator)
+            return
         std = self.cfg.init_std
         if name.endswith(("attention.wo.weight", "feed_forward.w2.weight", "experts.w2", "shared.w2.weight")):
             std /= math.sqrt(2 * self.cfg.n_layers)

@@ -9,6 +9,7 @@ every layout reproduce the single-process loss curve from step one.
 from __future__ import annotations
 
 import hashlib
+from typing import Callable
 
 import torch
 from torch import nn
@@ -28,7 +29,18 @@ def materialize_and_init(model: nn.Module, device: torch.device, seed: int) -> N
     DTensor parameters; then ``model.tie_weights()`` and ``model.reset_buffers()``."""
     model.to_empty(device=device)
     model.tie_weights()
+    init_parameters(model, device, seed)
+    model.reset_buffers()
+
+
+@torch.no_grad()
+def init_parameters(
+    model: nn.Module, device: torch.device, seed: int, which: Callable[[str], bool] = lambda name: True
+) -> None:
+    """Draw the parameters ``which`` selects by name, as ``materialize_and_init`` does (in place)."""
     for name, param in model.named_parameters():
+        if not which(name):
+            continue
         generator = torch.Generator(device=device).manual_seed(parameter_seed(seed, name))
         full = torch.empty(param.shape, dtype=param.dtype, device=device)
         model.init_parameter(name, full, generator)
@@ -37,4 +49,3 @@ def materialize_and_init(model: nn.Module, device: torch.device, seed: int) -> N
             param.to_local().copy_(shard.to_local())
         else:
             param.copy_(full)
-    model.reset_buffers()

@@ -1,0 +1,86 @@
+"""LoRA: a frozen base that training leaves bit for bit, optimizer state for the adapters only, pretrained
+bases untouched at the start, and one-line refusals. The layouts are held to one process with adapters
+by test_parity.py's ``lora-*`` rows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import FAST, train
+from test_hf import our_model, write_model
+from torch.distributed.checkpoint import FileSystemReader
+
+from curry_train.checkpoint import files
+from curry_train.checkpoint.dcp import consolidated_model_state
+from curry_train.config import ConfigError, compose
+from curry_train.config.checks import check
+from curry_train.config.schema import Config
+from curry_train.model.llama import Llama
+from curry_train.parallelize import materialize
+from curry_train.primitives.lora import apply_lora, is_adapter
+from curry_train.primitives.materialize import materialize_and_init
+
+LORA = ("+model/lora=attention", "model.lora.rank=4")
+
+
+def test_training_moves_only_the_adapters_and_keeps_no_state_for_the_base(pools, tmp_path):
+    """Three steps under fsdp on 2 ranks: every base weight is its seeded initial value bit for bit, every
+    adapter B has moved from zero, and the optimizer state saved holds the adapters' moments alone."""
+    run = train(pools, [*FAST, *LORA, "trainer.max_steps=3", "parallel=fsdp", "trainer.devices=2"], tmp_path / "run")
+    checkpoint = files.last_checkpoint(run)
+    saved = consolidated_model_state(checkpoint)
+    cfg = Config.of(compose([*FAST, *LORA]))
+    with torch.device("meta"):
+        initial = Llama(cfg.model)
+    apply_lora(initial, cfg.model.lora.targets, 4, cfg.model.lora.alpha)
+    materialize_and_init(initial, torch.device("cpu"), cfg.seed)
+    adapters = [name for name, _ in initial.named_parameters() if is_adapter(name)]
+    assert len(adapters) == 32
+    for name, value in initial.named_parameters():
+        if is_adapter(name):
+            if name.endswith("lora_b"):
+                assert value.abs().max() == 0 and saved[name].abs().max() > 0, name
+        else:
+            assert torch.equal(saved[name], value), name
+    metadata = FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
+    moments = {key: item for key, item in metadata.items() if "exp_avg" in key}
+    assert moments and all(any(a in key for a in adapters) for key in moments)
+    adapter_bytes = sum(p.numel() * 4 for n, p in initial.named_parameters() if is_adapter(n))
+    assert sum(item.size.numel() * 4 for item in moments.values()) == 2 * adapter_bytes  # exp_avg, exp_avg_sq
+
+
+def test_a_pretrained_base_starts_where_it_was(tmp_path):
+    """init_from with adapters: the base read from the directory, the adapters drawn (B = 0): the same
+    logits as the pretrained model."""
+    directory = write_model(tmp_path / "llama3", "llama3")
+    base = our_model(directory)
+    with torch.device("meta"):
+        model = Llama(base.cfg)
+    apply_lora(model, ["attention.wq", "attention.wv", "output"], 4, 8.0)
+    materialize(model, torch.device("cpu"), seed=3, init_from=str(directory), adapters=True)
+    tokens = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(tokens), base(tokens), rtol=0, atol=0)
+    assert model.output.lora_a.abs().max() > 0 and model.output.lora_b.abs().max() == 0
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(is_adapter(name) for name in trainable)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model.lora.rank=0"], "model.lora.rank=0 must be at least 1"),
+        (["model.lora.targets=[attention.wz]"], "'attention.wz' matches no linear layer"),
+        (["model=moe_debug", "model.lora.targets=[feed_forward.w1]"], "every block's MLP is a mixture of experts"),
+        (["parallel=tp", "trainer.devices=2"], "model.lora with parallel.tp: adapters under tensor parallelism"),
+    ],
+)
+def test_bad_lora_settings_are_one_line(overrides, message, tmp_path):
+    cfg = compose([*FAST, *LORA, *overrides])
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+        check(cfg, env={}, run_dir=tmp_path)
+
+
+def test_lora_without_a_pretrained_base_is_warned(tmp_path, caplog):
+    check(compose([*FAST, *LORA]), env={}, run_dir=tmp_path)
+    assert "model.lora without model.init_from" in caplog.text
