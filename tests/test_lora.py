@@ -72,7 +72,6 @@ def test_a_pretrained_base_starts_where_it_was(tmp_path):
         (["model.lora.rank=0"], "model.lora.rank=0 must be at least 1"),
         (["model.lora.targets=[attention.wz]"], "'attention.wz' matches no linear layer"),
         (["model=moe_debug", "model.lora.targets=[feed_forward.w1]"], "every block's MLP is a mixture of experts"),
-        (["parallel=tp", "trainer.devices=2"], "model.lora with parallel.tp: adapters under tensor parallelism"),
     ],
 )
 def test_bad_lora_settings_are_one_line(overrides, message, tmp_path):

@@ -124,6 +124,13 @@ ROWS = [
     Row("lora-fsdp-2", (*LORA, "parallel=fsdp", "trainer.devices=2"), parameters=LORA_PARAMETERS),
     Row("lora-pp-2", (*LORA, "parallel=pp", "trainer.devices=2"), parameters=LORA_PARAMETERS),
     Row("lora-cp-ring-2", (*LORA, "parallel=cp", "trainer.devices=2"), parameters=LORA_PARAMETERS),
+    Row("lora-tp-2", (*LORA, "parallel=tp", "trainer.devices=2"), parameters=LORA_PARAMETERS),
+    Row(
+        "lora-tp-2-sp-head",  # the head's adapters too, on its vocabulary-sharded logits
+        (*LORA, "model.lora.targets=[attention.wq,attention.wo,output]", "parallel=tp", "trainer.devices=2")
+        + ("parallel.tp.sequence_parallel=true",),
+        parameters=18,
+    ),
     Row(
         "lora-ep-2",
         (*LORA, *MOE, "parallel=ep", "trainer.devices=2"),
@@ -233,6 +240,7 @@ ROWS = [
         matrix=True,
     ),
     Row("tp+cp-2x2", ("parallel=tp+cp", "trainer.devices=4")),
+    Row("lora-fsdp+tp-2x2", (*LORA, "parallel=fsdp+tp", "trainer.devices=4"), parameters=LORA_PARAMETERS),
     Row("docs-tp+cp-2x2", (*DOCUMENTS, "parallel=tp+cp", "trainer.devices=4")),
     Row("fsdp+ep-2x2", (*MOE, "parallel=fsdp+ep", "trainer.devices=4"), parameters=MOE_PARAMETERS),
     Row("tp+ep-2x2", (*MOE, "parallel=tp+ep", "trainer.devices=4"), parameters=MOE_PARAMETERS),

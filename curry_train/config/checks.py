@@ -150,11 +150,6 @@ def _check_tensor_parallel(cfg: DictConfig, layout: ParallelConfig, world_size: 
     tp, m = layout.tp.size, cfg.model
     if tp < 1:
         raise ConfigError(f"parallel.tp.size={tp} must be positive")
-    if m.lora is not None:
-        raise ConfigError(
-            "model.lora with parallel.tp: adapters under tensor parallelism are not supported yet;"
-            " use fsdp (any sharding), pp, cp or ep"
-        )
     if "dp" in layout.options:
         raise ConfigError(
             "parallel=dp+tp: parallel=tp already replicates the model over the ranks tp leaves;"

@@ -157,7 +157,10 @@ class ColumnParallelLinear(nn.Module):
         return _from_linear(cls, linear, tp_group, **kwargs)
 
     def forward(self, x: Tensor) -> Tensor:
-        y = F.linear(enter_parallel_region(x, self.mesh, self.sequence_parallel), self.weight, self.bias)
+        x = enter_parallel_region(x, self.mesh, self.sequence_parallel)
+        y = F.linear(x, self.weight, self.bias)
+        if getattr(self, "lora_a", None) is not None:  # A whole, B split like W: the adapters' slice of y
+            y = y + low_rank(self, x)
         if self.gather_output:
             y = y.redistribute(self.mesh, [Replicate()])  # all-gather forward; backward keeps each rank's slice
         return y.to_local() if self.use_local_output else y
@@ -220,6 +223,8 @@ class RowParallelLinear(nn.Module):
                     self.mesh, [Shard(x.ndim - 1)]
                 )
         partial = F.linear(x, self.weight)  # Partial(): each rank's product of its slices
+        if getattr(self, "lora_a", None) is not None:  # A split like W's inputs: a partial sum, reduced with it
+            partial = partial + low_rank(self, x)
         y = partial.redistribute(self.mesh, [Shard(SEQUENCE_DIM) if self.sequence_parallel else Replicate()])
         if self.bias is not None:
             y = y + self.bias
@@ -231,6 +236,17 @@ class RowParallelLinear(nn.Module):
             f"bias={self.bias is not None}, input_is_parallel={self.input_is_parallel}, "
             f"sequence_parallel={self.sequence_parallel}"
         )
+
+
+def low_rank(layer: nn.Module, x: Tensor) -> Tensor:
+    """A LoRA-adapted layer's adapter term, ``(alpha / rank) B A dropout(x)`` (``primitives/lora.py``)."""
+    return F.linear(F.linear(layer.lora_dropout(x), layer.lora_a), layer.lora_b) * layer.lora_scale
+
+
+def lora_placements(layer: nn.Module) -> tuple[Placement, Placement]:
+    """How a parallel layer's adapters are split so that they follow it: a column layer's ``A`` whole and
+    ``B`` by output rows, like ``W``; a row layer's ``A`` by input columns, like ``W``, and ``B`` whole."""
+    return (Replicate(), Shard(0)) if isinstance(layer, ColumnParallelLinear) else (Shard(1), Replicate())
 
 
 def _from_linear(cls: type, linear: nn.Linear, tp_group: TPGroup, **kwargs) -> nn.Module:
