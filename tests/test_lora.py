@@ -83,3 +83,52 @@ def test_bad_lora_settings_are_one_line(overrides, message, tmp_path):
 def test_lora_without_a_pretrained_base_is_warned(tmp_path, caplog):
     check(compose([*FAST, *LORA]), env={}, run_dir=tmp_path)
     assert "model.lora without model.init_from" in caplog.text
+
+
+def test_merged_and_peft_exports_give_the_adapted_logits(tmp_path):
+    """A tiny Llama 3 with adapters on q (RoPE-ordered rows), v, o and the head: merged into a Hugging Face
+    directory, or written as a PEFT adapter directory loaded onto the base, transformers computes our logits."""
+    peft = pytest.importorskip("peft")
+    from omegaconf import OmegaConf  # noqa: PLC0415
+    from test_hf import hf_logits, transformers  # noqa: PLC0415
+
+    from curry_train.checkpoint.hf_config import model_config  # noqa: PLC0415
+    from curry_train.checkpoint.hf_export import export, export_peft, merge_adapters  # noqa: PLC0415
+    from curry_train.model.config import LoRAConfig, ModelConfig  # noqa: PLC0415
+
+    directory = write_model(tmp_path / "llama3", "llama3")
+    cfg = OmegaConf.structured(ModelConfig)
+    cfg.merge_with(model_config(directory))
+    cfg.init_from = str(directory)
+    cfg.lora = LoRAConfig(rank=4, alpha=8.0, targets=["attention.wq", "attention.wv", "attention.wo", "output"])
+    with torch.device("meta"):
+        model = Llama(cfg)
+    apply_lora(model, cfg.lora.targets, cfg.lora.rank, cfg.lora.alpha)
+    materialize(model, torch.device("cpu"), seed=3, init_from=str(directory), adapters=True)
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("lora_b"):  # as if trained: B away from zero
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    tokens = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = model.eval()(tokens)
+        assert not torch.allclose(ours, our_model(directory)(tokens), atol=1e-3)  # the adapters change the logits
+    state = {name: tensor.detach() for name, tensor in model.state_dict().items()}
+    export(merge_adapters(state, cfg), cfg, tmp_path / "merged")
+    torch.testing.assert_close(hf_logits(tmp_path / "merged", tokens), ours, rtol=0, atol=1e-5)
+    export_peft(state, cfg, tmp_path / "adapter")
+    base = transformers.AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32)
+    adapted = peft.PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(tokens).logits, ours, rtol=0, atol=1e-5)
+
+
+def test_peft_export_of_a_run_without_lora_is_one_line(single_process_run, tmp_path, capsys):
+    from curry_train.cli import export as export_cli  # noqa: PLC0415
+
+    checkpoint = single_process_run / "checkpoints" / "step-00000010"
+    assert export_cli.main([str(checkpoint), "--format", "peft", "--output", str(tmp_path / "adapter")]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "--format peft:" in line and "trained no LoRA adapters" in line
+    assert not (tmp_path / "adapter").exists()

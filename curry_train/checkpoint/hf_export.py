@@ -34,6 +34,7 @@ from curry_train.checkpoint.hf_config import (
 from curry_train.checkpoint.hf_load import rope_rows_back
 from curry_train.model.config import ModelConfig, head_dim
 from curry_train.options import EXPORT_DTYPES
+from curry_train.primitives.lora import is_adapter
 
 log = logging.getLogger(__name__)
 
@@ -249,6 +250,66 @@ def export_dtype(cfg: Any) -> str:
     return "fp32"
 
 
+def merge_adapters(state: dict[str, Tensor], cfg: Any) -> dict[str, Tensor]:
+    """The weights of a LoRA-trained model with each adapted linear's adapters merged into it:
+    ``W + (alpha / rank) B A`` (in fp32), the adapters dropped."""
+    scale = cfg.lora.alpha / cfg.lora.rank
+    merged = {name: tensor for name, tensor in state.items() if not is_adapter(name)}
+    for name, a in state.items():
+        if name.endswith(".lora_a"):
+            layer = name.removesuffix(".lora_a")
+            weight, b = state[layer + ".weight"], state[layer + ".lora_b"]
+            merged[layer + ".weight"] = (weight.float() + scale * (b.float() @ a.float())).to(weight.dtype)
+    return merged
+
+
+PEFT_WEIGHTS, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"
+
+
+def export_peft(state: dict[str, Tensor], cfg: Any, out: str | Path, dtype: torch.dtype = torch.float32) -> Path:
+    """A LoRA-trained model's adapters as a Hugging Face PEFT adapter directory ``out`` (``adapter_config.json``
+    and ``adapter_model.safetensors``, the modules named as the base model's): ``PeftModel.from_pretrained``
+    loads it onto the base. ``B``'s rows follow their weight's rows into HF's order (the RoPE heads')."""
+    table, lora = sources(cfg), cfg.lora
+    tensors, modules = {}, set()
+    for name, a in state.items():
+        if not name.endswith(".lora_a"):
+            continue
+        layer = name.removesuffix(".lora_a")
+        source = table[layer + ".weight"]
+        module = "lm_head" if layer == "output" else source.keys[0].removesuffix(".weight")
+        b = state[layer + ".lora_b"]
+        if source.heads > 0:
+            b = rope_rows_back(b, source.heads)
+        tensors[f"base_model.model.{module}.lora_A.weight"] = a.to(dtype).contiguous()
+        tensors[f"base_model.model.{module}.lora_B.weight"] = b.to(dtype).contiguous()
+        modules.add(module.rsplit(".", 1)[-1])
+    if not tensors:
+        raise PretrainedError("the checkpoint holds no LoRA adapters (its run had model.lora null)")
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": lora.rank,
+        "lora_alpha": lora.alpha,
+        "lora_dropout": lora.dropout,
+        "target_modules": sorted(modules),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "base_model_name_or_path": cfg.init_from,
+        "inference_mode": True,
+    }
+    out = Path(out)
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    (partial / PEFT_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    save_file(tensors, str(partial / PEFT_WEIGHTS), metadata={"format": "pt"})
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(partial, out)
+    return out
+
+
 def export_checkpoint(
     checkpoint: str | Path, out: str | Path, dtype: Optional[str] = None, shard_bytes: int = SHARD_BYTES
 ) -> list[Path]:
@@ -265,4 +326,7 @@ def export_checkpoint(
     directory = source if source and Path(source).is_dir() else None
     ids = token_ids([cfg.init_from, directory])
     torch_dtype = DTYPES[dtype or export_dtype(cfg)]
-    return export(consolidated_model_state(checkpoint), cfg, out, torch_dtype, tokenizer, shard_bytes, ids)
+    state = consolidated_model_state(checkpoint)
+    if cfg.lora is not None:  # a LoRA run: the merged model
+        state = merge_adapters(state, cfg)
+    return export(state, cfg, out, torch_dtype, tokenizer, shard_bytes, ids)

@@ -13,7 +13,9 @@ reassembles each parameter from its shards. Optimizer state is left out.
 * ``--format hf``: ``config.json``, safetensors shards of at most ``--max-shard-size`` with
   ``model.safetensors.index.json``, and the tokenizer files the run trained with, a directory that
   ``transformers.AutoModelForCausalLM.from_pretrained`` loads (Llama, Qwen3, Mixtral or Qwen3-MoE, by the
-  model's shape) and ``model.init_from`` reads back.
+  model's shape) and ``model.init_from`` reads back. A LoRA run's adapters are merged into their weights.
+* ``--format peft``: a LoRA run's adapters alone, as a PEFT adapter directory (``adapter_config.json``,
+  ``adapter_model.safetensors``) that ``peft.PeftModel.from_pretrained`` loads onto the base model.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from curry_train.checkpoint.hf_config import PretrainedError
 from curry_train.exits import EXIT_BAD_INPUT
 from curry_train.options import EXPORT_DTYPES
 
-FORMATS = ("safetensors", "hf")
+FORMATS = ("safetensors", "hf", "peft")
 UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30}
 
 
@@ -47,7 +49,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", type=Path, help="a checkpoint directory (…/checkpoints/step-NNNNNNNN)")
     parser.add_argument("--output", type=Path, required=True, help="the .safetensors file (hf: directory) to write")
-    parser.add_argument("--format", choices=FORMATS, default="safetensors", help="one file, or a HF directory")
+    parser.add_argument(
+        "--format", choices=FORMATS, default="safetensors", help="one file, a HF directory, or LoRA adapters for PEFT"
+    )
     parser.add_argument(
         "--dtype",
         choices=sorted(EXPORT_DTYPES),
@@ -66,7 +70,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from safetensors.torch import save_file  # noqa: PLC0415
 
     from curry_train.checkpoint.dcp import consolidated_model_state  # noqa: PLC0415
-    from curry_train.checkpoint.hf_export import DTYPES, export_checkpoint  # noqa: PLC0415
+    from curry_train.checkpoint.hf_export import (  # noqa: PLC0415
+        DTYPES,
+        checkpoint_model_config,
+        export_checkpoint,
+        export_peft,
+    )
+
+    if args.format == "peft":
+        cfg = checkpoint_model_config(args.checkpoint)
+        if cfg.lora is None:
+            print(
+                f"export_checkpoint: error: --format peft: {args.checkpoint}'s run trained no LoRA adapters"
+                " (model.lora is null); export the whole model with --format hf",
+                file=sys.stderr,
+            )
+            return EXIT_BAD_INPUT
+        out = export_peft(consolidated_model_state(args.checkpoint), cfg, args.output, DTYPES[args.dtype or "fp32"])
+        print(f"wrote {out}: adapter_config.json, adapter_model.safetensors (LoRA rank {cfg.lora.rank})")
+        return 0
 
     if args.format == "hf":
         try:
