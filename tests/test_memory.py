@@ -399,3 +399,20 @@ def test_context_parallel_ranks_keep_half_the_activations(measured):
     whole = measured["dp"].ranks[0]["activations"]
     for record in measured["cp"].ranks:
         assert 0.5 * whole < record["activations"] < 0.51 * whole, record["activations"] / whole
+
+
+@pytest.mark.slow
+def test_advise_estimate_knows_lora(pools):
+    """LoRA under ZeRO-3 on 4 ranks: advise's estimate holds the frozen base's parameter shards and the
+    adapters' gradients and AdamW state alone, as each rank held them at the optimizer step."""
+    from curry_train.planning.advise import estimate  # noqa: PLC0415
+
+    overrides = (*COMMON, "parallel=fsdp", "+model/lora=attention", "model.lora.rank=4")
+    (layout,) = measure_layouts([overrides], pools=pools)
+    cfg = compose(list(overrides))
+    memory = estimate(cfg, current_layout(cfg)).memory
+    (first,) = [record for record in layout.ranks if record["shard_rank"] == 0]  # the fullest rank
+    assert {key: memory[key] for key in ("params", "grads", "optimizer")} == {
+        key: first["state"][key] for key in ("params", "grads", "optimizer")
+    }
+    assert memory["grads"] * 20 < memory["params"]  # the adapters are a small part of the model

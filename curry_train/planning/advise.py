@@ -36,6 +36,7 @@ from curry_train.planning.memory import (
 )
 from curry_train.planning.plot import new_figure, save
 from curry_train.planning.step_time import step_time
+from curry_train.primitives.lora import is_adapter
 
 HEADROOM = 0.10  # of device memory, left free by a recommendation (allocator, spikes, estimate error)
 SPEEDUP = 0.10  # a heavier layout replaces a lighter one that fits only if its step is this much shorter
@@ -73,9 +74,16 @@ def estimate(cfg: DictConfig, layout: Layout) -> Estimate:
         named = rank_parameters(
             cfg.model, layout.tp, layout.pp, stage, layout.pp_schedule, layout.virtual_stages, layout.ep
         )
+        if cfg.model.get("lora") is not None:  # the frozen base: parameters only, no gradient, no optimizer state
+            frozen = [shape for name, shape in named if not is_adapter(name)]
+            named = [(name, shape) for name, shape in named if is_adapter(name)]
         dense = [shape for name, shape in named if not is_expert(name)]
         experts = [shape for name, shape in named if is_expert(name)]
         state = model_state(dense, layout.zero, layout.shards, layout.mixed_precision, 0, layout.dp_replicate)
+        if cfg.model.get("lora") is not None:
+            base = model_state(frozen, layout.zero, layout.shards, layout.mixed_precision, 0, layout.dp_replicate)
+            state["params"] += base["params"]
+            dense = dense + frozen  # their transient all-gathers
         if experts:  # FSDP shards the experts over the ranks expert parallelism leaves
             expert_state = model_state(experts, layout.zero, layout.expert_shards, layout.mixed_precision)
             state = {key: state[key] + expert_state[key] for key in state}

@@ -19,6 +19,7 @@ from curry_train.layout.pipeline import canonical_kind, split_layers, stage_to_r
 from curry_train.model.config import head_dim
 from curry_train.model.llama import Llama
 from curry_train.planning.layout import Layout, microbatches_per_step
+from curry_train.primitives.lora import ADAPTERS, apply_lora
 
 STATE_KEYS = ("params", "grads", "optimizer")
 # Bytes per parameter of (parameters, gradients, optimizer state) for Adam.
@@ -103,7 +104,11 @@ def tensor_parallel_shapes(model: nn.Module, tp: int) -> dict[str, torch.Size]:
     for name, param in model.named_parameters():
         module, _, kind = name.rpartition(".")
         dim = split.get(module) if tp > 1 else None
-        if dim is None or (dim == 1 and kind != "weight"):
+        if kind in ADAPTERS and dim is not None:  # LoRA follows its layer: column B by rows, row A by columns
+            dim = {("lora_a", 1): 1, ("lora_b", 0): 0}.get((kind, dim))
+        elif dim == 1 and kind != "weight":
+            dim = None
+        if dim is None:
             shapes[name] = param.shape
         else:
             shape = list(param.shape)
@@ -114,8 +119,11 @@ def tensor_parallel_shapes(model: nn.Module, tp: int) -> dict[str, torch.Size]:
 
 @functools.lru_cache(maxsize=128)  # capacity sweeps estimate a family of models at several tp
 def _shapes(model_yaml: str, tp: int) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    cfg = OmegaConf.create(model_yaml)
     with torch.device("meta"):
-        model = Llama(OmegaConf.create(model_yaml))
+        model = Llama(cfg)
+    if cfg.get("lora") is not None:
+        apply_lora(model, cfg.lora.targets, cfg.lora.rank, cfg.lora.alpha)
     return tuple((name, tuple(shape)) for name, shape in tensor_parallel_shapes(model, tp).items())
 
 
