@@ -23,7 +23,7 @@ from curry_train.checkpoint.dcp import consolidated_model_state
 from curry_train.checkpoint.hf_config import PretrainedError, model_config
 from curry_train.checkpoint.hf_export import checkpoint_model_config
 from curry_train.checkpoint.hf_load import load_pretrained
-from curry_train.data.chat import chat_template, render, special_tokens
+from curry_train.data.chat import render, special_tokens, template_of
 from curry_train.data.sources import ByteTokenizer, HFTokenizer, make_tokenizer
 from curry_train.model.config import ModelConfig
 from curry_train.model.llama import KVCache, Llama
@@ -83,21 +83,22 @@ def load(source: str | Path, device: torch.device = CPU) -> Loaded:
         model.load_state_dict(consolidated_model_state(source), strict=False)
         model.reset_buffers()
         model.tie_weights()
-        saved = files.saved_config(source) or {}
-        spec = str((saved.get("data") or {}).get("tokenizer") or "byte")
+        data = (files.saved_config(source) or {}).get("data") or {}
+        spec = str(data.get("tokenizer") or "byte")
         spec = spec if spec != "auto" and (spec == "byte" or Path(spec).exists()) else "byte"
         directory = Path(spec) if Path(spec).is_dir() else None
+        run_template = data.get("chat_template")  # the template the run trained with, where it set one
     elif (source / "config.json").is_file():
         cfg = OmegaConf.structured(ModelConfig)
         cfg.merge_with(model_config(source))
         with torch.device("meta"):
             model = Llama(cfg)
         load_pretrained(model, device, source)
-        spec, directory = str(source), source
+        spec, directory, run_template = str(source), source, None
     else:
         raise PretrainedError(f"{source}: neither a curry-train checkpoint nor a Hugging Face model directory")
     tokenizer = make_tokenizer(spec)
-    template = chat_template(directory) if directory is not None else None
+    template = template_of(run_template, str(directory) if directory is not None else spec)
     special = special_tokens(directory) if directory is not None else {}
     return Loaded(model.eval(), tokenizer, template, special, _stop_ids(directory, tokenizer))
 
@@ -107,6 +108,8 @@ def encode(loaded: Loaded, prompt: str, chat: bool = True) -> list[int]:
     model, unless ``chat`` is false), else the text as the tokenizer encodes a document (BOS where it adds one)."""
     if chat and loaded.template is not None:
         text = render(loaded.template, [{"role": "user", "content": prompt}], True, loaded.special)
+        if isinstance(loaded.tokenizer, ByteTokenizer):
+            return list(text.encode("utf-8"))
         return loaded.tokenizer._tokenizer.encode(text, add_special_tokens=False).ids
     return [int(i) for i in loaded.tokenizer.encode(prompt)]
 

@@ -165,3 +165,37 @@ def test_a_mixture_of_chat_and_text_flags_every_row(tmp_path):
         r for r in rows if b"plain" in bytes(r[0].astype(np.uint8)) or b"words" in bytes(r[0].astype(np.uint8))
     ]
     assert text_rows and all((r[1] & TARGET).all() for r in text_rows)  # every text token is a target
+
+
+@pytest.mark.slow
+def test_the_cpu_sft_recipe_learns_to_answer(pools, tmp_path):
+    """recipes/sft-cpu.yaml for 60 steps: the loss on the assistant's answers falls to under a third, and the
+    model, asked through the chat template, now answers with a number where the untrained one did not."""
+    from conftest import REPO, read_metric, train  # noqa: PLC0415
+
+    from curry_train.checkpoint import files  # noqa: PLC0415
+    from curry_train.generate import Sampling, decode, encode, generate, load  # noqa: PLC0415
+
+    recipe = [
+        "recipe=sft-cpu",
+        f"data.paths=[{REPO}/recipes/data/arithmetic-chat.jsonl]",
+        f"data.chat_template={REPO}/recipes/data/chat.jinja",
+        "trainer.max_steps=60",
+        "trainer.val_check_interval=60",
+        "checkpoint.every_n_steps=60",
+        "trainer.enable_progress_bar=false",
+    ]
+    run = train(pools, recipe, tmp_path / "run")
+    losses = read_metric(run)
+    assert losses[59] < losses[0] / 3, (losses[0], losses[59])
+    loaded = load(files.last_checkpoint(run))
+    with torch.device("meta"):
+        fresh = type(loaded.model)(loaded.model.cfg)
+    from curry_train.primitives.materialize import materialize_and_init  # noqa: PLC0415
+
+    materialize_and_init(fresh, torch.device("cpu"), seed=1234)
+    for prompt in ("What is 7 plus 5?", "What is 3 times 4?", "What is 15 minus 9?"):
+        ids = encode(loaded, prompt)
+        answer = decode(loaded, generate(loaded.model, ids, Sampling(max_new_tokens=3), loaded.stop).tokens)
+        before = decode(loaded, generate(fresh.eval(), ids, Sampling(max_new_tokens=3), loaded.stop).tokens)
+        assert answer[0].isdigit() and answer != before, (prompt, answer, before)

@@ -30,6 +30,7 @@ import json
 import os
 import random
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -195,7 +196,9 @@ def consolidated_model_state(checkpoint: str | Path) -> dict[str, torch.Tensor]:
     }
     if not state:
         raise ValueError(f"{checkpoint}: no model tensors under {MODEL_PREFIX!r}")
-    dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
+    with warnings.catch_warnings():  # "torch.distributed is disabled ...": one process reading, as intended
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
     return {key[len(MODEL_PREFIX) :]: tensor for key, tensor in state.items()}
 
 
