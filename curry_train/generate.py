@@ -19,10 +19,9 @@ from omegaconf import OmegaConf
 from torch import Tensor
 
 from curry_train.checkpoint import files
-from curry_train.checkpoint.dcp import consolidated_model_state
 from curry_train.checkpoint.hf_config import PretrainedError, model_config
-from curry_train.checkpoint.hf_export import checkpoint_model_config
 from curry_train.checkpoint.hf_load import load_pretrained
+from curry_train.checkpoint.model import checkpoint_model
 from curry_train.data.chat import render, special_tokens, template_of
 from curry_train.data.sources import ByteTokenizer, HFTokenizer, make_tokenizer
 from curry_train.model.config import ModelConfig
@@ -76,13 +75,7 @@ def load(source: str | Path, device: torch.device = CPU) -> Loaded:
     tokenizer (the directory's, or the run's ``data.tokenizer``; else bytes) and its chat template."""
     source = Path(source)
     if (source / files.MANIFEST_FILE).is_file():
-        cfg = checkpoint_model_config(source)
-        with torch.device("meta"):
-            model = Llama(cfg)
-        model.to_empty(device=device)
-        model.load_state_dict(consolidated_model_state(source), strict=False)
-        model.reset_buffers()
-        model.tie_weights()
+        model = checkpoint_model(source, device)
         data = (files.saved_config(source) or {}).get("data") or {}
         spec = str(data.get("tokenizer") or "byte")
         spec = spec if spec != "auto" and (spec == "byte" or Path(spec).exists()) else "byte"

@@ -203,7 +203,8 @@ class CurryStrategy(ParallelStrategy):
     ) -> None:
         meta = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
         config = dataclasses.asdict(self.cfg)  # what a resumed run is compared with
-        dcp.save(filepath, self.lightning_module, self._raw_optimizers(), meta, config)
+        frozen = self.cfg.model.lora is not None and not self.cfg.checkpoint.save_base  # LoRA: adapters alone
+        dcp.save(filepath, self.lightning_module, self._raw_optimizers(), meta, config, skip_frozen=frozen)
 
     @override
     def load_checkpoint(self, checkpoint_path: str | Path, weights_only: Optional[bool] = None) -> dict[str, Any]:

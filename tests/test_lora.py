@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FAST, train
+from conftest import FAST, assert_same_curve, read_metric, train
 from test_hf import our_model, write_model
 from torch.distributed.checkpoint import FileSystemReader
 
 from curry_train.checkpoint import files
 from curry_train.checkpoint.dcp import consolidated_model_state
+from curry_train.checkpoint.model import checkpoint_model
 from curry_train.config import ConfigError, compose
 from curry_train.config.checks import check
 from curry_train.config.schema import Config
@@ -24,16 +25,14 @@ LORA = ("+model/lora=attention", "model.lora.rank=4")
 
 
 def test_training_moves_only_the_adapters_and_keeps_no_state_for_the_base(pools, tmp_path):
-    """Three steps under fsdp on 2 ranks: every base weight is its seeded initial value bit for bit, every
-    adapter B has moved from zero, and the optimizer state saved holds the adapters' moments alone."""
-    run = train(pools, [*FAST, *LORA, "trainer.max_steps=3", "parallel=fsdp", "trainer.devices=2"], tmp_path / "run")
+    """Three steps under fsdp on 2 ranks, the base saved too (checkpoint.save_base): every base weight is its
+    seeded initial value bit for bit, every adapter B has moved from zero, and the optimizer state saved
+    holds the adapters' moments alone."""
+    overrides = [*FAST, *LORA, "trainer.max_steps=3", "parallel=fsdp", "trainer.devices=2"]
+    run = train(pools, [*overrides, "checkpoint.save_base=true"], tmp_path / "run")
     checkpoint = files.last_checkpoint(run)
     saved = consolidated_model_state(checkpoint)
-    cfg = Config.of(compose([*FAST, *LORA]))
-    with torch.device("meta"):
-        initial = Llama(cfg.model)
-    apply_lora(initial, cfg.model.lora.targets, 4, cfg.model.lora.alpha)
-    materialize_and_init(initial, torch.device("cpu"), cfg.seed)
+    initial = _initial(compose([*FAST, *LORA]))
     adapters = [name for name, _ in initial.named_parameters() if is_adapter(name)]
     assert len(adapters) == 32
     for name, value in initial.named_parameters():
@@ -47,6 +46,34 @@ def test_training_moves_only_the_adapters_and_keeps_no_state_for_the_base(pools,
     assert moments and all(any(a in key for a in adapters) for key in moments)
     adapter_bytes = sum(p.numel() * 4 for n, p in initial.named_parameters() if is_adapter(n))
     assert sum(item.size.numel() * 4 for item in moments.values()) == 2 * adapter_bytes  # exp_avg, exp_avg_sq
+
+
+def _initial(cfg) -> Llama:
+    cfg = Config.of(cfg)
+    with torch.device("meta"):
+        model = Llama(cfg.model)
+    apply_lora(model, cfg.model.lora.targets, cfg.model.lora.rank, cfg.model.lora.alpha)
+    materialize_and_init(model, torch.device("cpu"), cfg.seed)
+    return model
+
+
+def test_a_checkpoint_of_the_adapters_alone_resumes_anywhere_on_the_same_curve(pools, tmp_path):
+    """By default a LoRA checkpoint holds the adapters (and their optimizer state) alone: fsdp on 2 ranks
+    saves step 3, one process resumes it (the base rebuilt from the seed) on the uninterrupted curve; the
+    checkpoint's model, rebuilt in one process, has the adapters trained and the base as drawn."""
+    common = [*FAST, *LORA]
+    reference = read_metric(train(pools, [*common, "trainer.max_steps=6"], tmp_path / "one"))
+    saved = train(pools, [*common, "trainer.max_steps=3", "parallel=fsdp", "trainer.devices=2"], tmp_path / "fsdp2")
+    checkpoint = files.last_checkpoint(saved)
+    names = consolidated_model_state(checkpoint)
+    assert names and all(is_adapter(name) for name in names)  # no base tensor written
+    resumed = read_metric(train(pools, [*common, "trainer.max_steps=6", f"ckpt_path={checkpoint}"], tmp_path / "re"))
+    assert sorted(resumed) == [3, 4, 5]
+    assert_same_curve(resumed, {step: reference[step] for step in (3, 4, 5)})
+    rebuilt = checkpoint_model(checkpoint, torch.device("cpu"))
+    initial = dict(_initial(compose(common)).named_parameters())
+    for name, value in rebuilt.named_parameters():
+        assert torch.equal(value, names[name] if is_adapter(name) else initial[name]), name
 
 
 def test_a_pretrained_base_starts_where_it_was(tmp_path):

@@ -41,7 +41,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from curry_train.checkpoint.files import (
     CONFIG_FILE,
@@ -127,9 +127,11 @@ def save(
     optimizers: Iterable[torch.optim.Optimizer],
     meta: dict[str, Any],
     config: Optional[dict[str, Any]] = None,
+    skip_frozen: bool = False,
 ) -> Path:
     """Collective: every rank calls it with the same ``path``. Returns the checkpoint's directory.
-    Raises ``NonFiniteStateError``, writing nothing, when any rank's state holds NaN or infinity."""
+    Raises ``NonFiniteStateError``, writing nothing, when any rank's state holds NaN or infinity.
+    ``skip_frozen``: leave out the parameters that do not train (a LoRA run's base, which its run rebuilds)."""
     path = Path(path)
     optimizers = list(optimizers)
     if not state_is_finite(model, optimizers):
@@ -141,6 +143,9 @@ def save(
         tmp.mkdir(parents=True)
     _barrier()
     model_state, optim_state = get_state_dict(model, list(optimizers))
+    if skip_frozen:
+        frozen = {name for name, param in model.named_parameters() if not param.requires_grad}
+        model_state = {key: value for key, value in model_state.items() if key not in frozen}
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)
     torch.save(rng_state(), tmp / rng_file(rank))
     if rank == 0:
@@ -172,9 +177,14 @@ def load(path: str | Path, model: nn.Module, optimizers: Iterable[torch.optim.Op
     path = Path(path)
     optimizers = list(optimizers)
     model_state, optim_state = get_state_dict(model, optimizers)
+    saved = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    frozen = {name for name, param in model.named_parameters() if not param.requires_grad}
+    absent = {key for key in model_state if key in frozen and f"model.{key}" not in saved}
+    model_state = {key: value for key, value in model_state.items() if key not in absent}  # a LoRA base left out
     state = {"model": model_state, "optim": optim_state}
     dcp.load(state, checkpoint_id=path)
-    set_state_dict(model, optimizers, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    options = StateDictOptions(strict=not absent)
+    set_state_dict(model, optimizers, model_state_dict=state["model"], optim_state_dict=state["optim"], options=options)
     rank = dist.get_rank() if dist.is_initialized() else 0
     rng_path = path / rng_file(rank)
     if rng_path.is_file():

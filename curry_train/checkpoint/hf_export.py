@@ -14,11 +14,9 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 import torch
-from omegaconf import OmegaConf
 from safetensors.torch import save_file
 from torch import Tensor
 
-from curry_train.checkpoint.dcp import consolidated_model_state
 from curry_train.checkpoint.files import saved_config
 from curry_train.checkpoint.hf_config import (
     ARCHITECTURES,
@@ -32,7 +30,8 @@ from curry_train.checkpoint.hf_config import (
     sources,
 )
 from curry_train.checkpoint.hf_load import rope_rows_back
-from curry_train.model.config import ModelConfig, head_dim
+from curry_train.checkpoint.model import checkpoint_model_config, checkpoint_state
+from curry_train.model.config import head_dim
 from curry_train.options import EXPORT_DTYPES
 from curry_train.primitives.lora import is_adapter
 
@@ -228,16 +227,6 @@ def export(
     return [out / path.name for path in written]
 
 
-def checkpoint_model_config(checkpoint: str | Path) -> Any:
-    """The model config a curry-train checkpoint was saved with, typed (``ModelConfig``'s defaults filled)."""
-    saved = saved_config(checkpoint)
-    if not saved or "model" not in saved:
-        raise PretrainedError(f"{checkpoint}: saved without its run's config; the Hugging Face config needs it")
-    cfg = OmegaConf.structured(ModelConfig)
-    cfg.merge_with(saved["model"])
-    return cfg
-
-
 DTYPES = dict(zip(EXPORT_DTYPES, (torch.float32, torch.bfloat16, torch.float16), strict=True))  # options' names
 _HF_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
@@ -326,7 +315,7 @@ def export_checkpoint(
     directory = source if source and Path(source).is_dir() else None
     ids = token_ids([cfg.init_from, directory])
     torch_dtype = DTYPES[dtype or export_dtype(cfg)]
-    state = consolidated_model_state(checkpoint)
+    state = checkpoint_state(checkpoint)  # a LoRA run's base rebuilt where it was not saved
     if cfg.lora is not None:  # a LoRA run: the merged model
         state = merge_adapters(state, cfg)
     return export(state, cfg, out, torch_dtype, tokenizer, shard_bytes, ids)

@@ -70,12 +70,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from safetensors.torch import save_file  # noqa: PLC0415
 
     from curry_train.checkpoint.dcp import consolidated_model_state  # noqa: PLC0415
-    from curry_train.checkpoint.hf_export import (  # noqa: PLC0415
-        DTYPES,
-        checkpoint_model_config,
-        export_checkpoint,
-        export_peft,
-    )
+    from curry_train.checkpoint.hf_export import DTYPES, export_checkpoint, export_peft  # noqa: PLC0415
+    from curry_train.checkpoint.model import checkpoint_model_config, checkpoint_state  # noqa: PLC0415
 
     if args.format == "peft":
         cfg = checkpoint_model_config(args.checkpoint)
@@ -86,7 +82,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 file=sys.stderr,
             )
             return EXIT_BAD_INPUT
-        out = export_peft(consolidated_model_state(args.checkpoint), cfg, args.output, DTYPES[args.dtype or "fp32"])
+        out = export_peft(checkpoint_state(args.checkpoint), cfg, args.output, DTYPES[args.dtype or "fp32"])
         print(f"wrote {out}: adapter_config.json, adapter_model.safetensors (LoRA rank {cfg.lora.rank})")
         return 0
 

@@ -75,6 +75,7 @@ class CheckpointConfig:
     allow_config_change: bool = False  # resume a checkpoint whose run had other model/data/seed values
     export_hf_on_end: bool = False  # also write the final checkpoint as a Hugging Face directory, <run_dir>/hf
     export_hf_dtype: Optional[str] = None  # fp32 | bf16 | fp16; null: model.init_from's dtype, else fp32
+    save_base: bool = False  # LoRA: also save the frozen base (else the adapters alone; the base is rebuilt)
 
 
 @dataclass
