@@ -9,23 +9,31 @@ top-p filtering; it stops at an end token or after ``max_new_tokens``.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from omegaconf import OmegaConf
 from torch import Tensor
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
 from curry_train.checkpoint import files
 from curry_train.checkpoint.hf_config import PretrainedError, model_config
 from curry_train.checkpoint.hf_load import load_pretrained
-from curry_train.checkpoint.model import checkpoint_model
+from curry_train.checkpoint.model import checkpoint_model, checkpoint_model_config
 from curry_train.data.chat import render, special_tokens, template_of
 from curry_train.data.sources import ByteTokenizer, HFTokenizer, make_tokenizer
+from curry_train.layout.dims import ParallelDims
 from curry_train.model.config import ModelConfig
 from curry_train.model.llama import KVCache, Llama
+from curry_train.pool import WorkerPool
+from curry_train.primitives.parallel_state import ParallelState
+from curry_train.primitives.tp_linear import apply_tensor_parallel
 
 
 @dataclass(frozen=True)
@@ -51,7 +59,7 @@ class Sampling:
 
 @dataclass
 class Loaded:
-    model: Llama
+    model: Optional[Llama]  # None: loaded without weights
     tokenizer: ByteTokenizer | HFTokenizer
     template: Optional[str]  # the chat template, where the tokenizer directory has one
     special: dict[str, str]
@@ -70,30 +78,34 @@ def _stop_ids(directory: Optional[Path], tokenizer) -> set[int]:
 CPU = torch.device("cpu")
 
 
-def load(source: str | Path, device: torch.device = CPU) -> Loaded:
+def load(source: str | Path, device: torch.device = CPU, weights: bool = True) -> Loaded:
     """A Hugging Face directory (``config.json``) or a curry-train checkpoint (``manifest.json``), its
-    tokenizer (the directory's, or the run's ``data.tokenizer``; else bytes) and its chat template."""
+    tokenizer (the directory's, or the run's ``data.tokenizer``; else bytes) and its chat template
+    (``weights=False``: no model, for a tensor-parallel run that reads each rank's shards itself)."""
     source = Path(source)
+    model: Optional[Llama] = None
     if (source / files.MANIFEST_FILE).is_file():
-        model = checkpoint_model(source, device)
+        model = checkpoint_model(source, device) if weights else None
         data = (files.saved_config(source) or {}).get("data") or {}
         spec = str(data.get("tokenizer") or "byte")
         spec = spec if spec != "auto" and (spec == "byte" or Path(spec).exists()) else "byte"
         directory = Path(spec) if Path(spec).is_dir() else None
         run_template = data.get("chat_template")  # the template the run trained with, where it set one
     elif (source / "config.json").is_file():
-        cfg = OmegaConf.structured(ModelConfig)
-        cfg.merge_with(model_config(source))
-        with torch.device("meta"):
-            model = Llama(cfg)
-        load_pretrained(model, device, source)
+        if weights:
+            cfg = OmegaConf.structured(ModelConfig)
+            cfg.merge_with(model_config(source))
+            with torch.device("meta"):
+                model = Llama(cfg)
+            load_pretrained(model, device, source)
         spec, directory, run_template = str(source), source, None
     else:
         raise PretrainedError(f"{source}: neither a curry-train checkpoint nor a Hugging Face model directory")
     tokenizer = make_tokenizer(spec)
     template = template_of(run_template, str(directory) if directory is not None else spec)
     special = special_tokens(directory) if directory is not None else {}
-    return Loaded(model.eval(), tokenizer, template, special, _stop_ids(directory, tokenizer))
+    model = model.eval() if model is not None else None
+    return Loaded(model, tokenizer, template, special, _stop_ids(directory, tokenizer))
 
 
 def encode(loaded: Loaded, prompt: str, chat: bool = True) -> list[int]:
@@ -163,3 +175,53 @@ def generate(model: Llama, prompt: Sequence[int], sampling: Sampling, stop: set[
             break
         logits = model(torch.tensor([[token]], device=device), cache=cache)[0, -1]
     return Generated(list(prompt), new, time.perf_counter() - start)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tensor parallel: a model that does not fit one device
+
+
+def _tensor_parallel_job(
+    source: str, prompts: list[list[int]], sampling: Sampling, stop: set[int], device_type: str
+) -> list[Generated]:
+    """On each rank of a pool of tp: this rank's shards of the model (a Hugging Face directory's, read
+    shard by shard; a checkpoint's, resharded by DCP), then the same generation as one process (the
+    logits are gathered on every rank, so every rank picks the same tokens)."""
+    tp = dist.get_world_size()
+    device = torch.device(device_type, int(os.environ.get("LOCAL_RANK", 0))) if device_type == "cuda" else CPU
+    ps = ParallelState(ParallelDims(tp, tp=tp), device_type)
+    path = Path(source)
+    if (path / files.MANIFEST_FILE).is_file():
+        cfg = checkpoint_model_config(path)
+    else:
+        cfg = OmegaConf.structured(ModelConfig)
+        cfg.merge_with(model_config(path))
+    with torch.device("meta"):
+        model = Llama(cfg)
+    apply_tensor_parallel(model, ps.mesh["tp"], sequence_parallel=False, loss_parallel=False)
+    if (path / files.MANIFEST_FILE).is_file():
+        model.to_empty(device=device)
+        model.reset_buffers()
+        state = {"model": {f"model.{k}": v for k, v in get_model_state_dict(model).items()}}
+        dcp.load(state, checkpoint_id=str(path))
+        set_model_state_dict(model, {k.removeprefix("model."): v for k, v in state["model"].items()})
+        model.tie_weights()
+    else:
+        load_pretrained(model, device, path)
+    model.eval()
+    return [generate(model, prompt, sampling, stop) for prompt in prompts]
+
+
+def generate_tensor_parallel(
+    source: str | Path, prompts: list[list[int]], sampling: Sampling, tp: int, stop: set[int] = frozenset()
+) -> list[Generated]:
+    """``generate`` for each prompt with the model split over ``tp`` local processes (tensor parallel)."""
+    path = Path(source)
+    if (path / files.MANIFEST_FILE).is_file() and checkpoint_model_config(path).lora is not None:
+        raise ValueError(
+            f"--tp with {path}, a LoRA run's checkpoint: export it merged (curry-export --format hf) and"
+            " generate from that directory"
+        )
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    with WorkerPool(tp, device_type) as pool:
+        return pool.run(_tensor_parallel_job, str(source), prompts, sampling, set(stop), device_type)[0]

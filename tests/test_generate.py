@@ -162,3 +162,36 @@ def test_curry_generate_from_a_training_checkpoint(single_process_run, capsys):
     assert generate_cli.main([str(checkpoint), "def main(", "--max-new-tokens", "8"]) == 0
     want = generate(loaded.model, list(b"def main("), Sampling(max_new_tokens=8), loaded.stop)
     assert capsys.readouterr().out == decode(loaded, want.tokens) + "\n"
+
+
+@pytest.mark.slow
+def test_tensor_parallel_generation_equals_transformers(models, capsys):
+    """The tiny Llama 3 split over 2 processes (heads, MLP and vocabulary): greedy, token for token what
+    transformers writes, through curry-generate --tp 2 as a user runs it."""
+    from curry_train.generate import generate_tensor_parallel  # noqa: PLC0415
+
+    prompt = torch.randint(0, VOCAB, (1, 7), generator=torch.Generator().manual_seed(3))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(models["llama3"]), dtype=torch.float32).eval()
+    mask = torch.ones_like(prompt)
+    theirs = hf.generate(
+        prompt, attention_mask=mask, max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0
+    )
+    (ours,) = generate_tensor_parallel(models["llama3"], [prompt[0].tolist()], Sampling(max_new_tokens=32), tp=2)
+    assert ours.tokens == theirs[0, 7:].tolist()
+    assert generate_cli.main([str(models["llama3"]), "alpha beta", "--tp", "2", "--max-new-tokens", "6"]) == 0
+    loaded = load(models["llama3"])
+    want = generate(loaded.model, encode(loaded, "alpha beta"), Sampling(max_new_tokens=6), loaded.stop)
+    assert capsys.readouterr().out == decode(loaded, want.tokens) + "\n"
+
+
+@pytest.mark.slow
+def test_tensor_parallel_generation_from_a_checkpoint(single_process_run):
+    """A training checkpoint read shard by shard (DCP reshards it to tp 2) writes what one process writes."""
+    from curry_train.generate import generate_tensor_parallel  # noqa: PLC0415
+
+    checkpoint = single_process_run / "checkpoints" / "step-00000010"
+    loaded = load(checkpoint)
+    ids = list(b"def main(")
+    want = generate(loaded.model, ids, Sampling(max_new_tokens=12), loaded.stop)
+    (got,) = generate_tensor_parallel(checkpoint, [ids], Sampling(max_new_tokens=12), tp=2, stop=loaded.stop)
+    assert got.tokens == want.tokens

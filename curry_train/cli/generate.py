@@ -11,7 +11,8 @@ SOURCE: a curry-train checkpoint directory (its run's tokenizer) or a Hugging Fa
 tokenizer and chat template). Prompts: the arguments, the lines of ``--file``, or standard input (``-``).
 A chat model's prompt is the user's turn through its chat template (``--no-chat``: the text as it is).
 Greedy by default (``--temperature 0``); each completion is printed, and its tokens/s on stderr.
-One process.
+One process; ``--tp N`` splits the model over N local processes (tensor parallel: heads, MLP and
+vocabulary; one GPU each where there are GPUs) for a model that does not fit one device.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--tp", type=int, default=1, help="split the model over this many local processes (tensor parallel)")
     return p
 
 
@@ -70,27 +72,32 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.file is not None and not args.file.is_file():
         return fail(PROG, f"--file {args.file}: no such file")
     # torch loads here, after the arguments are known to be good
-    from curry_train.generate import Sampling, decode, encode, generate, load  # noqa: PLC0415
+    from curry_train.generate import Sampling, decode, encode, generate, generate_tensor_parallel, load  # noqa: PLC0415
 
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
     problem = sampling.check()
     if problem is not None:
         return fail(PROG, problem)
+    if args.tp < 1:
+        return fail(PROG, f"--tp {args.tp}: at least 1")
     prompts = _prompts(args)
     if not prompts:
         return fail(PROG, "no prompt: give prompts as arguments, --file PATH, or '-' for standard input")
     try:
         import torch  # noqa: PLC0415
 
-        loaded = load(source, torch.device(args.device))
+        loaded = load(source, torch.device(args.device), weights=args.tp == 1)
     except (ValueError, OSError) as error:  # not a model, or a damaged one: one line
         return fail(PROG, str(error).splitlines()[0])
-    for prompt in prompts:
-        ids = encode(loaded, prompt, chat=not args.no_chat)
-        try:
-            result = generate(loaded.model, ids, sampling, loaded.stop)
-        except ValueError as error:
-            return fail(PROG, str(error))
+    encoded = [encode(loaded, prompt, chat=not args.no_chat) for prompt in prompts]
+    try:
+        if args.tp > 1:  # the tokenizer and template from the one-process load; the weights split over tp
+            results = generate_tensor_parallel(source, encoded, sampling, args.tp, loaded.stop)
+        else:
+            results = [generate(loaded.model, ids, sampling, loaded.stop) for ids in encoded]
+    except ValueError as error:
+        return fail(PROG, str(error).splitlines()[0])
+    for result in results:
         print(decode(loaded, result.tokens), flush=True)
         print(
             f"{PROG}: {len(result.prompt)} prompt + {len(result.tokens)} new tokens,"
