@@ -88,14 +88,18 @@ def _worker(rank: int, world_size: int, port: int, target: Callable[..., Any], a
     die_with_parent()
     os.environ.update(local_rank_environment(rank, world_size, port))
     share_cores(world_size)
-    target(*args)
+    try:
+        target(*args)
+        code = 0
+    except SystemExit as stopped:  # the worker said why it stopped (preempted: 75, non-finite: 3, ...)
+        code = stopped.code if isinstance(stopped.code, int) else int(stopped.code is not None)
     # Done: run the exit handlers (loggers, trackers), flush, and leave without the interpreter's
     # teardown, where destroying gloo's still-joinable threads can abort a finished worker in
-    # std::terminate ("terminate called without an active exception") and fail a good run.
+    # std::terminate ("terminate called without an active exception") and turn its status into SIGABRT.
     atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(code)
 
 
 def spawn(world_size: int, target: Callable[..., Any], *args: Any, received: Optional[list[int]] = None) -> None:
