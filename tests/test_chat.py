@@ -199,3 +199,27 @@ def test_the_cpu_sft_recipe_learns_to_answer(pools, tmp_path):
         answer = decode(loaded, generate(loaded.model, ids, Sampling(max_new_tokens=3), loaded.stop).tokens)
         before = decode(loaded, generate(fresh.eval(), ids, Sampling(max_new_tokens=3), loaded.stop).tokens)
         assert answer[0].isdigit() and answer != before, (prompt, answer, before)
+
+
+def test_curry_data_shows_chat_records(capsys, monkeypatch, tmp_path):
+    """The bundled chat sample through curry-data: conversations' token lengths, and a sample row cut into
+    rendered conversations (the separator not shown)."""
+    from conftest import REPO  # noqa: PLC0415
+
+    from curry_train.cli import data as data_cli  # noqa: PLC0415
+
+    monkeypatch.chdir(tmp_path)
+    args = [
+        "recipe=sft-cpu",
+        f"data.paths=[{REPO}/recipes/data/arithmetic-chat.jsonl]",
+        f"data.chat_template={REPO}/recipes/data/chat.jinja",
+        "format=json",
+        "seconds=1",
+        "batches=5",
+    ]
+    assert data_cli.main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    (source,) = report["sources"]
+    assert source["documents"] == 2000 and source["document_lengths"]["p50"] > 30
+    pieces = report["sample"]["documents"]
+    assert any("<assistant>" in piece for piece in pieces) and not any("\x00" in piece for piece in pieces)

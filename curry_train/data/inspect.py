@@ -54,12 +54,15 @@ def _decoder(rows: Any):
 
 
 def _pieces(row: np.ndarray, separator: Optional[int], decode, width: int = 160) -> List[str]:
-    """The row's documents (cut after each separator), decoded, each cut to ``width`` characters."""
+    """The row's documents (cut after each separator, which is not shown), decoded, each cut to ``width``
+    characters."""
     cuts = [i + 1 for i, token in enumerate(row.tolist()) if token == separator] if separator is not None else []
     bounds = [0, *[c for c in cuts if c < len(row)], len(row)]
     pieces = []
     for start, end in zip(bounds, bounds[1:], strict=False):
-        text = decode(row[start:end]).replace("\n", "\\n")
+        piece = row[start:end]
+        piece = piece[:-1] if len(piece) and piece[-1] == separator else piece
+        text = decode(piece).replace("\n", "\\n")
         pieces.append(text if len(text) <= width else text[: width - 3] + "...")
     return pieces
 
@@ -79,7 +82,7 @@ def inspect_mixture(cfg: DataConfig, seed: int, batches: int, documents: int, wo
             per_epoch = len(rows.train)
         else:
             count = rows.reader.count()
-            lengths = [len(rows._tokens(text)) for _, text in itertools.islice(rows.reader.documents(), documents)]
+            lengths = [len(rows._tokens(doc)[0]) for _, doc in itertools.islice(rows.reader.documents(), documents)]
             per_epoch = counted[source.name].train_rows
         lengths_by_source[source.name] = lengths
         sources.append(
