@@ -126,7 +126,11 @@ def apply_lora_adapters(model: nn.Module, lora: Optional[LoRAConfig]) -> None:
     if lora is None:
         return
     adapted = apply_lora(model, lora.targets, lora.rank, lora.alpha, lora.dropout)
-    log.info("LoRA rank %d on %d linears; every other weight frozen", lora.rank, len(adapted))
+    if lora.base_dtype == "bf16":  # the frozen base stored in bf16 (still on meta: it is drawn or read so)
+        for param in model.parameters():
+            if not param.requires_grad:
+                param.data = param.data.to(torch.bfloat16)
+    log.info("LoRA rank %d on %d linears; every other weight frozen (%s)", lora.rank, len(adapted), lora.base_dtype)
 
 
 def _size(nbytes: int) -> str:

@@ -159,3 +159,22 @@ def test_peft_export_of_a_run_without_lora_is_one_line(single_process_run, tmp_p
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert "--format peft:" in line and "trained no LoRA adapters" in line
     assert not (tmp_path / "adapter").exists()
+
+
+def test_a_bf16_base_is_held_and_saved_in_bf16(pools, tmp_path):
+    """model.lora.base_dtype=bf16 under fsdp with bf16 compute: the base's weights are bf16 (half the bytes),
+    the adapters and their state fp32; advise counts the base at 2 bytes a parameter; without bf16
+    compute the run is refused in one line."""
+    from curry_train.planning.advise import estimate  # noqa: PLC0415
+    from curry_train.planning.layout import current_layout  # noqa: PLC0415
+
+    bf16 = [*FAST, *LORA, "model.lora.base_dtype=bf16", "parallel=fsdp", "parallel.fsdp.mixed_precision=bf16"]
+    run = train(pools, [*bf16, "trainer.devices=2", "trainer.max_steps=2", "checkpoint.save_base=true"], tmp_path / "r")
+    saved = consolidated_model_state(files.last_checkpoint(run))
+    assert {t.dtype for n, t in saved.items() if not is_adapter(n)} == {torch.bfloat16}
+    assert {t.dtype for n, t in saved.items() if is_adapter(n)} == {torch.float32}
+    fp32 = estimate(compose([*bf16[:-3], "parallel=fsdp"]), current_layout(compose([*bf16[:-3], "parallel=fsdp"])))
+    half = estimate(compose(bf16), current_layout(compose(bf16)))
+    assert half.memory["params"] < 0.6 * fp32.memory["params"]
+    with pytest.raises(ConfigError, match="model.lora.base_dtype=bf16 computes in bf16"):
+        check(compose([*FAST, *LORA, "model.lora.base_dtype=bf16"]), env={}, run_dir=tmp_path / "x")

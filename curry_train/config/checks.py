@@ -271,8 +271,22 @@ def _check_lora(m: DictConfig) -> None:
                 f"model.lora.targets: {target!r} matches no linear layer: every block's MLP is a mixture of experts"
                 " (adapters on experts are not supported)"
             )
+    if lora.base_dtype not in ("fp32", "bf16"):
+        raise ConfigError(f"model.lora.base_dtype={lora.base_dtype!r}: expected fp32 or bf16")
     if m.init_from is None:
         log.warning("model.lora without model.init_from: the adapters train on a randomly initialized, frozen base")
+
+
+def _check_bf16_base(cfg: DictConfig, layout: ParallelConfig) -> None:
+    lora = cfg.model.lora
+    if lora is None or lora.base_dtype != "bf16":
+        return
+    fsdp_bf16 = layout.fsdp is not None and layout.fsdp.mixed_precision == "bf16"
+    if not (fsdp_bf16 or str(cfg.trainer.precision).startswith("bf16")):
+        raise ConfigError(
+            "model.lora.base_dtype=bf16 computes in bf16: set trainer.precision=bf16-mixed, or"
+            " parallel.fsdp.mixed_precision=bf16"
+        )
 
 
 def _check_moe(m: DictConfig) -> None:
@@ -612,6 +626,7 @@ def check(cfg: DictConfig, env: Mapping[str, str] = os.environ, run_dir: Optiona
     except ValueError as error:
         raise ConfigError(str(error)) from None
     _check_model(cfg)
+    _check_bf16_base(cfg, layout)
     data = _survey_data(cfg)
     if data.vocab_size > cfg.model.vocab_size:
         raise ConfigError(

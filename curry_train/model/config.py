@@ -55,6 +55,7 @@ class LoRAConfig:
     targets: List[str] = field(
         default_factory=lambda: ["attention.wq", "attention.wk", "attention.wv", "attention.wo"]
     )  # linears by path suffix: attention.wq/wk/wv/wo, feed_forward.w1/w2/w3 (dense blocks), output
+    base_dtype: str = "fp32"  # fp32 | bf16: the frozen base's storage (bf16 needs bf16 compute: autocast or FSDP's)
 
 
 @dataclass

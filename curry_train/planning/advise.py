@@ -82,7 +82,7 @@ def estimate(cfg: DictConfig, layout: Layout) -> Estimate:
         state = model_state(dense, layout.zero, layout.shards, layout.mixed_precision, 0, layout.dp_replicate)
         if cfg.model.get("lora") is not None:
             base = model_state(frozen, layout.zero, layout.shards, layout.mixed_precision, 0, layout.dp_replicate)
-            state["params"] += base["params"]
+            state["params"] += base["params"] // (2 if cfg.model.lora.base_dtype == "bf16" else 1)  # 2 bytes
             dense = dense + frozen  # their transient all-gathers
         if experts:  # FSDP shards the experts over the ranks expert parallelism leaves
             expert_state = model_state(experts, layout.zero, layout.expert_shards, layout.mixed_precision)

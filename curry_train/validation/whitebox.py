@@ -266,7 +266,14 @@ def compare(records: Sequence[dict], reference: Sequence[dict], rtol: float = 1e
 
 def reference_overrides(overrides: Sequence[str]) -> list[str]:
     """The overrides of the single-process fp32 reference: the same run, without the layout."""
-    layout_keys = ("parallel", "trainer.devices", "trainer.num_nodes", "trainer.precision", "compile.enabled")
+    layout_keys = (
+        "parallel",
+        "trainer.devices",
+        "trainer.num_nodes",
+        "trainer.precision",
+        "compile.enabled",
+        "model.lora.base_dtype",  # a precision, like trainer.precision: the reference's base is fp32
+    )
     kept = [o for o in overrides if not o.lstrip("+~").split("=")[0].split(".")[0] == "parallel"]
     kept = [o for o in kept if o.lstrip("+~").split("=")[0] not in layout_keys]
     return kept + list(REFERENCE_OVERRIDES)
