@@ -57,16 +57,29 @@ def _initial(cfg) -> Llama:
     return model
 
 
-def test_a_checkpoint_of_the_adapters_alone_resumes_anywhere_on_the_same_curve(pools, tmp_path):
-    """By default a LoRA checkpoint holds the adapters (and their optimizer state) alone: fsdp on 2 ranks
-    saves step 3, one process resumes it (the base rebuilt from the seed) on the uninterrupted curve; the
-    checkpoint's model, rebuilt in one process, has the adapters trained and the base as drawn."""
-    common = [*FAST, *LORA]
+EXPERTS = (
+    "model=moe_debug",
+    "model.lora.targets=[attention.wq,feed_forward.experts.w1,feed_forward.experts.w2,feed_forward.experts.w3]",
+)
+
+
+@pytest.mark.parametrize(
+    "model, layout",
+    [((), ("parallel=fsdp",)), (EXPERTS, ("parallel=ep",))],
+    ids=["fsdp", "expert-adapters-ep"],
+)
+def test_a_checkpoint_of_the_adapters_alone_resumes_anywhere_on_the_same_curve(pools, tmp_path, model, layout):
+    """By default a LoRA checkpoint holds the adapters (and their optimizer state) alone: fsdp (or ep, the
+    experts' adapters split with them) on 2 ranks saves step 3, one process resumes it (the base rebuilt
+    from the seed) on the uninterrupted curve; the checkpoint's model, rebuilt in one process, has the
+    adapters trained and the base as drawn."""
+    common = [*FAST, *LORA, *model]
     reference = read_metric(train(pools, [*common, "trainer.max_steps=6"], tmp_path / "one"))
-    saved = train(pools, [*common, "trainer.max_steps=3", "parallel=fsdp", "trainer.devices=2"], tmp_path / "fsdp2")
+    saved = train(pools, [*common, "trainer.max_steps=3", *layout, "trainer.devices=2"], tmp_path / "sharded")
     checkpoint = files.last_checkpoint(saved)
     names = consolidated_model_state(checkpoint)
-    assert names and all(is_adapter(name) for name in names)  # no base tensor written
+    # no base weight written (the experts' balancing bias, state that trains, is)
+    assert names and all(is_adapter(name) or name.endswith("router.expert_bias") for name in names)
     resumed = read_metric(train(pools, [*common, "trainer.max_steps=6", f"ckpt_path={checkpoint}"], tmp_path / "re"))
     assert sorted(resumed) == [3, 4, 5]
     assert_same_curve(resumed, {step: reference[step] for step in (3, 4, 5)})
@@ -99,6 +112,7 @@ def test_a_pretrained_base_starts_where_it_was(tmp_path):
         (["model.lora.rank=0"], "model.lora.rank=0 must be at least 1"),
         (["model.lora.targets=[attention.wz]"], "'attention.wz' matches no linear layer"),
         (["model=moe_debug", "model.lora.targets=[feed_forward.w1]"], "every block's MLP is a mixture of experts"),
+        (["model.lora.targets=[feed_forward.experts.w2]"], "the model has no experts"),
     ],
 )
 def test_bad_lora_settings_are_one_line(overrides, message, tmp_path):
@@ -112,22 +126,18 @@ def test_lora_without_a_pretrained_base_is_warned(tmp_path, caplog):
     assert "model.lora without model.init_from" in caplog.text
 
 
-def test_merged_and_peft_exports_give_the_adapted_logits(tmp_path):
-    """A tiny Llama 3 with adapters on q (RoPE-ordered rows), v, o and the head: merged into a Hugging Face
-    directory, or written as a PEFT adapter directory loaded onto the base, transformers computes our logits."""
-    peft = pytest.importorskip("peft")
+def _adapted(directory, targets):
+    """The pretrained model in ``directory`` with adapters on ``targets``, each B drawn away from zero (as if
+    trained); its config, state and logits on a fixed batch."""
     from omegaconf import OmegaConf  # noqa: PLC0415
-    from test_hf import hf_logits, transformers  # noqa: PLC0415
 
     from curry_train.checkpoint.hf_config import model_config  # noqa: PLC0415
-    from curry_train.checkpoint.hf_export import export, export_peft, merge_adapters  # noqa: PLC0415
     from curry_train.model.config import LoRAConfig, ModelConfig  # noqa: PLC0415
 
-    directory = write_model(tmp_path / "llama3", "llama3")
     cfg = OmegaConf.structured(ModelConfig)
     cfg.merge_with(model_config(directory))
     cfg.init_from = str(directory)
-    cfg.lora = LoRAConfig(rank=4, alpha=8.0, targets=["attention.wq", "attention.wv", "attention.wo", "output"])
+    cfg.lora = LoRAConfig(rank=4, alpha=8.0, targets=list(targets))
     with torch.device("meta"):
         model = Llama(cfg)
     apply_lora(model, cfg.lora.targets, cfg.lora.rank, cfg.lora.alpha)
@@ -142,6 +152,19 @@ def test_merged_and_peft_exports_give_the_adapted_logits(tmp_path):
         ours = model.eval()(tokens)
         assert not torch.allclose(ours, our_model(directory)(tokens), atol=1e-3)  # the adapters change the logits
     state = {name: tensor.detach() for name, tensor in model.state_dict().items()}
+    return cfg, state, tokens, ours
+
+
+def test_merged_and_peft_exports_give_the_adapted_logits(tmp_path):
+    """A tiny Llama 3 with adapters on q (RoPE-ordered rows), v, o and the head: merged into a Hugging Face
+    directory, or written as a PEFT adapter directory loaded onto the base, transformers computes our logits."""
+    peft = pytest.importorskip("peft")
+    from test_hf import hf_logits, transformers  # noqa: PLC0415
+
+    from curry_train.checkpoint.hf_export import export, export_peft, merge_adapters  # noqa: PLC0415
+
+    directory = write_model(tmp_path / "llama3", "llama3")
+    cfg, state, tokens, ours = _adapted(directory, ["attention.wq", "attention.wv", "attention.wo", "output"])
     export(merge_adapters(state, cfg), cfg, tmp_path / "merged")
     torch.testing.assert_close(hf_logits(tmp_path / "merged", tokens), ours, rtol=0, atol=1e-5)
     export_peft(state, cfg, tmp_path / "adapter")
@@ -149,6 +172,25 @@ def test_merged_and_peft_exports_give_the_adapted_logits(tmp_path):
     adapted = peft.PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
     with torch.no_grad():
         torch.testing.assert_close(adapted(tokens).logits, ours, rtol=0, atol=1e-5)
+
+
+def test_adapters_on_routed_experts_merge_into_the_experts(tmp_path):
+    """A tiny Mixtral with adapters on every routed expert's three weights (one pair per expert) and on q:
+    the merged Hugging Face model gives our logits; a PEFT directory of them is refused in one line."""
+    from test_hf import hf_logits  # noqa: PLC0415
+
+    from curry_train.checkpoint.hf_export import export, export_peft, merge_adapters  # noqa: PLC0415
+    from curry_train.checkpoint.hf_load import PretrainedError  # noqa: PLC0415
+
+    directory = write_model(tmp_path / "mixtral", "mixtral")
+    experts = [f"feed_forward.experts.{w}" for w in ("w1", "w2", "w3")]
+    cfg, state, tokens, ours = _adapted(directory, ["attention.wq", *experts])
+    assert state["layers.0.feed_forward.experts.w1_lora_a"].shape == (4, 4, cfg.dim)  # (experts, rank, in)
+    export(merge_adapters(state, cfg), cfg, tmp_path / "merged")
+    torch.testing.assert_close(hf_logits(tmp_path / "merged", tokens), ours, rtol=0, atol=1e-5)
+    with pytest.raises(PretrainedError, match="adapters on routed experts.*--format hf"):
+        export_peft(state, cfg, tmp_path / "adapter")
+    assert not (tmp_path / "adapter").exists()
 
 
 def test_peft_export_of_a_run_without_lora_is_one_line(single_process_run, tmp_path, capsys):

@@ -401,13 +401,27 @@ def test_context_parallel_ranks_keep_half_the_activations(measured):
         assert 0.5 * whole < record["activations"] < 0.51 * whole, record["activations"] / whole
 
 
+EXPERT_ADAPTERS = (
+    "model.lora.targets=[attention.wq,feed_forward.experts.w1,feed_forward.experts.w2,feed_forward.experts.w3]"
+)
+
+
 @pytest.mark.slow
-def test_advise_estimate_knows_lora(pools):
+@pytest.mark.parametrize(
+    "layout",
+    [
+        ("parallel=fsdp",),
+        # adapters on the routed experts too: experts and their adapters split over ep 2, sharded over the 2 ranks left
+        ("model=moe_debug", "parallel=fsdp+ep", EXPERT_ADAPTERS),
+    ],
+    ids=["fsdp", "experts-fsdp+ep"],
+)
+def test_advise_estimate_knows_lora(pools, layout):
     """LoRA under ZeRO-3 on 4 ranks: advise's estimate holds the frozen base's parameter shards and the
     adapters' gradients and AdamW state alone, as each rank held them at the optimizer step."""
     from curry_train.planning.advise import estimate  # noqa: PLC0415
 
-    overrides = (*COMMON, "parallel=fsdp", "+model/lora=attention", "model.lora.rank=4")
+    overrides = (*COMMON, "+model/lora=attention", "model.lora.rank=4", *layout)
     (layout,) = measure_layouts([overrides], pools=pools)
     cfg = compose(list(overrides))
     memory = estimate(cfg, current_layout(cfg)).memory

@@ -32,6 +32,13 @@ MOE = ("model=moe_debug", "model.moe.bias_update_rate=0.05")  # a rate at which 
 ACCUMULATE = ("data.global_batch_size=32",)  # 2 micro-batches per rank on 4 ranks, 4 on 2
 LORA = ("+model/lora=attention", "model.lora.rank=4")
 LORA_PARAMETERS = 32  # lora_a and lora_b of q, k, v and o in each of the debug model's 4 blocks
+# Adapters on the routed experts' stacked weights (one pair per expert) and on wq
+LORA_EXPERTS = (
+    "+model/lora=attention",
+    "model.lora.rank=4",
+    "model.lora.targets=[attention.wq,feed_forward.experts.w1,feed_forward.experts.w2,feed_forward.experts.w3]",
+)
+LORA_EXPERT_PARAMETERS = 32  # 2 factors x (wq + w1, w2, w3) x moe_debug's 4 blocks
 
 
 @dataclass(frozen=True)
@@ -156,6 +163,12 @@ ROWS = [
         # experts' reordered fp32 sums show at 1e-5 of it (measured 1.06e-5); a wrong reduction is 1e-2
         grad_rtol=3e-5,
     ),
+    Row(
+        "lora-experts-ep-2",  # each rank's experts' adapters split with them; their gradients its own
+        (*LORA_EXPERTS, *MOE, "parallel=ep", "trainer.devices=2"),
+        parameters=LORA_EXPERT_PARAMETERS,
+        grad_rtol=3e-5,  # as lora-ep-2
+    ),
     compiled("lora-fsdp-2", "inductor", *LORA, "parallel=fsdp", "trainer.devices=2", parameters=LORA_PARAMETERS),
     # Chat records: only the assistant's turns are targets; the loss is the mean over the global batch's
     Row("chat-fsdp-2", (*CHAT, "parallel=fsdp", "trainer.devices=2")),
@@ -260,6 +273,19 @@ ROWS = [
     Row("lora-fsdp+tp-2x2", (*LORA, "parallel=fsdp+tp", "trainer.devices=4"), parameters=LORA_PARAMETERS),
     Row("docs-tp+cp-2x2", (*DOCUMENTS, "parallel=tp+cp", "trainer.devices=4")),
     Row("fsdp+ep-2x2", (*MOE, "parallel=fsdp+ep", "trainer.devices=4"), parameters=MOE_PARAMETERS),
+    Row(
+        "lora-experts-fsdp+ep-2x2",  # the experts' adapters sharded over the ranks ep leaves, like the experts
+        (*LORA_EXPERTS, *MOE, "parallel=fsdp+ep", "trainer.devices=4"),
+        parameters=LORA_EXPERT_PARAMETERS,
+        grad_rtol=3e-5,
+    ),
+    Row(
+        "lora-experts-tp+ep-2x2",
+        (*LORA_EXPERTS, *MOE, "parallel=tp+ep", "trainer.devices=4"),
+        parameters=LORA_EXPERT_PARAMETERS,
+        grad_rtol=3e-5,
+        matrix=True,
+    ),
     Row("tp+ep-2x2", (*MOE, "parallel=tp+ep", "trainer.devices=4"), parameters=MOE_PARAMETERS),
     Row("pp+ep-2x2", (*MOE, "parallel=pp+ep", "trainer.devices=4"), parameters=MOE_PARAMETERS),
     Row(

@@ -33,7 +33,7 @@ from curry_train.checkpoint.hf_load import rope_rows_back
 from curry_train.checkpoint.model import checkpoint_model_config, checkpoint_state
 from curry_train.model.config import head_dim
 from curry_train.options import EXPORT_DTYPES
-from curry_train.primitives.lora import is_adapter
+from curry_train.primitives.lora import adapted_weight, is_adapter, lora_b_of
 
 log = logging.getLogger(__name__)
 
@@ -245,10 +245,10 @@ def merge_adapters(state: dict[str, Tensor], cfg: Any) -> dict[str, Tensor]:
     scale = cfg.lora.alpha / cfg.lora.rank
     merged = {name: tensor for name, tensor in state.items() if not is_adapter(name)}
     for name, a in state.items():
-        if name.endswith(".lora_a"):
-            layer = name.removesuffix(".lora_a")
-            weight, b = state[layer + ".weight"], state[layer + ".lora_b"]
-            merged[layer + ".weight"] = (weight.float() + scale * (b.float() @ a.float())).to(weight.dtype)
+        target = adapted_weight(name)
+        if target is not None:  # (out, rank) @ (rank, in); stacked experts: one product per expert
+            weight, b = state[target], state[lora_b_of(name)]
+            merged[target] = (weight.float() + scale * (b.float() @ a.float())).to(weight.dtype)
     return merged
 
 
@@ -262,6 +262,11 @@ def export_peft(state: dict[str, Tensor], cfg: Any, out: str | Path, dtype: torc
     table, lora = sources(cfg), cfg.lora
     tensors, modules = {}, set()
     for name, a in state.items():
+        if name.endswith(("_lora_a", "_lora_b")):
+            raise PretrainedError(
+                "the checkpoint holds adapters on routed experts, which a PEFT adapter directory does not"
+                " describe as they are trained here: export the merged model with --format hf"
+            )
         if not name.endswith(".lora_a"):
             continue
         layer = name.removesuffix(".lora_a")

@@ -249,6 +249,8 @@ LORA_TARGETS = (
     *(f"attention.{w}" for w in ("wq", "wk", "wv", "wo")),
     *(f"feed_forward.{w}" for w in ("w1", "w2", "w3")),
 )
+# The routed experts' stacked weights (MoE blocks; one adapter pair per expert)
+LORA_EXPERT_TARGETS = tuple(f"feed_forward.experts.{w}" for w in ("w1", "w2", "w3"))
 
 
 def _check_lora(m: DictConfig) -> None:
@@ -260,16 +262,20 @@ def _check_lora(m: DictConfig) -> None:
     if not lora.targets:
         raise ConfigError("model.lora.targets is empty: name the linears to adapt, e.g. [attention.wq, attention.wv]")
     for target in lora.targets:
-        if target not in (*LORA_TARGETS, "output"):
+        if target not in (*LORA_TARGETS, *LORA_EXPERT_TARGETS, "output"):
             raise ConfigError(
                 f"model.lora.targets: {target!r} matches no linear layer"
-                f" (expected of {', '.join(LORA_TARGETS)}, output)"
+                f" (expected of {', '.join(LORA_TARGETS)}, output; with experts {', '.join(LORA_EXPERT_TARGETS)})"
             )
+        if target in LORA_EXPERT_TARGETS:
+            if m.moe is None:
+                raise ConfigError(f"model.lora.targets: {target!r}: the model has no experts (model.moe is null)")
+            continue
         dense = m.moe is None or m.moe.dense_layers > 0
         if target.startswith("feed_forward.") and not dense:
             raise ConfigError(
                 f"model.lora.targets: {target!r} matches no linear layer: every block's MLP is a mixture of experts"
-                " (adapters on experts are not supported)"
+                f" (the experts' weights are {', '.join(LORA_EXPERT_TARGETS)})"
             )
     if lora.base_dtype not in ("fp32", "bf16"):
         raise ConfigError(f"model.lora.base_dtype={lora.base_dtype!r}: expected fp32 or bf16")

@@ -54,7 +54,8 @@ class LoRAConfig:
     dropout: float = 0.0  # dropout on the adapters' input
     targets: List[str] = field(
         default_factory=lambda: ["attention.wq", "attention.wk", "attention.wv", "attention.wo"]
-    )  # linears by path suffix: attention.wq/wk/wv/wo, feed_forward.w1/w2/w3 (dense blocks), output
+    )  # by path suffix: attention.wq/wk/wv/wo, feed_forward.w1/w2/w3 (dense blocks), output,
+    # feed_forward.experts.w1/w2/w3 (a MoE model's routed experts: one adapter pair per expert)
     base_dtype: str = "fp32"  # fp32 | bf16: the frozen base's storage (bf16 needs bf16 compute: autocast or FSDP's)
 
 

@@ -384,7 +384,7 @@ class Llama(nn.Module):
             full.zero_()
             return
         if name.endswith("lora_a"):  # as PEFT draws it: uniform in +-1/sqrt(in)
-            bound = 1.0 / math.sqrt(full.shape[1])
+            bound = 1.0 / math.sqrt(full.shape[-1])  # (rank, in), or (E, rank, in) on experts
             full.uniform_(-bound, bound, generator=generator)
             return
         std = self.cfg.init_std

@@ -152,27 +152,64 @@ class Experts(nn.Module):
     def weights(self) -> tuple[Tensor, Tensor, Tensor]:
         """(w1, w3, w2) of the experts this rank holds: all of them, or its shard under expert
         parallelism (where the stacked weights are ``Shard(0)`` DTensors)."""
-        return tuple(w.to_local() if isinstance(w, DTensor) else w for w in (self.w1, self.w3, self.w2))
+        return tuple(_local(w) for w in (self.w1, self.w3, self.w2))
+
+    def adapters(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """LoRA (``curry_train.primitives.lora``): weight name -> this rank's (A, B), A (E, rank, in)
+        and B (E, out, rank), for each stacked weight that has adapters."""
+        found = {}
+        for name in ("w1", "w3", "w2"):
+            a, b = getattr(self, f"{name}_lora_a", None), getattr(self, f"{name}_lora_b", None)
+            if a is not None:
+                found[name] = (_local(a), _local(b))
+        return found
 
     def forward(self, x: Tensor, counts: Tensor) -> Tensor:
         """x: (N, dim), sorted by expert; counts: tokens per expert this rank holds, summing to N."""
         w1, w3, w2 = self.weights()
         if counts.numel() != w1.shape[0]:
             raise ValueError(f"{counts.numel()} token counts for {w1.shape[0]} experts")
+        adapters = self.adapters()
         if x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"):
-            return self.grouped(x, counts)
+            return self.grouped(x, counts, adapters)
         outputs = []
         for expert, part in enumerate(torch.split(x, counts.tolist())):
-            hidden = F.silu(part @ w1[expert].T) * (part @ w3[expert].T)
-            outputs.append(hidden @ w2[expert].T)
+            hidden = F.silu(self._matmul(part, w1, "w1", expert, adapters)) * self._matmul(
+                part, w3, "w3", expert, adapters
+            )
+            outputs.append(self._matmul(hidden, w2, "w2", expert, adapters))
         return torch.cat(outputs) if outputs else x.new_zeros(0, w2.shape[1])
 
-    def grouped(self, x: Tensor, counts: Tensor) -> Tensor:
+    def _matmul(self, x: Tensor, weight: Tensor, name: str, expert: int, adapters: dict) -> Tensor:
+        """``x`` through one expert's weight, plus its adapters' ``scale * B (A dropout(x))``."""
+        out = x @ weight[expert].T
+        if name in adapters:
+            a, b = adapters[name]
+            out = out + (self.lora_dropout(x) @ a[expert].T) @ b[expert].T * self.lora_scale
+        return out
+
+    def grouped(self, x: Tensor, counts: Tensor, adapters: Optional[dict] = None) -> Tensor:
         """All experts in one grouped GEMM per weight (CUDA, bf16; on CPU its forward runs too)."""
         offsets = torch.cumsum(counts, 0, dtype=torch.int32)
-        w1, w3, w2 = (w.to(x.dtype).transpose(-2, -1) for w in self.weights())
-        hidden = F.silu(torch._grouped_mm(x, w1, offs=offsets)) * torch._grouped_mm(x, w3, offs=offsets)
-        return torch._grouped_mm(hidden, w2, offs=offsets)
+        adapters = adapters or {}
+
+        def matmul(inputs: Tensor, weight: Tensor, name: str) -> Tensor:
+            out = torch._grouped_mm(inputs, weight.to(inputs.dtype).transpose(-2, -1), offs=offsets)
+            if name in adapters:
+                a, b = (f.to(inputs.dtype) for f in adapters[name])
+                pad = -a.shape[1] % (16 // inputs.element_size())  # the GEMMs want 16-byte rows: zero ranks added
+                a, b = F.pad(a, (0, 0, 0, pad)).transpose(-2, -1), F.pad(b, (0, pad)).transpose(-2, -1)
+                low = torch._grouped_mm(self.lora_dropout(inputs), a, offs=offsets)
+                out = out + torch._grouped_mm(low, b, offs=offsets) * self.lora_scale
+            return out
+
+        w1, w3, w2 = self.weights()
+        hidden = F.silu(matmul(x, w1, "w1")) * matmul(x, w3, "w3")
+        return matmul(hidden, w2, "w2")
+
+
+def _local(tensor: Tensor) -> Tensor:
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 class _AttachAuxLoss(torch.autograd.Function):

@@ -75,18 +75,25 @@ def estimate(cfg: DictConfig, layout: Layout) -> Estimate:
             cfg.model, layout.tp, layout.pp, stage, layout.pp_schedule, layout.virtual_stages, layout.ep
         )
         if cfg.model.get("lora") is not None:  # the frozen base: parameters only, no gradient, no optimizer state
-            frozen = [shape for name, shape in named if not is_adapter(name)]
+            frozen = [(name, shape) for name, shape in named if not is_adapter(name)]
             named = [(name, shape) for name, shape in named if is_adapter(name)]
         dense = [shape for name, shape in named if not is_expert(name)]
         experts = [shape for name, shape in named if is_expert(name)]
         state = model_state(dense, layout.zero, layout.shards, layout.mixed_precision, 0, layout.dp_replicate)
         if cfg.model.get("lora") is not None:
+            frozen_experts = [shape for name, shape in frozen if is_expert(name)]
+            frozen = [shape for name, shape in frozen if not is_expert(name)]
             base = model_state(frozen, layout.zero, layout.shards, layout.mixed_precision, 0, layout.dp_replicate)
+            if frozen_experts:  # sharded as the experts are: over the ranks expert parallelism leaves
+                base["params"] += model_state(
+                    frozen_experts, layout.zero, layout.expert_shards, layout.mixed_precision
+                )["params"]
             state["params"] += base["params"] // (2 if cfg.model.lora.base_dtype == "bf16" else 1)  # 2 bytes
-            dense = dense + frozen  # their transient all-gathers
         if experts:  # FSDP shards the experts over the ranks expert parallelism leaves
             expert_state = model_state(experts, layout.zero, layout.expert_shards, layout.mixed_precision)
             state = {key: state[key] + expert_state[key] for key in state}
+        if cfg.model.get("lora") is not None:  # the frozen base's transient all-gathers too
+            dense, experts = dense + frozen, experts + frozen_experts
         state["transient"] = transient_state(cfg.model, dense + experts, layout, stage)
         states.append(state)
     memory = dict(max(states, key=lambda st: sum(st.values())))
