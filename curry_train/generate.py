@@ -20,9 +20,10 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from omegaconf import OmegaConf
 from torch import Tensor
-from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
 from curry_train.checkpoint import files
+from curry_train.checkpoint.dcp import MODEL_PREFIX
 from curry_train.checkpoint.hf_config import PretrainedError, model_config
 from curry_train.checkpoint.hf_load import load_pretrained
 from curry_train.checkpoint.model import checkpoint_model, checkpoint_model_config
@@ -31,7 +32,9 @@ from curry_train.data.sources import ByteTokenizer, HFTokenizer, make_tokenizer
 from curry_train.layout.dims import ParallelDims
 from curry_train.model.config import ModelConfig
 from curry_train.model.llama import KVCache, Llama
+from curry_train.parallelize import materialize
 from curry_train.pool import WorkerPool
+from curry_train.primitives.lora import apply_lora
 from curry_train.primitives.parallel_state import ParallelState
 from curry_train.primitives.tp_linear import apply_tensor_parallel
 
@@ -200,28 +203,40 @@ def _tensor_parallel_job(
         model = Llama(cfg)
     apply_tensor_parallel(model, ps.mesh["tp"], sequence_parallel=False, loss_parallel=False)
     if (path / files.MANIFEST_FILE).is_file():
-        model.to_empty(device=device)
-        model.reset_buffers()
-        state = {"model": {f"model.{k}": v for k, v in get_model_state_dict(model).items()}}
-        dcp.load(state, checkpoint_id=str(path))
-        set_model_state_dict(model, {k.removeprefix("model."): v for k, v in state["model"].items()})
-        model.tie_weights()
+        _load_checkpoint_shards(model, cfg, path, device)
     else:
         load_pretrained(model, device, path)
     model.eval()
     return [generate(model, prompt, sampling, stop) for prompt in prompts]
 
 
+def _load_checkpoint_shards(model: Llama, cfg, path: Path, device: torch.device) -> None:
+    """This rank's shards of a checkpoint's model, resharded by DCP. A LoRA run's adapters follow their
+    layers' splits; a base its checkpoint left out is rebuilt as the run built it (``model.init_from``,
+    read shard by shard, or drawn from the run's seed), then the saved tensors are read over it."""
+    if cfg.lora is not None:
+        apply_lora(model, cfg.lora.targets, cfg.lora.rank, cfg.lora.alpha)
+    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    names = list(get_model_state_dict(model))
+    held = [name for name in names if MODEL_PREFIX + name in saved]
+    if len(held) == len(names):
+        model.to_empty(device=device)
+        model.reset_buffers()
+    else:
+        seed = int((files.saved_config(path) or {}).get("seed", 0))
+        materialize(model, device, seed, cfg.init_from, adapters=cfg.lora is not None)
+    current = get_model_state_dict(model)
+    state = {"model": {f"model.{name}": current[name] for name in held}}
+    dcp.load(state, checkpoint_id=str(path))
+    loaded = {name.removeprefix("model."): value for name, value in state["model"].items()}
+    set_model_state_dict(model, loaded, options=StateDictOptions(strict=len(held) == len(names)))
+    model.tie_weights()
+
+
 def generate_tensor_parallel(
     source: str | Path, prompts: list[list[int]], sampling: Sampling, tp: int, stop: set[int] = frozenset()
 ) -> list[Generated]:
     """``generate`` for each prompt with the model split over ``tp`` local processes (tensor parallel)."""
-    path = Path(source)
-    if (path / files.MANIFEST_FILE).is_file() and checkpoint_model_config(path).lora is not None:
-        raise ValueError(
-            f"--tp with {path}, a LoRA run's checkpoint: export it merged (curry-export --format hf) and"
-            " generate from that directory"
-        )
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     with WorkerPool(tp, device_type) as pool:
         return pool.run(_tensor_parallel_job, str(source), prompts, sampling, set(stop), device_type)[0]

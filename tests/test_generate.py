@@ -198,3 +198,26 @@ def test_tensor_parallel_generation_from_a_checkpoint(single_process_run):
     want = generate(loaded.model, ids, Sampling(max_new_tokens=12), loaded.stop)
     (got,) = generate_tensor_parallel(checkpoint, [ids], Sampling(max_new_tokens=12), tp=2, stop=loaded.stop)
     assert got.tokens == want.tokens
+
+
+@pytest.mark.slow
+def test_tensor_parallel_generation_from_a_lora_checkpoint(pools, tmp_path):
+    """A LoRA run's checkpoint (adapters alone, on column and row layers and the head): under tp 2 each rank
+    rebuilds its base shards from the seed and reads its adapters' splits, and writes what one process writes."""
+    from conftest import FAST, train  # noqa: PLC0415
+
+    from curry_train.checkpoint import files  # noqa: PLC0415
+    from curry_train.generate import generate_tensor_parallel  # noqa: PLC0415
+
+    lora = ["+model/lora=attention", "model.lora.targets=[attention.wq,attention.wo,output]", "optim.lr=3e-2"]
+    checkpoint = files.last_checkpoint(train(pools, [*FAST, *lora, "trainer.max_steps=4"], tmp_path / "run"))
+    loaded = load(checkpoint)
+    ids = list(b"def main(")
+    want = generate(loaded.model, ids, Sampling(max_new_tokens=12), loaded.stop)
+    (got,) = generate_tensor_parallel(checkpoint, [ids], Sampling(max_new_tokens=12), tp=2, stop=loaded.stop)
+    assert got.tokens == want.tokens
+    with torch.no_grad():  # the adapters matter: without them the base writes something else
+        for name, param in loaded.model.named_parameters():
+            if name.endswith("lora_b"):
+                param.zero_()
+    assert generate(loaded.model, ids, Sampling(max_new_tokens=12), loaded.stop).tokens != want.tokens
