@@ -110,8 +110,10 @@ class RunSummary(Callback):
             tokens = self.steps * self.cfg.data.global_batch_size * self.cfg.data.seq_len
             parts.append(f"{tokens / self.step_seconds:,.0f} tokens/s")
         checkpoint = next((cb.last_saved for cb in trainer.callbacks if isinstance(cb, PeriodicCheckpoint)), None)
+        evaluated = [line for cb in trainer.callbacks if (line := getattr(cb, "closing_line", lambda: None)())]
         return [
             f"done: {', '.join(parts)}",
+            *evaluated,  # the last evaluation's sets and tasks (curry_train.evaluation)
             *([self.straggler_line] if self.straggler_line else []),
             f"run directory: {self.run_dir}",
             f"last checkpoint: {checkpoint if checkpoint is not None else 'none saved'}",

@@ -20,10 +20,10 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from omegaconf import OmegaConf
 from torch import Tensor
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
 from curry_train.checkpoint import files
-from curry_train.checkpoint.dcp import MODEL_PREFIX
+from curry_train.checkpoint.dcp import MODEL_PREFIX, load_model
 from curry_train.checkpoint.hf_config import PretrainedError, model_config
 from curry_train.checkpoint.hf_load import load_pretrained
 from curry_train.checkpoint.model import checkpoint_model, checkpoint_model_config
@@ -217,19 +217,13 @@ def _load_checkpoint_shards(model: Llama, cfg, path: Path, device: torch.device)
     if cfg.lora is not None:
         apply_lora(model, cfg.lora.targets, cfg.lora.rank, cfg.lora.alpha)
     saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    names = list(get_model_state_dict(model))
-    held = [name for name in names if MODEL_PREFIX + name in saved]
-    if len(held) == len(names):
+    if all(MODEL_PREFIX + name in saved for name in get_model_state_dict(model)):
         model.to_empty(device=device)
         model.reset_buffers()
-    else:
+    else:  # a LoRA run's adapters alone: the base first, as the run built it
         seed = int((files.saved_config(path) or {}).get("seed", 0))
         materialize(model, device, seed, cfg.init_from, adapters=cfg.lora is not None)
-    current = get_model_state_dict(model)
-    state = {"model": {f"model.{name}": current[name] for name in held}}
-    dcp.load(state, checkpoint_id=str(path))
-    loaded = {name.removeprefix("model."): value for name, value in state["model"].items()}
-    set_model_state_dict(model, loaded, options=StateDictOptions(strict=len(held) == len(names)))
+    load_model(path, model)
     model.tie_weights()
 
 

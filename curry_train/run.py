@@ -22,6 +22,7 @@ from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero
 from curry_train.callbacks import PeriodicCheckpoint, Preempted, Preemption, RunSummary, StepProgressBar
 from curry_train.checkpoint import dcp
 from curry_train.config.schema import Config
+from curry_train.evaluation.callback import Evaluation
 from curry_train.layout.dims import ParallelDims
 from curry_train.module import CausalLM, LMDataModule
 from curry_train.strategy import CurryStrategy
@@ -179,7 +180,11 @@ def train(cfg: Config, run_dir: Path, accelerator: str, dims: ParallelDims, ckpt
     loggers = make_loggers(cfg, run_dir, run_name(cfg), dcp.saved_step(ckpt_path) if in_place else None)
     preemption = Preemption()
     watchdog = Watchdog(run_dir, cfg.trainer.hang_timeout)
-    trainer = build_trainer(cfg, run_dir, accelerator, dims, callbacks=[summary, preemption, watchdog], loggers=loggers)
+    callbacks: list[Callback] = [summary, preemption, watchdog]
+    evaluation = Evaluation(cfg)
+    if evaluation.enabled:
+        callbacks.append(evaluation)
+    trainer = build_trainer(cfg, run_dir, accelerator, dims, callbacks=callbacks, loggers=loggers)
     trainer.fit(CausalLM(cfg), datamodule=LMDataModule(cfg.data, cfg.seed), ckpt_path=ckpt_path)
     if preemption.stopped_at is not None:
         name = signal.Signals(preemption.received).name if preemption.received else "a peer's signal"

@@ -17,10 +17,10 @@ any data-parallel layout compute the gradient of one big batch.
 from __future__ import annotations
 
 import logging
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -48,6 +48,27 @@ IGNORE_INDEX = -100  # a label the cross-entropy skips (torch's default ignore_i
 def cross_entropy_sum(logits: Tensor, labels: Tensor) -> Tensor:
     """The summed next-token cross-entropy of ``logits`` (batch, seq, vocab) against ``labels``, in fp32."""
     return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum")
+
+
+def row_scores(logits: Tensor, labels: Tensor) -> Tensor:
+    """Per row (fp64, rows x 4): the summed log-probability of the labels not ignored, how many are the
+    argmax, how many there are, and the sum of the argmax at them. Vocabulary- or sequence-sharded logits
+    (tensor parallelism) are gathered first."""
+    if hasattr(logits, "full_tensor"):
+        logits = logits.full_tensor()
+    logits = logits.float()
+    scored = labels != IGNORE_INDEX
+    picked = logits.log_softmax(-1).gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    greedy = logits.argmax(-1)
+    return torch.stack(
+        [
+            torch.where(scored, picked, 0.0).double().sum(-1),
+            (scored & (greedy == labels)).double().sum(-1),
+            scored.double().sum(-1),
+            torch.where(scored, greedy, 0).double().sum(-1),
+        ],
+        dim=-1,
+    )
 
 
 def _plain(tensor: Tensor) -> Tensor:
@@ -310,6 +331,58 @@ class TrainStep:
         if self.layout.cp is not None:
             labels = self._cp_shard(labels)
         return loss, (labels != IGNORE_INDEX).sum().to(loss.device, torch.float64)
+
+    @contextmanager
+    def evaluating(self) -> Iterator[None]:
+        """Eval mode (no dropout, no expert loads counted) and no gradients; the modes as they were after."""
+        modules = [self.model, *(stage for stage in self.stages or () if stage is not None)]
+        modes = [module.training for module in modules]
+        for module in modules:
+            module.eval()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            for module, mode in zip(modules, modes, strict=True):
+                module.train(mode)
+
+    def score(self, batch: Tensor) -> Tensor:
+        """Per row of this rank's ``batch`` (rows, 2, seq + 1: tokens and their flags, ``TARGET`` on the
+        tokens scored), in fp64 (rows, 4): the summed log-probability of its target tokens, how many of
+        them are the model's greedy pick, how many there are, and the sum of the greedy picks at them
+        (a row with one target: the model's next token). Whole on every rank: summed over context
+        parallelism's sequence shards, and sent from the pipeline's last stage. In eval mode, no gradients."""
+        records: list[Tensor] = []
+        with self.evaluating():
+            if self.pipelined:  # the last stage hands each micro-batch's logits to the loss: recorded there
+                original = self.cross_entropy
+
+                def recording(logits: Tensor, labels: Tensor) -> Tensor:
+                    records.append(row_scores(logits, labels))
+                    return original(logits, labels)
+
+                self.cross_entropy = recording
+                try:
+                    with self.loss_context():
+                        args, documents = self._pipeline_inputs(self.micro_batches(batch))
+                        self.schedule.eval_step(*args, documents=documents)
+                finally:
+                    self.cross_entropy = original
+            else:
+                for micro_batch in self.micro_batches(batch):
+                    inputs, labels, documents = self.packed(micro_batch)
+                    if self.layout.cp is not None:
+                        inputs, labels = self._cp_shard(inputs), self._cp_shard(labels)
+                    extra = {} if documents is None else {"documents": documents}
+                    with self.loss_context():
+                        records.append(row_scores(self.model(inputs, **extra), labels))
+        scores = torch.cat(records) if records else torch.zeros(batch.shape[0], 4, dtype=torch.float64)
+        scores = scores.to(self.device)
+        if self.layout.cp is not None:
+            dist.all_reduce(scores, group=self.parallel_state.get_cp_group())
+        if self.pipelined:  # only the last stage recorded: the others add zeros
+            dist.all_reduce(scores, group=self.parallel_state.get_pp_group())
+        return scores
 
     @cached_property
     def schedule(self) -> PipelineSchedule:

@@ -41,7 +41,13 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 
 from curry_train.checkpoint.files import (
     CONFIG_FILE,
@@ -190,6 +196,20 @@ def load(path: str | Path, model: nn.Module, optimizers: Iterable[torch.optim.Op
     if rng_path.is_file():
         set_rng_state(_safe_load(rng_path))
     return _safe_load(path / META_FILE)
+
+
+def load_model(path: str | Path, model: nn.Module) -> int:
+    """Collective: the model tensors ``path`` holds, read into ``model`` (any layout: DCP reshards them); the
+    ones it does not hold (a LoRA run's base, saved without it) are left as they are. Returns how many
+    tensors were read."""
+    saved = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    current = get_model_state_dict(model)
+    held = {name: value for name, value in current.items() if MODEL_PREFIX + name in saved}
+    state = {"model": {f"model.{name}": value for name, value in held.items()}}
+    dcp.load(state, checkpoint_id=str(path))
+    loaded = {name.removeprefix("model."): value for name, value in state["model"].items()}
+    set_model_state_dict(model, loaded, options=StateDictOptions(strict=len(held) == len(current)))
+    return len(held)
 
 
 MODEL_PREFIX = "model.model."  # the LightningModule's `model` attribute, then the state dict's "model" entry

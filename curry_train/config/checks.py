@@ -489,6 +489,59 @@ def _check_context_parallel(cfg: DictConfig, layout: ParallelConfig) -> None:
         raise ConfigError("parallel=dp with tp or pp: those replicate over the ranks they leave already; drop dp")
 
 
+def check_eval(cfg: DictConfig, data: Optional[DataSurvey]) -> None:
+    """``eval``: its cadence and limits, each named set readable, not empty and in the run's vocabulary
+    (``data``: the training data's survey; None: the model's vocabulary), and each harness task known with
+    its data loadable (lm-eval is imported only when tasks are named)."""
+    e, max_steps = cfg.eval, cfg.trainer.max_steps
+    for key, every in (
+        ("eval.every_n_steps", e.every_n_steps),
+        ("eval.harness.every_n_steps", e.harness.every_n_steps),
+    ):
+        if every is not None and not 0 <= every <= max_steps:
+            raise ConfigError(f"{key}={every}: expected 0 (after the last step only) to trainer.max_steps={max_steps}")
+    for key, value, least in (
+        ("eval.max_batches", e.max_batches, 1),
+        ("eval.harness.limit", e.harness.limit, 1),
+        ("eval.harness.num_fewshot", e.harness.num_fewshot, 0),
+    ):
+        if value is not None and value < least:
+            raise ConfigError(f"{key}={value} must be at least {least} (null: no limit)")
+    sets = e.sets
+    if sets is not None and not isinstance(sets, Mapping):
+        raise ConfigError("eval.sets: a map name -> data source, e.g. {wiki: {kind: files, paths: [/data/wiki.txt]}}")
+    if data is not None:
+        vocab = data.vocab_size
+    elif sets:  # no training data (curry-eval): the run's tokenizer's
+        from curry_train.data.sources import make_tokenizer  # noqa: PLC0415
+
+        vocab = make_tokenizer(str(cfg.data.tokenizer)).vocab_size
+    for name, spec in (sets or {}).items():
+        one = OmegaConf.merge(cfg.data, {"sources": None, "val_fraction": 0.0})
+        one.sources = {str(name): spec}
+        try:
+            (found,) = survey(one).sources
+        except (DataError, ImportError, ValueError) as error:
+            raise ConfigError(f"eval.sets.{name}: {error}") from None
+        if found.vocab_size != vocab:
+            raise ConfigError(
+                f"eval.sets.{name}: its tokens are of another vocabulary ({found.vocab_size} ids; the run's"
+                f" {vocab}): read it with the run's tokenizer (its tokenizer: key, or data.tokenizer)"
+            )
+        if found.tokens == 0 or found.train_rows == 0:
+            raise ConfigError(
+                f"eval.sets.{name}: empty: {found.tokens} tokens, fewer than one row"
+                f" (data.seq_len={cfg.data.seq_len} + 1)"
+            )
+    if e.harness.tasks:
+        from curry_train.config.eval_tasks import HarnessError, check_tasks  # noqa: PLC0415
+
+        try:
+            check_tasks(list(e.harness.tasks), e.harness.include_path)
+        except HarnessError as error:
+            raise ConfigError(str(error)) from None
+
+
 def _check_training(cfg: DictConfig) -> None:
     t, o, c = cfg.trainer, cfg.optim, cfg.checkpoint
     if t.max_steps < 1:
@@ -561,7 +614,7 @@ def _check_training(cfg: DictConfig) -> None:
             )
 
 
-def apply_init_from(cfg: DictConfig) -> None:
+def apply_init_from(cfg: DictConfig, training: bool = True) -> None:
     """``model.init_from=DIR``: set the model's architecture keys from ``DIR/config.json`` (with a mixture of
     experts, its balancing too unless the composed config already has a ``model.moe``), check that the
     directory holds every tensor with its shape and a float dtype (headers only), and make
@@ -598,8 +651,41 @@ def apply_init_from(cfg: DictConfig) -> None:
             log.warning(
                 "model.init_from=%s has no %s: data.tokenizer=auto reads the text as bytes", path, TOKENIZER_FILE
             )
-    if cfg.data.source == "stdlib":
+    if training and cfg.data.source == "stdlib":
         log.warning("model.init_from=%s with data=stdlib: the data is bytes, not the model's tokens", path)
+
+
+@dataclass(frozen=True)
+class EvalPlan:
+    accelerator: str
+    dims: ParallelDims
+
+
+def check_evaluation(cfg: DictConfig) -> EvalPlan:
+    """What ``curry-eval`` can check before a worker starts: the model (``model.init_from``'s), the layout on
+    ``trainer.devices`` local processes, the batch, and ``eval`` (sets against the tokenizer's vocabulary,
+    tasks known and loadable). Raises ConfigError."""
+    _check_keys(cfg)
+    apply_init_from(cfg, training=False)
+    layout = ParallelConfig.of(cfg)
+    _check_parallel(layout, cfg.trainer.precision)
+    devices = cfg.trainer.devices
+    if devices < 1:
+        raise ConfigError(f"trainer.devices={devices} must be positive")
+    _check_tensor_parallel(cfg, layout, devices)
+    try:
+        dims = layout.dims(devices)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    _check_model(cfg)
+    _check_batch(cfg, dims)
+    _check_pipeline(cfg, layout, dims)
+    _check_context_parallel(cfg, layout)
+    _check_moe_layout(cfg, layout, dims)
+    check_eval(cfg, None)
+    accelerator = _accelerator(cfg.trainer.accelerator)
+    _check_devices(layout, accelerator, devices)
+    return EvalPlan(accelerator, dims)
 
 
 def check(cfg: DictConfig, env: Mapping[str, str] = os.environ, run_dir: Optional[Path] = None) -> LaunchPlan:
@@ -644,6 +730,7 @@ def check(cfg: DictConfig, env: Mapping[str, str] = os.environ, run_dir: Optiona
     _check_context_parallel(cfg, layout)
     _check_moe_layout(cfg, layout, dims)
     _check_training(cfg)
+    check_eval(cfg, data)
     # Under torchrun or srun every process checks: one reads the files through, the others their sizes.
     digests = launcher is None or int(env.get("RANK", env.get("SLURM_PROCID", "0"))) == 0
     ckpt_path = resolve(cfg, run_dir, digests)

@@ -79,6 +79,29 @@ class CheckpointConfig:
 
 
 @dataclass
+class HarnessConfig:
+    """lm-evaluation-harness tasks run on the live model while it trains (``curry_train.evaluation``)."""
+
+    tasks: List[str] = field(default_factory=list)  # lm-eval task names (its registry, or include_path's YAMLs)
+    include_path: Optional[str] = None  # a directory of task YAMLs (local data files: README, "Evaluation")
+    every_n_steps: Optional[int] = None  # null: eval.every_n_steps
+    limit: Optional[int] = None  # examples per task (null: all)
+    num_fewshot: Optional[int] = None  # null: each task's own
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation while the run trains: named held-out sets and lm-eval tasks, logged as ``eval/...``."""
+
+    sets: Optional[typing.Any] = (
+        None  # name -> a data source ({kind, paths, text_key, format, tokenizer}, as data.sources)
+    )
+    every_n_steps: int = 0  # evaluate every this many optimizer steps, and at the last (0: at the last only)
+    max_batches: Optional[int] = None  # per set, global batches of rows (null: the whole set)
+    harness: HarnessConfig = field(default_factory=HarnessConfig)
+
+
+@dataclass
 class DPConfig:
     """parallel=dp: replicated data parallelism (DistributedDataParallel)."""
 
@@ -240,6 +263,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     compile: CompileConfig = field(default_factory=CompileConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 1234  # seeds init, data order and dropout; the layout never changes what it seeds
     ckpt_path: Optional[str] = None  # resume: a checkpoint directory, "last" or "auto" (config/resume.py)
 
