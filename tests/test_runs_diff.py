@@ -111,7 +111,8 @@ def test_dp_vs_fsdp_names_parallelism_first_and_agrees(tmp_path, configs, capsys
     assert_curves(figures[0], [LOSSES, [x * (1 + 3e-7) for x in LOSSES]])
 
     report = main_json(capsys, a, b, "--plot", plot)
-    assert set(report) == {"baseline", "rtol", "runs", "comparisons", "plot"}
+    assert set(report) == {"baseline", "rtol", "runs", "comparisons", "eval", "plot", "eval_plot"}
+    assert report["eval"] == {} and report["eval_plot"] is None  # runs that did not evaluate: no table, no plot
     (comparison,) = report["comparisons"]
     assert set(comparison) == {
         "baseline",
@@ -222,3 +223,33 @@ def test_bad_paths_exit_2_with_one_line(tmp_path, configs, capsys, monkeypatch):
     assert not (tmp_path / "runs_diff.png").exists()
     assert runs_diff.main([str(good)]) == 2
     assert "at least two runs" in capsys.readouterr().err
+
+
+def test_eval_metrics_side_by_side_and_against_steps(tmp_path, configs, capsys):
+    """Runs that evaluated while training: each eval/... metric's last value per run (n/a where a run did not
+    log it) in the report and its JSON, and every metric against steps in <plot>_eval.png."""
+    a = make_run(tmp_path / "a", configs["dp"], LOSSES)
+    b = make_run(tmp_path / "b", configs["dp"], LOSSES)
+    for run, values in ((a, {1: (2.5, 0.25), 3: (2.0, 0.5)}), (b, {1: (2.4, 0.5)})):
+        path = run / "csv" / "metrics.csv"
+        header, *rows = path.read_text().splitlines()
+        header += ",eval/held/loss,eval/arc/acc"
+        rows = [row + ",," for row in rows]
+        rows += [f"0,{step}" + "," * (header.count(",") - 3) + f",{loss},{acc}" for step, (loss, acc) in values.items()]
+        path.write_text("\n".join([header, *rows]) + "\n")
+    plot = tmp_path / "out" / "curves.png"
+    assert runs_diff.main([str(a), str(b), "--plot", str(plot)]) == 0
+    text = capsys.readouterr().out
+    assert "eval (the last value of each run, @step):" in text
+    (held,) = [line for line in text.splitlines() if line.strip().startswith("held/loss")]
+    assert held.split()[1:] == ["2", "@3", "2.4", "@1"]
+    (arc,) = [line for line in text.splitlines() if line.strip().startswith("arc/acc")]
+    assert arc.split()[1:] == ["0.5", "@3", "0.5", "@1"]
+    eval_plot = tmp_path / "out" / "curves_eval.png"
+    assert f"eval plot: {eval_plot.resolve()}" in text
+    assert_png(eval_plot)
+    report = main_json(capsys, a, b, "--plot", plot)
+    assert report["eval"]["eval/held/loss"] == [{"step": 3, "value": 2.0}, {"step": 1, "value": 2.4}]
+    figure = runs_diff.plot_eval(runs_diff.collect([a, b]), ["[1] a", "[2] b"], tmp_path / "again.png")
+    panels = {axes.get_title(): [list(line.get_ydata()) for line in axes.get_lines()] for axes in figure.axes}
+    assert panels == {"arc/acc": [[0.25, 0.5], [0.5]], "held/loss": [[2.5, 2.0], [2.4]]}

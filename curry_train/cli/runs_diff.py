@@ -10,7 +10,8 @@ differences come first for `parallel.*` (layout changes are the usual reason to 
 same seed and batch should give the same curve whatever the layout), then the rest. The loss curves
 are drawn with matplotlib to `--plot`, by default `runs_diff.png`
 in the sweep directory the baseline comes from, else in the baseline's run directory; the report
-names the file.
+names the file. Runs that evaluated while training (`eval.sets`, `eval.harness.tasks`) get a table of
+each `eval/...` metric's last value side by side, and those metrics against steps in `<plot>_eval.png`.
 """
 
 from __future__ import annotations
@@ -202,6 +203,51 @@ def plot_curves(curves: list[dict[int, float]], labels: list[str], path: Path) -
     return figure
 
 
+def eval_keys(runs: list[dict]) -> list[str]:
+    """The ``eval/...`` metrics any run logged (evaluation while training: sets and lm-eval tasks), sorted."""
+    return sorted({key for run in runs for row in run["rows"] for key in row if key.startswith("eval/")})
+
+
+def eval_table(runs: list[dict]) -> dict[str, list[Optional[dict[str, float]]]]:
+    """Per eval metric, each run's last value and its step (None: the run did not log it)."""
+    table = {}
+    for key in eval_keys(runs):
+        cells = []
+        for run in runs:
+            values = series(run["rows"], key)
+            cells.append({"step": max(values), "value": values[max(values)]} if values else None)
+        table[key] = cells
+    return table
+
+
+def plot_eval(runs: list[dict], labels: list[str], path: Path) -> Optional[Figure]:
+    """Each eval metric against step, one panel per metric (at most 12), one line per run; PNG at ``path``.
+    None (nothing written) where no run logged one."""
+    keys = eval_keys(runs)[:12]
+    if not keys:
+        return None
+    columns = min(3, len(keys))
+    rows = math.ceil(len(keys) / columns)
+    figure, first = new_figure(4.0 * columns, 3.0 * rows + 0.6)
+    figure.delaxes(first)
+    for index, key in enumerate(keys):
+        axes = figure.add_subplot(rows, columns, index + 1)
+        for number, (run, label) in enumerate(zip(runs, labels, strict=True)):
+            values = series(run["rows"], key)
+            steps = [step for step in sorted(values) if math.isfinite(values[step])]
+            if steps:
+                axes.plot(
+                    steps, [values[step] for step in steps], marker="o", markersize=3, color=f"C{number}", label=label
+                )
+        axes.set_title(key.removeprefix("eval/"), fontsize=9)
+        axes.set_xlabel("step", fontsize=8)
+        axes.grid(alpha=0.3)
+        if index == 0:
+            axes.legend(fontsize=7)
+    save(figure, path)
+    return figure
+
+
 def default_plot(paths: list[Path], runs: list[dict]) -> Path:
     """Where the plot goes unless ``--plot`` says: beside the runs, not in the current directory: in
     the sweep directory the baseline comes from, else in the baseline's run directory."""
@@ -249,6 +295,8 @@ def build_report(runs: list[dict], rtol: float, plot: Path) -> dict[str, Any]:
     plot = Path(plot).resolve()
     labels = [run_label(index, run) for index, run in enumerate(runs, 1)]
     plot_curves([series(run["rows"], "train/loss") for run in runs], labels, plot)
+    eval_plot = plot.with_name(plot.stem + "_eval" + plot.suffix)
+    drawn = plot_eval(runs, labels, eval_plot) is not None
     return {
         "baseline": runs[0]["label"],
         "rtol": rtol,
@@ -262,7 +310,9 @@ def build_report(runs: list[dict], rtol: float, plot: Path) -> dict[str, Any]:
             for r in runs
         ],
         "comparisons": [compare(runs[0], other, rtol) for other in runs[1:]],
+        "eval": eval_table(runs),
         "plot": str(plot),
+        "eval_plot": str(eval_plot) if drawn else None,
     }
 
 
@@ -324,7 +374,20 @@ def render(report: dict[str, Any]) -> str:
             f"  [{index}]{'':<2} {final:>18} {best:>18} {_number(m['final_val_loss']):>15} "
             f"{_number(m['mean_tokens_per_s'], 1):>14} {peak:>12}"
         )
+    if report["eval"]:
+        width = max(len(key) for key in report["eval"]) - len("eval/")
+        runs = range(1, len(report["runs"]) + 1)
+        lines += [
+            "",
+            "eval (the last value of each run, @step):",
+            f"  {'metric':<{width}} " + " ".join(f"{f'[{i}]':>16}" for i in runs),
+        ]
+        for key, cells in report["eval"].items():
+            shown = [f"{cell['value']:.4g} @{cell['step']}" if cell else "n/a" for cell in cells]
+            lines.append(f"  {key.removeprefix('eval/'):<{width}} " + " ".join(f"{text:>16}" for text in shown))
     lines += ["", f"plot: {report['plot']} (train/loss; colour i = run [i], the baseline thick)"]
+    if report.get("eval_plot"):
+        lines.append(f"eval plot: {report['eval_plot']} (each eval metric against step)")
     return "\n".join(lines)
 
 
