@@ -40,6 +40,7 @@ def test_every_command_is_a_console_script_with_a_shim():
         "curry-gpu-check",
         "curry-data",
         "curry-generate",
+        "curry-eval",
     }
     shims = {path.name for path in (REPO / "scripts").glob("*.py")}
     assert shims == {
@@ -54,6 +55,7 @@ def test_every_command_is_a_console_script_with_a_shim():
         "gpu_check.py",
         "show_data.py",
         "generate.py",
+        "eval.py",
     }
     for shim in (REPO / "scripts").glob("*.py"):
         text = shim.read_text()

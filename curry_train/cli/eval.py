@@ -1,6 +1,6 @@
 """Evaluate a checkpoint or a Hugging Face model: named held-out sets and lm-evaluation-harness tasks.
 
-Usage::
+usage::
 
     curry-eval SOURCE [tasks=T1,T2] [include_path=DIR] [limit=N] [num_fewshot=K] [--output FILE] [OVERRIDE ...]
     curry-eval outputs/2026-12-06/10-00-00/checkpoints/step-00000120
