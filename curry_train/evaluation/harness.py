@@ -16,7 +16,6 @@ unfinished request per new token (no cache, so it runs in every layout); samplin
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import re
@@ -197,12 +196,17 @@ def _generate(lm: Any, requests: Sequence[tuple[str, dict]]) -> list[str]:
 # Tasks
 
 
+def _silent_tqdm(*args: Any, **kwargs: Any) -> Any:
+    import tqdm  # noqa: PLC0415
+
+    return tqdm.tqdm(*args, **{**kwargs, "disable": True})  # whatever the caller asked
+
+
 @contextmanager
 def _quiet_run() -> Iterator[None]:
     """lm-eval as one process on every rank: its results returned on each; no progress bars from its request
     building and tokenizing (they would repeat on every rank at every evaluation), and no ``git describe``
     of the working directory (lm-eval records its version)."""
-    import tqdm  # noqa: PLC0415
     from lm_eval import evaluator  # noqa: PLC0415
     from lm_eval.api import model, task  # noqa: PLC0415
 
@@ -210,7 +214,7 @@ def _quiet_run() -> Iterator[None]:
     before = [getattr(module, name) for module, name in saved]
     local_rank = os.environ.get("LOCAL_RANK")
     evaluator.get_git_commit_hash = lambda: None
-    task.tqdm = model.tqdm = functools.partial(tqdm.tqdm, disable=True)
+    task.tqdm = model.tqdm = _silent_tqdm
     # lm-eval returns its results only where LOCAL_RANK is 0: every rank here runs it as one process
     os.environ["LOCAL_RANK"] = "0"
     try:
