@@ -57,26 +57,19 @@ def _samples(out: dict) -> dict[str, list]:
 
 @pytest.fixture(scope="module")
 def hf_reference(hf_model) -> tuple[dict, dict]:
-    """lm-eval's own Hugging Face backend on the tiny model: each request's answer, and the task scores."""
-    from lm_eval.models.huggingface import HFLM  # noqa: PLC0415
-
-    from curry_train.config.eval_tasks import task_manager  # noqa: PLC0415
-    from curry_train.evaluation.harness import metrics_of  # noqa: PLC0415
-
-    model = HFLM(pretrained=str(hf_model), device="cpu", batch_size=4, dtype="float32", max_length=SEQ)
-    out = lm_eval.simple_evaluate(model=model, tasks=TASKS, task_manager=task_manager(str(TASKS_DIR), TASKS))
-    return _samples(out), metrics_of(out["results"])
+    return _hflm(hf_model)
 
 
-def harness_job(container: dict, dims) -> tuple[dict, dict]:
-    """On each rank of a pool: the model in its layout, lm-eval over it; every request's answer and the scores."""
+def harness_job(container: dict, dims, checkpoint: str | None = None) -> tuple[dict, dict]:
+    """On each rank of a pool: the model in its layout (``checkpoint``'s tensors over it), lm-eval over it;
+    every request's answer and the scores."""
     from curry_train.config.eval_tasks import task_manager  # noqa: PLC0415
     from curry_train.evaluation.harness import EvalTokenizer, _quiet_run, curry_lm, metrics_of  # noqa: PLC0415
     from curry_train.evaluation.live import live_step  # noqa: PLC0415
     from curry_train.evaluation.scoring import Scorer  # noqa: PLC0415
 
     cfg = Config.of(container)
-    step = live_step(cfg, dims, torch.device("cpu"))
+    step = live_step(cfg, dims, torch.device("cpu"), checkpoint)
     rows = cfg.data.global_batch_size // dims.dp
     lm = curry_lm(Scorer(step, rows, cfg.data.seq_len), EvalTokenizer(cfg.data.tokenizer))
     with _quiet_run():
@@ -102,7 +95,24 @@ def test_the_adapter_scores_as_lm_evals_hugging_face_backend(layout, hf_model, h
 
     container = OmegaConf.to_container(cfg, resolve=True)
     samples, scores = pools.run(plan.dims.world_size, harness_job, container, plan.dims)[0]
-    want_samples, want_scores = hf_reference
+    assert_same_answers((samples, scores), hf_reference)
+
+
+def _hflm(directory: Path) -> tuple[dict, dict]:
+    """lm-eval's own Hugging Face backend on ``directory``: each request's answer, and the task scores."""
+    from lm_eval.models.huggingface import HFLM  # noqa: PLC0415
+
+    from curry_train.config.eval_tasks import task_manager  # noqa: PLC0415
+    from curry_train.evaluation.harness import metrics_of  # noqa: PLC0415
+
+    model = HFLM(pretrained=str(directory), device="cpu", batch_size=4, dtype="float32", max_length=SEQ)
+    out = lm_eval.simple_evaluate(model=model, tasks=TASKS, task_manager=task_manager(str(TASKS_DIR), TASKS))
+    return _samples(out), metrics_of(out["results"])
+
+
+def assert_same_answers(ours: tuple[dict, dict], reference: tuple[dict, dict]) -> None:
+    samples, scores = ours
+    want_samples, want_scores = reference
     assert samples.keys() == want_samples.keys() == set(TASKS)
     compared = 0
     for task in TASKS:
@@ -125,6 +135,33 @@ def test_the_adapter_scores_as_lm_evals_hugging_face_backend(layout, hf_model, h
                 assert scores[task][metric] == value, (task, metric)
             else:
                 assert math.isclose(scores[task][metric], value, rel_tol=1e-6), (task, metric)
+
+
+def test_a_trained_checkpoint_scores_as_lm_eval_scores_its_export(pools, tmp_path, hf_model):
+    """Two steps of fine-tuning from the tiny model, exported with --format hf: lm-eval's Hugging Face
+    backend on the export and our adapter on the checkpoint under tp 2 give the same answers and scores."""
+    from omegaconf import OmegaConf  # noqa: PLC0415
+
+    from curry_train.checkpoint import files  # noqa: PLC0415
+    from curry_train.cli import export as export_cli  # noqa: PLC0415
+    from curry_train.evaluate import eval_config  # noqa: PLC0415
+
+    text = _held_out_text(tmp_path / "text.txt")
+    tune = [
+        *FAST,
+        f"model.init_from={hf_model}",
+        f"data.tokenizer={hf_model}",
+        "data.source=files",
+        f"data.paths=[{text}]",
+    ]
+    checkpoint = files.last_checkpoint(train(pools, [*tune, "trainer.max_steps=2", "optim.lr=1e-2"], tmp_path / "run"))
+    assert export_cli.main([str(checkpoint), "--format", "hf", "--output", str(tmp_path / "hf")]) == 0
+    reference = _hflm(tmp_path / "hf")
+    cfg = eval_config(checkpoint, ["parallel=tp", "trainer.devices=2"])
+    plan = check_evaluation(cfg)
+    container = OmegaConf.to_container(cfg, resolve=True)
+    assert_same_answers(pools.run(2, harness_job, container, plan.dims, str(checkpoint))[0], reference)
+    assert reference[0] != _hflm(hf_model)[0]  # the two steps changed the answers
 
 
 def _held_out_text(path: Path) -> Path:
