@@ -168,7 +168,8 @@ def assert_command_runs_the_layout(result):
 def test_no_pipeline_when_data_parallel_traffic_hides_behind_compute(capsys):
     code, result = run_json(capsys, SEVENTY_B_4_NODES)
     assert code == 0 and result["sizes"]["pp"] == 1
-    assert result["step_time_s"]["dp_exposed"] == 0.0
+    # hidden but for the first unit's gather and the last reduce-scatter, which nothing runs beside
+    assert result["step_time_s"]["dp_exposed"] < 0.02 * result["step_time_s"]["total"]
     assert any(reason.startswith("pp not needed: across 4 nodes") for reason in result["reasons"])
 
 
@@ -425,7 +426,8 @@ def test_rank_shapes_are_the_stages_the_strategy_keeps(kind, v):
 
 def test_interleaving_halves_the_bubble_for_more_activations_and_sends():
     """At the same M, v = 2 stages per rank: bubble (pp - 1) / (2M) of the compute, not (pp - 1) / M;
-    twice the stage-boundary sends; more forwards in flight on rank 0; zero-bubble kinds none."""
+    the first micro-batch crosses pp * v - 1 stage boundaries, not pp - 1 (the sends on the critical
+    path); more forwards in flight on rank 0; zero-bubble kinds none."""
     cfg = compose([*SEVENTY_B_4_NODES])
     base = Layout(dp_replicate=8, pp=4, mixed_precision="bf16", recompute="full")
     one = estimate(cfg, base)
@@ -434,7 +436,7 @@ def test_interleaving_halves_the_bubble_for_more_activations_and_sends():
     M = cfg.data.global_batch_size // (8 * base.micro_batch_size)
     assert one.time["bubble"] == pytest.approx(one.time["compute"] * 3 / M)
     assert two.time["bubble"] == pytest.approx(one.time["bubble"] / 2)
-    assert two.time["pp"] == pytest.approx(2 * one.time["pp"])
+    assert two.time["pp"] == pytest.approx(one.time["pp"] * (4 * 2 - 1) / (4 - 1))
     assert zb.time["bubble"] == 0.0
     # Rank 0 of 4 with v = 2 keeps 1 + (pp - 1) / (pp * v) = 11/8 of 1F1B's block activations (the
     # final norm, the same for both, makes the whole a little less than 11/8).

@@ -81,12 +81,21 @@ def _advise(argv: list[str]) -> int:
         return 0 if advice.recommended else 1
     hw = cfg.hardware
     print(f"{cfg.model.name} on {hw.nodes} x {hw.gpus_per_node} {hw.name}, seq {cfg.data.seq_len}")
+    print(f"  {'tried':<40} {'per rank':>12}  {'':<7} {'step':>9} {'tokens/s/device':>16} {'MFU':>6}")
     for step, est in advice.tried:
-        print(f"  {step:<40} {gib_text(est.memory['total']):>12}  {'fits' if est.fits else 'too big'}")
+        speed = est.speed
+        print(
+            f"  {step:<40} {gib_text(est.memory['total']):>12}  {'fits' if est.fits else 'too big':<7}"
+            f" {est.time['total']:>8.3g}s {speed['tokens_per_s_per_device']:>16,.0f} {100 * speed['mfu']:>5.1f}%"
+        )
     for reason in advice.reasons:
         print(f"- {reason}")
     if advice.recommended:
-        print(f"recommended: {advice.recommended.layout.describe()}")
+        rec = advice.recommended
+        print(
+            f"recommended: {rec.layout.describe()}: ~{rec.speed['tokens_per_s_per_device']:,.0f} tokens/s per device,"
+            f" {100 * rec.speed['mfu']:.0f}% MFU ({rec.time['total']:.3g} s a step, estimated)"
+        )
         print(advice.command)
         return 0
     return 1

@@ -237,7 +237,15 @@ class HardwareConfig:
     inter_node_bandwidth: float = 5.0e10  # bytes/s per device and direction between nodes
     nodes: int = 1  # nodes in the allocation
     gpus_per_node: int = 8  # devices per node
-    mfu: float = 0.4  # assumed model FLOPs utilization of a step's compute
+    peak_fp32_flops: float = 6.7e13  # dense fp32 FLOP/s (no tensor cores): a run that computes in fp32
+    matmul_efficiency: float = 0.8  # share of the peak a large GEMM reaches (measured: MAMF)
+    attention_efficiency: float = 0.4  # share of the peak the fused causal attention reaches, forward and backward
+    memory_bandwidth: float = 3.35e12  # bytes/s of the device's memory
+    memory_efficiency: float = 0.8  # share of it the memory-bound kernels (elementwise, optimizer) reach
+    kernel_latency: float = 5.0e-6  # seconds any kernel takes at least (launch and tail)
+    collective_efficiency: float = 0.8  # share of NVLink's bandwidth a ring collective reaches (NCCL's bus bandwidth)
+    inter_node_efficiency: float = 0.92  # the same between nodes, over the network
+    collective_latency: float = 2.0e-5  # seconds a collective call takes beyond its bytes
     reserved_bytes: int = 2147483648  # per device, outside the model (runtime, communication buffers)
     flash_attention: bool = True  # the attention kernel keeps no s x s scores
     mixed_precision: str = "bf16"  # compute dtype advise recommends here: bf16 | fp32

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import textwrap
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -35,7 +35,7 @@ from curry_train.planning.memory import (
     transient_state,
 )
 from curry_train.planning.plot import new_figure, save
-from curry_train.planning.step_time import step_time
+from curry_train.planning.step_time import step_time, throughput
 from curry_train.primitives.lora import is_adapter
 
 HEADROOM = 0.10  # of device memory, left free by a recommendation (allocator, spikes, estimate error)
@@ -50,6 +50,7 @@ class Estimate:
     memory: dict[str, int]  # per rank, by part, and "total"
     capacity: int  # the device's memory less HEADROOM
     time: dict[str, float]
+    speed: dict[str, float] = field(default_factory=dict)  # tokens_per_s_per_device, mfu (step_time.throughput)
 
     @property
     def fits(self) -> bool:
@@ -62,6 +63,7 @@ class Estimate:
             "fits": self.fits,
             "capacity": self.capacity,
             "step_time": self.time,
+            **self.speed,
         }
 
 
@@ -101,7 +103,8 @@ def estimate(cfg: DictConfig, layout: Layout) -> Estimate:
     memory["reserved"] = int(hw.reserved_bytes)
     memory["total"] = sum(memory.values())
     capacity = int(hw.memory_bytes * (1 - HEADROOM))
-    return Estimate(layout, memory, capacity, step_time(cfg, layout, hw))
+    times = step_time(cfg, layout, hw)
+    return Estimate(layout, memory, capacity, times, throughput(cfg, layout, hw, times))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -125,6 +128,8 @@ class Advice:
             "memory_breakdown": rec.memory if rec else None,
             "capacity_bytes": rec.capacity if rec else None,
             "step_time_s": rec.time if rec else None,
+            "tokens_per_s_per_device": rec.speed["tokens_per_s_per_device"] if rec else None,
+            "mfu": rec.speed["mfu"] if rec else None,
             "layout": asdict(rec.layout) if rec else None,
             "command": self.command,
             "reasons": self.reasons,

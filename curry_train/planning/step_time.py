@@ -11,7 +11,7 @@ from typing import Optional
 
 from omegaconf import DictConfig
 
-from curry_train.layout.pipeline import canonical_kind, split_layers
+from curry_train.layout.pipeline import canonical_kind, split_layers, stage_to_rank
 from curry_train.model.config import head_dim
 from curry_train.planning.layout import Layout, microbatches_per_step
 from curry_train.planning.memory import (
@@ -115,19 +115,173 @@ def _link(layout: Layout, axis: str, gpus_per_node: int, hw: DictConfig) -> floa
     raise ValueError(axis)
 
 
+# ----------------------------------------------------------------------------------------------
+# Compute: each rank's GEMMs, its attention, its memory-bound work (docs/planning.md, "Step time")
+
+
+def _peak(hw: DictConfig, layout: Layout) -> float:
+    return hw.peak_bf16_flops if layout.mixed_precision == "bf16" else hw.get("peak_fp32_flops", hw.peak_bf16_flops / 2)
+
+
+def gemm_seconds(m: float, k: float, n: float, hw: DictConfig, layout: Layout) -> float:
+    """One (m x k) @ (k x n) matmul: the larger of its FLOPs at the achieved rate of large GEMMs and its
+    operands' bytes at memory bandwidth (a small or thin GEMM is bound by its reads), plus one kernel's
+    latency. So tensor parallelism's narrower GEMMs and small models run further from peak."""
+    if m <= 0 or k <= 0 or n <= 0:
+        return 0.0
+    width = 2 if layout.mixed_precision == "bf16" else 4
+    flops = 2.0 * m * k * n / (_peak(hw, layout) * hw.matmul_efficiency)
+    reads = width * (m * k + k * n + m * n) / (hw.memory_bandwidth * hw.memory_efficiency)
+    return max(flops, reads) + hw.kernel_latency
+
+
+def block_gemms(cfg: DictConfig, layout: Layout) -> list[tuple[float, float, float, float]]:
+    """(m, k, n, count) of one transformer block's forward GEMMs on one rank for one micro-batch: the
+    attention projections and the MLP (dense, or the rank's experts with their routed rows, the shared
+    experts and the router), split by tensor parallelism; m: the micro-batch's tokens on the rank."""
+    m = cfg.model
+    tp, tokens = layout.tp, layout.micro_batch_size * cfg.data.seq_len / layout.cp
+    hd = head_dim(m)
+    q, kv = m.n_heads * hd / tp, m.n_kv_heads * hd / tp
+    gemms = [(tokens, m.dim, q, 1), (tokens, m.dim, kv, 2), (tokens, q, m.dim, 1)]
+    moe = m.get("moe")
+    if moe is None:
+        return gemms + [(tokens, m.dim, m.ffn_dim / tp, 2), (tokens, m.ffn_dim / tp, m.dim, 1)]
+    local = moe.experts / layout.ep
+    rows = tokens * moe.top_k * layout.ep / moe.experts  # per local expert, routing balanced
+    hidden = moe.expert_ffn_dim
+    gemms += [(rows, m.dim, hidden, 2 * local), (rows, hidden, m.dim, local), (tokens, m.dim, moe.experts, 1)]
+    if moe.shared_experts:
+        shared = moe.shared_experts * hidden / tp
+        gemms += [(tokens, m.dim, shared, 2), (tokens, shared, m.dim, 1)]
+    return gemms
+
+
+def attention_flops(cfg: DictConfig, layout: Layout) -> float:
+    """Forward FLOPs of one block's causal attention on one rank for one micro-batch: ``QK^T`` and the
+    weighted sum of V, ``4 * s_q * s_k * heads * head_dim``, of which a causal kernel computes half; each
+    context-parallel rank holds ``s / cp`` of the queries against the whole sequence's keys."""
+    m, s = cfg.model, cfg.data.seq_len
+    heads = m.n_heads / layout.tp
+    return 4.0 * layout.micro_batch_size * (s / layout.cp) * s * heads * head_dim(m) / 2
+
+
+def elementwise_bytes(cfg: DictConfig, layout: Layout, compiled: bool = False) -> tuple[float, int]:
+    """Bytes one block's memory-bound forward ops move on one rank for one micro-batch, and how many
+    kernels they launch, counted op by op from ``model/llama.py`` (``a``: the activations' bytes):
+
+    - RMSNorm in fp32, eager (``x.float()``, ``pow``, ``mean``, the products, ``type_as``): ``2a + 36``
+      bytes per element, twice a block; the two residual adds ``3a`` each; sequence parallelism splits them;
+    - RoPE in fp32 on q and k (upcast, four half-width products, their sums, ``stack``, ``type_as``):
+      ``2a + 52`` per element; the heads' transposes to and from SDPA: ``2a`` per element of q, k, v, out;
+    - SwiGLU's ``silu(w1 x) * w3 x``: ``5a`` per hidden element.
+
+    Compiled (``compile.enabled``), inductor fuses each group into one read and one write: ``2a`` per
+    norm, rotation and transpose element, ``3a`` per hidden one; a handful of kernels."""
+    m = cfg.model
+    tp, tokens = layout.tp, layout.micro_batch_size * cfg.data.seq_len / layout.cp
+    a = 2 if layout.mixed_precision == "bf16" else 4
+    residual = m.dim / (tp if layout.sequence_parallel else 1)
+    hd = head_dim(m)
+    q, kv = m.n_heads * hd / tp, m.n_kv_heads * hd / tp
+    moe = m.get("moe")
+    hidden = (moe.expert_ffn_dim * moe.top_k if moe is not None else m.ffn_dim) / tp
+    if compiled:
+        per_token = 2 * (2 * a) * residual + 2 * a * (q + kv) + 3 * a * hidden
+        return tokens * per_token, 8
+    per_token = (
+        2 * (2 * a + 36) * residual
+        + 2 * 3 * a * residual
+        + (2 * a + 52) * (q + kv)
+        + 2 * a * (2 * q + 2 * kv)
+        + 5 * a * hidden
+    )
+    return tokens * per_token, ELEMENTWISE_KERNELS
+
+
+ELEMENTWISE_KERNELS = 46  # eager kernels of one block's forward besides its GEMMs and attention (op count above)
+
+
+def micro_batch_seconds(cfg: DictConfig, layout: Layout, hw: DictConfig, blocks: int, head: bool) -> dict[str, float]:
+    """Seconds of forward and backward of one micro-batch through ``blocks`` blocks (and ``head``: the
+    output projection and the loss), by kind: GEMMs (backward: two per forward GEMM, the input's gradient
+    and the weight's), attention (backward 2.5x forward: five products against two), memory-bound work
+    (backward twice forward); recompute adds its forward again (full: the whole block; selective: the
+    memory-bound ops only)."""
+    forward_gemm = sum(count * gemm_seconds(mm, k, n, hw, layout) for mm, k, n, count in block_gemms(cfg, layout))
+    peak = _peak(hw, layout)
+    attention = attention_flops(cfg, layout) / (peak * hw.attention_efficiency) + hw.kernel_latency
+    bandwidth = hw.memory_bandwidth * hw.memory_efficiency
+    moved, kernels = elementwise_bytes(cfg, layout, bool(cfg.get("compile", {}).get("enabled", False)))
+    memory = moved / bandwidth + kernels * hw.kernel_latency
+    extra_forward = {"full": 1.0, "selective": 0.0}.get(layout.recompute, 0.0)
+    parts = {
+        "matmul": blocks * forward_gemm * (3 + extra_forward),
+        "attention": blocks * attention * (3.5 + extra_forward),
+        "memory": blocks * memory * (3 + (1.0 if layout.recompute in ("full", "selective") else 0.0)),
+    }
+    if head:
+        m = cfg.model
+        tokens = layout.micro_batch_size * cfg.data.seq_len / layout.cp
+        parts["matmul"] += 3 * gemm_seconds(tokens, m.dim, m.vocab_size / layout.tp, hw, layout)
+        # the loss: the logits read in fp32, softmax, the gradient written: about 16 bytes a logit
+        parts["memory"] += tokens * m.vocab_size / layout.tp * 16 / bandwidth
+    return parts
+
+
+def optimizer_seconds(cfg: DictConfig, layout: Layout, hw: DictConfig) -> float:
+    """AdamW over the rank's share of the trainable parameters: memory-bound, about 32 bytes moved per
+    parameter (fp32 parameter, gradient and two moments read, three written), plus the gradient norm's read."""
+    from curry_train.planning.memory import rank_parameters  # noqa: PLC0415
+
+    named = rank_parameters(cfg.model, layout.tp, layout.pp, 0, layout.pp_schedule, layout.virtual_stages, layout.ep)
+    if cfg.model.get("lora") is not None:
+        from curry_train.primitives.lora import is_adapter  # noqa: PLC0415
+
+        named = [(name, shape) for name, shape in named if is_adapter(name)]
+    params = sum(math.prod(shape) for _, shape in named) / max(1, layout.shards)
+    return params * 36 / (hw.memory_bandwidth * hw.memory_efficiency)
+
+
+def collective_seconds(volume: float, link: float, hw: DictConfig, calls: float = 1.0) -> float:
+    """``volume`` bytes a rank sends in ring collectives over a link of ``link`` bytes/s, at the share of
+    it NCCL's rings reach (bus bandwidth), plus each call's latency."""
+    if volume <= 0:
+        return 0.0
+    inter = link == hw.inter_node_bandwidth and link != hw.intra_node_bandwidth
+    efficiency = hw.get("inter_node_efficiency", hw.collective_efficiency) if inter else hw.collective_efficiency
+    return volume / (link * efficiency) + calls * hw.collective_latency
+
+
+def _busiest_rank(cfg: DictConfig, layout: Layout) -> tuple[int, bool]:
+    """The blocks of the pipeline rank with the most (a step waits for the slowest stage), and whether it
+    holds the head: its stages as the schedule places them (``stage_to_rank``) on the balanced split."""
+    if layout.pp == 1:
+        return cfg.model.n_layers, True
+    n_stages = layout.pp * layout.stages_per_rank
+    ranges = split_layers(cfg.model.n_layers, n_stages)
+    owners = stage_to_rank(layout.pp_schedule, layout.pp, n_stages)
+    load = {rank: (0, False) for rank in range(layout.pp)}
+    for stage, (rank, layers) in enumerate(zip(owners, ranges, strict=True)):
+        blocks, head = load[rank]
+        load[rank] = (blocks + len(layers), head or stage == n_stages - 1)
+    return max(load.values(), key=lambda item: (item[0] + (1 if item[1] else 0), item[1]))
+
+
 def step_time(cfg: DictConfig, layout: Layout, hw: DictConfig) -> dict[str, float]:
-    """Seconds of one optimizer step by parts: compute, bubble, and each axis's communication."""
+    """Seconds of one optimizer step by parts: compute (by kind under ``compute/``), the pipeline's
+    bubble, each axis's communication and the share of it compute does not hide."""
     m = cfg.model
     N = parameter_count(m)
     s, L, h = cfg.data.seq_len, m.n_layers, m.dim
-    N_matmul = flops_parameters(m)
-    per_token = flops_per_token(N_matmul, L, m.n_heads * head_dim(m), s)
-    if layout.recompute == "full":
-        per_token += 2 * N_matmul + 4 * L * h * s
-    tokens = cfg.data.global_batch_size * s
-    compute = tokens * per_token / (layout.world * hw.peak_bf16_flops * hw.mfu)
     M = microbatches_per_step(cfg, layout)
-    times = {"compute": compute, "bubble": compute * bubble_ratio(layout, M)}
+    blocks, head = _busiest_rank(cfg, layout)
+    per_micro = micro_batch_seconds(cfg, layout, hw, blocks, head=head)
+    parts = {f"compute/{k}": M * v for k, v in per_micro.items()}
+    parts["compute/optimizer"] = optimizer_seconds(cfg, layout, hw)
+    compute = sum(parts.values())
+    backward = compute * 2 / 3  # what DDP's and FSDP's gradient reductions can hide behind
+    times = {"compute": compute, **parts, "bubble": compute * bubble_ratio(layout, M)}
     gpn = hw.gpus_per_node
     pbytes = 2 if layout.mixed_precision == "bf16" else 4
     N_experts = expert_parameter_count(m)
@@ -149,27 +303,36 @@ def step_time(cfg: DictConfig, layout: Layout, hw: DictConfig) -> dict[str, floa
     volume = sum(volumes)
     P_rank = N / (layout.tp * layout.pp)
     dp_link = _link(layout, "dp_shard" if layout.zero == "hybrid" else "dp", gpn, hw)
-    times["dp"] = volume / dp_link if volume else 0.0
+    units = blocks + 1  # FSDP's units (a block each, and the root), or DDP's buckets at least as many
+    calls = (3 * M if layout.zero in ("full", "hybrid") else 2) * units
+    times["dp"] = collective_seconds(volume, dp_link, hw, calls if volume else 0)
     if N_experts:  # the experts' share of it (part of "dp", not added again to the total)
-        times["dp_experts"] = volumes[-1] / dp_link
+        times["dp_experts"] = volumes[-1] / (dp_link * hw.collective_efficiency)
     if layout.zero == "hybrid" and layout.dp_replicate > 1:
         # HSDP: gathers and reduce-scatters stay in the shard group; the replicas all-reduce the
         # gradient shards (fp32) once a step, over the links that join them.
         volume = 2 * (layout.dp_replicate - 1) / layout.dp_replicate * 4 * P_rank / d
-        times["dp"] += volume / _link(layout, "dp", gpn, hw)
+        times["dp"] += collective_seconds(volume, _link(layout, "dp", gpn, hw), hw, units)
     act = s // layout.cp * layout.micro_batch_size * h * pbytes
-    blocks = max(len(r) for r in split_layers(L, layout.pp))
-    if layout.tp > 1:
-        volume = 4 * blocks * M * 2 * (layout.tp - 1) / layout.tp * act
-        times["tp"] = volume / _link(layout, "tp", gpn, hw)
-    if layout.pp > 1:  # each of the rank's stages sends its boundary forward and its gradient back
-        times["pp"] = 2 * M * layout.stages_per_rank * act / _link(layout, "pp", gpn, hw)
+    tp_blocks = max(len(r) for r in split_layers(L, layout.pp))
+    if layout.tp > 1:  # two all-reduces (or gather + reduce-scatter pairs) forward, two backward; exposed
+        rounds = 4 + (2 if layout.recompute == "full" else 0)
+        volume = rounds * tp_blocks * M * 2 * (layout.tp - 1) / layout.tp * act
+        times["tp"] = collective_seconds(volume, _link(layout, "tp", gpn, hw), hw, rounds * tp_blocks * M)
+    if layout.pp > 1:
+        # Stage boundaries: each micro-batch's activation forward and its gradient back. In the steady
+        # state a send runs beside the next micro-batch's compute; the first micro-batch's hops through
+        # every stage boundary (and its gradient's back) are on the critical path.
+        hops = 2 * (layout.pp * layout.stages_per_rank - 1)
+        times["pp"] = hops * collective_seconds(act, _link(layout, "pp", gpn, hw), hw)
     if layout.cp > 1:
         kv = 2 * (s // layout.cp) * layout.micro_batch_size * head_dim(m) * m.n_kv_heads * pbytes
         # K, V out cp - 1 times forward and again backward; their fp32 gradients cp moves home (the
-        # ring's count: tests/test_bench.py measures it).
+        # ring's count: tests/test_bench.py measures it). Each transfer runs behind the block's attention
+        # on the chunk before it: what the attention does not cover is exposed.
         volume = blocks * M * (2 * (layout.cp - 1) * kv + layout.cp * kv * 4 / pbytes)
-        times["cp"] = volume / _link(layout, "cp", gpn, hw)
+        transfer = collective_seconds(volume, _link(layout, "cp", gpn, hw), hw, blocks * M * 3 * (layout.cp - 1))
+        times["cp"] = max(0.0, transfer - times["compute/attention"])
     if layout.ep > 1:
         # the share of each rank's all-to-all that goes to the other ranks, over the links of the ep
         # group: ep takes the innermost of the dp x cp ranks, so it spans tp x ep neighbouring ranks
@@ -177,6 +340,25 @@ def step_time(cfg: DictConfig, layout: Layout, hw: DictConfig) -> dict[str, floa
         volume = all_to_all_bytes(cfg, layout) * (layout.ep - 1) / layout.ep
         # each is a round of messages to every rank of the group, small for a small model: its latency
         times["ep"] = volume / link + all_to_all_count(cfg, layout) * ALL_TO_ALL_LATENCY
-    times["dp_exposed"] = max(0.0, times["dp"] - compute)
-    times["total"] = sum(v for k, v in times.items() if k not in ("dp", "dp_experts"))
+    # FSDP prefetches the next unit's gather behind this one's compute, and DDP reduces buckets behind the
+    # backward: hidden up to the compute they run beside; the first unit's gather and the last
+    # reduction wait for nothing to hide behind.
+    hide = backward if layout.zero in ("none", "optimizer", "shard_grad_op") else compute
+    times["dp_exposed"] = max(0.0, times["dp"] - hide) + (times["dp"] / units if times["dp"] else 0.0)
+    times["total"] = sum(v for k, v in times.items() if k not in ("dp", "dp_experts") and not k.startswith("compute/"))
     return times
+
+
+def model_flops_per_token(cfg: DictConfig) -> float:
+    """Model FLOPs of training on one token as torchtitan and the papers count MFU: ``6N + 12 L h s``
+    with N all the parameters a token goes through (the input embedding too)."""
+    m = cfg.model
+    N = active_parameter_count(m)
+    return 6 * N + 12 * m.n_layers * m.n_heads * head_dim(m) * cfg.data.seq_len
+
+
+def throughput(cfg: DictConfig, layout: Layout, hw: DictConfig, times: dict[str, float]) -> dict[str, float]:
+    """Tokens per second per device and MFU (of the bf16 peak, as published runs count it) of a step."""
+    tokens = cfg.data.global_batch_size * cfg.data.seq_len
+    per_device = tokens / times["total"] / layout.world
+    return {"tokens_per_s_per_device": per_device, "mfu": per_device * model_flops_per_token(cfg) / hw.peak_bf16_flops}
