@@ -10,6 +10,7 @@ the pipeline bubble, context-parallel attention.
                             [overrides...]
     python scripts/bench.py --compile [--models debug,llama-100m] [--steps N] [--warmup W] [--json PATH]
                             [overrides...]
+    python scripts/bench.py --estimate [--models debug,llama-100m] [--steps N] [--hardware-out PATH] [--json PATH]
 
 Arguments without a leading ``--`` are Hydra overrides, exactly as for ``train.py``; the default is
 the default config (the debug model on the bundled corpus). What each mode measures, and how, is
@@ -29,6 +30,9 @@ documented where it is measured:
   (``curry_train/validation/layouts.py``, ``curry_train/validation/comm.py``);
 * ``--context``: context-parallel attention's activation memory per rank, exposed communication and
   tokens/s for each cp at one sequence length (``curry_train/validation/context.py``);
+* ``--estimate``: this machine probed (matmul rate, memory bandwidth, an op's cost, attention's rate, gloo's
+  bandwidth and latency) into a hardware config, then the step-time model's estimate against measured steps
+  of dp, fsdp, tp, pp and cp on 2 ranks, for each model (``curry_train/validation/estimate_bench.py``);
 * ``--pipeline``: every schedule kind (``gpipe``, ``1F1B``, ``interleaved``, ``interleaved_zb``,
   ``zbv``, ``dualpipev``) on ``P`` processes (default 2, one thread each) at each micro-batch count
   ``M`` (default 4 and 8), on the model of the overrides with ``model.n_layers=8`` by default (equal
@@ -103,6 +107,10 @@ def _measure(args: argparse.Namespace, mode: str, steps: int) -> Any:
         from curry_train.validation.compile_bench import compile_bench  # noqa: PLC0415
 
         return compile_bench(args.overrides, steps, args.warmup, args.models)
+    if mode == "estimate":
+        from curry_train.validation.estimate_bench import estimate_bench  # noqa: PLC0415
+
+        return estimate_bench(args.overrides, args.models, steps, args.hardware_out)
     if mode == "pipeline":
         from curry_train.validation.bubble import pipeline_bench  # noqa: PLC0415
 
@@ -112,7 +120,15 @@ def _measure(args: argparse.Namespace, mode: str, steps: int) -> Any:
     return bench(args.overrides, steps, args.warmup, args.repeats, args.loggers, progress=True)
 
 
-DEFAULT_STEPS = {"throughput": 20, "layouts": 10, "compare": 2, "pipeline": 5, "context": 3, "compile": 5}
+DEFAULT_STEPS = {
+    "throughput": 20,
+    "layouts": 10,
+    "compare": 2,
+    "pipeline": 5,
+    "context": 3,
+    "compile": 5,
+    "estimate": 4,
+}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -160,6 +176,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         help="context-parallel attention: per-rank activation memory, exposed communication and tokens/s for each cp",
     )
     mode.add_argument(
+        "--estimate",
+        action="store_true",
+        help="probe this machine into a hardware config, then the step-time estimate against measured steps"
+        " of dp, fsdp, tp, pp and cp on 2 ranks",
+    )
+    mode.add_argument(
         "--compile",
         action="store_true",
         help="eager and compiled training side by side: tokens/s, peak memory, MFU, recompilations",
@@ -169,7 +191,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         type=_models,
         default=list(COMPILE_MODELS),
         metavar="MODEL[,MODEL...]",
-        help=f"with --compile: the models (default {','.join(COMPILE_MODELS)})",
+        help=f"with --compile or --estimate: the models (default {','.join(COMPILE_MODELS)})",
+    )
+    parser.add_argument(
+        "--hardware-out",
+        type=Path,
+        default=Path("hardware_probed.yaml"),
+        help="with --estimate: where to write the probed hardware config (default hardware_probed.yaml)",
     )
     parser.add_argument("--seq-len", type=int, default=8192, help="with --context: the sequence length (default 8192)")
     parser.add_argument(
@@ -213,6 +241,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.context
         else "compile"
         if args.compile
+        else "estimate"
+        if args.estimate
         else "throughput"
     )
     steps = DEFAULT_STEPS[mode_name] if args.steps is None else args.steps

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -239,6 +239,7 @@ class HardwareConfig:
     gpus_per_node: int = 8  # devices per node
     peak_fp32_flops: float = 6.7e13  # dense fp32 FLOP/s (no tensor cores): a run that computes in fp32
     matmul_efficiency: float = 0.8  # share of the peak a large GEMM reaches (measured: MAMF)
+    matmul_efficiency_by_size: Optional[Dict[int, float]] = None  # the same by the GEMM's narrower side (a probe's)
     attention_efficiency: float = 0.4  # share of the peak the fused causal attention reaches, forward and backward
     memory_bandwidth: float = 3.35e12  # bytes/s of the device's memory
     memory_efficiency: float = 0.8  # share of it the memory-bound kernels (elementwise, optimizer) reach

@@ -130,9 +130,28 @@ def gemm_seconds(m: float, k: float, n: float, hw: DictConfig, layout: Layout) -
     if m <= 0 or k <= 0 or n <= 0:
         return 0.0
     width = 2 if layout.mixed_precision == "bf16" else 4
-    flops = 2.0 * m * k * n / (_peak(hw, layout) * hw.matmul_efficiency)
+    flops = 2.0 * m * k * n / (_peak(hw, layout) * matmul_efficiency(hw, min(k, n)))
     reads = width * (m * k + k * n + m * n) / (hw.memory_bandwidth * hw.memory_efficiency)
     return max(flops, reads) + hw.kernel_latency
+
+
+def matmul_efficiency(hw: DictConfig, size: float) -> float:
+    """The share of the peak a GEMM whose narrower weight side is ``size`` reaches: measured by size where
+    the hardware config has a table (``matmul_efficiency_by_size``, a probe's: ``curry-bench --estimate``),
+    interpolated in log2 of the size and held at its ends; else the large GEMMs' ``matmul_efficiency``."""
+    table = hw.get("matmul_efficiency_by_size")
+    if not table:
+        return hw.matmul_efficiency
+    points = sorted((float(key), float(value)) for key, value in table.items())
+    if size <= points[0][0]:
+        return points[0][1]
+    if size >= points[-1][0]:
+        return points[-1][1]
+    for (s0, e0), (s1, e1) in zip(points, points[1:]):
+        if s0 <= size <= s1:
+            share = (math.log2(size) - math.log2(s0)) / (math.log2(s1) - math.log2(s0))
+            return e0 + share * (e1 - e0)
+    return hw.matmul_efficiency
 
 
 def block_gemms(cfg: DictConfig, layout: Layout) -> list[tuple[float, float, float, float]]:

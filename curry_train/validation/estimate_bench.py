@@ -1,0 +1,243 @@
+"""``curry-bench --estimate``: the step-time model (``planning.step_time``) on this machine, held against
+measured steps.
+
+1. A probe, on every rank of a pool of ``ranks`` local processes at once (so each rank has the share of
+   the machine a run gives it): the best fp32 matmul rate over a few sizes, memory bandwidth (a large
+   elementwise add), the cost of one small op (dispatch and kernel), the fused attention's rate at the
+   model's shape, and the collectives' bus bandwidth and latency (gloo). Written as a hardware config
+   whose every figure is that probe's.
+2. Each layout (dp, fsdp, tp, pp, cp on 2 ranks) of each model (the debug model and a ~100M Llama)
+   trained for a few timed steps through the real training path (``layouts.layouts_bench``).
+3. The estimate of each with the probed config, against the measurement: ratio and parts.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from curry_train.config import compose
+from curry_train.planning.advise import estimate
+from curry_train.planning.layout import current_layout
+from curry_train.pool import WorkerPool
+from curry_train.validation.defaults import COMPILE_MODELS
+from curry_train.validation.layouts import layouts_bench
+
+ESTIMATE_LAYOUTS = {
+    "dp": ("parallel=dp", "trainer.devices=2"),
+    "fsdp": ("parallel=fsdp", "trainer.devices=2"),
+    "tp": ("parallel=tp", "trainer.devices=2"),
+    "pp": ("parallel=pp", "trainer.devices=2"),
+    "cp": ("parallel=cp", "trainer.devices=2"),
+}
+MATMUL_SIZES = (64, 128, 256, 512, 1024, 2048)  # a GEMM's narrower weight side
+
+
+def _best(fn: Any, seconds: float = 0.3, least: int = 5) -> float:
+    """The median of repeated timings of ``fn()`` (after one untimed call): what a run's steps see, not
+    the luckiest call."""
+    fn()
+    timings, spent = [], 0.0
+    while spent < seconds or len(timings) < least:
+        start = time.perf_counter()
+        fn()
+        timings.append(time.perf_counter() - start)
+        spent += timings[-1]
+    return statistics.median(timings)
+
+
+def probe_job(heads: int, head_dim: int, seq_len: int, batch: int) -> dict[str, float]:
+    """On every rank at once: the machine as one rank of a run sees it."""
+    found: dict[str, float] = {}
+    tokens = batch * seq_len
+    for n in MATMUL_SIZES:  # a training GEMM's three forms: forward, the input's gradient, the weight's
+        x, w, g = torch.randn(tokens, n), torch.randn(n, n), torch.randn(tokens, n)
+        seconds = _best(lambda: x @ w.t()) + _best(lambda: g @ w) + _best(lambda: g.t() @ x)
+        found[f"matmul_{n}"] = 3 * 2 * tokens * n * n / seconds
+    x, y = torch.randn(1 << 23), torch.randn(1 << 23)  # 32 MiB each: beyond the caches
+    z = torch.empty_like(x)
+    found["memory_bandwidth"] = 3 * x.numel() * 4 / _best(lambda: torch.add(x, y, out=z))
+    # the model's own memory-bound mix: an eager fp32 RMSNorm forward and backward at the model's width
+    width = heads * head_dim
+    h = torch.randn(tokens, width, requires_grad=True)
+    scale = torch.ones(width, requires_grad=True)
+
+    def norm() -> None:
+        h32 = h.float()
+        ((h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + 1e-5)) * scale).sum().backward()
+
+    found["elementwise_bandwidth"] = 3 * 40 * h.numel() / _best(norm)  # elementwise_bytes' count: 2a + 36, x3
+    one = torch.zeros(8, requires_grad=True)
+
+    def op() -> None:  # two recorded ops and their two backward nodes
+        (one * 2.0).sum().backward()
+
+    found["kernel_latency"] = _best(op) / 4
+    q = torch.randn(batch, heads, seq_len, head_dim, requires_grad=True)
+    k, v = torch.randn_like(q, requires_grad=True), torch.randn_like(q, requires_grad=True)
+
+    def attention() -> None:
+        F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+
+    flops = 3.5 * 4.0 * batch * seq_len * seq_len * heads * head_dim / 2  # forward + backward, causal half
+    found["attention_flops"] = flops / _best(attention)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        world = dist.get_world_size()
+        big, small = torch.ones(1 << 21), torch.ones(2)  # 8 MiB; 8 bytes
+
+        def reduce(tensor: torch.Tensor, rounds: int) -> float:
+            """The shortest of ``rounds`` all-reduces (every rank runs the same count: they are collective)."""
+            dist.barrier()
+            best = math.inf
+            for _ in range(rounds):
+                start = time.perf_counter()
+                dist.all_reduce(tensor)
+                best = min(best, time.perf_counter() - start)
+            return best
+
+        ring = 2 * (world - 1) / world
+        latency = reduce(small, 200)
+        found["collective_latency"] = latency
+        found["bus_bandwidth"] = ring * big.numel() * 4 / max(1e-9, reduce(big, 20) - latency)
+        stats = torch.tensor([found[key] for key in sorted(found)], dtype=torch.float64)
+        dist.all_reduce(stats)  # every rank's view, averaged: they ran at the same time
+        found = dict(zip(sorted(found), (stats / world).tolist(), strict=True))
+    return found
+
+
+def hardware_config(probed: dict[str, float], ranks: int, base: dict[str, Any]) -> dict[str, Any]:
+    """A hardware config whose rates are the probe's: the best matmul as the peak (efficiency 1), the
+    attention's rate as its share of it, the add's bandwidth, one op's cost as every kernel's least."""
+    rates = {n: probed[f"matmul_{n}"] for n in MATMUL_SIZES}
+    peak = max(rates.values())
+    return {
+        **base,
+        "name": "probed",
+        "accelerator": "cpu",
+        "gpus_per_node": ranks,
+        "nodes": 1,
+        "peak_fp32_flops": peak,
+        "peak_bf16_flops": peak,
+        "matmul_efficiency": 1.0,
+        "matmul_efficiency_by_size": {n: rate / peak for n, rate in rates.items()},
+        "attention_efficiency": min(1.0, probed["attention_flops"] / peak),
+        "memory_bandwidth": probed["memory_bandwidth"],
+        "memory_efficiency": min(1.0, probed["elementwise_bandwidth"] / probed["memory_bandwidth"]),
+        "kernel_latency": probed["kernel_latency"],
+        "intra_node_bandwidth": probed.get("bus_bandwidth", base["intra_node_bandwidth"]),
+        "collective_efficiency": 1.0,
+        "collective_latency": probed.get("collective_latency", base["collective_latency"]),
+        "mixed_precision": "fp32",
+    }
+
+
+@dataclass
+class EstimateRow:
+    model: str
+    layout: str
+    measured_ms: float
+    estimated_ms: float
+    parts: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float:
+        return self.estimated_ms / self.measured_ms
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "layout": self.layout,
+            "measured_ms": self.measured_ms,
+            "estimated_ms": self.estimated_ms,
+            "ratio": self.ratio,
+            "parts_ms": self.parts,
+        }
+
+
+@dataclass
+class EstimateResult:
+    hardware: dict[str, Any]
+    hardware_path: Optional[str]
+    rows: list[EstimateRow] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "hardware": self.hardware,
+            "hardware_path": self.hardware_path,
+            "rows": [row.to_dict() for row in self.rows],
+        }
+
+    def table(self) -> str:
+        h = self.hardware
+        sizes = ", ".join(f"{n}: {e:.0%}" for n, e in h["matmul_efficiency_by_size"].items())
+        lines = [
+            "this machine, probed (each of 2 ranks at once):",
+            f"  matmul {h['peak_fp32_flops'] / 1e9:,.1f} GFLOP/s at best; by the narrower side {sizes}",
+            f"  attention {h['attention_efficiency']:.0%} of it; memory {h['memory_bandwidth'] / 1e9:,.1f} GB/s,"
+            f" {h['memory_efficiency']:.0%} of it in eager norms; an op {h['kernel_latency'] * 1e6:,.1f} us",
+            f"  gloo {h['intra_node_bandwidth'] / 1e9:,.2f} GB/s bus bandwidth, {h['collective_latency'] * 1e6:,.0f} us a call",
+        ]
+        if self.hardware_path:
+            lines.append(f"hardware config written: {self.hardware_path}")
+        header = f"{'model':<11} {'layout':<7} {'measured ms':>12} {'estimated ms':>13} {'ratio':>6}"
+        lines += ["", header + "   largest parts (ms)"]
+        for row in self.rows:
+            top = sorted(row.parts.items(), key=lambda item: -item[1])[:4]
+            text = ", ".join(f"{k} {v:.1f}" for k, v in top)
+            figures = f"{row.measured_ms:>12.1f} {row.estimated_ms:>13.1f} {row.ratio:>6.2f}"
+            lines.append(f"{row.model:<11} {row.layout:<7} {figures}   {text}")
+        ratios = [row.ratio for row in self.rows]
+        if ratios:
+            worst = max(ratios, key=lambda r: abs(r - 1))
+            lines.append(f"\nworst estimate/measured: {worst:.2f}; median {statistics.median(ratios):.2f}")
+        return "\n".join(lines)
+
+
+def estimate_bench(
+    overrides: Sequence[str] = (),
+    models: Sequence[str] = ("debug", "llama-100m"),
+    steps: int = 5,
+    hardware_out: Optional[Path] = None,
+) -> EstimateResult:
+    first = compose([*overrides, *COMPILE_MODELS[models[0]]])
+    base = OmegaConf.to_container(compose([*overrides, "hardware=cpu"]).hardware)
+    m = first.model
+    with WorkerPool(2) as pool:
+        probed = pool.run(
+            probe_job,
+            m.n_heads,
+            m.dim // m.n_heads,
+            first.data.seq_len,
+            first.data.micro_batch_size,
+        )[0]
+    hardware = hardware_config(probed, 2, base)
+    path = None
+    if hardware_out is not None:
+        hardware_out.parent.mkdir(parents=True, exist_ok=True)
+        hardware_out.write_text(
+            "# This machine as curry-bench --estimate probed it (curry_train/validation/estimate_bench.py)\n"
+            + OmegaConf.to_yaml(OmegaConf.create(hardware))
+        )
+        path = str(hardware_out.resolve())
+    result = EstimateResult(hardware, path)
+    for model in models:
+        common = [*overrides, *COMPILE_MODELS[model]]
+        measured = layouts_bench(common, ESTIMATE_LAYOUTS, steps)
+        for name, row in zip(ESTIMATE_LAYOUTS, measured.rows, strict=True):
+            cfg = compose([*common, *ESTIMATE_LAYOUTS[name]])
+            probed_config = dict(hardware)
+            cfg.hardware.matmul_efficiency_by_size = probed_config.pop("matmul_efficiency_by_size")
+            cfg.hardware = OmegaConf.merge(cfg.hardware, probed_config)
+            times = estimate(cfg, current_layout(cfg)).time
+            parts = {k: 1e3 * v for k, v in times.items() if k not in ("total", "compute", "dp", "dp_experts") and v}
+            result.rows.append(EstimateRow(model, name, row.ms_per_step, 1e3 * times["total"], parts))
+    return result
