@@ -106,3 +106,42 @@ def test_the_8b_h100_memory_estimate_against_the_published_peak():
     total = estimate(cfg, current_layout(cfg)).memory["total"] / 2**30
     assert total == pytest.approx(90.8, abs=0.1)
     assert 1.0 < total / 82.4 < 1.11
+
+
+def test_a_probed_matmul_table_sets_each_gemms_rate():
+    """matmul_efficiency_by_size, as curry-bench --estimate writes it: a narrow GEMM at its probed share of
+    the peak, interpolated in log2 between sizes and held at the ends; without a table, the scalar."""
+    from omegaconf import OmegaConf  # noqa: PLC0415
+
+    from curry_train.planning.step_time import gemm_seconds, matmul_efficiency  # noqa: PLC0415
+
+    cfg = compose(["hardware=cpu"])
+    hw = cfg.hardware
+    assert matmul_efficiency(hw, 512) == hw.matmul_efficiency
+    hw.matmul_efficiency_by_size = {64: 0.25, 256: 0.75, 1024: 1.0}
+    assert matmul_efficiency(hw, 32) == 0.25 and matmul_efficiency(hw, 4096) == 1.0
+    assert matmul_efficiency(hw, 128) == pytest.approx(0.5)
+    layout = current_layout(cfg)
+    wide, narrow = gemm_seconds(4096, 1024, 1024, hw, layout), gemm_seconds(4096, 1024, 64, hw, layout)
+    # 16x fewer FLOPs at a quarter of the rate: 4x faster, less the fixed latency
+    assert wide / narrow == pytest.approx(4, rel=0.05)
+    assert OmegaConf.to_container(hw)["matmul_efficiency_by_size"] == {64: 0.25, 256: 0.75, 1024: 1.0}
+
+
+def test_the_probe_writes_a_complete_hardware_config():
+    """One rank's probe (no collectives): every rate positive, the table's best size at efficiency 1, and a
+    config the schema takes whole."""
+    from omegaconf import OmegaConf  # noqa: PLC0415
+
+    from curry_train.config.schema import HardwareConfig  # noqa: PLC0415
+    from curry_train.validation.estimate_bench import MATMUL_SIZES, hardware_config, probe_job  # noqa: PLC0415
+
+    probed = probe_job(heads=2, head_dim=16, seq_len=32, batch=2)
+    assert all(value > 0 for value in probed.values())
+    base = OmegaConf.to_container(compose(["hardware=cpu"]).hardware)
+    hw = hardware_config(probed, 1, base)
+    table = hw["matmul_efficiency_by_size"]
+    assert sorted(table) == list(MATMUL_SIZES) and max(table.values()) == 1.0
+    assert 0 < hw["attention_efficiency"] <= 1 and 0 < hw["memory_efficiency"] <= 1
+    merged = OmegaConf.merge(OmegaConf.structured(HardwareConfig), hw)  # every key known, every type right
+    assert merged.peak_fp32_flops == max(probed[f"matmul_{n}"] for n in MATMUL_SIZES)
