@@ -147,7 +147,7 @@ def matmul_efficiency(hw: DictConfig, size: float) -> float:
         return points[0][1]
     if size >= points[-1][0]:
         return points[-1][1]
-    for (s0, e0), (s1, e1) in zip(points, points[1:]):
+    for (s0, e0), (s1, e1) in zip(points, points[1:], strict=False):
         if s0 <= size <= s1:
             share = (math.log2(size) - math.log2(s0)) / (math.log2(s1) - math.log2(s0))
             return e0 + share * (e1 - e0)

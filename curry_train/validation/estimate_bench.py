@@ -61,7 +61,7 @@ def probe_job(heads: int, head_dim: int, seq_len: int, batch: int) -> dict[str, 
     tokens = batch * seq_len
     for n in MATMUL_SIZES:  # a training GEMM's three forms: forward, the input's gradient, the weight's
         x, w, g = torch.randn(tokens, n), torch.randn(n, n), torch.randn(tokens, n)
-        seconds = _best(lambda: x @ w.t()) + _best(lambda: g @ w) + _best(lambda: g.t() @ x)
+        seconds = _best(lambda x=x, w=w: x @ w.t()) + _best(lambda g=g, w=w: g @ w) + _best(lambda g=g, x=x: g.t() @ x)
         found[f"matmul_{n}"] = 3 * 2 * tokens * n * n / seconds
     x, y = torch.randn(1 << 23), torch.randn(1 << 23)  # 32 MiB each: beyond the caches
     z = torch.empty_like(x)
