@@ -184,7 +184,8 @@ class EstimateResult:
             f"  matmul {h['peak_fp32_flops'] / 1e9:,.1f} GFLOP/s at best; by the narrower side {sizes}",
             f"  attention {h['attention_efficiency']:.0%} of it; memory {h['memory_bandwidth'] / 1e9:,.1f} GB/s,"
             f" {h['memory_efficiency']:.0%} of it in eager norms; an op {h['kernel_latency'] * 1e6:,.1f} us",
-            f"  gloo {h['intra_node_bandwidth'] / 1e9:,.2f} GB/s bus bandwidth, {h['collective_latency'] * 1e6:,.0f} us a call",
+            f"  gloo {h['intra_node_bandwidth'] / 1e9:,.2f} GB/s bus bandwidth,"
+            f" {h['collective_latency'] * 1e6:,.0f} us a call",
         ]
         if self.hardware_path:
             lines.append(f"hardware config written: {self.hardware_path}")
