@@ -247,6 +247,7 @@ class HardwareConfig:
     collective_efficiency: float = 0.8  # share of NVLink's bandwidth a ring collective reaches (NCCL's bus bandwidth)
     inter_node_efficiency: float = 0.92  # the same between nodes, over the network
     collective_latency: float = 2.0e-5  # seconds a collective call takes beyond its bytes
+    comm_overlap: float = 1.0  # share of the compute communication can run beside (GPU: 1; gloo on the same cores: 0)
     reserved_bytes: int = 2147483648  # per device, outside the model (runtime, communication buffers)
     flash_attention: bool = True  # the attention kernel keeps no s x s scores
     mixed_precision: str = "bf16"  # compute dtype advise recommends here: bf16 | fp32

@@ -351,7 +351,7 @@ def step_time(cfg: DictConfig, layout: Layout, hw: DictConfig) -> dict[str, floa
         # on the chunk before it: what the attention does not cover is exposed.
         volume = blocks * M * (2 * (layout.cp - 1) * kv + layout.cp * kv * 4 / pbytes)
         transfer = collective_seconds(volume, _link(layout, "cp", gpn, hw), hw, blocks * M * 3 * (layout.cp - 1))
-        times["cp"] = max(0.0, transfer - times["compute/attention"])
+        times["cp"] = max(0.0, transfer - times["compute/attention"] * hw.get("comm_overlap", 1.0))
     if layout.ep > 1:
         # the share of each rank's all-to-all that goes to the other ranks, over the links of the ep
         # group: ep takes the innermost of the dp x cp ranks, so it spans tp x ep neighbouring ranks
@@ -362,7 +362,9 @@ def step_time(cfg: DictConfig, layout: Layout, hw: DictConfig) -> dict[str, floa
     # FSDP prefetches the next unit's gather behind this one's compute, and DDP reduces buckets behind the
     # backward: hidden up to the compute they run beside; the first unit's gather and the last
     # reduction wait for nothing to hide behind.
-    hide = backward if layout.zero in ("none", "optimizer", "shard_grad_op") else compute
+    hide = (backward if layout.zero in ("none", "optimizer", "shard_grad_op") else compute) * hw.get(
+        "comm_overlap", 1.0
+    )
     times["dp_exposed"] = max(0.0, times["dp"] - hide) + (times["dp"] / units if times["dp"] else 0.0)
     times["total"] = sum(v for k, v in times.items() if k not in ("dp", "dp_experts") and not k.startswith("compute/"))
     return times

@@ -55,6 +55,12 @@ def _best(fn: Any, seconds: float = 0.3, least: int = 5) -> float:
     return statistics.median(timings)
 
 
+def _timed(fn: Any) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
 def probe_job(heads: int, head_dim: int, seq_len: int, batch: int) -> dict[str, float]:
     """On every rank at once: the machine as one rank of a run sees it."""
     found: dict[str, float] = {}
@@ -108,6 +114,11 @@ def probe_job(heads: int, head_dim: int, seq_len: int, batch: int) -> dict[str, 
         latency = reduce(small, 200)
         found["collective_latency"] = latency
         found["bus_bandwidth"] = ring * big.numel() * 4 / max(1e-9, reduce(big, 20) - latency)
+        # FSDP's collectives: gloo's all-gather and reduce-scatter move a byte slower than its all-reduce
+        gathered = torch.empty(world * big.numel())
+        dist.barrier()
+        gather = min(_timed(lambda: dist.all_gather_into_tensor(gathered, big)) for _ in range(10))
+        found["gather_bandwidth"] = (world - 1) * big.numel() * 4 / max(1e-9, gather - latency)
         stats = torch.tensor([found[key] for key in sorted(found)], dtype=torch.float64)
         dist.all_reduce(stats)  # every rank's view, averaged: they ran at the same time
         found = dict(zip(sorted(found), (stats / world).tolist(), strict=True))
@@ -133,7 +144,12 @@ def hardware_config(probed: dict[str, float], ranks: int, base: dict[str, Any]) 
         "memory_bandwidth": probed["memory_bandwidth"],
         "memory_efficiency": min(1.0, probed["elementwise_bandwidth"] / probed["memory_bandwidth"]),
         "kernel_latency": probed["kernel_latency"],
-        "intra_node_bandwidth": probed.get("bus_bandwidth", base["intra_node_bandwidth"]),
+        # the slower of the two collectives' byte rates: FSDP's gathers, DDP's all-reduce
+        "intra_node_bandwidth": min(
+            probed.get("bus_bandwidth", base["intra_node_bandwidth"]),
+            probed.get("gather_bandwidth", base["intra_node_bandwidth"]),
+        ),
+        "comm_overlap": 0.0,  # gloo copies on the cores that compute
         "collective_efficiency": 1.0,
         "collective_latency": probed.get("collective_latency", base["collective_latency"]),
         "mixed_precision": "fp32",
