@@ -129,7 +129,7 @@ def curry_lm(scorer: Scorer, tokenizer: EvalTokenizer) -> Any:
             return totals
 
         def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
-            return [text for text in _generate(self, [request.args for request in requests])]
+            return _generate(self, [request.args for request in requests])
 
     return CurryLM()
 

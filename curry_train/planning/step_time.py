@@ -19,7 +19,9 @@ from curry_train.planning.memory import (
     expert_parameter_count,
     parameter_count,
     parameter_shapes,
+    rank_parameters,
 )
+from curry_train.primitives.lora import is_adapter
 
 ZERO_BUBBLE = ("interleaved_zb", "zbv", "dualpipev")
 ALL_TO_ALL_LATENCY = 20e-6  # seconds an all-to-all of small messages takes within a node (NCCL's order)
@@ -102,15 +104,19 @@ def bubble_ratio(layout: Layout, microbatches: int) -> float:
 
 
 def _link(layout: Layout, axis: str, gpus_per_node: int, hw: DictConfig) -> float:
-    """Bandwidth of ``axis``'s groups: the mesh is (pp, dp_replicate, dp_shard, cp, tp), tp innermost,
-    so a group spans ``stride * size`` consecutive ranks."""
+    """The bandwidth ring collectives reach in ``axis``'s groups: NVLink's at ``collective_efficiency``
+    within a node, the network's at ``inter_node_efficiency`` across nodes (NCCL's bus bandwidths). The
+    mesh is (pp, dp_replicate, dp_shard, cp, tp), tp innermost, so a group spans ``stride * size``
+    consecutive ranks."""
     order = ("tp", "cp", "dp_shard", "dp_replicate", "pp")
     stride = 1
     for name in order:
         size = layout.sizes()[name]
         if name == axis or (axis == "dp" and name == "dp_shard"):
             span = stride * size * (layout.dp_replicate if axis == "dp" else 1)
-            return hw.intra_node_bandwidth if span <= gpus_per_node else hw.inter_node_bandwidth
+            if span <= gpus_per_node:
+                return hw.intra_node_bandwidth * hw.collective_efficiency
+            return hw.inter_node_bandwidth * hw.get("inter_node_efficiency", hw.collective_efficiency)
         stride *= size
     raise ValueError(axis)
 
@@ -251,25 +257,19 @@ def micro_batch_seconds(cfg: DictConfig, layout: Layout, hw: DictConfig, blocks:
 def optimizer_seconds(cfg: DictConfig, layout: Layout, hw: DictConfig) -> float:
     """AdamW over the rank's share of the trainable parameters: memory-bound, about 32 bytes moved per
     parameter (fp32 parameter, gradient and two moments read, three written), plus the gradient norm's read."""
-    from curry_train.planning.memory import rank_parameters  # noqa: PLC0415
-
     named = rank_parameters(cfg.model, layout.tp, layout.pp, 0, layout.pp_schedule, layout.virtual_stages, layout.ep)
     if cfg.model.get("lora") is not None:
-        from curry_train.primitives.lora import is_adapter  # noqa: PLC0415
-
         named = [(name, shape) for name, shape in named if is_adapter(name)]
     params = sum(math.prod(shape) for _, shape in named) / max(1, layout.shards)
     return params * 36 / (hw.memory_bandwidth * hw.memory_efficiency)
 
 
 def collective_seconds(volume: float, link: float, hw: DictConfig, calls: float = 1.0) -> float:
-    """``volume`` bytes a rank sends in ring collectives over a link of ``link`` bytes/s, at the share of
-    it NCCL's rings reach (bus bandwidth), plus each call's latency."""
+    """``volume`` bytes a rank sends in ring collectives at ``link`` bytes/s (``_link``: what they reach),
+    plus each call's latency."""
     if volume <= 0:
         return 0.0
-    inter = link == hw.inter_node_bandwidth and link != hw.intra_node_bandwidth
-    efficiency = hw.get("inter_node_efficiency", hw.collective_efficiency) if inter else hw.collective_efficiency
-    return volume / (link * efficiency) + calls * hw.collective_latency
+    return volume / link + calls * hw.collective_latency
 
 
 def _busiest_rank(cfg: DictConfig, layout: Layout) -> tuple[int, bool]:
@@ -326,7 +326,7 @@ def step_time(cfg: DictConfig, layout: Layout, hw: DictConfig) -> dict[str, floa
     calls = (3 * M if layout.zero in ("full", "hybrid") else 2) * units
     times["dp"] = collective_seconds(volume, dp_link, hw, calls if volume else 0)
     if N_experts:  # the experts' share of it (part of "dp", not added again to the total)
-        times["dp_experts"] = volumes[-1] / (dp_link * hw.collective_efficiency)
+        times["dp_experts"] = volumes[-1] / dp_link
     if layout.zero == "hybrid" and layout.dp_replicate > 1:
         # HSDP: gathers and reduce-scatters stay in the shard group; the replicas all-reduce the
         # gradient shards (fp32) once a step, over the links that join them.
@@ -370,16 +370,18 @@ def step_time(cfg: DictConfig, layout: Layout, hw: DictConfig) -> dict[str, floa
     return times
 
 
-def model_flops_per_token(cfg: DictConfig) -> float:
-    """Model FLOPs of training on one token as torchtitan and the papers count MFU: ``6N + 12 L h s``
-    with N all the parameters a token goes through (the input embedding too)."""
+def published_flops_per_token(cfg: DictConfig) -> float:
+    """``flops_per_token`` as torchtitan's and the papers' MFU counts it: N all the parameters a token goes
+    through, the input embedding's too (``flops_parameters`` leaves that lookup out)."""
     m = cfg.model
-    N = active_parameter_count(m)
-    return 6 * N + 12 * m.n_layers * m.n_heads * head_dim(m) * cfg.data.seq_len
+    return flops_per_token(active_parameter_count(m), m.n_layers, m.n_heads * head_dim(m), cfg.data.seq_len)
 
 
 def throughput(cfg: DictConfig, layout: Layout, hw: DictConfig, times: dict[str, float]) -> dict[str, float]:
     """Tokens per second per device and MFU (of the bf16 peak, as published runs count it) of a step."""
     tokens = cfg.data.global_batch_size * cfg.data.seq_len
     per_device = tokens / times["total"] / layout.world
-    return {"tokens_per_s_per_device": per_device, "mfu": per_device * model_flops_per_token(cfg) / hw.peak_bf16_flops}
+    return {
+        "tokens_per_s_per_device": per_device,
+        "mfu": per_device * published_flops_per_token(cfg) / hw.peak_bf16_flops,
+    }
