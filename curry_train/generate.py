@@ -17,13 +17,12 @@ from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from omegaconf import OmegaConf
 from torch import Tensor
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
 from curry_train.checkpoint import files
-from curry_train.checkpoint.dcp import MODEL_PREFIX, load_model
+from curry_train.checkpoint.dcp import MODEL_PREFIX, load_model, reader
 from curry_train.checkpoint.hf_config import PretrainedError, model_config
 from curry_train.checkpoint.hf_load import load_pretrained
 from curry_train.checkpoint.model import checkpoint_model, checkpoint_model_config
@@ -216,7 +215,7 @@ def _load_checkpoint_shards(model: Llama, cfg, path: Path, device: torch.device)
     read shard by shard, or drawn from the run's seed), then the saved tensors are read over it."""
     if cfg.lora is not None:
         apply_lora(model, cfg.lora.targets, cfg.lora.rank, cfg.lora.alpha)
-    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    saved = reader(path).read_metadata().state_dict_metadata
     if all(MODEL_PREFIX + name in saved for name in get_model_state_dict(model)):
         model.to_empty(device=device)
         model.reset_buffers()

@@ -91,7 +91,7 @@ class Watchdog(Callback):
 
     def _watch(self) -> None:
         dumped = False
-        while not self._stop.wait(self.poll):
+        while True:  # a beat at once, then every poll: a rank stopped in its first second is seen too
             idle = 0.0 if self._paused else time.monotonic() - self.advanced
             beat = {"step": self.step, "idle": idle, "time": time.time()}
             partial = self._heartbeat_path(self.rank).with_suffix(".partial")
@@ -102,6 +102,8 @@ class Watchdog(Callback):
                 dumped = True
             if idle > self.timeout and self._leads():
                 self._end_job(idle)
+            if self._stop.wait(self.poll):
+                return
 
     def _beats(self) -> dict[int, dict[str, Any]]:
         beats = {}
@@ -168,3 +170,46 @@ class Watchdog(Callback):
         report(line)
         logging.shutdown()
         os._exit(EXIT_HUNG)  # the training thread is blocked in the collective: end the process itself
+
+
+def is_collective_timeout(error: BaseException) -> bool:
+    """A collective that waited ``trainer.timeout`` for its peers: gloo's "Timed out waiting ... for recv",
+    NCCL's watchdog's "collective operation timeout"."""
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("Timed out waiting" in text or "operation timeout" in text)
+
+
+def read_beats(run_dir: Path, world: int) -> dict[int, dict[str, Any]]:
+    """Every rank's last heartbeat (``Watchdog``) that is on disk."""
+    beats = {}
+    for rank in range(world):
+        try:
+            beats[rank] = json.loads((Path(run_dir) / ".heartbeat" / f"rank-{rank:05d}.json").read_text())
+        except (OSError, ValueError):
+            continue
+    return beats
+
+
+def timed_out(run_dir: Path, rank: int, world: int, timeout: float, poll: float = 1.0) -> tuple[bool, str]:
+    """After a collective on ``rank`` waited ``timeout`` s (``trainer.timeout``) for its peers: whether this
+    rank reports it (the lowest rank not stuck), and the line naming the stuck rank(s) from the watchdog's
+    heartbeats. A rank that stopped (or died) beat last when it stopped, about ``timeout`` before the
+    ranks that waited for it failed; else the ranks at the lowest step are the ones waited for."""
+    beats = read_beats(run_dir, world)
+    head = f"curry-train: error: a collective waited trainer.timeout={timeout:g} s for its peers"
+    if not beats:
+        return rank == 0, f"{head}; no heartbeats to name the stuck rank by (trainer.hang_timeout=0)"
+    newest = max(beat["time"] for beat in beats.values())
+    stale = min(max(timeout / 2, poll + 0.25), 2 * poll + 0.5)  # older than the others' by more than a beat
+    stuck = [r for r in range(world) if r not in beats or newest - beats[r]["time"] > stale]
+    if stuck:
+        why = "stopped beating (a stopped or dead process)"
+    else:
+        lowest = min(beat["step"] for beat in beats.values())
+        stuck = [r for r, beat in sorted(beats.items()) if beat["step"] == lowest]
+        others = sorted({beat["step"] for r, beat in beats.items() if r not in stuck})
+        why = f"at step {lowest}" + (f"; the others at step {others[0]}, waiting for them" if others else "")
+        if not others:
+            return rank == 0, f"{head}; every rank is at step {lowest}: none is named stuck"
+    leader = min((r for r in range(world) if r not in stuck), default=0)
+    return rank == leader, f"{head}: rank(s) {', '.join(map(str, stuck))} {why}"

@@ -31,11 +31,13 @@ from torch.multiprocessing.spawn import ProcessExitedException, ProcessRaisedExc
 from curry_train.callbacks import Preempted
 from curry_train.checkpoint import files
 from curry_train.checkpoint.dcp import NonFiniteStateError
+from curry_train.checkpoint.files import CheckpointError
 from curry_train.config.checks import LaunchPlan
 from curry_train.config.schema import Config
 from curry_train.data.sources import DataError
 from curry_train.exits import (
     EXIT_BAD_INPUT,
+    EXIT_HUNG,
     EXIT_NONFINITE,
     EXIT_PREEMPTED,
     FORWARDED,
@@ -45,6 +47,7 @@ from curry_train.exits import (
 from curry_train.pool import die_with_parent, free_port, local_rank_environment, share_cores
 from curry_train.run import configure_worker_logging, train
 from curry_train.train_step import NonFiniteError
+from curry_train.watchdog import is_collective_timeout, timed_out
 
 log = logging.getLogger(__name__)
 
@@ -175,9 +178,18 @@ def run_worker(container: dict, run_dir: str, plan: LaunchPlan, received: Option
         if rank == 0:
             report(f"curry-train: error: {error}; the last good checkpoint: {files.last_checkpoint(run_dir) or 'none'}")
         sys.exit(EXIT_NONFINITE)
-    except DataError as error:  # a token id or a document past what the check read
+    except (DataError, CheckpointError) as error:  # a token id past what the check read; a checkpoint refused
         report(f"curry-train: error: {error}")
         sys.exit(EXIT_BAD_INPUT)
+    except RuntimeError as error:
+        if not is_collective_timeout(error):
+            raise
+        # trainer.timeout fired before the hang watchdog: the stuck rank is named all the same
+        world = cfg.trainer.devices * cfg.trainer.num_nodes
+        reports, line = timed_out(Path(run_dir), rank, world, cfg.trainer.timeout)
+        if reports:
+            report(f"{line}; the last good checkpoint: {files.last_checkpoint(run_dir) or 'none'}")
+        sys.exit(EXIT_HUNG)
     except Preempted as stopped:  # every rank stopped at the same step
         if stopped.signum is not None and received is not None:
             received.append(stopped.signum)

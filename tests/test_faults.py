@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import re
 import signal
 import subprocess
@@ -23,8 +24,10 @@ from omegaconf import OmegaConf
 
 from curry_train.checkpoint import dcp, files
 from curry_train.checkpoint.dcp import consolidated_model_state
+from curry_train.cli import export as export_cli
 from curry_train.config import ConfigError, compose
 from curry_train.config.resume import resolve
+from curry_train.exits import EXIT_BAD_INPUT
 from curry_train.stragglers import RankTimes, report
 
 DIVERGE = ("optim.lr=1e4", "optim.grad_clip=0", "trainer.max_steps=20")  # NaN gradients from step 1
@@ -167,6 +170,43 @@ def test_a_crafted_checkpoint_file_cannot_run_code(tmp_path):
     with pytest.raises(files.CheckpointError, match="meta.pt: not loadable as plain data"):
         dcp.load(path, model, [torch.optim.AdamW(model.parameters())])
     assert not (tmp_path / "pwned").exists()
+
+
+def test_a_crafted_dcp_metadata_cannot_run_code_on_resume_or_export(tmp_path, capsys):
+    """DCP's .metadata is a pickle: one that calls Path.touch, with the manifest's digest rewritten to
+    match (so verify passes), is refused on resume and by curry-export, naming the file and the call."""
+    (path,) = _saved(tmp_path, (2,))
+    payload = _Payload()
+    payload.marker = str(tmp_path / "pwned")
+    metadata = path / files.DCP_METADATA
+    genuine = metadata.read_bytes()
+    metadata.write_bytes(pickle.dumps(payload))
+    manifest = json.loads((path / files.MANIFEST_FILE).read_text())
+    manifest["files"].update(files.describe_files([metadata]))
+    (path / files.MANIFEST_FILE).write_text(json.dumps(manifest))
+    assert files.verify(path) is None  # a forger's checkpoint passes the digests
+    model = torch.nn.Linear(8, 8)
+    with pytest.raises(files.CheckpointError, match=r"\.metadata: refers to pathlib\.\w*Path\.touch"):
+        dcp.load(path, model, [torch.optim.AdamW(model.parameters())])
+    capsys.readouterr()
+    assert export_cli.main([str(path), "--output", str(tmp_path / "out.safetensors")]) == EXIT_BAD_INPUT
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("export_checkpoint: error:") and "may not run code" in line
+    assert not (tmp_path / "pwned").exists()
+    metadata.write_bytes(genuine)  # the genuine metadata still loads
+    dcp.load(path, model, [torch.optim.AdamW(model.parameters())])
+
+
+def test_curry_export_to_a_path_it_cannot_write_is_one_line(tmp_path, capsys):
+    (path,) = _saved(tmp_path, (2,))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    cases = ((blocker / "out.safetensors", "is not a directory"), (tmp_path, "exists and is a directory"))
+    for output, problem in cases:
+        capsys.readouterr()
+        assert export_cli.main([str(path), "--output", str(output)]) == EXIT_BAD_INPUT
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert line.startswith(f"export_checkpoint: error: --output {output}:") and problem in line, line
 
 
 def test_last_skips_a_corrupt_checkpoint_and_auto_starts_fresh_without_one(tmp_path, caplog):
@@ -323,6 +363,29 @@ def test_a_stopped_rank_is_named_and_the_job_ends(tmp_path):
     entries = json.loads((tmp_path / "flight-rank00000.json").read_text())["entries"]
     assert len(entries) > 10 and all(entry["profiling_name"].startswith("gloo:") for entry in entries)
     assert ended < 4 + 60
+
+
+@pytest.mark.slow
+def test_a_stopped_rank_is_named_when_the_collective_timeout_fires_first(tmp_path):
+    """trainer.timeout below the watchdog's: the collective's timeout ends the job, and the one line
+    names the stopped rank from the heartbeats, not gloo's traceback blaming the rank that waited."""
+    process = start_train(
+        [*FAST, "trainer.devices=2", "trainer.max_steps=5000", "trainer.timeout=3", f"hydra.run.dir={tmp_path}"],
+        tmp_path,
+    )
+    try:
+        _wait_for_steps(process, tmp_path, 2)
+        workers = sorted(spawned_workers(process.pid))
+        os.kill(workers[1], signal.SIGSTOP)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        for pid in spawned_workers(process.pid) if process.poll() is None else []:
+            os.kill(pid, signal.SIGKILL)
+        kill_group(process)
+    assert process.returncode == 4, stderr[-3000:]
+    (line,) = error_lines(stderr)
+    assert "a collective waited trainer.timeout=3 s for its peers: rank(s) 1 stopped beating" in line, line
+    assert "Traceback" not in stderr, stderr[-3000:]
 
 
 def test_the_straggler_report_names_the_late_rank():

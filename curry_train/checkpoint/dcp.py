@@ -17,9 +17,10 @@ It is written as ``step-00000100.tmp`` and renamed once every rank has finished,
 save never leaves a directory that looks complete, and never touches the checkpoints before it.
 Nothing non-finite is ever written (``NonFiniteStateError``).
 
-Trust: DCP's own ``.metadata`` is a pickle that PyTorch unpickles on load, so a checkpoint from a
-source you do not trust can still run code; the digests catch corruption, not a forger, who can
-rewrite the manifest too (docs/trust.md).
+Trust: no file of a checkpoint can run code. DCP's own ``.metadata`` is a pickle; it is read here
+(``reader``) through an unpickler that admits only DCP's metadata classes, torch's dtypes and sizes, and
+refuses anything else with the file named (docs/trust.md). The digests catch corruption, not a forger,
+who can rewrite the manifest too.
 
 Finding, naming and verifying checkpoints (no torch): ``curry_train.checkpoint.files``.
 """
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 import warnings
@@ -40,7 +42,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -89,6 +91,89 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# Every global DCP's ``.metadata`` pickle refers to (torch 2.4-2.13): its metadata dataclasses, the
+# file system writer's storage records, torch.Size, a layout by name, the checkpoint's path; and dtypes.
+METADATA_GLOBALS = frozenset(
+    {
+        ("torch.distributed.checkpoint.metadata", name)
+        for name in (
+            "Metadata",
+            "MetadataIndex",
+            "StorageMeta",
+            "TensorProperties",
+            "TensorStorageMetadata",
+            "BytesStorageMetadata",
+            "ChunkStorageMetadata",
+            "_MEM_FORMAT_ENCODING",
+        )
+    }
+    | {
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+        ("torch", "Size"),
+        ("torch.serialization", "_get_layout"),
+        ("pathlib", "PosixPath"),
+        ("pathlib", "WindowsPath"),
+        ("pathlib", "PurePosixPath"),
+        ("collections", "OrderedDict"),
+        ("builtins", "set"),
+        ("builtins", "frozenset"),
+    }
+)
+
+
+class MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP's ``.metadata`` admitting only ``METADATA_GLOBALS`` and torch's dtypes: a pickle that
+    names any other callable (the way a pickle runs code) is refused, naming the file and the global."""
+
+    def __init__(self, file: Any, source: str) -> None:
+        super().__init__(file)
+        self.source = source
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in METADATA_GLOBALS or (
+            module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        ):
+            return super().find_class(module, name)
+        raise CheckpointError(
+            f"{self.source}: refers to {module}.{name}, which DCP's metadata never holds; refused"
+            " (a checkpoint file may not run code)"
+        )
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise CheckpointError(f"{self.source}: holds a persistent reference; refused")
+
+
+def read_safe_metadata(stream: Any, source: str) -> Any:
+    """The ``Metadata`` a DCP ``.metadata`` stream holds, unpickled by ``MetadataUnpickler``."""
+    try:
+        metadata = MetadataUnpickler(stream, source).load()
+    except CheckpointError:
+        raise
+    except Exception as error:  # cut short, not a pickle at all
+        raise CheckpointError(f"{source}: not readable as DCP metadata ({type(error).__name__}: {error})") from None
+    if not isinstance(metadata, Metadata):
+        raise CheckpointError(f"{source}: holds a {type(metadata).__name__}, not DCP metadata; refused")
+    return metadata
+
+
+class SafeFileSystemReader(FileSystemReader):
+    """DCP's file system reader, its ``.metadata`` read by ``read_safe_metadata``."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        path = self._get_metadata_path(kwargs.get("rank"))
+        with self.fs.create_stream(path, "rb") as stream:
+            metadata = read_safe_metadata(stream, str(path))
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+def reader(path: str | Path) -> FileSystemReader:
+    """The storage reader of the checkpoint at ``path``: every read of a checkpoint goes through one."""
+    return SafeFileSystemReader(str(path))
 
 
 def _safe_load(path: Path) -> Any:
@@ -183,12 +268,12 @@ def load(path: str | Path, model: nn.Module, optimizers: Iterable[torch.optim.Op
     path = Path(path)
     optimizers = list(optimizers)
     model_state, optim_state = get_state_dict(model, optimizers)
-    saved = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    saved = reader(path).read_metadata().state_dict_metadata
     frozen = {name for name, param in model.named_parameters() if not param.requires_grad}
     absent = {key for key in model_state if key in frozen and f"model.{key}" not in saved}
     model_state = {key: value for key, value in model_state.items() if key not in absent}  # a LoRA base left out
     state = {"model": model_state, "optim": optim_state}
-    dcp.load(state, checkpoint_id=path)
+    dcp.load(state, storage_reader=reader(path))
     options = StateDictOptions(strict=not absent)
     set_state_dict(model, optimizers, model_state_dict=state["model"], optim_state_dict=state["optim"], options=options)
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -202,11 +287,11 @@ def load_model(path: str | Path, model: nn.Module) -> int:
     """Collective: the model tensors ``path`` holds, read into ``model`` (any layout: DCP reshards them); the
     ones it does not hold (a LoRA run's base, saved without it) are left as they are. Returns how many
     tensors were read."""
-    saved = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    saved = reader(path).read_metadata().state_dict_metadata
     current = get_model_state_dict(model)
     held = {name: value for name, value in current.items() if MODEL_PREFIX + name in saved}
     state = {"model": {f"model.{name}": value for name, value in held.items()}}
-    dcp.load(state, checkpoint_id=str(path))
+    dcp.load(state, storage_reader=reader(path))
     loaded = {name.removeprefix("model."): value for name, value in state["model"].items()}
     set_model_state_dict(model, loaded, options=StateDictOptions(strict=len(held) == len(current)))
     return len(held)
@@ -218,7 +303,7 @@ MODEL_PREFIX = "model.model."  # the LightningModule's `model` attribute, then t
 def consolidated_model_state(checkpoint: str | Path) -> dict[str, torch.Tensor]:
     """The full (unsharded) model tensors of ``checkpoint``, by their names in the bare model, read in this
     one process whatever layout wrote them (parameters and persistent buffers; no optimizer state)."""
-    metadata = FileSystemReader(str(checkpoint)).read_metadata()
+    metadata = reader(checkpoint).read_metadata()
     state = {
         key: torch.empty(item.size, dtype=item.properties.dtype)
         for key, item in metadata.state_dict_metadata.items()
@@ -228,7 +313,7 @@ def consolidated_model_state(checkpoint: str | Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{checkpoint}: no model tensors under {MODEL_PREFIX!r}")
     with warnings.catch_warnings():  # "torch.distributed is disabled ...": one process reading, as intended
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
+        dcp.load(state, storage_reader=reader(checkpoint), no_dist=True)
     return {key[len(MODEL_PREFIX) :]: tensor for key, tensor in state.items()}
 
 

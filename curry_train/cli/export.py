@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from curry_train.checkpoint.files import verify
+from curry_train.checkpoint.files import CheckpointError, verify
 from curry_train.checkpoint.hf_config import PretrainedError
 from curry_train.exits import EXIT_BAD_INPUT
 from curry_train.options import EXPORT_DTYPES
@@ -66,6 +67,37 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             file=sys.stderr,
         )
         return EXIT_BAD_INPUT
+    unwritable = output_problem(args.output, directory=args.format != "safetensors")
+    if unwritable is not None:
+        print(f"export_checkpoint: error: --output {args.output}: {unwritable}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        return _export(args)
+    except CheckpointError as error:  # e.g. a .metadata that would run code
+        print(f"export_checkpoint: error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as error:  # the disk filled, or the output vanished, while writing
+        print(f"export_checkpoint: error: writing {args.output}: {error.strerror or error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+def output_problem(output: Path, directory: bool) -> Optional[str]:
+    """Why ``output`` cannot be written (None: it can): its nearest existing folder is not one, or not
+    writable; a file where a directory is wanted or the other way round."""
+    if output.exists() and output.is_dir() != directory:
+        wanted, found = ("directory", "a file") if directory else ("file", "a directory")
+        return f"exists and is {found}; this format writes a {wanted}"
+    parent = output if directory and output.exists() else output.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{parent} is not a directory"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"{parent} is not writable by this user"
+    return None
+
+
+def _export(args: argparse.Namespace) -> int:
     # torch loads here, for a checkpoint that passed its check
     from safetensors.torch import save_file  # noqa: PLC0415
 
