@@ -37,7 +37,7 @@ from torch import Tensor
 from torch.distributed import ReduceOp
 from typing_extensions import override
 
-from curry_train.checkpoint import dcp
+from curry_train.checkpoint import dcp, files
 from curry_train.config.schema import Config
 from curry_train.layout.dims import ParallelDims
 from curry_train.parallelize import parallelize
@@ -55,6 +55,7 @@ class CurryStrategy(ParallelStrategy):
         self.cfg = cfg
         self.dims = dims  # built once by the config check (config.checks.check), handed to every worker
         self._timeout = timeout
+        self._resumed: Optional[tuple[Path, Optional[str]]] = None  # the checkpoint resumed, and what it continued
         self.parallel_state: Optional[ParallelState] = None
         self.num_nodes = 1
         self._owns_process_group = True
@@ -204,10 +205,15 @@ class CurryStrategy(ParallelStrategy):
         meta = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
         config = dataclasses.asdict(self.cfg)  # what a resumed run is compared with
         frozen = self.cfg.model.lora is not None and not self.cfg.checkpoint.save_base  # LoRA: adapters alone
-        dcp.save(filepath, self.lightning_module, self._raw_optimizers(), meta, config, skip_frozen=frozen)
+        lineage = {"resumed_from": files.lineage(self._resumed, Path(filepath))}
+        dcp.save(
+            filepath, self.lightning_module, self._raw_optimizers(), meta, config, skip_frozen=frozen, lineage=lineage
+        )
 
     @override
     def load_checkpoint(self, checkpoint_path: str | Path, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        # what this run's checkpoints will record they continue (read now: retention may delete it later)
+        self._resumed = (Path(checkpoint_path).resolve(), files.resumed_from(Path(checkpoint_path)))
         return dcp.load(checkpoint_path, self.lightning_module, self._raw_optimizers())
 
     @override

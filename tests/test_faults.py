@@ -16,6 +16,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -223,6 +224,49 @@ def test_last_skips_a_corrupt_checkpoint_and_auto_starts_fresh_without_one(tmp_p
     with pytest.raises(ConfigError, match="__0_0.distcp"):
         resolve(compose(["data.seq_len=64", f"ckpt_path={newer}"]), run_dir)
     assert resolve(compose(["data.seq_len=64", "ckpt_path=auto"]), tmp_path / "elsewhere") is None
+
+
+def _run_checkpoint(root: Path, run: str, overrides=(), step: int = 2, resumed_from: Optional[Path] = None) -> Path:
+    model = torch.nn.Linear(8, 8)
+    config = OmegaConf.to_container(compose(["data.seq_len=64", *overrides]), resolve=True)
+    lineage = {"resumed_from": str(resumed_from) if resumed_from else None}
+    path = root / run / "checkpoints" / files.checkpoint_name(step)
+    return dcp.save(
+        path, model, [torch.optim.AdamW(model.parameters())], {"global_step": step}, config, lineage=lineage
+    )
+
+
+def test_last_resumes_only_the_one_run_that_trains_the_same_thing(tmp_path, caplog):
+    """ckpt_path=last from a new run directory: a run of other optimizer settings is never taken (the
+    refusal suggests no other run); the one run of the same math is, named; two unrelated ones are
+    refused with both listed; a run and the run that resumed it are one run, the later one taken."""
+    outputs, new_run = tmp_path / "outputs", tmp_path / "outputs" / "new"
+    last = ["data.seq_len=64", "ckpt_path=last", f"checkpoint.search_dir={outputs}"]
+    other = _run_checkpoint(outputs, "other-lr", ["optim.lr=1e-4"], step=8)
+    with pytest.raises(ConfigError) as refused:
+        resolve(compose(last), new_run)
+    message = str(refused.value)
+    assert "optim.lr=0.0001 (now 0.003)" in message and message.endswith("(ckpt_path=PATH)"), message
+    assert "allow_config_change" not in message and f"ckpt_path={other}" not in message
+    first = _run_checkpoint(outputs, "first", step=4)
+    with caplog.at_level(logging.WARNING):
+        assert resolve(compose(last), new_run) == str(first.resolve())
+    assert f"of run {first.parent.parent}" in caplog.text
+    rival = _run_checkpoint(outputs, "rival", step=3)
+    with pytest.raises(ConfigError, match="2 runs under .* none continues") as ambiguous:
+        resolve(compose(last), new_run)
+    assert str(first.resolve()) in str(ambiguous.value) and str(rival.resolve()) in str(ambiguous.value)
+    rival.parent.parent.rename(tmp_path / "rival")  # away: one lineage again
+    second = _run_checkpoint(outputs, "second", step=6, resumed_from=first)
+    third = _run_checkpoint(outputs, "third", step=9, resumed_from=second)
+    assert resolve(compose(last), new_run) == str(third.resolve())
+    # a rerun in place records what its run continued, not itself
+    assert files.lineage((third.resolve(), str(second)), outputs / "third" / "checkpoints" / "step-00000012") == str(
+        second
+    )
+    assert files.lineage((third.resolve(), str(second)), new_run / "checkpoints" / "step-00000012") == str(
+        third.resolve()
+    )
 
 
 def test_a_checkpoint_of_other_math_is_refused_unless_allowed(tmp_path):

@@ -78,6 +78,9 @@ def test_a_sharded_checkpoint_resumes_on_one_process(pools, single_process_curve
     assert_steps_of(saved, range(6), single_process_curve)
     resumed = train(pools, [*CURVE, f"ckpt_path={checkpoint(saved, 6)}"], tmp_path / "resumed")
     assert_steps_of(resumed, range(6, STEPS), single_process_curve)
+    # what ckpt_path=last follows from a new directory: the resumed run records the checkpoint it continues
+    assert files.resumed_from(checkpoint(resumed, STEPS)) == str(checkpoint(saved, 6).resolve())
+    assert files.resumed_from(checkpoint(saved, 6)) is None
 
 
 @pytest.mark.slow

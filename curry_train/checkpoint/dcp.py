@@ -53,6 +53,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from curry_train.checkpoint.files import (
     CONFIG_FILE,
+    LINEAGE_FILE,
     MANIFEST_FILE,
     MANIFEST_FORMAT,
     META_FILE,
@@ -219,10 +220,12 @@ def save(
     meta: dict[str, Any],
     config: Optional[dict[str, Any]] = None,
     skip_frozen: bool = False,
+    lineage: Optional[dict[str, Any]] = None,
 ) -> Path:
     """Collective: every rank calls it with the same ``path``. Returns the checkpoint's directory.
     Raises ``NonFiniteStateError``, writing nothing, when any rank's state holds NaN or infinity.
-    ``skip_frozen``: leave out the parameters that do not train (a LoRA run's base, which its run rebuilds)."""
+    ``skip_frozen``: leave out the parameters that do not train (a LoRA run's base, which its run rebuilds).
+    ``lineage``: written as ``lineage.json`` (the checkpoint the run resumed from: ``ckpt_path=last`` follows it)."""
     path = Path(path)
     optimizers = list(optimizers)
     if not state_is_finite(model, optimizers):
@@ -243,6 +246,8 @@ def save(
         torch.save(meta, tmp / META_FILE)
         if config is not None:
             (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1, sort_keys=True))
+        if lineage is not None:
+            (tmp / LINEAGE_FILE).write_text(json.dumps(lineage, indent=1, sort_keys=True))
     _barrier()
     # Every rank hashes its share of the files (every world-th), rank 0 writes the manifest last.
     world = dist.get_world_size() if dist.is_initialized() else 1

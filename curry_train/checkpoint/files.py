@@ -15,6 +15,7 @@ from typing import Any, Optional
 META_FILE = "meta.pt"
 CONFIG_FILE = "config.json"
 MANIFEST_FILE = "manifest.json"
+LINEAGE_FILE = "lineage.json"  # the checkpoint the saving run resumed from (``ckpt_path=last`` follows it)
 MANIFEST_FORMAT = 1
 DCP_METADATA = ".metadata"
 TMP_SUFFIX = ".tmp"
@@ -24,6 +25,30 @@ NAME_PATTERN = re.compile(r"^step-(\d+)$")
 
 def checkpoint_name(step: int) -> str:
     return f"step-{step:08d}"
+
+
+def step_of(path: str | Path) -> int:
+    """The step in a checkpoint directory's name, ``step-NNNNNNNN``."""
+    return int(NAME_PATTERN.match(Path(path).name).group(1))
+
+
+def resumed_from(checkpoint: Path) -> Optional[str]:
+    """The checkpoint the run of ``checkpoint`` resumed from, as it recorded (``LINEAGE_FILE``)."""
+    try:
+        source = json.loads((Path(checkpoint) / LINEAGE_FILE).read_text()).get("resumed_from")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return str(source) if source else None
+
+
+def lineage(resumed: Optional[tuple[Path, Optional[str]]], saving: Path) -> Optional[str]:
+    """What a checkpoint saved at ``saving`` records its run continues: the checkpoint it resumed from
+    (``resumed``: its path and what that one continued) when another run saved it; when its own run did
+    (a rerun in place), what that one continued."""
+    if resumed is None:
+        return None
+    path, before = resumed
+    return before if path.parent.parent == Path(saving).resolve().parent.parent else str(path)
 
 
 def rng_file(rank: int) -> str:

@@ -2,8 +2,12 @@
 
 * ``null``: none; the run starts fresh.
 * ``PATH``: that checkpoint. An incomplete or altered one is an error naming the file.
-* ``last``: the newest good checkpoint in this run's directory (``<run_dir>/checkpoints``), else under
-  ``checkpoint.search_dir``; one that is incomplete or altered is skipped with a warning.
+* ``last``: the newest good checkpoint in this run's directory (``<run_dir>/checkpoints``), else the
+  newest of the one run under ``checkpoint.search_dir`` that trains the same thing (``LAST_MATH``: model,
+  data, optim and its schedule, seed, global batch), named in a warning. Runs that another run resumed
+  from count as that run (each checkpoint records the one its run resumed from: ``lineage.json``); two
+  such runs or more are refused with the candidates listed, none with what differs. One that is
+  incomplete or altered is skipped with a warning.
 * ``auto``: the newest good checkpoint in this run's directory, else a fresh start: what a re-run of
   the same command in the same run directory wants (a requeued SLURM job, a restarted crash).
 
@@ -30,6 +34,9 @@ log = logging.getLogger(__name__)
 MATH_PREFIXES = ("model.", "data.", "seed")
 # ... except those that change only how (not what) data is read.
 NOT_MATH = ("data.num_workers", "data.micro_batch_size", "model.loss_chunks")
+# What ``last`` matches a run of another directory on: all of its training math, the optimizer and the
+# schedule's length too (a run resumed by name may change those; one found by ``last`` may not).
+LAST_MATH = (*MATH_PREFIXES, "optim.", "trainer.max_steps")
 
 
 def resolve(cfg: DictConfig, run_dir: Optional[Path], digests: bool = True) -> Optional[str]:
@@ -39,13 +46,9 @@ def resolve(cfg: DictConfig, run_dir: Optional[Path], digests: bool = True) -> O
         return None
     own = Path(run_dir) / "checkpoints" if run_dir is not None else None
     if choice in ("last", "auto"):
-        places = [own] if own is not None else []
-        if choice == "last":
-            places.append(Path(cfg.checkpoint.search_dir))
-        found = _newest_good(places, digests)
+        found = _newest_good([own], digests) if own is not None else None
         if found is None and choice == "last":
-            where = " or ".join(str(p.resolve()) for p in places)
-            raise ConfigError(f"ckpt_path=last: no complete checkpoint under {where}")
+            return str(_same_run_elsewhere(cfg, Path(cfg.checkpoint.search_dir), own, digests))
         if found is None:
             log.info("ckpt_path=auto: no checkpoint in %s; starting fresh", own)
             return None
@@ -74,6 +77,72 @@ def _newest_good(places: list[Path], digests: bool) -> Optional[Path]:
     return None
 
 
+def _run_of(checkpoint: Path) -> Path:
+    """The run directory of ``<run_dir>/checkpoints/step-NNNNNNNN``."""
+    return checkpoint.resolve().parent.parent
+
+
+def _resumed_from(checkpoint: Path) -> Optional[Path]:
+    source = files.resumed_from(checkpoint)
+    return Path(source) if source else None
+
+
+def _same_run_elsewhere(cfg: DictConfig, search_dir: Path, own: Optional[Path], digests: bool) -> Path:
+    """``last`` beyond the run's own directory: the newest good checkpoint of the one run under
+    ``search_dir`` with this run's training math (``LAST_MATH``), runs that others resumed from left out."""
+    where = f"{own.resolve()} or under {search_dir.resolve()}" if own is not None else str(search_dir.resolve())
+    runs: dict[Path, Path] = {}  # run directory -> its newest good checkpoint
+    found = [p for p in search_dir.rglob("step-*") if p.is_dir() and files.NAME_PATTERN.match(p.name)]
+    for path in sorted(found, key=_finished_then_step, reverse=True):
+        run = _run_of(path)
+        if run in runs or (own is not None and run == own.resolve().parent):
+            continue
+        problem = files.verify(path, digests)
+        if problem is None:
+            runs[run] = path.resolve()
+        else:
+            log.warning("skipping checkpoint %s: %s", path, problem)
+    if not runs:
+        raise ConfigError(f"ckpt_path=last: no complete checkpoint in {where}")
+    differ = {run: _math_differences(cfg, files.saved_config(path), LAST_MATH) for run, path in runs.items()}
+    same = [run for run in runs if differ[run] == []]
+    if not same:
+        run = next(iter(runs))  # the newest
+        shown = "; ".join(differ[run][:3]) if differ[run] is not None else "it saved no config"
+        raise ConfigError(
+            f"ckpt_path=last: no checkpoint in this run's directory, and none of the {len(runs)} run(s) under"
+            f" {search_dir.resolve()} trains what this one does (model, data, optim, schedule, seed): the newest,"
+            f" {run}, has {shown}; start fresh (ckpt_path=null), or name the checkpoint to resume (ckpt_path=PATH)"
+        )
+    ancestors: set[Path] = set()
+    for run in same:  # the runs each resumed from, and theirs: continued by it, not candidates
+        path: Optional[Path] = runs[run]
+        seen = {run}
+        while path is not None and (source := _resumed_from(path)) is not None:
+            parent = _run_of(source)
+            if parent in seen:
+                break
+            seen.add(parent)
+            ancestors.add(parent)
+            path = runs.get(parent, source if source.is_dir() else None)
+    heads = [run for run in same if run not in ancestors]
+    if len(heads) != 1:
+        listed = ", ".join(f"{runs[run]} (step {files.step_of(runs[run])})" for run in heads or same)
+        raise ConfigError(
+            f"ckpt_path=last: {len(heads or same)} runs under {search_dir.resolve()} train what this one does and"
+            f" none continues the other(s): {listed}; name the one to resume with ckpt_path=PATH"
+        )
+    (run,) = heads
+    log.warning(
+        "ckpt_path=last: resuming %s, the newest checkpoint of run %s (the one run under %s that trains the same"
+        " model, data, optim, schedule and seed)",
+        runs[run],
+        run,
+        search_dir.resolve(),
+    )
+    return runs[run]
+
+
 def _finished_then_step(path: Path) -> tuple[float, int]:
     """Newest first: by when its save finished (its manifest; the directory, if it never did), then step."""
     manifest = path / files.MANIFEST_FILE
@@ -90,20 +159,30 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: tree}
 
 
-def _check_same_math(cfg: DictConfig, checkpoint: Path) -> None:
-    saved = files.saved_config(checkpoint)
-    if saved is None or cfg.checkpoint.allow_config_change:
-        return
+def _math_differences(
+    cfg: DictConfig, saved: Optional[dict[str, Any]], prefixes: tuple[str, ...]
+) -> Optional[list[str]]:
+    """``key=saved (now current)`` for each key under ``prefixes`` (less ``NOT_MATH``) whose value differs
+    between the checkpoint's config ``saved`` and ``cfg``; None when the checkpoint saved no config."""
+    if saved is None:
+        return None
     now = _flat(OmegaConf.to_container(cfg, resolve=True))
     # A key the schema gained after the checkpoint was saved had its default then (``model.qk_norm``).
     then = {**_flat(OmegaConf.to_container(OmegaConf.structured(Config))), **_flat(saved)}
     differ = sorted(
         key
         for key in set(now) | set(then)
-        if key.startswith(MATH_PREFIXES) and key not in NOT_MATH and now.get(key) != then.get(key)
+        if key.startswith(prefixes) and key not in NOT_MATH and now.get(key) != then.get(key)
     )
+    return [f"{key}={then.get(key)!r} (now {now.get(key)!r})" for key in differ]
+
+
+def _check_same_math(cfg: DictConfig, checkpoint: Path) -> None:
+    if cfg.checkpoint.allow_config_change:
+        return
+    differ = _math_differences(cfg, files.saved_config(checkpoint), MATH_PREFIXES)
     if differ:
-        shown = ", ".join(f"{key}={then.get(key)!r} (now {now.get(key)!r})" for key in differ[:6])
+        shown = ", ".join(differ[:6])
         more = f" and {len(differ) - 6} more" if len(differ) > 6 else ""
         raise ConfigError(
             f"{checkpoint} was saved by a run that computes something else: {shown}{more};"
