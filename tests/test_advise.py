@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, replace
 from types import SimpleNamespace
 
@@ -493,3 +494,17 @@ def test_the_pipelines_own_micro_batch_count_sets_the_planned_micro_batch():
         estimate(compose(o), current_layout(compose(o))) for o in (base, [*base, "parallel.pp.microbatches=8"])
     )
     assert finer.memory["activations"] < default.memory["activations"]
+
+
+def test_advise_reads_the_device_count_of_a_run_and_refuses_none(capsys):
+    """``trainer.devices`` and ``trainer.num_nodes`` given to curry-advise set what it plans for; 0 is one line."""
+    for args, message in (
+        (["trainer.devices=0"], "trainer.devices=0 must be positive"),
+        (["trainer.num_nodes=0"], "trainer.num_nodes=0 must be positive"),
+    ):
+        assert advise_cli.main(args) == 2
+        captured = capsys.readouterr()
+        assert captured.err.strip() == f"advise: error: {message}" and captured.out == ""
+    code, result = run_json(capsys, ["model=llama3_8b", "hardware=h100_80gb", "trainer.devices=4"])
+    assert code == 0 and "trainer.devices=4 " in result["command"]
+    assert math.prod(result["sizes"].values()) == 4

@@ -135,14 +135,22 @@ BAD_INPUTS = [
     (["logger.kind=mlflow"], r"logger\.kind='mlflow': expected one of"),
     (["recipe=debug-dp3"], r"Could not find 'recipe/debug-dp3' \(available: debug-dp2"),
     (["model=llama9"], r"Could not find 'model/llama9' \(available: debug"),
-    (["trainer.max_step=10"], r"Key 'max_step' not in 'TrainerConfig'"),
+    (["trainer.max_step=10"], r"trainer\.max_step: no such key in trainer; did you mean trainer\.max_steps\?"),
+    (["model.dimm=3"], r"model\.dimm: no such key in model; did you mean model\.dim\?"),
+    (
+        ["parallel=fsdp", "parallel.fsdp.shardin=full"],
+        r"no such key in parallel\.fsdp; did you mean parallel\.fsdp\.sharding\?",
+    ),
+    (["modle.dim=3"], r"modle\.dim: no such key in the config; did you mean model\?"),
     (["+trainer.max_step=10"], r"trainer\.max_step: no such key in the schema: did you mean trainer\.max_steps\?"),
     (["+sed=3"], r"sed: no such key in the schema: did you mean seed\?"),
     (["parallel=tp", "trainer.devices=2", "+parallel.tp.sise=2"], r"did you mean parallel\.tp\.size\?"),
     (["trainer.max_steps=ten"], r"trainer\.max_steps=ten: Value 'ten' of type 'str' could not be converted"),
     # paths
     (["ckpt_path=/nonexistent"], r"ckpt_path=/nonexistent: not a curry-train checkpoint directory"),
-    (["ckpt_path=last", "checkpoint.search_dir=/nonexistent"], r"ckpt_path=last: no complete checkpoint under"),
+    (["ckpt_path=last", "checkpoint.search_dir=/nonexistent"], r"ckpt_path=last: no complete checkpoint in"),
+    # a source's paths where the source reads none
+    (["data.paths=[{root}/text.txt]"], r"data\.paths=\[.*text\.txt'\] with data\.source=stdlib .*choose the source"),
 ]
 
 
@@ -184,6 +192,7 @@ def test_a_validation_tail_too_short_for_a_batch_is_a_warning(data_dir, tmp_path
     [
         (["optim.betas=[2.0,0.95]"], "optim.betas=[2.0, 0.95] must be two numbers in [0, 1)"),
         (["+trainer.max_step=10"], "did you mean trainer.max_steps?"),
+        (["model.dimm=3"], "model.dimm: no such key in model; did you mean model.dim?"),
         (["recipe=debug-dp3"], "Could not find 'recipe/debug-dp3'"),
         (["hydra.run.dir={file}/run"], "cannot write"),
     ],

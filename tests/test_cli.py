@@ -105,7 +105,7 @@ def test_train_help_and_a_bad_override(tmp_path):
     result = run_train(["model.dimm=3"], cwd=tmp_path, timeout=120, check=False)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "curry-train: error: Could not override 'model.dimm'.: Key 'dimm' not in 'ModelConfig'"
+        "curry-train: error: model.dimm: no such key in model; did you mean model.dim?"
     ]
     assert not (tmp_path / "outputs").exists()  # composing failed: Hydra never made a run directory
 

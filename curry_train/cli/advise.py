@@ -7,7 +7,8 @@ Usage::
     python scripts/advise.py model=llama3_70b hardware=h100_80gb hardware.nodes=4 plot=memory.png
 
 Composes the config as ``train.py`` would (``hardware=...`` picks the machines, ``hardware.nodes``,
-``hardware.gpus_per_node`` their count), walks the decision guide (curry_train/planning/advise.py) and prints
+``hardware.gpus_per_node`` their count; ``trainer.num_nodes`` and ``trainer.devices``, where given, set those
+two), walks the decision guide (curry_train/planning/advise.py) and prints
 the lightest layout that fits with headroom, why each heavier primitive is or is not needed, and the
 ``python train.py ...`` command. ``symptom=oom|slow``: the primitive to add next to the current config.
 ``plot=PATH``: a PNG chart of the per-rank memory of each candidate tried (or of the current and next
@@ -54,6 +55,15 @@ def _advise(argv: list[str]) -> int:
         return fail("advise", f"symptom={options['symptom']}: expected oom or slow")
     cfg = compose(overrides)
     apply_init_from(cfg)  # model.init_from=DIR: plan for the directory's model
+    for key, count in (("trainer.devices", cfg.trainer.devices), ("trainer.num_nodes", cfg.trainer.num_nodes)):
+        if count < 1:
+            return fail("advise", f"{key}={count} must be positive")
+    given = {arg.partition("=")[0].lstrip("+") for arg in overrides}
+    if not options["symptom"]:  # the plan is for hardware.nodes x gpus_per_node: a run's own count says it too
+        if "trainer.devices" in given:
+            cfg.hardware.gpus_per_node = cfg.trainer.devices
+        if "trainer.num_nodes" in given:
+            cfg.hardware.nodes = cfg.trainer.num_nodes
     # torch loads here (the planning arithmetic builds meta-device models), after the arguments composed
     from curry_train.planning.advise import advise, diagnose, gib_text, plot_memory  # noqa: PLC0415
 

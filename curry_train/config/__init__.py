@@ -6,6 +6,8 @@ Importing this module registers with Hydra what ``conf/config.yaml`` refers to (
 
 from __future__ import annotations
 
+import difflib
+import re
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -13,6 +15,7 @@ from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.core.plugins import Plugins
+from hydra.errors import ConfigCompositionException
 from omegaconf import DictConfig
 
 from curry_train.config.combos import ParallelCombosSource
@@ -40,8 +43,11 @@ def compose(overrides: Sequence[str] = (), config_dir: Optional[Path] = None) ->
     try:
         with initialize_config_dir(config_dir=str(config_dir or CONF_DIR), version_base=None):
             return hydra_compose(config_name="config", overrides=overrides)
-    except (AssertionError, ValueError) as error:
-        raise composition_error(error, overrides, config_dir) from None
+    except (AssertionError, ValueError, ConfigCompositionException) as error:
+        converted = composition_error(error, overrides, config_dir)
+        if converted is error:
+            raise
+        raise converted from None
 
 
 def composition_error(error: Exception, overrides: Sequence[str], config_dir: Optional[Path] = None) -> Exception:
@@ -50,10 +56,38 @@ def composition_error(error: Exception, overrides: Sequence[str], config_dir: Op
     other error as it is."""
     if isinstance(error, AssertionError):  # OmegaConf's answer to a key under a null subtree
         return ConfigError(_unset_option(list(overrides), config_dir))
+    misspelt = re.match(r"Could not override '([^']+)'", str(error))
+    if misspelt:  # Hydra's answer to a key the config does not have: the did-you-mean it does not give
+        return ConfigError(_unknown_key(misspelt.group(1), list(overrides), config_dir))
     if isinstance(error, ValueError) and not isinstance(error, ConfigError):  # a key into a list (data.paths.x=1)
         culprits = [o for o in overrides if o.split("=", 1)[0].count(".") > 1] or list(overrides)
         return ConfigError(f"{' '.join(culprits)}: {error}")
     return error
+
+
+def _unknown_key(key: str, overrides: list[str], config_dir: Optional[Path]) -> str:
+    """``key`` is not in the config: the closest key at the level where it leaves the config."""
+    rest = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != key]
+    try:
+        node: object = compose(rest, config_dir) if len(rest) < len(overrides) else None
+    except Exception:  # the rest fails too: its own error comes next
+        node = None
+    parts = key.split(".")
+    depth = 0
+    while depth < len(parts) and isinstance(node, DictConfig) and parts[depth] in node:
+        node = node[parts[depth]]
+        depth += 1
+    if depth == len(parts):
+        return f"{key}: could not override it"
+    part = parts[depth]
+    if not isinstance(node, DictConfig):
+        return f"{key}: no such key (to add one the schema lacks: +{key}=..., which the check refuses)"
+    prefix = ".".join(parts[:depth])
+    where = prefix or "the config"
+    close = difflib.get_close_matches(part, [str(k) for k in node.keys()], n=1, cutoff=0.6)
+    if close:
+        return f"{key}: no such key in {where}; did you mean {'.'.join([*parts[:depth], close[0]])}?"
+    return f"{key}: no such key in {where} (it has: {', '.join(str(k) for k in node.keys())})"
 
 
 def _unset_option(overrides: list[str], config_dir: Optional[Path]) -> str:

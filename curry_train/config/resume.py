@@ -34,6 +34,12 @@ log = logging.getLogger(__name__)
 MATH_PREFIXES = ("model.", "data.", "seed")
 # ... except those that change only how (not what) data is read.
 NOT_MATH = ("data.num_workers", "data.micro_batch_size", "model.loss_chunks")
+# The model keys that decide its parameters' names and shapes: never changed on resume, even when told.
+SHAPE_KEYS = frozenset(
+    {f"model.{key}" for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "head_dim")}
+    | {"model.tie_embeddings", "model.qk_norm", "model.lora.rank", "model.lora.targets"}
+    | {f"model.moe.{key}" for key in ("experts", "shared_experts", "expert_ffn_dim", "dense_layers")}
+)
 # What ``last`` matches a run of another directory on: all of its training math, the optimizer and the
 # schedule's length too (a run resumed by name may change those; one found by ``last`` may not).
 LAST_MATH = (*MATH_PREFIXES, "optim.", "trainer.max_steps")
@@ -178,6 +184,13 @@ def _math_differences(
 
 
 def _check_same_math(cfg: DictConfig, checkpoint: Path) -> None:
+    saved = files.saved_config(checkpoint)
+    shape = [line for line in _math_differences(cfg, saved, ("model.",)) or [] if line.split("=")[0] in SHAPE_KEYS]
+    if shape:  # even when told: the weights would be dropped or not fit
+        raise ConfigError(
+            f"{checkpoint} holds a model of another shape: {', '.join(shape)}; its weights fit only that shape"
+            " (checkpoint.allow_config_change admits other data, seed or model settings, not another shape)"
+        )
     if cfg.checkpoint.allow_config_change:
         return
     differ = _math_differences(cfg, files.saved_config(checkpoint), MATH_PREFIXES)
