@@ -158,8 +158,8 @@ class Preemption(Callback):
         if not bool(flag):
             return
         for callback in trainer.callbacks:
-            if isinstance(callback, PeriodicCheckpoint):
-                callback.save(trainer)
+            if isinstance(callback, PeriodicCheckpoint):  # complete before the grace period ends
+                callback.save(trainer, complete=True, why="preempted")
         self.stopped_at = trainer.global_step
         trainer.should_stop = True
 
@@ -184,21 +184,48 @@ class PeriodicCheckpoint(Callback):
         self._last_saved_step: Optional[int] = None
         self.last_saved: Optional[Path] = None
 
-    def save(self, trainer: pl.Trainer) -> None:
-        """Collective: save the state after the current step (once per step), then prune."""
+    def save(self, trainer: pl.Trainer, complete: bool = False, why: str = "") -> None:
+        """Collective: save the state after the current step (once per step); retention prunes the older
+        ones once it is complete. Under ``checkpoint.async_mode`` it is written in the background unless
+        ``complete`` (the end of the run, a preemption): then it returns once the checkpoint is whole."""
         step = trainer.global_step
+        saver = getattr(trainer.strategy, "saver", None)
         if step == self._last_saved_step:
+            if complete and saver is not None:
+                saver.wait()
             return
         path = trainer.strategy.broadcast(self.directory / files.checkpoint_name(step))
         watchdogs = [callback for callback in trainer.callbacks if isinstance(callback, Watchdog)]
+        began = time.perf_counter()
         with contextlib.ExitStack() as stack:
             for watchdog in watchdogs:  # a long save is work, not a hang (a stuck one: trainer.timeout)
                 stack.enter_context(watchdog.paused())
             trainer.save_checkpoint(path, weights_only=False)
+            background = saver is not None and saver.background
+            if background and complete:
+                saver.wait()
         self._last_saved_step, self.last_saved = step, path
-        if trainer.is_global_zero:
-            files.prune(self.directory, self.keep_last)
-            log.info("checkpoint saved: %s", path)
+        if not trainer.is_global_zero:
+            return
+        timing = getattr(trainer.strategy, "last_save", None)
+        waited = timing.waited if timing is not None else None
+        before = f"waited {waited:.2f} s for the save in flight, then " if waited else ""
+        if background and not complete:
+            log.info(
+                "checkpoint staged: %s (%sheld training %.2f s; writing in the background)",
+                path,
+                before,
+                time.perf_counter() - began,
+            )
+        else:
+            log.info(
+                "checkpoint saved: %s (%s%s in %.2f s)%s",
+                path,
+                before,
+                "saved",
+                time.perf_counter() - began,
+                f", {why}" if why else "",
+            )
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if trainer.is_global_zero:
@@ -206,12 +233,18 @@ class PeriodicCheckpoint(Callback):
                 log.warning("removed %s: a save that never finished", debris)
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        saver = getattr(trainer.strategy, "saver", None)
+        if saver is not None:
+            saver.poll()  # a background save that finished: reported, or its failure raised
         if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
             self.save(trainer)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.save_on_end:
-            self.save(trainer)
+            self.save(trainer, complete=True)
+        saver = getattr(trainer.strategy, "saver", None)
+        if saver is not None:
+            saver.wait()  # the run ends with its checkpoints whole
         preempted = any(isinstance(c, Preemption) and c.stopped_at is not None for c in trainer.callbacks)
         if self.export_hf is not None and self.last_saved is not None and trainer.is_global_zero and not preempted:
             written = export_checkpoint(self.last_saved, self.export_hf, self.export_dtype)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import time
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
@@ -38,11 +39,21 @@ from torch.distributed import ReduceOp
 from typing_extensions import override
 
 from curry_train.checkpoint import dcp, files
+from curry_train.checkpoint.background import BackgroundSaver
 from curry_train.config.schema import Config
 from curry_train.layout.dims import ParallelDims
 from curry_train.parallelize import parallelize
 from curry_train.primitives.parallel_state import ParallelState, init_process_group_from_env
 from curry_train.train_step import StepSettings, TrainStep
+
+
+@dataclasses.dataclass
+class SaveTiming:
+    """How long the last save held training: waiting for the save in flight before it (None: none was),
+    and in all (the wait, staging, and the write itself when it is not in the background)."""
+
+    waited: Optional[float]
+    blocked: float
 
 
 class CurryStrategy(ParallelStrategy):
@@ -56,6 +67,8 @@ class CurryStrategy(ParallelStrategy):
         self.dims = dims  # built once by the config check (config.checks.check), handed to every worker
         self._timeout = timeout
         self._resumed: Optional[tuple[Path, Optional[str]]] = None  # the checkpoint resumed, and what it continued
+        self.saver = BackgroundSaver(cfg.checkpoint.async_mode)
+        self.last_save: Optional[SaveTiming] = None
         self.parallel_state: Optional[ParallelState] = None
         self.num_nodes = 1
         self._owns_process_group = True
@@ -173,6 +186,7 @@ class CurryStrategy(ParallelStrategy):
 
     @override
     def teardown(self) -> None:
+        self.saver.close()  # a save in flight completes before the process group goes
         super().teardown()
         if dist.is_initialized() and self._owns_process_group:
             dist.destroy_process_group()
@@ -206,9 +220,21 @@ class CurryStrategy(ParallelStrategy):
         config = dataclasses.asdict(self.cfg)  # what a resumed run is compared with
         frozen = self.cfg.model.lora is not None and not self.cfg.checkpoint.save_base  # LoRA: adapters alone
         lineage = {"resumed_from": files.lineage(self._resumed, Path(filepath))}
-        dcp.save(
-            filepath, self.lightning_module, self._raw_optimizers(), meta, config, skip_frozen=frozen, lineage=lineage
+        c = self.cfg.checkpoint
+        began = time.perf_counter()
+        waited = self.saver.wait() if self.saver.background else None  # at most one save in flight
+        staged = dcp.stage(
+            filepath,
+            self.lightning_module,
+            self._raw_optimizers(),
+            meta,
+            config,
+            skip_frozen=frozen,
+            lineage=lineage,
+            copy=self.saver.background,
         )
+        self.saver.save(staged, dcp.Retention(c.keep_last, c.keep_every))
+        self.last_save = SaveTiming(waited, time.perf_counter() - began)
 
     @override
     def load_checkpoint(self, checkpoint_path: str | Path, weights_only: Optional[bool] = None) -> dict[str, Any]:

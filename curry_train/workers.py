@@ -30,7 +30,7 @@ from torch.multiprocessing.spawn import ProcessExitedException, ProcessRaisedExc
 
 from curry_train.callbacks import Preempted
 from curry_train.checkpoint import files
-from curry_train.checkpoint.dcp import NonFiniteStateError
+from curry_train.checkpoint.dcp import CheckpointWriteError, NonFiniteStateError
 from curry_train.checkpoint.files import CheckpointError
 from curry_train.config.checks import LaunchPlan
 from curry_train.config.schema import Config
@@ -40,6 +40,7 @@ from curry_train.exits import (
     EXIT_HUNG,
     EXIT_NONFINITE,
     EXIT_PREEMPTED,
+    EXIT_SAVE_FAILED,
     FORWARDED,
     WORKER_EXIT_CODES,
     report,
@@ -181,6 +182,10 @@ def run_worker(container: dict, run_dir: str, plan: LaunchPlan, received: Option
     except (DataError, CheckpointError) as error:  # a token id past what the check read; a checkpoint refused
         report(f"curry-train: error: {error}")
         sys.exit(EXIT_BAD_INPUT)
+    except CheckpointWriteError as error:  # every rank sees it (the writes agree); the last complete one stays
+        if rank == 0:
+            report(f"curry-train: error: {error}")
+        sys.exit(EXIT_SAVE_FAILED)
     except RuntimeError as error:
         if not is_collective_timeout(error):
             raise

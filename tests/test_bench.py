@@ -27,6 +27,7 @@ from curry_train.planning.layout import current_layout
 from curry_train.planning.memory import activation_bytes
 from curry_train.primitives.materialize import materialize_and_init
 from curry_train.validation import layouts, throughput
+from curry_train.validation.checkpoint_bench import checkpoint_bench
 from curry_train.validation.comm import CommCounter
 
 # The debug model, narrower and shallower, on short sequences: seconds per run even on a busy machine.
@@ -530,3 +531,15 @@ def test_compare_rejects_bad_input(capsys):
         with pytest.raises(SystemExit) as exit_info:
             bench.main(bad)
         assert exit_info.value.code == 2
+
+
+def test_the_checkpoint_bench_times_both_kinds_of_save(tmp_path):
+    """``--checkpoint`` on the tiny run in one process: a row per mode with the save's figures, the same
+    checkpoint bytes whichever wrote them, and the ratio it prints (its values are the bench's to show)."""
+    result = checkpoint_bench(FAST, models=("debug",), steps=8, every=3, layouts={"1 process": ()})
+    off, thread = result.rows
+    assert (off.mode, thread.mode) == ("off", "thread") and off.bytes == thread.bytes > 100_000
+    assert off.blocked_ms == off.written_ms and thread.written_ms > 0 and thread.blocked_ms > 0
+    assert all(math.isfinite(value) for value in (off.step_ms, thread.step_ms, thread.overlapped_ms))
+    assert result.ratio("debug", "1 process") == thread.blocked_ms / off.blocked_ms
+    assert "a background save holds training" in result.table()

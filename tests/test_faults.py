@@ -275,6 +275,9 @@ def test_a_checkpoint_of_other_math_is_refused_unless_allowed(tmp_path):
         resolve(compose(["data.seq_len=128", "seed=7", f"ckpt_path={path}"]), None)
     allowed = ["data.seq_len=128", "checkpoint.allow_config_change=true", f"ckpt_path={path}"]
     assert resolve(compose(allowed), None) == str(path.resolve())
+    # another shape is refused even when told: half the checkpoint's layers would be dropped
+    with pytest.raises(ConfigError, match=r"another shape: model\.n_layers=4 \(now 2\); its weights fit only"):
+        resolve(compose([*allowed, "model.n_layers=2"]), None)
     # Another layout, more steps, another learning rate or micro-batch: the same run, resumed.
     same = ["data.seq_len=64", "parallel=fsdp", "trainer.max_steps=999", "optim.lr=1e-4", "data.micro_batch_size=2"]
     assert resolve(compose([*same, f"ckpt_path={path}"]), None) == str(path.resolve())
@@ -332,8 +335,13 @@ def _wait_for_steps(process: subprocess.Popen, run_dir: Path, steps: int) -> Non
 def test_preemption_saves_the_current_step_and_exits_75(signum, devices, tmp_path):
     """SIGTERM to the launcher of 2 workers (it passes the signal on), SIGUSR1 to a one-process run
     under a scheduler's SIGUSR1 handler: the step in flight finishes, its checkpoint is saved, the
-    scheduler's handler gets the signal after the save, the job exits 75; ckpt_path=auto continues."""
-    common = [*FAST, f"trainer.devices={devices}", "checkpoint.every_n_steps=1000", f"hydra.run.dir={tmp_path}"]
+    scheduler's handler gets the signal after the save, the job exits 75; ckpt_path=auto continues. The
+    2-worker run saves every other step in the background: the preemption waits for the save in flight,
+    writes its own whole, and says how long that took."""
+    saves = ["checkpoint.every_n_steps=1000"]
+    if devices == 2:
+        saves = ["checkpoint.every_n_steps=2", "checkpoint.keep_last=1", "checkpoint.async_mode=thread"]
+    common = [*FAST, f"trainer.devices={devices}", *saves, f"hydra.run.dir={tmp_path}"]
     marker = tmp_path / "scheduler-handled"
     if signum == signal.SIGUSR1:
         (tmp_path / "job.py").write_text(SCHEDULED_JOB)
@@ -355,6 +363,11 @@ def test_preemption_saves_the_current_step_and_exits_75(signum, devices, tmp_pat
         assert int(handled_signal) == signum and float(handled_at) >= (saved / "manifest.json").stat().st_mtime
     (line,) = [line for line in stderr.splitlines() if "curry-train: preempted" in line]
     assert f"{signal.Signals(signum).name}: stopped after step {stopped}" in line and str(saved) in line
+    if devices == 2:
+        log = (tmp_path / "train.log").read_text()
+        waited = r"(waited [\d.]+ s for the save in flight, then )?"
+        saved_line = rf"checkpoint saved: {re.escape(str(saved))} \({waited}saved in [\d.]+ s\), preempted"
+        assert re.search(saved_line, log), log[-2000:]
     result = run_train([*common, f"trainer.max_steps={stopped + 2}", "ckpt_path=auto"], cwd=tmp_path)
     assert f"resuming from {saved}" in result.stdout + result.stderr
     assert [int(row["step"]) for row in metric_rows(tmp_path)] == list(range(stopped + 2))

@@ -27,12 +27,15 @@ Finding, naming and verifying checkpoints (no torch): ``curry_train.checkpoint.f
 
 from __future__ import annotations
 
+import copy as pycopy
+import errno
 import json
 import os
 import pickle
 import random
 import shutil
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -42,6 +45,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -59,7 +63,9 @@ from curry_train.checkpoint.files import (
     META_FILE,
     TMP_SUFFIX,
     CheckpointError,
+    checkpoints_in,
     describe_files,
+    prune,
     rng_file,
 )
 
@@ -213,6 +219,233 @@ def _barrier() -> None:
         dist.barrier()
 
 
+class CheckpointWriteError(OSError):
+    """A save that could not be written (a full disk, a denied write): the checkpoint before it stays the
+    newest complete one; the message names the directory and, for a full disk, the bytes needed."""
+
+
+@dataclass
+class Retention:
+    """Which complete checkpoints a save keeps once it is complete: the ``keep_last`` newest and every
+    checkpoint whose step is a multiple of ``keep_every`` (0: none kept for that)."""
+
+    keep_last: int
+    keep_every: int = 0
+
+
+@dataclass
+class Staged:
+    """What a save writes, copied off the live training state (``stage``): the step that follows may
+    change the parameters while it is written."""
+
+    path: Path
+    state: dict[str, Any]
+    rng: dict[str, Any]
+    meta: dict[str, Any]
+    config: Optional[dict[str, Any]]
+    lineage: Optional[dict[str, Any]]
+    nbytes: int  # this rank's tensor bytes
+
+    @property
+    def step(self) -> Optional[int]:
+        return self.meta.get("global_step")
+
+
+def _nbytes(tree: Any) -> int:
+    if isinstance(tree, dict):
+        return sum(_nbytes(value) for value in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return sum(_nbytes(value) for value in tree)
+    if torch.is_tensor(tree):
+        local = _local(tree)
+        return local.numel() * local.element_size()
+    return 0
+
+
+def _copied(tree: Any, pin: bool) -> Any:
+    """``tree`` with every tensor copied to host memory (pinned where ``pin``: a CUDA copy that need not wait)."""
+    if isinstance(tree, dict):
+        return {key: _copied(value, pin) for key, value in tree.items()}
+    if isinstance(tree, list):
+        return [_copied(value, pin) for value in tree]
+    if isinstance(tree, tuple):
+        return tuple(_copied(value, pin) for value in tree)
+    if torch.is_tensor(tree):
+        if hasattr(tree, "to_local"):  # a DTensor: its local shard copied, its placement kept
+            from torch.distributed.tensor import DTensor  # noqa: PLC0415
+
+            local = _copied(tree.to_local(), pin)
+            return DTensor.from_local(
+                local, tree.device_mesh, tree.placements, run_check=False, shape=tree.shape, stride=tree.stride()
+            )
+        copy = torch.empty(tree.shape, dtype=tree.dtype, device="cpu", pin_memory=pin and tree.is_cuda)
+        copy.copy_(tree.detach(), non_blocking=pin and tree.is_cuda)
+        return copy
+    return tree
+
+
+def stage(
+    path: str | Path,
+    model: nn.Module,
+    optimizers: Iterable[torch.optim.Optimizer],
+    meta: dict[str, Any],
+    config: Optional[dict[str, Any]] = None,
+    skip_frozen: bool = False,
+    lineage: Optional[dict[str, Any]] = None,
+    copy: bool = True,
+) -> Staged:
+    """Collective: the state a save of ``path`` writes. Raises ``NonFiniteStateError``, writing nothing,
+    when any rank's state holds NaN or infinity. ``copy``: into host memory (a save in the background);
+    else the live tensors (a save that finishes before training goes on)."""
+    path = Path(path)
+    optimizers = list(optimizers)
+    if not state_is_finite(model, optimizers):
+        raise NonFiniteStateError(f"{path.name}: the model or optimizer state holds NaN or infinity; not saved")
+    model_state, optim_state = get_state_dict(model, optimizers)
+    if skip_frozen:
+        frozen = {name for name, param in model.named_parameters() if not param.requires_grad}
+        model_state = {key: value for key, value in model_state.items() if key not in frozen}
+    state = {"model": model_state, "optim": optim_state}
+    if copy:
+        state = _copied(state, pin=torch.cuda.is_available())
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the pinned copies are complete before the step that follows
+        meta = _copied(pycopy.deepcopy(meta), pin=False)
+    return Staged(path, state, rng_state(), meta, config, lineage, _nbytes(state))
+
+
+def _agree(ok: bool, group: Any) -> bool:
+    """Collective over ``group``: whether every rank's ``ok`` holds."""
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return ok
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int64)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+    return bool(flag.item())
+
+
+def _gib(count: float) -> str:
+    return f"{count / 2**30:.2f} GiB" if count >= 2**28 else f"{count / 2**20:.1f} MiB"
+
+
+def _full_disk(error: BaseException) -> bool:
+    """Whether ``error`` (or what caused it) is a write into a full file system: ENOSPC, or the zip
+    writer's "unexpected pos" that a short write leaves (torch.save)."""
+    seen = 0
+    while error is not None and seen < 10:
+        if (
+            getattr(error, "errno", None) == errno.ENOSPC
+            or "No space left" in str(error)
+            or "unexpected pos" in str(error)
+        ):
+            return True
+        error = error.__cause__ or error.__context__
+        seen += 1
+    return False
+
+
+def _failure(staged: Staged, error: BaseException) -> CheckpointWriteError:
+    directory = staged.path.parent
+    before = last_complete(directory)
+    kept = f"; the newest complete checkpoint stays {before}" if before else "; no complete checkpoint before it"
+    if _full_disk(error):
+        free = shutil.disk_usage(_existing(directory)).free
+        return CheckpointWriteError(
+            f"{directory}: the disk is full: the checkpoint of step {staged.step} needs about {_gib(staged.nbytes)}"
+            f" on this rank, {_gib(free)} free; not saved{kept}"
+        )
+    text = str(error).strip()
+    reason = getattr(error, "strerror", None) or (text.splitlines()[0] if text else type(error).__name__)
+    return CheckpointWriteError(
+        f"{directory}: the checkpoint of step {staged.step} could not be written ({reason}){kept}"
+    )
+
+
+def _existing(path: Path) -> Path:
+    """``path`` or its nearest existing ancestor: the file system a save into ``path`` writes to."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def last_complete(directory: Path) -> Optional[Path]:
+    kept = checkpoints_in(directory)
+    return kept[-1] if kept else None
+
+
+def write(staged: Staged, group: Any = None, retention: Optional[Retention] = None, shards: Any = None) -> Path:
+    """Collective over ``group`` (the default group; a save in the background: its own): write ``staged``
+    as ``<path>.tmp``, the manifest last, rename it to ``path`` once every rank has finished, then apply
+    ``retention``. ``shards``: what writes DCP's shards (default ``dcp.save``; ``background``'s process
+    executor). Checks first that every rank's file system has room for its share. Raises
+    ``CheckpointWriteError`` on every rank when any rank's write failed; the checkpoint before it stays."""
+    path = staged.path
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    distributed = dist.is_initialized()
+    rank = dist.get_rank() if distributed else 0
+    world = dist.get_world_size() if distributed else 1
+
+    def barrier() -> None:
+        if distributed and world > 1:
+            dist.barrier(group=group)
+
+    free = shutil.disk_usage(_existing(path.parent)).free
+    if not _agree(free >= staged.nbytes * 1.02 + (1 << 20), group):  # the shards, their headers, the small files
+        raise _failure(staged, OSError(errno.ENOSPC, "No space left on device"))
+    failure: Optional[BaseException] = None
+    try:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # debris of an earlier interrupted save
+            tmp.mkdir(parents=True)
+    except OSError as error:
+        failure = error
+    barrier()
+    if _agree(failure is None, group):
+        try:
+            (shards or dcp.save)(staged.state, checkpoint_id=tmp, process_group=group)
+        except (Exception, CheckpointException) as error:  # DCP gathers every rank's result: all ranks see one
+            failure = error
+    if failure is None:
+        try:
+            torch.save(staged.rng, tmp / rng_file(rank))
+            if rank == 0:
+                torch.save(staged.meta, tmp / META_FILE)
+                if staged.config is not None:
+                    (tmp / CONFIG_FILE).write_text(json.dumps(staged.config, indent=1, sort_keys=True))
+                if staged.lineage is not None:
+                    (tmp / LINEAGE_FILE).write_text(json.dumps(staged.lineage, indent=1, sort_keys=True))
+        except Exception as error:
+            failure = error
+    if not _agree(failure is None, group):
+        barrier()
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # room for the next save; the last complete one untouched
+        raise _failure(staged, failure or OSError("another rank's write failed"))
+    # Every rank hashes its share of the files (every world-th), rank 0 writes the manifest last.
+    written = sorted(p for p in tmp.iterdir() if p.is_file())
+    described = describe_files(written[rank::world])
+    if world > 1:
+        shares: list[Any] = [None] * world
+        dist.all_gather_object(shares, described, group=group)
+        described = {name: entry for share in shares for name, entry in share.items()}
+    try:
+        if rank == 0:
+            manifest = {"format": MANIFEST_FORMAT, "files": described}
+            (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+            if retention is not None:
+                prune(path.parent, retention.keep_last, retention.keep_every)
+    except Exception as error:
+        failure = error
+    if not _agree(failure is None, group):
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise _failure(staged, failure or OSError("rank 0's manifest could not be written"))
+    barrier()
+    return path
+
+
 def save(
     path: str | Path,
     model: nn.Module,
@@ -221,50 +454,16 @@ def save(
     config: Optional[dict[str, Any]] = None,
     skip_frozen: bool = False,
     lineage: Optional[dict[str, Any]] = None,
+    retention: Optional[Retention] = None,
 ) -> Path:
-    """Collective: every rank calls it with the same ``path``. Returns the checkpoint's directory.
-    Raises ``NonFiniteStateError``, writing nothing, when any rank's state holds NaN or infinity.
+    """Collective: every rank calls it with the same ``path``; returns once the checkpoint is complete.
+    Raises ``NonFiniteStateError``, writing nothing, when any rank's state holds NaN or infinity, and
+    ``CheckpointWriteError`` when it could not be written.
     ``skip_frozen``: leave out the parameters that do not train (a LoRA run's base, which its run rebuilds).
-    ``lineage``: written as ``lineage.json`` (the checkpoint the run resumed from: ``ckpt_path=last`` follows it)."""
-    path = Path(path)
-    optimizers = list(optimizers)
-    if not state_is_finite(model, optimizers):
-        raise NonFiniteStateError(f"{path.name}: the model or optimizer state holds NaN or infinity; not saved")
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)  # debris of an earlier interrupted save
-        tmp.mkdir(parents=True)
-    _barrier()
-    model_state, optim_state = get_state_dict(model, list(optimizers))
-    if skip_frozen:
-        frozen = {name for name, param in model.named_parameters() if not param.requires_grad}
-        model_state = {key: value for key, value in model_state.items() if key not in frozen}
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)
-    torch.save(rng_state(), tmp / rng_file(rank))
-    if rank == 0:
-        torch.save(meta, tmp / META_FILE)
-        if config is not None:
-            (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1, sort_keys=True))
-        if lineage is not None:
-            (tmp / LINEAGE_FILE).write_text(json.dumps(lineage, indent=1, sort_keys=True))
-    _barrier()
-    # Every rank hashes its share of the files (every world-th), rank 0 writes the manifest last.
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    files = sorted(p for p in tmp.iterdir() if p.is_file())
-    described = describe_files(files[rank::world])
-    if world > 1:
-        shares: list[Any] = [None] * world
-        dist.all_gather_object(shares, described)
-        described = {name: entry for share in shares for name, entry in share.items()}
-    if rank == 0:
-        manifest = {"format": MANIFEST_FORMAT, "files": described}
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1, sort_keys=True))
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    _barrier()
-    return path
+    ``lineage``: written as ``lineage.json`` (the checkpoint the run resumed from: ``ckpt_path=last`` follows it).
+    ``retention``: the older checkpoints it keeps once complete. In the background: ``BackgroundSaver``."""
+    staged = stage(path, model, optimizers, meta, config, skip_frozen, lineage, copy=False)
+    return write(staged, None, retention)
 
 
 def load(path: str | Path, model: nn.Module, optimizers: Iterable[torch.optim.Optimizer]) -> dict[str, Any]:

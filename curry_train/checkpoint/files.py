@@ -136,9 +136,10 @@ def last_checkpoint(run_dir: str | Path) -> Optional[Path]:
     return kept[-1] if kept else None
 
 
-def prune(directory: str | Path, keep_last: int) -> list[Path]:
-    """Delete all but the ``keep_last`` newest complete checkpoints; return what was deleted."""
-    doomed = checkpoints_in(directory)[:-keep_last]
+def prune(directory: str | Path, keep_last: int, keep_every: int = 0) -> list[Path]:
+    """Delete all but the ``keep_last`` newest complete checkpoints and those whose step is a multiple of
+    ``keep_every`` (0: none kept for that); return what was deleted. Incomplete ones are not touched."""
+    doomed = [p for p in checkpoints_in(directory)[:-keep_last] if not (keep_every and step_of(p) % keep_every == 0)]
     for path in doomed:
         shutil.rmtree(path)
     return doomed

@@ -11,6 +11,8 @@ the pipeline bubble, context-parallel attention.
     python scripts/bench.py --compile [--models debug,llama-100m] [--steps N] [--warmup W] [--json PATH]
                             [overrides...]
     python scripts/bench.py --estimate [--models debug,llama-100m] [--steps N] [--hardware-out PATH] [--json PATH]
+    python scripts/bench.py --checkpoint [--models debug,llama-100m] [--steps N] [--every K] [--json PATH]
+                            [overrides...]
 
 Arguments without a leading ``--`` are Hydra overrides, exactly as for ``train.py``; the default is
 the default config (the debug model on the bundled corpus). What each mode measures, and how, is
@@ -33,6 +35,10 @@ documented where it is measured:
 * ``--estimate``: this machine probed (matmul rate, memory bandwidth, an op's cost, attention's rate, gloo's
   bandwidth and latency) into a hardware config, then the step-time model's estimate against measured steps
   of dp, fsdp, tp, pp and cp on 2 ranks, for each model (``curry_train/validation/estimate_bench.py``);
+* ``--checkpoint``: what a save costs training, for each model under 1 process and fsdp 2, with saves
+  that stall training and in the background (``checkpoint.async_mode=thread``): how long a save holds
+  training, the write's time and bytes, and the step that overlaps a background write against a plain
+  one (``curry_train/validation/checkpoint_bench.py``);
 * ``--pipeline``: every schedule kind (``gpipe``, ``1F1B``, ``interleaved``, ``interleaved_zb``,
   ``zbv``, ``dualpipev``) on ``P`` processes (default 2, one thread each) at each micro-batch count
   ``M`` (default 4 and 8), on the model of the overrides with ``model.n_layers=8`` by default (equal
@@ -111,6 +117,10 @@ def _measure(args: argparse.Namespace, mode: str, steps: int) -> Any:
         from curry_train.validation.estimate_bench import estimate_bench  # noqa: PLC0415
 
         return estimate_bench(args.overrides, args.models, steps, args.hardware_out)
+    if mode == "checkpoint":
+        from curry_train.validation.checkpoint_bench import checkpoint_bench  # noqa: PLC0415
+
+        return checkpoint_bench(args.overrides, args.models, steps, args.every)
     if mode == "pipeline":
         from curry_train.validation.bubble import pipeline_bench  # noqa: PLC0415
 
@@ -128,6 +138,7 @@ DEFAULT_STEPS = {
     "context": 3,
     "compile": 5,
     "estimate": 4,
+    "checkpoint": 12,
 }
 
 
@@ -182,6 +193,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         " of dp, fsdp, tp, pp and cp on 2 ranks",
     )
     mode.add_argument(
+        "--checkpoint",
+        action="store_true",
+        help="what a save costs training, stalled and in the background, for 1 process and fsdp 2",
+    )
+    mode.add_argument(
         "--compile",
         action="store_true",
         help="eager and compiled training side by side: tokens/s, peak memory, MFU, recompilations",
@@ -191,7 +207,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         type=_models,
         default=list(COMPILE_MODELS),
         metavar="MODEL[,MODEL...]",
-        help=f"with --compile or --estimate: the models (default {','.join(COMPILE_MODELS)})",
+        help=f"with --compile, --estimate or --checkpoint: the models (default {','.join(COMPILE_MODELS)})",
+    )
+    parser.add_argument(
+        "--every", type=int, default=3, help="with --checkpoint: save every this many steps (default 3)"
     )
     parser.add_argument(
         "--hardware-out",
@@ -243,6 +262,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.compile
         else "estimate"
         if args.estimate
+        else "checkpoint"
+        if args.checkpoint
         else "throughput"
     )
     steps = DEFAULT_STEPS[mode_name] if args.steps is None else args.steps

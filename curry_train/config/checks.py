@@ -30,6 +30,7 @@ from curry_train.layout.pipeline import check_microbatches, split_layers, stages
 from curry_train.model.config import MoEConfig, RopeScalingConfig
 from curry_train.options import (
     ACCELERATORS,
+    ASYNC_MODES,
     BACKWARD_PREFETCH,
     BALANCING,
     COMPILE_BACKENDS,
@@ -362,9 +363,18 @@ def _survey_data(cfg: DictConfig) -> DataSurvey:
             raise ConfigError(f"data.source={d.source!r}: expected one of {', '.join(DATA_SOURCES)}")
         if d.source != "stdlib" and not d.paths:
             raise ConfigError(f"data.source={d.source} needs data.paths, e.g. 'data.paths=[/data/corpus.txt]'")
+        if d.source == "stdlib" and d.paths:  # else the bundled corpus trains and the paths are never read
+            raise ConfigError(
+                f"data.paths={list(d.paths)} with data.source=stdlib (the bundled corpus): choose the source the"
+                " paths are, e.g. data=files (text, JSONL), data=tokens, data.source=parquet or datasets"
+            )
         for path in d.paths if d.source in ("files", "tokens") else ():
             if not Path(path).is_file():
                 raise ConfigError(f"data.paths: {path} does not exist (or is not a file)")
+    elif d.paths:
+        raise ConfigError(
+            "data.paths with data.sources: a mixture's sources name their own paths (data.sources[*].paths)"
+        )
     try:
         return survey(d)
     except (DataError, ImportError) as error:
@@ -591,6 +601,10 @@ def _check_training(cfg: DictConfig) -> None:
         raise ConfigError("logger=tensorboard needs the tensorboard package: pip install tensorboard")
     if c.every_n_steps < 0 or c.keep_last < 1:
         raise ConfigError("checkpoint.every_n_steps must be >= 0 and checkpoint.keep_last >= 1")
+    if c.keep_every < 0:
+        raise ConfigError(f"checkpoint.keep_every={c.keep_every} must be >= 0 (0: keep only the last keep_last)")
+    if c.async_mode not in ASYNC_MODES:
+        raise ConfigError(f"checkpoint.async_mode={c.async_mode!r}: expected one of {', '.join(ASYNC_MODES)}")
     if cfg.compile.backend not in COMPILE_BACKENDS:
         raise ConfigError(f"compile.backend={cfg.compile.backend!r}: expected one of {', '.join(COMPILE_BACKENDS)}")
     if c.export_hf_dtype is not None and c.export_hf_dtype not in EXPORT_DTYPES:

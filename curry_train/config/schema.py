@@ -70,6 +70,8 @@ class CheckpointConfig:
 
     every_n_steps: int = 40  # save every this many optimizer steps (0: only at the end)
     keep_last: int = 2  # keep this many most recent checkpoints
+    keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this (0: none)
+    async_mode: str = "off"  # off | thread | process: write saves in the background (checkpoint/background.py)
     save_on_end: bool = True  # save when training ends
     search_dir: str = "outputs"  # where ckpt_path=last looks when the run's own directory has no checkpoint
     allow_config_change: bool = False  # resume a checkpoint whose run had other model/data/seed values
