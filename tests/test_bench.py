@@ -538,7 +538,8 @@ def test_the_checkpoint_bench_times_both_kinds_of_save(tmp_path):
     checkpoint bytes whichever wrote them, and the ratio it prints (its values are the bench's to show)."""
     result = checkpoint_bench(FAST, models=("debug",), steps=8, every=3, layouts={"1 process": ()})
     off, thread = result.rows
-    assert (off.mode, thread.mode) == ("off", "thread") and off.bytes == thread.bytes > 100_000
+    assert (off.mode, thread.mode) == ("off", "thread") and off.bytes > 100_000
+    assert abs(off.bytes - thread.bytes) < 100  # the same state; the saved config differs in async_mode only
     assert off.blocked_ms == off.written_ms and thread.written_ms > 0 and thread.blocked_ms > 0
     assert all(math.isfinite(value) for value in (off.step_ms, thread.step_ms, thread.overlapped_ms))
     assert result.ratio("debug", "1 process") == thread.blocked_ms / off.blocked_ms
