@@ -176,7 +176,7 @@ class PeriodicCheckpoint(Callback):
         export_hf: Optional[Path] = None,
         export_dtype: Optional[str] = None,
     ) -> None:
-        self.directory, self.every_n_steps = Path(directory), every_n_steps
+        self.directory, self.every_n_steps = files.place(directory), every_n_steps  # a path, or a URL
         self.keep_last, self.save_on_end = keep_last, save_on_end
         # The Hugging Face directory the final checkpoint is exported to (not after a preemption: the grace
         # period is for the save), in export_dtype (None: model.init_from's dtype, else fp32).
@@ -194,7 +194,7 @@ class PeriodicCheckpoint(Callback):
             if complete and saver is not None:
                 saver.wait()
             return
-        path = trainer.strategy.broadcast(self.directory / files.checkpoint_name(step))
+        path = trainer.strategy.broadcast(str(self.directory / files.checkpoint_name(step)))
         watchdogs = [callback for callback in trainer.callbacks if isinstance(callback, Watchdog)]
         began = time.perf_counter()
         with contextlib.ExitStack() as stack:

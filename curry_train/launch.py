@@ -50,7 +50,7 @@ class Jobs:
         try:
             code, received = run_job(cfg, run_dir, f"{hydra_cfg.job.name}.log")
         except KeyboardInterrupt:  # the workers were ended by the launcher's SIGINT handler
-            last = files.last_checkpoint(run_dir) or "none"
+            last = files.last_checkpoint(run_dir, cfg.checkpoint.dir) or "none"
             print(f"curry-train: interrupted; the last checkpoint: {last}", file=sys.stderr)
             sys.exit(EXIT_INTERRUPTED)
         if code == 0:

@@ -20,7 +20,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 
 from curry_train.callbacks import PeriodicCheckpoint, Preempted, Preemption, RunSummary, StepProgressBar
-from curry_train.checkpoint import dcp
+from curry_train.checkpoint import dcp, files
 from curry_train.config.schema import Config
 from curry_train.evaluation.callback import Evaluation
 from curry_train.layout.dims import ParallelDims
@@ -135,7 +135,7 @@ def build_trainer(
         export_hf = run_dir / "hf" if c.export_hf_on_end else None
         all_callbacks.append(
             PeriodicCheckpoint(
-                run_dir / "checkpoints",
+                files.checkpoint_dir(run_dir, c.dir),
                 c.every_n_steps,
                 c.keep_last,
                 c.save_on_end,
@@ -176,7 +176,8 @@ def train(cfg: Config, run_dir: Path, accelerator: str, dims: ParallelDims, ckpt
     rank_zero_only.rank = utils_rank_zero_only.rank = int(os.environ.get("RANK", "0"))
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     summary = RunSummary(cfg, run_dir)
-    in_place = ckpt_path is not None and Path(run_dir).resolve() in Path(ckpt_path).resolve().parents
+    own = str(files.absolute(files.checkpoint_dir(run_dir, cfg.checkpoint.dir))).rstrip("/") + "/"
+    in_place = ckpt_path is not None and str(files.absolute(ckpt_path)).startswith(own)
     loggers = make_loggers(cfg, run_dir, run_name(cfg), dcp.saved_step(ckpt_path) if in_place else None)
     preemption = Preemption()
     watchdog = Watchdog(run_dir, cfg.trainer.hang_timeout)

@@ -219,7 +219,7 @@ class CurryStrategy(ParallelStrategy):
         meta = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
         config = dataclasses.asdict(self.cfg)  # what a resumed run is compared with
         frozen = self.cfg.model.lora is not None and not self.cfg.checkpoint.save_base  # LoRA: adapters alone
-        lineage = {"resumed_from": files.lineage(self._resumed, Path(filepath))}
+        lineage = {"resumed_from": files.lineage(self._resumed, filepath)}
         c = self.cfg.checkpoint
         began = time.perf_counter()
         waited = self.saver.wait() if self.saver.background else None  # at most one save in flight
@@ -239,7 +239,7 @@ class CurryStrategy(ParallelStrategy):
     @override
     def load_checkpoint(self, checkpoint_path: str | Path, weights_only: Optional[bool] = None) -> dict[str, Any]:
         # what this run's checkpoints will record they continue (read now: retention may delete it later)
-        self._resumed = (Path(checkpoint_path).resolve(), files.resumed_from(Path(checkpoint_path)))
+        self._resumed = (files.absolute(checkpoint_path), files.resumed_from(checkpoint_path))
         return dcp.load(checkpoint_path, self.lightning_module, self._raw_optimizers())
 
     @override

@@ -170,6 +170,10 @@ def run_worker(container: dict, run_dir: str, plan: LaunchPlan, received: Option
 
     cfg = Config.of(container)
     rank = int(os.environ.get("RANK", "0"))
+
+    def last_good() -> object:
+        return files.last_checkpoint(run_dir, cfg.checkpoint.dir)
+
     configure_worker_logging(Path(run_dir), rank)
     if cfg.trainer.flight_recorder:  # read when the process groups are made; the user's setting stands
         os.environ.setdefault("TORCH_FR_BUFFER_SIZE", str(cfg.trainer.flight_recorder))
@@ -177,7 +181,7 @@ def run_worker(container: dict, run_dir: str, plan: LaunchPlan, received: Option
         train(cfg, Path(run_dir), plan.accelerator, plan.dims, plan.ckpt_path)
     except (NonFiniteError, NonFiniteStateError) as error:  # every rank sees it: the values are global
         if rank == 0:
-            report(f"curry-train: error: {error}; the last good checkpoint: {files.last_checkpoint(run_dir) or 'none'}")
+            report(f"curry-train: error: {error}; the last good checkpoint: {last_good() or 'none'}")
         sys.exit(EXIT_NONFINITE)
     except (DataError, CheckpointError) as error:  # a token id past what the check read; a checkpoint refused
         report(f"curry-train: error: {error}")
@@ -193,14 +197,14 @@ def run_worker(container: dict, run_dir: str, plan: LaunchPlan, received: Option
         world = cfg.trainer.devices * cfg.trainer.num_nodes
         reports, line = timed_out(Path(run_dir), rank, world, cfg.trainer.timeout)
         if reports:
-            report(f"{line}; the last good checkpoint: {files.last_checkpoint(run_dir) or 'none'}")
+            report(f"{line}; the last good checkpoint: {last_good() or 'none'}")
         sys.exit(EXIT_HUNG)
     except Preempted as stopped:  # every rank stopped at the same step
         if stopped.signum is not None and received is not None:
             received.append(stopped.signum)
         if rank == 0:
             report(
-                f"curry-train: preempted ({stopped}): {files.last_checkpoint(run_dir) or 'no checkpoint'};"
+                f"curry-train: preempted ({stopped}): {last_good() or 'no checkpoint'};"
                 f" exit {EXIT_PREEMPTED}; the same command with ckpt_path=auto continues"
             )
         sys.exit(EXIT_PREEMPTED)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy as pycopy
 import errno
+import functools
 import json
 import os
 import pickle
@@ -44,7 +45,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (
@@ -65,7 +66,10 @@ from curry_train.checkpoint.files import (
     CheckpointError,
     checkpoints_in,
     describe_files,
+    is_url,
+    place,
     prune,
+    remove_tree,
     rng_file,
 )
 
@@ -178,17 +182,43 @@ class SafeFileSystemReader(FileSystemReader):
         return metadata
 
 
+@functools.cache
+def _fsspec_classes() -> tuple[type, type]:
+    """DCP's fsspec reader (its ``.metadata`` read by ``read_safe_metadata``) and writer, for checkpoints in
+    object storage; fsspec loads only when one is used."""
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter  # noqa: PLC0415
+
+    class SafeFsspecReader(FsspecReader):
+        read_metadata = SafeFileSystemReader.read_metadata
+
+    return SafeFsspecReader, FsspecWriter
+
+
 def reader(path: str | Path) -> FileSystemReader:
-    """The storage reader of the checkpoint at ``path``: every read of a checkpoint goes through one."""
-    return SafeFileSystemReader(str(path))
+    """The storage reader of the checkpoint at ``path`` (a local path or an fsspec URL): every read of a
+    checkpoint goes through one."""
+    return _fsspec_classes()[0](str(path)) if is_url(path) else SafeFileSystemReader(str(path))
 
 
-def _safe_load(path: Path) -> Any:
+def _writer(path: Any) -> Any:
+    """DCP's storage writer for ``path``: its file system writer, or its fsspec writer for a URL."""
+    return _fsspec_classes()[1](str(path)) if is_url(path) else FileSystemWriter(str(path))
+
+
+def _safe_load(path: Any) -> Any:
     """``torch.load`` that cannot run code: tensors, containers and numbers only."""
     try:
-        return torch.load(path, weights_only=True)
+        with place(path).open("rb") as stream:
+            return torch.load(stream, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
     except Exception as error:  # a pickle asking for anything else (code), or not a torch file at all
         raise CheckpointError(f"{path}: not loadable as plain data ({type(error).__name__}); refused") from None
+
+
+def _torch_save(obj: Any, path: Any) -> None:
+    with place(path).open("wb") as stream:
+        torch.save(obj, stream)
 
 
 class NonFiniteStateError(ValueError):
@@ -297,7 +327,7 @@ def stage(
     """Collective: the state a save of ``path`` writes. Raises ``NonFiniteStateError``, writing nothing,
     when any rank's state holds NaN or infinity. ``copy``: into host memory (a save in the background);
     else the live tensors (a save that finishes before training goes on)."""
-    path = Path(path)
+    path = place(path)
     optimizers = list(optimizers)
     if not state_is_finite(model, optimizers):
         raise NonFiniteStateError(f"{path.name}: the model or optimizer state holds NaN or infinity; not saved")
@@ -347,7 +377,7 @@ def _failure(staged: Staged, error: BaseException) -> CheckpointWriteError:
     directory = staged.path.parent
     before = last_complete(directory)
     kept = f"; the newest complete checkpoint stays {before}" if before else "; no complete checkpoint before it"
-    if _full_disk(error):
+    if _full_disk(error) and not is_url(directory):
         free = shutil.disk_usage(_existing(directory)).free
         return CheckpointWriteError(
             f"{directory}: the disk is full: the checkpoint of step {staged.step} needs about {_gib(staged.nbytes)}"
@@ -375,11 +405,14 @@ def last_complete(directory: Path) -> Optional[Path]:
 def write(staged: Staged, group: Any = None, retention: Optional[Retention] = None, shards: Any = None) -> Path:
     """Collective over ``group`` (the default group; a save in the background: its own): write ``staged``
     as ``<path>.tmp``, the manifest last, rename it to ``path`` once every rank has finished, then apply
-    ``retention``. ``shards``: what writes DCP's shards (default ``dcp.save``; ``background``'s process
-    executor). Checks first that every rank's file system has room for its share. Raises
-    ``CheckpointWriteError`` on every rank when any rank's write failed; the checkpoint before it stays."""
+    ``retention``. In object storage (``path`` a URL), where a rename copies every object, it is written
+    in place: the manifest, written last, is what makes it complete. ``shards``: what writes DCP's
+    shards (default ``dcp.save``; ``background``'s process executor). Checks first that every rank's
+    file system has room for its share. Raises ``CheckpointWriteError`` on every rank when any rank's
+    write failed; the checkpoint before it stays."""
     path = staged.path
-    tmp = path.with_name(path.name + TMP_SUFFIX)
+    remote = is_url(path)
+    tmp = path if remote else path.with_name(path.name + TMP_SUFFIX)
     distributed = dist.is_initialized()
     rank = dist.get_rank() if distributed else 0
     world = dist.get_world_size() if distributed else 1
@@ -388,27 +421,27 @@ def write(staged: Staged, group: Any = None, retention: Optional[Retention] = No
         if distributed and world > 1:
             dist.barrier(group=group)
 
-    free = shutil.disk_usage(_existing(path.parent)).free
+    free = float("inf") if remote else shutil.disk_usage(_existing(path.parent)).free  # a bucket: the probe at start
     if not _agree(free >= staged.nbytes * 1.02 + (1 << 20), group):  # the shards, their headers, the small files
         raise _failure(staged, OSError(errno.ENOSPC, "No space left on device"))
     failure: Optional[BaseException] = None
     try:
         if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)  # debris of an earlier interrupted save
-            tmp.mkdir(parents=True)
+            remove_tree(tmp)  # debris of an earlier interrupted save
+            tmp.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         failure = error
     barrier()
     if _agree(failure is None, group):
         try:
-            (shards or dcp.save)(staged.state, checkpoint_id=tmp, process_group=group)
+            (shards or dcp.save)(staged.state, storage_writer=_writer(tmp), process_group=group)
         except (Exception, CheckpointException) as error:  # DCP gathers every rank's result: all ranks see one
             failure = error
     if failure is None:
         try:
-            torch.save(staged.rng, tmp / rng_file(rank))
+            _torch_save(staged.rng, tmp / rng_file(rank))
             if rank == 0:
-                torch.save(staged.meta, tmp / META_FILE)
+                _torch_save(staged.meta, tmp / META_FILE)
                 if staged.config is not None:
                     (tmp / CONFIG_FILE).write_text(json.dumps(staged.config, indent=1, sort_keys=True))
                 if staged.lineage is not None:
@@ -418,10 +451,12 @@ def write(staged: Staged, group: Any = None, retention: Optional[Retention] = No
     if not _agree(failure is None, group):
         barrier()
         if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)  # room for the next save; the last complete one untouched
+            remove_tree(tmp)  # room for the next save; the last complete one untouched
         raise _failure(staged, failure or OSError("another rank's write failed"))
     # Every rank hashes its share of the files (every world-th), rank 0 writes the manifest last.
-    written = sorted(p for p in tmp.iterdir() if p.is_file())
+    if remote:
+        tmp.fs.invalidate_cache()  # a listing cached before the other ranks wrote would leave their files out
+    written = sorted((p for p in tmp.iterdir() if p.is_file()), key=lambda p: p.name)
     described = describe_files(written[rank::world])
     if world > 1:
         shares: list[Any] = [None] * world
@@ -431,16 +466,17 @@ def write(staged: Staged, group: Any = None, retention: Optional[Retention] = No
         if rank == 0:
             manifest = {"format": MANIFEST_FORMAT, "files": described}
             (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1, sort_keys=True))
-            if path.exists():
-                shutil.rmtree(path)
-            os.replace(tmp, path)
+            if not remote:
+                if path.exists():
+                    shutil.rmtree(path)
+                os.replace(tmp, path)
             if retention is not None:
                 prune(path.parent, retention.keep_last, retention.keep_every)
     except Exception as error:
         failure = error
     if not _agree(failure is None, group):
         if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
+            remove_tree(tmp)
         raise _failure(staged, failure or OSError("rank 0's manifest could not be written"))
     barrier()
     return path
@@ -469,7 +505,7 @@ def save(
 def load(path: str | Path, model: nn.Module, optimizers: Iterable[torch.optim.Optimizer]) -> dict[str, Any]:
     """Collective: load model and optimizer state in place (resharding to this layout) and this rank's
     RNG state where the checkpoint has one for it; return the trainer's metadata."""
-    path = Path(path)
+    path = place(path)
     optimizers = list(optimizers)
     model_state, optim_state = get_state_dict(model, optimizers)
     saved = reader(path).read_metadata().state_dict_metadata
@@ -523,4 +559,4 @@ def consolidated_model_state(checkpoint: str | Path) -> dict[str, torch.Tensor]:
 
 def saved_step(path: str | Path) -> int:
     """The optimizer steps a checkpoint's run had taken."""
-    return int(_safe_load(Path(path) / META_FILE)["global_step"])
+    return int(_safe_load(place(path) / META_FILE)["global_step"])

@@ -13,12 +13,14 @@ import importlib.util
 import logging
 import math
 import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from curry_train.checkpoint import files
 from curry_train.checkpoint.hf_config import MOE_SHAPE_KEYS, PretrainedError, hf_kind, model_config
 from curry_train.config import ConfigError
 from curry_train.config.resume import resolve
@@ -379,6 +381,29 @@ def _survey_data(cfg: DictConfig) -> DataSurvey:
         return survey(d)
     except (DataError, ImportError) as error:
         raise ConfigError(str(error)) from None
+
+
+def check_checkpoint_dir(location: Optional[str]) -> None:
+    """A probe write into ``checkpoint.dir`` (and its removal): an unreachable bucket, a denied write or a
+    missing fsspec backend is one line now, not a failure at the first save."""
+    if not location:
+        return
+    try:
+        directory = files.place(location)
+        if files.on_disk(directory):  # an object store has no directories to make (a bucket is not made here)
+            directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".curry-probe-{uuid.uuid4().hex}"
+        probe.write_bytes(b"curry-train checks that it can write here")
+        probe.unlink()
+    except ImportError as error:  # fsspec knows the protocol, its package is not installed
+        raise ConfigError(f"checkpoint.dir={location}: {error}") from None
+    except Exception as error:  # denied, no such bucket, an endpoint that does not answer
+        text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        where = " (credentials and endpoint come from the environment: AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, ...)"
+        raise ConfigError(
+            f"checkpoint.dir={location}: cannot write there ({type(error).__name__}: {text})"
+            + ("" if files.on_disk(files.place(location)) else where)
+        ) from None
 
 
 def _check_data_fills_batches(cfg: DictConfig, data: DataSurvey) -> None:
@@ -747,6 +772,8 @@ def check(cfg: DictConfig, env: Mapping[str, str] = os.environ, run_dir: Optiona
     check_eval(cfg, data)
     # Under torchrun or srun every process checks: one reads the files through, the others their sizes.
     digests = launcher is None or int(env.get("RANK", env.get("SLURM_PROCID", "0"))) == 0
+    if digests:
+        check_checkpoint_dir(cfg.checkpoint.dir)
     ckpt_path = resolve(cfg, run_dir, digests)
     # Last: finding the accelerator imports torch, which a bad input above need not wait for.
     accelerator = _accelerator(cfg.trainer.accelerator)

@@ -50,16 +50,16 @@ def resolve(cfg: DictConfig, run_dir: Optional[Path], digests: bool = True) -> O
     choice = cfg.ckpt_path
     if choice is None:
         return None
-    own = Path(run_dir) / "checkpoints" if run_dir is not None else None
+    own = files.checkpoint_dir(run_dir, cfg.checkpoint.dir) if run_dir is not None else None
     if choice in ("last", "auto"):
         found = _newest_good([own], digests) if own is not None else None
         if found is None and choice == "last":
-            return str(_same_run_elsewhere(cfg, Path(cfg.checkpoint.search_dir), own, digests))
+            return str(_same_run_elsewhere(cfg, files.place(cfg.checkpoint.search_dir), own, digests))
         if found is None:
             log.info("ckpt_path=auto: no checkpoint in %s; starting fresh", own)
             return None
     else:
-        found = Path(choice).expanduser().resolve()
+        found = files.absolute(choice)
         if not found.is_dir():
             raise ConfigError(f"ckpt_path={choice}: not a curry-train checkpoint directory")
         problem = files.verify(found, digests)
@@ -74,18 +74,18 @@ def _newest_good(places: list[Path], digests: bool) -> Optional[Path]:
     for place in places:
         if not place.is_dir():
             continue
-        found = [p for p in place.rglob("step-*") if p.is_dir() and files.NAME_PATTERN.match(p.name)]
+        found = [p for p in place.iterdir() if files.NAME_PATTERN.match(p.name) and p.is_dir()]
         for path in sorted(found, key=_finished_then_step, reverse=True):
             problem = files.verify(path, digests)
             if problem is None:
-                return path.resolve()
+                return files.absolute(path)
             log.warning("skipping checkpoint %s: %s", path, problem)
     return None
 
 
 def _run_of(checkpoint: Path) -> Path:
     """The run directory of ``<run_dir>/checkpoints/step-NNNNNNNN``."""
-    return checkpoint.resolve().parent.parent
+    return files.absolute(checkpoint).parent.parent
 
 
 def _resumed_from(checkpoint: Path) -> Optional[Path]:
@@ -96,16 +96,18 @@ def _resumed_from(checkpoint: Path) -> Optional[Path]:
 def _same_run_elsewhere(cfg: DictConfig, search_dir: Path, own: Optional[Path], digests: bool) -> Path:
     """``last`` beyond the run's own directory: the newest good checkpoint of the one run under
     ``search_dir`` with this run's training math (``LAST_MATH``), runs that others resumed from left out."""
-    where = f"{own.resolve()} or under {search_dir.resolve()}" if own is not None else str(search_dir.resolve())
+    where = str(files.absolute(search_dir))
+    if own is not None:
+        where = f"{files.absolute(own)} or under {where}"
     runs: dict[Path, Path] = {}  # run directory -> its newest good checkpoint
     found = [p for p in search_dir.rglob("step-*") if p.is_dir() and files.NAME_PATTERN.match(p.name)]
     for path in sorted(found, key=_finished_then_step, reverse=True):
         run = _run_of(path)
-        if run in runs or (own is not None and run == own.resolve().parent):
+        if run in runs or (own is not None and run == files.absolute(own).parent):
             continue
         problem = files.verify(path, digests)
         if problem is None:
-            runs[run] = path.resolve()
+            runs[run] = files.absolute(path)
         else:
             log.warning("skipping checkpoint %s: %s", path, problem)
     if not runs:
@@ -117,7 +119,7 @@ def _same_run_elsewhere(cfg: DictConfig, search_dir: Path, own: Optional[Path], 
         shown = "; ".join(differ[run][:3]) if differ[run] is not None else "it saved no config"
         raise ConfigError(
             f"ckpt_path=last: no checkpoint in this run's directory, and none of the {len(runs)} run(s) under"
-            f" {search_dir.resolve()} trains what this one does (model, data, optim, schedule, seed): the newest,"
+            f" {files.absolute(search_dir)} trains what this one does (model, data, optim, schedule, seed): the newest,"
             f" {run}, has {shown}; start fresh (ckpt_path=null), or name the checkpoint to resume (ckpt_path=PATH)"
         )
     ancestors: set[Path] = set()
@@ -135,7 +137,7 @@ def _same_run_elsewhere(cfg: DictConfig, search_dir: Path, own: Optional[Path], 
     if len(heads) != 1:
         listed = ", ".join(f"{runs[run]} (step {files.step_of(runs[run])})" for run in heads or same)
         raise ConfigError(
-            f"ckpt_path=last: {len(heads or same)} runs under {search_dir.resolve()} train what this one does and"
+            f"ckpt_path=last: {len(heads or same)} runs under {files.absolute(search_dir)} train what this one does and"
             f" none continues the other(s): {listed}; name the one to resume with ckpt_path=PATH"
         )
     (run,) = heads
@@ -144,7 +146,7 @@ def _same_run_elsewhere(cfg: DictConfig, search_dir: Path, own: Optional[Path], 
         " model, data, optim, schedule and seed)",
         runs[run],
         run,
-        search_dir.resolve(),
+        files.absolute(search_dir),
     )
     return runs[run]
 
@@ -152,7 +154,10 @@ def _same_run_elsewhere(cfg: DictConfig, search_dir: Path, own: Optional[Path], 
 def _finished_then_step(path: Path) -> tuple[float, int]:
     """Newest first: by when its save finished (its manifest; the directory, if it never did), then step."""
     manifest = path / files.MANIFEST_FILE
-    finished = (manifest if manifest.is_file() else path).stat().st_mtime
+    try:
+        finished = (manifest if manifest.is_file() else path).stat().st_mtime
+    except (OSError, AttributeError):  # an object store's prefix without its manifest has no time
+        finished = 0.0
     return finished, int(files.NAME_PATTERN.match(path.name).group(1))
 
 

@@ -69,6 +69,7 @@ class CheckpointConfig:
     """Checkpoints under ``<run_dir>/checkpoints``."""
 
     every_n_steps: int = 40  # save every this many optimizer steps (0: only at the end)
+    dir: Optional[str] = None  # a path or an fsspec URL (s3://bucket/prefix); null: <run_dir>/checkpoints
     keep_last: int = 2  # keep this many most recent checkpoints
     keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this (0: none)
     async_mode: str = "off"  # off | thread | process: write saves in the background (checkpoint/background.py)
