@@ -380,7 +380,7 @@ def _failure(staged: Staged, error: BaseException) -> CheckpointWriteError:
     if _full_disk(error) and not is_url(directory):
         free = shutil.disk_usage(_existing(directory)).free
         return CheckpointWriteError(
-            f"{directory}: the disk is full: the checkpoint of step {staged.step} needs about {_gib(staged.nbytes)}"
+            f"{directory}: the disk is full: the checkpoint of step {staged.step} needs about {_gib(_needed(staged))}"
             f" on this rank, {_gib(free)} free; not saved{kept}"
         )
     text = str(error).strip()
@@ -388,6 +388,11 @@ def _failure(staged: Staged, error: BaseException) -> CheckpointWriteError:
     return CheckpointWriteError(
         f"{directory}: the checkpoint of step {staged.step} could not be written ({reason}){kept}"
     )
+
+
+def _needed(staged: Staged) -> float:
+    """Bytes a rank's share of a checkpoint takes on disk: its tensors, their headers, the small files."""
+    return staged.nbytes * 1.02 + (1 << 20)
 
 
 def _existing(path: Path) -> Path:
@@ -422,7 +427,7 @@ def write(staged: Staged, group: Any = None, retention: Optional[Retention] = No
             dist.barrier(group=group)
 
     free = float("inf") if remote else shutil.disk_usage(_existing(path.parent)).free  # a bucket: the probe at start
-    if not _agree(free >= staged.nbytes * 1.02 + (1 << 20), group):  # the shards, their headers, the small files
+    if not _agree(free >= _needed(staged), group):
         raise _failure(staged, OSError(errno.ENOSPC, "No space left on device"))
     failure: Optional[BaseException] = None
     try:
