@@ -15,6 +15,7 @@ from conftest import FAST, STEPS, assert_same_curve, read_metric, train
 from curry_train.checkpoint import dcp, files
 from curry_train.config import ConfigError, compose
 from curry_train.config.checks import check
+from curry_train.config.resume import resolve
 from curry_train.pool import Pools
 
 moto_server = pytest.importorskip("moto.server")
@@ -116,3 +117,30 @@ def test_a_file_url_works_as_a_directory_does(pools, single_process_curve, tmp_p
     assert sorted(p.name for p in Path(tmp_path / "store").iterdir()) == ["step-00000002", "step-00000004"]
     again = train(pools, [*common, f"trainer.max_steps={STEPS}", "ckpt_path=auto"], tmp_path / "run")
     assert_same_curve(read_metric(again), single_process_curve)
+
+
+def test_last_finds_the_same_run_in_a_bucket(s3, tmp_path, caplog):
+    """``ckpt_path=last`` with ``checkpoint.search_dir`` a bucket prefix: a run of other optimizer settings
+    is passed over, and of a run and the run that resumed it, the later is resumed; a prefix without a
+    manifest (an interrupted save) is skipped."""
+    import torch  # noqa: PLC0415
+    from omegaconf import OmegaConf  # noqa: PLC0415
+
+    def saved(prefix: str, step: int, overrides=(), resumed_from=None) -> str:
+        model = torch.nn.Linear(4, 4)
+        config = OmegaConf.to_container(compose(["data.seq_len=64", *overrides]), resolve=True)
+        path = f"{s3}/runs/{prefix}/{files.checkpoint_name(step)}"
+        optimizers = [torch.optim.AdamW(model.parameters())]
+        lineage = {"resumed_from": resumed_from}
+        return str(dcp.save(path, model, optimizers, {"global_step": step}, config, lineage=lineage))
+
+    first = saved("first", 4)
+    saved("other-lr", 9, ["optim.lr=1e-4"])
+    second = saved("second", 6, resumed_from=first)
+    interrupted = files.place(f"{s3}/runs/second/{files.checkpoint_name(8)}")
+    (interrupted / "__0_0.distcp").write_bytes(b"half")
+    cfg = compose(["data.seq_len=64", "ckpt_path=last", f"checkpoint.search_dir={s3}/runs"])
+    with caplog.at_level("WARNING"):
+        assert resolve(cfg, tmp_path / "new") == second
+    assert f"of the run saved in {s3}/runs/second " in caplog.text
+    assert files.checkpoints_in(f"{s3}/runs/second") == [files.place(second)]

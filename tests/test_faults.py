@@ -251,7 +251,7 @@ def test_last_resumes_only_the_one_run_that_trains_the_same_thing(tmp_path, capl
     first = _run_checkpoint(outputs, "first", step=4)
     with caplog.at_level(logging.WARNING):
         assert resolve(compose(last), new_run) == str(first.resolve())
-    assert f"of run {first.parent.parent}" in caplog.text
+    assert f"of the run saved in {first.parent} " in caplog.text
     rival = _run_checkpoint(outputs, "rival", step=3)
     with pytest.raises(ConfigError, match="2 runs under .* none continues") as ambiguous:
         resolve(compose(last), new_run)

@@ -88,7 +88,7 @@ def lineage(resumed: Optional[tuple[Path, Optional[str]]], saving: Path) -> Opti
     if resumed is None:
         return None
     path, before = resumed
-    return before if str(path.parent.parent) == str(absolute(saving).parent.parent) else str(path)
+    return before if str(path.parent) == str(absolute(saving).parent) else str(path)
 
 
 def rng_file(rank: int) -> str:

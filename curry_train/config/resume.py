@@ -84,13 +84,14 @@ def _newest_good(places: list[Path], digests: bool) -> Optional[Path]:
 
 
 def _run_of(checkpoint: Path) -> Path:
-    """The run directory of ``<run_dir>/checkpoints/step-NNNNNNNN``."""
-    return files.absolute(checkpoint).parent.parent
+    """The run a checkpoint belongs to, by the directory it saves into: ``<run_dir>/checkpoints``, or its
+    ``checkpoint.dir`` (a bucket prefix)."""
+    return files.absolute(checkpoint).parent
 
 
 def _resumed_from(checkpoint: Path) -> Optional[Path]:
     source = files.resumed_from(checkpoint)
-    return Path(source) if source else None
+    return files.place(source) if source else None
 
 
 def _same_run_elsewhere(cfg: DictConfig, search_dir: Path, own: Optional[Path], digests: bool) -> Path:
@@ -103,7 +104,7 @@ def _same_run_elsewhere(cfg: DictConfig, search_dir: Path, own: Optional[Path], 
     found = [p for p in search_dir.rglob("step-*") if p.is_dir() and files.NAME_PATTERN.match(p.name)]
     for path in sorted(found, key=_finished_then_step, reverse=True):
         run = _run_of(path)
-        if run in runs or (own is not None and run == files.absolute(own).parent):
+        if run in runs or (own is not None and str(run) == str(files.absolute(own))):
             continue
         problem = files.verify(path, digests)
         if problem is None:
@@ -142,8 +143,8 @@ def _same_run_elsewhere(cfg: DictConfig, search_dir: Path, own: Optional[Path], 
         )
     (run,) = heads
     log.warning(
-        "ckpt_path=last: resuming %s, the newest checkpoint of run %s (the one run under %s that trains the same"
-        " model, data, optim, schedule and seed)",
+        "ckpt_path=last: resuming %s, the newest checkpoint of the run saved in %s (the one run under %s that"
+        " trains the same model, data, optim, schedule and seed)",
         runs[run],
         run,
         files.absolute(search_dir),
