@@ -244,7 +244,10 @@ class PeriodicCheckpoint(Callback):
             self.save(trainer, complete=True)
         saver = getattr(trainer.strategy, "saver", None)
         if saver is not None:
-            saver.wait()  # the run ends with its checkpoints whole
+            with contextlib.ExitStack() as stack:  # a long final write is work, not a hang
+                for watchdog in (c for c in trainer.callbacks if isinstance(c, Watchdog)):
+                    stack.enter_context(watchdog.paused())
+                saver.wait()  # the run ends with its checkpoints whole
         preempted = any(isinstance(c, Preemption) and c.stopped_at is not None for c in trainer.callbacks)
         if self.export_hf is not None and self.last_saved is not None and trainer.is_global_zero and not preempted:
             written = export_checkpoint(self.last_saved, self.export_hf, self.export_dtype)

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import shutil
 import time
 from contextlib import contextmanager
@@ -46,6 +47,8 @@ from curry_train.parallelize import parallelize
 from curry_train.primitives.parallel_state import ParallelState, init_process_group_from_env
 from curry_train.train_step import StepSettings, TrainStep
 
+log = logging.getLogger(__name__)
+
 
 @dataclasses.dataclass
 class SaveTiming:
@@ -67,7 +70,7 @@ class CurryStrategy(ParallelStrategy):
         self.dims = dims  # built once by the config check (config.checks.check), handed to every worker
         self._timeout = timeout
         self._resumed: Optional[tuple[Path, Optional[str]]] = None  # the checkpoint resumed, and what it continued
-        self.saver = BackgroundSaver(cfg.checkpoint.async_mode)
+        self.saver = BackgroundSaver(cfg.checkpoint.async_mode, timeout)
         self.last_save: Optional[SaveTiming] = None
         self.parallel_state: Optional[ParallelState] = None
         self.num_nodes = 1
@@ -186,7 +189,10 @@ class CurryStrategy(ParallelStrategy):
 
     @override
     def teardown(self) -> None:
-        self.saver.close()  # a save in flight completes before the process group goes
+        try:
+            self.saver.close()  # a save in flight completes before the process group goes
+        except Exception as error:  # already raised at the step that waited for it, or the run is ending on another
+            log.error("the checkpoint written in the background failed: %s", error)
         super().teardown()
         if dist.is_initialized() and self._owns_process_group:
             dist.destroy_process_group()

@@ -174,7 +174,9 @@ class Watchdog(Callback):
 
 def is_collective_timeout(error: BaseException) -> bool:
     """A collective that waited ``trainer.timeout`` for its peers: gloo's "Timed out waiting ... for recv",
-    NCCL's watchdog's "collective operation timeout"."""
+    NCCL's "collective operation timeout" where it is raised (by default NCCL's own watchdog ends the
+    process instead; the launcher then names the rank that ended, and the hang watchdog is the one that
+    names a stuck rank: keep ``trainer.hang_timeout`` below ``trainer.timeout`` on GPUs)."""
     text = str(error)
     return isinstance(error, RuntimeError) and ("Timed out waiting" in text or "operation timeout" in text)
 

@@ -183,8 +183,12 @@ def run_worker(container: dict, run_dir: str, plan: LaunchPlan, received: Option
         if rank == 0:
             report(f"curry-train: error: {error}; the last good checkpoint: {last_good() or 'none'}")
         sys.exit(EXIT_NONFINITE)
-    except (DataError, CheckpointError) as error:  # a token id past what the check read; a checkpoint refused
+    except DataError as error:  # a token id or a document past what the check read: the rank that read it
         report(f"curry-train: error: {error}")
+        sys.exit(EXIT_BAD_INPUT)
+    except CheckpointError as error:  # a checkpoint refused: every rank reads the same files
+        if rank == 0:
+            report(f"curry-train: error: {error}")
         sys.exit(EXIT_BAD_INPUT)
     except CheckpointWriteError as error:  # every rank sees it (the writes agree); the last complete one stays
         if rank == 0:

@@ -123,19 +123,19 @@ def test_a_full_disk_is_one_line_with_the_bytes_and_keeps_the_checkpoint_before(
     assert files.checkpoints_in(directory) == [first] and sorted(p.name for p in directory.iterdir()) == [first.name]
 
 
-def test_a_failed_background_write_is_raised_at_the_next_step_and_prunes_nothing(tmp_path, monkeypatch):
-    """A denied write in the background: the training thread's next poll raises it; retention, which runs
-    only after a save is complete, deleted nothing."""
+def test_a_failed_background_write_is_raised_when_the_ranks_wait_and_prunes_nothing(tmp_path, monkeypatch):
+    """A denied write in the background: polling at each step does not raise it (each rank would notice
+    at another step, and leave the others in a collective); the next wait, which every rank reaches at
+    the same step, does. Retention, which runs only after a save is complete, deleted nothing."""
     model, optimizers, directory = _state(tmp_path)
     saver = BackgroundSaver("thread")
     retention = Retention(keep_last=1)
     for step in (1, 2):
-        saver.save(
-            dcp.stage(directory / files.checkpoint_name(step), model, optimizers, {"global_step": step}), retention
-        )
+        staged = dcp.stage(directory / files.checkpoint_name(step), model, optimizers, {"global_step": step})
+        saver.save(staged, retention)
         assert saver.wait() is not None
     (kept,) = files.checkpoints_in(directory)
-    assert kept.name == "step-00000002"
+    assert kept.name == "step-00000002" and saver.written and len(saver.written) == 2
 
     def denied(*args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied")
@@ -143,10 +143,12 @@ def test_a_failed_background_write_is_raised_at_the_next_step_and_prunes_nothing
     monkeypatch.setattr(dcp.dcp, "save", denied)
     saver.save(dcp.stage(directory / files.checkpoint_name(3), model, optimizers, {"global_step": 3}), retention)
     deadline = time.time() + 30
+    while not saver._inflight.future.done() and time.time() < deadline:
+        saver.poll()
+        time.sleep(0.01)
+    saver.poll()  # done, failed: not raised here
     with pytest.raises(CheckpointWriteError, match=r"step 3 could not be written \(Permission denied\)") as failed:
-        while time.time() < deadline:
-            saver.poll()
-            time.sleep(0.01)
+        saver.wait()
     assert "the newest complete checkpoint stays" in str(failed.value)
     assert files.checkpoints_in(directory) == [kept]
     saver.close()

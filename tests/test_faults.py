@@ -20,6 +20,7 @@ from typing import Optional
 
 import pytest
 import torch
+import torch.distributed.checkpoint as torch_dcp
 from conftest import FAST, kill_group, run_train, spawned_workers, start_train, wait_until
 from omegaconf import OmegaConf
 
@@ -196,6 +197,22 @@ def test_a_crafted_dcp_metadata_cannot_run_code_on_resume_or_export(tmp_path, ca
     assert not (tmp_path / "pwned").exists()
     metadata.write_bytes(genuine)  # the genuine metadata still loads
     dcp.load(path, model, [torch.optim.AdamW(model.parameters())])
+
+
+def test_bytes_in_a_checkpoint_cannot_run_code(tmp_path):
+    """What DCP stores as bytes (any non-tensor value) it reads back with weights_only=False: a pickle
+    there that calls Path.touch is refused by SafeLoadPlanner instead, naming the key."""
+    payload = _Payload()
+    payload.marker = str(tmp_path / "pwned")
+    torch_dcp.save({"model": {"w": torch.ones(2)}, "extra": payload}, checkpoint_id=tmp_path / "forged", no_dist=True)
+    state = {"model": {"w": torch.zeros(2)}, "extra": None}
+    with pytest.raises(files.CheckpointError, match=r"extra: not loadable as plain data"):
+        dcp._load(state, tmp_path / "forged", no_dist=True)
+    assert not (tmp_path / "pwned").exists()
+    plain = {"model": {"w": torch.ones(2)}, "extra": "adamw"}
+    torch_dcp.save(plain, checkpoint_id=tmp_path / "plain", no_dist=True)
+    dcp._load(state, tmp_path / "plain", no_dist=True)  # plain values still load
+    assert state["extra"] == "adamw" and torch.equal(state["model"]["w"], torch.ones(2))
 
 
 def test_curry_export_to_a_path_it_cannot_write_is_one_line(tmp_path, capsys):

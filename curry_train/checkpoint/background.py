@@ -19,6 +19,7 @@ import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Optional
 
 import torch.distributed as dist
@@ -39,11 +40,11 @@ class InFlight:
     started: float
 
 
-def _process_save(state: dict[str, Any], checkpoint_id: Any, process_group: Any) -> Any:
+def _process_save(state: dict[str, Any], storage_writer: Any = None, process_group: Any = None) -> Any:
     """DCP's process executor: the shards written by a process of its own; returns once they are."""
     return torch_dcp.async_save(
         state,
-        checkpoint_id=checkpoint_id,
+        storage_writer=storage_writer,
         process_group=process_group,
         async_checkpointer_type=AsyncCheckpointerType.PROCESS,
     ).result()
@@ -53,10 +54,11 @@ class BackgroundSaver:
     """At most one save in flight; ``mode`` is ``checkpoint.async_mode`` (``off``: every save finishes
     before training goes on)."""
 
-    def __init__(self, mode: str = "off") -> None:
+    def __init__(self, mode: str = "off", timeout: Optional[timedelta] = None) -> None:
         if mode not in ASYNC_MODES:
             raise ValueError(f"checkpoint.async_mode={mode!r}: expected one of {', '.join(ASYNC_MODES)}")
         self.mode = mode
+        self.timeout = timeout  # the background group's collectives wait as long as training's (trainer.timeout)
         self._executor: Optional[ThreadPoolExecutor] = None
         self._group: Any = None
         self._inflight: Optional[InFlight] = None
@@ -67,9 +69,10 @@ class BackgroundSaver:
         return self.mode != "off"
 
     def _own_group(self) -> Any:
-        """Collective on first use (every rank saves at the same step): the background writes' own group."""
-        if self._group is None and dist.is_initialized() and dist.get_world_size() > 1:
-            self._group = dist.new_group(backend="gloo")
+        """Collective on first use (every rank saves at the same step): the background writes' own group, on
+        gloo (host memory; beside training's NCCL on a GPU) even for one process."""
+        if self._group is None and dist.is_initialized():
+            self._group = dist.new_group(backend="gloo", timeout=self.timeout)
         return self._group
 
     def save(self, staged: Staged, retention: Optional[Retention]) -> None:
@@ -93,8 +96,11 @@ class BackgroundSaver:
         return time.perf_counter() - started
 
     def poll(self) -> None:
-        """Non-blocking: if the save in flight has finished, report it (raise if it failed)."""
-        if self._inflight is not None and self._inflight.future.done():
+        """Non-blocking: if the save in flight has finished well, report it. A failure waits for ``wait``,
+        which every rank reaches at the same step (the next save, the end): raised here, it would stop
+        each rank at whichever step it noticed, and leave the others in a collective."""
+        inflight = self._inflight
+        if inflight is not None and inflight.future.done() and inflight.future.exception() is None:
             self._finish()
 
     def wait(self) -> Optional[float]:

@@ -27,14 +27,18 @@ Finding, naming and verifying checkpoints (no torch): ``curry_train.checkpoint.f
 
 from __future__ import annotations
 
+import contextlib
 import copy as pycopy
 import errno
 import functools
+import io
 import json
+import logging
 import os
 import pickle
 import random
 import shutil
+import socket
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +50,9 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -66,12 +72,15 @@ from curry_train.checkpoint.files import (
     CheckpointError,
     checkpoints_in,
     describe_files,
+    is_checkpoint,
     is_url,
     place,
     prune,
     remove_tree,
     rng_file,
 )
+
+log = logging.getLogger(__name__)
 
 
 def rng_state() -> dict[str, Any]:
@@ -200,6 +209,36 @@ def reader(path: str | Path) -> FileSystemReader:
     return _fsspec_classes()[0](str(path)) if is_url(path) else SafeFileSystemReader(str(path))
 
 
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's load planner, except that what a checkpoint stores as bytes (anything not a tensor: the
+    optimizer's param groups) is read with ``torch.load(weights_only=True)``: DCP's own reads it with
+    ``weights_only=False``, which a forged ``.metadata`` naming a key as bytes could make run code."""
+
+    def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+        fqn = read_item.dest_index.fqn
+        try:
+            loaded = torch.load(value, weights_only=True)
+        except Exception as error:
+            raise CheckpointError(f"{fqn}: not loadable as plain data ({type(error).__name__}); refused") from None
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[fqn], loaded)
+        else:
+            self.state_dict[fqn] = loaded
+
+
+def _load(state: dict[str, Any], path: Any, no_dist: bool = False) -> None:
+    """``dcp.load`` of ``state`` from the checkpoint at ``path`` through ``reader`` and ``SafeLoadPlanner``;
+    a checkpoint refused on any rank is a ``CheckpointError`` naming it (DCP wraps it in a BaseException)."""
+    try:
+        dcp.load(state, storage_reader=reader(path), planner=SafeLoadPlanner(), no_dist=no_dist)
+    except CheckpointException as wrapped:
+        for error, _ in wrapped.failures.values():
+            if isinstance(error, CheckpointError):
+                raise CheckpointError(f"{path}: {error}") from None
+        first = next(iter(wrapped.failures.values()))[0] if wrapped.failures else wrapped
+        raise CheckpointError(f"{path}: could not be read ({type(first).__name__}: {first})") from None
+
+
 def _writer(path: Any) -> Any:
     """DCP's storage writer for ``path``: its file system writer, or its fsspec writer for a URL."""
     return _fsspec_classes()[1](str(path)) if is_url(path) else FileSystemWriter(str(path))
@@ -304,10 +343,8 @@ def _copied(tree: Any, pin: bool) -> Any:
         if hasattr(tree, "to_local"):  # a DTensor: its local shard copied, its placement kept
             from torch.distributed.tensor import DTensor  # noqa: PLC0415
 
-            local = _copied(tree.to_local(), pin)
-            return DTensor.from_local(
-                local, tree.device_mesh, tree.placements, run_check=False, shape=tree.shape, stride=tree.stride()
-            )
+            # built from its spec, not from_local (which would move the copy back to the mesh's device)
+            return DTensor(_copied(tree.to_local(), pin), tree._spec, requires_grad=False)
         copy = torch.empty(tree.shape, dtype=tree.dtype, device="cpu", pin_memory=pin and tree.is_cuda)
         copy.copy_(tree.detach(), non_blocking=pin and tree.is_cuda)
         return copy
@@ -348,9 +385,16 @@ def _agree(ok: bool, group: Any) -> bool:
     """Collective over ``group``: whether every rank's ``ok`` holds."""
     if not dist.is_initialized() or dist.get_world_size(group) == 1:
         return ok
-    flag = torch.tensor([1 if ok else 0], dtype=torch.int64)
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int64, device=_collective_device(group))
     dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
     return bool(flag.item())
+
+
+def _collective_device(group: Any) -> torch.device:
+    """Where a small tensor for a collective over ``group`` lives: the GPU for an NCCL-only group."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _gib(count: float) -> str:
@@ -411,63 +455,80 @@ def write(staged: Staged, group: Any = None, retention: Optional[Retention] = No
     """Collective over ``group`` (the default group; a save in the background: its own): write ``staged``
     as ``<path>.tmp``, the manifest last, rename it to ``path`` once every rank has finished, then apply
     ``retention``. In object storage (``path`` a URL), where a rename copies every object, it is written
-    in place: the manifest, written last, is what makes it complete. ``shards``: what writes DCP's
-    shards (default ``dcp.save``; ``background``'s process executor). Checks first that every rank's
-    file system has room for its share. Raises ``CheckpointWriteError`` on every rank when any rank's
-    write failed; the checkpoint before it stays."""
+    in place: the manifest, written last, is what makes it complete; a complete checkpoint already there
+    is kept, not written again. ``shards``: what writes DCP's shards (default ``dcp.save``;
+    ``background``'s process executor). Checks first that each file system has room for the shares of
+    the ranks that write to it. Raises ``CheckpointWriteError`` on every rank when any rank's write
+    failed; the checkpoint before it stays. Every stage's outcome is agreed on by all ranks before the
+    next, so a failure on one rank never leaves the others waiting in a collective."""
     path = staged.path
     remote = is_url(path)
     tmp = path if remote else path.with_name(path.name + TMP_SUFFIX)
     distributed = dist.is_initialized()
-    rank = dist.get_rank() if distributed else 0
-    world = dist.get_world_size() if distributed else 1
-
-    def barrier() -> None:
-        if distributed and world > 1:
-            dist.barrier(group=group)
-
-    free = float("inf") if remote else shutil.disk_usage(_existing(path.parent)).free  # a bucket: the probe at start
-    if not _agree(free >= _needed(staged), group):
-        raise _failure(staged, OSError(errno.ENOSPC, "No space left on device"))
+    rank = dist.get_rank(group) if distributed else 0
+    world = dist.get_world_size(group) if distributed else 1
     failure: Optional[BaseException] = None
-    try:
+
+    def stage_ok(action: Any) -> bool:
+        """Run ``action`` (on this rank), then agree with every rank on whether all of theirs succeeded."""
+        nonlocal failure
+        if failure is None:
+            try:
+                action()
+            except (Exception, CheckpointException) as error:  # DCP's is a BaseException
+                failure = error
+        return _agree(failure is None, group)
+
+    def fail() -> CheckpointWriteError:
+        if rank == 0 and not (remote and _complete(path)):
+            with contextlib.suppress(Exception):
+                remove_tree(tmp)  # room for the next save; the last complete one untouched
+        return _failure(staged, failure or OSError("another rank's write failed"))
+
+    if remote:
+        done = False
+
+        def already() -> None:
+            nonlocal done
+            done = _complete(path)
+
+        if stage_ok(already) and _agree(done, group):
+            return path  # a rerun saving a step the bucket holds whole (a resumed run's last step)
+    elif not _room(staged, path.parent, group):
+        raise _failure(staged, OSError(errno.ENOSPC, "No space left on device"))
+
+    def prepare() -> None:
         if rank == 0:
             remove_tree(tmp)  # debris of an earlier interrupted save
             tmp.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        failure = error
-    barrier()
-    if _agree(failure is None, group):
-        try:
-            (shards or dcp.save)(staged.state, storage_writer=_writer(tmp), process_group=group)
-        except (Exception, CheckpointException) as error:  # DCP gathers every rank's result: all ranks see one
-            failure = error
-    if failure is None:
-        try:
-            _torch_save(staged.rng, tmp / rng_file(rank))
-            if rank == 0:
-                _torch_save(staged.meta, tmp / META_FILE)
-                if staged.config is not None:
-                    (tmp / CONFIG_FILE).write_text(json.dumps(staged.config, indent=1, sort_keys=True))
-                if staged.lineage is not None:
-                    (tmp / LINEAGE_FILE).write_text(json.dumps(staged.lineage, indent=1, sort_keys=True))
-        except Exception as error:
-            failure = error
-    if not _agree(failure is None, group):
-        barrier()
+
+    def shards_and_files() -> None:
+        (shards or dcp.save)(staged.state, storage_writer=_writer(tmp), process_group=group)
+        _torch_save(staged.rng, tmp / rng_file(rank))
         if rank == 0:
-            remove_tree(tmp)  # room for the next save; the last complete one untouched
-        raise _failure(staged, failure or OSError("another rank's write failed"))
-    # Every rank hashes its share of the files (every world-th), rank 0 writes the manifest last.
-    if remote:
-        tmp.fs.invalidate_cache()  # a listing cached before the other ranks wrote would leave their files out
-    written = sorted((p for p in tmp.iterdir() if p.is_file()), key=lambda p: p.name)
-    described = describe_files(written[rank::world])
+            _torch_save(staged.meta, tmp / META_FILE)
+            if staged.config is not None:
+                (tmp / CONFIG_FILE).write_text(json.dumps(staged.config, indent=1, sort_keys=True))
+            if staged.lineage is not None:
+                (tmp / LINEAGE_FILE).write_text(json.dumps(staged.lineage, indent=1, sort_keys=True))
+
+    described: dict[str, Any] = {}
+
+    def describe() -> None:  # every rank hashes its share of the files (every world-th)
+        nonlocal described
+        if remote:
+            tmp.fs.invalidate_cache()  # a listing cached before the other ranks wrote would leave their files out
+        written = sorted((p for p in tmp.iterdir() if p.is_file()), key=lambda p: p.name)
+        described = describe_files(written[rank::world])
+
+    if not (stage_ok(prepare) and stage_ok(shards_and_files) and stage_ok(describe)):
+        raise fail()
     if world > 1:
         shares: list[Any] = [None] * world
         dist.all_gather_object(shares, described, group=group)
         described = {name: entry for share in shares for name, entry in share.items()}
-    try:
+
+    def finish() -> None:  # rank 0 writes the manifest last, then the rename makes it the checkpoint
         if rank == 0:
             manifest = {"format": MANIFEST_FORMAT, "files": described}
             (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1, sort_keys=True))
@@ -475,16 +536,34 @@ def write(staged: Staged, group: Any = None, retention: Optional[Retention] = No
                 if path.exists():
                     shutil.rmtree(path)
                 os.replace(tmp, path)
-            if retention is not None:
-                prune(path.parent, retention.keep_last, retention.keep_every)
-    except Exception as error:
-        failure = error
-    if not _agree(failure is None, group):
-        if rank == 0:
-            remove_tree(tmp)
-        raise _failure(staged, failure or OSError("rank 0's manifest could not be written"))
-    barrier()
+
+    if not stage_ok(finish):
+        raise fail()
+    if retention is not None and rank == 0:  # the new checkpoint is complete: the older ones may go
+        try:
+            prune(path.parent, retention.keep_last, retention.keep_every)
+        except Exception as error:  # a checkpoint left over is not a failed save
+            log.warning("retention could not delete an old checkpoint in %s: %s", path.parent, error)
     return path
+
+
+def _complete(path: Any) -> bool:
+    return is_checkpoint(path)
+
+
+def _room(staged: Staged, directory: Path, group: Any) -> bool:
+    """Collective: whether each file system the ranks write to has room for all their shares (ranks of
+    one node, or of a shared file system, add up: they are told apart by host and device)."""
+    where = _existing(directory)
+    mine = (socket.gethostname(), os.stat(where).st_dev, _needed(staged), shutil.disk_usage(where).free)
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return mine[3] >= mine[2]
+    everyone: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, mine, group=group)
+    needed: dict[tuple[str, int], float] = {}
+    for host, device, need, _ in everyone:
+        needed[(host, device)] = needed.get((host, device), 0.0) + need
+    return all(free >= needed[(host, device)] for host, device, _, free in everyone)
 
 
 def save(
@@ -518,7 +597,7 @@ def load(path: str | Path, model: nn.Module, optimizers: Iterable[torch.optim.Op
     absent = {key for key in model_state if key in frozen and f"model.{key}" not in saved}
     model_state = {key: value for key, value in model_state.items() if key not in absent}  # a LoRA base left out
     state = {"model": model_state, "optim": optim_state}
-    dcp.load(state, storage_reader=reader(path))
+    _load(state, path)
     options = StateDictOptions(strict=not absent)
     set_state_dict(model, optimizers, model_state_dict=state["model"], optim_state_dict=state["optim"], options=options)
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -536,7 +615,7 @@ def load_model(path: str | Path, model: nn.Module) -> int:
     current = get_model_state_dict(model)
     held = {name: value for name, value in current.items() if MODEL_PREFIX + name in saved}
     state = {"model": {f"model.{name}": value for name, value in held.items()}}
-    dcp.load(state, storage_reader=reader(path))
+    _load(state, path)
     loaded = {name.removeprefix("model."): value for name, value in state["model"].items()}
     set_model_state_dict(model, loaded, options=StateDictOptions(strict=len(held) == len(current)))
     return len(held)
@@ -558,7 +637,7 @@ def consolidated_model_state(checkpoint: str | Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{checkpoint}: no model tensors under {MODEL_PREFIX!r}")
     with warnings.catch_warnings():  # "torch.distributed is disabled ...": one process reading, as intended
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, storage_reader=reader(checkpoint), no_dist=True)
+        _load(state, checkpoint, no_dist=True)
     return {key[len(MODEL_PREFIX) :]: tensor for key, tensor in state.items()}
 
 
