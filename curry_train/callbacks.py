@@ -9,7 +9,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import lightning.pytorch as pl
 import torch
@@ -164,6 +164,16 @@ class Preemption(Callback):
         trainer.should_stop = True
 
 
+@contextlib.contextmanager
+def _saving(trainer: pl.Trainer) -> Iterator[None]:
+    """The hang watchdog paused: a long save, or a wait for one, is work, not a hang (a stuck one:
+    trainer.timeout)."""
+    with contextlib.ExitStack() as stack:
+        for watchdog in (callback for callback in trainer.callbacks if isinstance(callback, Watchdog)):
+            stack.enter_context(watchdog.paused())
+        yield
+
+
 class PeriodicCheckpoint(Callback):
     """Save every ``every_n_steps`` optimizer steps (and at the end); keep the last ``keep_last``."""
 
@@ -192,14 +202,12 @@ class PeriodicCheckpoint(Callback):
         saver = getattr(trainer.strategy, "saver", None)
         if step == self._last_saved_step:
             if complete and saver is not None:
-                saver.wait()
+                with _saving(trainer):
+                    saver.wait()
             return
         path = trainer.strategy.broadcast(str(self.directory / files.checkpoint_name(step)))
-        watchdogs = [callback for callback in trainer.callbacks if isinstance(callback, Watchdog)]
         began = time.perf_counter()
-        with contextlib.ExitStack() as stack:
-            for watchdog in watchdogs:  # a long save is work, not a hang (a stuck one: trainer.timeout)
-                stack.enter_context(watchdog.paused())
+        with _saving(trainer):
             trainer.save_checkpoint(path, weights_only=False)
             background = saver is not None and saver.background
             if background and complete:
@@ -244,9 +252,7 @@ class PeriodicCheckpoint(Callback):
             self.save(trainer, complete=True)
         saver = getattr(trainer.strategy, "saver", None)
         if saver is not None:
-            with contextlib.ExitStack() as stack:  # a long final write is work, not a hang
-                for watchdog in (c for c in trainer.callbacks if isinstance(c, Watchdog)):
-                    stack.enter_context(watchdog.paused())
+            with _saving(trainer):
                 saver.wait()  # the run ends with its checkpoints whole
         preempted = any(isinstance(c, Preemption) and c.stopped_at is not None for c in trainer.callbacks)
         if self.export_hf is not None and self.last_saved is not None and trainer.is_global_zero and not preempted:

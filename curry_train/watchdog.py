@@ -106,13 +106,7 @@ class Watchdog(Callback):
                 return
 
     def _beats(self) -> dict[int, dict[str, Any]]:
-        beats = {}
-        for rank in range(self.world):
-            try:
-                beats[rank] = json.loads(self._heartbeat_path(rank).read_text())
-            except (OSError, ValueError):  # not written yet: counts as not beating
-                continue
-        return beats
+        return read_beats(self.run_dir, self.world)
 
     def _alive(self, beat: Optional[dict[str, Any]]) -> bool:
         return beat is not None and time.time() - beat["time"] < 3 * self.poll + 5
@@ -157,10 +151,7 @@ class Watchdog(Callback):
         if gone:
             stuck, why = gone, "stopped beating (a stopped or dead process)"
         else:
-            lowest = min(beat["step"] for beat in beats.values())
-            stuck = [rank for rank, beat in sorted(beats.items()) if beat["step"] == lowest]
-            others = sorted({beat["step"] for rank, beat in beats.items() if rank not in stuck})
-            why = f"at step {lowest}" + (f"; the others at step {others[0]}, waiting for them" if others else "")
+            stuck, why, _ = behind(beats)
         why += self._collective_in_wait(stuck)
         stacks = sorted(self.run_dir.glob("stacks-rank*.txt"))
         line = (
@@ -182,7 +173,7 @@ def is_collective_timeout(error: BaseException) -> bool:
 
 
 def read_beats(run_dir: Path, world: int) -> dict[int, dict[str, Any]]:
-    """Every rank's last heartbeat (``Watchdog``) that is on disk."""
+    """Every rank's last heartbeat (``Watchdog``) that is on disk (one not written yet: not beating)."""
     beats = {}
     for rank in range(world):
         try:
@@ -190,6 +181,16 @@ def read_beats(run_dir: Path, world: int) -> dict[int, dict[str, Any]]:
         except (OSError, ValueError):
             continue
     return beats
+
+
+def behind(beats: dict[int, dict[str, Any]]) -> tuple[list[int], str, bool]:
+    """When every rank still beats: the ranks at the lowest step (the others wait for them), why, and
+    whether every rank is at that step (none behind)."""
+    lowest = min(beat["step"] for beat in beats.values())
+    stuck = [rank for rank, beat in sorted(beats.items()) if beat["step"] == lowest]
+    others = sorted({beat["step"] for rank, beat in beats.items() if rank not in stuck})
+    why = f"at step {lowest}" + (f"; the others at step {others[0]}, waiting for them" if others else "")
+    return stuck, why, not others
 
 
 def timed_out(run_dir: Path, rank: int, world: int, timeout: float, poll: float = 1.0) -> tuple[bool, str]:
@@ -207,11 +208,8 @@ def timed_out(run_dir: Path, rank: int, world: int, timeout: float, poll: float 
     if stuck:
         why = "stopped beating (a stopped or dead process)"
     else:
-        lowest = min(beat["step"] for beat in beats.values())
-        stuck = [r for r, beat in sorted(beats.items()) if beat["step"] == lowest]
-        others = sorted({beat["step"] for r, beat in beats.items() if r not in stuck})
-        why = f"at step {lowest}" + (f"; the others at step {others[0]}, waiting for them" if others else "")
-        if not others:
-            return rank == 0, f"{head}; every rank is at step {lowest}: none is named stuck"
+        stuck, why, alone = behind(beats)
+        if alone:
+            return rank == 0, f"{head}; every rank is {why}: none is named stuck"
     leader = min((r for r in range(world) if r not in stuck), default=0)
     return rank == leader, f"{head}: rank(s) {', '.join(map(str, stuck))} {why}"

@@ -409,25 +409,28 @@ def test_sigint_to_the_launcher_ends_its_workers_within_seconds(tmp_path):
     assert "Traceback" not in stderr
 
 
-@pytest.mark.slow
-def test_a_stopped_rank_is_named_and_the_job_ends(tmp_path):
-    """SIGSTOP one of two workers: within trainer.hang_timeout (plus the stacks' dump and the
-    workers' shutdown) the job ends with status 4, names rank 1, and rank 0's stacks are on disk."""
-    process = start_train(
-        [*FAST, "trainer.devices=2", "trainer.max_steps=5000", "trainer.hang_timeout=4", f"hydra.run.dir={tmp_path}"],
-        tmp_path,
-    )
+def _stop_rank_one(overrides: list[str], run_dir: Path) -> tuple[subprocess.Popen, str, float]:
+    """Two workers train; after step 2 the second is stopped (SIGSTOP). Returns the ended job, its stderr
+    and the seconds from the stop to its end."""
+    args = [*FAST, "trainer.devices=2", "trainer.max_steps=5000", *overrides, f"hydra.run.dir={run_dir}"]
+    process = start_train(args, run_dir)
     try:
-        _wait_for_steps(process, tmp_path, 2)
-        workers = sorted(spawned_workers(process.pid))
-        os.kill(workers[1], signal.SIGSTOP)
+        _wait_for_steps(process, run_dir, 2)
+        os.kill(sorted(spawned_workers(process.pid))[1], signal.SIGSTOP)
         began = time.time()
         _, stderr = process.communicate(timeout=120)
-        ended = time.time() - began
+        return process, stderr, time.time() - began
     finally:
         for pid in spawned_workers(process.pid) if process.poll() is None else []:
             os.kill(pid, signal.SIGKILL)
         kill_group(process)
+
+
+@pytest.mark.slow
+def test_a_stopped_rank_is_named_and_the_job_ends(tmp_path):
+    """SIGSTOP one of two workers: within trainer.hang_timeout (plus the stacks' dump and the
+    workers' shutdown) the job ends with status 4, names rank 1, and rank 0's stacks are on disk."""
+    process, stderr, ended = _stop_rank_one(["trainer.hang_timeout=4"], tmp_path)
     assert process.returncode == 4, stderr[-3000:]
     (line,) = [line for line in stderr.splitlines() if "no rank advanced" in line]
     assert "rank(s) 1 stopped beating" in line and str(tmp_path / "stacks-rank00000.txt") in line
@@ -443,19 +446,7 @@ def test_a_stopped_rank_is_named_and_the_job_ends(tmp_path):
 def test_a_stopped_rank_is_named_when_the_collective_timeout_fires_first(tmp_path):
     """trainer.timeout below the watchdog's: the collective's timeout ends the job, and the one line
     names the stopped rank from the heartbeats, not gloo's traceback blaming the rank that waited."""
-    process = start_train(
-        [*FAST, "trainer.devices=2", "trainer.max_steps=5000", "trainer.timeout=3", f"hydra.run.dir={tmp_path}"],
-        tmp_path,
-    )
-    try:
-        _wait_for_steps(process, tmp_path, 2)
-        workers = sorted(spawned_workers(process.pid))
-        os.kill(workers[1], signal.SIGSTOP)
-        _, stderr = process.communicate(timeout=120)
-    finally:
-        for pid in spawned_workers(process.pid) if process.poll() is None else []:
-            os.kill(pid, signal.SIGKILL)
-        kill_group(process)
+    process, stderr, _ = _stop_rank_one(["trainer.timeout=3"], tmp_path)
     assert process.returncode == 4, stderr[-3000:]
     (line,) = error_lines(stderr)
     assert "a collective waited trainer.timeout=3 s for its peers: rank(s) 1 stopped beating" in line, line

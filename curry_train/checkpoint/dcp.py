@@ -72,6 +72,7 @@ from curry_train.checkpoint.files import (
     CheckpointError,
     checkpoints_in,
     describe_files,
+    existing_ancestor,
     is_checkpoint,
     is_url,
     place,
@@ -422,7 +423,7 @@ def _failure(staged: Staged, error: BaseException) -> CheckpointWriteError:
     before = last_complete(directory)
     kept = f"; the newest complete checkpoint stays {before}" if before else "; no complete checkpoint before it"
     if _full_disk(error) and not is_url(directory):
-        free = shutil.disk_usage(_existing(directory)).free
+        free = shutil.disk_usage(existing_ancestor(directory)).free
         return CheckpointWriteError(
             f"{directory}: the disk is full: the checkpoint of step {staged.step} needs about {_gib(_needed(staged))}"
             f" on this rank, {_gib(free)} free; not saved{kept}"
@@ -437,13 +438,6 @@ def _failure(staged: Staged, error: BaseException) -> CheckpointWriteError:
 def _needed(staged: Staged) -> float:
     """Bytes a rank's share of a checkpoint takes on disk: its tensors, their headers, the small files."""
     return staged.nbytes * 1.02 + (1 << 20)
-
-
-def _existing(path: Path) -> Path:
-    """``path`` or its nearest existing ancestor: the file system a save into ``path`` writes to."""
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
 
 
 def last_complete(directory: Path) -> Optional[Path]:
@@ -480,7 +474,7 @@ def write(staged: Staged, group: Any = None, retention: Optional[Retention] = No
         return _agree(failure is None, group)
 
     def fail() -> CheckpointWriteError:
-        if rank == 0 and not (remote and _complete(path)):
+        if rank == 0 and not (remote and is_checkpoint(path)):
             with contextlib.suppress(Exception):
                 remove_tree(tmp)  # room for the next save; the last complete one untouched
         return _failure(staged, failure or OSError("another rank's write failed"))
@@ -490,7 +484,7 @@ def write(staged: Staged, group: Any = None, retention: Optional[Retention] = No
 
         def already() -> None:
             nonlocal done
-            done = _complete(path)
+            done = is_checkpoint(path)
 
         if stage_ok(already) and _agree(done, group):
             return path  # a rerun saving a step the bucket holds whole (a resumed run's last step)
@@ -547,14 +541,10 @@ def write(staged: Staged, group: Any = None, retention: Optional[Retention] = No
     return path
 
 
-def _complete(path: Any) -> bool:
-    return is_checkpoint(path)
-
-
 def _room(staged: Staged, directory: Path, group: Any) -> bool:
     """Collective: whether each file system the ranks write to has room for all their shares (ranks of
     one node, or of a shared file system, add up: they are told apart by host and device)."""
-    where = _existing(directory)
+    where = existing_ancestor(directory)
     mine = (socket.gethostname(), os.stat(where).st_dev, _needed(staged), shutil.disk_usage(where).free)
     if not dist.is_initialized() or dist.get_world_size(group) == 1:
         return mine[3] >= mine[2]

@@ -39,7 +39,9 @@ def place(location: Any) -> Any:
         return Path(location)
     from upath import UPath  # noqa: PLC0415  (fsspec loads only for a URL)
 
-    path = location if isinstance(location, UPath) else UPath(str(location))
+    if isinstance(location, UPath):  # derived from one made here: its listings are this call's own
+        return location
+    path = UPath(str(location))
     path.fs.invalidate_cache()  # another process (a rank, a run) may have written since this one listed
     return path
 
@@ -55,6 +57,14 @@ def remove_tree(path: Any) -> None:
         shutil.rmtree(path, ignore_errors=True)
     elif path.exists():
         path.fs.rm(path.path, recursive=True)
+
+
+def existing_ancestor(path: Path) -> Path:
+    """``path`` or its nearest existing ancestor: the file system a write into ``path`` goes to."""
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
 
 
 def absolute(location: Any) -> Any:

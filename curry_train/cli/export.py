@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from curry_train.checkpoint.files import CheckpointError, verify
+from curry_train.checkpoint.files import CheckpointError, existing_ancestor, verify
 from curry_train.checkpoint.hf_config import PretrainedError
 from curry_train.exits import EXIT_BAD_INPUT
 from curry_train.options import EXPORT_DTYPES
@@ -87,9 +87,7 @@ def output_problem(output: Path, directory: bool) -> Optional[str]:
     if output.exists() and output.is_dir() != directory:
         wanted, found = ("directory", "a file") if directory else ("file", "a directory")
         return f"exists and is {found}; this format writes a {wanted}"
-    parent = output if directory and output.exists() else output.parent
-    while not parent.exists():
-        parent = parent.parent
+    parent = existing_ancestor(output if directory and output.exists() else output.parent)
     if not parent.is_dir():
         return f"{parent} is not a directory"
     if not os.access(parent, os.W_OK | os.X_OK):
