@@ -47,8 +47,10 @@ class StepProgressBar(TQDMProgressBar):
         pass  # the bar spans epochs: closed at the end of training
 
     def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
-        metrics = super().get_metrics(trainer, pl_module)
+        metrics = super().get_metrics(trainer, pl_module)  # validation's, logged through Lightning
         metrics.pop("v_num", None)  # the logger's version says nothing about training
+        # training's, as host numbers at each logged step (reading them costs no synchronization)
+        metrics.update({name: f"{value:.3g}" for name, value in getattr(pl_module, "progress", {}).items()})
         return metrics
 
 
@@ -133,7 +135,9 @@ class Preemption(Callback):
 
     The handler only notes the signal (a collective inside a signal handler could cross the step's
     own); at each step's end the ranks agree with one all-reduce of a flag, so all stop at the same
-    step even when the signal reaches them at different moments. It replaces Lightning's SIGTERM
+    step even when the signal reaches them at different moments. The flag is a host tensor reduced over
+    gloo (the run's own group on CPU; one of its own beside NCCL): the agreement never waits for the
+    device. It replaces Lightning's SIGTERM
     handling, which broadcasts from inside the handler and ends the run without a checkpoint."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -141,21 +145,27 @@ class Preemption(Callback):
     def __init__(self) -> None:
         self.received: Optional[int] = None  # the signal this process got
         self.stopped_at: Optional[int] = None  # the step after which the run stopped
+        self._group: Optional[dist.ProcessGroup] = None  # gloo, for the host flag (None: one process)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # After Lightning registers its own (in fit, after on_fit_start): ours replace them.
         if threading.current_thread() is threading.main_thread():  # Python installs handlers there only
             for signum in self.SIGNALS:
                 signal.signal(signum, self._note)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            gloo = dist.get_backend() == "gloo"
+            self._group = dist.group.WORLD if gloo else dist.new_group(backend="gloo")
 
     def _note(self, signum: int, frame: Any) -> None:
         self.received = signum
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-        flag = torch.tensor(float(self.received is not None), device=trainer.strategy.root_device)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if not bool(flag):
+        stop = self.received is not None
+        if self._group is not None:
+            flag = torch.tensor(float(stop))  # on the host
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
+            stop = bool(flag)
+        if not stop:
             return
         for callback in trainer.callbacks:
             if isinstance(callback, PeriodicCheckpoint):  # complete before the grace period ends
@@ -205,6 +215,9 @@ class PeriodicCheckpoint(Callback):
                 with _saving(trainer):
                     saver.wait()
             return
+        settle = getattr(trainer.lightning_module, "settle", None)
+        if settle is not None:  # steps skipped since the last logged step: counted (or the run stops) first
+            settle()
         path = trainer.strategy.broadcast(str(self.directory / files.checkpoint_name(step)))
         began = time.perf_counter()
         with _saving(trainer):

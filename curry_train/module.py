@@ -4,9 +4,18 @@ feeds it this rank's slice of each global batch.
 
 The model is built on the meta device (``configure_model``); the strategy parallelizes it and hands
 over the layout's step (``attach``: ``curry_train.train_step.TrainStep``, which owns the whole optimizer
-step, its loss and every reduction), which ``training_step`` runs. Metrics (torchmetrics ``SumMetric``)
-are summed over the step's ``metrics_group``: the ranks that hold distinct tokens. Ranks that hold the
-same tokens (tensor-parallel peers) are not in it, so nothing is counted twice.
+step, its loss and every reduction), which ``training_step`` runs. Metrics are summed over the step's
+``metrics_group``: the ranks that hold distinct tokens. Ranks that hold the same tokens (tensor-parallel
+peers) are not in it, so nothing is counted twice.
+
+Host reads. Between logged steps (``trainer.log_every_n_steps``) the loop reads nothing from the device:
+the loss accumulates there, and a step with a non-finite gradient norm is skipped there (``TrainStep``).
+At a logged step every metric -- the summed loss and tokens (one all-reduce), the gradient norm, the
+skipped steps, the experts' balance -- comes to the host in one read, and goes to the loggers as Python
+numbers. Lightning's ``self.log`` would read each logged tensor from the device on its own (a
+synchronization each), so training metrics bypass it: they go to ``self.loggers`` directly, into
+``trainer.callback_metrics`` (for callbacks that monitor them) and to the progress bar (``progress``).
+Validation, which is not the steady state, logs through ``self.log`` (torchmetrics ``SumMetric``).
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torchmetrics.aggregation import SumMetric
@@ -30,6 +40,14 @@ from curry_train.model.llama import Llama
 from curry_train.train_step import NonFiniteError, StepResult, TrainStep
 
 log = logging.getLogger(__name__)
+
+
+def fused_supported(params: list[Tensor]) -> bool:
+    """Whether torch's fused AdamW takes ``params``: one kernel per device and dtype for the whole update, and
+    a step skipped on the device (``found_inf``) without the host reading the gradient norm. On CPU and CUDA,
+    floating point."""
+    devices = torch.utils._foreach_utils._get_fused_kernels_supported_devices()
+    return bool(params) and all(p.device.type in devices and p.is_floating_point() for p in params)
 
 
 def lr_lambda(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
@@ -53,8 +71,10 @@ class CausalLM(pl.LightningModule):
         self.step: Optional[TrainStep] = None  # the layout's step, from the strategy (attach)
         self._last_log_time: Optional[float] = None
         self._steps_since_log = 0
-        self._skipped_since_log = 0
+        self._loss_sum: Optional[Tensor] = None  # this rank's losses since the last logged step, on the device
+        self._tokens_sum = 0.0  # and its tokens
         self.moe_metrics: dict[str, Tensor] = {}
+        self.progress: dict[str, float] = {}  # the progress bar's training metrics (StepProgressBar)
 
     # ------------------------------------------------------------------------------------------
     # Model and optimizer
@@ -68,10 +88,6 @@ class CausalLM(pl.LightningModule):
         """Take the layout's step and this rank's part of the parallelized model it runs (the strategy's
         setup calls this; metrics are summed over the ranks that hold distinct tokens)."""
         self.model, self.step = step.model, step
-        # nan_strategy="disable": a NaN is summed as a NaN, never dropped (which would log 0 as the loss).
-        group, nan = step.metrics_group, "disable"
-        self.train_loss = SumMetric(process_group=group, sync_on_compute=True, nan_strategy=nan)
-        self.train_tokens = SumMetric(process_group=group, sync_on_compute=True, nan_strategy=nan)
         self.val_sums: dict[int, tuple[SumMetric, SumMetric]] = {}
 
     def configure_optimizers(self) -> dict[str, Any]:
@@ -85,6 +101,7 @@ class CausalLM(pl.LightningModule):
             lr=o.lr,
             betas=tuple(o.betas),
             eps=o.eps,
+            fused=fused_supported(decay + no_decay),
         )
         total = self.cfg.trainer.max_steps
         scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -99,37 +116,61 @@ class CausalLM(pl.LightningModule):
         optimizer = self.optimizers()
         lr = optimizer.param_groups[0]["lr"]
         result = self.step.run(batch, optimizer, self.lr_schedulers(), self.trainer.global_step)
-        if result.skipped:
-            self._skipped_since_log += 1  # its loss, logged as it is (NaN), is no reason to stop
-            if self.trainer.is_global_zero:
-                log.warning(
-                    "step %d: non-finite gradient norm (%s), step skipped (%d of %d allowed)",
-                    self.trainer.global_step - 1,
-                    float(result.grad_norm),
-                    self.step.skipped_steps,
-                    self.cfg.trainer.skip_nonfinite_steps,
-                )
         self.moe_metrics = result.moe_metrics
-        self.train_loss.update(result.loss)
-        self.train_tokens.update(torch.tensor(result.tokens, dtype=torch.float64, device=result.loss.device))
+        loss = result.loss.detach().double()  # a NaN is summed as a NaN, never dropped
+        self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
+        self._tokens_sum += result.tokens
         self._steps_since_log += 1
         if self.trainer.global_step % self.cfg.trainer.log_every_n_steps == 0:
             self._log_train(result, lr)
 
+    def settle(self) -> None:
+        """Count (or stop at) the steps skipped since the last logged step; before a checkpoint is saved
+        between logged steps. A host read: not in the steady state."""
+        if self.step is not None and self.step.settle():
+            self._warn_skipped(self.step.first_skipped)
+
+    def _warn_skipped(self, first: int) -> None:
+        if self.trainer.is_global_zero:  # its loss, logged as it is (NaN), is no reason to stop
+            log.warning(
+                "non-finite gradient norm from step %d: step skipped (%d of %d allowed so far)",
+                first,
+                self.step.skipped_steps,
+                self.cfg.trainer.skip_nonfinite_steps,
+            )
+
+    def _read_train_metrics(self, result: StepResult) -> tuple[float, float, float, int, dict[str, float]]:
+        """The logged step's one host read: the loss and tokens summed since the last logged step over the
+        ranks that hold distinct tokens (one all-reduce), the gradient norm, the skipped steps (settled
+        here: ``NonFiniteError`` past ``trainer.skip_nonfinite_steps``) and the experts' balance."""
+        device = result.loss.device
+        sums = torch.stack([self._loss_sum, torch.tensor(self._tokens_sum, dtype=torch.float64, device=device)])
+        group = self.step.metrics_group
+        if dist.is_initialized() and dist.get_world_size(group) > 1:
+            dist.all_reduce(sums, group=group)
+        unsettled = self.step.unsettled if self.step.unsettled is not None else self.step.clean_tally(device)
+        moe = list(self.moe_metrics.items())
+        parts = [sums, result.grad_norm.detach().double().view(1), unsettled, *(v.double().view(1) for _, v in moe)]
+        values = torch.cat([part.to(device) for part in parts]).tolist()
+        (loss_sum, tokens, grad_norm), settled = values[:3], values[3:7]
+        skipped = self.step.settle(settled)
+        if skipped:
+            self._warn_skipped(int(settled[1]))
+        return loss_sum, tokens, grad_norm, skipped, dict(zip((name for name, _ in moe), values[7:], strict=True))
+
     def _log_train(self, result: StepResult, lr: float) -> None:
         now = time.perf_counter()
-        loss = self.train_loss.compute() / self._steps_since_log
-        skipped, self._skipped_since_log = self._skipped_since_log, 0
-        if not skipped and not bool(torch.isfinite(loss)):  # reduced over the ranks with distinct tokens: all agree
+        loss_sum, tokens, grad_norm, skipped, moe = self._read_train_metrics(result)
+        loss = loss_sum / self._steps_since_log
+        self._loss_sum, self._tokens_sum = None, 0.0
+        if not skipped and not math.isfinite(loss):  # reduced over the ranks with distinct tokens: all agree
             raise NonFiniteError(
-                f"non-finite loss ({float(loss)}) at step {self.trainer.global_step - 1}: stopped before logging"
+                f"non-finite loss ({loss}) at step {self.trainer.global_step - 1}: stopped before logging"
                 " or saving it; lower optim.lr or set optim.grad_clip"
             )
-        tokens = self.train_tokens.compute()
-        self.train_loss.reset()
-        self.train_tokens.reset()
-        metrics = {"train/loss": loss, "train/ppl": loss.exp(), "train/grad_norm": result.grad_norm, "train/lr": lr}
-        metrics.update(self.moe_metrics)  # MoE models: the last step's expert balance
+        ppl = math.exp(loss) if loss < 700 else math.inf  # NaN stays NaN
+        metrics = {"train/loss": loss, "train/ppl": ppl, "train/grad_norm": grad_norm, "train/lr": lr}
+        metrics.update(moe)  # MoE models: the last step's expert balance
         datamodule = self.trainer.datamodule
         if len(getattr(datamodule, "names", ())) > 1:  # a mixture: the tokens each source has served so far
             metrics.update({f"train/tokens/{name}": n for name, n in datamodule.served_tokens().items()})
@@ -138,10 +179,20 @@ class CausalLM(pl.LightningModule):
         if self._last_log_time is not None:
             metrics["train/tokens_per_s"] = tokens / (now - self._last_log_time)
         self._last_log_time, self._steps_since_log = now, 0
-        self.log_dict({k: torch.as_tensor(v, dtype=torch.float32) for k, v in metrics.items()}, prog_bar=False)
-        self.log("loss", loss.float(), prog_bar=True, logger=False)
+        self._to_loggers(metrics)
+        self.progress = {"loss": loss}
         if "train/tokens_per_s" in metrics:
-            self.log("tokens/s", float(metrics["train/tokens_per_s"]), prog_bar=True, logger=False)
+            self.progress["tokens/s"] = metrics["train/tokens_per_s"]
+
+    def _to_loggers(self, metrics: dict[str, float]) -> None:
+        """``metrics`` (Python numbers) to every logger at this step, as Lightning's logging would write
+        them (with the epoch), and into ``trainer.callback_metrics`` as host tensors."""
+        rows = {name: float(value) for name, value in metrics.items()}
+        self.trainer.callback_metrics.update({name: torch.tensor(value) for name, value in rows.items()})
+        rows.setdefault("epoch", self.current_epoch)
+        for logger in self.loggers:
+            logger.log_metrics(rows, step=self.trainer.global_step - 1)
+            logger.save()
 
     def on_train_epoch_start(self) -> None:
         self._last_log_time, self._steps_since_log = time.perf_counter(), 0

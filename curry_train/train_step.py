@@ -35,6 +35,7 @@ from curry_train.model.moe import MoE
 from curry_train.parallelize import ParallelModel
 from curry_train.primitives.context_parallel import shard_sequence
 from curry_train.primitives.data_parallel import gradient_sync
+from curry_train.primitives.distributed_optimizer import ZeroOneModule
 from curry_train.primitives.parallel_state import ParallelState
 from curry_train.primitives.pipeline_schedule import PipelineSchedule
 from curry_train.primitives.tp_linear import reduce_partial_gradients
@@ -122,13 +123,24 @@ class StepSettings:
 @dataclass
 class StepResult:
     """What one step did on this rank: its loss (this rank's share, summed), the global gradient norm,
-    whether it was skipped, the tokens this rank computed, and the experts' balance (MoE models)."""
+    the tokens this rank computed, and the experts' balance (MoE models). All tensors stay on the device:
+    whether the step was applied is known to the host at the next ``TrainStep.settle``."""
 
     loss: Tensor
     grad_norm: Tensor
-    skipped: bool
     tokens: float
     moe_metrics: dict[str, Tensor] = field(default_factory=dict)
+
+
+def inner_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer behind Lightning's ``LightningOptimizer`` wrapper (or ``optimizer`` itself)."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def skips_on_device(optimizer: Any) -> bool:
+    """The optimizer skips a step on the device when told (``found_inf``): torch's fused Adam/AdamW.
+    Then a non-finite gradient norm needs no host read to keep the step from being applied."""
+    return bool(inner_optimizer(optimizer).defaults.get("fused"))
 
 
 class TrainStep:
@@ -150,7 +162,11 @@ class TrainStep:
         self.settings = settings
         self.backward = backward  # through Lightning's precision plugin (the strategy's backward)
         self.device = device
-        self.skipped_steps = 0  # steps whose non-finite gradients were not applied
+        self.skipped_steps = 0  # steps whose non-finite gradients were not applied (counted at each settle)
+        # Since the last settle, on the device: [steps with a non-finite gradient norm, the first one's step,
+        # the step that used up trainer.skip_nonfinite_steps (-1: none), its norm]. The host reads it with the
+        # logged metrics (``settle``), not at every step.
+        self.unsettled: Optional[Tensor] = None
         self.last_loss: Optional[Tensor] = None  # this rank's share of the step's loss, from its backward on
         self.last_grad_norm: Optional[Tensor] = None  # the global gradient norm (before clipping)
         # compile_loss: inductor fuses the fp32 upcast, log-softmax and gather (not under loss parallelism,
@@ -161,8 +177,10 @@ class TrainStep:
         )
         # The loss's denominator: the global batch's tokens, or (rows with a target mask: chat data) the
         # global batch's target tokens, counted at the start of each step.
-        self.denominator: float = float(settings.tokens_per_step)
+        self.denominator: float | Tensor = float(settings.tokens_per_step)
         self.moe_layers = [module for module in self.model.modules() if isinstance(module, MoE)]
+        zero1 = [module for module in self.model.modules() if isinstance(module, ZeroOneModule)]
+        self.zero1_shards = list({id(p): p for module in zero1 for p in module.parameters()}.values())
         for layer in self.moe_layers:  # each forward's router losses weigh by its share of the step's tokens
             layer.aux_scale = 1.0 / settings.tokens_per_step
 
@@ -208,43 +226,87 @@ class TrainStep:
         grad_norm = self.clip_grad_norm_(self.settings.grad_clip)
         # the step's values from here on (whitebox reads them in Lightning's optimizer hooks)
         self.last_loss, self.last_grad_norm = loss, grad_norm
-        # One host read of one flag. The norm is global (reduced over every rank's gradients), so every
-        # rank takes the same decision; a non-finite loss makes non-finite gradients, so it shows here too.
-        applied = bool(torch.isfinite(grad_norm))
-        if not applied:
-            self._skip(grad_norm, step)
-            optimizer.zero_grad(set_to_none=True)  # no gradient, no update: the step count and LR schedule go on
-        optimizer.step()
+        # The norm is global (reduced over every rank's gradients), so every rank takes the same decision; a
+        # non-finite loss makes non-finite gradients, so it shows here too. No gradient, no update: the step
+        # count and LR schedule go on.
+        finite = torch.isfinite(grad_norm)
+        self._tally(finite, grad_norm, step)
+        if skips_on_device(optimizer):  # the fused kernels skip the update (and their step count) on the device
+            inner = inner_optimizer(optimizer)
+            inner.found_inf = (~finite).to(torch.float32)
+            try:
+                optimizer.step()
+            finally:
+                inner.found_inf = None
+            if self.zero1_shards:  # the fused kernels write without bumping version counters, which tell
+                torch.autograd.graph.increment_version(self.zero1_shards)  # ZeRO-1 its shards changed
+            applied: Any = finite
+        else:  # an optimizer without it: one host read of one flag per step
+            applied = bool(finite)
+            if not applied:
+                self.settle()  # stops the run here if no more skips are allowed
+                optimizer.zero_grad(set_to_none=True)
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         moe_metrics = self._balance_experts(applied)
         rows = batch[:, 0] if batch.ndim == 3 else batch
         tokens = rows[:, 1:].numel() * self.token_fraction  # context parallel: this rank's share
-        return StepResult(loss, grad_norm, not applied, tokens, moe_metrics)
+        return StepResult(loss, grad_norm, tokens, moe_metrics)
 
-    def _global_targets(self, batch: Tensor) -> float:
+    def _tally(self, finite: Tensor, grad_norm: Tensor, step: int) -> None:
+        """Count a step with a non-finite gradient norm into ``unsettled``, on the device."""
+        bad = ~finite
+        tally = self.unsettled if self.unsettled is not None else self.clean_tally(grad_norm.device)
+        count, first, over, norm = tally.unbind()
+        is_first = (count == 0) & bad
+        left = self.settings.skip_nonfinite_steps - self.skipped_steps  # skips still allowed at the last settle
+        is_over = bad & (count >= left) & (over < 0)
+        self.unsettled = torch.stack(
+            [
+                count + bad.to(torch.float64),
+                torch.where(is_first, float(step), first),
+                torch.where(is_over, float(step), over),
+                torch.where(is_over, grad_norm.double(), norm),
+            ]
+        )
+
+    first_skipped = -1  # the first step the last settle counted as skipped
+    _clean: Optional[Tensor] = None
+
+    def clean_tally(self, device: torch.device) -> Tensor:
+        """``unsettled`` with nothing counted (made on the device once: no copy to it at each step)."""
+        if self._clean is None or self._clean.device != device:
+            self._clean = torch.tensor([0.0, -1.0, -1.0, 0.0], dtype=torch.float64, device=device)
+        return self._clean
+
+    def settle(self, unsettled: Optional[list[float]] = None) -> int:
+        """Count the steps skipped since the last settle (``unsettled``: ``self.unsettled`` already read by the
+        caller, with its other metrics in one host read; None: read here); stop the run with
+        ``NonFiniteError`` past ``skip_nonfinite_steps``. Returns how many were skipped since the last."""
+        if self.unsettled is None:
+            return 0
+        count, first, over, norm = self.unsettled.tolist() if unsettled is None else unsettled
+        self.unsettled = None
+        if over >= 0:
+            allowed = self.settings.skip_nonfinite_steps
+            raise NonFiniteError(
+                f"non-finite gradient norm ({norm}) at step {int(over)}: stopped before applying it"
+                + (f" ({allowed} step(s) skipped before, trainer.skip_nonfinite_steps={allowed})" if allowed else "")
+                + "; lower optim.lr or set optim.grad_clip, or skip such steps with trainer.skip_nonfinite_steps=N"
+            )
+        self.skipped_steps += int(count)
+        self.first_skipped = int(first)
+        return int(count)
+
+    def _global_targets(self, batch: Tensor) -> Tensor:
         """The labels of the global batch that are targets: this rank's, summed over the data-parallel
         ranks (its tensor, pipeline and context parallel peers hold the same rows). At least 1: a batch
         without a target adds nothing."""
         _, labels, _ = self.packed(batch)
         count = (labels != IGNORE_INDEX).sum().to(self.device, torch.float64)
         dist.all_reduce(count, group=self.parallel_state.get_dp_group())
-        return max(1.0, float(count))
-
-    def _skip(self, grad_norm: Tensor, step: int) -> None:
-        """Count a skipped step, within ``skip_nonfinite_steps``; else stop the run."""
-        allowed = self.settings.skip_nonfinite_steps
-        if self.skipped_steps >= allowed:
-            raise NonFiniteError(
-                f"non-finite gradient norm ({float(grad_norm)}) at step {step}: stopped before applying it"
-                + (
-                    f" ({self.skipped_steps} step(s) skipped before, trainer.skip_nonfinite_steps={allowed})"
-                    if allowed
-                    else ""
-                )
-                + "; lower optim.lr or set optim.grad_clip, or skip such steps with trainer.skip_nonfinite_steps=N"
-            )
-        self.skipped_steps += 1
+        return count.clamp(min=1.0).float()  # on the device: the loss divides by it without a host read
 
     # ------------------------------------------------------------------------------------------
     # Forward and backward
@@ -438,8 +500,8 @@ class TrainStep:
             squared = norm.double().square()
             dist.all_reduce(squared, group=self.parallel_state.get_pp_group())
             norm = squared.sqrt().float()
-        scale = min(1.0, max_norm / (float(norm) + 1e-6))  # torch's clip coefficient
-        if scale < 1.0:
+        if max_norm < float("inf"):  # torch's clip coefficient, on the device (no host read of the norm)
+            scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
             for grads in groups.values():
                 torch._foreach_mul_(grads, scale)
         return norm
@@ -447,7 +509,7 @@ class TrainStep:
     # ------------------------------------------------------------------------------------------
     # Mixture of experts
 
-    def _balance_experts(self, applied: bool) -> dict[str, Tensor]:
+    def _balance_experts(self, applied: bool | Tensor) -> dict[str, Tensor]:
         """After the optimizer step: the step's expert loads, summed over the ranks that hold distinct
         tokens (one all-reduce for every MoE layer), move each router's bias (not for a skipped step);
         the worst layer's max/mean load and the routers' losses are returned for the metrics."""
@@ -464,7 +526,7 @@ class TrainStep:
                 dist.all_reduce(packed, group=group)
             loads, aux = packed[:-1].view_as(loads), packed[-1:]
             for layer, load in zip(self.moe_layers, loads, strict=True):
-                layer.router.apply_load(load if applied else None)
+                layer.router.apply_load(load, applied)
                 layer.aux_loss_sum = None
             imbalance = (loads.max(1).values / loads.mean(1)).max()
         if self.pipelined and self.parallel_state.dims.pp_enabled:

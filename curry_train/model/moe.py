@@ -130,10 +130,12 @@ class TopKRouter(nn.Module):
         return load
 
     @torch.no_grad()
-    def apply_load(self, load: Optional[Tensor]) -> None:
-        """Move the bias by the step's summed ``load`` (None: the step was not applied) and reset the count."""
-        if load is not None and self.balancing == "aux_free":
-            self.expert_bias += self.bias_update_rate * torch.sign(load.mean() - load)
+    def apply_load(self, load: Tensor, applied: bool | Tensor = True) -> None:
+        """Move the bias by the step's summed ``load`` (not for a step that was not ``applied``: a flag, or a
+        boolean tensor on the device, read by no one on the host) and reset the count."""
+        if self.balancing == "aux_free" and applied is not False:
+            move = self.bias_update_rate * torch.sign(load.mean() - load)
+            self.expert_bias += move if applied is True else torch.where(applied, move, 0.0)
         self.expert_load.zero_()
 
 

@@ -56,7 +56,7 @@ from curry_train.config.schema import Config
 from curry_train.data.loader import TrainBatches
 from curry_train.model.config import head_dim
 from curry_train.model.llama import Llama
-from curry_train.module import LMDataModule, lr_lambda
+from curry_train.module import LMDataModule, fused_supported, lr_lambda
 from curry_train.options import PRECISIONS
 from curry_train.planning.step_time import flops_parameters, flops_per_token
 from curry_train.primitives.materialize import materialize_and_init
@@ -282,6 +282,7 @@ def run_hand_loop(
         lr=o.lr,
         betas=tuple(o.betas),
         eps=o.eps,
+        fused=fused_supported(decay + no_decay),
     )
     min_ratio = o.min_lr / o.lr
     scheduler = torch.optim.lr_scheduler.LambdaLR(

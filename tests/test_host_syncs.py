@@ -1,0 +1,51 @@
+"""The steady state of training reads the device at most once per logged step (``curry_train.module``),
+counted on CPU by ``curry_train.validation.host_syncs``."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+from conftest import FAST
+
+from curry_train.config import compose
+from curry_train.config.checks import check
+from curry_train.config.schema import Config
+from curry_train.runner import fit
+from curry_train.validation.host_syncs import HostReads, SyncCount
+
+TINY = [*FAST, "model.dim=32", "model.n_layers=2", "model.ffn_dim=64", "data.global_batch_size=4"]
+
+
+def test_the_counter_sees_every_kind_of_host_read():
+    t = torch.ones(3)
+    with HostReads() as reads:
+        assert t.sum().item() == 3.0
+        assert bool(t[0] > 0) and float(t[1]) == 1.0 and int(t[2]) == 1
+        assert t.tolist() == [1.0, 1.0, 1.0] and t.cpu() is t
+        assert torch.equal(t, t)
+        t.add_(1)  # not a read
+    assert len(reads.reads) == 7, reads.reads
+    assert all("test_host_syncs.py" in read for read in reads.reads)
+    assert torch.Tensor.tolist is not reads._counting  # unpatched after
+
+
+def count(*overrides: str, steps: int = 10, after: int = 3):
+    cfg = compose([*TINY, f"trainer.max_steps={steps}", *overrides])
+    plan = check(cfg)
+    with tempfile.TemporaryDirectory() as run_dir:
+        return fit(Config.of(cfg), Path(run_dir), plan, SyncCount(after=after))
+
+
+def test_one_host_read_per_logged_step_and_none_between():
+    steps = count("trainer.log_every_n_steps=3", "trainer.skip_nonfinite_steps=2")
+    assert [step for step, _, _ in steps] == list(range(3, 9))  # the last step (the run's end) left out
+    for step, logged, reads in steps:
+        assert len(reads) == (1 if logged else 0), (step, logged, reads)
+    assert sum(logged for _, logged, _ in steps) == 2
+
+
+def test_logging_every_step_reads_once_a_step_with_the_progress_bar_on():
+    steps = count("trainer.log_every_n_steps=1", "trainer.enable_progress_bar=true", steps=6)
+    assert steps and all(logged and len(reads) == 1 for _, logged, reads in steps), steps
