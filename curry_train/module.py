@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import lightning.pytorch as pl
@@ -62,6 +63,16 @@ def lr_lambda(step: int, warmup: int, total: int, schedule: str, min_ratio: floa
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+@dataclass
+class LogInterval:
+    """This rank's steps since the last logged step (a plain object: a module attribute set at every step
+    would go through ``nn.Module.__setattr__``)."""
+
+    loss_sum: Optional[Tensor] = None  # their summed losses, on the device
+    tokens: float = 0.0
+    steps: int = 0
+
+
 class CausalLM(pl.LightningModule):
     def __init__(self, cfg: Config) -> None:
         super().__init__()
@@ -70,9 +81,8 @@ class CausalLM(pl.LightningModule):
         self.model: Optional[nn.Module] = None
         self.step: Optional[TrainStep] = None  # the layout's step, from the strategy (attach)
         self._last_log_time: Optional[float] = None
-        self._steps_since_log = 0
-        self._loss_sum: Optional[Tensor] = None  # this rank's losses since the last logged step, on the device
-        self._tokens_sum = 0.0  # and its tokens
+        self.interval = LogInterval()
+        self.log_every_n_steps = cfg.trainer.log_every_n_steps  # read at every step: not through the config
         self.moe_metrics: dict[str, Tensor] = {}
         self.progress: dict[str, float] = {}  # the progress bar's training metrics (StepProgressBar)
 
@@ -116,12 +126,14 @@ class CausalLM(pl.LightningModule):
         optimizer = self.optimizers()
         lr = optimizer.param_groups[0]["lr"]
         result = self.step.run(batch, optimizer, self.lr_schedulers(), self.trainer.global_step)
-        self.moe_metrics = result.moe_metrics
+        if result.moe_metrics:
+            self.moe_metrics = result.moe_metrics
         loss = result.loss.detach().double()  # a NaN is summed as a NaN, never dropped
-        self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
-        self._tokens_sum += result.tokens
-        self._steps_since_log += 1
-        if self.trainer.global_step % self.cfg.trainer.log_every_n_steps == 0:
+        interval = self.interval
+        interval.loss_sum = loss if interval.loss_sum is None else interval.loss_sum + loss
+        interval.tokens += result.tokens
+        interval.steps += 1
+        if self.trainer.global_step % self.log_every_n_steps == 0:
             self._log_train(result, lr)
 
     def settle(self) -> None:
@@ -144,25 +156,27 @@ class CausalLM(pl.LightningModule):
         ranks that hold distinct tokens (one all-reduce), the gradient norm, the skipped steps (settled
         here: ``NonFiniteError`` past ``trainer.skip_nonfinite_steps``) and the experts' balance."""
         device = result.loss.device
-        sums = torch.stack([self._loss_sum, torch.tensor(self._tokens_sum, dtype=torch.float64, device=device)])
+        interval = self.interval
+        sums = torch.stack([interval.loss_sum, torch.tensor(interval.tokens, dtype=torch.float64, device=device)])
         group = self.step.metrics_group
         if dist.is_initialized() and dist.get_world_size(group) > 1:
             dist.all_reduce(sums, group=group)
-        unsettled = self.step.unsettled if self.step.unsettled is not None else self.step.clean_tally(device)
+        pending = self.step.pending()
+        norms = 0 if pending is None else pending.numel()
         moe = list(self.moe_metrics.items())
-        parts = [sums, result.grad_norm.detach().double().view(1), unsettled, *(v.double().view(1) for _, v in moe)]
-        values = torch.cat([part.to(device) for part in parts]).tolist()
-        (loss_sum, tokens, grad_norm), settled = values[:3], values[3:7]
-        skipped = self.step.settle(settled)
+        parts = [sums, result.grad_norm.detach().double().view(1), *(v.double().view(1) for _, v in moe)]
+        values = torch.cat([part.to(device) for part in [*parts, *([pending] if norms else [])]]).tolist()
+        loss_sum, tokens, grad_norm = values[:3]
+        skipped = self.step.settle(values[len(values) - norms :])
         if skipped:
-            self._warn_skipped(int(settled[1]))
-        return loss_sum, tokens, grad_norm, skipped, dict(zip((name for name, _ in moe), values[7:], strict=True))
+            self._warn_skipped(self.step.first_skipped)
+        named = zip((name for name, _ in moe), values[3 : 3 + len(moe)], strict=True)
+        return loss_sum, tokens, grad_norm, skipped, dict(named)
 
     def _log_train(self, result: StepResult, lr: float) -> None:
         now = time.perf_counter()
         loss_sum, tokens, grad_norm, skipped, moe = self._read_train_metrics(result)
-        loss = loss_sum / self._steps_since_log
-        self._loss_sum, self._tokens_sum = None, 0.0
+        loss = loss_sum / self.interval.steps
         if not skipped and not math.isfinite(loss):  # reduced over the ranks with distinct tokens: all agree
             raise NonFiniteError(
                 f"non-finite loss ({loss}) at step {self.trainer.global_step - 1}: stopped before logging"
@@ -178,7 +192,7 @@ class CausalLM(pl.LightningModule):
             metrics["train/skipped_steps"] = self.step.skipped_steps
         if self._last_log_time is not None:
             metrics["train/tokens_per_s"] = tokens / (now - self._last_log_time)
-        self._last_log_time, self._steps_since_log = now, 0
+        self._last_log_time, self.interval = now, LogInterval()
         self._to_loggers(metrics)
         self.progress = {"loss": loss}
         if "train/tokens_per_s" in metrics:
@@ -186,16 +200,16 @@ class CausalLM(pl.LightningModule):
 
     def _to_loggers(self, metrics: dict[str, float]) -> None:
         """``metrics`` (Python numbers) to every logger at this step, as Lightning's logging would write
-        them (with the epoch), and into ``trainer.callback_metrics`` as host tensors."""
+        them (with the epoch), and into ``trainer.callback_metrics`` as host tensors. Each logger writes to
+        disk at its own pace (the run's metrics.csv: every logged step, ``run.make_loggers``)."""
         rows = {name: float(value) for name, value in metrics.items()}
         self.trainer.callback_metrics.update({name: torch.tensor(value) for name, value in rows.items()})
         rows.setdefault("epoch", self.current_epoch)
         for logger in self.loggers:
             logger.log_metrics(rows, step=self.trainer.global_step - 1)
-            logger.save()
 
     def on_train_epoch_start(self) -> None:
-        self._last_log_time, self._steps_since_log = time.perf_counter(), 0
+        self._last_log_time, self.interval = time.perf_counter(), LogInterval()
 
     def on_train_epoch_end(self) -> None:
         # The training loader is endless unless a source ran out under data.exhausted=stop.

@@ -169,22 +169,27 @@ def build_trainer(
     )
 
 
+def run_callbacks(cfg: Config, run_dir: Path) -> list[Callback]:
+    """A run's own callbacks, besides checkpoints and the progress bar (``build_trainer``): its summary, the
+    preemption handler (these two first, in this order), the hang watchdog, and evaluation if configured."""
+    callbacks: list[Callback] = [RunSummary(cfg, run_dir), Preemption(), Watchdog(run_dir, cfg.trainer.hang_timeout)]
+    evaluation = Evaluation(cfg)
+    if evaluation.enabled:
+        callbacks.append(evaluation)
+    return callbacks
+
+
 def train(cfg: Config, run_dir: Path, accelerator: str, dims: ParallelDims, ckpt_path: Optional[str]) -> pl.Trainer:
     """Train with ``cfg`` in this process (one rank of the run, of the layout ``dims``). Returns the
     finished Trainer."""
     # Lightning's own notices print on rank 0 only once the strategy knows the rank: from the start.
     rank_zero_only.rank = utils_rank_zero_only.rank = int(os.environ.get("RANK", "0"))
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    summary = RunSummary(cfg, run_dir)
+    callbacks = run_callbacks(cfg, run_dir)
+    summary, preemption = callbacks[0], callbacks[1]
     own = str(files.absolute(files.checkpoint_dir(run_dir, cfg.checkpoint.dir))).rstrip("/") + "/"
     in_place = ckpt_path is not None and str(files.absolute(ckpt_path)).startswith(own)
     loggers = make_loggers(cfg, run_dir, run_name(cfg), dcp.saved_step(ckpt_path) if in_place else None)
-    preemption = Preemption()
-    watchdog = Watchdog(run_dir, cfg.trainer.hang_timeout)
-    callbacks: list[Callback] = [summary, preemption, watchdog]
-    evaluation = Evaluation(cfg)
-    if evaluation.enabled:
-        callbacks.append(evaluation)
     trainer = build_trainer(cfg, run_dir, accelerator, dims, callbacks=callbacks, loggers=loggers)
     trainer.fit(CausalLM(cfg), datamodule=LMDataModule(cfg.data, cfg.seed), ckpt_path=ckpt_path)
     if preemption.stopped_at is not None:

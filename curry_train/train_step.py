@@ -17,6 +17,7 @@ any data-parallel layout compute the gradient of one big batch.
 from __future__ import annotations
 
 import logging
+import math
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -163,10 +164,10 @@ class TrainStep:
         self.backward = backward  # through Lightning's precision plugin (the strategy's backward)
         self.device = device
         self.skipped_steps = 0  # steps whose non-finite gradients were not applied (counted at each settle)
-        # Since the last settle, on the device: [steps with a non-finite gradient norm, the first one's step,
-        # the step that used up trainer.skip_nonfinite_steps (-1: none), its norm]. The host reads it with the
-        # logged metrics (``settle``), not at every step.
-        self.unsettled: Optional[Tensor] = None
+        # The gradient norms of the steps since the last settle (on the device) and their steps: the host reads
+        # them with the logged metrics (``settle``), not at every step.
+        self.unsettled_norms: list[Tensor] = []
+        self.unsettled_steps: list[int] = []
         self.last_loss: Optional[Tensor] = None  # this rank's share of the step's loss, from its backward on
         self.last_grad_norm: Optional[Tensor] = None  # the global gradient norm (before clipping)
         # compile_loss: inductor fuses the fp32 upcast, log-softmax and gather (not under loss parallelism,
@@ -186,6 +187,12 @@ class TrainStep:
 
     # ------------------------------------------------------------------------------------------
     # What the module and the metrics need to know
+
+    @cached_property
+    def parameters(self) -> list[Tensor]:
+        """This rank's parameters, listed once: walking the module tree at every step costs more host time
+        than the rest of a small model's gradient norm (the layout is fixed once the step is built)."""
+        return list(self.model.parameters())
 
     @property
     def pipelined(self) -> bool:
@@ -230,7 +237,7 @@ class TrainStep:
         # non-finite loss makes non-finite gradients, so it shows here too. No gradient, no update: the step
         # count and LR schedule go on.
         finite = torch.isfinite(grad_norm)
-        self._tally(finite, grad_norm, step)
+        self._tally(grad_norm, step)
         if skips_on_device(optimizer):  # the fused kernels skip the update (and their step count) on the device
             inner = inner_optimizer(optimizer)
             inner.found_inf = (~finite).to(torch.float32)
@@ -254,50 +261,43 @@ class TrainStep:
         tokens = rows[:, 1:].numel() * self.token_fraction  # context parallel: this rank's share
         return StepResult(loss, grad_norm, tokens, moe_metrics)
 
-    def _tally(self, finite: Tensor, grad_norm: Tensor, step: int) -> None:
-        """Count a step with a non-finite gradient norm into ``unsettled``, on the device."""
-        bad = ~finite
-        tally = self.unsettled if self.unsettled is not None else self.clean_tally(grad_norm.device)
-        count, first, over, norm = tally.unbind()
-        is_first = (count == 0) & bad
-        left = self.settings.skip_nonfinite_steps - self.skipped_steps  # skips still allowed at the last settle
-        is_over = bad & (count >= left) & (over < 0)
-        self.unsettled = torch.stack(
-            [
-                count + bad.to(torch.float64),
-                torch.where(is_first, float(step), first),
-                torch.where(is_over, float(step), over),
-                torch.where(is_over, grad_norm.double(), norm),
-            ]
-        )
+    def _tally(self, grad_norm: Tensor, step: int) -> None:
+        """Keep the step's gradient norm (on the device) for the next settle: no work on the device."""
+        self.unsettled_norms.append(grad_norm.detach())
+        self.unsettled_steps.append(step)
+        if len(self.unsettled_norms) > 256:  # a long log interval: one tensor instead of many
+            self.unsettled_norms = [self.pending()]
+
+    def pending(self) -> Optional[Tensor]:
+        """The gradient norms of the steps since the last settle, one fp64 vector on the device (None: none)."""
+        if not self.unsettled_norms:
+            return None
+        return torch.cat([norm.reshape(-1) for norm in self.unsettled_norms]).double()
 
     first_skipped = -1  # the first step the last settle counted as skipped
-    _clean: Optional[Tensor] = None
 
-    def clean_tally(self, device: torch.device) -> Tensor:
-        """``unsettled`` with nothing counted (made on the device once: no copy to it at each step)."""
-        if self._clean is None or self._clean.device != device:
-            self._clean = torch.tensor([0.0, -1.0, -1.0, 0.0], dtype=torch.float64, device=device)
-        return self._clean
-
-    def settle(self, unsettled: Optional[list[float]] = None) -> int:
-        """Count the steps skipped since the last settle (``unsettled``: ``self.unsettled`` already read by the
-        caller, with its other metrics in one host read; None: read here); stop the run with
-        ``NonFiniteError`` past ``skip_nonfinite_steps``. Returns how many were skipped since the last."""
-        if self.unsettled is None:
+    def settle(self, norms: Optional[list[float]] = None) -> int:
+        """Count the steps skipped since the last settle -- those whose gradient norm was not finite
+        (``norms``: ``pending()`` already read by the caller, with its other metrics in one host read; None:
+        read here) -- and stop the run with ``NonFiniteError`` at the one past ``skip_nonfinite_steps``.
+        Returns how many were skipped since the last."""
+        if not self.unsettled_steps:
             return 0
-        count, first, over, norm = self.unsettled.tolist() if unsettled is None else unsettled
-        self.unsettled = None
-        if over >= 0:
-            allowed = self.settings.skip_nonfinite_steps
+        norms = self.pending().tolist() if norms is None else norms
+        steps, self.unsettled_steps, self.unsettled_norms = self.unsettled_steps, [], []
+        skipped = [(step, norm) for step, norm in zip(steps, norms, strict=True) if not math.isfinite(norm)]
+        allowed = self.settings.skip_nonfinite_steps
+        left = allowed - self.skipped_steps
+        if len(skipped) > left:
+            step, norm = skipped[left]
             raise NonFiniteError(
-                f"non-finite gradient norm ({norm}) at step {int(over)}: stopped before applying it"
+                f"non-finite gradient norm ({norm}) at step {step}: stopped before applying it"
                 + (f" ({allowed} step(s) skipped before, trainer.skip_nonfinite_steps={allowed})" if allowed else "")
                 + "; lower optim.lr or set optim.grad_clip, or skip such steps with trainer.skip_nonfinite_steps=N"
             )
-        self.skipped_steps += int(count)
-        self.first_skipped = int(first)
-        return int(count)
+        self.skipped_steps += len(skipped)
+        self.first_skipped = skipped[0][0] if skipped else -1
+        return len(skipped)
 
     def _global_targets(self, batch: Tensor) -> Tensor:
         """The labels of the global batch that are targets: this rank's, summed over the data-parallel
@@ -368,7 +368,7 @@ class TrainStep:
                         self.backward(micro_loss)
                 loss += _plain(micro_loss.detach())
         if self.layout.tp is not None:
-            reduce_partial_gradients(self.model.parameters())
+            reduce_partial_gradients(self.parameters)
         return loss
 
     @torch.no_grad()
@@ -484,7 +484,7 @@ class TrainStep:
 
     def clip_grad_norm_(self, max_norm: float) -> Tensor:
         """Clip to ``max_norm`` (0: measure only); returns the global gradient norm before clipping."""
-        params = [p for p in self.model.parameters() if p.grad is not None]
+        params = [p for p in self.parameters if p.grad is not None]
         max_norm = max_norm if max_norm > 0 else float("inf")
         groups: dict[Any, list[Tensor]] = {}  # torch's foreach kernels take one kind of tensor at a time
         for param in params:

@@ -8,6 +8,7 @@ the pipeline bubble, context-parallel attention.
     python scripts/bench.py --context [--seq-len S] [--cp 1,2,4] [--pattern ring] [--json PATH]
     python scripts/bench.py --pipeline [--pp P] [--microbatches 4,8] [--kinds K,...] [--steps N] [--json PATH]
                             [overrides...]
+    python scripts/bench.py --loop [--steps N] [--warmup W] [--repeats R] [--progress-bar] [--json PATH] [overrides...]
     python scripts/bench.py --compile [--models debug,llama-100m] [--steps N] [--warmup W] [--json PATH]
                             [overrides...]
     python scripts/bench.py --estimate [--models debug,llama-100m] [--steps N] [--hardware-out PATH] [--json PATH]
@@ -21,6 +22,10 @@ documented where it is measured:
 * default: curry-train's training loop against a minimal hand-written PyTorch loop on one device:
   tokens/s, the ratio, and the per-step losses, which must agree, and MFU against the device's measured
   matmul peak and against the hardware table's (``curry_train/validation/throughput.py``, ``peak_flops.py``);
+* ``--loop``: what the loop costs besides the model: on a tiny model (compute negligible), curry-train's real
+  loop, the hand step inside Lightning's bare loop, and the hand-written loop, alternating; ms/step and its
+  parts (data, forward+backward, optimizer, logging, checkpoint bookkeeping, hooks and loop)
+  (``curry_train/validation/loop_bench.py``);
 * ``--compile``: eager and ``compile.enabled=true`` side by side for the debug model and a ~100M-parameter
   Llama: tokens/s, peak memory, MFU, recompilations after the first step, the losses' difference
   (``curry_train/validation/compile_bench.py``);
@@ -121,6 +126,10 @@ def _measure(args: argparse.Namespace, mode: str, steps: int) -> Any:
         from curry_train.validation.checkpoint_bench import checkpoint_bench  # noqa: PLC0415
 
         return checkpoint_bench(args.overrides, args.models, steps, args.every)
+    if mode == "loop":
+        from curry_train.validation.loop_bench import loop_bench  # noqa: PLC0415
+
+        return loop_bench(args.overrides, steps, args.warmup, args.repeats, progress_bar=args.progress_bar)
     if mode == "pipeline":
         from curry_train.validation.bubble import pipeline_bench  # noqa: PLC0415
 
@@ -139,6 +148,7 @@ DEFAULT_STEPS = {
     "compile": 5,
     "estimate": 4,
     "checkpoint": 12,
+    "loop": 200,
 }
 
 
@@ -154,11 +164,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         help="timed steps per run (default 20; --layouts: 10, after the measured step; --compare: 2;"
         " --pipeline: 5 per row)",
     )
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before them, at least 1 (default 2)")
+    parser.add_argument(
+        "--warmup", type=int, default=None, help="untimed steps before them, at least 1 (default 2; --loop: 20)"
+    )
     parser.add_argument("--repeats", type=int, default=3, help="[hand, curry] rounds; medians reported (default 3)")
     parser.add_argument("--loggers", choices=("csv", "none"), default="csv", help="curry loop's loggers (default csv)")
+    parser.add_argument(
+        "--progress-bar", action="store_true", help="with --loop: the progress bar on, as in a run (default off)"
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
     mode = parser.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--loop",
+        action="store_true",
+        help="the loop's own cost: curry-train's loop, Lightning's bare loop and a hand-written one on a tiny model, "
+        "ms/step split into data, forward+backward, optimizer, logging, checkpoint, hooks+loop",
+    )
     mode.add_argument(
         "--memory",
         action="store_true",
@@ -264,9 +285,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.estimate
         else "checkpoint"
         if args.checkpoint
+        else "loop"
+        if args.loop
         else "throughput"
     )
     steps = DEFAULT_STEPS[mode_name] if args.steps is None else args.steps
+    if args.warmup is None:
+        args.warmup = 20 if mode_name == "loop" else 2
     if steps < 1 or args.warmup < 1 or args.repeats < 1:
         parser.error("--steps, --warmup and --repeats must be at least 1")
     if args.layout and (args.memory or args.pipeline or args.context):

@@ -37,10 +37,10 @@ import statistics
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import lightning.pytorch as pl
 import torch
@@ -262,9 +262,16 @@ def _clock(device: torch.device) -> float:
 
 
 def run_hand_loop(
-    cfg: DictConfig, datamodule: LMDataModule, device: torch.device, warmup: int = 1, repeat: int = 0
+    cfg: DictConfig,
+    datamodule: LMDataModule,
+    device: torch.device,
+    warmup: int = 1,
+    repeat: int = 0,
+    sections: Optional[Callable[[str], AbstractContextManager]] = None,
 ) -> LoopRun:
-    """``cfg.trainer.max_steps`` steps of a plain PyTorch loop doing what curry-train's step does."""
+    """``cfg.trainer.max_steps`` steps of a plain PyTorch loop doing what curry-train's step does
+    (``sections``: times its forward+backward and optimizer parts after the warm-up; ``loop_bench``)."""
+    section = sections if sections is not None else (lambda name: nullcontext())
     d, o = cfg.data, cfg.optim
     total_steps = cfg.trainer.max_steps
     tokens_per_step = d.global_batch_size * d.seq_len
@@ -303,23 +310,28 @@ def run_hand_loop(
     for step, (batch, _) in enumerate(loader):
         batch = batch.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext():
-            total = torch.zeros((), device=device)
-            for micro in batch.split(d.micro_batch_size):
-                inputs, labels = micro[:, :-1], micro[:, 1:]
-                logits = model(inputs)
-                loss = (
-                    F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum") / tokens_per_step
+            with section("forward+backward"):
+                total = torch.zeros((), device=device)
+                for micro in batch.split(d.micro_batch_size):
+                    inputs, labels = micro[:, :-1], micro[:, 1:]
+                    logits = model(inputs)
+                    loss = (
+                        F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum")
+                        / tokens_per_step
+                    )
+                    loss.backward()
+                    total += loss.detach()
+            with section("optimizer"):
+                torch.nn.utils.clip_grad_norm_(
+                    [p for p in model.parameters() if p.grad is not None], max_norm, foreach=True
                 )
-                loss.backward()
-                total += loss.detach()
-            torch.nn.utils.clip_grad_norm_(
-                [p for p in model.parameters() if p.grad is not None], max_norm, foreach=True
-            )
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
         losses.append(total)
         step_ends.append(_clock(device))
+        if sections is not None:
+            sections.on = len(step_ends) >= warmup
         if step + 1 == total_steps:
             break
     return LoopRun("hand", repeat, warmup, tokens_per_step, step_ends, [float(x) for x in losses])
