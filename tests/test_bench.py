@@ -29,6 +29,7 @@ from curry_train.primitives.materialize import materialize_and_init
 from curry_train.validation import layouts, throughput
 from curry_train.validation.checkpoint_bench import checkpoint_bench
 from curry_train.validation.comm import CommCounter
+from curry_train.validation.loop_bench import PARTS, loop_bench
 
 # The debug model, narrower and shallower, on short sequences: seconds per run even on a busy machine.
 SMALL = [
@@ -544,3 +545,29 @@ def test_the_checkpoint_bench_times_both_kinds_of_save(tmp_path):
     assert all(math.isfinite(value) for value in (off.step_ms, thread.step_ms, thread.overlapped_ms))
     assert result.ratio("debug", "1 process") == thread.blocked_ms / off.blocked_ms
     assert "a background save holds training" in result.table()
+
+
+def test_the_loop_bench_splits_each_loop_and_the_three_agree():
+    """curry-bench --loop: hand, Lightning's bare loop and curry-train on the tiny model do the same steps
+    (the same losses, bit for bit), and each part of a step is measured where it happens."""
+    lines: list[str] = []
+    result = loop_bench(["trainer.log_every_n_steps=2"], steps=6, warmup=2, repeats=1, log=lines.append)
+    assert result.loops == ["hand", "lightning", "curry"] and len(lines) == 3
+    assert result.max_loss_rel_diff == 0.0, result.table()  # fused AdamW in all three, the same arithmetic
+    for loop in result.loops:
+        parts = result.parts(loop)
+        assert set(parts) == set(PARTS)
+        assert parts["forward+backward"] > 0 and parts["optimizer"] > 0 and parts["data"] > 0
+        assert sum(parts.values()) == pytest.approx(result.ms_per_step(loop), rel=1e-9)
+    curry, hand = result.parts("curry"), result.parts("hand")
+    assert curry["logging"] > 0 and hand["logging"] == 0 and hand["checkpoint"] == 0
+    assert result.ratio == pytest.approx(result.ms_per_step("curry") / result.ms_per_step("hand"))
+    figures = json.loads(json.dumps(result.to_dict()))
+    assert set(figures["parts_ms_per_step"]) == {"hand", "lightning", "curry"}
+    assert "hooks+loop" in result.table() and "Lightning's own loop" in result.table()
+
+
+def test_every_layout_goes_with_compile_only(capsys):
+    with pytest.raises(SystemExit):
+        bench_cli.main(["--loop", "--every-layout"])
+    assert "--every-layout goes with --compile" in capsys.readouterr().err

@@ -67,3 +67,16 @@ def test_compiled_loop_compiles_once_and_matches_eager():
 def test_bad_compile_settings_are_one_line(overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         check(compose(["compile.enabled=true", *overrides]))
+
+
+@pytest.mark.slow
+def test_compile_bench_in_a_layout_of_two_ranks():
+    """--compile --layout: the eager and compiled runs of a 2-rank layout in a worker pool (aot_eager: the
+    compiler's graphs without inductor's compile time); the compiled one matches eager and compiles once."""
+    layouts = {"dp 2": ("parallel=dp", "trainer.devices=2")}
+    result = compile_bench([*FAST, "compile.backend=aot_eager"], steps=2, warmup=2, models=["debug"], layouts=layouts)
+    compiled, eager = result.row("debug, dp 2", "compiled"), result.row("debug, dp 2", "eager")
+    assert compiled.graphs > 0 and eager.graphs == 0, result.table()
+    assert compiled.recompiles == 0 and compiled.max_loss_rel_diff <= 1e-5, result.table()
+    assert len(compiled.run.step_ends) == 4 and compiled.run.tokens_per_s > 0
+    assert "debug, dp 2" in result.table()

@@ -9,7 +9,8 @@ the pipeline bubble, context-parallel attention.
     python scripts/bench.py --pipeline [--pp P] [--microbatches 4,8] [--kinds K,...] [--steps N] [--json PATH]
                             [overrides...]
     python scripts/bench.py --loop [--steps N] [--warmup W] [--repeats R] [--progress-bar] [--json PATH] [overrides...]
-    python scripts/bench.py --compile [--models debug,llama-100m] [--steps N] [--warmup W] [--json PATH]
+    python scripts/bench.py --compile [--models debug,llama-100m] [--every-layout | --layout 'NAME: OVERRIDES'...]
+                            [--steps N] [--warmup W] [--json PATH]
                             [overrides...]
     python scripts/bench.py --estimate [--models debug,llama-100m] [--steps N] [--hardware-out PATH] [--json PATH]
     python scripts/bench.py --checkpoint [--models debug,llama-100m] [--steps N] [--every K] [--json PATH]
@@ -27,7 +28,8 @@ documented where it is measured:
   parts (data, forward+backward, optimizer, logging, checkpoint bookkeeping, hooks and loop)
   (``curry_train/validation/loop_bench.py``);
 * ``--compile``: eager and ``compile.enabled=true`` side by side for the debug model and a ~100M-parameter
-  Llama: tokens/s, peak memory, MFU, recompilations after the first step, the losses' difference
+  Llama: tokens/s, peak memory, MFU, recompilations after the first step, the losses' difference; with
+  ``--every-layout`` in each of 1 process, dp 2, fsdp 2, tp 2 and fsdp 2 x tp 2 (or the ``--layout`` given)
   (``curry_train/validation/compile_bench.py``);
 * ``--memory``: per rank, the model state against ZeRO's formula, the parameters held after forward
   and the peak activations; on one process, the activations of each ``parallel.recompute`` setting
@@ -63,7 +65,7 @@ from typing import Any, Optional, Sequence
 from curry_train.cli.common import error_line, fail, is_config_error
 from curry_train.layout.pipeline import canonical_kind
 from curry_train.options import PIPELINE_SCHEDULES as KINDS
-from curry_train.validation.defaults import COMPARE_LAYOUTS, COMPILE_MODELS, LAYOUTS
+from curry_train.validation.defaults import COMPARE_LAYOUTS, COMPILE_LAYOUTS, COMPILE_MODELS, LAYOUTS
 
 
 def _counts(text: str) -> list[int]:
@@ -116,8 +118,10 @@ def _measure(args: argparse.Namespace, mode: str, steps: int) -> Any:
         return context_bench(args.seq_len, args.cp, args.pattern, steps)
     if mode == "compile":
         from curry_train.validation.compile_bench import compile_bench  # noqa: PLC0415
+        from curry_train.validation.layouts import parse_layouts  # noqa: PLC0415
 
-        return compile_bench(args.overrides, steps, args.warmup, args.models)
+        layouts = parse_layouts(args.layout) if args.layout else COMPILE_LAYOUTS if args.every_layout else None
+        return compile_bench(args.overrides, steps, args.warmup, args.models, layouts)
     if mode == "estimate":
         from curry_train.validation.estimate_bench import estimate_bench  # noqa: PLC0415
 
@@ -169,6 +173,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     parser.add_argument("--repeats", type=int, default=3, help="[hand, curry] rounds; medians reported (default 3)")
     parser.add_argument("--loggers", choices=("csv", "none"), default="csv", help="curry loop's loggers (default csv)")
+    parser.add_argument(
+        "--every-layout",
+        action="store_true",
+        help=f"with --compile: in each of {', '.join(COMPILE_LAYOUTS)} (default: one process)",
+    )
     parser.add_argument(
         "--progress-bar", action="store_true", help="with --loop: the progress bar on, as in a run (default off)"
     )
@@ -271,7 +280,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     args = parser.parse_args(argv)
     mode_name = (
-        "compare"
+        "compile"
+        if args.compile
+        else "compare"
         if args.compare
         else "layouts"
         if args.layouts or args.layout
@@ -294,8 +305,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.warmup = 20 if mode_name == "loop" else 2
     if steps < 1 or args.warmup < 1 or args.repeats < 1:
         parser.error("--steps, --warmup and --repeats must be at least 1")
+    if args.every_layout and not args.compile:
+        parser.error("--every-layout goes with --compile")
     if args.layout and (args.memory or args.pipeline or args.context):
-        parser.error("--layout goes with --layouts or --compare")
+        parser.error("--layout goes with --layouts, --compare or --compile")
     try:
         result = _measure(args, "memory" if args.memory else mode_name, steps)
     except Exception as error:

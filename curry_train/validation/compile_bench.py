@@ -24,13 +24,25 @@ from typing import Any, Optional, Sequence
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from omegaconf import OmegaConf
 
+from curry_train.config import compose
+from curry_train.config.checks import check
 from curry_train.model.llama import Llama
 from curry_train.module import LMDataModule
+from curry_train.pool import Pools
 from curry_train.primitives.host_memory import reset_peak, resident
+from curry_train.runner import fit_layouts
 from curry_train.validation.defaults import COMPILE_MODELS as MODELS
 from curry_train.validation.peak_flops import DTYPES, matmul_flops
-from curry_train.validation.throughput import LoopRun, device_of, model_flops_per_token, prepare, run_curry_loop
+from curry_train.validation.throughput import (
+    LoopRun,
+    StepClock,
+    device_of,
+    model_flops_per_token,
+    prepare,
+    run_curry_loop,
+)
 
 
 class GraphCounter(Callback):
@@ -63,7 +75,7 @@ def _peak(device: torch.device, baseline: int) -> int:
 
 @dataclass
 class CompileRow:
-    model: str
+    model: str  # the model's name; with layouts, "model, layout"
     parameters: int
     mode: str  # eager | compiled
     run: LoopRun
@@ -110,10 +122,12 @@ class CompileResult:
             f"{'model':<12}{'params':>9} {'mode':<9}{'tokens/s':>11}{'ms/step':>10}{'peak MiB':>10}{'MFU':>7}"
             f"{'recompiles':>11}{'loss vs eager':>15}{'speed-up':>10}",
         ]
+        width = max(12, *(len(row.model) + 1 for row in self.rows))
+        lines[2] = f"{'model':<{width}}" + lines[2][12:]
         for row in self.rows:
             eager = self.row(row.model, "eager")
             lines.append(
-                f"{row.model:<12}{row.parameters / 1e6:>8.1f}M {row.mode:<9}{row.run.tokens_per_s:>11,.0f}"
+                f"{row.model:<{width}}{row.parameters / 1e6:>8.1f}M {row.mode:<9}{row.run.tokens_per_s:>11,.0f}"
                 f"{row.run.ms_per_step:>10.1f}{row.peak_memory / 2**20:>10.0f}{100 * row.mfu:>6.1f}%"
                 f"{row.recompiles:>11}{row.max_loss_rel_diff:>15.1e}"
                 f"{row.run.tokens_per_s / eager.run.tokens_per_s:>9.2f}x"
@@ -131,20 +145,27 @@ def _run(name: str, mode: str, overrides: Sequence[str], steps: int, warmup: int
     run_overrides = [*MODELS[name], *overrides, f"compile.enabled={mode == 'compiled'}"]
     cfg, plan = prepare(run_overrides, steps, warmup)
     device = device_of(plan)
-    dtype = "bf16" if "bf16" in str(cfg.trainer.precision) else "fp32"
     datamodule = LMDataModule(cfg.data, cfg.seed)
     datamodule.setup("fit")
     counter = GraphCounter()
     baseline = _reset_peak(device)
     run = run_curry_loop(cfg, datamodule, plan, "none", warmup, callbacks=[counter])
     peak = _peak(device, baseline)
+    return _describe(name, cfg, device, run, peak, counter.at_end, counter.at_end - (counter.after_first or 0))
+
+
+def _describe(
+    name: str, cfg: Any, device: torch.device, run: LoopRun, peak: int, graphs: int, recompiles: int
+) -> dict[str, Any]:
+    """A run's plain figures."""
+    dtype = "bf16" if "bf16" in str(cfg.trainer.precision) else "fp32"
     with torch.device("meta"):
         parameters = Llama(cfg.model).num_parameters()
     return {
         "run": run,
         "peak": peak,
-        "graphs": counter.at_end,
-        "recompiles": counter.at_end - (counter.after_first or 0),
+        "graphs": graphs,
+        "recompiles": recompiles,
         "parameters": parameters,
         "flops_per_token": model_flops_per_token(cfg),
         "config": {
@@ -157,31 +178,82 @@ def _run(name: str, mode: str, overrides: Sequence[str], steps: int, warmup: int
     }
 
 
+class _CompileClock(StepClock):
+    """A rank's step clock and graph counts (``runner.fit_layouts``' measurement on each rank)."""
+
+    def __init__(self, cfg: Any) -> None:
+        self.graph_counter = GraphCounter()
+        super().__init__(torch.device("cpu"), "none", [self.graph_counter])
+
+    def result(self, trainer: pl.Trainer) -> dict[str, Any]:
+        step_ends, losses = super().result(trainer)
+        counter = self.graph_counter
+        return {
+            "step_ends": step_ends,
+            "losses": losses,
+            "graphs": counter.at_end,
+            "recompiles": counter.at_end - (counter.after_first or 0),
+        }
+
+
+def _run_ranks(
+    name: str, layout: Sequence[str], mode: str, overrides: Sequence[str], steps: int, warmup: int, pools: Pools
+) -> dict[str, Any]:
+    """One (model, layout, mode) run on several ranks, in ``pools``' workers (a worker's peak memory is not
+    the run's alone: 0). The step clock is the slowest rank's."""
+    cfg = compose([*MODELS[name], *overrides, *layout, f"compile.enabled={mode == 'compiled'}"])
+    OmegaConf.update(cfg, "trainer.max_steps", warmup + steps)
+    OmegaConf.update(cfg, "trainer.limit_val_batches", 0)
+    OmegaConf.update(cfg, "trainer.enable_progress_bar", False)
+    plan = check(cfg)
+    (outcome,) = fit_layouts([(cfg, plan)], _CompileClock, pools)
+    if outcome.error is not None:
+        raise RuntimeError(f"{name}, {' '.join(layout)}, {mode}: {outcome.error}")
+    slowest = max(outcome.ranks, key=lambda rank: rank["step_ends"][-1] - rank["step_ends"][warmup - 1])
+    tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_len
+    run = LoopRun("curry", 0, warmup, tokens_per_step, slowest["step_ends"], outcome.ranks[0]["losses"])
+    single = _describe(
+        name, cfg, device_of(plan), run, 0, slowest["graphs"], max(r["recompiles"] for r in outcome.ranks)
+    )
+    return single
+
+
 def compile_bench(
-    overrides: Sequence[str] = (), steps: int = 5, warmup: int = 2, models: Sequence[str] = tuple(MODELS)
+    overrides: Sequence[str] = (),
+    steps: int = 5,
+    warmup: int = 2,
+    models: Sequence[str] = tuple(MODELS),
+    layouts: Optional[dict[str, Sequence[str]]] = None,
 ) -> CompileResult:
-    """Each of ``models`` eager, then compiled, each in a fresh process (module docstring)."""
-    result: Optional[CompileResult] = None
+    """Each of ``models`` eager, then compiled, in one process each in a fresh process (module docstring);
+    with ``layouts`` (name -> overrides), in each layout: a run of several ranks in a pool of workers."""
     context = multiprocessing.get_context("spawn")
-    for name in models:
-        eager: Optional[CompileRow] = None
-        for mode in ("eager", "compiled"):
-            with context.Pool(1) as pool:
-                figures = pool.apply(_run, (name, mode, list(overrides), steps, warmup))
-            if result is None:
-                result = CompileResult(
-                    config={"overrides": list(overrides), "steps": steps, "warmup": warmup, **figures["config"]}
-                )
-            run = figures["run"]
-            mfu = run.tokens_per_s * figures["flops_per_token"] / result.config["measured_peak"]
-            row = CompileRow(name, figures["parameters"], mode, run, figures["peak"], figures["recompiles"], mfu)
-            row.graphs = figures["graphs"]
-            if eager is None:
-                eager = row
-            else:
-                row.max_loss_rel_diff = max(
-                    abs(a - b) / abs(b) for a, b in zip(run.losses, eager.run.losses, strict=True)
-                )
-            result.rows.append(row)
-    assert result is not None
+    rows: list[tuple[CompileRow, dict[str, Any]]] = []
+    with Pools() as pools:
+        for name in models:
+            for layout_name, layout in (layouts or {"": ()}).items():
+                label = f"{name}, {layout_name}" if layout_name else name
+                several = bool(layout) and check(compose([*MODELS[name], *overrides, *layout])).world_size > 1
+                eager: Optional[CompileRow] = None
+                for mode in ("eager", "compiled"):
+                    if several:
+                        figures = _run_ranks(name, tuple(layout), mode, overrides, steps, warmup, pools)
+                    else:
+                        with context.Pool(1) as pool:
+                            figures = pool.apply(_run, (name, mode, [*overrides, *layout], steps, warmup))
+                    run = figures["run"]
+                    row = CompileRow(
+                        label, figures["parameters"], mode, run, figures["peak"], figures["recompiles"], 0.0
+                    )
+                    row.graphs = figures["graphs"]
+                    row.mfu = run.tokens_per_s * figures["flops_per_token"] / figures["config"]["measured_peak"]
+                    if eager is None:
+                        eager = row
+                    else:
+                        row.max_loss_rel_diff = max(
+                            abs(a - b) / abs(b) for a, b in zip(run.losses, eager.run.losses, strict=True)
+                        )
+                    rows.append((row, figures["config"]))
+    result = CompileResult(config={"overrides": list(overrides), "steps": steps, "warmup": warmup, **rows[0][1]})
+    result.rows = [row for row, _ in rows]
     return result

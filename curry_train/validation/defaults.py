@@ -30,5 +30,13 @@ COMPILE_MODELS: dict[str, tuple[str, ...]] = {
         "model.ffn_dim=2048",
     ),
 }
+# --compile --layouts: the layouts compiled against eager (one process, data parallel, FSDP, TP, FSDP x TP)
+COMPILE_LAYOUTS = {
+    "1 process": (),
+    "dp 2": LAYOUTS["dp"],
+    "fsdp 2": COMPARE_LAYOUTS["fsdp"],
+    "tp 2": LAYOUTS["tp"],
+    "fsdp 2 x tp 2": LAYOUTS["fsdp+tp"],
+}
 # --pipeline: equal stages for P=2 with 2 stages per rank: 4 stages of 2 blocks (the debug model has 4 blocks)
 PIPELINE_DEFAULTS = ("model.n_layers=8",)
