@@ -6,13 +6,16 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import FAST
 
+from curry_train import module
 from curry_train.config import compose
 from curry_train.config.checks import check
 from curry_train.config.schema import Config
 from curry_train.runner import fit
+from curry_train.train_step import NonFiniteError
 from curry_train.validation.host_syncs import HostReads, SyncCount
 
 TINY = [*FAST, "model.dim=32", "model.n_layers=2", "model.ffn_dim=64", "data.global_batch_size=4"]
@@ -49,3 +52,34 @@ def test_one_host_read_per_logged_step_and_none_between():
 def test_logging_every_step_reads_once_a_step_with_the_progress_bar_on():
     steps = count("trainer.log_every_n_steps=1", "trainer.enable_progress_bar=true", steps=6)
     assert steps and all(logged and len(reads) == 1 for _, logged, reads in steps), steps
+
+
+DIVERGE = ("optim.lr=1e4", "optim.grad_clip=0")  # NaN gradients from step 1 (tests/test_faults.py)
+
+
+class Parameters(SyncCount):
+    """The measurement that keeps the module, to look at its parameters after the run stopped."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.module = pl_module
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["skipped-on-the-device", "read-each-step"])
+def test_a_non_finite_step_found_at_the_logged_step_was_never_applied(monkeypatch, fused):
+    """Log every 3 steps, one skip allowed: steps 1 and 2 diverge; the run stops at the logged step
+    naming step 2 (the one past the allowance), and no parameter took a non-finite update. Without a
+    fused optimizer (read-each-step) the same line comes at step 2 itself."""
+    if not fused:
+        monkeypatch.setattr(module, "fused_supported", lambda params: False)
+    measurement = Parameters(after=100)
+    cfg = compose(
+        [*TINY, *DIVERGE, "trainer.max_steps=9", "trainer.log_every_n_steps=3", "trainer.skip_nonfinite_steps=1"]
+    )
+    with tempfile.TemporaryDirectory() as run_dir, pytest.raises(NonFiniteError) as stopped:
+        fit(Config.of(cfg), Path(run_dir), check(cfg), measurement)
+    assert "non-finite gradient norm (nan) at step 2: stopped before applying it" in str(stopped.value)
+    assert "1 step(s) skipped before, trainer.skip_nonfinite_steps=1" in str(stopped.value)
+    optimizer = measurement.module.optimizers().optimizer
+    assert optimizer.defaults["fused"] is fused
+    assert all(torch.isfinite(p).all() for p in measurement.module.model.parameters())
+    assert measurement.module.trainer.global_step == (3 if fused else 2)
