@@ -208,6 +208,9 @@ class CausalLM(pl.LightningModule):
         for logger in self.loggers:
             logger.log_metrics(rows, step=self.trainer.global_step - 1)
 
+    def on_train_end(self) -> None:
+        self.settle()  # the steps after the last logged one: a non-finite one past the allowance stops the run
+
     def on_train_epoch_start(self) -> None:
         self._last_log_time, self.interval = time.perf_counter(), LogInterval()
 
