@@ -154,7 +154,8 @@ class Preemption(Callback):
                 signal.signal(signum, self._note)
         if dist.is_initialized() and dist.get_world_size() > 1:
             gloo = dist.get_backend() == "gloo"
-            self._group = dist.group.WORLD if gloo else dist.new_group(backend="gloo")
+            timeout = getattr(trainer.strategy, "timeout", None)  # trainer.timeout, as for training's groups
+            self._group = dist.group.WORLD if gloo else dist.new_group(backend="gloo", timeout=timeout)
 
     def _note(self, signum: int, frame: Any) -> None:
         self.received = signum
@@ -261,6 +262,9 @@ class PeriodicCheckpoint(Callback):
             self.save(trainer)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        settle = getattr(pl_module, "settle", None)
+        if settle is not None:  # a non-finite step past the allowance stops the run before the save and export
+            settle()
         if self.save_on_end:
             self.save(trainer, complete=True)
         saver = getattr(trainer.strategy, "saver", None)

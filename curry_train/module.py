@@ -106,12 +106,19 @@ class CausalLM(pl.LightningModule):
         for param in self.model.parameters():
             if param.requires_grad:  # LoRA: frozen weights get no optimizer state
                 (decay if param.ndim >= 2 else no_decay).append(param)
+        # The fused (and foreach) kernels take a group's tensors in one call, which DTensor refuses when plain
+        # tensors and DTensors, or DTensors of different meshes, are mixed (a MoE model under tensor
+        # parallelism: its attention sharded, its experts whole). Such a layout steps tensor by tensor, and
+        # reads the gradient norm's finiteness at every step; the two groups stay as they are in every layout,
+        # so a checkpoint's optimizer and schedule resume under any other.
+        mixed = any(len({getattr(p, "device_mesh", None) for p in group}) > 1 for group in (decay, no_decay))
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=o.lr,
             betas=tuple(o.betas),
             eps=o.eps,
-            fused=fused_supported(decay + no_decay),
+            fused=fused_supported(decay + no_decay) and not mixed,
+            foreach=False if mixed else None,
         )
         total = self.cfg.trainer.max_steps
         scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -138,20 +145,20 @@ class CausalLM(pl.LightningModule):
 
     def settle(self) -> None:
         """Count (or stop at) the steps skipped since the last logged step; before a checkpoint is saved
-        between logged steps. A host read: not in the steady state."""
-        if self.step is not None and self.step.settle():
-            self._warn_skipped(self.step.first_skipped)
+        between logged steps. A host read: not in the steady state. The next logged step warns of them."""
+        if self.step is not None:
+            self.step.settle()
 
-    def _warn_skipped(self, first: int) -> None:
-        if self.trainer.is_global_zero:  # its loss, logged as it is (NaN), is no reason to stop
+    def _warn_skipped(self, steps: list[int]) -> None:
+        if steps and self.trainer.is_global_zero:  # its loss, logged as it is (NaN), is no reason to stop
             log.warning(
-                "non-finite gradient norm from step %d: step skipped (%d of %d allowed so far)",
-                first,
+                "non-finite gradient norm at step(s) %s: step skipped (%d of %d allowed so far)",
+                ", ".join(map(str, steps)),
                 self.step.skipped_steps,
                 self.cfg.trainer.skip_nonfinite_steps,
             )
 
-    def _read_train_metrics(self, result: StepResult) -> tuple[float, float, float, int, dict[str, float]]:
+    def _read_train_metrics(self, result: StepResult) -> tuple[float, float, float, list[int], dict[str, float]]:
         """The logged step's one host read: the loss and tokens summed since the last logged step over the
         ranks that hold distinct tokens (one all-reduce), the gradient norm, the skipped steps (settled
         here: ``NonFiniteError`` past ``trainer.skip_nonfinite_steps``) and the experts' balance."""
@@ -167,9 +174,9 @@ class CausalLM(pl.LightningModule):
         parts = [sums, result.grad_norm.detach().double().view(1), *(v.double().view(1) for _, v in moe)]
         values = torch.cat([part.to(device) for part in [*parts, *([pending] if norms else [])]]).tolist()
         loss_sum, tokens, grad_norm = values[:3]
-        skipped = self.step.settle(values[len(values) - norms :])
-        if skipped:
-            self._warn_skipped(self.step.first_skipped)
+        self.step.settle(values[len(values) - norms :])
+        skipped = self.step.take_skipped()  # settled here or earlier in the interval (a save, no fused optimizer)
+        self._warn_skipped(skipped)
         named = zip((name for name, _ in moe), values[3 : 3 + len(moe)], strict=True)
         return loss_sum, tokens, grad_norm, skipped, dict(named)
 
@@ -182,7 +189,7 @@ class CausalLM(pl.LightningModule):
                 f"non-finite loss ({loss}) at step {self.trainer.global_step - 1}: stopped before logging"
                 " or saving it; lower optim.lr or set optim.grad_clip"
             )
-        ppl = math.exp(loss) if loss < 700 else math.inf  # NaN stays NaN
+        ppl = math.inf if loss >= 700 else math.exp(loss)  # NaN stays NaN
         metrics = {"train/loss": loss, "train/ppl": ppl, "train/grad_norm": grad_norm, "train/lr": lr}
         metrics.update(moe)  # MoE models: the last step's expert balance
         datamodule = self.trainer.datamodule
@@ -210,6 +217,8 @@ class CausalLM(pl.LightningModule):
 
     def on_train_end(self) -> None:
         self.settle()  # the steps after the last logged one: a non-finite one past the allowance stops the run
+        if self.step is not None:
+            self._warn_skipped(self.step.take_skipped())  # no logged step comes after them
 
     def on_train_epoch_start(self) -> None:
         self._last_log_time, self.interval = time.perf_counter(), LogInterval()

@@ -77,6 +77,11 @@ class CurryStrategy(ParallelStrategy):
         self._owns_process_group = True
 
     @property
+    def timeout(self) -> timedelta:
+        """How long a collective waits for its peers (``trainer.timeout``), for every group of the run."""
+        return self._timeout
+
+    @property
     @override
     def root_device(self) -> torch.device:
         assert self.parallel_devices is not None
@@ -246,7 +251,14 @@ class CurryStrategy(ParallelStrategy):
     def load_checkpoint(self, checkpoint_path: str | Path, weights_only: Optional[bool] = None) -> dict[str, Any]:
         # what this run's checkpoints will record they continue (read now: retention may delete it later)
         self._resumed = (files.absolute(checkpoint_path), files.resumed_from(checkpoint_path))
-        return dcp.load(checkpoint_path, self.lightning_module, self._raw_optimizers())
+        optimizers = self._raw_optimizers()
+        loaded = dcp.load(checkpoint_path, self.lightning_module, optimizers)
+        for optimizer in optimizers:  # the kernels are this layout's choice (configure_optimizers), not the saver's
+            for group in optimizer.param_groups:
+                for key in ("fused", "foreach"):
+                    if key in optimizer.defaults:
+                        group[key] = optimizer.defaults[key]
+        return loaded
 
     @override
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:

@@ -141,7 +141,7 @@ def inner_optimizer(optimizer: Any) -> torch.optim.Optimizer:
 def skips_on_device(optimizer: Any) -> bool:
     """The optimizer skips a step on the device when told (``found_inf``): torch's fused Adam/AdamW.
     Then a non-finite gradient norm needs no host read to keep the step from being applied."""
-    return bool(inner_optimizer(optimizer).defaults.get("fused"))
+    return all(group.get("fused") for group in inner_optimizer(optimizer).param_groups)
 
 
 class TrainStep:
@@ -164,6 +164,7 @@ class TrainStep:
         self.backward = backward  # through Lightning's precision plugin (the strategy's backward)
         self.device = device
         self.skipped_steps = 0  # steps whose non-finite gradients were not applied (counted at each settle)
+        self.skipped_since_log: list[int] = []  # those of them since the module last logged (take_skipped)
         # The gradient norms of the steps since the last settle (on the device) and their steps: the host reads
         # them with the logged metrics (``settle``), not at every step.
         self.unsettled_norms: list[Tensor] = []
@@ -181,7 +182,9 @@ class TrainStep:
         self.denominator: float | Tensor = float(settings.tokens_per_step)
         self.moe_layers = [module for module in self.model.modules() if isinstance(module, MoE)]
         zero1 = [module for module in self.model.modules() if isinstance(module, ZeroOneModule)]
-        self.zero1_shards = list({id(p): p for module in zero1 for p in module.parameters()}.values())
+        # (trained ones only: a frozen shard that never changes need not be gathered again)
+        trained = (p for module in zero1 for p in module.parameters() if p.requires_grad)
+        self.zero1_shards = list({id(p): p for p in trained}.values())
         for layer in self.moe_layers:  # each forward's router losses weigh by its share of the step's tokens
             layer.aux_scale = 1.0 / settings.tokens_per_step
 
@@ -274,8 +277,6 @@ class TrainStep:
             return None
         return torch.cat([norm.reshape(-1) for norm in self.unsettled_norms]).double()
 
-    first_skipped = -1  # the first step the last settle counted as skipped
-
     def settle(self, norms: Optional[list[float]] = None) -> int:
         """Count the steps skipped since the last settle -- those whose gradient norm was not finite
         (``norms``: ``pending()`` already read by the caller, with its other metrics in one host read; None:
@@ -296,8 +297,14 @@ class TrainStep:
                 + "; lower optim.lr or set optim.grad_clip, or skip such steps with trainer.skip_nonfinite_steps=N"
             )
         self.skipped_steps += len(skipped)
-        self.first_skipped = skipped[0][0] if skipped else -1
+        self.skipped_since_log += [step for step, _ in skipped]
         return len(skipped)
+
+    def take_skipped(self) -> list[int]:
+        """The steps skipped since the last call, wherever they were settled (a logged step, a checkpoint's
+        save, an optimizer without a device-side skip); the module logs and warns of them."""
+        taken, self.skipped_since_log = self.skipped_since_log, []
+        return taken
 
     def _global_targets(self, batch: Tensor) -> Tensor:
         """The labels of the global batch that are targets: this rank's, summed over the data-parallel

@@ -83,3 +83,28 @@ def test_a_non_finite_step_found_at_the_logged_step_was_never_applied(monkeypatc
     assert optimizer.defaults["fused"] is fused
     assert all(torch.isfinite(p).all() for p in measurement.module.model.parameters())
     assert measurement.module.trainer.global_step == (3 if fused else 2)
+
+
+class SettleAtStep2(Parameters):
+    """Settles at the end of step 2, between logged steps, as a checkpoint's save does."""
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        if trainer.global_step == 2:
+            pl_module.settle()
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["skipped-on-the-device", "read-each-step"])
+def test_skips_settled_between_logged_steps_within_the_allowance_let_the_run_go_on(monkeypatch, fused):
+    """Every step from 1 on diverges, ten skips allowed, logged every 3: the skips settled before a logged
+    step (by a save's settle, or at each step without a fused optimizer) are that interval's, so its NaN
+    loss is no reason to stop; all five are counted and none applied."""
+    if not fused:
+        monkeypatch.setattr(module, "fused_supported", lambda params: False)
+    measurement = SettleAtStep2(after=100)
+    allowed = ("trainer.max_steps=6", "trainer.log_every_n_steps=3", "trainer.skip_nonfinite_steps=10")
+    cfg = compose([*TINY, *DIVERGE, *allowed])
+    with tempfile.TemporaryDirectory() as run_dir:
+        fit(Config.of(cfg), Path(run_dir), check(cfg), measurement)
+    lightning_module = measurement.module
+    assert lightning_module.trainer.global_step == 6 and lightning_module.step.skipped_steps == 5
+    assert all(torch.isfinite(p).all() for p in lightning_module.model.parameters())

@@ -183,7 +183,8 @@ class _CompileClock(StepClock):
 
     def __init__(self, cfg: Any) -> None:
         self.graph_counter = GraphCounter()
-        super().__init__(torch.device("cpu"), "none", [self.graph_counter])
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        super().__init__(device, "none", [self.graph_counter])  # the clock waits for the device
 
     def result(self, trainer: pl.Trainer) -> dict[str, Any]:
         step_ends, losses = super().result(trainer)
