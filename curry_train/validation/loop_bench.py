@@ -42,11 +42,11 @@ from torch.utils.data.dataloader import _BaseDataLoaderIter
 from curry_train.callbacks import PeriodicCheckpoint
 from curry_train.config.schema import Config
 from curry_train.model.llama import Llama
-from curry_train.module import CausalLM, LMDataModule, fused_supported, lr_lambda
+from curry_train.module import CausalLM, LMDataModule
 from curry_train.primitives.materialize import materialize_and_init
 from curry_train.run import build_trainer, make_loggers, run_callbacks
 from curry_train.train_step import TrainStep
-from curry_train.validation.throughput import LoopRun, device_of, prepare, run_hand_loop
+from curry_train.validation.throughput import LoopRun, device_of, hand_optimizer, prepare, run_hand_loop
 
 TINY = (
     "model.dim=32",
@@ -256,20 +256,7 @@ class _Bare(pl.LightningModule):
         self.last_loss: Optional[torch.Tensor] = None
 
     def configure_optimizers(self) -> Any:
-        o = self.cfg.optim
-        decay = [p for p in self.model.parameters() if p.ndim >= 2]
-        no_decay = [p for p in self.model.parameters() if p.ndim < 2]
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=o.lr,
-            betas=tuple(o.betas),
-            eps=o.eps,
-            fused=fused_supported(decay + no_decay),
-        )
-        total, ratio = self.cfg.trainer.max_steps, o.min_lr / o.lr
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_lambda(step, o.warmup_steps, total, o.schedule, ratio)
-        )
+        optimizer, schedule = hand_optimizer(self.model, self.cfg)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> None:

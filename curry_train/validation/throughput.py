@@ -261,6 +261,26 @@ def _clock(device: torch.device) -> float:
 # The hand-written loop
 
 
+def hand_optimizer(model: torch.nn.Module, cfg: DictConfig) -> tuple[torch.optim.Optimizer, Any]:
+    """The AdamW (matrices decay; fused where torch has it) and LambdaLR schedule of curry-train's step, for
+    the hand-written loops the benches set beside it."""
+    o = cfg.optim
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=o.lr,
+        betas=tuple(o.betas),
+        eps=o.eps,
+        fused=fused_supported(decay + no_decay),
+    )
+    total, min_ratio = cfg.trainer.max_steps, o.min_lr / o.lr
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_lambda(step, o.warmup_steps, total, o.schedule, min_ratio)
+    )
+    return optimizer, scheduler
+
+
 def run_hand_loop(
     cfg: DictConfig,
     datamodule: LMDataModule,
@@ -282,19 +302,7 @@ def run_hand_loop(
     materialize_and_init(model, device, cfg.seed)
     model.train()
 
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=o.lr,
-        betas=tuple(o.betas),
-        eps=o.eps,
-        fused=fused_supported(decay + no_decay),
-    )
-    min_ratio = o.min_lr / o.lr
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_lambda(step, o.warmup_steps, total_steps, o.schedule, min_ratio)
-    )
+    optimizer, scheduler = hand_optimizer(model, cfg)
     max_norm = o.grad_clip if o.grad_clip > 0 else float("inf")
 
     loader = DataLoader(
