@@ -86,6 +86,17 @@ class CausalLM(pl.LightningModule):
         self.moe_metrics: dict[str, Tensor] = {}
         self.progress: dict[str, float] = {}  # the progress bar's training metrics (StepProgressBar)
 
+    # Attributes set during training that are never a parameter, buffer or submodule: Lightning names the
+    # running hook twice at each hook call (~30 times a step), the logged steps reset their interval. They skip
+    # nn.Module's checks, a few microseconds each.
+    _PLAIN = frozenset({"_current_fx_name", "_last_log_time", "interval", "progress", "moe_metrics"})
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self._PLAIN:
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
     # ------------------------------------------------------------------------------------------
     # Model and optimizer
 
@@ -164,15 +175,19 @@ class CausalLM(pl.LightningModule):
         here: ``NonFiniteError`` past ``trainer.skip_nonfinite_steps``) and the experts' balance."""
         device = result.loss.device
         interval = self.interval
-        sums = torch.stack([interval.loss_sum, torch.tensor(interval.tokens, dtype=torch.float64, device=device)])
-        group = self.step.metrics_group
-        if dist.is_initialized() and dist.get_world_size(group) > 1:
+        group = self.step.metrics_peers
+        if group is not None:
+            sums = torch.stack([interval.loss_sum, torch.tensor(interval.tokens, dtype=torch.float64, device=device)])
             dist.all_reduce(sums, group=group)
+        else:  # one rank holds all the tokens: its count is the host's
+            sums = interval.loss_sum.view(1)
         pending = self.step.pending()
         norms = 0 if pending is None else pending.numel()
         moe = list(self.moe_metrics.items())
         parts = [sums, result.grad_norm.detach().double().view(1), *(v.double().view(1) for _, v in moe)]
         values = torch.cat([part.to(device) for part in [*parts, *([pending] if norms else [])]]).tolist()
+        if group is None:
+            values.insert(1, interval.tokens)
         loss_sum, tokens, grad_norm = values[:3]
         self.step.settle(values[len(values) - norms :])
         skipped = self.step.take_skipped()  # settled here or earlier in the interval (a save, no fused optimizer)

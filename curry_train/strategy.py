@@ -25,14 +25,18 @@ from typing import Any, Generator, Mapping, Optional, Union
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.fabric.utilities.distributed import (
     _distributed_is_initialized,
     _init_dist_connection,
     _sync_ddp_if_available,
 )
 from lightning.fabric.utilities.distributed import group as _group
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.strategies.parallel import ParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 from torch import Tensor
@@ -75,6 +79,9 @@ class CurryStrategy(ParallelStrategy):
         self.parallel_state: Optional[ParallelState] = None
         self.num_nodes = 1
         self._owns_process_group = True
+        self._backward_hooks: Optional[bool] = None  # whether to dispatch Lightning's hooks (`_implemented`)
+        self._step_hooks: Optional[bool] = None
+        self._transfer_hooks: Optional[bool] = None
 
     @property
     def timeout(self) -> timedelta:
@@ -158,6 +165,56 @@ class CurryStrategy(ParallelStrategy):
 
     def _backward(self, loss: Tensor) -> None:
         self.backward(loss, None)
+
+    # ------------------------------------------------------------------------------------------
+    # Lightning's hooks around each backward and optimizer step, dispatched only where implemented
+
+    def _implemented(self, *hooks: str, callbacks: bool = True) -> bool:
+        """Whether the module, its datamodule or (``callbacks``) any callback implements one of ``hooks``.
+        Lightning calls each hook on the module and on every callback, implemented or not (a profiler context
+        and two attribute writes each): for the hooks of every batch's transfer, every micro-batch's backward
+        and every optimizer step, that is most of the loop's own cost on a small model. The precision plugin
+        must do nothing besides the hooks there (no loss scaler)."""
+        plain = type(self.precision_plugin) in (Precision, MixedPrecision)
+        if not plain or getattr(self.precision_plugin, "scaler", None) is not None:
+            return True
+        trainer = self.lightning_module.trainer
+        owners = [(self.lightning_module, pl.LightningModule), (trainer.datamodule, pl.LightningDataModule)]
+        if callbacks:
+            owners += [(callback, Callback) for callback in trainer.callbacks]
+        return any(
+            is_overridden(hook, owner, parent) for hook in hooks for owner, parent in owners if owner is not None
+        )
+
+    @override
+    def batch_to_device(self, batch: Any, device: Optional[torch.device] = None, dataloader_idx: int = 0) -> Any:
+        if self.lightning_module is None:
+            return super().batch_to_device(batch, device, dataloader_idx)
+        if self._transfer_hooks is None:
+            self._transfer_hooks = self._implemented(
+                "transfer_batch_to_device", "on_after_batch_transfer", callbacks=False
+            )
+        if self._transfer_hooks:
+            return super().batch_to_device(batch, device, dataloader_idx)
+        return move_data_to_device(batch, device or self.root_device)
+
+    @override
+    def backward(self, closure_loss: Tensor, optimizer: Optional[Any], *args: Any, **kwargs: Any) -> Tensor:
+        if self._backward_hooks is None:  # decided at the first backward: the callbacks are the trainer's by then
+            self._backward_hooks = self._implemented("on_before_backward", "on_after_backward")
+        if self._backward_hooks:
+            return super().backward(closure_loss, optimizer, *args, **kwargs)
+        self.precision_plugin.backward(closure_loss, self.lightning_module, optimizer, *args, **kwargs)
+        return closure_loss.detach()
+
+    @override
+    def optimizer_step(self, optimizer: Any, closure: Any, model: Optional[Any] = None, **kwargs: Any) -> Any:
+        if self._step_hooks is None:
+            self._step_hooks = self._implemented("on_before_optimizer_step")
+        if self._step_hooks:
+            return super().optimizer_step(optimizer, closure, model, **kwargs)
+        closure()  # manual optimization: Lightning's do-nothing closure (the step's backward has run)
+        return optimizer.step(**kwargs)
 
     @override
     def model_to_device(self) -> None:

@@ -201,10 +201,17 @@ class TrainStep:
     def pipelined(self) -> bool:
         return self.stages is not None
 
-    @property
+    @cached_property
     def metrics_group(self) -> dist.ProcessGroup:
         """Ranks that hold distinct tokens of a global batch: losses and token counts are summed over it."""
         return self.parallel_state.submesh("dp_cp").get_group()
+
+    @cached_property
+    def metrics_peers(self) -> Optional[dist.ProcessGroup]:
+        """``metrics_group`` where it has more than one rank (None: this rank's sums are the global ones)."""
+        if not dist.is_initialized():
+            return None
+        return self.metrics_group if dist.get_world_size(self.metrics_group) > 1 else None
 
     @property
     def token_fraction(self) -> float:
@@ -528,9 +535,8 @@ class TrainStep:
         imbalance = torch.zeros((), device=self.device)
         if loads is not None:  # a pipeline rank whose stages are all dense has none
             packed = torch.cat([loads.flatten(), aux])
-            group = self.metrics_group
-            if dist.is_initialized() and dist.get_world_size(group) > 1:
-                dist.all_reduce(packed, group=group)
+            if self.metrics_peers is not None:
+                dist.all_reduce(packed, group=self.metrics_peers)
             loads, aux = packed[:-1].view_as(loads), packed[-1:]
             for layer, load in zip(self.moe_layers, loads, strict=True):
                 layer.router.apply_load(load, applied)
