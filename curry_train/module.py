@@ -83,6 +83,7 @@ class CausalLM(pl.LightningModule):
         self._last_log_time: Optional[float] = None
         self.interval = LogInterval()
         self.log_every_n_steps = cfg.trainer.log_every_n_steps  # read at every step: not through the config
+        self.max_steps = cfg.trainer.max_steps
         self.moe_metrics: dict[str, Tensor] = {}
         self.progress: dict[str, float] = {}  # the progress bar's training metrics (StepProgressBar)
 
@@ -151,7 +152,8 @@ class CausalLM(pl.LightningModule):
         interval.loss_sum = loss if interval.loss_sum is None else interval.loss_sum + loss
         interval.tokens += result.tokens
         interval.steps += 1
-        if self.trainer.global_step % self.log_every_n_steps == 0:
+        step = self.trainer.global_step  # steps done, this one included
+        if step % self.log_every_n_steps == 0 or step == self.max_steps:  # a short run still has its row
             self._log_train(result, lr)
 
     def settle(self) -> None:

@@ -30,6 +30,7 @@ TRAIN = REPO / "train.py"
 # A small, fast configuration of the default model: 4 data-parallel ranks still get one micro-batch.
 FAST = (
     "logger=csv",
+    "trainer.log_every_n_steps=1",  # the tests compare each step's row
     "trainer.enable_progress_bar=false",
     "data.seq_len=64",
     "data.global_batch_size=16",

@@ -184,6 +184,7 @@ def test_the_cpu_sft_recipe_learns_to_answer(pools, tmp_path):
         "trainer.val_check_interval=60",
         "checkpoint.every_n_steps=60",
         "trainer.enable_progress_bar=false",
+        "trainer.log_every_n_steps=1",
     ]
     run = train(pools, recipe, tmp_path / "run")
     losses = read_metric(run)

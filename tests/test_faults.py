@@ -103,7 +103,8 @@ def test_a_checkpoint_of_non_finite_state_is_not_written(tmp_path):
 
 @pytest.mark.slow
 def test_rows_only_at_logged_steps(tmp_path):
-    """trainer.log_every_n_steps=3: rows at steps 2 and 5, none repeating them at the steps between."""
+    """trainer.log_every_n_steps=3: rows at steps 2 and 5 and at the last (6), none repeating them at the
+    steps between."""
     run_train(
         [
             *FAST,
@@ -114,7 +115,7 @@ def test_rows_only_at_logged_steps(tmp_path):
         ],
         cwd=tmp_path,
     )
-    assert [row["step"] for row in metric_rows(tmp_path)] == ["2", "5"]
+    assert [row["step"] for row in metric_rows(tmp_path)] == ["2", "5", "6"]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ class TrainerConfig:
     num_nodes: int = 1  # nodes; more than one needs torchrun or SLURM to start the processes
     max_steps: int = 120  # optimizer steps to train
     precision: str = "32-true"  # Lightning precision: 32-true | bf16-mixed
-    log_every_n_steps: int = 1  # metrics logging cadence in optimizer steps
+    log_every_n_steps: int = 10  # a metrics row (and one host read) every N optimizer steps, and the last step
     val_check_interval: int = 40  # run validation every this many optimizer steps
     limit_val_batches: int = 8  # validation batches per check (0 disables validation)
     enable_progress_bar: bool = True  # Lightning's progress bar on rank 0
