@@ -7,6 +7,8 @@
   the module, which runs it: mesh -> parallelize -> TrainStep;
 * which slice of each global batch this rank reads (``distributed_sampler_kwargs``);
 * collectives through Lightning's own helpers (``reduce``, ``broadcast``, ``barrier``);
+* Lightning's hooks around each batch's transfer, backward and optimizer step, dispatched only where the
+  module, its datamodule or a callback implements them (``_implemented``: the loop's own cost);
 * checkpoint IO: model and optimizer through DCP (``curry_train.checkpoint.dcp``), by parameter
   name, so a checkpoint of any layout resumes under any other.
 """
