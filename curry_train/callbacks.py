@@ -48,10 +48,10 @@ class StepProgressBar(TQDMProgressBar):
         bar, step = self.train_progress_bar, trainer.global_step
         if bar is None or bar.disable or not self._should_update(step, bar.total):
             return
+        bar.n = step  # counted at every step (closing the bar shows it), drawn at most every REFRESH_S
         now = time.monotonic()
         if now - self._drawn >= self.REFRESH_S or step >= bar.total:
             self._drawn = now
-            bar.n = step
             bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
             bar.refresh()
 

@@ -86,11 +86,12 @@ class CausalLM(pl.LightningModule):
         self.max_steps = cfg.trainer.max_steps
         self.moe_metrics: dict[str, Tensor] = {}
         self.progress: dict[str, float] = {}  # the progress bar's training metrics (StepProgressBar)
+        self.last_step: Optional[tuple[StepResult, float]] = None  # the last step's result and learning rate
 
     # Attributes set during training that are never a parameter, buffer or submodule: Lightning names the
     # running hook twice at each hook call (~30 times a step), the logged steps reset their interval. They skip
     # nn.Module's checks, a few microseconds each.
-    _PLAIN = frozenset({"_current_fx_name", "_last_log_time", "interval", "progress", "moe_metrics"})
+    _PLAIN = frozenset({"_current_fx_name", "_last_log_time", "interval", "progress", "moe_metrics", "last_step"})
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in self._PLAIN:
@@ -152,6 +153,7 @@ class CausalLM(pl.LightningModule):
         interval.loss_sum = loss if interval.loss_sum is None else interval.loss_sum + loss
         interval.tokens += result.tokens
         interval.steps += 1
+        self.last_step = (result, lr)
         step = self.trainer.global_step  # steps done, this one included
         if step % self.log_every_n_steps == 0 or step == self.max_steps:  # a short run still has its row
             self._log_train(result, lr)
@@ -233,6 +235,8 @@ class CausalLM(pl.LightningModule):
             logger.log_metrics(rows, step=self.trainer.global_step - 1)
 
     def on_train_end(self) -> None:
+        if self.interval.steps and self.last_step is not None:  # stopped early (preemption, data exhausted)
+            self._log_train(*self.last_step)  # the steps since the last row: their row, at the last of them
         self.settle()  # the steps after the last logged one: a non-finite one past the allowance stops the run
         if self.step is not None:
             self._warn_skipped(self.step.take_skipped())  # no logged step comes after them

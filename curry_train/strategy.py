@@ -140,6 +140,7 @@ class CurryStrategy(ParallelStrategy):
         assert self.lightning_module is not None
         self.accelerator.setup(trainer)
         module, cfg = self.lightning_module, self.cfg
+        self._backward_hooks = self._step_hooks = self._transfer_hooks = None  # decided again for this fit
         parallel = parallelize(
             module.model,
             self.parallel_state,
@@ -179,6 +180,8 @@ class CurryStrategy(ParallelStrategy):
         must do nothing besides the hooks there (no loss scaler)."""
         plain = type(self.precision_plugin) in (Precision, MixedPrecision)
         if not plain or getattr(self.precision_plugin, "scaler", None) is not None:
+            return True
+        if self.lightning_module.automatic_optimization:  # Lightning's closure and clipping: its own path
             return True
         trainer = self.lightning_module.trainer
         owners = [(self.lightning_module, pl.LightningModule), (trainer.datamodule, pl.LightningDataModule)]

@@ -163,3 +163,29 @@ def test_the_progress_bar_is_drawn_at_most_every_refresh_interval_and_at_the_las
     assert shown[0] == 1 and shown[-1] == steps and bar.n == steps
     assert "loss" in bar.postfix
     assert len(set(shown)) <= (2 if refresh_s else steps) and len(shown) <= most * steps // STEPS, shown
+
+
+class StopAt(Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        if trainer.global_step == self.step:  # as a preemption stops the run: after this step
+            trainer.should_stop = True
+
+
+class Rows(Run):
+    def loggers(self, run_dir):
+        return [MetricsCsv(save_dir=str(run_dir), name="csv", version="")]
+
+    def result(self, trainer):
+        return rows(Path(trainer.loggers[0].log_dir) / "metrics.csv")[1]
+
+
+def test_a_run_stopped_between_logged_steps_logs_the_steps_since_the_last_row():
+    """Log every 5 steps, stopped after the 7th of 20: rows at steps 4 and 6, the last the mean of steps 5-6."""
+    cfg = compose([*TINY, "trainer.max_steps=20", "trainer.log_every_n_steps=5"])
+    with tempfile.TemporaryDirectory() as run_dir:
+        written = fit(Config.of(cfg), Path(run_dir), check(cfg), Rows(StopAt(7)))
+    assert [int(row["step"]) for row in written] == [4, 6]
+    assert all(float(row["train/loss"]) > 0 for row in written)

@@ -122,7 +122,7 @@ def summarize(rows: list[dict[str, float]]) -> dict[str, Any]:
     finite = {step: value for step, value in loss.items() if math.isfinite(value)}
     best = min(finite, key=finite.get) if finite else None
     return {
-        "steps": len(loss),
+        "logged_steps": len(loss),  # rows: one every trainer.log_every_n_steps steps
         "final_train_loss": loss[last] if loss else None,
         "final_step": last,
         "best_train_loss": finite[best] if finite else None,
