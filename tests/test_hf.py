@@ -485,6 +485,7 @@ def test_finetune_recipe_exports_what_transformers_loads(models, tmp_path, pools
             "trainer.max_steps=4",
             "optim.lr=1e-3",
             "trainer.enable_progress_bar=false",
+            "trainer.log_every_n_steps=1",
         ],
         tmp_path / "run",
     )
