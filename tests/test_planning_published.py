@@ -145,3 +145,41 @@ def test_the_probe_writes_a_complete_hardware_config():
     assert 0 < hw["attention_efficiency"] <= 1 and 0 < hw["memory_efficiency"] <= 1
     merged = OmegaConf.merge(OmegaConf.structured(HardwareConfig), hw)  # every key known, every type right
     assert merged.peak_fp32_flops == max(probed[f"matmul_{n}"] for n in MATMUL_SIZES)
+
+
+def test_a_collectives_fixed_part_and_bandwidth_are_fitted_over_sizes():
+    """curry-bench --estimate times each collective at three sizes inside busy steps and fits a fixed part
+    and a part per byte; a line's own points come back exactly, a negative fixed part reads as none."""
+    from curry_train.validation.estimate_bench import fit_line  # noqa: PLC0415
+
+    points = [(x, 1e-3 + x / 2e9) for x in (2.6e5, 1.0e6, 4.2e6)]
+    fixed, per_byte = fit_line(points)
+    assert fixed == pytest.approx(1e-3) and 1 / per_byte == pytest.approx(2e9)
+    fixed, per_byte = fit_line([(1.0, 0.5), (2.0, 2.0), (3.0, 3.5)])  # the line crosses 0 below x = 1
+    assert fixed == 0.0 and per_byte == pytest.approx(1.5)
+    fixed, per_byte = fit_line([(1.0, 2.0), (2.0, 1.0)])  # falling: the slope is held at 1% of the largest
+    assert per_byte == pytest.approx(0.01 * 1.0 / 2.0)
+
+
+@pytest.mark.parametrize(
+    "layout, part, count",
+    [
+        # one data-parallel rank: 4 micro-batches of 8; 4 blocks of 7 sharded linears, the embedding, the head
+        (("parallel=tp", "trainer.devices=2"), "tp_dispatch", 4 * (7 * 4 + 2)),
+        # dp 2: 2 micro-batches a rank, each through 4 block units and the root
+        (("parallel=fsdp", "trainer.devices=2"), "fsdp_hooks", 2 * (4 + 1)),
+    ],
+    ids=["tp", "fsdp"],
+)
+def test_host_work_per_sharded_linear_and_per_fsdp_unit_is_counted(layout, part, count):
+    """The probed host cost of a tensor-parallel linear and of an FSDP unit's hooks, counted per micro-batch:
+    on this CPU (hardware=cpu) they are on the step's path; on a GPU the host runs ahead (0)."""
+    cfg = compose(["hardware=cpu", *layout])
+    key = {"tp_dispatch": "tp_linear_overhead", "fsdp_hooks": "fsdp_unit_overhead"}[part]
+    times = estimate(cfg, current_layout(cfg)).time
+    assert times[part] == pytest.approx(cfg.hardware[key] * count)
+    plain = compose(["hardware=cpu", *layout, f"hardware.{key}=0"])
+    without = estimate(plain, current_layout(plain)).time
+    assert part not in without and times["total"] - without["total"] == pytest.approx(times[part])
+    gpu = compose(["hardware=h100_80gb", *layout])
+    assert part not in estimate(gpu, current_layout(gpu)).time

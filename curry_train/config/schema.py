@@ -250,6 +250,12 @@ class HardwareConfig:
     collective_efficiency: float = 0.8  # share of NVLink's bandwidth a ring collective reaches (NCCL's bus bandwidth)
     inter_node_efficiency: float = 0.92  # the same between nodes, over the network
     collective_latency: float = 2.0e-5  # seconds a collective call takes beyond its bytes
+    # host seconds a tensor-parallel linear adds over a plain one per micro-batch, forward and backward
+    # (DTensor's dispatch, from_local and to_local, redistribution's Python), where nothing hides it
+    tp_linear_overhead: float = 0.0
+    # host seconds an FSDP unit's hooks add per micro-batch (gathers' copy-in and copy-out, the reduce's
+    # copies, resharding), beyond its collectives' bytes and latency
+    fsdp_unit_overhead: float = 0.0
     comm_overlap: float = 1.0  # share of the compute communication can run beside (GPU: 1; gloo on the same cores: 0)
     reserved_bytes: int = 2147483648  # per device, outside the model (runtime, communication buffers)
     flash_attention: bool = True  # the attention kernel keeps no s x s scores

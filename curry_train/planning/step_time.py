@@ -182,6 +182,13 @@ def block_gemms(cfg: DictConfig, layout: Layout) -> list[tuple[float, float, flo
     return gemms
 
 
+def tp_linears(cfg: DictConfig) -> int:
+    """A block's linears tensor parallelism shards: q, k, v and the output projection; the MLP's three, or
+    a mixture's shared experts' (its routed experts are whole on each rank)."""
+    moe = cfg.model.get("moe")
+    return 4 + (3 if moe is None or moe.shared_experts else 0)
+
+
 def attention_flops(cfg: DictConfig, layout: Layout) -> float:
     """Forward FLOPs of one block's causal attention on one rank for one micro-batch: ``QK^T`` and the
     weighted sum of V, ``4 * s_q * s_k * heads * head_dim``, of which a causal kernel computes half; each
@@ -325,6 +332,8 @@ def step_time(cfg: DictConfig, layout: Layout, hw: DictConfig) -> dict[str, floa
     units = blocks + 1  # FSDP's units (a block each, and the root), or DDP's buckets at least as many
     calls = (3 * M if layout.zero in ("full", "hybrid") else 2) * units
     times["dp"] = collective_seconds(volume, dp_link, hw, calls if volume else 0)
+    if layout.zero in ("full", "hybrid", "shard_grad_op") and hw.get("fsdp_unit_overhead", 0.0):
+        times["fsdp_hooks"] = hw.fsdp_unit_overhead * units * M  # each unit's hooks, every micro-batch
     if N_experts:  # the experts' share of it (part of "dp", not added again to the total)
         times["dp_experts"] = volumes[-1] / dp_link
     if layout.zero == "hybrid" and layout.dp_replicate > 1:
@@ -338,6 +347,10 @@ def step_time(cfg: DictConfig, layout: Layout, hw: DictConfig) -> dict[str, floa
         rounds = 4 + (2 if layout.recompute == "full" else 0)
         volume = rounds * tp_blocks * M * 2 * (layout.tp - 1) / layout.tp * act
         times["tp"] = collective_seconds(volume, _link(layout, "tp", gpn, hw), hw, rounds * tp_blocks * M)
+    if layout.tp > 1 and hw.get("tp_linear_overhead", 0.0):
+        # each sharded linear's host work (DTensor), forward and backward, per micro-batch; the embedding
+        # and the head are sharded too
+        times["tp_dispatch"] = hw.tp_linear_overhead * (tp_linears(cfg) * tp_blocks + 2) * M
     if layout.pp > 1:
         # Stage boundaries: each micro-batch's activation forward and its gradient back. In the steady
         # state a send runs beside the next micro-batch's compute; the first micro-batch's hops through

@@ -4,8 +4,10 @@ measured steps.
 1. A probe, on every rank of a pool of ``ranks`` local processes at once (so each rank has the share of
    the machine a run gives it): the best fp32 matmul rate over a few sizes, memory bandwidth (a large
    elementwise add), the cost of one small op (dispatch and kernel), the fused attention's rate at the
-   model's shape, and the collectives' bus bandwidth and latency (gloo). Written as a hardware config
-   whose every figure is that probe's.
+   model's shape, the collectives' fixed cost and bandwidth as a step sees them (gloo, each call after a
+   burst of compute on every rank, fitted over 256 KiB - 4 MiB), and the host work a tensor-parallel
+   linear and an FSDP unit add over plain ones. Written as a hardware config whose every figure is that
+   probe's.
 2. Each layout (dp, fsdp, tp, pp, cp on 2 ranks) of each model (the debug model and a ~100M Llama)
    trained for a few timed steps through the real training path (``layouts.layouts_bench``).
 3. The estimate of each with the probed config, against the measurement: ratio and parts.
@@ -24,6 +26,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from omegaconf import OmegaConf
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from curry_train.config import compose
 from curry_train.planning.advise import estimate
@@ -55,10 +61,35 @@ def _best(fn: Any, seconds: float = 0.3, least: int = 5) -> float:
     return statistics.median(timings)
 
 
-def _timed(fn: Any) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+# Timings that run collectives: a fixed count of calls, the same on every rank (a time budget would let
+# the ranks' counts differ, and their collectives mismatch)
+ROUNDS = {"seconds": 0.0, "least": 100}
+IN_STEP_SIZES = (1 << 16, 1 << 18, 1 << 20)  # fp32 elements: 256 KiB, 1 MiB, 4 MiB
+
+
+def _in_step(call: Any, work: Any, rounds: int = 30) -> float:
+    """The median seconds of ``call()`` (a collective), each call after a burst of ``work()`` on every rank."""
+    dist.barrier()
+    timings = []
+    for _ in range(rounds):
+        work()
+        start = time.perf_counter()
+        call()
+        timings.append(time.perf_counter() - start)
+    return statistics.median(timings)
+
+
+def fit_line(points: Sequence[tuple[float, float]]) -> tuple[float, float]:
+    """Least squares ``y = fixed + per_unit * x`` over ``points`` (x, y): a collective's fixed seconds and
+    seconds per byte. Neither is let below what the points allow: a fixed part under 0 reads as 0, and the
+    slope is at least that of the line from the origin to the largest point's 1%."""
+    n = len(points)
+    mean_x, mean_y = sum(x for x, _ in points) / n, sum(y for _, y in points) / n
+    spread = sum((x - mean_x) ** 2 for x, _ in points)
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in points) / spread if spread else 0.0
+    x_max, y_max = max(points)
+    slope = max(slope, 0.01 * y_max / x_max)
+    return max(0.0, mean_y - slope * mean_x), slope
 
 
 def probe_job(heads: int, head_dim: int, seq_len: int, batch: int) -> dict[str, float]:
@@ -112,17 +143,75 @@ def probe_job(heads: int, head_dim: int, seq_len: int, batch: int) -> dict[str, 
 
         ring = 2 * (world - 1) / world
         latency = reduce(small, 200)
-        found["collective_latency"] = latency
-        found["bus_bandwidth"] = ring * big.numel() * 4 / max(1e-9, reduce(big, 20) - latency)
-        # FSDP's collectives: gloo's all-gather and reduce-scatter move a byte slower than its all-reduce
-        gathered = torch.empty(world * big.numel())
-        dist.barrier()
-        gather = min(_timed(lambda: dist.all_gather_into_tensor(gathered, big)) for _ in range(10))
-        found["gather_bandwidth"] = (world - 1) * big.numel() * 4 / max(1e-9, gather - latency)
+        found["idle_collective_latency"] = latency
+        found["idle_bus_bandwidth"] = ring * big.numel() * 4 / max(1e-9, reduce(big, 20) - latency)
+        # As a training step sees them: between bursts of compute, the ranks out of step by whatever the
+        # cores' sharing put between them. A step's collectives (an activation, a unit's parameters) are
+        # 0.25-4 MiB here; what each costs is a fixed part and a part per byte, fitted over those sizes.
+        a, b = torch.randn(256, 512), torch.randn(512, 512)
+
+        def work() -> None:  # ~1.3 GFLOP: a block's share of compute between two of its collectives
+            for _ in range(10):
+                a @ b
+
+        reduces, gathers = [], []
+        for n in IN_STEP_SIZES:
+            t, gathered = torch.ones(n), torch.empty(world * n)
+            reduces.append((ring * n * 4, _in_step(lambda t=t: dist.all_reduce(t), work)))
+            gather = _in_step(lambda t=t, g=gathered: dist.all_gather_into_tensor(g, t), work)
+            gathers.append(((world - 1) * n * 4, gather))
+        reduce_fixed, reduce_per_byte = fit_line(reduces)
+        gather_fixed, gather_per_byte = fit_line(gathers)
+        found["collective_latency"] = (reduce_fixed + gather_fixed) / 2
+        found["bus_bandwidth"] = 1 / reduce_per_byte
+        found["gather_bandwidth"] = 1 / gather_per_byte  # FSDP's collectives: gloo's all-gather
+        found["tp_linear_overhead"] = _tp_linear_overhead()
+        found["fsdp_unit_overhead"] = _fsdp_unit_overhead()
         stats = torch.tensor([found[key] for key in sorted(found)], dtype=torch.float64)
         dist.all_reduce(stats)  # every rank's view, averaged: they ran at the same time
         found = dict(zip(sorted(found), (stats / world).tolist(), strict=True))
     return found
+
+
+def _tp_linear_overhead() -> float:
+    """What a tensor-parallel linear costs the host over a plain one, per forward and backward: a column-
+    then a row-parallel linear (the MLP's plan) on tensors too small to compute, against the same pair
+    unsharded, less their two all-reduces (the row's output forward, the column's input gradient backward)
+    (a tiny all-reduce's time, timed the same way), which the step-time model counts on their own."""
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+
+    def pair() -> nn.Module:
+        return nn.Sequential(nn.Linear(8, 16, bias=False), nn.Linear(16, 8, bias=False))
+
+    plain, sharded = pair(), pair()
+    parallelize_module(sharded, mesh, {"0": ColwiseParallel(), "1": RowwiseParallel()})
+    x = torch.randn(2, 8)
+    dist.barrier()
+    extra = _best(lambda: sharded(x).sum().backward(), **ROUNDS) - _best(lambda: plain(x).sum().backward(), **ROUNDS)
+    return max(0.0, (extra - 2 * _tiny_all_reduce()) / 2)
+
+
+def _fsdp_unit_overhead() -> float:
+    """What an FSDP unit's hooks cost the host per forward and backward: a unit of two linears too small to
+    compute, fully sharded, against the same unsharded, less its three collectives (the gathers before the
+    forward and the backward, the gradients' reduce-scatter), each a tiny all-reduce's time."""
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+
+    def unit() -> nn.Module:
+        return nn.Sequential(nn.Linear(8, 8, bias=False), nn.Linear(8, 8, bias=False))
+
+    plain, sharded = unit(), unit()
+    fully_shard(sharded, mesh=mesh)
+    x = torch.randn(2, 8)
+    dist.barrier()
+    extra = _best(lambda: sharded(x).sum().backward(), **ROUNDS) - _best(lambda: plain(x).sum().backward(), **ROUNDS)
+    return max(0.0, extra - 3 * _tiny_all_reduce())
+
+
+def _tiny_all_reduce() -> float:
+    small = torch.ones(2)
+    dist.barrier()
+    return _best(lambda: dist.all_reduce(small), **ROUNDS)
 
 
 def hardware_config(probed: dict[str, float], ranks: int, base: dict[str, Any]) -> dict[str, Any]:
@@ -152,6 +241,8 @@ def hardware_config(probed: dict[str, float], ranks: int, base: dict[str, Any]) 
         "comm_overlap": 0.0,  # gloo copies on the cores that compute
         "collective_efficiency": 1.0,
         "collective_latency": probed.get("collective_latency", base["collective_latency"]),
+        "tp_linear_overhead": probed.get("tp_linear_overhead", base["tp_linear_overhead"]),
+        "fsdp_unit_overhead": probed.get("fsdp_unit_overhead", base["fsdp_unit_overhead"]),
         "mixed_precision": "fp32",
     }
 
@@ -200,8 +291,10 @@ class EstimateResult:
             f"  matmul {h['peak_fp32_flops'] / 1e9:,.1f} GFLOP/s at best; by the narrower side {sizes}",
             f"  attention {h['attention_efficiency']:.0%} of it; memory {h['memory_bandwidth'] / 1e9:,.1f} GB/s,"
             f" {h['memory_efficiency']:.0%} of it in eager norms; an op {h['kernel_latency'] * 1e6:,.1f} us",
-            f"  gloo {h['intra_node_bandwidth'] / 1e9:,.2f} GB/s bus bandwidth,"
+            f"  gloo in a step {h['intra_node_bandwidth'] / 1e9:,.2f} GB/s bus bandwidth,"
             f" {h['collective_latency'] * 1e6:,.0f} us a call",
+            f"  host work per micro-batch: a tensor-parallel linear {h['tp_linear_overhead'] * 1e6:,.0f} us,"
+            f" an FSDP unit {h['fsdp_unit_overhead'] * 1e6:,.0f} us",
         ]
         if self.hardware_path:
             lines.append(f"hardware config written: {self.hardware_path}")
