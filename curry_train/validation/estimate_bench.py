@@ -176,8 +176,8 @@ def probe_job(heads: int, head_dim: int, seq_len: int, batch: int) -> dict[str, 
 def _tp_linear_overhead() -> float:
     """What a tensor-parallel linear costs the host over a plain one, per forward and backward: a column-
     then a row-parallel linear (the MLP's plan) on tensors too small to compute, against the same pair
-    unsharded, less their two all-reduces (the row's output forward, the column's input gradient backward)
-    (a tiny all-reduce's time, timed the same way), which the step-time model counts on their own."""
+    unsharded, less their two all-reduces (the row's output forward, the column's input gradient backward;
+    each a tiny all-reduce's time), which the step-time model counts on their own."""
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
 
     def pair() -> nn.Module:
