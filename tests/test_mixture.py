@@ -240,11 +240,16 @@ def test_loader_workers_keep_the_order(corpus) -> None:
     mixture = Mixture(mixture_cfg(corpus), seed=3)
     expected = global_batches(mixture, mixture.start_state(), 12, size=1)
     for workers in (0, 3):
-        loader = DataLoader(TrainBatches(mixture, mixture.start_state(), 0, 1), batch_size=None, num_workers=workers)
+        # forkserver: the workers do not inherit the threads earlier in-process runs left in this process
+        # (a fork while one of them holds a lock can hang the child)
+        context = {"multiprocessing_context": "forkserver"} if workers else {}
+        loader = DataLoader(
+            TrainBatches(mixture, mixture.start_state(), 0, 1), batch_size=None, num_workers=workers, **context
+        )
         got = list(itertools.islice(iter(loader), 12))
         assert all(torch.equal(t, torch.from_numpy(e)) for (t, _), e in zip(got, expected, strict=True))
         assert got[-1][1] == states(mixture, 12)[-1]
-        val = DataLoader(ValBatches(mixture, 1, 1, 2), batch_size=None, num_workers=workers)
+        val = DataLoader(ValBatches(mixture, 1, 1, 2), batch_size=None, num_workers=workers, **context)
         rows = list(mixture.val_rows(1))
         whole = [rows[k * 8 : (k + 1) * 8][4:] for k in range(len(rows) // 8)]
         assert [b.tolist() for b in val] == [np.stack(w).tolist() for w in whole]
