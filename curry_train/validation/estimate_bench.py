@@ -15,7 +15,6 @@ measured steps.
 
 from __future__ import annotations
 
-import math
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -129,22 +128,7 @@ def probe_job(heads: int, head_dim: int, seq_len: int, batch: int) -> dict[str, 
     found["attention_flops"] = flops / _best(attention)
     if dist.is_initialized() and dist.get_world_size() > 1:
         world = dist.get_world_size()
-        big, small = torch.ones(1 << 21), torch.ones(2)  # 8 MiB; 8 bytes
-
-        def reduce(tensor: torch.Tensor, rounds: int) -> float:
-            """The shortest of ``rounds`` all-reduces (every rank runs the same count: they are collective)."""
-            dist.barrier()
-            best = math.inf
-            for _ in range(rounds):
-                start = time.perf_counter()
-                dist.all_reduce(tensor)
-                best = min(best, time.perf_counter() - start)
-            return best
-
         ring = 2 * (world - 1) / world
-        latency = reduce(small, 200)
-        found["idle_collective_latency"] = latency
-        found["idle_bus_bandwidth"] = ring * big.numel() * 4 / max(1e-9, reduce(big, 20) - latency)
         # As a training step sees them: between bursts of compute, the ranks out of step by whatever the
         # cores' sharing put between them. A step's collectives (an activation, a unit's parameters) are
         # 0.25-4 MiB here; what each costs is a fixed part and a part per byte, fitted over those sizes.
@@ -165,15 +149,16 @@ def probe_job(heads: int, head_dim: int, seq_len: int, batch: int) -> dict[str, 
         found["collective_latency"] = (reduce_fixed + gather_fixed) / 2
         found["bus_bandwidth"] = 1 / reduce_per_byte
         found["gather_bandwidth"] = 1 / gather_per_byte  # FSDP's collectives: gloo's all-gather
-        found["tp_linear_overhead"] = _tp_linear_overhead()
-        found["fsdp_unit_overhead"] = _fsdp_unit_overhead()
+        tiny = _tiny_all_reduce()  # what the host-work probes' own collectives cost, to take out of them
+        found["tp_linear_overhead"] = _tp_linear_overhead(tiny)
+        found["fsdp_unit_overhead"] = _fsdp_unit_overhead(tiny)
         stats = torch.tensor([found[key] for key in sorted(found)], dtype=torch.float64)
         dist.all_reduce(stats)  # every rank's view, averaged: they ran at the same time
         found = dict(zip(sorted(found), (stats / world).tolist(), strict=True))
     return found
 
 
-def _tp_linear_overhead() -> float:
+def _tp_linear_overhead(tiny_all_reduce: float) -> float:
     """What a tensor-parallel linear costs the host over a plain one, per forward and backward: a column-
     then a row-parallel linear (the MLP's plan) on tensors too small to compute, against the same pair
     unsharded, less their two all-reduces (the row's output forward, the column's input gradient backward;
@@ -188,10 +173,10 @@ def _tp_linear_overhead() -> float:
     x = torch.randn(2, 8)
     dist.barrier()
     extra = _best(lambda: sharded(x).sum().backward(), **ROUNDS) - _best(lambda: plain(x).sum().backward(), **ROUNDS)
-    return max(0.0, (extra - 2 * _tiny_all_reduce()) / 2)
+    return max(0.0, (extra - 2 * tiny_all_reduce) / 2)
 
 
-def _fsdp_unit_overhead() -> float:
+def _fsdp_unit_overhead(tiny_all_reduce: float) -> float:
     """What an FSDP unit's hooks cost the host per forward and backward: a unit of two linears too small to
     compute, fully sharded, against the same unsharded, less its three collectives (the gathers before the
     forward and the backward, the gradients' reduce-scatter), each a tiny all-reduce's time."""
@@ -205,7 +190,7 @@ def _fsdp_unit_overhead() -> float:
     x = torch.randn(2, 8)
     dist.barrier()
     extra = _best(lambda: sharded(x).sum().backward(), **ROUNDS) - _best(lambda: plain(x).sum().backward(), **ROUNDS)
-    return max(0.0, extra - 3 * _tiny_all_reduce())
+    return max(0.0, extra - 3 * tiny_all_reduce)
 
 
 def _tiny_all_reduce() -> float:
