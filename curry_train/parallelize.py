@@ -215,6 +215,7 @@ def apply_fsdp(
             mixed_precision=fsdp.mixed_precision,
             cpu_offload=fsdp.cpu_offload,
             backward_prefetch=fsdp.backward_prefetch,
+            explicit_prefetch=fsdp.explicit_prefetch,
             parallel_state=ps,
             reshard_after_forward=fsdp.reshard_after_forward,
             blocks_per_unit=fsdp.blocks_per_unit,

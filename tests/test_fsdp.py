@@ -12,6 +12,7 @@ from conftest import (
     FAST,
     run_seed_example,
 )
+from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from curry_train.config import ConfigError, compose
@@ -79,6 +80,14 @@ def test_seed_example_runs_unchanged_under_torchrun(tmp_path):
         (
             ["parallel=fsdp", "parallel.fsdp.sharding=optimizer", "parallel.fsdp.blocks_per_unit=2"],
             "ZeRO-1 has no wrapping units",
+        ),
+        (
+            ["parallel=fsdp", "parallel.fsdp.sharding=optimizer", "parallel.fsdp.explicit_prefetch=true"],
+            "no units to prefetch",
+        ),
+        (
+            ["parallel=fsdp+pp", "trainer.devices=4", "parallel.fsdp.explicit_prefetch=true"],
+            "each stage runs its own share",
         ),
     ],
 )
@@ -223,3 +232,45 @@ def test_zero1_seed_api_matches_one_process(mixed_precision, tolerance, pools):
         assert max(errors.values()) > 1e-5  # bf16 really computed
     rows = [shard_rows for _, shard_rows in results]
     assert [r[1] for r in rows] == [12, 12, 10] and [r[5] for r in rows] == [1, 1, 0]  # up.weight, gate.weight
+
+
+def _prefetches(explicit_prefetch):
+    """One forward and backward of the debug model under ZeRO-3 on this rank: the all-gathers FSDP2
+    issued ahead of their unit (pass, unit, asynchronously) in order, and the gradients."""
+    issued = []
+    original = FSDPParamGroup._prefetch_unshard
+
+    def recording(target, pass_type):
+        issued.append((pass_type, target._module_fqn, target.unshard_async_op))
+        return original(target, pass_type)
+
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = Llama(compose().model)
+    DistributedOptimizer.wrap(model, sharding="full", explicit_prefetch=explicit_prefetch)
+    materialize_and_init(model, torch.device("cpu"), 0)
+    tokens = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(dist.get_rank()))
+    FSDPParamGroup._prefetch_unshard = staticmethod(recording)
+    try:
+        model(tokens).float().pow(2).mean().backward()
+    finally:
+        FSDPParamGroup._prefetch_unshard = staticmethod(original)
+    return issued, {name: p.grad.to_local().clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.slow
+def test_explicit_prefetch_gathers_one_unit_ahead_and_changes_nothing_else(pools):
+    """On a CPU, by default, each block's all-gather is issued asynchronously as the unit before it
+    starts (forward: the root, then blocks 0..n-2; backward: the root, then blocks n-1..1), and the
+    gradients are bit for bit those of FSDP2's blocking gathers (explicit_prefetch=False)."""
+    n = compose().model.n_layers
+    (on, on_grads), _ = pools.run(2, _prefetches, None)
+    (off, off_grads), _ = pools.run(2, _prefetches, False)
+    forward = [f"layers.{i}" for i in range(n)]
+    assert on == [("forward", unit, True) for unit in forward] + [
+        ("backward", unit, True) for unit in reversed(forward)
+    ]
+    # FSDP2's own on a CPU: in backward only, each a blocking call
+    assert off and all(pass_type == "backward" and not issued_async for pass_type, _, issued_async in off)
+    assert on_grads.keys() == off_grads.keys()
+    assert all(torch.equal(on_grads[name], off_grads[name]) for name in on_grads)

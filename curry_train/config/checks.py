@@ -128,6 +128,15 @@ def _check_parallel(layout: ParallelConfig, precision: str) -> None:
         raise ConfigError(f"parallel.fsdp.replicas={fsdp.replicas} must be positive")
     if fsdp.blocks_per_unit < 1:
         raise ConfigError(f"parallel.fsdp.blocks_per_unit={fsdp.blocks_per_unit} must be positive")
+    if fsdp.explicit_prefetch and (fsdp.sharding == "optimizer" or layout.pp is not None):
+        raise ConfigError(
+            "parallel.fsdp.explicit_prefetch=true with "
+            + (
+                "sharding=optimizer: ZeRO-1 gathers its parameters once per step, with no units to prefetch"
+                if fsdp.sharding == "optimizer"
+                else "parallel=pp: each stage runs its own share of the blocks; leave it null"
+            )
+        )
     if fsdp.sharding == "optimizer":
         if fsdp.reshard_after_forward:
             raise ConfigError(
