@@ -20,6 +20,7 @@ from curry_train.config.checks import check
 from curry_train.model.llama import Llama
 from curry_train.primitives import DistributedOptimizer
 from curry_train.primitives.data_parallel import gradient_sync
+from curry_train.primitives.distributed_optimizer import AllToAllReduceScatter
 from curry_train.primitives.materialize import materialize_and_init
 from curry_train.validation.memory import bare_model_activation_bytes
 
@@ -141,16 +142,17 @@ def _count_reductions(sharding: str, sync_each: bool) -> dict[str, int]:
 @pytest.mark.slow
 @pytest.mark.parametrize("sharding", ["full", "shard_grad_op", "optimizer"])
 def test_gradient_accumulation_reduces_once_per_step(sharding, pools):
-    """3 micro-batches: one reduction per step, not per micro-batch: a reduce-scatter per FSDP unit,
-    or (ZeRO-1) an all-reduce per parameter tensor."""
+    """3 micro-batches: one reduction per step, not per micro-batch: a reduce-scatter per FSDP unit
+    (on a CPU, the all-to-all that stands for it), or (ZeRO-1) an all-reduce per parameter tensor."""
 
     with torch.device("meta"):
         tensors = len(list(Llama(compose().model).parameters()))
     units = compose().model.n_layers + 1  # one per block, and the root (embedding, norm, head)
-    collective, per_step = ("allreduce", tensors) if sharding == "optimizer" else ("reduce_scatter", units)
+    collective, per_step = ("allreduce", tensors) if sharding == "optimizer" else ("alltoall", units)
     results = {}
     for sync_each in (False, True):
         counts, _ = pools.run(2, _count_reductions, sharding, sync_each)
+        assert not any("reduce_scatter" in op for op in counts)  # each reduce-scatter went the all-to-all way
         results[sync_each] = sum(n for op, n in counts.items() if collective in op)
     assert results[False] == per_step
     assert results[True] == 3 * per_step
@@ -274,3 +276,26 @@ def test_explicit_prefetch_gathers_one_unit_ahead_and_changes_nothing_else(pools
     assert off and all(pass_type == "backward" and not issued_async for pass_type, _, issued_async in off)
     assert on_grads.keys() == off_grads.keys()
     assert all(torch.equal(on_grads[name], off_grads[name]) for name in on_grads)
+
+
+def _reduce_scatter_both_ways():
+    rank, world = dist.get_rank(), dist.get_world_size()
+    inputs = torch.randn(world * 1000, generator=torch.Generator().manual_seed(rank))
+    group = dist.group.WORLD
+    ours, gloo = torch.empty(1000), torch.empty(1000)
+    AllToAllReduceScatter()(ours, inputs, group, dist.ReduceOp.SUM)
+    dist.reduce_scatter_tensor(gloo, inputs.clone(), group=group)
+    averaged = torch.empty(1000)
+    AllToAllReduceScatter()(averaged, inputs, group, dist.ReduceOp.AVG)  # not a plain sum: gloo's own
+    expected = sum(torch.randn(world * 1000, generator=torch.Generator().manual_seed(r)) for r in range(world))
+    return ours, gloo, averaged, expected.view(world, -1)[rank]
+
+
+@pytest.mark.slow
+def test_all_to_all_reduce_scatter_is_a_reduce_scatter(pools):
+    """On 3 ranks: each rank's chunk of the sum over ranks, as gloo's reduce-scatter gives it (to fp32
+    rounding: the two add in different orders), and an average passed on to gloo."""
+    for ours, gloo, averaged, expected in pools.run(3, _reduce_scatter_both_ways):
+        torch.testing.assert_close(ours, expected, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(ours, gloo, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(averaged, expected / 3, rtol=1e-6, atol=1e-6)

@@ -35,6 +35,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter
 from torch.distributed.tensor import DTensor, Shard
 
 from curry_train.options import BACKWARD_PREFETCH, EXPERT_SHARDING, MIXED_PRECISIONS, SHARDING_MODES
@@ -266,13 +267,46 @@ def _unit_groups(model: nn.Module, units: Optional[Sequence[nn.Module]], blocks_
 
 def _sum_gradients(module: FSDPModule) -> None:
     """Reduce gradients with a plain sum: no 1/world-size factor, and a SUM collective rather than
-    PREMUL_SUM (which gloo lacks)."""
+    PREMUL_SUM (which gloo lacks). On a CPU mesh, through ``AllToAllReduceScatter``."""
     if hasattr(module, "set_gradient_divide_factor"):
         module.set_gradient_divide_factor(1.0)
     else:  # older FSDP2
         module.set_reduce_scatter_divide_factor(1.0)
     if hasattr(module, "set_force_sum_reduction_for_comms"):
         module.set_force_sum_reduction_for_comms(True)
+    groups = module._get_fsdp_state()._fsdp_param_groups
+    if len(groups) == 1 and groups[0].device.type == "cpu" and hasattr(module, "set_custom_reduce_scatter"):
+        module.set_custom_reduce_scatter(AllToAllReduceScatter())
+
+
+class AllToAllReduceScatter(ReduceScatter):
+    """FSDP2's gradient reduce-scatter as an all-to-all and a local sum: each rank sends its
+    gradients' i-th chunk to rank i, then adds up the chunks it received, in rank order.
+
+    gloo has no reduce-scatter of its own (torch's gloo backend builds one from heavier
+    collectives): a 3.4 MB reduce-scatter over 2 ranks took 3.2-3.9 ms on this project's 2-core
+    machine, the all-to-all and sum 1.5 ms, an all-gather of the same size 1.8 ms. The all-to-all
+    moves each rank's (d-1)/d of the input, what a reduce-scatter needs at least. Only a plain,
+    blocking SUM goes this way (what ``_sum_gradients`` asks of FSDP2); anything else is passed to
+    ``reduce_scatter_tensor`` as before."""
+
+    def allocate(self, size: Sequence[Any], *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        return torch.empty(*size, dtype=dtype, device=device)
+
+    def __call__(
+        self,
+        output_tensor: torch.Tensor,
+        input_tensor: torch.Tensor,
+        group: dist.ProcessGroup,
+        op: Any,
+        async_op: bool = False,
+    ) -> Optional[dist.Work]:
+        if async_op or op != dist.ReduceOp.SUM:
+            return dist.reduce_scatter_tensor(output_tensor, input_tensor, op=op, group=group, async_op=async_op)
+        received = torch.empty_like(input_tensor)
+        dist.all_to_all_single(received, input_tensor, group=group)
+        torch.sum(received.view(group.size(), -1), dim=0, out=output_tensor.view(-1))
+        return None
 
 
 # ----------------------------------------------------------------------------------------------
