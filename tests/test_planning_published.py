@@ -168,14 +168,19 @@ def test_a_collectives_fixed_part_and_bandwidth_are_fitted_over_sizes():
         (("parallel=tp", "trainer.devices=2"), "tp_dispatch", 4 * (7 * 4 + 2)),
         # dp 2: 2 micro-batches a rank, each through 4 block units and the root
         (("parallel=fsdp", "trainer.devices=2"), "fsdp_hooks", 2 * (4 + 1)),
+        # cp 2: both ranks hold the same samples (4 micro-batches of 8), each block one ring attention
+        (("parallel=cp", "trainer.devices=2"), "cp_dispatch", 4 * 4),
     ],
-    ids=["tp", "fsdp"],
+    ids=["tp", "fsdp", "cp"],
 )
-def test_host_work_per_sharded_linear_and_per_fsdp_unit_is_counted(layout, part, count):
-    """The probed host cost of a tensor-parallel linear and of an FSDP unit's hooks, counted per micro-batch:
-    on this CPU (hardware=cpu) they are on the step's path; on a GPU the host runs ahead (0)."""
+def test_host_work_per_sharded_linear_fsdp_unit_and_ring_is_counted(layout, part, count):
+    """The probed host cost of a tensor-parallel linear, of an FSDP unit's hooks and of a ring attention,
+    counted per micro-batch: on this CPU (hardware=cpu) they are on the step's path; on a GPU the host runs
+    ahead (0)."""
     cfg = compose(["hardware=cpu", *layout])
-    key = {"tp_dispatch": "tp_linear_overhead", "fsdp_hooks": "fsdp_unit_overhead"}[part]
+    key = {"tp_dispatch": "tp_linear_overhead", "fsdp_hooks": "fsdp_unit_overhead", "cp_dispatch": "cp_ring_overhead"}[
+        part
+    ]
     times = estimate(cfg, current_layout(cfg)).time
     assert times[part] == pytest.approx(cfg.hardware[key] * count)
     plain = compose(["hardware=cpu", *layout, f"hardware.{key}=0"])

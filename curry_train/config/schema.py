@@ -257,6 +257,9 @@ class HardwareConfig:
     # host seconds an FSDP unit's hooks add per micro-batch (gathers' copy-in and copy-out, the reduce's
     # copies, resharding), beyond its collectives' bytes and latency
     fsdp_unit_overhead: float = 0.0
+    # host seconds a context-parallel ring attention adds over plain attention per micro-batch (its steps'
+    # kernels and merges, the autograd Function's Python), beyond its transfers' bytes and latency
+    cp_ring_overhead: float = 0.0
     comm_overlap: float = 1.0  # share of the compute communication can run beside (GPU: 1; gloo on the same cores: 0)
     reserved_bytes: int = 2147483648  # per device, outside the model (runtime, communication buffers)
     flash_attention: bool = True  # the attention kernel keeps no s x s scores

@@ -365,6 +365,10 @@ def step_time(cfg: DictConfig, layout: Layout, hw: DictConfig) -> dict[str, floa
         volume = blocks * M * (2 * (layout.cp - 1) * kv + layout.cp * kv * 4 / pbytes)
         transfer = collective_seconds(volume, _link(layout, "cp", gpn, hw), hw, blocks * M * 3 * (layout.cp - 1))
         times["cp"] = max(0.0, transfer - times["compute/attention"] * hw.get("comm_overlap", 1.0))
+    if layout.cp > 1 and hw.get("cp_ring_overhead", 0.0):
+        # each block's ring attention's host work (its steps' kernels, merges and sends), forward and
+        # backward, per micro-batch
+        times["cp_dispatch"] = hw.cp_ring_overhead * blocks * M
     if layout.ep > 1:
         # the share of each rank's all-to-all that goes to the other ranks, over the links of the ep
         # group: ep takes the innermost of the dp x cp ranks, so it spans tp x ep neighbouring ranks

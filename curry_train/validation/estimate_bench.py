@@ -6,8 +6,8 @@ measured steps.
    elementwise add), the cost of one small op (dispatch and kernel), the fused attention's rate at the
    model's shape, the collectives' fixed cost and bandwidth as a step sees them (gloo, each call after a
    burst of compute on every rank, fitted over 256 KiB - 4 MiB), and the host work a tensor-parallel
-   linear and an FSDP unit add over plain ones. Written as a hardware config whose every figure is that
-   probe's.
+   linear, an FSDP unit and a context-parallel ring attention add over plain ones. Written as a hardware
+   config whose every figure is that probe's.
 2. Each layout (dp, fsdp, tp, pp, cp on 2 ranks) of each model (the debug model and a ~100M Llama)
    trained for a few timed steps through the real training path (``layouts.layouts_bench``).
 3. The estimate of each with the probed config, against the measurement: ratio and parts.
@@ -34,6 +34,7 @@ from curry_train.config import compose
 from curry_train.planning.advise import estimate
 from curry_train.planning.layout import current_layout
 from curry_train.pool import WorkerPool
+from curry_train.primitives.context_parallel import ContextParallelAttention
 from curry_train.validation.defaults import COMPILE_MODELS
 from curry_train.validation.layouts import layouts_bench
 
@@ -152,6 +153,7 @@ def probe_job(heads: int, head_dim: int, seq_len: int, batch: int) -> dict[str, 
         tiny = _tiny_all_reduce()  # what the host-work probes' own collectives cost, to take out of them
         found["tp_linear_overhead"] = _tp_linear_overhead(tiny)
         found["fsdp_unit_overhead"] = _fsdp_unit_overhead(tiny)
+        found["cp_ring_overhead"] = _ring_attention_overhead(tiny)
         stats = torch.tensor([found[key] for key in sorted(found)], dtype=torch.float64)
         dist.all_reduce(stats)  # every rank's view, averaged: they ran at the same time
         found = dict(zip(sorted(found), (stats / world).tolist(), strict=True))
@@ -193,6 +195,22 @@ def _fsdp_unit_overhead(tiny_all_reduce: float) -> float:
     return max(0.0, extra - 3 * tiny_all_reduce)
 
 
+def _ring_attention_overhead(tiny_all_reduce: float) -> float:
+    """What context parallelism's ring attention costs the host over plain attention, per forward and
+    backward: the ring over every rank (each holding its two zigzag chunks of the sequence) on tensors too
+    small to compute, against the fused kernel on the same local shapes, less the ring's transfers (three
+    per step of the ring: K and V out forward, again backward, and their gradients home), each a tiny
+    all-reduce's time."""
+    world = dist.get_world_size()
+    ring = ContextParallelAttention(dist.group.WORLD)
+    q, k, v = (torch.randn(1, 2, 4, 8, requires_grad=True) for _ in range(3))
+    dist.barrier()
+    extra = _best(lambda: ring(q, k, v).sum().backward(), **ROUNDS) - _best(
+        lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward(), **ROUNDS
+    )
+    return max(0.0, extra - 3 * (world - 1) * tiny_all_reduce)
+
+
 def _tiny_all_reduce() -> float:
     small = torch.ones(2)
     dist.barrier()
@@ -228,6 +246,7 @@ def hardware_config(probed: dict[str, float], ranks: int, base: dict[str, Any]) 
         "collective_latency": probed.get("collective_latency", base["collective_latency"]),
         "tp_linear_overhead": probed.get("tp_linear_overhead", base["tp_linear_overhead"]),
         "fsdp_unit_overhead": probed.get("fsdp_unit_overhead", base["fsdp_unit_overhead"]),
+        "cp_ring_overhead": probed.get("cp_ring_overhead", base["cp_ring_overhead"]),
         "mixed_precision": "fp32",
     }
 
@@ -279,7 +298,8 @@ class EstimateResult:
             f"  gloo in a step {h['intra_node_bandwidth'] / 1e9:,.2f} GB/s bus bandwidth,"
             f" {h['collective_latency'] * 1e6:,.0f} us a call",
             f"  host work per micro-batch: a tensor-parallel linear {h['tp_linear_overhead'] * 1e6:,.0f} us,"
-            f" an FSDP unit {h['fsdp_unit_overhead'] * 1e6:,.0f} us",
+            f" an FSDP unit {h['fsdp_unit_overhead'] * 1e6:,.0f} us,"
+            f" a ring attention {h['cp_ring_overhead'] * 1e6:,.0f} us",
         ]
         if self.hardware_path:
             lines.append(f"hardware config written: {self.hardware_path}")
