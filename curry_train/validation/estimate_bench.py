@@ -276,31 +276,23 @@ class EstimateRow:
 
 @dataclass
 class EstimateResult:
-    hardware: dict[str, Any]
+    hardware: dict[str, Any]  # the first model's probe: the config written to hardware_path
     hardware_path: Optional[str]
     rows: list[EstimateRow] = field(default_factory=list)
+    probes: dict[str, dict[str, Any]] = field(default_factory=dict)  # each model's, before its layouts
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "hardware": self.hardware,
             "hardware_path": self.hardware_path,
+            "probes": self.probes,
             "rows": [row.to_dict() for row in self.rows],
         }
 
     def table(self) -> str:
-        h = self.hardware
-        sizes = ", ".join(f"{n}: {e:.0%}" for n, e in h["matmul_efficiency_by_size"].items())
-        lines = [
-            "this machine, probed (each of 2 ranks at once):",
-            f"  matmul {h['peak_fp32_flops'] / 1e9:,.1f} GFLOP/s at best; by the narrower side {sizes}",
-            f"  attention {h['attention_efficiency']:.0%} of it; memory {h['memory_bandwidth'] / 1e9:,.1f} GB/s,"
-            f" {h['memory_efficiency']:.0%} of it in eager norms; an op {h['kernel_latency'] * 1e6:,.1f} us",
-            f"  gloo in a step {h['intra_node_bandwidth'] / 1e9:,.2f} GB/s bus bandwidth,"
-            f" {h['collective_latency'] * 1e6:,.0f} us a call",
-            f"  host work per micro-batch: a tensor-parallel linear {h['tp_linear_overhead'] * 1e6:,.0f} us,"
-            f" an FSDP unit {h['fsdp_unit_overhead'] * 1e6:,.0f} us,"
-            f" a ring attention {h['cp_ring_overhead'] * 1e6:,.0f} us",
-        ]
+        lines = []
+        for model, h in (self.probes or {"": self.hardware}).items():
+            lines += _probe_lines(model, h)
         if self.hardware_path:
             lines.append(f"hardware config written: {self.hardware_path}")
         header = f"{'model':<11} {'layout':<7} {'measured ms':>12} {'estimated ms':>13} {'ratio':>6}"
@@ -317,35 +309,38 @@ class EstimateResult:
         return "\n".join(lines)
 
 
+def _probe_lines(model: str, h: dict[str, Any]) -> list[str]:
+    sizes = ", ".join(f"{n}: {e:.0%}" for n, e in h["matmul_efficiency_by_size"].items())
+    return [
+        f"this machine, probed{f' before {model}' if model else ''} (each of 2 ranks at once):",
+        f"  matmul {h['peak_fp32_flops'] / 1e9:,.1f} GFLOP/s at best; by the narrower side {sizes}",
+        f"  attention {h['attention_efficiency']:.0%} of it; memory {h['memory_bandwidth'] / 1e9:,.1f} GB/s,"
+        f" {h['memory_efficiency']:.0%} of it in eager norms; an op {h['kernel_latency'] * 1e6:,.1f} us",
+        f"  gloo in a step {h['intra_node_bandwidth'] / 1e9:,.2f} GB/s bus bandwidth,"
+        f" {h['collective_latency'] * 1e6:,.0f} us a call",
+        f"  host work per micro-batch: a tensor-parallel linear {h['tp_linear_overhead'] * 1e6:,.0f} us,"
+        f" an FSDP unit {h['fsdp_unit_overhead'] * 1e6:,.0f} us,"
+        f" a ring attention {h['cp_ring_overhead'] * 1e6:,.0f} us",
+    ]
+
+
 def estimate_bench(
     overrides: Sequence[str] = (),
     models: Sequence[str] = ("debug", "llama-100m"),
     steps: int = 5,
     hardware_out: Optional[Path] = None,
 ) -> EstimateResult:
-    first = compose([*overrides, *COMPILE_MODELS[models[0]]])
     base = OmegaConf.to_container(compose([*overrides, "hardware=cpu"]).hardware)
-    m = first.model
-    with WorkerPool(2) as pool:
-        probed = pool.run(
-            probe_job,
-            m.n_heads,
-            m.dim // m.n_heads,
-            first.data.seq_len,
-            first.data.micro_batch_size,
-        )[0]
-    hardware = hardware_config(probed, 2, base)
-    path = None
-    if hardware_out is not None:
-        hardware_out.parent.mkdir(parents=True, exist_ok=True)
-        hardware_out.write_text(
-            "# This machine as curry-bench --estimate probed it (curry_train/validation/estimate_bench.py)\n"
-            + OmegaConf.to_yaml(OmegaConf.create(hardware))
-        )
-        path = str(hardware_out.resolve())
-    result = EstimateResult(hardware, path)
+    result: Optional[EstimateResult] = None
     for model in models:
         common = [*overrides, *COMPILE_MODELS[model]]
+        # Probed at this model's shapes (its attention), right before its layouts run: the rates a 2-core
+        # machine shared with others gives move by 10-20% over minutes, and a probe of the same minute
+        # is what its steps see.
+        hardware = hardware_config(_probe(compose(common)), 2, base)
+        if result is None:
+            result = EstimateResult(hardware, _write_hardware(hardware, hardware_out))
+        result.probes[model] = hardware
         measured = layouts_bench(common, ESTIMATE_LAYOUTS, steps)
         for name, row in zip(ESTIMATE_LAYOUTS, measured.rows, strict=True):
             cfg = compose([*common, *ESTIMATE_LAYOUTS[name]])
@@ -355,4 +350,24 @@ def estimate_bench(
             times = estimate(cfg, current_layout(cfg)).time
             parts = {k: 1e3 * v for k, v in times.items() if k not in ("total", "compute", "dp", "dp_experts") and v}
             result.rows.append(EstimateRow(model, name, row.ms_per_step, 1e3 * times["total"], parts))
+    if result is None:
+        raise ValueError("curry-bench --estimate: no model to measure")
     return result
+
+
+def _probe(cfg: Any) -> dict[str, float]:
+    """``probe_job`` on 2 ranks at once, at ``cfg``'s attention shape."""
+    m = cfg.model
+    with WorkerPool(2) as pool:
+        return pool.run(probe_job, m.n_heads, m.dim // m.n_heads, cfg.data.seq_len, cfg.data.micro_batch_size)[0]
+
+
+def _write_hardware(hardware: dict[str, Any], path: Optional[Path]) -> Optional[str]:
+    if path is None:
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        "# This machine as curry-bench --estimate probed it (curry_train/validation/estimate_bench.py)\n"
+        + OmegaConf.to_yaml(OmegaConf.create(hardware))
+    )
+    return str(path.resolve())
