@@ -28,6 +28,7 @@ reduce gradients in fp32; the sharded parameters the optimizer updates stay fp32
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Callable, Optional, Sequence, cast
 
 import torch
@@ -279,6 +280,15 @@ def _sum_gradients(module: FSDPModule) -> None:
         module.set_custom_reduce_scatter(AllToAllReduceScatter())
 
 
+_REDUCE_SCATTER = threading.local()
+
+
+def issuing_reduce_scatter() -> bool:
+    """True while this thread issues ``AllToAllReduceScatter``'s all-to-all: a reduce-scatter by what
+    it does, as communication accounting (``validation/comm.py``) books it."""
+    return getattr(_REDUCE_SCATTER, "issuing", False)
+
+
 class AllToAllReduceScatter(ReduceScatter):
     """FSDP2's gradient reduce-scatter as an all-to-all and a local sum: each rank sends its
     gradients' i-th chunk to rank i, then adds up the chunks it received, in rank order.
@@ -304,7 +314,11 @@ class AllToAllReduceScatter(ReduceScatter):
         if async_op or op != dist.ReduceOp.SUM:
             return dist.reduce_scatter_tensor(output_tensor, input_tensor, op=op, group=group, async_op=async_op)
         received = torch.empty_like(input_tensor)
-        dist.all_to_all_single(received, input_tensor, group=group)
+        _REDUCE_SCATTER.issuing = True
+        try:
+            dist.all_to_all_single(received, input_tensor, group=group)
+        finally:
+            _REDUCE_SCATTER.issuing = False
         torch.sum(received.view(group.size(), -1), dim=0, out=output_tensor.view(-1))
         return None
 

@@ -7,6 +7,8 @@ bytes each moved on this rank. What it sees:
 * ``c10d::*`` ops: every ``torch.distributed`` call on a ``ProcessGroup`` (``dist.all_reduce`` and
   friends, FSDP2's all-gathers and reduce-scatters, a DDP communication hook written in Python such
   as curry-train's, the pipeline schedule's send/recv, torchmetrics' syncs);
+* FSDP's gradient reduce-scatter on a CPU, which curry-train issues as an all-to-all
+  (``AllToAllReduceScatter``): booked as the reduce-scatter it is, by its input;
 * ``_c10d_functional::*`` ops: the functional collectives DTensor's redistributions issue (tensor
   and sequence parallelism) and ``torch.distributed._functional_collectives``.
 
@@ -40,6 +42,8 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from curry_train.primitives.distributed_optimizer import issuing_reduce_scatter
 
 # The collectives reported, in table order; anything else (reduce, gather, scatter, barrier) is "other".
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broadcast", "send", "recv", "other")
@@ -127,6 +131,8 @@ class CommCounter(TorchDispatchMode):
 
     def book(self, func: Any, entry: tuple[str, str], args: tuple, kwargs: dict, out: Any) -> None:
         collective, operand = entry
+        if collective == "all_to_all" and issuing_reduce_scatter():
+            collective = "reduce_scatter"  # FSDP's gradient reduce-scatter, as an all-to-all on a CPU
         if operand == "return":
             tensors = _tensors(out)
         elif operand:
