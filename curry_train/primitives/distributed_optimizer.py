@@ -36,11 +36,15 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
-from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter
 from torch.distributed.tensor import DTensor, Shard
 
 from curry_train.options import BACKWARD_PREFETCH, EXPERT_SHARDING, MIXED_PRECISIONS, SHARDING_MODES
 from curry_train.primitives.parallel_state import ParallelState, init_process_group_from_env
+
+try:  # FSDP2's custom-collective interface (set_custom_reduce_scatter); absent from older releases
+    from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter
+except ImportError:  # pragma: no cover - the torch this project pins has it
+    ReduceScatter = object  # type: ignore[assignment,misc]
 
 # the compute dtype of each of options.MIXED_PRECISIONS (fp32: the parameters' own)
 PARAM_DTYPES = dict(zip(MIXED_PRECISIONS, (None, torch.bfloat16, torch.float16), strict=True))
