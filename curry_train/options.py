@@ -25,6 +25,8 @@ CP_PATTERNS = ("ring", "double_ring", "alltoall")
 EP_DISPATCHERS = ("alltoall", "allgather")
 # parallel.recompute (primitives/recompute.py)
 RECOMPUTE_MODES = ("none", "full", "selective")
+# parallel.recompute_keep_matmuls: per-op selective recompute keeps every matmul's output, or every other one's
+RECOMPUTE_KEEP_MATMULS = ("all", "every_other")
 # compile.backend (primitives/compile.py)
 COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 # model.moe.score_function and model.moe.balancing (model/moe.py)

@@ -77,7 +77,7 @@ def parallelize(
     apply_lora_adapters(model, lora)
     # Wraps each block's forward before FSDP, so a recomputation runs inside its unit, while the
     # unit's parameters are gathered.
-    apply_recompute(blocks, layout.recompute, layout.recompute_every_n_blocks)
+    apply_recompute(blocks, layout.recompute, layout.recompute_every_n_blocks, layout.recompute_keep_matmuls)
     # Compiles each block's forward, its recompute included, before FSDP or DDP wrap the block: their
     # collectives stay in the eager hooks around the compiled call.
     if compile_backend is not None:

@@ -74,6 +74,19 @@ def test_seed_example_runs_unchanged_under_torchrun(tmp_path):
             "world size 4 is not divisible by",
         ),
         (["parallel.recompute=some"], "parallel.recompute='some'"),
+        (["parallel.recompute=selective", "parallel.recompute_keep_matmuls=half"], "expected one of all, every_other"),
+        (
+            ["parallel.recompute=full", "parallel.recompute_keep_matmuls=every_other"],
+            "applies to per-op selective recompute",
+        ),
+        (
+            [
+                "parallel.recompute=selective",
+                "parallel.recompute_every_n_blocks=2",
+                "parallel.recompute_keep_matmuls=every_other",
+            ],
+            "applies to per-op selective recompute",
+        ),
         (
             ["parallel=fsdp", "parallel.fsdp.sharding=optimizer", "parallel.fsdp.reshard_after_forward=true"],
             "ZeRO-1 keeps full parameters",
@@ -108,9 +121,58 @@ def test_recompute_keeps_fewer_activations():
     selective = _peak_activation_bytes("selective")
     every_other = _peak_activation_bytes("selective", every_n_blocks=2)
     full = _peak_activation_bytes("full")
+    half_matmuls = bare_model_activation_bytes(
+        compose().model, "selective", 0, torch.randint(0, 256, (4, 256)), keep_matmuls="every_other"
+    )
     assert full < every_other < none
     assert full < selective < 0.8 * none  # per-op: matmul/attention outputs kept, the rest recomputed
+    assert full < half_matmuls < 0.85 * selective  # wk, wo and w3's outputs recomputed
     assert full < 0.3 * none  # a full-recompute block keeps little more than its input
+
+
+class _MatmulCounter(TorchDispatchMode):
+    """Counts the matmuls dispatched (a linear reaches the dispatcher as ``mm``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _recomputed_run(keep_matmuls: str) -> tuple[int, int, list[torch.Tensor]]:
+    """Matmuls dispatched in forward and in backward of the debug model under per-op selective recompute,
+    and its gradients."""
+    from curry_train.primitives.recompute import apply_recompute  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = Llama(compose().model)
+    materialize_and_init(model, torch.device("cpu"), 0)
+    if keep_matmuls != "none":
+        apply_recompute(list(model.get_submodule(model.plan.blocks).values()), "selective", 0, keep_matmuls)
+    tokens = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(1))
+    with _MatmulCounter() as forward:
+        loss = model(tokens).float().pow(2).mean()
+    with _MatmulCounter() as backward:
+        loss.backward()
+    return forward.count, backward.count, [p.grad for p in model.parameters()]
+
+
+def test_every_other_matmul_is_recomputed_and_gradients_do_not_change():
+    """``recompute_keep_matmuls=every_other`` recomputes wk, wo and w3 in each block's backward (3 of its 7
+    matmuls), ``all`` none of them; the gradients are those of no recompute, bit for bit."""
+    blocks = compose().model.n_layers
+    forward, backward, reference = _recomputed_run("none")
+    for keep, recomputed in (("all", 0), ("every_other", 3 * blocks)):
+        got_forward, got_backward, grads = _recomputed_run(keep)
+        assert got_forward == forward
+        assert got_backward == backward + recomputed, keep
+        for got, want in zip(grads, reference, strict=True):
+            assert torch.equal(got, want), keep
 
 
 def _count_reductions(sharding: str, sync_each: bool) -> dict[str, int]:

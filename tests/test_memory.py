@@ -347,6 +347,15 @@ RECOMPUTE_LAYOUTS = {
     "selective": (("trainer.devices=1", "parallel.recompute=selective"), 0.01),
     # Full recompute: the estimate is 4% high (it counts one block input too many at the peak).
     "full-recompute": (("trainer.devices=1", "parallel.recompute=full"), 0.05),
+    "every-other-matmul": (
+        ("trainer.devices=1", "parallel.recompute=selective", "parallel.recompute_keep_matmuls=every_other"),
+        0.01,
+    ),
+    # Blocks 0 and 2 of 4 recompute whole: the peak is block 2's recomputation beside blocks 0 and 1's.
+    "every-2nd-block": (
+        ("trainer.devices=1", "parallel.recompute=selective", "parallel.recompute_every_n_blocks=2"),
+        0.01,
+    ),
 }
 
 
@@ -360,7 +369,7 @@ def test_advise_activation_estimate_with_recompute():
         for record in layout.ranks:
             assert estimated == pytest.approx(record["activations"], rel=rtol), (name, record["rank"])
     none = _estimated_activations((*FAST, "model.ffn_dim=390", "trainer.devices=1"))
-    assert _estimated_activations(runs[1]) < _estimated_activations(runs[0]) < none
+    assert _estimated_activations(runs[1]) < _estimated_activations(runs[2]) < _estimated_activations(runs[0]) < none
 
 
 @pytest.mark.slow

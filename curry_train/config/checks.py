@@ -45,6 +45,7 @@ from curry_train.options import (
     LR_SCHEDULES,
     MIXED_PRECISIONS,
     PRECISIONS,
+    RECOMPUTE_KEEP_MATMULS,
     RECOMPUTE_MODES,
     SCORE_FUNCTIONS,
     SHARDING_MODES,
@@ -109,6 +110,16 @@ def _check_parallel(layout: ParallelConfig, precision: str) -> None:
         raise ConfigError(f"parallel.recompute={layout.recompute!r}: expected one of {', '.join(RECOMPUTE_MODES)}")
     if layout.recompute_every_n_blocks < 0:
         raise ConfigError(f"parallel.recompute_every_n_blocks={layout.recompute_every_n_blocks} must be >= 0")
+    if layout.recompute_keep_matmuls not in RECOMPUTE_KEEP_MATMULS:
+        raise ConfigError(
+            f"parallel.recompute_keep_matmuls={layout.recompute_keep_matmuls!r}: expected one of "
+            f"{', '.join(RECOMPUTE_KEEP_MATMULS)}"
+        )
+    if layout.recompute_keep_matmuls != "all" and (layout.recompute != "selective" or layout.recompute_every_n_blocks):
+        raise ConfigError(
+            f"parallel.recompute_keep_matmuls={layout.recompute_keep_matmuls} applies to per-op selective recompute: "
+            "set parallel.recompute=selective and parallel.recompute_every_n_blocks=0"
+        )
     if layout.dp is not None and layout.dp.bucket_cap_mb < 1:
         raise ConfigError(f"parallel.dp.bucket_cap_mb={layout.dp.bucket_cap_mb} must be positive")
     fsdp = layout.fsdp

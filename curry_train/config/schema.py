@@ -184,6 +184,7 @@ class ParallelConfig:
     ep: Optional[EPConfig] = None
     recompute: str = "none"  # activation recompute, any layout: none | full | selective
     recompute_every_n_blocks: int = 0  # selective: 0 = per op in every block; n = full recompute of every n-th block
+    recompute_keep_matmuls: str = "all"  # per-op selective: keep all matmul outputs | every_other (recompute the rest)
 
     @classmethod
     def of(cls, cfg: DictConfig) -> ParallelConfig:

@@ -16,7 +16,7 @@ from curry_train.options import PARALLEL_OPTIONS
 
 OPTIONS = PARALLEL_OPTIONS
 # Keys a layout string may give without the ``parallel.`` prefix: ``fsdp+tp tp.size=4 recompute=full``.
-PARALLEL_KEYS = (*OPTIONS, "recompute", "recompute_every_n_blocks")
+PARALLEL_KEYS = (*OPTIONS, "recompute", "recompute_every_n_blocks", "recompute_keep_matmuls")
 ZERO_MODES = ("none", "optimizer", "shard_grad_op", "full")  # DDP, ZeRO-1, ZeRO-2, ZeRO-3
 ZERO_NAMES = {"none": "DDP", "optimizer": "ZeRO-1", "shard_grad_op": "ZeRO-2", "full": "ZeRO-3", "hybrid": "HSDP"}
 LAYOUT_EXAMPLE = "'tp4: parallel=tp parallel.tp.size=4 trainer.devices=4'"
@@ -44,6 +44,24 @@ class Layout:
     micro_batch_size: int = 1
     pp_schedule: str = "1F1B"
     virtual_stages: Optional[int] = None  # parallel.pp.virtual_stages: None = the schedule's default
+    recompute_every_n_blocks: int = 0  # selective: 0 = per op in every block; n = full recompute of every n-th
+    recompute_keep_matmuls: str = "all"  # per-op selective: all | every_other
+
+    @property
+    def recompute_kind(self) -> str:
+        """What each recomputing block does: ``none``, ``full``, ``per_op`` (every matmul's output kept),
+        ``per_op_half`` (every other one's), or ``every_n`` (full recompute of every n-th block, none
+        elsewhere: ``recompute_every_n_blocks``)."""
+        if self.recompute != "selective":
+            return self.recompute
+        if self.recompute_every_n_blocks:
+            return "every_n"
+        return "per_op_half" if self.recompute_keep_matmuls == "every_other" else "per_op"
+
+    def fully_recomputed(self, blocks: int) -> int:
+        """Of ``blocks`` consecutive blocks from the first, how many ``every_n`` recomputes whole (the 1st,
+        the (n+1)-th, ...; primitives/recompute.py counts from each rank's first block)."""
+        return -(-blocks // self.recompute_every_n_blocks) if self.recompute_kind == "every_n" else 0
 
     @property
     def stages_per_rank(self) -> int:
@@ -97,6 +115,10 @@ class Layout:
             parts.append("sequence parallel")
         if self.recompute != "none":
             parts.append(f"recompute={self.recompute}")
+        if self.recompute_kind == "every_n":
+            parts.append(f"every {self.recompute_every_n_blocks} blocks")
+        elif self.recompute_kind == "per_op_half":
+            parts.append("every other matmul kept")
         parts.append(f"{self.mixed_precision}, micro-batch {self.micro_batch_size}")
         return ", ".join(parts)
 
@@ -129,6 +151,8 @@ def current_layout(cfg: DictConfig) -> Layout:
         bool(tp is not None and tp.sequence_parallel),
         micro_batch,
         **pipeline_knobs(cfg),
+        recompute_every_n_blocks=cfg.parallel.get("recompute_every_n_blocks", 0),
+        recompute_keep_matmuls=cfg.parallel.get("recompute_keep_matmuls", "all"),
     )
 
 
@@ -169,6 +193,8 @@ def train_command(cfg: DictConfig, layout: Layout, user_overrides: Sequence[str]
         parts = key.split(".")
         if key in mine:
             return False
+        if key == "parallel.recompute_keep_matmuls" and layout.recompute != "selective":
+            return False  # per-op selective's knob: refused with any other recompute
         return not (parts[0] == "parallel" and len(parts) > 2 and parts[1] not in options)
 
     args = [o for o in user_overrides if kept(o)]

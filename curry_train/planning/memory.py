@@ -285,7 +285,9 @@ def loss_bytes_per_logit(mixed_precision: str) -> int:
 def block_activation_bytes(cfg: DictConfig, layout: Layout, flash_attention: bool) -> dict[str, float]:
     """Bytes one block keeps for backward on one rank, by what recompute does with them
     (docs/planning.md): ``all`` (no recompute), ``selective`` (what per-op selective recompute keeps:
-    the block's input and the matmul and attention outputs) and ``input`` (what full recompute keeps)."""
+    the block's input and the matmul and attention outputs), ``selective_half`` (the same with every other
+    matmul's output: wq, wv, w1 and w2's; ``recompute_keep_matmuls=every_other``) and ``input`` (what full
+    recompute keeps)."""
     m = cfg.model
     s, b, h, f, a = cfg.data.seq_len // layout.cp, layout.micro_batch_size, m.dim, m.ffn_dim, m.n_heads
     q = a * head_dim(m)  # the attention's width: dim, unless model.head_dim says otherwise
@@ -322,7 +324,29 @@ def block_activation_bytes(cfg: DictConfig, layout: Layout, flash_attention: boo
     # wq, wk, wv, w1, w3; wo, w2 (before reduction)
     matmul_outputs = e * s * b * (q + 2 * kv) / t + mlp_outputs + 2 * e * s * b * h
     sdpa_outputs = (e * s * b * q + 4 * s * b * a) / t
-    return {"all": whole, "selective": block_input + matmul_outputs + sdpa_outputs, "input": block_input}
+    half_outputs = e * s * b * (q + kv) / t + mlp_outputs / 2 + e * s * b * h  # wq, wv; w1; w2
+    return {
+        "all": whole,
+        "selective": block_input + matmul_outputs + sdpa_outputs,
+        "selective_half": block_input + half_outputs + sdpa_outputs,
+        "input": block_input,
+    }
+
+
+def kept_per_block(block: dict[str, float], layout: Layout, rank_blocks: int) -> tuple[float, float]:
+    """What one of a rank's ``rank_blocks`` blocks keeps for backward on average under the layout's
+    recompute, and what the blocks from the last recomputing one on keep: backward has freed those after
+    it when that one recomputes its whole set (its peak). ``every_n``: blocks 0, n, 2n, ... keep their
+    input and recompute, the others keep everything."""
+    kind = layout.recompute_kind
+    if kind == "every_n":
+        n = layout.recompute_every_n_blocks
+        whole = layout.fully_recomputed(rank_blocks)
+        last = n * (whole - 1)
+        average = (whole * block["input"] + (rank_blocks - whole) * block["all"]) / rank_blocks
+        return average, block["input"] + (rank_blocks - 1 - last) * block["all"]
+    kept = {"none": "all", "per_op": "selective", "per_op_half": "selective_half", "full": "input"}[kind]
+    return block[kept], block[kept]
 
 
 def activation_bytes(cfg: DictConfig, layout: Layout, flash_attention: bool) -> dict[str, int]:
@@ -332,7 +356,7 @@ def activation_bytes(cfg: DictConfig, layout: Layout, flash_attention: bool) -> 
     m = cfg.model
     s, b = cfg.data.seq_len // layout.cp, layout.micro_batch_size
     block = block_activation_bytes(cfg, layout, flash_attention)
-    kept = {"none": "all", "selective": "selective", "full": "input"}[layout.recompute]
+    kept, tail = kept_per_block(block, layout, -(-m.n_layers // (layout.pp * layout.stages_per_rank)))
     e = 2 if layout.mixed_precision == "bf16" else 4
     seq = layout.tp if layout.sequence_parallel else 1
     final_norm = (4 + 4) * s * b * m.dim / seq + 4 * s * b / seq + e * s * b * m.dim
@@ -344,8 +368,8 @@ def activation_bytes(cfg: DictConfig, layout: Layout, flash_attention: bool) -> 
         # A stage's forward of one micro-batch keeps its blocks' tensors until its backward. The
         # peak: the end of a forward (the kept tensors, and on the last stage the final norm and the
         # loss), or the backward of a block, which recomputes its whole set next to the others'.
-        stored = block[kept] * forwards
-        recomputing = stored - block[kept] + block["all"]
+        stored = kept * forwards
+        recomputing = stored - tail + block["all"]
         rank_loss = loss if holds_last else 0.0
         total = max(stored + (final_norm + loss if holds_last else 0.0), recomputing)
         peaks.append((total, total - rank_loss, rank_loss))

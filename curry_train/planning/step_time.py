@@ -182,6 +182,18 @@ def block_gemms(cfg: DictConfig, layout: Layout) -> list[tuple[float, float, flo
     return gemms
 
 
+def recomputed_gemms(cfg: DictConfig, layout: Layout) -> list[tuple[float, float, float, float]]:
+    """The forward GEMMs of one block that ``recompute_keep_matmuls=every_other`` runs again in backward: of
+    the block's matmuls in order (wq, wk, wv, wo, w1, w3, w2), the 2nd, 4th and 6th, i.e. wk, wo and w3;
+    a mixture's MLP, half of its GEMMs."""
+    gemms = block_gemms(cfg, layout)
+    (tokens, dim, _, _), (_, _, kv, _), (_, q, _, _) = gemms[:3]
+    attention = [(tokens, dim, kv, 1), (tokens, q, dim, 1)]
+    if cfg.model.get("moe") is None:
+        return [*attention, (tokens, dim, cfg.model.ffn_dim / layout.tp, 1)]
+    return attention + [(mm, k, n, count / 2) for mm, k, n, count in gemms[3:]]
+
+
 def tp_linears(cfg: DictConfig) -> int:
     """A block's linears tensor parallelism shards: q, k, v and the output projection; the MLP's three, or
     a mixture's shared experts' (its routed experts are whole on each rank)."""
@@ -238,19 +250,24 @@ def micro_batch_seconds(cfg: DictConfig, layout: Layout, hw: DictConfig, blocks:
     """Seconds of forward and backward of one micro-batch through ``blocks`` blocks (and ``head``: the
     output projection and the loss), by kind: GEMMs (backward: two per forward GEMM, the input's gradient
     and the weight's), attention (backward 2.5x forward: five products against two), memory-bound work
-    (backward twice forward); recompute adds its forward again (full: the whole block; selective: the
-    memory-bound ops only)."""
+    (backward twice forward); recompute adds its forward again: full, the whole block; per-op selective,
+    the memory-bound ops (and with ``recompute_keep_matmuls=every_other`` wk, wo and w3); every n-th block
+    whole (``recompute_every_n_blocks``), the others nothing."""
     forward_gemm = sum(count * gemm_seconds(mm, k, n, hw, layout) for mm, k, n, count in block_gemms(cfg, layout))
     peak = _peak(hw, layout)
     attention = attention_flops(cfg, layout) / (peak * hw.attention_efficiency) + hw.kernel_latency
     bandwidth = hw.memory_bandwidth * hw.memory_efficiency
     moved, kernels = elementwise_bytes(cfg, layout, bool(cfg.get("compile", {}).get("enabled", False)))
     memory = moved / bandwidth + kernels * hw.kernel_latency
-    extra_forward = {"full": 1.0, "selective": 0.0}.get(layout.recompute, 0.0)
+    kind = layout.recompute_kind
+    whole = blocks if kind == "full" else layout.fully_recomputed(blocks)  # blocks whose forward runs twice
+    again = 0.0  # GEMMs per-op selective recomputes, per block
+    if kind == "per_op_half":
+        again = sum(count * gemm_seconds(mm, k, n, hw, layout) for mm, k, n, count in recomputed_gemms(cfg, layout))
     parts = {
-        "matmul": blocks * forward_gemm * (3 + extra_forward),
-        "attention": blocks * attention * (3.5 + extra_forward),
-        "memory": blocks * memory * (3 + (1.0 if layout.recompute in ("full", "selective") else 0.0)),
+        "matmul": blocks * forward_gemm * 3 + whole * forward_gemm + blocks * again,
+        "attention": blocks * attention * 3.5 + whole * attention,
+        "memory": blocks * memory * 3 + (blocks if kind in ("per_op", "per_op_half") else whole) * memory,
     }
     if head:
         m = cfg.model
@@ -344,7 +361,8 @@ def step_time(cfg: DictConfig, layout: Layout, hw: DictConfig) -> dict[str, floa
     act = s // layout.cp * layout.micro_batch_size * h * pbytes
     tp_blocks = max(len(r) for r in split_layers(L, layout.pp))
     if layout.tp > 1:  # two all-reduces (or gather + reduce-scatter pairs) forward, two backward; exposed
-        rounds = 4 + (2 if layout.recompute == "full" else 0)
+        # a recomputed block's forward all-reduces again
+        rounds = 4 + 2 * (1 if layout.recompute == "full" else layout.fully_recomputed(tp_blocks) / tp_blocks)
         volume = rounds * tp_blocks * M * 2 * (layout.tp - 1) / layout.tp * act
         times["tp"] = collective_seconds(volume, _link(layout, "tp", gpn, hw), hw, rounds * tp_blocks * M)
     if layout.tp > 1 and hw.get("tp_linear_overhead", 0.0):

@@ -160,7 +160,7 @@ def peak_memory(
 
 
 def bare_model_activation_bytes(
-    model_cfg: DictConfig, recompute: str, every_n_blocks: int, tokens: torch.Tensor
+    model_cfg: DictConfig, recompute: str, every_n_blocks: int, tokens: torch.Tensor, keep_matmuls: str = "all"
 ) -> int:
     """Peak activation bytes of one forward+backward (of ``logits.sum()``) of a bare ``Llama`` on the
     CPU with ``recompute`` applied to its blocks: recompute's effect without trainer or layout."""
@@ -168,6 +168,6 @@ def bare_model_activation_bytes(
     with torch.device("meta"):
         model = Llama(model_cfg)
     materialize_and_init(model, torch.device("cpu"), 0)
-    apply_recompute(list(model.get_submodule(model.plan.blocks).values()), recompute, every_n_blocks)
+    apply_recompute(list(model.get_submodule(model.plan.blocks).values()), recompute, every_n_blocks, keep_matmuls)
     activations, _ = peak_memory(model, lambda: model(tokens).sum().backward(), inputs=[tokens])
     return activations
