@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from curry_train.data.chat import DOCUMENT_START, TARGET
+from curry_train.primitives.parallel_state import all_gather_single
 from curry_train.train_step import TrainStep
 
 SHORT_ROWS = 64  # where a layout takes rows shorter than training's, their inputs are a multiple of this
@@ -76,7 +76,7 @@ class Scorer:
             scores = self.step.score(self._batch(mine, width).to(self.step.device))
             if self.dp_group is not None:
                 gathered = torch.empty(self.dp_size * self.rows_per_rank, 4, dtype=scores.dtype, device=scores.device)
-                dist.all_gather_into_tensor(gathered, scores.contiguous(), group=self.dp_group)
+                all_gather_single(gathered, scores.contiguous(), group=self.dp_group)
                 scores = gathered
             out.append(scores[: len(chunk)].cpu())
         table = torch.cat(out) if out else torch.zeros(0, 4, dtype=torch.float64)

@@ -39,7 +39,12 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 from torch.distributed.tensor import DTensor, Shard
 
 from curry_train.options import BACKWARD_PREFETCH, EXPERT_SHARDING, MIXED_PRECISIONS, SHARDING_MODES
-from curry_train.primitives.parallel_state import ParallelState, init_process_group_from_env
+from curry_train.primitives.parallel_state import (
+    ParallelState,
+    all_gather_single,
+    init_process_group_from_env,
+    reduce_scatter_single,
+)
 
 try:  # FSDP2's custom-collective interface (set_custom_reduce_scatter); absent from older releases
     from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter
@@ -316,7 +321,7 @@ class AllToAllReduceScatter(ReduceScatter):
         async_op: bool = False,
     ) -> Optional[dist.Work]:
         if async_op or op != dist.ReduceOp.SUM:
-            return dist.reduce_scatter_tensor(output_tensor, input_tensor, op=op, group=group, async_op=async_op)
+            return reduce_scatter_single(output_tensor, input_tensor, op=op, group=group, async_op=async_op)
         received = torch.empty_like(input_tensor)
         _REDUCE_SCATTER.issuing = True
         try:
@@ -449,7 +454,7 @@ class _ZeroOneState:
         if dist.get_backend(self.group) == "gloo":
             dist.all_gather(chunks, mine, group=self.group)
         else:
-            dist.all_gather_into_tensor(slot.buffer, mine, group=self.group)
+            all_gather_single(slot.buffer, mine, group=self.group)
         slot.version = slot.current_version()
 
     def ensure_full(self, slot: _Slot) -> nn.Parameter:

@@ -31,6 +31,7 @@ from torch.distributed.tensor import DTensor, Shard
 
 from curry_train.model.moe import Experts, MoE
 from curry_train.options import EP_DISPATCHERS
+from curry_train.primitives.parallel_state import all_gather_single, reduce_scatter_single
 
 
 class _AllToAll(torch.autograd.Function):
@@ -83,9 +84,8 @@ class AllToAllDispatch:
         return all_to_all(back, receive, send, self.group)
 
 
-# torch 2.13 names them all_gather_single / reduce_scatter_single (the *_tensor names warn)
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_all_gather = all_gather_single
+_reduce_scatter = reduce_scatter_single
 
 
 class _AllGather(torch.autograd.Function):

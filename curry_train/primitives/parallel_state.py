@@ -31,6 +31,11 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from curry_train.layout.dims import DIMS, ParallelDims
 
+# torch 2.13 names the flat collectives all_gather_single and reduce_scatter_single (the *_tensor names
+# warn on every call); older releases have only the *_tensor names.
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 
 def init_process_group_from_env(device_type: str, timeout: timedelta = timedelta(minutes=10)) -> None:
     """Join the default process group: NCCL on CUDA, gloo on CPU; a one-process group when alone."""

@@ -35,6 +35,7 @@ from curry_train.planning.advise import estimate
 from curry_train.planning.layout import current_layout
 from curry_train.pool import WorkerPool
 from curry_train.primitives.context_parallel import ContextParallelAttention
+from curry_train.primitives.parallel_state import all_gather_single
 from curry_train.validation.defaults import COMPILE_MODELS
 from curry_train.validation.layouts import layouts_bench
 
@@ -143,7 +144,7 @@ def probe_job(heads: int, head_dim: int, seq_len: int, batch: int) -> dict[str, 
         for n in IN_STEP_SIZES:
             t, gathered = torch.ones(n), torch.empty(world * n)
             reduces.append((ring * n * 4, _in_step(lambda t=t: dist.all_reduce(t), work)))
-            gather = _in_step(lambda t=t, g=gathered: dist.all_gather_into_tensor(g, t), work)
+            gather = _in_step(lambda t=t, g=gathered: all_gather_single(g, t), work)
             gathers.append(((world - 1) * n * 4, gather))
         reduce_fixed, reduce_per_byte = fit_line(reduces)
         gather_fixed, gather_per_byte = fit_line(gathers)
