@@ -16,10 +16,11 @@ measured steps.
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -330,11 +331,16 @@ def estimate_bench(
     models: Sequence[str] = ("debug", "llama-100m"),
     steps: int = 5,
     hardware_out: Optional[Path] = None,
+    log: Optional[Callable[[str], None]] = None,
 ) -> EstimateResult:
+    """Probe, measure and estimate each of ``models`` in turn; ``log`` (default: stderr) hears where it
+    is, since a 2-core machine takes half an hour over the 100M model."""
+    say = log or (lambda line: print(line, file=sys.stderr, flush=True))
     base = OmegaConf.to_container(compose([*overrides, "hardware=cpu"]).hardware)
     result: Optional[EstimateResult] = None
-    for model in models:
+    for index, model in enumerate(models, 1):
         common = [*overrides, *COMPILE_MODELS[model]]
+        say(f"curry-bench --estimate: [{index}/{len(models)}] {model}: probing this machine at its shapes")
         # Probed at this model's shapes (its attention), right before its layouts run: the rates a 2-core
         # machine shared with others gives move by 10-20% over minutes, and a probe of the same minute
         # is what its steps see.
@@ -342,6 +348,7 @@ def estimate_bench(
         if result is None:
             result = EstimateResult(hardware, _write_hardware(hardware, hardware_out))
         result.probes[model] = hardware
+        say(f"curry-bench --estimate: [{index}/{len(models)}] {model}: {', '.join(ESTIMATE_LAYOUTS)} on 2 ranks")
         measured = layouts_bench(common, ESTIMATE_LAYOUTS, steps)
         for name, row in zip(ESTIMATE_LAYOUTS, measured.rows, strict=True):
             cfg = compose([*common, *ESTIMATE_LAYOUTS[name]])
