@@ -89,7 +89,7 @@ def _eval_cfg(hf_model: Path, *layout: str):
 def test_the_adapter_scores_as_lm_evals_hugging_face_backend(layout, hf_model, hf_reference, pools):
     """Each loglikelihood (multiple choice, every choice) and rolling loglikelihood within 1e-4 of HFLM's
     (fp32: measured ~1e-6), the same greedy flags and generated text, and the same task scores (accuracy and
-    exact match identical; perplexities to 1e-6 relative), in one process and split over 2 ranks."""
+    exact match identical; perplexities to 1e-5 relative), in one process and split over 2 ranks."""
     cfg, plan = _eval_cfg(hf_model, *LAYOUTS[layout])
     from omegaconf import OmegaConf  # noqa: PLC0415
 
@@ -134,7 +134,10 @@ def assert_same_answers(ours: tuple[dict, dict], reference: tuple[dict, dict]) -
             if metric in ("acc", "acc_norm", "exact_match"):
                 assert scores[task][metric] == value, (task, metric)
             else:
-                assert math.isclose(scores[task][metric], value, rel_tol=1e-6), (task, metric)
+                # a perplexity is exp of a mean log-likelihood, so it carries the fp32 noise of the sums:
+                # 1.3e-6 relative on an AMD EPYC without AVX-512 (measured), 1e-7 on the machines before;
+                # a window or token count off by one moves it by 1e-2 or more
+                assert math.isclose(scores[task][metric], value, rel_tol=1e-5), (task, metric)
 
 
 def test_a_trained_checkpoint_scores_as_lm_eval_scores_its_export(pools, tmp_path, hf_model):
