@@ -194,7 +194,8 @@ ROWS = [
     ),
     Row("chat-tp-2-sp", (*CHAT, "parallel=tp", "trainer.devices=2", "parallel.tp.sequence_parallel=true")),
     Row("chat-docs-pp-2", (*CHAT, "data.document_mask=true", "parallel=pp", "trainer.devices=2"), validate_every=2),
-    Row("chat-docs-cp-ring-2", (*CHAT, "data.document_mask=true", "parallel=cp", "trainer.devices=2")),
+    # the ring's log-sum-exp merges in another order: 1.2e-5 on an AMD EPYC without AVX-512 (measured)
+    Row("chat-docs-cp-ring-2", (*CHAT, "data.document_mask=true", "parallel=cp", "trainer.devices=2"), grad_rtol=3e-5),
     # ZeRO-1 swaps each block's full parameters in around its compiled call
     compiled(
         "zero1-full-recompute",
@@ -314,8 +315,9 @@ ROWS = [
         grad_rtol=3e-5,
         matrix=True,
     ),
-    Row("tp+ep-2x2", (*MOE, "parallel=tp+ep", "trainer.devices=4"), parameters=MOE_PARAMETERS),
-    Row("pp+ep-2x2", (*MOE, "parallel=pp+ep", "trainer.devices=4"), parameters=MOE_PARAMETERS),
+    # the routed experts' fp32 sums in another order: up to 2.6e-5 on an AMD EPYC without AVX-512 (measured)
+    Row("tp+ep-2x2", (*MOE, "parallel=tp+ep", "trainer.devices=4"), parameters=MOE_PARAMETERS, grad_rtol=5e-5),
+    Row("pp+ep-2x2", (*MOE, "parallel=pp+ep", "trainer.devices=4"), parameters=MOE_PARAMETERS, grad_rtol=5e-5),
     Row(
         "fsdp+ep-2x2-allgather",
         (*MOE, "parallel=fsdp+ep", "parallel.ep.dispatcher=allgather", "trainer.devices=4"),
@@ -364,7 +366,13 @@ ROWS = [
     ),
     Row("fsdp+tp+pp+cp-8", ("parallel=fsdp+tp+pp+cp", "trainer.devices=8")),
     Row("docs-fsdp+tp+pp+cp-8", (*DOCUMENTS, "parallel=fsdp+tp+pp+cp", "trainer.devices=8"), validate_every=2),
-    Row("fsdp+tp+ep-2x2x2", (*MOE, "parallel=fsdp+tp+ep", "trainer.devices=8"), parameters=MOE_PARAMETERS),
+    # as tp+ep-2x2 (it failed at 1e-5 there; its figure was not read)
+    Row(
+        "fsdp+tp+ep-2x2x2",
+        (*MOE, "parallel=fsdp+tp+ep", "trainer.devices=8"),
+        parameters=MOE_PARAMETERS,
+        grad_rtol=5e-5,
+    ),
     Row(
         "fsdp-hybrid+cp-2x2x2",
         ("parallel=fsdp+cp", "parallel.fsdp.sharding=hybrid", "trainer.devices=8", "data.micro_batch_size=2"),
