@@ -12,7 +12,12 @@ multi-process cases) start ``world_size`` workers once and hand each of them eve
   the pool goes on to the next job: the failing rank destroys its process group first, so that peers
   blocked in a collective with it fail at once instead of waiting out the timeout;
 * a worker that dies, or a job that does not finish within its time, ends the pool's processes; the
-  next job starts fresh ones.
+  next job starts fresh ones;
+* workers that hold more than ``MAX_WORKER_THREADS`` threads are replaced before the next job. A job's
+  gloo process groups outlive ``destroy_process_group`` while torch's DTensor caches (the redistribute
+  planners, the mesh-topology and sharding caches, keyed by device mesh) hold its meshes: a few threads
+  per group that wake on their own. Hundreds of jobs leave hundreds of threads per worker, which on
+  two cores took most of the machine from the job that runs (and idle pools' workers kept theirs).
 
 A job is a module-level function (it is pickled by name) called as ``fn(*args)`` on every rank with
 the process group initialized and torchrun's environment contract set (``RANK``, ``WORLD_SIZE``, ...);
@@ -42,6 +47,7 @@ from torch.distributed.tensor.debug import _clear_sharding_prop_cache
 
 DEFAULT_TIMEOUT_S = 900.0  # a job's whole time on the pool (every rank), and each collective's
 FAILURE_GRACE_S = 20.0  # after one rank failed: how long its peers get to fail or finish in turn
+MAX_WORKER_THREADS = 256  # beyond this, a worker is replaced before the next job (the module's docstring says why)
 
 
 class JobFailed(RuntimeError):
@@ -193,6 +199,14 @@ def _serve(rank: int, world_size: int, tasks: Any, results: Any, accelerator: st
     os._exit(0)
 
 
+def _threads(pid: Optional[int]) -> int:
+    """How many threads process ``pid`` has (0 where /proc does not tell)."""
+    try:
+        return len(os.listdir(f"/proc/{pid}/task"))
+    except OSError:
+        return 0
+
+
 def _death(exitcode: Optional[int]) -> str:
     """Why a worker gave no answer, in the words of torch.multiprocessing (which capacity trials read)."""
     if exitcode is not None and exitcode < 0:
@@ -237,6 +251,8 @@ class WorkerPool:
         if self.inline:
             with _environment(dict(env or {})):
                 return [self._run_inline(name, fn, args, timeout_s)]
+        if self._alive() and self.bloated():
+            self.close()
         if not self._alive():
             self._start()
         port = free_port()  # picked just before the job: no earlier connection can have taken it since
@@ -246,6 +262,10 @@ class WorkerPool:
         if failures:
             raise JobFailed(name, failures)
         return [pickle.loads(answers[rank]) for rank in range(self.world_size)]
+
+    def bloated(self) -> bool:
+        """Whether a worker holds more than ``MAX_WORKER_THREADS`` threads (read from /proc; elsewhere, never)."""
+        return any(_threads(process.pid) > MAX_WORKER_THREADS for process in self._processes if process.is_alive())
 
     def close(self) -> None:
         """End the workers: each leaves after its current job; any still there a moment later is killed."""
@@ -347,6 +367,8 @@ class Pools:
 
     def get(self, world_size: int, accelerator: str = "cpu") -> WorkerPool:
         key = (world_size, accelerator)
+        for other in [other for other in self._pools if other != key and self._pools[other].bloated()]:
+            self._pools.pop(other).close()  # idle, its leftover threads still take cores from this one
         if key not in self._pools:
             inline = self.inline_single and world_size == 1
             self._pools[key] = WorkerPool(world_size, accelerator, inline=inline)

@@ -5,6 +5,7 @@ collectives reaches the next."""
 from __future__ import annotations
 
 import os
+import threading
 
 import pytest
 import torch
@@ -12,7 +13,8 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
-from curry_train.pool import JobFailed, WorkerPool
+import curry_train.pool
+from curry_train.pool import JobFailed, Pools, WorkerPool
 
 
 def _sum_of_ranks(offset: int) -> tuple[int, float, str, str]:
@@ -32,6 +34,19 @@ def _dies_on_rank_one() -> int:
     if dist.get_rank() == 1:
         os._exit(9)
     return 0
+
+
+def _threads() -> int:
+    return len(os.listdir(f"/proc/{os.getpid()}/task"))
+
+
+def _leave_threads(count: int) -> int:
+    """Start ``count`` threads that never end (as a job's leftover gloo process groups leave theirs); this
+    worker's thread count after."""
+    hold = threading.Event()
+    for _ in range(count):
+        threading.Thread(target=hold.wait, daemon=True).start()
+    return _threads()
 
 
 def _scaled_through_a_mesh(scale: float) -> tuple[bool, list[float]]:
@@ -86,3 +101,28 @@ def test_equal_meshes_of_later_jobs_use_their_own_groups(pool):
     for scale in (1.0, 2.0):
         for on_this_jobs_mesh, values in pool.run(_scaled_through_a_mesh, scale):
             assert on_this_jobs_mesh and values == [scale * i for i in range(8)]
+
+
+@pytest.mark.slow
+def test_workers_holding_too_many_threads_are_replaced_before_the_next_job(pool, monkeypatch):
+    before = max(pool.run(_threads))
+    starts = pool.starts
+    after = max(pool.run(_leave_threads, 40))
+    assert after >= before + 40
+    monkeypatch.setattr(curry_train.pool, "MAX_WORKER_THREADS", before + 20)
+    fresh = max(pool.run(_threads))  # the threads are gone with the old workers
+    assert pool.starts == starts + 1 and fresh <= before + 5
+    assert pool.run(_sum_of_ranks, 0)[0][1] == 1.0 and pool.starts == starts + 1  # under the bound: kept
+
+
+@pytest.mark.slow
+def test_an_idle_pool_holding_too_many_threads_is_ended_when_another_is_asked_for(monkeypatch):
+    with Pools() as pools:
+        (held,) = pools.run(1, _leave_threads, 40)
+        single = pools.get(1)
+        monkeypatch.setattr(curry_train.pool, "MAX_WORKER_THREADS", held + 10)
+        pools.run(2, _sum_of_ranks, 0)
+        assert pools.get(1) is single  # under the bound: kept for later
+        monkeypatch.setattr(curry_train.pool, "MAX_WORKER_THREADS", held - 30)
+        pools.run(2, _sum_of_ranks, 0)
+        assert pools.get(1) is not single and not single._alive()
