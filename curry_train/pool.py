@@ -13,11 +13,11 @@ multi-process cases) start ``world_size`` workers once and hand each of them eve
   blocked in a collective with it fail at once instead of waiting out the timeout;
 * a worker that dies, or a job that does not finish within its time, ends the pool's processes; the
   next job starts fresh ones;
-* workers that hold more than ``MAX_WORKER_THREADS`` threads are replaced before the next job. A job's
-  gloo process groups outlive ``destroy_process_group`` while torch's DTensor caches (the redistribute
-  planners, the mesh-topology and sharding caches, keyed by device mesh) hold its meshes: a few threads
-  per group that wake on their own. Hundreds of jobs leave hundreds of threads per worker, which on
-  two cores took most of the machine from the job that runs (and idle pools' workers kept theirs).
+* workers that hold more than ``MAX_WORKER_THREADS`` threads are replaced before the next job. A
+  training job's gloo process groups outlive ``destroy_process_group`` (torch's DTensor caches keep its
+  meshes, and clearing them does not free the groups): a few threads per group that wake on their own.
+  Hundreds of jobs leave hundreds of threads per worker, which on two cores took most of the machine
+  from the job that runs (and idle pools' workers kept theirs).
 
 A job is a module-level function (it is pickled by name) called as ``fn(*args)`` on every rank with
 the process group initialized and torchrun's environment contract set (``RANK``, ``WORLD_SIZE``, ...);

@@ -14,7 +14,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
 import curry_train.pool
-from curry_train.pool import JobFailed, Pools, WorkerPool
+from curry_train.pool import JobFailed, Pools, WorkerPool, _threads
 
 
 def _sum_of_ranks(offset: int) -> tuple[int, float, str, str]:
@@ -36,8 +36,8 @@ def _dies_on_rank_one() -> int:
     return 0
 
 
-def _threads() -> int:
-    return len(os.listdir(f"/proc/{os.getpid()}/task"))
+def _this_workers_threads() -> int:
+    return _threads(os.getpid())
 
 
 def _leave_threads(count: int) -> int:
@@ -46,7 +46,7 @@ def _leave_threads(count: int) -> int:
     hold = threading.Event()
     for _ in range(count):
         threading.Thread(target=hold.wait, daemon=True).start()
-    return _threads()
+    return _this_workers_threads()
 
 
 def _scaled_through_a_mesh(scale: float) -> tuple[bool, list[float]]:
@@ -105,12 +105,12 @@ def test_equal_meshes_of_later_jobs_use_their_own_groups(pool):
 
 @pytest.mark.slow
 def test_workers_holding_too_many_threads_are_replaced_before_the_next_job(pool, monkeypatch):
-    before = max(pool.run(_threads))
+    before = max(pool.run(_this_workers_threads))
     starts = pool.starts
     after = max(pool.run(_leave_threads, 40))
     assert after >= before + 40
     monkeypatch.setattr(curry_train.pool, "MAX_WORKER_THREADS", before + 20)
-    fresh = max(pool.run(_threads))  # the threads are gone with the old workers
+    fresh = max(pool.run(_this_workers_threads))  # the threads are gone with the old workers
     assert pool.starts == starts + 1 and fresh <= before + 5
     assert pool.run(_sum_of_ranks, 0)[0][1] == 1.0 and pool.starts == starts + 1  # under the bound: kept
 
