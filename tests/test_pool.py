@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import os
 import threading
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import FAST, train
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
@@ -38,6 +40,11 @@ def _dies_on_rank_one() -> int:
 
 def _this_workers_threads() -> int:
     return _threads(os.getpid())
+
+
+def _this_workers_gloo_threads() -> int:
+    tasks = Path(f"/proc/{os.getpid()}/task")
+    return sum((task / "comm").read_text().startswith(("pt_gloo", "gloo_")) for task in tasks.iterdir())
 
 
 def _leave_threads(count: int) -> int:
@@ -126,3 +133,14 @@ def test_an_idle_pool_holding_too_many_threads_is_ended_when_another_is_asked_fo
         monkeypatch.setattr(curry_train.pool, "MAX_WORKER_THREADS", held - 30)
         pools.run(2, _sum_of_ranks, 0)
         assert pools.get(1) is not single and not single._alive()
+
+
+@pytest.mark.slow
+def test_a_training_job_leaves_no_gloo_threads_in_the_workers(pools, tmp_path):
+    """A 2x2 fsdp+tp training job: DTensor's caches keep its device meshes, and with them the threads of
+    its gloo groups (31 per worker), unless the pool clears them after the job. Its workers then hold
+    only the gloo threads of the asking job's own group, which starts 1 to 3 as it goes."""
+    before = pools.run(4, _this_workers_gloo_threads)
+    train(pools, [*FAST, "trainer.max_steps=1", "trainer.devices=4", "parallel=fsdp+tp"], tmp_path / "run")
+    after = pools.run(4, _this_workers_gloo_threads)
+    assert max(after) <= 3, (before, after)
