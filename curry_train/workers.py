@@ -28,13 +28,8 @@ from typing import Any, Callable, Optional, Sequence
 import torch.multiprocessing as mp
 from torch.multiprocessing.spawn import ProcessExitedException, ProcessRaisedException
 
-from curry_train.callbacks import Preempted
 from curry_train.checkpoint import files
-from curry_train.checkpoint.dcp import CheckpointWriteError, NonFiniteStateError
-from curry_train.checkpoint.files import CheckpointError
 from curry_train.config.checks import LaunchPlan
-from curry_train.config.schema import Config
-from curry_train.data.sources import DataError
 from curry_train.exits import (
     EXIT_BAD_INPUT,
     EXIT_HUNG,
@@ -46,9 +41,6 @@ from curry_train.exits import (
     report,
 )
 from curry_train.pool import die_with_parent, free_port, local_rank_environment, share_cores
-from curry_train.run import configure_worker_logging, train
-from curry_train.train_step import NonFiniteError
-from curry_train.watchdog import is_collective_timeout, timed_out
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +159,16 @@ def run_worker(container: dict, run_dir: str, plan: LaunchPlan, received: Option
     """The body of every worker process (also of the job process when it trains itself): the run of the
     resolved config ``container`` (typed once, here) on the layout the check planned. ``received``: where
     the job process, training itself, notes the preemption signal it got."""
+    # Lightning and the training code load here, in the process that trains: a launcher of N workers only
+    # starts them and waits, so it skips seconds of imports before the workers start (and they skip none).
+    from curry_train.callbacks import Preempted  # noqa: PLC0415
+    from curry_train.checkpoint.dcp import CheckpointWriteError, NonFiniteStateError  # noqa: PLC0415
+    from curry_train.checkpoint.files import CheckpointError  # noqa: PLC0415
+    from curry_train.config.schema import Config  # noqa: PLC0415
+    from curry_train.data.sources import DataError  # noqa: PLC0415
+    from curry_train.run import configure_worker_logging, train  # noqa: PLC0415
+    from curry_train.train_step import NonFiniteError  # noqa: PLC0415
+    from curry_train.watchdog import is_collective_timeout, timed_out  # noqa: PLC0415
 
     cfg = Config.of(container)
     rank = int(os.environ.get("RANK", "0"))
