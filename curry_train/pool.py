@@ -124,7 +124,7 @@ def _join_process_group(accelerator: str, timeout_s: float) -> None:
         dist.init_process_group("gloo", timeout=timeout)
 
 
-def _after_job(ok: bool) -> None:
+def _after_job(ok: bool, collect: bool = True) -> None:
     """Leave the job's process group (together when it went well; at once when not, which fails the
     peers still waiting on this rank) and forget what the job left in process-wide caches: its compiled
     graphs, and DTensor's sharding decisions. Those are keyed by device meshes, which compare equal by
@@ -136,11 +136,11 @@ def _after_job(ok: bool) -> None:
         else:
             dist.destroy_process_group()
     torch._dynamo.reset()
-    _forget_meshes()
+    _forget_meshes(collect)
 
 
-def _forget_meshes() -> None:
-    """Drop what DTensor's process-wide caches keep of the job's device meshes, then collect. A mesh keeps
+def _forget_meshes(collect: bool = True) -> None:
+    """Drop what DTensor's process-wide caches keep of the job's device meshes, then collect (``collect``). A mesh keeps
     its process groups alive, and each gloo group its threads, which wake on their own: left in the
     caches, every 4-rank fsdp+tp job left 31 threads in each worker, and an idle worker's CPU grew by
     about 1.8% of a core per job (measured on 2 cores). Cleared, an idle worker is back to its 4 threads
@@ -163,30 +163,35 @@ def _forget_meshes() -> None:
     ):
         if hasattr(cached, "cache_clear"):
             cached.cache_clear()
-    gc.collect()  # the meshes sit in reference cycles: without a collection their groups stay
+    if collect:  # the meshes sit in reference cycles: without a collection their groups stay
+        gc.collect()
 
 
-def _run_job(fn: Callable[..., Any], args: tuple, accelerator: str, timeout_s: float) -> tuple[bool, Any]:
+def _run_job(
+    fn: Callable[..., Any], args: tuple, accelerator: str, timeout_s: float, collect: bool = True
+) -> tuple[bool, Any]:
     """One job on this rank: (True, its pickled return value) or (False, (when it failed, the traceback)).
     The job may set its own thread count (a benchmark's one core per rank): the next starts from ours."""
     threads = torch.get_num_threads()
     try:
-        return _run_job_with(fn, args, accelerator, timeout_s)
+        return _run_job_with(fn, args, accelerator, timeout_s, collect)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run_job_with(fn: Callable[..., Any], args: tuple, accelerator: str, timeout_s: float) -> tuple[bool, Any]:
+def _run_job_with(
+    fn: Callable[..., Any], args: tuple, accelerator: str, timeout_s: float, collect: bool
+) -> tuple[bool, Any]:
     try:
         _join_process_group(accelerator, timeout_s)
         value = pickle.dumps(fn(*args))
     except BaseException:  # noqa: B036  (a job's SystemExit or KeyboardInterrupt is its failure too)
         failure = (time.time(), traceback.format_exc())
         with contextlib.suppress(Exception):
-            _after_job(ok=False)
+            _after_job(ok=False, collect=collect)
         return False, failure
     try:
-        _after_job(ok=True)
+        _after_job(ok=True, collect=collect)
     except Exception:
         return False, (time.time(), traceback.format_exc())
     return True, value
@@ -316,7 +321,10 @@ class WorkerPool:
         if dist.is_initialized():
             raise RuntimeError(f"{name}: this process is already in a process group")
         with _environment(local_rank_environment(0, 1, 0)):
-            ok, payload = _run_job(fn, args, self.accelerator, timeout_s)
+            # No full collection after the job: in the caller's process (a test session, a benchmark) it
+            # scans everything the caller holds, which is not frozen (see _serve); a one-rank job's
+            # groups wait for the interpreter's own next collection.
+            ok, payload = _run_job(fn, args, self.accelerator, timeout_s, collect=False)
         if not ok:
             raise JobFailed(name, {0: payload[1]})
         return pickle.loads(payload)
