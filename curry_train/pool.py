@@ -14,12 +14,13 @@ multi-process cases) start ``world_size`` workers once and hand each of them eve
 * a worker that dies, or a job that does not finish within its time, ends the pool's processes; the
   next job starts fresh ones;
 * a training job's gloo process groups outlive ``destroy_process_group`` while torch's DTensor caches
-  keep its device meshes: a few threads per group that wake on their own. After each job a worker
-  clears those caches and collects (``_forget_meshes``), which frees them. Compiled jobs still leave
-  theirs (Dynamo's guards on DTensor specs keep the meshes, past ``torch._dynamo.reset()``), so workers
-  that hold more than ``MAX_WORKER_THREADS`` threads are replaced before the next job. Left alone,
-  hundreds of jobs left hundreds of threads per worker, which on two cores took most of the machine
-  from the job that runs (and idle pools' workers kept theirs).
+  keep its device meshes, or until the job's garbage is collected: a few threads per group that wake
+  on their own. After each job a worker clears those caches (``_forget_meshes``) and collects until
+  nothing more is freed (``_collect_and_freeze``). Compiled tensor-parallel jobs still leave theirs
+  (Dynamo's guards on DTensor specs keep the meshes, past ``torch._dynamo.reset()``: about 28 threads
+  per 2-rank job), so workers that hold more than ``MAX_WORKER_THREADS`` threads are replaced before
+  the next job. Left alone, hundreds of jobs left hundreds of threads per worker, which on two cores
+  took most of the machine from the job that runs (and idle pools' workers kept theirs).
 
 A job is a module-level function (it is pickled by name) called as ``fn(*args)`` on every rank with
 the process group initialized and torchrun's environment contract set (``RANK``, ``WORLD_SIZE``, ...);
@@ -124,7 +125,7 @@ def _join_process_group(accelerator: str, timeout_s: float) -> None:
         dist.init_process_group("gloo", timeout=timeout)
 
 
-def _after_job(ok: bool, collect: bool = True) -> None:
+def _after_job(ok: bool) -> None:
     """Leave the job's process group (together when it went well; at once when not, which fails the
     peers still waiting on this rank) and forget what the job left in process-wide caches: its compiled
     graphs, and DTensor's sharding decisions. Those are keyed by device meshes, which compare equal by
@@ -136,17 +137,18 @@ def _after_job(ok: bool, collect: bool = True) -> None:
         else:
             dist.destroy_process_group()
     torch._dynamo.reset()
-    _forget_meshes(collect)
+    _forget_meshes()
 
 
-def _forget_meshes(collect: bool = True) -> None:
-    """Drop what DTensor's process-wide caches keep of the job's device meshes, then collect (``collect``). A mesh keeps
-    its process groups alive, and each gloo group its threads, which wake on their own: left in the
-    caches, every 4-rank fsdp+tp job left 31 threads in each worker, and an idle worker's CPU grew by
-    about 1.8% of a core per job (measured on 2 cores). Cleared, an idle worker is back to its 4 threads
-    and no CPU. torch clears its sharding-propagation caches with a public function; the redistribute
-    planners, the mesh topology and the tensor-meta propagation are private caches, cleared where this
-    torch has them (where it does not, ``MAX_WORKER_THREADS`` still bounds what is left)."""
+def _forget_meshes() -> None:
+    """Drop what DTensor's process-wide caches keep of the job's device meshes. A mesh keeps its process
+    groups alive, and each gloo group its threads, which wake on their own: left in the caches, every
+    4-rank fsdp+tp job left 31 threads in each worker, and an idle worker's CPU grew by about 1.8% of a
+    core per job (measured on 2 cores). Cleared, and the job's garbage collected (``_collect_and_freeze``),
+    an idle worker is back to its 4 threads and no CPU. torch clears its sharding-propagation caches with
+    a public function; the redistribute planners, the mesh topology and the tensor-meta propagation are
+    private caches, cleared where this torch has them (where it does not, ``MAX_WORKER_THREADS`` still
+    bounds what is left)."""
     # Imported here, not at the top: DTensor takes seconds to import, and a run's launcher imports this
     # module for its process helpers alone (curry_train.workers).
     from torch.distributed.tensor import _collective_utils, _redistribute, _sharding_prop  # noqa: PLC0415
@@ -163,35 +165,29 @@ def _forget_meshes(collect: bool = True) -> None:
     ):
         if hasattr(cached, "cache_clear"):
             cached.cache_clear()
-    if collect:  # the meshes sit in reference cycles: without a collection their groups stay
-        gc.collect()
 
 
-def _run_job(
-    fn: Callable[..., Any], args: tuple, accelerator: str, timeout_s: float, collect: bool = True
-) -> tuple[bool, Any]:
+def _run_job(fn: Callable[..., Any], args: tuple, accelerator: str, timeout_s: float) -> tuple[bool, Any]:
     """One job on this rank: (True, its pickled return value) or (False, (when it failed, the traceback)).
     The job may set its own thread count (a benchmark's one core per rank): the next starts from ours."""
     threads = torch.get_num_threads()
     try:
-        return _run_job_with(fn, args, accelerator, timeout_s, collect)
+        return _run_job_with(fn, args, accelerator, timeout_s)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run_job_with(
-    fn: Callable[..., Any], args: tuple, accelerator: str, timeout_s: float, collect: bool
-) -> tuple[bool, Any]:
+def _run_job_with(fn: Callable[..., Any], args: tuple, accelerator: str, timeout_s: float) -> tuple[bool, Any]:
     try:
         _join_process_group(accelerator, timeout_s)
         value = pickle.dumps(fn(*args))
     except BaseException:  # noqa: B036  (a job's SystemExit or KeyboardInterrupt is its failure too)
         failure = (time.time(), traceback.format_exc())
         with contextlib.suppress(Exception):
-            _after_job(ok=False, collect=collect)
+            _after_job(ok=False)
         return False, failure
     try:
-        _after_job(ok=True, collect=collect)
+        _after_job(ok=True)
     except Exception:
         return False, (time.time(), traceback.format_exc())
     return True, value
@@ -213,6 +209,25 @@ def _environment(values: dict[str, str]) -> Iterator[None]:
                 os.environ[key] = value
 
 
+def _collect_and_freeze(rounds: int = 4) -> None:
+    """In a worker, after a job: collect the job's garbage, then freeze what survives.
+
+    The job's device meshes and process groups sit in reference cycles. One collection is not enough: it
+    runs the finalizers of the job's objects, and what they held (the meshes, their groups) is freed by
+    the next one (measured: 3,500-5,400 objects, then 31, then none). Frozen after a single collection,
+    those 31 were never collected, and each FSDP job's backward left its groups' threads in the worker (6
+    to 12 per job, each waking on its own: 0.45% of a core per job per worker). So: collect until a round
+    frees nothing (at most ``rounds``).
+
+    What survives is then the worker's own state (imports, caches): frozen, later collections skip it, so
+    each takes a fraction of the 0.4-0.5 s a full one took (half a million objects). Only in a worker: a
+    caller running jobs inline keeps its own objects collectable."""
+    for _ in range(rounds):
+        if not gc.collect():
+            break
+    gc.freeze()
+
+
 def _serve(rank: int, world_size: int, tasks: Any, results: Any, accelerator: str) -> None:
     """A worker: run each job it is handed on a fresh process group until it is handed None."""
     die_with_parent()
@@ -225,13 +240,10 @@ def _serve(rank: int, world_size: int, tasks: Any, results: Any, accelerator: st
         os.environ.update(local_rank_environment(rank, world_size, port))
         with _environment(env):
             ok, payload = _run_job(fn, args, accelerator, timeout_s)
-        # What survives a job here is the worker's own state (imports, caches): frozen, later collections
-        # skip it, and the next job's takes a fraction of the 0.4-0.5 s a full one took (half a million
-        # objects). Only in a worker: in a caller running jobs inline, its own objects stay collectable.
-        gc.freeze()
         results.put((job, rank, ok, payload))
         sys.stdout.flush()
         sys.stderr.flush()
+        _collect_and_freeze()
     # The interpreter's teardown can abort on gloo's still-joinable threads ("terminate called without an
     # active exception"): leave without it, as launch's workers do.
     os._exit(0)
@@ -321,10 +333,10 @@ class WorkerPool:
         if dist.is_initialized():
             raise RuntimeError(f"{name}: this process is already in a process group")
         with _environment(local_rank_environment(0, 1, 0)):
-            # No full collection after the job: in the caller's process (a test session, a benchmark) it
-            # scans everything the caller holds, which is not frozen (see _serve); a one-rank job's
-            # groups wait for the interpreter's own next collection.
-            ok, payload = _run_job(fn, args, self.accelerator, timeout_s, collect=False)
+            # No full collection after the job (workers collect, _serve): in the caller's process (a test
+            # session, a benchmark) it would scan everything the caller holds, which is not frozen; a
+            # one-rank job's groups wait for the interpreter's own next collection.
+            ok, payload = _run_job(fn, args, self.accelerator, timeout_s)
         if not ok:
             raise JobFailed(name, {0: payload[1]})
         return pickle.loads(payload)
