@@ -18,9 +18,12 @@ multi-process cases) start ``world_size`` workers once and hand each of them eve
   on their own. After each job a worker clears those caches (``_forget_meshes``) and collects until
   nothing more is freed (``_collect_and_freeze``). Compiled tensor-parallel jobs still leave theirs
   (Dynamo's guards on DTensor specs keep the meshes, past ``torch._dynamo.reset()``: about 28 threads
-  per 2-rank job), so workers that hold more than ``MAX_WORKER_THREADS`` threads are replaced before
-  the next job. Left alone, hundreds of jobs left hundreds of threads per worker, which on two cores
-  took most of the machine from the job that runs (and idle pools' workers kept theirs).
+  per 2-rank job), and so do jobs that run PyTorch's FSDP memory tracker (``validation.memory``:
+  its hooks and FSDP's param groups form a cycle through an autograd node, which no collection sees:
+  about 19 threads per 2-rank job), so workers that hold more than ``MAX_WORKER_THREADS`` threads are
+  replaced before the next job. Left alone, hundreds of jobs left hundreds of threads per worker,
+  which on two cores took most of the machine from the job that runs (and idle pools' workers kept
+  theirs).
 
 A job is a module-level function (it is pickled by name) called as ``fn(*args)`` on every rank with
 the process group initialized and torchrun's environment contract set (``RANK``, ``WORLD_SIZE``, ...);
@@ -50,7 +53,10 @@ import torch.multiprocessing as mp
 
 DEFAULT_TIMEOUT_S = 900.0  # a job's whole time on the pool (every rank), and each collective's
 FAILURE_GRACE_S = 20.0  # after one rank failed: how long its peers get to fail or finish in turn
-MAX_WORKER_THREADS = 256  # beyond this, a worker is replaced before the next job (the module's docstring says why)
+# Beyond this, a worker is replaced before the next job (the module's docstring says why). A fresh worker
+# holds 4 threads; leftover gloo threads cost about 0.02% of a core each, idle or not (measured on 2 cores:
+# 6-8% per worker at 200-240 threads), while replacing a worker costs its interpreter's 6-7 s of imports.
+MAX_WORKER_THREADS = 128
 
 
 class JobFailed(RuntimeError):
