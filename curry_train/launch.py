@@ -77,11 +77,31 @@ def run_job(cfg: DictConfig, run_dir: Path, log_name: str) -> tuple[int, list[in
         return EXIT_BAD_INPUT, []
     if plan.ckpt_path:
         log.info("resuming from %s", plan.ckpt_path)
+    if plan.external_launcher is None and plan.world_size > 1:
+        start_worker_server()
     # torch and Lightning load here, for a run that passed its check
     from curry_train.workers import train_workers  # noqa: PLC0415
 
     end = train_workers(OmegaConf.to_container(cfg, resolve=True), run_dir, plan)
     return end.code, end.signals
+
+
+# What every worker imports before it trains (torch, Lightning, the model and the loop): the worker server
+# imports it once for all the workers it forks.
+WORKER_IMPORTS = ("curry_train.workers", "curry_train.run")
+
+
+def start_worker_server() -> None:
+    """Start the process that forks this job's workers (multiprocessing's forkserver) and have it import
+    what every worker needs, while this process goes on with its own start-up. Each worker is then a fork
+    of a process that has imported torch and Lightning, ready at once, instead of an interpreter that
+    imports them for itself: seconds per worker, and N times over where the workers outnumber the cores.
+    The server lives as long as this process and serves every job of a sweep run here; it imports,
+    touches no device, and starts no thread of its own, so forking it is safe."""
+    from multiprocessing import forkserver  # noqa: PLC0415
+
+    forkserver.set_forkserver_preload(list(WORKER_IMPORTS))
+    forkserver.ensure_running()
 
 
 def pass_on_preemption(received: Sequence[int], handlers: dict[int, Any]) -> None:

@@ -1,10 +1,12 @@
 """The processes of a run, once its config passed its check (``launch``):
 
-* ``trainer.devices=N``: the Hydra job process starts N workers with ``torch.multiprocessing``
-  (``spawn``), each given the resolved config, the run directory and the check's plan (the layout's
-  ``ParallelDims``), and waits. Workers never run Hydra again, so under ``-m`` each job of a sweep runs
-  once and writes one run directory. When a worker fails, the others are terminated and the job
-  fails instead of hanging; workers also die with their parent.
+* ``trainer.devices=N``: the Hydra job process starts N workers with ``torch.multiprocessing``, each
+  given the resolved config, the run directory, the check's plan (the layout's ``ParallelDims``) and
+  the job's environment, and waits. The workers are forks of the worker server (``forkserver``, started
+  by ``launch.start_worker_server`` with torch and Lightning imported), not interpreters that each
+  import them again. Workers never run Hydra again, so under ``-m`` each job of a sweep runs once and
+  writes one run directory. When a worker fails, the others are terminated and the job fails instead
+  of hanging; workers die with the server, and the server with the job process.
 * Under torchrun or srun every process is already a worker: it trains in place.
 * With one process, the job process trains itself.
 
@@ -22,6 +24,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
+from multiprocessing import forkserver
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -80,8 +83,12 @@ def train_workers(container: dict, run_dir: Path, plan: LaunchPlan) -> JobEnd:
     return JobEnd(0, received)
 
 
-def _worker(rank: int, world_size: int, port: int, target: Callable[..., Any], args: Sequence[Any]) -> None:
+def _worker(
+    rank: int, world_size: int, port: int, environment: dict[str, str], target: Callable[..., Any], args: Sequence[Any]
+) -> None:
     die_with_parent()
+    _release_worker_server()
+    adopt_environment(environment)
     os.environ.update(local_rank_environment(rank, world_size, port))
     share_cores(world_size)
     try:
@@ -104,7 +111,11 @@ def spawn(world_size: int, target: Callable[..., Any], *args: Any, received: Opt
 
     port = free_port()
     context = mp.start_processes(
-        _worker, args=(world_size, port, target, args), nprocs=world_size, start_method="spawn", join=False
+        _worker,
+        args=(world_size, port, dict(os.environ), target, args),
+        nprocs=world_size,
+        start_method="forkserver",
+        join=False,
     )
     # SIGTERM and SIGUSR1 (a scheduler's notice) go on to the workers, which save and stop together;
     # SIGINT (Ctrl-C, kill -INT) ends them at once.
@@ -132,6 +143,28 @@ def spawn(world_size: int, target: Callable[..., Any], *args: Any, received: Opt
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def _release_worker_server() -> None:
+    """Close this worker's copy of the pipe by which the worker server knows that its job process lives.
+    multiprocessing hands it to every process the server forks, so that a server outlives the job process
+    while anything it forked still runs; here that would keep a killed job's workers training, since they
+    die with the server (``die_with_parent``) and the server would wait for them. Closed, the job
+    process holds the only copy: when it dies, the server ends, and the workers with it."""
+    server = forkserver._forkserver  # the stdlib's singleton; its fd attribute is there since Python 3.4
+    alive = getattr(server, "_forkserver_alive_fd", None)
+    if alive is not None:
+        os.close(alive)
+        server._forkserver_alive_fd = None
+
+
+def adopt_environment(environment: dict[str, str]) -> None:
+    """Make this process's environment the job's. A forked worker inherits the server's, which is the
+    environment of the job that started the server: a later job of a sweep may have set or removed
+    variables since (Hydra's ``hydra.job.env_set``, the job's own settings)."""
+    for key in set(os.environ) - set(environment):
+        del os.environ[key]
+    os.environ.update(environment)
 
 
 def _end_workers(pids: Sequence[int]) -> None:

@@ -278,20 +278,21 @@ def run_seed_example(source: str, tmp_path: Path, nproc: int = 2) -> str:
 
 
 def spawned_workers(parent_pid: int) -> list[int]:
-    """Worker processes started by ``parent_pid`` (multiprocessing's spawn children)."""
-    workers = []
+    """The worker processes of the job process ``parent_pid``, in the order of their ranks (the server forks
+    them one by one): the children of its worker server (the forkserver ``launch.start_worker_server``
+    started)."""
+    parents, commands = {}, {}
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
             stat = (proc / "stat").read_text()
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            commands[int(proc.name)] = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
         except OSError:
             continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == parent_pid and "spawn_main" in cmdline:
-            workers.append(int(proc.name))
-    return workers
+        parents[int(proc.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    servers = {pid for pid, ppid in parents.items() if ppid == parent_pid and "forkserver" in commands[pid]}
+    return sorted(pid for pid, ppid in parents.items() if ppid in servers)
 
 
 # -- the full parity matrix -------------------------------------------------------------------------
