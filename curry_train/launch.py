@@ -19,6 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from curry_train import worker_server
 from curry_train.checkpoint import files
 from curry_train.config import ConfigError
 from curry_train.config.checks import check, external_launcher
@@ -78,30 +79,12 @@ def run_job(cfg: DictConfig, run_dir: Path, log_name: str) -> tuple[int, list[in
     if plan.ckpt_path:
         log.info("resuming from %s", plan.ckpt_path)
     if plan.external_launcher is None and plan.world_size > 1:
-        start_worker_server()
+        worker_server.start()  # it imports what the workers need while this process imports torch
     # torch and Lightning load here, for a run that passed its check
     from curry_train.workers import train_workers  # noqa: PLC0415
 
     end = train_workers(OmegaConf.to_container(cfg, resolve=True), run_dir, plan)
     return end.code, end.signals
-
-
-# What every worker imports before it trains (torch, Lightning, the model and the loop): the worker server
-# imports it once for all the workers it forks.
-WORKER_IMPORTS = ("curry_train.workers", "curry_train.run")
-
-
-def start_worker_server() -> None:
-    """Start the process that forks this job's workers (multiprocessing's forkserver) and have it import
-    what every worker needs, while this process goes on with its own start-up. Each worker is then a fork
-    of a process that has imported torch and Lightning, ready at once, instead of an interpreter that
-    imports them for itself: seconds per worker, and N times over where the workers outnumber the cores.
-    The server lives as long as this process and serves every job of a sweep run here; it imports,
-    touches no device, and starts no thread of its own, so forking it is safe."""
-    from multiprocessing import forkserver  # noqa: PLC0415
-
-    forkserver.set_forkserver_preload(list(WORKER_IMPORTS))
-    forkserver.ensure_running()
 
 
 def pass_on_preemption(received: Sequence[int], handlers: dict[int, Any]) -> None:

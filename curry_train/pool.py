@@ -1,9 +1,11 @@
 """A pool of worker processes, started once for a world size, that runs many jobs one after another.
 
-Starting a worker is the expensive part of a short distributed check: a new interpreter imports
-torch and Lightning (seconds), while a few steps of a small model take a fraction of that. So the
-checks that run many layouts (the parity table, memory and throughput measurements, the tests'
-multi-process cases) start ``world_size`` workers once and hand each of them every job:
+Starting a worker and its process group is the costly part of a short distributed check, while a few
+steps of a small model take a fraction of a second. So the checks that run many layouts (the parity
+table, memory and throughput measurements, the tests' multi-process cases) start ``world_size`` workers
+once and hand each of them every job. The workers are forks of the worker server (``worker_server``),
+which imported torch and Lightning once for every pool of the process, so a pool starts in a fraction
+of a second once the server is up, instead of an interpreter's seconds of imports per worker:
 
 * each job runs on every rank of the pool, on a process group of its own (a fresh rendezvous port
   picked just before the job, the group destroyed after it), so no state of one job's collectives
@@ -51,11 +53,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from curry_train import worker_server
+
 DEFAULT_TIMEOUT_S = 900.0  # a job's whole time on the pool (every rank), and each collective's
 FAILURE_GRACE_S = 20.0  # after one rank failed: how long its peers get to fail or finish in turn
 # Beyond this, a worker is replaced before the next job (the module's docstring says why). A fresh worker
 # holds 4 threads; leftover gloo threads cost about 0.02% of a core each, idle or not (measured on 2 cores:
-# 6-8% per worker at 200-240 threads), while replacing a worker costs its interpreter's 6-7 s of imports.
+# 6-8% per worker at 200-240 threads), while replacing a worker costs a fork of the worker server.
 MAX_WORKER_THREADS = 128
 
 
@@ -234,9 +238,11 @@ def _collect_and_freeze(rounds: int = 4) -> None:
     gc.freeze()
 
 
-def _serve(rank: int, world_size: int, tasks: Any, results: Any, accelerator: str) -> None:
+def _serve(rank: int, world_size: int, tasks: Any, results: Any, accelerator: str, environment: dict[str, str]) -> None:
     """A worker: run each job it is handed on a fresh process group until it is handed None."""
     die_with_parent()
+    worker_server.release()
+    worker_server.adopt_environment(environment)
     share_cores(world_size)
     while True:
         task = tasks.get()
@@ -285,7 +291,7 @@ class WorkerPool:
         self._tasks: list[Any] = []
         self._results: Any = None
         self._jobs = 0
-        self.starts = 0  # how many times workers were started (each start imports torch anew)
+        self.starts = 0  # how many times workers were started
 
     def __enter__(self) -> WorkerPool:
         return self
@@ -352,12 +358,14 @@ class WorkerPool:
 
     def _start(self) -> None:
         self._kill()
-        context = mp.get_context("spawn")
+        worker_server.start()
+        context = mp.get_context("forkserver")
         self._results = context.Queue()
         self._tasks = [context.Queue() for _ in range(self.world_size)]
         self._processes = [
             context.Process(
-                target=_serve, args=(rank, self.world_size, self._tasks[rank], self._results, self.accelerator)
+                target=_serve,
+                args=(rank, self.world_size, self._tasks[rank], self._results, self.accelerator, dict(os.environ)),
             )
             for rank in range(self.world_size)
         ]

@@ -3,7 +3,7 @@
 * ``trainer.devices=N``: the Hydra job process starts N workers with ``torch.multiprocessing``, each
   given the resolved config, the run directory, the check's plan (the layout's ``ParallelDims``) and
   the job's environment, and waits. The workers are forks of the worker server (``forkserver``, started
-  by ``launch.start_worker_server`` with torch and Lightning imported), not interpreters that each
+  by ``launch`` with torch and Lightning imported), not interpreters that each
   import them again. Workers never run Hydra again, so under ``-m`` each job of a sweep runs once and
   writes one run directory. When a worker fails, the others are terminated and the job fails instead
   of hanging; workers die with the server, and the server with the job process.
@@ -24,13 +24,13 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
-from multiprocessing import forkserver
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch.multiprocessing as mp
 from torch.multiprocessing.spawn import ProcessExitedException, ProcessRaisedException
 
+from curry_train import worker_server
 from curry_train.checkpoint import files
 from curry_train.config.checks import LaunchPlan
 from curry_train.exits import (
@@ -87,8 +87,8 @@ def _worker(
     rank: int, world_size: int, port: int, environment: dict[str, str], target: Callable[..., Any], args: Sequence[Any]
 ) -> None:
     die_with_parent()
-    _release_worker_server()
-    adopt_environment(environment)
+    worker_server.release()
+    worker_server.adopt_environment(environment)
     os.environ.update(local_rank_environment(rank, world_size, port))
     share_cores(world_size)
     try:
@@ -110,6 +110,7 @@ def spawn(world_size: int, target: Callable[..., Any], *args: Any, received: Opt
     where the preemption signals passed on to the workers are noted."""
 
     port = free_port()
+    worker_server.start()  # already running when launch started it
     context = mp.start_processes(
         _worker,
         args=(world_size, port, dict(os.environ), target, args),
@@ -143,28 +144,6 @@ def spawn(world_size: int, target: Callable[..., Any], *args: Any, received: Opt
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-
-
-def _release_worker_server() -> None:
-    """Close this worker's copy of the pipe by which the worker server knows that its job process lives.
-    multiprocessing hands it to every process the server forks, so that a server outlives the job process
-    while anything it forked still runs; here that would keep a killed job's workers training, since they
-    die with the server (``die_with_parent``) and the server would wait for them. Closed, the job
-    process holds the only copy: when it dies, the server ends, and the workers with it."""
-    server = forkserver._forkserver  # the stdlib's singleton; its fd attribute is there since Python 3.4
-    alive = getattr(server, "_forkserver_alive_fd", None)
-    if alive is not None:
-        os.close(alive)
-        server._forkserver_alive_fd = None
-
-
-def adopt_environment(environment: dict[str, str]) -> None:
-    """Make this process's environment the job's. A forked worker inherits the server's, which is the
-    environment of the job that started the server: a later job of a sweep may have set or removed
-    variables since (Hydra's ``hydra.job.env_set``, the job's own settings)."""
-    for key in set(os.environ) - set(environment):
-        del os.environ[key]
-    os.environ.update(environment)
 
 
 def _end_workers(pids: Sequence[int]) -> None:

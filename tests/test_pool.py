@@ -5,6 +5,7 @@ collectives reaches the next."""
 from __future__ import annotations
 
 import gc
+import multiprocessing.forkserver
 import os
 import threading
 from pathlib import Path
@@ -18,6 +19,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
 import curry_train.pool
+from curry_train import worker_server
 from curry_train.pool import JobFailed, Pools, WorkerPool, _threads
 
 
@@ -59,6 +61,10 @@ def _fsdp_backward_on_a_flattened_mesh() -> int:
     return _this_workers_gloo_threads()
 
 
+def _environment_and_parent() -> tuple[str, str, int]:
+    return os.environ.get("CURRY_TEST_LATE", ""), os.environ.get("HOME", "(none)"), os.getppid()
+
+
 def _frozen_objects() -> int:
     return gc.get_freeze_count()
 
@@ -98,6 +104,20 @@ def test_jobs_share_the_workers_and_each_gets_its_own_group(pool):
     assert [total for _, total, *_ in (first[0], second[0], third[0])] == [3.0, 21.0, 1.0]
     assert len({first[0][2], second[0][2], third[0][2]}) == 3  # a fresh rendezvous port per job
     assert [value for *_, value in second] == ["set for this job"] * 2 and third[0][3] == ""
+
+
+@pytest.mark.slow
+def test_workers_are_forks_of_the_worker_server_with_their_starters_environment(monkeypatch):
+    """A pool's workers are forked by the worker server, which imported torch and Lightning once for every
+    pool of this process, and they have this process's environment as it was when they started, not the
+    server's: a variable set since the server started is there, one removed since is not."""
+    worker_server.start()
+    monkeypatch.setenv("CURRY_TEST_LATE", "set after the server started")
+    monkeypatch.delenv("HOME")
+    with WorkerPool(2) as fresh:
+        answers = fresh.run(_environment_and_parent)
+    server = multiprocessing.forkserver._forkserver._forkserver_pid
+    assert answers == [("set after the server started", "(none)", server)] * 2 and server != os.getpid()
 
 
 @pytest.mark.slow
