@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import pytest
+from command_server import start_command
 
 from curry_train.cli import train as train_cli
 from curry_train.config import compose
@@ -120,30 +121,22 @@ def clean_env(extra: Optional[dict] = None) -> dict:
     return env
 
 
-def start_train(args: Sequence[str], cwd: Path, program: Path = TRAIN, quiet: bool = False) -> subprocess.Popen:
+def start_train(args: Sequence[str], cwd: Path, program: Path = TRAIN, quiet: bool = False):
     """``train.py ARGS`` (or another ``program``) started as a user's shell would, in a session of its
-    own so that ``kill_group`` ends it with its workers; stdout and stderr piped as text (``quiet``:
-    discarded, for a run whose output nobody reads while it runs)."""
-    output = subprocess.DEVNULL if quiet else subprocess.PIPE
-    return subprocess.Popen(
-        [sys.executable, str(program), *args],
-        cwd=cwd,
-        env=clean_env(),
-        stdout=output,
-        stderr=output,
-        text=True,
-        start_new_session=True,
-    )
+    own so that ``kill_group`` ends it with its workers, as a fork of the command server (which has
+    imported what it imports: tests/command_server.py); its output comes from ``communicate`` once it has
+    ended (``quiet``: discarded)."""
+    return start_command(str(program), args, cwd, clean_env(), capture=not quiet)
 
 
-def kill_group(process: subprocess.Popen) -> None:
+def kill_group(process) -> None:
     """SIGKILL to ``process``'s whole session (its workers too), if it is still running."""
     if process.poll() is None:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
 
 
-def wait_until(condition: Callable[[], bool], process: subprocess.Popen, what: str, timeout: float = 300) -> None:
+def wait_until(condition: Callable[[], bool], process, what: str, timeout: float = 300) -> None:
     """Poll ``condition`` until it holds; fail when ``process`` ended first or ``timeout`` passed."""
     deadline = time.time() + timeout
     while not condition():
@@ -154,14 +147,13 @@ def wait_until(condition: Callable[[], bool], process: subprocess.Popen, what: s
 def run_train(
     args: Sequence[str], cwd: Path, timeout: float = 600, env: Optional[dict] = None, check: bool = True
 ) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        [sys.executable, str(TRAIN), *args],
-        cwd=cwd,
-        env=clean_env(env),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    """``train.py ARGS`` run to its end (``start_train``); fails the test on a non-zero exit (``check``)."""
+    process = start_command(str(TRAIN), args, cwd, clean_env(env))
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    finally:
+        kill_group(process)
+    result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
     if check and result.returncode != 0:
         pytest.fail(f"train.py {' '.join(args)} exited {result.returncode}\n{result.stderr[-4000:]}")
     return result
