@@ -42,7 +42,9 @@ def adopt_environment(environment: dict[str, str]) -> None:
     """In a forked worker: make its environment ``environment`` (its starter's when it started the
     worker). A fork has the server's, the starter's when the server started: a later job of a sweep, or
     a later pool of a session, may have set or removed variables since (Hydra's ``hydra.job.env_set``, a
-    test's settings)."""
+    test's settings). What the preloaded modules read when they were imported (``TORCH_LOGS``, say) stays
+    as the server read it: a sweep whose jobs differ in such a variable needs a process per job (Hydra's
+    submitit or joblib launchers)."""
     for key in set(os.environ) - set(environment):
         del os.environ[key]
     os.environ.update(environment)

@@ -223,10 +223,11 @@ class ForkedCommand:
         self.send_signal(signal.SIGKILL)
 
 
-def start_command(program: str, args: Sequence[str], cwd: Path, env: dict, capture: bool = True):
+def start_command(program: str, args: Sequence[str], cwd: Path, env: dict, capture: bool = True, fresh: bool = False):
     """``python PROGRAM ARGS`` in ``cwd`` with ``env``: a fork of the command server, or a new interpreter
-    under ``CURRY_TEST_FRESH_INTERPRETERS=1``, in a session of its own either way."""
-    if os.environ.get("CURRY_TEST_FRESH_INTERPRETERS") == "1":
+    (``fresh``, or every command under ``CURRY_TEST_FRESH_INTERPRETERS=1``), in a session of its own
+    either way."""
+    if fresh or os.environ.get("CURRY_TEST_FRESH_INTERPRETERS") == "1":
         output = subprocess.PIPE if capture else subprocess.DEVNULL
         return subprocess.Popen(
             [sys.executable, program, *args],

@@ -145,10 +145,16 @@ def wait_until(condition: Callable[[], bool], process, what: str, timeout: float
 
 
 def run_train(
-    args: Sequence[str], cwd: Path, timeout: float = 600, env: Optional[dict] = None, check: bool = True
+    args: Sequence[str],
+    cwd: Path,
+    timeout: float = 600,
+    env: Optional[dict] = None,
+    check: bool = True,
+    fresh: bool = False,
 ) -> subprocess.CompletedProcess:
-    """``train.py ARGS`` run to its end (``start_train``); fails the test on a non-zero exit (``check``)."""
-    process = start_command(str(TRAIN), args, cwd, clean_env(env))
+    """``train.py ARGS`` run to its end (as ``start_train`` starts it; ``fresh``: as a new interpreter);
+    fails the test on a non-zero exit (``check``)."""
+    process = start_command(str(TRAIN), args, cwd, clean_env(env), fresh=fresh)
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     finally:
@@ -213,10 +219,11 @@ CHECKPOINTED = ("checkpoint.every_n_steps=3", "checkpoint.keep_last=4")  # steps
 
 @pytest.fixture(scope="session")
 def single_process_run(tmp_path_factory) -> Path:
-    """The reference, as a user runs it (``train.py``, one process): FAST for STEPS steps, checkpoints
-    of steps 3, 6, 9 and 10."""
+    """The reference, as a user runs it (``train.py`` in a new interpreter, one process): FAST for STEPS
+    steps, checkpoints of steps 3, 6, 9 and 10."""
     run_dir = tmp_path_factory.mktemp("single")
-    run_train([*FAST, f"trainer.max_steps={STEPS}", *CHECKPOINTED, f"hydra.run.dir={run_dir}"], cwd=run_dir)
+    overrides = [*FAST, f"trainer.max_steps={STEPS}", *CHECKPOINTED, f"hydra.run.dir={run_dir}"]
+    run_train(overrides, cwd=run_dir, fresh=True)
     return run_dir
 
 

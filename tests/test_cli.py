@@ -96,13 +96,14 @@ def test_a_bad_argument_is_one_line(name, argv, message, capsys):
 
 
 def test_train_help_and_a_bad_override(tmp_path):
-    result = run_train(["--help"], cwd=tmp_path, timeout=120, check=False)
+    """train.py as a new interpreter (the other tests' commands are forks of the command server)."""
+    result = run_train(["--help"], cwd=tmp_path, timeout=120, check=False, fresh=True)
     assert (
         result.returncode == 0
         and "Usage: curry-train" in result.stdout
         and "parallel: cp, dp, ep, fsdp" in result.stdout
     )
-    result = run_train(["model.dimm=3"], cwd=tmp_path, timeout=120, check=False)
+    result = run_train(["model.dimm=3"], cwd=tmp_path, timeout=120, check=False, fresh=True)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "curry-train: error: model.dimm: no such key in model; did you mean model.dim?"
