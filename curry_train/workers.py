@@ -2,11 +2,12 @@
 
 * ``trainer.devices=N``: the Hydra job process starts N workers with ``torch.multiprocessing``, each
   given the resolved config, the run directory, the check's plan (the layout's ``ParallelDims``) and
-  the job's environment, and waits. The workers are forks of the worker server (``forkserver``, started
-  by ``launch`` with torch and Lightning imported), not interpreters that each
-  import them again. Workers never run Hydra again, so under ``-m`` each job of a sweep runs once and
-  writes one run directory. When a worker fails, the others are terminated and the job fails instead
-  of hanging; workers die with the server, and the server with the job process.
+  the job's environment, and waits. The workers are forks of the worker server (``worker_server``,
+  started by ``launch`` as soon as the check passed), which imported torch and Lightning once, not
+  interpreters that each import them again. Workers never run Hydra again, so under ``-m`` each job
+  of a sweep runs once and writes one run directory. When a worker fails, the others are terminated
+  and the job fails instead of hanging; workers die with the server, and the server with the job
+  process.
 * Under torchrun or srun every process is already a worker: it trains in place.
 * With one process, the job process trains itself.
 
