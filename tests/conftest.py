@@ -206,6 +206,13 @@ def read_metric(run_dir: Path, key: str = "train/loss") -> dict[int, float]:
 STEPS = 10  # length of the loss curves that layouts must reproduce
 
 
+def transient_peak(record: dict, ddp: bool) -> int:
+    """The tracker's peak of activations and backward's temporaries together (what a device holds for one
+    micro-batch besides the model state), less DDP's gradient buckets: the tracker books them as
+    temporaries when the all-reduce writes them, but they are the model state's gradients."""
+    return record["transient"] - (record["state"]["grads"] if ddp else 0)
+
+
 @pytest.fixture(scope="session")
 def pools():
     """Worker pools for the whole session, one per world size (curry_train.pool): every multi-process

@@ -67,6 +67,32 @@ def test_8b_at_256k_needs_context_parallelism(capsys):
     assert_command_runs_the_layout(result)
 
 
+def test_logits_that_outweigh_the_blocks_are_chunked_before_recompute_goes_further(capsys):
+    """A 1B model with Llama 3's 128k vocabulary at 32k tokens on one H100: selective recompute leaves the
+    logits' backward (12 bytes each, 47 GiB) the largest term, so the walk computes the loss in chunks
+    (one more GEMM of the head) rather than recompute every block whole; the command says how many."""
+    args = [
+        *ONE_B,
+        "hardware.gpus_per_node=1",
+        "data.seq_len=32768",
+        "data.micro_batch_size=1",
+        "data.global_batch_size=8",
+    ]
+    code, result = run_json(capsys, args)
+    assert code == 0
+    assert_own_estimate_fits(result)
+    steps = [row["step"] for row in result["tried"]]
+    assert steps[-1].startswith("loss in chunks") and "recompute=full" not in steps
+    assert result["layout"]["recompute"] == "selective" and result["layout"]["loss_chunks"] > 1
+    assert f"model.loss_chunks={result['layout']['loss_chunks']}" in result["command"]
+    assert_command_runs_the_layout(result)
+    chunked = compose(result["command"].split()[2:])
+    whole = compose([*result["command"].split()[2:], "model.loss_chunks=1"])
+    loss_of = lambda cfg: activation_bytes(cfg, current_layout(cfg), flash_attention=True)["loss"]  # noqa: E731
+    assert loss_of(whole) == 12 * 32768 * 128256  # the loss's backward: 12 bytes a logit
+    assert loss_of(chunked) < loss_of(whole) / 2
+
+
 def test_70b_full_finetune_on_8x80gb_does_not_fit_and_says_what_would(capsys):
     code, result = run_json(capsys, ["model=llama3_70b", "hardware=a100_80gb", "data.seq_len=4096"])
     assert code == 1 and result["fits"] is False and result["command"] is None

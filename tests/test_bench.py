@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
-from conftest import FAST
+from conftest import FAST, transient_peak
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -167,15 +167,16 @@ def test_bench_layouts_side_by_side(tmp_path, capsys):
     assert all(rows[name]["sp_activation_ratio"] is None for name in ("dp", "tp", "fsdp+tp"))
     assert not dist.is_initialized()
 
-    # advise's activation estimate against the memory tracker: within 1% for dp, 2% with tensor
-    # parallelism (the vocabulary-parallel embedding's masks and all-reduced output are not counted),
-    # 2.5% with sequence parallelism.
-
-    for name, rtol in (("dp", 0.01), ("tp", 0.02), ("tp+sp", 0.025), ("fsdp+tp", 0.02)):
+    # advise's activation and loss estimate against the memory tracker's peak of activations and backward's
+    # temporaries (test_memory.transient_peak: DDP's buckets are the model state's gradients): dp and tensor
+    # parallelism within 3%, FSDP within 7% (its reduce-scatter buffer, in the estimate's model state, is a
+    # temporary to the tracker).
+    for name, rtol in (("dp", 0.03), ("tp", 0.03), ("tp+sp", 0.03), ("fsdp+tp", 0.07)):
         cfg = compose([*FAST, *figures["config"]["layouts"][name]])
         estimate = activation_bytes(cfg, current_layout(cfg), flash_attention=True)
         for record in rows[name]["memory"]["ranks"]:
-            assert estimate["activations"] + estimate["loss"] == pytest.approx(record["activations"], rel=rtol), name
+            measured = transient_peak(record, ddp=name == "dp")
+            assert estimate["activations"] + estimate["loss"] == pytest.approx(measured, rel=rtol), name
 
 
 def test_bench_layouts_reject_bad_input(capsys):
@@ -442,9 +443,9 @@ def test_compare_dp_and_fsdp(tmp_path, capsys):
         assert row["model_state"] == row["total"]
         # The tracked total at its peak held at least the parameters, AdamW's state and the activations' peak.
         assert row["peak_memory"] >= row["params"] + row["optimizer"] + row["activations"]
-        # advise's estimate bounds that peak from above, within 15%: it budgets every gradient at once and
-        # ZeRO-3's prefetched unit (measured here: dp 3.5%, fsdp 11% above).
-        assert row["peak_memory"] <= row["estimated_peak"] <= 1.15 * row["peak_memory"], name
+        # advise's estimate bounds that peak from above, within 20%: it budgets every gradient at once, ZeRO-3's
+        # prefetched unit, the loss's and a block's backward at their peaks (measured here: dp 8%, fsdp 17% above).
+        assert row["peak_memory"] <= row["estimated_peak"] <= 1.2 * row["peak_memory"], name
         assert row["cuda_peak"] is None  # not a GPU
         comm = row["comm"]
         assert all(comm[c]["bytes"] == 0 for c in ("all_to_all", "broadcast", "send", "recv")), name

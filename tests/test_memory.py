@@ -19,7 +19,7 @@ import math
 
 import pytest
 import torch
-from conftest import FAST
+from conftest import FAST, transient_peak
 from test_bench import load_bench
 from torch import nn
 
@@ -333,23 +333,57 @@ def _estimated_activations(overrides) -> int:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["dp", "full", "full-bf16", "cp"])
 def test_advise_activation_estimate_matches_the_memory_tracker(measured, name):
-    """advise's activations (Korthikanti's per-block accounting applied to this model's ops) against
-    the peak PyTorch's memory tracker measured for one micro-batch: within 1% (the rest: the token
-    ids, the vocabulary-parallel embedding's masks)."""
+    """advise's activations and loss (Korthikanti's per-block accounting applied to this model's ops, the
+    loss's backward, a block's backward gradients) against the peak PyTorch's memory tracker measured for one
+    micro-batch: within 7%. DDP reads 2% high; FSDP 2% low in bf16 and 7% in fp32, where the tracker also
+    books the gradients' reduce-scatter buffer as a temporary, which the estimate counts in the model state
+    (``transient_state``: one block's fp32 gradient)."""
     estimated = _estimated_activations((*COMMON, *LAYOUTS[name]))
     for record in measured[name].ranks:
-        assert estimated == pytest.approx(record["activations"], rel=0.01), (name, record["rank"])
+        measured_peak = transient_peak(record, ddp=name in ("dp", "cp"))
+        assert estimated == pytest.approx(measured_peak, rel=0.07), (name, record["rank"])
 
 
-# Recompute changes what a block keeps: (overrides, the tolerance reached). Tensor and sequence
+# Where the logits outweigh the rest (a 16k vocabulary on the small model): the loss's backward holds
+# the fp32 log-probabilities, their gradient and the logits' (12 bytes a logit), vocabulary-sharded
+# under loss parallelism (16: the sharded log-softmax keeps more).
+LARGE_VOCABULARY = {
+    "fp32": ("trainer.devices=1", "model.vocab_size=16384"),
+    "fsdp-bf16": ("trainer.devices=1", "model.vocab_size=16384", "parallel=fsdp", "parallel.fsdp.mixed_precision=bf16"),
+    "tp-loss-parallel": ("trainer.devices=2", "model.vocab_size=16384", "parallel=tp"),
+    "full-recompute": ("trainer.devices=1", "model.vocab_size=16384", "parallel.recompute=full"),
+}
+
+
+@pytest.mark.slow
+def test_the_loss_peaks_in_its_backward_as_estimated(pools):
+    """With the logits the largest term, the estimate's activations and loss equal the tracker's peak of
+    activations and backward's temporaries within 0.5%: the loss's backward, not its forward (8 or 10 bytes
+    a logit), sets the peak."""
+    runs = [(*COMMON, *overrides) for overrides in LARGE_VOCABULARY.values()]
+    for name, overrides, layout in zip(LARGE_VOCABULARY, runs, measure_layouts(runs, pools=pools), strict=True):
+        cfg = compose(list(overrides))
+        estimate = activation_bytes(cfg, current_layout(cfg), flash_attention=True)
+        per_logit = 16 if name == "tp-loss-parallel" else 12
+        logits = cfg.data.micro_batch_size * cfg.data.seq_len * cfg.model.vocab_size / current_layout(cfg).tp
+        assert estimate["loss"] == per_logit * logits
+        for record in layout.ranks:
+            peak = transient_peak(record, ddp=False)
+            assert estimate["activations"] + estimate["loss"] == pytest.approx(peak, rel=0.005), (name, record["rank"])
+            # the forward's activations alone (the tracker's activation peak) miss the backward's gradients
+            assert record["activations"] < 0.9 * peak, name
+
+
+# Recompute changes what a block keeps: (overrides, the tolerance reached) against the tracker's peak of
+# activations and backward's temporaries. Per-op selective reads 1.5-2% low (the recomputed ops'
+# gradients are not all counted); full recompute and every 2nd block within 0.1%. Tensor and sequence
 # parallelism are checked on the measurements of tests/test_bench.py's --layouts run.
 RECOMPUTE_LAYOUTS = {
-    "selective": (("trainer.devices=1", "parallel.recompute=selective"), 0.01),
-    # Full recompute: the estimate is 4% high (it counts one block input too many at the peak).
-    "full-recompute": (("trainer.devices=1", "parallel.recompute=full"), 0.05),
+    "selective": (("trainer.devices=1", "parallel.recompute=selective"), 0.025),
+    "full-recompute": (("trainer.devices=1", "parallel.recompute=full"), 0.01),
     "every-other-matmul": (
         ("trainer.devices=1", "parallel.recompute=selective", "parallel.recompute_keep_matmuls=every_other"),
-        0.01,
+        0.025,
     ),
     # Blocks 0 and 2 of 4 recompute whole: the peak is block 2's recomputation beside blocks 0 and 1's.
     "every-2nd-block": (
@@ -367,7 +401,7 @@ def test_advise_activation_estimate_with_recompute():
     ):
         estimated = _estimated_activations(overrides)
         for record in layout.ranks:
-            assert estimated == pytest.approx(record["activations"], rel=rtol), (name, record["rank"])
+            assert estimated == pytest.approx(transient_peak(record, ddp=False), rel=rtol), (name, record["rank"])
     none = _estimated_activations((*FAST, "model.ffn_dim=390", "trainer.devices=1"))
     assert _estimated_activations(runs[1]) < _estimated_activations(runs[2]) < _estimated_activations(runs[0]) < none
 

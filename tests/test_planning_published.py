@@ -182,14 +182,34 @@ def test_estimates_against_published_runs(row):
     assert (abs(ratio - 1) <= 0.15) == row.within, ratio
 
 
-def test_the_8b_h100_memory_estimate_against_the_published_peak():
-    """82.4 GiB measured (torchtitan's peak reserved memory, eager) against 71.8 estimated for the same
-    layout, every other matmul's output kept; keeping them all, 90.8 (docs/planning.md)."""
-    cfg = compose(list(PAPER_8B))
+# torchtitan's 8B runs on the 500 W H100 that report their peak memory: (overrides, published GiB, what
+# docs/planning.md says advise estimates). The compiled rows are estimated as the eager ones (the estimate
+# counts the eager loss's backward, which the CPU tracker measures; inductor's is not measured).
+PUBLISHED_MEMORY = {
+    "8 GPUs": (PAPER_8B, 82.4, 75.7),
+    "8 GPUs, compiled": ((*PAPER_8B, "compile.enabled=true"), 77.0, 75.7),
+    "128 GPUs": (PAPER_8B_128, 67.0, 61.7),
+    "128 GPUs, compiled": ((*PAPER_8B_128, "compile.enabled=true"), 62.0, 61.7),
+}
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED_MEMORY))
+def test_the_8b_h100_memory_estimates_against_the_published_peaks(name):
+    """Each within 10% of torchtitan's peak reserved memory (docs/planning.md): the loss's backward holds
+    12 bytes a logit (the log-probabilities, their gradient and the logits'); counting its forward's 10, as
+    the estimate once did, read 0.87 and 0.86 of the eager runs."""
+    overrides, published, documented = PUBLISHED_MEMORY[name]
+    cfg = compose(list(overrides))
     total = estimate(cfg, current_layout(cfg)).memory["total"] / 2**30
-    assert total == pytest.approx(71.8, abs=0.1)
+    assert total == pytest.approx(documented, abs=0.1), "docs/planning.md's figure no longer says what advise estimates"
+    assert abs(total / published - 1) <= 0.10, total / published
+
+
+def test_keeping_every_matmul_output_overshoots_the_published_peak():
+    """The 8 GPU run kept every other matmul's output (torchtitan's "op" policy); keeping them all (our
+    per-op selective) would hold 94.7 GiB, 15% over what was measured."""
     cfg = compose([*PAPER_8B, "parallel.recompute_keep_matmuls=all"])
-    assert estimate(cfg, current_layout(cfg)).memory["total"] / 2**30 == pytest.approx(90.8, abs=0.1)
+    assert estimate(cfg, current_layout(cfg)).memory["total"] / 2**30 == pytest.approx(94.7, abs=0.1)
 
 
 def test_a_probed_matmul_table_sets_each_gemms_rate():

@@ -137,6 +137,14 @@ class Advice:
         }
 
 
+def _loss_chunks(cfg: DictConfig, base: Layout) -> list[Layout]:
+    """``base`` with its loss over more chunks of the sequence (``model.loss_chunks``: 2, 4, ... up to 64,
+    fewest first, at every micro-batch); none where the run already chunks it as finely."""
+    seq = cfg.data.seq_len // base.cp // (base.tp if base.sequence_parallel else 1)
+    counts = [c for c in _powers_of_two(min(64, seq)) if c > base.loss_chunks]
+    return [replace(base, loss_chunks=c, micro_batch_size=m) for c in counts for m in _micro_batches(cfg, base.dp)]
+
+
 def _powers_of_two(limit: int) -> list[int]:
     return [2**i for i in range(1, int(math.log2(max(1, limit))) + 1)]
 
@@ -187,14 +195,15 @@ def advise(cfg: DictConfig, overrides: Sequence[str] = ()) -> Advice:
         return est if ok else None
 
     mb = _micro_batches(cfg, world)[0]
-    ddp = Layout(dp_replicate=world, mixed_precision=mp, micro_batch_size=mb)
+    chunks = max(1, cfg.model.get("loss_chunks", 1) or 1)  # the run's own model.loss_chunks, kept by every candidate
+    ddp = Layout(dp_replicate=world, mixed_precision=mp, micro_batch_size=mb, loss_chunks=chunks)
     if est := attempt("data parallel (DDP)", [ddp]):
         reasons.append(f"DDP fits: {gib(est.memory['total'])} of {gib(est.capacity)} per rank; no sharding needed.")
         return done(est)
     reasons.append(f"DDP needs {gib(tried[-1][1].memory['total'])} per rank, more than {gib(tried[-1][1].capacity)}.")
     if world > 1:
         for zero in ("optimizer", "shard_grad_op", "full"):
-            layout = Layout(dp_shard=world, zero=zero, mixed_precision=mp, micro_batch_size=mb)
+            layout = Layout(dp_shard=world, zero=zero, mixed_precision=mp, micro_batch_size=mb, loss_chunks=chunks)
             if est := attempt(ZERO_NAMES[zero], [layout]):
                 reasons.append(
                     f"{ZERO_NAMES[zero]} fits ({gib(est.memory['total'])} per rank); lighter sharding does not."
@@ -203,7 +212,9 @@ def advise(cfg: DictConfig, overrides: Sequence[str] = ()) -> Advice:
             reasons.append(f"{ZERO_NAMES[zero]} needs {gib(tried[-1][1].memory['total'])} per rank.")
     else:
         reasons.append("one device: there is nothing to shard over.")
-    base = Layout(dp_shard=world, zero="full" if world > 1 else "none", dp_replicate=1, mixed_precision=mp)
+    base = Layout(
+        dp_shard=world, zero="full" if world > 1 else "none", dp_replicate=1, mixed_precision=mp, loss_chunks=chunks
+    )
     if world > 1 and (eps := _ep_sizes(cfg, base)):
         # A MoE model's gathered units hold every expert of a layer; expert parallelism keeps 1/ep of
         # them per rank (same sharded state, smaller gathers), before anything cuts the batch.
@@ -223,6 +234,30 @@ def advise(cfg: DictConfig, overrides: Sequence[str] = ()) -> Advice:
         )
         return done(est)
     base = replace(base, micro_batch_size=1)
+
+    def chunk_the_loss(base: Layout) -> Optional[Estimate]:
+        """Where the logits outweigh what the blocks keep, the head and the loss a chunk of the sequence at a
+        time (each chunk's logits again in backward: one more GEMM of the head, lighter than any recompute);
+        the chunks that hold least are kept from here on (``tried[-1]``)."""
+        last = estimate(cfg, base)
+        chunked = _loss_chunks(cfg, base)
+        if last.memory["loss"] <= last.memory["activations"] or not chunked:
+            return None
+        if est := attempt("loss in chunks (model.loss_chunks)", chunked):
+            reasons.append(
+                f"the loss in {est.layout.loss_chunks} chunks fits ({gib(est.memory['total'])} per rank): the"
+                f" logits ({gib(last.memory['loss'])}) outweighed the blocks' activations."
+            )
+            return est
+        reasons.append(
+            f"the logits ({gib(last.memory['loss'])}) outweigh the blocks' activations: the loss in"
+            f" {tried[-1][1].layout.loss_chunks} chunks ({gib(tried[-1][1].memory['total'])} per rank) from here on."
+        )
+        return None
+
+    if est := chunk_the_loss(base):
+        return done(est)
+    base = replace(base, loss_chunks=tried[-1][1].layout.loss_chunks)
     for recompute in ("selective", "full"):
         if est := attempt(
             f"recompute={recompute}",
@@ -230,7 +265,10 @@ def advise(cfg: DictConfig, overrides: Sequence[str] = ()) -> Advice:
         ):
             reasons.append(f"recompute={recompute} fits ({gib(est.memory['total'])} per rank); tp and cp not needed.")
             return done(est)
-    base = replace(base, recompute="full")
+        base = replace(base, recompute=recompute)
+        if est := chunk_the_loss(base):
+            return done(est)
+        base = replace(base, loss_chunks=tried[-1][1].layout.loss_chunks)
     last = tried[-1][1]
     # What no layout of these devices divides further: ZeRO-3 already splits the model state over
     # all of them (tp, pp and cp only re-divide it); the gathered units (transient) tp does divide.

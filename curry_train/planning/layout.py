@@ -46,6 +46,7 @@ class Layout:
     virtual_stages: Optional[int] = None  # parallel.pp.virtual_stages: None = the schedule's default
     recompute_every_n_blocks: int = 0  # selective: 0 = per op in every block; n = full recompute of every n-th
     recompute_keep_matmuls: str = "all"  # per-op selective: all | every_other
+    loss_chunks: int = 1  # model.loss_chunks: the head and the loss over this many chunks of the sequence
 
     @property
     def recompute_kind(self) -> str:
@@ -119,6 +120,8 @@ class Layout:
             parts.append(f"every {self.recompute_every_n_blocks} blocks")
         elif self.recompute_kind == "per_op_half":
             parts.append("every other matmul kept")
+        if self.loss_chunks > 1:
+            parts.append(f"loss in {self.loss_chunks} chunks")
         parts.append(f"{self.mixed_precision}, micro-batch {self.micro_batch_size}")
         return ", ".join(parts)
 
@@ -153,6 +156,7 @@ def current_layout(cfg: DictConfig) -> Layout:
         **pipeline_knobs(cfg),
         recompute_every_n_blocks=cfg.parallel.get("recompute_every_n_blocks", 0),
         recompute_keep_matmuls=cfg.parallel.get("recompute_keep_matmuls", "all"),
+        loss_chunks=max(1, cfg.model.get("loss_chunks", 1) or 1),
     )
 
 
@@ -185,6 +189,7 @@ def train_command(cfg: DictConfig, layout: Layout, user_overrides: Sequence[str]
         "trainer.num_nodes",
         "trainer.precision",
         "data.micro_batch_size",
+        "model.loss_chunks",
     }
     options = set(layout.options())
 
@@ -213,6 +218,8 @@ def train_command(cfg: DictConfig, layout: Layout, user_overrides: Sequence[str]
         args.append(f"parallel.pp.schedule={layout.pp_schedule}")
     if layout.pp > 1 and layout.virtual_stages is not None:
         args.append(f"parallel.pp.virtual_stages={layout.virtual_stages}")
+    if layout.loss_chunks > 1:
+        args.append(f"model.loss_chunks={layout.loss_chunks}")
     if layout.sequence_parallel:
         args.append("parallel.tp.sequence_parallel=true")
     if layout.recompute != "none":

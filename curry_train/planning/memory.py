@@ -276,10 +276,15 @@ def transient_state(cfg_model: DictConfig, shapes: Sequence[tuple[int, ...]], la
 # Activations and the loss
 
 
-def loss_bytes_per_logit(mixed_precision: str) -> int:
-    """The logits in the compute dtype, cross-entropy's fp32 log-probabilities and, for half-precision
-    logits, their fp32 copy (``TrainStep.token_loss`` upcasts them)."""
-    return 8 if mixed_precision == "fp32" else 2 + 4 + 4
+def loss_bytes_per_logit(mixed_precision: str, loss_parallel: bool = False) -> int:
+    """What the loss holds per logit at its peak, which is in its backward (PyTorch's memory tracker,
+    tests/test_memory.py): the fp32 log-probabilities that cross-entropy keeps, their gradient and the
+    logits' fp32 gradient, 12 bytes, in fp32 and bf16 alike. Its forward holds less: the logits in the
+    compute dtype, for half-precision logits their fp32 copy (``TrainStep.token_loss`` upcasts them),
+    and the log-probabilities (8 bytes in fp32, 2 + 4 + 4 in bf16), and the logits are freed before
+    backward. Under loss parallelism (vocabulary-sharded DTensors) the sharded log-softmax keeps 12
+    bytes a logit in forward, and its backward peaks at 16."""
+    return 16 if loss_parallel else 12
 
 
 def block_activation_bytes(cfg: DictConfig, layout: Layout, flash_attention: bool) -> dict[str, float]:
@@ -321,6 +326,10 @@ def block_activation_bytes(cfg: DictConfig, layout: Layout, flash_attention: boo
         mlp_outputs += share * (moe_outputs - mlp_outputs)
     whole = 2 * norm + attention + mlp + dropout
     block_input = e * s * b * h / seq
+    # A block's backward, beside what the blocks keep: the gradient arriving at its output, and in the
+    # MLP's, the gradient of the product, then of w3's and SiLU's outputs from it, while w2's backward
+    # has freed the product it kept: two of the MLP's four tensors more.
+    gradients = 0.5 * mlp + e * s * b * h / seq
     # wq, wk, wv, w1, w3; wo, w2 (before reduction)
     matmul_outputs = e * s * b * (q + 2 * kv) / t + mlp_outputs + 2 * e * s * b * h
     sdpa_outputs = (e * s * b * q + 4 * s * b * a) / t
@@ -330,6 +339,7 @@ def block_activation_bytes(cfg: DictConfig, layout: Layout, flash_attention: boo
         "selective": block_input + matmul_outputs + sdpa_outputs,
         "selective_half": block_input + half_outputs + sdpa_outputs,
         "input": block_input,
+        "gradients": gradients,
     }
 
 
@@ -360,16 +370,23 @@ def activation_bytes(cfg: DictConfig, layout: Layout, flash_attention: bool) -> 
     e = 2 if layout.mixed_precision == "bf16" else 4
     seq = layout.tp if layout.sequence_parallel else 1
     final_norm = (4 + 4) * s * b * m.dim / seq + 4 * s * b / seq + e * s * b * m.dim
-    # model.loss_chunks: one chunk's logits at a time (chunked_cross_entropy)
-    chunks = min(max(1, m.get("loss_chunks", 1) or 1), max(1, s // seq))
-    loss = loss_bytes_per_logit(layout.mixed_precision) * s * b * m.vocab_size / layout.tp / chunks
+    # model.loss_chunks: one chunk's logits at a time (chunked_cross_entropy), and in backward the chunk's
+    # gradient of the head's weight (in the compute dtype) before it is added to the others'
+    chunks = min(layout.loss_chunks, max(1, s // seq))
+    # under tp the head's output is sharded over the vocabulary (loss parallelism, the default) or whole
+    loss_parallel = layout.tp > 1 and bool(OmegaConf.select(cfg, "parallel.tp.loss_parallel", default=True))
+    vocab = m.vocab_size / (layout.tp if loss_parallel else 1)
+    loss = loss_bytes_per_logit(layout.mixed_precision, loss_parallel) * s * b * vocab / chunks
+    if chunks > 1:
+        loss += e * m.vocab_size * m.dim / layout.tp
     peaks = []
     for forwards, holds_last in block_forwards_per_rank(layout, m.n_layers, microbatches_per_step(cfg, layout)):
         # A stage's forward of one micro-batch keeps its blocks' tensors until its backward. The
-        # peak: the end of a forward (the kept tensors, and on the last stage the final norm and the
-        # loss), or the backward of a block, which recomputes its whole set next to the others'.
+        # peak: the loss's backward on the last stage (the kept tensors, the final norm and the
+        # loss), or the backward of a block, which recomputes its whole set next to the others' and
+        # makes the gradients of its tensors.
         stored = kept * forwards
-        recomputing = stored - tail + block["all"]
+        recomputing = stored - tail + block["all"] + block["gradients"]
         rank_loss = loss if holds_last else 0.0
         total = max(stored + (final_norm + loss if holds_last else 0.0), recomputing)
         peaks.append((total, total - rank_loss, rank_loss))

@@ -272,9 +272,12 @@ def micro_batch_seconds(cfg: DictConfig, layout: Layout, hw: DictConfig, blocks:
     if head:
         m = cfg.model
         tokens = layout.micro_batch_size * cfg.data.seq_len / layout.cp
-        parts["matmul"] += 3 * gemm_seconds(tokens, m.dim, m.vocab_size / layout.tp, hw, layout)
+        # model.loss_chunks: each chunk's logits and loss are computed again in backward (its forward GEMM and
+        # the log-softmax's read and write, about 8 bytes a logit)
+        chunked = layout.loss_chunks > 1
+        parts["matmul"] += (4 if chunked else 3) * gemm_seconds(tokens, m.dim, m.vocab_size / layout.tp, hw, layout)
         # the loss: the logits read in fp32, softmax, the gradient written: about 16 bytes a logit
-        parts["memory"] += tokens * m.vocab_size / layout.tp * 16 / bandwidth
+        parts["memory"] += tokens * m.vocab_size / layout.tp * (24 if chunked else 16) / bandwidth
     return parts
 
 

@@ -64,7 +64,7 @@ def _context_worker(
             t.grad = None
 
     step()  # warm-up
-    activations, _ = peak_memory(attention, step, inputs=[q, k, v])
+    activations, _, _ = peak_memory(attention, step, inputs=[q, k, v])
     waits = cpm.WAIT_SECONDS
     waits[0] = 0.0
     dist.barrier()

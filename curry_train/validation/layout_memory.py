@@ -82,7 +82,7 @@ class MemoryProbe(Callback):
         if module.step.pipelined:
             # A pipeline stage cannot run a micro-batch alone, and the schedule's step calls each stage
             # once per micro-batch, which PyTorch's memory tracker refuses: not measured.
-            self.record["activations"], self.record["peak"] = None, None
+            self.record["activations"], self.record["transient"], self.record["peak"] = None, None, None
             return
         optimizers = self._optimizers(trainer)
         micro_batch = module.step.micro_batches(batch)[0]
@@ -100,7 +100,7 @@ class MemoryProbe(Callback):
         if device.type == "cuda":  # the allocator's own peak over the same forward+backward
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
-        self.record["activations"], self.record["peak"] = peak_memory(
+        self.record["activations"], self.record["transient"], self.record["peak"] = peak_memory(
             module.model, forward_backward, optimizers, [batch]
         )
         if device.type == "cuda":

@@ -112,15 +112,19 @@ def model_state_bytes(model: nn.Module, optimizers: Sequence[torch.optim.Optimiz
 
 class _ActivationPeak:
     """Mixed into PyTorch's memory trackers: the most bytes the activation category held at any
-    moment. The trackers keep only the breakdown at the moment the *total* peaked, whose activation
-    part depends on what else (gathered parameters, gradients) happened to be alive then."""
+    moment, and the most the activations and backward's temporaries (the gradients of activations,
+    ``TEMP``) held together. The trackers keep only the breakdown at the moment the *total* peaked,
+    whose parts depend on what else (gathered parameters, gradients) happened to be alive then."""
 
     activation_peak = 0
+    transient_peak = 0
 
     def _update_peak_stats(self, peak_state: Any) -> None:  # called by the tracker after every op
         super()._update_peak_stats(peak_state)
         for snapshot in self._curr_mem_snap.values():
-            self.activation_peak = max(self.activation_peak, snapshot[self._ref_class.ACT])
+            activations = snapshot[self._ref_class.ACT]
+            self.activation_peak = max(self.activation_peak, activations)
+            self.transient_peak = max(self.transient_peak, activations + snapshot[self._ref_class.TEMP])
 
 
 class _Tracker(_ActivationPeak, MemTracker):
@@ -136,10 +140,12 @@ def peak_memory(
     forward_backward: Callable[[], None],
     optimizers: Sequence[torch.optim.Optimizer] = (),
     inputs: Sequence[torch.Tensor] = (),
-) -> tuple[int, dict[str, int]]:
+) -> tuple[int, int, dict[str, int]]:
     """Run ``forward_backward`` under PyTorch's memory tracker (``torch.distributed._tools``; it
     follows tensor storages through the dispatcher, so it works on CPU as on GPU). Returns the peak
-    activation bytes and, by category, the bytes held when the tracked total peaked.
+    activation bytes, the peak of activations and backward's temporaries together (what a device
+    holds besides the model state: in the loss's backward, the log-probabilities beside their
+    gradient and the logits'), and, by category, the bytes held when the tracked total peaked.
 
     Activations are the tensors made in forward (and again by recompute in backward), so what
     ``parallel.recompute`` trades away; gradients of activations in backward are ``TEMP``. An FSDP2
@@ -156,7 +162,8 @@ def peak_memory(
     with tracker:
         forward_backward()
     (peak,) = tracker.get_tracker_snapshot("peak").values()  # one device per rank
-    return tracker.activation_peak, {str(getattr(key, "name", key)): value for key, value in peak.items()}
+    categories = {str(getattr(key, "name", key)): value for key, value in peak.items()}
+    return tracker.activation_peak, tracker.transient_peak, categories
 
 
 def bare_model_activation_bytes(
@@ -169,5 +176,5 @@ def bare_model_activation_bytes(
         model = Llama(model_cfg)
     materialize_and_init(model, torch.device("cpu"), 0)
     apply_recompute(list(model.get_submodule(model.plan.blocks).values()), recompute, every_n_blocks, keep_matmuls)
-    activations, _ = peak_memory(model, lambda: model(tokens).sum().backward(), inputs=[tokens])
+    activations, _, _ = peak_memory(model, lambda: model(tokens).sum().backward(), inputs=[tokens])
     return activations
