@@ -29,6 +29,7 @@ from curry_train.planning.layout import (
 )
 from curry_train.planning.memory import (
     activation_bytes,
+    holds_unsharded_gradients,
     is_expert,
     model_state,
     rank_parameters,
@@ -94,9 +95,16 @@ def estimate(cfg: DictConfig, layout: Layout) -> Estimate:
         if experts:  # FSDP shards the experts over the ranks expert parallelism leaves
             expert_state = model_state(experts, layout.zero, layout.expert_shards, layout.mixed_precision)
             state = {key: state[key] + expert_state[key] for key in state}
+        if holds_unsharded_gradients(cfg, layout):  # fp32, whole on the rank, until the step's last backward
+            state["grads"] = 4 * sum(math.prod(shape) for shape in dense + experts)
         if cfg.model.get("lora") is not None:  # the frozen base's transient all-gathers too
             dense, experts = dense + frozen, experts + frozen_experts
         state["transient"] = transient_state(cfg.model, dense + experts, layout, stage)
+        if layout.pp > 1 and layout.zero in ("full", "hybrid"):
+            # a pipeline stage keeps its units gathered from its first backward to its last
+            pbytes = 2 if layout.mixed_precision == "bf16" else 4
+            whole = pbytes * sum(math.prod(shape) for shape in dense + experts)
+            state["transient"] = max(state["transient"], whole)
         states.append(state)
     memory = dict(max(states, key=lambda st: sum(st.values())))
     memory.update(activation_bytes(cfg, layout, hw.flash_attention))
@@ -135,6 +143,18 @@ class Advice:
             "reasons": self.reasons,
             "tried": [{"step": step, **est.to_dict()} for step, est in self.tried],
         }
+
+
+def _reducing_each_microbatch_too(cfg: DictConfig, layouts: Sequence[Layout]) -> list[Layout]:
+    """Each layout, followed, where FSDP would hold its gradients unsharded between micro-batches (and no
+    pipeline forces it to), by the same with a reduce-scatter every micro-batch
+    (``parallel.fsdp.sync_each_microbatch``: sharded gradients, for more traffic)."""
+    out = []
+    for layout in layouts:
+        out.append(layout)
+        if layout.pp == 1 and holds_unsharded_gradients(cfg, layout):
+            out.append(replace(layout, sync_each_microbatch=True))
+    return out
 
 
 def _loss_chunks(cfg: DictConfig, base: Layout) -> list[Layout]:
@@ -190,7 +210,7 @@ def advise(cfg: DictConfig, overrides: Sequence[str] = ()) -> Advice:
         return Advice(est, tried, reasons, train_command(cfg, est.layout, overrides))
 
     def attempt(step: str, layouts: Sequence[Layout]) -> Optional[Estimate]:
-        est, ok = _fit(cfg, layouts)
+        est, ok = _fit(cfg, _reducing_each_microbatch_too(cfg, layouts))
         tried.append((step, est))
         return est if ok else None
 
@@ -236,13 +256,14 @@ def advise(cfg: DictConfig, overrides: Sequence[str] = ()) -> Advice:
     base = replace(base, micro_batch_size=1)
 
     def chunk_the_loss(base: Layout) -> Optional[Estimate]:
-        """Where the logits outweigh what the blocks keep, the head and the loss a chunk of the sequence at a
-        time (each chunk's logits again in backward: one more GEMM of the head, lighter than any recompute);
-        the chunks that hold least are kept from here on (``tried[-1]``)."""
+        """Where the logits outweigh what the blocks keep (and a tenth of the device), the head and the loss
+        a chunk of the sequence at a time (each chunk's logits again in backward: one more GEMM of the head,
+        lighter than any recompute); the chunks that hold least are kept from here on (``tried[-1]``)."""
         last = estimate(cfg, base)
         chunked = _loss_chunks(cfg, base)
-        if last.memory["loss"] <= last.memory["activations"] or not chunked:
-            return None
+        loss = last.memory["loss"]
+        if loss <= last.memory["activations"] or loss < HEADROOM * last.capacity or not chunked:
+            return None  # the logits are not what breaks memory
         if est := attempt("loss in chunks (model.loss_chunks)", chunked):
             reasons.append(
                 f"the loss in {est.layout.loss_chunks} chunks fits ({gib(est.memory['total'])} per rank): the"
@@ -395,7 +416,10 @@ def _across_nodes(cfg: DictConfig, est: Estimate, tried: list[tuple[str, Estimat
     candidates: list[tuple[str, Layout]] = []
     sharded = layout.zero in ("optimizer", "shard_grad_op", "full")
     if sharded and layout.ep == 1 and inner >= 1 and layout.dp > inner and layout.dp % inner == 0:
-        candidates.append(("HSDP", replace(layout, zero="hybrid", dp_shard=inner, dp_replicate=layout.dp // inner)))
+        hybrid = replace(
+            layout, zero="hybrid", dp_shard=inner, dp_replicate=layout.dp // inner, sync_each_microbatch=False
+        )
+        candidates += [("HSDP", c) for c in _reducing_each_microbatch_too(cfg, [hybrid])]
     schedules = (
         [pipeline_knobs(cfg)]
         if ParallelConfig.of(cfg).pp is not None
@@ -416,6 +440,7 @@ def _across_nodes(cfg: DictConfig, est: Estimate, tried: list[tuple[str, Estimat
                     zero=zero,
                     dp_shard=1 if zero == "none" else dp,
                     dp_replicate=dp if zero == "none" else 1,
+                    sync_each_microbatch=False,  # a pipeline stage reduces its gradients after its last backward
                     **knobs,
                 )
                 if _pipeline_runs(cfg, candidate):

@@ -47,6 +47,7 @@ class Layout:
     recompute_every_n_blocks: int = 0  # selective: 0 = per op in every block; n = full recompute of every n-th
     recompute_keep_matmuls: str = "all"  # per-op selective: all | every_other
     loss_chunks: int = 1  # model.loss_chunks: the head and the loss over this many chunks of the sequence
+    sync_each_microbatch: bool = False  # parallel.fsdp.sync_each_microbatch: reduce-scatter every micro-batch
 
     @property
     def recompute_kind(self) -> str:
@@ -122,6 +123,8 @@ class Layout:
             parts.append("every other matmul kept")
         if self.loss_chunks > 1:
             parts.append(f"loss in {self.loss_chunks} chunks")
+        if self.sync_each_microbatch:
+            parts.append("gradients reduced every micro-batch")
         parts.append(f"{self.mixed_precision}, micro-batch {self.micro_batch_size}")
         return ", ".join(parts)
 
@@ -157,6 +160,7 @@ def current_layout(cfg: DictConfig) -> Layout:
         recompute_every_n_blocks=cfg.parallel.get("recompute_every_n_blocks", 0),
         recompute_keep_matmuls=cfg.parallel.get("recompute_keep_matmuls", "all"),
         loss_chunks=max(1, cfg.model.get("loss_chunks", 1) or 1),
+        sync_each_microbatch=bool(fsdp is not None and fsdp.sync_each_microbatch),
     )
 
 
@@ -190,6 +194,7 @@ def train_command(cfg: DictConfig, layout: Layout, user_overrides: Sequence[str]
         "trainer.precision",
         "data.micro_batch_size",
         "model.loss_chunks",
+        "parallel.fsdp.sync_each_microbatch",
     }
     options = set(layout.options())
 
@@ -220,6 +225,8 @@ def train_command(cfg: DictConfig, layout: Layout, user_overrides: Sequence[str]
         args.append(f"parallel.pp.virtual_stages={layout.virtual_stages}")
     if layout.loss_chunks > 1:
         args.append(f"model.loss_chunks={layout.loss_chunks}")
+    if layout.sync_each_microbatch and layout.zero != "none":
+        args.append("parallel.fsdp.sync_each_microbatch=true")
     if layout.sequence_parallel:
         args.append("parallel.tp.sequence_parallel=true")
     if layout.recompute != "none":

@@ -253,6 +253,17 @@ def model_state(
     }
 
 
+def holds_unsharded_gradients(cfg: DictConfig, layout: Layout) -> bool:
+    """Whether FSDP keeps each of the rank's gradients unsharded, in fp32, between micro-batches: under
+    gradient accumulation it reduces them only in the last micro-batch's backward (unless
+    ``parallel.fsdp.sync_each_microbatch``), and a pipeline stage never reduces them before its last
+    backward. Measured: 4 bytes a parameter on each of 2 ranks after a first micro-batch, against 2 with a
+    reduce-scatter each micro-batch (tests/test_fsdp.py)."""
+    if layout.zero not in ("full", "hybrid", "shard_grad_op"):
+        return False
+    return layout.pp > 1 or (microbatches_per_step(cfg, layout) > 1 and not layout.sync_each_microbatch)
+
+
 def transient_state(cfg_model: DictConfig, shapes: Sequence[tuple[int, ...]], layout: Layout, stage: int = 0) -> int:
     """Model-state bytes that exist only during forward/backward (docs/planning.md), on pipeline rank
     ``stage``: ZeRO-3 keeps gathered only the embedding and head this rank holds."""

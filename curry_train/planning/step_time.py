@@ -345,7 +345,9 @@ def step_time(cfg: DictConfig, layout: Layout, hw: DictConfig) -> dict[str, floa
         elif layout.zero in ("optimizer", "shard_grad_op"):
             volumes.append(ring * (4 * P_rank + pbytes * P_rank))
         else:
-            volumes.append(ring * (4 * P_rank + 2 * M * pbytes * P_rank))
+            # the gradients' reduce-scatter once a step, or every micro-batch (parallel.fsdp.sync_each_microbatch)
+            reductions = M if layout.sync_each_microbatch else 1
+            volumes.append(ring * (4 * reductions * P_rank + 2 * M * pbytes * P_rank))
     volume = sum(volumes)
     P_rank = N / (layout.tp * layout.pp)
     dp_link = _link(layout, "dp_shard" if layout.zero == "hybrid" else "dp", gpn, hw)
@@ -359,8 +361,10 @@ def step_time(cfg: DictConfig, layout: Layout, hw: DictConfig) -> dict[str, floa
     if layout.zero == "hybrid" and layout.dp_replicate > 1:
         # HSDP: gathers and reduce-scatters stay in the shard group; the replicas all-reduce the
         # gradient shards (fp32) once a step, over the links that join them.
-        volume = 2 * (layout.dp_replicate - 1) / layout.dp_replicate * 4 * P_rank / d
-        times["dp"] += collective_seconds(volume, _link(layout, "dp", gpn, hw), hw, units)
+        # (every micro-batch with parallel.fsdp.sync_each_microbatch)
+        reductions = M if layout.sync_each_microbatch else 1
+        volume = 2 * (layout.dp_replicate - 1) / layout.dp_replicate * 4 * P_rank / d * reductions
+        times["dp"] += collective_seconds(volume, _link(layout, "dp", gpn, hw), hw, units * reductions)
     act = s // layout.cp * layout.micro_batch_size * h * pbytes
     tp_blocks = max(len(r) for r in split_layers(L, layout.pp))
     if layout.tp > 1:  # two all-reduces (or gather + reduce-scatter pairs) forward, two backward; exposed
