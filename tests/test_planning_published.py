@@ -61,6 +61,65 @@ PAPER_8B_128 = (
 )
 
 
+# torchtitan's benchmarks/llama3_h100_202412_torchtitan.md beyond table 1 and 3: its runs with torch.compile and
+# Float8 (which the estimate does not model: its GEMMs run at the bf16 rate here), on the 500 W H100.
+def titan_long_context(fsdp: int, cp: int) -> tuple[str, ...]:
+    """Table 2: Llama 3.1 8B on 8 GPUs, FSDP x CP, local batch 1, full AC, the sequence 32k x cp."""
+    return (
+        "hardware=h100_95gb_hbm2e",
+        "trainer.devices=8",
+        "model=llama3_8b",
+        f"data.seq_len={32768 * cp}",
+        "data.micro_batch_size=1",
+        f"data.global_batch_size={fsdp}",
+        "parallel=fsdp" if cp == 1 else "parallel=fsdp+cp",
+        *(() if cp == 1 else (f"parallel.cp.size={cp}",)),
+        "parallel.fsdp.mixed_precision=bf16",
+        "parallel.recompute=full",
+        "compile.enabled=true",
+    )
+
+
+TITAN_70B_256 = (  # table 4: FSDP 32 x TP 8, local batch 16, full AC
+    "hardware=h100_95gb_hbm2e",
+    "hardware.nodes=32",
+    "trainer.num_nodes=32",
+    "trainer.devices=8",
+    "model=llama3_70b",
+    *SEQ,
+    "data.micro_batch_size=16",
+    "data.global_batch_size=512",
+    "parallel=fsdp+tp",
+    "parallel.tp.size=8",
+    "parallel.tp.sequence_parallel=true",
+    "parallel.fsdp.mixed_precision=bf16",
+    "parallel.recompute=full",
+    "compile.enabled=true",
+)
+
+
+def titan_405b_512(schedule: str) -> tuple[str, ...]:
+    """Table 5: Llama 3.1 405B on 512 GPUs, FSDP 8 x TP 8 x PP 8, local batch 32 in micro-batches of 1."""
+    return (
+        "hardware=h100_95gb_hbm2e",
+        "hardware.nodes=64",
+        "trainer.num_nodes=64",
+        "trainer.devices=8",
+        "model=llama3_405b",
+        *SEQ,
+        "data.micro_batch_size=1",
+        "data.global_batch_size=256",
+        "parallel=fsdp+tp+pp",
+        "parallel.tp.size=8",
+        "parallel.tp.sequence_parallel=true",
+        "parallel.pp.size=8",
+        f"parallel.pp.schedule={schedule}",
+        "parallel.fsdp.mixed_precision=bf16",
+        "parallel.recompute=full",
+        "compile.enabled=true",
+    )
+
+
 ROWS = [
     Published(
         "torchtitan llama3 8B, 64 A100, FSDP, selective op AC",
@@ -167,6 +226,41 @@ ROWS = [
         146.1,
         within=False,
     ),
+    # torchtitan's table 2, 4 and 5 (compile and Float8; Float8 not modeled: docs/planning.md)
+    *(
+        Published(
+            f"torchtitan llama3.1 8B, 8 H100 at 500 W, FSDP {fsdp} x CP {cp}, seq {32768 * cp}, full AC, Float8",
+            titan_long_context(fsdp, cp),
+            published,
+            "tokens",
+            documented,
+            within=False,  # long sequences: attention's rate under the ring (docs/planning.md)
+        )
+        for fsdp, cp, published, documented in (
+            (8, 1, 3890, 5060),
+            (4, 2, 2540, 3298),
+            (2, 4, 1071, 1944),
+            (1, 8, 548, 1067),
+        )
+    ),
+    Published(
+        "torchtitan llama3.1 70B, 256 H100 at 500 W, FSDP 32 x TP 8, full AC, Float8", TITAN_70B_256, 829, "tokens", 784
+    ),
+    Published(
+        "torchtitan llama3.1 405B, 512 H100 at 500 W, FSDP 8 x TP 8 x PP 8 1F1B, full AC, Float8",
+        titan_405b_512("1F1B"),
+        100,
+        "tokens",
+        136.4,
+        within=False,
+    ),
+    Published(
+        "torchtitan llama3.1 405B, 512 H100 at 500 W, FSDP 8 x TP 8 x PP 8 interleaved, full AC, Float8",
+        titan_405b_512("interleaved"),
+        128,
+        "tokens",
+        146.8,
+    ),
 ]
 
 
@@ -190,6 +284,17 @@ PUBLISHED_MEMORY = {
     "8 GPUs, compiled": ((*PAPER_8B, "compile.enabled=true"), 77.0, 75.7),
     "128 GPUs": (PAPER_8B_128, 67.0, 61.7),
     "128 GPUs, compiled": ((*PAPER_8B_128, "compile.enabled=true"), 62.0, 61.7),
+    # table 2 (Float8): the logits' backward of 32k tokens a rank is 47 of the 77 GiB
+    **{
+        f"8B, FSDP {f} x CP {c}": (titan_long_context(f, c), pub, 76.8)
+        for f, c, pub in ((8, 1, 83.9), (4, 2, 84.2), (2, 4, 84.0), (1, 8, 84.5))
+    },
+}
+# ... and runs it does not meet within 10% (docs/planning.md says what each leaves out)
+PUBLISHED_MEMORY_MISSED = {
+    "70B, FSDP 32 x TP 8": (TITAN_70B_256, 71.9, 61.7),
+    "405B, FSDP 8 x TP 8 x PP 8, 1F1B": (titan_405b_512("1F1B"), 82.5, 51.7),
+    "405B, FSDP 8 x TP 8 x PP 8, interleaved": (titan_405b_512("interleaved"), 72.7, 53.4),
 }
 
 
@@ -203,6 +308,15 @@ def test_the_8b_h100_memory_estimates_against_the_published_peaks(name):
     total = estimate(cfg, current_layout(cfg)).memory["total"] / 2**30
     assert total == pytest.approx(documented, abs=0.1), "docs/planning.md's figure no longer says what advise estimates"
     assert abs(total / published - 1) <= 0.10, total / published
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED_MEMORY_MISSED))
+def test_the_memory_estimates_docs_report_as_missed(name):
+    overrides, published, documented = PUBLISHED_MEMORY_MISSED[name]
+    cfg = compose(list(overrides))
+    total = estimate(cfg, current_layout(cfg)).memory["total"] / 2**30
+    assert total == pytest.approx(documented, abs=0.1), "docs/planning.md's figure no longer says what advise estimates"
+    assert abs(total / published - 1) > 0.10, "now within 10%: move the row to PUBLISHED_MEMORY and the docs' table"
 
 
 def test_keeping_every_matmul_output_overshoots_the_published_peak():
