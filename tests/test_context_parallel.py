@@ -172,7 +172,10 @@ reference(x_full, cos, sin).square().sum().backward()
 for (name, p), q in zip(attention.named_parameters(), reference.parameters()):
     grad = p.grad.clone()
     dist.all_reduce(grad, group=ps.get_cp_group())  # each rank's tokens contribute their part
-    assert torch.allclose(grad, q.grad, rtol=1e-4, atol=1e-6), (name, (grad - q.grad).abs().max())
+    # fp32 sums: the error scales with the gradient's largest terms, not with each element (wv's gradient
+    # reaches 23 and differs by 9.5e-6 on some machines: 5 ulps of 23)
+    scale = q.grad.abs().max().item()
+    assert torch.allclose(grad, q.grad, rtol=1e-4, atol=1e-6 * max(1.0, scale)), (name, (grad - q.grad).abs().max())
 print("SEED OK", dist.get_rank())
 """
 
