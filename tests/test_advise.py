@@ -191,6 +191,22 @@ def test_pipeline_across_nodes_when_data_parallel_traffic_saturates_slow_links(c
     assert result["step_time_s"]["total"] < one_f_one_b.time["total"]
 
 
+def test_a_pipeline_it_recommends_computes_the_loss_whole(capsys):
+    """The run chunks its loss, but a pipeline's last stage computes it from whole logits (the check refuses
+    model.loss_chunks with pp): the pipeline advise recommends across nodes does not chunk it."""
+    code, result = run_json(capsys, [*SEVENTY_B_16_NODES, *SLOW_LINKS, "model.loss_chunks=4"])
+    assert code == 0 and result["sizes"]["pp"] > 1
+    assert result["layout"]["loss_chunks"] == 1 and "model.loss_chunks" not in result["command"]
+    assert_command_runs_the_layout(result)
+
+
+def test_a_bad_loss_chunk_count_is_one_line(capsys):
+    assert load_advise().main(["model.loss_chunks=0"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "advise: error: model.loss_chunks=0 must be >= 1 (1: the head and loss at once)"
+    )
+
+
 def assert_command_runs_the_layout(result):
     """The printed command composes to exactly the recommended layout."""
 

@@ -23,6 +23,7 @@ from curry_train.planning.layout import (
     ZERO_NAMES,
     Layout,
     current_layout,
+    loss_chunks_of,
     microbatches_per_step,
     pipeline_knobs,
     train_command,
@@ -215,7 +216,7 @@ def advise(cfg: DictConfig, overrides: Sequence[str] = ()) -> Advice:
         return est if ok else None
 
     mb = _micro_batches(cfg, world)[0]
-    chunks = max(1, cfg.model.get("loss_chunks", 1) or 1)  # the run's own model.loss_chunks, kept by every candidate
+    chunks = loss_chunks_of(cfg)  # the run's own model.loss_chunks, kept by every candidate
     ddp = Layout(dp_replicate=world, mixed_precision=mp, micro_batch_size=mb, loss_chunks=chunks)
     if est := attempt("data parallel (DDP)", [ddp]):
         reasons.append(f"DDP fits: {gib(est.memory['total'])} of {gib(est.capacity)} per rank; no sharding needed.")
@@ -441,6 +442,7 @@ def _across_nodes(cfg: DictConfig, est: Estimate, tried: list[tuple[str, Estimat
                     dp_shard=1 if zero == "none" else dp,
                     dp_replicate=dp if zero == "none" else 1,
                     sync_each_microbatch=False,  # a pipeline stage reduces its gradients after its last backward
+                    loss_chunks=1,  # the last stage's schedule computes the loss from whole logits (the check)
                     **knobs,
                 )
                 if _pipeline_runs(cfg, candidate):

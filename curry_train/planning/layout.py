@@ -134,6 +134,15 @@ def microbatches_per_step(cfg: DictConfig, layout: Layout) -> int:
     return max(1, cfg.data.global_batch_size // (layout.dp * layout.micro_batch_size))
 
 
+def loss_chunks_of(cfg: DictConfig) -> int:
+    """The run's ``model.loss_chunks`` (1 when unset); ``ConfigError`` below 1, as the run's check says."""
+    chunks = cfg.model.get("loss_chunks", 1)
+    chunks = 1 if chunks is None else chunks
+    if chunks < 1:
+        raise ConfigError(f"model.loss_chunks={chunks} must be >= 1 (1: the head and loss at once)")
+    return chunks
+
+
 def current_layout(cfg: DictConfig) -> Layout:
     """The layout ``cfg`` would run (``trainer.devices x trainer.num_nodes`` ranks)."""
     parallel = ParallelConfig.of(cfg)
@@ -159,7 +168,7 @@ def current_layout(cfg: DictConfig) -> Layout:
         **pipeline_knobs(cfg),
         recompute_every_n_blocks=cfg.parallel.get("recompute_every_n_blocks", 0),
         recompute_keep_matmuls=cfg.parallel.get("recompute_keep_matmuls", "all"),
-        loss_chunks=max(1, cfg.model.get("loss_chunks", 1) or 1),
+        loss_chunks=loss_chunks_of(cfg),
         sync_each_microbatch=bool(fsdp is not None and fsdp.sync_each_microbatch),
     )
 

@@ -337,16 +337,17 @@ def step_time(cfg: DictConfig, layout: Layout, hw: DictConfig) -> dict[str, floa
     groups = [((N - N_experts) / (layout.tp * layout.pp), d)]
     if N_experts:
         groups.append((N_experts / (layout.ep * layout.pp), max(1, d // layout.ep)))
+    # the gradients' reduce-scatter (and HSDP's all-reduce) once a step, or every micro-batch
+    # (parallel.fsdp.sync_each_microbatch)
+    reductions = M if layout.sync_each_microbatch and layout.zero != "none" else 1
     volumes = []
     for P_rank, ranks in groups:
         ring = (ranks - 1) / ranks if ranks > 1 else 0.0
         if layout.zero == "none":
             volumes.append(2 * ring * 4 * P_rank)
         elif layout.zero in ("optimizer", "shard_grad_op"):
-            volumes.append(ring * (4 * P_rank + pbytes * P_rank))
+            volumes.append(ring * (4 * reductions * P_rank + pbytes * P_rank))
         else:
-            # the gradients' reduce-scatter once a step, or every micro-batch (parallel.fsdp.sync_each_microbatch)
-            reductions = M if layout.sync_each_microbatch else 1
             volumes.append(ring * (4 * reductions * P_rank + 2 * M * pbytes * P_rank))
     volume = sum(volumes)
     P_rank = N / (layout.tp * layout.pp)
@@ -360,9 +361,7 @@ def step_time(cfg: DictConfig, layout: Layout, hw: DictConfig) -> dict[str, floa
         times["dp_experts"] = volumes[-1] / dp_link
     if layout.zero == "hybrid" and layout.dp_replicate > 1:
         # HSDP: gathers and reduce-scatters stay in the shard group; the replicas all-reduce the
-        # gradient shards (fp32) once a step, over the links that join them.
-        # (every micro-batch with parallel.fsdp.sync_each_microbatch)
-        reductions = M if layout.sync_each_microbatch else 1
+        # gradient shards (fp32) once a step (or every micro-batch, as above), over the links that join them.
         volume = 2 * (layout.dp_replicate - 1) / layout.dp_replicate * 4 * P_rank / d * reductions
         times["dp"] += collective_seconds(volume, _link(layout, "dp", gpn, hw), hw, units * reductions)
     act = s // layout.cp * layout.micro_batch_size * h * pbytes
