@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -473,3 +474,61 @@ def test_advise_estimate_knows_lora(pools, layout):
         key: first["state"][key] for key in ("params", "grads", "optimizer")
     }
     assert memory["grads"] * 20 < memory["params"]  # the adapters are a small part of the model
+
+
+def _loss_peak_bytes_per_logit(loss_fn, dtype: torch.dtype, tokens: int = 2048, vocab: int = 32768) -> float:
+    """The rise of this process's peak resident memory over one forward and backward of ``loss_fn`` on
+    logits made by a head GEMM, per logit (each logit-sized tensor is far above glibc's mmap threshold, so
+    it is mapped when allocated and unmapped when freed: resident memory follows the tensors)."""
+    import gc  # noqa: PLC0415
+
+    def peak() -> int:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM"))
+
+    torch.manual_seed(0)
+    x = torch.randn(1, tokens, 64, dtype=dtype, requires_grad=True)
+    w = torch.randn(vocab, 64, dtype=dtype, requires_grad=True)
+    labels = torch.randint(0, vocab, (1, tokens))
+    for _ in range(2):  # compiled once, and every buffer the step needs allocated once before
+        loss_fn(x @ w.t(), labels).backward()
+    x.grad = w.grad = None
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as refs:  # the peak starts again from what is resident now
+        refs.write("5")
+    base = peak()
+    loss_fn(x @ w.t(), labels).backward()
+    return (peak() - base) / (tokens * vocab)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="reads Linux's peak resident memory")
+@pytest.mark.parametrize("mixed_precision", ["fp32", "bf16"])
+def test_the_compiled_loss_holds_two_elements_a_logit(mixed_precision):
+    """Inductor's cross-entropy (``compile.loss``, what ``TrainStep`` builds) keeps the logits and writes their
+    gradient, 2 elements a logit, where eager's holds 12 bytes (the tracker's figure, above); the estimate
+    counts each (``loss_bytes_per_logit``, ``compiles_the_loss``). The process's resident memory is the
+    measure: the tracker does not see inside a compiled graph."""
+    from curry_train.planning.memory import compiles_the_loss, loss_bytes_per_logit  # noqa: PLC0415
+    from curry_train.train_step import cross_entropy_sum  # noqa: PLC0415
+
+    dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float32
+    eager = _loss_peak_bytes_per_logit(cross_entropy_sum, dtype)
+    compiled = _loss_peak_bytes_per_logit(torch.compile(cross_entropy_sum), dtype)
+    assert eager == pytest.approx(loss_bytes_per_logit(mixed_precision), rel=0.02)
+    assert compiled == pytest.approx(loss_bytes_per_logit(mixed_precision, compiled=True), rel=0.02)
+    assert compiled == pytest.approx(2 * dtype.itemsize, rel=0.02)
+    # the estimate's reading of a config: inductor's loss only where the run builds it
+    base = ("model.vocab_size=16384", "compile.enabled=true")
+    for overrides, expected in (
+        ((), True),
+        (("compile.loss=false",), False),
+        (("compile.backend=aot_eager",), False),
+        (("model.loss_chunks=4",), False),
+        (("trainer.devices=2", "parallel=tp"), False),  # loss parallelism
+        (("trainer.devices=2", "parallel=tp", "parallel.tp.loss_parallel=false"), True),
+    ):
+        cfg = compose([*base, *overrides])
+        assert compiles_the_loss(cfg, current_layout(cfg)) == expected, overrides
+    cfg = compose(list(base))
+    logits = cfg.data.micro_batch_size * cfg.data.seq_len * cfg.model.vocab_size
+    assert activation_bytes(cfg, current_layout(cfg), flash_attention=True)["loss"] == 8 * logits  # fp32

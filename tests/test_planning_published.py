@@ -30,6 +30,10 @@ LLAMA3_405B = (
     "parallel.pp.size=16",
     "parallel.pp.schedule=interleaved",
 )
+# torchtitan's torch.compile in December 2024 (9dec370, the commit of its H100 benchmarks and paper runs)
+# compiled each block and left the loss eager ("compiling loss function causes CUDA errors"); from 2025 it
+# compiles the loss too, as the product does by default (compile.loss)
+COMPILED_2024 = ("compile.enabled=true", "compile.loss=false")
 PAPER_8B = (
     "hardware=h100_95gb_hbm2e",
     "trainer.devices=8",
@@ -76,7 +80,7 @@ def titan_long_context(fsdp: int, cp: int) -> tuple[str, ...]:
         *(() if cp == 1 else (f"parallel.cp.size={cp}",)),
         "parallel.fsdp.mixed_precision=bf16",
         "parallel.recompute=full",
-        "compile.enabled=true",
+        *COMPILED_2024,
     )
 
 
@@ -94,6 +98,42 @@ TITAN_70B_256 = (  # table 4: FSDP 32 x TP 8, local batch 16, full AC
     "parallel.tp.sequence_parallel=true",
     "parallel.fsdp.mixed_precision=bf16",
     "parallel.recompute=full",
+    *COMPILED_2024,
+)
+
+
+# torchtitan's benchmarks/asyncTP_llama3_h100_2025-06_torchtitan.md: the same part and torch.compile, bf16
+# (its "None (bfloat16)" rows, vanilla TP, which the estimate models; async TP it does not): table 4's 70B
+# layout again (TITAN_70B_256), and
+TITAN_8B_64_TP8 = (  # FSDP 8 x TP 8, per-op SAC, local batch 12
+    "hardware=h100_95gb_hbm2e",
+    "hardware.nodes=8",
+    "trainer.num_nodes=8",
+    "trainer.devices=8",
+    "model=llama3_8b",
+    *SEQ,
+    "data.micro_batch_size=12",
+    "data.global_batch_size=96",
+    "parallel=fsdp+tp",
+    "parallel.tp.size=8",
+    "parallel.tp.sequence_parallel=true",
+    "parallel.tp.loss_parallel=true",
+    *OP_AC,
+    *COMPILED_2024,
+)
+# torchtitan's benchmarks/llama3-8b_h200_202506_trainy-whitefiber.md: 8B on 4 hosts of 8 H200 (700 W), its
+# llama3_8b.toml (FSDP, per-op SAC, local batch 2), torch.compile and Float8 (not modeled)
+TITAN_8B_H200_32 = (
+    "hardware=h200",
+    "hardware.nodes=4",
+    "trainer.num_nodes=4",
+    "trainer.devices=8",
+    "model=llama3_8b",
+    *SEQ,
+    "data.micro_batch_size=2",
+    "data.global_batch_size=64",
+    "parallel=fsdp",
+    *OP_AC,
     "compile.enabled=true",
 )
 
@@ -182,7 +222,7 @@ ROWS = [
     ),
     Published(
         "torchtitan paper llama3.1 8B, 8 H100 at 500 W, FSDP, torch.compile",
-        (*PAPER_8B, "compile.enabled=true"),
+        (*PAPER_8B, *COMPILED_2024),
         6667,
         "tokens",
         9861,
@@ -198,7 +238,7 @@ ROWS = [
     ),
     Published(
         "torchtitan llama3.1 8B, 128 H100 at 500 W, FSDP, torch.compile",
-        (*PAPER_8B_128, "compile.enabled=true"),
+        (*PAPER_8B_128, *COMPILED_2024),
         6514,
         "tokens",
         9746,
@@ -246,6 +286,30 @@ ROWS = [
     Published(
         "torchtitan llama3.1 70B, 256 H100 at 500 W, FSDP 32 x TP 8, full AC, Float8", TITAN_70B_256, 829, "tokens", 784
     ),
+    # the 70B layout again in bf16: the Float8 row above meets its figure only because Float8 is not modeled
+    Published(
+        "torchtitan llama3.1 70B, 256 H100 at 500 W, FSDP 32 x TP 8, full AC, bf16",
+        TITAN_70B_256,
+        597.3,
+        "tokens",
+        784,
+        within=False,
+    ),
+    Published(
+        "torchtitan llama3.1 8B, 64 H100 at 500 W, FSDP 8 x TP 8, selective op AC, local batch 12, bf16",
+        TITAN_8B_64_TP8,
+        4378,
+        "tokens",
+        6800,
+        within=False,
+    ),
+    Published(
+        "torchtitan llama3.1 8B, 32 H200, FSDP, selective op AC, local batch 2, Float8",
+        TITAN_8B_H200_32,
+        10938,
+        "tokens",
+        11058,
+    ),
     Published(
         "torchtitan llama3.1 405B, 512 H100 at 500 W, FSDP 8 x TP 8 x PP 8 1F1B, full AC, Float8",
         titan_405b_512("1F1B"),
@@ -281,14 +345,17 @@ def test_estimates_against_published_runs(row):
 # counts the eager loss's backward, which the CPU tracker measures; inductor's is not measured).
 PUBLISHED_MEMORY = {
     "8 GPUs": (PAPER_8B, 82.4, 75.7),
-    "8 GPUs, compiled": ((*PAPER_8B, "compile.enabled=true"), 77.0, 75.7),
+    "8 GPUs, compiled": ((*PAPER_8B, *COMPILED_2024), 77.0, 75.7),
     "128 GPUs": (PAPER_8B_128, 67.0, 61.7),
-    "128 GPUs, compiled": ((*PAPER_8B_128, "compile.enabled=true"), 62.0, 61.7),
+    "128 GPUs, compiled": ((*PAPER_8B_128, *COMPILED_2024), 62.0, 61.7),
     # table 2 (Float8): the logits' backward of 32k tokens a rank is 47 of the 77 GiB
     **{
         f"8B, FSDP {f} x CP {c}": (titan_long_context(f, c), pub, 76.8)
         for f, c, pub in ((8, 1, 83.9), (4, 2, 84.2), (2, 4, 84.0), (1, 8, 84.5))
     },
+    # 2025's torch.compile takes the loss too: inductor's cross-entropy holds 4 bytes a bf16 logit, not 12
+    # (64.5 GiB estimated before it was counted)
+    "8B, 32 H200, FSDP, compiled loss, Float8": (TITAN_8B_H200_32, 47.96, 48.8),
 }
 # ... and runs it does not meet within 10% (docs/planning.md says what each leaves out)
 PUBLISHED_MEMORY_MISSED = {
@@ -299,10 +366,11 @@ PUBLISHED_MEMORY_MISSED = {
 
 
 @pytest.mark.parametrize("name", list(PUBLISHED_MEMORY))
-def test_the_8b_h100_memory_estimates_against_the_published_peaks(name):
-    """Each within 10% of torchtitan's peak reserved memory (docs/planning.md): the loss's backward holds
-    12 bytes a logit (the log-probabilities, their gradient and the logits'); counting its forward's 10, as
-    the estimate once did, read 0.87 and 0.86 of the eager runs."""
+def test_the_8b_memory_estimates_against_the_published_peaks(name):
+    """Each within 10% of torchtitan's peak reserved memory (docs/planning.md): the eager loss's backward
+    holds 12 bytes a logit (the log-probabilities, their gradient and the logits'); counting its forward's
+    10, as the estimate once did, read 0.87 and 0.86 of the eager runs. A compiled loss holds 2 elements a
+    logit (tests/test_memory.py)."""
     overrides, published, documented = PUBLISHED_MEMORY[name]
     cfg = compose(list(overrides))
     total = estimate(cfg, current_layout(cfg)).memory["total"] / 2**30

@@ -287,15 +287,42 @@ def transient_state(cfg_model: DictConfig, shapes: Sequence[tuple[int, ...]], la
 # Activations and the loss
 
 
-def loss_bytes_per_logit(mixed_precision: str, loss_parallel: bool = False) -> int:
+def loss_bytes_per_logit(mixed_precision: str, loss_parallel: bool = False, compiled: bool = False) -> int:
     """What the loss holds per logit at its peak, which is in its backward (PyTorch's memory tracker,
     tests/test_memory.py): the fp32 log-probabilities that cross-entropy keeps, their gradient and the
     logits' fp32 gradient, 12 bytes, in fp32 and bf16 alike. Its forward holds less: the logits in the
     compute dtype, for half-precision logits their fp32 copy (``TrainStep.token_loss`` upcasts them),
     and the log-probabilities (8 bytes in fp32, 2 + 4 + 4 in bf16), and the logits are freed before
     backward. Under loss parallelism (vocabulary-sharded DTensors) the sharded log-softmax keeps 12
-    bytes a logit in forward, and its backward peaks at 16."""
+    bytes a logit in forward, and its backward peaks at 16.
+
+    ``compiled`` (inductor's cross-entropy, ``compiles_the_loss``): its forward keeps the logits themselves
+    and one log-sum-exp a row, and its backward writes the logits' gradient in one kernel, in the compute
+    dtype: 2 elements a logit, 8 bytes in fp32 and 4 in bf16 (a process's peak resident memory, measured
+    by tests/test_memory.py)."""
+    if compiled and not loss_parallel:
+        return 2 * (2 if mixed_precision == "bf16" else 4)
     return 16 if loss_parallel else 12
+
+
+def compiles_the_loss(cfg: DictConfig, layout: Layout) -> bool:
+    """Whether the run's cross-entropy is inductor's (``compile.loss``, as ``TrainStep`` builds it): not
+    under loss parallelism, nor in chunks (the model sums those itself), nor with a backend that does not
+    generate kernels (``aot_eager`` keeps eager's tensors)."""
+    compile_cfg = cfg.get("compile") or {}
+    return (
+        bool(compile_cfg.get("enabled", False))
+        and bool(compile_cfg.get("loss", True))
+        and compile_cfg.get("backend", "inductor") == "inductor"
+        and layout.loss_chunks <= 1
+        and not loss_parallel_of(cfg, layout)
+    )
+
+
+def loss_parallel_of(cfg: DictConfig, layout: Layout) -> bool:
+    """Whether the head's output is sharded over the vocabulary (``parallel.tp.loss_parallel``, the default
+    under tp), or whole."""
+    return layout.tp > 1 and bool(OmegaConf.select(cfg, "parallel.tp.loss_parallel", default=True))
 
 
 def block_activation_bytes(cfg: DictConfig, layout: Layout, flash_attention: bool) -> dict[str, float]:
@@ -384,10 +411,10 @@ def activation_bytes(cfg: DictConfig, layout: Layout, flash_attention: bool) -> 
     # model.loss_chunks: one chunk's logits at a time (chunked_cross_entropy), and in backward the chunk's
     # gradient of the head's weight (in the compute dtype) before it is added to the others'
     chunks = min(layout.loss_chunks, max(1, s // seq))
-    # under tp the head's output is sharded over the vocabulary (loss parallelism, the default) or whole
-    loss_parallel = layout.tp > 1 and bool(OmegaConf.select(cfg, "parallel.tp.loss_parallel", default=True))
+    loss_parallel = loss_parallel_of(cfg, layout)
     vocab = m.vocab_size / (layout.tp if loss_parallel else 1)
-    loss = loss_bytes_per_logit(layout.mixed_precision, loss_parallel) * s * b * vocab / chunks
+    per_logit = loss_bytes_per_logit(layout.mixed_precision, loss_parallel, compiles_the_loss(cfg, layout))
+    loss = per_logit * s * b * vocab / chunks
     if chunks > 1:
         loss += e * m.vocab_size * m.dim / layout.tp
     peaks = []

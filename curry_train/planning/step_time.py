@@ -16,6 +16,7 @@ from curry_train.model.config import head_dim
 from curry_train.planning.layout import Layout, microbatches_per_step
 from curry_train.planning.memory import (
     active_parameter_count,
+    compiles_the_loss,
     expert_parameter_count,
     parameter_count,
     parameter_shapes,
@@ -276,8 +277,10 @@ def micro_batch_seconds(cfg: DictConfig, layout: Layout, hw: DictConfig, blocks:
         # the log-softmax's read and write, about 8 bytes a logit)
         chunked = layout.loss_chunks > 1
         parts["matmul"] += (4 if chunked else 3) * gemm_seconds(tokens, m.dim, m.vocab_size / layout.tp, hw, layout)
-        # the loss: the logits read in fp32, softmax, the gradient written: about 16 bytes a logit
-        parts["memory"] += tokens * m.vocab_size / layout.tp * (24 if chunked else 16) / bandwidth
+        # the loss: the logits read in fp32, softmax, the gradient written: about 16 bytes a logit; inductor's
+        # (compiles_the_loss) reads the logits in forward and again in backward, where it writes their gradient
+        per_logit = 3 * (2 if layout.mixed_precision == "bf16" else 4) if compiles_the_loss(cfg, layout) else 16
+        parts["memory"] += tokens * m.vocab_size / layout.tp * (24 if chunked else per_logit) / bandwidth
     return parts
 
 
