@@ -15,7 +15,7 @@ from curry_train.config.checks import check
 from curry_train.validation import gpu_checks
 from curry_train.validation.compile_bench import compile_bench
 from curry_train.validation.peak_flops import matmul_flops
-from curry_train.validation.throughput import bench
+from curry_train.validation.throughput import bench, model_flops_per_token
 
 
 def test_gpu_check_without_a_gpu_lists_its_checks_and_exits_0(capsys):
@@ -71,12 +71,22 @@ def test_bad_compile_settings_are_one_line(overrides, message):
 
 @pytest.mark.slow
 def test_compile_bench_in_a_layout_of_two_ranks():
-    """--compile --layout: the eager and compiled runs of a 2-rank layout in a worker pool (aot_eager: the
-    compiler's graphs without inductor's compile time); the compiled one matches eager and compiles once."""
+    """--compile --layout --repeats 2: the eager and compiled runs of a 2-rank layout in a worker pool, each
+    mode twice, alternating (aot_eager: the compiler's graphs without inductor's compile time); every
+    compiled run matches eager and compiles once; each mode's row is its median run."""
     layouts = {"dp 2": ("parallel=dp", "trainer.devices=2")}
-    result = compile_bench([*FAST, "compile.backend=aot_eager"], steps=2, warmup=2, models=["debug"], layouts=layouts)
+    result = compile_bench(
+        [*FAST, "compile.backend=aot_eager"], steps=2, warmup=2, models=["debug"], layouts=layouts, repeats=2
+    )
     compiled, eager = result.row("debug, dp 2", "compiled"), result.row("debug, dp 2", "eager")
     assert compiled.graphs > 0 and eager.graphs == 0, result.table()
     assert compiled.recompiles == 0 and compiled.max_loss_rel_diff <= 1e-5, result.table()
     assert len(compiled.run.step_ends) == 4 and compiled.run.tokens_per_s > 0
     assert "debug, dp 2" in result.table()
+    for row in (eager, compiled):  # the lower of two runs' tokens/s is the median reported
+        assert len(row.runs_tokens_per_s) == 2 and row.run.tokens_per_s == min(row.runs_tokens_per_s)
+    assert "2 runs a mode, alternating" in result.table() and result.to_dict()["config"]["repeats"] == 2
+    # one matmul peak, probed before the runs, for every row's MFU (probed after each, it read low)
+    flops = model_flops_per_token(compose([*FAST, "parallel=dp", "trainer.devices=2"]))
+    for row in (eager, compiled):
+        assert row.mfu == pytest.approx(row.run.tokens_per_s * flops / result.config["measured_peak"], rel=1e-9)

@@ -10,7 +10,7 @@ the pipeline bubble, context-parallel attention.
                             [overrides...]
     python scripts/bench.py --loop [--steps N] [--warmup W] [--repeats R] [--progress-bar] [--json PATH] [overrides...]
     python scripts/bench.py --compile [--models debug,llama-100m] [--every-layout | --layout 'NAME: OVERRIDES'...]
-                            [--steps N] [--warmup W] [--json PATH]
+                            [--steps N] [--warmup W] [--repeats R] [--json PATH]
                             [overrides...]
     python scripts/bench.py --estimate [--models debug,llama-100m] [--steps N] [--hardware-out PATH] [--json PATH]
     python scripts/bench.py --checkpoint [--models debug,llama-100m] [--steps N] [--every K] [--json PATH]
@@ -121,7 +121,7 @@ def _measure(args: argparse.Namespace, mode: str, steps: int) -> Any:
         from curry_train.validation.layouts import parse_layouts  # noqa: PLC0415
 
         layouts = parse_layouts(args.layout) if args.layout else COMPILE_LAYOUTS if args.every_layout else None
-        return compile_bench(args.overrides, steps, args.warmup, args.models, layouts)
+        return compile_bench(args.overrides, steps, args.warmup, args.models, layouts, args.repeats or 1)
     if mode == "estimate":
         from curry_train.validation.estimate_bench import estimate_bench  # noqa: PLC0415
 
@@ -171,7 +171,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument(
         "--warmup", type=int, default=None, help="untimed steps before them, at least 1 (default 2; --loop: 20)"
     )
-    parser.add_argument("--repeats", type=int, default=3, help="[hand, curry] rounds; medians reported (default 3)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="[hand, curry] rounds, medians reported (default 3); with --compile, eager and compiled runs alternated"
+        " this many times, the median run reported (default 1)",
+    )
     parser.add_argument("--loggers", choices=("csv", "none"), default="csv", help="curry loop's loggers (default csv)")
     parser.add_argument(
         "--every-layout",
@@ -303,7 +309,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     steps = DEFAULT_STEPS[mode_name] if args.steps is None else args.steps
     if args.warmup is None:
         args.warmup = 20 if mode_name == "loop" else 2
-    if steps < 1 or args.warmup < 1 or args.repeats < 1:
+    if args.repeats is None and mode_name != "compile":
+        args.repeats = 3
+    if steps < 1 or args.warmup < 1 or (args.repeats is not None and args.repeats < 1):
         parser.error("--steps, --warmup and --repeats must be at least 1")
     if args.every_layout and not args.compile:
         parser.error("--every-layout goes with --compile")

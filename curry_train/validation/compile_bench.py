@@ -11,7 +11,9 @@ count in the other's figures). Per run:
   resident memory over the run (Linux's VmHWM) above what it held before the model was built;
 * graphs dynamo compiled after the first step (``recompiles``): a recompilation every step would make
   the compiled loop slower than eager; it must be 0;
-* MFU against the device's measured matmul peak (``peak_flops``);
+* MFU against the device's measured matmul peak (``peak_flops``), probed once per compute dtype in the
+  bench's own process before the first run (probed after each run, while the run's workers or compile
+  processes were still winding down, it read low and put MFU above 100%);
 * the per-step losses, compared with eager's (the largest relative difference).
 """
 
@@ -83,7 +85,8 @@ class CompileRow:
     recompiles: int  # graphs compiled after the first step
     mfu: float
     graphs: int = 0  # graphs dynamo compiled in the run (eager: 0)
-    max_loss_rel_diff: float = 0.0  # against the same model's eager run
+    max_loss_rel_diff: float = 0.0  # against the same model's eager run (every compiled run's, the largest)
+    runs_tokens_per_s: list[float] = field(default_factory=list)  # every run's of this mode, in run order
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -98,6 +101,7 @@ class CompileRow:
             "mfu": self.mfu,
             "losses": self.run.losses,
             "max_loss_rel_diff": self.max_loss_rel_diff,
+            "runs_tokens_per_s": self.runs_tokens_per_s,
         }
 
 
@@ -122,6 +126,10 @@ class CompileResult:
             f"{'model':<12}{'params':>9} {'mode':<9}{'tokens/s':>11}{'ms/step':>10}{'peak MiB':>10}{'MFU':>7}"
             f"{'recompiles':>11}{'loss vs eager':>15}{'speed-up':>10}",
         ]
+        repeats = int(c.get("repeats", 1))
+        if repeats > 1:
+            lines[0] += f"  {repeats} runs a mode, alternating: the median run shown"
+            lines[2] += "  tokens/s of each run"
         width = max(12, *(len(row.model) + 1 for row in self.rows))
         lines[2] = f"{'model':<{width}}" + lines[2][12:]
         for row in self.rows:
@@ -131,6 +139,7 @@ class CompileResult:
                 f"{row.run.ms_per_step:>10.1f}{row.peak_memory / 2**20:>10.0f}{100 * row.mfu:>6.1f}%"
                 f"{row.recompiles:>11}{row.max_loss_rel_diff:>15.1e}"
                 f"{row.run.tokens_per_s / eager.run.tokens_per_s:>9.2f}x"
+                + ("  " + " ".join(f"{t:,.0f}" for t in row.runs_tokens_per_s) if repeats > 1 else "")
             )
         lines += [
             "",
@@ -173,7 +182,6 @@ def _describe(
             "precision": str(cfg.trainer.precision),
             "backend": cfg.compile.backend,
             "compute_dtype": dtype,
-            "measured_peak": matmul_flops(device, DTYPES[dtype]),
         },
     }
 
@@ -219,42 +227,79 @@ def _run_ranks(
     return single
 
 
+def _measured_peaks(
+    overrides: Sequence[str], models: Sequence[str], layouts: Optional[dict[str, Sequence[str]]]
+) -> dict[str, float]:
+    """The matmul peak of the device the runs use, for each compute dtype they use, probed here before any
+    run (the runs' tokens/s are the machine's, whatever the ranks: one peak for all)."""
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    peaks: dict[str, float] = {}
+    for name in models:
+        for layout in (layouts or {"": ()}).values():
+            cfg = compose([*MODELS[name], *overrides, *layout])
+            dtype = "bf16" if "bf16" in str(cfg.trainer.precision) else "fp32"
+            if dtype not in peaks:
+                peaks[dtype] = matmul_flops(device, DTYPES[dtype])
+    return peaks
+
+
 def compile_bench(
     overrides: Sequence[str] = (),
     steps: int = 5,
     warmup: int = 2,
     models: Sequence[str] = tuple(MODELS),
     layouts: Optional[dict[str, Sequence[str]]] = None,
+    repeats: int = 1,
 ) -> CompileResult:
     """Each of ``models`` eager, then compiled, in one process each in a fresh process (module docstring);
-    with ``layouts`` (name -> overrides), in each layout: a run of several ranks in a pool of workers."""
+    with ``layouts`` (name -> overrides), in each layout: a run of several ranks in a pool of workers.
+    ``repeats`` > 1 alternates eager and compiled runs that many times and reports, for each mode, the run
+    of median tokens/s (the others' tokens/s beside it): a machine whose speed drifts between runs moves
+    one run of a pair, not the median of several."""
     context = multiprocessing.get_context("spawn")
     rows: list[tuple[CompileRow, dict[str, Any]]] = []
+    peaks = _measured_peaks(overrides, models, layouts)
     with Pools() as pools:
         for name in models:
             for layout_name, layout in (layouts or {"": ()}).items():
                 label = f"{name}, {layout_name}" if layout_name else name
                 several = bool(layout) and check(compose([*MODELS[name], *overrides, *layout])).world_size > 1
-                eager: Optional[CompileRow] = None
-                for mode in ("eager", "compiled"):
-                    if several:
-                        figures = _run_ranks(name, tuple(layout), mode, overrides, steps, warmup, pools)
-                    else:
-                        with context.Pool(1) as pool:
-                            figures = pool.apply(_run, (name, mode, [*overrides, *layout], steps, warmup))
-                    run = figures["run"]
-                    row = CompileRow(
-                        label, figures["parameters"], mode, run, figures["peak"], figures["recompiles"], 0.0
-                    )
-                    row.graphs = figures["graphs"]
-                    row.mfu = run.tokens_per_s * figures["flops_per_token"] / figures["config"]["measured_peak"]
-                    if eager is None:
-                        eager = row
-                    else:
-                        row.max_loss_rel_diff = max(
-                            abs(a - b) / abs(b) for a, b in zip(run.losses, eager.run.losses, strict=True)
+                runs: dict[str, list[tuple[CompileRow, dict[str, Any]]]] = {"eager": [], "compiled": []}
+                for _ in range(repeats):
+                    for mode in ("eager", "compiled"):
+                        if several:
+                            figures = _run_ranks(name, tuple(layout), mode, overrides, steps, warmup, pools)
+                        else:
+                            with context.Pool(1) as pool:
+                                figures = pool.apply(_run, (name, mode, [*overrides, *layout], steps, warmup))
+                        run = figures["run"]
+                        row = CompileRow(
+                            label, figures["parameters"], mode, run, figures["peak"], figures["recompiles"], 0.0
                         )
-                    rows.append((row, figures["config"]))
-    result = CompileResult(config={"overrides": list(overrides), "steps": steps, "warmup": warmup, **rows[0][1]})
+                        row.graphs = figures["graphs"]
+                        figures["config"]["measured_peak"] = peaks[figures["config"]["compute_dtype"]]
+                        row.mfu = run.tokens_per_s * figures["flops_per_token"] / figures["config"]["measured_peak"]
+                        runs[mode].append((row, figures["config"]))
+                (eager, _), (compiled, config) = (_median_run(runs[mode]) for mode in ("eager", "compiled"))
+                compiled.max_loss_rel_diff = max(
+                    abs(a - b) / abs(b)
+                    for row, _ in runs["compiled"]
+                    for a, b in zip(row.run.losses, eager.run.losses, strict=True)
+                )
+                compiled.recompiles = max(row.recompiles for row, _ in runs["compiled"])
+                rows += [(eager, config), (compiled, config)]
+    result = CompileResult(
+        config={"overrides": list(overrides), "steps": steps, "warmup": warmup, "repeats": repeats, **rows[0][1]}
+    )
     result.rows = [row for row, _ in rows]
     return result
+
+
+def _median_run(runs: list[tuple[CompileRow, dict[str, Any]]]) -> tuple[CompileRow, dict[str, Any]]:
+    """The run of median tokens/s (the lower of the middle two for an even count), with every run's
+    tokens/s in run order."""
+    ranked = sorted(runs, key=lambda item: item[0].run.tokens_per_s)
+    row, config = ranked[(len(ranked) - 1) // 2]
+    row.runs_tokens_per_s = [item[0].run.tokens_per_s for item in runs]
+    return row, config
