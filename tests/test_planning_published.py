@@ -160,6 +160,30 @@ def titan_405b_512(schedule: str) -> tuple[str, ...]:
     )
 
 
+def titan_405b_4d(fsdp: int, cp: int) -> tuple[str, ...]:
+    """Table 6: Llama 3.1 405B on 512 GPUs, TP 8 x PP 8 (1F1B) x FSDP x CP, the sequence 32k x cp, local batch 8
+    in micro-batches of 1, full AC."""
+    return (
+        "hardware=h100_95gb_hbm2e",
+        "hardware.nodes=64",
+        "trainer.num_nodes=64",
+        "trainer.devices=8",
+        "model=llama3_405b",
+        f"data.seq_len={32768 * cp}",
+        "data.micro_batch_size=1",
+        f"data.global_batch_size={8 * fsdp}",
+        "parallel=fsdp+tp+pp" if cp == 1 else "parallel=fsdp+tp+pp+cp",
+        *(() if cp == 1 else (f"parallel.cp.size={cp}",)),
+        "parallel.tp.size=8",
+        "parallel.tp.sequence_parallel=true",
+        "parallel.pp.size=8",
+        "parallel.pp.schedule=1F1B",
+        "parallel.fsdp.mixed_precision=bf16",
+        "parallel.recompute=full",
+        *COMPILED_2024,
+    )
+
+
 ROWS = [
     Published(
         "torchtitan llama3 8B, 64 A100, FSDP, selective op AC",
@@ -286,6 +310,35 @@ ROWS = [
     Published(
         "torchtitan llama3.1 70B, 256 H100 at 500 W, FSDP 32 x TP 8, full AC, Float8", TITAN_70B_256, 829, "tokens", 784
     ),
+    # tables 1 and 3's third rows: the compiled 8B runs again with Float8
+    Published(
+        "torchtitan llama3.1 8B, 8 H100 at 500 W, FSDP, torch.compile, Float8",
+        (*PAPER_8B, *COMPILED_2024),
+        8532,
+        "tokens",
+        9861,
+        within=False,
+    ),
+    Published(
+        "torchtitan llama3.1 8B, 128 H100 at 500 W, FSDP, torch.compile, Float8",
+        (*PAPER_8B_128, *COMPILED_2024),
+        8380,
+        "tokens",
+        9746,
+        within=False,
+    ),
+    # table 6: 405B in 4-D (TP 8, PP 8, FSDP x CP), Float8 and async TP; the long sequences as in table 2
+    *(
+        Published(
+            f"torchtitan llama3.1 405B, 512 H100 at 500 W, TP 8 x PP 8 x FSDP {fsdp} x CP {cp}, seq {32768 * cp}",
+            titan_405b_4d(fsdp, cp),
+            published,
+            "tokens",
+            documented,
+            within=cp == 1,
+        )
+        for fsdp, cp, published, documented in ((8, 1, 76, 79.1), (4, 2, 47, 64.0), (2, 4, 31, 46.4), (1, 8, 16, 29.9))
+    ),
     # the 70B layout again in bf16: the Float8 row above meets its figure only because Float8 is not modeled
     Published(
         "torchtitan llama3.1 70B, 256 H100 at 500 W, FSDP 32 x TP 8, full AC, bf16",
@@ -353,6 +406,8 @@ PUBLISHED_MEMORY = {
         f"8B, FSDP {f} x CP {c}": (titan_long_context(f, c), pub, 76.8)
         for f, c, pub in ((8, 1, 83.9), (4, 2, 84.2), (2, 4, 84.0), (1, 8, 84.5))
     },
+    "8 GPUs, compiled, Float8": ((*PAPER_8B, *COMPILED_2024), 76.8, 75.7),
+    "128 GPUs, compiled, Float8": ((*PAPER_8B_128, *COMPILED_2024), 61.8, 61.7),
     # 2025's torch.compile takes the loss too: inductor's cross-entropy holds 4 bytes a bf16 logit, not 12
     # (64.5 GiB estimated before it was counted)
     "8B, 32 H200, FSDP, compiled loss, Float8": (TITAN_8B_H200_32, 47.96, 48.8),
@@ -362,6 +417,10 @@ PUBLISHED_MEMORY_MISSED = {
     "70B, FSDP 32 x TP 8": (TITAN_70B_256, 71.9, 61.7),
     "405B, FSDP 8 x TP 8 x PP 8, 1F1B": (titan_405b_512("1F1B"), 82.5, 51.7),
     "405B, FSDP 8 x TP 8 x PP 8, interleaved": (titan_405b_512("interleaved"), 72.7, 53.4),
+    **{
+        f"405B, TP 8 x PP 8 x FSDP {f} x CP {c}": (titan_405b_4d(f, c), pub, 67.2)
+        for f, c, pub in ((8, 1, 75.3), (4, 2, 75.9), (2, 4, 77.1), (1, 8, 84.9))
+    },
 }
 
 
