@@ -90,3 +90,17 @@ def test_compile_bench_in_a_layout_of_two_ranks():
     flops = model_flops_per_token(compose([*FAST, "parallel=dp", "trainer.devices=2"]))
     for row in (eager, compiled):
         assert row.mfu == pytest.approx(row.run.tokens_per_s * flops / result.config["measured_peak"], rel=1e-9)
+
+
+def test_the_graph_counter_counts_the_graphs_of_its_own_run():
+    """A pool worker that ran a compiled run keeps dynamo's count: the next run's counter (``--repeats``
+    runs eager after compiled in the same workers) starts from what was counted before it."""
+    from curry_train.validation.compile_bench import GraphCounter  # noqa: PLC0415
+
+    torch.compile(lambda x: x.sin() + 1, backend="eager")(torch.ones(3))  # a graph before the counter
+    counter = GraphCounter()
+    counter.on_train_batch_end(None)
+    assert counter.at_end == 0 and counter.after_first == 0
+    torch.compile(lambda x: x.cos() * 2, backend="eager")(torch.ones(3))
+    counter.on_train_batch_end(None)
+    assert counter.at_end == 1

@@ -48,14 +48,18 @@ from curry_train.validation.throughput import (
 
 
 class GraphCounter(Callback):
-    """Graphs dynamo has compiled, read at the end of the first step and of the last."""
+    """Graphs dynamo has compiled since the counter was made, read at the end of the first step and of the
+    last."""
 
     def __init__(self) -> None:
         self.after_first: Optional[int] = None
         self.at_end = 0
+        # dynamo's count is the process's: a pool worker that ran a compiled run before this one has counted
+        # that run's graphs (``--repeats``)
+        self.before = int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-        graphs = int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+        graphs = int(torch._dynamo.utils.counters["stats"]["unique_graphs"]) - self.before
         if self.after_first is None:
             self.after_first = graphs
         self.at_end = graphs
