@@ -119,7 +119,7 @@ TITAN_8B_64_TP8 = (  # FSDP 8 x TP 8, per-op SAC, local batch 12
     "parallel.tp.sequence_parallel=true",
     "parallel.tp.loss_parallel=true",
     *OP_AC,
-    *COMPILED_2024,
+    "compile.enabled=true",
 )
 # torchtitan's benchmarks/llama3-8b_h200_202506_trainy-whitefiber.md: 8B on 4 hosts of 8 H200 (700 W), its
 # llama3_8b.toml (FSDP, per-op SAC, local batch 2), torch.compile and Float8 (not modeled)
@@ -138,49 +138,43 @@ TITAN_8B_H200_32 = (
 )
 
 
+# torchtitan's 405B runs on 64 hosts (tables 5 and 6): TP 8 (+SP) x PP 8, full AC, bf16 FSDP, compiled in 2024
+TITAN_405B_512 = (
+    "hardware=h100_95gb_hbm2e",
+    "hardware.nodes=64",
+    "trainer.num_nodes=64",
+    "trainer.devices=8",
+    "model=llama3_405b",
+    "data.micro_batch_size=1",
+    "parallel.tp.size=8",
+    "parallel.tp.sequence_parallel=true",
+    "parallel.pp.size=8",
+    "parallel.fsdp.mixed_precision=bf16",
+    "parallel.recompute=full",
+    *COMPILED_2024,
+)
+
+
 def titan_405b_512(schedule: str) -> tuple[str, ...]:
-    """Table 5: Llama 3.1 405B on 512 GPUs, FSDP 8 x TP 8 x PP 8, local batch 32 in micro-batches of 1."""
+    """Table 5: FSDP 8 x TP 8 x PP 8, local batch 32 in micro-batches of 1."""
     return (
-        "hardware=h100_95gb_hbm2e",
-        "hardware.nodes=64",
-        "trainer.num_nodes=64",
-        "trainer.devices=8",
-        "model=llama3_405b",
-        *SEQ,
-        "data.micro_batch_size=1",
+        *TITAN_405B_512,
+        "data.seq_len=8192",
         "data.global_batch_size=256",
         "parallel=fsdp+tp+pp",
-        "parallel.tp.size=8",
-        "parallel.tp.sequence_parallel=true",
-        "parallel.pp.size=8",
         f"parallel.pp.schedule={schedule}",
-        "parallel.fsdp.mixed_precision=bf16",
-        "parallel.recompute=full",
-        "compile.enabled=true",
     )
 
 
 def titan_405b_4d(fsdp: int, cp: int) -> tuple[str, ...]:
-    """Table 6: Llama 3.1 405B on 512 GPUs, TP 8 x PP 8 (1F1B) x FSDP x CP, the sequence 32k x cp, local batch 8
-    in micro-batches of 1, full AC."""
+    """Table 6: TP 8 x PP 8 (1F1B) x FSDP x CP, the sequence 32k x cp, local batch 8 in micro-batches of 1."""
     return (
-        "hardware=h100_95gb_hbm2e",
-        "hardware.nodes=64",
-        "trainer.num_nodes=64",
-        "trainer.devices=8",
-        "model=llama3_405b",
+        *TITAN_405B_512,
         f"data.seq_len={32768 * cp}",
-        "data.micro_batch_size=1",
         f"data.global_batch_size={8 * fsdp}",
         "parallel=fsdp+tp+pp" if cp == 1 else "parallel=fsdp+tp+pp+cp",
         *(() if cp == 1 else (f"parallel.cp.size={cp}",)),
-        "parallel.tp.size=8",
-        "parallel.tp.sequence_parallel=true",
-        "parallel.pp.size=8",
         "parallel.pp.schedule=1F1B",
-        "parallel.fsdp.mixed_precision=bf16",
-        "parallel.recompute=full",
-        *COMPILED_2024,
     )
 
 
