@@ -482,9 +482,7 @@ def _loss_peak_bytes_per_logit(loss_fn, dtype: torch.dtype, tokens: int = 2048, 
     it is mapped when allocated and unmapped when freed: resident memory follows the tensors)."""
     import gc  # noqa: PLC0415
 
-    def peak() -> int:
-        with open("/proc/self/status") as status:
-            return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM"))
+    from curry_train.primitives.host_memory import reset_peak, resident  # noqa: PLC0415
 
     torch.manual_seed(0)
     x = torch.randn(1, tokens, 64, dtype=dtype, requires_grad=True)
@@ -494,11 +492,10 @@ def _loss_peak_bytes_per_logit(loss_fn, dtype: torch.dtype, tokens: int = 2048, 
         loss_fn(x @ w.t(), labels).backward()
     x.grad = w.grad = None
     gc.collect()
-    with open("/proc/self/clear_refs", "w") as refs:  # the peak starts again from what is resident now
-        refs.write("5")
-    base = peak()
+    assert reset_peak()  # the peak starts again from what is resident now
+    base = resident()["VmHWM"]
     loss_fn(x @ w.t(), labels).backward()
-    return (peak() - base) / (tokens * vocab)
+    return (resident()["VmHWM"] - base) / (tokens * vocab)
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="reads Linux's peak resident memory")

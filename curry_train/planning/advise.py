@@ -103,8 +103,7 @@ def estimate(cfg: DictConfig, layout: Layout) -> Estimate:
         state["transient"] = transient_state(cfg.model, dense + experts, layout, stage)
         if layout.pp > 1 and layout.zero in ("full", "hybrid"):
             # a pipeline stage keeps its units gathered from its first backward to its last
-            pbytes = 2 if layout.mixed_precision == "bf16" else 4
-            whole = pbytes * sum(math.prod(shape) for shape in dense + experts)
+            whole = layout.element_bytes * sum(math.prod(shape) for shape in dense + experts)
             state["transient"] = max(state["transient"], whole)
         states.append(state)
     memory = dict(max(states, key=lambda st: sum(st.values())))

@@ -50,6 +50,11 @@ class Layout:
     sync_each_microbatch: bool = False  # parallel.fsdp.sync_each_microbatch: reduce-scatter every micro-batch
 
     @property
+    def element_bytes(self) -> int:
+        """Bytes of one element in the compute dtype: parameters as gathered, activations, logits."""
+        return 2 if self.mixed_precision == "bf16" else 4
+
+    @property
     def recompute_kind(self) -> str:
         """What each recomputing block does: ``none``, ``full``, ``per_op`` (every matmul's output kept),
         ``per_op_half`` (every other one's), or ``every_n`` (full recompute of every n-th block, none

@@ -267,7 +267,7 @@ def holds_unsharded_gradients(cfg: DictConfig, layout: Layout) -> bool:
 def transient_state(cfg_model: DictConfig, shapes: Sequence[tuple[int, ...]], layout: Layout, stage: int = 0) -> int:
     """Model-state bytes that exist only during forward/backward (docs/planning.md), on pipeline rank
     ``stage``: ZeRO-3 keeps gathered only the embedding and head this rank holds."""
-    pbytes = 2 if layout.mixed_precision == "bf16" else 4
+    pbytes = layout.element_bytes
     P = sum(math.prod(s) for s in shapes)
     if layout.zero == "shard_grad_op":
         return pbytes * P + 4 * P // max(1, cfg_model.n_layers)  # all units gathered, one block's fp32 gradient
@@ -336,7 +336,7 @@ def block_activation_bytes(cfg: DictConfig, layout: Layout, flash_attention: boo
     q = a * head_dim(m)  # the attention's width: dim, unless model.head_dim says otherwise
     kv = head_dim(m) * m.n_kv_heads
     t, sp = layout.tp, layout.sequence_parallel
-    e = 2 if layout.mixed_precision == "bf16" else 4
+    e = layout.element_bytes
     seq = t if sp else 1  # sequence parallelism splits what lies between the tensor-parallel regions
     # RMSNorm: its input in fp32 (an fp32 input itself, else an fp32 copy), the fp32 normalized input,
     # its rstd, and the output in the compute dtype (the matmuls' input; gathered under SP).
@@ -405,7 +405,7 @@ def activation_bytes(cfg: DictConfig, layout: Layout, flash_attention: bool) -> 
     s, b = cfg.data.seq_len // layout.cp, layout.micro_batch_size
     block = block_activation_bytes(cfg, layout, flash_attention)
     kept, tail = kept_per_block(block, layout, -(-m.n_layers // (layout.pp * layout.stages_per_rank)))
-    e = 2 if layout.mixed_precision == "bf16" else 4
+    e = layout.element_bytes
     seq = layout.tp if layout.sequence_parallel else 1
     final_norm = (4 + 4) * s * b * m.dim / seq + 4 * s * b / seq + e * s * b * m.dim
     # model.loss_chunks: one chunk's logits at a time (chunked_cross_entropy), and in backward the chunk's

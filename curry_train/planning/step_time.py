@@ -58,7 +58,7 @@ def all_to_all_bytes(cfg: DictConfig, layout: Layout) -> float:
     moe = m.get("moe")
     if moe is None or layout.ep == 1:
         return 0.0
-    pbytes = 2 if layout.mixed_precision == "bf16" else 4
+    pbytes = layout.element_bytes
     tokens = cfg.data.seq_len // layout.cp * layout.micro_batch_size
     moe_blocks = (
         max(
@@ -136,7 +136,7 @@ def gemm_seconds(m: float, k: float, n: float, hw: DictConfig, layout: Layout) -
     latency. So tensor parallelism's narrower GEMMs and small models run further from peak."""
     if m <= 0 or k <= 0 or n <= 0:
         return 0.0
-    width = 2 if layout.mixed_precision == "bf16" else 4
+    width = layout.element_bytes
     flops = 2.0 * m * k * n / (_peak(hw, layout) * matmul_efficiency(hw, min(k, n)))
     reads = width * (m * k + k * n + m * n) / (hw.memory_bandwidth * hw.memory_efficiency)
     return max(flops, reads) + hw.kernel_latency
@@ -225,7 +225,7 @@ def elementwise_bytes(cfg: DictConfig, layout: Layout, compiled: bool = False) -
     norm, rotation and transpose element, ``3a`` per hidden one; a handful of kernels."""
     m = cfg.model
     tp, tokens = layout.tp, layout.micro_batch_size * cfg.data.seq_len / layout.cp
-    a = 2 if layout.mixed_precision == "bf16" else 4
+    a = layout.element_bytes
     residual = m.dim / (tp if layout.sequence_parallel else 1)
     hd = head_dim(m)
     q, kv = m.n_heads * hd / tp, m.n_kv_heads * hd / tp
@@ -279,7 +279,7 @@ def micro_batch_seconds(cfg: DictConfig, layout: Layout, hw: DictConfig, blocks:
         parts["matmul"] += (4 if chunked else 3) * gemm_seconds(tokens, m.dim, m.vocab_size / layout.tp, hw, layout)
         # the loss: the logits read in fp32, softmax, the gradient written: about 16 bytes a logit; inductor's
         # (compiles_the_loss) reads the logits in forward and again in backward, where it writes their gradient
-        per_logit = 3 * (2 if layout.mixed_precision == "bf16" else 4) if compiles_the_loss(cfg, layout) else 16
+        per_logit = 3 * layout.element_bytes if compiles_the_loss(cfg, layout) else 16
         parts["memory"] += tokens * m.vocab_size / layout.tp * (24 if chunked else per_logit) / bandwidth
     return parts
 
@@ -332,7 +332,7 @@ def step_time(cfg: DictConfig, layout: Layout, hw: DictConfig) -> dict[str, floa
     backward = compute * 2 / 3  # what DDP's and FSDP's gradient reductions can hide behind
     times = {"compute": compute, **parts, "bubble": compute * bubble_ratio(layout, M)}
     gpn = hw.gpus_per_node
-    pbytes = 2 if layout.mixed_precision == "bf16" else 4
+    pbytes = layout.element_bytes
     N_experts = expert_parameter_count(m)
     d = layout.dp if layout.zero == "none" else layout.shards
     # parameters one rank's data-parallel group handles: the dense ones over d ranks, and the experts

@@ -236,15 +236,13 @@ def _measured_peaks(
 ) -> dict[str, float]:
     """The matmul peak of the device the runs use, for each compute dtype they use, probed here before any
     run (the runs' tokens/s are the machine's, whatever the ranks: one peak for all)."""
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     peaks: dict[str, float] = {}
     for name in models:
         for layout in (layouts or {"": ()}).values():
             cfg = compose([*MODELS[name], *overrides, *layout])
             dtype = "bf16" if "bf16" in str(cfg.trainer.precision) else "fp32"
             if dtype not in peaks:
-                peaks[dtype] = matmul_flops(device, DTYPES[dtype])
+                peaks[dtype] = matmul_flops(device_of(check(cfg)), DTYPES[dtype])
     return peaks
 
 
