@@ -163,13 +163,21 @@ class Watchdog(Callback):
         os._exit(EXIT_HUNG)  # the training thread is blocked in the collective: end the process itself
 
 
+# What a collective that waited out its timeout raises. gloo: the operation that timed out reads "Timed
+# out waiting ... for recv operation"; gloo then closes every pair of the context, so another operation
+# in flight at that moment (DDP's bucket all-reduce, run from its comm hook's callback) reads "Application
+# timeout caused pair closure" instead, and either may be the one that reaches the training thread.
+# NCCL: "collective operation timeout", where it is raised.
+COLLECTIVE_TIMEOUT_TEXTS = ("Timed out waiting", "Application timeout caused pair closure", "operation timeout")
+
+
 def is_collective_timeout(error: BaseException) -> bool:
-    """A collective that waited ``trainer.timeout`` for its peers: gloo's "Timed out waiting ... for recv",
-    NCCL's "collective operation timeout" where it is raised (by default NCCL's own watchdog ends the
-    process instead; the launcher then names the rank that ended, and the hang watchdog is the one that
-    names a stuck rank: keep ``trainer.hang_timeout`` below ``trainer.timeout`` on GPUs)."""
+    """A collective that waited ``trainer.timeout`` for its peers (``COLLECTIVE_TIMEOUT_TEXTS``). By
+    default NCCL's own watchdog ends the process instead of raising; the launcher then names the rank
+    that ended, and the hang watchdog is the one that names a stuck rank: keep ``trainer.hang_timeout``
+    below ``trainer.timeout`` on GPUs."""
     text = str(error)
-    return isinstance(error, RuntimeError) and ("Timed out waiting" in text or "operation timeout" in text)
+    return isinstance(error, RuntimeError) and any(marker in text for marker in COLLECTIVE_TIMEOUT_TEXTS)
 
 
 def read_beats(run_dir: Path, world: int) -> dict[int, dict[str, Any]]:

@@ -31,6 +31,7 @@ from curry_train.config import ConfigError, compose
 from curry_train.config.resume import resolve
 from curry_train.exits import EXIT_BAD_INPUT
 from curry_train.stragglers import RankTimes, report
+from curry_train.watchdog import is_collective_timeout
 
 DIVERGE = ("optim.lr=1e4", "optim.grad_clip=0", "trainer.max_steps=20")  # NaN gradients from step 1
 
@@ -452,6 +453,27 @@ def test_a_stopped_rank_is_named_when_the_collective_timeout_fires_first(tmp_pat
     (line,) = error_lines(stderr)
     assert "a collective waited trainer.timeout=3 s for its peers: rank(s) 1 stopped beating" in line, line
     assert "Traceback" not in stderr, stderr[-3000:]
+
+
+@pytest.mark.parametrize(
+    "text, timed_out",
+    [
+        ("[gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 3000ms for recv operation to complete", True),
+        # gloo closes every pair after a timeout: an operation in flight beside the one that timed out
+        # (here DDP's bucket all-reduce, reported through its comm hook's callback) reads this instead
+        (
+            "Got the following error when running the callback: RuntimeError: Application timeout caused pair"
+            " closure\n\nAt:\n  curry_train/primitives/data_parallel.py(25): <lambda>",
+            True,
+        ),
+        ("NCCL watchdog: collective operation timeout: WorkNCCL(SeqNum=7, OpType=ALLREDUCE)", True),
+        ("Connection closed by peer [127.0.0.1]:29500", False),  # a peer that died: the launcher names it
+        ("CUDA out of memory", False),
+    ],
+)
+def test_a_collective_timeout_is_told_from_other_errors(text, timed_out):
+    assert is_collective_timeout(RuntimeError(text)) is timed_out
+    assert not is_collective_timeout(ValueError(text))
 
 
 def test_the_straggler_report_names_the_late_rank():
