@@ -281,7 +281,9 @@ def test_activations_do_not_depend_on_the_sharding(measured):
         for name, layout in measured.items()
         if not name.endswith("bf16") and layout.pp == 1 and layout.cp == 1
     }  # a pipeline stage's are not measured
-    (value,) = set.union(*fp32.values())
+    values = set.union(*fp32.values())
+    assert len(values) == 1, str(fp32)
+    (value,) = values
     assert value > 0
     for name in ("full-bf16", "optimizer-bf16"):
         assert all(0 < r["activations"] < 0.8 * value for r in measured[name].ranks), name

@@ -368,6 +368,12 @@ class ZeroOneModule:
         """The full (replicated) values forward and backward use, once built."""
         return [slot.full for slot in self._zero1.slots.values() if slot.full is not None]
 
+    def gather_full_values(self) -> None:
+        """Bring every full value up to date now (what the next forward's pre-hooks would do, each
+        before its module runs): a collective on every data-parallel rank."""
+        for slot in self._zero1.slots.values():
+            self._zero1.ensure_full(slot)
+
 
 class _Slot:
     """One parameter under ZeRO-1: its shard (the registered DTensor parameter) and its full value."""

@@ -22,6 +22,7 @@ from curry_train.layout.dims import ParallelDims
 from curry_train.model.llama import Llama
 from curry_train.planning.memory import is_expert, tensor_parallel_shapes, zero_formula_terms, zero_formula_text
 from curry_train.pool import Pools
+from curry_train.primitives.distributed_optimizer import ZeroOneModule
 from curry_train.primitives.pipeline_schedule import pipeline_stages
 from curry_train.runner import Measurement, fit_layouts
 from curry_train.validation.comm import CommCounter, ddp_bucket_bytes
@@ -96,6 +97,11 @@ class MemoryProbe(Callback):
                     loss = module.step.micro_batch_loss(micro_batch)
                 module.step.backward(loss)
 
+        if isinstance(module.model, ZeroOneModule):
+            # ZeRO-1 gathers the full values updated by the last step in this forward, module by module.
+            # Gathered first, the measured forward is the model's alone: gloo's thread holds a gather's
+            # send buffer for a moment after the collective returns, which then read as an activation.
+            module.model.gather_full_values()
         device = trainer.strategy.root_device
         if device.type == "cuda":  # the allocator's own peak over the same forward+backward
             torch.cuda.synchronize(device)
