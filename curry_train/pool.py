@@ -35,6 +35,7 @@ calling process (``inline=True``), on a one-process group, when isolation is not
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import datetime
@@ -257,7 +258,12 @@ def _serve(rank: int, world_size: int, tasks: Any, results: Any, accelerator: st
         sys.stderr.flush()
         _collect_and_freeze()
     # The interpreter's teardown can abort on gloo's still-joinable threads ("terminate called without an
-    # active exception"): leave without it, as launch's workers do.
+    # active exception"): leave without it, as launch's workers do, after the exit handlers. Among them
+    # multiprocessing's, which release what a job made in this process: inductor's progress bar makes
+    # tqdm's interprocess lock, whose semaphore the resource tracker otherwise reports as leaked.
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
     os._exit(0)
 
 

@@ -5,6 +5,7 @@ collectives reaches the next."""
 from __future__ import annotations
 
 import gc
+import multiprocessing
 import multiprocessing.forkserver
 import os
 import threading
@@ -198,3 +199,25 @@ def test_a_worker_freezes_what_survives_a_job(pool):
     """Its later collections (one after every job, to free the job's meshes) skip its own state."""
     pool.run(_sum_of_ranks, 0)
     assert min(pool.run(_frozen_objects)) > 10_000
+
+
+_KEPT: list = []
+
+
+def _a_named_lock() -> str:
+    """What tqdm does when inductor draws its progress bar in a job: an interprocess lock, whose named
+    semaphore the resource tracker watches; kept alive until the worker leaves."""
+    lock = multiprocessing.get_context("forkserver").RLock()
+    _KEPT.append(lock)
+    return lock._semlock.name
+
+
+@pytest.mark.slow
+def test_a_closed_pool_leaves_no_semaphore_of_its_jobs_behind():
+    """A worker leaves through the exit handlers, so what a job made is released: otherwise the resource
+    tracker unlinks the semaphore only when this process ends, and warns of it as leaked."""
+    with WorkerPool(1) as one:
+        (name,) = one.run(_a_named_lock)
+        semaphore = Path("/dev/shm") / f"sem.{name.lstrip('/')}"
+        assert semaphore.exists()
+    assert not semaphore.exists()

@@ -275,6 +275,8 @@ def compile_bench(
                         else:
                             with context.Pool(1) as pool:
                                 figures = pool.apply(_run, (name, mode, [*overrides, *layout], steps, warmup))
+                                pool.close()  # the worker leaves by itself (the pool's exit would kill it)
+                                pool.join()
                         run = figures["run"]
                         row = CompileRow(
                             label, figures["parameters"], mode, run, figures["peak"], figures["recompiles"], 0.0
