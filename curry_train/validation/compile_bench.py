@@ -40,6 +40,7 @@ from curry_train.validation.peak_flops import DTYPES, matmul_flops
 from curry_train.validation.throughput import (
     LoopRun,
     StepClock,
+    compute_dtype_name,
     device_of,
     model_flops_per_token,
     prepare,
@@ -171,7 +172,7 @@ def _describe(
     name: str, cfg: Any, device: torch.device, run: LoopRun, peak: int, graphs: int, recompiles: int
 ) -> dict[str, Any]:
     """A run's plain figures."""
-    dtype = "bf16" if "bf16" in str(cfg.trainer.precision) else "fp32"
+    dtype = compute_dtype_name(cfg)
     with torch.device("meta"):
         parameters = Llama(cfg.model).num_parameters()
     return {
@@ -240,7 +241,7 @@ def _measured_peaks(
     for name in models:
         for layout in (layouts or {"": ()}).values():
             cfg = compose([*MODELS[name], *overrides, *layout])
-            dtype = "bf16" if "bf16" in str(cfg.trainer.precision) else "fp32"
+            dtype = compute_dtype_name(cfg)
             if dtype not in peaks:
                 peaks[dtype] = matmul_flops(device_of(check(cfg)), DTYPES[dtype])
     return peaks

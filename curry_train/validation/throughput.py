@@ -228,6 +228,11 @@ def model_flops_per_token(cfg: DictConfig) -> int:
     return flops_per_token(flops_parameters(m), m.n_layers, m.n_heads * head_dim(m), cfg.data.seq_len)
 
 
+def compute_dtype_name(cfg: DictConfig) -> str:
+    """The run's matmul dtype, as ``peak_flops.DTYPES`` names it: bf16 under bf16 precision, else fp32."""
+    return "bf16" if "bf16" in str(cfg.trainer.precision) else "fp32"
+
+
 def prepare(overrides: Sequence[str], steps: int, warmup: int) -> tuple[DictConfig, LaunchPlan]:
     """The composed config, run for ``warmup + steps`` steps with validation and progress bar off."""
     if steps < 1 or warmup < 1:
@@ -415,7 +420,7 @@ def bench(
     with torch.device("meta"):
         parameters = Llama(cfg.model).num_parameters()
     tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_len
-    compute_dtype = "bf16" if "bf16" in str(cfg.trainer.precision) else "fp32"
+    compute_dtype = compute_dtype_name(cfg)
     result = BenchResult(
         config={
             "overrides": list(overrides),
