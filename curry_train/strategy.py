@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shutil
+import sys
 import time
 from contextlib import contextmanager
 from datetime import timedelta
@@ -260,7 +261,15 @@ class CurryStrategy(ParallelStrategy):
             self.saver.close()  # a save in flight completes before the process group goes
         except Exception as error:  # already raised at the step that waited for it, or the run is ending on another
             log.error("the checkpoint written in the background failed: %s", error)
-        super().teardown()
+        ending_on = sys.exc_info()[1]  # Lightning tears down inside its handler of the error that ended the fit
+        try:
+            super().teardown()  # moves the module to the CPU
+        except Exception as error:
+            if ending_on is None:
+                raise
+            # An FSDP2 unit stopped mid-gather (a collective's timeout in its pre-forward) cannot be moved:
+            # raised, this error would hide the one that ended the run, which names its cause and exit status.
+            log.warning("teardown after %s failed: %s: %s", type(ending_on).__name__, type(error).__name__, error)
         if dist.is_initialized() and self._owns_process_group:
             dist.destroy_process_group()
 

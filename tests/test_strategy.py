@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
+from lightning.pytorch.strategies.parallel import ParallelStrategy
 from torch.distributed import ReduceOp
 
 from curry_train.config import compose
@@ -37,3 +38,25 @@ def test_reduce_and_broadcast_on_two_ranks(pools):
             str(ReduceOp.MAX): 2.0,
             "broadcast": 0,
         }, (rank, results)
+
+
+def test_a_failed_teardown_does_not_hide_the_error_that_ended_the_run(monkeypatch):
+    """Lightning tears the strategy down inside its handler of the error that ended the fit. An FSDP2 unit
+    stopped mid-gather by a collective's timeout cannot be moved to the CPU there; the timeout, not that,
+    must reach the worker (which names the stuck rank and exits 4). Outside such a handler a teardown
+    error is raised as it is."""
+    cfg = compose([])
+    strategy = CurryStrategy(Config.of(cfg), check(cfg).dims)
+
+    def failing_teardown(self):
+        raise AttributeError("'Parameter' object has no attribute '_local_tensor'")
+
+    monkeypatch.setattr(ParallelStrategy, "teardown", failing_teardown)
+    with pytest.raises(RuntimeError, match="Timed out waiting"):
+        try:
+            raise RuntimeError("Timed out waiting 3000ms for send operation to complete")
+        except RuntimeError:
+            strategy.teardown()
+            raise
+    with pytest.raises(AttributeError, match="_local_tensor"):
+        strategy.teardown()
