@@ -22,6 +22,7 @@ import os
 import pickle
 import runpy
 import select
+import shutil
 import signal
 import socket
 import struct
@@ -72,6 +73,8 @@ def serve(address: str) -> Optional[int]:
     while True:
         ready, _, _ = select.select([listener, wake_r, sys.stdin], [], [])
         if sys.stdin in ready and not os.read(sys.stdin.fileno(), 1):
+            listener.close()  # the socket's directory is the session's own (``_Server.connect``)
+            shutil.rmtree(os.path.dirname(address), ignore_errors=True)
             return None
         if wake_r in ready:
             os.read(wake_r, 4096)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +28,8 @@ def _token_file(path: Path, tokens: np.ndarray, **meta) -> None:
 
 
 @pytest.fixture(scope="module")
-def data_dir() -> Path:
-    root = Path(tempfile.mkdtemp(prefix="bad-input-"))
+def data_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("bad-input")
     (root / "empty.txt").write_text("")
     (root / "tiny.txt").write_text("hello world\n")
     (root / "text.txt").write_text("the quick brown fox jumps over the lazy dog. " * 2000)
