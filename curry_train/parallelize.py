@@ -216,6 +216,7 @@ def apply_fsdp(
             cpu_offload=fsdp.cpu_offload,
             backward_prefetch=fsdp.backward_prefetch,
             explicit_prefetch=fsdp.explicit_prefetch,
+            async_reduce_scatter=fsdp.async_reduce_scatter,
             parallel_state=ps,
             reshard_after_forward=fsdp.reshard_after_forward,
             blocks_per_unit=fsdp.blocks_per_unit,

@@ -13,6 +13,7 @@ from conftest import (
     FAST,
     run_seed_example,
 )
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -103,6 +104,19 @@ def test_seed_example_runs_unchanged_under_torchrun(tmp_path):
         (
             ["parallel=fsdp+pp", "trainer.devices=4", "parallel.fsdp.explicit_prefetch=true"],
             "each stage runs its own share",
+        ),
+        (
+            [
+                "parallel=fsdp",
+                "parallel.fsdp.sharding=hybrid",
+                "trainer.devices=4",
+                "parallel.fsdp.async_reduce_scatter=true",
+            ],
+            "all-reduces each reduce-scatter's output",
+        ),
+        (
+            ["parallel=fsdp", "parallel.fsdp.sharding=optimizer", "parallel.fsdp.async_reduce_scatter=true"],
+            "with no reduce-scatter to complete later",
         ),
     ],
 )
@@ -422,6 +436,55 @@ def test_explicit_prefetch_gathers_one_unit_ahead_and_changes_nothing_else(pools
     assert off and all(pass_type == "backward" and not issued_async for pass_type, _, issued_async in off)
     assert on_grads.keys() == off_grads.keys()
     assert all(torch.equal(on_grads[name], off_grads[name]) for name in on_grads)
+
+
+def _deferred_reduce_scatters(async_reduce_scatter):
+    """Two backwards of the debug model under ZeRO-3 on this rank, the second adding to the first's
+    gradients: for each, how many reduce-scatters were issued asynchronously, how many were still
+    in flight as it returned, and the gradients."""
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = Llama(compose().model)
+    DistributedOptimizer.wrap(model, sharding="full", async_reduce_scatter=async_reduce_scatter)
+    materialize_and_init(model, torch.device("cpu"), 0)
+    comms = {
+        id(c): c
+        for c in (
+            g._reduce_scatter_comm
+            for m in model.modules()
+            if isinstance(m, FSDPModule)
+            for g in m._get_fsdp_state()._fsdp_param_groups
+        )
+    }
+    deferred = {id(c.deferred): c.deferred for c in comms.values() if c.deferred is not None}
+    out = []
+    for seed in (1, 2):
+        tokens = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(10 * seed + dist.get_rank()))
+        model(tokens).float().pow(2).mean().backward()
+        out.append(
+            (
+                sum(d.deferred for d in deferred.values()),
+                sum(len(d.pending) for d in deferred.values()),
+                {name: p.grad.to_local().clone() for name, p in model.named_parameters()},
+            )
+        )
+    return len(comms), len(deferred), out
+
+
+@pytest.mark.slow
+def test_deferred_reduce_scatters_give_the_blocking_gradients(pools):
+    """On a CPU, by default, each unit's reduce-scatter (the 6 blocks' and the root's) is issued
+    asynchronously and completed by the time backward returns, with the gradients of blocking ones
+    bit for bit; where gradients are already there to add to (a second backward), they block."""
+    n = compose().model.n_layers
+    (units, shared, on), _ = pools.run(2, _deferred_reduce_scatters, None)
+    (units_off, shared_off, off), _ = pools.run(2, _deferred_reduce_scatters, False)
+    assert units == units_off == n + 1 and shared == 1 and shared_off == 0
+    assert [(issued, pending) for issued, pending, _ in on] == [(n + 1, 0), (n + 1, 0)]
+    for (_, _, grads_on), (_, _, grads_off) in zip(on, off, strict=True):
+        assert grads_on.keys() == grads_off.keys()
+        assert all(torch.equal(grads_on[name], grads_off[name]) for name in grads_on)
+    assert not all(torch.equal(on[0][2][name], on[1][2][name]) for name in on[0][2])  # the second added
 
 
 def _reduce_scatter_both_ways():

@@ -90,6 +90,11 @@ def _check_devices(layout: ParallelConfig, accelerator: str, devices: int) -> No
     """What the accelerator decides: a GPU's own options, and that the devices asked for exist."""
     if layout.fsdp is not None and layout.fsdp.cpu_offload and accelerator != "cuda":
         raise ConfigError("parallel.fsdp.cpu_offload=true needs a GPU: on a CPU run the state is in CPU memory already")
+    if layout.fsdp is not None and layout.fsdp.async_reduce_scatter and accelerator == "cuda":
+        raise ConfigError(
+            "parallel.fsdp.async_reduce_scatter=true applies to a CPU run: on a GPU FSDP2 overlaps the "
+            "reduce-scatter on its own stream; leave it null"
+        )
     if accelerator == "cuda":
         import torch  # noqa: PLC0415  (imported by _accelerator already: a GPU run)
 
@@ -146,6 +151,15 @@ def _check_parallel(layout: ParallelConfig, precision: str) -> None:
                 "sharding=optimizer: ZeRO-1 gathers its parameters once per step, with no units to prefetch"
                 if fsdp.sharding == "optimizer"
                 else "parallel=pp: each stage runs its own share of the blocks; leave it null"
+            )
+        )
+    if fsdp.async_reduce_scatter and fsdp.sharding in ("optimizer", "no_shard", "hybrid"):
+        raise ConfigError(
+            f"parallel.fsdp.async_reduce_scatter=true with sharding={fsdp.sharding}: "
+            + (
+                "FSDP2 all-reduces each reduce-scatter's output across the replicas as soon as it returns"
+                if fsdp.sharding == "hybrid"
+                else "its gradients are all-reduced, with no reduce-scatter to complete later"
             )
         )
     if fsdp.sharding == "optimizer":

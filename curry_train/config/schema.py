@@ -123,6 +123,7 @@ class FSDPConfig:
     reshard_after_forward: Optional[bool] = None  # null: true for full/hybrid, false otherwise (optimizer: never)
     backward_prefetch: str = "backward_pre"  # backward_pre (gather the next unit early) | none
     explicit_prefetch: Optional[bool] = None  # async all-gather a unit ahead; null: on a CPU (no streams), not with pp
+    async_reduce_scatter: Optional[bool] = None  # CPU: complete each unit's reduce-scatter later; null: on a CPU
     blocks_per_unit: int = 1  # transformer blocks per FSDP unit (one all-gather / reduce-scatter each)
     sync_each_microbatch: bool = False  # reduce-scatter after every micro-batch (less memory, more traffic)
 

@@ -107,6 +107,7 @@ class DistributedOptimizer:
         blocks_per_unit: int = 1,
         roots: Optional[Sequence[nn.Module]] = None,
         explicit_prefetch: Optional[bool] = None,
+        async_reduce_scatter: Optional[bool] = None,
     ) -> nn.Module:
         """Shard ``model`` in place over the data-parallel ranks and return it.
 
@@ -120,8 +121,10 @@ class DistributedOptimizer:
         ``ParallelState`` over all ranks with the shape this ``sharding`` needs. ``explicit_prefetch``:
         each unit's all-gather is issued asynchronously as the unit before it (in forward; after it,
         in backward) starts, see ``prefetch_explicitly``; default: where the mesh's device has no
-        streams (CPU) and ``roots`` is not given. May be called on a meta-device model; materialize
-        afterwards.
+        streams (CPU) and ``roots`` is not given. ``async_reduce_scatter``: on a CPU mesh, each unit's
+        gradient reduce-scatter is issued asynchronously and completed as the next one is issued or
+        as backward ends, see ``DeferredSums``; default: on a CPU, except for hybrid. May be called
+        on a meta-device model; materialize afterwards.
         """
         _check_options(sharding, mixed_precision, cpu_offload, backward_prefetch, use_orig_params)
         if parallel_state is None:
@@ -178,9 +181,17 @@ class DistributedOptimizer:
             )
         if explicit_prefetch:
             prefetch_explicitly(roots, [group[0] for group in groups])
+        if async_reduce_scatter is None:
+            async_reduce_scatter = mesh.device_type == "cpu" and sharding != "hybrid"
+        elif async_reduce_scatter and sharding == "hybrid":
+            raise ValueError(
+                "async_reduce_scatter=True with sharding='hybrid': FSDP2 all-reduces each reduce-scatter's "
+                "output across the replicas as soon as it returns"
+            )
+        deferred = DeferredSums() if async_reduce_scatter else None
         for module in {id(m): m for root in [model, *roots] for m in root.modules()}.values():
             if isinstance(module, FSDPModule):
-                _sum_gradients(module)
+                _sum_gradients(module, deferred)
                 if backward_prefetch == "none":
                     module.set_modules_to_backward_prefetch([])
         return model
@@ -275,9 +286,10 @@ def _unit_groups(model: nn.Module, units: Optional[Sequence[nn.Module]], blocks_
     return [units[i : i + blocks_per_unit] for i in range(0, len(units), blocks_per_unit)]
 
 
-def _sum_gradients(module: FSDPModule) -> None:
+def _sum_gradients(module: FSDPModule, deferred: Optional["DeferredSums"] = None) -> None:
     """Reduce gradients with a plain sum: no 1/world-size factor, and a SUM collective rather than
-    PREMUL_SUM (which gloo lacks). On a CPU mesh, through ``AllToAllReduceScatter``."""
+    PREMUL_SUM (which gloo lacks). On a CPU mesh, through ``AllToAllReduceScatter`` (completed
+    later through ``deferred`` where given)."""
     if hasattr(module, "set_gradient_divide_factor"):
         module.set_gradient_divide_factor(1.0)
     else:  # older FSDP2
@@ -286,7 +298,10 @@ def _sum_gradients(module: FSDPModule) -> None:
         module.set_force_sum_reduction_for_comms(True)
     groups = module._get_fsdp_state()._fsdp_param_groups
     if len(groups) == 1 and groups[0].device.type == "cpu" and hasattr(module, "set_custom_reduce_scatter"):
-        module.set_custom_reduce_scatter(AllToAllReduceScatter())
+        group = groups[0]
+        module.set_custom_reduce_scatter(
+            AllToAllReduceScatter([p.sharded_param for p in group.fsdp_params], None if group._is_hsdp else deferred)
+        )
 
 
 _REDUCE_SCATTER = threading.local()
@@ -309,8 +324,22 @@ class AllToAllReduceScatter(ReduceScatter):
     blocking SUM goes this way (what ``_sum_gradients`` asks of FSDP2); anything else is passed to
     ``reduce_scatter_tensor`` as before."""
 
+    def __init__(self, params: Sequence[nn.Parameter] = (), deferred: Optional["DeferredSums"] = None) -> None:
+        self.params = list(params)  # the unit's sharded parameters, whose gradients the output becomes
+        self.deferred = deferred
+
     def allocate(self, size: Sequence[Any], *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         return torch.empty(*size, dtype=dtype, device=device)
+
+    def _may_defer(self) -> bool:
+        """Whether nothing reads the output before backward ends: FSDP2 makes it the gradients as they
+        are (it adds it to gradients already there, and runs post-accumulate-grad hooks, right away),
+        and the call is made inside a backward, whose end completes it."""
+        return (
+            self.deferred is not None
+            and torch._C._current_graph_task_id() != -1
+            and all(p.grad is None and not getattr(p, "_post_accumulate_grad_hooks", None) for p in self.params)
+        )
 
     def __call__(
         self,
@@ -322,14 +351,51 @@ class AllToAllReduceScatter(ReduceScatter):
     ) -> Optional[dist.Work]:
         if async_op or op != dist.ReduceOp.SUM:
             return reduce_scatter_single(output_tensor, input_tensor, op=op, group=group, async_op=async_op)
+        defer = self._may_defer()
+        if self.deferred is not None:
+            self.deferred.complete()  # the unit before: at most one in flight
         received = torch.empty_like(input_tensor)
         _REDUCE_SCATTER.issuing = True
         try:
-            dist.all_to_all_single(received, input_tensor, group=group)
+            work = dist.all_to_all_single(received, input_tensor, group=group, async_op=defer)
         finally:
             _REDUCE_SCATTER.issuing = False
-        torch.sum(received.view(group.size(), -1), dim=0, out=output_tensor.view(-1))
+        if defer:
+            assert self.deferred is not None and work is not None
+            self.deferred.add(work, received, input_tensor, output_tensor, group.size())
+        else:
+            torch.sum(received.view(group.size(), -1), dim=0, out=output_tensor.view(-1))
         return None
+
+
+class DeferredSums:
+    """Gradient reduce-scatters in flight (``AllToAllReduceScatter``'s all-to-alls, issued
+    asynchronously): each is completed, waited for and summed into its output, as the next is
+    issued, or at the latest as the backward that issued it ends (an autograd final callback, which
+    runs after FSDP2's own). So a rank that reaches a unit's reduce-scatter first does not wait there
+    for the other: on a CPU a blocking collective holds both ranks in lockstep at every unit, and
+    each pays for the other's jitter. One unit's gradients stay in flight: its reduce-scatter input
+    and the all-to-all's output, 2 x 4 bytes a parameter of the unit, until the next unit's
+    gradients are ready."""
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor, int]] = []
+        self.callback_for = -1  # the backward (autograd graph task) whose end completes them
+        self.deferred = 0  # how many have been issued asynchronously, for tests
+
+    def add(self, work: Any, received: torch.Tensor, source: torch.Tensor, output: torch.Tensor, ranks: int) -> None:
+        self.pending.append((work, received, source, output, ranks))
+        self.deferred += 1
+        task = torch._C._current_graph_task_id()
+        if task != self.callback_for:
+            self.callback_for = task
+            torch.autograd.Variable._execution_engine.queue_callback(self.complete)
+
+    def complete(self) -> None:
+        while self.pending:
+            work, received, _, output, ranks = self.pending.pop(0)
+            work.wait()
+            torch.sum(received.view(ranks, -1), dim=0, out=output.view(-1))
 
 
 # ----------------------------------------------------------------------------------------------
