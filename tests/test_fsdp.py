@@ -487,6 +487,28 @@ def test_deferred_reduce_scatters_give_the_blocking_gradients(pools):
     assert not all(torch.equal(on[0][2][name], on[1][2][name]) for name in on[0][2])  # the second added
 
 
+def _half_parameters(async_reduce_scatter):
+    """One backward of a bf16 model under ZeRO-3: FSDP2 casts the fp32 reduce-scatter output to the
+    parameters' dtype as soon as it returns. How many were deferred, and the gradients."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4)).to(torch.bfloat16)
+    DistributedOptimizer.wrap(model, sharding="full", async_reduce_scatter=async_reduce_scatter)
+    (comm,) = [g._reduce_scatter_comm for g in model._get_fsdp_state()._fsdp_param_groups]
+    inputs = torch.randn(8, 16, generator=torch.Generator().manual_seed(dist.get_rank())).to(torch.bfloat16)
+    model(inputs).float().pow(2).mean().backward()
+    return comm.deferred.deferred if comm.deferred is not None else None, [
+        p.grad.to_local() for p in model.parameters()
+    ]
+
+
+@pytest.mark.slow
+def test_reduce_scatters_into_half_parameters_are_not_deferred(pools):
+    (deferred, grads), _ = pools.run(2, _half_parameters, None)
+    (_, blocking), _ = pools.run(2, _half_parameters, False)
+    assert deferred == 0
+    assert all(torch.equal(a, b) for a, b in zip(grads, blocking, strict=True))
+
+
 def _reduce_scatter_both_ways():
     rank, world = dist.get_rank(), dist.get_world_size()
     inputs = torch.randn(world * 1000, generator=torch.Generator().manual_seed(rank))

@@ -331,14 +331,20 @@ class AllToAllReduceScatter(ReduceScatter):
     def allocate(self, size: Sequence[Any], *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         return torch.empty(*size, dtype=dtype, device=device)
 
-    def _may_defer(self) -> bool:
+    def _may_defer(self, output: torch.Tensor) -> bool:
         """Whether nothing reads the output before backward ends: FSDP2 makes it the gradients as they
-        are (it adds it to gradients already there, and runs post-accumulate-grad hooks, right away),
-        and the call is made inside a backward, whose end completes it."""
+        are, unless it must add it to gradients already there, run post-accumulate-grad hooks, or cast
+        it to parameters of another dtype (each right away); and the call is made inside a backward,
+        whose end completes it."""
         return (
             self.deferred is not None
             and torch._C._current_graph_task_id() != -1
-            and all(p.grad is None and not getattr(p, "_post_accumulate_grad_hooks", None) for p in self.params)
+            and all(
+                p.grad is None
+                and not getattr(p, "_post_accumulate_grad_hooks", None)
+                and (p.dtype == output.dtype or not p.requires_grad)
+                for p in self.params
+            )
         )
 
     def __call__(
@@ -351,7 +357,7 @@ class AllToAllReduceScatter(ReduceScatter):
     ) -> Optional[dist.Work]:
         if async_op or op != dist.ReduceOp.SUM:
             return reduce_scatter_single(output_tensor, input_tensor, op=op, group=group, async_op=async_op)
-        defer = self._may_defer()
+        defer = self._may_defer(output_tensor)
         if self.deferred is not None:
             self.deferred.complete()  # the unit before: at most one in flight
         received = torch.empty_like(input_tensor)
