@@ -487,14 +487,18 @@ def test_deferred_reduce_scatters_give_the_blocking_gradients(pools):
     assert not all(torch.equal(on[0][2][name], on[1][2][name]) for name in on[0][2])  # the second added
 
 
-def _half_parameters(async_reduce_scatter):
-    """One backward of a bf16 model under ZeRO-3: FSDP2 casts the fp32 reduce-scatter output to the
-    parameters' dtype as soon as it returns. How many were deferred, and the gradients."""
+def _read_at_once(async_reduce_scatter, case):
+    """One backward of a small model under ZeRO-3 where FSDP2 reads the reduce-scatter's output as
+    soon as it returns: ``bf16`` parameters (it casts the fp32 output to them), or a gradient divide
+    factor set after wrapping (it divides the output). How many were deferred, and the gradients."""
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4)).to(torch.bfloat16)
+    dtype = torch.bfloat16 if case == "bf16" else torch.float32
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4)).to(dtype)
     DistributedOptimizer.wrap(model, sharding="full", async_reduce_scatter=async_reduce_scatter)
+    if case == "divide":
+        model.set_gradient_divide_factor(2.0)
     (comm,) = [g._reduce_scatter_comm for g in model._get_fsdp_state()._fsdp_param_groups]
-    inputs = torch.randn(8, 16, generator=torch.Generator().manual_seed(dist.get_rank())).to(torch.bfloat16)
+    inputs = torch.randn(8, 16, generator=torch.Generator().manual_seed(dist.get_rank())).to(dtype)
     model(inputs).float().pow(2).mean().backward()
     return comm.deferred.deferred if comm.deferred is not None else None, [
         p.grad.to_local() for p in model.parameters()
@@ -502,9 +506,10 @@ def _half_parameters(async_reduce_scatter):
 
 
 @pytest.mark.slow
-def test_reduce_scatters_into_half_parameters_are_not_deferred(pools):
-    (deferred, grads), _ = pools.run(2, _half_parameters, None)
-    (_, blocking), _ = pools.run(2, _half_parameters, False)
+@pytest.mark.parametrize("case", ["bf16", "divide"])
+def test_reduce_scatters_read_at_once_are_not_deferred(case, pools):
+    (deferred, grads), _ = pools.run(2, _read_at_once, None, case)
+    (_, blocking), _ = pools.run(2, _read_at_once, False, case)
     assert deferred == 0
     assert all(torch.equal(a, b) for a, b in zip(grads, blocking, strict=True))
 

@@ -298,10 +298,7 @@ def _sum_gradients(module: FSDPModule, deferred: Optional["DeferredSums"] = None
         module.set_force_sum_reduction_for_comms(True)
     groups = module._get_fsdp_state()._fsdp_param_groups
     if len(groups) == 1 and groups[0].device.type == "cpu" and hasattr(module, "set_custom_reduce_scatter"):
-        group = groups[0]
-        module.set_custom_reduce_scatter(
-            AllToAllReduceScatter([p.sharded_param for p in group.fsdp_params], None if group._is_hsdp else deferred)
-        )
+        module.set_custom_reduce_scatter(AllToAllReduceScatter(groups[0], deferred))
 
 
 _REDUCE_SCATTER = threading.local()
@@ -324,8 +321,8 @@ class AllToAllReduceScatter(ReduceScatter):
     blocking SUM goes this way (what ``_sum_gradients`` asks of FSDP2); anything else is passed to
     ``reduce_scatter_tensor`` as before."""
 
-    def __init__(self, params: Sequence[nn.Parameter] = (), deferred: Optional["DeferredSums"] = None) -> None:
-        self.params = list(params)  # the unit's sharded parameters, whose gradients the output becomes
+    def __init__(self, param_group: Any = None, deferred: Optional["DeferredSums"] = None) -> None:
+        self.param_group = param_group  # FSDP2's parameter group whose gradients the output becomes
         self.deferred = deferred
 
     def allocate(self, size: Sequence[Any], *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -333,17 +330,23 @@ class AllToAllReduceScatter(ReduceScatter):
 
     def _may_defer(self, output: torch.Tensor) -> bool:
         """Whether nothing reads the output before backward ends: FSDP2 makes it the gradients as they
-        are, unless it must add it to gradients already there, run post-accumulate-grad hooks, or cast
-        it to parameters of another dtype (each right away); and the call is made inside a backward,
-        whose end completes it."""
+        are, unless it must (each right away, after this call returns) all-reduce it across replicas
+        (HSDP), pass it to an all-reduce hook, divide it, add it to gradients already there, run
+        post-accumulate-grad hooks, or cast it to parameters of another dtype; and the call is made
+        inside a backward, whose end completes it."""
+        group = self.param_group
         return (
             self.deferred is not None
+            and group is not None
             and torch._C._current_graph_task_id() != -1
+            and not getattr(group, "_is_hsdp", True)
+            and getattr(group, "_all_reduce_hook", None) is None
+            and getattr(group, "gradient_divide_factor", None) == 1
             and all(
                 p.grad is None
                 and not getattr(p, "_post_accumulate_grad_hooks", None)
                 and (p.dtype == output.dtype or not p.requires_grad)
-                for p in self.params
+                for p in (fsdp_param.sharded_param for fsdp_param in group.fsdp_params)
             )
         )
 
